@@ -1,0 +1,36 @@
+"""gradtel: always-on NaN/Inf gradient telemetry for PyTorch, exported to Prometheus.
+
+>>> import gradtel, torch
+>>> model = torch.nn.Linear(2, 1)
+>>> monitor = gradtel.GradMonitor(model)
+>>> model(torch.ones(1, 2)).sum().backward()
+>>> monitor.collect().status
+<Status.HEALTHY: 'healthy'>
+"""
+
+from .exporter import DEFAULT_ADDR, DEFAULT_PORT, MetricsServer, PortInUseError, serve
+from .health import GradHealth, Status, Thresholds
+from .layers import OVERFLOW_LAYER, ROOT_LAYER, layer_name
+from .monitor import GradMonitor
+from .policy import NonFiniteGradientError
+from .telemetry import prometheus_meter_provider
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_ADDR",
+    "DEFAULT_PORT",
+    "OVERFLOW_LAYER",
+    "ROOT_LAYER",
+    "GradHealth",
+    "GradMonitor",
+    "MetricsServer",
+    "NonFiniteGradientError",
+    "PortInUseError",
+    "Status",
+    "Thresholds",
+    "__version__",
+    "layer_name",
+    "prometheus_meter_provider",
+    "serve",
+]

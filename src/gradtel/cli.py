@@ -1,0 +1,79 @@
+"""The ``gradtel`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradtel", description="NaN/Inf gradient telemetry for PyTorch, for Prometheus."
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    demo = commands.add_parser(
+        "demo",
+        help="train a small model with injected NaN/Inf gradients while serving /metrics",
+        description=(
+            "Train a small model on synthetic data on the CPU, inject 3 NaN into body.0 on "
+            "updates 10, 35, 60... (warning) and 7 Inf into head on updates 20, 45, 70... "
+            "(critical), and serve the metrics on a Prometheus endpoint."
+        ),
+    )
+    demo.add_argument("--steps", type=_positive_int, default=300, help="updates to run (300)")
+    demo.add_argument(
+        "--interval", type=_non_negative_float, default=0.2, help="seconds between updates (0.2)"
+    )
+    demo.add_argument(
+        "--port", type=int, default=None, help="metrics port; 0 picks a free one ($GRADTEL_PORT or 9464)"
+    )
+    demo.add_argument(
+        "--addr", default=None, help="bind address ($GRADTEL_ADDR or 127.0.0.1)"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``gradtel`` command line; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(f"gradtel {__version__}")
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from .demo import run_demo
+
+    try:
+        return run_demo(
+            steps=args.steps, interval=args.interval, port=args.port, addr=args.addr, seed=args.seed
+        )
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"gradtel demo: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

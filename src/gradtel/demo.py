@@ -1,0 +1,170 @@
+"""``gradtel demo``: a small model trained on synthetic data, with injected NaN/Inf.
+
+Injection schedule, repeating every 25 updates (update numbers from 1):
+
+========  ===========================  ==========================
+update    injected into the gradients  status
+========  ===========================  ==========================
+10, 35…   3 NaN in ``body.0``           warning (0 < 3 <= 5)
+20, 45…   7 Inf in ``head``             critical (7 > 5)
+others    nothing                      healthy
+========  ===========================  ==========================
+
+The monitor runs with ``on_warning="skip"`` and ``on_critical="skip"``, so a
+bad update never reaches the weights and training stays healthy in between.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import TextIO
+
+import torch
+from torch import nn
+
+from .banner import progress_bar, status_line
+from .exporter import serve
+from .monitor import GradMonitor
+
+__all__ = ["DemoNet", "Injection", "SCHEDULE", "SCHEDULE_PERIOD", "injection_for", "run_demo"]
+
+SCHEDULE_PERIOD = 25
+
+
+@dataclass(frozen=True)
+class Injection:
+    """Non-finite values written into one layer's weight gradient."""
+
+    layer: str
+    nan: int = 0
+    inf: int = 0
+
+
+SCHEDULE = {10: Injection("body.0", nan=3), 20: Injection("head", inf=7)}
+"""Injections by update number within each period of ``SCHEDULE_PERIOD`` updates."""
+
+
+def injection_for(update: int) -> Injection | None:
+    """The injection of update ``update`` (counted from 1), if any.
+
+    >>> injection_for(10), injection_for(11)
+    (Injection(layer='body.0', nan=3, inf=0), None)
+    >>> injection_for(45)
+    Injection(layer='head', nan=0, inf=7)
+    """
+    return SCHEDULE.get(update % SCHEDULE_PERIOD)
+
+
+class DemoNet(nn.Module):
+    """A small regression MLP whose layers are ``embed``, ``body.0``, ``body.2`` and ``head``."""
+
+    def __init__(self, features: int = 16, hidden: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Linear(features, hidden)
+        self.body = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(torch.relu(self.embed(x)))))
+
+
+def _inject(model: nn.Module, injection: Injection) -> None:
+    grad = model.get_submodule(injection.layer).weight.grad
+    assert grad is not None  # backward just ran on every layer
+    flat = grad.view(-1)
+    flat[: injection.nan] = float("nan")
+    flat[injection.nan : injection.nan + injection.inf] = float("inf")
+
+
+class _Terminal:
+    """One live status line on a terminal, plain lines otherwise."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.live = out.isatty()
+        self.color = self.live and "NO_COLOR" not in os.environ
+
+    def show(self, text: str) -> None:
+        if self.live:
+            self.out.write("\r\033[K" + text)
+            self.out.flush()
+
+    def say(self, text: str) -> None:
+        self.out.write(("\r\033[K" if self.live else "") + text + "\n")
+        self.out.flush()
+
+
+class _SayHandler(logging.Handler):
+    def __init__(self, terminal: _Terminal) -> None:
+        super().__init__(logging.WARNING)
+        self.terminal = terminal
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.terminal.say(self.format(record))
+
+
+def run_demo(
+    *,
+    steps: int = 300,
+    interval: float = 0.2,
+    port: int | None = None,
+    addr: str | None = None,
+    seed: int = 0,
+    out: TextIO = sys.stdout,
+) -> int:
+    """Train the demo model for ``steps`` updates while serving ``/metrics``.
+
+    Returns:
+        The process exit code: 0, also when stopped with Ctrl-C.
+    """
+    torch.manual_seed(seed)
+    terminal = _Terminal(out)
+    handler = _SayHandler(terminal)
+    gradtel_logger = logging.getLogger("gradtel")
+    gradtel_logger.addHandler(handler)
+    gradtel_logger.propagate = False
+
+    model = DemoNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = GradMonitor(model, on_warning="skip", on_critical="skip")
+    server = serve(port=port, addr=addr, on_error="raise")
+    inputs = torch.randn(256, 16)
+    targets = inputs @ torch.randn(16, 1) + 0.1 * torch.randn(256, 1)
+    terminal.say(f"gradtel demo: serving {server.url}")
+    terminal.say(
+        f"training {steps} updates, one every {interval:g}s; NaN/Inf injected on updates "
+        f"10 and 20 of every {SCHEDULE_PERIOD} (Ctrl-C stops)"
+    )
+    unhealthy = 0
+    try:
+        for update in range(1, steps + 1):
+            batch = torch.randint(0, len(inputs), (32,))
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(inputs[batch]), targets[batch])
+            loss.backward()
+            injection = injection_for(update)
+            if injection is not None:
+                _inject(model, injection)
+            health = monitor.collect()
+            optimizer.step()
+            unhealthy += health.status.level > 0
+            line = (
+                f"update {update:>{len(str(steps))}}/{steps} {progress_bar(update, steps)} "
+                f"{status_line(health, color=terminal.color)} loss={loss.item():.4f}"
+            )
+            terminal.show(line)
+            if not terminal.live and (update % 50 == 0 or update == steps):
+                terminal.say(line)
+            time.sleep(interval)
+        terminal.say(f"done: {steps} updates, {unhealthy} unhealthy, all caught by gradtel")
+    except KeyboardInterrupt:
+        terminal.say("stopped by Ctrl-C")
+    finally:
+        server.close()
+        gradtel_logger.removeHandler(handler)
+        gradtel_logger.propagate = True
+    return 0

@@ -1,0 +1,154 @@
+"""Health classification: thresholds, status levels and the result of one update.
+
+The thresholds come from the TELE-300/TELE-301 design records: an update is
+healthy with no NaN/Inf, in the warning band with ``0 < n <= 5`` and critical
+with ``n > 5``. NaN and Inf are judged separately and the worse status wins.
+Every artifact gradtel renders derives its numbers from one ``Thresholds``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+__all__ = ["GradHealth", "Status", "Thresholds"]
+
+
+class Status(str, enum.Enum):
+    """Health of one update; ``level`` is the number exported as ``gradtel_update_status``."""
+
+    HEALTHY = "healthy"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+    @property
+    def level(self) -> int:
+        """0 healthy, 1 warning, 2 critical."""
+        return _LEVELS[self]
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_LEVELS = {Status.HEALTHY: 0, Status.WARNING: 1, Status.CRITICAL: 2}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Per-update counts above which an update is a warning or critical.
+
+    Args:
+        warning: An update is at least WARNING when a count is ``> warning``.
+        critical: An update is CRITICAL when a count is ``> critical``.
+
+    Raises:
+        TypeError: a threshold is not an int.
+        ValueError: ``warning < 0`` or ``warning > critical``.
+
+    >>> t = Thresholds()
+    >>> [t.classify(n).value for n in (0, 1, 5, 6)]
+    ['healthy', 'warning', 'warning', 'critical']
+    """
+
+    warning: int = 0
+    critical: int = 5
+
+    def __post_init__(self) -> None:
+        for name in ("warning", "critical"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(
+                    f"Thresholds.{name} must be an int count, got {value!r} "
+                    f"({type(value).__name__}); allowed: integers with 0 <= warning <= critical"
+                )
+        if self.warning < 0:
+            raise ValueError(
+                f"Thresholds.warning must be >= 0, got {self.warning}; "
+                "allowed: integers with 0 <= warning <= critical"
+            )
+        if self.warning > self.critical:
+            raise ValueError(
+                f"Thresholds.warning ({self.warning}) must be <= Thresholds.critical "
+                f"({self.critical}); allowed: integers with 0 <= warning <= critical"
+            )
+
+    def classify(self, count: int) -> Status:
+        """Status of one per-update count (NaN or Inf, whole model)."""
+        if count > self.critical:
+            return Status.CRITICAL
+        if count > self.warning:
+            return Status.WARNING
+        return Status.HEALTHY
+
+
+def _worst(a: Status, b: Status) -> Status:
+    return a if a.level >= b.level else b
+
+
+@dataclass(frozen=True)
+class GradHealth:
+    """Non-finite gradient counts of one update, per layer and for the whole model.
+
+    ``nan_by_layer`` and ``inf_by_layer`` hold only layers with a count above 0.
+
+    >>> h = GradHealth(nan_by_layer={"fc1": 3}, inf_by_layer={"fc2": 7}, scanned=4)
+    >>> h.nan_total, h.inf_total, h.status.value
+    (3, 7, 'critical')
+    """
+
+    nan_by_layer: Mapping[str, int] = field(default_factory=dict)
+    inf_by_layer: Mapping[str, int] = field(default_factory=dict)
+    scanned: int = 0
+    """Gradient tensors counted in this update."""
+    skipped: int = 0
+    """Watched parameters left out of this update: frozen, or no gradient."""
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    step: int = 0
+    """Number of this update, counted from 1 by the monitor."""
+
+    @property
+    def nan_total(self) -> int:
+        """NaN gradient values in the whole model (TELE-300 ``nan_grad_count``)."""
+        return sum(self.nan_by_layer.values())
+
+    @property
+    def inf_total(self) -> int:
+        """±Inf gradient values in the whole model (TELE-301 ``inf_grad_count``)."""
+        return sum(self.inf_by_layer.values())
+
+    @property
+    def nan_status(self) -> Status:
+        return self.thresholds.classify(self.nan_total)
+
+    @property
+    def inf_status(self) -> Status:
+        return self.thresholds.classify(self.inf_total)
+
+    @property
+    def status(self) -> Status:
+        """Worse of the NaN and Inf statuses."""
+        return _worst(self.nan_status, self.inf_status)
+
+    def top_layers(self, k: int = 3) -> list[tuple[str, int]]:
+        """The ``k`` layers with the most non-finite values, most first."""
+        totals: dict[str, int] = dict(self.nan_by_layer)
+        for layer, n in self.inf_by_layer.items():
+            totals[layer] = totals.get(layer, 0) + n
+        return sorted(totals.items(), key=lambda item: (-item[1], item[0]))[:k]
+
+    def describe(self) -> str:
+        """One log line: status, counts and the top offending layers.
+
+        >>> GradHealth(nan_by_layer={"fc1": 3}, step=7).describe()
+        'gradtel: update 7 is warning: NaN=3 Inf=0 (warning > 0, critical > 5); top layers: fc1 (3)'
+        """
+        line = (
+            f"gradtel: update {self.step} is {self.status.value}: "
+            f"NaN={self.nan_total} Inf={self.inf_total} "
+            f"(warning > {self.thresholds.warning}, critical > {self.thresholds.critical})"
+        )
+        top = self.top_layers()
+        if top:
+            line += "; top layers: " + ", ".join(f"{layer} ({n})" for layer, n in top)
+        return line

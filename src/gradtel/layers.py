@@ -1,0 +1,114 @@
+"""Layer naming: a parameter's name becomes the ``layer`` label of its series.
+
+The label is the module path that owns the parameter, optionally truncated to
+a depth; past ``max_layers`` distinct labels every further layer is folded into
+one overflow label so that a huge model cannot explode Prometheus cardinality.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+__all__ = [
+    "DEFAULT_MAX_LAYERS",
+    "OVERFLOW_LAYER",
+    "ROOT_LAYER",
+    "assign_layers",
+    "layer_name",
+]
+
+ROOT_LAYER = "(root)"
+"""Label of parameters registered directly on the model's root module."""
+
+OVERFLOW_LAYER = "(other)"
+"""Label that aggregates every layer past ``max_layers``."""
+
+DEFAULT_MAX_LAYERS = 1000
+"""Default bound on distinct ``layer`` labels (plus one overflow label)."""
+
+
+def _check_positive_int(name: str, value: object, *, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        allowed = "a positive int or None" if allow_none else "a positive int"
+        raise TypeError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value!r}")
+
+
+def layer_name(param_name: str, depth: int | None = None) -> str:
+    """Return the ``layer`` label of a parameter.
+
+    Args:
+        param_name: Dotted parameter name as given by ``Module.named_parameters()``.
+        depth: Keep at most this many leading components of the module path
+            (``None`` keeps all of them).
+
+    Returns:
+        The owning module's path, or ``"(root)"`` for a parameter of the root module.
+
+    Raises:
+        TypeError: ``depth`` is not an int or None.
+        ValueError: ``depth`` is smaller than 1.
+
+    >>> layer_name("encoder.layers.0.attn.q_proj.weight")
+    'encoder.layers.0.attn.q_proj'
+    >>> layer_name("encoder.layers.0.attn.q_proj.weight", depth=3)
+    'encoder.layers.0'
+    >>> layer_name("bias")
+    '(root)'
+    """
+    _check_positive_int("layer_depth", depth, allow_none=True)
+    module_path = param_name.rpartition(".")[0]
+    if not module_path:
+        return ROOT_LAYER
+    if depth is not None:
+        module_path = ".".join(module_path.split(".")[:depth])
+    return module_path
+
+
+def assign_layers(
+    param_names: Iterable[str],
+    *,
+    max_layers: int = DEFAULT_MAX_LAYERS,
+    depth: int | None = None,
+) -> list[str]:
+    """Label each parameter, folding layers past ``max_layers`` into ``"(other)"``.
+
+    Layers keep their own label in order of first appearance (the order of
+    ``named_parameters()``, i.e. module registration order).
+
+    Args:
+        param_names: Parameter names, in model order.
+        max_layers: How many distinct layer labels to keep.
+        depth: Module path truncation, as in :func:`layer_name`.
+
+    Returns:
+        One label per name, in the same order.
+
+    Raises:
+        TypeError: ``max_layers`` or ``depth`` is not an int.
+        ValueError: ``max_layers`` or ``depth`` is smaller than 1.
+
+    >>> assign_layers(["a.weight", "a.bias", "b.weight", "c.weight"], max_layers=2)
+    ['a', 'a', 'b', '(other)']
+    """
+    _check_positive_int("max_layers", max_layers, allow_none=False)
+    _check_positive_int("layer_depth", depth, allow_none=True)
+    kept: set[str] = set()
+    labels = []
+    for name in param_names:
+        label = layer_name(name, depth)
+        if label not in kept:
+            if len(kept) >= max_layers:
+                label = OVERFLOW_LAYER
+            else:
+                kept.add(label)
+        labels.append(label)
+    return labels
+
+
+def distinct(labels: Sequence[str]) -> list[str]:
+    """Distinct labels in order of first appearance."""
+    return list(dict.fromkeys(labels))

@@ -1,0 +1,239 @@
+"""``GradMonitor``: ties naming, scan, health, telemetry and policy together."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Literal, TypeVar
+
+import torch
+from opentelemetry.metrics import MeterProvider
+
+from .health import GradHealth, Status, Thresholds
+from .layers import DEFAULT_MAX_LAYERS, assign_layers, distinct
+from .policy import Action, apply_action, check_action
+from .scan import count_nonfinite, countable_values
+from .telemetry import GradTelemetry, default_meter_provider, process_attributes
+
+__all__ = ["MAX_LAYERS_LIMIT", "GradMonitor"]
+
+MAX_LAYERS_LIMIT = 1998
+"""Upper bound of ``max_layers``: each metric keeps one series per layer plus
+the overflow layer below the OpenTelemetry SDK's per-metric limit of 2000,
+past which the SDK would silently relabel series."""
+
+ERROR_LOG_INTERVAL = 60.0
+"""Seconds between two log lines about failures of the same stage."""
+
+logger = logging.getLogger("gradtel")
+
+T = TypeVar("T")
+
+
+def _named_parameters(model: object) -> list[tuple[str, torch.nn.Parameter]]:
+    if isinstance(model, torch.nn.Module):
+        return list(model.named_parameters())
+    if model is None or isinstance(model, (str, bytes, torch.Tensor)) or not isinstance(
+        model, Iterable
+    ):
+        raise TypeError(
+            "model must be a torch.nn.Module or an iterable of (name, Parameter) pairs, "
+            f"got {model!r} ({type(model).__name__})"
+        )
+    pairs = []
+    seen: set[int] = set()
+    for item in model:
+        if not (
+            isinstance(item, tuple)
+            and len(item) == 2
+            and isinstance(item[0], str)
+            and isinstance(item[1], torch.Tensor)
+        ):
+            raise TypeError(
+                "model must yield (name, Parameter) pairs such as Module.named_parameters() "
+                f"gives, got an item {item!r}"
+            )
+        if id(item[1]) not in seen:  # tied parameters are watched once
+            seen.add(id(item[1]))
+            pairs.append(item)
+    return pairs
+
+
+class GradMonitor:
+    """Count NaN and ±Inf gradient values per layer after each backward pass.
+
+    Call :meth:`collect` once per optimizer update, after ``backward()`` and
+    before ``optimizer.step()``. Parameters are taken when the monitor is made;
+    those frozen then (``requires_grad=False``) are not watched.
+
+    Args:
+        model: An ``nn.Module`` or an iterable of ``(name, Parameter)`` pairs.
+        thresholds: Warning and critical bands of the per-update counts.
+        on_warning: Action for an update in the warning band: ``"ignore"``,
+            ``"warn"`` (one log line; default), ``"raise"``
+            (:class:`~gradtel.NonFiniteGradientError`) or ``"skip"`` (clear the
+            gradients so the next optimizer step changes nothing).
+        on_critical: The same for a critical update.
+        max_layers: Distinct ``layer`` labels kept (1..1998); further layers
+            are reported as ``"(other)"``. Default 1000.
+        layer_depth: Truncate layer labels to this many module-path components
+            (``None``: full path).
+        meter_provider: OpenTelemetry ``MeterProvider`` to record into; default
+            gradtel's own, exported on prometheus-client's global registry.
+        on_error: ``"warn"`` (default): a failure inside gradtel is logged (at
+            most once a minute per stage), counted in ``gradtel_errors_total``,
+            and training goes on; ``"raise"``: the failure propagates.
+
+    Raises:
+        TypeError: ``model`` is not a module or named parameters, or an option
+            has the wrong type.
+        ValueError: no trainable parameters, or an option is out of range.
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    >>> monitor = GradMonitor(model)
+    >>> model(torch.ones(1, 2)).sum().backward()
+    >>> health = monitor.collect()
+    >>> health.status.value, health.nan_total, health.scanned
+    ('healthy', 0, 2)
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | Iterable[tuple[str, torch.nn.Parameter]],
+        *,
+        thresholds: Thresholds = Thresholds(),
+        on_warning: Action = "warn",
+        on_critical: Action = "warn",
+        max_layers: int = DEFAULT_MAX_LAYERS,
+        layer_depth: int | None = None,
+        meter_provider: MeterProvider | None = None,
+        on_error: Literal["warn", "raise"] = "warn",
+    ) -> None:
+        if not isinstance(thresholds, Thresholds):
+            raise TypeError(
+                f"thresholds must be a gradtel.Thresholds, got {thresholds!r} "
+                f"({type(thresholds).__name__})"
+            )
+        self._actions = {
+            Status.WARNING: check_action("on_warning", on_warning),
+            Status.CRITICAL: check_action("on_critical", on_critical),
+        }
+        if on_error not in ("warn", "raise"):
+            raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
+        if isinstance(max_layers, int) and not isinstance(max_layers, bool):
+            if max_layers > MAX_LAYERS_LIMIT:
+                raise ValueError(
+                    f"max_layers must be from 1 to {MAX_LAYERS_LIMIT}, got {max_layers}; "
+                    "use layer_depth= to group layers instead"
+                )
+        if meter_provider is not None and not hasattr(meter_provider, "get_meter"):
+            raise TypeError(
+                "meter_provider must be an OpenTelemetry MeterProvider, "
+                f"got {meter_provider!r} ({type(meter_provider).__name__})"
+            )
+
+        named = [(n, p) for n, p in _named_parameters(model) if p.requires_grad]
+        if not named:
+            raise ValueError(
+                f"model has no trainable parameters (requires_grad=True) to watch: {model!r}"
+            )
+        labels = assign_layers((n for n, _ in named), max_layers=max_layers, depth=layer_depth)
+        self._params = [p for _, p in named]
+        self._labels = labels
+        self.thresholds = thresholds
+        self._on_error = on_error
+        self._step = 0
+        self._lock = threading.Lock()
+        self._last_error_log: dict[str, float] = {}
+        self._telemetry = GradTelemetry(
+            distinct(labels),
+            meter_provider=default_meter_provider() if meter_provider is None else meter_provider,
+            attributes=process_attributes(),
+            start_time=time.time(),
+        )
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """Every ``layer`` label this monitor reports, in model order."""
+        return tuple(distinct(self._labels))
+
+    def collect(self) -> GradHealth:
+        """Scan the current gradients, record them and apply the policy.
+
+        Returns:
+            The update's :class:`~gradtel.GradHealth`.
+
+        Raises:
+            NonFiniteGradientError: the update is unhealthy and its policy is ``"raise"``.
+        """
+        with self._lock:
+            started = time.perf_counter()
+            self._step += 1
+            health = self._scan()
+            duration = time.perf_counter() - started
+            # Record before acting: a "raise" policy must not hide the update from Prometheus.
+            self._guarded(
+                "record",
+                lambda: self._telemetry.record(health, duration=duration, timestamp=time.time()),
+            )
+            action = self._actions.get(health.status)
+            if action is not None:
+                apply_action(action, health, self._params)
+            return health
+
+    def _scan(self) -> GradHealth:
+        values: list[torch.Tensor] = []
+        owners: list[str] = []
+        skipped = 0
+        for param, label in zip(self._params, self._labels):
+            grad = param.grad
+            if grad is None or not param.requires_grad:
+                skipped += 1
+                continue
+            countable = countable_values(grad)
+            if countable is None:
+                skipped += 1
+                self._failed(
+                    "scan",
+                    TypeError(f"cannot count a {grad.layout} {grad.dtype} gradient in {label}"),
+                )
+                continue
+            values.append(countable)
+            owners.append(label)
+        nan_by_layer: dict[str, int] = {}
+        inf_by_layer: dict[str, int] = {}
+        counts = self._guarded("scan", lambda: count_nonfinite(values))
+        if counts is None:  # the scan failed: nothing was counted, say so
+            skipped, values, counts = len(self._params), [], {}
+        for i, (nan, inf) in counts.items():
+            if nan:
+                nan_by_layer[owners[i]] = nan_by_layer.get(owners[i], 0) + nan
+            if inf:
+                inf_by_layer[owners[i]] = inf_by_layer.get(owners[i], 0) + inf
+        return GradHealth(
+            nan_by_layer=nan_by_layer,
+            inf_by_layer=inf_by_layer,
+            scanned=len(values),
+            skipped=skipped,
+            thresholds=self.thresholds,
+            step=self._step,
+        )
+
+    def _guarded(self, stage: str, work: Callable[[], T]) -> T | None:
+        try:
+            return work()
+        except Exception as exc:
+            self._failed(stage, exc)
+            return None
+
+    def _failed(self, stage: str, exc: Exception) -> None:
+        if self._on_error == "raise":
+            raise exc
+        self._telemetry.record_error(stage)
+        now = time.monotonic()
+        if now - self._last_error_log.get(stage, -ERROR_LOG_INTERVAL) >= ERROR_LOG_INTERVAL:
+            self._last_error_log[stage] = now
+            logger.error("gradtel %s failed, training continues: %r", stage, exc)

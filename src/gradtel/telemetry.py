@@ -1,0 +1,233 @@
+"""OpenTelemetry instruments fed from each update's :class:`GradHealth`.
+
+Instrument names are chosen so that ``PrometheusMetricReader`` produces the
+metric contract as scraped: counters gain ``_total``, a unit of seconds gains
+``_seconds``. Every series that can appear is created at 0 up front, because
+Prometheus' ``increase()`` cannot see the first value of a series born
+non-zero.
+
+Recording is incremental: a healthy update touches a constant number of
+series whatever the number of layers (layers whose last-update gauges were
+non-zero are reset, counters only move where a count is above 0).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Mapping, Sequence
+
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.metrics import MeterProvider
+from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from .health import GradHealth, Status
+
+__all__ = [
+    "ERROR_STAGES",
+    "GradTelemetry",
+    "count_error",
+    "default_meter_provider",
+    "process_attributes",
+    "prometheus_meter_provider",
+]
+
+ERROR_STAGES = ("scan", "record", "serve")
+"""Values of the ``stage`` label of ``gradtel_errors_total``."""
+
+# Per-update scan time spans microseconds (small models) to seconds (huge
+# models on slow hosts); the SDK's default buckets are meant for milliseconds.
+SCAN_DURATION_BUCKETS = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025,
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+_SEVERITIES = {Status.WARNING: "warning", Status.CRITICAL: "critical"}
+_KINDS = ("nan", "inf")
+
+_default_provider: SdkMeterProvider | None = None
+_default_lock = threading.RLock()
+
+
+def prometheus_meter_provider(registry: CollectorRegistry | None = None) -> SdkMeterProvider:
+    """A ``MeterProvider`` whose metrics are exposed on a prometheus-client registry.
+
+    The reader drops the ``otel_scope_*`` labels and the ``target_info``
+    metric: Prometheus adds ``job`` and ``instance`` itself, and the scope
+    labels would only repeat "gradtel" on every series.
+
+    Args:
+        registry: Registry to expose on; defaults to prometheus-client's
+            global ``REGISTRY``, the one :func:`gradtel.serve` serves.
+
+    Returns:
+        A new SDK ``MeterProvider``; pass it as ``GradMonitor(meter_provider=...)``.
+    """
+    reader = PrometheusMetricReader(
+        disable_target_info=True,
+        scope_info_enabled=False,
+        registry=REGISTRY if registry is None else registry,
+    )
+    return SdkMeterProvider(metric_readers=[reader])
+
+
+def default_meter_provider() -> SdkMeterProvider:
+    """gradtel's own provider, on prometheus-client's global registry (made on first use)."""
+    global _default_provider
+    with _default_lock:
+        if _default_provider is None:
+            _default_provider = prometheus_meter_provider()
+        return _default_provider
+
+
+class _Instruments:
+    """The instruments themselves, made once per meter provider.
+
+    Several monitors may share a provider; asking the SDK twice for the same
+    instrument would log a duplicate-registration warning each time.
+    """
+
+    def __init__(self, meter_provider: MeterProvider) -> None:
+        meter = meter_provider.get_meter("gradtel")
+        self.totals = {
+            "nan": meter.create_counter(
+                "gradtel_nan_grads", unit="1", description="NaN gradient values seen since start."
+            ),
+            "inf": meter.create_counter(
+                "gradtel_inf_grads", unit="1", description="±Inf gradient values seen since start."
+            ),
+        }
+        self.per_update = {
+            "nan": meter.create_gauge(
+                "gradtel_update_nan_grads",
+                unit="1",
+                description="NaN gradient values in the most recent update (TELE-300).",
+            ),
+            "inf": meter.create_gauge(
+                "gradtel_update_inf_grads",
+                unit="1",
+                description="±Inf gradient values in the most recent update (TELE-301).",
+            ),
+        }
+        self.updates = meter.create_counter(
+            "gradtel_updates", unit="1", description="Updates scanned."
+        )
+        self.unhealthy = meter.create_counter(
+            "gradtel_unhealthy_updates",
+            unit="1",
+            description="Updates whose whole-model NaN or Inf count fell in the warning or critical band.",
+        )
+        self.status = meter.create_gauge(
+            "gradtel_update_status",
+            unit="1",
+            description="Health of the most recent update: 0 healthy, 1 warning, 2 critical.",
+        )
+        self.last_update = meter.create_gauge(
+            "gradtel_last_update_timestamp",
+            unit="s",
+            description="Unix time of the most recent update.",
+        )
+        self.duration = meter.create_histogram(
+            "gradtel_scan_duration",
+            unit="s",
+            description="Time gradtel spent scanning one update.",
+            explicit_bucket_boundaries_advisory=SCAN_DURATION_BUCKETS,
+        )
+        self.errors = meter.create_counter(
+            "gradtel_errors", unit="1", description="Failures inside gradtel, by stage; training went on."
+        )
+
+
+_instruments: weakref.WeakKeyDictionary[MeterProvider, _Instruments] = weakref.WeakKeyDictionary()
+
+
+def instruments_for(meter_provider: MeterProvider) -> _Instruments:
+    """The gradtel instruments on ``meter_provider``, made on first use."""
+    with _default_lock:
+        found = _instruments.get(meter_provider)
+        if found is None:
+            found = _instruments[meter_provider] = _Instruments(meter_provider)
+        return found
+
+
+def count_error(stage: str, meter_provider: MeterProvider | None = None) -> None:
+    """Count one failure inside gradtel in ``gradtel_errors_total{stage=...}``."""
+    provider = default_meter_provider() if meter_provider is None else meter_provider
+    instruments_for(provider).errors.add(1, {**process_attributes(), "stage": stage})
+
+
+def process_attributes() -> dict[str, str]:
+    """Labels every series of this process carries: ``rank`` when distributed with world size > 1."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return {"rank": str(dist.get_rank())}
+    return {}
+
+
+class GradTelemetry:
+    """The gradtel instruments on one meter provider, for one set of layers.
+
+    Args:
+        layers: Every ``layer`` label value the monitor can report.
+        meter_provider: Where the instruments live.
+        attributes: Labels put on every series (``rank`` in distributed runs).
+        start_time: Unix time the ``last_update_timestamp`` gauge starts at,
+            so that a stall alert counts from start until the first update.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[str],
+        *,
+        meter_provider: MeterProvider,
+        attributes: Mapping[str, str],
+        start_time: float,
+    ) -> None:
+        self._base = dict(attributes)
+        self._layer_attrs = {layer: {**self._base, "layer": layer} for layer in layers}
+        self._band_attrs = {
+            (kind, status): {**self._base, "kind": kind, "severity": severity}
+            for kind in _KINDS
+            for status, severity in _SEVERITIES.items()
+        }
+        self._error_attrs = {stage: {**self._base, "stage": stage} for stage in ERROR_STAGES}
+        self._last_nonzero: dict[str, set[str]] = {"nan": set(), "inf": set()}
+
+        self._instruments = ins = instruments_for(meter_provider)
+
+        for attrs in self._layer_attrs.values():
+            for kind in _KINDS:
+                ins.totals[kind].add(0, attrs)
+                ins.per_update[kind].set(0, attrs)
+        for attrs in self._band_attrs.values():
+            ins.unhealthy.add(0, attrs)
+        for attrs in self._error_attrs.values():
+            ins.errors.add(0, attrs)
+        ins.updates.add(0, self._base)
+        ins.status.set(0, self._base)
+        ins.last_update.set(start_time, self._base)
+
+    def record(self, health: GradHealth, *, duration: float, timestamp: float) -> None:
+        """Record one scanned update."""
+        ins = self._instruments
+        for kind, by_layer in (("nan", health.nan_by_layer), ("inf", health.inf_by_layer)):
+            total, gauge = ins.totals[kind], ins.per_update[kind]
+            for layer, count in by_layer.items():
+                total.add(count, self._layer_attrs[layer])
+                gauge.set(count, self._layer_attrs[layer])
+            for layer in self._last_nonzero[kind].difference(by_layer):
+                gauge.set(0, self._layer_attrs[layer])
+            self._last_nonzero[kind] = set(by_layer)
+        for kind, status in (("nan", health.nan_status), ("inf", health.inf_status)):
+            if status is not Status.HEALTHY:
+                ins.unhealthy.add(1, self._band_attrs[(kind, status)])
+        ins.updates.add(1, self._base)
+        ins.status.set(health.status.level, self._base)
+        ins.last_update.set(timestamp, self._base)
+        ins.duration.record(duration, self._base)
+
+    def record_error(self, stage: str) -> None:
+        """Count one failure inside gradtel (``stage`` from :data:`ERROR_STAGES`)."""
+        self._instruments.errors.add(1, self._error_attrs[stage])
