@@ -1,0 +1,70 @@
+"""Shared fixtures: fresh registries, real scrapes, and tools that must exist in CI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from opentelemetry.sdk.metrics import MeterProvider
+
+import gradtel
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def provider(registry: CollectorRegistry) -> Iterator[MeterProvider]:
+    provider = gradtel.prometheus_meter_provider(registry)
+    yield provider
+    provider.shutdown()
+
+
+def parse(text: str) -> Samples:
+    """Samples of a classic text exposition, keyed by name and label set."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def samples(registry: CollectorRegistry) -> Samples:
+    return parse(generate_latest(registry).decode())
+
+
+def sample(found: Samples, name: str, **labels: str) -> float:
+    key = (name, frozenset(labels.items()))
+    assert key in found, f"no sample {name}{labels}; have {sorted(k for k in found if k[0] == name)}"
+    return found[key]
+
+
+def fetch(url: str, accept: str | None = None) -> tuple[str, str]:
+    """GET ``url``; returns the body and the Content-Type."""
+    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.read().decode(), response.headers["Content-Type"]
+
+
+def require_tool(name: str, package: str) -> str:
+    """Path of a command-line tool; missing fails in CI and skips elsewhere."""
+    path = shutil.which(name)
+    if path is None:
+        message = (
+            f"{name} is not installed; install it with "
+            f"`sudo apt-get install -y --no-install-recommends {package}` "
+            "(the README's test command does this when run as root)"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

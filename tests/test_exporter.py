@@ -1,0 +1,185 @@
+"""The real /metrics endpoint, scraped over HTTP and checked with the real promtool."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import urllib.error
+from collections.abc import Iterator
+
+import pytest
+import torch
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families as parse_text
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from opentelemetry.sdk.metrics import MeterProvider
+from torch import nn
+
+from gradtel import GradMonitor, MetricsServer, PortInUseError, serve
+
+from .conftest import fetch, parse, require_tool, sample
+
+CONTRACT_TYPES = {
+    "gradtel_nan_grads": "counter",
+    "gradtel_inf_grads": "counter",
+    "gradtel_update_nan_grads": "gauge",
+    "gradtel_update_inf_grads": "gauge",
+    "gradtel_updates": "counter",
+    "gradtel_unhealthy_updates": "counter",
+    "gradtel_update_status": "gauge",
+    "gradtel_last_update_timestamp_seconds": "gauge",
+    "gradtel_scan_duration_seconds": "histogram",
+    "gradtel_errors": "counter",
+}
+
+
+@pytest.fixture
+def server(registry: CollectorRegistry) -> Iterator[MetricsServer]:
+    server = serve(port=0, registry=registry)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def unhealthy_update(provider: MeterProvider) -> None:
+    """One update with 3 NaN in ``fc1`` and 7 Inf in ``fc2``."""
+    model = nn.Sequential()
+    model.add_module("fc1", nn.Linear(4, 4))
+    model.add_module("fc2", nn.Linear(4, 2))
+    monitor = GradMonitor(model, meter_provider=provider, on_critical="ignore")
+    model(torch.randn(2, 4)).sum().backward()
+    model.fc1.weight.grad.view(-1)[:3] = float("nan")
+    model.fc2.weight.grad.view(-1)[:7] = float("inf")
+    monitor.collect()
+
+
+def test_scrape_has_exact_names_types_labels_and_values(
+    server: MetricsServer, unhealthy_update: None
+) -> None:
+    assert server.url is not None
+    body, content_type = fetch(server.url)
+    assert content_type.startswith("text/plain; version=0.0.4")
+    families = {family.name: family for family in parse_text(body)}
+    assert {name: families[name].type for name in CONTRACT_TYPES} == CONTRACT_TYPES
+    found = parse(body)
+    assert sample(found, "gradtel_update_inf_grads", layer="fc2") == 7
+    assert sample(found, "gradtel_update_nan_grads", layer="fc1") == 3
+    assert sample(found, "gradtel_inf_grads_total", layer="fc1") == 0
+    assert sample(found, "gradtel_unhealthy_updates_total", kind="inf", severity="critical") == 1
+    assert sample(found, "gradtel_unhealthy_updates_total", kind="nan", severity="warning") == 1
+    assert sample(found, "gradtel_unhealthy_updates_total", kind="inf", severity="warning") == 0
+    assert sample(found, "gradtel_unhealthy_updates_total", kind="nan", severity="critical") == 0
+    # Noise labels are off: no otel_scope_* labels, no target_info.
+    assert not any(label.startswith("otel_") for _, labels in found for label, _ in labels)
+    assert "target_info" not in families
+
+
+def test_openmetrics_is_negotiated(server: MetricsServer, unhealthy_update: None) -> None:
+    assert server.url is not None
+    body, content_type = fetch(server.url, accept="application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text")
+    assert body.endswith("# EOF\n")
+    families = {f.name: f for f in parse_openmetrics(body)}
+    assert families["gradtel_unhealthy_updates"].type == "counter"
+    assert families["gradtel_scan_duration_seconds"].unit == "seconds"
+
+
+def test_promtool_check_metrics_passes_on_real_output(
+    server: MetricsServer, unhealthy_update: None
+) -> None:
+    # promtool lints the classic text format; OpenMetrics is checked by the strict
+    # prometheus-client parser in the negotiation test above.
+    promtool = require_tool("promtool", "prometheus")
+    assert server.url is not None
+    body, _ = fetch(server.url)
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=body, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout + result.stderr == ""
+
+
+def test_default_bind_is_loopback_and_port_zero_picks_a_free_port(server: MetricsServer) -> None:
+    assert server.addr == "127.0.0.1"
+    assert server.port is not None and server.port > 0
+    assert server.serving and repr(server) == f"<MetricsServer {server.url}>"
+
+
+def test_environment_overrides_defaults_and_arguments_override_environment(
+    monkeypatch: pytest.MonkeyPatch, registry: CollectorRegistry
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    monkeypatch.setenv("GRADTEL_PORT", str(free))
+    monkeypatch.setenv("GRADTEL_ADDR", "localhost")
+    with serve(registry=registry) as from_env:
+        assert (from_env.addr, from_env.port) == ("localhost", free)
+        assert from_env.url is not None
+        fetch(from_env.url)
+    with serve(port=0, addr="127.0.0.1", registry=registry) as explicit:
+        assert explicit.addr == "127.0.0.1" and explicit.port != free
+
+
+def test_close_frees_the_port_and_is_idempotent(registry: CollectorRegistry) -> None:
+    server = serve(port=0, registry=registry)
+    url, port = server.url, server.port
+    assert url is not None
+    server.close()
+    server.close()
+    assert not server.serving
+    with pytest.raises(urllib.error.URLError):
+        fetch(url)
+    with serve(port=port, registry=registry) as again:
+        assert again.port == port
+
+
+def test_port_in_use_is_logged_and_counted_by_default(
+    server: MetricsServer,
+    registry: CollectorRegistry,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def serve_errors() -> float:
+        # Counted on gradtel's own provider, which exports to the global registry.
+        return REGISTRY.get_sample_value("gradtel_errors_total", {"stage": "serve"}) or 0.0
+
+    before = serve_errors()
+    with caplog.at_level(logging.ERROR, logger="gradtel"):
+        failed = serve(port=server.port, registry=registry)
+    assert not failed.serving and failed.port is None and failed.url is None
+    failed.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"gradtel cannot serve /metrics: port {server.port} on 127.0.0.1 is already in use; "
+        "pick another with port= or GRADTEL_PORT, or port=0 for a free one; "
+        "training continues without a metrics endpoint"
+    ]
+    assert serve_errors() == before + 1
+
+
+def test_port_in_use_raises_when_asked(server: MetricsServer, registry: CollectorRegistry) -> None:
+    with pytest.raises(PortInUseError, match=f"port {server.port} on 127.0.0.1 is already in use"):
+        serve(port=server.port, registry=registry, on_error="raise")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "env", "error", "message"),
+    [
+        ({"port": 70000}, {}, ValueError, r"port must be from 0 to 65535 \(0 picks a free port\), got 70000"),
+        ({"port": -1}, {}, ValueError, r"port must be from 0 to 65535 .* got -1"),
+        ({"port": "9464"}, {}, TypeError, r"port must be an int from 0 to 65535, got '9464' \(str\)"),
+        ({"port": 9464.0}, {}, TypeError, r"port must be an int .* got 9464.0 \(float\)"),
+        ({"addr": ""}, {}, ValueError, r"addr must be a non-empty host address .* got ''"),
+        ({}, {"GRADTEL_PORT": "abc"}, ValueError, r"GRADTEL_PORT must be an integer from 0 to 65535, got 'abc'"),
+        ({}, {"GRADTEL_PORT": "99999"}, ValueError, r"GRADTEL_PORT must be from 0 to 65535 .* got 99999"),
+        ({}, {"GRADTEL_ADDR": " "}, ValueError, r"GRADTEL_ADDR must be a non-empty host address"),
+        ({"on_error": "ignore"}, {}, ValueError, r"on_error must be 'warn' or 'raise', got 'ignore'"),
+    ],
+)
+def test_bad_endpoint_arguments(
+    monkeypatch: pytest.MonkeyPatch, kwargs: dict, env: dict, error: type, message: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(error, match=message):
+        serve(**kwargs)

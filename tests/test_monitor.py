@@ -1,0 +1,383 @@
+"""GradMonitor on real models with real gradients: counts, labels, series and policies."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+from opentelemetry.sdk.metrics import MeterProvider
+from torch import nn
+
+import gradtel
+from gradtel import GradMonitor, NonFiniteGradientError, Status, Thresholds
+
+from .conftest import sample, samples
+
+NAN, INF = float("nan"), float("inf")
+
+
+class TwoLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 8)
+        self.fc2 = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def backward(model: nn.Module, *inputs: torch.Tensor) -> None:
+    model.zero_grad()
+    out = model(*inputs) if inputs else model(torch.randn(4, 8))
+    out.abs().sum().backward()
+
+
+def poison(grad: torch.Tensor, nan: int = 0, inf: int = 0) -> None:
+    flat = grad.view(-1)
+    flat[:nan] = NAN
+    flat[nan : nan + inf] = INF
+
+
+def test_two_layer_acceptance(provider: MeterProvider, registry: CollectorRegistry) -> None:
+    model = TwoLayer()
+    monitor = GradMonitor(model, meter_provider=provider, on_critical="ignore")
+    backward(model)
+    poison(model.fc1.weight.grad, nan=3)
+    poison(model.fc2.weight.grad, inf=7)
+
+    health = monitor.collect()
+
+    assert (health.nan_total, health.inf_total, health.status) == (3, 7, Status.CRITICAL)
+    assert health.nan_by_layer == {"fc1": 3} and health.inf_by_layer == {"fc2": 7}
+    assert (health.scanned, health.skipped, health.step) == (4, 0, 1)
+    found = samples(registry)
+    assert sample(found, "gradtel_update_inf_grads", layer="fc2") == 7
+    assert sample(found, "gradtel_update_nan_grads", layer="fc1") == 3
+    bands = {
+        (kind, severity): sample(
+            found, "gradtel_unhealthy_updates_total", kind=kind, severity=severity
+        )
+        for kind in ("nan", "inf")
+        for severity in ("warning", "critical")
+    }
+    assert bands == {
+        ("nan", "warning"): 1,
+        ("nan", "critical"): 0,
+        ("inf", "warning"): 0,
+        ("inf", "critical"): 1,
+    }
+    assert sample(found, "gradtel_update_status") == 2
+    assert sample(found, "gradtel_updates_total") == 1
+
+
+def test_every_series_exists_at_zero_before_any_update(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    before = time.time()
+    GradMonitor(TwoLayer(), meter_provider=provider)
+    found = samples(registry)
+    for layer in ("fc1", "fc2"):
+        for name in (
+            "gradtel_nan_grads_total",
+            "gradtel_inf_grads_total",
+            "gradtel_update_nan_grads",
+            "gradtel_update_inf_grads",
+        ):
+            assert sample(found, name, layer=layer) == 0
+    for kind in ("nan", "inf"):
+        for severity in ("warning", "critical"):
+            assert sample(found, "gradtel_unhealthy_updates_total", kind=kind, severity=severity) == 0
+    for stage in ("scan", "record", "serve"):
+        assert sample(found, "gradtel_errors_total", stage=stage) == 0
+    assert sample(found, "gradtel_updates_total") == 0
+    assert sample(found, "gradtel_update_status") == 0
+    assert before <= sample(found, "gradtel_last_update_timestamp_seconds") <= time.time()
+
+
+def test_gauges_reset_on_a_healthy_update_while_counters_keep_counting(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    model = TwoLayer()
+    monitor = GradMonitor(model, meter_provider=provider, on_warning="ignore")
+    backward(model)
+    poison(model.fc1.bias.grad, nan=2)
+    monitor.collect()
+    backward(model)
+    assert monitor.collect().status is Status.HEALTHY
+    found = samples(registry)
+    assert sample(found, "gradtel_update_nan_grads", layer="fc1") == 0
+    assert sample(found, "gradtel_nan_grads_total", layer="fc1") == 2
+    assert sample(found, "gradtel_updates_total") == 2
+    assert sample(found, "gradtel_update_status") == 0
+    assert sample(found, "gradtel_scan_duration_seconds_count") == 2
+
+
+def test_tied_parameters_are_counted_once(provider: MeterProvider) -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.lm_head = nn.Linear(4, 10, bias=False)
+            self.lm_head.weight = self.embed.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.lm_head(self.embed(ids))
+
+    model = Tied()
+    monitor = GradMonitor(model, meter_provider=provider, on_warning="ignore")
+    assert monitor.layers == ("embed",)
+    backward(model, torch.tensor([1, 2, 3]))
+    poison(model.embed.weight.grad, nan=2)
+    health = monitor.collect()
+    assert health.nan_by_layer == {"embed": 2} and health.scanned == 1
+    pairs = list(model.named_parameters(remove_duplicate=False))
+    assert len(pairs) == 2
+    assert GradMonitor(pairs, meter_provider=provider).layers == ("embed",)
+
+
+def test_frozen_and_gradless_parameters_are_skipped_and_reported(provider: MeterProvider) -> None:
+    model = TwoLayer()
+    model.fc2.bias.requires_grad_(False)  # frozen at creation: never watched
+    monitor = GradMonitor(model, meter_provider=provider)
+    backward(model)
+    model.fc1.bias.grad = None  # no gradient in this update
+    model.fc2.weight.requires_grad_(False)  # frozen after creation
+    health = monitor.collect()
+    assert (health.scanned, health.skipped) == (1, 2)
+
+
+def test_sparse_embedding_gradient(provider: MeterProvider) -> None:
+    embed = nn.Embedding(100, 8, sparse=True)
+    monitor = GradMonitor(embed, meter_provider=provider, on_warning="ignore")
+    embed(torch.tensor([3, 3, 7])).sum().backward()
+    grad = embed.weight.grad
+    assert grad is not None and grad.is_sparse
+    grad._values()[0, :2] = NAN
+    grad._values()[2, 0] = -INF
+    health = monitor.collect()
+    assert (health.nan_by_layer, health.inf_by_layer) == ({ROOT: 2}, {ROOT: 1})
+
+
+ROOT = gradtel.ROOT_LAYER
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_real_backward_in_each_floating_dtype(provider: MeterProvider, dtype: torch.dtype) -> None:
+    model = TwoLayer().to(dtype)
+    monitor = GradMonitor(model, meter_provider=provider, on_critical="ignore")
+    model.zero_grad()
+    model(torch.randn(4, 8, dtype=dtype)).float().abs().sum().backward()
+    assert monitor.collect().status is Status.HEALTHY
+    poison(model.fc2.weight.grad, nan=1, inf=6)
+    health = monitor.collect()
+    assert (health.nan_by_layer, health.inf_by_layer) == ({"fc2": 1}, {"fc2": 6})
+
+
+def test_complex_parameters(provider: MeterProvider) -> None:
+    class Spectral(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.filter = nn.Parameter(torch.randn(6, dtype=torch.complex64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (torch.fft.fft(x) * self.filter).abs()
+
+    model = Spectral()
+    monitor = GradMonitor(model, meter_provider=provider, on_warning="ignore")
+    model(torch.randn(6)).sum().backward()
+    model.filter.grad[0] = complex(INF, NAN)  # NaN wins within an element
+    model.filter.grad[1] = complex(1.0, -INF)
+    health = monitor.collect()
+    assert (health.nan_by_layer, health.inf_by_layer) == ({ROOT: 1}, {ROOT: 1})
+
+
+def test_layer_bound_and_depth_shape_the_labels(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(5)])
+    monitor = GradMonitor(model, meter_provider=provider, max_layers=2, on_warning="ignore")
+    assert monitor.layers == ("0", "1", gradtel.OVERFLOW_LAYER)
+    backward(model, torch.randn(1, 2))
+    poison(model[3].weight.grad, nan=1)
+    poison(model[4].weight.grad, nan=1)
+    assert monitor.collect().nan_by_layer == {gradtel.OVERFLOW_LAYER: 2}
+    assert sample(samples(registry), "gradtel_nan_grads_total", layer="(other)") == 2
+    nested = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
+    assert GradMonitor(nested, meter_provider=provider, layer_depth=1).layers == ("0",)
+
+
+def test_warn_logs_one_line_with_status_counts_and_top_layers(
+    provider: MeterProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = TwoLayer()
+    monitor = GradMonitor(model, meter_provider=provider)
+    backward(model)
+    poison(model.fc1.weight.grad, nan=4)
+    poison(model.fc2.weight.grad, nan=5)
+    with caplog.at_level(logging.WARNING, logger="gradtel"):
+        monitor.collect()
+    assert [r.getMessage() for r in caplog.records] == [
+        "gradtel: update 1 is critical: NaN=9 Inf=0 (warning > 0, critical > 5); "
+        "top layers: fc2 (5), fc1 (4)"
+    ]
+
+
+def test_ignore_stays_silent(provider: MeterProvider, caplog: pytest.LogCaptureFixture) -> None:
+    model = TwoLayer()
+    monitor = GradMonitor(model, meter_provider=provider, on_warning="ignore")
+    backward(model)
+    poison(model.fc1.weight.grad, nan=1)
+    with caplog.at_level(logging.DEBUG, logger="gradtel"):
+        assert monitor.collect().status is Status.WARNING
+    assert caplog.records == []
+
+
+def test_raise_carries_the_health_and_still_records(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    model = TwoLayer()
+    monitor = GradMonitor(model, meter_provider=provider, on_critical="raise")
+    backward(model)
+    poison(model.fc2.weight.grad, inf=6)
+    with pytest.raises(NonFiniteGradientError, match="update 1 is critical: NaN=0 Inf=6") as raised:
+        monitor.collect()
+    assert raised.value.health.inf_by_layer == {"fc2": 6}
+    found = samples(registry)
+    assert sample(found, "gradtel_unhealthy_updates_total", kind="inf", severity="critical") == 1
+    # The warning band keeps its own policy (warn by default): no raise there.
+    backward(model)
+    poison(model.fc2.weight.grad, inf=1)
+    assert monitor.collect().status is Status.WARNING
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.1),
+        lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0.1),
+    ],
+    ids=["sgd-momentum", "adamw"],
+)
+def test_skip_makes_the_following_optimizer_step_harmless(
+    provider: MeterProvider, make_optimizer: object
+) -> None:
+    model = TwoLayer()
+    optimizer = make_optimizer(model.parameters())  # type: ignore[operator]
+    monitor = GradMonitor(model, meter_provider=provider, on_critical="skip")
+    backward(model)
+    monitor.collect()
+    optimizer.step()  # one healthy step so optimizer state exists
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = {n: {k: v.clone() for k, v in optimizer.state[p].items()} for n, p in model.named_parameters()}
+
+    backward(model)
+    poison(model.fc1.weight.grad, nan=10)
+    assert monitor.collect().status is Status.CRITICAL
+    assert all(p.grad is None for p in model.parameters())
+    optimizer.step()
+
+    for name, param in model.named_parameters():
+        assert torch.equal(param, weights[name]), name
+        for key, value in optimizer.state[param].items():
+            assert torch.equal(value, state[name][key]), (name, key)
+
+
+def test_a_failing_scan_is_logged_once_counted_and_never_raised(
+    provider: MeterProvider,
+    registry: CollectorRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken(values: object) -> object:
+        raise RuntimeError("device lost")
+
+    model = TwoLayer()
+    monitor = GradMonitor(model, meter_provider=provider)
+    monkeypatch.setattr("gradtel.monitor.count_nonfinite", broken)
+    backward(model)
+    with caplog.at_level(logging.ERROR, logger="gradtel"):
+        first, second = monitor.collect(), monitor.collect()
+    assert (first.scanned, first.skipped, second.step) == (0, 4, 2)
+    assert [r.getMessage() for r in caplog.records] == [
+        "gradtel scan failed, training continues: RuntimeError('device lost')"
+    ]
+    assert sample(samples(registry), "gradtel_errors_total", stage="scan") == 2
+    strict = GradMonitor(model, meter_provider=provider, on_error="raise")
+    with pytest.raises(RuntimeError, match="device lost"):
+        strict.collect()
+
+
+def test_monitors_sharing_a_provider_share_series(
+    provider: MeterProvider, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        a, b = GradMonitor(TwoLayer(), meter_provider=provider), GradMonitor(
+            nn.Linear(2, 2), meter_provider=provider
+        )
+    assert caplog.records == []  # no duplicate-instrument warnings from the SDK
+    found = samples(registry)
+    assert sample(found, "gradtel_nan_grads_total", layer="fc1") == 0
+    assert sample(found, "gradtel_nan_grads_total", layer=ROOT) == 0
+    assert a.layers != b.layers
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs", "error", "message"),
+    [
+        (None, {}, TypeError, r"model must be a torch.nn.Module or an iterable .* got None"),
+        (42, {}, TypeError, r"model must be a torch.nn.Module .* got 42 \(int\)"),
+        ([("w", 1.0)], {}, TypeError, r"\(name, Parameter\) pairs .* got an item \('w', 1.0\)"),
+        (nn.ReLU(), {}, ValueError, r"model has no trainable parameters"),
+        (
+            nn.Linear(2, 2).requires_grad_(False),
+            {},
+            ValueError,
+            r"model has no trainable parameters \(requires_grad=True\)",
+        ),
+        (
+            nn.Linear(2, 2),
+            {"on_critical": "abort"},
+            ValueError,
+            r"on_critical must be one of 'ignore', 'warn', 'raise', 'skip', got 'abort'",
+        ),
+        (
+            nn.Linear(2, 2),
+            {"on_warning": None},
+            ValueError,
+            r"on_warning must be one of .* got None",
+        ),
+        (
+            nn.Linear(2, 2),
+            {"thresholds": (0, 5)},
+            TypeError,
+            r"thresholds must be a gradtel.Thresholds, got \(0, 5\) \(tuple\)",
+        ),
+        (nn.Linear(2, 2), {"max_layers": 5000}, ValueError, r"max_layers must be from 1 to 1998, got 5000"),
+        (nn.Linear(2, 2), {"max_layers": 0}, ValueError, r"max_layers must be >= 1, got 0"),
+        (nn.Linear(2, 2), {"on_error": "crash"}, ValueError, r"on_error must be 'warn' or 'raise', got 'crash'"),
+        (nn.Linear(2, 2), {"meter_provider": "otel"}, TypeError, r"meter_provider must be an OpenTelemetry MeterProvider, got 'otel'"),
+    ],
+)
+def test_bad_arguments_are_refused_clearly(
+    model: object, kwargs: dict, error: type, message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        GradMonitor(model, **kwargs)  # type: ignore[arg-type]
+
+
+def test_thresholds_shape_status_and_bands(provider: MeterProvider, registry: CollectorRegistry) -> None:
+    model = TwoLayer()
+    monitor = GradMonitor(
+        model, meter_provider=provider, thresholds=Thresholds(warning=2, critical=10), on_warning="ignore"
+    )
+    backward(model)
+    poison(model.fc1.weight.grad, nan=2)
+    assert monitor.collect().status is Status.HEALTHY
+    poison(model.fc1.weight.grad, nan=3)
+    assert monitor.collect().status is Status.WARNING
+    found = samples(registry)
+    assert sample(found, "gradtel_unhealthy_updates_total", kind="nan", severity="warning") == 1
+    assert sample(found, "gradtel_nan_grads_total", layer="fc1") == 5

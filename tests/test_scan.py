@@ -1,0 +1,141 @@
+"""Exact NaN/Inf counting against a straightforward element-by-element reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gradtel.scan import count_nonfinite, countable_values
+
+NAN, INF = float("nan"), float("inf")
+REAL = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+COMPLEX = [torch.complex64, torch.complex128]
+
+
+def reference(tensor: torch.Tensor) -> tuple[int, int]:
+    """Count element by element in Python: NaN if any part is NaN, else Inf if any part is Inf."""
+    nan = inf = 0
+    for value in tensor.detach().reshape(-1).to(torch.complex128).tolist():
+        parts = (value.real, value.imag)
+        if any(math.isnan(p) for p in parts):
+            nan += 1
+        elif any(math.isinf(p) for p in parts):
+            inf += 1
+    return nan, inf
+
+
+@st.composite
+def gradients(draw: st.DrawFn) -> torch.Tensor:
+    dtype = draw(st.sampled_from(REAL + COMPLEX))
+    shape = draw(st.lists(st.integers(0, 6), min_size=1, max_size=3))
+    numel = math.prod(shape)
+    tensor = torch.randn(shape, dtype=dtype)
+    flat = tensor.view(-1)
+    specials = st.sampled_from([NAN, INF, -INF, 1e38])  # 1e38 sums past fp32's range
+    for index in draw(st.lists(st.integers(0, max(numel - 1, 0)), max_size=8)) if numel else []:
+        value = draw(specials)
+        if dtype in COMPLEX:
+            flat[index] = complex(value, 0) if draw(st.booleans()) else complex(0, value)
+        else:
+            flat[index] = value
+    if draw(st.booleans()) and tensor.dim() >= 2:
+        tensor = tensor.transpose(0, 1)  # non-contiguous gradients count the same
+    return tensor
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(gradients(), min_size=1, max_size=6))
+def test_counts_match_reference(tensors: list[torch.Tensor]) -> None:
+    expected = {i: reference(t) for i, t in enumerate(tensors) if reference(t) != (0, 0)}
+    assert count_nonfinite(tensors) == expected
+
+
+def test_healthy_is_empty_and_false_alarms_count_zero() -> None:
+    # Finite values whose sum overflows are flagged, then counted exactly as zero.
+    huge = torch.full((4,), 3e38)
+    assert count_nonfinite([torch.ones(3), huge, torch.zeros(0)]) == {}
+
+
+def test_half_precision_sums_do_not_overflow_into_false_counts() -> None:
+    grad = torch.full((100,), 60000.0, dtype=torch.float16)  # fp16 sum would be inf
+    grad[3] = NAN
+    assert count_nonfinite([grad]) == {0: (1, 0)}
+
+
+def test_complex_element_with_nan_and_inf_parts_counts_as_nan() -> None:
+    grad = torch.tensor([complex(INF, NAN), complex(1, INF), complex(-INF, 0), 1 + 1j])
+    assert count_nonfinite([grad]) == {0: (1, 2)}
+
+
+def test_counts_beyond_float32_precision_are_exact() -> None:
+    # 2**24 + 3 cannot be held by a float32 count (the original design's .sum().float()).
+    grad = torch.full((2**24 + 3,), NAN)
+    assert count_nonfinite([grad]) == {0: (2**24 + 3, 0)}
+
+
+def test_sparse_gradients_count_stored_values() -> None:
+    coo = torch.sparse_coo_tensor(
+        [[0, 0, 5]], [NAN, INF, 1.0], (10,), check_invariants=True
+    )  # uncoalesced on purpose
+    csr = torch.tensor([[0.0, INF], [NAN, 0.0]]).to_sparse_csr()
+    values = [countable_values(coo), countable_values(csr)]
+    assert all(v is not None for v in values)
+    assert count_nonfinite(values) == {0: (1, 1), 1: (1, 1)}  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_gradients_are_widened(dtype: torch.dtype) -> None:
+    grad = torch.tensor([1.0, NAN, 2.0]).to(dtype)
+    values = countable_values(grad)
+    assert values is not None and values.dtype == torch.float32
+    assert count_nonfinite([values]) == {0: (1, 0)}
+
+
+def test_uncountable_kinds_are_refused() -> None:
+    assert countable_values(torch.ones(3, dtype=torch.int64)) is None
+
+
+class ReadOuts:
+    """Counts every way a tensor's data can reach the host as Python values."""
+
+    METHODS = ("tolist", "item", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__")
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[str] = []
+        for name in self.METHODS:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counting(name, original))
+        original_to = torch.Tensor.to
+
+        def counting_to(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+            moved = original_to(tensor, *args, **kwargs)
+            if moved.device.type == "cpu" and tensor.device.type != "cpu":
+                self.calls.append("to")
+            return moved
+
+        monkeypatch.setattr(torch.Tensor, "to", counting_to)
+
+    def _counting(self, name: str, original: object) -> object:
+        def counted(*args: object, **kwargs: object) -> object:
+            self.calls.append(name)
+            return original(*args, **kwargs)  # type: ignore[operator]
+
+        return counted
+
+
+@pytest.mark.parametrize("bad_tensors", [0, 1, 10])
+def test_one_read_out_per_phase_whatever_the_number_of_tensors(
+    monkeypatch: pytest.MonkeyPatch, bad_tensors: int
+) -> None:
+    tensors = [torch.randn(64, dtype=REAL[i % 4]) for i in range(200)]
+    for i in range(bad_tensors):
+        tensors[i * 7][i] = NAN
+    read_outs = ReadOuts(monkeypatch)
+    counts = count_nonfinite(tensors)
+    assert len(counts) == bad_tensors
+    # One read-out decides healthy; an unhealthy update adds one for the exact counts.
+    assert read_outs.calls == ["tolist"] * (1 if bad_tensors == 0 else 2)
