@@ -69,13 +69,14 @@ class DemoNet(nn.Module):
         self.head = nn.Linear(hidden, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.body(torch.relu(self.embed(x)))))
+        out: torch.Tensor = self.head(torch.relu(self.body(torch.relu(self.embed(x)))))
+        return out
 
 
 def _inject(model: nn.Module, injection: Injection) -> None:
-    grad = model.get_submodule(injection.layer).weight.grad
-    assert grad is not None  # backward just ran on every layer
-    flat = grad.view(-1)
+    layer = model.get_submodule(injection.layer)
+    assert isinstance(layer, nn.Linear) and layer.weight.grad is not None  # backward just ran
+    flat = layer.weight.grad.view(-1)
     flat[: injection.nan] = float("nan")
     flat[injection.nan : injection.nan + injection.inf] = float("inf")
 
@@ -128,10 +129,10 @@ def run_demo(
     gradtel_logger.addHandler(handler)
     gradtel_logger.propagate = False
 
+    server = serve(port=port, addr=addr, on_error="raise")
     model = DemoNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     monitor = GradMonitor(model, on_warning="skip", on_critical="skip")
-    server = serve(port=port, addr=addr, on_error="raise")
     inputs = torch.randn(256, 16)
     targets = inputs @ torch.randn(16, 1) + 0.1 * torch.randn(256, 1)
     terminal.say(f"gradtel demo: serving {server.url}")
@@ -154,7 +155,8 @@ def run_demo(
             unhealthy += health.status.level > 0
             line = (
                 f"update {update:>{len(str(steps))}}/{steps} {progress_bar(update, steps)} "
-                f"{status_line(health, color=terminal.color)} loss={loss.item():.4f}"
+                f"{status_line(health, color=terminal.color)} unhealthy so far={unhealthy} "
+                f"loss={loss.item():.4f}"
             )
             terminal.show(line)
             if not terminal.live and (update % 50 == 0 or update == steps):

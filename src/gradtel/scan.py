@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -72,7 +73,7 @@ def _read_out(
     indices: Sequence[int],
     reduce: Callable[[torch.Tensor], torch.Tensor],
     finish: Callable[[torch.Tensor], torch.Tensor],
-) -> list[object]:
+) -> list[Any]:
     """Apply ``reduce`` to each tensor, grouped by device and dtype, and read all results once.
 
     Each group's results are stacked and passed through ``finish`` on their
@@ -119,9 +120,4 @@ def count_nonfinite(values: Sequence[torch.Tensor]) -> dict[int, tuple[int, int]
     if not flagged:
         return {}
     counts = _read_out(values, flagged, _exact_counts, lambda stacked: stacked)
-    result = {}
-    for i, pair in zip(flagged, counts):
-        nan, inf = pair  # type: ignore[misc]
-        if nan or inf:
-            result[i] = (int(nan), int(inf))
-    return result
+    return {i: (nan, inf) for i, (nan, inf) in zip(flagged, counts) if nan or inf}

@@ -1,0 +1,154 @@
+"""``gradtel demo`` as a user runs it: a subprocess, scraped while it trains."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from gradtel.cli import main
+
+from .conftest import Samples, fetch, parse, sample
+
+pytestmark = pytest.mark.slow
+
+
+def start_demo(*args: str) -> tuple[subprocess.Popen[str], str]:
+    """Start ``gradtel demo`` on a free port; returns the process and its metrics URL."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gradtel.cli", "demo", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stdout is not None
+    first = process.stdout.readline()
+    found = re.match(r"gradtel demo: serving (http://\S+/metrics)$", first.strip())
+    assert found, f"unexpected first line {first!r}"
+    return process, found.group(1)
+
+
+@pytest.fixture
+def stop() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def scrape_until(url: str, done: object, timeout: float = 60) -> Samples:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = parse(fetch(url)[0])
+        if done(found) or time.monotonic() > deadline:  # type: ignore[operator]
+            return found
+        time.sleep(0.1)
+
+
+def test_demo_serves_the_contract_while_it_trains(stop: list[subprocess.Popen[str]]) -> None:
+    process, url = start_demo("--steps", "400", "--interval", "0.01")
+    stop.append(process)
+    before = parse(fetch(url)[0])
+    assert sample(before, "gradtel_unhealthy_updates_total", kind="nan", severity="warning") == 0
+    assert sample(before, "gradtel_nan_grads_total", layer="body.0") == 0
+
+    found = scrape_until(
+        url, lambda s: (s.get(("gradtel_updates_total", frozenset())) or 0) >= 50
+    )
+    updates = sample(found, "gradtel_updates_total")
+    assert 50 <= updates <= 400
+    # The documented schedule: 3 NaN in body.0 on updates 10, 35, ...; 7 Inf in head on 20, 45, ...
+    warnings = sum(1 for u in range(1, int(updates) + 1) if u % 25 == 10)
+    criticals = sum(1 for u in range(1, int(updates) + 1) if u % 25 == 20)
+    assert sample(found, "gradtel_unhealthy_updates_total", kind="nan", severity="warning") in (
+        warnings,
+        warnings + 1,  # the scrape may fall between two updates' records
+    )
+    assert sample(found, "gradtel_unhealthy_updates_total", kind="inf", severity="critical") >= criticals
+    assert sample(found, "gradtel_unhealthy_updates_total", kind="nan", severity="critical") == 0
+    assert sample(found, "gradtel_unhealthy_updates_total", kind="inf", severity="warning") == 0
+    assert sample(found, "gradtel_nan_grads_total", layer="body.0") >= 3 * warnings
+    assert sample(found, "gradtel_inf_grads_total", layer="head") >= 7 * criticals
+    assert sample(found, "gradtel_inf_grads_total", layer="embed") == 0
+
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert "done: 400 updates, 32 unhealthy, all caught by gradtel" in out
+    assert "update 10 is warning: NaN=3 Inf=0" in out and "top layers: body.0 (3)" in out
+    assert "update 20 is critical: NaN=0 Inf=7" in out and "top layers: head (7)" in out
+    assert "Traceback" not in err
+
+
+def test_ctrl_c_stops_the_demo_cleanly(stop: list[subprocess.Popen[str]]) -> None:
+    process, url = start_demo("--steps", "100000", "--interval", "0.01")
+    stop.append(process)
+    fetch(url)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 0
+    assert out.rstrip().endswith("stopped by Ctrl-C")
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+def test_demo_reports_a_taken_port_and_exits_non_zero(stop: list[subprocess.Popen[str]]) -> None:
+    process, url = start_demo("--steps", "100000", "--interval", "0.05")
+    stop.append(process)
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    second = subprocess.run(
+        [sys.executable, "-m", "gradtel.cli", "demo", "--port", port, "--steps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 1
+    assert f"port {port} on 127.0.0.1 is already in use" in second.stderr
+    assert "Traceback" not in second.stderr
+
+
+def test_banner_styles_counts_on_a_terminal() -> None:
+    from gradtel import GradHealth
+    from gradtel.banner import status_line
+
+    line = status_line(GradHealth(nan_by_layer={"a": 2}, inf_by_layer={"b": 9}), color=True)
+    assert line == "\033[1;31mNaN:2\033[0m \033[1;7;31mInf:9\033[0m critical"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
+        (["demo", "--interval", "-1"], "argument --interval: must be >= 0, got -1"),
+        (["demo", "--port", "abc"], "argument --port: invalid int value: 'abc'"),
+    ],
+)
+def test_bad_command_line_arguments(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_out_of_range_port_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--port", "70000", "--steps", "1"]) == 1
+    assert "port must be from 0 to 65535 (0 picks a free port), got 70000" in capsys.readouterr().err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import gradtel
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"gradtel {gradtel.__version__}\n"
