@@ -23,7 +23,10 @@ EXPORTED = {
     "prometheus_meter_provider",
     "serve",
 }
-MODULES = ["banner", "cli", "demo", "exporter", "health", "layers", "monitor", "policy", "scan", "telemetry"]
+MODULES = [
+    "banner", "cli", "demo", "exporter", "health", "layers", "monitor", "policy", "scan", "telemetry",
+    "render", "render.options", "render.prometheus", "render.rule_tests", "render.runbook",
+]  # fmt: skip
 
 
 def test_exported_names() -> None:

@@ -49,6 +49,28 @@ def _parser() -> argparse.ArgumentParser:
         "--addr", default=None, help="bind address ($GRADTEL_ADDR or 127.0.0.1)"
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (0)")
+
+    render = commands.add_parser(
+        "render",
+        help="write the deploy kit (alert rules, rule tests, Alertmanager, scrape configs, runbook)",
+        description=(
+            "Render the deploy kit from one set of thresholds. Use the same thresholds as "
+            "GradMonitor(thresholds=...) in training."
+        ),
+    )
+    render.add_argument("--out", required=True, help="output folder (e.g. deploy)")
+    render.add_argument("--warning", type=int, default=0, help="warning when a count is > this (0)")
+    render.add_argument("--critical", type=int, default=5, help="critical when a count is > this (5)")
+    render.add_argument(
+        "--window", default="10m", help="how long an alert fires after the last bad update (10m)"
+    )
+    render.add_argument(
+        "--stall-after", default="10m", help="no update for this long fires the stall alert (10m)"
+    )
+    render.add_argument("--job", default="gradtel", help="Prometheus job name (gradtel)")
+    render.add_argument(
+        "--runbook-url", default=None, help="where the rendered runbook.md is published"
+    )
     return parser
 
 
@@ -64,15 +86,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from .demo import run_demo
-
     try:
+        if args.command == "render":
+            return _render(args)
+        from .demo import run_demo
+
         return run_demo(
             steps=args.steps, interval=args.interval, port=args.port, addr=args.addr, seed=args.seed
         )
     except (OSError, ValueError, TypeError) as exc:
-        print(f"gradtel demo: {exc}", file=sys.stderr)
+        print(f"gradtel {args.command}: {exc}", file=sys.stderr)
         return 1
+
+
+def _render(args: argparse.Namespace) -> int:
+    from .health import Thresholds
+    from .render import DEFAULT_RUNBOOK_URL, KitOptions, write_kit
+
+    options = KitOptions(
+        thresholds=Thresholds(warning=args.warning, critical=args.critical),
+        window=args.window,
+        stall_after=args.stall_after,
+        job=args.job,
+        runbook_url=args.runbook_url or DEFAULT_RUNBOOK_URL,
+    )
+    for path in write_kit(args.out, options):
+        print(path)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,72 @@
+"""Render the deploy kit (Prometheus rules and their tests, Alertmanager routing,
+scrape configs, runbook) from one :class:`~gradtel.Thresholds`.
+
+Every number an operator sees in an alert, a rule test or the runbook comes
+from here, so a kit rendered with other thresholds stays consistent with the
+``GradMonitor`` that uses them. ``gradtel render --out deploy`` writes it; the
+committed ``deploy/`` is the render of the defaults, and a test fails when the
+two differ.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .options import DEFAULT_RUNBOOK_URL, KitOptions, dump_yaml, header
+from .prometheus import alertmanager_config, rules, scrape_config
+from .rule_tests import rule_tests
+from .runbook import runbook
+
+__all__ = ["DEFAULT_RUNBOOK_URL", "KitOptions", "render_kit", "write_kit"]
+
+
+def render_kit(options: KitOptions | None = None) -> dict[str, str]:
+    """Render every deploy file.
+
+    Returns:
+        ``{path relative to the output folder: content}``.
+
+    >>> sorted(render_kit())[:2]
+    ['prometheus/alertmanager.yml', 'prometheus/gradtel-rules.test.yml']
+    """
+    o = options or KitOptions()
+    return {
+        "prometheus/gradtel-rules.yml": dump_yaml(
+            header(o, "gradtel alerting and recording rules."), rules(o)
+        ),
+        "prometheus/gradtel-rules.test.yml": dump_yaml(
+            header(o, "Unit tests of gradtel-rules.yml: promtool test rules gradtel-rules.test.yml"),
+            rule_tests(o),
+        ),
+        "prometheus/alertmanager.yml": dump_yaml(
+            header(o, "Alertmanager routing: critical pages, warning goes to chat.")
+            + "# Replace the two webhook URLs with your pager and chat integrations.\n",
+            alertmanager_config(o),
+        ),
+        "prometheus/prometheus.yml": dump_yaml(
+            header(o, "Prometheus scrape config for one training process on this host."),
+            scrape_config(o, ranks=False),
+        ),
+        "prometheus/prometheus-ranks.yml": dump_yaml(
+            header(o, "Prometheus scrape config for several ranks: static and file-based discovery.")
+            + "# Each rank serves on base port + local rank (9464, 9465, ...).\n",
+            scrape_config(o, ranks=True),
+        ),
+        "prometheus/targets/gradtel-ranks.json": json.dumps(
+            [{"targets": ["node-1:9464", "node-1:9465"], "labels": {"node": "node-1"}}], indent=2
+        )
+        + "\n",
+        "prometheus/runbook.md": runbook(o),
+    }
+
+
+def write_kit(out: Path | str, options: KitOptions | None = None) -> list[Path]:
+    """Write the rendered kit under ``out``; returns the files written."""
+    written = []
+    for relative, content in render_kit(options).items():
+        path = Path(out) / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content, encoding="utf-8")
+        written.append(path)
+    return written

@@ -1,0 +1,117 @@
+"""Options of the rendered deploy kit, and the YAML writer every file uses."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from ..health import Thresholds
+
+__all__ = [
+    "ALERT_NAMES",
+    "DEFAULT_RUNBOOK_URL",
+    "DOWN_ALERT",
+    "KINDS",
+    "STALLED_ALERT",
+    "KitOptions",
+    "duration_seconds",
+    "dump_yaml",
+    "header",
+]
+
+DEFAULT_RUNBOOK_URL = "https://github.com/gradtel/gradtel/blob/main/deploy/prometheus/runbook.md"
+
+_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+KINDS = {"nan": "NaN", "inf": "Inf"}
+"""``kind`` label values and how texts name them."""
+ALERT_NAMES = {"nan": "GradtelNaNGradients", "inf": "GradtelInfGradients"}
+DOWN_ALERT = "GradtelExporterDown"
+STALLED_ALERT = "GradtelTrainingStalled"
+
+
+def duration_seconds(text: str, argument: str = "duration") -> int:
+    """Seconds in a Prometheus duration such as ``10m`` or ``1h30m``.
+
+    >>> duration_seconds("1h30m")
+    5400
+    """
+    found = _DURATION.match(text) if isinstance(text, str) else None
+    if not text or found is None or not any(found.groups()):
+        raise ValueError(
+            f"{argument} must be a Prometheus duration such as '90s', '10m' or '1h30m', got {text!r}"
+        )
+    days, hours, minutes, seconds = (int(g or 0) for g in found.groups())
+    total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    if total == 0:
+        raise ValueError(f"{argument} must be longer than 0, got {text!r}")
+    return total
+
+
+@dataclass(frozen=True)
+class KitOptions:
+    """What the rendered kit is made of.
+
+    Args:
+        thresholds: The health bands (must equal the monitors' ``thresholds``).
+        window: How long an unhealthy-update alert keeps firing after the last
+            unhealthy update; also the look-back of the recording rules.
+        stall_after: No new update for this long while the target is up fires
+            ``GradtelTrainingStalled``.
+        job: Prometheus ``job`` label of the gradtel scrape job.
+        runbook_url: Address of the rendered ``runbook.md``; alerts link to
+            its anchors.
+    """
+
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    window: str = "10m"
+    stall_after: str = "10m"
+    job: str = "gradtel"
+    runbook_url: str = DEFAULT_RUNBOOK_URL
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.thresholds, Thresholds):
+            raise TypeError(f"thresholds must be a gradtel.Thresholds, got {self.thresholds!r}")
+        duration_seconds(self.window, "window")
+        duration_seconds(self.stall_after, "stall_after")
+        if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_:.-]*", self.job or ""):
+            raise ValueError(f"job must be a plain Prometheus job name such as 'gradtel', got {self.job!r}")
+        if not re.match(r"^https?://\S+$", self.runbook_url or ""):
+            raise ValueError(f"runbook_url must be an http(s) URL, got {self.runbook_url!r}")
+
+    @property
+    def job_selector(self) -> str:
+        return f'job="{self.job}"'
+
+    def runbook(self, alert: str) -> str:
+        return f"{self.runbook_url}#{alert.lower()}"
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style for multi-line strings, so PromQL and templates stay readable."""
+
+
+def _str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in data else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def dump_yaml(header: str, data: Any) -> str:
+    # Wide lines: a folded alert template is harder to read than a long one.
+    body = yaml.dump(data, Dumper=_Dumper, sort_keys=False, width=100_000, allow_unicode=True)
+    return header + body
+
+
+def header(o: KitOptions, what: str) -> str:
+    t = o.thresholds
+    return (
+        f"# {what}\n"
+        f"# Rendered by `gradtel render` from Thresholds(warning={t.warning}, critical={t.critical}),\n"
+        f"# window={o.window}, stall_after={o.stall_after}, job={o.job}. Do not edit by hand:\n"
+        "# re-render with `gradtel render --out DIR` and your own options instead.\n"
+    )

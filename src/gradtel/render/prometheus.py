@@ -1,0 +1,184 @@
+"""Prometheus side of the kit: alert and recording rules, Alertmanager routing, scrape configs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .options import (
+    ALERT_NAMES,
+    DOWN_ALERT,
+    KINDS,
+    STALLED_ALERT,
+    KitOptions,
+    duration_seconds,
+)
+
+__all__ = ["alertmanager_config", "band_text", "rules", "scrape_config"]
+
+
+def band_text(o: KitOptions, severity: str) -> str:
+    t = o.thresholds
+    if severity == "critical":
+        return f"more than {t.critical}"
+    return f"more than {t.warning} and at most {t.critical}"
+
+
+def _top_layers_template(o: KitOptions, kind: str) -> str:
+    metric = f"gradtel_{kind}_grads_total"
+    selector = "job=%q,instance=%q,rank=%q"
+    series = f"{metric}{{{selector}}}[{o.window}]"
+    # max - min over the window is exact for a counter without restarts, where
+    # increase() would extrapolate; rank="" also matches series without rank.
+    query = f"sort_desc(topk(3, max_over_time({series}) - min_over_time({series}) > 0))"
+    args = " ".join(["$labels.job $labels.instance $labels.rank"] * 2)
+    return (
+        f'{{{{ range $i, $s := query (printf "{query}" {args}) }}}}'
+        "{{ if $i }}, {{ end }}{{ $s.Labels.layer }} ({{ $s.Value }})"
+        "{{ else }}none in the counters yet{{ end }}."
+    )
+
+
+def _where() -> str:
+    return "{{ $labels.job }}/{{ $labels.instance }}{{ with $labels.rank }} rank {{ . }}{{ end }}"
+
+
+def _unhealthy_rule(o: KitOptions, kind: str, severity: str) -> dict[str, Any]:
+    series = (
+        f'gradtel_unhealthy_updates_total{{{o.job_selector},kind="{kind}",severity="{severity}"}}'
+    )
+    label = KINDS[kind]
+    return {
+        "alert": ALERT_NAMES[kind],
+        # increase() sees any unhealthy update between two scrapes, and a restart
+        # whose first scraped value is already > 0. The second branch covers a
+        # series first scraped above 0 (the very first update was unhealthy).
+        "expr": f"increase({series}[{o.window}]) > 0\nor\n({series} > 0 unless {series} offset {o.window})",
+        "labels": {"severity": severity},
+        "annotations": {
+            "summary": f"Training produced {label} gradients ({severity})",
+            "description": (
+                f"{_where()}: an update in the last {o.window} had {band_text(o, severity)} "
+                f"{label} gradient values. Layers with {label} values in that window: "
+                + _top_layers_template(o, kind)
+            ),
+            "runbook_url": o.runbook(ALERT_NAMES[kind]),
+        },
+    }
+
+
+def rules(o: KitOptions) -> dict[str, Any]:
+    sel, w = o.job_selector, o.window
+    recording = [
+        {
+            "record": f"job_instance_rank_kind_severity:gradtel_unhealthy_updates:increase{w}",
+            "expr": f"sum by (job, instance, rank, kind, severity) (increase(gradtel_unhealthy_updates_total{{{sel}}}[{w}]))",
+        },
+        {
+            "record": f"job_instance_rank_layer:gradtel_nonfinite_grads:increase{w}",
+            "expr": (
+                f"sum by (job, instance, rank, layer) (increase(gradtel_nan_grads_total{{{sel}}}[{w}]))\n"
+                f"+\nsum by (job, instance, rank, layer) (increase(gradtel_inf_grads_total{{{sel}}}[{w}]))"
+            ),
+        },
+    ]
+    alerts = [
+        _unhealthy_rule(o, kind, severity) for kind in KINDS for severity in ("critical", "warning")
+    ]
+    alerts.append(
+        {
+            "alert": DOWN_ALERT,
+            "expr": f"up{{{sel}}} == 0\nor\nabsent(up{{{sel}}})",
+            "for": "5m",
+            "labels": {"severity": "warning"},
+            "annotations": {
+                "summary": "gradtel metrics endpoint cannot be scraped",
+                "description": (
+                    "{{ with $labels.instance }}{{ $labels.job }}/{{ . }}{{ with $labels.rank }} rank {{ . }}{{ end }} "
+                    "has not been scraped for 5m (up == 0){{ else }}"
+                    f"No {o.job} target has been scraped for 5m{{{{ end }}}}: the training process "
+                    "died, hangs before serving, or its endpoint is unreachable. Unhealthy updates "
+                    "would not page."
+                ),
+                "runbook_url": o.runbook(DOWN_ALERT),
+            },
+        }
+    )
+    stall = duration_seconds(o.stall_after, "stall_after")
+    alerts.append(
+        {
+            "alert": STALLED_ALERT,
+            "expr": (
+                f"(time() - gradtel_last_update_timestamp_seconds{{{sel}}}) > {stall}\n"
+                f"and on (job, instance) up{{{sel}}} == 1"
+            ),
+            "labels": {"severity": "warning"},
+            "annotations": {
+                "summary": "Training is up but no update was scanned",
+                "description": (
+                    f"{_where()} is up but has scanned no update for "
+                    "{{ $value | humanizeDuration }} (more than "
+                    f"{o.stall_after}): training hangs, waits on data or on another rank, or "
+                    "collect() is no longer called."
+                ),
+                "runbook_url": o.runbook(STALLED_ALERT),
+            },
+        }
+    )
+    return {
+        "groups": [
+            {"name": "gradtel.recording", "rules": recording},
+            {"name": "gradtel.alerts", "rules": alerts},
+        ]
+    }
+
+
+def alertmanager_config(o: KitOptions) -> dict[str, Any]:
+    group_by = ["alertname", "job", "instance", "rank", "kind"]
+    return {
+        "route": {
+            "receiver": "chat",
+            "group_by": group_by,
+            "group_wait": "10s",
+            "group_interval": "1m",
+            "repeat_interval": "4h",
+            "routes": [
+                {"receiver": "pager", "matchers": ['severity="critical"']},
+                {"receiver": "chat", "matchers": ['severity="warning"']},
+            ],
+        },
+        "inhibit_rules": [
+            {
+                "source_matchers": ['severity="critical"'],
+                "target_matchers": ['severity="warning"'],
+                "equal": ["job", "instance", "rank", "kind"],
+            }
+        ],
+        "receivers": [
+            {
+                "name": "pager",
+                "webhook_configs": [{"url": "http://127.0.0.1:9095/pager", "send_resolved": True}],
+            },
+            {
+                "name": "chat",
+                "webhook_configs": [{"url": "http://127.0.0.1:9095/chat", "send_resolved": True}],
+            },
+        ],
+    }
+
+
+def scrape_config(o: KitOptions, *, ranks: bool) -> dict[str, Any]:
+    job: dict[str, Any] = {"job_name": o.job, "scrape_interval": "5s"}
+    if ranks:
+        # Rank r of a node serves on 9464 + local rank r.
+        job["static_configs"] = [
+            {"targets": ["127.0.0.1:9464", "127.0.0.1:9465"], "labels": {"node": "local"}}
+        ]
+        job["file_sd_configs"] = [{"files": ["targets/*.json"], "refresh_interval": "1m"}]
+    else:
+        job["static_configs"] = [{"targets": ["127.0.0.1:9464"]}]
+    return {
+        "global": {"scrape_interval": "15s", "evaluation_interval": "5s"},
+        "rule_files": ["gradtel-rules.yml"],
+        "alerting": {"alertmanagers": [{"static_configs": [{"targets": ["127.0.0.1:9093"]}]}]},
+        "scrape_configs": [job],
+    }

@@ -1,0 +1,263 @@
+"""``promtool test rules`` cases for the rendered rules, one case per behaviour.
+
+Time runs in steps of one minute from 0; the window, the stall time and the
+annotation texts all come from the same :class:`KitOptions` as the rules.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .options import ALERT_NAMES, DOWN_ALERT, KINDS, STALLED_ALERT, KitOptions, duration_seconds
+from .prometheus import band_text
+
+__all__ = ["rule_tests"]
+
+INSTANCE = "trainer-0:9464"
+
+
+def _minutes(seconds: int) -> int:
+    return math.ceil(seconds / 60)
+
+
+def _labels(o: KitOptions, **extra: str) -> str:
+    labels = {"job": o.job, "instance": INSTANCE, **extra}
+    return "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+
+
+def _series(name: str, labels: str, values: str) -> dict[str, str]:
+    return {"series": name + labels, "values": values}
+
+
+def _band(o: KitOptions, kind: str, severity: str, values: str) -> dict[str, str]:
+    return _series(
+        "gradtel_unhealthy_updates_total", _labels(o, kind=kind, severity=severity), values
+    )
+
+
+def _layer(o: KitOptions, kind: str, layer: str, values: str) -> dict[str, str]:
+    return _series(f"gradtel_{kind}_grads_total", _labels(o, layer=layer), values)
+
+
+def _steps(before: int, value: int, after: int) -> str:
+    """``before`` samples of 0, then ``after`` samples of ``value``: one jump between two scrapes."""
+    return f"0x{before - 1} {value}x{after - 1}"
+
+
+def _unhealthy_alert(o: KitOptions, kind: str, severity: str, layers: str) -> dict[str, Any]:
+    label = KINDS[kind]
+    return {
+        "exp_labels": {
+            "job": o.job,
+            "instance": INSTANCE,
+            "kind": kind,
+            "severity": severity,
+        },
+        "exp_annotations": {
+            "summary": f"Training produced {label} gradients ({severity})",
+            "description": (
+                f"{o.job}/{INSTANCE}: an update in the last {o.window} had "
+                f"{band_text(o, severity)} {label} gradient values. Layers with {label} values "
+                f"in that window: {layers}."
+            ),
+            "runbook_url": o.runbook(ALERT_NAMES[kind]),
+        },
+    }
+
+
+def _check(at: int, alert: str, *expected: dict[str, Any]) -> dict[str, Any]:
+    return {"eval_time": f"{at}m", "alertname": alert, "exp_alerts": list(expected)}
+
+
+def _humanize_duration(seconds: int) -> str:
+    """Prometheus' humanizeDuration for whole seconds of at least a minute."""
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{days}d"] * bool(days) + [f"{hours}h"] * bool(days or hours) + [f"{minutes}m", f"{secs}s"]
+    return " ".join(parts)
+
+
+def rule_tests(o: KitOptions) -> dict[str, Any]:
+    """The ``promtool test rules`` file for the rules rendered from ``o``."""
+    window = _minutes(duration_seconds(o.window, "window"))
+    span = window + 10  # every case runs well past one window
+    nan, inf = ALERT_NAMES["nan"], ALERT_NAMES["inf"]
+    cases: list[dict[str, Any]] = []
+
+    def case(name: str, series: list[dict[str, str]], checks: list[dict[str, Any]]) -> None:
+        cases.append({"name": name, "interval": "1m", "input_series": series, "alert_rule_test": checks})
+
+    for kind in KINDS:
+        alert = ALERT_NAMES[kind]
+        case(
+            f"{alert} warning fires on a single warning-band update",
+            [
+                _band(o, kind, "warning", _steps(3, 1, span)),
+                _band(o, kind, "critical", f"0x{span + 2}"),
+                _layer(o, kind, "encoder.0", _steps(3, 3, span)),
+                _layer(o, kind, "head", f"0x{span + 2}"),
+            ],
+            [
+                _check(2, alert),
+                _check(3, alert, _unhealthy_alert(o, kind, "warning", "encoder.0 (3)")),
+            ],
+        )
+        case(
+            f"{alert} critical fires on a single critical-band update",
+            [
+                _band(o, kind, "warning", f"0x{span + 2}"),
+                _band(o, kind, "critical", _steps(3, 1, span)),
+                _layer(o, kind, "encoder.0", _steps(3, 2, span)),
+                _layer(o, kind, "head", _steps(3, 7, span)),
+            ],
+            [_check(3, alert, _unhealthy_alert(o, kind, "critical", "head (7), encoder.0 (2)"))],
+        )
+
+    case(
+        f"{nan} warning and critical both fire when both happen in one window",
+        [
+            _band(o, "nan", "warning", _steps(2, 1, span)),
+            _band(o, "nan", "critical", _steps(4, 1, span)),
+            _layer(o, "nan", "fc1", _steps(2, 2, 2) + f" 9x{span - 2}"),
+        ],
+        [
+            _check(
+                5,
+                nan,
+                _unhealthy_alert(o, "nan", "critical", "fc1 (9)"),
+                _unhealthy_alert(o, "nan", "warning", "fc1 (9)"),
+            )
+        ],
+    )
+    healthy = [
+        _band(o, kind, severity, f"0x{span}") for kind in KINDS for severity in ("warning", "critical")
+    ] + [_series("gradtel_updates_total", _labels(o), f"0+60x{span}")]
+    case(
+        f"{nan} and {inf} do not fire on healthy updates",
+        healthy,
+        [_check(t, alert) for t in (1, window, span) for alert in (nan, inf)],
+    )
+    case(
+        f"{inf} critical does not fire on a counter reset alone (training restarted)",
+        [_band(o, "inf", "critical", f"1x{window + 2} 0x{span}")],
+        [_check(window + 4, inf), _check(window + span, inf)],
+    )
+    case(
+        f"{inf} critical fires when the very first update after start is critical",
+        [
+            _series(
+                "gradtel_unhealthy_updates_total",
+                _labels(o, kind="inf", severity="critical"),
+                f"_x2 1x{span}",
+            ),
+            _layer(o, "inf", "head", f"_x2 7x{span}"),
+        ],
+        [
+            _check(
+                2, inf, _unhealthy_alert(o, "inf", "critical", "none in the counters yet")
+            ),
+            _check(2 + window + 1, inf),
+        ],
+    )
+    case(
+        f"{nan} critical resolves {o.window} after the last unhealthy update",
+        [
+            _band(o, "nan", "critical", _steps(3, 1, span)),
+            _layer(o, "nan", "fc1", _steps(3, 6, span)),
+        ],
+        [
+            _check(2 + window, nan, _unhealthy_alert(o, "nan", "critical", "fc1 (6)")),
+            _check(3 + window, nan),
+        ],
+    )
+
+    up_labels = _labels(o)
+    case(
+        f"{DOWN_ALERT} fires after 5m of failed scrapes",
+        [_series("up", up_labels, f"1x3 0x{span}")],
+        [
+            _check(7, DOWN_ALERT),
+            _check(
+                9,
+                DOWN_ALERT,
+                {
+                    "exp_labels": {"job": o.job, "instance": INSTANCE, "severity": "warning"},
+                    "exp_annotations": {
+                        "summary": "gradtel metrics endpoint cannot be scraped",
+                        "description": (
+                            f"{o.job}/{INSTANCE} has not been scraped for 5m (up == 0): the "
+                            "training process died, hangs before serving, or its endpoint is "
+                            "unreachable. Unhealthy updates would not page."
+                        ),
+                        "runbook_url": o.runbook(DOWN_ALERT),
+                    },
+                },
+            ),
+        ],
+    )
+    case(
+        f"{DOWN_ALERT} fires when no {o.job} target is scraped at all",
+        [_series("up", '{job="other"}', f"1x{span}")],
+        [
+            _check(
+                6,
+                DOWN_ALERT,
+                {
+                    "exp_labels": {"job": o.job, "severity": "warning"},
+                    "exp_annotations": {
+                        "summary": "gradtel metrics endpoint cannot be scraped",
+                        "description": (
+                            f"No {o.job} target has been scraped for 5m: the training process "
+                            "died, hangs before serving, or its endpoint is unreachable. "
+                            "Unhealthy updates would not page."
+                        ),
+                        "runbook_url": o.runbook(DOWN_ALERT),
+                    },
+                },
+            )
+        ],
+    )
+
+    stall = duration_seconds(o.stall_after, "stall_after")
+    last_update = 5 * 60  # updates every minute until 5m, then none
+    fires_at = _minutes(last_update + stall + 1)
+    stalled_span = fires_at + 3
+    timestamps = f"0+60x5 {last_update}x{stalled_span}"
+    case(
+        f"{STALLED_ALERT} fires when no update arrives for {o.stall_after} while up",
+        [
+            _series("gradtel_last_update_timestamp_seconds", up_labels, timestamps),
+            _series("up", up_labels, f"1x{stalled_span + 5}"),
+        ],
+        [
+            _check(fires_at - 1, STALLED_ALERT),
+            _check(
+                fires_at,
+                STALLED_ALERT,
+                {
+                    "exp_labels": {"job": o.job, "instance": INSTANCE, "severity": "warning"},
+                    "exp_annotations": {
+                        "summary": "Training is up but no update was scanned",
+                        "description": (
+                            f"{o.job}/{INSTANCE} is up but has scanned no update for "
+                            f"{_humanize_duration(fires_at * 60 - last_update)} (more than "
+                            f"{o.stall_after}): training hangs, waits on data or on another "
+                            "rank, or collect() is no longer called."
+                        ),
+                        "runbook_url": o.runbook(STALLED_ALERT),
+                    },
+                },
+            ),
+        ],
+    )
+    case(
+        f"{STALLED_ALERT} does not fire while updates keep arriving",
+        [
+            _series("gradtel_last_update_timestamp_seconds", up_labels, f"0+60x{stalled_span}"),
+            _series("up", up_labels, f"1x{stalled_span}"),
+        ],
+        [_check(fires_at, STALLED_ALERT)],
+    )
+    return {"rule_files": ["gradtel-rules.yml"], "evaluation_interval": "1m", "tests": cases}

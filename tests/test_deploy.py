@@ -1,0 +1,175 @@
+"""The deploy kit: committed files equal the default render, and the real tools accept them."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gradtel import Thresholds
+from gradtel.cli import main
+from gradtel.render import KitOptions, render_kit, write_kit
+
+from .conftest import require_tool
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+PROMETHEUS = DEPLOY / "prometheus"
+
+
+def run(*command: str, cwd: Path = PROMETHEUS) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_committed_kit_equals_the_default_render() -> None:
+    rendered = render_kit()
+    committed = {
+        str(path.relative_to(DEPLOY)): path.read_text(encoding="utf-8")
+        for path in (DEPLOY / "prometheus").rglob("*")
+        if path.is_file()
+    }
+    stale = sorted(name for name in rendered if committed.get(name) != rendered[name])
+    extra = sorted(set(committed) - set(rendered))
+    assert not stale and not extra, (
+        f"deploy/ differs from the default render (stale: {stale}, not rendered: {extra}); "
+        "run `gradtel render --out deploy` and commit"
+    )
+
+
+def test_promtool_checks_and_unit_tests_the_committed_rules() -> None:
+    promtool = require_tool("promtool", "prometheus")
+    checked = run(promtool, "check", "rules", "gradtel-rules.yml")
+    assert checked.returncode == 0 and "SUCCESS: 8 rules found" in checked.stdout, checked.stderr
+    tested = run(promtool, "test", "rules", "gradtel-rules.test.yml")
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert "SUCCESS" in tested.stdout
+
+
+def test_rule_tests_cover_every_behaviour_the_alerts_promise() -> None:
+    tests = yaml.safe_load((PROMETHEUS / "gradtel-rules.test.yml").read_text())["tests"]
+    names = [case["name"] for case in tests]
+    for expected in (
+        "GradtelNaNGradients warning fires on a single warning-band update",
+        "GradtelInfGradients critical fires on a single critical-band update",
+        "GradtelNaNGradients warning and critical both fire when both happen in one window",
+        "GradtelNaNGradients and GradtelInfGradients do not fire on healthy updates",
+        "GradtelInfGradients critical does not fire on a counter reset alone (training restarted)",
+        "GradtelInfGradients critical fires when the very first update after start is critical",
+        "GradtelNaNGradients critical resolves 10m after the last unhealthy update",
+        "GradtelExporterDown fires after 5m of failed scrapes",
+        "GradtelTrainingStalled fires when no update arrives for 10m while up",
+    ):
+        assert expected in names
+
+
+def test_a_broken_rule_fails_the_rule_tests(tmp_path: Path) -> None:
+    promtool = require_tool("promtool", "prometheus")
+    write_kit(tmp_path)
+    rules = tmp_path / "prometheus" / "gradtel-rules.yml"
+    # Alerting on the last-value gauge instead of the counter misses these updates.
+    rules.write_text(rules.read_text().replace("[10m]) > 0\n", "[10m]) > 1\n"))
+    tested = run(promtool, "test", "rules", "gradtel-rules.test.yml", cwd=rules.parent)
+    assert tested.returncode != 0 and "FAILED" in tested.stdout + tested.stderr
+
+
+def test_scrape_configs_are_valid_and_wire_the_rules() -> None:
+    promtool = require_tool("promtool", "prometheus")
+    for config in ("prometheus.yml", "prometheus-ranks.yml"):
+        checked = run(promtool, "check", "config", config)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert yaml.safe_load((PROMETHEUS / config).read_text())["rule_files"] == [
+            "gradtel-rules.yml"
+        ]
+    ranks = yaml.safe_load((PROMETHEUS / "prometheus-ranks.yml").read_text())["scrape_configs"][0]
+    assert ranks["static_configs"][0]["targets"] == ["127.0.0.1:9464", "127.0.0.1:9465"]
+    assert ranks["file_sd_configs"][0]["files"] == ["targets/*.json"]
+
+
+def test_alertmanager_config_and_routes() -> None:
+    amtool = require_tool("amtool", "prometheus-alertmanager")
+    checked = run(amtool, "check-config", "alertmanager.yml")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    for labels, receiver in (
+        (["alertname=GradtelNaNGradients", "severity=critical", "kind=nan"], "pager"),
+        (["alertname=GradtelInfGradients", "severity=warning", "kind=inf"], "chat"),
+        (["alertname=GradtelExporterDown", "severity=warning"], "chat"),
+        (["alertname=GradtelTrainingStalled", "severity=warning"], "chat"),
+    ):
+        routed = run(
+            amtool,
+            "config",
+            "routes",
+            "test",
+            "--config.file=alertmanager.yml",
+            f"--verify.receivers={receiver}",
+            *labels,
+        )
+        assert routed.returncode == 0, (labels, routed.stdout + routed.stderr)
+    wrong = run(
+        amtool, "config", "routes", "test", "--config.file=alertmanager.yml",
+        "--verify.receivers=chat", "severity=critical",
+    )  # fmt: skip
+    assert wrong.returncode != 0
+    inhibit = yaml.safe_load((PROMETHEUS / "alertmanager.yml").read_text())["inhibit_rules"]
+    assert inhibit == [
+        {
+            "source_matchers": ['severity="critical"'],
+            "target_matchers": ['severity="warning"'],
+            "equal": ["job", "instance", "rank", "kind"],
+        }
+    ]
+
+
+def test_every_alert_links_an_anchor_of_the_runbook() -> None:
+    rules = yaml.safe_load((PROMETHEUS / "gradtel-rules.yml").read_text())
+    runbook = (PROMETHEUS / "runbook.md").read_text()
+    anchors = {line[3:].strip().lower() for line in runbook.splitlines() if line.startswith("## ")}
+    alerts = [r for group in rules["groups"] for r in group["rules"] if "alert" in r]
+    assert {a["alert"] for a in alerts} == {
+        "GradtelNaNGradients", "GradtelInfGradients", "GradtelExporterDown", "GradtelTrainingStalled"
+    }  # fmt: skip
+    for alert in alerts:
+        assert alert["annotations"]["runbook_url"].rsplit("#", 1)[1] in anchors
+        assert set(alert["annotations"]) == {"summary", "description", "runbook_url"}
+        assert "{{" not in alert["annotations"]["summary"]  # static summary
+        assert alert["labels"]["severity"] in ("warning", "critical")
+        if alert["alert"].endswith("Gradients"):
+            assert "for" not in alert and "increase(gradtel_unhealthy_updates_total" in alert["expr"]
+
+
+def test_other_thresholds_render_a_consistent_kit_that_passes_its_own_tests(tmp_path: Path) -> None:
+    promtool = require_tool("promtool", "prometheus")
+    assert main(
+        ["render", "--out", str(tmp_path), "--warning", "2", "--critical", "10",
+         "--window", "5m", "--stall-after", "3m", "--job", "trainer"]
+    ) == 0  # fmt: skip
+    folder = tmp_path / "prometheus"
+    tested = run(promtool, "test", "rules", "gradtel-rules.test.yml", cwd=folder)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    rules = (folder / "gradtel-rules.yml").read_text()
+    assert "more than 10 NaN gradient values" in rules and "more than 2 and at most 10" in rules
+    assert 'job="trainer"' in rules and "[5m]" in rules and "> 180" in rules
+    assert "| warning  | more than 2 and at most 10 |" in (folder / "runbook.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"window": "ten minutes"}, ValueError, r"window must be a Prometheus duration .* got 'ten minutes'"),
+        ({"window": "0m"}, ValueError, r"window must be longer than 0, got '0m'"),
+        ({"stall_after": ""}, ValueError, r"stall_after must be a Prometheus duration"),
+        ({"job": "my job"}, ValueError, r"job must be a plain Prometheus job name .* got 'my job'"),
+        ({"runbook_url": "runbook.md"}, ValueError, r"runbook_url must be an http\(s\) URL, got 'runbook.md'"),
+        ({"thresholds": 5}, TypeError, r"thresholds must be a gradtel.Thresholds, got 5"),
+    ],
+)
+def test_bad_kit_options(kwargs: dict, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        KitOptions(**kwargs)
+
+
+def test_render_command_reports_bad_thresholds(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["render", "--out", str(tmp_path), "--warning", "6", "--critical", "5"]) == 1
+    assert "Thresholds.warning (6) must be <= Thresholds.critical (5)" in capsys.readouterr().err
+    assert Thresholds().critical == 5
