@@ -83,6 +83,14 @@ def test_demo_serves_the_contract_while_it_trains(stop: list[subprocess.Popen[st
     assert sample(found, "gradtel_inf_grads_total", layer="head") >= 7 * criticals
     assert sample(found, "gradtel_inf_grads_total", layer="embed") == 0
 
+    # Keep scraping like Prometheus would: the endpoint waits at exit for a scrape
+    # of the last unhealthy update, and this scraper provides it.
+    while process.poll() is None:
+        try:
+            fetch(url)
+        except OSError:
+            pass
+        time.sleep(0.2)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
     assert "done: 400 updates, 32 unhealthy, all caught by gradtel" in out
@@ -152,3 +160,51 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out == f"gradtel {gradtel.__version__}\n"
+
+
+def test_demo_stack_prints_a_page_within_a_minute_and_cleans_up(
+    stop: list[subprocess.Popen[str]],
+) -> None:
+    from .conftest import require_tool
+
+    require_tool("prometheus", "prometheus")
+    require_tool("prometheus-alertmanager", "prometheus-alertmanager")
+    started = time.monotonic()
+    process, url = start_demo("--stack", "--steps", "100000")
+    stop.append(process)
+    assert process.stdout is not None
+    stack_line = process.stdout.readline()
+    found = re.search(r"Prometheus (http://\S+)/alerts and Alertmanager (http://\S+) .*data in (\S+)\)", stack_line)
+    assert found, stack_line
+    prometheus, alertmanager, data = found.groups()
+    assert os.path.isdir(data)
+    page = ""
+    while time.monotonic() - started < 60:
+        line = process.stdout.readline()
+        if line.startswith("PAGE [pager] firing critical GradtelInfGradients"):
+            page = line
+            break
+    assert page, "no page within a minute"
+    assert "Layers with Inf values in that window: head (7)." in page
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert "stopped by Ctrl-C" in out and "Traceback" not in err
+    assert not os.path.exists(data), "the stack's data folder was left behind"
+    for address in (prometheus, alertmanager, url):
+        with pytest.raises(OSError):
+            fetch(address)
+
+
+def test_demo_stack_names_the_packages_when_prometheus_is_missing(tmp_path: object) -> None:
+    bare_path = os.path.dirname(sys.executable)  # the venv, without /usr/bin
+    result = subprocess.run(
+        [sys.executable, "-m", "gradtel.cli", "demo", "--stack", "--port", "0", "--steps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PATH": bare_path},
+    )
+    assert result.returncode == 1
+    assert "prometheus not found on PATH" in result.stderr
+    assert "apt-get install -y --no-install-recommends prometheus prometheus-alertmanager" in result.stderr

@@ -5,6 +5,10 @@ from __future__ import annotations
 import logging
 import socket
 import subprocess
+import sys
+import textwrap
+import threading
+import time
 import urllib.error
 from collections.abc import Iterator
 
@@ -38,7 +42,7 @@ CONTRACT_TYPES = {
 def server(registry: CollectorRegistry) -> Iterator[MetricsServer]:
     server = serve(port=0, registry=registry)
     yield server
-    server.close()
+    server.close(grace=0)
 
 
 @pytest.fixture
@@ -183,3 +187,114 @@ def test_bad_endpoint_arguments(
         monkeypatch.setenv(name, value)
     with pytest.raises(error, match=message):
         serve(**kwargs)
+
+
+def poisoned_update(provider: MeterProvider) -> None:
+    model = nn.Linear(4, 2)
+    monitor = GradMonitor(model, meter_provider=provider, on_critical="ignore")
+    model(torch.randn(2, 4)).sum().backward()
+    model.weight.grad.view(-1)[:7] = float("inf")
+    monitor.collect()
+
+
+def test_close_waits_until_the_last_unhealthy_update_is_scraped(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    server = serve(port=0, registry=registry, exit_grace=20)
+    assert server.url is not None
+    fetch(server.url)  # a Prometheus is scraping this endpoint
+    poisoned_update(provider)
+    assert server.pending_unhealthy
+    scraped: list[str] = []
+
+    def late_scrape() -> None:
+        time.sleep(1.0)
+        scraped.append(fetch(server.url)[0])  # type: ignore[arg-type]
+
+    threading.Thread(target=late_scrape).start()
+    started = time.monotonic()
+    server.close()
+    waited = time.monotonic() - started
+    assert scraped, "close() returned before the final scrape"
+    assert sample(parse(scraped[0]), "gradtel_unhealthy_updates_total", kind="inf", severity="critical") == 1
+    assert 0.9 < waited < 5
+
+
+def test_close_does_not_wait_when_nobody_ever_scraped_or_nothing_is_pending(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    never_scraped = serve(port=0, registry=registry, exit_grace=20)
+    poisoned_update(provider)
+    started = time.monotonic()
+    never_scraped.close()
+    assert time.monotonic() - started < 1
+
+    scraped = serve(port=0, registry=registry, exit_grace=20)
+    assert scraped.url is not None
+    fetch(scraped.url)  # after the unhealthy update: nothing pending
+    assert not scraped.pending_unhealthy
+    started = time.monotonic()
+    scraped.close()
+    assert time.monotonic() - started < 1
+
+
+def test_close_gives_up_after_the_grace_period(
+    provider: MeterProvider, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = serve(port=0, registry=registry, exit_grace=0.5)
+    assert server.url is not None
+    fetch(server.url)
+    poisoned_update(provider)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="gradtel"):
+        server.close()
+    assert 0.5 <= time.monotonic() - started < 2
+    assert f"keeping {server.url} up for at most 0.5s" in caplog.text
+
+
+def test_a_run_that_crashes_right_after_an_unhealthy_update_still_gets_scraped() -> None:
+    script = textwrap.dedent(
+        """
+        import sys, torch, gradtel
+        model = torch.nn.Linear(4, 2)
+        monitor = gradtel.GradMonitor(model, on_critical="raise")
+        server = gradtel.serve(port=0, exit_grace=20)
+        print(server.url, flush=True)
+        sys.stdin.readline()  # the parent has scraped once
+        model(torch.randn(2, 4)).sum().backward()
+        model.weight.grad.view(-1)[:7] = float("nan")
+        print("poisoned", flush=True)
+        monitor.collect()  # raises NonFiniteGradientError: the run dies here
+        """
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdin and process.stdout
+        url = process.stdout.readline().strip()
+        before = parse(fetch(url)[0])
+        assert sample(before, "gradtel_unhealthy_updates_total", kind="nan", severity="critical") == 0
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        assert process.stdout.readline().strip() == "poisoned"
+        time.sleep(1.0)  # the exception has ended the training loop by now
+        assert process.poll() is None, "the endpoint did not outlive the crash"
+        after = parse(fetch(url)[0])
+        assert sample(after, "gradtel_unhealthy_updates_total", kind="nan", severity="critical") == 1
+        _, err = process.communicate(timeout=10)
+        assert process.returncode == 1
+        assert "NonFiniteGradientError: gradtel: update 1 is critical: NaN=7" in err
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
+
+def test_negative_exit_grace_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"exit_grace must be a number of seconds >= 0, got -1"):
+        serve(port=0, exit_grace=-1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 
 __all__ = ["main"]
@@ -49,6 +50,15 @@ def _parser() -> argparse.ArgumentParser:
         "--addr", default=None, help="bind address ($GRADTEL_ADDR or 127.0.0.1)"
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    demo.add_argument(
+        "--stack",
+        action="store_true",
+        help="also run Prometheus and Alertmanager (Debian packages prometheus, "
+        "prometheus-alertmanager) with the shipped configs and print each page",
+    )
+    demo.add_argument(
+        "--keep-data", type=Path, default=None, help="with --stack: keep configs and data here"
+    )
 
     render = commands.add_parser(
         "render",
@@ -92,7 +102,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import run_demo
 
         return run_demo(
-            steps=args.steps, interval=args.interval, port=args.port, addr=args.addr, seed=args.seed
+            steps=args.steps,
+            interval=args.interval,
+            port=args.port,
+            addr=args.addr,
+            seed=args.seed,
+            stack=args.stack,
+            keep_data=args.keep_data,
         )
     except (OSError, ValueError, TypeError) as exc:
         print(f"gradtel {args.command}: {exc}", file=sys.stderr)

@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
 import torch
@@ -29,6 +30,7 @@ from torch import nn
 from .banner import progress_bar, status_line
 from .exporter import serve
 from .monitor import GradMonitor
+from .stack import Stack
 
 __all__ = ["DemoNet", "Injection", "SCHEDULE", "SCHEDULE_PERIOD", "injection_for", "run_demo"]
 
@@ -115,9 +117,16 @@ def run_demo(
     port: int | None = None,
     addr: str | None = None,
     seed: int = 0,
+    stack: bool = False,
+    keep_data: Path | None = None,
     out: TextIO = sys.stdout,
 ) -> int:
     """Train the demo model for ``steps`` updates while serving ``/metrics``.
+
+    With ``stack``, also run Prometheus and Alertmanager from ``PATH`` with
+    the shipped rules and routing on loopback ports, and print each page a
+    built-in webhook receiver gets. Their config and data live in a temporary
+    folder removed at the end, or in ``keep_data``.
 
     Returns:
         The process exit code: 0, also when stopped with Ctrl-C.
@@ -130,17 +139,34 @@ def run_demo(
     gradtel_logger.propagate = False
 
     server = serve(port=port, addr=addr, on_error="raise")
+    local: Stack | None = None
+    if stack:
+        try:
+            local = Stack(
+                [f"127.0.0.1:{server.port}"],
+                on_page=lambda page: terminal.say(f"PAGE {page}"),
+                keep_data=keep_data,
+            ).__enter__()
+        except BaseException:
+            server.close(grace=0)
+            raise
     model = DemoNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     monitor = GradMonitor(model, on_warning="skip", on_critical="skip")
     inputs = torch.randn(256, 16)
     targets = inputs @ torch.randn(16, 1) + 0.1 * torch.randn(256, 1)
     terminal.say(f"gradtel demo: serving {server.url}")
+    if local is not None:
+        terminal.say(
+            f"Prometheus {local.prometheus_url}/alerts and Alertmanager {local.alertmanager_url} "
+            f"run with the shipped rules and routing; pages print here (data in {local.root})"
+        )
     terminal.say(
         f"training {steps} updates, one every {interval:g}s; NaN/Inf injected on updates "
         f"10 and 20 of every {SCHEDULE_PERIOD} (Ctrl-C stops)"
     )
     unhealthy = 0
+    interrupted = False
     try:
         for update in range(1, steps + 1):
             batch = torch.randint(0, len(inputs), (32,))
@@ -164,9 +190,13 @@ def run_demo(
             time.sleep(interval)
         terminal.say(f"done: {steps} updates, {unhealthy} unhealthy, all caught by gradtel")
     except KeyboardInterrupt:
+        interrupted = True
         terminal.say("stopped by Ctrl-C")
     finally:
-        server.close()
+        # A normal end waits for Prometheus to scrape the last unhealthy update.
+        server.close(grace=0 if interrupted else None)
+        if local is not None:
+            local.stop()
         gradtel_logger.removeHandler(handler)
         gradtel_logger.propagate = True
     return 0

@@ -2,27 +2,72 @@
 
 prometheus-client's server negotiates the format from the ``Accept`` header:
 the classic text format by default, OpenMetrics when Prometheus asks for it.
+
+A NaN often ends a run, and an unhealthy update recorded just before the
+process exits must still reach Prometheus. So closing the endpoint, or the
+interpreter exiting with it open, waits until a scrape has collected the
+latest unhealthy update, for at most ``exit_grace`` seconds. It waits only
+when something has scraped this endpoint before: nobody else would come.
 """
 
 from __future__ import annotations
 
+import atexit
 import errno
 import logging
 import os
-from typing import Literal
+import time
+from collections.abc import Iterator
+from typing import Any, Literal
 
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
-from .telemetry import count_error
+from .telemetry import count_error, last_unhealthy_record
 
-__all__ = ["DEFAULT_ADDR", "DEFAULT_PORT", "MetricsServer", "PortInUseError", "serve"]
+__all__ = [
+    "DEFAULT_ADDR",
+    "DEFAULT_EXIT_GRACE",
+    "DEFAULT_PORT",
+    "MetricsServer",
+    "PortInUseError",
+    "serve",
+]
 
 DEFAULT_PORT = 9464
 """The port OpenTelemetry's Prometheus exporter uses by convention."""
 DEFAULT_ADDR = "127.0.0.1"
 """Loopback only: exposing metrics beyond the host is an explicit choice (``addr="0.0.0.0"``)."""
 
+DEFAULT_EXIT_GRACE = 30.0
+"""Seconds the endpoint may stay up at exit for an unscraped unhealthy update:
+two scrapes at the common 15 s interval."""
+
+# After the scrape has collected, let its response leave the socket before closing.
+_FLUSH_MARGIN = 0.25
+
 logger = logging.getLogger("gradtel")
+# Strong references: `gradtel.serve()` is often called without keeping the result,
+# and such an endpoint must still wait for its last scrape at exit.
+_open_servers: set[MetricsServer] = set()
+
+
+class _ScrapeWatch:
+    """Registry wrapper that notes when scrapes of the endpoint collect."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+        self.scraped = False
+        self.covered_until = float("-inf")
+        """``time.monotonic()`` at which the latest completed collection started."""
+
+    def collect(self) -> Iterator[Any]:
+        started = time.monotonic()
+        yield from self._registry.collect()
+        self.covered_until = max(self.covered_until, started)
+        self.scraped = True
+
+    def restricted_registry(self, names: Any) -> Any:
+        return self._registry.restricted_registry(names)
 
 
 class PortInUseError(OSError):
@@ -38,11 +83,25 @@ class MetricsServer:
             the endpoint could not start and ``on_error="warn"`` kept training going.
     """
 
-    def __init__(self, addr: str, port: int | None, server: object = None, thread: object = None):
+    def __init__(
+        self,
+        addr: str,
+        port: int | None,
+        *,
+        exit_grace: float = DEFAULT_EXIT_GRACE,
+        server: Any = None,
+        thread: Any = None,
+        watch: _ScrapeWatch | None = None,
+    ) -> None:
         self.addr = addr
         self.port = port
+        self.exit_grace = exit_grace
         self._server = server
         self._thread = thread
+        self._watch = watch
+        if server is not None:
+            _open_servers.add(self)
+            _close_at_exit()
 
     @property
     def serving(self) -> bool:
@@ -57,13 +116,52 @@ class MetricsServer:
         host = f"[{self.addr}]" if ":" in self.addr else self.addr
         return f"http://{host}:{self.port}/metrics"
 
-    def close(self) -> None:
-        """Stop serving and free the port. Safe to call more than once."""
+    @property
+    def pending_unhealthy(self) -> bool:
+        """An unhealthy update was recorded after the last scrape that collected."""
+        return self._unscraped()
+
+    def _unscraped(self) -> bool:
+        recorded = last_unhealthy_record()
+        return (
+            self._watch is not None
+            and recorded is not None
+            and recorded >= self._watch.covered_until
+        )
+
+    def close(self, grace: float | None = None) -> None:
+        """Stop serving and free the port. Safe to call more than once.
+
+        If this endpoint has been scraped before and an unhealthy update has
+        not been scraped yet, first wait for the next scrape, at most ``grace``
+        seconds (default: ``exit_grace``).
+        """
+        if self._server is None:
+            return
+        self._wait_for_scrape(self.exit_grace if grace is None else grace)
         server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()  # type: ignore[attr-defined]
-            server.server_close()  # type: ignore[attr-defined]
-            self._thread.join()  # type: ignore[attr-defined]
+        _open_servers.discard(self)
+        server.shutdown()
+        server.server_close()
+        self._thread.join()
+
+    def _wait_for_scrape(self, grace: float) -> None:
+        if grace <= 0 or self._watch is None or not self._watch.scraped:
+            return
+        if not self._unscraped():
+            return
+        logger.warning(
+            "gradtel: keeping %s up for at most %gs until Prometheus scrapes the last "
+            "unhealthy update",
+            self.url,
+            grace,
+        )
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if not self._unscraped():
+                time.sleep(_FLUSH_MARGIN)
+                return
+            time.sleep(0.05)
 
     def __enter__(self) -> MetricsServer:
         return self
@@ -110,6 +208,7 @@ def serve(
     *,
     registry: CollectorRegistry | None = None,
     on_error: Literal["warn", "raise"] = "warn",
+    exit_grace: float = DEFAULT_EXIT_GRACE,
 ) -> MetricsServer:
     """Serve Prometheus ``/metrics`` from a background thread.
 
@@ -124,6 +223,9 @@ def serve(
         on_error: ``"warn"`` (default) logs a failure to start (a port in use,
             say) and counts it in ``gradtel_errors_total{stage="serve"}``, and
             training goes on without an endpoint; ``"raise"`` raises it.
+        exit_grace: At ``close()`` or interpreter exit, wait at most this many
+            seconds for Prometheus to scrape an unhealthy update it has not
+            seen yet (only when the endpoint has been scraped before). 0 never waits.
 
     Returns:
         A :class:`MetricsServer`; ``close()`` it when done.
@@ -131,7 +233,8 @@ def serve(
     Raises:
         TypeError: ``port`` is not an int.
         ValueError: ``port`` out of 0..65535, ``addr`` empty, malformed
-            ``GRADTEL_PORT``/``GRADTEL_ADDR``, or an unknown ``on_error``.
+            ``GRADTEL_PORT``/``GRADTEL_ADDR``, an unknown ``on_error`` or a
+            negative ``exit_grace``.
         PortInUseError: the port is taken and ``on_error="raise"``.
         OSError: the endpoint cannot start otherwise and ``on_error="raise"``.
 
@@ -142,6 +245,8 @@ def serve(
     """
     if on_error not in ("warn", "raise"):
         raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
+    if isinstance(exit_grace, bool) or not isinstance(exit_grace, (int, float)) or not exit_grace >= 0:
+        raise ValueError(f"exit_grace must be a number of seconds >= 0, got {exit_grace!r}")
     if port is None:
         env = os.environ.get("GRADTEL_PORT")
         port = DEFAULT_PORT if env is None else _port_from(env, "GRADTEL_PORT")
@@ -153,10 +258,9 @@ def serve(
     else:
         addr = _addr_from(addr, "addr")
 
+    watch = _ScrapeWatch(REGISTRY if registry is None else registry)
     try:
-        server, thread = start_http_server(
-            port, addr=addr, registry=REGISTRY if registry is None else registry
-        )
+        server, thread = start_http_server(port, addr=addr, registry=watch)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             error: OSError = PortInUseError(
@@ -171,4 +275,25 @@ def serve(
         logger.error("%s; training continues without a metrics endpoint", error.strerror)
         count_error("serve")
         return MetricsServer(addr, None)
-    return MetricsServer(addr, server.server_port, server, thread)
+    return MetricsServer(
+        addr, server.server_port, exit_grace=exit_grace, server=server, thread=thread, watch=watch
+    )
+
+
+def _close_open_servers() -> None:
+    # Runs while the serving threads are still alive, so a last scrape can come in.
+    for server in list(_open_servers):
+        server.close()
+
+
+def _close_at_exit() -> None:
+    # Registered when the first endpoint starts: exit handlers run last-in first-out,
+    # so this runs before the shutdown hook of a MeterProvider made earlier, which
+    # would take the metrics away while the endpoint waits for its last scrape.
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_close_open_servers)
+        _exit_hook_registered = True
+
+
+_exit_hook_registered = False

@@ -14,6 +14,7 @@ non-zero are reset, counters only move where a count is above 0).
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from collections.abc import Mapping, Sequence
 
@@ -29,6 +30,7 @@ __all__ = [
     "GradTelemetry",
     "count_error",
     "default_meter_provider",
+    "last_unhealthy_record",
     "process_attributes",
     "prometheus_meter_provider",
 ]
@@ -48,6 +50,15 @@ _KINDS = ("nan", "inf")
 
 _default_provider: SdkMeterProvider | None = None
 _default_lock = threading.RLock()
+_last_unhealthy_record: float | None = None
+
+
+def last_unhealthy_record() -> float | None:
+    """``time.monotonic()`` of the latest unhealthy update any monitor recorded, or None.
+
+    The endpoint uses it to stay up at exit until Prometheus has scraped it.
+    """
+    return _last_unhealthy_record
 
 
 def prometheus_meter_provider(registry: CollectorRegistry | None = None) -> SdkMeterProvider:
@@ -69,7 +80,10 @@ def prometheus_meter_provider(registry: CollectorRegistry | None = None) -> SdkM
         scope_info_enabled=False,
         registry=REGISTRY if registry is None else registry,
     )
-    return SdkMeterProvider(metric_readers=[reader])
+    # No shutdown at exit: it would unregister the metrics while the endpoint
+    # still waits for a last scrape (see gradtel.exporter). Nothing is lost
+    # without it: a Prometheus reader holds no data to flush.
+    return SdkMeterProvider(metric_readers=[reader], shutdown_on_exit=False)
 
 
 def default_meter_provider() -> SdkMeterProvider:
@@ -223,6 +237,9 @@ class GradTelemetry:
         for kind, status in (("nan", health.nan_status), ("inf", health.inf_status)):
             if status is not Status.HEALTHY:
                 ins.unhealthy.add(1, self._band_attrs[(kind, status)])
+        if health.status is not Status.HEALTHY:
+            global _last_unhealthy_record
+            _last_unhealthy_record = time.monotonic()
         ins.updates.add(1, self._base)
         ins.status.set(health.status.level, self._base)
         ins.last_update.set(timestamp, self._base)

@@ -24,13 +24,16 @@ def band_text(o: KitOptions, severity: str) -> str:
 
 
 def _top_layers_template(o: KitOptions, kind: str) -> str:
-    metric = f"gradtel_{kind}_grads_total"
-    selector = "job=%q,instance=%q,rank=%q"
-    series = f"{metric}{{{selector}}}[{o.window}]"
-    # max - min over the window is exact for a counter without restarts, where
-    # increase() would extrapolate; rank="" also matches series without rank.
-    query = f"sort_desc(topk(3, max_over_time({series}) - min_over_time({series}) > 0))"
-    args = " ".join(["$labels.job $labels.instance $labels.rank"] * 2)
+    current = f"gradtel_{kind}_grads_total{{job=%q,instance=%q,rank=%q}}"
+    window = f"{current}[{o.window}]"
+    # A series younger than the window counts from 0 at start: its value is the
+    # count. Otherwise max - min over the window, exact for a counter without a
+    # restart where increase() would extrapolate. rank="" matches no rank label.
+    query = (
+        f"sort_desc(topk(3, ({current} > 0 unless {current} offset {o.window}) "
+        f"or (max_over_time({window}) - min_over_time({window}) > 0)))"
+    )
+    args = " ".join(["$labels.job $labels.instance $labels.rank"] * (query.count("%q") // 3))
     return (
         f'{{{{ range $i, $s := query (printf "{query}" {args}) }}}}'
         "{{ if $i }}, {{ end }}{{ $s.Labels.layer }} ({{ $s.Value }})"

@@ -156,7 +156,7 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
         ],
         [
             _check(
-                2, inf, _unhealthy_alert(o, "inf", "critical", "none in the counters yet")
+                2, inf, _unhealthy_alert(o, "inf", "critical", "head (7)")
             ),
             _check(2 + window + 1, inf),
         ],

@@ -1,0 +1,288 @@
+"""A local Prometheus + Alertmanager + webhook receiver on loopback, from the rendered kit.
+
+Used by ``gradtel demo --stack`` and by the end-to-end tests: real processes
+started from ``PATH`` with their own config and data folders under one
+temporary directory, and stopped by their PIDs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .render import KitOptions, render_kit
+
+__all__ = ["Page", "Stack", "StackTimings", "ToolMissingError", "WebhookReceiver", "find_tool"]
+
+INSTALL_HINT = "apt-get install -y --no-install-recommends prometheus prometheus-alertmanager"
+
+
+class ToolMissingError(FileNotFoundError):
+    """A Prometheus or Alertmanager binary is not on PATH."""
+
+
+def find_tool(*names: str) -> str:
+    """Path of the first of ``names`` found on PATH."""
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+    raise ToolMissingError(
+        f"{' or '.join(names)} not found on PATH; on Debian/Ubuntu install the packages "
+        f"prometheus and prometheus-alertmanager: `sudo {INSTALL_HINT}`"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class Page:
+    """One alert as a webhook receiver got it from Alertmanager."""
+
+    receiver: str
+    """The URL path it arrived on: ``pager`` or ``chat``."""
+    status: str
+    alertname: str
+    severity: str
+    labels: dict[str, str]
+    description: str
+    received: float
+    """``time.time()`` of arrival."""
+
+    def __str__(self) -> str:
+        return f"[{self.receiver}] {self.status} {self.severity} {self.alertname}: {self.description}"
+
+
+class WebhookReceiver:
+    """An HTTP server that takes Alertmanager webhook notifications and keeps their alerts."""
+
+    def __init__(self, on_page: Callable[[Page], None] | None = None) -> None:
+        self.pages: list[Page] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                now = time.time()
+                path = self.path.strip("/")
+                for alert in body.get("alerts", []):
+                    labels = alert.get("labels", {})
+                    receiver._add(
+                        Page(
+                            receiver=path,
+                            status=alert.get("status", ""),
+                            alertname=labels.get("alertname", ""),
+                            severity=labels.get("severity", ""),
+                            labels=labels,
+                            description=alert.get("annotations", {}).get("description", ""),
+                            received=now,
+                        ),
+                        on_page,
+                    )
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self._server.server_port
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def _add(self, page: Page, on_page: Callable[[Page], None] | None) -> None:
+        with self._lock:
+            self.pages.append(page)
+        if on_page is not None:
+            on_page(page)
+
+    def url(self, receiver: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{receiver}"
+
+    def firing(self, receiver: str | None = None) -> list[Page]:
+        with self._lock:
+            return [
+                p
+                for p in self.pages
+                if p.status == "firing" and (receiver is None or p.receiver == receiver)
+            ]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@dataclass(frozen=True)
+class StackTimings:
+    """Intervals of the stack; the defaults are the shipped kit's."""
+
+    scrape_interval: str = "5s"
+    evaluation_interval: str = "5s"
+    group_wait: str = "10s"
+    group_interval: str = "1m"
+
+
+@dataclass
+class Stack:
+    """Prometheus and Alertmanager on loopback, scraping ``targets`` with the rendered rules.
+
+    Args:
+        targets: ``host:port`` of gradtel endpoints to scrape.
+        options: Kit options the configs are rendered from.
+        timings: Scrape, evaluation and grouping intervals.
+        on_page: Called with each alert the webhook receiver gets.
+        keep_data: Keep the config and data folders here instead of a
+            temporary folder removed on :meth:`stop`.
+    """
+
+    targets: Sequence[str]
+    options: KitOptions = field(default_factory=KitOptions)
+    timings: StackTimings = field(default_factory=StackTimings)
+    on_page: Callable[[Page], None] | None = None
+    keep_data: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.prometheus_bin = find_tool("prometheus")
+        self.alertmanager_bin = find_tool("prometheus-alertmanager", "alertmanager")
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.receiver: WebhookReceiver | None = None
+        self.prometheus_port = free_port()
+        self.alertmanager_port = free_port()
+        self.root = Path(self.keep_data or tempfile.mkdtemp(prefix="gradtel-stack-"))
+
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://127.0.0.1:{self.prometheus_port}"
+
+    @property
+    def alertmanager_url(self) -> str:
+        return f"http://127.0.0.1:{self.alertmanager_port}"
+
+    def start(self, timeout: float = 60) -> Stack:
+        """Write the configs, start the receiver, Alertmanager and Prometheus, wait until ready."""
+        self.receiver = WebhookReceiver(self.on_page)
+        kit = render_kit(self.options)
+        config = self.root / "config"
+        config.mkdir(parents=True, exist_ok=True)
+        (config / "gradtel-rules.yml").write_text(kit["prometheus/gradtel-rules.yml"])
+        (config / "alertmanager.yml").write_text(self._alertmanager_config(kit))
+        (config / "prometheus.yml").write_text(self._prometheus_config(kit))
+        self._spawn(
+            "alertmanager",
+            [
+                self.alertmanager_bin,
+                f"--config.file={config / 'alertmanager.yml'}",
+                f"--storage.path={self.root / 'alertmanager-data'}",
+                f"--web.listen-address=127.0.0.1:{self.alertmanager_port}",
+                "--cluster.listen-address=",
+            ],
+        )
+        self._spawn(
+            "prometheus",
+            [
+                self.prometheus_bin,
+                f"--config.file={config / 'prometheus.yml'}",
+                f"--storage.tsdb.path={self.root / 'prometheus-data'}",
+                f"--web.listen-address=127.0.0.1:{self.prometheus_port}",
+            ],
+        )
+        for name, url in (("alertmanager", self.alertmanager_url), ("prometheus", self.prometheus_url)):
+            self._wait_ready(name, url + "/-/ready", timeout)
+        return self
+
+    def _alertmanager_config(self, kit: dict[str, str]) -> str:
+        assert self.receiver is not None
+        config = yaml.safe_load(kit["prometheus/alertmanager.yml"])
+        config["route"]["group_wait"] = self.timings.group_wait
+        config["route"]["group_interval"] = self.timings.group_interval
+        for receiver in config["receivers"]:
+            for webhook in receiver["webhook_configs"]:
+                webhook["url"] = self.receiver.url(receiver["name"])
+        return yaml.safe_dump(config, sort_keys=False)
+
+    def _prometheus_config(self, kit: dict[str, str]) -> str:
+        config = yaml.safe_load(kit["prometheus/prometheus.yml"])
+        config["global"]["evaluation_interval"] = self.timings.evaluation_interval
+        config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] = [
+            f"127.0.0.1:{self.alertmanager_port}"
+        ]
+        job = config["scrape_configs"][0]
+        job["scrape_interval"] = self.timings.scrape_interval
+        job["static_configs"] = [{"targets": list(self.targets)}]
+        return yaml.safe_dump(config, sort_keys=False)
+
+    def _spawn(self, name: str, command: list[str]) -> None:
+        log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
+        self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+    def _wait_ready(self, name: str, url: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.processes[name].poll() is not None:
+                raise RuntimeError(f"{name} exited at start:\n{self.log(name)}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{name} not ready after {timeout:g}s:\n{self.log(name)}")
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        """Run an instant query on the stack's Prometheus."""
+        url = f"{self.prometheus_url}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        with urllib.request.urlopen(url, timeout=10) as response:
+            result: list[dict[str, Any]] = json.load(response)["data"]["result"]
+            return result
+
+    def stop(self) -> None:
+        """Stop every process by its PID and remove the temporary folder."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self.receiver is not None:
+            self.receiver.close()
+        if self.keep_data is None:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> Stack:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

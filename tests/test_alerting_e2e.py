@@ -1,0 +1,156 @@
+"""End to end with real processes: training → gradtel → Prometheus → rules → Alertmanager → webhook.
+
+Five training processes run side by side, each scraped as its own instance:
+
+- ``critical``: 7 Inf in ``head`` on update 30, then healthy;
+- ``warning``: 3 NaN in ``body.0`` on update 30, then healthy;
+- ``healthy``: never unhealthy;
+- ``crash``: 7 NaN in ``body.2`` on update 30 with ``on_critical="raise"``: the run dies there;
+- ``both``: 3 NaN then 7 NaN on updates 30 and 31: the critical page inhibits the warning.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gradtel.stack import Page, Stack, StackTimings, free_port
+
+from .conftest import require_tool
+
+pytestmark = pytest.mark.slow
+
+TRAINER = Path(__file__).with_name("trainer.py")
+PAGE_DEADLINE = 30.0  # seconds from injection to page
+TIMINGS = StackTimings(
+    scrape_interval="1s", evaluation_interval="1s", group_wait="5s", group_interval="5s"
+)
+SCENARIOS = {
+    "critical": ["--inject", "30:inf:7:head"],
+    "warning": ["--inject", "30:nan:3:body.0"],
+    "healthy": [],
+    "crash": ["--inject", "30:nan:7:body.2", "--on-critical", "raise"],
+    "both": ["--inject", "30:nan:3:body.0", "--inject", "31:nan:7:body.0"],
+}
+
+
+@dataclass
+class Trainer:
+    process: subprocess.Popen[str]
+    instance: str
+
+    def injected_at(self) -> float:
+        """Unix time of the first injection the trainer reported."""
+        assert self.process.stdout is not None
+        while True:
+            line = self.process.stdout.readline()
+            assert line, "the trainer ended before injecting"
+            if line.startswith("injected "):
+                return float(line.split()[2])
+
+
+@pytest.fixture(scope="module")
+def run() -> Iterator[tuple[dict[str, Trainer], Stack]]:
+    require_tool("prometheus", "prometheus")
+    require_tool("prometheus-alertmanager", "prometheus-alertmanager")
+    ports = {name: free_port() for name in SCENARIOS}
+    trainers: dict[str, Trainer] = {}
+    stack = Stack([f"127.0.0.1:{port}" for port in ports.values()], timings=TIMINGS)
+    try:
+        stack.start()
+        for name, extra in SCENARIOS.items():
+            process = subprocess.Popen(
+                [sys.executable, str(TRAINER), str(ports[name]), *extra],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            trainers[name] = Trainer(process, f"127.0.0.1:{ports[name]}")
+        for trainer in trainers.values():
+            assert trainer.process.stdout is not None
+            assert trainer.process.stdout.readline().strip() == "serving"
+        yield trainers, stack
+    finally:
+        for trainer in trainers.values():
+            if trainer.process.poll() is None:
+                trainer.process.kill()
+            trainer.process.communicate(timeout=10)
+        stack.stop()
+
+
+def wait_for_page(stack: Stack, receiver: str, instance: str, since: float) -> Page:
+    assert stack.receiver is not None
+    deadline = since + PAGE_DEADLINE + 5
+    while time.time() < deadline:
+        for page in stack.receiver.firing(receiver):
+            if page.labels.get("instance") == instance:
+                return page
+        time.sleep(0.1)
+    pytest.fail(
+        f"no {receiver} page for {instance} within {PAGE_DEADLINE}s; got "
+        f"{[str(p) for p in stack.receiver.pages]}\nprometheus log:\n{stack.log('prometheus')}"
+    )
+
+
+def test_pages_arrive_on_the_right_receiver_naming_the_layer(
+    run: tuple[dict[str, Trainer], Stack], capsys: pytest.CaptureFixture[str]
+) -> None:
+    trainers, stack = run
+    injected = {name: trainers[name].injected_at() for name in ("critical", "warning", "crash", "both")}
+
+    critical = wait_for_page(stack, "pager", trainers["critical"].instance, injected["critical"])
+    assert (critical.alertname, critical.severity) == ("GradtelInfGradients", "critical")
+    assert critical.labels["kind"] == "inf"
+    assert "more than 5 Inf gradient values" in critical.description
+    assert "head (7)" in critical.description
+
+    warning = wait_for_page(stack, "chat", trainers["warning"].instance, injected["warning"])
+    assert (warning.alertname, warning.severity) == ("GradtelNaNGradients", "warning")
+    assert "body.0 (3)" in warning.description
+
+    # The crashed run's endpoint stayed up until Prometheus scraped its last update.
+    crash = wait_for_page(stack, "pager", trainers["crash"].instance, injected["crash"])
+    assert (crash.alertname, crash.severity) == ("GradtelNaNGradients", "critical")
+    assert "body.2 (7)" in crash.description
+    assert trainers["crash"].process.wait(timeout=30) == 1
+    assert trainers["crash"].process.stderr is not None
+    assert "NonFiniteGradientError" in trainers["crash"].process.stderr.read()
+
+    both = wait_for_page(stack, "pager", trainers["both"].instance, injected["both"])
+    assert (both.alertname, both.severity) == ("GradtelNaNGradients", "critical")
+
+    time.sleep(8)  # longer than group_wait + group_interval: anything wrong would have arrived
+    assert stack.receiver is not None
+    by_instance = {
+        name: [(p.receiver, p.alertname, p.severity) for p in stack.receiver.firing() if p.labels.get("instance") == t.instance]
+        for name, t in trainers.items()
+    }
+    assert by_instance["healthy"] == []
+    assert all(receiver == "chat" for receiver, _, _ in by_instance["warning"])
+    assert all(receiver == "pager" for receiver, _, _ in by_instance["critical"])
+    assert all(receiver == "pager" for receiver, _, _ in by_instance["both"]), (
+        "the critical alert must inhibit the warning of the same instance and kind"
+    )
+    # The warning alert of "both" did fire in Prometheus; Alertmanager muted it.
+    both_alerts = stack.query(
+        f'ALERTS{{alertstate="firing",instance="{trainers["both"].instance}"}}'
+    )
+    assert {a["metric"]["severity"] for a in both_alerts} == {"critical", "warning"}
+
+    latencies = {
+        "critical": critical.received - injected["critical"],
+        "warning": warning.received - injected["warning"],
+        "crash": crash.received - injected["crash"],
+    }
+    assert all(0 < seconds < PAGE_DEADLINE for seconds in latencies.values()), latencies
+    with capsys.disabled():
+        print(
+            "\ninjection -> webhook latency (scrape 1s, evaluation 1s, group_wait 5s): "
+            + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in latencies.items())
+        )

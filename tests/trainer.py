@@ -1,0 +1,54 @@
+"""A training process instrumented with gradtel, for the end-to-end tests.
+
+Usage: trainer.py PORT [--inject UPDATE:KIND:COUNT:LAYER ...] [--on-critical ACTION]
+
+Trains a small MLP with real backward passes, one update every 0.1 s, until
+killed; ``--inject`` writes COUNT NaN or Inf values into LAYER's weight
+gradient on update UPDATE and prints ``injected UPDATE UNIX_TIME``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import gradtel
+from gradtel.demo import DemoNet
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("port", type=int)
+    parser.add_argument("--inject", action="append", default=[])
+    parser.add_argument("--on-critical", default="skip")
+    args = parser.parse_args()
+    injections = {}
+    for spec in args.inject:
+        update, kind, count, layer = spec.split(":")
+        injections[int(update)] = (kind, int(count), layer)
+
+    model = DemoNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = gradtel.GradMonitor(model, on_warning="skip", on_critical=args.on_critical)
+    gradtel.serve(port=args.port)
+    print("serving", flush=True)
+    inputs, targets = torch.randn(64, 16), torch.randn(64, 1)
+    update = 0
+    while True:
+        update += 1
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(inputs), targets).backward()
+        if update in injections:
+            kind, count, layer = injections[update]
+            grad = model.get_submodule(layer).weight.grad
+            grad.view(-1)[:count] = float("nan") if kind == "nan" else float("inf")
+            print(f"injected {update} {time.time()}", flush=True)
+        monitor.collect()
+        optimizer.step()
+        time.sleep(0.1)
+
+
+if __name__ == "__main__":
+    main()
