@@ -1,34 +1,45 @@
 #!/usr/bin/env bash
-# Make .venv hold gradtel (editable) and, with "test", its test tools and the
-# Debian prometheus/alertmanager packages. Idempotent: re-installs only when
-# pyproject.toml changed.
+# Make .venv hold gradtel (editable). Words: "test" adds the test tools;
+# "debian" installs the Debian prometheus and prometheus-alertmanager
+# packages (as root; otherwise says how). Idempotent: Python packages are
+# re-installed only when pyproject.toml or the words change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-extra=${1:-}
+with_test=no with_debian=no
+for word in "$@"; do
+  case "$word" in
+    test) with_test=yes ;;
+    debian) with_debian=yes ;;
+    *) echo "setup: unknown word '$word' (allowed: test, debian)" >&2; exit 2 ;;
+  esac
+done
+
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 
 stamp=.venv/.gradtel-setup
-want="$(sha256sum pyproject.toml | cut -d' ' -f1) ${extra}"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+hash=$(sha256sum pyproject.toml | cut -d' ' -f1)
+have=$(cat "$stamp" 2>/dev/null || true)
+# An install with the test tools also serves a plain one.
+if [ "$have" != "$hash test=$with_test" ] && [ "$have" != "$hash test=yes" ]; then
   echo "setup: installing Python packages into .venv" >&2
   # The CPU wheel, pinned: an unpinned torch would pull gigabytes of CUDA packages.
   .venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
   target="."
-  [ "$extra" = test ] && target=".[test]"
+  [ "$with_test" = yes ] && target=".[test]"
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$target"
-  echo "$want" >"$stamp"
+  echo "$hash test=$with_test" >"$stamp"
 fi
 
-if [ "$extra" = test ] && ! command -v promtool >/dev/null; then
+if [ "$with_debian" = yes ] && ! { command -v promtool && command -v prometheus-alertmanager; } >/dev/null; then
   if [ "$(id -u)" = 0 ]; then
     echo "setup: installing Debian packages prometheus and prometheus-alertmanager" >&2
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager >/dev/null
   else
-    echo "setup: promtool not found; as root run:" \
+    echo "setup: Prometheus/Alertmanager not found; as root run:" \
       "apt-get install -y --no-install-recommends prometheus prometheus-alertmanager" >&2
   fi
 fi

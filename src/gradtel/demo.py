@@ -188,7 +188,9 @@ def run_demo(
             if not terminal.live and (update % 50 == 0 or update == steps):
                 terminal.say(line)
             time.sleep(interval)
-        terminal.say(f"done: {steps} updates, {unhealthy} unhealthy, all caught by gradtel")
+        terminal.say(
+            f"done: {steps} updates, {unhealthy} unhealthy, each kept from the optimizer by gradtel"
+        )
     except KeyboardInterrupt:
         interrupted = True
         terminal.say("stopped by Ctrl-C")
