@@ -143,13 +143,14 @@ class GradMonitor:
         labels = assign_layers((n for n, _ in named), max_layers=max_layers, depth=layer_depth)
         self._params = [p for _, p in named]
         self._labels = labels
+        self._layer_names = tuple(distinct(labels))
         self.thresholds = thresholds
         self._on_error = on_error
         self._step = 0
         self._lock = threading.Lock()
         self._last_error_log: dict[str, float] = {}
         self._telemetry = GradTelemetry(
-            distinct(labels),
+            self._layer_names,
             meter_provider=default_meter_provider() if meter_provider is None else meter_provider,
             attributes=process_attributes(),
             start_time=time.time(),
@@ -158,7 +159,7 @@ class GradMonitor:
     @property
     def layers(self) -> tuple[str, ...]:
         """Every ``layer`` label this monitor reports, in model order."""
-        return tuple(distinct(self._labels))
+        return self._layer_names
 
     def collect(self) -> GradHealth:
         """Scan the current gradients, record them and apply the policy.
