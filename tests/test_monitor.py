@@ -291,12 +291,12 @@ def test_a_failing_scan_is_logged_once_counted_and_never_raised(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    def broken(values: object) -> object:
+    def broken(self: object, values: object, key: object = None) -> object:
         raise RuntimeError("device lost")
 
     model = TwoLayer()
     monitor = GradMonitor(model, meter_provider=provider)
-    monkeypatch.setattr("gradtel.monitor.count_nonfinite", broken)
+    monkeypatch.setattr("gradtel.scan.Scanner.count", broken)
     backward(model)
     with caplog.at_level(logging.ERROR, logger="gradtel"):
         first, second = monitor.collect(), monitor.collect()

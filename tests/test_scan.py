@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradtel.scan import count_nonfinite, countable_values
+from gradtel.scan import CHUNK, Scanner, count_nonfinite, countable_values
 
 NAN, INF = float("nan"), float("inf")
 REAL = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -52,6 +52,52 @@ def gradients(draw: st.DrawFn) -> torch.Tensor:
 def test_counts_match_reference(tensors: list[torch.Tensor]) -> None:
     expected = {i: reference(t) for i, t in enumerate(tensors) if reference(t) != (0, 0)}
     assert count_nonfinite(tensors) == expected
+
+
+def fast_reference(tensor: torch.Tensor) -> tuple[int, int]:
+    """The same rule with plain torch ops in double precision, for large tensors."""
+    wide = tensor.to(torch.complex128 if tensor.is_complex() else torch.float64)
+    nan = int(torch.isnan(wide).sum())
+    return nan, int((~torch.isfinite(wide)).sum()) - nan
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    numel=st.integers(CHUNK - 2, 3 * CHUNK + 7),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.complex64]),
+    specials=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.sampled_from([NAN, INF, -INF])), max_size=12),
+    nan_in_tail=st.booleans(),
+    transposed=st.booleans(),
+)
+def test_large_tensors_are_counted_exactly_chunk_by_chunk(
+    numel: int,
+    dtype: torch.dtype,
+    specials: list[tuple[float, float]],
+    nan_in_tail: bool,
+    transposed: bool,
+) -> None:
+    tensor = torch.randn(numel, dtype=dtype)
+    for where, value in specials:
+        tensor[int(where * numel)] = value
+    if nan_in_tail:
+        tensor[-1] = NAN
+    if transposed and numel % 2 == 0:
+        tensor = tensor.view(2, numel // 2).t()  # non-contiguous
+    small = torch.randn(10, dtype=dtype)
+    expected = {i: fast_reference(t) for i, t in enumerate([small, tensor]) if fast_reference(t) != (0, 0)}
+    assert count_nonfinite([small, tensor]) == expected
+
+
+def test_a_reused_plan_counts_each_update_afresh() -> None:
+    scanner = Scanner()
+    first = [torch.randn(3 * CHUNK), torch.randn(7)]
+    first[0][CHUNK + 5] = INF
+    assert scanner.count(first, key="params") == {0: (0, 1)}
+    second = [torch.randn(3 * CHUNK), torch.randn(7)]
+    second[1][2] = NAN
+    second[0][-1] = NAN
+    assert scanner.count(second, key="params") == {0: (1, 0), 1: (1, 0)}
+    assert scanner.count([torch.ones(5)], key="params-2") == {}
 
 
 def test_healthy_is_empty_and_false_alarms_count_zero() -> None:
@@ -131,7 +177,7 @@ class ReadOuts:
 def test_one_read_out_per_phase_whatever_the_number_of_tensors(
     monkeypatch: pytest.MonkeyPatch, bad_tensors: int
 ) -> None:
-    tensors = [torch.randn(64, dtype=REAL[i % 4]) for i in range(200)]
+    tensors = [torch.randn(64 if i % 3 else 2 * CHUNK + 1, dtype=REAL[i % 4]) for i in range(200)]
     for i in range(bad_tensors):
         tensors[i * 7][i] = NAN
     read_outs = ReadOuts(monkeypatch)

@@ -14,7 +14,7 @@ from opentelemetry.metrics import MeterProvider
 from .health import GradHealth, Status, Thresholds
 from .layers import DEFAULT_MAX_LAYERS, assign_layers, distinct
 from .policy import Action, apply_action, check_action
-from .scan import count_nonfinite, countable_values
+from .scan import Scanner, countable_values
 from .telemetry import GradTelemetry, default_meter_provider, process_attributes
 
 __all__ = ["MAX_LAYERS_LIMIT", "GradMonitor"]
@@ -144,6 +144,7 @@ class GradMonitor:
         self._params = [p for _, p in named]
         self._labels = labels
         self._layer_names = tuple(distinct(labels))
+        self._scanner = Scanner()
         self.thresholds = thresholds
         self._on_error = on_error
         self._step = 0
@@ -188,12 +189,15 @@ class GradMonitor:
     def _scan(self) -> GradHealth:
         values: list[torch.Tensor] = []
         owners: list[str] = []
+        present: list[int] = []
+        sparse = False
         skipped = 0
-        for param, label in zip(self._params, self._labels):
+        for index, (param, label) in enumerate(zip(self._params, self._labels)):
             grad = param.grad
             if grad is None or not param.requires_grad:
                 skipped += 1
                 continue
+            sparse = sparse or grad.layout is not torch.strided
             countable = countable_values(grad)
             if countable is None:
                 skipped += 1
@@ -204,9 +208,13 @@ class GradMonitor:
                 continue
             values.append(countable)
             owners.append(label)
+            present.append(index)
         nan_by_layer: dict[str, int] = {}
         inf_by_layer: dict[str, int] = {}
-        counts = self._guarded("scan", lambda: count_nonfinite(values))
+        # Dense gradients keep their parameter's size, so the scan plan for a set
+        # of present parameters can be reused; sparse ones change size each update.
+        key = None if sparse else tuple(present)
+        counts = self._guarded("scan", lambda: self._scanner.count(values, key))
         if counts is None:  # the scan failed: nothing was counted, say so
             skipped, values, counts = len(self._params), [], {}
         for i, (nan, inf) in counts.items():

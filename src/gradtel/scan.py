@@ -3,32 +3,36 @@
 The scan runs in two phases so that the common, healthy update costs about
 one read of gradient memory and one host read-out:
 
-1. *Flag.* One reduction per gradient (a sum, accumulated in at least fp32)
-   whose result is non-finite whenever the gradient holds a NaN or an Inf.
-   The per-gradient results are stacked and checked on the device, then read
-   to the host in a single transfer. A healthy update stops here.
-2. *Count.* Only the flagged gradients are counted exactly (int64 counts, so
-   a 38M-element embedding is counted right), again read out in one transfer.
-   A flag can be a false alarm (finite values whose sum overflows); the
-   exact count then comes back as zero, so results are always exact.
+1. *Flag.* A cheap reduction whose result is non-finite whenever its input
+   holds a NaN or an Inf: one multi-tensor L2 norm over all small tensors,
+   and a sum per chunk of ``CHUNK`` elements of each large one (as fast as
+   one sum over the tensor, and it tells where the bad values are). The
+   results are checked on the device and read to the host in one transfer,
+   grouped by device and dtype. A healthy update stops here.
+2. *Count.* Only flagged pieces (a small tensor, or one chunk of a large
+   one) are counted exactly, into int64 (a 38M-element embedding is counted
+   right), and read out in one more transfer. A flag can be a false alarm
+   (finite values whose sum overflows): the exact count is then zero, so
+   results are always exact.
 
-Neither phase ever synchronises per gradient or per layer.
+Neither phase ever synchronises per tensor or per layer.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["countable_values", "count_nonfinite"]
+__all__ = ["CHUNK", "Scanner", "count_nonfinite", "countable_values"]
+
+CHUNK = 1 << 16
+"""Elements per chunk of a large tensor; tensors smaller than this are flagged whole."""
 
 _SPARSE_COMPRESSED = (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
-# Half-width dtypes are summed in fp32: an fp16 sum of healthy values overflows
-# at 65504, which would turn every healthy update into a slow false alarm.
-_WIDE_SUM = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
 def countable_values(grad: torch.Tensor) -> torch.Tensor | None:
@@ -55,48 +59,133 @@ def countable_values(grad: torch.Tensor) -> torch.Tensor | None:
     return values
 
 
-def _flag_sum(values: torch.Tensor) -> torch.Tensor:
-    wide = _WIDE_SUM.get(values.dtype)
-    return values.sum(dtype=wide) if wide is not None else values.sum()
+@dataclass(frozen=True)
+class _Piece:
+    """What one flag stands for: elements ``start:stop`` of tensor ``index`` (all when stop is None)."""
+
+    index: int
+    start: int = 0
+    stop: int | None = None
 
 
-def _exact_counts(values: torch.Tensor) -> torch.Tensor:
-    nan = torch.isnan(values).count_nonzero()
+@dataclass(frozen=True)
+class _Group:
+    """Tensors of one device and dtype, and the order their flags come in."""
+
+    small: tuple[int, ...]
+    large: tuple[tuple[int, int, int], ...]  # (index, full chunks, remainder)
+    pieces: tuple[_Piece, ...]
+
+
+def _plan(values: Sequence[torch.Tensor]) -> list[_Group]:
+    by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, v in enumerate(values):
+        by_kind[(v.device, v.dtype)].append(i)
+    groups = []
+    for members in by_kind.values():
+        small = tuple(i for i in members if values[i].numel() < CHUNK)
+        pieces = [_Piece(i) for i in small]
+        large = []
+        for i in members:
+            numel = values[i].numel()
+            if numel < CHUNK:
+                continue
+            chunks, rest = divmod(numel, CHUNK)
+            large.append((i, chunks, rest))
+            pieces += [_Piece(i, c * CHUNK, (c + 1) * CHUNK) for c in range(chunks)]
+            if rest:
+                pieces.append(_Piece(i, chunks * CHUNK, numel))
+        groups.append(_Group(small, tuple(large), tuple(pieces)))
+    return groups
+
+
+def _flags(values: Sequence[torch.Tensor], group: _Group) -> torch.Tensor:
+    """Per piece of ``group``: True where it holds (or, rarely, seems to hold) a non-finite value."""
+    parts = []
+    if group.small:
+        tensors = [values[i] for i in group.small]
+        # fp16 norms of healthy values overflow at 65504: accumulate those in fp32.
+        wide = torch.float32 if tensors[0].dtype is torch.float16 else None
+        parts.append(torch.stack(torch._foreach_norm(tensors, 2, dtype=wide)))
+    for i, chunks, rest in group.large:
+        # reshape is a view for contiguous gradients (the usual case), a copy otherwise.
+        flat = values[i].reshape(-1)
+        if chunks:
+            parts.append(flat[: chunks * CHUNK].view(chunks, CHUNK).sum(1))
+        if rest:
+            parts.append(flat[chunks * CHUNK :].sum().reshape(1))
+    summary = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return torch.isfinite(summary).logical_not_()
+
+
+def _exact(values: Sequence[torch.Tensor], piece: _Piece) -> torch.Tensor:
+    tensor = values[piece.index]
+    part = tensor if piece.stop is None else tensor.reshape(-1)[piece.start : piece.stop]
+    nan = torch.isnan(part).count_nonzero()
     # A complex element with a NaN part counts as NaN, else as Inf if a part
     # is infinite: non-finite minus NaN gives exactly that for every dtype.
-    nonfinite = values.numel() - torch.isfinite(values).count_nonzero()
+    nonfinite = part.numel() - torch.isfinite(part).count_nonzero()
     return torch.stack((nan, nonfinite - nan))
 
 
-def _read_out(
-    values: Sequence[torch.Tensor],
-    indices: Sequence[int],
-    reduce: Callable[[torch.Tensor], torch.Tensor],
-    finish: Callable[[torch.Tensor], torch.Tensor],
-) -> list[Any]:
-    """Apply ``reduce`` to each tensor, grouped by device and dtype, and read all results once.
+def _to_host(parts: list[torch.Tensor]) -> list[Any]:
+    """Gather per-device results onto one device and read them to the host in one transfer."""
+    target = parts[0].device
+    gathered = [p if p.device == target else p.to(target, non_blocking=True) for p in parts]
+    return (gathered[0] if len(gathered) == 1 else torch.cat(gathered)).tolist()
 
-    Each group's results are stacked and passed through ``finish`` on their
-    device; the groups are then gathered onto one device so that the host
-    read-out is a single transfer however many devices and dtypes there are.
+
+class Scanner:
+    """Counts NaN and ±Inf elements exactly, reusing its plan while the tensors keep their layout.
+
+    Args:
+        cache_size: Plans kept, keyed by the caller's ``key`` (gradtel uses
+            the set of parameters that have a gradient in the update).
     """
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-    for i in indices:
-        groups[(values[i].device, values[i].dtype)].append(i)
-    order: list[int] = []
-    parts: list[torch.Tensor] = []
-    target = None
-    for members in groups.values():
-        part = finish(torch.stack([reduce(values[i]) for i in members]))
-        target = part.device if target is None else target
-        parts.append(part.to(target, non_blocking=True))
-        order.extend(members)
-    if not parts:
-        return []
-    # The one device -> host read-out of this phase.
-    host = torch.cat(parts).tolist()
-    by_index = dict(zip(order, host))
-    return [by_index[i] for i in indices]
+
+    def __init__(self, cache_size: int = 8) -> None:
+        self._plans: dict[object, list[_Group]] = {}
+        self._cache_size = cache_size
+
+    def count(
+        self, values: Sequence[torch.Tensor], key: object = None
+    ) -> dict[int, tuple[int, int]]:
+        """``{position: (nan, inf)}`` for each tensor holding a non-finite element.
+
+        Args:
+            values: Dense floating or complex tensors (see :func:`countable_values`).
+            key: Identifies the tensors' devices, dtypes and sizes; the plan
+                made for a key is reused. ``None`` plans anew.
+        """
+        if not values:
+            return {}
+        plan = self._plans.get(key) if key is not None else None
+        if plan is None:
+            plan = _plan(values)
+            if key is not None:
+                if len(self._plans) >= self._cache_size:
+                    self._plans.pop(next(iter(self._plans)))
+                self._plans[key] = plan
+        # Phase 1: one host read-out of all flags.
+        flags = _to_host([_flags(values, group) for group in plan])
+        if not any(flags):
+            return {}
+        pieces = [p for group in plan for p in group.pieces]
+        flagged = [piece for piece, bad in zip(pieces, flags) if bad]
+        # Phase 2: exact counts of the flagged pieces, grouped by device, one read-out.
+        by_device: dict[torch.device, list[_Piece]] = defaultdict(list)
+        for piece in flagged:
+            by_device[values[piece.index].device].append(piece)
+        ordered = [piece for members in by_device.values() for piece in members]
+        counts = _to_host(
+            [torch.stack([_exact(values, p) for p in members]) for members in by_device.values()]
+        )
+        result: dict[int, tuple[int, int]] = {}
+        for piece, (nan, inf) in zip(ordered, counts):
+            if nan or inf:
+                old_nan, old_inf = result.get(piece.index, (0, 0))
+                result[piece.index] = (old_nan + nan, old_inf + inf)
+        return result
 
 
 def count_nonfinite(values: Sequence[torch.Tensor]) -> dict[int, tuple[int, int]]:
@@ -114,10 +203,4 @@ def count_nonfinite(values: Sequence[torch.Tensor]) -> dict[int, tuple[int, int]
     >>> count_nonfinite([torch.ones(3), torch.tensor([float("nan"), float("inf"), 1.0])])
     {1: (1, 1)}
     """
-    everything = range(len(values))
-    finite = _read_out(values, everything, _flag_sum, torch.isfinite)
-    flagged = [i for i, ok in zip(everything, finite) if not ok]
-    if not flagged:
-        return {}
-    counts = _read_out(values, flagged, _exact_counts, lambda stacked: stacked)
-    return {i: (nan, inf) for i, (nan, inf) in zip(flagged, counts) if nan or inf}
+    return Scanner(cache_size=0).count(values)
