@@ -291,7 +291,7 @@ def test_a_failing_scan_is_logged_once_counted_and_never_raised(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    def broken(self: object, values: object, key: object = None) -> object:
+    def broken(self: object, *args: object) -> object:
         raise RuntimeError("device lost")
 
     model = TwoLayer()

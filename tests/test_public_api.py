@@ -19,12 +19,13 @@ EXPORTED = {
     "Status",
     "Thresholds",
     "__version__",
+    "clip_grad_norm_",
     "layer_name",
     "prometheus_meter_provider",
     "serve",
 }
 MODULES = [
-    "banner", "cli", "demo", "exporter", "health", "layers", "monitor", "policy", "scan", "telemetry",
+    "banner", "cli", "clip", "demo", "exporter", "health", "layers", "monitor", "policy", "scan", "telemetry",
     "render", "render.options", "render.prometheus", "render.rule_tests", "render.runbook",
 ]  # fmt: skip
 

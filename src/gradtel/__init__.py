@@ -8,6 +8,7 @@
 <Status.HEALTHY: 'healthy'>
 """
 
+from .clip import clip_grad_norm_
 from .exporter import DEFAULT_ADDR, DEFAULT_PORT, MetricsServer, PortInUseError, serve
 from .health import GradHealth, Status, Thresholds
 from .layers import OVERFLOW_LAYER, ROOT_LAYER, layer_name
@@ -30,6 +31,7 @@ __all__ = [
     "Status",
     "Thresholds",
     "__version__",
+    "clip_grad_norm_",
     "layer_name",
     "prometheus_meter_provider",
     "serve",

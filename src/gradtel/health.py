@@ -106,6 +106,9 @@ class GradHealth:
     thresholds: Thresholds = field(default_factory=Thresholds)
     step: int = 0
     """Number of this update, counted from 1 by the monitor."""
+    sampled: bool = True
+    """False when ``sample_every`` left this update unscanned: its counts are
+    zero because nothing was looked at, not because the gradients are healthy."""
 
     @property
     def nan_total(self) -> int:

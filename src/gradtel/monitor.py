@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Literal, TypeVar
 
 import torch
@@ -82,6 +82,10 @@ class GradMonitor:
             (``None``: full path).
         meter_provider: OpenTelemetry ``MeterProvider`` to record into; default
             gradtel's own, exported on prometheus-client's global registry.
+        sample_every: Scan one update in this many (default 1: every update).
+            Updates left out are not scanned, recorded or counted anywhere:
+            ``gradtel_updates_total`` counts scanned updates only, and the
+            returned ``GradHealth`` has ``sampled=False``.
         on_error: ``"warn"`` (default): a failure inside gradtel is logged (at
             most once a minute per stage), counted in ``gradtel_errors_total``,
             and training goes on; ``"raise"``: the failure propagates.
@@ -110,6 +114,7 @@ class GradMonitor:
         max_layers: int = DEFAULT_MAX_LAYERS,
         layer_depth: int | None = None,
         meter_provider: MeterProvider | None = None,
+        sample_every: int = 1,
         on_error: Literal["warn", "raise"] = "warn",
     ) -> None:
         if not isinstance(thresholds, Thresholds):
@@ -129,6 +134,8 @@ class GradMonitor:
                     f"max_layers must be from 1 to {MAX_LAYERS_LIMIT}, got {max_layers}; "
                     "use layer_depth= to group layers instead"
                 )
+        if isinstance(sample_every, bool) or not isinstance(sample_every, int) or sample_every < 1:
+            raise ValueError(f"sample_every must be an int >= 1, got {sample_every!r}")
         if meter_provider is not None and not hasattr(meter_provider, "get_meter"):
             raise TypeError(
                 "meter_provider must be an OpenTelemetry MeterProvider, "
@@ -146,6 +153,7 @@ class GradMonitor:
         self._layer_names = tuple(distinct(labels))
         self._scanner = Scanner()
         self.thresholds = thresholds
+        self.sample_every = sample_every
         self._on_error = on_error
         self._step = 0
         self._lock = threading.Lock()
@@ -162,8 +170,14 @@ class GradMonitor:
         """Every ``layer`` label this monitor reports, in model order."""
         return self._layer_names
 
-    def collect(self) -> GradHealth:
+    def collect(self, *, norms: Mapping[torch.Tensor, torch.Tensor] | None = None) -> GradHealth:
         """Scan the current gradients, record them and apply the policy.
+
+        Args:
+            norms: Norms of the parameters' gradients already computed this
+                update, by parameter (:func:`gradtel.clip_grad_norm_` passes
+                them): gradtel then decides health without reading the
+                gradients again, and counts exactly only those not finite.
 
         Returns:
             The update's :class:`~gradtel.GradHealth`.
@@ -174,7 +188,9 @@ class GradMonitor:
         with self._lock:
             started = time.perf_counter()
             self._step += 1
-            health = self._scan()
+            if (self._step - 1) % self.sample_every:
+                return GradHealth(thresholds=self.thresholds, step=self._step, sampled=False)
+            health = self._scan(norms)
             duration = time.perf_counter() - started
             # Record before acting: a "raise" policy must not hide the update from Prometheus.
             self._guarded(
@@ -186,8 +202,9 @@ class GradMonitor:
                 apply_action(action, health, self._params)
             return health
 
-    def _scan(self) -> GradHealth:
+    def _scan(self, norms: Mapping[torch.Tensor, torch.Tensor] | None) -> GradHealth:
         values: list[torch.Tensor] = []
+        given: list[torch.Tensor | None] = []
         owners: list[str] = []
         present: list[int] = []
         sparse = False
@@ -209,12 +226,19 @@ class GradMonitor:
             values.append(countable)
             owners.append(label)
             present.append(index)
+            if norms is not None:
+                given.append(norms.get(param))
         nan_by_layer: dict[str, int] = {}
         inf_by_layer: dict[str, int] = {}
         # Dense gradients keep their parameter's size, so the scan plan for a set
         # of present parameters can be reused; sparse ones change size each update.
         key = None if sparse else tuple(present)
-        counts = self._guarded("scan", lambda: self._scanner.count(values, key))
+        summary = None
+        if norms is not None and not sparse:
+            summary = [
+                n if n is not None else torch.linalg.vector_norm(v) for n, v in zip(given, values)
+            ]
+        counts = self._guarded("scan", lambda: self._scanner.count(values, key, summary))
         if counts is None:  # the scan failed: nothing was counted, say so
             skipped, values, counts = len(self._params), [], {}
         for i, (nan, inf) in counts.items():

@@ -15,6 +15,9 @@ one read of gradient memory and one host read-out:
    (finite values whose sum overflows): the exact count is then zero, so
    results are always exact.
 
+When the caller already has one norm per gradient (gradient clipping
+computes them), phase 1 uses those instead of reading gradient memory again.
+
 Neither phase ever synchronises per tensor or per layer.
 """
 
@@ -147,18 +150,8 @@ class Scanner:
         self._plans: dict[object, list[_Group]] = {}
         self._cache_size = cache_size
 
-    def count(
-        self, values: Sequence[torch.Tensor], key: object = None
-    ) -> dict[int, tuple[int, int]]:
-        """``{position: (nan, inf)}`` for each tensor holding a non-finite element.
-
-        Args:
-            values: Dense floating or complex tensors (see :func:`countable_values`).
-            key: Identifies the tensors' devices, dtypes and sizes; the plan
-                made for a key is reused. ``None`` plans anew.
-        """
-        if not values:
-            return {}
+    def _flag_pieces(self, values: Sequence[torch.Tensor], key: object) -> list[_Piece]:
+        """Phase 1: the pieces whose cheap reduction is not finite."""
         plan = self._plans.get(key) if key is not None else None
         if plan is None:
             plan = _plan(values)
@@ -166,19 +159,40 @@ class Scanner:
                 if len(self._plans) >= self._cache_size:
                     self._plans.pop(next(iter(self._plans)))
                 self._plans[key] = plan
-        # Phase 1: one host read-out of all flags.
         flags = _to_host([_flags(values, group) for group in plan])
-        if not any(flags):
+        pieces = [piece for group in plan for piece in group.pieces]
+        return [piece for piece, bad in zip(pieces, flags) if bad]
+
+    def count(
+        self,
+        values: Sequence[torch.Tensor],
+        key: object = None,
+        norms: Sequence[torch.Tensor] | None = None,
+    ) -> dict[int, tuple[int, int]]:
+        """``{position: (nan, inf)}`` for each tensor holding a non-finite element.
+
+        Args:
+            values: Dense floating or complex tensors (see :func:`countable_values`).
+            key: Identifies the tensors' devices, dtypes and sizes; the plan
+                made for a key is reused. ``None`` plans anew.
+            norms: One norm per tensor already computed elsewhere (gradient
+                clipping computes them): phase 1 then reads no gradient memory.
+        """
+        if not values:
             return {}
-        pieces = [p for group in plan for p in group.pieces]
-        flagged = [piece for piece, bad in zip(pieces, flags) if bad]
+        if norms is None:
+            flagged = self._flag_pieces(values, key)
+        else:
+            flagged = _flag_by_norms(norms)
+        if not flagged:
+            return {}
         # Phase 2: exact counts of the flagged pieces, grouped by device, one read-out.
-        by_device: dict[torch.device, list[_Piece]] = defaultdict(list)
+        on_device: dict[torch.device, list[_Piece]] = defaultdict(list)
         for piece in flagged:
-            by_device[values[piece.index].device].append(piece)
-        ordered = [piece for members in by_device.values() for piece in members]
+            on_device[values[piece.index].device].append(piece)
+        ordered = [piece for members in on_device.values() for piece in members]
         counts = _to_host(
-            [torch.stack([_exact(values, p) for p in members]) for members in by_device.values()]
+            [torch.stack([_exact(values, p) for p in members]) for members in on_device.values()]
         )
         result: dict[int, tuple[int, int]] = {}
         for piece, (nan, inf) in zip(ordered, counts):
@@ -186,6 +200,18 @@ class Scanner:
                 old_nan, old_inf = result.get(piece.index, (0, 0))
                 result[piece.index] = (old_nan + nan, old_inf + inf)
         return result
+
+
+def _flag_by_norms(norms: Sequence[torch.Tensor]) -> list[_Piece]:
+    """Phase 1 from per-tensor norms: whole tensors whose norm is not finite."""
+    by_device: dict[torch.device, list[int]] = defaultdict(list)
+    for i, norm in enumerate(norms):
+        by_device[norm.device].append(i)
+    order = [i for members in by_device.values() for i in members]
+    finite = _to_host(
+        [torch.isfinite(torch.stack([norms[i] for i in m])) for m in by_device.values()]
+    )
+    return [_Piece(i) for i, ok in zip(order, finite) if not ok]
 
 
 def count_nonfinite(values: Sequence[torch.Tensor]) -> dict[int, tuple[int, int]]:

@@ -1,0 +1,93 @@
+"""Gradient clipping that collects gradient health from the same pass over the gradients.
+
+Clipping already computes one norm per gradient; a norm is not finite when its
+gradient holds a NaN or an Inf, so gradtel decides health from those norms and
+counts exactly only the gradients whose norm is not finite.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+
+from .monitor import GradMonitor
+
+__all__ = ["clip_grad_norm_"]
+
+
+def _per_tensor_norms(grads: list[torch.Tensor], norm_type: float) -> list[torch.Tensor]:
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, grad in enumerate(grads):
+        groups[(grad.device, grad.dtype)].append(i)
+    norms: list[torch.Tensor | None] = [None] * len(grads)
+    for members in groups.values():
+        for i, norm in zip(members, torch._foreach_norm([grads[i] for i in members], norm_type)):
+            norms[i] = norm
+    return norms  # type: ignore[return-value]
+
+
+def clip_grad_norm_(
+    parameters: torch.Tensor | Iterable[torch.Tensor],
+    max_norm: float,
+    norm_type: float = 2.0,
+    *,
+    monitor: GradMonitor,
+    error_if_nonfinite: bool = False,
+) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` that also runs ``monitor.collect()`` on the way.
+
+    Health is collected *before* the gradients are rescaled: clipping with a
+    non-finite total norm rewrites every gradient (one NaN makes them all NaN).
+    The monitor's policy runs first too, so ``on_critical="skip"`` clears the
+    gradients and nothing is clipped.
+
+    Args:
+        parameters: Parameters (or one tensor) whose gradients are clipped.
+        max_norm: Largest allowed total norm.
+        norm_type: Type of the p-norm; ``float("inf")`` for the max norm.
+        monitor: The :class:`~gradtel.GradMonitor` to collect into.
+        error_if_nonfinite: Raise ``RuntimeError`` when the total norm is not
+            finite, as torch does (after gradtel has counted and recorded).
+
+    Returns:
+        The total norm of the gradients before clipping, as a tensor.
+
+    >>> import torch, gradtel
+    >>> model = torch.nn.Linear(4, 2)
+    >>> monitor = gradtel.GradMonitor(model)
+    >>> model(torch.ones(1, 4)).sum().backward()
+    >>> total = gradtel.clip_grad_norm_(model.parameters(), 1.0, monitor=monitor)
+    >>> bool(total > 0)
+    True
+    """
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    with_grad = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in with_grad]
+    if not all(g is not None and g.layout is torch.strided for g in grads):
+        # No multi-tensor norm for sparse gradients: scan them first, then torch
+        # clips (or refuses sparse gradients, as torch.nn.utils does).
+        monitor.collect()
+        clipped: torch.Tensor = torch.nn.utils.clip_grad_norm_(
+            params, max_norm, norm_type, error_if_nonfinite=error_if_nonfinite
+        )
+        return clipped
+    norm_type = float(norm_type)
+    norms = _per_tensor_norms(grads, norm_type)  # type: ignore[arg-type]
+    monitor.collect(norms=dict(zip(with_grad, norms)))
+    kept = [(p, n) for p, n in zip(with_grad, norms) if p.grad is not None]
+    if not kept:  # nothing to clip: no gradients, or the policy cleared them
+        return torch.tensor(0.0)
+    first = kept[0][1].device
+    total: torch.Tensor = torch.linalg.vector_norm(
+        torch.stack([n.to(first) for _, n in kept]), norm_type
+    )
+    if error_if_nonfinite and bool(torch.logical_or(total.isnan(), total.isinf())):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
+            "so it cannot be clipped. gradtel has counted the non-finite values per layer; "
+            "set error_if_nonfinite=False to clip anyway."
+        )
+    torch.nn.utils.clip_grads_with_norm_([p for p, _ in kept], max_norm, total)
+    return total

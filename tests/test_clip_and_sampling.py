@@ -1,0 +1,140 @@
+"""Health from the clipping pass, and sampled scanning."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+from opentelemetry.sdk.metrics import MeterProvider
+from torch import nn
+
+import gradtel
+from gradtel import GradMonitor, Status
+
+from .conftest import sample, samples
+from .test_scan import ReadOuts
+
+NAN, INF = float("nan"), float("inf")
+
+
+def model_with_grads(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 300), nn.ReLU(), nn.Linear(300, 300), nn.Linear(300, 2))
+    model(torch.randn(16, 8)).pow(2).sum().backward()
+    return model
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")])
+def test_clipping_matches_torch(provider: MeterProvider, norm_type: float) -> None:
+    ours = model_with_grads()
+    theirs = copy.deepcopy(ours)
+    for mine, reference in zip(ours.parameters(), theirs.parameters()):
+        reference.grad = mine.grad.clone()
+    monitor = GradMonitor(ours, meter_provider=provider)
+    total = gradtel.clip_grad_norm_(ours.parameters(), 0.5, norm_type, monitor=monitor)
+    expected = nn.utils.clip_grad_norm_(theirs.parameters(), 0.5, norm_type)
+    torch.testing.assert_close(total, expected)
+    for mine, reference in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(mine.grad, reference.grad)
+
+
+def test_counts_are_taken_before_clipping_spreads_nan(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    model = model_with_grads()
+    monitor = GradMonitor(model, meter_provider=provider, on_warning="ignore", on_critical="ignore")
+    model[2].weight.grad[0, :3] = NAN
+    model[3].bias.grad[1] = -INF
+    total = gradtel.clip_grad_norm_(model.parameters(), 1.0, monitor=monitor)
+    assert torch.isnan(total)
+    found = samples(registry)
+    assert sample(found, "gradtel_update_nan_grads", layer="2") == 3
+    assert sample(found, "gradtel_update_inf_grads", layer="3") == 1
+    assert sample(found, "gradtel_update_nan_grads", layer="0") == 0
+    # torch's clipping with a NaN total norm then makes every gradient NaN.
+    assert torch.isnan(model[0].weight.grad).all()
+
+
+def test_skip_policy_clears_gradients_and_nothing_is_clipped(provider: MeterProvider) -> None:
+    model = model_with_grads()
+    monitor = GradMonitor(model, meter_provider=provider, on_critical="skip")
+    model[0].weight.grad[:2] = INF  # 16 Inf: critical
+    total = gradtel.clip_grad_norm_(model.parameters(), 1.0, monitor=monitor)
+    assert total.item() == 0.0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_error_if_nonfinite_raises_after_recording(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    model = model_with_grads()
+    monitor = GradMonitor(model, meter_provider=provider, on_warning="ignore")
+    model[3].weight.grad[0, 0] = NAN
+    with pytest.raises(RuntimeError, match="gradtel has counted the non-finite values per layer"):
+        gradtel.clip_grad_norm_(model.parameters(), 1.0, monitor=monitor, error_if_nonfinite=True)
+    assert sample(samples(registry), "gradtel_nan_grads_total", layer="3") == 1
+
+
+def test_clipping_a_subset_still_scans_every_watched_gradient(provider: MeterProvider) -> None:
+    model = model_with_grads()
+    monitor = GradMonitor(model, meter_provider=provider, on_warning="ignore")
+    model[0].bias.grad[4] = NAN  # not among the clipped parameters
+    found: list[gradtel.GradHealth] = []
+    original = monitor.collect
+
+    def recording_collect(**kwargs: object) -> gradtel.GradHealth:
+        found.append(original(**kwargs))  # type: ignore[arg-type]
+        return found[-1]
+
+    monitor.collect = recording_collect  # type: ignore[method-assign]
+    gradtel.clip_grad_norm_(model[3].parameters(), 1.0, monitor=monitor)
+    assert [dict(h.nan_by_layer) for h in found] == [{"0": 1}]
+
+
+def test_healthy_clipping_adds_one_read_out_and_no_pass_over_gradients(
+    provider: MeterProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = model_with_grads()
+    monitor = GradMonitor(model, meter_provider=provider)
+    sums: list[str] = []
+    original_sum = torch.Tensor.sum
+    monkeypatch.setattr(torch.Tensor, "sum", lambda t, *a, **k: sums.append("sum") or original_sum(t, *a, **k))
+    read_outs = ReadOuts(monkeypatch)
+    gradtel.clip_grad_norm_(model.parameters(), 1.0, monitor=monitor)
+    assert read_outs.calls == ["tolist"]
+    assert sums == []  # the scan reused clipping's norms
+
+
+def test_sparse_gradients_are_collected_before_torch_refuses_to_clip_them(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    embed = nn.Embedding(50, 4, sparse=True)
+    monitor = GradMonitor(embed, meter_provider=provider, on_warning="ignore")
+    embed(torch.tensor([1, 2])).sum().backward()
+    embed.weight.grad._values()[0, 0] = NAN
+    with pytest.raises(NotImplementedError):  # torch cannot clip sparse gradients
+        gradtel.clip_grad_norm_(embed.parameters(), 1.0, monitor=monitor)
+    assert sample(samples(registry), "gradtel_nan_grads_total", layer=gradtel.ROOT_LAYER) == 1
+
+
+def test_sample_every_scans_one_update_in_n(provider: MeterProvider, registry: CollectorRegistry) -> None:
+    model = model_with_grads()
+    monitor = GradMonitor(model, meter_provider=provider, sample_every=3, on_warning="ignore")
+    model[2].bias.grad[0] = NAN
+    results = [monitor.collect() for _ in range(7)]
+    assert [h.sampled for h in results] == [True, False, False, True, False, False, True]
+    assert [h.nan_total for h in results] == [1, 0, 0, 1, 0, 0, 1]
+    assert [h.step for h in results] == list(range(1, 8))
+    unsampled = results[1]
+    assert unsampled.scanned == 0 and unsampled.status is Status.HEALTHY
+    found = samples(registry)
+    assert sample(found, "gradtel_updates_total") == 3
+    assert sample(found, "gradtel_unhealthy_updates_total", kind="nan", severity="warning") == 3
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, True, "2"])
+def test_bad_sample_every(value: object) -> None:
+    with pytest.raises(ValueError, match=f"sample_every must be an int >= 1, got {value!r}"):
+        GradMonitor(nn.Linear(2, 2), sample_every=value)  # type: ignore[arg-type]
