@@ -7,25 +7,26 @@ counts exactly only the gradients whose norm is not finite.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
+from .health import Status
 from .monitor import GradMonitor
 
 __all__ = ["clip_grad_norm_"]
 
 
 def _per_tensor_norms(grads: list[torch.Tensor], norm_type: float) -> list[torch.Tensor]:
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-    for i, grad in enumerate(grads):
-        groups[(grad.device, grad.dtype)].append(i)
-    norms: list[torch.Tensor | None] = [None] * len(grads)
-    for members in groups.values():
-        for i, norm in zip(members, torch._foreach_norm([grads[i] for i in members], norm_type)):
+    """One norm per gradient, in order, with a multi-tensor norm per device and dtype."""
+    norms: list[torch.Tensor] = [torch.empty(0)] * len(grads)
+    # The grouping torch.nn.utils.clip_grad_norm_ itself uses (C++, no Python loop).
+    groups = _group_tensors_by_device_and_dtype([grads], with_indices=True)  # type: ignore[list-item]
+    for ([tensors], indices) in groups.values():
+        for i, norm in zip(indices, torch._foreach_norm(tensors, norm_type)):  # type: ignore[arg-type]
             norms[i] = norm
-    return norms  # type: ignore[return-value]
+    return norms
 
 
 def clip_grad_norm_(
@@ -75,13 +76,15 @@ def clip_grad_norm_(
         return clipped
     norm_type = float(norm_type)
     norms = _per_tensor_norms(grads, norm_type)  # type: ignore[arg-type]
-    monitor.collect(norms=dict(zip(with_grad, norms)))
-    kept = [(p, n) for p, n in zip(with_grad, norms) if p.grad is not None]
-    if not kept:  # nothing to clip: no gradients, or the policy cleared them
+    health = monitor.collect(norms=dict(zip(with_grad, norms)))
+    if health.status is not Status.HEALTHY:  # a "skip" policy may have cleared gradients
+        kept = [(p, n) for p, n in zip(with_grad, norms) if p.grad is not None]
+        with_grad, norms = [p for p, _ in kept], [n for _, n in kept]
+    if not with_grad:  # nothing to clip: no gradients, or the policy cleared them
         return torch.tensor(0.0)
-    first = kept[0][1].device
+    first = norms[0].device
     total: torch.Tensor = torch.linalg.vector_norm(
-        torch.stack([n.to(first) for _, n in kept]), norm_type
+        torch.stack([n.to(first) for n in norms]), norm_type
     )
     if error_if_nonfinite and bool(torch.logical_or(total.isnan(), total.isinf())):
         raise RuntimeError(
@@ -89,5 +92,5 @@ def clip_grad_norm_(
             "so it cannot be clipped. gradtel has counted the non-finite values per layer; "
             "set error_if_nonfinite=False to clip anyway."
         )
-    torch.nn.utils.clip_grads_with_norm_([p for p, _ in kept], max_norm, total)
+    torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total)
     return total

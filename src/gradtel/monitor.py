@@ -31,6 +31,10 @@ logger = logging.getLogger("gradtel")
 
 T = TypeVar("T")
 
+_PLAIN_DTYPES = {
+    torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128
+}  # fmt: skip
+
 
 def _named_parameters(model: object) -> list[tuple[str, torch.nn.Parameter]]:
     if isinstance(model, torch.nn.Module):
@@ -152,6 +156,8 @@ class GradMonitor:
         self._labels = labels
         self._layer_names = tuple(distinct(labels))
         self._scanner = Scanner()
+        # Gradients of these dtypes are counted as they are when strided.
+        self._plain = [p.dtype in _PLAIN_DTYPES for p in self._params]
         self.thresholds = thresholds
         self.sample_every = sample_every
         self._on_error = on_error
@@ -203,49 +209,56 @@ class GradMonitor:
             return health
 
     def _scan(self, norms: Mapping[torch.Tensor, torch.Tensor] | None) -> GradHealth:
+        # The hot loop: one pass over the parameters, no per-parameter checks
+        # beyond what decides whether a gradient is counted as it is.
         values: list[torch.Tensor] = []
-        given: list[torch.Tensor | None] = []
-        owners: list[str] = []
         present: list[int] = []
-        sparse = False
         skipped = 0
-        for index, (param, label) in enumerate(zip(self._params, self._labels)):
+        dense = True
+        plain = self._plain
+        strided = torch.strided
+        for index, param in enumerate(self._params):
             grad = param.grad
             if grad is None or not param.requires_grad:
                 skipped += 1
-                continue
-            sparse = sparse or grad.layout is not torch.strided
-            countable = countable_values(grad)
-            if countable is None:
-                skipped += 1
-                self._failed(
-                    "scan",
-                    TypeError(f"cannot count a {grad.layout} {grad.dtype} gradient in {label}"),
-                )
-                continue
-            values.append(countable)
-            owners.append(label)
-            present.append(index)
-            if norms is not None:
-                given.append(norms.get(param))
-        nan_by_layer: dict[str, int] = {}
-        inf_by_layer: dict[str, int] = {}
+            elif plain[index] and grad.layout is strided:
+                values.append(grad)
+                present.append(index)
+            else:
+                dense = dense and grad.layout is strided
+                countable = countable_values(grad)
+                if countable is None:
+                    skipped += 1
+                    self._failed(
+                        "scan",
+                        TypeError(
+                            f"cannot count a {grad.layout} {grad.dtype} gradient "
+                            f"in {self._labels[index]}"
+                        ),
+                    )
+                    continue
+                values.append(countable)
+                present.append(index)
+        summary: list[torch.Tensor] | None = None
+        if norms is not None and dense:
+            summary = []
+            for i, v in zip(present, values):
+                norm = norms.get(self._params[i])
+                summary.append(torch.linalg.vector_norm(v) if norm is None else norm)
         # Dense gradients keep their parameter's size, so the scan plan for a set
         # of present parameters can be reused; sparse ones change size each update.
-        key = None if sparse else tuple(present)
-        summary = None
-        if norms is not None and not sparse:
-            summary = [
-                n if n is not None else torch.linalg.vector_norm(v) for n, v in zip(given, values)
-            ]
+        key = tuple(present) if dense else None
         counts = self._guarded("scan", lambda: self._scanner.count(values, key, summary))
         if counts is None:  # the scan failed: nothing was counted, say so
             skipped, values, counts = len(self._params), [], {}
+        nan_by_layer: dict[str, int] = {}
+        inf_by_layer: dict[str, int] = {}
         for i, (nan, inf) in counts.items():
+            layer = self._labels[present[i]]
             if nan:
-                nan_by_layer[owners[i]] = nan_by_layer.get(owners[i], 0) + nan
+                nan_by_layer[layer] = nan_by_layer.get(layer, 0) + nan
             if inf:
-                inf_by_layer[owners[i]] = inf_by_layer.get(owners[i], 0) + inf
+                inf_by_layer[layer] = inf_by_layer.get(layer, 0) + inf
         return GradHealth(
             nan_by_layer=nan_by_layer,
             inf_by_layer=inf_by_layer,
