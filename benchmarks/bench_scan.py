@@ -130,11 +130,11 @@ def bench_workload(name: str, model: nn.Module, step: Callable[[], None], bad_la
         "clip_grad_norm_ (torch)": lambda: nn.utils.clip_grad_norm_(params, 1e9),
         "clip_grad_norm_ + health": lambda: gradtel.clip_grad_norm_(params, 1e9, monitor=monitor),
         "collect(), sample_every=10": sampled.collect,
+        "original per-layer": original_per_layer(model),
     }
     if grads[0].dtype in (torch.float16, torch.float32, torch.float64):
         methods["AMP non-finite check"] = amp_check
     rows = measure_all(methods, repeats)
-    rows["original per-layer"] = measure(original_per_layer(model), max(3, repeats // 5))
     rows["forward+backward step"] = step_time
 
     saved = [g.clone() for g in grads]
@@ -147,12 +147,12 @@ def bench_workload(name: str, model: nn.Module, step: Callable[[], None], bad_la
     # Healthy and unhealthy collect(), interleaved on the same gradient memory.
     times: dict[str, list[float]] = {"healthy": [], "unhealthy": []}
     for _ in range(repeats):
-        for name, source in (("healthy", saved), ("unhealthy", poisoned)):
+        for case, source in (("healthy", saved), ("unhealthy", poisoned)):
             for grad, data in zip(grads, source):
                 grad.copy_(data)
             started = time.perf_counter()
             monitor.collect()
-            times[name].append(time.perf_counter() - started)
+            times[case].append(time.perf_counter() - started)
     rows["collect(), healthy (paired)"] = Timing(statistics.median(times["healthy"]), min(times["healthy"]))
     rows["collect(), unhealthy"] = Timing(statistics.median(times["unhealthy"]), min(times["unhealthy"]))
     for grad, clean in zip(grads, saved):

@@ -138,3 +138,20 @@ def test_sample_every_scans_one_update_in_n(provider: MeterProvider, registry: C
 def test_bad_sample_every(value: object) -> None:
     with pytest.raises(ValueError, match=f"sample_every must be an int >= 1, got {value!r}"):
         GradMonitor(nn.Linear(2, 2), sample_every=value)  # type: ignore[arg-type]
+
+
+def test_clipping_with_a_parameter_frozen_after_the_monitor_was_made(provider: MeterProvider) -> None:
+    model = model_with_grads()
+    monitor = GradMonitor(model, meter_provider=provider, on_warning="ignore")
+    model[0].bias.requires_grad_(False)  # keeps its gradient, but is no longer trained
+    model[3].weight.grad[1, 7] = NAN
+    found: list[gradtel.GradHealth] = []
+    original = monitor.collect
+
+    def recording_collect(**kwargs: object) -> gradtel.GradHealth:
+        found.append(original(**kwargs))  # type: ignore[arg-type]
+        return found[-1]
+
+    monitor.collect = recording_collect  # type: ignore[method-assign]
+    gradtel.clip_grad_norm_(model.parameters(), 1.0, monitor=monitor)
+    assert [(dict(h.nan_by_layer), h.skipped) for h in found] == [({"3": 1}, 1)]

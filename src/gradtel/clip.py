@@ -76,16 +76,21 @@ def clip_grad_norm_(
         return clipped
     norm_type = float(norm_type)
     norms = _per_tensor_norms(grads, norm_type)  # type: ignore[arg-type]
-    health = monitor.collect(norms=dict(zip(with_grad, norms)))
-    if health.status is not Status.HEALTHY:  # a "skip" policy may have cleared gradients
-        kept = [(p, n) for p, n in zip(with_grad, norms) if p.grad is not None]
-        with_grad, norms = [p for p, _ in kept], [n for _, n in kept]
-    if not with_grad:  # nothing to clip: no gradients, or the policy cleared them
-        return torch.tensor(0.0)
     first = norms[0].device
-    total: torch.Tensor = torch.linalg.vector_norm(
-        torch.stack([n.to(first) for n in norms]), norm_type
-    )
+    stacked = torch.stack([n if n.device == first else n.to(first) for n in norms])
+    if len(with_grad) == len(monitor.parameters) and all(
+        mine is theirs for mine, theirs in zip(with_grad, monitor.parameters)
+    ):
+        health = monitor.collect(norms=stacked)  # the usual call: clip what is watched
+    else:
+        health = monitor.collect(norms=dict(zip(with_grad, norms)))
+    if health.status is not Status.HEALTHY:  # a "skip" policy may have cleared gradients
+        kept = [i for i, p in enumerate(with_grad) if p.grad is not None]
+        if not kept:
+            return torch.tensor(0.0)
+        with_grad = [with_grad[i] for i in kept]
+        stacked = stacked[torch.tensor(kept, device=first)]
+    total: torch.Tensor = torch.linalg.vector_norm(stacked, norm_type)
     if error_if_nonfinite and bool(torch.logical_or(total.isnan(), total.isinf())):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "

@@ -153,11 +153,14 @@ class GradMonitor:
             )
         labels = assign_layers((n for n, _ in named), max_layers=max_layers, depth=layer_depth)
         self._params = [p for _, p in named]
+        self._watched = tuple(self._params)
         self._labels = labels
         self._layer_names = tuple(distinct(labels))
         self._scanner = Scanner()
         # Gradients of these dtypes are counted as they are when strided.
         self._plain = [p.dtype in _PLAIN_DTYPES for p in self._params]
+        self._all_plain = all(self._plain)
+        self._everyone = list(range(len(self._params)))
         self.thresholds = thresholds
         self.sample_every = sample_every
         self._on_error = on_error
@@ -172,18 +175,26 @@ class GradMonitor:
         )
 
     @property
+    def parameters(self) -> tuple[torch.nn.Parameter, ...]:
+        """The watched parameters, in the order ``collect(norms=...)`` takes a tensor of norms."""
+        return self._watched
+
+    @property
     def layers(self) -> tuple[str, ...]:
         """Every ``layer`` label this monitor reports, in model order."""
         return self._layer_names
 
-    def collect(self, *, norms: Mapping[torch.Tensor, torch.Tensor] | None = None) -> GradHealth:
+    def collect(
+        self, *, norms: torch.Tensor | Mapping[torch.Tensor, torch.Tensor] | None = None
+    ) -> GradHealth:
         """Scan the current gradients, record them and apply the policy.
 
         Args:
-            norms: Norms of the parameters' gradients already computed this
-                update, by parameter (:func:`gradtel.clip_grad_norm_` passes
-                them): gradtel then decides health without reading the
-                gradients again, and counts exactly only those not finite.
+            norms: Norms of the gradients already computed this update
+                (:func:`gradtel.clip_grad_norm_` passes them): a 1-D tensor in
+                the order of :attr:`parameters`, or a mapping by parameter.
+                gradtel then decides health without reading the gradients
+                again, and counts exactly only those whose norm is not finite.
 
         Returns:
             The update's :class:`~gradtel.GradHealth`.
@@ -208,46 +219,62 @@ class GradMonitor:
                 apply_action(action, health, self._params)
             return health
 
-    def _scan(self, norms: Mapping[torch.Tensor, torch.Tensor] | None) -> GradHealth:
-        # The hot loop: one pass over the parameters, no per-parameter checks
-        # beyond what decides whether a gradient is counted as it is.
+    def _gather(self) -> tuple[list[torch.Tensor], list[int], int, bool]:
+        """Countable gradients, their parameters' positions, how many were skipped, all dense."""
+        grads = [p.grad for p in self._params]
+        strided = torch.strided
+        # The usual update: every watched parameter has a plain dense gradient.
+        # (Never `None in grads`: it compares each tensor with None elementwise.)
+        if self._all_plain and all(
+            g is not None and g.layout is strided and p.requires_grad
+            for g, p in zip(grads, self._params)
+        ):
+            return grads, self._everyone, 0, True  # type: ignore[return-value]
         values: list[torch.Tensor] = []
         present: list[int] = []
         skipped = 0
         dense = True
-        plain = self._plain
-        strided = torch.strided
-        for index, param in enumerate(self._params):
-            grad = param.grad
+        for index, (param, grad) in enumerate(zip(self._params, grads)):
             if grad is None or not param.requires_grad:
                 skipped += 1
-            elif plain[index] and grad.layout is strided:
-                values.append(grad)
-                present.append(index)
+                continue
+            if self._plain[index] and grad.layout is torch.strided:
+                countable: torch.Tensor | None = grad
             else:
-                dense = dense and grad.layout is strided
+                dense = dense and grad.layout is torch.strided
                 countable = countable_values(grad)
-                if countable is None:
-                    skipped += 1
-                    self._failed(
-                        "scan",
-                        TypeError(
-                            f"cannot count a {grad.layout} {grad.dtype} gradient "
-                            f"in {self._labels[index]}"
-                        ),
-                    )
-                    continue
-                values.append(countable)
-                present.append(index)
-        summary: list[torch.Tensor] | None = None
+            if countable is None:
+                skipped += 1
+                self._failed(
+                    "scan",
+                    TypeError(
+                        f"cannot count a {grad.layout} {grad.dtype} gradient in {self._labels[index]}"
+                    ),
+                )
+                continue
+            values.append(countable)
+            present.append(index)
+        return values, present, skipped, dense
+
+    def _scan(
+        self, norms: torch.Tensor | Mapping[torch.Tensor, torch.Tensor] | None
+    ) -> GradHealth:
+        values, present, skipped, dense = self._gather()
+        summary: torch.Tensor | list[torch.Tensor] | None = None
         if norms is not None and dense:
-            summary = []
-            for i, v in zip(present, values):
-                norm = norms.get(self._params[i])
-                summary.append(torch.linalg.vector_norm(v) if norm is None else norm)
+            if isinstance(norms, torch.Tensor):
+                everyone = present is self._everyone
+                summary = norms if everyone else norms[torch.tensor(present, device=norms.device)]
+            else:
+                summary = []
+                for i, v in zip(present, values):
+                    norm = norms.get(self._params[i])
+                    summary.append(torch.linalg.vector_norm(v) if norm is None else norm)
         # Dense gradients keep their parameter's size, so the scan plan for a set
         # of present parameters can be reused; sparse ones change size each update.
-        key = tuple(present) if dense else None
+        key: object = None
+        if dense:
+            key = "all" if present is self._everyone else tuple(present)
         counts = self._guarded("scan", lambda: self._scanner.count(values, key, summary))
         if counts is None:  # the scan failed: nothing was counted, say so
             skipped, values, counts = len(self._params), [], {}

@@ -188,7 +188,7 @@ class Scanner:
         self,
         values: Sequence[torch.Tensor],
         key: object = None,
-        norms: Sequence[torch.Tensor] | None = None,
+        norms: torch.Tensor | Sequence[torch.Tensor] | None = None,
     ) -> dict[int, tuple[int, int]]:
         """``{position: (nan, inf)}`` for each tensor holding a non-finite element.
 
@@ -197,7 +197,8 @@ class Scanner:
             key: Identifies the tensors' devices, dtypes and sizes; the plan
                 made for a key is reused. ``None`` plans anew.
             norms: One norm per tensor already computed elsewhere (gradient
-                clipping computes them): phase 1 then reads no gradient memory.
+                clipping computes them), as a list or stacked in a 1-D tensor:
+                phase 1 then reads no gradient memory.
         """
         if not values:
             return {}
@@ -223,10 +224,11 @@ class Scanner:
         return result
 
 
-def _flag_by_norms(norms: Sequence[torch.Tensor]) -> list[_Piece]:
+def _flag_by_norms(norms: torch.Tensor | Sequence[torch.Tensor]) -> list[_Piece]:
     """Phase 1 from per-tensor norms: whole tensors whose norm is not finite."""
-    if len({norm.device for norm in norms}) == 1:  # the usual case: one device
-        finite = torch.isfinite(torch.stack(list(norms))).tolist()
+    if isinstance(norms, torch.Tensor) or len({norm.device for norm in norms}) == 1:
+        stacked = norms if isinstance(norms, torch.Tensor) else torch.stack(list(norms))
+        finite = torch.isfinite(stacked).tolist()
         return [_Piece(i) for i, ok in enumerate(finite) if not ok]
     by_device: dict[torch.device, list[int]] = defaultdict(list)
     for i, norm in enumerate(norms):
