@@ -19,6 +19,19 @@ from .test_scan import ReadOuts
 NAN, INF = float("nan"), float("inf")
 
 
+def record_collects(monitor: GradMonitor) -> list[gradtel.GradHealth]:
+    """Keep every GradHealth that ``monitor.collect`` returns from now on."""
+    found: list[gradtel.GradHealth] = []
+    original = monitor.collect
+
+    def recording_collect(**kwargs: object) -> gradtel.GradHealth:
+        found.append(original(**kwargs))  # type: ignore[arg-type]
+        return found[-1]
+
+    monitor.collect = recording_collect  # type: ignore[method-assign]
+    return found
+
+
 def model_with_grads(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(8, 300), nn.ReLU(), nn.Linear(300, 300), nn.Linear(300, 2))
@@ -81,14 +94,7 @@ def test_clipping_a_subset_still_scans_every_watched_gradient(provider: MeterPro
     model = model_with_grads()
     monitor = GradMonitor(model, meter_provider=provider, on_warning="ignore")
     model[0].bias.grad[4] = NAN  # not among the clipped parameters
-    found: list[gradtel.GradHealth] = []
-    original = monitor.collect
-
-    def recording_collect(**kwargs: object) -> gradtel.GradHealth:
-        found.append(original(**kwargs))  # type: ignore[arg-type]
-        return found[-1]
-
-    monitor.collect = recording_collect  # type: ignore[method-assign]
+    found = record_collects(monitor)
     gradtel.clip_grad_norm_(model[3].parameters(), 1.0, monitor=monitor)
     assert [dict(h.nan_by_layer) for h in found] == [{"0": 1}]
 
@@ -145,13 +151,6 @@ def test_clipping_with_a_parameter_frozen_after_the_monitor_was_made(provider: M
     monitor = GradMonitor(model, meter_provider=provider, on_warning="ignore")
     model[0].bias.requires_grad_(False)  # keeps its gradient, but is no longer trained
     model[3].weight.grad[1, 7] = NAN
-    found: list[gradtel.GradHealth] = []
-    original = monitor.collect
-
-    def recording_collect(**kwargs: object) -> gradtel.GradHealth:
-        found.append(original(**kwargs))  # type: ignore[arg-type]
-        return found[-1]
-
-    monitor.collect = recording_collect  # type: ignore[method-assign]
+    found = record_collects(monitor)
     gradtel.clip_grad_norm_(model.parameters(), 1.0, monitor=monitor)
     assert [(dict(h.nan_by_layer), h.skipped) for h in found] == [({"3": 1}, 1)]
