@@ -185,3 +185,20 @@ def test_one_read_out_per_phase_whatever_the_number_of_tensors(
     assert len(counts) == bad_tensors
     # One read-out decides healthy; an unhealthy update adds one for the exact counts.
     assert read_outs.calls == ["tolist"] * (1 if bad_tensors == 0 else 2)
+
+
+def test_a_plan_is_made_anew_when_the_tensors_change_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gradtel.scan
+
+    plans: list[int] = []
+    original = gradtel.scan._plan
+    monkeypatch.setattr(gradtel.scan, "_plan", lambda values: plans.append(len(values)) or original(values))
+    scanner = Scanner()
+    tensors = [torch.randn(3 * CHUNK), torch.randn(100)]
+    assert scanner.count(tensors, key="all") == {}
+    assert scanner.count(tensors, key="all") == {}
+    assert plans == [2]  # reused
+    moved = [t.to(torch.bfloat16) for t in tensors]  # as after model.to(torch.bfloat16)
+    moved[1][5] = INF
+    assert scanner.count(moved, key="all") == {1: (0, 1)}
+    assert plans == [2, 2]  # made anew: a plan's groups belong to one device and dtype

@@ -168,18 +168,24 @@ class Scanner:
     """
 
     def __init__(self, cache_size: int = 8) -> None:
-        self._plans: dict[object, list[_Group]] = {}
+        self._plans: dict[object, tuple[tuple[object, ...], list[_Group]]] = {}
         self._cache_size = cache_size
 
     def _flag_pieces(self, values: Sequence[torch.Tensor], key: object) -> list[_Piece]:
         """Phase 1: the pieces whose cheap reduction is not finite."""
-        plan = self._plans.get(key) if key is not None else None
-        if plan is None:
+        # A model moved with .to() after the plan was made keeps its parameters
+        # but not their device or dtype: check the ends before reusing a plan.
+        first, last = values[0], values[-1]
+        signature = (len(values), first.device, first.dtype, last.device, last.dtype)
+        cached = self._plans.get(key) if key is not None else None
+        if cached is not None and cached[0] == signature:
+            plan = cached[1]
+        else:
             plan = _plan(values)
             if key is not None:
-                if len(self._plans) >= self._cache_size:
+                if len(self._plans) >= self._cache_size and key not in self._plans:
                     self._plans.pop(next(iter(self._plans)))
-                self._plans[key] = plan
+                self._plans[key] = (signature, plan)
         flags = _to_host([_flags(values, group) for group in plan])
         pieces = [piece for group in plan for piece in group.pieces]
         return [piece for piece, bad in zip(pieces, flags) if bad]
