@@ -266,6 +266,8 @@ def main() -> None:
     gc.collect()
     results["1000 layers"] = bench_telemetry(1000, args.quick)
     results["memory"] = bench_memory(10_000 if args.quick else 100_000)
+    if args.quick:
+        print("\n(--quick: few repetitions and a tiny step; the targets below mean something only in a full run)")
     results["targets"] = check_targets(results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))
