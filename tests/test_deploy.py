@@ -26,7 +26,7 @@ def test_committed_kit_equals_the_default_render() -> None:
     rendered = render_kit()
     committed = {
         str(path.relative_to(DEPLOY)): path.read_text(encoding="utf-8")
-        for path in (DEPLOY / "prometheus").rglob("*")
+        for path in DEPLOY.rglob("*")
         if path.is_file()
     }
     stale = sorted(name for name in rendered if committed.get(name) != rendered[name])

@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 
 from .options import DEFAULT_RUNBOOK_URL, KitOptions, dump_yaml, header
-from .prometheus import alertmanager_config, rules, scrape_config
+from .grafana import dashboard_json, dashboard_provisioning, datasource_provisioning
+from .prometheus import alertmanager_config, compose_file, rules, scrape_config
 from .rule_tests import rule_tests
 from .runbook import runbook
 
@@ -57,7 +58,26 @@ def render_kit(options: KitOptions | None = None) -> dict[str, str]:
             [{"targets": ["node-1:9464", "node-1:9465"], "labels": {"node": "node-1"}}], indent=2
         )
         + "\n",
+        "prometheus/prometheus-compose.yml": dump_yaml(
+            header(o, "Prometheus config used by deploy/compose.yaml (inside a container).")
+            + "# Run training with GRADTEL_ADDR=0.0.0.0 so that the container can reach it.\n",
+            scrape_config(o, compose=True),
+        ),
         "prometheus/runbook.md": runbook(o),
+        "grafana/dashboards/gradtel.json": dashboard_json(o),
+        "grafana/provisioning/datasources/gradtel.yml": dump_yaml(
+            header(o, "Grafana datasource provisioning: the Prometheus of deploy/compose.yaml."),
+            datasource_provisioning("http://prometheus:9090"),
+        ),
+        "grafana/provisioning/dashboards/gradtel.yml": dump_yaml(
+            header(o, "Grafana dashboard provisioning: loads deploy/grafana/dashboards."),
+            dashboard_provisioning("/var/lib/grafana/dashboards"),
+        ),
+        "compose.yaml": dump_yaml(
+            header(o, "Prometheus, Alertmanager and Grafana with gradtel's configs: docker compose up")
+            + "# Grafana: http://localhost:3000 (anonymous viewer), Prometheus: http://localhost:9090\n",
+            compose_file(),
+        ),
     }
 
 

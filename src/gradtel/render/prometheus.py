@@ -13,7 +13,7 @@ from .options import (
     duration_seconds,
 )
 
-__all__ = ["alertmanager_config", "band_text", "rules", "scrape_config"]
+__all__ = ["alertmanager_config", "band_text", "compose_file", "rules", "scrape_config"]
 
 
 def band_text(o: KitOptions, severity: str) -> str:
@@ -169,19 +169,63 @@ def alertmanager_config(o: KitOptions) -> dict[str, Any]:
     }
 
 
-def scrape_config(o: KitOptions, *, ranks: bool) -> dict[str, Any]:
+def scrape_config(o: KitOptions, *, ranks: bool = False, compose: bool = False) -> dict[str, Any]:
+    """Prometheus config: one local process, several ranks, or inside deploy/compose.yaml."""
     job: dict[str, Any] = {"job_name": o.job, "scrape_interval": "5s"}
+    alertmanager = "127.0.0.1:9093"
     if ranks:
         # Rank r of a node serves on 9464 + local rank r.
         job["static_configs"] = [
             {"targets": ["127.0.0.1:9464", "127.0.0.1:9465"], "labels": {"node": "local"}}
         ]
         job["file_sd_configs"] = [{"files": ["targets/*.json"], "refresh_interval": "1m"}]
+    elif compose:
+        # From a container, the training process on the host (bound to 0.0.0.0).
+        job["static_configs"] = [{"targets": ["host.docker.internal:9464"]}]
+        alertmanager = "alertmanager:9093"
     else:
         job["static_configs"] = [{"targets": ["127.0.0.1:9464"]}]
     return {
         "global": {"scrape_interval": "15s", "evaluation_interval": "5s"},
         "rule_files": ["gradtel-rules.yml"],
-        "alerting": {"alertmanagers": [{"static_configs": [{"targets": ["127.0.0.1:9093"]}]}]},
+        "alerting": {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]},
         "scrape_configs": [job],
+    }
+
+
+def compose_file() -> dict[str, Any]:
+    """deploy/compose.yaml: Prometheus, Alertmanager and Grafana with the kit's configs."""
+    return {
+        "name": "gradtel",
+        "services": {
+            "prometheus": {
+                "image": "prom/prometheus:v2.53.4",
+                "command": [
+                    "--config.file=/etc/prometheus/prometheus-compose.yml",
+                    "--storage.tsdb.path=/prometheus",
+                ],
+                "volumes": ["./prometheus:/etc/prometheus:ro"],
+                "ports": ["9090:9090"],
+                "extra_hosts": ["host.docker.internal:host-gateway"],
+            },
+            "alertmanager": {
+                "image": "prom/alertmanager:v0.27.0",
+                "command": ["--config.file=/etc/alertmanager/alertmanager.yml"],
+                "volumes": ["./prometheus/alertmanager.yml:/etc/alertmanager/alertmanager.yml:ro"],
+                "ports": ["9093:9093"],
+            },
+            "grafana": {
+                "image": "grafana/grafana:11.6.0",
+                "volumes": [
+                    "./grafana/provisioning:/etc/grafana/provisioning:ro",
+                    "./grafana/dashboards:/var/lib/grafana/dashboards:ro",
+                ],
+                "ports": ["3000:3000"],
+                "environment": {
+                    "GF_AUTH_ANONYMOUS_ENABLED": "true",
+                    "GF_AUTH_ANONYMOUS_ORG_ROLE": "Viewer",
+                },
+                "depends_on": ["prometheus"],
+            },
+        },
     }

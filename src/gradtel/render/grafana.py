@@ -1,0 +1,329 @@
+"""Grafana side of the kit: the dashboard and its provisioning, rendered from the same options.
+
+Built with grafana-foundation-sdk (dashboards as code, pinned to the build
+for Grafana 11.6). Count thresholds on the panels come from ``Thresholds``: a
+count is coloured warning when ``> warning`` and critical when ``> critical``.
+Grafana steps mean "at least this value" and counts are integers, so the
+steps sit at ``warning + 1`` and ``critical + 1``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from grafana_foundation_sdk.builders import common as common_builders
+from grafana_foundation_sdk.builders import dashboard, prometheus, stat, table, timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common, dashboard as model
+from grafana_foundation_sdk.models.prometheus import PromQueryFormat
+
+from .options import KitOptions, duration_seconds
+
+__all__ = [
+    "DASHBOARD_UID",
+    "DATASOURCE_UID",
+    "count_steps",
+    "dashboard_json",
+    "dashboard_provisioning",
+    "datasource_provisioning",
+]
+
+DASHBOARD_UID = "gradtel-gradient-health"
+DATASOURCE_UID = "gradtel-prometheus"
+
+_DATASOURCE = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
+_SELECT = 'job=~"$job", instance=~"$instance", rank=~"$rank"'
+_LAYERS = _SELECT + ', layer=~"$layer"'
+GREEN, ORANGE, RED = "green", "orange", "red"
+_LAST = common_builders.ReduceDataOptions().calcs(["lastNotNull"])
+
+
+def _steps(*pairs: tuple[float | None, str]) -> dashboard.ThresholdsConfig:
+    return (
+        dashboard.ThresholdsConfig()
+        .mode(model.ThresholdsMode.ABSOLUTE)
+        .steps([model.Threshold(value=value, color=color) for value, color in pairs])
+    )
+
+
+def count_steps(o: KitOptions) -> dashboard.ThresholdsConfig:
+    """Green, then orange above ``warning``, red above ``critical``."""
+    t = o.thresholds
+    return _steps((None, GREEN), (t.warning + 1, ORANGE), (t.critical + 1, RED))
+
+
+def _query(expr: str, legend: str = "__auto", *, instant: bool = False, table_format: bool = False) -> prometheus.Dataquery:
+    q = prometheus.Dataquery().expr(expr).legend_format(legend).ref_id("A").datasource(_DATASOURCE)
+    if instant:
+        q = q.instant()
+    if table_format:
+        q = q.format(PromQueryFormat.TABLE)
+    return q
+
+
+def _grid(x: int, y: int, w: int, h: int) -> model.GridPos:
+    return model.GridPos(x=x, y=y, w=w, h=h)
+
+
+def _variable(name: str, query: str, label: str) -> dashboard.QueryVariable:
+    return (
+        dashboard.QueryVariable(name)
+        .label(label)
+        .query(query)
+        .datasource(_DATASOURCE)
+        .multi(True)
+        .include_all(True)
+        .all_value(".*")
+        .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(model.VariableSort.ALPHABETICAL_ASC)
+    )
+
+
+def _status_panels(o: KitOptions) -> list[Any]:
+    stall = duration_seconds(o.stall_after, "stall_after")
+    health_mappings: list[model.ValueMap | model.RangeMap | model.RegexMap | model.SpecialValueMap] = [
+        model.ValueMap(
+            {
+                "0": model.ValueMappingResult(text="healthy", color=GREEN, index=0),
+                "1": model.ValueMappingResult(text="warning", color=ORANGE, index=1),
+                "2": model.ValueMappingResult(text="critical", color=RED, index=2),
+            }
+        )
+    ]
+    health = (
+        stat.Panel()
+        .datasource(_DATASOURCE)
+        .reduce_options(_LAST)
+        .title("Health of the latest update")
+        .description("Worst of NaN and Inf in the most recent update: 0 healthy, 1 warning, 2 critical.")
+        .unit("none")
+        .with_target(_query(f"max(gradtel_update_status{{{_SELECT}}})", "health", instant=True))
+        .thresholds(_steps((None, GREEN), (1, ORANGE), (2, RED)))
+        .mappings(health_mappings)
+        .color_mode(common.BigValueColorMode.BACKGROUND)
+        .grid_pos(_grid(0, 1, 5, 4))
+    )
+    panels = [health]
+    for x, (kind, label) in zip((5, 10), (("nan", "NaN"), ("inf", "Inf"))):
+        panels.append(
+            stat.Panel()
+        .datasource(_DATASOURCE)
+        .reduce_options(_LAST)
+            .title(f"{label} in the latest update")
+            .description(
+                f"{label} gradient values in the most recent update, whole model: warning above "
+                f"{o.thresholds.warning}, critical above {o.thresholds.critical}."
+            )
+            .unit("none")
+            .with_target(_query(f"sum(gradtel_update_{kind}_grads{{{_SELECT}}})", label, instant=True))
+            .thresholds(count_steps(o))
+            .color_mode(common.BigValueColorMode.BACKGROUND)
+            .grid_pos(_grid(x, 1, 5, 4))
+        )
+    panels.append(
+        stat.Panel()
+        .datasource(_DATASOURCE)
+        .reduce_options(_LAST)
+        .title("Time since the last update")
+        .description(f"Red after {o.stall_after}, when GradtelTrainingStalled fires.")
+        .unit("s")
+        .with_target(
+            _query(f"time() - max(gradtel_last_update_timestamp_seconds{{{_SELECT}}})", "since", instant=True)
+        )
+        .thresholds(_steps((None, GREEN), (stall, RED)))
+        .grid_pos(_grid(15, 1, 5, 4))
+    )
+    panels.append(
+        stat.Panel()
+        .datasource(_DATASOURCE)
+        .reduce_options(_LAST)
+        .title("Updates per second")
+        .unit("ops")
+        .with_target(_query(f"sum(rate(gradtel_updates_total{{{_SELECT}}}[$__rate_interval]))", "updates/s"))
+        .grid_pos(_grid(20, 1, 4, 4))
+    )
+    return panels
+
+
+def _row(title: str, y: int) -> dashboard.Row:
+    return dashboard.Row(title).grid_pos(_grid(0, y, 24, 1))
+
+
+def _timeseries(title: str, unit: str, expr: str, legend: str, grid: model.GridPos, description: str) -> timeseries.Panel:
+    return (
+        timeseries.Panel()
+        .datasource(_DATASOURCE)
+        .title(title)
+        .description(description)
+        .unit(unit)
+        .with_target(_query(expr, legend))
+        .grid_pos(grid)
+    )
+
+
+def _dashboard(o: KitOptions) -> dashboard.Dashboard:
+    nonfinite = (
+        f"sum by (layer) (increase(gradtel_nan_grads_total{{{_LAYERS}}}[$__range]))"
+        f" + sum by (layer) (increase(gradtel_inf_grads_total{{{_LAYERS}}}[$__range]))"
+    )
+    board = (
+        dashboard.Dashboard("gradtel: gradient health")
+        .uid(DASHBOARD_UID)
+        .description(
+            "NaN and Inf gradient values per update, layer and rank, from gradtel. "
+            f"Rendered by `gradtel render` from Thresholds(warning={o.thresholds.warning}, "
+            f"critical={o.thresholds.critical})."
+        )
+        .tags(["gradtel", "training"])
+        .editable()
+        .refresh("10s")
+        .time("now-1h", "now")
+        .timezone("browser")
+        .with_variable(dashboard.DatasourceVariable("datasource").label("Data source").type("prometheus"))
+        .with_variable(_variable("job", f'label_values(gradtel_updates_total{{job=~".*"}}, job)', "Job"))
+        .with_variable(_variable("instance", 'label_values(gradtel_updates_total{job=~"$job"}, instance)', "Instance"))
+        .with_variable(
+            _variable("rank", 'label_values(gradtel_updates_total{job=~"$job", instance=~"$instance"}, rank)', "Rank")
+        )
+        .with_variable(
+            _variable("layer", f"label_values(gradtel_nan_grads_total{{{_SELECT}}}, layer)", "Layer")
+        )
+        .with_row(_row("Status", 0))
+    )
+    for panel in _status_panels(o):
+        board = board.with_panel(panel)
+    board = board.with_row(_row("Unhealthy updates", 5))
+    board = board.with_panel(
+        _timeseries(
+            "Unhealthy updates by kind and severity",
+            "short",
+            f"sum by (kind, severity) (increase(gradtel_unhealthy_updates_total{{{_SELECT}}}[$__rate_interval]))",
+            "{{kind}} {{severity}}",
+            _grid(0, 6, 8, 8),
+            "From the counter, so an unhealthy update between two scrapes still shows.",
+        )
+    )
+    for x, (kind, label) in zip((8, 16), (("nan", "NaN"), ("inf", "Inf"))):
+        board = board.with_panel(
+            _timeseries(
+                f"{label} values per layer",
+                "short",
+                f"sum by (layer) (increase(gradtel_{kind}_grads_total{{{_LAYERS}}}[$__rate_interval])) > 0",
+                "{{layer}}",
+                _grid(x, 6, 8, 8),
+                f"{label} gradient values per layer in each interval; layers with none are hidden.",
+            )
+        )
+    board = board.with_row(_row("Where", 14))
+    board = board.with_panel(
+        table.Panel()
+        .datasource(_DATASOURCE)
+        .title("Top layers by non-finite values in the selected range")
+        .unit("short")
+        .with_target(_query(f"topk(10, {nonfinite})", "{{layer}}", instant=True, table_format=True))
+        .grid_pos(_grid(0, 15, 12, 8))
+    )
+    board = board.with_panel(
+        _timeseries(
+            "Non-finite values by rank",
+            "short",
+            f"sum by (rank) (increase(gradtel_nan_grads_total{{{_SELECT}}}[$__rate_interval]))"
+            f" + sum by (rank) (increase(gradtel_inf_grads_total{{{_SELECT}}}[$__rate_interval]))",
+            "rank {{rank}}",
+            _grid(12, 15, 12, 8),
+            "Which rank produces the non-finite gradients (no rank label: a single process).",
+        )
+    )
+    board = board.with_row(_row("gradtel itself", 23))
+    for x, (quantile, name) in zip((0, 6), (("0.5", "p50"), ("0.99", "p99"))):
+        board = board.with_panel(
+            _timeseries(
+                f"Scan duration, {name}",
+                "s",
+                f"histogram_quantile({quantile}, sum by (le) (rate(gradtel_scan_duration_seconds_bucket{{{_SELECT}}}[$__rate_interval])))",
+                name,
+                _grid(x, 24, 6, 7),
+                "Time gradtel spends per update: its own overhead.",
+            )
+        )
+    board = board.with_panel(
+        _timeseries(
+            "Update rate",
+            "ops",
+            f"sum(rate(gradtel_updates_total{{{_SELECT}}}[$__rate_interval]))",
+            "updates/s",
+            _grid(12, 24, 6, 7),
+            "Scanned updates per second, next to the overhead.",
+        )
+    )
+    board = board.with_panel(
+        _timeseries(
+            "Failures inside gradtel",
+            "short",
+            f"sum by (stage) (increase(gradtel_errors_total{{{_SELECT}}}[$__rate_interval]))",
+            "{{stage}}",
+            _grid(18, 24, 6, 7),
+            "Training went on; see the process log.",
+        )
+    )
+    board = board.with_row(_row("Alerts", 31))
+    board = board.with_panel(
+        table.Panel()
+        .datasource(_DATASOURCE)
+        .title("Firing gradtel alerts")
+        .unit("short")
+        .with_target(
+            _query(
+                'ALERTS{alertstate="firing", alertname=~"Gradtel.*", job=~"$job"}',
+                "{{alertname}} {{severity}}",
+                instant=True,
+                table_format=True,
+            )
+        )
+        .grid_pos(_grid(0, 32, 24, 6))
+    )
+    return board
+
+
+def dashboard_json(o: KitOptions) -> str:
+    """The dashboard as Grafana JSON."""
+    encoded = JSONEncoder(sort_keys=True, indent=2).encode(_dashboard(o).build())
+    # Panel ids in order, so that the file is stable and every id is unique.
+    board = json.loads(encoded)
+    for number, panel in enumerate(board["panels"], start=1):
+        panel["id"] = number
+    return json.dumps(board, indent=2, sort_keys=True) + "\n"
+
+
+def datasource_provisioning(prometheus_url: str) -> dict[str, Any]:
+    return {
+        "apiVersion": 1,
+        "datasources": [
+            {
+                "name": "Prometheus (gradtel)",
+                "uid": DATASOURCE_UID,
+                "type": "prometheus",
+                "access": "proxy",
+                "url": prometheus_url,
+                "isDefault": True,
+                "jsonData": {"timeInterval": "5s"},
+            }
+        ],
+    }
+
+
+def dashboard_provisioning(path: str) -> dict[str, Any]:
+    return {
+        "apiVersion": 1,
+        "providers": [
+            {
+                "name": "gradtel",
+                "folder": "gradtel",
+                "type": "file",
+                "disableDeletion": False,
+                "allowUiUpdates": True,
+                "options": {"path": path},
+            }
+        ],
+    }
