@@ -1,0 +1,215 @@
+"""The Grafana dashboard, checked without a Grafana server: structure, conventions, and
+every panel query run against a live Prometheus that scraped a real `gradtel demo`."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gradtel import Thresholds
+from gradtel.render.grafana import DASHBOARD_UID, DATASOURCE_UID
+from gradtel.stack import Stack, StackTimings, free_port
+
+from .conftest import require_tool
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+BOARD = json.loads((DEPLOY / "grafana" / "dashboards" / "gradtel.json").read_text())
+PANELS = [p for p in BOARD["panels"] if p["type"] != "row"]
+VARIABLES = {v["name"]: v for v in BOARD["templating"]["list"]}
+BUILTINS = {"__rate_interval", "__range", "__interval"}
+
+
+def targets() -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    return [(panel, target) for panel in PANELS for target in panel["targets"]]
+
+
+def test_dashboard_model() -> None:
+    assert BOARD["uid"] == DASHBOARD_UID
+    assert BOARD["title"] == "gradtel: gradient health"
+    assert BOARD["refresh"] == "10s" and BOARD["time"] == {"from": "now-1h", "to": "now"}
+    assert BOARD["schemaVersion"] >= 39
+    assert VARIABLES["datasource"]["type"] == "datasource"
+    assert VARIABLES["datasource"]["query"] == "prometheus"
+    for name in ("job", "instance", "rank", "layer"):
+        variable = VARIABLES[name]
+        assert variable["type"] == "query" and variable["query"].startswith("label_values(")
+        assert variable["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert variable["includeAll"] and variable["allValue"] == ".*"
+
+
+def test_panel_ids_are_unique_and_the_grid_does_not_overlap() -> None:
+    ids = [p["id"] for p in BOARD["panels"]]
+    assert len(ids) == len(set(ids))
+    cells: set[tuple[int, int]] = set()
+    for panel in BOARD["panels"]:
+        g = panel["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, panel["title"]
+        area = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        assert not area & cells, f"{panel['title']} overlaps another panel"
+        cells |= area
+
+
+def test_every_panel_has_a_unit_and_the_datasource_variable() -> None:
+    for panel in PANELS:
+        assert panel["fieldConfig"]["defaults"].get("unit"), panel["title"]
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${datasource}"
+    assert "${DS_" not in json.dumps(BOARD)
+
+
+def test_every_variable_used_is_defined() -> None:
+    for panel, target in targets():
+        for name in re.findall(r"\$\{?(\w+)", target["expr"]):
+            assert name in VARIABLES or name in BUILTINS, (panel["title"], name)
+    for variable in VARIABLES.values():
+        for name in re.findall(r"\$\{?(\w+)", variable.get("query", "") if isinstance(variable.get("query"), str) else ""):
+            assert name in VARIABLES, (variable["name"], name)
+
+
+def test_count_thresholds_equal_the_thresholds() -> None:
+    t = Thresholds()
+    for kind in ("NaN", "Inf"):
+        panel = next(p for p in PANELS if p["title"] == f"{kind} in the latest update")
+        steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+        assert [(s["value"], s["color"]) for s in steps] == [
+            (None, "green"),
+            (t.warning + 1, "orange"),
+            (t.critical + 1, "red"),
+        ]
+
+
+def test_queries_follow_the_conventions() -> None:
+    counter = re.compile(r"(\w+_(?:total|bucket))\{[^}]*\}(\[[^\]]*\])?")
+    for panel, target in targets():
+        expr = target["expr"]
+        if not expr.startswith("ALERTS"):
+            for label in ("job", "instance", "rank"):
+                assert f'{label}=~"${label}"' in expr, (panel["title"], label)
+        for match in counter.finditer(expr):
+            before = expr[: match.start()]
+            assert re.search(r"(rate|increase)\($", before), (panel["title"], match.group(1))
+            assert match.group(2) in ("[$__rate_interval]", "[$__range]"), (panel["title"], match.group(0))
+
+
+def test_provisioning_and_compose_are_consistent() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    mounts: dict[str, Path] = {}
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            host, container = volume.split(":")[:2]
+            assert (DEPLOY / host).exists(), host
+            mounts[container] = DEPLOY / host
+
+    def inside(container_path: str) -> Path:
+        for target, host in mounts.items():
+            if container_path == target or container_path.startswith(target + "/"):
+                return host / container_path[len(target) :].lstrip("/")
+        raise AssertionError(f"{container_path} is not mounted")
+
+    for service in services.values():
+        for argument in service.get("command", []):
+            if argument.startswith("--config.file="):
+                assert inside(argument.split("=", 1)[1]).is_file(), argument
+
+    def port(service: str) -> int:
+        return int(services[service]["ports"][0].split(":")[1])
+
+    datasource = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/gradtel.yml").read_text())
+    source = datasource["datasources"][0]
+    assert source["uid"] == DATASOURCE_UID and source["type"] == "prometheus"
+    assert source["url"] == f"http://prometheus:{port('prometheus')}"
+    provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/gradtel.yml").read_text())
+    assert inside(provider["providers"][0]["options"]["path"]) == DEPLOY / "grafana" / "dashboards"
+    scrape = yaml.safe_load((DEPLOY / "prometheus/prometheus-compose.yml").read_text())
+    assert scrape["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == [
+        f"alertmanager:{port('alertmanager')}"
+    ]
+    assert port("grafana") == 3000
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[tuple[Stack, str]]:
+    """A real `gradtel demo` (injection schedule) scraped every second by a real Prometheus."""
+    require_tool("prometheus", "prometheus")
+    require_tool("prometheus-alertmanager", "prometheus-alertmanager")
+    port = free_port()
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "gradtel.cli", "demo", "--port", str(port), "--interval", "0.05", "--steps", "100000"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    instance = f"127.0.0.1:{port}"
+    stack = Stack([instance], timings=StackTimings("1s", "1s", "5s", "5s"))
+    try:
+        stack.start()
+        time.sleep(25)  # rate windows filled, alerts firing
+        yield stack, instance
+    finally:
+        demo.terminate()
+        demo.communicate(timeout=30)
+        stack.stop()
+
+
+def substitute(expr: str, instance: str) -> str:
+    values = {
+        "job": "gradtel",
+        "instance": instance,
+        "rank": ".*",  # All: one process has no rank label
+        "layer": ".*",
+        "__rate_interval": "4s",  # Grafana: 4 x the 1 s scrape interval
+        "__range": "60s",
+    }
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: values[m.group(1)], expr)
+
+
+def api(stack: Stack, path: str, **params: str) -> Any:
+    url = f"{stack.prometheus_url}/api/v1/{path}?" + urllib.parse.urlencode(params)
+    with urllib.request.urlopen(url, timeout=10) as response:
+        body = json.load(response)
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+@pytest.mark.slow
+def test_every_panel_query_returns_data_from_a_live_prometheus(live: tuple[Stack, str]) -> None:
+    stack, instance = live
+    now = time.time()
+    empty = []
+    for panel, target in targets():
+        expr = substitute(target["expr"], instance)
+        if target.get("instant"):
+            data = api(stack, "query", query=expr, time=str(now))
+        else:
+            data = api(stack, "query_range", query=expr, start=str(now - 60), end=str(now), step="1")
+        if not data["result"]:
+            empty.append((panel["title"], expr))
+    assert not empty, f"panels without data: {empty}"
+
+
+@pytest.mark.slow
+def test_every_variable_query_finds_the_demo(live: tuple[Stack, str]) -> None:
+    stack, instance = live
+
+    def values(name: str) -> list[str]:
+        found = re.match(r"label_values\((.*), (\w+)\)$", VARIABLES[name]["query"])
+        assert found, VARIABLES[name]["query"]
+        selector = substitute(found.group(1), instance)
+        return list(api(stack, f"label/{found.group(2)}/values", **{"match[]": selector}))
+
+    assert values("job") == ["gradtel"]
+    assert values("instance") == [instance]
+    assert values("layer") == ["body.0", "body.2", "embed", "head"]
+    assert values("rank") == []  # a single process has no rank label; "All" still matches it
