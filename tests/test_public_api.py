@@ -26,7 +26,8 @@ EXPORTED = {
 }
 MODULES = [
     "banner", "cli", "clip", "demo", "exporter", "health", "layers", "monitor", "policy", "scan", "telemetry",
-    "render", "render.options", "render.prometheus", "render.rule_tests", "render.runbook",
+    "render", "render.grafana", "render.options", "render.prometheus", "render.rule_tests",
+    "render.runbook", "stack", "watch",
 ]  # fmt: skip
 
 

@@ -24,6 +24,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradtel", description="NaN/Inf gradient telemetry for PyTorch, for Prometheus."
@@ -59,6 +66,17 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--keep-data", type=Path, default=None, help="with --stack: keep configs and data here"
     )
+
+    watch = commands.add_parser(
+        "watch",
+        help="show the status of gradtel endpoints in the terminal",
+        description="Scrape gradtel endpoints and show their status banner, refreshed in place.",
+    )
+    watch.add_argument("urls", nargs="*", metavar="URL", help="metrics URLs (default http://127.0.0.1:9464/metrics)")
+    watch.add_argument("--interval", type=_positive_float, default=1.0, help="seconds between refreshes (1)")
+    watch.add_argument("--once", action="store_true", help="show one refresh and exit")
+    watch.add_argument("--warning", type=int, default=0, help="warning when a count is > this (0)")
+    watch.add_argument("--critical", type=int, default=5, help="critical when a count is > this (5)")
 
     render = commands.add_parser(
         "render",
@@ -99,6 +117,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "render":
             return _render(args)
+        if args.command == "watch":
+            from .health import Thresholds
+            from .watch import DEFAULT_URL, watch
+
+            return watch(
+                args.urls or [DEFAULT_URL],
+                interval=args.interval,
+                once=args.once,
+                thresholds=Thresholds(warning=args.warning, critical=args.critical),
+            )
         from .demo import run_demo
 
         return run_demo(

@@ -1,0 +1,151 @@
+"""``gradtel watch``: a terminal view of one or several gradtel endpoints.
+
+Each refresh scrapes every endpoint and shows the status banner of the
+original design (``NaN:X``/``Inf:Y`` only when above 0: red bold above the
+warning threshold, red bold reverse above critical), the update rate, the time
+since the last update, unhealthy updates since the previous refresh and since
+start, and the top layers. An endpoint that cannot be reached is said so and
+retried at the next refresh.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from .banner import styled_count
+from .health import Status, Thresholds
+
+__all__ = ["DEFAULT_URL", "Snapshot", "frame", "scrape", "watch"]
+
+DEFAULT_URL = "http://127.0.0.1:9464/metrics"
+_BANDS = [(kind, severity) for kind in ("nan", "inf") for severity in ("warning", "critical")]
+
+
+@dataclass
+class Snapshot:
+    """What one scrape of a gradtel endpoint says."""
+
+    taken: float
+    updates: float = 0.0
+    last_update: float = 0.0
+    latest: dict[str, dict[str, float]] = field(default_factory=lambda: {"nan": {}, "inf": {}})
+    totals: dict[str, dict[str, float]] = field(default_factory=lambda: {"nan": {}, "inf": {}})
+    bands: dict[tuple[str, str], float] = field(default_factory=dict)
+
+
+def scrape(url: str, timeout: float = 5.0) -> Snapshot:
+    """Scrape and parse one endpoint (summing over ranks when several share it)."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        text = response.read().decode()
+    snap = Snapshot(taken=time.time())
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name, labels, value = sample.name, sample.labels, sample.value
+            if name == "gradtel_updates_total":
+                snap.updates += value
+            elif name == "gradtel_last_update_timestamp_seconds":
+                snap.last_update = max(snap.last_update, value)
+            elif name == "gradtel_unhealthy_updates_total":
+                key = (labels["kind"], labels["severity"])
+                snap.bands[key] = snap.bands.get(key, 0.0) + value
+            for kind in ("nan", "inf"):
+                if name == f"gradtel_update_{kind}_grads":
+                    layers = snap.latest[kind]
+                    layers[labels["layer"]] = layers.get(labels["layer"], 0.0) + value
+                elif name == f"gradtel_{kind}_grads_total":
+                    layers = snap.totals[kind]
+                    layers[labels["layer"]] = layers.get(labels["layer"], 0.0) + value
+    return snap
+
+
+def _top(counts: dict[str, dict[str, float]], k: int = 3) -> str:
+    merged: dict[str, float] = {}
+    for layers in counts.values():
+        for layer, n in layers.items():
+            merged[layer] = merged.get(layer, 0.0) + n
+    top = sorted(((n, layer) for layer, n in merged.items() if n > 0), key=lambda item: (-item[0], item[1]))
+    return ", ".join(f"{layer} ({n:g})" for n, layer in top[:k]) or "none"
+
+
+def frame(
+    url: str,
+    snap: Snapshot | None,
+    previous: Snapshot | None,
+    thresholds: Thresholds,
+    *,
+    color: bool,
+    error: str | None = None,
+) -> list[str]:
+    """The lines shown for one endpoint."""
+    if snap is None:
+        return [f"{url}", f"  unreachable ({error}); retrying"]
+    nan = int(sum(snap.latest["nan"].values()))
+    inf = int(sum(snap.latest["inf"].values()))
+    banner = [
+        styled_count(label, count, thresholds.classify(count), color=color)
+        for label, count in (("NaN", nan), ("Inf", inf))
+        if count > 0
+    ]
+    status = max((thresholds.classify(nan), thresholds.classify(inf)), key=lambda s: s.level)
+    line = " ".join(banner + [status.value if status is not Status.HEALTHY else "healthy"])
+    rate = ""
+    if previous is not None and snap.taken > previous.taken:
+        rate = f" ({(snap.updates - previous.updates) / (snap.taken - previous.taken):.1f}/s)"
+    since = f"{snap.taken - snap.last_update:.1f}s ago" if snap.last_update else "none yet"
+    new = {
+        band: snap.bands.get(band, 0.0) - (previous.bands.get(band, 0.0) if previous else 0.0)
+        for band in _BANDS
+    }
+    recent = sum(n for n in new.values() if n > 0)
+    bands = ", ".join(f"{kind} {severity} {snap.bands.get((kind, severity), 0):g}" for kind, severity in _BANDS)
+    return [
+        url,
+        f"  {line}",
+        f"  updates {snap.updates:g}{rate}, last update {since}",
+        f"  unhealthy updates since the last refresh: {recent:g}; since start: {bands}",
+        f"  top layers, latest update: {_top(snap.latest)}; since start: {_top(snap.totals)}",
+    ]
+
+
+def watch(
+    urls: list[str],
+    *,
+    interval: float = 1.0,
+    once: bool = False,
+    thresholds: Thresholds = Thresholds(),
+    out: TextIO = sys.stdout,
+) -> int:
+    """Refresh the view every ``interval`` seconds until Ctrl-C (or once).
+
+    Returns:
+        The exit code: 0, or 1 when ``once`` and an endpoint was unreachable.
+    """
+    live = out.isatty()
+    color = live
+    previous: dict[str, Snapshot] = {}
+    try:
+        while True:
+            lines = [f"gradtel watch, every {interval:g}s (Ctrl-C stops)", ""]
+            failed = False
+            for url in urls:
+                try:
+                    snap: Snapshot | None = scrape(url)
+                    error = None
+                except (OSError, ValueError) as exc:
+                    snap, error, failed = None, str(getattr(exc, "reason", exc)), True
+                lines += frame(url, snap, previous.get(url), thresholds, color=color, error=error)
+                if snap is not None:
+                    previous[url] = snap
+            out.write(("\033[H\033[2J" if live else "") + "\n".join(lines) + "\n")
+            out.flush()
+            if once:
+                return 1 if failed else 0
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,118 @@
+"""``gradtel watch`` against a real running demo, read through a pseudo-terminal."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from gradtel import Thresholds
+from gradtel.stack import free_port
+from gradtel.watch import Snapshot, frame
+
+pytestmark = pytest.mark.slow
+
+RED_BOLD = "\033[1;31m"
+RED_BOLD_REVERSE = "\033[1;7;31m"
+
+
+def start_demo(port: int, interval: str = "0.3") -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "gradtel.cli", "demo", "--port", str(port), "--interval", interval, "--steps", "100000"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+class Terminal:
+    """A command running on a pseudo-terminal, and everything it wrote."""
+
+    def __init__(self, *args: str) -> None:
+        self.master, slave = pty.openpty()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gradtel.cli", *args], stdin=slave, stdout=slave, stderr=slave
+        )
+        os.close(slave)
+        self.screen = ""
+
+    def wait_for(self, *texts: str, timeout: float = 40) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(text in self.screen for text in texts):
+                return True
+            ready, _, _ = select.select([self.master], [], [], 0.2)
+            if ready:
+                try:
+                    self.screen += os.read(self.master, 65536).decode(errors="replace")
+                except OSError:
+                    return all(text in self.screen for text in texts)
+        return False
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+        os.close(self.master)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes] | Terminal]]:
+    started: list[subprocess.Popen[bytes] | Terminal] = []
+    yield started
+    for item in started:
+        if isinstance(item, Terminal):
+            item.close()
+        elif item.poll() is None:
+            item.kill()
+            item.wait(timeout=10)
+
+
+def test_watch_shows_the_banner_styled_by_the_thresholds(processes: list) -> None:
+    port = free_port()
+    processes.append(start_demo(port))
+    terminal = Terminal("watch", f"http://127.0.0.1:{port}/metrics", "--interval", "0.1")
+    processes.append(terminal)
+    # Demo schedule: 3 NaN in body.0 (warning) and 7 Inf in head (critical).
+    assert terminal.wait_for(f"{RED_BOLD}NaN:3\033[0m warning", f"{RED_BOLD_REVERSE}Inf:7\033[0m critical"), terminal.screen[-2000:]
+    assert terminal.wait_for("top layers, latest update: head (7)")
+    assert "\033[H\033[2J" in terminal.screen  # refreshed in place
+    assert "updates " in terminal.screen and "/s), last update" in terminal.screen
+
+
+def test_watch_says_when_unreachable_and_picks_the_endpoint_up_later(processes: list) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    terminal = Terminal("watch", url, "--interval", "0.2")
+    processes.append(terminal)
+    assert terminal.wait_for(f"{url}\r\n  unreachable ([Errno 111] Connection refused); retrying")
+    processes.append(start_demo(port, interval="0.05"))
+    assert terminal.wait_for("last update", timeout=60), terminal.screen[-1000:]
+
+
+def test_watch_once_exit_codes() -> None:
+    dead = subprocess.run(
+        [sys.executable, "-m", "gradtel.cli", "watch", f"http://127.0.0.1:{free_port()}/metrics", "--once"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert dead.returncode == 1 and "unreachable" in dead.stdout
+
+
+def test_frame_shows_nothing_for_counts_when_healthy() -> None:
+    healthy = Snapshot(taken=100.0, updates=10, last_update=99.5)
+    healthy.latest = {"nan": {"a": 0.0}, "inf": {"a": 0.0}}
+    lines = frame("u", healthy, None, Thresholds(), color=True)
+    assert lines[1] == "  healthy" and "NaN" not in lines[1]
+    sick = Snapshot(taken=101.0, updates=20, last_update=100.9, bands={("nan", "critical"): 1})
+    sick.latest = {"nan": {"a": 6.0, "b": 1.0}, "inf": {"a": 1.0}}
+    lines = frame("u", sick, healthy, Thresholds(), color=True)
+    assert lines[1] == f"  {RED_BOLD_REVERSE}NaN:7\033[0m {RED_BOLD}Inf:1\033[0m critical"
+    assert lines[2] == "  updates 20 (10.0/s), last update 0.1s ago"
+    assert lines[3].startswith("  unhealthy updates since the last refresh: 1;")
+    assert lines[4] == "  top layers, latest update: a (7), b (1); since start: none"
