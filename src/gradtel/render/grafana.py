@@ -221,7 +221,7 @@ def _dashboard(o: KitOptions) -> dashboard.Dashboard:
         .datasource(_DATASOURCE)
         .title("Top layers by non-finite values in the selected range")
         .unit("short")
-        .with_target(_query(f"topk(10, {nonfinite})", "{{layer}}", instant=True, table_format=True))
+        .with_target(_query(f"topk(10, ({nonfinite}) > 0)", "{{layer}}", instant=True, table_format=True))
         .grid_pos(_grid(0, 15, 12, 8))
     )
     board = board.with_panel(
