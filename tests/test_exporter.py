@@ -298,3 +298,35 @@ def test_a_run_that_crashes_right_after_an_unhealthy_update_still_gets_scraped()
 def test_negative_exit_grace_is_refused() -> None:
     with pytest.raises(ValueError, match=r"exit_grace must be a number of seconds >= 0, got -1"):
         serve(port=0, exit_grace=-1)
+
+
+def test_each_rank_of_a_node_serves_on_base_port_plus_local_rank(
+    monkeypatch: pytest.MonkeyPatch, registry: CollectorRegistry
+) -> None:
+    from .test_distributed import two_free_ports
+
+    base = two_free_ports()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with serve(port=base, registry=registry, exit_grace=0) as rank_one:
+        assert rank_one.port == base + 1
+    with serve(port=base, registry=registry, exit_grace=0, rank_offset=False) as as_given:
+        assert as_given.port == base
+    with serve(port=0, registry=registry, exit_grace=0) as free:
+        assert free.port not in (None, 0)
+    monkeypatch.setenv("LOCAL_RANK", "first")
+    with pytest.raises(ValueError, match="LOCAL_RANK must be a non-negative integer, got 'first'"):
+        serve(port=base, registry=registry)
+
+
+def test_rank_label_comes_from_the_launcher_before_init_process_group(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gradtel.telemetry import process_attributes
+
+    assert process_attributes() == {}
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    assert process_attributes() == {"rank": "3"}
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert process_attributes() == {}

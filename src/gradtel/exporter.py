@@ -202,6 +202,16 @@ def _addr_from(value: object, source: str) -> str:
     return value.strip()
 
 
+def _local_rank() -> int:
+    """This process's rank on its node in a multi-process run, else 0."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return 0
+    local = os.environ.get("LOCAL_RANK", "0")
+    if not local.isdigit():
+        raise ValueError(f"LOCAL_RANK must be a non-negative integer, got {local!r}")
+    return int(local)
+
+
 def serve(
     port: int | None = None,
     addr: str | None = None,
@@ -209,6 +219,7 @@ def serve(
     registry: CollectorRegistry | None = None,
     on_error: Literal["warn", "raise"] = "warn",
     exit_grace: float = DEFAULT_EXIT_GRACE,
+    rank_offset: bool = True,
 ) -> MetricsServer:
     """Serve Prometheus ``/metrics`` from a background thread.
 
@@ -223,6 +234,10 @@ def serve(
         on_error: ``"warn"`` (default) logs a failure to start (a port in use,
             say) and counts it in ``gradtel_errors_total{stage="serve"}``, and
             training goes on without an endpoint; ``"raise"`` raises it.
+        rank_offset: In a multi-process run (``WORLD_SIZE`` > 1, as torchrun
+            sets it), serve on ``port + LOCAL_RANK`` so that every rank of a
+            node has its own endpoint. ``False`` uses ``port`` as given. A
+            ``port`` of 0 picks a free port on every rank.
         exit_grace: At ``close()`` or interpreter exit, wait at most this many
             seconds for Prometheus to scrape an unhealthy update it has not
             seen yet (only when the endpoint has been scraped before). 0 never waits.
@@ -257,6 +272,10 @@ def serve(
         addr = DEFAULT_ADDR if env is None else _addr_from(env, "GRADTEL_ADDR")
     else:
         addr = _addr_from(addr, "addr")
+    if rank_offset and port:
+        port += _local_rank()
+        if port > 65535:
+            raise ValueError(f"port {port} (base port + LOCAL_RANK) is above 65535; pick a lower port")
 
     watch = _ScrapeWatch(REGISTRY if registry is None else registry)
     try:

@@ -172,11 +172,21 @@ def count_error(stage: str, meter_provider: MeterProvider | None = None) -> None
 
 
 def process_attributes() -> dict[str, str]:
-    """Labels every series of this process carries: ``rank`` when distributed with world size > 1."""
+    """Labels every series of this process carries: ``rank`` when distributed with world size > 1.
+
+    From ``torch.distributed`` when it is initialised, else from the ``RANK``
+    and ``WORLD_SIZE`` variables that torchrun (and most launchers) set.
+    """
+    import os
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return {"rank": str(dist.get_rank())}
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            return {"rank": str(dist.get_rank())}
+        return {}
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and os.environ.get("RANK", "").isdigit():
+        return {"rank": os.environ["RANK"]}
     return {}
 
 
