@@ -109,6 +109,7 @@ def test_pages_arrive_on_the_right_receiver_naming_the_layer(
     assert critical.labels["kind"] == "inf"
     assert "more than 5 Inf gradient values" in critical.description
     assert "head (7)" in critical.description
+    assert critical.description.endswith("First bad layer in backward order: head.")
 
     warning = wait_for_page(stack, "chat", trainers["warning"].instance, injected["warning"])
     assert (warning.alertname, warning.severity) == ("GradtelNaNGradients", "warning")

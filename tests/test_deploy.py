@@ -53,6 +53,7 @@ def test_rule_tests_cover_every_behaviour_the_alerts_promise() -> None:
         "GradtelNaNGradients warning fires on a single warning-band update",
         "GradtelInfGradients critical fires on a single critical-band update",
         "GradtelNaNGradients warning and critical both fire when both happen in one window",
+        "GradtelNaNGradients critical names the first bad layer in backward order",
         "GradtelNaNGradients and GradtelInfGradients do not fire on healthy updates",
         "GradtelInfGradients critical does not fire on a counter reset alone (training restarted)",
         "GradtelInfGradients critical fires when the very first update after start is critical",

@@ -221,7 +221,7 @@ def test_warn_logs_one_line_with_status_counts_and_top_layers(
         monitor.collect()
     assert [r.getMessage() for r in caplog.records] == [
         "gradtel: update 1 is critical: NaN=9 Inf=0 (warning > 0, critical > 5); "
-        "top layers: fc2 (5), fc1 (4)"
+        "top layers: fc2 (5), fc1 (4); first bad layer in backward order: fc2"
     ]
 
 
@@ -381,3 +381,58 @@ def test_thresholds_shape_status_and_bands(provider: MeterProvider, registry: Co
     found = samples(registry)
     assert sample(found, "gradtel_unhealthy_updates_total", kind="nan", severity="warning") == 1
     assert sample(found, "gradtel_nan_grads_total", layer="fc1") == 5
+
+
+class PoisonGradient(torch.autograd.Function):
+    """Identity forward; backward hands NaN to everything before it, as an unstable op would."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(grad, NAN)
+
+
+class Deep(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(8, 8) for _ in range(4)])
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            x = torch.tanh(block(x))
+            if i == 1:
+                x = PoisonGradient.apply(x)  # mid-network, during the real backward pass
+        return self.head(x)
+
+
+def test_the_first_bad_layer_is_where_backward_first_produced_nan(
+    provider: MeterProvider, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = Deep()
+    monitor = GradMonitor(model, meter_provider=provider)
+    for step in range(2):
+        model.zero_grad()
+        model(torch.randn(4, 8)).sum().backward()
+        with caplog.at_level(logging.WARNING, logger="gradtel"):
+            health = monitor.collect()
+    # NaN flows back from the poison into blocks.1 and blocks.0; head, blocks.3, blocks.2 stay finite.
+    assert set(health.nan_by_layer) == {"blocks.0", "blocks.1"}
+    assert health.first_bad_layer == "blocks.1"
+    assert caplog.records[-1].getMessage().endswith("first bad layer in backward order: blocks.1")
+    found = samples(registry)
+    assert sample(found, "gradtel_first_bad_layer", layer="blocks.1") == 2  # update number
+    assert ("gradtel_first_bad_layer", frozenset({("layer", "blocks.0")})) not in found
+    assert monitor._order_hooks == []  # order recorded once, hooks gone
+
+
+def test_first_bad_layer_is_unknown_without_a_backward_pass(provider: MeterProvider) -> None:
+    model = TwoLayer()
+    monitor = GradMonitor(model, meter_provider=provider, on_warning="ignore")
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # set by hand: no backward order known
+    model.fc2.weight.grad[0, 0] = NAN
+    assert monitor.collect().first_bad_layer is None

@@ -109,6 +109,9 @@ class GradHealth:
     sampled: bool = True
     """False when ``sample_every`` left this update unscanned: its counts are
     zero because nothing was looked at, not because the gradients are healthy."""
+    first_bad_layer: str | None = None
+    """Of the layers with NaN or Inf, the first whose gradient backward produced:
+    where the problem most likely started (NaN spreads toward the input)."""
 
     @property
     def nan_total(self) -> int:
@@ -154,4 +157,6 @@ class GradHealth:
         top = self.top_layers()
         if top:
             line += "; top layers: " + ", ".join(f"{layer} ({n})" for layer, n in top)
+        if self.first_bad_layer is not None:
+            line += f"; first bad layer in backward order: {self.first_bad_layer}"
         return line

@@ -157,6 +157,14 @@ class GradMonitor:
         self._labels = labels
         self._layer_names = tuple(distinct(labels))
         self._scanner = Scanner()
+        # Backward order, recorded once from the first real backward pass: hooks
+        # fire as each gradient is accumulated, then are removed (no steady cost).
+        self._backward_seen: list[int] = []
+        self._backward_rank: list[int] | None = None
+        self._order_hooks = [
+            p.register_post_accumulate_grad_hook(self._note_backward(i))
+            for i, p in enumerate(self._params)
+        ]
         # Gradients of these dtypes are counted as they are when strided.
         self._plain = [p.dtype in _PLAIN_DTYPES for p in self._params]
         self._all_plain = all(self._plain)
@@ -173,6 +181,23 @@ class GradMonitor:
             attributes=process_attributes(),
             start_time=time.time(),
         )
+
+    def _note_backward(self, index: int) -> Callable[[torch.Tensor], None]:
+        def hook(param: torch.Tensor) -> None:
+            self._backward_seen.append(index)
+
+        return hook
+
+    def _freeze_backward_order(self) -> None:
+        if self._backward_rank is not None or not self._backward_seen:
+            return
+        rank = [len(self._params)] * len(self._params)  # never seen: after all seen ones
+        for position, index in enumerate(dict.fromkeys(self._backward_seen)):
+            rank[index] = position
+        self._backward_rank = rank
+        for handle in self._order_hooks:
+            handle.remove()
+        self._order_hooks = []
 
     @property
     def parameters(self) -> tuple[torch.nn.Parameter, ...]:
@@ -207,6 +232,7 @@ class GradMonitor:
             self._step += 1
             if (self._step - 1) % self.sample_every:
                 return GradHealth(thresholds=self.thresholds, step=self._step, sampled=False)
+            self._freeze_backward_order()
             health = self._scan(norms)
             duration = time.perf_counter() - started
             # Record before acting: a "raise" policy must not hide the update from Prometheus.
@@ -286,6 +312,11 @@ class GradMonitor:
                 nan_by_layer[layer] = nan_by_layer.get(layer, 0) + nan
             if inf:
                 inf_by_layer[layer] = inf_by_layer.get(layer, 0) + inf
+        first_bad = None
+        if counts and self._backward_rank is not None:
+            rank = self._backward_rank
+            first = min((present[i] for i in counts), key=lambda index: (rank[index], index))
+            first_bad = self._labels[first]
         return GradHealth(
             nan_by_layer=nan_by_layer,
             inf_by_layer=inf_by_layer,
@@ -293,6 +324,7 @@ class GradMonitor:
             skipped=skipped,
             thresholds=self.thresholds,
             step=self._step,
+            first_bad_layer=first_bad,
         )
 
     def _guarded(self, stage: str, work: Callable[[], T]) -> T | None:

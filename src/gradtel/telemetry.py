@@ -148,6 +148,14 @@ class _Instruments:
             description="Time gradtel spent scanning one update.",
             explicit_bucket_boundaries_advisory=SCAN_DURATION_BUCKETS,
         )
+        self.first_bad = meter.create_gauge(
+            "gradtel_first_bad_layer",
+            unit="1",
+            description=(
+                "Number of the latest unhealthy update in which this layer was the first, in "
+                "backward order, with NaN or Inf; series appear when it first happens."
+            ),
+        )
         self.errors = meter.create_counter(
             "gradtel_errors", unit="1", description="Failures inside gradtel, by stage; training went on."
         )
@@ -250,6 +258,8 @@ class GradTelemetry:
         if health.status is not Status.HEALTHY:
             global _last_unhealthy_record
             _last_unhealthy_record = time.monotonic()
+        if health.first_bad_layer is not None:
+            ins.first_bad.set(health.step, self._layer_attrs[health.first_bad_layer])
         ins.updates.add(1, self._base)
         ins.status.set(health.status.level, self._base)
         ins.last_update.set(timestamp, self._base)

@@ -41,6 +41,16 @@ def _top_layers_template(o: KitOptions, kind: str) -> str:
     )
 
 
+def _first_bad_template(o: KitOptions) -> str:
+    """Says the first bad layer when gradtel_first_bad_layer has it, nothing otherwise."""
+    series = f"gradtel_first_bad_layer{{job=%q,instance=%q,rank=%q}}[{o.window}]"
+    query = f"topk(1, max_over_time({series}))"
+    return (
+        f'{{{{ with query (printf "{query}" $labels.job $labels.instance $labels.rank) }}}}'
+        "{{ with index . 0 }} First bad layer in backward order: {{ .Labels.layer }}.{{ end }}{{ end }}"
+    )
+
+
 def _where() -> str:
     return "{{ $labels.job }}/{{ $labels.instance }}{{ with $labels.rank }} rank {{ . }}{{ end }}"
 
@@ -63,6 +73,7 @@ def _unhealthy_rule(o: KitOptions, kind: str, severity: str) -> dict[str, Any]:
                 f"{_where()}: an update in the last {o.window} had {band_text(o, severity)} "
                 f"{label} gradient values. Layers with {label} values in that window: "
                 + _top_layers_template(o, kind)
+                + _first_bad_template(o)
             ),
             "runbook_url": o.runbook(ALERT_NAMES[kind]),
         },

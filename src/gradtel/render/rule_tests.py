@@ -45,7 +45,9 @@ def _steps(before: int, value: int, after: int) -> str:
     return f"0x{before - 1} {value}x{after - 1}"
 
 
-def _unhealthy_alert(o: KitOptions, kind: str, severity: str, layers: str) -> dict[str, Any]:
+def _unhealthy_alert(
+    o: KitOptions, kind: str, severity: str, layers: str, first_bad: str | None = None
+) -> dict[str, Any]:
     label = KINDS[kind]
     return {
         "exp_labels": {
@@ -60,6 +62,7 @@ def _unhealthy_alert(o: KitOptions, kind: str, severity: str, layers: str) -> di
                 f"{o.job}/{INSTANCE}: an update in the last {o.window} had "
                 f"{band_text(o, severity)} {label} gradient values. Layers with {label} values "
                 f"in that window: {layers}."
+                + (f" First bad layer in backward order: {first_bad}." if first_bad else "")
             ),
             "runbook_url": o.runbook(ALERT_NAMES[kind]),
         },
@@ -115,6 +118,22 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
             [_check(3, alert, _unhealthy_alert(o, kind, "critical", "head (7), encoder.0 (2)"))],
         )
 
+    case(
+        f"{nan} critical names the first bad layer in backward order",
+        [
+            _band(o, "nan", "critical", _steps(3, 1, span)),
+            _layer(o, "nan", "encoder.0", _steps(3, 8, span)),
+            _layer(o, "nan", "encoder.1", _steps(3, 8, span)),
+            _series("gradtel_first_bad_layer", _labels(o, layer="encoder.1"), f"_x2 3x{span}"),
+        ],
+        [
+            _check(
+                3,
+                nan,
+                _unhealthy_alert(o, "nan", "critical", "encoder.0 (8), encoder.1 (8)", "encoder.1"),
+            )
+        ],
+    )
     case(
         f"{nan} warning and critical both fire when both happen in one window",
         [
