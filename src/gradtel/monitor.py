@@ -12,6 +12,7 @@ import torch
 from opentelemetry.metrics import MeterProvider
 
 from .health import GradHealth, Status, Thresholds
+from .hooks import Attachment, attach
 from .layers import DEFAULT_MAX_LAYERS, assign_layers, distinct
 from .policy import Action, apply_action, check_action
 from .scan import Scanner, countable_values
@@ -241,9 +242,43 @@ class GradMonitor:
                 lambda: self._telemetry.record(health, duration=duration, timestamp=time.time()),
             )
             action = self._actions.get(health.status)
+            if action == "skip":
+                self._record_skip("policy")
             if action is not None:
                 apply_action(action, health, self._params)
             return health
+
+    def _record_skip(self, reason: str) -> None:
+        self._guarded("record", lambda: self._telemetry.record_skip(reason))
+
+    def attach(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        scaler: torch.amp.GradScaler | None = None,
+        scan: Literal["step", "backward"] = "step",
+    ) -> Attachment:
+        """Collect by itself, with no ``collect()`` in the training loop.
+
+        Args:
+            optimizer: The optimizer whose updates are scanned.
+            scaler: The ``torch.amp.GradScaler`` in use, if any: gradtel then
+                collects right after the scaler unscales the gradients, so it
+                counts what the optimizer would see and also sees the updates
+                the scaler skips for overflow (``gradtel_skipped_updates_total
+                {reason="amp_overflow"}``).
+            scan: ``"step"`` (default): once per optimizer update, i.e. after
+                the last micro-batch of gradient accumulation. ``"backward"``:
+                after every backward pass, counting the gradients accumulated so far.
+
+        Returns:
+            An :class:`~gradtel.hooks.Attachment`; ``remove()`` undoes it.
+
+        Raises:
+            TypeError: ``optimizer`` or ``scaler`` is of the wrong type.
+            ValueError: unknown ``scan``.
+        """
+        return attach(self, optimizer, scaler=scaler, scan=scan)
 
     def _gather(self) -> tuple[list[torch.Tensor], list[int], int, bool]:
         """Countable gradients, their parameters' positions, how many were skipped, all dense."""

@@ -27,6 +27,7 @@ from .health import GradHealth, Status
 
 __all__ = [
     "ERROR_STAGES",
+    "SKIP_REASONS",
     "GradTelemetry",
     "count_error",
     "default_meter_provider",
@@ -37,6 +38,8 @@ __all__ = [
 
 ERROR_STAGES = ("scan", "record", "serve")
 """Values of the ``stage`` label of ``gradtel_errors_total``."""
+SKIP_REASONS = ("amp_overflow", "policy")
+"""Values of the ``reason`` label of ``gradtel_skipped_updates_total``."""
 
 # Per-update scan time spans microseconds (small models) to seconds (huge
 # models on slow hosts); the SDK's default buckets are meant for milliseconds.
@@ -156,6 +159,14 @@ class _Instruments:
                 "backward order, with NaN or Inf; series appear when it first happens."
             ),
         )
+        self.skipped = meter.create_counter(
+            "gradtel_skipped_updates",
+            unit="1",
+            description=(
+                "Updates whose optimizer step was skipped: amp_overflow (GradScaler found "
+                "non-finite gradients) or policy (gradtel's on_warning/on_critical skip)."
+            ),
+        )
         self.errors = meter.create_counter(
             "gradtel_errors", unit="1", description="Failures inside gradtel, by stage; training went on."
         )
@@ -225,6 +236,7 @@ class GradTelemetry:
             for status, severity in _SEVERITIES.items()
         }
         self._error_attrs = {stage: {**self._base, "stage": stage} for stage in ERROR_STAGES}
+        self._skip_attrs = {reason: {**self._base, "reason": reason} for reason in SKIP_REASONS}
         self._last_nonzero: dict[str, set[str]] = {"nan": set(), "inf": set()}
 
         self._instruments = ins = instruments_for(meter_provider)
@@ -237,6 +249,8 @@ class GradTelemetry:
             ins.unhealthy.add(0, attrs)
         for attrs in self._error_attrs.values():
             ins.errors.add(0, attrs)
+        for attrs in self._skip_attrs.values():
+            ins.skipped.add(0, attrs)
         ins.updates.add(0, self._base)
         ins.status.set(0, self._base)
         ins.last_update.set(start_time, self._base)
@@ -264,6 +278,10 @@ class GradTelemetry:
         ins.status.set(health.status.level, self._base)
         ins.last_update.set(timestamp, self._base)
         ins.duration.record(duration, self._base)
+
+    def record_skip(self, reason: str) -> None:
+        """Count one update whose optimizer step is skipped (``reason`` from :data:`SKIP_REASONS`)."""
+        self._instruments.skipped.add(1, self._skip_attrs[reason])
 
     def record_error(self, stage: str) -> None:
         """Count one failure inside gradtel (``stage`` from :data:`ERROR_STAGES`)."""
