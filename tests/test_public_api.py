@@ -27,7 +27,7 @@ EXPORTED = {
 MODULES = [
     "banner", "cli", "clip", "demo", "exporter", "health", "layers", "monitor", "policy", "scan", "telemetry",
     "render", "render.grafana", "render.options", "render.prometheus", "render.rule_tests",
-    "render.runbook", "stack", "watch", "hooks",
+    "render.runbook", "stack", "watch", "hooks", "otlp",
 ]  # fmt: skip
 
 

@@ -1,0 +1,56 @@
+"""OTLP push: the same instruments sent to an OpenTelemetry Collector over OTLP/HTTP.
+
+For jobs that Prometheus cannot scrape (batch schedulers, short-lived pods).
+Needs the ``otlp`` extra: ``pip install 'gradtel[otlp]'``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+
+__all__ = ["otlp_meter_provider"]
+
+
+def otlp_meter_provider(
+    endpoint: str | None = None,
+    *,
+    interval: float = 10.0,
+    headers: Mapping[str, str] | None = None,
+    service_name: str = "gradtel",
+) -> MeterProvider:
+    """A ``MeterProvider`` that pushes gradtel's metrics over OTLP/HTTP every ``interval`` seconds.
+
+    Args:
+        endpoint: Metrics URL of the collector, e.g. ``http://otel-collector:4318/v1/metrics``;
+            default ``$OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`` or the OTLP default
+            ``http://localhost:4318/v1/metrics``.
+        interval: Seconds between two pushes (> 0).
+        headers: Extra HTTP headers, e.g. for authentication.
+        service_name: The ``service.name`` resource attribute.
+
+    Returns:
+        Pass it as ``GradMonitor(model, meter_provider=...)``; call its
+        ``shutdown()`` at the end of training to push the last values.
+
+    Raises:
+        ValueError: ``interval`` is not a positive number.
+    """
+    try:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    except ImportError as exc:  # the optional extra is missing
+        raise ImportError(
+            "gradtel's OTLP push needs the otlp extra: pip install 'gradtel[otlp]'"
+        ) from exc
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval > 0:
+        raise ValueError(f"interval must be a number of seconds > 0, got {interval!r}")
+    reader = PeriodicExportingMetricReader(
+        OTLPMetricExporter(endpoint=endpoint, headers=dict(headers or {})),
+        export_interval_millis=interval * 1000,
+    )
+    return MeterProvider(
+        metric_readers=[reader], resource=Resource.create({"service.name": service_name})
+    )

@@ -1,0 +1,96 @@
+"""OTLP push to a local OTLP/HTTP receiver that decodes the protobuf payload."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+import torch
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from torch import nn
+
+import gradtel
+from gradtel.otlp import otlp_meter_provider
+
+
+class Receiver:
+    """Accepts OTLP/HTTP metric exports and keeps the decoded requests."""
+
+    def __init__(self) -> None:
+        self.requests: list[ExportMetricsServiceRequest] = []
+        self.paths: list[str] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                request = ExportMetricsServiceRequest()
+                request.ParseFromString(body)
+                receiver.requests.append(request)
+                receiver.paths.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1/metrics"
+
+    def points(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        """The latest value of every data point, by metric name and attributes."""
+        found: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+        for request in self.requests:
+            for resource in request.resource_metrics:
+                for scope in resource.scope_metrics:
+                    for metric in scope.metrics:
+                        data = getattr(metric, metric.WhichOneof("data"))
+                        for point in data.data_points:
+                            attrs = frozenset((a.key, a.value.string_value) for a in point.attributes)
+                            if metric.WhichOneof("data") == "histogram":
+                                value = float(point.count)
+                            else:
+                                value = getattr(point, point.WhichOneof("value"))
+                            found[(metric.name, attrs)] = value
+        return found
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    running = Receiver()
+    yield running
+    running.server.shutdown()
+    running.server.server_close()
+
+
+def test_the_same_instruments_are_pushed_over_otlp(receiver: Receiver) -> None:
+    provider = otlp_meter_provider(receiver.url, interval=3600, service_name="trainer")
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    monitor = gradtel.GradMonitor(model, meter_provider=provider, on_critical="ignore")
+    model(torch.randn(2, 4)).sum().backward()
+    model[1].weight.grad.view(-1)[:7] = float("inf")
+    monitor.collect()
+    assert provider.force_flush()
+    provider.shutdown()
+    points = receiver.points()
+    assert receiver.paths[0] == "/v1/metrics"
+    assert points[("gradtel_update_inf_grads", frozenset({("layer", "1")}))] == 7
+    assert points[("gradtel_inf_grads", frozenset({("layer", "1")}))] == 7
+    assert points[("gradtel_inf_grads", frozenset({("layer", "0")}))] == 0
+    assert points[("gradtel_unhealthy_updates", frozenset({("kind", "inf"), ("severity", "critical")}))] == 1
+    assert points[("gradtel_unhealthy_updates", frozenset({("kind", "nan"), ("severity", "warning")}))] == 0
+    assert points[("gradtel_updates", frozenset())] == 1
+    assert points[("gradtel_update_status", frozenset())] == 2
+    resource = receiver.requests[0].resource_metrics[0].resource
+    assert {a.key: a.value.string_value for a in resource.attributes}["service.name"] == "trainer"
+
+
+@pytest.mark.parametrize("interval", [0, -1, "10"])
+def test_bad_interval(interval: object) -> None:
+    with pytest.raises(ValueError, match=f"interval must be a number of seconds > 0, got {interval!r}"):
+        otlp_meter_provider("http://127.0.0.1:1/v1/metrics", interval=interval)  # type: ignore[arg-type]
