@@ -12,7 +12,7 @@ micro-batch), counting the gradients accumulated so far.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -20,7 +20,7 @@ import torch
 if TYPE_CHECKING:
     from .monitor import GradMonitor
 
-__all__ = ["Attachment", "attach"]
+__all__ = ["Attachment", "at_end_of_backward", "attach"]
 
 
 class Attachment:
@@ -53,7 +53,7 @@ def attach(
         raise ValueError(f"scan must be 'step' or 'backward', got {scan!r}")
     attachment = Attachment()
     if scan == "backward":
-        _at_end_of_backward(monitor, attachment)
+        attachment._undo.append(at_end_of_backward(monitor.parameters, monitor.collect).remove)
     elif scaler is not None and scaler.is_enabled():
         _after_unscale(monitor, scaler, optimizer, attachment)
     else:
@@ -87,18 +87,20 @@ def _after_unscale(
     attachment._undo.append(lambda: delattr(scaler, "unscale_"))
 
 
-def _at_end_of_backward(monitor: GradMonitor, attachment: Attachment) -> None:
+def at_end_of_backward(params: Sequence[torch.Tensor], callback: Callable[[], object]) -> Attachment:
+    """Run ``callback`` once at the end of every backward pass that reaches ``params``."""
     armed = [False]
 
     def end_of_backward() -> None:
         armed[0] = False
-        monitor.collect()
+        callback()
 
     def arm(param: Any) -> None:
-        # The first gradient of a backward pass queues one collect() for its end.
+        # The first gradient of a backward pass queues one callback for its end.
         if not armed[0]:
             armed[0] = True
             torch.autograd.Variable._execution_engine.queue_callback(end_of_backward)
 
-    handles = [p.register_post_accumulate_grad_hook(arm) for p in monitor.parameters]
-    attachment._undo.extend(h.remove for h in handles)
+    attachment = Attachment()
+    attachment._undo.extend(p.register_post_accumulate_grad_hook(arm).remove for p in params)
+    return attachment

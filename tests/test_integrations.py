@@ -1,0 +1,123 @@
+"""Lightning and Hugging Face callbacks, with the real libraries on tiny local models
+(no model hub): a NaN in one layer shows up in the scraped metrics under that layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from .conftest import fetch, parse, sample
+
+pytestmark = [
+    pytest.mark.slow,
+    # Both frameworks warn about CPU-only and small-data runs; not gradtel's business.
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+NAN = float("nan")
+
+
+def shared(name: str, **labels: str) -> float:
+    """A series the callbacks' default provider shares across tests in this process."""
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_lightning_callback(tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+
+    from gradtel.integrations.lightning import GradtelCallback
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lit_encoder = nn.Linear(8, 16)
+            self.lit_head = nn.Linear(16, 1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.mse_loss(self.lit_head(torch.relu(self.lit_encoder(x))), y)
+
+        def on_after_backward(self) -> None:
+            if self.global_step == 2:
+                self.lit_encoder.weight.grad.view(-1)[:3] = NAN
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    scraped: list[str] = []
+
+    class Scrape(pl.Callback):
+        def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            assert gradtel_callback.server is not None and gradtel_callback.server.url
+            scraped.append(fetch(gradtel_callback.server.url)[0])
+
+    updates_before = shared("gradtel_updates_total")
+    gradtel_callback = GradtelCallback(port=0, on_warning="skip", on_critical="skip")
+    data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randn(64, 1))
+    trainer = pl.Trainer(
+        max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[gradtel_callback, Scrape()],
+    )  # fmt: skip
+    trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=8))
+    found = parse(scraped[0])
+    assert sample(found, "gradtel_updates_total") - updates_before == 5
+    assert sample(found, "gradtel_nan_grads_total", layer="lit_encoder") == 3
+    assert sample(found, "gradtel_nan_grads_total", layer="lit_head") == 0
+    assert gradtel_callback.server is None  # closed at teardown
+
+
+def test_transformers_trainer_callback_counts_before_clipping(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+
+    from gradtel.integrations.transformers import GradtelTrainerCallback
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2))
+    bad = model.transformer.h[1].mlp.c_fc.weight
+    poisoned: list[int] = []
+
+    def poison(param: torch.Tensor) -> None:
+        # During the real backward pass of one micro-batch of optimizer step 2.
+        if len(poisoned) == 0 and state_step[0] == 2:
+            param.grad.view(-1)[:3] = NAN
+            poisoned.append(1)
+
+    state_step = [0]
+    bad.register_post_accumulate_grad_hook(poison)
+    scraped: list[str] = []
+
+    class Observe(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            state_step[0] = state.global_step
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            assert gradtel_callback.server is not None and gradtel_callback.server.url
+            scraped.append(fetch(gradtel_callback.server.url)[0])
+
+    updates_before = shared("gradtel_updates_total")
+    skips_before = shared("gradtel_skipped_updates_total", reason="policy")
+    gradtel_callback = GradtelTrainerCallback(port=0, on_warning="skip", on_critical="skip")
+    ids = torch.randint(0, 64, (16, 12))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2,
+        gradient_accumulation_steps=2, max_grad_norm=1.0, report_to=[], save_strategy="no",
+        logging_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[Observe(), gradtel_callback]).train()
+    found = parse(scraped[0])
+    # Once per optimizer update, not per micro-batch.
+    assert sample(found, "gradtel_updates_total") - updates_before == 4
+    # Counted before the Trainer clipped (clipping would have made every gradient NaN).
+    assert sample(found, "gradtel_nan_grads_total", layer="transformer.h.1.mlp.c_fc") == 3
+    assert sample(found, "gradtel_nan_grads_total", layer="transformer.h.0.mlp.c_fc") == 0
+    assert sample(found, "gradtel_skipped_updates_total", reason="policy") - skips_before == 1
