@@ -122,7 +122,7 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
         f"{nan} critical names the first bad layer in backward order",
         [
             _band(o, "nan", "critical", _steps(3, 1, span)),
-            _layer(o, "nan", "encoder.0", _steps(3, 8, span)),
+            _layer(o, "nan", "encoder.0", _steps(3, 9, span)),
             _layer(o, "nan", "encoder.1", _steps(3, 8, span)),
             _series("gradtel_first_bad_layer", _labels(o, layer="encoder.1"), f"_x2 3x{span}"),
         ],
@@ -130,7 +130,7 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
             _check(
                 3,
                 nan,
-                _unhealthy_alert(o, "nan", "critical", "encoder.0 (8), encoder.1 (8)", "encoder.1"),
+                _unhealthy_alert(o, "nan", "critical", "encoder.0 (9), encoder.1 (8)", "encoder.1"),
             )
         ],
     )
