@@ -29,7 +29,9 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     monitor = gradtel.GradMonitor(model.module, on_warning="skip", on_critical="skip")
     server = gradtel.serve(port=base_port, exit_grace=0)
-    print(f"rank {rank} serving {server.url}", flush=True)
+    # One write below PIPE_BUF is atomic: the two ranks share the launcher's stdout.
+    sys.stdout.write(f"rank {rank} serving {server.url}\n")
+    sys.stdout.flush()
     inputs, targets = torch.randn(32, 16), torch.randn(32, 1)
     for update in range(1, 100_000):
         optimizer.zero_grad()

@@ -3,6 +3,7 @@ and the shipped alert rule evaluated by a real Prometheus names the rank."""
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -48,8 +49,15 @@ def test_each_rank_serves_its_own_series_and_the_alert_names_rank_1() -> None:
     stack = Stack([f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"], timings=StackTimings("1s", "1s", "5s", "5s"))
     try:
         assert run.stdout is not None
-        lines = sorted(run.stdout.readline().strip() for _ in range(2))
-        assert lines == [f"rank 0 serving {urls[0]}", f"rank 1 serving {urls[1]}"], lines
+        said = ""
+        while len(re.findall(r"rank \d serving \S+/metrics", said)) < 2:
+            line = run.stdout.readline()
+            assert line, f"torchrun ended early: {said!r}"
+            said += line
+        assert sorted(re.findall(r"rank \d serving \S+/metrics", said)) == [
+            f"rank 0 serving {urls[0]}",
+            f"rank 1 serving {urls[1]}",
+        ], said
         stack.start()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
