@@ -20,13 +20,15 @@ import time
 from collections.abc import Iterator
 from typing import Any, Literal
 
-from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry
 
+from .httpd import TLSConfig, start
 from .telemetry import count_error, last_unhealthy_record
 
 __all__ = [
     "DEFAULT_ADDR",
     "DEFAULT_EXIT_GRACE",
+    "DEFAULT_STALE_AFTER",
     "DEFAULT_PORT",
     "MetricsServer",
     "PortInUseError",
@@ -37,6 +39,9 @@ DEFAULT_PORT = 9464
 """The port OpenTelemetry's Prometheus exporter uses by convention."""
 DEFAULT_ADDR = "127.0.0.1"
 """Loopback only: exposing metrics beyond the host is an explicit choice (``addr="0.0.0.0"``)."""
+
+DEFAULT_STALE_AFTER = 600.0
+"""Seconds without an update after which ``/healthz`` reports the process stale."""
 
 DEFAULT_EXIT_GRACE = 30.0
 """Seconds the endpoint may stay up at exit for an unscraped unhealthy update:
@@ -92,9 +97,11 @@ class MetricsServer:
         server: Any = None,
         thread: Any = None,
         watch: _ScrapeWatch | None = None,
+        tls: bool = False,
     ) -> None:
         self.addr = addr
         self.port = port
+        self.tls = tls
         self.exit_grace = exit_grace
         self._server = server
         self._thread = thread
@@ -110,11 +117,11 @@ class MetricsServer:
 
     @property
     def url(self) -> str | None:
-        """``http://addr:port/metrics``, or None when not serving."""
+        """``http(s)://addr:port/metrics``, or None when not serving."""
         if self.port is None:
             return None
         host = f"[{self.addr}]" if ":" in self.addr else self.addr
-        return f"http://{host}:{self.port}/metrics"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}/metrics"
 
     @property
     def pending_unhealthy(self) -> bool:
@@ -202,6 +209,25 @@ def _addr_from(value: object, source: str) -> str:
     return value.strip()
 
 
+def _tls_from(cert: str | None, key: str | None, client_ca: str | None) -> TLSConfig | None:
+    cert = cert if cert is not None else os.environ.get("GRADTEL_TLS_CERT")
+    key = key if key is not None else os.environ.get("GRADTEL_TLS_KEY")
+    client_ca = client_ca if client_ca is not None else os.environ.get("GRADTEL_TLS_CLIENT_CA")
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise ValueError(
+                f"tls_client_ca ({client_ca!r}) needs tls_cert and tls_key: mutual TLS is TLS first"
+            )
+        return None
+    if cert is None or key is None:
+        given, missing = ("tls_cert", "tls_key") if key is None else ("tls_key", "tls_cert")
+        raise ValueError(f"{given} is set but {missing} is not; HTTPS needs both (or $GRADTEL_TLS_*)")
+    for name, path in (("tls_cert", cert), ("tls_key", key), ("tls_client_ca", client_ca)):
+        if path is not None and not os.path.isfile(path):
+            raise ValueError(f"{name} must be a readable PEM file, got {path!r} (no such file)")
+    return TLSConfig(cert, key, client_ca)
+
+
 def _local_rank() -> int:
     """This process's rank on its node in a multi-process run, else 0."""
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
@@ -220,6 +246,10 @@ def serve(
     on_error: Literal["warn", "raise"] = "warn",
     exit_grace: float = DEFAULT_EXIT_GRACE,
     rank_offset: bool = True,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_client_ca: str | None = None,
+    stale_after: float = DEFAULT_STALE_AFTER,
 ) -> MetricsServer:
     """Serve Prometheus ``/metrics`` from a background thread.
 
@@ -241,6 +271,13 @@ def serve(
         exit_grace: At ``close()`` or interpreter exit, wait at most this many
             seconds for Prometheus to scrape an unhealthy update it has not
             seen yet (only when the endpoint has been scraped before). 0 never waits.
+        tls_cert: PEM certificate (chain) to serve HTTPS with; default
+            ``$GRADTEL_TLS_CERT``. Needs ``tls_key``.
+        tls_key: Its PEM private key; default ``$GRADTEL_TLS_KEY``.
+        tls_client_ca: PEM CA bundle; when set (or ``$GRADTEL_TLS_CLIENT_CA``),
+            clients must present a certificate it signed (mutual TLS).
+        stale_after: ``/healthz`` answers 503 when no update was recorded for
+            this many seconds (since start, before the first one). Default 600.
 
     Returns:
         A :class:`MetricsServer`; ``close()`` it when done.
@@ -277,9 +314,12 @@ def serve(
         if port > 65535:
             raise ValueError(f"port {port} (base port + LOCAL_RANK) is above 65535; pick a lower port")
 
+    tls = _tls_from(tls_cert, tls_key, tls_client_ca)
+    if isinstance(stale_after, bool) or not isinstance(stale_after, (int, float)) or not stale_after > 0:
+        raise ValueError(f"stale_after must be a number of seconds > 0, got {stale_after!r}")
     watch = _ScrapeWatch(REGISTRY if registry is None else registry)
     try:
-        server, thread = start_http_server(port, addr=addr, registry=watch)
+        server, thread = start(addr, port, watch, tls=tls, stale_after=float(stale_after))
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             error: OSError = PortInUseError(
@@ -295,7 +335,13 @@ def serve(
         count_error("serve")
         return MetricsServer(addr, None)
     return MetricsServer(
-        addr, server.server_port, exit_grace=exit_grace, server=server, thread=thread, watch=watch
+        addr,
+        server.server_port,
+        exit_grace=exit_grace,
+        server=server,
+        thread=thread,
+        watch=watch,
+        tls=tls is not None,
     )
 
 

@@ -153,6 +153,7 @@ class Stack:
         on_page: Called with each alert the webhook receiver gets.
         keep_data: Keep the config and data folders here instead of a
             temporary folder removed on :meth:`stop`.
+        scrape: Extra settings of the gradtel scrape job (``scheme``, ``tls_config``, ...).
     """
 
     targets: Sequence[str]
@@ -160,6 +161,7 @@ class Stack:
     timings: StackTimings = field(default_factory=StackTimings)
     on_page: Callable[[Page], None] | None = None
     keep_data: Path | None = None
+    scrape: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.prometheus_bin = find_tool("prometheus")
@@ -229,6 +231,7 @@ class Stack:
         job = config["scrape_configs"][0]
         job["scrape_interval"] = self.timings.scrape_interval
         job["static_configs"] = [{"targets": list(self.targets)}]
+        job.update(self.scrape)
         return yaml.safe_dump(config, sort_keys=False)
 
     def _spawn(self, name: str, command: list[str]) -> None:

@@ -31,6 +31,7 @@ __all__ = [
     "GradTelemetry",
     "count_error",
     "default_meter_provider",
+    "last_record",
     "last_unhealthy_record",
     "process_attributes",
     "prometheus_meter_provider",
@@ -54,6 +55,12 @@ _KINDS = ("nan", "inf")
 _default_provider: SdkMeterProvider | None = None
 _default_lock = threading.RLock()
 _last_unhealthy_record: float | None = None
+_last_record: float | None = None
+
+
+def last_record() -> float | None:
+    """``time.monotonic()`` of the latest update any monitor recorded, or None (``/healthz``)."""
+    return _last_record
 
 
 def last_unhealthy_record() -> float | None:
@@ -269,9 +276,10 @@ class GradTelemetry:
         for kind, status in (("nan", health.nan_status), ("inf", health.inf_status)):
             if status is not Status.HEALTHY:
                 ins.unhealthy.add(1, self._band_attrs[(kind, status)])
+        global _last_record, _last_unhealthy_record
+        _last_record = time.monotonic()
         if health.status is not Status.HEALTHY:
-            global _last_unhealthy_record
-            _last_unhealthy_record = time.monotonic()
+            _last_unhealthy_record = _last_record
         if health.first_bad_layer is not None:
             ins.first_bad.set(health.step, self._layer_attrs[health.first_bad_layer])
         ins.updates.add(1, self._base)
