@@ -174,3 +174,26 @@ def test_render_command_reports_bad_thresholds(capsys: pytest.CaptureFixture[str
     assert main(["render", "--out", str(tmp_path), "--warning", "6", "--critical", "5"]) == 1
     assert "Thresholds.warning (6) must be <= Thresholds.critical (5)" in capsys.readouterr().err
     assert Thresholds().critical == 5
+
+
+def test_kubernetes_example_is_consistent() -> None:
+    folder = DEPLOY / "kubernetes"
+    monitor = yaml.safe_load((folder / "podmonitor.yaml").read_text())
+    rule = yaml.safe_load((folder / "prometheusrule.yaml").read_text())
+    job = yaml.safe_load((folder / "training-job.yaml").read_text())
+    assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
+    assert (rule["apiVersion"], rule["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
+    # The same rules as the plain Prometheus kit.
+    assert rule["spec"] == yaml.safe_load((PROMETHEUS / "gradtel-rules.yml").read_text())
+    pod = job["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    endpoint = monitor["spec"]["podMetricsEndpoints"][0]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert endpoint["port"] in {p["name"] for p in container["ports"]}
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["relabelings"] == [{"targetLabel": "job", "replacement": "gradtel", "action": "replace"}]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["GRADTEL_ADDR"] == "0.0.0.0"
+    assert int(env["GRADTEL_PORT"]) == container["ports"][0]["containerPort"]
+    probe = container["livenessProbe"]["httpGet"]
+    assert probe == {"path": "/healthz", "port": endpoint["port"]}

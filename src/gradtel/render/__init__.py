@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from .options import DEFAULT_RUNBOOK_URL, KitOptions, dump_yaml, header
+from .kubernetes import pod_monitor, prometheus_rule, training_job
 from .grafana import dashboard_json, dashboard_provisioning, datasource_provisioning
 from .prometheus import alertmanager_config, compose_file, rules, scrape_config
 from .rule_tests import rule_tests
@@ -73,6 +74,17 @@ def render_kit(options: KitOptions | None = None) -> dict[str, str]:
         "grafana/provisioning/dashboards/gradtel.yml": dump_yaml(
             header(o, "Grafana dashboard provisioning: loads deploy/grafana/dashboards."),
             dashboard_provisioning("/var/lib/grafana/dashboards"),
+        ),
+        "kubernetes/podmonitor.yaml": dump_yaml(
+            header(o, "Prometheus Operator PodMonitor for training pods serving gradtel."), pod_monitor(o)
+        ),
+        "kubernetes/prometheusrule.yaml": dump_yaml(
+            header(o, "Prometheus Operator PrometheusRule: the rules of prometheus/gradtel-rules.yml."),
+            prometheus_rule(o),
+        ),
+        "kubernetes/training-job.yaml": dump_yaml(
+            header(o, "Example training Job: gradtel on 0.0.0.0:9464, /healthz as liveness probe."),
+            training_job(),
         ),
         "compose.yaml": dump_yaml(
             header(o, "Prometheus, Alertmanager and Grafana with gradtel's configs: docker compose up")
