@@ -209,3 +209,27 @@ def test_a_real_prometheus_scrapes_over_mutual_tls(certificates: Path) -> None:
 def test_bad_tls_and_health_options(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         serve(port=0, **kwargs)
+
+
+def test_layers_added_and_removed_after_the_monitor_was_made(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    from gradtel.monitor import REFRESH_EVERY
+
+    model = nn.ModuleDict({"first": nn.Linear(2, 2)})
+    monitor = GradMonitor(model, meter_provider=provider, on_warning="ignore")
+    model["added"] = nn.Linear(2, 2)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    model["added"].weight.grad[0, 0] = float("nan")
+    for _ in range(REFRESH_EVERY - 1):
+        assert monitor.collect().nan_total == 0  # not watched yet
+    assert monitor.collect().nan_by_layer == {"added": 1}  # picked up by itself
+    assert monitor.layers == ("first", "added")
+    assert sample(samples(registry), "gradtel_update_nan_grads", layer="added") == 1
+    del model["added"]
+    assert monitor.refresh() and monitor.layers == ("first",)
+    assert monitor.collect().nan_total == 0
+    found = samples(registry)
+    assert sample(found, "gradtel_nan_grads_total", layer="added") == 1  # stays at its last value
+    assert not monitor.refresh()  # nothing changed since

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 from opentelemetry.metrics import MeterProvider
@@ -18,12 +18,15 @@ from .policy import Action, apply_action, check_action
 from .scan import Scanner, countable_values
 from .telemetry import GradTelemetry, default_meter_provider, process_attributes
 
-__all__ = ["MAX_LAYERS_LIMIT", "GradMonitor"]
+__all__ = ["MAX_LAYERS_LIMIT", "REFRESH_EVERY", "GradMonitor"]
 
 MAX_LAYERS_LIMIT = 1998
 """Upper bound of ``max_layers``: each metric keeps one series per layer plus
 the overflow layer below the OpenTelemetry SDK's per-metric limit of 2000,
 past which the SDK would silently relabel series."""
+
+REFRESH_EVERY = 50
+"""Updates between two automatic checks for parameters added to or removed from the model."""
 
 ERROR_LOG_INTERVAL = 60.0
 """Seconds between two log lines about failures of the same stage."""
@@ -152,7 +155,26 @@ class GradMonitor:
             raise ValueError(
                 f"model has no trainable parameters (requires_grad=True) to watch: {model!r}"
             )
-        labels = assign_layers((n for n, _ in named), max_layers=max_layers, depth=layer_depth)
+        self._module = model if isinstance(model, torch.nn.Module) else None
+        self._naming = {"max_layers": max_layers, "depth": layer_depth}
+        self._order_hooks: list[Any] = []
+        self.thresholds = thresholds
+        self.sample_every = sample_every
+        self._on_error = on_error
+        self._step = 0
+        self._lock = threading.Lock()
+        self._last_error_log: dict[str, float] = {}
+        self._watch(named)
+        self._telemetry = GradTelemetry(
+            self._layer_names,
+            meter_provider=default_meter_provider() if meter_provider is None else meter_provider,
+            attributes=process_attributes(),
+            start_time=time.time(),
+        )
+
+    def _watch(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
+        """Take ``named`` as the watched parameters (at creation and at each refresh)."""
+        labels = assign_layers((n for n, _ in named), **self._naming)  # type: ignore[arg-type]
         self._params = [p for _, p in named]
         self._watched = tuple(self._params)
         self._labels = labels
@@ -160,6 +182,8 @@ class GradMonitor:
         self._scanner = Scanner()
         # Backward order, recorded once from the first real backward pass: hooks
         # fire as each gradient is accumulated, then are removed (no steady cost).
+        for handle in self._order_hooks:
+            handle.remove()
         self._backward_seen: list[int] = []
         self._backward_rank: list[int] | None = None
         self._order_hooks = [
@@ -170,18 +194,28 @@ class GradMonitor:
         self._plain = [p.dtype in _PLAIN_DTYPES for p in self._params]
         self._all_plain = all(self._plain)
         self._everyone = list(range(len(self._params)))
-        self.thresholds = thresholds
-        self.sample_every = sample_every
-        self._on_error = on_error
-        self._step = 0
-        self._lock = threading.Lock()
-        self._last_error_log: dict[str, float] = {}
-        self._telemetry = GradTelemetry(
-            self._layer_names,
-            meter_provider=default_meter_provider() if meter_provider is None else meter_provider,
-            attributes=process_attributes(),
-            start_time=time.time(),
-        )
+
+    def refresh(self) -> bool:
+        """Pick up parameters added to (or removed from) the model since it was watched.
+
+        Runs by itself every ``REFRESH_EVERY`` updates when the monitor watches
+        an ``nn.Module``. New layers get their series (at 0) and are scanned;
+        the series of layers that are gone stay at their last values.
+
+        Returns:
+            Whether the watched parameters changed.
+        """
+        if self._module is None:
+            return False
+        named = [(n, p) for n, p in self._module.named_parameters() if p.requires_grad]
+        same = len(named) == len(self._params) and all(
+            mine is theirs for (_, mine), theirs in zip(named, self._params)
+        )  # identity: == on tensors compares elements
+        if not named or same:
+            return False
+        self._watch(named)
+        self._telemetry.add_layers(self._layer_names)
+        return True
 
     def _note_backward(self, index: int) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
@@ -231,6 +265,8 @@ class GradMonitor:
         with self._lock:
             started = time.perf_counter()
             self._step += 1
+            if self._step % REFRESH_EVERY == 0:
+                self._guarded("scan", self.refresh)
             if (self._step - 1) % self.sample_every:
                 return GradHealth(thresholds=self.thresholds, step=self._step, sampled=False)
             self._freeze_backward_order()

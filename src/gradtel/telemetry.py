@@ -236,7 +236,7 @@ class GradTelemetry:
         start_time: float,
     ) -> None:
         self._base = dict(attributes)
-        self._layer_attrs = {layer: {**self._base, "layer": layer} for layer in layers}
+        self._layer_attrs: dict[str, dict[str, str]] = {}
         self._band_attrs = {
             (kind, status): {**self._base, "kind": kind, "severity": severity}
             for kind in _KINDS
@@ -247,11 +247,7 @@ class GradTelemetry:
         self._last_nonzero: dict[str, set[str]] = {"nan": set(), "inf": set()}
 
         self._instruments = ins = instruments_for(meter_provider)
-
-        for attrs in self._layer_attrs.values():
-            for kind in _KINDS:
-                ins.totals[kind].add(0, attrs)
-                ins.per_update[kind].set(0, attrs)
+        self.add_layers(layers)
         for attrs in self._band_attrs.values():
             ins.unhealthy.add(0, attrs)
         for attrs in self._error_attrs.values():
@@ -261,6 +257,17 @@ class GradTelemetry:
         ins.updates.add(0, self._base)
         ins.status.set(0, self._base)
         ins.last_update.set(start_time, self._base)
+
+    def add_layers(self, layers: Sequence[str]) -> None:
+        """Make the series of layers not seen before, at 0."""
+        ins = self._instruments
+        for layer in layers:
+            if layer in self._layer_attrs:
+                continue
+            attrs = self._layer_attrs[layer] = {**self._base, "layer": layer}
+            for kind in _KINDS:
+                ins.totals[kind].add(0, attrs)
+                ins.per_update[kind].set(0, attrs)
 
     def record(self, health: GradHealth, *, duration: float, timestamp: float) -> None:
         """Record one scanned update."""
