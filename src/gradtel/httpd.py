@@ -53,6 +53,9 @@ class TLSConfig:
 
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+    # socketserver's default backlog of 5 drops connections under concurrent
+    # scrapers, which then wait for a TCP retry (a second or more).
+    request_queue_size = 128
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A scraper that went away or a failed handshake: count it, say it once a minute.
