@@ -55,6 +55,10 @@ def clip_grad_norm_(
     Returns:
         The total norm of the gradients before clipping, as a tensor.
 
+    Raises:
+        TypeError: ``monitor`` is not a :class:`~gradtel.GradMonitor`.
+        RuntimeError: the total norm is not finite and ``error_if_nonfinite``.
+
     >>> import torch, gradtel
     >>> model = torch.nn.Linear(4, 2)
     >>> monitor = gradtel.GradMonitor(model)
@@ -63,6 +67,10 @@ def clip_grad_norm_(
     >>> bool(total > 0)
     True
     """
+    if not isinstance(monitor, GradMonitor):
+        raise TypeError(
+            f"monitor must be a gradtel.GradMonitor, got {monitor!r} ({type(monitor).__name__})"
+        )
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     with_grad = [p for p in params if p.grad is not None]
     grads = [p.grad for p in with_grad]
