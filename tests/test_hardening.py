@@ -233,3 +233,48 @@ def test_layers_added_and_removed_after_the_monitor_was_made(
     found = samples(registry)
     assert sample(found, "gradtel_nan_grads_total", layer="added") == 1  # stays at its last value
     assert not monitor.refresh()  # nothing changed since
+
+
+def test_the_serving_thread_restarts_after_a_fault(
+    registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    from prometheus_client import REGISTRY
+
+    def serve_errors() -> float:
+        return REGISTRY.get_sample_value("gradtel_errors_total", {"stage": "serve"}) or 0.0
+
+    before = serve_errors()
+    with serve(port=0, registry=registry, exit_grace=0) as server:
+        faults = [RuntimeError("select broke")]
+
+        def failing_loop_step() -> None:
+            if faults:
+                raise faults.pop()
+
+        with caplog.at_level(logging.ERROR, logger="gradtel"):
+            server._server.service_actions = failing_loop_step  # a fault inside serve_forever
+            deadline = time.monotonic() + 5
+            while faults and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.3)
+        assert get(server.url or "")[0] == 200  # serving again
+        assert server._thread.is_alive()
+    assert serve_errors() >= before + 1  # other tests' handshakes may still be counting
+    assert "the metrics endpoint failed (RuntimeError('select broke')) and restarts" in caplog.text
+
+
+def test_a_gradient_of_an_unexpected_kind_is_skipped_counted_and_logged_once(
+    provider: MeterProvider, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    weird = nn.Parameter(torch.ones(2, 2).to_mkldnn())
+    normal = nn.Parameter(torch.ones(3))
+    monitor = GradMonitor([("odd.weight", weird), ("even.weight", normal)], meter_provider=provider)
+    weird.grad = torch.zeros(2, 2).to_mkldnn()
+    normal.grad = torch.zeros(3)
+    with caplog.at_level(logging.ERROR, logger="gradtel"):
+        results = [monitor.collect() for _ in range(3)]
+    assert [(h.scanned, h.skipped) for h in results] == [(1, 1)] * 3
+    assert [r.getMessage() for r in caplog.records] == [
+        "gradtel scan failed, training continues: TypeError('cannot count a torch._mkldnn torch.float32 gradient in odd')"
+    ]
+    assert sample(samples(registry), "gradtel_errors_total", stage="scan") == 3

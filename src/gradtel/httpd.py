@@ -102,6 +102,21 @@ def _app(collector: Any, stale_after: float) -> Callable[..., Iterable[bytes]]:
     return app
 
 
+def _serve(server: _Server) -> None:
+    """serve_forever, restarted if it ever raises: the endpoint outlives its own faults."""
+    while True:
+        try:
+            server.serve_forever()
+            return  # shutdown() asked for it
+        except Exception as exc:  # noqa: BLE001 (counted, logged, restarted)
+            count_error("serve")
+            now = time.monotonic()
+            if now - _last_error_log[0] >= ERROR_LOG_INTERVAL:
+                _last_error_log[0] = now
+                logger.error("gradtel: the metrics endpoint failed (%r) and restarts", exc)
+            time.sleep(0.1)
+
+
 def start(
     addr: str, port: int, collector: Any, *, tls: TLSConfig | None, stale_after: float
 ) -> tuple[_Server, threading.Thread]:
@@ -119,6 +134,6 @@ def start(
         server.socket = tls.context().wrap_socket(
             server.socket, server_side=True, do_handshake_on_connect=False
         )
-    thread = threading.Thread(target=server.serve_forever, name="gradtel-metrics", daemon=True)
+    thread = threading.Thread(target=_serve, args=(server,), name="gradtel-metrics", daemon=True)
     thread.start()
     return server, thread
