@@ -56,8 +56,8 @@ def test_lightning_callback(tmp_path: Path) -> None:
 
     class Scrape(pl.Callback):
         def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            assert gradtel_callback.server is not None and gradtel_callback.server.url
-            scraped.append(fetch(gradtel_callback.server.url)[0])
+            assert gradtel_callback.session.server is not None and gradtel_callback.session.server.url
+            scraped.append(fetch(gradtel_callback.session.server.url)[0])
 
     updates_before = shared("gradtel_updates_total")
     gradtel_callback = GradtelCallback(port=0, on_warning="skip", on_critical="skip")
@@ -72,7 +72,7 @@ def test_lightning_callback(tmp_path: Path) -> None:
     assert sample(found, "gradtel_updates_total") - updates_before == 5
     assert sample(found, "gradtel_nan_grads_total", layer="lit_encoder") == 3
     assert sample(found, "gradtel_nan_grads_total", layer="lit_head") == 0
-    assert gradtel_callback.server is None  # closed at teardown
+    assert gradtel_callback.session.server is None  # closed at teardown
 
 
 def test_transformers_trainer_callback_counts_before_clipping(tmp_path: Path) -> None:
@@ -100,8 +100,8 @@ def test_transformers_trainer_callback_counts_before_clipping(tmp_path: Path) ->
             state_step[0] = state.global_step
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            assert gradtel_callback.server is not None and gradtel_callback.server.url
-            scraped.append(fetch(gradtel_callback.server.url)[0])
+            assert gradtel_callback.session.server is not None and gradtel_callback.session.server.url
+            scraped.append(fetch(gradtel_callback.session.server.url)[0])
 
     updates_before = shared("gradtel_updates_total")
     skips_before = shared("gradtel_skipped_updates_total", reason="policy")

@@ -6,4 +6,50 @@
   Hugging Face ``Trainer`` (``pip install 'gradtel[transformers]'``).
 """
 
-__all__: list[str] = []
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..exporter import MetricsServer, serve
+from ..monitor import GradMonitor
+
+__all__ = ["Session"]
+
+
+class Session:
+    """What a framework callback owns while training runs: a monitor and its endpoint.
+
+    Args:
+        port: Endpoint port (default ``$GRADTEL_PORT`` or 9464; + ``LOCAL_RANK`` per rank).
+        addr: Bind address (default ``$GRADTEL_ADDR`` or ``127.0.0.1``).
+        serve_metrics: Start the endpoint (``False`` when you serve it yourself).
+        monitor_options: Passed to :class:`~gradtel.GradMonitor`.
+    """
+
+    def __init__(
+        self, port: int | None, addr: str | None, serve_metrics: bool, monitor_options: dict[str, Any]
+    ) -> None:
+        self._port, self._addr, self._serve = port, addr, serve_metrics
+        self._options = monitor_options
+        self.monitor: GradMonitor | None = None
+        self.server: MetricsServer | None = None
+
+    def start(self, model: torch.nn.Module) -> GradMonitor:
+        """Watch ``model`` and serve its metrics; once per training run."""
+        if self.monitor is None:
+            self.monitor = GradMonitor(model, **self._options)
+            if self._serve:
+                self.server = serve(self._port, self._addr)
+        return self.monitor
+
+    def collect(self) -> None:
+        if self.monitor is not None:
+            self.monitor.collect()
+
+    def stop(self) -> None:
+        """Close the endpoint (after its last scrape of an unhealthy update, if any)."""
+        if self.server is not None:
+            self.server.close()
+            self.server = None

@@ -13,8 +13,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
 
-from ..exporter import MetricsServer, serve
-from ..monitor import GradMonitor
+from . import Session
 
 __all__ = ["GradtelCallback"]
 
@@ -22,40 +21,24 @@ __all__ = ["GradtelCallback"]
 class GradtelCallback(Callback):
     """Watch the LightningModule's gradients and serve ``/metrics`` while it trains.
 
-    Args:
-        port: Endpoint port (default ``$GRADTEL_PORT`` or 9464; + ``LOCAL_RANK`` per rank).
-        addr: Bind address (default ``$GRADTEL_ADDR`` or ``127.0.0.1``).
-        serve_metrics: Start the endpoint (``False`` when you serve it yourself).
-        **monitor_options: Passed to :class:`~gradtel.GradMonitor` (thresholds, policies, ...).
+    Takes ``port``, ``addr`` and ``serve_metrics`` (see :class:`gradtel.integrations.Session`);
+    other keyword arguments go to :class:`~gradtel.GradMonitor`.
     """
 
     def __init__(
-        self,
-        *,
-        port: int | None = None,
-        addr: str | None = None,
-        serve_metrics: bool = True,
-        **monitor_options: Any,
+        self, *, port: int | None = None, addr: str | None = None, serve_metrics: bool = True, **monitor_options: Any
     ) -> None:
-        self._port, self._addr, self._serve = port, addr, serve_metrics
-        self._options = monitor_options
-        self.monitor: GradMonitor | None = None
-        self.server: MetricsServer | None = None
+        self.session = Session(port, addr, serve_metrics, monitor_options)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit" or self.monitor is not None:
-            return
-        self.monitor = GradMonitor(pl_module, **self._options)
-        if self._serve:
-            self.server = serve(self._port, self._addr)
+        if stage == "fit":
+            self.session.start(pl_module)
 
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer
     ) -> None:
-        if self.monitor is not None:
-            self.monitor.collect()
+        self.session.collect()
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and self.server is not None:
-            self.server.close()
-            self.server = None
+        if stage == "fit":
+            self.session.stop()

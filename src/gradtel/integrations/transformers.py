@@ -13,9 +13,8 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..exporter import MetricsServer, serve
 from ..hooks import Attachment, at_end_of_backward
-from ..monitor import GradMonitor
+from . import Session
 
 __all__ = ["GradtelTrainerCallback"]
 
@@ -23,25 +22,14 @@ __all__ = ["GradtelTrainerCallback"]
 class GradtelTrainerCallback(TrainerCallback):
     """Watch the model's gradients and serve ``/metrics`` while the Trainer trains.
 
-    Args:
-        port: Endpoint port (default ``$GRADTEL_PORT`` or 9464; + ``LOCAL_RANK`` per rank).
-        addr: Bind address (default ``$GRADTEL_ADDR`` or ``127.0.0.1``).
-        serve_metrics: Start the endpoint (``False`` when you serve it yourself).
-        **monitor_options: Passed to :class:`~gradtel.GradMonitor`.
+    Takes ``port``, ``addr`` and ``serve_metrics`` (see :class:`gradtel.integrations.Session`);
+    other keyword arguments go to :class:`~gradtel.GradMonitor`.
     """
 
     def __init__(
-        self,
-        *,
-        port: int | None = None,
-        addr: str | None = None,
-        serve_metrics: bool = True,
-        **monitor_options: Any,
+        self, *, port: int | None = None, addr: str | None = None, serve_metrics: bool = True, **monitor_options: Any
     ) -> None:
-        self._port, self._addr, self._serve = port, addr, serve_metrics
-        self._options = monitor_options
-        self.monitor: GradMonitor | None = None
-        self.server: MetricsServer | None = None
+        self.session = Session(port, addr, serve_metrics, monitor_options)
         self._hooks: Attachment | None = None
         self._backwards = 0
         self._collected = False
@@ -50,17 +38,14 @@ class GradtelTrainerCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        model = kwargs["model"]
-        self.monitor = GradMonitor(model, **self._options)
+        monitor = self.session.start(kwargs["model"])
         self._accumulation = max(1, int(args.gradient_accumulation_steps))
-        self._hooks = at_end_of_backward(self.monitor.parameters, self._end_of_backward)
-        if self._serve:
-            self.server = serve(self._port, self._addr)
+        self._hooks = at_end_of_backward(monitor.parameters, self._end_of_backward)
 
     def _end_of_backward(self) -> None:
         self._backwards += 1
-        if self._backwards == self._accumulation and self.monitor is not None:
-            self.monitor.collect()
+        if self._backwards == self._accumulation:
+            self.session.collect()
             self._collected = True
 
     def on_step_begin(
@@ -71,8 +56,8 @@ class GradtelTrainerCallback(TrainerCallback):
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if not self._collected and self.monitor is not None:
-            self.monitor.collect()
+        if not self._collected:
+            self.session.collect()
         self._collected = True
 
     def on_train_end(
@@ -80,6 +65,4 @@ class GradtelTrainerCallback(TrainerCallback):
     ) -> None:
         if self._hooks is not None:
             self._hooks.remove()
-        if self.server is not None:
-            self.server.close()
-            self.server = None
+        self.session.stop()
