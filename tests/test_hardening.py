@@ -241,7 +241,8 @@ def test_the_serving_thread_restarts_after_a_fault(
     from prometheus_client import REGISTRY
 
     # Failure lines are limited to one a minute; earlier tests may have used this minute's.
-    monkeypatch.setattr(gradtel.httpd, "_last_error_log", [float("-inf")])
+    fresh = gradtel._ratelimit.RateLimitedLog(gradtel.httpd.logger)
+    monkeypatch.setattr(gradtel.httpd, "_error_log", fresh)
 
     def serve_errors() -> float:
         return REGISTRY.get_sample_value("gradtel_errors_total", {"stage": "serve"}) or 0.0

@@ -23,13 +23,19 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import make_wsgi_app
 
+from ._ratelimit import RateLimitedLog
 from .telemetry import count_error, last_record
 
 __all__ = ["TLSConfig", "start"]
 
 logger = logging.getLogger("gradtel")
-ERROR_LOG_INTERVAL = 60.0
-_last_error_log = [float("-inf")]
+_error_log = RateLimitedLog(logger)
+
+
+def _failed(level: int, message: str, *args: object) -> None:
+    """A failure in the endpoint: counted every time, logged once a minute."""
+    count_error("serve")
+    _error_log.log("serve", level, message, *args)
 
 
 @dataclass(frozen=True)
@@ -58,12 +64,8 @@ class _Server(ThreadingMixIn, WSGIServer):
     request_queue_size = 128
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # A scraper that went away or a failed handshake: count it, say it once a minute.
-        count_error("serve")
-        now = time.monotonic()
-        if now - _last_error_log[0] >= ERROR_LOG_INTERVAL:
-            _last_error_log[0] = now
-            logger.warning("gradtel: a request to the metrics endpoint from %s failed", client_address)
+        # A scraper that went away or a failed handshake.
+        _failed(logging.WARNING, "gradtel: a request to the metrics endpoint from %s failed", client_address)
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -109,11 +111,7 @@ def _serve(server: _Server) -> None:
             server.serve_forever()
             return  # shutdown() asked for it
         except Exception as exc:  # noqa: BLE001 (counted, logged, restarted)
-            count_error("serve")
-            now = time.monotonic()
-            if now - _last_error_log[0] >= ERROR_LOG_INTERVAL:
-                _last_error_log[0] = now
-                logger.error("gradtel: the metrics endpoint failed (%r) and restarts", exc)
+            _failed(logging.ERROR, "gradtel: the metrics endpoint failed (%r) and restarts", exc)
             time.sleep(0.1)
 
 

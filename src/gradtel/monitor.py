@@ -11,6 +11,7 @@ from typing import Any, Literal, TypeVar
 import torch
 from opentelemetry.metrics import MeterProvider
 
+from ._ratelimit import RateLimitedLog
 from .health import GradHealth, Status, Thresholds
 from .hooks import Attachment, attach
 from .layers import DEFAULT_MAX_LAYERS, assign_layers, distinct
@@ -27,9 +28,6 @@ past which the SDK would silently relabel series."""
 
 REFRESH_EVERY = 50
 """Updates between two automatic checks for parameters added to or removed from the model."""
-
-ERROR_LOG_INTERVAL = 60.0
-"""Seconds between two log lines about failures of the same stage."""
 
 logger = logging.getLogger("gradtel")
 
@@ -163,7 +161,7 @@ class GradMonitor:
         self._on_error = on_error
         self._step = 0
         self._lock = threading.Lock()
-        self._last_error_log: dict[str, float] = {}
+        self._error_log = RateLimitedLog(logger)
         self._watch(named)
         self._telemetry = GradTelemetry(
             self._layer_names,
@@ -409,7 +407,6 @@ class GradMonitor:
         if self._on_error == "raise":
             raise exc
         self._telemetry.record_error(stage)
-        now = time.monotonic()
-        if now - self._last_error_log.get(stage, -ERROR_LOG_INTERVAL) >= ERROR_LOG_INTERVAL:
-            self._last_error_log[stage] = now
-            logger.error("gradtel %s failed, training continues: %r", stage, exc)
+        self._error_log.log(
+            stage, logging.ERROR, "gradtel %s failed, training continues: %r", stage, exc
+        )

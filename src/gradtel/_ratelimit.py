@@ -1,0 +1,33 @@
+"""One log line per key at most every ``interval`` seconds: failures that repeat every
+update (or every scrape) must not flood a training log."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+__all__ = ["ERROR_LOG_INTERVAL", "RateLimitedLog"]
+
+ERROR_LOG_INTERVAL = 60.0
+"""Seconds between two log lines about failures of the same kind."""
+
+
+class RateLimitedLog:
+    """Logs through ``logger``, at most once per ``interval`` seconds per key."""
+
+    def __init__(self, logger: logging.Logger, interval: float = ERROR_LOG_INTERVAL) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def log(self, key: str, level: int, message: str, *args: object) -> bool:
+        """Log unless ``key`` was logged within the interval; returns whether it logged."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, float("-inf")) < self._interval:
+                return False
+            self._last[key] = now
+        self._logger.log(level, message, *args)
+        return True
