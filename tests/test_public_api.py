@@ -28,7 +28,7 @@ MODULES = [
     "banner", "cli", "clip", "demo", "exporter", "health", "layers", "monitor", "policy", "scan", "telemetry",
     "render", "render.grafana", "render.options", "render.prometheus", "render.rule_tests",
     "render.runbook", "stack", "watch", "hooks", "otlp",
-    "_ratelimit", "integrations", "integrations.lightning", "integrations.transformers", "httpd", "render.kubernetes",
+    "_checks", "_ratelimit", "integrations", "integrations.lightning", "integrations.transformers", "httpd", "render.kubernetes",
 ]  # fmt: skip
 
 

@@ -22,8 +22,9 @@ from typing import Any, Literal
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
+from . import _checks
 from .httpd import TLSConfig, start
-from .telemetry import count_error, last_unhealthy_record
+from .telemetry import count_error, last_unhealthy_record, launcher_world_size
 
 __all__ = [
     "DEFAULT_ADDR",
@@ -230,7 +231,7 @@ def _tls_from(cert: str | None, key: str | None, client_ca: str | None) -> TLSCo
 
 def _local_rank() -> int:
     """This process's rank on its node in a multi-process run, else 0."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+    if launcher_world_size() <= 1:
         return 0
     local = os.environ.get("LOCAL_RANK", "0")
     if not local.isdigit():
@@ -295,10 +296,8 @@ def serve(
     (True, True)
     >>> server.close()
     """
-    if on_error not in ("warn", "raise"):
-        raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
-    if isinstance(exit_grace, bool) or not isinstance(exit_grace, (int, float)) or not exit_grace >= 0:
-        raise ValueError(f"exit_grace must be a number of seconds >= 0, got {exit_grace!r}")
+    _checks.on_error(on_error)
+    exit_grace = _checks.seconds("exit_grace", exit_grace, zero_ok=True)
     if port is None:
         env = os.environ.get("GRADTEL_PORT")
         port = DEFAULT_PORT if env is None else _port_from(env, "GRADTEL_PORT")
@@ -315,11 +314,10 @@ def serve(
             raise ValueError(f"port {port} (base port + LOCAL_RANK) is above 65535; pick a lower port")
 
     tls = _tls_from(tls_cert, tls_key, tls_client_ca)
-    if isinstance(stale_after, bool) or not isinstance(stale_after, (int, float)) or not stale_after > 0:
-        raise ValueError(f"stale_after must be a number of seconds > 0, got {stale_after!r}")
+    stale_after = _checks.seconds("stale_after", stale_after)
     watch = _ScrapeWatch(REGISTRY if registry is None else registry)
     try:
-        server, thread = start(addr, port, watch, tls=tls, stale_after=float(stale_after))
+        server, thread = start(addr, port, watch, tls=tls, stale_after=stale_after)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             error: OSError = PortInUseError(

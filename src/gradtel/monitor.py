@@ -11,6 +11,7 @@ from typing import Any, Literal, TypeVar
 import torch
 from opentelemetry.metrics import MeterProvider
 
+from . import _checks
 from ._ratelimit import RateLimitedLog
 from .health import GradHealth, Status, Thresholds
 from .hooks import Attachment, attach
@@ -132,8 +133,7 @@ class GradMonitor:
             Status.WARNING: check_action("on_warning", on_warning),
             Status.CRITICAL: check_action("on_critical", on_critical),
         }
-        if on_error not in ("warn", "raise"):
-            raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
+        _checks.on_error(on_error)
         if isinstance(max_layers, int) and not isinstance(max_layers, bool):
             if max_layers > MAX_LAYERS_LIMIT:
                 raise ValueError(

@@ -12,6 +12,8 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 
+from ._checks import seconds
+
 __all__ = ["otlp_meter_provider"]
 
 
@@ -45,8 +47,7 @@ def otlp_meter_provider(
         raise ImportError(
             "gradtel's OTLP push needs the otlp extra: pip install 'gradtel[otlp]'"
         ) from exc
-    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval > 0:
-        raise ValueError(f"interval must be a number of seconds > 0, got {interval!r}")
+    interval = seconds("interval", interval)
     reader = PeriodicExportingMetricReader(
         OTLPMetricExporter(endpoint=endpoint, headers=dict(headers or {})),
         export_interval_millis=interval * 1000,

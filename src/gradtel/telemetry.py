@@ -33,6 +33,7 @@ __all__ = [
     "default_meter_provider",
     "last_record",
     "last_unhealthy_record",
+    "launcher_world_size",
     "process_attributes",
     "prometheus_meter_provider",
 ]
@@ -197,6 +198,13 @@ def count_error(stage: str, meter_provider: MeterProvider | None = None) -> None
     instruments_for(provider).errors.add(1, {**process_attributes(), "stage": stage})
 
 
+def launcher_world_size() -> int:
+    """``WORLD_SIZE`` as torchrun and most launchers set it; 1 when absent or empty."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def process_attributes() -> dict[str, str]:
     """Labels every series of this process carries: ``rank`` when distributed with world size > 1.
 
@@ -211,7 +219,7 @@ def process_attributes() -> dict[str, str]:
         if dist.get_world_size() > 1:
             return {"rank": str(dist.get_rank())}
         return {}
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and os.environ.get("RANK", "").isdigit():
+    if launcher_world_size() > 1 and os.environ.get("RANK", "").isdigit():
         return {"rank": os.environ["RANK"]}
     return {}
 
