@@ -134,7 +134,7 @@ def test_sample_every_scans_one_update_in_n(provider: MeterProvider, registry: C
     assert [h.nan_total for h in results] == [1, 0, 0, 1, 0, 0, 1]
     assert [h.step for h in results] == list(range(1, 8))
     unsampled = results[1]
-    assert unsampled.scanned == 0 and unsampled.status is Status.HEALTHY
+    assert unsampled.scanned == 0 and unsampled.status is Status.UNKNOWN  # not looked at
     found = samples(registry)
     assert sample(found, "gradtel_updates_total") == 3
     assert sample(found, "gradtel_unhealthy_updates_total", kind="nan", severity="warning") == 3

@@ -40,7 +40,7 @@ def test_committed_kit_equals_the_default_render() -> None:
 def test_promtool_checks_and_unit_tests_the_committed_rules() -> None:
     promtool = require_tool("promtool", "prometheus")
     checked = run(promtool, "check", "rules", "gradtel-rules.yml")
-    assert checked.returncode == 0 and "SUCCESS: 8 rules found" in checked.stdout, checked.stderr
+    assert checked.returncode == 0 and "SUCCESS: 10 rules found" in checked.stdout, checked.stderr
     tested = run(promtool, "test", "rules", "gradtel-rules.test.yml")
     assert tested.returncode == 0, tested.stdout + tested.stderr
     assert "SUCCESS" in tested.stdout
@@ -128,7 +128,8 @@ def test_every_alert_links_an_anchor_of_the_runbook() -> None:
     anchors = {line[3:].strip().lower() for line in runbook.splitlines() if line.startswith("## ")}
     alerts = [r for group in rules["groups"] for r in group["rules"] if "alert" in r]
     assert {a["alert"] for a in alerts} == {
-        "GradtelNaNGradients", "GradtelInfGradients", "GradtelExporterDown", "GradtelTrainingStalled"
+        "GradtelNaNGradients", "GradtelInfGradients", "GradtelExporterDown", "GradtelTrainingStalled",
+        "GradtelNothingScanned", "GradtelAmpOverflowSkips",
     }  # fmt: skip
     for alert in alerts:
         assert alert["annotations"]["runbook_url"].rsplit("#", 1)[1] in anchors
@@ -143,14 +144,14 @@ def test_other_thresholds_render_a_consistent_kit_that_passes_its_own_tests(tmp_
     promtool = require_tool("promtool", "prometheus")
     assert main(
         ["render", "--out", str(tmp_path), "--warning", "2", "--critical", "10",
-         "--window", "5m", "--stall-after", "3m", "--job", "trainer"]
+         "--window", "5m", "--stall-after", "3m", "--job", "trainer", "--amp-skip-ratio", "0.25"]
     ) == 0  # fmt: skip
     folder = tmp_path / "prometheus"
     tested = run(promtool, "test", "rules", "gradtel-rules.test.yml", cwd=folder)
     assert tested.returncode == 0, tested.stdout + tested.stderr
     rules = (folder / "gradtel-rules.yml").read_text()
     assert "more than 10 NaN gradient values" in rules and "more than 2 and at most 10" in rules
-    assert 'job="trainer"' in rules and "[5m]" in rules and "> 180" in rules
+    assert 'job="trainer"' in rules and "[5m]" in rules and "> 180" in rules and "> 0.25" in rules
     assert "| warning  | more than 2 and at most 10 |" in (folder / "runbook.md").read_text()
 
 
@@ -163,6 +164,8 @@ def test_other_thresholds_render_a_consistent_kit_that_passes_its_own_tests(tmp_
         ({"job": "my job"}, ValueError, r"job must be a plain Prometheus job name .* got 'my job'"),
         ({"runbook_url": "runbook.md"}, ValueError, r"runbook_url must be an http\(s\) URL, got 'runbook.md'"),
         ({"thresholds": 5}, TypeError, r"thresholds must be a gradtel.Thresholds, got 5"),
+        ({"amp_skip_ratio": 1.0}, ValueError, r"amp_skip_ratio must be a number between 0 and 1 \(exclusive\), got 1.0"),
+        ({"amp_skip_ratio": "half"}, ValueError, r"amp_skip_ratio must be .* got 'half'"),
     ],
 )
 def test_bad_kit_options(kwargs: dict, error: type, message: str) -> None:

@@ -30,7 +30,9 @@ def test_custom_thresholds() -> None:
 
 
 def test_status_values_and_levels() -> None:
-    assert [(s.value, s.level) for s in Status] == [("healthy", 0), ("warning", 1), ("critical", 2)]
+    assert [(s.value, s.level) for s in Status] == [
+        ("unknown", -1), ("healthy", 0), ("warning", 1), ("critical", 2)
+    ]
     assert Status("critical") is Status.CRITICAL
 
 

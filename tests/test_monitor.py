@@ -92,8 +92,10 @@ def test_every_series_exists_at_zero_before_any_update(
             assert sample(found, "gradtel_unhealthy_updates_total", kind=kind, severity=severity) == 0
     for stage in ("scan", "record", "serve"):
         assert sample(found, "gradtel_errors_total", stage=stage) == 0
+    for reason in ("no_gradients", "scan_error"):
+        assert sample(found, "gradtel_unscanned_updates_total", reason=reason) == 0
     assert sample(found, "gradtel_updates_total") == 0
-    assert sample(found, "gradtel_update_status") == 0
+    assert sample(found, "gradtel_update_status") == -1  # nothing looked at yet: unknown
     assert before <= sample(found, "gradtel_last_update_timestamp_seconds") <= time.time()
 
 
@@ -135,18 +137,19 @@ def test_tied_parameters_are_counted_once(provider: MeterProvider) -> None:
     assert health.nan_by_layer == {"embed": 2} and health.scanned == 1
     pairs = list(model.named_parameters(remove_duplicate=False))
     assert len(pairs) == 2
+    monitor.close()
     assert GradMonitor(pairs, meter_provider=provider).layers == ("embed",)
 
 
 def test_frozen_and_gradless_parameters_are_skipped_and_reported(provider: MeterProvider) -> None:
     model = TwoLayer()
-    model.fc2.bias.requires_grad_(False)  # frozen at creation: never watched
+    model.fc2.bias.requires_grad_(False)  # frozen at creation: watched, left out while frozen
     monitor = GradMonitor(model, meter_provider=provider)
     backward(model)
     model.fc1.bias.grad = None  # no gradient in this update
     model.fc2.weight.requires_grad_(False)  # frozen after creation
     health = monitor.collect()
-    assert (health.scanned, health.skipped) == (1, 2)
+    assert (health.scanned, health.skipped) == (1, 3)
 
 
 def test_sparse_embedding_gradient(provider: MeterProvider) -> None:
@@ -221,7 +224,7 @@ def test_warn_logs_one_line_with_status_counts_and_top_layers(
         monitor.collect()
     assert [r.getMessage() for r in caplog.records] == [
         "gradtel: update 1 is critical: NaN=9 Inf=0 (warning > 0, critical > 5); "
-        "top layers: fc2 (5), fc1 (4); first bad layer in backward order: fc2"
+        "top layers: fc2 (5), fc1 (4); first NaN layer in backward order: fc2"
     ]
 
 
@@ -301,10 +304,16 @@ def test_a_failing_scan_is_logged_once_counted_and_never_raised(
     with caplog.at_level(logging.ERROR, logger="gradtel"):
         first, second = monitor.collect(), monitor.collect()
     assert (first.scanned, first.skipped, second.step) == (0, 4, 2)
+    assert (first.status, first.unscanned) == (Status.UNKNOWN, "scan_error")
     assert [r.getMessage() for r in caplog.records] == [
         "gradtel scan failed, training continues: RuntimeError('device lost')"
     ]
-    assert sample(samples(registry), "gradtel_errors_total", stage="scan") == 2
+    found = samples(registry)
+    assert sample(found, "gradtel_errors_total", stage="scan") == 2
+    assert sample(found, "gradtel_unscanned_updates_total", reason="scan_error") == 2
+    assert sample(found, "gradtel_updates_total") == 0
+    assert sample(found, "gradtel_update_status") == -1
+    monitor.close()
     strict = GradMonitor(model, meter_provider=provider, on_error="raise")
     with pytest.raises(RuntimeError, match="device lost"):
         strict.collect()
@@ -421,12 +430,14 @@ def test_the_first_bad_layer_is_where_backward_first_produced_nan(
             health = monitor.collect()
     # NaN flows back from the poison into blocks.1 and blocks.0; head, blocks.3, blocks.2 stay finite.
     assert set(health.nan_by_layer) == {"blocks.0", "blocks.1"}
-    assert health.first_bad_layer == "blocks.1"
-    assert caplog.records[-1].getMessage().endswith("first bad layer in backward order: blocks.1")
+    assert health.first_bad_layer == health.first_nan_layer == "blocks.1"
+    assert health.first_inf_layer is None
+    assert caplog.records[-1].getMessage().endswith("first NaN layer in backward order: blocks.1")
     found = samples(registry)
-    assert sample(found, "gradtel_first_bad_layer", layer="blocks.1") == 2  # update number
-    assert ("gradtel_first_bad_layer", frozenset({("layer", "blocks.0")})) not in found
-    assert monitor._order_hooks == []  # order recorded once, hooks gone
+    assert sample(found, "gradtel_first_bad_layer", kind="nan", layer="blocks.1") == 2  # update number
+    assert not [key for key in found if key[0] == "gradtel_first_bad_layer" and ("layer", "blocks.0") in key[1]]
+    # The order was recorded once, in the first backward pass: no hook is left.
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
 
 
 def test_first_bad_layer_is_unknown_without_a_backward_pass(provider: MeterProvider) -> None:

@@ -92,12 +92,12 @@ def test_a_reused_plan_counts_each_update_afresh() -> None:
     scanner = Scanner()
     first = [torch.randn(3 * CHUNK), torch.randn(7)]
     first[0][CHUNK + 5] = INF
-    assert scanner.count(first, key="params") == {0: (0, 1)}
+    assert scanner.count(first, slots=(0, 1)) == {0: (0, 1)}
     second = [torch.randn(3 * CHUNK), torch.randn(7)]
     second[1][2] = NAN
     second[0][-1] = NAN
-    assert scanner.count(second, key="params") == {0: (1, 0), 1: (1, 0)}
-    assert scanner.count([torch.ones(5)], key="params-2") == {}
+    assert scanner.count(second, slots=(0, 1)) == {0: (1, 0), 1: (1, 0)}
+    assert scanner.count([torch.ones(5)], slots=(2,)) == {}
 
 
 def test_healthy_is_empty_and_false_alarms_count_zero() -> None:
@@ -191,14 +191,14 @@ def test_a_plan_is_made_anew_when_the_tensors_change_dtype(monkeypatch: pytest.M
     import gradtel.scan
 
     plans: list[int] = []
-    original = gradtel.scan._plan
-    monkeypatch.setattr(gradtel.scan, "_plan", lambda values: plans.append(len(values)) or original(values))
+    original = gradtel.scan._assemble
+    monkeypatch.setattr(gradtel.scan, "_assemble", lambda entries: plans.append(len(entries)) or original(entries))
     scanner = Scanner()
     tensors = [torch.randn(3 * CHUNK), torch.randn(100)]
-    assert scanner.count(tensors, key="all") == {}
-    assert scanner.count(tensors, key="all") == {}
+    assert scanner.count(tensors, slots=(0, 1)) == {}
+    assert scanner.count(tensors, slots=(0, 1)) == {}
     assert plans == [2]  # reused
     moved = [t.to(torch.bfloat16) for t in tensors]  # as after model.to(torch.bfloat16)
     moved[1][5] = INF
-    assert scanner.count(moved, key="all") == {1: (0, 1)}
+    assert scanner.count(moved, slots=(0, 1)) == {1: (0, 1)}
     assert plans == [2, 2]  # made anew: a plan's groups belong to one device and dtype

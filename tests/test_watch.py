@@ -105,11 +105,11 @@ def test_watch_once_exit_codes() -> None:
 
 
 def test_frame_shows_nothing_for_counts_when_healthy() -> None:
-    healthy = Snapshot(taken=100.0, updates=10, last_update=99.5)
+    healthy = Snapshot(taken=100.0, updates=10, last_update=99.5, status=0.0)
     healthy.latest = {"nan": {"a": 0.0}, "inf": {"a": 0.0}}
     lines = frame("u", healthy, None, Thresholds(), color=True)
     assert lines[1] == "  healthy" and "NaN" not in lines[1]
-    sick = Snapshot(taken=101.0, updates=20, last_update=100.9, bands={("nan", "critical"): 1})
+    sick = Snapshot(taken=101.0, updates=20, last_update=100.9, bands={("nan", "critical"): 1}, status=2.0)
     sick.latest = {"nan": {"a": 6.0, "b": 1.0}, "inf": {"a": 1.0}}
     lines = frame("u", sick, healthy, Thresholds(), color=True)
     assert lines[1] == f"  {RED_BOLD_REVERSE}NaN:7\033[0m {RED_BOLD}Inf:1\033[0m critical"

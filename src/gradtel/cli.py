@@ -99,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument(
         "--runbook-url", default=None, help="where the rendered runbook.md is published"
     )
+    render.add_argument(
+        "--amp-skip-ratio",
+        type=float,
+        default=0.5,
+        help="GradtelAmpOverflowSkips fires above this share of AMP-skipped updates (0.5)",
+    )
     return parser
 
 
@@ -153,6 +159,7 @@ def _render(args: argparse.Namespace) -> int:
         stall_after=args.stall_after,
         job=args.job,
         runbook_url=args.runbook_url or DEFAULT_RUNBOOK_URL,
+        amp_skip_ratio=args.amp_skip_ratio,
     )
     for path in write_kit(args.out, options):
         print(path)

@@ -12,14 +12,17 @@ from collections.abc import Iterable
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from .health import Status
 from .monitor import GradMonitor
 
 __all__ = ["clip_grad_norm_"]
 
 
-def _per_tensor_norms(grads: list[torch.Tensor], norm_type: float) -> list[torch.Tensor]:
+def _per_tensor_norms(
+    grads: list[torch.Tensor], norm_type: float, foreach: bool | None
+) -> list[torch.Tensor]:
     """One norm per gradient, in order, with a multi-tensor norm per device and dtype."""
+    if foreach is False:
+        return [torch.linalg.vector_norm(g, norm_type) for g in grads]
     norms: list[torch.Tensor] = [torch.empty(0)] * len(grads)
     # The grouping torch.nn.utils.clip_grad_norm_ itself uses (C++, no Python loop).
     groups = _group_tensors_by_device_and_dtype([grads], with_indices=True)  # type: ignore[list-item]
@@ -29,31 +32,40 @@ def _per_tensor_norms(grads: list[torch.Tensor], norm_type: float) -> list[torch
     return norms
 
 
+@torch.no_grad()
 def clip_grad_norm_(
     parameters: torch.Tensor | Iterable[torch.Tensor],
     max_norm: float,
     norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
     *,
     monitor: GradMonitor,
-    error_if_nonfinite: bool = False,
 ) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` that also runs ``monitor.collect()`` on the way.
 
-    Health is collected *before* the gradients are rescaled: clipping with a
-    non-finite total norm rewrites every gradient (one NaN makes them all NaN).
-    The monitor's policy runs first too, so ``on_critical="skip"`` clears the
-    gradients and nothing is clipped.
+    Takes torch's arguments in torch's order, plus ``monitor``. Health is
+    collected *before* the gradients are rescaled: clipping with a non-finite
+    total norm rewrites every gradient (one NaN makes them all NaN). The
+    monitor's policy runs first too, so ``on_critical="skip"`` clears the
+    gradients and nothing is clipped. For ``norm_type > 0`` (and ``inf``) the
+    per-gradient norms clipping computes decide health; other norm types
+    (0 counts non-zeros, negative ones are minima) do not see every NaN or
+    Inf, so the monitor scans the gradients itself.
 
     Args:
         parameters: Parameters (or one tensor) whose gradients are clipped.
         max_norm: Largest allowed total norm.
         norm_type: Type of the p-norm; ``float("inf")`` for the max norm.
-        monitor: The :class:`~gradtel.GradMonitor` to collect into.
         error_if_nonfinite: Raise ``RuntimeError`` when the total norm is not
             finite, as torch does (after gradtel has counted and recorded).
+        foreach: As in torch: ``None`` uses multi-tensor kernels where the
+            device supports them, ``False`` one norm per gradient.
+        monitor: The :class:`~gradtel.GradMonitor` to collect into.
 
     Returns:
-        The total norm of the gradients before clipping, as a tensor.
+        The total norm of the gradients before clipping, as a tensor
+        (``tensor(0.)`` when no parameter has a gradient).
 
     Raises:
         TypeError: ``monitor`` is not a :class:`~gradtel.GradMonitor`.
@@ -66,6 +78,7 @@ def clip_grad_norm_(
     >>> total = gradtel.clip_grad_norm_(model.parameters(), 1.0, monitor=monitor)
     >>> bool(total > 0)
     True
+    >>> monitor.close()
     """
     if not isinstance(monitor, GradMonitor):
         raise TypeError(
@@ -74,16 +87,16 @@ def clip_grad_norm_(
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     with_grad = [p for p in params if p.grad is not None]
     grads = [p.grad for p in with_grad]
-    if not all(g is not None and g.layout is torch.strided for g in grads):
-        # No multi-tensor norm for sparse gradients: scan them first, then torch
-        # clips (or refuses sparse gradients, as torch.nn.utils does).
+    norm_type = float(norm_type)
+    if not with_grad or norm_type <= 0 or not all(g.layout is torch.strided for g in grads):  # type: ignore[union-attr]
+        # Nothing to clip (the monitor says why), a norm that can hide NaN or Inf,
+        # or sparse gradients (no multi-tensor norm): scan first, then torch clips.
         monitor.collect()
         clipped: torch.Tensor = torch.nn.utils.clip_grad_norm_(
-            params, max_norm, norm_type, error_if_nonfinite=error_if_nonfinite
+            params, max_norm, norm_type, error_if_nonfinite, foreach
         )
         return clipped
-    norm_type = float(norm_type)
-    norms = _per_tensor_norms(grads, norm_type)  # type: ignore[arg-type]
+    norms = _per_tensor_norms(grads, norm_type, foreach)  # type: ignore[arg-type]
     first = norms[0].device
     stacked = torch.stack([n if n.device == first else n.to(first) for n in norms])
     if len(with_grad) == len(monitor.parameters) and all(
@@ -92,7 +105,7 @@ def clip_grad_norm_(
         health = monitor.collect(norms=stacked)  # the usual call: clip what is watched
     else:
         health = monitor.collect(norms=dict(zip(with_grad, norms)))
-    if health.status is not Status.HEALTHY:  # a "skip" policy may have cleared gradients
+    if health.status.level > 0:  # a "skip" policy may have cleared gradients
         kept = [i for i, p in enumerate(with_grad) if p.grad is not None]
         if not kept:
             return torch.tensor(0.0)
@@ -105,5 +118,5 @@ def clip_grad_norm_(
             "so it cannot be clipped. gradtel has counted the non-finite values per layer; "
             "set error_if_nonfinite=False to clip anyway."
         )
-    torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total)
+    torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total, foreach)
     return total

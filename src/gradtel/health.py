@@ -12,26 +12,34 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["GradHealth", "Status", "Thresholds"]
+__all__ = ["UNSCANNED_REASONS", "GradHealth", "Status", "Thresholds"]
 
 
 class Status(str, enum.Enum):
-    """Health of one update; ``level`` is the number exported as ``gradtel_update_status``."""
+    """Health of one update; ``level`` is the number exported as ``gradtel_update_status``.
 
+    UNKNOWN means gradtel did not look: nothing could be scanned, or the update
+    was sampled out. It is never reported as healthy.
+    """
+
+    UNKNOWN = "unknown"
     HEALTHY = "healthy"
     WARNING = "warning"
     CRITICAL = "critical"
 
     @property
     def level(self) -> int:
-        """0 healthy, 1 warning, 2 critical."""
+        """-1 unknown, 0 healthy, 1 warning, 2 critical."""
         return _LEVELS[self]
 
     def __str__(self) -> str:
         return self.value
 
 
-_LEVELS = {Status.HEALTHY: 0, Status.WARNING: 1, Status.CRITICAL: 2}
+_LEVELS = {Status.UNKNOWN: -1, Status.HEALTHY: 0, Status.WARNING: 1, Status.CRITICAL: 2}
+
+UNSCANNED_REASONS = ("no_gradients", "scan_error")
+"""Why a due update was not scanned: the ``reason`` label of ``gradtel_unscanned_updates_total``."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,8 @@ class GradHealth:
     """Non-finite gradient counts of one update, per layer and for the whole model.
 
     ``nan_by_layer`` and ``inf_by_layer`` hold only layers with a count above 0.
+    ``status`` is UNKNOWN when the update was not looked at (``sampled`` is
+    False or ``unscanned`` says why), never HEALTHY.
 
     >>> h = GradHealth(nan_by_layer={"fc1": 3}, inf_by_layer={"fc2": 7}, scanned=4)
     >>> h.nan_total, h.inf_total, h.status.value
@@ -110,8 +120,17 @@ class GradHealth:
     """False when ``sample_every`` left this update unscanned: its counts are
     zero because nothing was looked at, not because the gradients are healthy."""
     first_bad_layer: str | None = None
-    """Of the layers with NaN or Inf, the first whose gradient backward produced:
-    where the problem most likely started (NaN spreads toward the input)."""
+    """Of the layers with NaN or Inf, the first whose gradient backward produced."""
+    first_nan_layer: str | None = None
+    """Of the layers with NaN, the first in backward order."""
+    first_inf_layer: str | None = None
+    """Of the layers with ±Inf, the first in backward order."""
+    unscanned: str | None = None
+    """Why nothing was scanned in this due update (``"no_gradients"`` or
+    ``"scan_error"``); None when it was scanned."""
+    amp_overflow: bool = False
+    """The update's non-finite values are an overflow that the AMP ``GradScaler``
+    handles by skipping the optimizer step: counted as skipped, not unhealthy."""
 
     @property
     def nan_total(self) -> int:
@@ -133,7 +152,9 @@ class GradHealth:
 
     @property
     def status(self) -> Status:
-        """Worse of the NaN and Inf statuses."""
+        """Worse of the NaN and Inf statuses; UNKNOWN when the update was not looked at."""
+        if not self.sampled or self.unscanned is not None:
+            return Status.UNKNOWN
         return _worst(self.nan_status, self.inf_status)
 
     def top_layers(self, k: int = 3) -> list[tuple[str, int]]:
@@ -149,6 +170,9 @@ class GradHealth:
         >>> GradHealth(nan_by_layer={"fc1": 3}, step=7).describe()
         'gradtel: update 7 is warning: NaN=3 Inf=0 (warning > 0, critical > 5); top layers: fc1 (3)'
         """
+        if self.status is Status.UNKNOWN:
+            why = "sampled out" if not self.sampled else (self.unscanned or "").replace("_", " ")
+            return f"gradtel: update {self.step} is unknown: not scanned ({why})"
         line = (
             f"gradtel: update {self.step} is {self.status.value}: "
             f"NaN={self.nan_total} Inf={self.inf_total} "
@@ -157,6 +181,9 @@ class GradHealth:
         top = self.top_layers()
         if top:
             line += "; top layers: " + ", ".join(f"{layer} ({n})" for layer, n in top)
-        if self.first_bad_layer is not None:
-            line += f"; first bad layer in backward order: {self.first_bad_layer}"
+        for kind, first in (("NaN", self.first_nan_layer), ("Inf", self.first_inf_layer)):
+            if first is not None:
+                line += f"; first {kind} layer in backward order: {first}"
+        if self.amp_overflow:
+            line += "; an AMP overflow: the GradScaler skips this step"
         return line

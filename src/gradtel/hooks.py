@@ -5,6 +5,10 @@ micro-batch of gradient accumulation: just before ``optimizer.step()``, or,
 with a ``GradScaler``, right after it unscales the gradients. The scaler case
 matters: when gradients overflow, ``scaler.step()`` skips ``optimizer.step()``,
 so a step pre-hook alone would never see the very updates that went bad.
+Fused optimizers (``AdamW(fused=True)``) unscale inside their own step and the
+scaler never calls ``unscale_`` for them: there gradtel collects in the step
+pre-hook, on the still-scaled gradients (scaling keeps finite values finite,
+so the NaN/Inf counts are the same).
 
 ``scan="backward"`` collects at the end of every backward pass instead (each
 micro-batch), counting the gradients accumulated so far.
@@ -12,6 +16,7 @@ micro-batch), counting the gradients accumulated so far.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -35,6 +40,13 @@ class Attachment:
         self._undo = []
 
 
+# Which monitors are attached to which optimizer: attaching twice would count
+# every update twice.
+_attached: weakref.WeakKeyDictionary[torch.optim.Optimizer, weakref.WeakSet[GradMonitor]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def attach(
     monitor: GradMonitor,
     optimizer: torch.optim.Optimizer,
@@ -51,56 +63,102 @@ def attach(
         raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {scaler!r}")
     if scan not in ("step", "backward"):
         raise ValueError(f"scan must be 'step' or 'backward', got {scan!r}")
+    monitors = _attached.setdefault(optimizer, weakref.WeakSet())
+    if monitor in monitors:
+        raise ValueError(
+            "this monitor is already attached to this optimizer, and a second attach() would "
+            "count every update twice; remove() the first attachment, or attach once with both "
+            "scaler= and scan= as needed"
+        )
+    monitors.add(monitor)
     attachment = Attachment()
+    attachment._undo.append(lambda: monitors.discard(monitor))
     if scan == "backward":
         attachment._undo.append(at_end_of_backward(monitor.parameters, monitor.collect).remove)
     elif scaler is not None and scaler.is_enabled():
-        _after_unscale(monitor, scaler, optimizer, attachment)
+        _around_scaler(monitor, scaler, optimizer, attachment)
     else:
 
         def before_step(*args: Any) -> None:
             monitor.collect()
 
-        handle = optimizer.register_step_pre_hook(before_step)
-        attachment._undo.append(handle.remove)
+        attachment._undo.append(optimizer.register_step_pre_hook(before_step).remove)
     return attachment
 
 
-def _after_unscale(
+class _UnscaleTap:
+    """One wrapper around a scaler's ``unscale_`` that calls every attached monitor's
+    callback; each removal takes away only its own callback."""
+
+    def __init__(self, scaler: torch.amp.GradScaler) -> None:
+        self.callbacks: list[Callable[[torch.optim.Optimizer], None]] = []
+        original = scaler.unscale_
+
+        def unscale_(optimizer: torch.optim.Optimizer) -> None:
+            original(optimizer)
+            for callback in list(self.callbacks):
+                callback(optimizer)
+
+        scaler.unscale_ = unscale_  # type: ignore[method-assign]
+
+
+_taps: weakref.WeakKeyDictionary[torch.amp.GradScaler, _UnscaleTap] = weakref.WeakKeyDictionary()
+
+
+def _around_scaler(
     monitor: GradMonitor,
     scaler: torch.amp.GradScaler,
     optimizer: torch.optim.Optimizer,
     attachment: Attachment,
 ) -> None:
-    original = scaler.unscale_
+    unscaled = [False]  # collected after unscale_ since the last step
 
-    def unscale_(opt: torch.optim.Optimizer) -> None:
-        original(opt)
+    def after_unscale(opt: torch.optim.Optimizer) -> None:
         if opt is optimizer:
-            health = monitor.collect()
-            # The scaler skips optimizer.step() exactly when an unscaled gradient is
-            # not finite: gradtel's own counts say so, without another host read.
-            if health.sampled and health.nan_total + health.inf_total > 0:
-                monitor._record_skip("amp_overflow")
+            monitor.collect(scaler=scaler)
+            unscaled[0] = True
 
-    scaler.unscale_ = unscale_  # type: ignore[method-assign, assignment]
-    attachment._undo.append(lambda: delattr(scaler, "unscale_"))
+    def before_step(*args: Any) -> None:
+        # A fused optimizer's step unscales by itself: the scaler called no unscale_.
+        if not unscaled[0]:
+            monitor.collect(scaler=scaler)
+        unscaled[0] = False
+
+    tap = _taps.get(scaler)
+    if tap is None:
+        tap = _taps[scaler] = _UnscaleTap(scaler)
+    tap.callbacks.append(after_unscale)
+
+    def untap() -> None:
+        tap.callbacks.remove(after_unscale)
+        if not tap.callbacks:
+            del scaler.unscale_  # the class's own method again
+            _taps.pop(scaler, None)
+
+    attachment._undo.append(untap)
+    attachment._undo.append(optimizer.register_step_pre_hook(before_step).remove)
 
 
 def at_end_of_backward(params: Sequence[torch.Tensor], callback: Callable[[], object]) -> Attachment:
-    """Run ``callback`` once at the end of every backward pass that reaches ``params``."""
-    armed = [False]
+    """Run ``callback`` once at the end of every backward pass that reaches ``params``.
+
+    A pass that raised (an out-of-memory retry) never reaches its end; the next
+    pass is told apart by autograd's graph task id and gets its callback.
+    """
+    queued_for: list[int | None] = [None]
 
     def end_of_backward() -> None:
-        armed[0] = False
         callback()
 
     def arm(param: Any) -> None:
         # The first gradient of a backward pass queues one callback for its end.
-        if not armed[0]:
-            armed[0] = True
+        task = torch._C._current_graph_task_id()
+        if task != queued_for[0]:
+            queued_for[0] = task
             torch.autograd.Variable._execution_engine.queue_callback(end_of_backward)
 
     attachment = Attachment()
-    attachment._undo.extend(p.register_post_accumulate_grad_hook(arm).remove for p in params)
+    attachment._undo.extend(
+        p.register_post_accumulate_grad_hook(arm).remove for p in params if p.requires_grad
+    )
     return attachment

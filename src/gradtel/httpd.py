@@ -24,7 +24,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 from prometheus_client import make_wsgi_app
 
 from ._ratelimit import RateLimitedLog
-from .telemetry import count_error, last_record
+from .telemetry import count_error, last_collect
 
 __all__ = ["TLSConfig", "start"]
 
@@ -74,13 +74,15 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 def _health(stale_after: float, started: float) -> tuple[str, bytes]:
-    recorded = last_record()
-    since = time.monotonic() - (started if recorded is None else max(recorded, started))
+    # Liveness of the training loop: any collect() call counts, scanned or
+    # sampled out, so that sample_every never makes a healthy job look stale.
+    called = last_collect()
+    since = time.monotonic() - (started if called is None else max(called, started))
     ok = since <= stale_after
     body = {
         "status": "ok" if ok else "stale",
         "seconds_since_update": round(since, 3),
-        "updates_seen": recorded is not None,
+        "updates_seen": called is not None,
         "stale_after_seconds": stale_after,
     }
     return ("200 OK" if ok else "503 Service Unavailable"), json.dumps(body).encode()

@@ -1,7 +1,8 @@
 """Layer naming: a parameter's name becomes the ``layer`` label of its series.
 
-The label is the module path that owns the parameter, optionally truncated to
-a depth; past ``max_layers`` distinct labels every further layer is folded into
+The label is the module path that owns the parameter, in the user's own terms
+(the path components wrappers insert are dropped), optionally truncated to a
+depth; past ``max_layers`` distinct labels every further layer is folded into
 one overflow label so that a huge model cannot explode Prometheus cardinality.
 """
 
@@ -13,6 +14,7 @@ __all__ = [
     "DEFAULT_MAX_LAYERS",
     "OVERFLOW_LAYER",
     "ROOT_LAYER",
+    "WRAPPER_COMPONENTS",
     "assign_layers",
     "layer_name",
 ]
@@ -25,6 +27,14 @@ OVERFLOW_LAYER = "(other)"
 
 DEFAULT_MAX_LAYERS = 1000
 """Default bound on distinct ``layer`` labels (plus one overflow label)."""
+
+WRAPPER_COMPONENTS = frozenset(
+    {"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
+)
+"""Path components that ``torch.compile``, FSDP and activation checkpointing insert."""
+
+DATA_PARALLEL_PREFIX = "module."
+"""What DistributedDataParallel and DataParallel put before every parameter name."""
 
 
 def _check_positive_int(name: str, value: object, *, allow_none: bool) -> None:
@@ -58,9 +68,11 @@ def layer_name(param_name: str, depth: int | None = None) -> str:
     'encoder.layers.0'
     >>> layer_name("bias")
     '(root)'
+    >>> layer_name("_orig_mod.layers.0._fsdp_wrapped_module.attn.weight")
+    'layers.0.attn'
     """
     _check_positive_int("layer_depth", depth, allow_none=True)
-    module_path = param_name.rpartition(".")[0]
+    module_path = _without_wrappers(param_name).rpartition(".")[0]
     if not module_path:
         return ROOT_LAYER
     if depth is not None:
@@ -77,7 +89,9 @@ def assign_layers(
     """Label each parameter, folding layers past ``max_layers`` into ``"(other)"``.
 
     Layers keep their own label in order of first appearance (the order of
-    ``named_parameters()``, i.e. module registration order).
+    ``named_parameters()``, i.e. module registration order). When every name
+    starts with ``module.`` (a DDP or DataParallel wrapper, possibly inside
+    ``torch.compile``), that prefix is dropped too.
 
     Args:
         param_names: Parameter names, in model order.
@@ -93,12 +107,17 @@ def assign_layers(
 
     >>> assign_layers(["a.weight", "a.bias", "b.weight", "c.weight"], max_layers=2)
     ['a', 'a', 'b', '(other)']
+    >>> assign_layers(["_orig_mod.module.fc.weight", "_orig_mod.module.bias"])
+    ['fc', '(root)']
     """
     _check_positive_int("max_layers", max_layers, allow_none=False)
     _check_positive_int("layer_depth", depth, allow_none=True)
+    names = [_without_wrappers(name) for name in param_names]
+    while names and all(n.startswith(DATA_PARALLEL_PREFIX) for n in names):
+        names = [n[len(DATA_PARALLEL_PREFIX) :] for n in names]
     kept: set[str] = set()
     labels = []
-    for name in param_names:
+    for name in names:
         label = layer_name(name, depth)
         if label not in kept:
             if len(kept) >= max_layers:
@@ -107,6 +126,13 @@ def assign_layers(
                 kept.add(label)
         labels.append(label)
     return labels
+
+
+def _without_wrappers(param_name: str) -> str:
+    parts = param_name.split(".")
+    if WRAPPER_COMPONENTS.isdisjoint(parts):
+        return param_name
+    return ".".join(p for p in parts if p not in WRAPPER_COMPONENTS)
 
 
 def distinct(labels: Sequence[str]) -> list[str]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, TypeVar
 
@@ -18,7 +20,7 @@ from .hooks import Attachment, attach
 from .layers import DEFAULT_MAX_LAYERS, assign_layers, distinct
 from .policy import Action, apply_action, check_action
 from .scan import Scanner, countable_values
-from .telemetry import GradTelemetry, default_meter_provider, process_attributes
+from .telemetry import GradTelemetry, default_meter_provider, note_collect, process_attributes
 
 __all__ = ["MAX_LAYERS_LIMIT", "REFRESH_EVERY", "GradMonitor"]
 
@@ -68,15 +70,94 @@ def _named_parameters(model: object) -> list[tuple[str, torch.nn.Parameter]]:
     return pairs
 
 
+# Bumped by torch's global registration hooks whenever any module gets a new
+# submodule or parameter (`net.b = nn.Linear(...)`): a monitor compares it with
+# the value at its last refresh, so a replaced layer is watched from the very
+# next update without walking the model on every update.
+_registrations = [0]
+_registration_hooks: list[Any] = []
+
+
+def _note_registration(*args: object) -> None:
+    _registrations[0] += 1
+
+
+def _watch_registrations() -> None:
+    if not _registration_hooks:
+        from torch.nn.modules import module
+
+        _registration_hooks.append(
+            module.register_module_module_registration_hook(_note_registration)
+        )
+        _registration_hooks.append(
+            module.register_module_parameter_registration_hook(_note_registration)
+        )
+
+
+class _BackwardOrder:
+    """The order in which backward produces the watched gradients, from one complete pass.
+
+    Hooks fire as each gradient is accumulated; at the end of the first pass
+    that completes they are removed (no steady cost). A pass that raised (an
+    out-of-memory retry) is forgotten at the start of the next one. The hooks
+    hold this object, not the monitor, so a dropped monitor is freed.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        self.rank: list[int] | None = None
+        self._count = len(params)
+        self._seen: list[int] = []
+        self._task: int | None = None
+        self._handles = [
+            p.register_post_accumulate_grad_hook(self._hook(i))
+            for i, p in enumerate(params)
+            if p.requires_grad  # torch refuses hooks on frozen tensors
+        ]
+
+    def _hook(self, index: int) -> Callable[[torch.Tensor], None]:
+        def hook(param: torch.Tensor) -> None:
+            task = torch._C._current_graph_task_id()
+            if task != self._task:  # the first gradient of a new backward pass
+                self._task, self._seen = task, []
+                torch.autograd.Variable._execution_engine.queue_callback(self._freeze)
+            self._seen.append(index)
+
+        return hook
+
+    def _freeze(self) -> None:
+        rank = [self._count] * self._count  # never seen: after all seen ones
+        for position, index in enumerate(dict.fromkeys(self._seen)):
+            rank[index] = position
+        self.rank = rank
+        self.remove()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+# Monitors by the meter provider they record into: two live monitors watching the
+# same parameter there would export every count twice.
+_claims: weakref.WeakKeyDictionary[MeterProvider, weakref.WeakSet[GradMonitor]] = (
+    weakref.WeakKeyDictionary()
+)
+_claims_lock = threading.Lock()
+
+
 class GradMonitor:
     """Count NaN and ±Inf gradient values per layer after each backward pass.
 
     Call :meth:`collect` once per optimizer update, after ``backward()`` and
-    before ``optimizer.step()``. Parameters are taken when the monitor is made;
-    those frozen then (``requires_grad=False``) are not watched.
+    before ``optimizer.step()`` (or let :meth:`attach` call it). Every
+    parameter of the model is watched, frozen ones too, so that one unfrozen
+    later is counted from that update on; a layer added or replaced in an
+    ``nn.Module`` is watched from the next update.
 
     Args:
-        model: An ``nn.Module`` or an iterable of ``(name, Parameter)`` pairs.
+        model: An ``nn.Module`` (a DDP, DataParallel or ``torch.compile``
+            wrapper is fine: labels are the wrapped model's module paths) or an
+            iterable of ``(name, Parameter)`` pairs.
         thresholds: Warning and critical bands of the per-update counts.
         on_warning: Action for an update in the warning band: ``"ignore"``,
             ``"warn"`` (one log line; default), ``"raise"``
@@ -89,10 +170,10 @@ class GradMonitor:
             (``None``: full path).
         meter_provider: OpenTelemetry ``MeterProvider`` to record into; default
             gradtel's own, exported on prometheus-client's global registry.
+            Two live monitors may not watch the same parameter on one provider.
         sample_every: Scan one update in this many (default 1: every update).
             Updates left out are not scanned, recorded or counted anywhere:
-            ``gradtel_updates_total`` counts scanned updates only, and the
-            returned ``GradHealth`` has ``sampled=False``.
+            the returned ``GradHealth`` has ``sampled=False`` and status UNKNOWN.
         on_error: ``"warn"`` (default): a failure inside gradtel is logged (at
             most once a minute per stage), counted in ``gradtel_errors_total``,
             and training goes on; ``"raise"``: the failure propagates.
@@ -100,7 +181,9 @@ class GradMonitor:
     Raises:
         TypeError: ``model`` is not a module or named parameters, or an option
             has the wrong type.
-        ValueError: no trainable parameters, or an option is out of range.
+        ValueError: no trainable parameters, an option is out of range, or
+            another live monitor watches one of these parameters on the same
+            meter provider.
 
     >>> import torch
     >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2))
@@ -109,6 +192,7 @@ class GradMonitor:
     >>> health = monitor.collect()
     >>> health.status.value, health.nan_total, health.scanned
     ('healthy', 0, 2)
+    >>> monitor.close()
     """
 
     def __init__(
@@ -148,27 +232,55 @@ class GradMonitor:
                 f"got {meter_provider!r} ({type(meter_provider).__name__})"
             )
 
-        named = [(n, p) for n, p in _named_parameters(model) if p.requires_grad]
-        if not named:
+        named = _named_parameters(model)
+        if not any(p.requires_grad for _, p in named):
             raise ValueError(
                 f"model has no trainable parameters (requires_grad=True) to watch: {model!r}"
             )
+        provider = default_meter_provider() if meter_provider is None else meter_provider
         self._module = model if isinstance(model, torch.nn.Module) else None
         self._naming = {"max_layers": max_layers, "depth": layer_depth}
-        self._order_hooks: list[Any] = []
         self.thresholds = thresholds
         self.sample_every = sample_every
         self._on_error = on_error
         self._step = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._error_log = RateLimitedLog(logger)
+        self._order: _BackwardOrder | None = None
+        _watch_registrations()
         self._watch(named)
+        self._claim(provider)
         self._telemetry = GradTelemetry(
-            self._layer_names,
-            meter_provider=default_meter_provider() if meter_provider is None else meter_provider,
+            self._trainable_layers(),
+            meter_provider=provider,
             attributes=process_attributes(),
             start_time=time.time(),
         )
+
+    def _claim(self, provider: MeterProvider) -> None:
+        mine = {id(p) for p in self._params}
+        with _claims_lock:
+            others = _claims.setdefault(provider, weakref.WeakSet())
+            for other in others:
+                shared = [p for p in other._params if id(p) in mine]
+                if shared:
+                    raise ValueError(
+                        f"another GradMonitor already watches {len(shared)} of these parameters "
+                        "and records into the same meter_provider, so every count would be "
+                        "exported twice; close() the other monitor first, or give this one its "
+                        "own meter_provider (gradtel.prometheus_meter_provider(registry))"
+                    )
+            others.add(self)
+        self._provider = provider
+
+    def close(self) -> None:
+        """Stop watching: remove gradtel's gradient hooks and free the parameters for
+        another monitor on the same meter provider. The series stay as they are."""
+        with self._lock:
+            if self._order is not None:
+                self._order.remove()
+            with _claims_lock:
+                _claims.get(self._provider, weakref.WeakSet()).discard(self)
 
     def _watch(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
         """Take ``named`` as the watched parameters (at creation and at each refresh)."""
@@ -178,59 +290,45 @@ class GradMonitor:
         self._labels = labels
         self._layer_names = tuple(distinct(labels))
         self._scanner = Scanner()
-        # Backward order, recorded once from the first real backward pass: hooks
-        # fire as each gradient is accumulated, then are removed (no steady cost).
-        for handle in self._order_hooks:
-            handle.remove()
-        self._backward_seen: list[int] = []
-        self._backward_rank: list[int] | None = None
-        self._order_hooks = [
-            p.register_post_accumulate_grad_hook(self._note_backward(i))
-            for i, p in enumerate(self._params)
-        ]
+        self._registrations = _registrations[0]
+        if self._order is not None:
+            self._order.remove()
+        self._order = _BackwardOrder(self._params)
+        weakref.finalize(self, self._order.remove)
         # Gradients of these dtypes are counted as they are when strided.
         self._plain = [p.dtype in _PLAIN_DTYPES for p in self._params]
         self._all_plain = all(self._plain)
-        self._everyone = list(range(len(self._params)))
+        self._everyone = tuple(range(len(self._params)))
 
     def refresh(self) -> bool:
         """Pick up parameters added to (or removed from) the model since it was watched.
 
-        Runs by itself every ``REFRESH_EVERY`` updates when the monitor watches
-        an ``nn.Module``. New layers get their series (at 0) and are scanned;
-        the series of layers that are gone stay at their last values.
+        Runs by itself in the first update after any module gets a new
+        submodule or parameter, and every ``REFRESH_EVERY`` updates, when the
+        monitor watches an ``nn.Module``. New layers get their series (at 0)
+        and are scanned; the series of layers that are gone stay at their last values.
 
         Returns:
             Whether the watched parameters changed.
         """
-        if self._module is None:
-            return False
-        named = [(n, p) for n, p in self._module.named_parameters() if p.requires_grad]
-        same = len(named) == len(self._params) and all(
-            mine is theirs for (_, mine), theirs in zip(named, self._params)
-        )  # identity: == on tensors compares elements
-        if not named or same:
-            return False
-        self._watch(named)
-        self._telemetry.add_layers(self._layer_names)
-        return True
+        with self._lock:
+            if self._module is None:
+                return False
+            self._registrations = _registrations[0]
+            named = _named_parameters(self._module)
+            same = len(named) == len(self._params) and all(
+                mine is theirs for (_, mine), theirs in zip(named, self._params)
+            )  # identity: == on tensors compares elements
+            if not named or same:
+                return False
+            self._watch(named)
+            self._telemetry.add_layers(self._trainable_layers())
+            return True
 
-    def _note_backward(self, index: int) -> Callable[[torch.Tensor], None]:
-        def hook(param: torch.Tensor) -> None:
-            self._backward_seen.append(index)
-
-        return hook
-
-    def _freeze_backward_order(self) -> None:
-        if self._backward_rank is not None or not self._backward_seen:
-            return
-        rank = [len(self._params)] * len(self._params)  # never seen: after all seen ones
-        for position, index in enumerate(dict.fromkeys(self._backward_seen)):
-            rank[index] = position
-        self._backward_rank = rank
-        for handle in self._order_hooks:
-            handle.remove()
-        self._order_hooks = []
+    def _trainable_layers(self) -> list[str]:
+        # Series at 0 for layers that train now; a frozen base model (a LoRA
+        # fine-tune) does not export hundreds of zero series.
+        return distinct([label for label, p in zip(self._labels, self._params) if p.requires_grad])
 
     @property
     def parameters(self) -> tuple[torch.nn.Parameter, ...]:
@@ -243,47 +341,81 @@ class GradMonitor:
         return self._layer_names
 
     def collect(
-        self, *, norms: torch.Tensor | Mapping[torch.Tensor, torch.Tensor] | None = None
+        self,
+        *,
+        norms: torch.Tensor | Mapping[torch.Tensor, torch.Tensor] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> GradHealth:
         """Scan the current gradients, record them and apply the policy.
 
         Args:
             norms: Norms of the gradients already computed this update
-                (:func:`gradtel.clip_grad_norm_` passes them): a 1-D tensor in
-                the order of :attr:`parameters`, or a mapping by parameter.
-                gradtel then decides health without reading the gradients
-                again, and counts exactly only those whose norm is not finite.
+                (:func:`gradtel.clip_grad_norm_` passes them): a 1-D tensor
+                with one norm per watched parameter in the order of
+                :attr:`parameters`, or a mapping by parameter. gradtel then
+                decides health without reading the gradients again, and counts
+                exactly only those whose norm is not finite.
+            scaler: The enabled ``torch.amp.GradScaler`` that steps this update,
+                when you collect between ``scaler.unscale_(optimizer)`` and
+                ``scaler.step(optimizer)``. Non-finite values are then the
+                overflow the scaler handles by skipping the step: counted in
+                ``gradtel_skipped_updates_total{reason="amp_overflow"}``, not as
+                an unhealthy update, and no policy acts on them.
 
         Returns:
-            The update's :class:`~gradtel.GradHealth`.
+            The update's :class:`~gradtel.GradHealth`; its status is UNKNOWN
+            when nothing could be scanned.
 
         Raises:
             NonFiniteGradientError: the update is unhealthy and its policy is ``"raise"``.
+            TypeError, ValueError: ``norms`` or ``scaler`` is not as described.
         """
         with self._lock:
             started = time.perf_counter()
+            note_collect()
             self._step += 1
-            if self._step % REFRESH_EVERY == 0:
+            if self._module is not None and (
+                self._registrations != _registrations[0] or self._step % REFRESH_EVERY == 0
+            ):
                 self._guarded("scan", self.refresh)
             if (self._step - 1) % self.sample_every:
+                self._guarded("record", lambda: self._telemetry.touch(time.time()))
                 return GradHealth(thresholds=self.thresholds, step=self._step, sampled=False)
-            self._freeze_backward_order()
+            self._check_norms(norms)
+            overflow_possible = _check_scaler(scaler)
             health = self._scan(norms)
-            duration = time.perf_counter() - started
+            if overflow_possible and health.nan_total + health.inf_total:
+                health = dataclasses.replace(health, amp_overflow=True)
+                logger.debug("%s", health.describe())
+            duration = time.perf_counter() - started - self._scanner.waited
             # Record before acting: a "raise" policy must not hide the update from Prometheus.
             self._guarded(
                 "record",
                 lambda: self._telemetry.record(health, duration=duration, timestamp=time.time()),
             )
+            if health.unscanned is not None or health.amp_overflow:
+                return health
             action = self._actions.get(health.status)
             if action == "skip":
-                self._record_skip("policy")
+                self._guarded("record", lambda: self._telemetry.record_skip("policy"))
             if action is not None:
                 apply_action(action, health, self._params)
             return health
 
-    def _record_skip(self, reason: str) -> None:
-        self._guarded("record", lambda: self._telemetry.record_skip(reason))
+    def _check_norms(self, norms: object) -> None:
+        if norms is None:
+            return
+        allowed = (
+            f"a 1-D tensor with one norm per watched parameter ({len(self._params)}, in the "
+            "order of monitor.parameters) or a mapping from parameter to norm tensor"
+        )
+        if isinstance(norms, torch.Tensor):
+            if norms.dim() != 1 or norms.numel() != len(self._params):
+                raise ValueError(f"norms must be {allowed}, got a tensor of shape {tuple(norms.shape)}")
+        elif not isinstance(norms, Mapping) or not all(
+            isinstance(v, torch.Tensor) for v in norms.values()
+        ):
+            raise TypeError(f"norms must be {allowed}, got {type(norms).__name__}")
 
     def attach(
         self,
@@ -297,10 +429,11 @@ class GradMonitor:
         Args:
             optimizer: The optimizer whose updates are scanned.
             scaler: The ``torch.amp.GradScaler`` in use, if any: gradtel then
-                collects right after the scaler unscales the gradients, so it
-                counts what the optimizer would see and also sees the updates
-                the scaler skips for overflow (``gradtel_skipped_updates_total
-                {reason="amp_overflow"}``).
+                collects right after the scaler unscales the gradients (or,
+                for fused optimizers that unscale inside their step, just
+                before the step), and an update the scaler skips for overflow
+                is counted in ``gradtel_skipped_updates_total{reason="amp_overflow"}``,
+                not as unhealthy.
             scan: ``"step"`` (default): once per optimizer update, i.e. after
                 the last micro-batch of gradient accumulation. ``"backward"``:
                 after every backward pass, counting the gradients accumulated so far.
@@ -310,11 +443,12 @@ class GradMonitor:
 
         Raises:
             TypeError: ``optimizer`` or ``scaler`` is of the wrong type.
-            ValueError: unknown ``scan``.
+            ValueError: unknown ``scan``, or this monitor is already attached
+                to ``optimizer``.
         """
         return attach(self, optimizer, scaler=scaler, scan=scan)
 
-    def _gather(self) -> tuple[list[torch.Tensor], list[int], int, bool]:
+    def _gather(self) -> tuple[list[torch.Tensor], tuple[int, ...], int, bool]:
         """Countable gradients, their parameters' positions, how many were skipped, all dense."""
         grads = [p.grad for p in self._params]
         strided = torch.strided
@@ -349,12 +483,16 @@ class GradMonitor:
                 continue
             values.append(countable)
             present.append(index)
-        return values, present, skipped, dense
+        return values, tuple(present), skipped, dense
 
+    @torch.no_grad()
     def _scan(
         self, norms: torch.Tensor | Mapping[torch.Tensor, torch.Tensor] | None
     ) -> GradHealth:
         values, present, skipped, dense = self._gather()
+        unscanned = self._unscanned(values, skipped)
+        if unscanned is not None:
+            return self._health(unscanned=unscanned, skipped=skipped)
         summary: torch.Tensor | list[torch.Tensor] | None = None
         if norms is not None and dense:
             if isinstance(norms, torch.Tensor):
@@ -365,14 +503,11 @@ class GradMonitor:
                 for i, v in zip(present, values):
                     norm = norms.get(self._params[i])
                     summary.append(torch.linalg.vector_norm(v) if norm is None else norm)
-        # Dense gradients keep their parameter's size, so the scan plan for a set
-        # of present parameters can be reused; sparse ones change size each update.
-        key: object = None
-        if dense:
-            key = "all" if present is self._everyone else tuple(present)
-        counts = self._guarded("scan", lambda: self._scanner.count(values, key, summary))
+        # Sparse gradients change size every update: plan them anew each time.
+        slots = present if dense else None
+        counts = self._guarded("scan", lambda: self._scanner.count(values, slots, summary))
         if counts is None:  # the scan failed: nothing was counted, say so
-            skipped, values, counts = len(self._params), [], {}
+            return self._health(unscanned="scan_error", skipped=len(self._params))
         nan_by_layer: dict[str, int] = {}
         inf_by_layer: dict[str, int] = {}
         for i, (nan, inf) in counts.items():
@@ -381,20 +516,44 @@ class GradMonitor:
                 nan_by_layer[layer] = nan_by_layer.get(layer, 0) + nan
             if inf:
                 inf_by_layer[layer] = inf_by_layer.get(layer, 0) + inf
-        first_bad = None
-        if counts and self._backward_rank is not None:
-            rank = self._backward_rank
-            first = min((present[i] for i in counts), key=lambda index: (rank[index], index))
-            first_bad = self._labels[first]
-        return GradHealth(
+        return self._health(
             nan_by_layer=nan_by_layer,
             inf_by_layer=inf_by_layer,
             scanned=len(values),
             skipped=skipped,
-            thresholds=self.thresholds,
-            step=self._step,
-            first_bad_layer=first_bad,
+            first_bad_layer=self._first_in_backward([present[i] for i in counts]),
+            first_nan_layer=self._first_in_backward([present[i] for i, c in counts.items() if c[0]]),
+            first_inf_layer=self._first_in_backward([present[i] for i, c in counts.items() if c[1]]),
         )
+
+    def _health(self, **fields: Any) -> GradHealth:
+        return GradHealth(thresholds=self.thresholds, step=self._step, **fields)
+
+    def _unscanned(self, values: list[torch.Tensor], skipped: int) -> str | None:
+        """Why nothing can be scanned in this update, or None; logs what to check."""
+        if values:
+            return None
+        trainable = sum(p.requires_grad for p in self._params)
+        without = sum(p.requires_grad and p.grad is None for p in self._params)
+        if without < trainable:  # gradients were there, gradtel could not count them
+            return "scan_error"
+        self._error_log.log(
+            "no_gradients",
+            logging.WARNING,
+            "gradtel: update %d not scanned: 0 of %d watched trainable parameters had a "
+            "gradient; is collect() called after backward() and before zero_grad()? "
+            "(status unknown, counted in gradtel_unscanned_updates_total)",
+            self._step,
+            trainable,
+        )
+        return "no_gradients"
+
+    def _first_in_backward(self, indices: list[int]) -> str | None:
+        """The label of the parameter, among ``indices``, whose gradient backward made first."""
+        rank = self._order.rank if self._order is not None else None
+        if not indices or rank is None:
+            return None
+        return self._labels[min(indices, key=lambda index: (rank[index], index))]
 
     def _guarded(self, stage: str, work: Callable[[], T]) -> T | None:
         try:
@@ -410,3 +569,14 @@ class GradMonitor:
         self._error_log.log(
             stage, logging.ERROR, "gradtel %s failed, training continues: %r", stage, exc
         )
+
+
+def _check_scaler(scaler: object) -> bool:
+    """Whether ``scaler`` is an enabled GradScaler (None: no scaler)."""
+    if scaler is None:
+        return False
+    if not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(
+            f"scaler must be a torch.amp.GradScaler or None, got {scaler!r} ({type(scaler).__name__})"
+        )
+    return scaler.is_enabled()

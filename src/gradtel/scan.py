@@ -6,40 +6,50 @@ one read of gradient memory and one host read-out:
 1. *Flag.* A sum, whose result is non-finite whenever its input holds a NaN
    or an Inf: one per small tensor, one per chunk of ``CHUNK`` elements of
    each large tensor (as fast as one sum over the tensor, and it tells where
-   the bad values are), and for tiny 1-D tensors (biases, norm weights) one
-   concatenation and one segmented sum, since a call per tensor would cost
-   more than the arithmetic. Sums, not norms: squaring makes subnormal
+   the bad values are), and one for all tiny 1-D tensors (biases, norm
+   weights) of a device and dtype together, since a call per tensor would
+   cost more than the arithmetic. Sums, not norms: squaring makes subnormal
    gradients, common deep in a network, several times slower on CPUs. The
    results are checked on the device and read to the host in one transfer,
    grouped by device and dtype. A healthy update stops here.
-2. *Count.* Only flagged pieces (a small tensor, or one chunk of a large
-   one) are counted exactly, into int64 (a 38M-element embedding is counted
-   right), and read out in one more transfer. A flag can be a false alarm
-   (finite values whose sum overflows): the exact count is then zero, so
-   results are always exact.
+2. *Count.* Only flagged pieces (a small tensor, one chunk of a large one,
+   or the tiny tensors of a flagged group) are counted exactly, into int64
+   (a 38M-element embedding is counted right), and read out in one more
+   transfer. A flag can be a false alarm (finite values whose sum
+   overflows): the exact count is then zero, so results are always exact.
 
-When the caller already has one norm per gradient (gradient clipping
-computes them), phase 1 uses those instead of reading gradient memory again.
+Tensors are read in memory order (a channels-last or transposed gradient is
+viewed, never copied), and nothing in either phase reads a value to the host
+except the two read-outs. When the caller already has one norm per gradient
+(gradient clipping computes them), phase 1 uses those instead.
 
-Neither phase ever synchronises per tensor or per layer.
+The plan (which tensor is flagged how) is made per tensor, in linear time,
+and kept per caller-given slot, so that a changing set of tensors (experts
+that get no gradient in some updates) assembles it again cheaply. A plan
+that no longer fits a tensor still counts every element, or fails to apply
+and is made anew; it is never silently partial.
 """
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["CHUNK", "Scanner", "count_nonfinite", "countable_values"]
+__all__ = ["CHUNK", "Scanner", "count_nonfinite", "countable_values", "memory_order"]
 
 CHUNK = 1 << 16
 """Elements per chunk of a large tensor; tensors smaller than this are flagged whole."""
 
 TINY = 4096
-"""1-D tensors up to this size are summed together in one segmented sum."""
+"""1-D tensors up to this size are flagged together, one sum per device and dtype."""
+
+VERIFY_EVERY = 64
+"""Uses of a plan between two checks that every tensor still has its planned size."""
 
 _SPARSE_COMPRESSED = (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
 
@@ -68,53 +78,99 @@ def countable_values(grad: torch.Tensor) -> torch.Tensor | None:
     return values
 
 
+def memory_order(tensor: torch.Tensor) -> tuple[int, ...] | None:
+    """The dimension order in which a non-contiguous ``tensor`` is laid out densely.
+
+    None when ``tensor`` is contiguous, or when no order is dense (overlapping
+    or gapped strides): ``tensor.permute(order).view(-1)`` is then impossible.
+
+    >>> memory_order(torch.ones(2, 3).t())
+    (1, 0)
+    """
+    if tensor.is_contiguous():
+        return None
+    strides, sizes = tensor.stride(), tensor.shape
+    order = tuple(sorted(range(tensor.dim()), key=lambda d: (-strides[d], -sizes[d])))
+    return order if tensor.permute(order).is_contiguous() else None
+
+
+def _flat(tensor: torch.Tensor, order: tuple[int, ...] | None) -> torch.Tensor:
+    """All elements, 1-D, in memory order: a view (raises if the layout changed since planning)."""
+    if order is None:
+        return tensor.view(-1)
+    return tensor.permute(order).view(-1)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """How one tensor is flagged, decided once per slot."""
+
+    device: torch.device
+    dtype: torch.dtype
+    numel: int
+    tiny: bool
+    chunks: int  # full chunks of a large tensor (0: flagged whole)
+    rest: int
+    order: tuple[int, ...] | None  # memory order of a non-contiguous large tensor
+    copy: bool  # no dense order exists: flattened with a copy (never seen for gradients)
+
+
+def _entry(tensor: torch.Tensor) -> _Entry:
+    numel = tensor.numel()
+    tiny = tensor.dim() == 1 and 0 < numel <= TINY and not tensor.is_complex()
+    chunks, rest = divmod(numel, CHUNK) if numel >= CHUNK else (0, 0)
+    order = memory_order(tensor) if chunks else None
+    copy = bool(chunks) and order is None and not tensor.is_contiguous()
+    return _Entry(tensor.device, tensor.dtype, numel, tiny, chunks, rest, order, copy)
+
+
 @dataclass(frozen=True)
 class _Piece:
-    """What one flag stands for: elements ``start:stop`` of tensor ``index`` (all when stop is None)."""
+    """What one flag stands for: tensor ``index`` whole, elements ``start:stop`` of it in
+    memory order (``stop`` None: to the end), or, for a tiny group, the tensors ``members``."""
 
     index: int
     start: int = 0
     stop: int | None = None
+    order: tuple[int, ...] | None = None
+    copy: bool = False
+    members: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class _Group:
     """Tensors of one device and dtype, and the order their flags come in."""
 
-    tiny: tuple[int, ...]  # flagged whole, summed together
-    tiny_lengths: torch.Tensor | None
+    tiny: tuple[int, ...]  # flagged together, one piece
     small: tuple[int, ...]  # flagged whole
-    large: tuple[tuple[int, int, int], ...]  # (index, full chunks, remainder)
+    large: tuple[tuple[int, _Entry], ...]
     pieces: tuple[_Piece, ...]
 
 
-def _is_tiny(v: torch.Tensor) -> bool:
-    # segment_reduce has no complex kernels.
-    return v.dim() == 1 and 0 < v.numel() <= TINY and not v.is_complex()
-
-
-def _plan(values: Sequence[torch.Tensor]) -> list[_Group]:
+def _assemble(entries: Sequence[_Entry]) -> list[_Group]:
+    """The groups for tensors planned as ``entries`` (in the caller's order), in linear time."""
     by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-    for i, v in enumerate(values):
-        by_kind[(v.device, v.dtype)].append(i)
+    for i, e in enumerate(entries):
+        by_kind[(e.device, e.dtype)].append(i)
     groups = []
-    for (device, _), members in by_kind.items():
-        tiny = tuple(i for i in members if _is_tiny(values[i]))
-        lengths = torch.tensor([values[i].numel() for i in tiny], device=device) if tiny else None
-        small = tuple(i for i in members if values[i].numel() < CHUNK and i not in tiny)
-        pieces = [_Piece(i) for i in tiny + small]
-        large = []
-        for i in members:
-            numel = values[i].numel()
-            if numel < CHUNK:
-                continue
-            chunks, rest = divmod(numel, CHUNK)
-            large.append((i, chunks, rest))
-            pieces += [_Piece(i, c * CHUNK, (c + 1) * CHUNK) for c in range(chunks)]
-            if rest:
-                pieces.append(_Piece(i, chunks * CHUNK, numel))
-        groups.append(_Group(tiny, lengths, small, tuple(large), tuple(pieces)))
+    for members in by_kind.values():
+        tiny = tuple(i for i in members if entries[i].tiny)
+        small = tuple(i for i in members if not entries[i].tiny and not entries[i].chunks)
+        large = tuple((i, entries[i]) for i in members if entries[i].chunks)
+        pieces = [_Piece(tiny[0], members=tiny)] if tiny else []
+        pieces += [_Piece(i) for i in small]
+        for i, e in large:
+            pieces += [
+                _Piece(i, c * CHUNK, (c + 1) * CHUNK, e.order, e.copy) for c in range(e.chunks)
+            ]
+            if e.rest:
+                pieces.append(_Piece(i, e.chunks * CHUNK, None, e.order, e.copy))
+        groups.append(_Group(tiny, small, large, tuple(pieces)))
     return groups
+
+
+def _flatten(tensor: torch.Tensor, piece: _Piece | _Entry) -> torch.Tensor:
+    return tensor.reshape(-1) if piece.copy else _flat(tensor, piece.order)
 
 
 def _flags(values: Sequence[torch.Tensor], group: _Group) -> torch.Tensor:
@@ -123,33 +179,53 @@ def _flags(values: Sequence[torch.Tensor], group: _Group) -> torch.Tensor:
     # for half types. An fp16 sum can overflow on healthy values: a false alarm
     # that phase 2 resolves by counting, never a wrong count.
     parts = []
-    if group.tiny_lengths is not None:
-        joined = torch.cat([values[i] for i in group.tiny])
-        parts.append(torch.segment_reduce(joined, "sum", lengths=group.tiny_lengths))
+    if group.tiny:
+        parts.append(torch.cat([values[i] for i in group.tiny]).sum().reshape(1))
     if group.small:
+        # A whole-tensor sum reads any layout in place, without a copy.
         parts.append(torch.stack([values[i].sum() for i in group.small]))
-    for i, chunks, rest in group.large:
-        tensor = values[i]
-        if not rest and tensor.is_contiguous():  # the usual case: one view, one sum
-            parts.append(tensor.view(chunks, CHUNK).sum(1))
+    for i, e in group.large:
+        flat = _flatten(values[i], e)
+        if not e.rest:  # view() raises if the size changed since planning
+            parts.append(flat.view(e.chunks, CHUNK).sum(1))
             continue
-        # reshape is a view for contiguous gradients, a copy otherwise.
-        flat = tensor.reshape(-1)
-        parts.append(flat[: chunks * CHUNK].view(chunks, CHUNK).sum(1))
-        if rest:
-            parts.append(flat[chunks * CHUNK :].sum().reshape(1))
+        parts.append(flat[: e.chunks * CHUNK].view(e.chunks, CHUNK).sum(1))
+        parts.append(flat[e.chunks * CHUNK :].sum().reshape(1))  # whatever the tail's size now
     summary = parts[0] if len(parts) == 1 else torch.cat(parts)
     return torch.isfinite(summary).logical_not_()
 
 
-def _exact(values: Sequence[torch.Tensor], piece: _Piece) -> torch.Tensor:
-    tensor = values[piece.index]
-    part = tensor if piece.stop is None else tensor.reshape(-1)[piece.start : piece.stop]
+def _exact(part: torch.Tensor) -> torch.Tensor:
     nan = torch.isnan(part).count_nonzero()
     # A complex element with a NaN part counts as NaN, else as Inf if a part
     # is infinite: non-finite minus NaN gives exactly that for every dtype.
     nonfinite = part.numel() - torch.isfinite(part).count_nonzero()
     return torch.stack((nan, nonfinite - nan))
+
+
+def _exact_tiny(values: Sequence[torch.Tensor], members: tuple[int, ...]) -> torch.Tensor:
+    """``[[nan, inf], ...]`` of each tiny tensor of a group, in a constant number of operations."""
+    joined = torch.cat([values[i] for i in members])
+    device = joined.device
+    lengths = torch.tensor([values[i].numel() for i in members], device=device)
+    # output_size keeps repeat_interleave from reading the total back to the host.
+    segment = torch.repeat_interleave(
+        torch.arange(len(members), device=device), lengths, output_size=joined.numel()
+    )
+    counts = torch.zeros(2, len(members), dtype=torch.int64, device=device)
+    counts[0].index_add_(0, segment, torch.isnan(joined).long())
+    counts[1].index_add_(0, segment, torch.isfinite(joined).logical_not_().long())
+    counts[1] -= counts[0]
+    return counts.t()
+
+
+def _exact_piece(values: Sequence[torch.Tensor], piece: _Piece) -> list[tuple[int, torch.Tensor]]:
+    if piece.members:
+        return list(zip(piece.members, _exact_tiny(values, piece.members).unbind(0)))
+    tensor = values[piece.index]
+    if piece.start == 0 and piece.stop is None and not piece.order and not piece.copy:
+        return [(piece.index, _exact(tensor))]
+    return [(piece.index, _exact(_flatten(tensor, piece)[piece.start : piece.stop]))]
 
 
 def _to_host(parts: list[torch.Tensor]) -> list[Any]:
@@ -159,74 +235,141 @@ def _to_host(parts: list[torch.Tensor]) -> list[Any]:
     return (gathered[0] if len(gathered) == 1 else torch.cat(gathered)).tolist()
 
 
+class _Plan:
+    """The groups for one sequence of slots, and what its tensors looked like when made."""
+
+    def __init__(self, values: Sequence[torch.Tensor], entries: list[_Entry]) -> None:
+        self.groups = _assemble(entries)
+        self.pieces = [piece for group in self.groups for piece in group.pieces]
+        self.numels = [e.numel for e in entries]
+        first, last = entries[0], entries[-1]
+        self.ends = (len(values), first.device, first.dtype, last.device, last.dtype)
+        self.uses = 0
+
+    def fits(self, values: Sequence[torch.Tensor]) -> bool:
+        # A model moved with .to() keeps its parameters but not their device or dtype:
+        # check the ends every time, and every size now and then (a plan that does not
+        # fit a resized tensor still counts all of it, or fails and is made anew).
+        first, last = values[0], values[-1]
+        if (len(values), first.device, first.dtype, last.device, last.dtype) != self.ends:
+            return False
+        self.uses += 1
+        return bool(self.uses % VERIFY_EVERY) or self.numels == [v.numel() for v in values]
+
+
 class Scanner:
-    """Counts NaN and ±Inf elements exactly, reusing its plan while the tensors keep their layout.
+    """Counts NaN and ±Inf elements exactly, reusing its plans while the tensors keep their layout.
 
     Args:
-        cache_size: Plans kept, keyed by the caller's ``key`` (gradtel uses
-            the set of parameters that have a gradient in the update).
+        cache_size: Assembled plans kept, one per distinct sequence of slots.
     """
 
     def __init__(self, cache_size: int = 8) -> None:
-        self._plans: dict[object, tuple[tuple[object, ...], list[_Group]]] = {}
+        self._entries: dict[Hashable, _Entry] = {}
+        self._plans: dict[tuple[Hashable, ...], _Plan] = {}
         self._cache_size = cache_size
+        self.waited = 0.0
+        """Seconds the latest count spent waiting for device work queued before it
+        (an asynchronous backward pass), which is not gradtel's own cost."""
 
-    def _flag_pieces(self, values: Sequence[torch.Tensor], key: object) -> list[_Piece]:
+    def forget(self) -> None:
+        """Drop every plan: the next count plans each tensor anew."""
+        self._entries.clear()
+        self._plans.clear()
+
+    def _plan(self, values: Sequence[torch.Tensor], slots: Sequence[Hashable] | None) -> _Plan:
+        if slots is None:
+            return _Plan(values, [_entry(v) for v in values])
+        key = tuple(slots)
+        plan = self._plans.get(key)
+        if plan is not None and plan.fits(values):
+            return plan
+        entries = []
+        for slot, value in zip(slots, values):
+            entry = self._entries.get(slot)
+            if entry is None or plan is not None:  # no entry yet, or the old plan did not fit
+                entry = self._entries[slot] = _entry(value)
+            entries.append(entry)
+        plan = _Plan(values, entries)
+        if self._cache_size:
+            if len(self._plans) >= self._cache_size and key not in self._plans:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = plan
+        return plan
+
+    def _flag_pieces(
+        self, values: Sequence[torch.Tensor], slots: Sequence[Hashable] | None
+    ) -> list[_Piece]:
         """Phase 1: the pieces whose cheap reduction is not finite."""
-        # A model moved with .to() after the plan was made keeps its parameters
-        # but not their device or dtype: check the ends before reusing a plan.
-        first, last = values[0], values[-1]
-        signature = (len(values), first.device, first.dtype, last.device, last.dtype)
-        cached = self._plans.get(key) if key is not None else None
-        if cached is not None and cached[0] == signature:
-            plan = cached[1]
-        else:
-            plan = _plan(values)
-            if key is not None:
-                if len(self._plans) >= self._cache_size and key not in self._plans:
-                    self._plans.pop(next(iter(self._plans)))
-                self._plans[key] = (signature, plan)
-        flags = _to_host([_flags(values, group) for group in plan])
-        pieces = [piece for group in plan for piece in group.pieces]
-        return [piece for piece, bad in zip(pieces, flags) if bad]
+        plan = self._plan(values, slots)
+        try:
+            flags = self._read_flags(values, plan)
+        except RuntimeError:
+            if slots is None:
+                raise
+            # A tensor changed its size or layout since planning: plan it anew, once.
+            for slot in slots:
+                self._entries.pop(slot, None)
+            self._plans.pop(tuple(slots), None)
+            plan = self._plan(values, slots)
+            flags = self._read_flags(values, plan)
+        return [piece for piece, bad in zip(plan.pieces, flags) if bad]
 
+    def _read_flags(self, values: Sequence[torch.Tensor], plan: _Plan) -> list[Any]:
+        if values[0].device.type != "cuda":
+            return _to_host([_flags(values, group) for group in plan.groups])
+        # The read-out waits for everything queued before it, the backward pass
+        # included; time gradtel's own kernels with events to tell the two apart.
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        parts = [_flags(values, group) for group in plan.groups]
+        end.record()
+        began = time.perf_counter()
+        flags = _to_host(parts)
+        own = start.elapsed_time(end) / 1000
+        self.waited = max(0.0, time.perf_counter() - began - own)
+        return flags
+
+    @torch.no_grad()
     def count(
         self,
         values: Sequence[torch.Tensor],
-        key: object = None,
+        slots: Sequence[Hashable] | None = None,
         norms: torch.Tensor | Sequence[torch.Tensor] | None = None,
     ) -> dict[int, tuple[int, int]]:
         """``{position: (nan, inf)}`` for each tensor holding a non-finite element.
 
         Args:
             values: Dense floating or complex tensors (see :func:`countable_values`).
-            key: Identifies the tensors' devices, dtypes and sizes; the plan
-                made for a key is reused. ``None`` plans anew.
+            slots: One key per tensor that stays with it from update to update
+                (gradtel uses the parameter's position): plans are kept per
+                slot and reused. ``None`` plans anew.
             norms: One norm per tensor already computed elsewhere (gradient
                 clipping computes them), as a list or stacked in a 1-D tensor:
                 phase 1 then reads no gradient memory.
         """
+        self.waited = 0.0
         if not values:
             return {}
         if norms is None:
-            flagged = self._flag_pieces(values, key)
+            flagged = self._flag_pieces(values, slots)
         else:
             flagged = _flag_by_norms(norms)
         if not flagged:
             return {}
         # Phase 2: exact counts of the flagged pieces, grouped by device, one read-out.
-        on_device: dict[torch.device, list[_Piece]] = defaultdict(list)
+        on_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = defaultdict(list)
         for piece in flagged:
-            on_device[values[piece.index].device].append(piece)
-        ordered = [piece for members in on_device.values() for piece in members]
+            on_device[values[piece.index].device] += _exact_piece(values, piece)
+        ordered = [index for members in on_device.values() for index, _ in members]
         counts = _to_host(
-            [torch.stack([_exact(values, p) for p in members]) for members in on_device.values()]
+            [torch.stack([count for _, count in members]) for members in on_device.values()]
         )
         result: dict[int, tuple[int, int]] = {}
-        for piece, (nan, inf) in zip(ordered, counts):
+        for index, (nan, inf) in zip(ordered, counts):
             if nan or inf:
-                old_nan, old_inf = result.get(piece.index, (0, 0))
-                result[piece.index] = (old_nan + nan, old_inf + inf)
+                old_nan, old_inf = result.get(index, (0, 0))
+                result[index] = (old_nan + nan, old_inf + inf)
         return result
 
 

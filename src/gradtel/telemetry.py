@@ -23,7 +23,7 @@ from opentelemetry.metrics import MeterProvider
 from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from .health import GradHealth, Status
+from .health import UNSCANNED_REASONS, GradHealth, Status
 
 __all__ = [
     "ERROR_STAGES",
@@ -31,9 +31,10 @@ __all__ = [
     "GradTelemetry",
     "count_error",
     "default_meter_provider",
-    "last_record",
+    "last_collect",
     "last_unhealthy_record",
     "launcher_world_size",
+    "note_collect",
     "process_attributes",
     "prometheus_meter_provider",
 ]
@@ -56,12 +57,20 @@ _KINDS = ("nan", "inf")
 _default_provider: SdkMeterProvider | None = None
 _default_lock = threading.RLock()
 _last_unhealthy_record: float | None = None
-_last_record: float | None = None
+_last_collect: float | None = None
 
 
-def last_record() -> float | None:
-    """``time.monotonic()`` of the latest update any monitor recorded, or None (``/healthz``)."""
-    return _last_record
+def last_collect() -> float | None:
+    """``time.monotonic()`` of the latest ``collect()`` call of any monitor, scanned or
+    not, or None: the liveness ``/healthz`` reports."""
+    return _last_collect
+
+
+def note_collect() -> float:
+    """Note a ``collect()`` call (liveness); returns its ``time.monotonic()``."""
+    global _last_collect
+    _last_collect = time.monotonic()
+    return _last_collect
 
 
 def last_unhealthy_record() -> float | None:
@@ -146,12 +155,23 @@ class _Instruments:
         self.status = meter.create_gauge(
             "gradtel_update_status",
             unit="1",
-            description="Health of the most recent update: 0 healthy, 1 warning, 2 critical.",
+            description=(
+                "Health of the most recent due update: -1 unknown (not scanned, or none yet), "
+                "0 healthy, 1 warning, 2 critical."
+            ),
         )
         self.last_update = meter.create_gauge(
             "gradtel_last_update_timestamp",
             unit="s",
-            description="Unix time of the most recent update.",
+            description="Unix time of the most recent update (collect() call), scanned or not.",
+        )
+        self.unscanned = meter.create_counter(
+            "gradtel_unscanned_updates",
+            unit="1",
+            description=(
+                "Due updates in which nothing could be scanned: no_gradients (no watched "
+                "parameter had a gradient) or scan_error. Not in gradtel_updates_total."
+            ),
         )
         self.duration = meter.create_histogram(
             "gradtel_scan_duration",
@@ -164,7 +184,7 @@ class _Instruments:
             unit="1",
             description=(
                 "Number of the latest unhealthy update in which this layer was the first, in "
-                "backward order, with NaN or Inf; series appear when it first happens."
+                "backward order, with values of that kind; series appear when it first happens."
             ),
         )
         self.skipped = meter.create_counter(
@@ -228,7 +248,7 @@ class GradTelemetry:
     """The gradtel instruments on one meter provider, for one set of layers.
 
     Args:
-        layers: Every ``layer`` label value the monitor can report.
+        layers: The ``layer`` labels whose series exist from the start, at 0.
         meter_provider: Where the instruments live.
         attributes: Labels put on every series (``rank`` in distributed runs).
         start_time: Unix time the ``last_update_timestamp`` gauge starts at,
@@ -252,6 +272,8 @@ class GradTelemetry:
         }
         self._error_attrs = {stage: {**self._base, "stage": stage} for stage in ERROR_STAGES}
         self._skip_attrs = {reason: {**self._base, "reason": reason} for reason in SKIP_REASONS}
+        self._unscanned_attrs = {r: {**self._base, "reason": r} for r in UNSCANNED_REASONS}
+        self._first_bad_attrs: dict[tuple[str, str], dict[str, str]] = {}
         self._last_nonzero: dict[str, set[str]] = {"nan": set(), "inf": set()}
 
         self._instruments = ins = instruments_for(meter_provider)
@@ -262,45 +284,71 @@ class GradTelemetry:
             ins.errors.add(0, attrs)
         for attrs in self._skip_attrs.values():
             ins.skipped.add(0, attrs)
+        for attrs in self._unscanned_attrs.values():
+            ins.unscanned.add(0, attrs)
         ins.updates.add(0, self._base)
-        ins.status.set(0, self._base)
+        ins.status.set(Status.UNKNOWN.level, self._base)  # no update looked at yet
         ins.last_update.set(start_time, self._base)
 
     def add_layers(self, layers: Sequence[str]) -> None:
         """Make the series of layers not seen before, at 0."""
-        ins = self._instruments
         for layer in layers:
-            if layer in self._layer_attrs:
-                continue
+            self._layer(layer)
+
+    def _layer(self, layer: str) -> dict[str, str]:
+        """The labels of ``layer``'s series, made at 0 on first use (a layer frozen when
+        the monitor was made gets its series when it first has a gradient counted)."""
+        attrs = self._layer_attrs.get(layer)
+        if attrs is None:
             attrs = self._layer_attrs[layer] = {**self._base, "layer": layer}
             for kind in _KINDS:
-                ins.totals[kind].add(0, attrs)
-                ins.per_update[kind].set(0, attrs)
+                self._instruments.totals[kind].add(0, attrs)
+                self._instruments.per_update[kind].set(0, attrs)
+        return attrs
 
     def record(self, health: GradHealth, *, duration: float, timestamp: float) -> None:
-        """Record one scanned update."""
+        """Record one due update: scanned, unscanned, or an AMP overflow the scaler skips."""
         ins = self._instruments
+        ins.last_update.set(timestamp, self._base)
+        if health.unscanned is not None:
+            ins.unscanned.add(1, self._unscanned_attrs[health.unscanned])
+            ins.status.set(Status.UNKNOWN.level, self._base)
+            return
+        ins.updates.add(1, self._base)
+        ins.duration.record(duration, self._base)
+        if health.amp_overflow:
+            # Handled by the scaler: not an unhealthy update, and the per-layer
+            # series keep describing the updates that reached the optimizer.
+            ins.skipped.add(1, self._skip_attrs["amp_overflow"])
+            return
         for kind, by_layer in (("nan", health.nan_by_layer), ("inf", health.inf_by_layer)):
             total, gauge = ins.totals[kind], ins.per_update[kind]
             for layer, count in by_layer.items():
-                total.add(count, self._layer_attrs[layer])
-                gauge.set(count, self._layer_attrs[layer])
+                total.add(count, self._layer(layer))
+                gauge.set(count, self._layer(layer))
             for layer in self._last_nonzero[kind].difference(by_layer):
                 gauge.set(0, self._layer_attrs[layer])
             self._last_nonzero[kind] = set(by_layer)
         for kind, status in (("nan", health.nan_status), ("inf", health.inf_status)):
             if status is not Status.HEALTHY:
                 ins.unhealthy.add(1, self._band_attrs[(kind, status)])
-        global _last_record, _last_unhealthy_record
-        _last_record = time.monotonic()
+        global _last_unhealthy_record
         if health.status is not Status.HEALTHY:
-            _last_unhealthy_record = _last_record
-        if health.first_bad_layer is not None:
-            ins.first_bad.set(health.step, self._layer_attrs[health.first_bad_layer])
-        ins.updates.add(1, self._base)
+            _last_unhealthy_record = time.monotonic()
+        for kind, first in (("nan", health.first_nan_layer), ("inf", health.first_inf_layer)):
+            if first is not None:
+                ins.first_bad.set(health.step, self._first_bad_series(kind, first))
         ins.status.set(health.status.level, self._base)
-        ins.last_update.set(timestamp, self._base)
-        ins.duration.record(duration, self._base)
+
+    def _first_bad_series(self, kind: str, layer: str) -> dict[str, str]:
+        attrs = self._first_bad_attrs.get((kind, layer))
+        if attrs is None:
+            attrs = self._first_bad_attrs[(kind, layer)] = {**self._layer(layer), "kind": kind}
+        return attrs
+
+    def touch(self, timestamp: float) -> None:
+        """Note an update that was not due for a scan (``sample_every``): liveness only."""
+        self._instruments.last_update.set(timestamp, self._base)
 
     def record_skip(self, reason: str) -> None:
         """Count one update whose optimizer step is skipped (``reason`` from :data:`SKIP_REASONS`)."""

@@ -37,6 +37,9 @@ class Snapshot:
     latest: dict[str, dict[str, float]] = field(default_factory=lambda: {"nan": {}, "inf": {}})
     totals: dict[str, dict[str, float]] = field(default_factory=lambda: {"nan": {}, "inf": {}})
     bands: dict[tuple[str, str], float] = field(default_factory=dict)
+    unscanned: float = 0.0
+    status: float | None = None
+    """Worst ``gradtel_update_status`` over the ranks; None: no gradtel metrics at all."""
 
 
 def scrape(url: str, timeout: float = 5.0) -> Snapshot:
@@ -49,6 +52,10 @@ def scrape(url: str, timeout: float = 5.0) -> Snapshot:
             name, labels, value = sample.name, sample.labels, sample.value
             if name == "gradtel_updates_total":
                 snap.updates += value
+            elif name == "gradtel_unscanned_updates_total":
+                snap.unscanned += value
+            elif name == "gradtel_update_status":
+                snap.status = value if snap.status is None else max(snap.status, value)
             elif name == "gradtel_last_update_timestamp_seconds":
                 snap.last_update = max(snap.last_update, value)
             elif name == "gradtel_unhealthy_updates_total":
@@ -85,6 +92,10 @@ def frame(
     """The lines shown for one endpoint."""
     if snap is None:
         return [f"{url}", f"  unreachable ({error}); retrying"]
+    if snap.status is None:
+        return [url, f"  no gradtel metrics at {url}: is this a gradtel endpoint, and is a GradMonitor made?"]
+    if not snap.updates and not snap.unscanned:
+        return [url, "  no update yet"]
     nan = int(sum(snap.latest["nan"].values()))
     inf = int(sum(snap.latest["inf"].values()))
     banner = [
@@ -93,7 +104,11 @@ def frame(
         if count > 0
     ]
     status = max((thresholds.classify(nan), thresholds.classify(inf)), key=lambda s: s.level)
-    line = " ".join(banner + [status.value if status is not Status.HEALTHY else "healthy"])
+    if snap.status < 0:  # the latest due update was not scanned: never say healthy
+        status = Status.UNKNOWN
+    line = " ".join(banner + [status.value])
+    if status is Status.UNKNOWN:
+        line += f" (latest update not scanned; {snap.unscanned:g} not scanned since start)"
     rate = ""
     if previous is not None and snap.taken > previous.taken:
         rate = f" ({(snap.updates - previous.updates) / (snap.taken - previous.taken):.1f}/s)"

@@ -49,7 +49,11 @@ class Session:
             self.monitor.collect()
 
     def stop(self) -> None:
-        """Close the endpoint (after its last scrape of an unhealthy update, if any)."""
+        """Stop watching, and close the endpoint (after its last scrape of an unhealthy
+        update, if any)."""
+        if self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
         if self.server is not None:
             self.server.close()
             self.server = None

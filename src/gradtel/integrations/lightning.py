@@ -2,7 +2,8 @@
 
 Lightning calls ``on_before_optimizer_step`` once per optimizer update, after
 gradient accumulation and after AMP unscaling, and before gradient clipping:
-exactly where gradtel should count.
+exactly where gradtel should count. The monitor is made at ``on_fit_start``,
+after ``configure_model()`` has built the layers.
 """
 
 from __future__ import annotations
@@ -30,9 +31,8 @@ class GradtelCallback(Callback):
     ) -> None:
         self.session = Session(port, addr, serve_metrics, monitor_options)
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self.session.start(pl_module)
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.session.start(pl_module)
 
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer

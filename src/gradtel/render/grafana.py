@@ -35,7 +35,7 @@ DATASOURCE_UID = "gradtel-prometheus"
 _DATASOURCE = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
 _SELECT = 'job=~"$job", instance=~"$instance", rank=~"$rank"'
 _LAYERS = _SELECT + ', layer=~"$layer"'
-GREEN, ORANGE, RED = "green", "orange", "red"
+GREEN, ORANGE, RED, GREY = "green", "orange", "red", "text"
 _LAST = common_builders.ReduceDataOptions().calcs(["lastNotNull"])
 
 
@@ -85,9 +85,10 @@ def _status_panels(o: KitOptions) -> list[Any]:
     health_mappings: list[model.ValueMap | model.RangeMap | model.RegexMap | model.SpecialValueMap] = [
         model.ValueMap(
             {
-                "0": model.ValueMappingResult(text="healthy", color=GREEN, index=0),
-                "1": model.ValueMappingResult(text="warning", color=ORANGE, index=1),
-                "2": model.ValueMappingResult(text="critical", color=RED, index=2),
+                "-1": model.ValueMappingResult(text="unknown", color=GREY, index=0),
+                "0": model.ValueMappingResult(text="healthy", color=GREEN, index=1),
+                "1": model.ValueMappingResult(text="warning", color=ORANGE, index=2),
+                "2": model.ValueMappingResult(text="critical", color=RED, index=3),
             }
         )
     ]
@@ -96,10 +97,13 @@ def _status_panels(o: KitOptions) -> list[Any]:
         .datasource(_DATASOURCE)
         .reduce_options(_LAST)
         .title("Health of the latest update")
-        .description("Worst of NaN and Inf in the most recent update: 0 healthy, 1 warning, 2 critical.")
+        .description(
+            "Worst of NaN and Inf in the most recent update: 0 healthy, 1 warning, 2 critical; "
+            "-1 unknown: gradtel could not scan it, or no update yet."
+        )
         .unit("none")
         .with_target(_query(f"max(gradtel_update_status{{{_SELECT}}})", "health", instant=True))
-        .thresholds(_steps((None, GREEN), (1, ORANGE), (2, RED)))
+        .thresholds(_steps((None, GREY), (0, GREEN), (1, ORANGE), (2, RED)))
         .mappings(health_mappings)
         .color_mode(common.BigValueColorMode.BACKGROUND)
         .grid_pos(_grid(0, 1, 5, 4))
@@ -267,7 +271,30 @@ def _dashboard(o: KitOptions) -> dashboard.Dashboard:
             "Training went on; see the process log.",
         )
     )
-    board = board.with_row(_row("Alerts", 31))
+    board = board.with_row(_row("Coverage", 31))
+    board = board.with_panel(
+        _timeseries(
+            "Updates not scanned",
+            "short",
+            f"sum by (reason) (increase(gradtel_unscanned_updates_total{{{_SELECT}}}[$__rate_interval]))",
+            "{{reason}}",
+            _grid(0, 32, 12, 7),
+            "Due updates gradtel could not look at (GradtelNothingScanned): no_gradients means "
+            "collect() ran before backward() or after zero_grad(); scan_error, see the log.",
+        )
+    )
+    board = board.with_panel(
+        _timeseries(
+            "Updates skipped",
+            "short",
+            f"sum by (reason) (increase(gradtel_skipped_updates_total{{{_SELECT}}}[$__rate_interval]))",
+            "{{reason}}",
+            _grid(12, 32, 12, 7),
+            "amp_overflow: the GradScaler skipped the step (a few at the start of an fp16 run are "
+            "normal; GradtelAmpOverflowSkips fires when it keeps on); policy: gradtel's own skip.",
+        )
+    )
+    board = board.with_row(_row("Alerts", 39))
     board = board.with_panel(
         table.Panel()
         .datasource(_DATASOURCE)
@@ -281,7 +308,7 @@ def _dashboard(o: KitOptions) -> dashboard.Dashboard:
                 table_format=True,
             )
         )
-        .grid_pos(_grid(0, 32, 24, 6))
+        .grid_pos(_grid(0, 40, 24, 6))
     )
     return board
 

@@ -12,9 +12,12 @@ from ..health import Thresholds
 
 __all__ = [
     "ALERT_NAMES",
+    "AMP_SKIPS_ALERT",
+    "AMP_SKIPS_FOR",
     "DEFAULT_RUNBOOK_URL",
     "DOWN_ALERT",
     "KINDS",
+    "NOTHING_SCANNED_ALERT",
     "STALLED_ALERT",
     "KitOptions",
     "duration_seconds",
@@ -30,6 +33,11 @@ KINDS = {"nan": "NaN", "inf": "Inf"}
 ALERT_NAMES = {"nan": "GradtelNaNGradients", "inf": "GradtelInfGradients"}
 DOWN_ALERT = "GradtelExporterDown"
 STALLED_ALERT = "GradtelTrainingStalled"
+NOTHING_SCANNED_ALERT = "GradtelNothingScanned"
+AMP_SKIPS_ALERT = "GradtelAmpOverflowSkips"
+AMP_SKIPS_FOR = "5m"
+"""How long the AMP skip ratio must stay high: the first-steps overflows of
+every fp16 run last seconds, a collapsing loss scale does not stop."""
 
 
 def duration_seconds(text: str, argument: str = "duration") -> int:
@@ -63,6 +71,9 @@ class KitOptions:
         job: Prometheus ``job`` label of the gradtel scrape job.
         runbook_url: Address of the rendered ``runbook.md``; alerts link to
             its anchors.
+        amp_skip_ratio: ``GradtelAmpOverflowSkips`` fires when more than this
+            share of the updates in ``window`` were skipped by the AMP
+            ``GradScaler`` for overflow, for ``AMP_SKIPS_FOR`` (0 < ratio < 1).
     """
 
     thresholds: Thresholds = field(default_factory=Thresholds)
@@ -70,6 +81,7 @@ class KitOptions:
     stall_after: str = "10m"
     job: str = "gradtel"
     runbook_url: str = DEFAULT_RUNBOOK_URL
+    amp_skip_ratio: float = 0.5
 
     def __post_init__(self) -> None:
         if not isinstance(self.thresholds, Thresholds):
@@ -80,6 +92,11 @@ class KitOptions:
             raise ValueError(f"job must be a plain Prometheus job name such as 'gradtel', got {self.job!r}")
         if not re.match(r"^https?://\S+$", self.runbook_url or ""):
             raise ValueError(f"runbook_url must be an http(s) URL, got {self.runbook_url!r}")
+        ratio = self.amp_skip_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+            raise ValueError(
+                f"amp_skip_ratio must be a number between 0 and 1 (exclusive), got {ratio!r}"
+            )
 
     @property
     def job_selector(self) -> str:
@@ -112,6 +129,7 @@ def header(o: KitOptions, what: str) -> str:
     return (
         f"# {what}\n"
         f"# Rendered by `gradtel render` from Thresholds(warning={t.warning}, critical={t.critical}),\n"
-        f"# window={o.window}, stall_after={o.stall_after}, job={o.job}. Do not edit by hand:\n"
+        f"# window={o.window}, stall_after={o.stall_after}, job={o.job}, "
+        f"amp_skip_ratio={o.amp_skip_ratio:g}. Do not edit by hand:\n"
         "# re-render with `gradtel render --out DIR` and your own options instead.\n"
     )

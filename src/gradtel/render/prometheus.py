@@ -6,8 +6,11 @@ from typing import Any
 
 from .options import (
     ALERT_NAMES,
+    AMP_SKIPS_ALERT,
+    AMP_SKIPS_FOR,
     DOWN_ALERT,
     KINDS,
+    NOTHING_SCANNED_ALERT,
     STALLED_ALERT,
     KitOptions,
     duration_seconds,
@@ -42,11 +45,11 @@ def _top_layers_template(o: KitOptions, kind: str) -> str:
 
 
 def _first_bad_template(o: KitOptions) -> str:
-    """Says the first bad layer when gradtel_first_bad_layer has it, nothing otherwise."""
-    series = f"gradtel_first_bad_layer{{job=%q,instance=%q,rank=%q}}[{o.window}]"
+    """Says the first bad layer of the alert's kind when gradtel_first_bad_layer has it."""
+    series = f"gradtel_first_bad_layer{{job=%q,instance=%q,rank=%q,kind=%q}}[{o.window}]"
     query = f"topk(1, max_over_time({series}))"
     return (
-        f'{{{{ with query (printf "{query}" $labels.job $labels.instance $labels.rank) }}}}'
+        f'{{{{ with query (printf "{query}" $labels.job $labels.instance $labels.rank $labels.kind) }}}}'
         "{{ with index . 0 }} First bad layer in backward order: {{ .Labels.layer }}.{{ end }}{{ end }}"
     )
 
@@ -118,6 +121,7 @@ def rules(o: KitOptions) -> dict[str, Any]:
         }
     )
     stall = duration_seconds(o.stall_after, "stall_after")
+    alerts += [_nothing_scanned_rule(o), _amp_skips_rule(o)]
     alerts.append(
         {
             "alert": STALLED_ALERT,
@@ -127,9 +131,9 @@ def rules(o: KitOptions) -> dict[str, Any]:
             ),
             "labels": {"severity": "warning"},
             "annotations": {
-                "summary": "Training is up but no update was scanned",
+                "summary": "Training is up but gradtel sees no update",
                 "description": (
-                    f"{_where()} is up but has scanned no update for "
+                    f"{_where()} is up but has had no update (no collect() call) for "
                     "{{ $value | humanizeDuration }} (more than "
                     f"{o.stall_after}): training hangs, waits on data or on another rank, or "
                     "collect() is no longer called."
@@ -143,6 +147,57 @@ def rules(o: KitOptions) -> dict[str, Any]:
             {"name": "gradtel.recording", "rules": recording},
             {"name": "gradtel.alerts", "rules": alerts},
         ]
+    }
+
+
+def _nothing_scanned_rule(o: KitOptions) -> dict[str, Any]:
+    sel, w = o.job_selector, o.window
+    return {
+        "alert": NOTHING_SCANNED_ALERT,
+        # Due updates arrive, none is scanned: gradtel is blind and says so, rather
+        # than letting a quiet dashboard look healthy.
+        "expr": (
+            f"sum without (reason) (increase(gradtel_unscanned_updates_total{{{sel}}}[{w}])) > 0\n"
+            f"unless on (job, instance, rank)\n"
+            f"increase(gradtel_updates_total{{{sel}}}[{w}]) > 0"
+        ),
+        "labels": {"severity": "warning"},
+        "annotations": {
+            "summary": "gradtel cannot see the gradients: no update is scanned",
+            "description": (
+                f"{_where()}: {{{{ $value | humanize }}}} updates in the last {w} were due but "
+                "not scanned, and none was scanned: NaN/Inf gradients would not be seen. "
+                "collect() runs where no gradient exists (before backward() or after "
+                "zero_grad()), or the scan fails (gradtel_errors_total{stage=\"scan\"})."
+            ),
+            "runbook_url": o.runbook(NOTHING_SCANNED_ALERT),
+        },
+    }
+
+
+def _amp_skips_rule(o: KitOptions) -> dict[str, Any]:
+    sel, w = o.job_selector, o.window
+    skipped = f'increase(gradtel_skipped_updates_total{{{sel},reason="amp_overflow"}}[{w}])'
+    return {
+        "alert": AMP_SKIPS_ALERT,
+        # The first-steps overflows of an fp16 run are the scaler doing its job; a
+        # share of skipped updates that stays high is a loss scale collapsing.
+        "expr": (
+            f"{skipped}\n/ ignoring (reason)\nincrease(gradtel_updates_total{{{sel}}}[{w}])\n"
+            f"> {o.amp_skip_ratio:g}"
+        ),
+        "for": AMP_SKIPS_FOR,
+        "labels": {"severity": "warning"},
+        "annotations": {
+            "summary": "The AMP GradScaler keeps skipping updates for overflow",
+            "description": (
+                f"{_where()}: {{{{ $value | humanizePercentage }}}} of the updates in the last "
+                f"{w} had non-finite gradients and were skipped by the GradScaler (more than "
+                f"{o.amp_skip_ratio:.0%} for {AMP_SKIPS_FOR}): the loss scale is collapsing and "
+                "the model is barely training."
+            ),
+            "runbook_url": o.runbook(AMP_SKIPS_ALERT),
+        },
     }
 
 

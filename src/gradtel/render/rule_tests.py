@@ -9,7 +9,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .options import ALERT_NAMES, DOWN_ALERT, KINDS, STALLED_ALERT, KitOptions, duration_seconds
+from .options import (
+    ALERT_NAMES,
+    AMP_SKIPS_ALERT,
+    AMP_SKIPS_FOR,
+    DOWN_ALERT,
+    KINDS,
+    NOTHING_SCANNED_ALERT,
+    STALLED_ALERT,
+    KitOptions,
+    duration_seconds,
+)
 from .prometheus import band_text
 
 __all__ = ["rule_tests"]
@@ -124,7 +134,7 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
             _band(o, "nan", "critical", _steps(3, 1, span)),
             _layer(o, "nan", "encoder.0", _steps(3, 9, span)),
             _layer(o, "nan", "encoder.1", _steps(3, 8, span)),
-            _series("gradtel_first_bad_layer", _labels(o, layer="encoder.1"), f"_x2 3x{span}"),
+            _series("gradtel_first_bad_layer", _labels(o, kind="nan", layer="encoder.1"), f"_x2 3x{span}"),
         ],
         [
             _check(
@@ -132,6 +142,21 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
                 nan,
                 _unhealthy_alert(o, "nan", "critical", "encoder.0 (9), encoder.1 (8)", "encoder.1"),
             )
+        ],
+    )
+    case(
+        f"{nan} names the first NaN layer, not the first layer of a later Inf update",
+        [
+            _band(o, "nan", "critical", _steps(3, 1, span)),
+            _band(o, "inf", "critical", _steps(5, 1, span)),
+            _layer(o, "nan", "body.0", _steps(3, 6, span)),
+            _layer(o, "inf", "head", _steps(5, 7, span)),
+            _series("gradtel_first_bad_layer", _labels(o, kind="nan", layer="body.0"), f"_x2 3x{span}"),
+            _series("gradtel_first_bad_layer", _labels(o, kind="inf", layer="head"), f"_x4 5x{span}"),
+        ],
+        [
+            _check(6, nan, _unhealthy_alert(o, "nan", "critical", "body.0 (6)", "body.0")),
+            _check(6, inf, _unhealthy_alert(o, "inf", "critical", "head (7)", "head")),
         ],
     )
     case(
@@ -258,9 +283,9 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
                 {
                     "exp_labels": {"job": o.job, "instance": INSTANCE, "severity": "warning"},
                     "exp_annotations": {
-                        "summary": "Training is up but no update was scanned",
+                        "summary": "Training is up but gradtel sees no update",
                         "description": (
-                            f"{o.job}/{INSTANCE} is up but has scanned no update for "
+                            f"{o.job}/{INSTANCE} is up but has had no update (no collect() call) for "
                             f"{_humanize_duration(fires_at * 60 - last_update)} (more than "
                             f"{o.stall_after}): training hangs, waits on data or on another "
                             "rank, or collect() is no longer called."
@@ -279,4 +304,93 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
         ],
         [_check(fires_at, STALLED_ALERT)],
     )
+    _coverage_cases(o, case, span)
     return {"rule_files": ["gradtel-rules.yml"], "evaluation_interval": "1m", "tests": cases}
+
+
+def _coverage_cases(o: KitOptions, case: Any, span: int) -> None:
+    """Cases of the alerts that say when gradtel cannot see, or AMP keeps skipping."""
+    window = _minutes(duration_seconds(o.window, "window"))
+    unscanned = [
+        _series("gradtel_unscanned_updates_total", _labels(o, reason=reason), values)
+        for reason, values in (("no_gradients", f"0+60x{span}"), ("scan_error", f"0x{span}"))
+    ]
+    case(
+        f"{NOTHING_SCANNED_ALERT} fires when updates arrive but none is scanned",
+        [*unscanned, _series("gradtel_updates_total", _labels(o), f"0x{span}")],
+        [
+            _check(
+                window,
+                NOTHING_SCANNED_ALERT,
+                {
+                    "exp_labels": {"job": o.job, "instance": INSTANCE, "severity": "warning"},
+                    "exp_annotations": {
+                        "summary": "gradtel cannot see the gradients: no update is scanned",
+                        "description": (
+                            f"{o.job}/{INSTANCE}: {60 * window} updates in the last {o.window} "
+                            "were due but not scanned, and none was scanned: NaN/Inf gradients "
+                            "would not be seen. collect() runs where no gradient exists (before "
+                            "backward() or after zero_grad()), or the scan fails "
+                            '(gradtel_errors_total{stage="scan"}).'
+                        ),
+                        "runbook_url": o.runbook(NOTHING_SCANNED_ALERT),
+                    },
+                },
+            )
+        ],
+    )
+    case(
+        f"{NOTHING_SCANNED_ALERT} does not fire while updates are scanned",
+        [
+            _series("gradtel_unscanned_updates_total", _labels(o, reason="no_gradients"), f"0x{span}"),
+            _series("gradtel_updates_total", _labels(o), f"0+60x{span}"),
+        ],
+        [_check(t, NOTHING_SCANNED_ALERT) for t in (1, window, span)],
+    )
+    case(
+        f"{NOTHING_SCANNED_ALERT} does not fire when some updates have no gradient but others are scanned",
+        [
+            _series("gradtel_unscanned_updates_total", _labels(o, reason="no_gradients"), f"0+1x{span}"),
+            _series("gradtel_updates_total", _labels(o), f"0+60x{span}"),
+        ],
+        [_check(t, NOTHING_SCANNED_ALERT) for t in (window, span)],
+    )
+
+    hold = _minutes(duration_seconds(AMP_SKIPS_FOR, "for"))
+    skip_labels = _labels(o, reason="amp_overflow")
+    # 60 updates a minute; from minute 5 on, every update overflows.
+    case(
+        f"{AMP_SKIPS_ALERT} fires when the scaler keeps skipping updates",
+        [
+            _series("gradtel_skipped_updates_total", skip_labels, f"0x5 0+60x{span}"),
+            _series("gradtel_updates_total", _labels(o), f"0+60x{span + 5}"),
+        ],
+        [
+            _check(5 + 1, AMP_SKIPS_ALERT),
+            _check(
+                5 + window + hold,
+                AMP_SKIPS_ALERT,
+                {
+                    "exp_labels": {"job": o.job, "instance": INSTANCE, "severity": "warning"},
+                    "exp_annotations": {
+                        "summary": "The AMP GradScaler keeps skipping updates for overflow",
+                        "description": (
+                            f"{o.job}/{INSTANCE}: 100% of the updates in the last {o.window} had "
+                            "non-finite gradients and were skipped by the GradScaler (more than "
+                            f"{o.amp_skip_ratio:.0%} for {AMP_SKIPS_FOR}): the loss scale is "
+                            "collapsing and the model is barely training."
+                        ),
+                        "runbook_url": o.runbook(AMP_SKIPS_ALERT),
+                    },
+                },
+            ),
+        ],
+    )
+    case(
+        f"{AMP_SKIPS_ALERT} does not fire on the usual first few overflows of an fp16 run",
+        [
+            _series("gradtel_skipped_updates_total", skip_labels, f"0 12x{span}"),
+            _series("gradtel_updates_total", _labels(o), f"0+60x{span}"),
+        ],
+        [_check(t, AMP_SKIPS_ALERT) for t in (1, hold + 1, window, span)],
+    )

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from .options import ALERT_NAMES, DOWN_ALERT, STALLED_ALERT, KitOptions
+from .options import (
+    ALERT_NAMES,
+    AMP_SKIPS_ALERT,
+    AMP_SKIPS_FOR,
+    DOWN_ALERT,
+    NOTHING_SCANNED_ALERT,
+    STALLED_ALERT,
+    KitOptions,
+)
 from .prometheus import band_text
 
 __all__ = ["runbook"]
@@ -100,8 +108,9 @@ ended targets from discovery.
     sections.append(
         f"""## {STALLED_ALERT}
 
-**Meaning.** The endpoint is up but no update has been scanned for more than
-{o.stall_after}: `time() - gradtel_last_update_timestamp_seconds` is too large.
+**Meaning.** The endpoint is up but `collect()` has not been called (no
+update, scanned or not) for more than {o.stall_after}:
+`time() - gradtel_last_update_timestamp_seconds` is too large.
 
 **Look first at** whether the process still uses CPU/GPU (a hang in a collective
 operation waiting for another rank, a data loader stuck on I/O), whether another
@@ -110,6 +119,48 @@ path that skips it, an evaluation phase longer than {o.stall_after}).
 
 **Do** take a stack dump (`py-spy dump --pid PID`), restart the stuck rank or
 the job, or raise `stall_after` when long evaluation phases are normal.
+""",
+    )
+    sections.append(
+        f"""## {NOTHING_SCANNED_ALERT}
+
+**Meaning.** Updates keep arriving (`collect()` is called) but in the last
+{o.window} not one was scanned: gradtel is blind, and a NaN would not page.
+Each such update is counted in `gradtel_unscanned_updates_total{{reason=...}}`,
+reports status `unknown` (`gradtel_update_status == -1`) and is not in
+`gradtel_updates_total`.
+
+**Look first at** the `reason` (the "Updates not scanned" panel):
+
+- `no_gradients`: no watched parameter had a gradient when `collect()` ran. It
+  runs before `backward()`, or after `optimizer.zero_grad()` (gradients set to
+  `None`), or on a model other than the one trained. The process log says
+  "0 of N watched trainable parameters had a gradient".
+- `scan_error`: gradtel failed to count (see `gradtel_errors_total{{stage="scan"}}`
+  and the log line `gradtel scan failed`), e.g. gradients of a kind it cannot
+  read (meta or MKLDNN tensors).
+
+**Do** move `collect()` between `backward()` and `optimizer.step()` (or use
+`monitor.attach(optimizer)`), or fix what the scan error names.
+""",
+    )
+    sections.append(
+        f"""## {AMP_SKIPS_ALERT}
+
+**Meaning.** More than {o.amp_skip_ratio:.0%} of the updates in the last
+{o.window} overflowed and the AMP `GradScaler` skipped their optimizer step, and
+this went on for {AMP_SKIPS_FOR}. The first few overflows of every fp16 run are
+the scaler finding its loss scale and do not page: they are counted in
+`gradtel_skipped_updates_total{{reason="amp_overflow"}}`, not as unhealthy
+updates. A share that stays high means the loss scale keeps halving: the model
+is barely training and will soon produce real NaN.
+
+**Look first at** the scaler's scale (`scaler.get_scale()` in your logs), the
+learning rate, and the layers named by the overflowing updates (the
+`GradHealth` that `collect()` returns has them; gradtel logs them at DEBUG).
+
+**Do** lower the learning rate, clip gradients, move unstable ops (softmax,
+norms, losses) to fp32 or bf16, or restart from the last healthy checkpoint.
 """,
     )
     return "\n".join(sections)
