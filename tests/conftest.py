@@ -68,3 +68,13 @@ def require_tool(name: str, package: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+PROMETHEUS_HEADERS = {"User-Agent": "Prometheus/2.45.3", "X-Prometheus-Scrape-Timeout-Seconds": "10"}
+
+
+def scrape(url: str) -> str:
+    """GET ``url`` as Prometheus does: only such a scrape ends an endpoint's exit wait."""
+    request = urllib.request.Request(url, headers=PROMETHEUS_HEADERS)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return str(response.read().decode())

@@ -22,7 +22,7 @@ from torch import nn
 
 from gradtel import GradMonitor, MetricsServer, PortInUseError, serve
 
-from .conftest import fetch, parse, require_tool, sample
+from .conftest import fetch, parse, require_tool, sample, scrape
 
 CONTRACT_TYPES = {
     "gradtel_nan_grads": "counter",
@@ -202,14 +202,14 @@ def test_close_waits_until_the_last_unhealthy_update_is_scraped(
 ) -> None:
     server = serve(port=0, registry=registry, exit_grace=20)
     assert server.url is not None
-    fetch(server.url)  # a Prometheus is scraping this endpoint
+    scrape(server.url)  # a Prometheus is scraping this endpoint
     poisoned_update(provider)
     assert server.pending_unhealthy
     scraped: list[str] = []
 
     def late_scrape() -> None:
         time.sleep(1.0)
-        scraped.append(fetch(server.url)[0])  # type: ignore[arg-type]
+        scraped.append(scrape(server.url))  # type: ignore[arg-type]
 
     threading.Thread(target=late_scrape).start()
     started = time.monotonic()
@@ -231,7 +231,7 @@ def test_close_does_not_wait_when_nobody_ever_scraped_or_nothing_is_pending(
 
     scraped = serve(port=0, registry=registry, exit_grace=20)
     assert scraped.url is not None
-    fetch(scraped.url)  # after the unhealthy update: nothing pending
+    scrape(scraped.url)  # after the unhealthy update: nothing pending
     assert not scraped.pending_unhealthy
     started = time.monotonic()
     scraped.close()
@@ -243,7 +243,7 @@ def test_close_gives_up_after_the_grace_period(
 ) -> None:
     server = serve(port=0, registry=registry, exit_grace=0.5)
     assert server.url is not None
-    fetch(server.url)
+    scrape(server.url)
     poisoned_update(provider)
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="gradtel"):
@@ -277,14 +277,14 @@ def test_a_run_that_crashes_right_after_an_unhealthy_update_still_gets_scraped()
     try:
         assert process.stdin and process.stdout
         url = process.stdout.readline().strip()
-        before = parse(fetch(url)[0])
+        before = parse(scrape(url))
         assert sample(before, "gradtel_unhealthy_updates_total", kind="nan", severity="critical") == 0
         process.stdin.write("go\n")
         process.stdin.flush()
         assert process.stdout.readline().strip() == "poisoned"
         time.sleep(1.0)  # the exception has ended the training loop by now
         assert process.poll() is None, "the endpoint did not outlive the crash"
-        after = parse(fetch(url)[0])
+        after = parse(scrape(url))
         assert sample(after, "gradtel_unhealthy_updates_total", kind="nan", severity="critical") == 1
         _, err = process.communicate(timeout=10)
         assert process.returncode == 1

@@ -252,13 +252,13 @@ def test_the_serving_thread_restarts_after_a_fault(
                 raise faults.pop()
 
         with caplog.at_level(logging.ERROR, logger="gradtel"):
-            server._server.service_actions = failing_loop_step  # a fault inside serve_forever
+            server._running.server.service_actions = failing_loop_step  # a fault inside serve_forever
             deadline = time.monotonic() + 5
             while faults and time.monotonic() < deadline:
                 time.sleep(0.05)
             time.sleep(0.3)
         assert get(server.url or "")[0] == 200  # serving again
-        assert server._thread.is_alive()
+        assert server._running.thread.is_alive()
     assert serve_errors() >= before + 1  # other tests' handshakes may still be counting
     assert "the metrics endpoint failed (RuntimeError('select broke')) and restarts" in caplog.text
 

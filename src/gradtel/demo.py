@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +112,17 @@ class _SayHandler(logging.Handler):
         self.terminal.say(self.format(record))
 
 
+class _Stopped(BaseException):
+    """SIGTERM or SIGHUP: stop like Ctrl-C, cleaning up everything the demo started.
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it."""
+
+
+def _stop_on(signum: int, frame: object) -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a second signal must not cut the clean-up short
+        signal.signal(sig, signal.SIG_IGN)
+    raise _Stopped(signal.Signals(signum).name)
+
+
 def run_demo(
     *,
     steps: int = 300,
@@ -131,6 +144,28 @@ def run_demo(
     Returns:
         The process exit code: 0, also when stopped with Ctrl-C.
     """
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        # Prometheus and Alertmanager must not outlive the demo when a terminal
+        # closes (SIGHUP) or a supervisor stops it (SIGTERM).
+        previous = {sig: signal.signal(sig, _stop_on) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _run(steps, interval, port, addr, seed, stack, keep_data, out)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(
+    steps: int,
+    interval: float,
+    port: int | None,
+    addr: str | None,
+    seed: int,
+    stack: bool,
+    keep_data: Path | None,
+    out: TextIO,
+) -> int:
     torch.manual_seed(seed)
     terminal = _Terminal(out)
     handler = _SayHandler(terminal)
@@ -147,6 +182,10 @@ def run_demo(
                 on_page=lambda page: terminal.say(f"PAGE {page}"),
                 keep_data=keep_data,
             ).__enter__()
+        except _Stopped as stopped:
+            server.close(grace=0)
+            terminal.say(f"stopped by {stopped}")
+            return 0
         except BaseException:
             server.close(grace=0)
             raise
@@ -191,6 +230,9 @@ def run_demo(
         terminal.say(
             f"done: {steps} updates, {unhealthy} unhealthy, each kept from the optimizer by gradtel"
         )
+    except _Stopped as stopped:
+        interrupted = True
+        terminal.say(f"stopped by {stopped}")
     except KeyboardInterrupt:
         interrupted = True
         terminal.say("stopped by Ctrl-C")

@@ -4,10 +4,13 @@ prometheus-client's server negotiates the format from the ``Accept`` header:
 the classic text format by default, OpenMetrics when Prometheus asks for it.
 
 A NaN often ends a run, and an unhealthy update recorded just before the
-process exits must still reach Prometheus. So closing the endpoint, or the
-interpreter exiting with it open, waits until a scrape has collected the
-latest unhealthy update, for at most ``exit_grace`` seconds. It waits only
-when something has scraped this endpoint before: nobody else would come.
+process exits must still reach Prometheus. So closing the endpoint, the
+interpreter exiting with it open, or a SIGTERM (what Kubernetes, Slurm and
+torchrun send) waits until a Prometheus scrape has collected the latest
+unhealthy update, for at most ``exit_grace`` seconds. It waits only when a
+Prometheus has scraped this endpoint before (nobody else would come), and
+only a Prometheus scrape ends the wait: ``curl`` or ``gradtel watch`` do not.
+The first Ctrl-C during the wait ends it.
 """
 
 from __future__ import annotations
@@ -15,15 +18,21 @@ from __future__ import annotations
 import atexit
 import errno
 import logging
+import math
 import os
+import re
+import signal
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from types import FrameType
 from typing import Any, Literal
 
 from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.metrics_core import Metric
 
 from . import _checks
-from .httpd import TLSConfig, start
+from .httpd import Running, TLSConfig, start
 from .telemetry import count_error, last_unhealthy_record, launcher_world_size
 
 __all__ = [
@@ -44,9 +53,10 @@ DEFAULT_ADDR = "127.0.0.1"
 DEFAULT_STALE_AFTER = 600.0
 """Seconds without an update after which ``/healthz`` reports the process stale."""
 
-DEFAULT_EXIT_GRACE = 30.0
-"""Seconds the endpoint may stay up at exit for an unscraped unhealthy update:
-two scrapes at the common 15 s interval."""
+DEFAULT_EXIT_GRACE = 20.0
+"""Seconds the endpoint may stay up at exit for an unscraped unhealthy update: more
+than one scrape at the common 15 s interval, and inside Kubernetes' default 30 s
+between SIGTERM and SIGKILL."""
 
 # After the scrape has collected, let its response leave the socket before closing.
 _FLUSH_MARGIN = 0.25
@@ -55,27 +65,31 @@ logger = logging.getLogger("gradtel")
 # Strong references: `gradtel.serve()` is often called without keeping the result,
 # and such an endpoint must still wait for its last scrape at exit.
 _open_servers: set[MetricsServer] = set()
+_interrupted = threading.Event()
+"""Set by a Ctrl-C during an exit wait: no later wait in this process starts."""
 
 
-class _ScrapeWatch:
-    """Registry wrapper that notes when scrapes of the endpoint collect."""
+class _Filtered:
+    """A registry view for prometheus-client's WSGI app whose ``name[]`` filter keeps
+    the samples named, also of collectors that describe no names up front (OpenTelemetry's)."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, names: Iterable[str] | None = None) -> None:
         self._registry = registry
-        self.scraped = False
-        self.covered_until = float("-inf")
-        """``time.monotonic()`` at which the latest completed collection started."""
+        self._names = None if names is None else set(names)
 
-    def collect(self) -> Iterator[Any]:
-        started = time.monotonic()
-        yield from self._registry.collect()
-        self.covered_until = max(self.covered_until, started)
-        self.scraped = True
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            if self._names is None:
+                yield family
+                continue
+            kept = [s for s in family.samples if s.name in self._names]
+            if kept:
+                filtered = Metric(family.name, family.documentation, family.type, family.unit)
+                filtered.samples = kept
+                yield filtered
 
-    def restricted_registry(self, names: Any) -> Any:
-        return self._registry.restricted_registry(names)
-
-
+    def restricted_registry(self, names: Iterable[str]) -> _Filtered:
+        return _Filtered(self._registry, names)
 class PortInUseError(OSError):
     """The endpoint's port is taken by another process."""
 
@@ -95,26 +109,27 @@ class MetricsServer:
         port: int | None,
         *,
         exit_grace: float = DEFAULT_EXIT_GRACE,
-        server: Any = None,
-        thread: Any = None,
-        watch: _ScrapeWatch | None = None,
         tls: bool = False,
     ) -> None:
         self.addr = addr
         self.port = port
         self.tls = tls
         self.exit_grace = exit_grace
-        self._server = server
-        self._thread = thread
-        self._watch = watch
-        if server is not None:
-            _open_servers.add(self)
-            _close_at_exit()
+        self._running: Running | None = None
+        self._scraped = False
+        self._covered_until = float("-inf")
+        """``time.monotonic()`` at which the latest completed Prometheus scrape started."""
+        self._lock = threading.Lock()
+
+    def _on_scrape(self, started: float) -> None:
+        """A Prometheus scrape that started at ``started`` has collected everything."""
+        self._covered_until = max(self._covered_until, started)
+        self._scraped = True
 
     @property
     def serving(self) -> bool:
         """Whether the endpoint is up."""
-        return self._server is not None
+        return self._running is not None
 
     @property
     def url(self) -> str | None:
@@ -126,50 +141,51 @@ class MetricsServer:
 
     @property
     def pending_unhealthy(self) -> bool:
-        """An unhealthy update was recorded after the last scrape that collected."""
-        return self._unscraped()
+        """An unhealthy update was recorded after the last Prometheus scrape that collected."""
+        return self._pending()
 
-    def _unscraped(self) -> bool:
+    def _pending(self) -> bool:
         recorded = last_unhealthy_record()
-        return (
-            self._watch is not None
-            and recorded is not None
-            and recorded >= self._watch.covered_until
-        )
+        return recorded is not None and recorded >= self._covered_until
 
     def close(self, grace: float | None = None) -> None:
         """Stop serving and free the port. Safe to call more than once.
 
-        If this endpoint has been scraped before and an unhealthy update has
-        not been scraped yet, first wait for the next scrape, at most ``grace``
-        seconds (default: ``exit_grace``).
+        If a Prometheus has scraped this endpoint before and an unhealthy
+        update has not been scraped yet, first wait for the next scrape, at
+        most ``grace`` seconds (default: ``exit_grace``). A Ctrl-C ends the wait.
+
+        Raises:
+            ValueError: ``grace`` is not a number of seconds >= 0.
         """
-        if self._server is None:
-            return
-        self._wait_for_scrape(self.exit_grace if grace is None else grace)
-        server, self._server = self._server, None
+        grace = self.exit_grace if grace is None else _checks.seconds("grace", grace, zero_ok=True)
+        with self._lock:
+            if self._running is None:
+                return
+            self._wait_for_scrape(grace)
+            running, self._running = self._running, None
         _open_servers.discard(self)
-        server.shutdown()
-        server.server_close()
-        self._thread.join()
+        running.shutdown()
 
     def _wait_for_scrape(self, grace: float) -> None:
-        if grace <= 0 or self._watch is None or not self._watch.scraped:
-            return
-        if not self._unscraped():
+        if grace <= 0 or not self._scraped or not self._pending() or _interrupted.is_set():
             return
         logger.warning(
             "gradtel: keeping %s up for at most %gs until Prometheus scrapes the last "
-            "unhealthy update",
+            "unhealthy update (Ctrl-C ends the wait)",
             self.url,
             grace,
         )
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            if not self._unscraped():
-                time.sleep(_FLUSH_MARGIN)
-                return
-            time.sleep(0.05)
+        try:
+            while time.monotonic() < deadline:
+                if not self._pending():
+                    time.sleep(_FLUSH_MARGIN)
+                    return
+                time.sleep(0.05)
+        except KeyboardInterrupt:
+            _interrupted.set()
+            logger.warning("gradtel: exit wait ended by Ctrl-C; the last unhealthy update may be unscraped")
 
     def __enter__(self) -> MetricsServer:
         return self
@@ -184,12 +200,12 @@ class MetricsServer:
 
 def _port_from(value: object, source: str) -> int:
     if isinstance(value, str) and source == "GRADTEL_PORT":
-        try:
-            value = int(value.strip())
-        except ValueError:
+        if not re.fullmatch(r"\s*-?[0-9]+\s*", value):  # no "+80", "0_0" or "8e3"
             raise ValueError(
-                f"GRADTEL_PORT must be an integer from 0 to 65535, got {value!r}"
-            ) from None
+                f"GRADTEL_PORT must be an integer from 0 to 65535, got {value!r} (digits only; 0 "
+                "picks a free port)"
+            )
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(
             f"{source} must be an int from 0 to 65535, got {value!r} ({type(value).__name__})"
@@ -269,9 +285,11 @@ def serve(
             sets it), serve on ``port + LOCAL_RANK`` so that every rank of a
             node has its own endpoint. ``False`` uses ``port`` as given. A
             ``port`` of 0 picks a free port on every rank.
-        exit_grace: At ``close()`` or interpreter exit, wait at most this many
-            seconds for Prometheus to scrape an unhealthy update it has not
-            seen yet (only when the endpoint has been scraped before). 0 never waits.
+        exit_grace: At ``close()``, interpreter exit or SIGTERM, wait at most
+            this many seconds (default 20) for Prometheus to scrape an
+            unhealthy update it has not seen yet (only when a Prometheus has
+            scraped the endpoint before). 0 never waits. SIGTERM gets the wait
+            only while the application has no SIGTERM handler of its own.
         tls_cert: PEM certificate (chain) to serve HTTPS with; default
             ``$GRADTEL_TLS_CERT``. Needs ``tls_key``.
         tls_key: Its PEM private key; default ``$GRADTEL_TLS_KEY``.
@@ -284,7 +302,8 @@ def serve(
         A :class:`MetricsServer`; ``close()`` it when done.
 
     Raises:
-        TypeError: ``port`` is not an int.
+        TypeError: ``port`` is not an int, ``registry`` not a ``CollectorRegistry``,
+            or ``rank_offset`` not a bool.
         ValueError: ``port`` out of 0..65535, ``addr`` empty, malformed
             ``GRADTEL_PORT``/``GRADTEL_ADDR``, an unknown ``on_error`` or a
             negative ``exit_grace``.
@@ -298,6 +317,13 @@ def serve(
     """
     _checks.on_error(on_error)
     exit_grace = _checks.seconds("exit_grace", exit_grace, zero_ok=True)
+    if registry is not None and not isinstance(registry, CollectorRegistry):
+        raise TypeError(
+            "registry must be a prometheus_client.CollectorRegistry or None (the global "
+            f"REGISTRY), got {registry!r} ({type(registry).__name__})"
+        )
+    if not isinstance(rank_offset, bool):
+        raise TypeError(f"rank_offset must be True or False, got {rank_offset!r} ({type(rank_offset).__name__})")
     if port is None:
         env = os.environ.get("GRADTEL_PORT")
         port = DEFAULT_PORT if env is None else _port_from(env, "GRADTEL_PORT")
@@ -308,16 +334,24 @@ def serve(
         addr = DEFAULT_ADDR if env is None else _addr_from(env, "GRADTEL_ADDR")
     else:
         addr = _addr_from(addr, "addr")
+    local_rank = _local_rank()  # checks the launcher's variables even when unused
     if rank_offset and port:
-        port += _local_rank()
+        port += local_rank
         if port > 65535:
             raise ValueError(f"port {port} (base port + LOCAL_RANK) is above 65535; pick a lower port")
 
     tls = _tls_from(tls_cert, tls_key, tls_client_ca)
     stale_after = _checks.seconds("stale_after", stale_after)
-    watch = _ScrapeWatch(REGISTRY if registry is None else registry)
+    server = MetricsServer(addr, None, exit_grace=exit_grace, tls=tls is not None)
     try:
-        server, thread = start(addr, port, watch, tls=tls, stale_after=stale_after)
+        running = start(
+            addr,
+            port,
+            _Filtered(REGISTRY if registry is None else registry),
+            tls=tls,
+            stale_after=stale_after,
+            on_scrape=server._on_scrape,
+        )
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             error: OSError = PortInUseError(
@@ -331,16 +365,12 @@ def serve(
             raise error from exc
         logger.error("%s; training continues without a metrics endpoint", error.strerror)
         count_error("serve")
-        return MetricsServer(addr, None)
-    return MetricsServer(
-        addr,
-        server.server_port,
-        exit_grace=exit_grace,
-        server=server,
-        thread=thread,
-        watch=watch,
-        tls=tls is not None,
-    )
+        return server
+    server.port = running.port
+    server._running = running
+    _open_servers.add(server)
+    _close_at_exit()
+    return server
 
 
 def _close_open_servers() -> None:
@@ -349,14 +379,42 @@ def _close_open_servers() -> None:
         server.close()
 
 
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM with gradtel's endpoints open: the exit grace, then the default action."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    try:
+        _close_open_servers()
+    finally:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _forget_in_child() -> None:
+    # A forked child (a DataLoader worker) must not hold the listening sockets: after
+    # close() they would still accept connections that nobody answers, and the port
+    # could not be served again.
+    for server in list(_open_servers):
+        if server._running is not None:
+            server._running.close_in_child()
+    _open_servers.clear()
+
+
 def _close_at_exit() -> None:
     # Registered when the first endpoint starts: exit handlers run last-in first-out,
     # so this runs before the shutdown hook of a MeterProvider made earlier, which
     # would take the metrics away while the endpoint waits for its last scrape.
-    global _exit_hook_registered
-    if not _exit_hook_registered:
-        atexit.register(_close_open_servers)
-        _exit_hook_registered = True
+    global _exit_hooks_installed
+    if _exit_hooks_installed:
+        return
+    _exit_hooks_installed = True
+    atexit.register(_close_open_servers)
+    os.register_at_fork(after_in_child=_forget_in_child)
+    # SIGTERM gets the same grace, unless the application handles SIGTERM itself
+    # (then its handler decides; gradtel never replaces it).
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    ):
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
-_exit_hook_registered = False
+_exit_hooks_installed = False

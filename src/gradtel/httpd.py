@@ -1,32 +1,60 @@
 """The HTTP server behind :func:`gradtel.serve`: ``/metrics``, ``/healthz`` and optional TLS.
 
-A thread per request, like prometheus-client's own server, plus what an
-always-on exporter needs: a health route for Kubernetes probes, TLS with
-optional client certificates, and failures inside a request (a scraper that
-hangs up mid-response, a refused handshake) logged at most once a minute and
-counted in ``gradtel_errors_total{stage="serve"}``, never raised into training.
+prometheus-client's WSGI app answers ``/metrics`` (format negotiation,
+``name[]`` filtering, compression); this module adds only what an always-on
+exporter inside a training process needs:
+
+- *Bounded.* One thread accepts connections and keeps them in a selector
+  until a request arrives; a few worker threads (``WORKERS``) serve requests.
+  Idle connections cost a file descriptor, not a thread; at most
+  ``MAX_CONNECTIONS`` are kept (the oldest idle one is dropped for a new one),
+  an idle one is closed after ``IDLE_TIMEOUT`` seconds, and a request (TLS
+  handshake included) that has not been answered after ``REQUEST_TIMEOUT``
+  seconds is cut off, so slow or hostile clients can neither pin threads nor
+  starve Prometheus.
+- ``/healthz`` for Kubernetes probes; TLS with optional client certificates,
+  the handshake done by a worker, never by the accept loop.
+- Failures inside a request (a scraper that hangs up, a refused handshake, a
+  header prometheus-client cannot parse) are counted in
+  ``gradtel_errors_total{stage="serve"}`` and logged at most once a minute,
+  never raised into training.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import queue
+import selectors
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import make_wsgi_app
+from prometheus_client.exposition import choose_encoder
 
 from ._ratelimit import RateLimitedLog
 from .telemetry import count_error, last_collect
 
-__all__ = ["TLSConfig", "start"]
+__all__ = ["IDLE_TIMEOUT", "MAX_CONNECTIONS", "REQUEST_TIMEOUT", "WORKERS", "TLSConfig", "start"]
+
+WORKERS = 4
+"""Threads that serve requests; a scrape takes milliseconds."""
+MAX_CONNECTIONS = 256
+"""Open connections kept waiting for a request; past this the oldest idle one is closed."""
+IDLE_TIMEOUT = 30.0
+"""Seconds a connection may stay open without sending a request."""
+REQUEST_TIMEOUT = 10.0
+"""Seconds from a request's first byte (or a TLS handshake's) to its answer."""
+SCRAPER_HEADER = "HTTP_X_PROMETHEUS_SCRAPE_TIMEOUT_SECONDS"
+"""Sent by Prometheus and the scrapers built on its code (Grafana Agent/Alloy, vmagent,
+the OpenTelemetry Collector's Prometheus receiver), not by curl or ``gradtel watch``."""
 
 logger = logging.getLogger("gradtel")
 _error_log = RateLimitedLog(logger)
@@ -48,29 +76,46 @@ class TLSConfig:
     client_ca: str | None = None
 
     def context(self) -> ssl.SSLContext:
+        """The server context; raises ValueError naming the file that cannot be used."""
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(self.certfile, self.keyfile)
+
+        def refuse_passphrase() -> str:
+            # Without this, OpenSSL would prompt for a passphrase on the terminal.
+            raise ValueError(
+                f"tls_key {self.keyfile!r} is protected by a passphrase; gradtel cannot prompt "
+                "for it: give an unencrypted key (e.g. `openssl pkey -in KEY -out PLAIN_KEY`)"
+            )
+
+        try:
+            context.load_cert_chain(self.certfile, self.keyfile, password=refuse_passphrase)
+        except ssl.SSLError as exc:
+            raise ValueError(
+                f"tls_cert {self.certfile!r} and tls_key {self.keyfile!r} must be a PEM "
+                f"certificate (chain) and its PEM private key: {exc.reason or exc}"
+            ) from None
         if self.client_ca is not None:
-            context.load_verify_locations(cafile=self.client_ca)
+            try:
+                context.load_verify_locations(cafile=self.client_ca)
+            except ssl.SSLError as exc:
+                raise ValueError(
+                    f"tls_client_ca {self.client_ca!r} must be a PEM CA bundle: {exc.reason or exc}"
+                ) from None
             context.verify_mode = ssl.CERT_REQUIRED
         return context
 
 
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-    # socketserver's default backlog of 5 drops connections under concurrent
-    # scrapers, which then wait for a TCP retry (a second or more).
-    request_queue_size = 128
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A scraper that went away or a failed handshake.
-        _failed(logging.WARNING, "gradtel: a request to the metrics endpoint from %s failed", client_address)
-
-
-class _QuietHandler(WSGIRequestHandler):
+class _Handler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+
+class _Server(WSGIServer):
+    """A bound WSGI server whose connections are dispatched by :func:`_serve`, not by socketserver."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A scraper that went away mid-response.
+        _failed(logging.WARNING, "gradtel: a request to the metrics endpoint from %s failed", client_address)
 
 
 def _health(stale_after: float, started: float) -> tuple[str, bytes]:
@@ -88,52 +133,251 @@ def _health(stale_after: float, started: float) -> tuple[str, bytes]:
     return ("200 OK" if ok else "503 Service Unavailable"), json.dumps(body).encode()
 
 
-def _app(collector: Any, stale_after: float) -> Callable[..., Iterable[bytes]]:
-    metrics = make_wsgi_app(collector)
+def _app(
+    registry: Any, stale_after: float, on_scrape: Callable[[float], None]
+) -> Callable[..., Iterable[bytes]]:
+    metrics = make_wsgi_app(registry)
     started = time.monotonic()
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        try:
+            return route(environ, start_response)
+        except Exception as exc:  # noqa: BLE001 (never a traceback per request on the trainer's stderr)
+            _failed(logging.ERROR, "gradtel: a /metrics request failed: %r", exc)
+            start_response("500 Internal Server Error", [("Content-Type", "text/plain")], sys.exc_info())
+            return [b"gradtel failed to answer this request; see the training log\n"]
+
+    def route(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
         if path in ("/metrics", "/"):
-            return metrics(environ, start_response)  # type: ignore[no-any-return]
+            accept = environ.get("HTTP_ACCEPT", "")
+            try:
+                choose_encoder(accept)
+            except (ValueError, TypeError):  # e.g. "text/plain; version=x.y"
+                _failed(logging.WARNING, "gradtel: refused a /metrics request with Accept: %r", accept)
+                start_response("406 Not Acceptable", [("Content-Type", "text/plain")])
+                return [b"gradtel cannot serve this Accept header; ask for text/plain or OpenMetrics\n"]
+            began = time.monotonic()
+            body: Iterable[bytes] = metrics(environ, start_response)
+            if SCRAPER_HEADER in environ:
+                on_scrape(began)  # the whole body is collected by now
+            return body
         if path == "/healthz":
-            status, body = _health(stale_after, started)
+            status, health = _health(stale_after, started)
             start_response(status, [("Content-Type", "application/json")])
-            return [body]
+            return [health]
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"gradtel serves /metrics and /healthz\n"]
 
     return app
 
 
-def _serve(server: _Server) -> None:
-    """serve_forever, restarted if it ever raises: the endpoint outlives its own faults."""
-    while True:
+class _Dispatcher:
+    """The accept loop, its idle connections, and the workers that serve requests."""
+
+    def __init__(self, server: _Server, tls: ssl.SSLContext | None) -> None:
+        self.server = server
+        self.tls = tls
+        self.selector = selectors.DefaultSelector()
+        self.waker, self.wake_sender = socket.socketpair()
+        self.waker.setblocking(False)
+        self.idle: dict[socket.socket, float] = {}
+        self.busy: dict[socket.socket, float] = {}
+        self.lock = threading.Lock()
+        self.requests: queue.Queue[tuple[socket.socket, Any] | None] = queue.Queue(MAX_CONNECTIONS)
+        self.stopping = False
+        server.socket.setblocking(False)
+        self.selector.register(server.socket, selectors.EVENT_READ, "accept")
+        self.selector.register(self.waker, selectors.EVENT_READ, "wake")
+        self.workers = [
+            threading.Thread(target=self._work, name=f"gradtel-metrics-{i}", daemon=True)
+            for i in range(WORKERS)
+        ]
+        for worker in self.workers:
+            worker.start()
+
+    def step(self) -> None:
+        """Wait for connections and requests once; hand requests to the workers."""
+        for key, _ in self.selector.select(timeout=1.0):
+            if key.data == "accept":
+                self._accept()
+            elif key.data == "wake":
+                self.waker.recv(64)
+            else:
+                conn = key.fileobj
+                self.selector.unregister(conn)
+                self.idle.pop(conn, None)  # type: ignore[call-overload]
+                try:
+                    self.requests.put_nowait((conn, key.data))  # type: ignore[arg-type]
+                except queue.Full:
+                    self._close(conn)  # type: ignore[arg-type]
+        self._expire()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, address = self.server.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                _failed(logging.WARNING, "gradtel: accepting a connection failed: %r", exc)
+                return
+            if len(self.idle) >= MAX_CONNECTIONS:
+                oldest = min(self.idle, key=self.idle.__getitem__)
+                self.selector.unregister(oldest)
+                del self.idle[oldest]
+                self._close(oldest)
+            self.idle[conn] = time.monotonic()
+            self.selector.register(conn, selectors.EVENT_READ, address)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for conn, since in list(self.idle.items()):
+            if now - since > IDLE_TIMEOUT:
+                self.selector.unregister(conn)
+                del self.idle[conn]
+                self._close(conn)
+        with self.lock:
+            late = [conn for conn, since in self.busy.items() if now - since > REQUEST_TIMEOUT]
+        for conn in late:
+            try:  # wakes the worker blocked on this slow client; it then closes it
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _work(self) -> None:
+        while (item := self.requests.get()) is not None:
+            conn, address = item
+            request = conn
+            self._track(conn)
+            try:
+                conn.setblocking(True)
+                conn.settimeout(REQUEST_TIMEOUT)
+                if self.tls is not None:  # the handshake, bounded by the same timeout
+                    request = self.tls.wrap_socket(conn, server_side=True)
+                    self._track(request, instead_of=conn)
+                self.server.finish_request(request, address)
+            except Exception:  # noqa: BLE001 (counted and logged by handle_error)
+                self.server.handle_error(request, address)
+            finally:
+                with self.lock:
+                    self.busy.pop(request, None)
+                    self.busy.pop(conn, None)
+                self._close(request)
+                self._close(conn)
+
+    def _track(self, conn: socket.socket, instead_of: socket.socket | None = None) -> None:
+        with self.lock:
+            since = self.busy.pop(instead_of, None) if instead_of is not None else None
+            self.busy[conn] = time.monotonic() if since is None else since
+
+    @staticmethod
+    def _close(conn: socket.socket) -> None:
         try:
-            server.serve_forever()
-            return  # shutdown() asked for it
+            conn.close()
+        except OSError:
+            pass
+
+    def stop(self) -> None:
+        """Ask the accept loop to end (it closes the idle connections on its way out)."""
+        self.stopping = True
+        self.wake_sender.send(b"x")
+
+    def stop_workers(self) -> None:
+        """After the accept loop has ended: let the workers finish, close what is left."""
+        for _ in self.workers:
+            self.requests.put(None)
+        for worker in self.workers:
+            worker.join(timeout=REQUEST_TIMEOUT)
+        while True:
+            try:
+                item = self.requests.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                self._close(item[0])
+
+    def close(self) -> None:
+        for conn in list(self.idle):
+            self._close(conn)
+        self.idle.clear()
+        self.selector.close()
+        self.waker.close()
+        self.wake_sender.close()
+
+
+def _serve(server: _Server, dispatcher: _Dispatcher) -> None:
+    """The accept loop, restarted if it ever raises: the endpoint outlives its own faults."""
+    while not dispatcher.stopping:
+        try:
+            server.service_actions()
+            dispatcher.step()
         except Exception as exc:  # noqa: BLE001 (counted, logged, restarted)
             _failed(logging.ERROR, "gradtel: the metrics endpoint failed (%r) and restarts", exc)
             time.sleep(0.1)
+    dispatcher.close()
+
+
+@dataclass
+class Running:
+    """A started endpoint: its server, accept loop and workers."""
+
+    server: _Server
+    dispatcher: _Dispatcher
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_port)
+
+    def fileno(self) -> int:
+        return self.server.socket.fileno()
+
+    def shutdown(self) -> None:
+        """Stop accepting, answer nothing more, free the port (fast: no polling interval)."""
+        self.dispatcher.stop()
+        self.thread.join()
+        self.dispatcher.stop_workers()
+        self.server.server_close()
+
+
+    def close_in_child(self) -> None:
+        """In a forked child: let go of the parent's sockets (the threads did not come along)."""
+        self.server.socket.close()
+        for conn in list(self.dispatcher.idle):
+            conn.close()
+        self.dispatcher.waker.close()
+        self.dispatcher.wake_sender.close()
 
 
 def start(
-    addr: str, port: int, collector: Any, *, tls: TLSConfig | None, stale_after: float
-) -> tuple[_Server, threading.Thread]:
-    """Bind and serve in a daemon thread; raises OSError when the address cannot be bound."""
+    addr: str,
+    port: int,
+    registry: Any,
+    *,
+    tls: TLSConfig | None,
+    stale_after: float,
+    on_scrape: Callable[[float], None],
+) -> Running:
+    """Bind and serve in daemon threads.
+
+    Raises:
+        OSError: the address cannot be bound.
+        ValueError: a TLS file cannot be used (no socket is left listening).
+    """
+    context = tls.context() if tls is not None else None  # before binding: nothing to undo
     family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
 
     class Server(_Server):
         address_family = family
+        # Connections wait in the selector, not in the kernel's backlog.
+        request_queue_size = 128
 
-    server = Server((addr, port), _QuietHandler)
-    server.set_app(_app(collector, stale_after))
-    if tls is not None:
-        # The handshake runs in the request's own thread, not in the accept loop,
-        # so a slow or refused client never holds up other scrapes.
-        server.socket = tls.context().wrap_socket(
-            server.socket, server_side=True, do_handshake_on_connect=False
-        )
-    thread = threading.Thread(target=_serve, args=(server,), name="gradtel-metrics", daemon=True)
+    server = Server((addr, port), _Handler)
+    server.set_app(_app(registry, stale_after, on_scrape))
+    dispatcher = _Dispatcher(server, context)
+    thread = threading.Thread(
+        target=_serve, args=(server, dispatcher), name="gradtel-metrics", daemon=True
+    )
     thread.start()
-    return server, thread
+    return Running(server, dispatcher, thread)

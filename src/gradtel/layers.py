@@ -59,7 +59,7 @@ def layer_name(param_name: str, depth: int | None = None) -> str:
         The owning module's path, or ``"(root)"`` for a parameter of the root module.
 
     Raises:
-        TypeError: ``depth`` is not an int or None.
+        TypeError: ``param_name`` is not a str, or ``depth`` is not an int or None.
         ValueError: ``depth`` is smaller than 1.
 
     >>> layer_name("encoder.layers.0.attn.q_proj.weight")
@@ -71,6 +71,11 @@ def layer_name(param_name: str, depth: int | None = None) -> str:
     >>> layer_name("_orig_mod.layers.0._fsdp_wrapped_module.attn.weight")
     'layers.0.attn'
     """
+    if not isinstance(param_name, str):
+        raise TypeError(
+            f"param_name must be a parameter name (str) such as 'encoder.fc.weight', "
+            f"got {param_name!r} ({type(param_name).__name__})"
+        )
     _check_positive_int("layer_depth", depth, allow_none=True)
     module_path = _without_wrappers(param_name).rpartition(".")[0]
     if not module_path:

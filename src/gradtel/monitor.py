@@ -18,7 +18,7 @@ from ._ratelimit import RateLimitedLog
 from .health import GradHealth, Status, Thresholds
 from .hooks import Attachment, attach
 from .layers import DEFAULT_MAX_LAYERS, assign_layers, distinct
-from .policy import Action, apply_action, check_action
+from .policy import Action, Policy
 from .scan import Scanner, countable_values
 from .telemetry import GradTelemetry, default_meter_provider, note_collect, process_attributes
 
@@ -213,10 +213,7 @@ class GradMonitor:
                 f"thresholds must be a gradtel.Thresholds, got {thresholds!r} "
                 f"({type(thresholds).__name__})"
             )
-        self._actions = {
-            Status.WARNING: check_action("on_warning", on_warning),
-            Status.CRITICAL: check_action("on_critical", on_critical),
-        }
+        self._policy = Policy(on_warning, on_critical)
         _checks.on_error(on_error)
         if isinstance(max_layers, int) and not isinstance(max_layers, bool):
             if max_layers > MAX_LAYERS_LIMIT:
@@ -395,11 +392,9 @@ class GradMonitor:
             )
             if health.unscanned is not None or health.amp_overflow:
                 return health
-            action = self._actions.get(health.status)
-            if action == "skip":
+            if self._policy.action(health) == "skip":
                 self._guarded("record", lambda: self._telemetry.record_skip("policy"))
-            if action is not None:
-                apply_action(action, health, self._params)
+            self._policy.apply(health, self._params)
             return health
 
     def _check_norms(self, norms: object) -> None:

@@ -13,6 +13,7 @@ non-zero are reset, counters only move where a count is above 0).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import weakref
@@ -94,7 +95,15 @@ def prometheus_meter_provider(registry: CollectorRegistry | None = None) -> SdkM
 
     Returns:
         A new SDK ``MeterProvider``; pass it as ``GradMonitor(meter_provider=...)``.
+
+    Raises:
+        TypeError: ``registry`` is not a ``CollectorRegistry``.
     """
+    if registry is not None and not isinstance(registry, CollectorRegistry):
+        raise TypeError(
+            "registry must be a prometheus_client.CollectorRegistry or None (the global "
+            f"REGISTRY), got {registry!r} ({type(registry).__name__})"
+        )
     reader = PrometheusMetricReader(
         disable_target_info=True,
         scope_info_enabled=False,
@@ -219,10 +228,22 @@ def count_error(stage: str, meter_provider: MeterProvider | None = None) -> None
 
 
 def launcher_world_size() -> int:
-    """``WORLD_SIZE`` as torchrun and most launchers set it; 1 when absent or empty."""
+    """``WORLD_SIZE`` as torchrun and most launchers set it; 1 when absent or empty.
+
+    Raises:
+        ValueError: ``WORLD_SIZE`` is set but not a positive integer.
+    """
     import os
 
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    text = os.environ.get("WORLD_SIZE", "").strip()
+    if not text:
+        return 1
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(
+            f"WORLD_SIZE must be a positive integer, as torchrun sets it, got {text!r}; "
+            "fix or unset it"
+        )
+    return int(text)
 
 
 def process_attributes() -> dict[str, str]:
@@ -230,6 +251,9 @@ def process_attributes() -> dict[str, str]:
 
     From ``torch.distributed`` when it is initialised, else from the ``RANK``
     and ``WORLD_SIZE`` variables that torchrun (and most launchers) set.
+
+    Raises:
+        ValueError: ``WORLD_SIZE`` or ``RANK`` is set but malformed.
     """
     import os
 
@@ -239,9 +263,31 @@ def process_attributes() -> dict[str, str]:
         if dist.get_world_size() > 1:
             return {"rank": str(dist.get_rank())}
         return {}
-    if launcher_world_size() > 1 and os.environ.get("RANK", "").isdigit():
-        return {"rank": os.environ["RANK"]}
+    if launcher_world_size() > 1:
+        rank = os.environ.get("RANK", "").strip()
+        if not rank:
+            return {}
+        if not rank.isdigit():
+            raise ValueError(f"RANK must be a non-negative integer, as torchrun sets it, got {rank!r}")
+        return {"rank": rank}
     return {}
+
+
+class _RankPrefix(logging.Filter):
+    """In a distributed run every gradtel log line starts with ``rank N:``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            rank = process_attributes().get("rank")
+        except ValueError:  # a malformed launcher variable: reported where it is used
+            rank = None
+        if rank is not None and not getattr(record, "gradtel_rank", None):
+            record.msg = f"rank {rank}: {record.msg}"
+            record.gradtel_rank = rank
+        return True
+
+
+logging.getLogger("gradtel").addFilter(_RankPrefix())
 
 
 class GradTelemetry:

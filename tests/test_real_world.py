@@ -1,0 +1,388 @@
+"""Survives the real world: signals and exits, forked workers, hostile or slow clients,
+errors that say what to do, and logs a person can read. Real processes, signals and sockets."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from opentelemetry.sdk.metrics import MeterProvider
+from prometheus_client import REGISTRY, CollectorRegistry
+from torch import nn
+
+import gradtel
+from gradtel import GradMonitor, serve
+
+from .conftest import fetch, parse, require_tool, sample, samples, scrape
+from .test_cli import start_demo
+
+NAN = float("nan")
+
+TRAINER = textwrap.dedent(
+    """
+    import signal, sys, time, torch, gradtel
+    if "own-handler" in sys.argv:
+        signal.signal(signal.SIGTERM, lambda *a: (print("own handler", flush=True), sys.exit(3)))
+    model = torch.nn.Linear(4, 2)
+    monitor = gradtel.GradMonitor(model, on_critical="ignore")
+    server = gradtel.serve(port=0, exit_grace=20)
+    print(server.url, flush=True)
+    sys.stdin.readline()  # the parent has scraped once, as Prometheus
+    if "poison" in sys.argv:
+        model(torch.randn(2, 4)).sum().backward()
+        model.weight.grad.view(-1)[:7] = float("nan")
+        monitor.collect()
+    print("ready", flush=True)
+    if "exit" in sys.argv:
+        sys.exit(0)  # the interpreter's exit waits for the last scrape
+    while True:
+        time.sleep(0.05)  # training goes on until a signal
+    """
+)
+
+
+class Trainer:
+    """A training process serving gradtel, driven through its stdin and stdout."""
+
+    def __init__(self, *words: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", TRAINER, *words],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdin and self.process.stdout
+        self.url = self.process.stdout.readline().strip()
+        assert self.url.startswith("http://"), self.url + self.process.stderr.read()  # type: ignore[union-attr]
+        scrape(self.url)
+        self.process.stdin.write("go\n")
+        self.process.stdin.flush()
+        assert self.process.stdout.readline().strip() == "ready"
+
+    def exited_within(self, seconds: float) -> bool:
+        try:
+            self.process.wait(timeout=seconds)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def finish(self) -> tuple[str, str]:
+        if self.process.poll() is None:
+            self.process.kill()
+        out, err = self.process.communicate(timeout=30)
+        return out, err
+
+
+@pytest.fixture
+def trainers() -> Iterator[list[Trainer]]:
+    started: list[Trainer] = []
+    yield started
+    for trainer in started:
+        trainer.finish()
+
+
+# 1. Exits and signals ------------------------------------------------------------------
+
+
+def test_sigterm_waits_until_prometheus_scrapes_the_last_unhealthy_update(trainers: list[Trainer]) -> None:
+    trainer = Trainer("poison")
+    trainers.append(trainer)
+    trainer.process.send_signal(signal.SIGTERM)
+    assert not trainer.exited_within(1.0), "SIGTERM killed the process before the last scrape"
+    fetch(trainer.url)  # curl or gradtel watch: not a Prometheus scrape, the wait goes on
+    assert not trainer.exited_within(0.5)
+    found = parse(scrape(trainer.url))
+    assert sample(found, "gradtel_unhealthy_updates_total", kind="nan", severity="critical") == 1
+    assert trainer.exited_within(5.0)
+    assert trainer.process.returncode == -signal.SIGTERM  # then SIGTERM's default action
+    assert "keeping http" in trainer.finish()[1]
+
+
+def test_sigterm_with_nothing_pending_exits_at_once(trainers: list[Trainer]) -> None:
+    trainer = Trainer()
+    trainers.append(trainer)
+    started = time.monotonic()
+    trainer.process.send_signal(signal.SIGTERM)
+    assert trainer.exited_within(5.0)
+    assert time.monotonic() - started < 1.5
+    assert trainer.process.returncode == -signal.SIGTERM
+
+
+def test_an_applications_own_sigterm_handler_is_kept(trainers: list[Trainer]) -> None:
+    trainer = Trainer("own-handler", "poison")
+    trainers.append(trainer)
+    trainer.process.send_signal(signal.SIGTERM)
+    assert trainer.exited_within(30.0)  # its sys.exit(3), then the usual exit wait
+    out, _ = trainer.finish()
+    assert "own handler" in out and trainer.process.returncode == 3
+
+
+def test_the_first_ctrl_c_ends_the_exit_wait_without_a_traceback(trainers: list[Trainer]) -> None:
+    trainer = Trainer("poison", "exit")
+    trainers.append(trainer)
+    assert not trainer.exited_within(1.0), "the exit did not wait for the last scrape"
+    trainer.process.send_signal(signal.SIGINT)
+    assert trainer.exited_within(3.0)
+    _, err = trainer.finish()
+    assert "Traceback" not in err and "exit wait ended by Ctrl-C" in err
+
+
+def test_forked_data_loader_workers_do_not_hold_the_listening_socket(registry: CollectorRegistry) -> None:
+    server = serve(port=0, registry=registry, exit_grace=0)
+    port = server.port
+    assert port is not None
+    data = torch.utils.data.TensorDataset(torch.randn(64, 4))
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=4, num_workers=2, multiprocessing_context="fork", persistent_workers=True
+    )
+    batches = iter(loader)
+    next(batches)  # the workers are alive, forked after serve()
+    server.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    again = serve(port=port, registry=registry, on_error="raise", exit_grace=0)
+    assert again.port == port
+    again.close()
+    del batches, loader
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_demo_stack_cleans_up_on_sigterm_and_sighup(sig: signal.Signals) -> None:
+    require_tool("prometheus", "prometheus")
+    require_tool("prometheus-alertmanager", "prometheus-alertmanager")
+    process, url = start_demo("--stack", "--steps", "100000")
+    try:
+        assert process.stdout is not None
+        found = re.search(r"data in (\S+)\)", process.stdout.readline())
+        assert found
+        data = found.group(1)
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        assert len(children) == 2  # Prometheus and Alertmanager
+        process.send_signal(sig)
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err
+        assert f"stopped by {sig.name}" in out and "Traceback" not in err
+        assert not os.path.exists(data), "the stack's data folder was left behind"
+        for child in children:
+            assert not os.path.exists(f"/proc/{child}"), f"process {child} outlived the demo"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+# 2. An endpoint that hostile or slow clients cannot hurt -------------------------------
+
+
+def threads_and_rss() -> tuple[int, int]:
+    status = Path("/proc/self/status").read_text()
+    threads = int(re.search(r"^Threads:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+    rss = int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1))  # type: ignore[union-attr]
+    return threads, rss
+
+
+def test_a_thousand_idle_connections_pin_no_threads(registry: CollectorRegistry) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    with serve(port=0, registry=registry, exit_grace=0) as server:
+        assert server.port is not None and server.url is not None
+        scrape(server.url)
+        before, _ = threads_and_rss()
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(1000)]
+        try:
+            time.sleep(0.2)
+            started = time.monotonic()
+            scrape(server.url)  # Prometheus still gets through
+            assert time.monotonic() - started < 2
+            after, _ = threads_and_rss()
+            assert after <= before, (before, after)
+        finally:
+            for conn in idle:
+                conn.close()
+
+
+def test_idle_half_sent_and_http09_requests_are_closed(
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gradtel.httpd, "IDLE_TIMEOUT", 0.5)
+    monkeypatch.setattr(gradtel.httpd, "REQUEST_TIMEOUT", 0.5)
+    with serve(port=0, registry=registry, exit_grace=0) as server:
+        assert server.port is not None and server.url is not None
+
+        def closed_within(conn: socket.socket, seconds: float) -> bytes:
+            conn.settimeout(seconds)
+            received = b""
+            while chunk := conn.recv(65536):
+                received += chunk
+            return received
+
+        idle = socket.create_connection(("127.0.0.1", server.port))
+        half = socket.create_connection(("127.0.0.1", server.port))
+        half.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never finished
+        old = socket.create_connection(("127.0.0.1", server.port))
+        old.sendall(b"GET /metrics\r\n")  # HTTP/0.9
+        for conn in (idle, half):
+            assert closed_within(conn, 5) == b""
+        closed_within(old, 5)  # answered or closed, never pinned
+        for conn in (idle, half, old):
+            conn.close()
+        assert fetch(server.url)[1].startswith("text/plain")  # still serving
+
+
+def test_a_bad_accept_header_gets_406_counted_and_no_traceback(
+    registry: CollectorRegistry, capfd: pytest.CaptureFixture[str]
+) -> None:
+    before = REGISTRY.get_sample_value("gradtel_errors_total", {"stage": "serve"}) or 0.0
+    with serve(port=0, registry=registry, exit_grace=0) as server:
+        assert server.url is not None
+        for _ in range(3):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                fetch(server.url, accept="text/plain; version=x.y")
+            assert refused.value.code == 406
+            refused.value.close()
+    after = REGISTRY.get_sample_value("gradtel_errors_total", {"stage": "serve"}) or 0.0
+    assert after - before == 3
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_name_filter_works_as_in_prometheus_client(provider: MeterProvider, registry: CollectorRegistry) -> None:
+    GradMonitor(nn.Linear(2, 2), meter_provider=provider)
+    with serve(port=0, registry=registry, exit_grace=0) as server:
+        body, _ = fetch(f"{server.url}?name[]=gradtel_updates_total&name[]=gradtel_update_status")
+    assert set(name for name, _ in parse(body)) == {"gradtel_updates_total", "gradtel_update_status"}
+
+
+@pytest.fixture
+def pem(tmp_path: Path) -> Path:
+    openssl = require_tool("openssl", "openssl")
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    subprocess.run(
+        [openssl, "pkey", "-in", str(tmp_path / "key.pem"), "-aes256", "-passout", "pass:secret",
+         "-out", str(tmp_path / "locked.pem")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    (tmp_path / "garbage.pem").write_text("not a certificate\n")
+    return tmp_path
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("cert", "key", "message"),
+    [
+        ("garbage.pem", "key.pem", r"tls_cert '.*garbage.pem' and tls_key '.*key.pem' must be a PEM"),
+        ("cert.pem", "locked.pem", r"tls_key '.*locked.pem' is protected by a passphrase"),
+    ],
+)
+def test_tls_setup_errors_name_the_file_and_leave_no_socket(pem: Path, cert: str, key: str, message: str) -> None:
+    port = free_port()
+    with pytest.raises(ValueError, match=message):
+        serve(port=port, tls_cert=str(pem / cert), tls_key=str(pem / key), on_error="raise")
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))  # nothing kept it
+
+
+# 3. Errors that say what to do, and logs a person can read -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("work", "env", "error", "message"),
+    [
+        (lambda: GradMonitor(nn.Linear(2, 2), meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry())),
+         {"WORLD_SIZE": "abc"}, ValueError, r"WORLD_SIZE must be a positive integer, as torchrun sets it, got 'abc'"),
+        (lambda: serve(port=0), {"WORLD_SIZE": "two"}, ValueError, r"WORLD_SIZE must be a positive integer"),
+        (lambda: GradMonitor(nn.Linear(2, 2), meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry())),
+         {"WORLD_SIZE": "2", "RANK": "first"}, ValueError, r"RANK must be a non-negative integer, .* got 'first'"),
+        (lambda: gradtel.layer_name(None), {}, TypeError, r"param_name must be a parameter name \(str\) .* got None"),
+        (lambda: gradtel.prometheus_meter_provider("x"), {}, TypeError,
+         r"registry must be a prometheus_client.CollectorRegistry or None .* got 'x' \(str\)"),
+        (lambda: serve(port=0, registry="x"), {}, TypeError, r"registry must be a prometheus_client.CollectorRegistry"),
+        (lambda: serve(port=0, rank_offset="no"), {}, TypeError, r"rank_offset must be True or False, got 'no' \(str\)"),
+        (lambda: serve(port=0, exit_grace=0).close(grace="5"), {}, ValueError, r"grace must be a number of seconds >= 0, got '5'"),
+        (lambda: serve(port=0, exit_grace=0).close(grace=math.nan), {}, ValueError, r"grace must be a number of seconds >= 0, got nan"),
+        (lambda: serve(), {"GRADTEL_PORT": "0_0"}, ValueError, r"GRADTEL_PORT must be an integer from 0 to 65535, got '0_0'"),
+        (lambda: serve(), {"GRADTEL_PORT": "+80"}, ValueError, r"GRADTEL_PORT must be an integer from 0 to 65535, got '\+80'"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_refused_clearly(
+    monkeypatch: pytest.MonkeyPatch, work: object, env: dict[str, str], error: type, message: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(error, match=message):
+        work()  # type: ignore[operator]
+
+
+def test_warn_logs_the_first_unhealthy_update_then_one_line_a_minute(
+    provider: MeterProvider, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(gradtel.policy, "WARN_INTERVAL", 0.5)  # a minute, shortened
+    model = nn.Linear(4, 4)
+    monitor = GradMonitor(model, meter_provider=provider)
+    model(torch.randn(2, 4)).sum().backward()
+    model.weight.grad[0, 0] = NAN
+    with caplog.at_level(logging.WARNING, logger="gradtel"):
+        for _ in range(50):
+            monitor.collect()
+        assert len(caplog.records) == 1
+        time.sleep(0.6)
+        monitor.collect()
+    assert [r.getMessage() for r in caplog.records] == [
+        "gradtel: update 1 is warning: NaN=1 Inf=0 (warning > 0, critical > 5); top layers: (root) (1); "
+        "first NaN layer in backward order: (root)",
+        "gradtel: update 51 is warning: NaN=1 Inf=0 (warning > 0, critical > 5); top layers: (root) (1); "
+        "first NaN layer in backward order: (root) (49 more warning updates since the last line)",
+    ]
+
+
+def test_every_log_line_names_the_rank_in_a_distributed_run(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    registry = CollectorRegistry()
+    model = nn.Linear(4, 4)
+    monitor = GradMonitor(model, meter_provider=gradtel.prometheus_meter_provider(registry))
+    with caplog.at_level(logging.WARNING, logger="gradtel"):
+        monitor.collect()  # no gradient yet
+        model(torch.randn(2, 4)).sum().backward()
+        model.weight.grad[0, 0] = NAN
+        monitor.collect()
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and all(m.startswith("rank 2: gradtel: update ") for m in messages), messages
+    assert sample(samples(registry), "gradtel_updates_total", rank="2") == 1
+
+
+def test_close_is_fast(registry: CollectorRegistry) -> None:
+    server = serve(port=0, registry=registry, exit_grace=0)
+    assert server.url is not None
+    scrape(server.url)
+    started = time.monotonic()
+    server.close()
+    assert time.monotonic() - started < 0.5  # no polling interval to wait out
+    threading.Event().wait(0)
