@@ -1,10 +1,13 @@
-"""A 2-rank DDP training run for the distributed tests; start it with torchrun.
+"""A DDP training run for the distributed tests; start it with torchrun.
 
-Usage: torchrun --nproc_per_node 2 ddp_trainer.py BASE_PORT
+Usage: torchrun --nproc_per_node N ddp_trainer.py BASE_PORT BAD_RANK BAD_UPDATE
 
-Each rank trains a DDP-wrapped model on the CPU (gloo) and serves gradtel on
-BASE_PORT + LOCAL_RANK. From update 30 on, rank 1 alone finds 4 NaN in
-`head`'s gradient after the all-reduce (as a rank-local fault would look).
+Each rank trains a DDP-wrapped model on the CPU (gloo), watched as users write
+it, ``GradMonitor(ddp_model)``, and serves gradtel on BASE_PORT + LOCAL_RANK.
+On update BAD_UPDATE rank BAD_RANK alone gets one NaN in its input batch; the
+all-reduce spreads it to every rank. BAD_RANK raises on it (the run dies there,
+and torchrun stops the other ranks with SIGTERM); the others skip the update
+and train on.
 """
 
 from __future__ import annotations
@@ -21,23 +24,27 @@ from gradtel.demo import DemoNet
 
 
 def main() -> None:
-    base_port = int(sys.argv[1])
+    base_port, bad_rank, bad_update = (int(arg) for arg in sys.argv[1:4])
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
     model = DistributedDataParallel(DemoNet())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    monitor = gradtel.GradMonitor(model.module, on_warning="skip", on_critical="skip")
-    server = gradtel.serve(port=base_port, exit_grace=0)
-    # One write below PIPE_BUF is atomic: the two ranks share the launcher's stdout.
+    policy = "raise" if rank == bad_rank else "skip"
+    monitor = gradtel.GradMonitor(model, on_warning=policy, on_critical=policy)
+    server = gradtel.serve(port=base_port)
+    # One write below PIPE_BUF is atomic: the ranks share the launcher's stdout.
     sys.stdout.write(f"rank {rank} serving {server.url}\n")
     sys.stdout.flush()
-    inputs, targets = torch.randn(32, 16), torch.randn(32, 1)
+    torch.manual_seed(rank)
     for update in range(1, 100_000):
+        inputs, targets = torch.randn(32, 16), torch.randn(32, 1)
+        if rank == bad_rank and update == bad_update:
+            inputs[3, 5] = float("nan")  # one bad sample in this rank's batch
+            sys.stdout.write(f"injected {time.time()}\n")
+            sys.stdout.flush()
         optimizer.zero_grad()
         torch.nn.functional.mse_loss(model(inputs), targets).backward()
-        if rank == 1 and update % 30 == 0:
-            model.module.head.weight.grad.view(-1)[:4] = float("nan")
         monitor.collect()
         optimizer.step()
         time.sleep(0.1)

@@ -11,6 +11,7 @@ Five training processes run side by side, each scraped as its own instance:
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -43,7 +44,8 @@ SCENARIOS = {
 @dataclass
 class Trainer:
     process: subprocess.Popen[str]
-    instance: str
+    run: str
+    """The ``run`` label (GRADTEL_RUN): each scenario is its own training run."""
 
     def injected_at(self) -> float:
         """Unix time of the first injection the trainer reported."""
@@ -70,8 +72,9 @@ def run() -> Iterator[tuple[dict[str, Trainer], Stack]]:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
+                env={**os.environ, "GRADTEL_RUN": name},
             )
-            trainers[name] = Trainer(process, f"127.0.0.1:{ports[name]}")
+            trainers[name] = Trainer(process, name)
         for trainer in trainers.values():
             assert trainer.process.stdout is not None
             assert trainer.process.stdout.readline().strip() == "serving"
@@ -84,16 +87,16 @@ def run() -> Iterator[tuple[dict[str, Trainer], Stack]]:
         stack.stop()
 
 
-def wait_for_page(stack: Stack, receiver: str, instance: str, since: float) -> Page:
+def wait_for_page(stack: Stack, receiver: str, run: str, since: float) -> Page:
     assert stack.receiver is not None
     deadline = since + PAGE_DEADLINE + 5
     while time.time() < deadline:
         for page in stack.receiver.firing(receiver):
-            if page.labels.get("instance") == instance:
+            if page.labels.get("run") == run:
                 return page
         time.sleep(0.1)
     pytest.fail(
-        f"no {receiver} page for {instance} within {PAGE_DEADLINE}s; got "
+        f"no {receiver} page for {run} within {PAGE_DEADLINE}s; got "
         f"{[str(p) for p in stack.receiver.pages]}\nprometheus log:\n{stack.log('prometheus')}"
     )
 
@@ -104,43 +107,43 @@ def test_pages_arrive_on_the_right_receiver_naming_the_layer(
     trainers, stack = run
     injected = {name: trainers[name].injected_at() for name in ("critical", "warning", "crash", "both")}
 
-    critical = wait_for_page(stack, "pager", trainers["critical"].instance, injected["critical"])
+    critical = wait_for_page(stack, "pager", trainers["critical"].run, injected["critical"])
     assert (critical.alertname, critical.severity) == ("GradtelInfGradients", "critical")
     assert critical.labels["kind"] == "inf"
     assert "more than 5 Inf gradient values" in critical.description
     assert "head (7)" in critical.description
-    assert critical.description.endswith("First bad layer in backward order: head.")
+    assert critical.description.endswith("First bad layer in backward order: head, at update 30.")
 
-    warning = wait_for_page(stack, "chat", trainers["warning"].instance, injected["warning"])
+    warning = wait_for_page(stack, "chat", trainers["warning"].run, injected["warning"])
     assert (warning.alertname, warning.severity) == ("GradtelNaNGradients", "warning")
     assert "body.0 (3)" in warning.description
 
     # The crashed run's endpoint stayed up until Prometheus scraped its last update.
-    crash = wait_for_page(stack, "pager", trainers["crash"].instance, injected["crash"])
+    crash = wait_for_page(stack, "pager", trainers["crash"].run, injected["crash"])
     assert (crash.alertname, crash.severity) == ("GradtelNaNGradients", "critical")
     assert "body.2 (7)" in crash.description
     assert trainers["crash"].process.wait(timeout=30) == 1
     assert trainers["crash"].process.stderr is not None
     assert "NonFiniteGradientError" in trainers["crash"].process.stderr.read()
 
-    both = wait_for_page(stack, "pager", trainers["both"].instance, injected["both"])
+    both = wait_for_page(stack, "pager", trainers["both"].run, injected["both"])
     assert (both.alertname, both.severity) == ("GradtelNaNGradients", "critical")
 
     time.sleep(8)  # longer than group_wait + group_interval: anything wrong would have arrived
     assert stack.receiver is not None
     by_instance = {
-        name: [(p.receiver, p.alertname, p.severity) for p in stack.receiver.firing() if p.labels.get("instance") == t.instance]
+        name: [(p.receiver, p.alertname, p.severity) for p in stack.receiver.firing() if p.labels.get("run") == t.run]
         for name, t in trainers.items()
     }
     assert by_instance["healthy"] == []
     assert all(receiver == "chat" for receiver, _, _ in by_instance["warning"])
     assert all(receiver == "pager" for receiver, _, _ in by_instance["critical"])
     assert all(receiver == "pager" for receiver, _, _ in by_instance["both"]), (
-        "the critical alert must inhibit the warning of the same instance and kind"
+        "the critical alert must inhibit the warning of the same run and kind"
     )
     # The warning alert of "both" did fire in Prometheus; Alertmanager muted it.
     both_alerts = stack.query(
-        f'ALERTS{{alertstate="firing",instance="{trainers["both"].instance}"}}'
+        f'ALERTS{{alertstate="firing",run="{trainers["both"].run}"}}'
     )
     assert {a["metric"]["severity"] for a in both_alerts} == {"critical", "warning"}
 

@@ -14,7 +14,7 @@ import pytest
 
 from gradtel.cli import main
 
-from .conftest import Samples, fetch, parse, sample
+from .conftest import Samples, fetch, parse, sample, scrape
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +87,7 @@ def test_demo_serves_the_contract_while_it_trains(stop: list[subprocess.Popen[st
     # of the last unhealthy update, and this scraper provides it.
     while process.poll() is None:
         try:
-            fetch(url)
+            scrape(url)
         except OSError:
             pass
         time.sleep(0.2)

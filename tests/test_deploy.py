@@ -58,7 +58,7 @@ def test_rule_tests_cover_every_behaviour_the_alerts_promise() -> None:
         "GradtelInfGradients critical does not fire on a counter reset alone (training restarted)",
         "GradtelInfGradients critical fires when the very first update after start is critical",
         "GradtelNaNGradients critical resolves 10m after the last unhealthy update",
-        "GradtelExporterDown fires after 5m of failed scrapes",
+        "GradtelExporterDown fires once for a run whose ranks all died, naming them",
         "GradtelTrainingStalled fires when no update arrives for 10m while up",
     ):
         assert expected in names
@@ -117,7 +117,7 @@ def test_alertmanager_config_and_routes() -> None:
         {
             "source_matchers": ['severity="critical"'],
             "target_matchers": ['severity="warning"'],
-            "equal": ["job", "instance", "rank", "kind"],
+            "equal": ["job", "run", "kind"],
         }
     ]
 

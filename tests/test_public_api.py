@@ -20,6 +20,7 @@ EXPORTED = {
     "Thresholds",
     "__version__",
     "clip_grad_norm_",
+    "ddp_comm_hook",
     "layer_name",
     "prometheus_meter_provider",
     "serve",
@@ -27,7 +28,7 @@ EXPORTED = {
 MODULES = [
     "banner", "cli", "clip", "demo", "exporter", "health", "layers", "monitor", "policy", "scan", "telemetry",
     "render", "render.grafana", "render.options", "render.prometheus", "render.rule_tests",
-    "render.runbook", "stack", "watch", "hooks", "otlp",
+    "render.runbook", "stack", "watch", "hooks", "otlp", "origin",
     "_checks", "_ratelimit", "integrations", "integrations.lightning", "integrations.transformers", "httpd", "render.kubernetes",
 ]  # fmt: skip
 

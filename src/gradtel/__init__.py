@@ -13,6 +13,7 @@ from .exporter import DEFAULT_ADDR, DEFAULT_PORT, MetricsServer, PortInUseError,
 from .health import GradHealth, Status, Thresholds
 from .layers import OVERFLOW_LAYER, ROOT_LAYER, layer_name
 from .monitor import GradMonitor
+from .origin import ddp_comm_hook
 from .policy import NonFiniteGradientError
 from .telemetry import prometheus_meter_provider
 
@@ -32,6 +33,7 @@ __all__ = [
     "Thresholds",
     "__version__",
     "clip_grad_norm_",
+    "ddp_comm_hook",
     "layer_name",
     "prometheus_meter_provider",
     "serve",

@@ -131,6 +131,16 @@ class GradHealth:
     amp_overflow: bool = False
     """The update's non-finite values are an overflow that the AMP ``GradScaler``
     handles by skipping the optimizer step: counted as skipped, not unhealthy."""
+    local_nan_total: int | None = None
+    """NaN values in this rank's own gradients before the cross-rank reduction
+    (DDP); None when gradtel does not see them."""
+    local_inf_total: int | None = None
+    """±Inf values in this rank's own gradients before the cross-rank reduction."""
+
+    @property
+    def originated_here(self) -> bool:
+        """This rank's own gradients held NaN or ±Inf before the cross-rank reduction."""
+        return bool(self.local_nan_total or self.local_inf_total)
 
     @property
     def nan_total(self) -> int:
@@ -184,6 +194,11 @@ class GradHealth:
         for kind, first in (("NaN", self.first_nan_layer), ("Inf", self.first_inf_layer)):
             if first is not None:
                 line += f"; first {kind} layer in backward order: {first}"
+        if self.originated_here:
+            line += (
+                f"; this rank's own gradients held NaN={self.local_nan_total} "
+                f"Inf={self.local_inf_total} before the cross-rank reduction"
+            )
         if self.amp_overflow:
             line += "; an AMP overflow: the GradScaler skips this step"
         return line

@@ -12,12 +12,14 @@ from typing import Any, Literal, TypeVar
 
 import torch
 from opentelemetry.metrics import MeterProvider
+from torch.nn.parallel import DistributedDataParallel
 
 from . import _checks
 from ._ratelimit import RateLimitedLog
 from .health import GradHealth, Status, Thresholds
 from .hooks import Attachment, attach
 from .layers import DEFAULT_MAX_LAYERS, assign_layers, distinct
+from .origin import OriginCounter, install_origin_hook
 from .policy import Action, Policy
 from .scan import Scanner, countable_values
 from .telemetry import GradTelemetry, default_meter_provider, note_collect, process_attributes
@@ -244,6 +246,8 @@ class GradMonitor:
         self._lock = threading.RLock()
         self._error_log = RateLimitedLog(logger)
         self._order: _BackwardOrder | None = None
+        self.origin = OriginCounter()
+        """This rank's own gradients before the cross-rank reduction, fed by a DDP hook."""
         _watch_registrations()
         self._watch(named)
         self._claim(provider)
@@ -253,6 +257,8 @@ class GradMonitor:
             attributes=process_attributes(),
             start_time=time.time(),
         )
+        if isinstance(model, DistributedDataParallel):
+            install_origin_hook(model, self)
 
     def _claim(self, provider: MeterProvider) -> None:
         mine = {id(p) for p in self._params}
@@ -485,6 +491,7 @@ class GradMonitor:
         self, norms: torch.Tensor | Mapping[torch.Tensor, torch.Tensor] | None
     ) -> GradHealth:
         values, present, skipped, dense = self._gather()
+        origin = self.origin.take()
         unscanned = self._unscanned(values, skipped)
         if unscanned is not None:
             return self._health(unscanned=unscanned, skipped=skipped)
@@ -500,9 +507,13 @@ class GradMonitor:
                     summary.append(torch.linalg.vector_norm(v) if norm is None else norm)
         # Sparse gradients change size every update: plan them anew each time.
         slots = present if dense else None
-        counts = self._guarded("scan", lambda: self._scanner.count(values, slots, summary))
+        counts = self._guarded("scan", lambda: self._scanner.count(values, slots, summary, origin))
         if counts is None:  # the scan failed: nothing was counted, say so
             return self._health(unscanned="scan_error", skipped=len(self._params))
+        local: dict[str, int] = {}
+        if self.origin.installed:
+            nan, inf = self._scanner.also_read if origin is not None else (0, 0)
+            local = {"local_nan_total": nan, "local_inf_total": inf}
         nan_by_layer: dict[str, int] = {}
         inf_by_layer: dict[str, int] = {}
         for i, (nan, inf) in counts.items():
@@ -519,6 +530,7 @@ class GradMonitor:
             first_bad_layer=self._first_in_backward([present[i] for i in counts]),
             first_nan_layer=self._first_in_backward([present[i] for i, c in counts.items() if c[0]]),
             first_inf_layer=self._first_in_backward([present[i] for i, c in counts.items() if c[1]]),
+            **local,
         )
 
     def _health(self, **fields: Any) -> GradHealth:

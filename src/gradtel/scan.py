@@ -271,6 +271,8 @@ class Scanner:
         self.waited = 0.0
         """Seconds the latest count spent waiting for device work queued before it
         (an asynchronous backward pass), which is not gradtel's own cost."""
+        self.also_read: list[int] = []
+        """The values of the latest count's ``also`` tensor, read with its first read-out."""
 
     def forget(self) -> None:
         """Drop every plan: the next count plans each tensor anew."""
@@ -298,12 +300,12 @@ class Scanner:
         return plan
 
     def _flag_pieces(
-        self, values: Sequence[torch.Tensor], slots: Sequence[Hashable] | None
+        self, values: Sequence[torch.Tensor], slots: Sequence[Hashable] | None, also: list[torch.Tensor]
     ) -> list[_Piece]:
         """Phase 1: the pieces whose cheap reduction is not finite."""
         plan = self._plan(values, slots)
         try:
-            flags = self._read_flags(values, plan)
+            flags = self._read_flags(values, plan, also)
         except RuntimeError:
             if slots is None:
                 raise
@@ -312,12 +314,12 @@ class Scanner:
                 self._entries.pop(slot, None)
             self._plans.pop(tuple(slots), None)
             plan = self._plan(values, slots)
-            flags = self._read_flags(values, plan)
+            flags = self._read_flags(values, plan, also)
         return [piece for piece, bad in zip(plan.pieces, flags) if bad]
 
-    def _read_flags(self, values: Sequence[torch.Tensor], plan: _Plan) -> list[Any]:
+    def _read_flags(self, values: Sequence[torch.Tensor], plan: _Plan, also: list[torch.Tensor]) -> list[Any]:
         if values[0].device.type != "cuda":
-            return _to_host([_flags(values, group) for group in plan.groups])
+            return self._split(_to_host([_flags(values, group) for group in plan.groups] + also), also)
         # The read-out waits for everything queued before it, the backward pass
         # included; time gradtel's own kernels with events to tell the two apart.
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -325,10 +327,17 @@ class Scanner:
         parts = [_flags(values, group) for group in plan.groups]
         end.record()
         began = time.perf_counter()
-        flags = _to_host(parts)
+        flags = _to_host(parts + also)
         own = start.elapsed_time(end) / 1000
         self.waited = max(0.0, time.perf_counter() - began - own)
-        return flags
+        return self._split(flags, also)
+
+    def _split(self, read: list[Any], also: list[torch.Tensor]) -> list[Any]:
+        """Keep the ``also`` values that rode along with a read-out; return the rest."""
+        if not also:
+            return read
+        self.also_read = [int(v) for v in read[len(read) - also[0].numel() :]]
+        return read[: len(read) - also[0].numel()]
 
     @torch.no_grad()
     def count(
@@ -336,6 +345,7 @@ class Scanner:
         values: Sequence[torch.Tensor],
         slots: Sequence[Hashable] | None = None,
         norms: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        also: torch.Tensor | None = None,
     ) -> dict[int, tuple[int, int]]:
         """``{position: (nan, inf)}`` for each tensor holding a non-finite element.
 
@@ -347,14 +357,21 @@ class Scanner:
             norms: One norm per tensor already computed elsewhere (gradient
                 clipping computes them), as a list or stacked in a 1-D tensor:
                 phase 1 then reads no gradient memory.
+            also: A 1-D integer tensor to read to the host with the first
+                read-out (no read-out of its own): its values land in
+                :attr:`also_read`.
         """
         self.waited = 0.0
+        extra = [] if also is None else [also.reshape(-1)]
+        self.also_read = []
         if not values:
+            if also is not None:
+                self.also_read = [int(v) for v in also.tolist()]
             return {}
         if norms is None:
-            flagged = self._flag_pieces(values, slots)
+            flagged = self._flag_pieces(values, slots, extra)
         else:
-            flagged = _flag_by_norms(norms)
+            flagged = [_Piece(i) for i, bad in enumerate(self._split(_flags_by_norms(norms, extra), extra)) if bad]
         if not flagged:
             return {}
         # Phase 2: exact counts of the flagged pieces, grouped by device, one read-out.
@@ -373,20 +390,12 @@ class Scanner:
         return result
 
 
-def _flag_by_norms(norms: torch.Tensor | Sequence[torch.Tensor]) -> list[_Piece]:
-    """Phase 1 from per-tensor norms: whole tensors whose norm is not finite."""
-    if isinstance(norms, torch.Tensor) or len({norm.device for norm in norms}) == 1:
-        stacked = norms if isinstance(norms, torch.Tensor) else torch.stack(list(norms))
-        finite = torch.isfinite(stacked).tolist()
-        return [_Piece(i) for i, ok in enumerate(finite) if not ok]
-    by_device: dict[torch.device, list[int]] = defaultdict(list)
-    for i, norm in enumerate(norms):
-        by_device[norm.device].append(i)
-    order = [i for members in by_device.values() for i in members]
-    finite = _to_host(
-        [torch.isfinite(torch.stack([norms[i] for i in m])) for m in by_device.values()]
+def _flags_by_norms(norms: torch.Tensor | Sequence[torch.Tensor], also: list[torch.Tensor]) -> list[Any]:
+    """Phase 1 from per-tensor norms: per tensor, whether its norm is not finite, in one read-out."""
+    stacked = norms if isinstance(norms, torch.Tensor) else torch.stack(
+        [n.to(norms[0].device) for n in norms]
     )
-    return [_Piece(i) for i, ok in zip(order, finite) if not ok]
+    return _to_host([torch.isfinite(stacked).logical_not_(), *also])
 
 
 def count_nonfinite(values: Sequence[torch.Tensor]) -> dict[int, tuple[int, int]]:

@@ -38,6 +38,7 @@ __all__ = [
     "note_collect",
     "process_attributes",
     "prometheus_meter_provider",
+    "run_id",
 ]
 
 ERROR_STAGES = ("scan", "record", "serve")
@@ -204,6 +205,14 @@ class _Instruments:
                 "non-finite gradients) or policy (gradtel's on_warning/on_critical skip)."
             ),
         )
+        self.origin = meter.create_counter(
+            "gradtel_origin_updates",
+            unit="1",
+            description=(
+                "Updates in which this rank's own gradients, before the cross-rank reduction, "
+                "held NaN (kind=nan) or ±Inf (kind=inf): the rank where it started."
+            ),
+        )
         self.errors = meter.create_counter(
             "gradtel_errors", unit="1", description="Failures inside gradtel, by stage; training went on."
         )
@@ -246,15 +255,34 @@ def launcher_world_size() -> int:
     return int(text)
 
 
-def process_attributes() -> dict[str, str]:
-    """Labels every series of this process carries: ``rank`` when distributed with world size > 1.
+def run_id() -> str | None:
+    """The training run this process belongs to: ``$GRADTEL_RUN``, else torchrun's
+    ``$TORCHELASTIC_RUN_ID`` (unless it is torchrun's placeholder ``none``), else None.
+    The alerts page once per run, whatever its number of ranks."""
+    import os
 
-    From ``torch.distributed`` when it is initialised, else from the ``RANK``
-    and ``WORLD_SIZE`` variables that torchrun (and most launchers) set.
+    for name in ("GRADTEL_RUN", "TORCHELASTIC_RUN_ID"):
+        value = os.environ.get(name, "").strip()
+        if value and value != "none":
+            return value
+    return None
+
+
+def process_attributes() -> dict[str, str]:
+    """Labels every series of this process carries: ``run`` when the launcher names the run
+    (see :func:`run_id`), ``rank`` when distributed with world size > 1.
+
+    The rank comes from ``torch.distributed`` when it is initialised, else from
+    the ``RANK`` and ``WORLD_SIZE`` variables that torchrun (and most launchers) set.
 
     Raises:
         ValueError: ``WORLD_SIZE`` or ``RANK`` is set but malformed.
     """
+    run = run_id()
+    return {"run": run, **_rank()} if run is not None else _rank()
+
+
+def _rank() -> dict[str, str]:
     import os
 
     import torch.distributed as dist
@@ -320,6 +348,7 @@ class GradTelemetry:
         self._skip_attrs = {reason: {**self._base, "reason": reason} for reason in SKIP_REASONS}
         self._unscanned_attrs = {r: {**self._base, "reason": r} for r in UNSCANNED_REASONS}
         self._first_bad_attrs: dict[tuple[str, str], dict[str, str]] = {}
+        self._origin_attrs = {kind: {**self._base, "kind": kind} for kind in _KINDS}
         self._last_nonzero: dict[str, set[str]] = {"nan": set(), "inf": set()}
 
         self._instruments = ins = instruments_for(meter_provider)
@@ -332,6 +361,8 @@ class GradTelemetry:
             ins.skipped.add(0, attrs)
         for attrs in self._unscanned_attrs.values():
             ins.unscanned.add(0, attrs)
+        for attrs in self._origin_attrs.values():
+            ins.origin.add(0, attrs)
         ins.updates.add(0, self._base)
         ins.status.set(Status.UNKNOWN.level, self._base)  # no update looked at yet
         ins.last_update.set(start_time, self._base)
@@ -362,6 +393,9 @@ class GradTelemetry:
             return
         ins.updates.add(1, self._base)
         ins.duration.record(duration, self._base)
+        for kind, local in (("nan", health.local_nan_total), ("inf", health.local_inf_total)):
+            if local:
+                ins.origin.add(1, self._origin_attrs[kind])
         if health.amp_overflow:
             # Handled by the scaler: not an unhealthy update, and the per-layer
             # series keep describing the updates that reached the optimizer.

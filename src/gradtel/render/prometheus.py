@@ -26,36 +26,74 @@ def band_text(o: KitOptions, severity: str) -> str:
     return f"more than {t.warning} and at most {t.critical}"
 
 
+INCIDENT = "job, run"
+"""The labels of one training run: every alert is one per run, whatever its number of
+ranks (``run`` is set by gradtel from ``GRADTEL_RUN`` or torchrun's run id, if any)."""
+
+
+def _query(template: str, *args: str) -> str:
+    """A Go-template ``query`` call: ``template`` with ``%q`` for each of ``args``."""
+    return f'query (printf "{template}" {" ".join(args)})'
+
+
+def _run_selector(extra: str = "") -> tuple[str, list[str]]:
+    """The selector of the alert's run, and its printf arguments."""
+    return "job=%q,run=%q" + extra, ["$labels.job", "$labels.run"]
+
+
+def _born_or_increased(series: str, window: str) -> str:
+    """Series that moved in the window, those born above 0 within it included."""
+    return f"(increase({series}[{window}]) > 0 or ({series} > 0 unless {series} offset {window}))"
+
+
+def _where() -> str:
+    return "{{ $labels.job }}{{ with $labels.run }} run {{ . }}{{ end }}"
+
+
+def _origin_template(o: KitOptions) -> str:
+    """"It originated on rank 2." when a rank's own gradients were bad before the reduction."""
+    selector, args = _run_selector(",kind=%q")
+    series = f"gradtel_origin_updates_total{{{selector}}}"
+    query = _query(_born_or_increased(series, o.window), *(args + ["$labels.kind"]) * 3)
+    return (
+        f"{{{{ with {query} }}}} It originated on rank{{{{ if gt (len .) 1 }}}}s{{{{ end }}}} "
+        '{{ range $i, $s := sortByLabel "rank" . }}{{ if $i }}, {{ end }}{{ $s.Labels.rank }}{{ end }}.{{ end }}'
+    )
+
+
 def _top_layers_template(o: KitOptions, kind: str) -> str:
-    current = f"gradtel_{kind}_grads_total{{job=%q,instance=%q,rank=%q}}"
-    window = f"{current}[{o.window}]"
     # A series younger than the window counts from 0 at start: its value is the
     # count. Otherwise max - min over the window, exact for a counter without a
-    # restart where increase() would extrapolate. rank="" matches no rank label.
-    query = (
-        f"sort_desc(topk(3, ({current} > 0 unless {current} offset {o.window}) "
-        f"or (max_over_time({window}) - min_over_time({window}) > 0)))"
+    # restart where increase() would extrapolate. Ranks hold the same reduced
+    # gradients: the largest count of a layer over the ranks, not their sum.
+    selector, args = _run_selector()
+    current = f"gradtel_{kind}_grads_total{{{selector}}}"
+    window = f"{current}[{o.window}]"
+    query = _query(
+        f"sort_desc(topk(3, max by (layer) (({current} > 0 unless {current} offset {o.window}) "
+        f"or (max_over_time({window}) - min_over_time({window}) > 0))))",
+        *args * 4,
     )
-    args = " ".join(["$labels.job $labels.instance $labels.rank"] * (query.count("%q") // 3))
     return (
-        f'{{{{ range $i, $s := query (printf "{query}" {args}) }}}}'
+        f" Layers with {KINDS[kind]} values in that window: "
+        f"{{{{ range $i, $s := {query} }}}}"
         "{{ if $i }}, {{ end }}{{ $s.Labels.layer }} ({{ $s.Value }})"
         "{{ else }}none in the counters yet{{ end }}."
     )
 
 
 def _first_bad_template(o: KitOptions) -> str:
-    """Says the first bad layer of the alert's kind when gradtel_first_bad_layer has it."""
-    series = f"gradtel_first_bad_layer{{job=%q,instance=%q,rank=%q,kind=%q}}[{o.window}]"
-    query = f"topk(1, max_over_time({series}))"
-    return (
-        f'{{{{ with query (printf "{query}" $labels.job $labels.instance $labels.rank $labels.kind) }}}}'
-        "{{ with index . 0 }} First bad layer in backward order: {{ .Labels.layer }}.{{ end }}{{ end }}"
+    """The first bad layer of the alert's kind and the update number, when known."""
+    selector, args = _run_selector(",kind=%q")
+    query = _query(
+        f"topk(1, max by (layer) (max_over_time(gradtel_first_bad_layer{{{selector}}}[{o.window}])))",
+        *args,
+        "$labels.kind",
     )
-
-
-def _where() -> str:
-    return "{{ $labels.job }}/{{ $labels.instance }}{{ with $labels.rank }} rank {{ . }}{{ end }}"
+    return (
+        f"{{{{ with {query} }}}}{{{{ with index . 0 }}}} First bad layer in backward order: "
+        "{{ .Labels.layer }}, at update {{ .Value }}.{{ end }}{{ end }}"
+    )
 
 
 def _unhealthy_rule(o: KitOptions, kind: str, severity: str) -> dict[str, Any]:
@@ -65,22 +103,36 @@ def _unhealthy_rule(o: KitOptions, kind: str, severity: str) -> dict[str, Any]:
     label = KINDS[kind]
     return {
         "alert": ALERT_NAMES[kind],
-        # increase() sees any unhealthy update between two scrapes, and a restart
-        # whose first scraped value is already > 0. The second branch covers a
-        # series first scraped above 0 (the very first update was unhealthy).
-        "expr": f"increase({series}[{o.window}]) > 0\nor\n({series} > 0 unless {series} offset {o.window})",
+        # One alert per run, its value the number of ranks affected. increase()
+        # sees any unhealthy update between two scrapes, and a restart whose first
+        # scraped value is already > 0; the second branch a series first scraped
+        # above 0 (the very first update was unhealthy).
+        "expr": (
+            f"count by ({INCIDENT}, kind) (\n  increase({series}[{o.window}]) > 0\n  or\n"
+            f"  ({series} > 0 unless {series} offset {o.window})\n)"
+        ),
         "labels": {"severity": severity},
         "annotations": {
             "summary": f"Training produced {label} gradients ({severity})",
             "description": (
                 f"{_where()}: an update in the last {o.window} had {band_text(o, severity)} "
-                f"{label} gradient values. Layers with {label} values in that window: "
+                f"{label} gradient values; affected ranks: {{{{ $value }}}}."
+                + _origin_template(o)
                 + _top_layers_template(o, kind)
                 + _first_bad_template(o)
             ),
             "runbook_url": o.runbook(ALERT_NAMES[kind]),
         },
     }
+
+
+def _targets_template(query: str, *args: str) -> str:
+    """A comma-separated list of the instances (and ranks) a query returns, at most 10."""
+    return (
+        f"{{{{ range $i, $s := sortByLabel \"instance\" ({_query(f'topk(10, {query})', *args)}) }}}}"
+        "{{ if $i }}, {{ end }}"
+        "{{ $s.Labels.instance }}{{ with $s.Labels.rank }} (rank {{ . }}){{ end }}{{ end }}"
+    )
 
 
 def rules(o: KitOptions) -> dict[str, Any]:
@@ -101,20 +153,24 @@ def rules(o: KitOptions) -> dict[str, Any]:
     alerts = [
         _unhealthy_rule(o, kind, severity) for kind in KINDS for severity in ("critical", "warning")
     ]
+    # The endpoints of a run that died: the gradtel series, still in Prometheus for
+    # a while, tell which rank each dead target was.
+    down = "(up{job=%q} == 0) * on (job, instance) group_left (rank) max by (job, instance, rank) (last_over_time(gradtel_updates_total{job=%q}[1h])) or on (job, instance) (up{job=%q} == 0)"
     alerts.append(
         {
             "alert": DOWN_ALERT,
-            "expr": f"up{{{sel}}} == 0\nor\nabsent(up{{{sel}}})",
+            "expr": f"count by (job) (up{{{sel}}} == 0)\nor\nabsent(up{{{sel}}})",
             "for": "5m",
             "labels": {"severity": "warning"},
             "annotations": {
                 "summary": "gradtel metrics endpoint cannot be scraped",
                 "description": (
-                    "{{ with $labels.instance }}{{ $labels.job }}/{{ . }}{{ with $labels.rank }} rank {{ . }}{{ end }} "
-                    "has not been scraped for 5m (up == 0){{ else }}"
-                    f"No {o.job} target has been scraped for 5m{{{{ end }}}}: the training process "
-                    "died, hangs before serving, or its endpoint is unreachable. Unhealthy updates "
-                    "would not page."
+                    f'{{{{ with {_query("up{job=%q} == 0", "$labels.job")} }}}}{{{{ $labels.job }}}}: '
+                    "{{ len . }} targets have not been scraped for 5m (up == 0): "
+                    + _targets_template(down, *["$labels.job"] * 3)
+                    + f"{{{{ else }}}}No {o.job} target has been scraped for 5m{{{{ end }}}}: the "
+                    "training process died, hangs before serving, or its endpoint is unreachable. "
+                    "Unhealthy updates would not page."
                 ),
                 "runbook_url": o.runbook(DOWN_ALERT),
             },
@@ -122,21 +178,24 @@ def rules(o: KitOptions) -> dict[str, Any]:
     )
     stall = duration_seconds(o.stall_after, "stall_after")
     alerts += [_nothing_scanned_rule(o), _amp_skips_rule(o)]
+    stalled = f"(time() - gradtel_last_update_timestamp_seconds{{{sel}}}) > {stall}\nand on (job, instance) up{{{sel}}} == 1"
     alerts.append(
         {
             "alert": STALLED_ALERT,
-            "expr": (
-                f"(time() - gradtel_last_update_timestamp_seconds{{{sel}}}) > {stall}\n"
-                f"and on (job, instance) up{{{sel}}} == 1"
-            ),
+            "expr": f"count by ({INCIDENT}) (\n  {stalled}\n)",
             "labels": {"severity": "warning"},
             "annotations": {
                 "summary": "Training is up but gradtel sees no update",
                 "description": (
-                    f"{_where()} is up but has had no update (no collect() call) for "
-                    "{{ $value | humanizeDuration }} (more than "
-                    f"{o.stall_after}): training hangs, waits on data or on another rank, or "
-                    "collect() is no longer called."
+                    f"{_where()}: {{{{ $value }}}} targets are up but have had no update (no "
+                    f"collect() call) for more than {o.stall_after}: "
+                    + _targets_template(
+                        f"(time() - gradtel_last_update_timestamp_seconds{{job=%q,run=%q}}) > {stall}",
+                        "$labels.job",
+                        "$labels.run",
+                    )
+                    + ". Training hangs, waits on data or on another rank, or collect() is no "
+                    "longer called."
                 ),
                 "runbook_url": o.runbook(STALLED_ALERT),
             },
@@ -157,18 +216,19 @@ def _nothing_scanned_rule(o: KitOptions) -> dict[str, Any]:
         # Due updates arrive, none is scanned: gradtel is blind and says so, rather
         # than letting a quiet dashboard look healthy.
         "expr": (
-            f"sum without (reason) (increase(gradtel_unscanned_updates_total{{{sel}}}[{w}])) > 0\n"
-            f"unless on (job, instance, rank)\n"
-            f"increase(gradtel_updates_total{{{sel}}}[{w}]) > 0"
+            f"count by ({INCIDENT}) (\n"
+            f"  sum without (reason) (increase(gradtel_unscanned_updates_total{{{sel}}}[{w}])) > 0\n"
+            f"  unless on (job, instance, rank)\n"
+            f"  increase(gradtel_updates_total{{{sel}}}[{w}]) > 0\n)"
         ),
         "labels": {"severity": "warning"},
         "annotations": {
             "summary": "gradtel cannot see the gradients: no update is scanned",
             "description": (
-                f"{_where()}: {{{{ $value | humanize }}}} updates in the last {w} were due but "
-                "not scanned, and none was scanned: NaN/Inf gradients would not be seen. "
-                "collect() runs where no gradient exists (before backward() or after "
-                "zero_grad()), or the scan fails (gradtel_errors_total{stage=\"scan\"})."
+                f"{_where()}: on {{{{ $value }}}} ranks, updates in the last {w} were due but "
+                "none was scanned: NaN/Inf gradients would not be seen. collect() runs where no "
+                "gradient exists (before backward() or after zero_grad()), or the scan fails "
+                '(gradtel_errors_total{stage="scan"}).'
             ),
             "runbook_url": o.runbook(NOTHING_SCANNED_ALERT),
         },
@@ -183,18 +243,18 @@ def _amp_skips_rule(o: KitOptions) -> dict[str, Any]:
         # The first-steps overflows of an fp16 run are the scaler doing its job; a
         # share of skipped updates that stays high is a loss scale collapsing.
         "expr": (
-            f"{skipped}\n/ ignoring (reason)\nincrease(gradtel_updates_total{{{sel}}}[{w}])\n"
-            f"> {o.amp_skip_ratio:g}"
+            f"count by ({INCIDENT}) (\n  {skipped}\n  / ignoring (reason)\n"
+            f"  increase(gradtel_updates_total{{{sel}}}[{w}])\n  > {o.amp_skip_ratio:g}\n)"
         ),
         "for": AMP_SKIPS_FOR,
         "labels": {"severity": "warning"},
         "annotations": {
             "summary": "The AMP GradScaler keeps skipping updates for overflow",
             "description": (
-                f"{_where()}: {{{{ $value | humanizePercentage }}}} of the updates in the last "
-                f"{w} had non-finite gradients and were skipped by the GradScaler (more than "
-                f"{o.amp_skip_ratio:.0%} for {AMP_SKIPS_FOR}): the loss scale is collapsing and "
-                "the model is barely training."
+                f"{_where()}: on {{{{ $value }}}} ranks, more than {o.amp_skip_ratio:.0%} of the "
+                f"updates in the last {w} had non-finite gradients and were skipped by the "
+                f"GradScaler, for {AMP_SKIPS_FOR}: the loss scale is collapsing and the model is "
+                "barely training."
             ),
             "runbook_url": o.runbook(AMP_SKIPS_ALERT),
         },
@@ -202,7 +262,8 @@ def _amp_skips_rule(o: KitOptions) -> dict[str, Any]:
 
 
 def alertmanager_config(o: KitOptions) -> dict[str, Any]:
-    group_by = ["alertname", "job", "instance", "rank", "kind"]
+    # One notification per receiver for one incident of one run, however many ranks.
+    group_by = ["alertname", "job", "run"]
     return {
         "route": {
             "receiver": "chat",
@@ -219,7 +280,7 @@ def alertmanager_config(o: KitOptions) -> dict[str, Any]:
             {
                 "source_matchers": ['severity="critical"'],
                 "target_matchers": ['severity="warning"'],
-                "equal": ["job", "instance", "rank", "kind"],
+                "equal": ["job", "run", "kind"],
             }
         ],
         "receivers": [

@@ -56,23 +56,31 @@ def _steps(before: int, value: int, after: int) -> str:
 
 
 def _unhealthy_alert(
-    o: KitOptions, kind: str, severity: str, layers: str, first_bad: str | None = None
+    o: KitOptions,
+    kind: str,
+    severity: str,
+    layers: str,
+    first_bad: tuple[str, int] | None = None,
+    *,
+    ranks: int = 1,
+    origin: str = "",
 ) -> dict[str, Any]:
+    """The one alert of a run; ``origin`` is the expected "It originated on ..." sentence."""
     label = KINDS[kind]
     return {
-        "exp_labels": {
-            "job": o.job,
-            "instance": INSTANCE,
-            "kind": kind,
-            "severity": severity,
-        },
+        "exp_labels": {"job": o.job, "kind": kind, "severity": severity},
         "exp_annotations": {
             "summary": f"Training produced {label} gradients ({severity})",
             "description": (
-                f"{o.job}/{INSTANCE}: an update in the last {o.window} had "
-                f"{band_text(o, severity)} {label} gradient values. Layers with {label} values "
-                f"in that window: {layers}."
-                + (f" First bad layer in backward order: {first_bad}." if first_bad else "")
+                f"{o.job}: an update in the last {o.window} had {band_text(o, severity)} {label} "
+                f"gradient values; affected ranks: {ranks}."
+                + (f" {origin}" if origin else "")
+                + f" Layers with {label} values in that window: {layers}."
+                + (
+                    f" First bad layer in backward order: {first_bad[0]}, at update {first_bad[1]}."
+                    if first_bad
+                    else ""
+                )
             ),
             "runbook_url": o.runbook(ALERT_NAMES[kind]),
         },
@@ -140,7 +148,7 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
             _check(
                 3,
                 nan,
-                _unhealthy_alert(o, "nan", "critical", "encoder.0 (9), encoder.1 (8)", "encoder.1"),
+                _unhealthy_alert(o, "nan", "critical", "encoder.0 (9), encoder.1 (8)", ("encoder.1", 3)),
             )
         ],
     )
@@ -155,8 +163,46 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
             _series("gradtel_first_bad_layer", _labels(o, kind="inf", layer="head"), f"_x4 5x{span}"),
         ],
         [
-            _check(6, nan, _unhealthy_alert(o, "nan", "critical", "body.0 (6)", "body.0")),
-            _check(6, inf, _unhealthy_alert(o, "inf", "critical", "head (7)", "head")),
+            _check(6, nan, _unhealthy_alert(o, "nan", "critical", "body.0 (6)", ("body.0", 3))),
+            _check(6, inf, _unhealthy_alert(o, "inf", "critical", "head (7)", ("head", 5))),
+        ],
+    )
+    four = [_labels(o, rank=str(r)).replace(INSTANCE, f"trainer-{r}:9464") for r in range(4)]
+    case(
+        f"{nan} fires once for a run of 4 ranks, saying which rank it originated on",
+        [_series("gradtel_unhealthy_updates_total", r[:-1] + ',kind="nan",severity="critical"}', _steps(3, 1, span)) for r in four]
+        + [_series("gradtel_nan_grads_total", r[:-1] + ',layer="head"}', _steps(3, 9, span)) for r in four]
+        + [
+            _series("gradtel_origin_updates_total", r[:-1] + ',kind="nan"}', _steps(3, int(i == 2), span))
+            for i, r in enumerate(four)
+        ]
+        + [_series("gradtel_first_bad_layer", r[:-1] + ',kind="nan",layer="head"}', f"_x2 30x{span}") for r in four],
+        [
+            _check(
+                3,
+                nan,
+                _unhealthy_alert(
+                    o, "nan", "critical", "head (9)", ("head", 30), ranks=4, origin="It originated on rank 2."
+                ),
+            )
+        ],
+    )
+    case(
+        f"{nan} names every rank it originated on",
+        [_series("gradtel_unhealthy_updates_total", r[:-1] + ',kind="nan",severity="critical"}', _steps(3, 1, span)) for r in four]
+        + [
+            _series("gradtel_origin_updates_total", r[:-1] + ',kind="nan"}', _steps(3, int(i in (0, 3)), span))
+            for i, r in enumerate(four)
+        ],
+        [
+            _check(
+                3,
+                nan,
+                _unhealthy_alert(
+                    o, "nan", "critical", "none in the counters yet", ranks=4,
+                    origin="It originated on ranks 0, 3.",
+                ),
+            )
         ],
     )
     case(
@@ -218,22 +264,25 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
     )
 
     up_labels = _labels(o)
+    ranks = [_labels(o, rank=str(r)).replace(INSTANCE, f"trainer-{r}:9464") for r in range(4)]
     case(
-        f"{DOWN_ALERT} fires after 5m of failed scrapes",
-        [_series("up", up_labels, f"1x3 0x{span}")],
+        f"{DOWN_ALERT} fires once for a run whose ranks all died, naming them",
+        [_series("up", r.replace(f',rank="{i}"', ""), f"1x3 0x{span}") for i, r in enumerate(ranks)]
+        + [_series("gradtel_updates_total", r, "0+60x3") for r in ranks],
         [
             _check(7, DOWN_ALERT),
             _check(
                 9,
                 DOWN_ALERT,
                 {
-                    "exp_labels": {"job": o.job, "instance": INSTANCE, "severity": "warning"},
+                    "exp_labels": {"job": o.job, "severity": "warning"},
                     "exp_annotations": {
                         "summary": "gradtel metrics endpoint cannot be scraped",
                         "description": (
-                            f"{o.job}/{INSTANCE} has not been scraped for 5m (up == 0): the "
-                            "training process died, hangs before serving, or its endpoint is "
-                            "unreachable. Unhealthy updates would not page."
+                            f"{o.job}: 4 targets have not been scraped for 5m (up == 0): "
+                            + ", ".join(f"trainer-{r}:9464 (rank {r})" for r in range(4))
+                            + ": the training process died, hangs before serving, or its "
+                            "endpoint is unreachable. Unhealthy updates would not page."
                         ),
                         "runbook_url": o.runbook(DOWN_ALERT),
                     },
@@ -281,14 +330,13 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
                 fires_at,
                 STALLED_ALERT,
                 {
-                    "exp_labels": {"job": o.job, "instance": INSTANCE, "severity": "warning"},
+                    "exp_labels": {"job": o.job, "severity": "warning"},
                     "exp_annotations": {
                         "summary": "Training is up but gradtel sees no update",
                         "description": (
-                            f"{o.job}/{INSTANCE} is up but has had no update (no collect() call) for "
-                            f"{_humanize_duration(fires_at * 60 - last_update)} (more than "
-                            f"{o.stall_after}): training hangs, waits on data or on another "
-                            "rank, or collect() is no longer called."
+                            f"{o.job}: 1 targets are up but have had no update (no collect() call) "
+                            f"for more than {o.stall_after}: {INSTANCE}. Training hangs, waits on "
+                            "data or on another rank, or collect() is no longer called."
                         ),
                         "runbook_url": o.runbook(STALLED_ALERT),
                     },
@@ -323,15 +371,14 @@ def _coverage_cases(o: KitOptions, case: Any, span: int) -> None:
                 window,
                 NOTHING_SCANNED_ALERT,
                 {
-                    "exp_labels": {"job": o.job, "instance": INSTANCE, "severity": "warning"},
+                    "exp_labels": {"job": o.job, "severity": "warning"},
                     "exp_annotations": {
                         "summary": "gradtel cannot see the gradients: no update is scanned",
                         "description": (
-                            f"{o.job}/{INSTANCE}: {60 * window} updates in the last {o.window} "
-                            "were due but not scanned, and none was scanned: NaN/Inf gradients "
-                            "would not be seen. collect() runs where no gradient exists (before "
-                            "backward() or after zero_grad()), or the scan fails "
-                            '(gradtel_errors_total{stage="scan"}).'
+                            f"{o.job}: on 1 ranks, updates in the last {o.window} were due but "
+                            "none was scanned: NaN/Inf gradients would not be seen. collect() runs "
+                            "where no gradient exists (before backward() or after zero_grad()), or "
+                            'the scan fails (gradtel_errors_total{stage="scan"}).'
                         ),
                         "runbook_url": o.runbook(NOTHING_SCANNED_ALERT),
                     },
@@ -371,14 +418,14 @@ def _coverage_cases(o: KitOptions, case: Any, span: int) -> None:
                 5 + window + hold,
                 AMP_SKIPS_ALERT,
                 {
-                    "exp_labels": {"job": o.job, "instance": INSTANCE, "severity": "warning"},
+                    "exp_labels": {"job": o.job, "severity": "warning"},
                     "exp_annotations": {
                         "summary": "The AMP GradScaler keeps skipping updates for overflow",
                         "description": (
-                            f"{o.job}/{INSTANCE}: 100% of the updates in the last {o.window} had "
-                            "non-finite gradients and were skipped by the GradScaler (more than "
-                            f"{o.amp_skip_ratio:.0%} for {AMP_SKIPS_FOR}): the loss scale is "
-                            "collapsing and the model is barely training."
+                            f"{o.job}: on 1 ranks, more than {o.amp_skip_ratio:.0%} of the updates "
+                            f"in the last {o.window} had non-finite gradients and were skipped by "
+                            f"the GradScaler, for {AMP_SKIPS_FOR}: the loss scale is collapsing and "
+                            "the model is barely training."
                         ),
                         "runbook_url": o.runbook(AMP_SKIPS_ALERT),
                     },
