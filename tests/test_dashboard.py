@@ -98,7 +98,15 @@ def test_queries_follow_the_conventions() -> None:
             for label in ("job", "instance", "rank"):
                 assert f'{label}=~"${label}"' in expr, (panel["title"], label)
         for match in counter.finditer(expr):
-            before = expr[: match.start()]
+            before, after = expr[: match.start()], expr[match.end() :]
+            if match.group(2) is None:
+                # The one exception: a series born within the window counts from 0,
+                # `(increase(X[w]) or (X unless X offset w))`, as the rules do.
+                assert re.match(r" unless | offset \$__(rate_interval|range)\)", after), (panel["title"], match.group(0))
+                assert re.search(r"increase\(" + re.escape(match.group(0)) + r"\[\$__\w+\]\) or \($", before) or (
+                    before.endswith(" unless ")
+                ), (panel["title"], match.group(0))
+                continue
             assert re.search(r"(rate|increase)\($", before), (panel["title"], match.group(1))
             assert match.group(2) in ("[$__rate_interval]", "[$__range]"), (panel["title"], match.group(0))
 
@@ -211,7 +219,7 @@ def test_every_variable_query_finds_the_demo(live: tuple[Stack, str]) -> None:
 
     assert values("job") == ["gradtel"]
     assert values("instance") == [instance]
-    assert values("layer") == ["body.0", "body.2", "embed", "head"]
+    assert values("layer") == ["body.0", "head"]  # on demand: the layers that had NaN or Inf
     assert values("rank") == []  # a single process has no rank label; "All" still matches it
 
 

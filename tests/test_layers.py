@@ -25,8 +25,9 @@ def test_layer_name(name: str, depth: int | None, label: str) -> None:
 def test_layers_past_the_bound_fold_into_overflow() -> None:
     names = [f"blocks.{i}.weight" for i in range(5)] + ["blocks.0.bias", "head.weight"]
     labels = assign_layers(names, max_layers=3)
+    # Both ends keep their labels: the output end is where backward starts.
     assert labels == [
-        "blocks.0", "blocks.1", "blocks.2", OVERFLOW_LAYER, OVERFLOW_LAYER, "blocks.0", OVERFLOW_LAYER
+        "blocks.0", "blocks.1", OVERFLOW_LAYER, OVERFLOW_LAYER, OVERFLOW_LAYER, "blocks.0", "head"
     ]  # fmt: skip
 
 

@@ -77,7 +77,7 @@ def test_every_series_exists_at_zero_before_any_update(
     provider: MeterProvider, registry: CollectorRegistry
 ) -> None:
     before = time.time()
-    GradMonitor(TwoLayer(), meter_provider=provider)
+    GradMonitor(TwoLayer(), meter_provider=provider, layer_series="all")
     found = samples(registry)
     for layer in ("fc1", "fc2"):
         for name in (
@@ -202,11 +202,12 @@ def test_layer_bound_and_depth_shape_the_labels(
 ) -> None:
     model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(5)])
     monitor = GradMonitor(model, meter_provider=provider, max_layers=2, on_warning="ignore")
-    assert monitor.layers == ("0", "1", gradtel.OVERFLOW_LAYER)
+    assert monitor.layers == ("0", gradtel.OVERFLOW_LAYER, "4")
     backward(model, torch.randn(1, 2))
+    poison(model[2].weight.grad, nan=1)
     poison(model[3].weight.grad, nan=1)
     poison(model[4].weight.grad, nan=1)
-    assert monitor.collect().nan_by_layer == {gradtel.OVERFLOW_LAYER: 2}
+    assert monitor.collect().nan_by_layer == {gradtel.OVERFLOW_LAYER: 2, "4": 1}
     assert sample(samples(registry), "gradtel_nan_grads_total", layer="(other)") == 2
     nested = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
     assert GradMonitor(nested, meter_provider=provider, layer_depth=1).layers == ("0",)
@@ -323,8 +324,8 @@ def test_monitors_sharing_a_provider_share_series(
     provider: MeterProvider, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING):
-        a, b = GradMonitor(TwoLayer(), meter_provider=provider), GradMonitor(
-            nn.Linear(2, 2), meter_provider=provider
+        a, b = GradMonitor(TwoLayer(), meter_provider=provider, layer_series="all"), GradMonitor(
+            nn.Linear(2, 2), meter_provider=provider, layer_series="all"
         )
     assert caplog.records == []  # no duplicate-instrument warnings from the SDK
     found = samples(registry)

@@ -366,7 +366,7 @@ def test_lightning_model_built_in_configure_model(
     trainer = pl.Trainer(
         max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-        callbacks=[GradtelCallback(serve_metrics=False, meter_provider=provider)],
+        callbacks=[GradtelCallback(serve_metrics=False, meter_provider=provider, layer_series="all")],
     )  # fmt: skip
     trainer.fit(Late(), torch.utils.data.DataLoader(data, batch_size=8))
     found = samples(registry)

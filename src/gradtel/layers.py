@@ -91,11 +91,14 @@ def assign_layers(
     max_layers: int = DEFAULT_MAX_LAYERS,
     depth: int | None = None,
 ) -> list[str]:
-    """Label each parameter, folding layers past ``max_layers`` into ``"(other)"``.
+    """Label each parameter, folding the middle layers past ``max_layers`` into ``"(other)"``.
 
-    Layers keep their own label in order of first appearance (the order of
-    ``named_parameters()``, i.e. module registration order). When every name
-    starts with ``module.`` (a DDP or DataParallel wrapper, possibly inside
+    Layers are taken in order of first appearance (the order of
+    ``named_parameters()``, i.e. module registration order). Past
+    ``max_layers``, the first half and the last half keep their own labels and
+    the layers between them fold: the input end and the output end, where
+    backward starts and where a NaN is first seen, are never folded. When every
+    name starts with ``module.`` (a DDP or DataParallel wrapper, possibly inside
     ``torch.compile``), that prefix is dropped too.
 
     Args:
@@ -110,8 +113,8 @@ def assign_layers(
         TypeError: ``max_layers`` or ``depth`` is not an int.
         ValueError: ``max_layers`` or ``depth`` is smaller than 1.
 
-    >>> assign_layers(["a.weight", "a.bias", "b.weight", "c.weight"], max_layers=2)
-    ['a', 'a', 'b', '(other)']
+    >>> assign_layers(["a.weight", "a.bias", "b.weight", "c.weight", "d.weight"], max_layers=2)
+    ['a', 'a', '(other)', '(other)', 'd']
     >>> assign_layers(["_orig_mod.module.fc.weight", "_orig_mod.module.bias"])
     ['fc', '(root)']
     """
@@ -120,17 +123,13 @@ def assign_layers(
     names = [_without_wrappers(name) for name in param_names]
     while names and all(n.startswith(DATA_PARALLEL_PREFIX) for n in names):
         names = [n[len(DATA_PARALLEL_PREFIX) :] for n in names]
-    kept: set[str] = set()
-    labels = []
-    for name in names:
-        label = layer_name(name, depth)
-        if label not in kept:
-            if len(kept) >= max_layers:
-                label = OVERFLOW_LAYER
-            else:
-                kept.add(label)
-        labels.append(label)
-    return labels
+    labels = [layer_name(name, depth) for name in names]
+    order = distinct(labels)
+    if len(order) <= max_layers:
+        return labels
+    head = (max_layers + 1) // 2
+    kept = set(order[:head]) | set(order[len(order) - (max_layers - head) :])
+    return [label if label in kept else OVERFLOW_LAYER for label in labels]
 
 
 def _without_wrappers(param_name: str) -> str:

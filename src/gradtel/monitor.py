@@ -166,13 +166,18 @@ class GradMonitor:
             (:class:`~gradtel.NonFiniteGradientError`) or ``"skip"`` (clear the
             gradients so the next optimizer step changes nothing).
         on_critical: The same for a critical update.
-        max_layers: Distinct ``layer`` labels kept (1..1998); further layers
-            are reported as ``"(other)"``. Default 1000.
+        max_layers: Distinct ``layer`` labels kept (1..1998); past it the
+            layers in the middle of the model are reported as ``"(other)"``,
+            never those at either end. Default 1000.
         layer_depth: Truncate layer labels to this many module-path components
             (``None``: full path).
         meter_provider: OpenTelemetry ``MeterProvider`` to record into; default
             gradtel's own, exported on prometheus-client's global registry.
             Two live monitors may not watch the same parameter on one provider.
+        layer_series: ``"on_demand"`` (default): a layer's series appear the
+            first time it has a NaN or Inf, so a healthy process exports a
+            fixed number of series whatever the model's size; ``"all"``: every
+            trainable layer's series exist from the start, at 0.
         sample_every: Scan one update in this many (default 1: every update).
             Updates left out are not scanned, recorded or counted anywhere:
             the returned ``GradHealth`` has ``sampled=False`` and status UNKNOWN.
@@ -207,6 +212,7 @@ class GradMonitor:
         max_layers: int = DEFAULT_MAX_LAYERS,
         layer_depth: int | None = None,
         meter_provider: MeterProvider | None = None,
+        layer_series: Literal["on_demand", "all"] = "on_demand",
         sample_every: int = 1,
         on_error: Literal["warn", "raise"] = "warn",
     ) -> None:
@@ -223,6 +229,8 @@ class GradMonitor:
                     f"max_layers must be from 1 to {MAX_LAYERS_LIMIT}, got {max_layers}; "
                     "use layer_depth= to group layers instead"
                 )
+        if layer_series not in ("on_demand", "all"):
+            raise ValueError(f"layer_series must be 'on_demand' or 'all', got {layer_series!r}")
         if isinstance(sample_every, bool) or not isinstance(sample_every, int) or sample_every < 1:
             raise ValueError(f"sample_every must be an int >= 1, got {sample_every!r}")
         if meter_provider is not None and not hasattr(meter_provider, "get_meter"):
@@ -240,6 +248,7 @@ class GradMonitor:
         self._module = model if isinstance(model, torch.nn.Module) else None
         self._naming = {"max_layers": max_layers, "depth": layer_depth}
         self.thresholds = thresholds
+        self.layer_series = layer_series
         self.sample_every = sample_every
         self._on_error = on_error
         self._step = 0
@@ -329,8 +338,11 @@ class GradMonitor:
             return True
 
     def _trainable_layers(self) -> list[str]:
-        # Series at 0 for layers that train now; a frozen base model (a LoRA
-        # fine-tune) does not export hundreds of zero series.
+        """The layers whose series exist from the start: none on demand; with
+        ``layer_series="all"`` those that train now (a frozen base model, as in a
+        LoRA fine-tune, does not export hundreds of zero series)."""
+        if self.layer_series == "on_demand":
+            return []
         return distinct([label for label, p in zip(self._labels, self._params) if p.requires_grad])
 
     @property

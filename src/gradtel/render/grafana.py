@@ -150,6 +150,12 @@ def _status_panels(o: KitOptions) -> list[Any]:
     return panels
 
 
+def _moved(series: str, window: str) -> str:
+    """How much a counter moved in ``window``, counting a series born within it from 0:
+    per-layer series appear with their first bad update (``layer_series="on_demand"``)."""
+    return f"(increase({series}[{window}]) or ({series} unless {series} offset {window}))"
+
+
 def _row(title: str, y: int) -> dashboard.Row:
     return dashboard.Row(title).grid_pos(_grid(0, y, 24, 1))
 
@@ -168,8 +174,8 @@ def _timeseries(title: str, unit: str, expr: str, legend: str, grid: model.GridP
 
 def _dashboard(o: KitOptions) -> dashboard.Dashboard:
     nonfinite = (
-        f"sum by (layer) (increase(gradtel_nan_grads_total{{{_LAYERS}}}[$__range]))"
-        f" + sum by (layer) (increase(gradtel_inf_grads_total{{{_LAYERS}}}[$__range]))"
+        f"sum by (layer) {_moved(f'gradtel_nan_grads_total{{{_LAYERS}}}', '$__range')}"
+        f" + sum by (layer) {_moved(f'gradtel_inf_grads_total{{{_LAYERS}}}', '$__range')}"
     )
     board = (
         dashboard.Dashboard("gradtel: gradient health")
@@ -191,7 +197,11 @@ def _dashboard(o: KitOptions) -> dashboard.Dashboard:
             _variable("rank", 'label_values(gradtel_updates_total{job=~"$job", instance=~"$instance"}, rank)', "Rank")
         )
         .with_variable(
-            _variable("layer", f"label_values(gradtel_nan_grads_total{{{_SELECT}}}, layer)", "Layer")
+            _variable(
+                "layer",
+                f'label_values({{__name__=~"gradtel_(nan|inf)_grads_total", {_SELECT}}}, layer)',
+                "Layer",
+            )
         )
         .with_row(_row("Status", 0))
     )
@@ -213,7 +223,7 @@ def _dashboard(o: KitOptions) -> dashboard.Dashboard:
             _timeseries(
                 f"{label} values per layer",
                 "short",
-                f"sum by (layer) (increase(gradtel_{kind}_grads_total{{{_LAYERS}}}[$__rate_interval])) > 0",
+                f"sum by (layer) {_moved(f'gradtel_{kind}_grads_total{{{_LAYERS}}}', '$__rate_interval')} > 0",
                 "{{layer}}",
                 _grid(x, 6, 8, 8),
                 f"{label} gradient values per layer in each interval; layers with none are hidden.",
@@ -232,8 +242,8 @@ def _dashboard(o: KitOptions) -> dashboard.Dashboard:
         _timeseries(
             "Non-finite values by rank",
             "short",
-            f"sum by (rank) (increase(gradtel_nan_grads_total{{{_SELECT}}}[$__rate_interval]))"
-            f" + sum by (rank) (increase(gradtel_inf_grads_total{{{_SELECT}}}[$__rate_interval]))",
+            f"sum by (rank) {_moved(f'gradtel_nan_grads_total{{{_SELECT}}}', '$__rate_interval')}"
+            f" + sum by (rank) {_moved(f'gradtel_inf_grads_total{{{_SELECT}}}', '$__rate_interval')}",
             "rank {{rank}}",
             _grid(12, 15, 12, 8),
             "Which rank produces the non-finite gradients (no rank label: a single process).",
