@@ -78,3 +78,9 @@ def scrape(url: str) -> str:
     request = urllib.request.Request(url, headers=PROMETHEUS_HEADERS)
     with urllib.request.urlopen(request, timeout=10) as response:
         return str(response.read().decode())
+
+
+def absent(found: Samples, name: str, **labels: str) -> None:
+    """No such series: a per-layer series appears only with its layer's first NaN or Inf."""
+    key = (name, frozenset(labels.items()))
+    assert key not in found, f"unexpected sample {name}{labels} = {found[key]}"

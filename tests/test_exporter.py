@@ -303,9 +303,9 @@ def test_negative_exit_grace_is_refused() -> None:
 def test_each_rank_of_a_node_serves_on_base_port_plus_local_rank(
     monkeypatch: pytest.MonkeyPatch, registry: CollectorRegistry
 ) -> None:
-    from .test_distributed import two_free_ports
+    from .test_distributed import free_ports
 
-    base = two_free_ports()
+    base = free_ports(2)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     with serve(port=base, registry=registry, exit_grace=0) as rank_one:

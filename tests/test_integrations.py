@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from .conftest import fetch, parse, sample
+from .conftest import absent, fetch, parse, sample
 
 pytestmark = [
     pytest.mark.slow,
@@ -71,7 +71,7 @@ def test_lightning_callback(tmp_path: Path) -> None:
     found = parse(scraped[0])
     assert sample(found, "gradtel_updates_total") - updates_before == 5
     assert sample(found, "gradtel_nan_grads_total", layer="lit_encoder") == 3
-    assert sample(found, "gradtel_nan_grads_total", layer="lit_head") == 0
+    absent(found, "gradtel_nan_grads_total", layer="lit_head")
     assert gradtel_callback.session.server is None  # closed at teardown
 
 
@@ -119,5 +119,5 @@ def test_transformers_trainer_callback_counts_before_clipping(tmp_path: Path) ->
     assert sample(found, "gradtel_updates_total") - updates_before == 4
     # Counted before the Trainer clipped (clipping would have made every gradient NaN).
     assert sample(found, "gradtel_nan_grads_total", layer="transformer.h.1.mlp.c_fc") == 3
-    assert sample(found, "gradtel_nan_grads_total", layer="transformer.h.0.mlp.c_fc") == 0
+    absent(found, "gradtel_nan_grads_total", layer="transformer.h.0.mlp.c_fc")
     assert sample(found, "gradtel_skipped_updates_total", reason="policy") - skips_before == 1

@@ -168,10 +168,6 @@ def _run(
 ) -> int:
     torch.manual_seed(seed)
     terminal = _Terminal(out)
-    handler = _SayHandler(terminal)
-    gradtel_logger = logging.getLogger("gradtel")
-    gradtel_logger.addHandler(handler)
-    gradtel_logger.propagate = False
 
     server = serve(port=port, addr=addr, on_error="raise")
     local: Stack | None = None
@@ -189,6 +185,11 @@ def _run(
         except BaseException:
             server.close(grace=0)
             raise
+    # Added once nothing can fail before the finally that removes it.
+    handler = _SayHandler(terminal)
+    gradtel_logger = logging.getLogger("gradtel")
+    gradtel_logger.addHandler(handler)
+    gradtel_logger.propagate = False
     model = DemoNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     monitor = GradMonitor(model, on_warning="skip", on_critical="skip")
