@@ -140,6 +140,7 @@ class StackTimings:
     evaluation_interval: str = "5s"
     group_wait: str = "10s"
     group_interval: str = "1m"
+    resend_delay: str = "2s"
 
 
 @dataclass
@@ -206,6 +207,9 @@ class Stack:
                 f"--config.file={config / 'prometheus.yml'}",
                 f"--storage.tsdb.path={self.root / 'prometheus-data'}",
                 f"--web.listen-address=127.0.0.1:{self.prometheus_port}",
+                # Send changed annotations (more ranks, the origin rank) to Alertmanager
+                # before its group_wait ends, not a minute later.
+                f"--rules.alert.resend-delay={self.timings.resend_delay}",
             ],
         )
         for name, url in (("alertmanager", self.alertmanager_url), ("prometheus", self.prometheus_url)):
