@@ -185,7 +185,9 @@ def test_demo_stack_prints_a_page_within_a_minute_and_cleans_up(
             page = line
             break
     assert page, "no page within a minute"
-    assert "Layers with Inf values in that window: head (7)." in page
+    # 7 Inf in head per injected update; more than one may come before the page leaves.
+    layers = re.search(r"Layers with Inf values in that window: head \((\d+)\)\.", page)
+    assert layers and int(layers.group(1)) % 7 == 0, page
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err

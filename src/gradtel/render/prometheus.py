@@ -43,7 +43,13 @@ def _run_selector(extra: str = "") -> tuple[str, list[str]]:
 
 def _born_or_increased(series: str, window: str) -> str:
     """Series that moved in the window, those born above 0 within it included."""
-    return f"(increase({series}[{window}]) > 0 or ({series} > 0 unless {series} offset {window}))"
+    return f"(increase({series}[{window}]) > 0 or {_born(series, window)})"
+
+
+def _born(series: str, window: str) -> str:
+    """Series born within the window, above 0: ``increase()`` cannot see their first value.
+    ``last_over_time`` keeps a process that died since (its series went stale)."""
+    return f"(last_over_time({series}[{window}]) > 0 unless {series} offset {window})"
 
 
 def _where() -> str:
@@ -70,7 +76,7 @@ def _top_layers_template(o: KitOptions, kind: str) -> str:
     current = f"gradtel_{kind}_grads_total{{{selector}}}"
     window = f"{current}[{o.window}]"
     query = _query(
-        f"sort_desc(topk(3, max by (layer) (({current} > 0 unless {current} offset {o.window}) "
+        f"sort_desc(topk(3, max by (layer) ({_born(current, o.window)} "
         f"or (max_over_time({window}) - min_over_time({window}) > 0))))",
         *args * 4,
     )
@@ -109,7 +115,7 @@ def _unhealthy_rule(o: KitOptions, kind: str, severity: str) -> dict[str, Any]:
         # above 0 (the very first update was unhealthy).
         "expr": (
             f"count by ({INCIDENT}, kind) (\n  increase({series}[{o.window}]) > 0\n  or\n"
-            f"  ({series} > 0 unless {series} offset {o.window})\n)"
+            f"  {_born(series, o.window)}\n)"
         ),
         "labels": {"severity": severity},
         "annotations": {
