@@ -44,8 +44,9 @@ def main() -> None:
             sys.stdout.write(f"injected {time.time()}\n")
             sys.stdout.flush()
         optimizer.zero_grad()
-        torch.nn.functional.mse_loss(model(inputs), targets).backward()
-        monitor.collect()
+        loss = torch.nn.functional.mse_loss(model(inputs), targets)
+        loss.backward()
+        monitor.collect(loss=loss)
         optimizer.step()
         time.sleep(0.1)
 

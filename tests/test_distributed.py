@@ -5,15 +5,23 @@ Prometheus and Alertmanager with the rendered kit deliver exactly one page for t
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
+from prometheus_client import CollectorRegistry
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
+import gradtel
 from gradtel.stack import Stack, StackTimings, free_port
 
 from .conftest import parse, require_tool, sample, scrape
@@ -96,6 +104,7 @@ def test_one_page_says_the_nan_originated_on_rank_2_and_nothing_is_lost_at_exit(
         assert (page.alertname, page.severity) == ("GradtelNaNGradients", "critical")
         assert "affected ranks: 4." in page.description
         assert "originated on rank 2." in page.description, page.description
+        assert "The loss was already non-finite: it entered in the forward pass." in page.description
         assert f"at update {BAD_UPDATE}." in page.description
         assert [p for p in stack.receiver.firing("chat") if p.alertname != "GradtelExporterDown"] == []
         print(f"\ninjection -> page: {page.received - injected:.1f}s; page: {page.description}")
@@ -104,3 +113,68 @@ def test_one_page_says_the_nan_originated_on_rank_2_and_nothing_is_lost_at_exit(
             run.kill()
             run.communicate()
         stack.stop()
+
+
+@pytest.fixture
+def one_rank_group() -> Iterator[None]:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+
+def test_own_gradients_are_counted_before_the_reduction_with_any_hook(one_rank_group: None) -> None:
+    ddp = nn.parallel.DistributedDataParallel(net())
+    monitor = gradtel.GradMonitor(
+        ddp, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()), on_critical="ignore"
+    )
+    assert monitor.layers == ("0", "2")  # no "module."
+
+    def update(bad: bool) -> gradtel.GradHealth:
+        x = torch.randn(4, 4)
+        if bad:
+            x[1, 2] = float("nan")
+        ddp.zero_grad()
+        loss = ddp(x).sum()
+        loss.backward()
+        return monitor.collect(loss=loss)
+
+    healthy = update(False)
+    assert (healthy.local_nan_total, healthy.local_inf_total, healthy.loss_finite) == (0, 0, True)
+    bad = update(True)
+    assert bad.local_nan_total == bad.nan_total > 0 and bad.originated_here and bad.loss_finite is False
+    # A hook registered later becomes the reduction behind gradtel's count.
+    ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    assert update(True).local_nan_total == bad.nan_total
+    assert update(False).local_nan_total == 0
+
+
+def test_a_model_with_a_hook_of_its_own_uses_ddp_comm_hook(
+    one_rank_group: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    ddp = nn.parallel.DistributedDataParallel(net())
+    ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    with caplog.at_level(logging.WARNING, logger="gradtel"):
+        gradtel.GradMonitor(ddp, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()))
+    assert "register gradtel.ddp_comm_hook(monitor, inner=your_hook)" in caplog.text
+    other = nn.parallel.DistributedDataParallel(net())
+    monitor = gradtel.GradMonitor(
+        other.module, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()), on_critical="ignore"
+    )
+    other.register_comm_hook(None, gradtel.ddp_comm_hook(monitor, inner=default_hooks.fp16_compress_hook))
+    x = torch.randn(4, 4)
+    x[0, 0] = float("inf")
+    other(x).sum().backward()
+    health = monitor.collect()
+    assert health.local_inf_total == health.inf_total > 0
+
+
+def test_a_loss_that_is_not_a_tensor_is_refused() -> None:
+    model = net()
+    monitor = gradtel.GradMonitor(model, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()))
+    with pytest.raises(TypeError, match=r"loss must be a tensor or None, got 1.5 \(float\)"):
+        monitor.collect(loss=1.5)  # type: ignore[arg-type]

@@ -137,6 +137,10 @@ class GradHealth:
     local_inf_total: int | None = None
     """±Inf values in this rank's own gradients before the cross-rank reduction."""
 
+    loss_finite: bool | None = None
+    """Whether the loss passed to ``collect(loss=...)`` was finite; False means the
+    NaN or Inf was already there in the forward pass. None when no loss was given."""
+
     @property
     def originated_here(self) -> bool:
         """This rank's own gradients held NaN or ±Inf before the cross-rank reduction."""
@@ -199,6 +203,8 @@ class GradHealth:
                 f"; this rank's own gradients held NaN={self.local_nan_total} "
                 f"Inf={self.local_inf_total} before the cross-rank reduction"
             )
+        if self.loss_finite is False:
+            line += "; the loss was already non-finite: it entered in the forward pass"
         if self.amp_overflow:
             line += "; an AMP overflow: the GradScaler skips this step"
         return line

@@ -360,6 +360,7 @@ class GradMonitor:
         *,
         norms: torch.Tensor | Mapping[torch.Tensor, torch.Tensor] | None = None,
         scaler: torch.amp.GradScaler | None = None,
+        loss: torch.Tensor | None = None,
     ) -> GradHealth:
         """Scan the current gradients, record them and apply the policy.
 
@@ -376,6 +377,11 @@ class GradMonitor:
                 overflow the scaler handles by skipping the step: counted in
                 ``gradtel_skipped_updates_total{reason="amp_overflow"}``, not as
                 an unhealthy update, and no policy acts on them.
+            loss: This update's loss (of the last micro-batch with gradient
+                accumulation): gradtel reads whether it was finite with the
+                update's own read-out, and says so when the NaN or Inf entered
+                in the forward pass (``GradHealth.loss_finite``,
+                ``gradtel_nonfinite_loss_updates_total``).
 
         Returns:
             The update's :class:`~gradtel.GradHealth`; its status is UNKNOWN
@@ -398,7 +404,9 @@ class GradMonitor:
                 return GradHealth(thresholds=self.thresholds, step=self._step, sampled=False)
             self._check_norms(norms)
             overflow_possible = _check_scaler(scaler)
-            health = self._scan(norms)
+            if loss is not None and not isinstance(loss, torch.Tensor):
+                raise TypeError(f"loss must be a tensor or None, got {loss!r} ({type(loss).__name__})")
+            health = self._scan(norms, loss)
             if overflow_possible and health.nan_total + health.inf_total:
                 health = dataclasses.replace(health, amp_overflow=True)
                 logger.debug("%s", health.describe())
@@ -500,10 +508,14 @@ class GradMonitor:
 
     @torch.no_grad()
     def _scan(
-        self, norms: torch.Tensor | Mapping[torch.Tensor, torch.Tensor] | None
+        self,
+        norms: torch.Tensor | Mapping[torch.Tensor, torch.Tensor] | None,
+        loss: torch.Tensor | None,
     ) -> GradHealth:
         values, present, skipped, dense = self._gather()
-        origin = self.origin.take()
+        # Read with the update's own read-out: this rank's counts before the
+        # reduction, and whether the loss was already non-finite.
+        origin, loss_bad = self.origin.take(), _loss_bad(loss)
         unscanned = self._unscanned(values, skipped)
         if unscanned is not None:
             return self._health(unscanned=unscanned, skipped=skipped)
@@ -519,13 +531,17 @@ class GradMonitor:
                     summary.append(torch.linalg.vector_norm(v) if norm is None else norm)
         # Sparse gradients change size every update: plan them anew each time.
         slots = present if dense else None
-        counts = self._guarded("scan", lambda: self._scanner.count(values, slots, summary, origin))
+        extra = _joined([t for t in (origin, loss_bad) if t is not None])
+        counts = self._guarded("scan", lambda: self._scanner.count(values, slots, summary, extra))
         if counts is None:  # the scan failed: nothing was counted, say so
             return self._health(unscanned="scan_error", skipped=len(self._params))
-        local: dict[str, int] = {}
+        read = list(self._scanner.also_read)
+        local: dict[str, Any] = {}
         if self.origin.installed:
-            nan, inf = self._scanner.also_read if origin is not None else (0, 0)
+            nan, inf = read[:2] if origin is not None else (0, 0)
             local = {"local_nan_total": nan, "local_inf_total": inf}
+        if loss is not None:
+            local["loss_finite"] = not read[-1]
         nan_by_layer: dict[str, int] = {}
         inf_by_layer: dict[str, int] = {}
         for i, (nan, inf) in counts.items():
@@ -588,6 +604,21 @@ class GradMonitor:
         self._error_log.log(
             stage, logging.ERROR, "gradtel %s failed, training continues: %r", stage, exc
         )
+
+
+def _loss_bad(loss: torch.Tensor | None) -> torch.Tensor | None:
+    """A 1-element int64 tensor, 1 when ``loss`` holds a NaN or Inf (no host read)."""
+    if loss is None:
+        return None
+    return torch.isfinite(loss.detach()).all().logical_not().long().reshape(1)
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """Small int64 tensors as one, on the first one's device, for one read-out."""
+    if not parts:
+        return None
+    device = parts[0].device
+    return torch.cat([p.to(device, non_blocking=True) for p in parts])
 
 
 def _check_scaler(scaler: object) -> bool:

@@ -213,6 +213,14 @@ class _Instruments:
                 "held NaN (kind=nan) or ±Inf (kind=inf): the rank where it started."
             ),
         )
+        self.nonfinite_loss = meter.create_counter(
+            "gradtel_nonfinite_loss_updates",
+            unit="1",
+            description=(
+                "Updates whose loss, given to collect(loss=...), was already NaN or ±Inf: "
+                "the values entered in the forward pass."
+            ),
+        )
         self.errors = meter.create_counter(
             "gradtel_errors", unit="1", description="Failures inside gradtel, by stage; training went on."
         )
@@ -363,6 +371,7 @@ class GradTelemetry:
             ins.unscanned.add(0, attrs)
         for attrs in self._origin_attrs.values():
             ins.origin.add(0, attrs)
+        ins.nonfinite_loss.add(0, self._base)
         ins.updates.add(0, self._base)
         ins.status.set(Status.UNKNOWN.level, self._base)  # no update looked at yet
         ins.last_update.set(start_time, self._base)
@@ -396,6 +405,8 @@ class GradTelemetry:
         for kind, local in (("nan", health.local_nan_total), ("inf", health.local_inf_total)):
             if local:
                 ins.origin.add(1, self._origin_attrs[kind])
+        if health.loss_finite is False:
+            ins.nonfinite_loss.add(1, self._base)
         if health.amp_overflow:
             # Handled by the scaler: not an unhealthy update, and the per-layer
             # series keep describing the updates that reached the optimizer.

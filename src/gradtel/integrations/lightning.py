@@ -12,6 +12,7 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
+from torch import Tensor
 from torch.optim import Optimizer
 
 from . import Session
@@ -30,14 +31,18 @@ class GradtelCallback(Callback):
         self, *, port: int | None = None, addr: str | None = None, serve_metrics: bool = True, **monitor_options: Any
     ) -> None:
         self.session = Session(port, addr, serve_metrics, monitor_options)
+        self._loss: Tensor | None = None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.session.start(pl_module)
 
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
+        self._loss = loss.detach()  # said in the page when the NaN was already in the loss
+
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer
     ) -> None:
-        self.session.collect()
+        self.session.collect(loss=self._loss)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":

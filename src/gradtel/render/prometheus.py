@@ -67,6 +67,14 @@ def _origin_template(o: KitOptions) -> str:
     )
 
 
+def _loss_template(o: KitOptions) -> str:
+    """Says so when a rank's loss was already non-finite: the values entered in the forward pass."""
+    selector, args = _run_selector()
+    series = f"gradtel_nonfinite_loss_updates_total{{{selector}}}"
+    query = _query(_born_or_increased(series, o.window), *args * 3)
+    return f"{{{{ with {query} }}}} The loss was already non-finite: it entered in the forward pass.{{{{ end }}}}"
+
+
 def _top_layers_template(o: KitOptions, kind: str) -> str:
     # A series younger than the window counts from 0 at start: its value is the
     # count. Otherwise max - min over the window, exact for a counter without a
@@ -124,6 +132,7 @@ def _unhealthy_rule(o: KitOptions, kind: str, severity: str) -> dict[str, Any]:
                 f"{_where()}: an update in the last {o.window} had {band_text(o, severity)} "
                 f"{label} gradient values; affected ranks: {{{{ $value }}}}."
                 + _origin_template(o)
+                + _loss_template(o)
                 + _top_layers_template(o, kind)
                 + _first_bad_template(o)
             ),

@@ -64,6 +64,7 @@ def _unhealthy_alert(
     *,
     ranks: int = 1,
     origin: str = "",
+    forward: bool = False,
 ) -> dict[str, Any]:
     """The one alert of a run; ``origin`` is the expected "It originated on ..." sentence."""
     label = KINDS[kind]
@@ -75,6 +76,7 @@ def _unhealthy_alert(
                 f"{o.job}: an update in the last {o.window} had {band_text(o, severity)} {label} "
                 f"gradient values; affected ranks: {ranks}."
                 + (f" {origin}" if origin else "")
+                + (" The loss was already non-finite: it entered in the forward pass." if forward else "")
                 + f" Layers with {label} values in that window: {layers}."
                 + (
                     f" First bad layer in backward order: {first_bad[0]}, at update {first_bad[1]}."
@@ -186,6 +188,14 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
                 ),
             )
         ],
+    )
+    case(
+        f"{nan} says when the loss was already non-finite (the forward pass)",
+        [
+            _band(o, "nan", "critical", _steps(3, 1, span)),
+            _series("gradtel_nonfinite_loss_updates_total", _labels(o), _steps(3, 1, span)),
+        ],
+        [_check(3, nan, _unhealthy_alert(o, "nan", "critical", "none in the counters yet", forward=True))],
     )
     case(
         f"{nan} names every rank it originated on",
