@@ -24,7 +24,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 import gradtel
 from gradtel.stack import Stack, StackTimings, free_port
 
-from .conftest import parse, require_tool, sample, scrape
+from .conftest import require_tool
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import atexit
 import errno
 import logging
-import math
 import os
 import re
 import signal
@@ -26,7 +25,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from types import FrameType
-from typing import Any, Literal
+from typing import Literal
 
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.metrics_core import Metric

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import _checks
 from ._ratelimit import RateLimitedLog
-from .health import GradHealth, Status, Thresholds
+from .health import GradHealth, Thresholds
 from .hooks import Attachment, attach
 from .layers import DEFAULT_MAX_LAYERS, assign_layers, distinct
 from .origin import OriginCounter, install_origin_hook
