@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# Make .venv hold gradtel (editable). Words: "test" adds the test tools;
+# Make .venv hold gradtel (editable). Words: "test" adds the test tools (and
+# every extra); "deploy" adds the deploy extra (gradtel render, demo --stack);
 # "debian" installs the Debian prometheus and prometheus-alertmanager
 # packages (as root; otherwise says how). Idempotent: Python packages are
 # re-installed only when pyproject.toml or the words change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-with_test=no with_debian=no
+with_test=no with_deploy=no with_debian=no
 for word in "$@"; do
   case "$word" in
     test) with_test=yes ;;
+    deploy) with_deploy=yes ;;
     debian) with_debian=yes ;;
-    *) echo "setup: unknown word '$word' (allowed: test, debian)" >&2; exit 2 ;;
+    *) echo "setup: unknown word '$word' (allowed: test, deploy, debian)" >&2; exit 2 ;;
   esac
 done
+extras=none
+[ "$with_deploy" = yes ] && extras=deploy
+[ "$with_test" = yes ] && extras=test  # the test tools include every extra
 
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
@@ -21,15 +26,16 @@ python=${PYTHON:-python3}
 stamp=.venv/.gradtel-setup
 hash=$(sha256sum pyproject.toml | cut -d' ' -f1)
 have=$(cat "$stamp" 2>/dev/null || true)
-# An install with the test tools also serves a plain one.
-if [ "$have" != "$hash test=$with_test" ] && [ "$have" != "$hash test=yes" ]; then
+# An install with the test tools also serves a plain or deploy one, a deploy one a plain one.
+if [ "$have" != "$hash extras=$extras" ] && [ "$have" != "$hash extras=test" ] \
+  && ! { [ "$extras" = none ] && [ "$have" = "$hash extras=deploy" ]; }; then
   echo "setup: installing Python packages into .venv" >&2
   # The CPU wheel, pinned: an unpinned torch would pull gigabytes of CUDA packages.
   .venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
   target="."
-  [ "$with_test" = yes ] && target=".[test]"
+  [ "$extras" != none ] && target=".[$extras]"
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e "$target"
-  echo "$hash test=$with_test" >"$stamp"
+  echo "$hash extras=$extras" >"$stamp"
 fi
 
 if [ "$with_debian" = yes ] && ! { command -v promtool && command -v prometheus-alertmanager; } >/dev/null; then

@@ -45,3 +45,51 @@ def test_every_module_lists_its_public_names() -> None:
         assert module.__all__, name
         for public in module.__all__:
             assert hasattr(module, public), f"gradtel.{name}.{public}"
+
+
+CORE = {"torch", "numpy", "opentelemetry-sdk", "opentelemetry-exporter-prometheus", "prometheus-client"}
+
+
+def test_the_core_install_is_lean() -> None:
+    import re
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=!~ \[]", requirement)[0] for requirement in project["dependencies"]}
+    assert names == CORE
+    assert {"pyyaml", "grafana-foundation-sdk"} <= {
+        re.split(r"[<>=!~ ]", r)[0] for r in project["optional-dependencies"]["deploy"]
+    }
+
+
+def test_neither_training_nor_the_plain_demo_imports_the_deploy_kit() -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import gradtel, gradtel.demo, gradtel.integrations, sys; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('yaml', 'grafana_foundation_sdk')))"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_render_without_the_deploy_extra_says_how_to_install_it(tmp_path: object) -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "class NoYaml:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('yaml', 'grafana_foundation_sdk'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name.split('.')[0])\n"
+        "sys.meta_path.insert(0, NoYaml())\n"
+        "from gradtel.cli import main\n"
+        f"sys.exit(main(['render', '--out', {str(tmp_path)!r}]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert "gradtel render: needs the deploy extra" in out.stderr
+    assert "pip install 'gradtel[deploy]'" in out.stderr

@@ -9,6 +9,9 @@ from collections.abc import Sequence
 
 __all__ = ["main"]
 
+_DEPLOY_MODULES = ("yaml", "grafana_foundation_sdk")
+"""What ``gradtel render`` and ``gradtel demo --stack`` need beyond the core install."""
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -144,6 +147,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             stack=args.stack,
             keep_data=args.keep_data,
         )
+    except ModuleNotFoundError as exc:
+        if exc.name not in _DEPLOY_MODULES:
+            raise
+        print(
+            f"gradtel {args.command}: needs the deploy extra ({exc.name} is not installed): "
+            "pip install 'gradtel[deploy]'",
+            file=sys.stderr,
+        )
+        return 1
     except (OSError, ValueError, TypeError) as exc:
         print(f"gradtel {args.command}: {exc}", file=sys.stderr)
         return 1

@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import torch
 from torch import nn
@@ -32,7 +32,9 @@ from torch import nn
 from .banner import progress_bar, status_line
 from .exporter import serve
 from .monitor import GradMonitor
-from .stack import Stack
+
+if TYPE_CHECKING:
+    from .stack import Stack
 
 __all__ = ["DemoNet", "Injection", "SCHEDULE", "SCHEDULE_PERIOD", "injection_for", "run_demo"]
 
@@ -172,6 +174,8 @@ def _run(
     server = serve(port=port, addr=addr, on_error="raise")
     local: Stack | None = None
     if stack:
+        from .stack import Stack  # the deploy extra: only --stack needs it
+
         try:
             local = Stack(
                 [f"127.0.0.1:{server.port}"],
