@@ -163,7 +163,15 @@ def live() -> Iterator[tuple[Stack, str]]:
     stack = Stack([instance], timings=StackTimings("1s", "1s", "5s", "5s"))
     try:
         stack.start()
-        time.sleep(25)  # rate windows filled, alerts firing
+        # Poll until every panel can have data: both kinds' alerts fire, and the rate
+        # windows (4 s) hold several scrapes.
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            firing = {a["metric"]["alertname"] for a in stack.query('ALERTS{alertstate="firing"}')}
+            scrapes = stack.query(f'count_over_time(gradtel_updates_total{{instance="{instance}"}}[1m])')
+            if {"GradtelNaNGradients", "GradtelInfGradients"} <= firing and scrapes and float(scrapes[0]["value"][1]) >= 8:
+                break
+            time.sleep(0.5)
         yield stack, instance
     finally:
         demo.terminate()
