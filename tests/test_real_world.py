@@ -27,6 +27,7 @@ from torch import nn
 
 import gradtel
 from gradtel import GradMonitor, serve
+from gradtel.stack import free_port
 
 from .conftest import fetch, parse, require_tool, sample, samples, scrape
 from .test_cli import start_demo
@@ -288,10 +289,27 @@ def pem(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def test_a_stalled_tls_handshake_is_cut_off(
+    pem: Path, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ssl
+
+    monkeypatch.setattr(gradtel.httpd, "REQUEST_TIMEOUT", 0.5)
+    with serve(port=0, registry=registry, exit_grace=0, tls_cert=str(pem / "cert.pem"),
+               tls_key=str(pem / "key.pem")) as server:  # fmt: skip
+        assert server.port is not None and server.url is not None
+        stalled = socket.create_connection(("127.0.0.1", server.port))
+        stalled.sendall(b"\x16\x03\x01")  # the first bytes of a ClientHello, then nothing
+        stalled.settimeout(5)
+        try:
+            assert stalled.recv(1024) == b""  # closed by the server, not left pinned
+        except ConnectionResetError:
+            pass
+        stalled.close()
+        context = ssl.create_default_context(cafile=str(pem / "cert.pem"))
+        context.check_hostname = False
+        with urllib.request.urlopen(server.url, timeout=10, context=context) as response:
+            assert response.status == 200  # still serving
 
 
 @pytest.mark.parametrize(

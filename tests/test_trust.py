@@ -25,7 +25,7 @@ from torch.profiler import profile
 
 import gradtel
 from gradtel import GradMonitor, Status
-from gradtel.watch import frame, scrape
+from gradtel.watch import Snapshot, frame, scrape
 
 from .conftest import sample, samples
 from .test_clip_and_sampling import record_collects
@@ -132,6 +132,9 @@ def test_watch_never_says_healthy_without_an_update(registry: CollectorRegistry)
         monitor.collect()
         assert frame(server.url, scrape(server.url), None, thresholds, color=False)[1] == "  healthy"
         provider.shutdown()
+    # Two ranks behind one URL, one of which did not look: not "healthy" either.
+    mixed = Snapshot(taken=1.0, updates=5, last_update=1.0, status=0.0, unknown=True)
+    assert frame("u", mixed, None, thresholds, color=False)[1].startswith("  unknown")
 
 
 # 2. The watched parameters are always the model's --------------------------------------

@@ -370,9 +370,6 @@ class Running:
     def port(self) -> int:
         return int(self.server.server_port)
 
-    def fileno(self) -> int:
-        return self.server.socket.fileno()
-
     def shutdown(self) -> None:
         """Stop accepting, answer nothing more, free the port (fast: no polling interval)."""
         self.dispatcher.stop()
@@ -384,10 +381,7 @@ class Running:
     def close_in_child(self) -> None:
         """In a forked child: let go of the parent's sockets (the threads did not come along)."""
         self.server.socket.close()
-        for conn in [*self.dispatcher.idle, *self.dispatcher.partial]:
-            conn.close()
-        self.dispatcher.waker.close()
-        self.dispatcher.wake_sender.close()
+        self.dispatcher.close()
 
 
 def start(

@@ -255,6 +255,7 @@ class GradMonitor:
         self._lock = threading.RLock()
         self._error_log = RateLimitedLog(logger)
         self._order: _BackwardOrder | None = None
+        self._order_finalizer: weakref.finalize[Any, Any] | None = None
         self.origin = OriginCounter()
         """This rank's own gradients before the cross-rank reduction, fed by a DDP hook."""
         _watch_registrations()
@@ -305,8 +306,11 @@ class GradMonitor:
         self._registrations = _registrations[0]
         if self._order is not None:
             self._order.remove()
+        if self._order_finalizer is not None:
+            self._order_finalizer.detach()
         self._order = _BackwardOrder(self._params)
-        weakref.finalize(self, self._order.remove)
+        # A dropped monitor takes its hooks with it (one finalizer, the current order's).
+        self._order_finalizer = weakref.finalize(self, self._order.remove)
         # Gradients of these dtypes are counted as they are when strided.
         self._plain = [p.dtype in _PLAIN_DTYPES for p in self._params]
         self._all_plain = all(self._plain)

@@ -415,8 +415,9 @@ class GradTelemetry:
         for kind, by_layer in (("nan", health.nan_by_layer), ("inf", health.inf_by_layer)):
             total, gauge = ins.totals[kind], ins.per_update[kind]
             for layer, count in by_layer.items():
-                total.add(count, self._layer(layer))
-                gauge.set(count, self._layer(layer))
+                attrs = self._layer(layer)
+                total.add(count, attrs)
+                gauge.set(count, attrs)
             for layer in self._last_nonzero[kind].difference(by_layer):
                 gauge.set(0, self._layer_attrs[layer])
             self._last_nonzero[kind] = set(by_layer)

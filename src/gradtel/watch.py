@@ -40,6 +40,8 @@ class Snapshot:
     unscanned: float = 0.0
     status: float | None = None
     """Worst ``gradtel_update_status`` over the ranks; None: no gradtel metrics at all."""
+    unknown: bool = False
+    """Some rank's latest due update was not scanned (``gradtel_update_status`` -1)."""
 
 
 def scrape(url: str, timeout: float = 5.0) -> Snapshot:
@@ -56,6 +58,7 @@ def scrape(url: str, timeout: float = 5.0) -> Snapshot:
                 snap.unscanned += value
             elif name == "gradtel_update_status":
                 snap.status = value if snap.status is None else max(snap.status, value)
+                snap.unknown = snap.unknown or value < 0
             elif name == "gradtel_last_update_timestamp_seconds":
                 snap.last_update = max(snap.last_update, value)
             elif name == "gradtel_unhealthy_updates_total":
@@ -104,7 +107,7 @@ def frame(
         if count > 0
     ]
     status = max((thresholds.classify(nan), thresholds.classify(inf)), key=lambda s: s.level)
-    if snap.status < 0:  # the latest due update was not scanned: never say healthy
+    if status is Status.HEALTHY and snap.unknown:  # a rank did not look: never say healthy
         status = Status.UNKNOWN
     line = " ".join(banner + [status.value])
     if status is Status.UNKNOWN:
