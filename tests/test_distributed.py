@@ -5,6 +5,7 @@ Prometheus and Alertmanager with the rendered kit deliver exactly one page for t
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import socket
@@ -113,6 +114,28 @@ def test_one_page_says_the_nan_originated_on_rank_2_and_nothing_is_lost_at_exit(
             run.kill()
             run.communicate()
         stack.stop()
+
+
+def test_fsdp_counts_each_rank_before_the_reduce_scatter_in_both_flavours() -> None:
+    """``fully_shard`` (gradients are DTensor shards) and the older wrapper, 2 ranks, NaN on rank 1."""
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+         str(Path(__file__).with_name("fsdp_trainer.py")), "1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    said = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    for flavour in ("fully_shard", "FullyShardedDataParallel"):
+        ranks = sorted((r for r in said if r["flavour"] == flavour), key=lambda r: r["rank"])
+        assert [r["rank"] for r in ranks] == [0, 1], said
+        assert all(r["layers"] == ["0", "2"] for r in ranks), ranks  # no _fsdp_wrapped_module
+        healthy, bad = zip(*(r["updates"] for r in ranks))
+        assert [u["local_nan"] for u in healthy] == [0, 0] and [u["nan"] for u in healthy] == [0, 0], ranks
+        assert [u["originated"] for u in bad] == [False, True], ranks
+        assert bad[0]["local_nan"] == 0 and bad[1]["local_nan"] > 0, ranks
+        assert sum(u["nan"] for u in bad) > 0, ranks  # the reduced shards carry it
+        assert [r["origin_nan"] for r in ranks] == [0, 1], ranks
 
 
 @pytest.fixture

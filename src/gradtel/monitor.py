@@ -12,7 +12,7 @@ from typing import Any, Literal, TypeVar
 
 import torch
 from opentelemetry.metrics import MeterProvider
-from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.tensor import DTensor
 
 from . import _checks
 from ._ratelimit import RateLimitedLog
@@ -267,8 +267,8 @@ class GradMonitor:
             attributes=process_attributes(),
             start_time=time.time(),
         )
-        if isinstance(model, DistributedDataParallel):
-            install_origin_hook(model, self)
+        if self._module is not None:
+            install_origin_hook(self._module, self)
 
     def _claim(self, provider: MeterProvider) -> None:
         mine = {id(p) for p in self._params}
@@ -312,7 +312,7 @@ class GradMonitor:
         # A dropped monitor takes its hooks with it (one finalizer, the current order's).
         self._order_finalizer = weakref.finalize(self, self._order.remove)
         # Gradients of these dtypes are counted as they are when strided.
-        self._plain = [p.dtype in _PLAIN_DTYPES for p in self._params]
+        self._plain = [p.dtype in _PLAIN_DTYPES and not isinstance(p, DTensor) for p in self._params]
         self._all_plain = all(self._plain)
         self._everyone = tuple(range(len(self._params)))
 

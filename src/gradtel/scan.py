@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 __all__ = ["CHUNK", "Scanner", "count_nonfinite", "countable_values", "memory_order"]
 
@@ -57,10 +58,13 @@ _SPARSE_COMPRESSED = (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torc
 def countable_values(grad: torch.Tensor) -> torch.Tensor | None:
     """Return the dense tensor whose elements are counted for ``grad``.
 
-    Sparse gradients count their stored values; dtypes that torch cannot
-    reduce directly (float8, complex32) are widened. Returns None for a kind
-    of tensor gradtel cannot count.
+    Sparse gradients count their stored values; a sharded ``DTensor`` (FSDP's
+    ``fully_shard``) counts this rank's shard; dtypes that torch cannot reduce
+    directly (float8, complex32) are widened. Returns None for a kind of
+    tensor gradtel cannot count.
     """
+    if isinstance(grad, DTensor):
+        grad = grad.to_local()
     if grad.layout is torch.strided:
         values = grad
     elif grad.layout is torch.sparse_coo:
