@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Make .venv hold gradtel (editable). Words: "test" adds the test tools (and
 # every extra); "deploy" adds the deploy extra (gradtel render, demo --stack);
-# "debian" installs the Debian prometheus and prometheus-alertmanager
-# packages (as root; otherwise says how). Idempotent: Python packages are
+# "debian" installs the Debian prometheus, prometheus-alertmanager and
+# victoria-metrics packages (as root; otherwise says how). Idempotent: Python packages are
 # re-installed only when pyproject.toml or the words change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,14 +38,17 @@ if [ "$have" != "$hash extras=$extras" ] && [ "$have" != "$hash extras=test" ] \
   echo "$hash extras=$extras" >"$stamp"
 fi
 
-if [ "$with_debian" = yes ] && ! { command -v promtool && command -v prometheus-alertmanager; } >/dev/null; then
+debian_packages="prometheus prometheus-alertmanager victoria-metrics"
+if [ "$with_debian" = yes ] \
+  && ! { command -v promtool && command -v prometheus-alertmanager && command -v vmalert; } >/dev/null; then
   if [ "$(id -u)" = 0 ]; then
-    echo "setup: installing Debian packages prometheus and prometheus-alertmanager" >&2
+    echo "setup: installing Debian packages $debian_packages" >&2
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager >/dev/null
+    # shellcheck disable=SC2086 (a list of package names)
+    apt-get install -y -qq --no-install-recommends $debian_packages >/dev/null
   else
-    echo "setup: Prometheus/Alertmanager not found; as root run:" \
-      "apt-get install -y --no-install-recommends prometheus prometheus-alertmanager" >&2
+    echo "setup: Prometheus/Alertmanager/VictoriaMetrics not found; as root run:" \
+      "apt-get install -y --no-install-recommends $debian_packages" >&2
   fi
 fi

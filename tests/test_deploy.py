@@ -87,6 +87,25 @@ def test_scrape_configs_are_valid_and_wire_the_rules() -> None:
     assert ranks["file_sd_configs"][0]["files"] == ["targets/*.json"]
 
 
+def test_scale_out_configs_are_valid_and_their_commands_are_the_tested_ones() -> None:
+    promtool = require_tool("promtool", "prometheus")
+    scale_out = DEPLOY / "scale-out"
+    for config, flags in (("prometheus-agent.yml", ["--agent"]), ("central-prometheus.yml", [])):
+        checked = run(promtool, "check", "config", *flags, config, cwd=scale_out)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+    agent = yaml.safe_load((scale_out / "prometheus-agent.yml").read_text())
+    assert agent["scrape_configs"][0]["file_sd_configs"][0]["files"] == ["../prometheus/targets/*.json"]
+    assert agent["remote_write"][0]["queue_config"]["batch_send_deadline"] == "1s"
+    readme = (scale_out / "README.md").read_text()
+    for flag in ("--enable-feature=agent", "--web.enable-remote-write-receiver",
+                 "--rules.alert.resend-delay=2s", "-search.latencyOffset=2s", "-rule.resendDelay=2s",
+                 "-evaluationInterval=5s", "-remoteWrite.url=http://victoria-metrics:8428"):  # fmt: skip
+        assert flag in readme, flag
+    vmalert = require_tool("vmalert", "victoria-metrics")
+    checked = run(vmalert, "-rule=gradtel-rules.yml", "-dryRun")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 def test_alertmanager_config_and_routes() -> None:
     amtool = require_tool("amtool", "prometheus-alertmanager")
     checked = run(amtool, "check-config", "alertmanager.yml")

@@ -1,12 +1,16 @@
 """A real 4-process torchrun DDP run (gloo, CPU) in which one rank gets one NaN in its input
 batch: each rank serves its own endpoint, the rank where the NaN started is the one whose
 origin counter moves, torchrun's SIGTERM to the other ranks loses nothing, and a real
-Prometheus and Alertmanager with the rendered kit deliver exactly one page for the incident."""
+Prometheus and Alertmanager with the rendered kit deliver exactly one page for the incident:
+scraping the ranks directly, or through the kit's scale-out set-up (a Prometheus agent
+remote-writing to a central Prometheus and to VictoriaMetrics with vmalert). FSDP's
+flavours find the origin rank too."""
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 import socket
 import subprocess
@@ -33,9 +37,10 @@ RANKS, BAD_RANK, BAD_UPDATE = 4, 2, 80
 
 
 def free_ports(count: int) -> int:
-    """A port P such that P .. P + count - 1 are all free on loopback."""
+    """A port P such that P .. P + count - 1 are all free on loopback, below the ephemeral
+    range (32768 and up on Linux), where gloo's and the stacks' own sockets land."""
     for _ in range(50):
-        base = free_port()
+        base = random.randrange(20_000, 32_000)
         sockets = [socket.socket() for _ in range(count)]
         try:
             for offset, probe in enumerate(sockets):
@@ -49,7 +54,20 @@ def free_ports(count: int) -> int:
     raise RuntimeError(f"no {count} consecutive free ports")
 
 
-def test_one_page_says_the_nan_originated_on_rank_2_and_nothing_is_lost_at_exit() -> None:
+def stacks(topology: str, targets: list[str]) -> list[Stack]:
+    """The stores that evaluate the rules, each with its own Alertmanager and receiver."""
+    timings = StackTimings("1s", "1s", "5s", "5s")
+    if topology == "prometheus":
+        return [Stack(targets, timings=timings)]
+    # The kit's scale-out set-up: one agent scrapes the ranks and remote-writes to a
+    # central Prometheus and to VictoriaMetrics (with vmalert) alike.
+    require_tool("victoria-metrics", "victoria-metrics")
+    victoria = Stack([], timings=timings, store="victoriametrics")
+    return [Stack(targets, timings=timings, agent=True, also_write=[victoria.write_url]), victoria]
+
+
+@pytest.mark.parametrize("topology", ["prometheus", "agent"])
+def test_one_page_says_the_nan_originated_on_rank_2_and_nothing_is_lost_at_exit(topology: str) -> None:
     require_tool("prometheus", "prometheus")
     require_tool("prometheus-alertmanager", "prometheus-alertmanager")
     base = free_ports(RANKS)
@@ -62,7 +80,7 @@ def test_one_page_says_the_nan_originated_on_rank_2_and_nothing_is_lost_at_exit(
         text=True,
     )  # fmt: skip
     urls = [f"http://127.0.0.1:{base + rank}/metrics" for rank in range(RANKS)]
-    stack = Stack([f"127.0.0.1:{base + rank}" for rank in range(RANKS)], timings=StackTimings("1s", "1s", "5s", "5s"))
+    stores = stacks(topology, [f"127.0.0.1:{base + rank}" for rank in range(RANKS)])
     try:
         assert run.stdout is not None
         said = ""
@@ -73,7 +91,8 @@ def test_one_page_says_the_nan_originated_on_rank_2_and_nothing_is_lost_at_exit(
         assert sorted(re.findall(r"rank \d serving \S+/metrics", said)) == [
             f"rank {rank} serving {urls[rank]}" for rank in range(RANKS)
         ], said
-        stack.start()
+        for stack in reversed(stores):  # the stores an agent writes to first
+            stack.start()
         line = run.stdout.readline()
         assert line.startswith("injected "), line
         injected = float(line.split()[1])
@@ -82,38 +101,65 @@ def test_one_page_says_the_nan_originated_on_rank_2_and_nothing_is_lost_at_exit(
         # SIGTERM. Every rank's endpoint stayed up until Prometheus had its last update.
         run.communicate(timeout=120)
         assert run.returncode != 0
-        # The targets are gone: their series are stale now, read their last values.
-        found = stack.query('last_over_time(gradtel_unhealthy_updates_total{kind="nan",severity="critical"}[5m])')
-        assert sorted((a["metric"]["rank"], a["value"][1]) for a in found) == [
-            (str(rank), "1") for rank in range(RANKS)
-        ], found
-        origins = stack.query('last_over_time(gradtel_origin_updates_total{kind="nan"}[5m])')
-        assert sorted((a["metric"]["rank"], a["value"][1]) for a in origins) == [
-            (str(rank), "1" if rank == BAD_RANK else "0") for rank in range(RANKS)
-        ], origins
-        layers = stack.query("last_over_time(gradtel_nan_grads_total[5m])")
-        assert layers and not [a for a in layers if "module" in a["metric"]["layer"]], layers
-
-        assert stack.receiver is not None
+        for stack in stores:
+            assert_every_rank_scraped(stack)
         deadline = injected + 40
-        while time.time() < deadline and not stack.receiver.firing("pager"):
+        while time.time() < deadline and not all(paged(stack) for stack in stores):
             time.sleep(0.2)
         time.sleep(8)  # longer than group_wait + group_interval: a second page would be here
-        pages = stack.receiver.firing("pager")
-        assert len(pages) == 1, [str(p) for p in pages]
-        page = pages[0]
-        assert (page.alertname, page.severity) == ("GradtelNaNGradients", "critical")
-        assert "affected ranks: 4." in page.description
-        assert "originated on rank 2." in page.description, page.description
-        assert "The loss was already non-finite: it entered in the forward pass." in page.description
-        assert f"at update {BAD_UPDATE}." in page.description
-        assert [p for p in stack.receiver.firing("chat") if p.alertname != "GradtelExporterDown"] == []
-        print(f"\ninjection -> page: {page.received - injected:.1f}s; page: {page.description}")
+        for stack in stores:
+            assert_one_page(stack, injected)
     finally:
         if run.poll() is None:
             run.kill()
             run.communicate()
-        stack.stop()
+        for stack in stores:
+            stack.stop()
+
+
+def paged(stack: Stack) -> bool:
+    return stack.receiver is not None and bool(stack.receiver.firing("pager"))
+
+
+def where(stack: Stack) -> str:
+    return f"{stack.store}{' behind an agent' if stack.agent else ''}"
+
+
+def last_values(stack: Stack, series: str, expected: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Each rank's last value of ``series``, polled until it is ``expected`` or 15 s have
+    passed: a store behind an agent holds the newest samples back for a moment."""
+    deadline = time.monotonic() + 15
+    while True:
+        # The targets are gone: their series are stale now, read their last values.
+        found = sorted((a["metric"]["rank"], a["value"][1]) for a in stack.query(f"last_over_time({series}[5m])"))
+        if found == expected or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def assert_every_rank_scraped(stack: Stack) -> None:
+    unhealthy = [(str(rank), "1") for rank in range(RANKS)]
+    series = 'gradtel_unhealthy_updates_total{kind="nan",severity="critical"}'
+    assert last_values(stack, series, unhealthy) == unhealthy, where(stack)
+    origins = [(str(rank), "1" if rank == BAD_RANK else "0") for rank in range(RANKS)]
+    series = 'gradtel_origin_updates_total{kind="nan"}'
+    assert last_values(stack, series, origins) == origins, where(stack)
+    layers = stack.query("last_over_time(gradtel_nan_grads_total[5m])")
+    assert layers and not [a for a in layers if "module" in a["metric"]["layer"]], layers
+
+
+def assert_one_page(stack: Stack, injected: float) -> None:
+    assert stack.receiver is not None
+    pages = stack.receiver.firing("pager")
+    assert len(pages) == 1, (where(stack), [str(p) for p in pages], stack.log("vmalert"))
+    page = pages[0]
+    assert (page.alertname, page.severity) == ("GradtelNaNGradients", "critical")
+    assert "affected ranks: 4." in page.description, (where(stack), page.description)
+    assert "originated on rank 2." in page.description, (where(stack), page.description)
+    assert "The loss was already non-finite: it entered in the forward pass." in page.description
+    assert f"at update {BAD_UPDATE}." in page.description, (where(stack), page.description)
+    assert [p for p in stack.receiver.firing("chat") if p.alertname != "GradtelExporterDown"] == []
+    print(f"\n{where(stack)}: injection -> page: {page.received - injected:.1f}s; page: {page.description}")
 
 
 def test_fsdp_counts_each_rank_before_the_reduce_scatter_in_both_flavours() -> None:

@@ -1,4 +1,5 @@
-"""A local Prometheus + Alertmanager + webhook receiver on loopback, from the rendered kit.
+"""A local Prometheus (or VictoriaMetrics) + Alertmanager + webhook receiver on loopback,
+from the rendered kit, optionally fed by a Prometheus agent.
 
 Used by ``gradtel demo --stack`` and by the end-to-end tests: real processes
 started from ``PATH`` with their own config and data folders under one
@@ -20,31 +21,30 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from .render import KitOptions, render_kit
+from .render import KitOptions, render_kit, scale_out
+from .render.options import EVALUATION_INTERVAL, RESEND_DELAY
 
 __all__ = ["Page", "Stack", "StackTimings", "ToolMissingError", "WebhookReceiver", "find_tool"]
 
 INSTALL_HINT = "apt-get install -y --no-install-recommends prometheus prometheus-alertmanager"
+VICTORIAMETRICS_HINT = "apt-get install -y --no-install-recommends victoria-metrics"
 
 
 class ToolMissingError(FileNotFoundError):
     """A Prometheus or Alertmanager binary is not on PATH."""
 
 
-def find_tool(*names: str) -> str:
+def find_tool(*names: str, hint: str = INSTALL_HINT) -> str:
     """Path of the first of ``names`` found on PATH."""
     for name in names:
         found = shutil.which(name)
         if found:
             return found
-    raise ToolMissingError(
-        f"{' or '.join(names)} not found on PATH; on Debian/Ubuntu install the packages "
-        f"prometheus and prometheus-alertmanager: `sudo {INSTALL_HINT}`"
-    )
+    raise ToolMissingError(f"{' or '.join(names)} not found on PATH; on Debian/Ubuntu: `sudo {hint}`")
 
 
 def free_port() -> int:
@@ -137,15 +137,19 @@ class StackTimings:
     """Intervals of the stack; the defaults are the shipped kit's."""
 
     scrape_interval: str = "5s"
-    evaluation_interval: str = "5s"
+    evaluation_interval: str = EVALUATION_INTERVAL
     group_wait: str = "10s"
     group_interval: str = "1m"
-    resend_delay: str = "2s"
+    resend_delay: str = RESEND_DELAY
+
+
+Store = Literal["prometheus", "victoriametrics"]
 
 
 @dataclass
 class Stack:
-    """Prometheus and Alertmanager on loopback, scraping ``targets`` with the rendered rules.
+    """A store that evaluates the rendered rules, Alertmanager and a webhook receiver on
+    loopback, with the ranks at ``targets`` scraped directly or through a Prometheus agent.
 
     Args:
         targets: ``host:port`` of gradtel endpoints to scrape.
@@ -155,6 +159,13 @@ class Stack:
         keep_data: Keep the config and data folders here instead of a
             temporary folder removed on :meth:`stop`.
         scrape: Extra settings of the gradtel scrape job (``scheme``, ``tls_config``, ...).
+        store: Where the samples go and the rules run: ``"prometheus"``, or
+            ``"victoriametrics"`` (VictoriaMetrics with vmalert; needs ``agent``
+            to scrape ``targets``).
+        agent: Scrape ``targets`` with a Prometheus in agent mode that
+            remote-writes to the store (the kit's ``scale-out/`` set-up).
+        also_write: More remote-write URLs for the agent (another stack's
+            :attr:`write_url`), so that one agent feeds several stores.
     """
 
     targets: Sequence[str]
@@ -163,33 +174,56 @@ class Stack:
     on_page: Callable[[Page], None] | None = None
     keep_data: Path | None = None
     scrape: dict[str, Any] = field(default_factory=dict)
+    store: Store = "prometheus"
+    agent: bool = False
+    also_write: Sequence[str] = ()
 
     def __post_init__(self) -> None:
-        self.prometheus_bin = find_tool("prometheus")
+        if self.store not in ("prometheus", "victoriametrics"):
+            raise ValueError(f"store must be 'prometheus' or 'victoriametrics', got {self.store!r}")
+        if self.store == "victoriametrics" and self.targets and not self.agent:
+            raise ValueError("store='victoriametrics' scrapes through an agent: pass agent=True")
+        if self.also_write and not self.agent:
+            raise ValueError("also_write is where the agent writes too: pass agent=True")
+        if self.store == "prometheus" or self.agent:
+            self.prometheus_bin = find_tool("prometheus")
+        if self.store == "victoriametrics":
+            self.victoriametrics_bin = find_tool("victoria-metrics", hint=VICTORIAMETRICS_HINT)
+            self.vmalert_bin = find_tool("vmalert", hint=VICTORIAMETRICS_HINT)
         self.alertmanager_bin = find_tool("prometheus-alertmanager", "alertmanager")
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.receiver: WebhookReceiver | None = None
-        self.prometheus_port = free_port()
+        self.store_port = free_port()
         self.alertmanager_port = free_port()
         self.root = Path(self.keep_data or tempfile.mkdtemp(prefix="gradtel-stack-"))
 
     @property
+    def prometheus_port(self) -> int:
+        return self.store_port
+
+    @property
     def prometheus_url(self) -> str:
-        return f"http://127.0.0.1:{self.prometheus_port}"
+        """The store's query API (Prometheus, or VictoriaMetrics' Prometheus-compatible one)."""
+        return f"http://127.0.0.1:{self.store_port}"
+
+    @property
+    def write_url(self) -> str:
+        """The store's remote-write endpoint."""
+        return f"{self.prometheus_url}/api/v1/write"
 
     @property
     def alertmanager_url(self) -> str:
         return f"http://127.0.0.1:{self.alertmanager_port}"
 
     def start(self, timeout: float = 60) -> Stack:
-        """Write the configs, start the receiver, Alertmanager and Prometheus, wait until ready."""
+        """Write the configs, start the receiver, Alertmanager, the store and the agent,
+        and wait until they are ready."""
         self.receiver = WebhookReceiver(self.on_page)
         kit = render_kit(self.options)
         config = self.root / "config"
         config.mkdir(parents=True, exist_ok=True)
         (config / "gradtel-rules.yml").write_text(kit["prometheus/gradtel-rules.yml"])
         (config / "alertmanager.yml").write_text(self._alertmanager_config(kit))
-        (config / "prometheus.yml").write_text(self._prometheus_config(kit))
         self._spawn(
             "alertmanager",
             [
@@ -200,21 +234,76 @@ class Stack:
                 "--cluster.listen-address=",
             ],
         )
+        ready = {"alertmanager": self.alertmanager_url + "/-/ready"}
+        if self.store == "prometheus":
+            self._start_prometheus(kit, config)
+            ready["prometheus"] = self.prometheus_url + "/-/ready"
+        else:
+            self._start_victoriametrics(config)
+            ready["victoria-metrics"] = self.prometheus_url + "/health"
+            ready["vmalert"] = f"http://127.0.0.1:{self._vmalert_port}/health"
+        if self.agent:
+            agent_port = free_port()
+            (config / "agent.yml").write_text(self._agent_config(kit))
+            self._spawn(
+                "agent",
+                [
+                    self.prometheus_bin,
+                    f"--config.file={config / 'agent.yml'}",
+                    *scale_out.agent_flags(),
+                    f"--storage.agent.path={self.root / 'agent-data'}",
+                    f"--web.listen-address=127.0.0.1:{agent_port}",
+                ],
+            )
+            ready["agent"] = f"http://127.0.0.1:{agent_port}/-/ready"
+        for name, url in ready.items():
+            self._wait_ready(name, url, timeout)
+        return self
+
+    def _start_prometheus(self, kit: dict[str, str], config: Path) -> None:
+        resend = f"--rules.alert.resend-delay={self.timings.resend_delay}"
+        if self.agent:  # the central Prometheus: the agent's samples arrive by remote write
+            rendered = kit["scale-out/central-prometheus.yml"]
+            flags = scale_out.central_prometheus_flags(self.timings.resend_delay)
+        else:
+            rendered, flags = kit["prometheus/prometheus.yml"], [resend]
+        (config / "prometheus.yml").write_text(self._prometheus_config(rendered))
         self._spawn(
             "prometheus",
             [
                 self.prometheus_bin,
                 f"--config.file={config / 'prometheus.yml'}",
                 f"--storage.tsdb.path={self.root / 'prometheus-data'}",
-                f"--web.listen-address=127.0.0.1:{self.prometheus_port}",
-                # Send changed annotations (more ranks, the origin rank) to Alertmanager
-                # before its group_wait ends, not a minute later.
-                f"--rules.alert.resend-delay={self.timings.resend_delay}",
+                f"--web.listen-address=127.0.0.1:{self.store_port}",
+                *flags,
             ],
         )
-        for name, url in (("alertmanager", self.alertmanager_url), ("prometheus", self.prometheus_url)):
-            self._wait_ready(name, url + "/-/ready", timeout)
-        return self
+
+    def _start_victoriametrics(self, config: Path) -> None:
+        self._vmalert_port = free_port()
+        self._spawn(
+            "victoria-metrics",
+            [
+                self.victoriametrics_bin,
+                f"-storageDataPath={self.root / 'victoria-metrics-data'}",
+                f"-httpListenAddr=127.0.0.1:{self.store_port}",
+                *scale_out.victoriametrics_flags(),
+            ],
+        )
+        self._spawn(
+            "vmalert",
+            [
+                self.vmalert_bin,
+                f"-rule={config / 'gradtel-rules.yml'}",
+                f"-httpListenAddr=127.0.0.1:{self._vmalert_port}",
+                *scale_out.vmalert_flags(
+                    self.prometheus_url,
+                    self.alertmanager_url,
+                    self.timings.evaluation_interval,
+                    self.timings.resend_delay,
+                ),
+            ],
+        )
 
     def _alertmanager_config(self, kit: dict[str, str]) -> str:
         assert self.receiver is not None
@@ -226,17 +315,30 @@ class Stack:
                 webhook["url"] = self.receiver.url(receiver["name"])
         return yaml.safe_dump(config, sort_keys=False)
 
-    def _prometheus_config(self, kit: dict[str, str]) -> str:
-        config = yaml.safe_load(kit["prometheus/prometheus.yml"])
+    def _prometheus_config(self, rendered: str) -> str:
+        config = yaml.safe_load(rendered)
         config["global"]["evaluation_interval"] = self.timings.evaluation_interval
+        config["rule_files"] = ["gradtel-rules.yml"]
         config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] = [
             f"127.0.0.1:{self.alertmanager_port}"
         ]
+        if not self.agent:
+            self._scrape_targets(config)
+        return yaml.safe_dump(config, sort_keys=False)
+
+    def _agent_config(self, kit: dict[str, str]) -> str:
+        config = yaml.safe_load(kit["scale-out/prometheus-agent.yml"])
+        self._scrape_targets(config)
+        queue = config["remote_write"][0]["queue_config"]
+        config["remote_write"] = [{"url": url, "queue_config": queue} for url in (self.write_url, *self.also_write)]
+        return yaml.safe_dump(config, sort_keys=False)
+
+    def _scrape_targets(self, config: dict[str, Any]) -> None:
         job = config["scrape_configs"][0]
         job["scrape_interval"] = self.timings.scrape_interval
         job["static_configs"] = [{"targets": list(self.targets)}]
+        job.pop("file_sd_configs", None)
         job.update(self.scrape)
-        return yaml.safe_dump(config, sort_keys=False)
 
     def _spawn(self, name: str, command: list[str]) -> None:
         log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
@@ -262,7 +364,7 @@ class Stack:
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
 
     def query(self, promql: str) -> list[dict[str, Any]]:
-        """Run an instant query on the stack's Prometheus."""
+        """Run an instant query on the stack's store."""
         url = f"{self.prometheus_url}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
         with urllib.request.urlopen(url, timeout=10) as response:
             result: list[dict[str, Any]] = json.load(response)["data"]["result"]

@@ -19,6 +19,7 @@ from .grafana import dashboard_json, dashboard_provisioning, datasource_provisio
 from .prometheus import alertmanager_config, compose_file, rules, scrape_config
 from .rule_tests import rule_tests
 from .runbook import runbook
+from .scale_out import VICTORIAMETRICS_WRITE_URL, agent_config, central_prometheus_config, scale_out_readme
 
 __all__ = ["DEFAULT_RUNBOOK_URL", "KitOptions", "render_kit", "write_kit"]
 
@@ -66,6 +67,16 @@ def render_kit(options: KitOptions | None = None) -> dict[str, str]:
             scrape_config(o, compose=True),
         ),
         "prometheus/runbook.md": runbook(o),
+        "scale-out/prometheus-agent.yml": dump_yaml(
+            header(o, "Prometheus agent: scrapes the ranks and remote-writes to the central store.")
+            + f"# VictoriaMetrics as the central store: url: {VICTORIAMETRICS_WRITE_URL}\n",
+            agent_config(o),
+        ),
+        "scale-out/central-prometheus.yml": dump_yaml(
+            header(o, "Central Prometheus: gradtel's rules over what the agents remote-write."),
+            central_prometheus_config(o),
+        ),
+        "scale-out/README.md": scale_out_readme(o),
         "grafana/dashboards/gradtel.json": dashboard_json(o),
         "grafana/provisioning/datasources/gradtel.yml": dump_yaml(
             header(o, "Grafana datasource provisioning: the Prometheus of deploy/compose.yaml."),

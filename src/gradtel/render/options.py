@@ -16,8 +16,10 @@ __all__ = [
     "AMP_SKIPS_FOR",
     "DEFAULT_RUNBOOK_URL",
     "DOWN_ALERT",
+    "EVALUATION_INTERVAL",
     "KINDS",
     "NOTHING_SCANNED_ALERT",
+    "RESEND_DELAY",
     "STALLED_ALERT",
     "KitOptions",
     "duration_seconds",
@@ -35,6 +37,12 @@ DOWN_ALERT = "GradtelExporterDown"
 STALLED_ALERT = "GradtelTrainingStalled"
 NOTHING_SCANNED_ALERT = "GradtelNothingScanned"
 AMP_SKIPS_ALERT = "GradtelAmpOverflowSkips"
+EVALUATION_INTERVAL = "5s"
+"""How often the rules are evaluated: a page leaves within seconds of the scrape that saw it."""
+RESEND_DELAY = "2s"
+"""How often a firing alert is re-sent to Alertmanager (Prometheus' default: 1m): below
+``group_wait``, so that the page carries its annotations as they stand when it leaves
+(the count of ranks, the origin rank), not as they stood at the first evaluation."""
 AMP_SKIPS_FOR = "5m"
 """How long the AMP skip ratio must stay high: the first-steps overflows of
 every fp16 run last seconds, a collapsing loss scale does not stop."""

@@ -9,8 +9,10 @@ from .options import (
     AMP_SKIPS_ALERT,
     AMP_SKIPS_FOR,
     DOWN_ALERT,
+    EVALUATION_INTERVAL,
     KINDS,
     NOTHING_SCANNED_ALERT,
+    RESEND_DELAY,
     STALLED_ALERT,
     KitOptions,
     duration_seconds,
@@ -36,9 +38,14 @@ def _query(template: str, *args: str) -> str:
     return f'query (printf "{template}" {" ".join(args)})'
 
 
+_RUN = '(or $labels.run "")'
+"""The alert's ``run`` label as a string: vmalert gives ``nil`` for a missing label, and
+``printf "%q"`` would print that as ``%!q(<nil>)``; Prometheus gives ``""``."""
+
+
 def _run_selector(extra: str = "") -> tuple[str, list[str]]:
     """The selector of the alert's run, and its printf arguments."""
-    return "job=%q,run=%q" + extra, ["$labels.job", "$labels.run"]
+    return "job=%q,run=%q" + extra, ["$labels.job", _RUN]
 
 
 def _born_or_increased(series: str, window: str) -> str:
@@ -206,8 +213,7 @@ def rules(o: KitOptions) -> dict[str, Any]:
                     f"collect() call) for more than {o.stall_after}: "
                     + _targets_template(
                         f"(time() - gradtel_last_update_timestamp_seconds{{job=%q,run=%q}}) > {stall}",
-                        "$labels.job",
-                        "$labels.run",
+                        *_run_selector()[1],
                     )
                     + ". Training hangs, waits on data or on another rank, or collect() is no "
                     "longer called."
@@ -328,7 +334,7 @@ def scrape_config(o: KitOptions, *, ranks: bool = False, compose: bool = False) 
     else:
         job["static_configs"] = [{"targets": ["127.0.0.1:9464"]}]
     return {
-        "global": {"scrape_interval": "15s", "evaluation_interval": "5s"},
+        "global": {"scrape_interval": "15s", "evaluation_interval": EVALUATION_INTERVAL},
         "rule_files": ["gradtel-rules.yml"],
         "alerting": {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]},
         "scrape_configs": [job],
@@ -345,6 +351,7 @@ def compose_file() -> dict[str, Any]:
                 "command": [
                     "--config.file=/etc/prometheus/prometheus-compose.yml",
                     "--storage.tsdb.path=/prometheus",
+                    f"--rules.alert.resend-delay={RESEND_DELAY}",
                 ],
                 "volumes": ["./prometheus:/etc/prometheus:ro"],
                 "ports": ["9090:9090"],
