@@ -114,12 +114,14 @@ def evaluation_seconds(stack: Stack) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=1024)
+    parser.add_argument("--baseline", type=int, default=10, help="healthy evaluations measured first")
+    parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     args = parser.parse_args()
     ranks = Ranks(args.ranks)
     port = ranks.server.server_port
     stack = Stack(
         [f"127.0.0.1:{port}"],
-        timings=StackTimings("5s", "1s", "5s", "5s"),
+        timings=StackTimings("5s", "1s", "10s", "10s"),  # the kit's group_wait
         scrape={
             "static_configs": [
                 {
@@ -138,9 +140,8 @@ def main() -> int:
             if up and int(float(up[0]["value"][1])) == args.ranks:
                 break
             time.sleep(1)
-        time.sleep(15)  # a baseline for increase()
         before = []
-        for _ in range(10):
+        for _ in range(args.baseline):
             before.append(evaluation_seconds(stack))
             time.sleep(1)
         ranks.inject()
@@ -160,6 +161,14 @@ def main() -> int:
         print(f"pager notifications: {len(pages)}; chat: {len(stack.receiver.firing('chat'))}")
         for page in pages + stack.receiver.firing("chat"):
             print(f"injection -> {page.receiver} {page.received - ranks.injected:.1f} s: {page.alertname}: {page.description}")
+        if args.json:
+            print(json.dumps({
+                "ranks": args.ranks,
+                "evaluation_before_s": before,
+                "evaluation_during_s": during,
+                "pages": [{"description": p.description, "after_s": p.received - ranks.injected} for p in pages],
+                "chat": [p.alertname for p in stack.receiver.firing("chat")],
+            }))  # fmt: skip
     finally:
         stack.stop()
         ranks.server.shutdown()

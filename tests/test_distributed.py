@@ -162,6 +162,26 @@ def assert_one_page(stack: Stack, injected: float) -> None:
     print(f"\n{where(stack)}: injection -> page: {page.received - injected:.1f}s; page: {page.description}")
 
 
+def test_a_replay_of_1024_ranks_pages_once_naming_every_rank_and_the_origin() -> None:
+    """``benchmarks/bench_ranks.py``: 1,024 simulated ranks through a real Prometheus and
+    Alertmanager with the kit's timings (scrape every 5 s, group_wait 10 s)."""
+    require_tool("prometheus", "prometheus")
+    require_tool("prometheus-alertmanager", "prometheus-alertmanager")
+    bench = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_ranks.py"
+    run = subprocess.run(
+        [sys.executable, str(bench), "--ranks", "1024", "--baseline", "3", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    result = json.loads(run.stdout.splitlines()[-1])
+    assert [p["description"] for p in result["pages"]] == [
+        "gradtel: an update in the last 10m had more than 5 NaN gradient values; affected ranks: 1024. "
+        "It originated on rank 2. Layers with NaN values in that window: lm_head (4), norm (2)."
+    ], result["pages"]
+    assert result["chat"] == []
+    print("\n" + "\n".join(run.stdout.splitlines()[:3]))
+
+
 def test_fsdp_counts_each_rank_before_the_reduce_scatter_in_both_flavours() -> None:
     """``fully_shard`` (gradients are DTensor shards) and the older wrapper, 2 ranks, NaN on rank 1."""
     run = subprocess.run(
