@@ -121,3 +121,31 @@ def test_transformers_trainer_callback_counts_before_clipping(tmp_path: Path) ->
     assert sample(found, "gradtel_nan_grads_total", layer="transformer.h.1.mlp.c_fc") == 3
     absent(found, "gradtel_nan_grads_total", layer="transformer.h.0.mlp.c_fc")
     assert sample(found, "gradtel_skipped_updates_total", reason="policy") - skips_before == 1
+
+
+def test_transformers_trainer_callback_reads_the_models_own_loss(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    from gradtel.integrations.transformers import GradtelTrainerCallback
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2))
+    forwards = [0]
+
+    def nan_input(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        forwards[0] += 1
+        if forwards[0] == 6:  # the data brings a NaN into the last micro-batch of update 3
+            output.view(-1)[0] = NAN
+
+    model.transformer.wte.register_forward_hook(nan_input)
+    losses_before = shared("gradtel_nonfinite_loss_updates_total")
+    gradtel_callback = GradtelTrainerCallback(serve_metrics=False, on_critical="skip")
+    ids = torch.randint(0, 64, (16, 12))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2,
+        gradient_accumulation_steps=2, report_to=[], save_strategy="no",
+        logging_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[gradtel_callback]).train()
+    assert shared("gradtel_nonfinite_loss_updates_total") - losses_before == 1

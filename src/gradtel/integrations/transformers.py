@@ -5,12 +5,20 @@ a non-finite norm turns every gradient into NaN. So the callback counts at the
 end of the backward pass that completes each accumulation cycle, before
 clipping. A cycle cut short at the end of an epoch is counted at
 ``on_pre_optimizer_step`` instead (after clipping, when clipping is on).
+
+The Trainer shows callbacks no loss, so the callback keeps the ``loss`` of the
+model's own output (Hugging Face models compute it when given labels): the
+update's last micro-batch's, as Lightning's callback does. A loss computed
+outside the model (a custom ``compute_loss``) is not seen.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import torch
+from torch.utils.hooks import RemovableHandle
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..hooks import Attachment, at_end_of_backward
@@ -31,6 +39,8 @@ class GradtelTrainerCallback(TrainerCallback):
     ) -> None:
         self.session = Session(port, addr, serve_metrics, monitor_options)
         self._hooks: Attachment | None = None
+        self._loss_hook: RemovableHandle | None = None
+        self._loss: torch.Tensor | None = None
         self._backwards = 0
         self._collected = False
         self._accumulation = 1
@@ -38,15 +48,26 @@ class GradtelTrainerCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        monitor = self.session.start(kwargs["model"])
+        model = kwargs["model"]
+        monitor = self.session.start(model)
         self._accumulation = max(1, int(args.gradient_accumulation_steps))
         self._hooks = at_end_of_backward(monitor.parameters, self._end_of_backward)
+        if isinstance(model, torch.nn.Module):
+            self._loss_hook = model.register_forward_hook(self._keep_loss)
+
+    def _keep_loss(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        loss = output.get("loss") if isinstance(output, Mapping) else None
+        if isinstance(loss, torch.Tensor) and module.training:
+            self._loss = loss.detach()  # said in the page when the NaN was already in the loss
 
     def _end_of_backward(self) -> None:
         self._backwards += 1
         if self._backwards == self._accumulation:
-            self.session.collect()
-            self._collected = True
+            self._collect()
+
+    def _collect(self) -> None:
+        self.session.collect(loss=self._loss)
+        self._collected, self._loss = True, None
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -57,12 +78,13 @@ class GradtelTrainerCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         if not self._collected:
-            self.session.collect()
-        self._collected = True
+            self._collect()
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         if self._hooks is not None:
             self._hooks.remove()
+        if self._loss_hook is not None:
+            self._loss_hook.remove()
         self.session.stop()
