@@ -129,7 +129,9 @@ def test_an_applications_own_sigterm_handler_is_kept(trainers: list[Trainer]) ->
     trainer = Trainer("own-handler", "poison")
     trainers.append(trainer)
     trainer.process.send_signal(signal.SIGTERM)
-    assert trainer.exited_within(30.0)  # its sys.exit(3), then the usual exit wait
+    assert not trainer.exited_within(0.5)  # its sys.exit(3), then the usual exit wait,
+    scrape(trainer.url)  # which Prometheus' scrape ends
+    assert trainer.exited_within(10.0)
     out, _ = trainer.finish()
     assert "own handler" in out and trainer.process.returncode == 3
 
