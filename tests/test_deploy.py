@@ -98,7 +98,7 @@ def test_scale_out_configs_are_valid_and_their_commands_are_the_tested_ones() ->
     assert agent["remote_write"][0]["queue_config"]["batch_send_deadline"] == "1s"
     readme = (scale_out / "README.md").read_text()
     for flag in ("--enable-feature=agent", "--web.enable-remote-write-receiver",
-                 "--rules.alert.resend-delay=2s", "-search.latencyOffset=2s", "-rule.resendDelay=2s",
+                 "--rules.alert.resend-delay=2s", "-search.latencyOffset=12s", "-rule.resendDelay=2s",
                  "-evaluationInterval=5s", "-remoteWrite.url=http://victoria-metrics:8428"):  # fmt: skip
         assert flag in readme, flag
     vmalert = require_tool("vmalert", "victoria-metrics")

@@ -124,9 +124,10 @@ def where(stack: Stack) -> str:
 
 
 def last_values(stack: Stack, series: str, expected: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Each rank's last value of ``series``, polled until it is ``expected`` or 15 s have
-    passed: a store behind an agent holds the newest samples back for a moment."""
-    deadline = time.monotonic() + 15
+    """Each rank's last value of ``series``, polled until it is ``expected`` or 30 s have
+    passed: a store behind an agent holds the newest samples back for a while
+    (VictoriaMetrics: ``-search.latencyOffset``)."""
+    deadline = time.monotonic() + 30
     while True:
         # The targets are gone: their series are stale now, read their last values.
         found = sorted((a["metric"]["rank"], a["value"][1]) for a in stack.query(f"last_over_time({series}[5m])"))
@@ -156,6 +157,7 @@ def assert_one_page(stack: Stack, injected: float) -> None:
     assert "originated on rank 2." in page.description, (where(stack), page.description)
     assert "The loss was already non-finite: it entered in the forward pass." in page.description
     assert f"at update {BAD_UPDATE}." in page.description, (where(stack), page.description)
+    assert "Layers with NaN values in that window: body." in page.description, (where(stack), page.description)
     assert [p for p in stack.receiver.firing("chat") if p.alertname != "GradtelExporterDown"] == []
     print(f"\n{where(stack)}: injection -> page: {page.received - injected:.1f}s; page: {page.description}")
 

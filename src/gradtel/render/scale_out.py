@@ -29,9 +29,11 @@ AGENT_BATCH_DEADLINE = "1s"
 """How long an agent holds samples before it remote-writes them. One rank's few dozen
 series never fill a batch, so Prometheus' default (5 s) would add 5 s to every page."""
 
-VM_LATENCY_OFFSET = "2s"
+VM_LATENCY_OFFSET = "12s"
 """How far back VictoriaMetrics moves a query close to now, so that it reads complete
-samples: above the agents' batch deadline, far below the default (30 s, added to every page)."""
+data. VictoriaMetrics adds new series to its index of the current hour every 10 s, and
+gradtel's per-layer series are born with the NaN update: a query closer to now than that
+can miss them, and the page would name no layer. Below the default (30 s) all the same."""
 
 CENTRAL_PROMETHEUS_WRITE_URL = "http://central-prometheus:9090/api/v1/write"
 VICTORIAMETRICS_WRITE_URL = "http://victoria-metrics:8428/api/v1/write"
@@ -164,8 +166,11 @@ Point the agents' `remote_write` at `{VICTORIAMETRICS_WRITE_URL}`, then:
 ```
 
 - `-search.latencyOffset={VM_LATENCY_OFFSET}`: VictoriaMetrics moves a query closer than this to
-  now back by this much, so that it reads complete samples. The default, 30 s, adds
-  30 s to every page; it must stay above the agents' batch deadline.
+  now back by this much, so that it reads complete data. It must cover the agents'
+  batch deadline and VictoriaMetrics' own 10 s refresh of its index of the current
+  hour's series: gradtel's per-layer series are born with the NaN update, and a
+  query that cannot see them yet gives a page that names no layer ("none in the
+  counters yet"). The default, 30 s, would add 30 s to every page.
 - `-rule.resendDelay={RESEND_DELAY}`: as `--rules.alert.resend-delay` above.
 - `-remoteWrite.url`: where vmalert writes the results of gradtel's recording rules.
 - `-evaluationInterval={EVALUATION_INTERVAL}`: as the rules' own interval (vmalert's default is 1m).
