@@ -12,7 +12,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["UNSCANNED_REASONS", "GradHealth", "Status", "Thresholds"]
+__all__ = ["GradHealth", "Status", "Thresholds"]
 
 
 class Status(str, enum.Enum):
@@ -37,9 +37,6 @@ class Status(str, enum.Enum):
 
 
 _LEVELS = {Status.UNKNOWN: -1, Status.HEALTHY: 0, Status.WARNING: 1, Status.CRITICAL: 2}
-
-UNSCANNED_REASONS = ("no_gradients", "scan_error")
-"""Why a due update was not scanned: the ``reason`` label of ``gradtel_unscanned_updates_total``."""
 
 
 @dataclass(frozen=True)

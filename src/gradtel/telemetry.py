@@ -18,17 +18,18 @@ import threading
 import time
 import weakref
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from .health import UNSCANNED_REASONS, GradHealth, Status
+from . import metrics as m
+from .health import GradHealth, Status
+from .metrics import ERROR_STAGES, KINDS, SKIP_REASONS, UNSCANNED_REASONS, Metric
 
 __all__ = [
-    "ERROR_STAGES",
-    "SKIP_REASONS",
     "GradTelemetry",
     "count_error",
     "default_meter_provider",
@@ -41,11 +42,6 @@ __all__ = [
     "run_id",
 ]
 
-ERROR_STAGES = ("scan", "record", "serve")
-"""Values of the ``stage`` label of ``gradtel_errors_total``."""
-SKIP_REASONS = ("amp_overflow", "policy")
-"""Values of the ``reason`` label of ``gradtel_skipped_updates_total``."""
-
 # Per-update scan time spans microseconds (small models) to seconds (huge
 # models on slow hosts); the SDK's default buckets are meant for milliseconds.
 SCAN_DURATION_BUCKETS = (
@@ -54,7 +50,6 @@ SCAN_DURATION_BUCKETS = (
 )  # fmt: skip
 
 _SEVERITIES = {Status.WARNING: "warning", Status.CRITICAL: "critical"}
-_KINDS = ("nan", "inf")
 
 _default_provider: SdkMeterProvider | None = None
 _default_lock = threading.RLock()
@@ -126,7 +121,7 @@ def default_meter_provider() -> SdkMeterProvider:
 
 
 class _Instruments:
-    """The instruments themselves, made once per meter provider.
+    """The instruments themselves, made once per meter provider from the metric contract.
 
     Several monitors may share a provider; asking the SDK twice for the same
     instrument would log a duplicate-registration warning each time.
@@ -134,96 +129,31 @@ class _Instruments:
 
     def __init__(self, meter_provider: MeterProvider) -> None:
         meter = meter_provider.get_meter("gradtel")
-        self.totals = {
-            "nan": meter.create_counter(
-                "gradtel_nan_grads", unit="1", description="NaN gradient values seen since start."
-            ),
-            "inf": meter.create_counter(
-                "gradtel_inf_grads", unit="1", description="±Inf gradient values seen since start."
-            ),
-        }
-        self.per_update = {
-            "nan": meter.create_gauge(
-                "gradtel_update_nan_grads",
-                unit="1",
-                description="NaN gradient values in the most recent update (TELE-300).",
-            ),
-            "inf": meter.create_gauge(
-                "gradtel_update_inf_grads",
-                unit="1",
-                description="±Inf gradient values in the most recent update (TELE-301).",
-            ),
-        }
-        self.updates = meter.create_counter(
-            "gradtel_updates", unit="1", description="Updates scanned."
-        )
-        self.unhealthy = meter.create_counter(
-            "gradtel_unhealthy_updates",
-            unit="1",
-            description="Updates whose whole-model NaN or Inf count fell in the warning or critical band.",
-        )
-        self.status = meter.create_gauge(
-            "gradtel_update_status",
-            unit="1",
-            description=(
-                "Health of the most recent due update: -1 unknown (not scanned, or none yet), "
-                "0 healthy, 1 warning, 2 critical."
-            ),
-        )
-        self.last_update = meter.create_gauge(
-            "gradtel_last_update_timestamp",
-            unit="s",
-            description="Unix time of the most recent update (collect() call), scanned or not.",
-        )
-        self.unscanned = meter.create_counter(
-            "gradtel_unscanned_updates",
-            unit="1",
-            description=(
-                "Due updates in which nothing could be scanned: no_gradients (no watched "
-                "parameter had a gradient) or scan_error. Not in gradtel_updates_total."
-            ),
-        )
-        self.duration = meter.create_histogram(
-            "gradtel_scan_duration",
-            unit="s",
-            description="Time gradtel spent scanning one update.",
-            explicit_bucket_boundaries_advisory=SCAN_DURATION_BUCKETS,
-        )
-        self.first_bad = meter.create_gauge(
-            "gradtel_first_bad_layer",
-            unit="1",
-            description=(
-                "Number of the latest unhealthy update in which this layer was the first, in "
-                "backward order, with values of that kind; series appear when it first happens."
-            ),
-        )
-        self.skipped = meter.create_counter(
-            "gradtel_skipped_updates",
-            unit="1",
-            description=(
-                "Updates whose optimizer step was skipped: amp_overflow (GradScaler found "
-                "non-finite gradients) or policy (gradtel's on_warning/on_critical skip)."
-            ),
-        )
-        self.origin = meter.create_counter(
-            "gradtel_origin_updates",
-            unit="1",
-            description=(
-                "Updates in which this rank's own gradients, before the cross-rank reduction, "
-                "held NaN (kind=nan) or ±Inf (kind=inf): the rank where it started."
-            ),
-        )
-        self.nonfinite_loss = meter.create_counter(
-            "gradtel_nonfinite_loss_updates",
-            unit="1",
-            description=(
-                "Updates whose loss, given to collect(loss=...), was already NaN or ±Inf: "
-                "the values entered in the forward pass."
-            ),
-        )
-        self.errors = meter.create_counter(
-            "gradtel_errors", unit="1", description="Failures inside gradtel, by stage; training went on."
-        )
+
+        def make(metric: Metric) -> Any:
+            create = {"counter": meter.create_counter, "gauge": meter.create_gauge}.get(metric.type)
+            if create is None:
+                return meter.create_histogram(
+                    metric.instrument,
+                    unit=metric.unit,
+                    description=metric.help,
+                    explicit_bucket_boundaries_advisory=SCAN_DURATION_BUCKETS,
+                )
+            return create(metric.instrument, unit=metric.unit, description=metric.help)
+
+        self.totals = {kind: make(m.GRADS_TOTAL[kind]) for kind in KINDS}
+        self.per_update = {kind: make(m.UPDATE_GRADS[kind]) for kind in KINDS}
+        self.updates = make(m.UPDATES)
+        self.unhealthy = make(m.UNHEALTHY_UPDATES)
+        self.status = make(m.UPDATE_STATUS)
+        self.last_update = make(m.LAST_UPDATE_TIMESTAMP)
+        self.unscanned = make(m.UNSCANNED_UPDATES)
+        self.duration = make(m.SCAN_DURATION)
+        self.first_bad = make(m.FIRST_BAD_LAYER)
+        self.skipped = make(m.SKIPPED_UPDATES)
+        self.origin = make(m.ORIGIN_UPDATES)
+        self.nonfinite_loss = make(m.NONFINITE_LOSS_UPDATES)
+        self.errors = make(m.ERRORS)
 
 
 _instruments: weakref.WeakKeyDictionary[MeterProvider, _Instruments] = weakref.WeakKeyDictionary()
@@ -349,14 +279,14 @@ class GradTelemetry:
         self._layer_attrs: dict[str, dict[str, str]] = {}
         self._band_attrs = {
             (kind, status): {**self._base, "kind": kind, "severity": severity}
-            for kind in _KINDS
+            for kind in KINDS
             for status, severity in _SEVERITIES.items()
         }
         self._error_attrs = {stage: {**self._base, "stage": stage} for stage in ERROR_STAGES}
         self._skip_attrs = {reason: {**self._base, "reason": reason} for reason in SKIP_REASONS}
         self._unscanned_attrs = {r: {**self._base, "reason": r} for r in UNSCANNED_REASONS}
         self._first_bad_attrs: dict[tuple[str, str], dict[str, str]] = {}
-        self._origin_attrs = {kind: {**self._base, "kind": kind} for kind in _KINDS}
+        self._origin_attrs = {kind: {**self._base, "kind": kind} for kind in KINDS}
         self._last_nonzero: dict[str, set[str]] = {"nan": set(), "inf": set()}
 
         self._instruments = ins = instruments_for(meter_provider)
@@ -387,7 +317,7 @@ class GradTelemetry:
         attrs = self._layer_attrs.get(layer)
         if attrs is None:
             attrs = self._layer_attrs[layer] = {**self._base, "layer": layer}
-            for kind in _KINDS:
+            for kind in KINDS:
                 self._instruments.totals[kind].add(0, attrs)
                 self._instruments.per_update[kind].set(0, attrs)
         return attrs

@@ -18,13 +18,14 @@ from typing import TextIO
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from . import metrics as m
 from .banner import styled_count
 from .health import Status, Thresholds
 
 __all__ = ["DEFAULT_URL", "Snapshot", "frame", "scrape", "watch"]
 
 DEFAULT_URL = "http://127.0.0.1:9464/metrics"
-_BANDS = [(kind, severity) for kind in ("nan", "inf") for severity in ("warning", "critical")]
+_BANDS = [(kind, severity) for kind in m.KINDS for severity in m.SEVERITIES]
 
 
 @dataclass
@@ -52,23 +53,23 @@ def scrape(url: str, timeout: float = 5.0) -> Snapshot:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             name, labels, value = sample.name, sample.labels, sample.value
-            if name == "gradtel_updates_total":
+            if name == m.UPDATES.name:
                 snap.updates += value
-            elif name == "gradtel_unscanned_updates_total":
+            elif name == m.UNSCANNED_UPDATES.name:
                 snap.unscanned += value
-            elif name == "gradtel_update_status":
+            elif name == m.UPDATE_STATUS.name:
                 snap.status = value if snap.status is None else max(snap.status, value)
                 snap.unknown = snap.unknown or value < 0
-            elif name == "gradtel_last_update_timestamp_seconds":
+            elif name == m.LAST_UPDATE_TIMESTAMP.name:
                 snap.last_update = max(snap.last_update, value)
-            elif name == "gradtel_unhealthy_updates_total":
+            elif name == m.UNHEALTHY_UPDATES.name:
                 key = (labels["kind"], labels["severity"])
                 snap.bands[key] = snap.bands.get(key, 0.0) + value
-            for kind in ("nan", "inf"):
-                if name == f"gradtel_update_{kind}_grads":
+            for kind in m.KINDS:
+                if name == m.UPDATE_GRADS[kind].name:
                     layers = snap.latest[kind]
                     layers[labels["layer"]] = layers.get(labels["layer"], 0.0) + value
-                elif name == f"gradtel_{kind}_grads_total":
+                elif name == m.GRADS_TOTAL[kind].name:
                     layers = snap.totals[kind]
                     layers[labels["layer"]] = layers.get(labels["layer"], 0.0) + value
     return snap

@@ -18,6 +18,20 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common, dashboard as model
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
+from ..metrics import (
+    ERRORS,
+    GRADS_TOTAL,
+    INF_GRADS,
+    LAST_UPDATE_TIMESTAMP,
+    NAN_GRADS,
+    SCAN_DURATION,
+    SKIPPED_UPDATES,
+    UNHEALTHY_UPDATES,
+    UNSCANNED_UPDATES,
+    UPDATE_GRADS,
+    UPDATE_STATUS,
+    UPDATES,
+)
 from .options import KitOptions, duration_seconds
 
 __all__ = [
@@ -102,7 +116,7 @@ def _status_panels(o: KitOptions) -> list[Any]:
             "-1 unknown: gradtel could not scan it, or no update yet."
         )
         .unit("none")
-        .with_target(_query(f"max(gradtel_update_status{{{_SELECT}}})", "health", instant=True))
+        .with_target(_query(f"max({UPDATE_STATUS}{{{_SELECT}}})", "health", instant=True))
         .thresholds(_steps((None, GREY), (0, GREEN), (1, ORANGE), (2, RED)))
         .mappings(health_mappings)
         .color_mode(common.BigValueColorMode.BACKGROUND)
@@ -120,7 +134,7 @@ def _status_panels(o: KitOptions) -> list[Any]:
                 f"{o.thresholds.warning}, critical above {o.thresholds.critical}."
             )
             .unit("none")
-            .with_target(_query(f"sum(gradtel_update_{kind}_grads{{{_SELECT}}})", label, instant=True))
+            .with_target(_query(f"sum({UPDATE_GRADS[kind]}{{{_SELECT}}})", label, instant=True))
             .thresholds(count_steps(o))
             .color_mode(common.BigValueColorMode.BACKGROUND)
             .grid_pos(_grid(x, 1, 5, 4))
@@ -133,7 +147,7 @@ def _status_panels(o: KitOptions) -> list[Any]:
         .description(f"Red after {o.stall_after}, when GradtelTrainingStalled fires.")
         .unit("s")
         .with_target(
-            _query(f"time() - max(gradtel_last_update_timestamp_seconds{{{_SELECT}}})", "since", instant=True)
+            _query(f"time() - max({LAST_UPDATE_TIMESTAMP}{{{_SELECT}}})", "since", instant=True)
         )
         .thresholds(_steps((None, GREEN), (stall, RED)))
         .grid_pos(_grid(15, 1, 5, 4))
@@ -144,7 +158,7 @@ def _status_panels(o: KitOptions) -> list[Any]:
         .reduce_options(_LAST)
         .title("Updates per second")
         .unit("ops")
-        .with_target(_query(f"sum(rate(gradtel_updates_total{{{_SELECT}}}[$__rate_interval]))", "updates/s"))
+        .with_target(_query(f"sum(rate({UPDATES}{{{_SELECT}}}[$__rate_interval]))", "updates/s"))
         .grid_pos(_grid(20, 1, 4, 4))
     )
     return panels
@@ -174,8 +188,8 @@ def _timeseries(title: str, unit: str, expr: str, legend: str, grid: model.GridP
 
 def _dashboard(o: KitOptions) -> dashboard.Dashboard:
     nonfinite = (
-        f"sum by (layer) {_moved(f'gradtel_nan_grads_total{{{_LAYERS}}}', '$__range')}"
-        f" + sum by (layer) {_moved(f'gradtel_inf_grads_total{{{_LAYERS}}}', '$__range')}"
+        f"sum by (layer) {_moved(f'{NAN_GRADS}{{{_LAYERS}}}', '$__range')}"
+        f" + sum by (layer) {_moved(f'{INF_GRADS}{{{_LAYERS}}}', '$__range')}"
     )
     board = (
         dashboard.Dashboard("gradtel: gradient health")
@@ -191,15 +205,15 @@ def _dashboard(o: KitOptions) -> dashboard.Dashboard:
         .time("now-1h", "now")
         .timezone("browser")
         .with_variable(dashboard.DatasourceVariable("datasource").label("Data source").type("prometheus"))
-        .with_variable(_variable("job", f'label_values(gradtel_updates_total{{job=~".*"}}, job)', "Job"))
-        .with_variable(_variable("instance", 'label_values(gradtel_updates_total{job=~"$job"}, instance)', "Instance"))
+        .with_variable(_variable("job", f'label_values({UPDATES}{{job=~".*"}}, job)', "Job"))
+        .with_variable(_variable("instance", f'label_values({UPDATES}{{job=~"$job"}}, instance)', "Instance"))
         .with_variable(
-            _variable("rank", 'label_values(gradtel_updates_total{job=~"$job", instance=~"$instance"}, rank)', "Rank")
+            _variable("rank", f'label_values({UPDATES}{{job=~"$job", instance=~"$instance"}}, rank)', "Rank")
         )
         .with_variable(
             _variable(
                 "layer",
-                f'label_values({{__name__=~"gradtel_(nan|inf)_grads_total", {_SELECT}}}, layer)',
+                f'label_values({{__name__=~"{NAN_GRADS}|{INF_GRADS}", {_SELECT}}}, layer)',
                 "Layer",
             )
         )
@@ -212,7 +226,7 @@ def _dashboard(o: KitOptions) -> dashboard.Dashboard:
         _timeseries(
             "Unhealthy updates by kind and severity",
             "short",
-            f"sum by (kind, severity) (increase(gradtel_unhealthy_updates_total{{{_SELECT}}}[$__rate_interval]))",
+            f"sum by (kind, severity) (increase({UNHEALTHY_UPDATES}{{{_SELECT}}}[$__rate_interval]))",
             "{{kind}} {{severity}}",
             _grid(0, 6, 8, 8),
             "From the counter, so an unhealthy update between two scrapes still shows.",
@@ -223,7 +237,7 @@ def _dashboard(o: KitOptions) -> dashboard.Dashboard:
             _timeseries(
                 f"{label} values per layer",
                 "short",
-                f"sum by (layer) {_moved(f'gradtel_{kind}_grads_total{{{_LAYERS}}}', '$__rate_interval')} > 0",
+                f"sum by (layer) {_moved(f'{GRADS_TOTAL[kind]}{{{_LAYERS}}}', '$__rate_interval')} > 0",
                 "{{layer}}",
                 _grid(x, 6, 8, 8),
                 f"{label} gradient values per layer in each interval; layers with none are hidden.",
@@ -242,8 +256,8 @@ def _dashboard(o: KitOptions) -> dashboard.Dashboard:
         _timeseries(
             "Non-finite values by rank",
             "short",
-            f"sum by (rank) {_moved(f'gradtel_nan_grads_total{{{_SELECT}}}', '$__rate_interval')}"
-            f" + sum by (rank) {_moved(f'gradtel_inf_grads_total{{{_SELECT}}}', '$__rate_interval')}",
+            f"sum by (rank) {_moved(f'{NAN_GRADS}{{{_SELECT}}}', '$__rate_interval')}"
+            f" + sum by (rank) {_moved(f'{INF_GRADS}{{{_SELECT}}}', '$__rate_interval')}",
             "rank {{rank}}",
             _grid(12, 15, 12, 8),
             "Which rank produces the non-finite gradients (no rank label: a single process).",
@@ -255,7 +269,7 @@ def _dashboard(o: KitOptions) -> dashboard.Dashboard:
             _timeseries(
                 f"Scan duration, {name}",
                 "s",
-                f"histogram_quantile({quantile}, sum by (le) (rate(gradtel_scan_duration_seconds_bucket{{{_SELECT}}}[$__rate_interval])))",
+                f"histogram_quantile({quantile}, sum by (le) (rate({SCAN_DURATION}_bucket{{{_SELECT}}}[$__rate_interval])))",
                 name,
                 _grid(x, 24, 6, 7),
                 "Time gradtel spends per update: its own overhead.",
@@ -265,7 +279,7 @@ def _dashboard(o: KitOptions) -> dashboard.Dashboard:
         _timeseries(
             "Update rate",
             "ops",
-            f"sum(rate(gradtel_updates_total{{{_SELECT}}}[$__rate_interval]))",
+            f"sum(rate({UPDATES}{{{_SELECT}}}[$__rate_interval]))",
             "updates/s",
             _grid(12, 24, 6, 7),
             "Scanned updates per second, next to the overhead.",
@@ -275,7 +289,7 @@ def _dashboard(o: KitOptions) -> dashboard.Dashboard:
         _timeseries(
             "Failures inside gradtel",
             "short",
-            f"sum by (stage) (increase(gradtel_errors_total{{{_SELECT}}}[$__rate_interval]))",
+            f"sum by (stage) (increase({ERRORS}{{{_SELECT}}}[$__rate_interval]))",
             "{{stage}}",
             _grid(18, 24, 6, 7),
             "Training went on; see the process log.",
@@ -286,7 +300,7 @@ def _dashboard(o: KitOptions) -> dashboard.Dashboard:
         _timeseries(
             "Updates not scanned",
             "short",
-            f"sum by (reason) (increase(gradtel_unscanned_updates_total{{{_SELECT}}}[$__rate_interval]))",
+            f"sum by (reason) (increase({UNSCANNED_UPDATES}{{{_SELECT}}}[$__rate_interval]))",
             "{{reason}}",
             _grid(0, 32, 12, 7),
             "Due updates gradtel could not look at (GradtelNothingScanned): no_gradients means "
@@ -297,7 +311,7 @@ def _dashboard(o: KitOptions) -> dashboard.Dashboard:
         _timeseries(
             "Updates skipped",
             "short",
-            f"sum by (reason) (increase(gradtel_skipped_updates_total{{{_SELECT}}}[$__rate_interval]))",
+            f"sum by (reason) (increase({SKIPPED_UPDATES}{{{_SELECT}}}[$__rate_interval]))",
             "{{reason}}",
             _grid(12, 32, 12, 7),
             "amp_overflow: the GradScaler skipped the step (a few at the start of an fp16 run are "

@@ -4,6 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..metrics import (
+    ERRORS,
+    FIRST_BAD_LAYER,
+    GRADS_TOTAL,
+    INF_GRADS,
+    LAST_UPDATE_TIMESTAMP,
+    NAN_GRADS,
+    NONFINITE_LOSS_UPDATES,
+    ORIGIN_UPDATES,
+    SKIPPED_UPDATES,
+    UNHEALTHY_UPDATES,
+    UNSCANNED_UPDATES,
+    UPDATES,
+)
 from .options import (
     ALERT_NAMES,
     AMP_SKIPS_ALERT,
@@ -66,7 +80,7 @@ def _where() -> str:
 def _origin_template(o: KitOptions) -> str:
     """"It originated on rank 2." when a rank's own gradients were bad before the reduction."""
     selector, args = _run_selector(",kind=%q")
-    series = f"gradtel_origin_updates_total{{{selector}}}"
+    series = f"{ORIGIN_UPDATES}{{{selector}}}"
     query = _query(_born_or_increased(series, o.window), *(args + ["$labels.kind"]) * 3)
     return (
         f"{{{{ with {query} }}}} It originated on rank{{{{ if gt (len .) 1 }}}}s{{{{ end }}}} "
@@ -77,7 +91,7 @@ def _origin_template(o: KitOptions) -> str:
 def _loss_template(o: KitOptions) -> str:
     """Says so when a rank's loss was already non-finite: the values entered in the forward pass."""
     selector, args = _run_selector()
-    series = f"gradtel_nonfinite_loss_updates_total{{{selector}}}"
+    series = f"{NONFINITE_LOSS_UPDATES}{{{selector}}}"
     query = _query(_born_or_increased(series, o.window), *args * 3)
     return f"{{{{ with {query} }}}} The loss was already non-finite: it entered in the forward pass.{{{{ end }}}}"
 
@@ -88,7 +102,7 @@ def _top_layers_template(o: KitOptions, kind: str) -> str:
     # restart where increase() would extrapolate. Ranks hold the same reduced
     # gradients: the largest count of a layer over the ranks, not their sum.
     selector, args = _run_selector()
-    current = f"gradtel_{kind}_grads_total{{{selector}}}"
+    current = f"{GRADS_TOTAL[kind]}{{{selector}}}"
     window = f"{current}[{o.window}]"
     query = _query(
         f"sort_desc(topk(3, max by (layer) ({_born(current, o.window)} "
@@ -107,7 +121,7 @@ def _first_bad_template(o: KitOptions) -> str:
     """The first bad layer of the alert's kind and the update number, when known."""
     selector, args = _run_selector(",kind=%q")
     query = _query(
-        f"topk(1, max by (layer) (max_over_time(gradtel_first_bad_layer{{{selector}}}[{o.window}])))",
+        f"topk(1, max by (layer) (max_over_time({FIRST_BAD_LAYER}{{{selector}}}[{o.window}])))",
         *args,
         "$labels.kind",
     )
@@ -119,7 +133,7 @@ def _first_bad_template(o: KitOptions) -> str:
 
 def _unhealthy_rule(o: KitOptions, kind: str, severity: str) -> dict[str, Any]:
     series = (
-        f'gradtel_unhealthy_updates_total{{{o.job_selector},kind="{kind}",severity="{severity}"}}'
+        f'{UNHEALTHY_UPDATES}{{{o.job_selector},kind="{kind}",severity="{severity}"}}'
     )
     label = KINDS[kind]
     return {
@@ -162,13 +176,13 @@ def rules(o: KitOptions) -> dict[str, Any]:
     recording = [
         {
             "record": f"job_instance_rank_kind_severity:gradtel_unhealthy_updates:increase{w}",
-            "expr": f"sum by (job, instance, rank, kind, severity) (increase(gradtel_unhealthy_updates_total{{{sel}}}[{w}]))",
+            "expr": f"sum by (job, instance, rank, kind, severity) (increase({UNHEALTHY_UPDATES}{{{sel}}}[{w}]))",
         },
         {
             "record": f"job_instance_rank_layer:gradtel_nonfinite_grads:increase{w}",
             "expr": (
-                f"sum by (job, instance, rank, layer) (increase(gradtel_nan_grads_total{{{sel}}}[{w}]))\n"
-                f"+\nsum by (job, instance, rank, layer) (increase(gradtel_inf_grads_total{{{sel}}}[{w}]))"
+                f"sum by (job, instance, rank, layer) (increase({NAN_GRADS}{{{sel}}}[{w}]))\n"
+                f"+\nsum by (job, instance, rank, layer) (increase({INF_GRADS}{{{sel}}}[{w}]))"
             ),
         },
     ]
@@ -177,7 +191,7 @@ def rules(o: KitOptions) -> dict[str, Any]:
     ]
     # The endpoints of a run that died: the gradtel series, still in Prometheus for
     # a while, tell which rank each dead target was.
-    down = "(up{job=%q} == 0) * on (job, instance) group_left (rank) max by (job, instance, rank) (last_over_time(gradtel_updates_total{job=%q}[1h])) or on (job, instance) (up{job=%q} == 0)"
+    down = f"(up{{job=%q}} == 0) * on (job, instance) group_left (rank) max by (job, instance, rank) (last_over_time({UPDATES}{{job=%q}}[1h])) or on (job, instance) (up{{job=%q}} == 0)"
     alerts.append(
         {
             "alert": DOWN_ALERT,
@@ -200,7 +214,7 @@ def rules(o: KitOptions) -> dict[str, Any]:
     )
     stall = duration_seconds(o.stall_after, "stall_after")
     alerts += [_nothing_scanned_rule(o), _amp_skips_rule(o)]
-    stalled = f"(time() - gradtel_last_update_timestamp_seconds{{{sel}}}) > {stall}\nand on (job, instance) up{{{sel}}} == 1"
+    stalled = f"(time() - {LAST_UPDATE_TIMESTAMP}{{{sel}}}) > {stall}\nand on (job, instance) up{{{sel}}} == 1"
     alerts.append(
         {
             "alert": STALLED_ALERT,
@@ -212,7 +226,7 @@ def rules(o: KitOptions) -> dict[str, Any]:
                     f"{_where()}: {{{{ $value }}}} targets are up but have had no update (no "
                     f"collect() call) for more than {o.stall_after}: "
                     + _targets_template(
-                        f"(time() - gradtel_last_update_timestamp_seconds{{job=%q,run=%q}}) > {stall}",
+                        f"(time() - {LAST_UPDATE_TIMESTAMP}{{job=%q,run=%q}}) > {stall}",
                         *_run_selector()[1],
                     )
                     + ". Training hangs, waits on data or on another rank, or collect() is no "
@@ -238,9 +252,9 @@ def _nothing_scanned_rule(o: KitOptions) -> dict[str, Any]:
         # than letting a quiet dashboard look healthy.
         "expr": (
             f"count by ({INCIDENT}) (\n"
-            f"  sum without (reason) (increase(gradtel_unscanned_updates_total{{{sel}}}[{w}])) > 0\n"
+            f"  sum without (reason) (increase({UNSCANNED_UPDATES}{{{sel}}}[{w}])) > 0\n"
             f"  unless on (job, instance, rank)\n"
-            f"  increase(gradtel_updates_total{{{sel}}}[{w}]) > 0\n)"
+            f"  increase({UPDATES}{{{sel}}}[{w}]) > 0\n)"
         ),
         "labels": {"severity": "warning"},
         "annotations": {
@@ -249,7 +263,7 @@ def _nothing_scanned_rule(o: KitOptions) -> dict[str, Any]:
                 f"{_where()}: on {{{{ $value }}}} ranks, updates in the last {w} were due but "
                 "none was scanned: NaN/Inf gradients would not be seen. collect() runs where no "
                 "gradient exists (before backward() or after zero_grad()), or the scan fails "
-                '(gradtel_errors_total{stage="scan"}).'
+                f'({ERRORS}{{stage="scan"}}).'
             ),
             "runbook_url": o.runbook(NOTHING_SCANNED_ALERT),
         },
@@ -258,14 +272,14 @@ def _nothing_scanned_rule(o: KitOptions) -> dict[str, Any]:
 
 def _amp_skips_rule(o: KitOptions) -> dict[str, Any]:
     sel, w = o.job_selector, o.window
-    skipped = f'increase(gradtel_skipped_updates_total{{{sel},reason="amp_overflow"}}[{w}])'
+    skipped = f'increase({SKIPPED_UPDATES}{{{sel},reason="amp_overflow"}}[{w}])'
     return {
         "alert": AMP_SKIPS_ALERT,
         # The first-steps overflows of an fp16 run are the scaler doing its job; a
         # share of skipped updates that stays high is a loss scale collapsing.
         "expr": (
             f"count by ({INCIDENT}) (\n  {skipped}\n  / ignoring (reason)\n"
-            f"  increase(gradtel_updates_total{{{sel}}}[{w}])\n  > {o.amp_skip_ratio:g}\n)"
+            f"  increase({UPDATES}{{{sel}}}[{w}])\n  > {o.amp_skip_ratio:g}\n)"
         ),
         "for": AMP_SKIPS_FOR,
         "labels": {"severity": "warning"},

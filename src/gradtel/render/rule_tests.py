@@ -9,6 +9,19 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..metrics import (
+    FIRST_BAD_LAYER,
+    GRADS_TOTAL,
+    LAST_UPDATE_TIMESTAMP,
+    NAN_GRADS,
+    NONFINITE_LOSS_UPDATES,
+    ORIGIN_UPDATES,
+    SKIPPED_UPDATES,
+    UNHEALTHY_UPDATES,
+    UNSCANNED_UPDATES,
+    UPDATES,
+    Metric,
+)
 from .options import (
     ALERT_NAMES,
     AMP_SKIPS_ALERT,
@@ -36,18 +49,18 @@ def _labels(o: KitOptions, **extra: str) -> str:
     return "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
 
 
-def _series(name: str, labels: str, values: str) -> dict[str, str]:
-    return {"series": name + labels, "values": values}
+def _series(metric: Metric | str, labels: str, values: str) -> dict[str, str]:
+    return {"series": f"{metric}{labels}", "values": values}
 
 
 def _band(o: KitOptions, kind: str, severity: str, values: str) -> dict[str, str]:
     return _series(
-        "gradtel_unhealthy_updates_total", _labels(o, kind=kind, severity=severity), values
+        UNHEALTHY_UPDATES, _labels(o, kind=kind, severity=severity), values
     )
 
 
 def _layer(o: KitOptions, kind: str, layer: str, values: str) -> dict[str, str]:
-    return _series(f"gradtel_{kind}_grads_total", _labels(o, layer=layer), values)
+    return _series(GRADS_TOTAL[kind], _labels(o, layer=layer), values)
 
 
 def _steps(before: int, value: int, after: int) -> str:
@@ -144,7 +157,7 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
             _band(o, "nan", "critical", _steps(3, 1, span)),
             _layer(o, "nan", "encoder.0", _steps(3, 9, span)),
             _layer(o, "nan", "encoder.1", _steps(3, 8, span)),
-            _series("gradtel_first_bad_layer", _labels(o, kind="nan", layer="encoder.1"), f"_x2 3x{span}"),
+            _series(FIRST_BAD_LAYER, _labels(o, kind="nan", layer="encoder.1"), f"_x2 3x{span}"),
         ],
         [
             _check(
@@ -161,8 +174,8 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
             _band(o, "inf", "critical", _steps(5, 1, span)),
             _layer(o, "nan", "body.0", _steps(3, 6, span)),
             _layer(o, "inf", "head", _steps(5, 7, span)),
-            _series("gradtel_first_bad_layer", _labels(o, kind="nan", layer="body.0"), f"_x2 3x{span}"),
-            _series("gradtel_first_bad_layer", _labels(o, kind="inf", layer="head"), f"_x4 5x{span}"),
+            _series(FIRST_BAD_LAYER, _labels(o, kind="nan", layer="body.0"), f"_x2 3x{span}"),
+            _series(FIRST_BAD_LAYER, _labels(o, kind="inf", layer="head"), f"_x4 5x{span}"),
         ],
         [
             _check(6, nan, _unhealthy_alert(o, "nan", "critical", "body.0 (6)", ("body.0", 3))),
@@ -172,13 +185,13 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
     four = [_labels(o, rank=str(r)).replace(INSTANCE, f"trainer-{r}:9464") for r in range(4)]
     case(
         f"{nan} fires once for a run of 4 ranks, saying which rank it originated on",
-        [_series("gradtel_unhealthy_updates_total", r[:-1] + ',kind="nan",severity="critical"}', _steps(3, 1, span)) for r in four]
-        + [_series("gradtel_nan_grads_total", r[:-1] + ',layer="head"}', _steps(3, 9, span)) for r in four]
+        [_series(UNHEALTHY_UPDATES, r[:-1] + ',kind="nan",severity="critical"}', _steps(3, 1, span)) for r in four]
+        + [_series(NAN_GRADS, r[:-1] + ',layer="head"}', _steps(3, 9, span)) for r in four]
         + [
-            _series("gradtel_origin_updates_total", r[:-1] + ',kind="nan"}', _steps(3, int(i == 2), span))
+            _series(ORIGIN_UPDATES, r[:-1] + ',kind="nan"}', _steps(3, int(i == 2), span))
             for i, r in enumerate(four)
         ]
-        + [_series("gradtel_first_bad_layer", r[:-1] + ',kind="nan",layer="head"}', f"_x2 30x{span}") for r in four],
+        + [_series(FIRST_BAD_LAYER, r[:-1] + ',kind="nan",layer="head"}', f"_x2 30x{span}") for r in four],
         [
             _check(
                 3,
@@ -193,15 +206,15 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
         f"{nan} says when the loss was already non-finite (the forward pass)",
         [
             _band(o, "nan", "critical", _steps(3, 1, span)),
-            _series("gradtel_nonfinite_loss_updates_total", _labels(o), _steps(3, 1, span)),
+            _series(NONFINITE_LOSS_UPDATES, _labels(o), _steps(3, 1, span)),
         ],
         [_check(3, nan, _unhealthy_alert(o, "nan", "critical", "none in the counters yet", forward=True))],
     )
     case(
         f"{nan} names every rank it originated on",
-        [_series("gradtel_unhealthy_updates_total", r[:-1] + ',kind="nan",severity="critical"}', _steps(3, 1, span)) for r in four]
+        [_series(UNHEALTHY_UPDATES, r[:-1] + ',kind="nan",severity="critical"}', _steps(3, 1, span)) for r in four]
         + [
-            _series("gradtel_origin_updates_total", r[:-1] + ',kind="nan"}', _steps(3, int(i in (0, 3)), span))
+            _series(ORIGIN_UPDATES, r[:-1] + ',kind="nan"}', _steps(3, int(i in (0, 3)), span))
             for i, r in enumerate(four)
         ],
         [
@@ -233,7 +246,7 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
     )
     healthy = [
         _band(o, kind, severity, f"0x{span}") for kind in KINDS for severity in ("warning", "critical")
-    ] + [_series("gradtel_updates_total", _labels(o), f"0+60x{span}")]
+    ] + [_series(UPDATES, _labels(o), f"0+60x{span}")]
     case(
         f"{nan} and {inf} do not fire on healthy updates",
         healthy,
@@ -248,7 +261,7 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
         f"{inf} critical fires when the very first update after start is critical",
         [
             _series(
-                "gradtel_unhealthy_updates_total",
+                UNHEALTHY_UPDATES,
                 _labels(o, kind="inf", severity="critical"),
                 f"_x2 1x{span}",
             ),
@@ -278,7 +291,7 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
     case(
         f"{DOWN_ALERT} fires once for a run whose ranks all died, naming them",
         [_series("up", r.replace(f',rank="{i}"', ""), f"1x3 0x{span}") for i, r in enumerate(ranks)]
-        + [_series("gradtel_updates_total", r, "0+60x3") for r in ranks],
+        + [_series(UPDATES, r, "0+60x3") for r in ranks],
         [
             _check(7, DOWN_ALERT),
             _check(
@@ -331,7 +344,7 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
     case(
         f"{STALLED_ALERT} fires when no update arrives for {o.stall_after} while up",
         [
-            _series("gradtel_last_update_timestamp_seconds", up_labels, timestamps),
+            _series(LAST_UPDATE_TIMESTAMP, up_labels, timestamps),
             _series("up", up_labels, f"1x{stalled_span + 5}"),
         ],
         [
@@ -357,7 +370,7 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
     case(
         f"{STALLED_ALERT} does not fire while updates keep arriving",
         [
-            _series("gradtel_last_update_timestamp_seconds", up_labels, f"0+60x{stalled_span}"),
+            _series(LAST_UPDATE_TIMESTAMP, up_labels, f"0+60x{stalled_span}"),
             _series("up", up_labels, f"1x{stalled_span}"),
         ],
         [_check(fires_at, STALLED_ALERT)],
@@ -370,12 +383,12 @@ def _coverage_cases(o: KitOptions, case: Any, span: int) -> None:
     """Cases of the alerts that say when gradtel cannot see, or AMP keeps skipping."""
     window = _minutes(duration_seconds(o.window, "window"))
     unscanned = [
-        _series("gradtel_unscanned_updates_total", _labels(o, reason=reason), values)
+        _series(UNSCANNED_UPDATES, _labels(o, reason=reason), values)
         for reason, values in (("no_gradients", f"0+60x{span}"), ("scan_error", f"0x{span}"))
     ]
     case(
         f"{NOTHING_SCANNED_ALERT} fires when updates arrive but none is scanned",
-        [*unscanned, _series("gradtel_updates_total", _labels(o), f"0x{span}")],
+        [*unscanned, _series(UPDATES, _labels(o), f"0x{span}")],
         [
             _check(
                 window,
@@ -399,16 +412,16 @@ def _coverage_cases(o: KitOptions, case: Any, span: int) -> None:
     case(
         f"{NOTHING_SCANNED_ALERT} does not fire while updates are scanned",
         [
-            _series("gradtel_unscanned_updates_total", _labels(o, reason="no_gradients"), f"0x{span}"),
-            _series("gradtel_updates_total", _labels(o), f"0+60x{span}"),
+            _series(UNSCANNED_UPDATES, _labels(o, reason="no_gradients"), f"0x{span}"),
+            _series(UPDATES, _labels(o), f"0+60x{span}"),
         ],
         [_check(t, NOTHING_SCANNED_ALERT) for t in (1, window, span)],
     )
     case(
         f"{NOTHING_SCANNED_ALERT} does not fire when some updates have no gradient but others are scanned",
         [
-            _series("gradtel_unscanned_updates_total", _labels(o, reason="no_gradients"), f"0+1x{span}"),
-            _series("gradtel_updates_total", _labels(o), f"0+60x{span}"),
+            _series(UNSCANNED_UPDATES, _labels(o, reason="no_gradients"), f"0+1x{span}"),
+            _series(UPDATES, _labels(o), f"0+60x{span}"),
         ],
         [_check(t, NOTHING_SCANNED_ALERT) for t in (window, span)],
     )
@@ -419,8 +432,8 @@ def _coverage_cases(o: KitOptions, case: Any, span: int) -> None:
     case(
         f"{AMP_SKIPS_ALERT} fires when the scaler keeps skipping updates",
         [
-            _series("gradtel_skipped_updates_total", skip_labels, f"0x5 0+60x{span}"),
-            _series("gradtel_updates_total", _labels(o), f"0+60x{span + 5}"),
+            _series(SKIPPED_UPDATES, skip_labels, f"0x5 0+60x{span}"),
+            _series(UPDATES, _labels(o), f"0+60x{span + 5}"),
         ],
         [
             _check(5 + 1, AMP_SKIPS_ALERT),
@@ -446,8 +459,8 @@ def _coverage_cases(o: KitOptions, case: Any, span: int) -> None:
     case(
         f"{AMP_SKIPS_ALERT} does not fire on the usual first few overflows of an fp16 run",
         [
-            _series("gradtel_skipped_updates_total", skip_labels, f"0 12x{span}"),
-            _series("gradtel_updates_total", _labels(o), f"0+60x{span}"),
+            _series(SKIPPED_UPDATES, skip_labels, f"0 12x{span}"),
+            _series(UPDATES, _labels(o), f"0+60x{span}"),
         ],
         [_check(t, AMP_SKIPS_ALERT) for t in (1, hold + 1, window, span)],
     )

@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+from ..metrics import (
+    ERRORS,
+    LAST_UPDATE_TIMESTAMP,
+    SKIPPED_UPDATES,
+    UNHEALTHY_UPDATES,
+    UNSCANNED_UPDATES,
+    UPDATES,
+    UPDATE_GRADS,
+    UPDATE_INF_GRADS,
+    UPDATE_NAN_GRADS,
+    UPDATE_STATUS,
+)
 from .options import (
     ALERT_NAMES,
     AMP_SKIPS_ALERT,
@@ -40,11 +52,11 @@ alert keeps firing for {o.window} after the last unhealthy update, then resolves
 
 Useful queries (Prometheus or Grafana Explore):
 
-- which layers, now: `topk(5, gradtel_update_nan_grads + gradtel_update_inf_grads)`
+- which layers, now: `topk(5, {UPDATE_NAN_GRADS} + {UPDATE_INF_GRADS})`
 - which layers, over the window:
   `topk(5, job_instance_rank_layer:gradtel_nonfinite_grads:increase{o.window})`
-- which rank: `sum by (rank) (increase(gradtel_unhealthy_updates_total[{o.window}]))`
-- since when: `gradtel_update_status` and `increase(gradtel_updates_total[5m])`
+- which rank: `sum by (rank) (increase({UNHEALTHY_UPDATES}[{o.window}]))`
+- since when: `{UPDATE_STATUS}` and `increase({UPDATES}[5m])`
 """,
     ]
     for kind, label in (("nan", "NaN"), ("inf", "Inf")):
@@ -67,7 +79,7 @@ gradients: `severity="warning"` for {band_text(o, "warning")} values in one upda
 **Look first at**
 
 1. *Which layers*: the alert description lists the top layers; the
-   `gradtel_update_{kind}_grads` gauges show the latest update per layer.
+   `{UPDATE_GRADS[kind]}` gauges show the latest update per layer.
 2. *Which rank*: the `rank` label. One rank alone points at its data shard or its
    hardware; all ranks at once point at the model or the learning rate.
 3. *Loss scale* (AMP): a collapsing `GradScaler` scale means repeated overflow.
@@ -81,8 +93,8 @@ gradients: `severity="warning"` for {band_text(o, "warning")} values in one upda
   gradient clipping, or check the layers named.
 - Critical: stop or roll back the run to the last healthy checkpoint before
   the weights are damaged, unless `on_critical="skip"` already keeps these
-  updates from reaching the optimizer (check `gradtel_unhealthy_updates_total`
-  against `gradtel_updates_total`: skipping most updates is not training).
+  updates from reaching the optimizer (check `{UNHEALTHY_UPDATES}`
+  against `{UPDATES}`: skipping most updates is not training).
 - Fix the cause (data, learning rate, precision, an unstable op such as a
   `log` or `sqrt` of a non-positive value, a division by zero) and resume.
 """,
@@ -96,7 +108,7 @@ unhealthy updates of that process cannot page.
 
 **Look first at** the training process (did it exit, crash, or get OOM-killed?),
 its log for `gradtel cannot serve /metrics` (a port in use: see
-`gradtel_errors_total{{stage="serve"}}` on another endpoint), and the scrape
+`{ERRORS}{{stage="serve"}}` on another endpoint), and the scrape
 target list in Prometheus (`/targets`).
 
 **Do** restart the run or fix the endpoint (port, bind address: gradtel binds
@@ -110,7 +122,7 @@ ended targets from discovery.
 
 **Meaning.** The endpoint is up but `collect()` has not been called (no
 update, scanned or not) for more than {o.stall_after}:
-`time() - gradtel_last_update_timestamp_seconds` is too large.
+`time() - {LAST_UPDATE_TIMESTAMP}` is too large.
 
 **Look first at** whether the process still uses CPU/GPU (a hang in a collective
 operation waiting for another rank, a data loader stuck on I/O), whether another
@@ -126,9 +138,9 @@ the job, or raise `stall_after` when long evaluation phases are normal.
 
 **Meaning.** Updates keep arriving (`collect()` is called) but in the last
 {o.window} not one was scanned: gradtel is blind, and a NaN would not page.
-Each such update is counted in `gradtel_unscanned_updates_total{{reason=...}}`,
-reports status `unknown` (`gradtel_update_status == -1`) and is not in
-`gradtel_updates_total`.
+Each such update is counted in `{UNSCANNED_UPDATES}{{reason=...}}`,
+reports status `unknown` (`{UPDATE_STATUS} == -1`) and is not in
+`{UPDATES}`.
 
 **Look first at** the `reason` (the "Updates not scanned" panel):
 
@@ -136,7 +148,7 @@ reports status `unknown` (`gradtel_update_status == -1`) and is not in
   runs before `backward()`, or after `optimizer.zero_grad()` (gradients set to
   `None`), or on a model other than the one trained. The process log says
   "0 of N watched trainable parameters had a gradient".
-- `scan_error`: gradtel failed to count (see `gradtel_errors_total{{stage="scan"}}`
+- `scan_error`: gradtel failed to count (see `{ERRORS}{{stage="scan"}}`
   and the log line `gradtel scan failed`), e.g. gradients of a kind it cannot
   read (meta or MKLDNN tensors).
 
@@ -151,7 +163,7 @@ reports status `unknown` (`gradtel_update_status == -1`) and is not in
 {o.window} overflowed and the AMP `GradScaler` skipped their optimizer step, and
 this went on for {AMP_SKIPS_FOR}. The first few overflows of every fp16 run are
 the scaler finding its loss scale and do not page: they are counted in
-`gradtel_skipped_updates_total{{reason="amp_overflow"}}`, not as unhealthy
+`{SKIPPED_UPDATES}{{reason="amp_overflow"}}`, not as unhealthy
 updates. A share that stays high means the loss scale keeps halving: the model
 is barely training and will soon produce real NaN.
 

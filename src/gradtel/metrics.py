@@ -1,0 +1,177 @@
+"""The metric contract: every metric gradtel exports, as Prometheus scrapes it.
+
+This table is the one place that names them. The instruments (``telemetry``),
+the deploy kit (rules, rule tests, dashboard, runbook), ``gradtel watch`` and the
+tests all read it, and a test pins it against a real scrape.
+
+Besides the labels listed per metric, every series carries the process labels:
+``rank`` in a distributed run (world size > 1) and ``run`` when the launcher
+names the run (``$GRADTEL_RUN``, or torchrun's ``$TORCHELASTIC_RUN_ID``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "ERRORS",
+    "ERROR_STAGES",
+    "FIRST_BAD_LAYER",
+    "GRADS_TOTAL",
+    "INF_GRADS",
+    "KINDS",
+    "LAST_UPDATE_TIMESTAMP",
+    "METRICS",
+    "NAN_GRADS",
+    "NONFINITE_LOSS_UPDATES",
+    "ORIGIN_UPDATES",
+    "PROCESS_LABELS",
+    "SCAN_DURATION",
+    "SEVERITIES",
+    "SKIPPED_UPDATES",
+    "SKIP_REASONS",
+    "UNHEALTHY_UPDATES",
+    "UNSCANNED_REASONS",
+    "UNSCANNED_UPDATES",
+    "UPDATES",
+    "UPDATE_GRADS",
+    "UPDATE_INF_GRADS",
+    "UPDATE_NAN_GRADS",
+    "UPDATE_STATUS",
+    "Metric",
+]
+
+PROCESS_LABELS = ("rank", "run")
+"""Labels of the process, on every series when they apply."""
+KINDS = ("nan", "inf")
+"""Values of ``kind``."""
+SEVERITIES = ("warning", "critical")
+"""Values of ``severity``."""
+ERROR_STAGES = ("scan", "record", "serve")
+"""Values of ``stage`` in ``gradtel_errors_total``."""
+SKIP_REASONS = ("amp_overflow", "policy")
+"""Values of ``reason`` in ``gradtel_skipped_updates_total``."""
+UNSCANNED_REASONS = ("no_gradients", "scan_error")
+"""Values of ``reason`` in ``gradtel_unscanned_updates_total``."""
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric as Prometheus scrapes it. ``str(metric)`` is its name, for PromQL."""
+
+    name: str
+    type: Literal["counter", "gauge", "histogram"]
+    help: str
+    labels: tuple[str, ...] = ()
+    """Its own labels, besides :data:`PROCESS_LABELS`."""
+    unit: Literal["1", "s"] = "1"
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def instrument(self) -> str:
+        """The OpenTelemetry instrument name that the Prometheus exporter turns into
+        :attr:`name`: it adds ``_seconds`` for the unit ``s`` and ``_total`` to a counter."""
+        name = self.name.removesuffix("_total") if self.type == "counter" else self.name
+        return name.removesuffix("_seconds") if self.unit == "s" else name
+
+
+NAN_GRADS = Metric("gradtel_nan_grads_total", "counter", "NaN gradient values seen since start.", ("layer",))
+INF_GRADS = Metric("gradtel_inf_grads_total", "counter", "±Inf gradient values seen since start.", ("layer",))
+UPDATE_NAN_GRADS = Metric(
+    "gradtel_update_nan_grads",
+    "gauge",
+    "NaN gradient values in the most recent update (TELE-300).",
+    ("layer",),
+)
+UPDATE_INF_GRADS = Metric(
+    "gradtel_update_inf_grads",
+    "gauge",
+    "±Inf gradient values in the most recent update (TELE-301).",
+    ("layer",),
+)
+UPDATES = Metric("gradtel_updates_total", "counter", "Updates scanned.")
+UNHEALTHY_UPDATES = Metric(
+    "gradtel_unhealthy_updates_total",
+    "counter",
+    "Updates whose whole-model NaN or Inf count fell in the warning or critical band.",
+    ("kind", "severity"),
+)
+UPDATE_STATUS = Metric(
+    "gradtel_update_status",
+    "gauge",
+    "Health of the most recent due update: -1 unknown (not scanned, or none yet), "
+    "0 healthy, 1 warning, 2 critical.",
+)
+LAST_UPDATE_TIMESTAMP = Metric(
+    "gradtel_last_update_timestamp_seconds",
+    "gauge",
+    "Unix time of the most recent update (collect() call), scanned or not.",
+    unit="s",
+)
+UNSCANNED_UPDATES = Metric(
+    "gradtel_unscanned_updates_total",
+    "counter",
+    "Due updates in which nothing could be scanned: no_gradients (no watched parameter had "
+    "a gradient) or scan_error. Not in gradtel_updates_total.",
+    ("reason",),
+)
+SCAN_DURATION = Metric(
+    "gradtel_scan_duration_seconds", "histogram", "Time gradtel spent scanning one update.", unit="s"
+)
+FIRST_BAD_LAYER = Metric(
+    "gradtel_first_bad_layer",
+    "gauge",
+    "Number of the latest unhealthy update in which this layer was the first, in backward "
+    "order, with values of that kind; series appear when it first happens.",
+    ("kind", "layer"),
+)
+SKIPPED_UPDATES = Metric(
+    "gradtel_skipped_updates_total",
+    "counter",
+    "Updates whose optimizer step was skipped: amp_overflow (GradScaler found non-finite "
+    "gradients) or policy (gradtel's on_warning/on_critical skip).",
+    ("reason",),
+)
+ORIGIN_UPDATES = Metric(
+    "gradtel_origin_updates_total",
+    "counter",
+    "Updates in which this rank's own gradients, before the cross-rank reduction, held NaN "
+    "(kind=nan) or ±Inf (kind=inf): the rank where it started.",
+    ("kind",),
+)
+NONFINITE_LOSS_UPDATES = Metric(
+    "gradtel_nonfinite_loss_updates_total",
+    "counter",
+    "Updates whose loss, given to collect(loss=...), was already NaN or ±Inf: the values "
+    "entered in the forward pass.",
+)
+ERRORS = Metric(
+    "gradtel_errors_total", "counter", "Failures inside gradtel, by stage; training went on.", ("stage",)
+)
+
+GRADS_TOTAL = {"nan": NAN_GRADS, "inf": INF_GRADS}
+"""The per-layer counters, by ``kind``."""
+UPDATE_GRADS = {"nan": UPDATE_NAN_GRADS, "inf": UPDATE_INF_GRADS}
+"""The per-layer gauges of the latest update, by ``kind``."""
+
+METRICS = (
+    NAN_GRADS,
+    UPDATE_NAN_GRADS,
+    INF_GRADS,
+    UPDATE_INF_GRADS,
+    UNHEALTHY_UPDATES,
+    ERRORS,
+    SKIPPED_UPDATES,
+    UNSCANNED_UPDATES,
+    UPDATES,
+    UPDATE_STATUS,
+    LAST_UPDATE_TIMESTAMP,
+    SCAN_DURATION,
+    FIRST_BAD_LAYER,
+    ORIGIN_UPDATES,
+    NONFINITE_LOSS_UPDATES,
+)
+"""Every metric gradtel exports."""

@@ -1,0 +1,68 @@
+"""The metric contract (``gradtel.metrics``) pinned against a real scrape of a real monitor:
+every metric in the table is served with its type, help and labels, and nothing else is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+from torch import nn
+
+import gradtel
+from gradtel import metrics
+
+from .conftest import scrape
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+CLOSED_SETS = {
+    metrics.ERRORS: ("stage", metrics.ERROR_STAGES),
+    metrics.SKIPPED_UPDATES: ("reason", metrics.SKIP_REASONS),
+    metrics.UNSCANNED_UPDATES: ("reason", metrics.UNSCANNED_REASONS),
+    metrics.ORIGIN_UPDATES: ("kind", metrics.KINDS),
+}
+
+
+def served(registry: CollectorRegistry) -> str:
+    """A scrape after updates that make every series exist: NaN and Inf, a NaN loss."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    monitor = gradtel.GradMonitor(
+        model, meter_provider=gradtel.prometheus_meter_provider(registry), on_critical="ignore"
+    )
+    x = torch.randn(4, 4)
+    x[0, 0] = float("nan")
+    loss = model(x).sum()
+    loss.backward()
+    model[2].bias.grad[0] = float("inf")
+    monitor.collect(loss=loss)
+    server = gradtel.serve(port=0, registry=registry, exit_grace=0)
+    try:
+        assert server.url is not None
+        return scrape(server.url)
+    finally:
+        server.close()
+        monitor.close()
+
+
+def test_every_metric_of_the_contract_is_served_as_the_table_says(registry: CollectorRegistry) -> None:
+    families = {
+        f.name: f for f in text_string_to_metric_families(served(registry)) if f.name.startswith("gradtel_")
+    }
+    for metric in metrics.METRICS:
+        # The parser names a counter's family without its ``_total``.
+        family = families.pop(metric.name.removesuffix("_total"), None)
+        assert family is not None, f"{metric.name} is not served"
+        assert (family.type, family.documentation) == (metric.type, metric.help), metric.name
+        labels = {k for s in family.samples for k in s.labels} - set(metrics.PROCESS_LABELS) - {"le"}
+        assert labels == set(metric.labels), metric.name
+        if metric in CLOSED_SETS:
+            label, values = CLOSED_SETS[metric]
+            assert sorted(s.labels[label] for s in family.samples) == sorted(values), metric.name
+    assert families == {}, f"served but not in gradtel.metrics: {sorted(families)}"
+
+
+def test_the_readme_names_every_metric() -> None:
+    text = README.read_text()
+    assert [m.name for m in metrics.METRICS if f"`{m.name}`" not in text] == []
