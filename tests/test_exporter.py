@@ -20,6 +20,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from opentelemetry.sdk.metrics import MeterProvider
 from torch import nn
 
+import gradtel
 from gradtel import GradMonitor, MetricsServer, PortInUseError, serve
 
 from .conftest import fetch, parse, require_tool, sample, scrape
@@ -142,13 +143,13 @@ def test_close_frees_the_port_and_is_idempotent(registry: CollectorRegistry) -> 
 def test_port_in_use_is_logged_and_counted_by_default(
     server: MetricsServer,
     registry: CollectorRegistry,
+    provider: MeterProvider,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    def serve_errors() -> float:
-        # Counted on gradtel's own provider, which exports to the global registry.
-        return REGISTRY.get_sample_value("gradtel_errors_total", {"stage": "serve"}) or 0.0
+    def serve_errors(where: CollectorRegistry) -> float:
+        return where.get_sample_value("gradtel_errors_total", {"stage": "serve"}) or 0.0
 
-    before = serve_errors()
+    global_before = serve_errors(REGISTRY)
     with caplog.at_level(logging.ERROR, logger="gradtel"):
         failed = serve(port=server.port, registry=registry)
     assert not failed.serving and failed.port is None and failed.url is None
@@ -158,7 +159,20 @@ def test_port_in_use_is_logged_and_counted_by_default(
         "pick another with port= or GRADTEL_PORT, or port=0 for a free one; "
         "training continues without a metrics endpoint"
     ]
-    assert serve_errors() == before + 1
+    # Counted with the metrics of the registry it was to serve, not in the global one.
+    assert serve_errors(registry) == 1
+    assert serve_errors(REGISTRY) == global_before
+
+
+def test_an_endpoint_error_before_any_monitor_is_counted_when_one_records(server: MetricsServer) -> None:
+    registry = CollectorRegistry()
+    serve(port=server.port, registry=registry).close()  # nothing records into it yet
+    assert registry.get_sample_value("gradtel_errors_total", {"stage": "serve"}) is None
+    provider = gradtel.prometheus_meter_provider(registry)
+    try:
+        assert registry.get_sample_value("gradtel_errors_total", {"stage": "serve"}) == 1
+    finally:
+        provider.shutdown()
 
 
 def test_port_in_use_raises_when_asked(server: MetricsServer, registry: CollectorRegistry) -> None:
@@ -322,7 +336,7 @@ def test_each_rank_of_a_node_serves_on_base_port_plus_local_rank(
 def test_rank_label_comes_from_the_launcher_before_init_process_group(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from gradtel.telemetry import process_attributes
+    from gradtel.ranks import process_attributes
 
     assert process_attributes() == {}
     monkeypatch.setenv("WORLD_SIZE", "4")

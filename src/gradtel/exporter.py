@@ -32,7 +32,8 @@ from prometheus_client.metrics_core import Metric
 
 from . import _checks
 from .httpd import Running, TLSConfig, start
-from .telemetry import count_error, last_unhealthy_record, launcher_world_size
+from .ranks import local_rank
+from .telemetry import Activity, activity, count_error
 
 __all__ = [
     "DEFAULT_ADDR",
@@ -109,6 +110,7 @@ class MetricsServer:
         *,
         exit_grace: float = DEFAULT_EXIT_GRACE,
         tls: bool = False,
+        recorded: Activity | None = None,
     ) -> None:
         self.addr = addr
         self.port = port
@@ -116,6 +118,8 @@ class MetricsServer:
         self.exit_grace = exit_grace
         self._running: Running | None = None
         self._scraped = False
+        self._recorded = activity() if recorded is None else recorded
+        """What the monitors recording into the served registry did: the exit wait's subject."""
         self._covered_until = float("-inf")
         """``time.monotonic()`` at which the latest completed Prometheus scrape started."""
         self._lock = threading.Lock()
@@ -144,7 +148,7 @@ class MetricsServer:
         return self._pending()
 
     def _pending(self) -> bool:
-        recorded = last_unhealthy_record()
+        recorded = self._recorded.last_unhealthy
         return recorded is not None and recorded >= self._covered_until
 
     def close(self, grace: float | None = None) -> None:
@@ -244,16 +248,6 @@ def _tls_from(cert: str | None, key: str | None, client_ca: str | None) -> TLSCo
     return TLSConfig(cert, key, client_ca)
 
 
-def _local_rank() -> int:
-    """This process's rank on its node in a multi-process run, else 0."""
-    if launcher_world_size() <= 1:
-        return 0
-    local = os.environ.get("LOCAL_RANK", "0")
-    if not local.isdigit():
-        raise ValueError(f"LOCAL_RANK must be a non-negative integer, got {local!r}")
-    return int(local)
-
-
 def serve(
     port: int | None = None,
     addr: str | None = None,
@@ -333,20 +327,22 @@ def serve(
         addr = DEFAULT_ADDR if env is None else _addr_from(env, "GRADTEL_ADDR")
     else:
         addr = _addr_from(addr, "addr")
-    local_rank = _local_rank()  # checks the launcher's variables even when unused
+    rank_on_node = local_rank()  # checks the launcher's variables even when unused
     if rank_offset and port:
-        port += local_rank
+        port += rank_on_node
         if port > 65535:
             raise ValueError(f"port {port} (base port + LOCAL_RANK) is above 65535; pick a lower port")
 
     tls = _tls_from(tls_cert, tls_key, tls_client_ca)
     stale_after = _checks.seconds("stale_after", stale_after)
-    server = MetricsServer(addr, None, exit_grace=exit_grace, tls=tls is not None)
+    served = REGISTRY if registry is None else registry
+    server = MetricsServer(addr, None, exit_grace=exit_grace, tls=tls is not None, recorded=activity(served))
     try:
         running = start(
             addr,
             port,
-            _Filtered(REGISTRY if registry is None else registry),
+            _Filtered(served),
+            served=served,
             tls=tls,
             stale_after=stale_after,
             on_scrape=server._on_scrape,
@@ -363,7 +359,7 @@ def serve(
         if on_error == "raise":
             raise error from exc
         logger.error("%s; training continues without a metrics endpoint", error.strerror)
-        count_error("serve")
+        count_error("serve", served)
         return server
     server.port = running.port
     server._running = running

@@ -36,11 +36,11 @@ from dataclasses import dataclass
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import make_wsgi_app
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import choose_encoder
 
 from ._ratelimit import RateLimitedLog
-from .telemetry import count_error, last_collect
+from .telemetry import Activity, activity, count_error
 
 __all__ = ["IDLE_TIMEOUT", "MAX_CONNECTIONS", "REQUEST_TIMEOUT", "WORKERS", "TLSConfig", "start"]
 
@@ -63,9 +63,10 @@ logger = logging.getLogger("gradtel")
 _error_log = RateLimitedLog(logger)
 
 
-def _failed(level: int, message: str, *args: object) -> None:
-    """A failure in the endpoint: counted every time, logged once a minute."""
-    count_error("serve")
+def _failed(server: _Server, level: int, message: str, *args: object) -> None:
+    """A failure in the endpoint: counted every time (in the registry it serves), logged
+    once a minute."""
+    count_error("serve", server.served)
     _error_log.log("serve", level, message, *args)
 
 
@@ -130,15 +131,18 @@ class _Handler(WSGIRequestHandler):
 class _Server(WSGIServer):
     """A bound WSGI server whose connections are dispatched by :func:`_serve`, not by socketserver."""
 
+    served: Any = None
+    """The registry served: the endpoint's own failures are counted in it."""
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A scraper that went away mid-response.
-        _failed(logging.WARNING, "gradtel: a request to the metrics endpoint from %s failed", client_address)
+        _failed(self, logging.WARNING, "gradtel: a request to the metrics endpoint from %s failed", client_address)
 
 
-def _health(stale_after: float, started: float) -> tuple[str, bytes]:
+def _health(recorded: Activity, stale_after: float, started: float) -> tuple[str, bytes]:
     # Liveness of the training loop: any collect() call counts, scanned or
     # sampled out, so that sample_every never makes a healthy job look stale.
-    called = last_collect()
+    called = recorded.last_collect
     since = time.monotonic() - (started if called is None else max(called, started))
     ok = since <= stale_after
     body = {
@@ -151,9 +155,10 @@ def _health(stale_after: float, started: float) -> tuple[str, bytes]:
 
 
 def _app(
-    registry: Any, stale_after: float, on_scrape: Callable[[float], None]
+    server: _Server, registry: Any, stale_after: float, on_scrape: Callable[[float], None]
 ) -> Callable[..., Iterable[bytes]]:
     metrics = make_wsgi_app(registry)
+    recorded = activity(server.served)
     started = time.monotonic()
     # One collection at a time: concurrent ones contend for the instruments' locks
     # with the training thread's records (measured: 60x slower steps under 20
@@ -165,7 +170,7 @@ def _app(
         try:
             return route(environ, start_response)
         except Exception as exc:  # noqa: BLE001 (never a traceback per request on the trainer's stderr)
-            _failed(logging.ERROR, "gradtel: a /metrics request failed: %r", exc)
+            _failed(server, logging.ERROR, "gradtel: a /metrics request failed: %r", exc)
             start_response("500 Internal Server Error", [("Content-Type", "text/plain")], sys.exc_info())
             return [b"gradtel failed to answer this request; see the training log\n"]
 
@@ -176,7 +181,7 @@ def _app(
             try:
                 choose_encoder(accept)
             except (ValueError, TypeError):  # e.g. "text/plain; version=x.y"
-                _failed(logging.WARNING, "gradtel: refused a /metrics request with Accept: %r", accept)
+                _failed(server, logging.WARNING, "gradtel: refused a /metrics request with Accept: %r", accept)
                 start_response("406 Not Acceptable", [("Content-Type", "text/plain")])
                 return [b"gradtel cannot serve this Accept header; ask for text/plain or OpenMetrics\n"]
             with collecting:
@@ -186,7 +191,7 @@ def _app(
                 on_scrape(began)  # the whole body is collected by now
             return body
         if path == "/healthz":
-            status, health = _health(stale_after, started)
+            status, health = _health(recorded, stale_after, started)
             start_response(status, [("Content-Type", "application/json")])
             return [health]
         start_response("404 Not Found", [("Content-Type", "text/plain")])
@@ -259,7 +264,7 @@ class _Dispatcher:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                _failed(logging.WARNING, "gradtel: accepting a connection failed: %r", exc)
+                _failed(self.server, logging.WARNING, "gradtel: accepting a connection failed: %r", exc)
                 return
             if len(self.idle) >= MAX_CONNECTIONS:
                 oldest = min(self.idle, key=self.idle.__getitem__)
@@ -353,7 +358,7 @@ def _serve(server: _Server, dispatcher: _Dispatcher) -> None:
             server.service_actions()
             dispatcher.step()
         except Exception as exc:  # noqa: BLE001 (counted, logged, restarted)
-            _failed(logging.ERROR, "gradtel: the metrics endpoint failed (%r) and restarts", exc)
+            _failed(server, logging.ERROR, "gradtel: the metrics endpoint failed (%r) and restarts", exc)
             time.sleep(0.1)
     dispatcher.close()
 
@@ -389,11 +394,12 @@ def start(
     port: int,
     registry: Any,
     *,
+    served: CollectorRegistry,
     tls: TLSConfig | None,
     stale_after: float,
     on_scrape: Callable[[float], None],
 ) -> Running:
-    """Bind and serve in daemon threads.
+    """Bind and serve ``registry`` (a view of ``served``) in daemon threads.
 
     Raises:
         OSError: the address cannot be bound.
@@ -408,7 +414,8 @@ def start(
         request_queue_size = 128
 
     server = Server((addr, port), _Handler)
-    server.set_app(_app(registry, stale_after, on_scrape))
+    server.served = served
+    server.set_app(_app(server, registry, stale_after, on_scrape))
     dispatcher = _Dispatcher(server, context)
     thread = threading.Thread(
         target=_serve, args=(server, dispatcher), name="gradtel-metrics", daemon=True

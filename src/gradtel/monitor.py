@@ -22,7 +22,8 @@ from .layers import DEFAULT_MAX_LAYERS, assign_layers, distinct
 from .origin import OriginCounter, install_origin_hook
 from .policy import Action, Policy
 from .scan import Scanner, countable_values
-from .telemetry import GradTelemetry, default_meter_provider, note_collect, process_attributes
+from .ranks import process_attributes
+from .telemetry import GradTelemetry, default_meter_provider
 
 __all__ = ["MAX_LAYERS_LIMIT", "REFRESH_EVERY", "GradMonitor"]
 
@@ -397,7 +398,7 @@ class GradMonitor:
         """
         with self._lock:
             started = time.perf_counter()
-            note_collect()
+            self._telemetry.note_collect()
             self._step += 1
             if self._module is not None and (
                 self._registrations != _registrations[0] or self._step % REFRESH_EVERY == 0

@@ -13,7 +13,6 @@ non-zero are reset, counters only move where a count is above 0).
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 import weakref
@@ -28,18 +27,16 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from . import metrics as m
 from .health import GradHealth, Status
 from .metrics import ERROR_STAGES, KINDS, SKIP_REASONS, UNSCANNED_REASONS, Metric
+from .ranks import process_attributes
 
 __all__ = [
+    "Activity",
     "GradTelemetry",
+    "activity",
+    "activity_of",
     "count_error",
     "default_meter_provider",
-    "last_collect",
-    "last_unhealthy_record",
-    "launcher_world_size",
-    "note_collect",
-    "process_attributes",
     "prometheus_meter_provider",
-    "run_id",
 ]
 
 # Per-update scan time spans microseconds (small models) to seconds (huge
@@ -53,29 +50,38 @@ _SEVERITIES = {Status.WARNING: "warning", Status.CRITICAL: "critical"}
 
 _default_provider: SdkMeterProvider | None = None
 _default_lock = threading.RLock()
-_last_unhealthy_record: float | None = None
-_last_collect: float | None = None
 
 
-def last_collect() -> float | None:
-    """``time.monotonic()`` of the latest ``collect()`` call of any monitor, scanned or
-    not, or None: the liveness ``/healthz`` reports."""
-    return _last_collect
+class Activity:
+    """What the monitors recording into one prometheus-client registry did lately: what the
+    endpoint serving that registry reports (``/healthz``) and waits for (the exit wait)."""
+
+    def __init__(self) -> None:
+        self.last_collect: float | None = None
+        """``time.monotonic()`` of the latest ``collect()`` call, scanned or not, or None."""
+        self.last_unhealthy: float | None = None
+        """``time.monotonic()`` of the latest unhealthy update recorded, or None."""
+        self.pending_errors: dict[str, int] = {}
+        """Failures of an endpoint counted before any gradtel meter provider recorded into
+        its registry; the first one made for it counts them."""
 
 
-def note_collect() -> float:
-    """Note a ``collect()`` call (liveness); returns its ``time.monotonic()``."""
-    global _last_collect
-    _last_collect = time.monotonic()
-    return _last_collect
+_activities: weakref.WeakKeyDictionary[CollectorRegistry, Activity] = weakref.WeakKeyDictionary()
+_registry_of: weakref.WeakKeyDictionary[MeterProvider, CollectorRegistry] = weakref.WeakKeyDictionary()
+_provider_of: weakref.WeakKeyDictionary[CollectorRegistry, MeterProvider] = weakref.WeakKeyDictionary()
 
 
-def last_unhealthy_record() -> float | None:
-    """``time.monotonic()`` of the latest unhealthy update any monitor recorded, or None.
+def activity(registry: CollectorRegistry | None = None) -> Activity:
+    """The :class:`Activity` of ``registry`` (default: prometheus-client's global ``REGISTRY``)."""
+    with _default_lock:
+        return _activities.setdefault(REGISTRY if registry is None else registry, Activity())
 
-    The endpoint uses it to stay up at exit until Prometheus has scraped it.
-    """
-    return _last_unhealthy_record
+
+def activity_of(meter_provider: MeterProvider) -> Activity:
+    """The :class:`Activity` of the registry ``meter_provider`` exposes on. A provider that
+    :func:`prometheus_meter_provider` did not make is taken to feed the global ``REGISTRY``,
+    where the OpenTelemetry Prometheus reader registers by default."""
+    return activity(_registry_of.get(meter_provider))
 
 
 def prometheus_meter_provider(registry: CollectorRegistry | None = None) -> SdkMeterProvider:
@@ -108,7 +114,16 @@ def prometheus_meter_provider(registry: CollectorRegistry | None = None) -> SdkM
     # No shutdown at exit: it would unregister the metrics while the endpoint
     # still waits for a last scrape (see gradtel.exporter). Nothing is lost
     # without it: a Prometheus reader holds no data to flush.
-    return SdkMeterProvider(metric_readers=[reader], shutdown_on_exit=False)
+    provider = SdkMeterProvider(metric_readers=[reader], shutdown_on_exit=False)
+    target = REGISTRY if registry is None else registry
+    with _default_lock:
+        _registry_of[provider] = target
+        _provider_of[target] = provider
+        pending = activity(target).pending_errors
+        for stage, count in pending.items():
+            instruments_for(provider).errors.add(count, {**process_attributes(), "stage": stage})
+        pending.clear()
+    return provider
 
 
 def default_meter_provider() -> SdkMeterProvider:
@@ -168,92 +183,19 @@ def instruments_for(meter_provider: MeterProvider) -> _Instruments:
         return found
 
 
-def count_error(stage: str, meter_provider: MeterProvider | None = None) -> None:
-    """Count one failure inside gradtel in ``gradtel_errors_total{stage=...}``."""
-    provider = default_meter_provider() if meter_provider is None else meter_provider
+def count_error(stage: str, registry: CollectorRegistry | None = None) -> None:
+    """Count one failure inside gradtel in ``gradtel_errors_total{stage=...}``, in the
+    metrics of ``registry`` (default: the global ``REGISTRY``) that gradtel records into."""
+    target = REGISTRY if registry is None else registry
+    with _default_lock:
+        provider = _provider_of.get(target)
+        if provider is None and target is REGISTRY:
+            provider = default_meter_provider()
+        if provider is None:  # nothing records into it yet: counted by the first provider made for it
+            pending = activity(target).pending_errors
+            pending[stage] = pending.get(stage, 0) + 1
+            return
     instruments_for(provider).errors.add(1, {**process_attributes(), "stage": stage})
-
-
-def launcher_world_size() -> int:
-    """``WORLD_SIZE`` as torchrun and most launchers set it; 1 when absent or empty.
-
-    Raises:
-        ValueError: ``WORLD_SIZE`` is set but not a positive integer.
-    """
-    import os
-
-    text = os.environ.get("WORLD_SIZE", "").strip()
-    if not text:
-        return 1
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(
-            f"WORLD_SIZE must be a positive integer, as torchrun sets it, got {text!r}; "
-            "fix or unset it"
-        )
-    return int(text)
-
-
-def run_id() -> str | None:
-    """The training run this process belongs to: ``$GRADTEL_RUN``, else torchrun's
-    ``$TORCHELASTIC_RUN_ID`` (unless it is torchrun's placeholder ``none``), else None.
-    The alerts page once per run, whatever its number of ranks."""
-    import os
-
-    for name in ("GRADTEL_RUN", "TORCHELASTIC_RUN_ID"):
-        value = os.environ.get(name, "").strip()
-        if value and value != "none":
-            return value
-    return None
-
-
-def process_attributes() -> dict[str, str]:
-    """Labels every series of this process carries: ``run`` when the launcher names the run
-    (see :func:`run_id`), ``rank`` when distributed with world size > 1.
-
-    The rank comes from ``torch.distributed`` when it is initialised, else from
-    the ``RANK`` and ``WORLD_SIZE`` variables that torchrun (and most launchers) set.
-
-    Raises:
-        ValueError: ``WORLD_SIZE`` or ``RANK`` is set but malformed.
-    """
-    run = run_id()
-    return {"run": run, **_rank()} if run is not None else _rank()
-
-
-def _rank() -> dict[str, str]:
-    import os
-
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        if dist.get_world_size() > 1:
-            return {"rank": str(dist.get_rank())}
-        return {}
-    if launcher_world_size() > 1:
-        rank = os.environ.get("RANK", "").strip()
-        if not rank:
-            return {}
-        if not rank.isdigit():
-            raise ValueError(f"RANK must be a non-negative integer, as torchrun sets it, got {rank!r}")
-        return {"rank": rank}
-    return {}
-
-
-class _RankPrefix(logging.Filter):
-    """In a distributed run every gradtel log line starts with ``rank N:``."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            rank = process_attributes().get("rank")
-        except ValueError:  # a malformed launcher variable: reported where it is used
-            rank = None
-        if rank is not None and not getattr(record, "gradtel_rank", None):
-            record.msg = f"rank {rank}: {record.msg}"
-            record.gradtel_rank = rank
-        return True
-
-
-logging.getLogger("gradtel").addFilter(_RankPrefix())
 
 
 class GradTelemetry:
@@ -290,6 +232,7 @@ class GradTelemetry:
         self._last_nonzero: dict[str, set[str]] = {"nan": set(), "inf": set()}
 
         self._instruments = ins = instruments_for(meter_provider)
+        self.activity = activity_of(meter_provider)
         self.add_layers(layers)
         for attrs in self._band_attrs.values():
             ins.unhealthy.add(0, attrs)
@@ -354,9 +297,8 @@ class GradTelemetry:
         for kind, status in (("nan", health.nan_status), ("inf", health.inf_status)):
             if status is not Status.HEALTHY:
                 ins.unhealthy.add(1, self._band_attrs[(kind, status)])
-        global _last_unhealthy_record
         if health.status is not Status.HEALTHY:
-            _last_unhealthy_record = time.monotonic()
+            self.activity.last_unhealthy = time.monotonic()
         for kind, first in (("nan", health.first_nan_layer), ("inf", health.first_inf_layer)):
             if first is not None:
                 ins.first_bad.set(health.step, self._first_bad_series(kind, first))
@@ -367,6 +309,10 @@ class GradTelemetry:
         if attrs is None:
             attrs = self._first_bad_attrs[(kind, layer)] = {**self._layer(layer), "kind": kind}
         return attrs
+
+    def note_collect(self) -> None:
+        """Note a ``collect()`` call, scanned or not: the liveness ``/healthz`` reports."""
+        self.activity.last_collect = time.monotonic()
 
     def touch(self, timestamp: float) -> None:
         """Note an update that was not due for a scan (``sample_every``): liveness only."""
