@@ -238,12 +238,7 @@ def test_the_serving_thread_restarts_after_a_fault(
     registry: CollectorRegistry,
     provider: MeterProvider,
     caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Failure lines are limited to one a minute; earlier tests may have used this minute's.
-    fresh = gradtel._ratelimit.RateLimitedLog(gradtel.httpd.logger)
-    monkeypatch.setattr(gradtel.httpd, "_error_log", fresh)
-
     def serve_errors() -> float:
         # Counted with the metrics of the registry the endpoint serves.
         return registry.get_sample_value("gradtel_errors_total", {"stage": "serve"}) or 0.0
