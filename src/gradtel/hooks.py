@@ -18,14 +18,20 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from .monitor import GradMonitor
+__all__ = ["Attachment", "Collector", "at_end_of_backward", "attach"]
 
-__all__ = ["Attachment", "at_end_of_backward", "attach"]
+
+class Collector(Protocol):
+    """What an attachment drives: a :class:`~gradtel.GradMonitor`."""
+
+    @property
+    def parameters(self) -> Sequence[torch.nn.Parameter]: ...
+
+    def collect(self, *, scaler: torch.amp.GradScaler | None = None) -> object: ...
 
 
 class Attachment:
@@ -42,13 +48,13 @@ class Attachment:
 
 # Which monitors are attached to which optimizer: attaching twice would count
 # every update twice.
-_attached: weakref.WeakKeyDictionary[torch.optim.Optimizer, weakref.WeakSet[GradMonitor]] = (
+_attached: weakref.WeakKeyDictionary[torch.optim.Optimizer, weakref.WeakSet[Collector]] = (
     weakref.WeakKeyDictionary()
 )
 
 
 def attach(
-    monitor: GradMonitor,
+    monitor: Collector,
     optimizer: torch.optim.Optimizer,
     *,
     scaler: torch.amp.GradScaler | None = None,
@@ -106,7 +112,7 @@ _taps: weakref.WeakKeyDictionary[torch.amp.GradScaler, _UnscaleTap] = weakref.We
 
 
 def _around_scaler(
-    monitor: GradMonitor,
+    monitor: Collector,
     scaler: torch.amp.GradScaler,
     optimizer: torch.optim.Optimizer,
     attachment: Attachment,

@@ -19,11 +19,13 @@ from ._ratelimit import RateLimitedLog
 from .health import GradHealth, Thresholds
 from .hooks import Attachment, attach
 from .layers import DEFAULT_MAX_LAYERS, assign_layers, distinct
+from .order import BackwardOrder
 from .origin import OriginCounter, install_origin_hook
 from .policy import Action, Policy
 from .scan import Scanner, countable_values
 from .ranks import process_attributes
 from .telemetry import GradTelemetry, default_meter_provider
+from .watched import named_parameters, registrations, watch_registrations
 
 __all__ = ["MAX_LAYERS_LIMIT", "REFRESH_EVERY", "GradMonitor"]
 
@@ -42,102 +44,6 @@ T = TypeVar("T")
 _PLAIN_DTYPES = {
     torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128
 }  # fmt: skip
-
-
-def _named_parameters(model: object) -> list[tuple[str, torch.nn.Parameter]]:
-    if isinstance(model, torch.nn.Module):
-        return list(model.named_parameters())
-    if model is None or isinstance(model, (str, bytes, torch.Tensor)) or not isinstance(
-        model, Iterable
-    ):
-        raise TypeError(
-            "model must be a torch.nn.Module or an iterable of (name, Parameter) pairs, "
-            f"got {model!r} ({type(model).__name__})"
-        )
-    pairs = []
-    seen: set[int] = set()
-    for item in model:
-        if not (
-            isinstance(item, tuple)
-            and len(item) == 2
-            and isinstance(item[0], str)
-            and isinstance(item[1], torch.Tensor)
-        ):
-            raise TypeError(
-                "model must yield (name, Parameter) pairs such as Module.named_parameters() "
-                f"gives, got an item {item!r}"
-            )
-        if id(item[1]) not in seen:  # tied parameters are watched once
-            seen.add(id(item[1]))
-            pairs.append(item)
-    return pairs
-
-
-# Bumped by torch's global registration hooks whenever any module gets a new
-# submodule or parameter (`net.b = nn.Linear(...)`): a monitor compares it with
-# the value at its last refresh, so a replaced layer is watched from the very
-# next update without walking the model on every update.
-_registrations = [0]
-_registration_hooks: list[Any] = []
-
-
-def _note_registration(*args: object) -> None:
-    _registrations[0] += 1
-
-
-def _watch_registrations() -> None:
-    if not _registration_hooks:
-        from torch.nn.modules import module
-
-        _registration_hooks.append(
-            module.register_module_module_registration_hook(_note_registration)
-        )
-        _registration_hooks.append(
-            module.register_module_parameter_registration_hook(_note_registration)
-        )
-
-
-class _BackwardOrder:
-    """The order in which backward produces the watched gradients, from one complete pass.
-
-    Hooks fire as each gradient is accumulated; at the end of the first pass
-    that completes they are removed (no steady cost). A pass that raised (an
-    out-of-memory retry) is forgotten at the start of the next one. The hooks
-    hold this object, not the monitor, so a dropped monitor is freed.
-    """
-
-    def __init__(self, params: list[torch.nn.Parameter]) -> None:
-        self.rank: list[int] | None = None
-        self._count = len(params)
-        self._seen: list[int] = []
-        self._task: int | None = None
-        self._handles = [
-            p.register_post_accumulate_grad_hook(self._hook(i))
-            for i, p in enumerate(params)
-            if p.requires_grad  # torch refuses hooks on frozen tensors
-        ]
-
-    def _hook(self, index: int) -> Callable[[torch.Tensor], None]:
-        def hook(param: torch.Tensor) -> None:
-            task = torch._C._current_graph_task_id()
-            if task != self._task:  # the first gradient of a new backward pass
-                self._task, self._seen = task, []
-                torch.autograd.Variable._execution_engine.queue_callback(self._freeze)
-            self._seen.append(index)
-
-        return hook
-
-    def _freeze(self) -> None:
-        rank = [self._count] * self._count  # never seen: after all seen ones
-        for position, index in enumerate(dict.fromkeys(self._seen)):
-            rank[index] = position
-        self.rank = rank
-        self.remove()
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
 
 # Monitors by the meter provider they record into: two live monitors watching the
@@ -240,7 +146,7 @@ class GradMonitor:
                 f"got {meter_provider!r} ({type(meter_provider).__name__})"
             )
 
-        named = _named_parameters(model)
+        named = named_parameters(model)
         if not any(p.requires_grad for _, p in named):
             raise ValueError(
                 f"model has no trainable parameters (requires_grad=True) to watch: {model!r}"
@@ -255,11 +161,11 @@ class GradMonitor:
         self._step = 0
         self._lock = threading.RLock()
         self._error_log = RateLimitedLog(logger)
-        self._order: _BackwardOrder | None = None
+        self._order: BackwardOrder | None = None
         self._order_finalizer: weakref.finalize[Any, Any] | None = None
         self.origin = OriginCounter()
         """This rank's own gradients before the cross-rank reduction, fed by a DDP hook."""
-        _watch_registrations()
+        watch_registrations()
         self._watch(named)
         self._claim(provider)
         self._telemetry = GradTelemetry(
@@ -304,12 +210,12 @@ class GradMonitor:
         self._labels = labels
         self._layer_names = tuple(distinct(labels))
         self._scanner = Scanner()
-        self._registrations = _registrations[0]
+        self._registrations = registrations()
         if self._order is not None:
             self._order.remove()
         if self._order_finalizer is not None:
             self._order_finalizer.detach()
-        self._order = _BackwardOrder(self._params)
+        self._order = BackwardOrder(self._params)
         # A dropped monitor takes its hooks with it (one finalizer, the current order's).
         self._order_finalizer = weakref.finalize(self, self._order.remove)
         # Gradients of these dtypes are counted as they are when strided.
@@ -331,8 +237,8 @@ class GradMonitor:
         with self._lock:
             if self._module is None:
                 return False
-            self._registrations = _registrations[0]
-            named = _named_parameters(self._module)
+            self._registrations = registrations()
+            named = named_parameters(self._module)
             same = len(named) == len(self._params) and all(
                 mine is theirs for (_, mine), theirs in zip(named, self._params)
             )  # identity: == on tensors compares elements
@@ -401,7 +307,7 @@ class GradMonitor:
             self._telemetry.note_collect()
             self._step += 1
             if self._module is not None and (
-                self._registrations != _registrations[0] or self._step % REFRESH_EVERY == 0
+                self._registrations != registrations() or self._step % REFRESH_EVERY == 0
             ):
                 self._guarded("scan", self.refresh)
             if (self._step - 1) % self.sample_every:
@@ -590,10 +496,8 @@ class GradMonitor:
 
     def _first_in_backward(self, indices: list[int]) -> str | None:
         """The label of the parameter, among ``indices``, whose gradient backward made first."""
-        rank = self._order.rank if self._order is not None else None
-        if not indices or rank is None:
-            return None
-        return self._labels[min(indices, key=lambda index: (rank[index], index))]
+        first = self._order.first(indices) if self._order is not None else None
+        return None if first is None else self._labels[first]
 
     def _guarded(self, stage: str, work: Callable[[], T]) -> T | None:
         try:
