@@ -231,8 +231,8 @@ def test_every_variable_query_finds_the_demo(live: tuple[Stack, str]) -> None:
     assert values("rank") == []  # a single process has no rank label; "All" still matches it
 
 
-def test_the_readme_lists_every_panel_with_its_query() -> None:
-    readme = (DEPLOY.parent / "README.md").read_text()
+def test_the_docs_list_every_panel_with_its_query() -> None:
+    readme = (DEPLOY.parent / "docs" / "deploy.md").read_text()
     for panel, target in targets():
         assert f"| {panel['title']} ({panel['type']}) |" in readme, panel["title"]
         assert target["expr"].replace("|", "\\|") in readme, panel["title"]

@@ -116,7 +116,7 @@ def scale_out_readme(o: KitOptions) -> str:
 
 Rendered by `gradtel render`; job `{o.job}`, window {o.window}. One Prometheus that
 scrapes every rank and evaluates gradtel's rules is enough for a few hundred ranks
-(see "Many ranks" in the README for the numbers). Past that, or when the ranks
+(see docs/many-ranks.md for the numbers). Past that, or when the ranks
 live in several clusters, split scraping from evaluation with the engines you
 already run, not a home-made aggregator:
 
