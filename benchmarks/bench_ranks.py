@@ -115,6 +115,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=1024)
     parser.add_argument("--baseline", type=int, default=10, help="healthy evaluations measured first")
+    parser.add_argument("--settle", type=int, default=10, help="seconds watched for more pages after the first")
     parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     args = parser.parse_args()
     ranks = Ranks(args.ranks)
@@ -150,7 +151,7 @@ def main() -> int:
         while time.time() - ranks.injected < 90 and not stack.receiver.firing("pager"):
             during.append(evaluation_seconds(stack))
             time.sleep(1)
-        for _ in range(10):  # longer than group_wait + group_interval: a second page would be here
+        for _ in range(args.settle):  # a page per rank would come with the first one
             during.append(evaluation_seconds(stack))
             time.sleep(1)
         pages = stack.receiver.firing("pager")

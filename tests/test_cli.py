@@ -170,7 +170,7 @@ def test_demo_stack_prints_a_page_within_a_minute_and_cleans_up(
     require_tool("prometheus", "prometheus")
     require_tool("prometheus-alertmanager", "prometheus-alertmanager")
     started = time.monotonic()
-    process, url = start_demo("--stack", "--steps", "100000")
+    process, url = start_demo("--stack", "--steps", "100000", "--interval", "0.05")
     stop.append(process)
     assert process.stdout is not None
     stack_line = process.stdout.readline()

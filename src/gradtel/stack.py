@@ -107,7 +107,8 @@ class WebhookReceiver:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self._server.server_port
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # A short poll interval: close() waits for the loop to notice.
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
 
     def _add(self, page: Page, on_page: Callable[[Page], None] | None) -> None:
@@ -372,10 +373,11 @@ class Stack:
 
     def stop(self) -> None:
         """Stop every process by its PID and remove the temporary folder."""
-        for process in self.processes.values():
+        # Last started first: an agent stops before the store it writes to, which it would
+        # otherwise keep retrying until its flush deadline.
+        for process in reversed(list(self.processes.values())):
             if process.poll() is None:
                 process.terminate()
-        for process in self.processes.values():
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
