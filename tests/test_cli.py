@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from collections.abc import Iterator
 
 import pytest
@@ -210,3 +211,30 @@ def test_demo_stack_names_the_packages_when_prometheus_is_missing(tmp_path: obje
     assert result.returncode == 1
     assert "prometheus not found on PATH" in result.stderr
     assert "apt-get install -y --no-install-recommends prometheus prometheus-alertmanager" in result.stderr
+
+
+def test_demo_stack_victoriametrics_names_its_package_when_missing(tmp_path: Path) -> None:
+    """The scale-out set-up needs VictoriaMetrics besides Prometheus and Alertmanager."""
+    from .conftest import require_tool
+
+    for tool in ("prometheus", "prometheus-alertmanager"):
+        (tmp_path / tool).symlink_to(require_tool(tool, tool))
+    result = subprocess.run(
+        [sys.executable, "-m", "gradtel.cli", "demo", "--stack", "victoriametrics", "--port", "0", "--steps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PATH": f"{tmp_path}:{os.path.dirname(sys.executable)}"},
+    )
+    assert result.returncode == 1
+    assert "victoria-metrics not found on PATH" in result.stderr
+    assert "apt-get install -y --no-install-recommends victoria-metrics" in result.stderr
+
+
+def test_demo_refuses_an_unknown_stack() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gradtel.cli", "demo", "--stack", "thanos", "--steps", "1"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "invalid choice: 'thanos' (choose from" in result.stderr

@@ -62,9 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed (0)")
     demo.add_argument(
         "--stack",
-        action="store_true",
+        nargs="?",
+        const="prometheus",
+        choices=["prometheus", "agent", "victoriametrics"],
+        default=None,
         help="also run Prometheus and Alertmanager (Debian packages prometheus, "
-        "prometheus-alertmanager) with the shipped configs and print each page",
+        "prometheus-alertmanager) with the shipped configs and print each page; 'agent' "
+        "scrapes through a Prometheus agent into a central Prometheus, 'victoriametrics' "
+        "into VictoriaMetrics with vmalert (package victoria-metrics): the scale-out set-up",
     )
     demo.add_argument(
         "--keep-data", type=Path, default=None, help="with --stack: keep configs and data here"

@@ -125,6 +125,14 @@ def _stop_on(signum: int, frame: object) -> None:
     raise _Stopped(signal.Signals(signum).name)
 
 
+STACKS: dict[str, dict[str, object]] = {
+    "prometheus": {},
+    "agent": {"agent": True},
+    "victoriametrics": {"agent": True, "store": "victoriametrics"},
+}
+"""The ``--stack`` set-ups: arguments of :class:`~gradtel.stack.Stack`."""
+
+
 def run_demo(
     *,
     steps: int = 300,
@@ -132,7 +140,7 @@ def run_demo(
     port: int | None = None,
     addr: str | None = None,
     seed: int = 0,
-    stack: bool = False,
+    stack: str | None = None,
     keep_data: Path | None = None,
     out: TextIO = sys.stdout,
 ) -> int:
@@ -141,7 +149,10 @@ def run_demo(
     With ``stack``, also run Prometheus and Alertmanager from ``PATH`` with
     the shipped rules and routing on loopback ports, and print each page a
     built-in webhook receiver gets. Their config and data live in a temporary
-    folder removed at the end, or in ``keep_data``.
+    folder removed at the end, or in ``keep_data``. ``stack`` is one of
+    :data:`STACKS`: ``"prometheus"`` scrapes the demo itself; ``"agent"`` and
+    ``"victoriametrics"`` run the kit's scale-out set-up (a Prometheus agent
+    remote-writing to a central Prometheus, or to VictoriaMetrics with vmalert).
 
     Returns:
         The process exit code: 0, also when stopped with Ctrl-C.
@@ -164,7 +175,7 @@ def _run(
     port: int | None,
     addr: str | None,
     seed: int,
-    stack: bool,
+    stack: str | None,
     keep_data: Path | None,
     out: TextIO,
 ) -> int:
@@ -173,14 +184,17 @@ def _run(
 
     server = serve(port=port, addr=addr, on_error="raise")
     local: Stack | None = None
-    if stack:
+    if stack is not None:
         from .stack import Stack  # the deploy extra: only --stack needs it
 
+        if stack not in STACKS:
+            raise ValueError(f"stack must be one of {', '.join(STACKS)} or None, got {stack!r}")
         try:
             local = Stack(
                 [f"127.0.0.1:{server.port}"],
                 on_page=lambda page: terminal.say(f"PAGE {page}"),
                 keep_data=keep_data,
+                **STACKS[stack],  # type: ignore[arg-type]
             ).__enter__()
         except _Stopped as stopped:
             server.close(grace=0)
@@ -201,8 +215,10 @@ def _run(
     targets = inputs @ torch.randn(16, 1) + 0.1 * torch.randn(256, 1)
     terminal.say(f"gradtel demo: serving {server.url}")
     if local is not None:
+        store = "Prometheus {}/alerts" if local.store == "prometheus" else "VictoriaMetrics {}"
+        via = " behind a Prometheus agent" if local.agent else ""
         terminal.say(
-            f"Prometheus {local.prometheus_url}/alerts and Alertmanager {local.alertmanager_url} "
+            f"{store.format(local.prometheus_url)}{via} and Alertmanager {local.alertmanager_url} "
             f"run with the shipped rules and routing; pages print here (data in {local.root})"
         )
     terminal.say(
