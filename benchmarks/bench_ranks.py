@@ -140,7 +140,7 @@ def main() -> int:
             up = stack.query("count(up == 1)")
             if up and int(float(up[0]["value"][1])) == args.ranks:
                 break
-            time.sleep(1)
+            time.sleep(0.25)
         before = []
         for _ in range(args.baseline):
             before.append(evaluation_seconds(stack))

@@ -74,8 +74,8 @@ def processes() -> Iterator[list[subprocess.Popen[bytes] | Terminal]]:
 
 def test_watch_shows_the_banner_styled_by_the_thresholds(processes: list) -> None:
     port = free_port()
-    processes.append(start_demo(port))
-    terminal = Terminal("watch", f"http://127.0.0.1:{port}/metrics", "--interval", "0.1")
+    processes.append(start_demo(port, interval="0.15"))
+    terminal = Terminal("watch", f"http://127.0.0.1:{port}/metrics", "--interval", "0.05")
     processes.append(terminal)
     # Demo schedule: 3 NaN in body.0 (warning) and 7 Inf in head (critical).
     assert terminal.wait_for(f"{RED_BOLD}NaN:3\033[0m warning", f"{RED_BOLD_REVERSE}Inf:7\033[0m critical"), terminal.screen[-2000:]
