@@ -112,7 +112,7 @@ def test_pages_arrive_on_the_right_receiver_naming_the_layer(
     assert critical.labels["kind"] == "inf"
     assert "more than 5 Inf gradient values" in critical.description
     assert "head (7)" in critical.description
-    assert critical.description.endswith("First bad layer in backward order: head, at update 30.")
+    assert critical.description.endswith("First bad layer in backward order: head, at step 30.")
 
     warning = wait_for_page(stack, "chat", trainers["warning"].run, injected["warning"])
     assert (warning.alertname, warning.severity) == ("GradtelNaNGradients", "warning")

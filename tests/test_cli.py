@@ -95,8 +95,8 @@ def test_demo_serves_the_contract_while_it_trains(stop: list[subprocess.Popen[st
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
     assert "done: 400 updates, 32 unhealthy, each kept from the optimizer by gradtel" in out
-    assert "update 10 is warning: NaN=3 Inf=0" in out and "top layers: body.0 (3)" in out
-    assert "update 20 is critical: NaN=0 Inf=7" in out and "top layers: head (7)" in out
+    assert "step 10 is warning: NaN=3 Inf=0" in out and "top layers: body.0 (3)" in out
+    assert "step 20 is critical: NaN=0 Inf=7" in out and "top layers: head (7)" in out
     assert "Traceback" not in err
 
 

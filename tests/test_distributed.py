@@ -161,7 +161,7 @@ def assert_one_page(stack: Stack, injected: float, bad_update: int) -> None:
     assert "affected ranks: 4." in page.description, (where(stack), page.description)
     assert "originated on rank 2." in page.description, (where(stack), page.description)
     assert "The loss was already non-finite: it entered in the forward pass." in page.description
-    assert f"at update {bad_update}." in page.description, (where(stack), page.description)
+    assert f"at step {bad_update}." in page.description, (where(stack), page.description)
     assert "Layers with NaN values in that window: body." in page.description, (where(stack), page.description)
     assert [p for p in stack.receiver.firing("chat") if p.alertname != "GradtelExporterDown"] == []
     print(f"\n{where(stack)}: injection -> page: {page.received - injected:.1f}s; page: {page.description}")

@@ -302,7 +302,7 @@ def test_a_run_that_crashes_right_after_an_unhealthy_update_still_gets_scraped()
         assert sample(after, "gradtel_unhealthy_updates_total", kind="nan", severity="critical") == 1
         _, err = process.communicate(timeout=10)
         assert process.returncode == 1
-        assert "NonFiniteGradientError: gradtel: update 1 is critical: NaN=7" in err
+        assert "NonFiniteGradientError: gradtel: step 1 is critical: NaN=7" in err
     finally:
         if process.poll() is None:
             process.kill()

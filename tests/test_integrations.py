@@ -72,6 +72,8 @@ def test_lightning_callback(tmp_path: Path) -> None:
     assert sample(found, "gradtel_updates_total") - updates_before == 5
     assert sample(found, "gradtel_nan_grads_total", layer="lit_encoder") == 3
     absent(found, "gradtel_nan_grads_total", layer="lit_head")
+    # Written during global step 2: the update that makes step 3, as Lightning counts it after.
+    assert sample(found, "gradtel_last_unhealthy_step", kind="nan") == 3
     assert gradtel_callback.session.server is None  # closed at teardown
 
 
@@ -121,6 +123,8 @@ def test_transformers_trainer_callback_counts_before_clipping(tmp_path: Path) ->
     assert sample(found, "gradtel_nan_grads_total", layer="transformer.h.1.mlp.c_fc") == 3
     absent(found, "gradtel_nan_grads_total", layer="transformer.h.0.mlp.c_fc")
     assert sample(found, "gradtel_skipped_updates_total", reason="policy") - skips_before == 1
+    # Poisoned during global step 2: the update that makes step 3, as the Trainer logs it.
+    assert sample(found, "gradtel_last_unhealthy_step", kind="nan") == 3
 
 
 def test_transformers_trainer_callback_reads_the_models_own_loss(tmp_path: Path) -> None:

@@ -224,7 +224,7 @@ def test_warn_logs_one_line_with_status_counts_and_top_layers(
     with caplog.at_level(logging.WARNING, logger="gradtel"):
         monitor.collect()
     assert [r.getMessage() for r in caplog.records] == [
-        "gradtel: update 1 is critical: NaN=9 Inf=0 (warning > 0, critical > 5); "
+        "gradtel: step 1 is critical: NaN=9 Inf=0 (warning > 0, critical > 5); "
         "top layers: fc2 (5), fc1 (4); first NaN layer in backward order: fc2"
     ]
 
@@ -246,7 +246,7 @@ def test_raise_carries_the_health_and_still_records(
     monitor = GradMonitor(model, meter_provider=provider, on_critical="raise")
     backward(model)
     poison(model.fc2.weight.grad, inf=6)
-    with pytest.raises(NonFiniteGradientError, match="update 1 is critical: NaN=0 Inf=6") as raised:
+    with pytest.raises(NonFiniteGradientError, match="step 1 is critical: NaN=0 Inf=6") as raised:
         monitor.collect()
     assert raised.value.health.inf_by_layer == {"fc2": 6}
     found = samples(registry)

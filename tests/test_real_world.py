@@ -373,9 +373,9 @@ def test_warn_logs_the_first_unhealthy_update_then_one_line_a_minute(
         time.sleep(0.6)
         monitor.collect()
     assert [r.getMessage() for r in caplog.records] == [
-        "gradtel: update 1 is warning: NaN=1 Inf=0 (warning > 0, critical > 5); top layers: (root) (1); "
+        "gradtel: step 1 is warning: NaN=1 Inf=0 (warning > 0, critical > 5); top layers: (root) (1); "
         "first NaN layer in backward order: (root)",
-        "gradtel: update 51 is warning: NaN=1 Inf=0 (warning > 0, critical > 5); top layers: (root) (1); "
+        "gradtel: step 51 is warning: NaN=1 Inf=0 (warning > 0, critical > 5); top layers: (root) (1); "
         "first NaN layer in backward order: (root) (49 more warning updates since the last line)",
     ]
 
@@ -394,7 +394,7 @@ def test_every_log_line_names_the_rank_in_a_distributed_run(
         model.weight.grad[0, 0] = NAN
         monitor.collect()
     messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 2 and all(m.startswith("rank 2: gradtel: update ") for m in messages), messages
+    assert len(messages) == 2 and all(m.startswith("rank 2: gradtel: step ") for m in messages), messages
     assert sample(samples(registry), "gradtel_updates_total", rank="2") == 1
 
 

@@ -65,7 +65,7 @@ def test_nothing_to_scan_is_unknown_counted_and_logged(
         monitor.collect()  # the warning is rate-limited
     assert (health.status, health.unscanned, health.scanned) == (Status.UNKNOWN, "no_gradients", 0)
     assert [r.getMessage() for r in caplog.records] == [
-        "gradtel: update 1 not scanned: 0 of 6 watched trainable parameters had a gradient; "
+        "gradtel: step 1 not scanned: 0 of 6 watched trainable parameters had a gradient; "
         "is collect() called after backward() and before zero_grad()? (status unknown, counted "
         "in gradtel_unscanned_updates_total)"
     ]

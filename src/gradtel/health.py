@@ -112,7 +112,9 @@ class GradHealth:
     """Watched parameters left out of this update: frozen, or no gradient."""
     thresholds: Thresholds = field(default_factory=Thresholds)
     step: int = 0
-    """Number of this update, counted from 1 by the monitor."""
+    """The training step this update makes: given to ``collect(step=...)``, counted from
+    the optimizer's steps when attached, the framework's global step in the callbacks;
+    otherwise the monitor's own count of updates, from 1."""
     sampled: bool = True
     """False when ``sample_every`` left this update unscanned: its counts are
     zero because nothing was looked at, not because the gradients are healthy."""
@@ -179,13 +181,13 @@ class GradHealth:
         """One log line: status, counts and the top offending layers.
 
         >>> GradHealth(nan_by_layer={"fc1": 3}, step=7).describe()
-        'gradtel: update 7 is warning: NaN=3 Inf=0 (warning > 0, critical > 5); top layers: fc1 (3)'
+        'gradtel: step 7 is warning: NaN=3 Inf=0 (warning > 0, critical > 5); top layers: fc1 (3)'
         """
         if self.status is Status.UNKNOWN:
             why = "sampled out" if not self.sampled else (self.unscanned or "").replace("_", " ")
-            return f"gradtel: update {self.step} is unknown: not scanned ({why})"
+            return f"gradtel: step {self.step} is unknown: not scanned ({why})"
         line = (
-            f"gradtel: update {self.step} is {self.status.value}: "
+            f"gradtel: step {self.step} is {self.status.value}: "
             f"NaN={self.nan_total} Inf={self.inf_total} "
             f"(warning > {self.thresholds.warning}, critical > {self.thresholds.critical})"
         )

@@ -31,7 +31,7 @@ class Collector(Protocol):
     @property
     def parameters(self) -> Sequence[torch.nn.Parameter]: ...
 
-    def collect(self, *, scaler: torch.amp.GradScaler | None = None) -> object: ...
+    def collect(self, *, scaler: torch.amp.GradScaler | None = None, step: int | None = None) -> object: ...
 
 
 class Attachment:
@@ -79,17 +79,35 @@ def attach(
     monitors.add(monitor)
     attachment = Attachment()
     attachment._undo.append(lambda: monitors.discard(monitor))
+    # The step an update makes: optimizer steps taken since attach(), plus this one.
+    taken = [0]
+
+    def count_step(*args: Any) -> None:
+        taken[0] += 1
+
+    attachment._undo.append(optimizer.register_step_post_hook(count_step).remove)
+    collect = _Stepped(monitor, taken)
     if scan == "backward":
-        attachment._undo.append(at_end_of_backward(monitor.parameters, monitor.collect).remove)
+        attachment._undo.append(at_end_of_backward(monitor.parameters, collect).remove)
     elif scaler is not None and scaler.is_enabled():
-        _around_scaler(monitor, scaler, optimizer, attachment)
+        _around_scaler(collect, scaler, optimizer, attachment)
     else:
 
         def before_step(*args: Any) -> None:
-            monitor.collect()
+            collect()
 
         attachment._undo.append(optimizer.register_step_pre_hook(before_step).remove)
     return attachment
+
+
+class _Stepped:
+    """``monitor.collect()`` with the step an update makes: one past the steps taken."""
+
+    def __init__(self, monitor: Collector, taken: list[int]) -> None:
+        self.monitor, self.taken = monitor, taken
+
+    def __call__(self, scaler: torch.amp.GradScaler | None = None) -> object:
+        return self.monitor.collect(scaler=scaler, step=self.taken[0] + 1)
 
 
 class _UnscaleTap:
@@ -112,7 +130,7 @@ _taps: weakref.WeakKeyDictionary[torch.amp.GradScaler, _UnscaleTap] = weakref.We
 
 
 def _around_scaler(
-    monitor: Collector,
+    collect: _Stepped,
     scaler: torch.amp.GradScaler,
     optimizer: torch.optim.Optimizer,
     attachment: Attachment,
@@ -121,13 +139,13 @@ def _around_scaler(
 
     def after_unscale(opt: torch.optim.Optimizer) -> None:
         if opt is optimizer:
-            monitor.collect(scaler=scaler)
+            collect(scaler=scaler)
             unscaled[0] = True
 
     def before_step(*args: Any) -> None:
         # A fused optimizer's step unscales by itself: the scaler called no unscale_.
         if not unscaled[0]:
-            monitor.collect(scaler=scaler)
+            collect(scaler=scaler)
         unscaled[0] = False
 
     tap = _taps.get(scaler)

@@ -21,6 +21,7 @@ __all__ = [
     "GRADS_TOTAL",
     "INF_GRADS",
     "KINDS",
+    "LAST_UNHEALTHY_STEP",
     "LAST_UPDATE_TIMESTAMP",
     "METRICS",
     "NAN_GRADS",
@@ -124,9 +125,17 @@ SCAN_DURATION = Metric(
 FIRST_BAD_LAYER = Metric(
     "gradtel_first_bad_layer",
     "gauge",
-    "Number of the latest unhealthy update in which this layer was the first, in backward "
+    "Step of the latest unhealthy update in which this layer was the first, in backward "
     "order, with values of that kind; series appear when it first happens.",
     ("kind", "layer"),
+)
+LAST_UNHEALTHY_STEP = Metric(
+    "gradtel_last_unhealthy_step",
+    "gauge",
+    "Training step of the latest unhealthy update with values of that kind (collect(step=...), "
+    "the optimizer's or the framework's step, else gradtel's count of updates); series appear "
+    "with the first one.",
+    ("kind",),
 )
 SKIPPED_UPDATES = Metric(
     "gradtel_skipped_updates_total",
@@ -171,6 +180,7 @@ METRICS = (
     LAST_UPDATE_TIMESTAMP,
     SCAN_DURATION,
     FIRST_BAD_LAYER,
+    LAST_UNHEALTHY_STEP,
     ORIGIN_UPDATES,
     NONFINITE_LOSS_UPDATES,
 )

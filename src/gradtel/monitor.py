@@ -159,6 +159,7 @@ class GradMonitor:
         self.sample_every = sample_every
         self._on_error = on_error
         self._step = 0
+        self._training_step = 0
         self._lock = threading.RLock()
         self._error_log = RateLimitedLog(logger)
         self._order: BackwardOrder | None = None
@@ -272,6 +273,7 @@ class GradMonitor:
         norms: torch.Tensor | Mapping[torch.Tensor, torch.Tensor] | None = None,
         scaler: torch.amp.GradScaler | None = None,
         loss: torch.Tensor | None = None,
+        step: int | None = None,
     ) -> GradHealth:
         """Scan the current gradients, record them and apply the policy.
 
@@ -293,6 +295,11 @@ class GradMonitor:
                 update's own read-out, and says so when the NaN or Inf entered
                 in the forward pass (``GradHealth.loss_finite``,
                 ``gradtel_nonfinite_loss_updates_total``).
+            step: The training step this update makes, as your logs and
+                checkpoints number it: ``GradHealth.step``, the log line, the
+                ``gradtel_last_unhealthy_step`` gauge and the page say it.
+                Default: the optimizer's step count when attached, else the
+                monitor's own count of updates (from 1).
 
         Returns:
             The update's :class:`~gradtel.GradHealth`; its status is UNKNOWN
@@ -300,19 +307,22 @@ class GradMonitor:
 
         Raises:
             NonFiniteGradientError: the update is unhealthy and its policy is ``"raise"``.
-            TypeError, ValueError: ``norms`` or ``scaler`` is not as described.
+            TypeError, ValueError: ``norms``, ``scaler`` or ``step`` is not as described.
         """
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise TypeError(f"step must be an int >= 0 or None, got {step!r} ({type(step).__name__})")
         with self._lock:
             started = time.perf_counter()
             self._telemetry.note_collect()
             self._step += 1
+            self._training_step = self._step if step is None else step
             if self._module is not None and (
                 self._registrations != registrations() or self._step % REFRESH_EVERY == 0
             ):
                 self._guarded("scan", self.refresh)
             if (self._step - 1) % self.sample_every:
                 self._guarded("record", lambda: self._telemetry.touch(time.time()))
-                return GradHealth(thresholds=self.thresholds, step=self._step, sampled=False)
+                return GradHealth(thresholds=self.thresholds, step=self._training_step, sampled=False)
             self._check_norms(norms)
             overflow_possible = _check_scaler(scaler)
             if loss is not None and not isinstance(loss, torch.Tensor):
@@ -473,7 +483,7 @@ class GradMonitor:
         )
 
     def _health(self, **fields: Any) -> GradHealth:
-        return GradHealth(thresholds=self.thresholds, step=self._step, **fields)
+        return GradHealth(thresholds=self.thresholds, step=self._training_step, **fields)
 
     def _unscanned(self, values: list[torch.Tensor], skipped: int) -> str | None:
         """Why nothing can be scanned in this update, or None; logs what to check."""
@@ -486,10 +496,10 @@ class GradMonitor:
         self._error_log.log(
             "no_gradients",
             logging.WARNING,
-            "gradtel: update %d not scanned: 0 of %d watched trainable parameters had a "
+            "gradtel: step %d not scanned: 0 of %d watched trainable parameters had a "
             "gradient; is collect() called after backward() and before zero_grad()? "
             "(status unknown, counted in gradtel_unscanned_updates_total)",
-            self._step,
+            self._training_step,
             trainable,
         )
         return "no_gradients"

@@ -165,6 +165,7 @@ class _Instruments:
         self.unscanned = make(m.UNSCANNED_UPDATES)
         self.duration = make(m.SCAN_DURATION)
         self.first_bad = make(m.FIRST_BAD_LAYER)
+        self.last_unhealthy_step = make(m.LAST_UNHEALTHY_STEP)
         self.skipped = make(m.SKIPPED_UPDATES)
         self.origin = make(m.ORIGIN_UPDATES)
         self.nonfinite_loss = make(m.NONFINITE_LOSS_UPDATES)
@@ -228,7 +229,7 @@ class GradTelemetry:
         self._skip_attrs = {reason: {**self._base, "reason": reason} for reason in SKIP_REASONS}
         self._unscanned_attrs = {r: {**self._base, "reason": r} for r in UNSCANNED_REASONS}
         self._first_bad_attrs: dict[tuple[str, str], dict[str, str]] = {}
-        self._origin_attrs = {kind: {**self._base, "kind": kind} for kind in KINDS}
+        self._kind_attrs = {kind: {**self._base, "kind": kind} for kind in KINDS}
         self._last_nonzero: dict[str, set[str]] = {"nan": set(), "inf": set()}
 
         self._instruments = ins = instruments_for(meter_provider)
@@ -242,7 +243,7 @@ class GradTelemetry:
             ins.skipped.add(0, attrs)
         for attrs in self._unscanned_attrs.values():
             ins.unscanned.add(0, attrs)
-        for attrs in self._origin_attrs.values():
+        for attrs in self._kind_attrs.values():
             ins.origin.add(0, attrs)
         ins.nonfinite_loss.add(0, self._base)
         ins.updates.add(0, self._base)
@@ -277,7 +278,7 @@ class GradTelemetry:
         ins.duration.record(duration, self._base)
         for kind, local in (("nan", health.local_nan_total), ("inf", health.local_inf_total)):
             if local:
-                ins.origin.add(1, self._origin_attrs[kind])
+                ins.origin.add(1, self._kind_attrs[kind])
         if health.loss_finite is False:
             ins.nonfinite_loss.add(1, self._base)
         if health.amp_overflow:
@@ -297,6 +298,7 @@ class GradTelemetry:
         for kind, status in (("nan", health.nan_status), ("inf", health.inf_status)):
             if status is not Status.HEALTHY:
                 ins.unhealthy.add(1, self._band_attrs[(kind, status)])
+                ins.last_unhealthy_step.set(health.step, self._kind_attrs[kind])
         if health.status is not Status.HEALTHY:
             self.activity.last_unhealthy = time.monotonic()
         for kind, first in (("nan", health.first_nan_layer), ("inf", health.first_inf_layer)):

@@ -44,9 +44,9 @@ class Session:
                 self.server = serve(self._port, self._addr)
         return self.monitor
 
-    def collect(self, loss: torch.Tensor | None = None) -> None:
+    def collect(self, loss: torch.Tensor | None = None, step: int | None = None) -> None:
         if self.monitor is not None:
-            self.monitor.collect(loss=loss)
+            self.monitor.collect(loss=loss, step=step)
 
     def stop(self) -> None:
         """Stop watching, and close the endpoint (after its last scrape of an unhealthy

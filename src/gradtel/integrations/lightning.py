@@ -42,7 +42,8 @@ class GradtelCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer
     ) -> None:
-        self.session.collect(loss=self._loss)
+        # The step this update makes: Lightning's global step once it is taken.
+        self.session.collect(loss=self._loss, step=trainer.global_step + 1)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":

@@ -42,6 +42,7 @@ class GradtelTrainerCallback(TrainerCallback):
         self._loss_hook: RemovableHandle | None = None
         self._loss: torch.Tensor | None = None
         self._backwards = 0
+        self._step: int | None = None
         self._collected = False
         self._accumulation = 1
 
@@ -66,13 +67,14 @@ class GradtelTrainerCallback(TrainerCallback):
             self._collect()
 
     def _collect(self) -> None:
-        self.session.collect(loss=self._loss)
+        self.session.collect(loss=self._loss, step=self._step)
         self._collected, self._loss = True, None
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._backwards, self._collected = 0, False
+        self._step = state.global_step + 1  # the step this update makes, as the Trainer logs it
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

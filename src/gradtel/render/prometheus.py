@@ -127,7 +127,7 @@ def _first_bad_template(o: KitOptions) -> str:
     )
     return (
         f"{{{{ with {query} }}}}{{{{ with index . 0 }}}} First bad layer in backward order: "
-        "{{ .Labels.layer }}, at update {{ .Value }}.{{ end }}{{ end }}"
+        "{{ .Labels.layer }}, at step {{ .Value }}.{{ end }}{{ end }}"
     )
 
 

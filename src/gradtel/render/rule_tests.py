@@ -92,7 +92,7 @@ def _unhealthy_alert(
                 + (" The loss was already non-finite: it entered in the forward pass." if forward else "")
                 + f" Layers with {label} values in that window: {layers}."
                 + (
-                    f" First bad layer in backward order: {first_bad[0]}, at update {first_bad[1]}."
+                    f" First bad layer in backward order: {first_bad[0]}, at step {first_bad[1]}."
                     if first_bad
                     else ""
                 )

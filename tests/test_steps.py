@@ -1,0 +1,69 @@
+"""The training step on every unhealthy update: ``collect(step=...)``, the optimizer's
+step count when attached, and the framework callbacks (in test_integrations)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from opentelemetry.sdk.metrics import MeterProvider
+from prometheus_client import CollectorRegistry
+from torch import nn
+
+import gradtel
+
+from .conftest import sample, samples
+
+NAN = float("nan")
+
+
+def net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+
+def test_the_step_given_to_collect_is_on_the_health_the_log_and_the_metrics(
+    provider: MeterProvider, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = net()
+    monitor = gradtel.GradMonitor(model, meter_provider=provider, on_warning="warn")
+    model(torch.randn(2, 4)).sum().backward()
+    assert monitor.collect(step=41).step == 41
+    model[0].weight.grad[0, 0] = NAN
+    with caplog.at_level(logging.WARNING, logger="gradtel"):
+        health = monitor.collect(step=42)
+    assert health.step == 42
+    assert "gradtel: step 42 is warning: NaN=1" in caplog.text
+    found = samples(registry)
+    assert sample(found, "gradtel_last_unhealthy_step", kind="nan") == 42
+    assert sample(found, "gradtel_first_bad_layer", kind="nan", layer="0") == 42
+    assert ("gradtel_last_unhealthy_step", frozenset({("kind", "inf")})) not in found
+
+
+def test_without_a_step_the_monitor_counts_updates(provider: MeterProvider) -> None:
+    model = net()
+    monitor = gradtel.GradMonitor(model, meter_provider=provider)
+    model(torch.randn(2, 4)).sum().backward()
+    assert [monitor.collect().step for _ in range(3)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("step", [True, -1, 1.5, "7"])
+def test_a_step_that_is_not_a_count_is_refused(provider: MeterProvider, step: object) -> None:
+    monitor = gradtel.GradMonitor(net(), meter_provider=provider)
+    with pytest.raises(TypeError, match=r"step must be an int >= 0 or None, got"):
+        monitor.collect(step=step)  # type: ignore[arg-type]
+
+
+def test_attached_updates_carry_the_optimizer_step(provider: MeterProvider, registry: CollectorRegistry) -> None:
+    model = net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = gradtel.GradMonitor(model, meter_provider=provider, on_critical="skip")
+    monitor.attach(optimizer)
+    for step in range(1, 5):
+        optimizer.zero_grad()
+        model(torch.randn(2, 4)).sum().backward()
+        if step == 3:
+            model[2].weight.grad.fill_(NAN)  # 8 NaN: critical
+        optimizer.step()
+    assert sample(samples(registry), "gradtel_last_unhealthy_step", kind="nan") == 3
