@@ -169,7 +169,7 @@ def live() -> Iterator[tuple[Stack, str]]:
         while time.monotonic() < deadline:
             firing = {a["metric"]["alertname"] for a in stack.query('ALERTS{alertstate="firing"}')}
             scrapes = stack.query(f'count_over_time(gradtel_updates_total{{instance="{instance}"}}[1m])')
-            if {"GradtelNaNGradients", "GradtelInfGradients"} <= firing and scrapes and float(scrapes[0]["value"][1]) >= 8:
+            if {"GradtelNaNGradients", "GradtelInfGradients"} <= firing and scrapes and float(scrapes[0]["value"][1]) >= 5:
                 break
             time.sleep(0.5)
         yield stack, instance
