@@ -70,7 +70,10 @@ def soak(clients: int, seconds: float, updates: int) -> dict[str, Any]:
     done = 0
 
     def train(count: int) -> float:
+        """Seconds per update over ``count`` updates (0.0 for none)."""
         nonlocal done
+        if count <= 0:  # the loaded phase may already have trained past the total
+            return 0.0
         started = time.perf_counter()
         for _ in range(count):
             optimizer.zero_grad()
