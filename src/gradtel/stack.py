@@ -199,10 +199,6 @@ class Stack:
         self.root = Path(self.keep_data or tempfile.mkdtemp(prefix="gradtel-stack-"))
 
     @property
-    def prometheus_port(self) -> int:
-        return self.store_port
-
-    @property
     def prometheus_url(self) -> str:
         """The store's query API (Prometheus, or VictoriaMetrics' Prometheus-compatible one)."""
         return f"http://127.0.0.1:{self.store_port}"
