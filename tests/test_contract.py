@@ -25,12 +25,15 @@ CLOSED_SETS = {
 
 
 def served(registry: CollectorRegistry) -> str:
-    """A scrape after updates that make every series exist: NaN and Inf, a NaN loss."""
+    """A scrape after updates that make every series exist: NaN and Inf, a NaN loss, the norm."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     monitor = gradtel.GradMonitor(
-        model, meter_provider=gradtel.prometheus_meter_provider(registry), on_critical="ignore"
+        model, meter_provider=gradtel.prometheus_meter_provider(registry), on_critical="ignore", grad_norm=True
     )
+    model(torch.randn(4, 4)).sum().backward()
+    monitor.collect()  # a healthy update: the norm gauge has a finite value
+    model.zero_grad()
     x = torch.randn(4, 4)
     x[0, 0] = float("nan")
     loss = model(x).sum()

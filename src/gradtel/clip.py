@@ -10,26 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from .monitor import GradMonitor
+from .scan import per_tensor_norms
 
 __all__ = ["clip_grad_norm_"]
-
-
-def _per_tensor_norms(
-    grads: list[torch.Tensor], norm_type: float, foreach: bool | None
-) -> list[torch.Tensor]:
-    """One norm per gradient, in order, with a multi-tensor norm per device and dtype."""
-    if foreach is False:
-        return [torch.linalg.vector_norm(g, norm_type) for g in grads]
-    norms: list[torch.Tensor] = [torch.empty(0)] * len(grads)
-    # The grouping torch.nn.utils.clip_grad_norm_ itself uses (C++, no Python loop).
-    groups = _group_tensors_by_device_and_dtype([grads], with_indices=True)  # type: ignore[list-item]
-    for ([tensors], indices) in groups.values():
-        for i, norm in zip(indices, torch._foreach_norm(tensors, norm_type)):  # type: ignore[arg-type]
-            norms[i] = norm
-    return norms
 
 
 @torch.no_grad()
@@ -96,22 +81,24 @@ def clip_grad_norm_(
             params, max_norm, norm_type, error_if_nonfinite, foreach
         )
         return clipped
-    norms = _per_tensor_norms(grads, norm_type, foreach)  # type: ignore[arg-type]
+    norms = per_tensor_norms(grads, norm_type, foreach)  # type: ignore[arg-type]
     first = norms[0].device
     stacked = torch.stack([n if n.device == first else n.to(first) for n in norms])
+    total: torch.Tensor = torch.linalg.vector_norm(stacked, norm_type)
+    l2 = total if norm_type == 2.0 else None  # the gradient-norm gauge, for free
     if len(with_grad) == len(monitor.parameters) and all(
         mine is theirs for mine, theirs in zip(with_grad, monitor.parameters)
     ):
-        health = monitor.collect(norms=stacked)  # the usual call: clip what is watched
+        health = monitor.collect(norms=stacked, total_norm=l2)  # the usual call: clip what is watched
     else:
-        health = monitor.collect(norms=dict(zip(with_grad, norms)))
+        health = monitor.collect(norms=dict(zip(with_grad, norms)), total_norm=l2)
     if health.status.level > 0:  # a "skip" policy may have cleared gradients
         kept = [i for i, p in enumerate(with_grad) if p.grad is not None]
         if not kept:
             return torch.tensor(0.0)
         with_grad = [with_grad[i] for i in kept]
         stacked = stacked[torch.tensor(kept, device=first)]
-    total: torch.Tensor = torch.linalg.vector_norm(stacked, norm_type)
+        total = torch.linalg.vector_norm(stacked, norm_type)
     if error_if_nonfinite and bool(torch.logical_or(total.isnan(), total.isinf())):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "

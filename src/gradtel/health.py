@@ -118,6 +118,9 @@ class GradHealth:
     sampled: bool = True
     """False when ``sample_every`` left this update unscanned: its counts are
     zero because nothing was looked at, not because the gradients are healthy."""
+    grad_norm: float | None = None
+    """The L2 norm of all gradients of this update, when computed: with
+    ``GradMonitor(grad_norm=True)``, or from :func:`gradtel.clip_grad_norm_` (``norm_type=2``)."""
     first_bad_layer: str | None = None
     """Of the layers with NaN or Inf, the first whose gradient backward produced."""
     first_nan_layer: str | None = None

@@ -19,6 +19,7 @@ __all__ = [
     "ERROR_STAGES",
     "FIRST_BAD_LAYER",
     "GRADS_TOTAL",
+    "GRAD_NORM",
     "INF_GRADS",
     "KINDS",
     "LAST_UNHEALTHY_STEP",
@@ -137,6 +138,12 @@ LAST_UNHEALTHY_STEP = Metric(
     "with the first one.",
     ("kind",),
 )
+GRAD_NORM = Metric(
+    "gradtel_grad_norm",
+    "gauge",
+    "L2 norm of all gradients of the latest scanned update whose norm was finite, when "
+    "computed: with GradMonitor(grad_norm=True), or from gradtel.clip_grad_norm_ with norm_type=2.",
+)
 SKIPPED_UPDATES = Metric(
     "gradtel_skipped_updates_total",
     "counter",
@@ -183,5 +190,6 @@ METRICS = (
     LAST_UNHEALTHY_STEP,
     ORIGIN_UPDATES,
     NONFINITE_LOSS_UPDATES,
+    GRAD_NORM,
 )
 """Every metric gradtel exports."""

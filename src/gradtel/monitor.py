@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import struct
 import threading
 import time
 import weakref
@@ -23,6 +24,7 @@ from .order import BackwardOrder
 from .origin import OriginCounter, install_origin_hook
 from .policy import Action, Policy
 from .scan import Scanner, countable_values
+from .scan import total_norm as total_norm_of
 from .ranks import process_attributes
 from .telemetry import GradTelemetry, default_meter_provider
 from .watched import named_parameters, registrations, watch_registrations
@@ -91,6 +93,10 @@ class GradMonitor:
         on_error: ``"warn"`` (default): a failure inside gradtel is logged (at
             most once a minute per stage), counted in ``gradtel_errors_total``,
             and training goes on; ``"raise"``: the failure propagates.
+        grad_norm: Also compute the L2 norm of all gradients of each scanned
+            update (``GradHealth.grad_norm``, ``gradtel_grad_norm``): one more
+            pass over gradient memory, so off by default.
+            :func:`gradtel.clip_grad_norm_` gives it for free either way.
 
     Raises:
         TypeError: ``model`` is not a module or named parameters, or an option
@@ -122,6 +128,7 @@ class GradMonitor:
         layer_series: Literal["on_demand", "all"] = "on_demand",
         sample_every: int = 1,
         on_error: Literal["warn", "raise"] = "warn",
+        grad_norm: bool = False,
     ) -> None:
         if not isinstance(thresholds, Thresholds):
             raise TypeError(
@@ -140,6 +147,8 @@ class GradMonitor:
             raise ValueError(f"layer_series must be 'on_demand' or 'all', got {layer_series!r}")
         if isinstance(sample_every, bool) or not isinstance(sample_every, int) or sample_every < 1:
             raise ValueError(f"sample_every must be an int >= 1, got {sample_every!r}")
+        if not isinstance(grad_norm, bool):
+            raise TypeError(f"grad_norm must be True or False, got {grad_norm!r} ({type(grad_norm).__name__})")
         if meter_provider is not None and not hasattr(meter_provider, "get_meter"):
             raise TypeError(
                 "meter_provider must be an OpenTelemetry MeterProvider, "
@@ -157,6 +166,7 @@ class GradMonitor:
         self.thresholds = thresholds
         self.layer_series = layer_series
         self.sample_every = sample_every
+        self.grad_norm = grad_norm
         self._on_error = on_error
         self._step = 0
         self._training_step = 0
@@ -274,6 +284,7 @@ class GradMonitor:
         scaler: torch.amp.GradScaler | None = None,
         loss: torch.Tensor | None = None,
         step: int | None = None,
+        total_norm: torch.Tensor | None = None,
     ) -> GradHealth:
         """Scan the current gradients, record them and apply the policy.
 
@@ -300,6 +311,10 @@ class GradMonitor:
                 ``gradtel_last_unhealthy_step`` gauge and the page say it.
                 Default: the optimizer's step count when attached, else the
                 monitor's own count of updates (from 1).
+            total_norm: The L2 norm of all gradients of this update, when you
+                computed it (:func:`gradtel.clip_grad_norm_` passes it): read
+                with the update's own read-out into ``GradHealth.grad_norm`` and
+                ``gradtel_grad_norm``, without another pass.
 
         Returns:
             The update's :class:`~gradtel.GradHealth`; its status is UNKNOWN
@@ -309,6 +324,8 @@ class GradMonitor:
             NonFiniteGradientError: the update is unhealthy and its policy is ``"raise"``.
             TypeError, ValueError: ``norms``, ``scaler`` or ``step`` is not as described.
         """
+        if total_norm is not None and not (isinstance(total_norm, torch.Tensor) and total_norm.numel() == 1):
+            raise TypeError(f"total_norm must be a one-element tensor or None, got {total_norm!r}")
         if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
             raise TypeError(f"step must be an int >= 0 or None, got {step!r} ({type(step).__name__})")
         with self._lock:
@@ -327,7 +344,7 @@ class GradMonitor:
             overflow_possible = _check_scaler(scaler)
             if loss is not None and not isinstance(loss, torch.Tensor):
                 raise TypeError(f"loss must be a tensor or None, got {loss!r} ({type(loss).__name__})")
-            health = self._scan(norms, loss)
+            health = self._scan(norms, loss, total_norm)
             if overflow_possible and health.nan_total + health.inf_total:
                 health = dataclasses.replace(health, amp_overflow=True)
                 logger.debug("%s", health.describe())
@@ -432,14 +449,17 @@ class GradMonitor:
         self,
         norms: torch.Tensor | Mapping[torch.Tensor, torch.Tensor] | None,
         loss: torch.Tensor | None,
+        total_norm: torch.Tensor | None,
     ) -> GradHealth:
         values, present, skipped, dense = self._gather()
         # Read with the update's own read-out: this rank's counts before the
-        # reduction, and whether the loss was already non-finite.
+        # reduction, whether the loss was already non-finite, the gradient norm.
         origin, loss_bad = self.origin.take(), _loss_bad(loss)
         unscanned = self._unscanned(values, skipped)
         if unscanned is not None:
             return self._health(unscanned=unscanned, skipped=skipped)
+        if total_norm is None and self.grad_norm and dense:
+            total_norm = total_norm_of(values)
         summary: torch.Tensor | list[torch.Tensor] | None = None
         if norms is not None and dense:
             if isinstance(norms, torch.Tensor):
@@ -452,7 +472,8 @@ class GradMonitor:
                     summary.append(torch.linalg.vector_norm(v) if norm is None else norm)
         # Sparse gradients change size every update: plan them anew each time.
         slots = present if dense else None
-        extra = _joined([t for t in (origin, loss_bad) if t is not None])
+        norm_bits = None if total_norm is None else total_norm.detach().double().reshape(1).view(torch.int64)
+        extra = _joined([t for t in (origin, loss_bad, norm_bits) if t is not None])
         counts = self._guarded("scan", lambda: self._scanner.count(values, slots, summary, extra))
         if counts is None:  # the scan failed: nothing was counted, say so
             return self._health(unscanned="scan_error", skipped=len(self._params))
@@ -461,6 +482,8 @@ class GradMonitor:
         if self.origin.installed:
             nan, inf = read[:2] if origin is not None else (0, 0)
             local = {"local_nan_total": nan, "local_inf_total": inf}
+        if norm_bits is not None:
+            local["grad_norm"] = struct.unpack("<d", struct.pack("<q", read.pop()))[0]
         if loss is not None:
             local["loss_finite"] = not read[-1]
         nan_by_layer: dict[str, int] = {}

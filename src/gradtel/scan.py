@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 __all__ = ["CHUNK", "Scanner", "count_nonfinite", "countable_values", "memory_order"]
 
@@ -400,6 +401,30 @@ def _flags_by_norms(norms: torch.Tensor | Sequence[torch.Tensor], also: list[tor
         [n.to(norms[0].device) for n in norms]
     )
     return _to_host([torch.isfinite(stacked).logical_not_(), *also])
+
+
+def per_tensor_norms(
+    grads: Sequence[torch.Tensor], norm_type: float = 2.0, foreach: bool | None = None
+) -> list[torch.Tensor]:
+    """One norm per tensor, in order, with a multi-tensor norm per device and dtype."""
+    if foreach is False:
+        return [torch.linalg.vector_norm(g, norm_type) for g in grads]
+    norms: list[torch.Tensor] = [torch.empty(0)] * len(grads)
+    # The grouping torch.nn.utils.clip_grad_norm_ itself uses (C++, no Python loop).
+    groups = _group_tensors_by_device_and_dtype([list(grads)], with_indices=True)
+    for ([tensors], indices) in groups.values():
+        for i, norm in zip(indices, torch._foreach_norm(tensors, norm_type)):  # type: ignore[arg-type]
+            norms[i] = norm
+    return norms
+
+
+def total_norm(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all ``values`` together, as a float64 tensor on the first one's device
+    (no host read): one more pass over gradient memory."""
+    device = values[0].device
+    norms = torch.stack([n.to(device, torch.float64) for n in per_tensor_norms(values)])
+    total: torch.Tensor = torch.linalg.vector_norm(norms)
+    return total
 
 
 def count_nonfinite(values: Sequence[torch.Tensor]) -> dict[int, tuple[int, int]]:

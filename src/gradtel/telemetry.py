@@ -13,6 +13,7 @@ non-zero are reset, counters only move where a count is above 0).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import weakref
@@ -166,6 +167,7 @@ class _Instruments:
         self.duration = make(m.SCAN_DURATION)
         self.first_bad = make(m.FIRST_BAD_LAYER)
         self.last_unhealthy_step = make(m.LAST_UNHEALTHY_STEP)
+        self.grad_norm = make(m.GRAD_NORM)
         self.skipped = make(m.SKIPPED_UPDATES)
         self.origin = make(m.ORIGIN_UPDATES)
         self.nonfinite_loss = make(m.NONFINITE_LOSS_UPDATES)
@@ -286,6 +288,9 @@ class GradTelemetry:
             # series keep describing the updates that reached the optimizer.
             ins.skipped.add(1, self._skip_attrs["amp_overflow"])
             return
+        if health.grad_norm is not None and math.isfinite(health.grad_norm):
+            # A NaN or Inf norm is the NaN/Inf alerts' business: the gauge keeps the last finite one.
+            ins.grad_norm.set(health.grad_norm, self._base)
         for kind, by_layer in (("nan", health.nan_by_layer), ("inf", health.inf_by_layer)):
             total, gauge = ins.totals[kind], ins.per_update[kind]
             for layer, count in by_layer.items():

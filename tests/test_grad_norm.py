@@ -1,0 +1,77 @@
+"""The gradient norm as a signal: ``gradtel_grad_norm``, computed on request or for free by
+``gradtel.clip_grad_norm_``, read with the update's own read-out."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from opentelemetry.sdk.metrics import MeterProvider
+from prometheus_client import CollectorRegistry
+from torch import nn
+
+import gradtel
+
+from .conftest import sample, samples
+
+
+def trained(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 1))
+    model(torch.randn(8, 16)).pow(2).sum().backward()
+    return model
+
+
+def torch_norm(model: nn.Module) -> float:
+    return float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
+
+
+def test_the_norm_is_torchs_total_norm_when_asked_for(provider: MeterProvider, registry: CollectorRegistry) -> None:
+    model = trained()
+    health = gradtel.GradMonitor(model, meter_provider=provider, grad_norm=True).collect()
+    assert health.grad_norm == pytest.approx(torch_norm(model), rel=1e-6)
+    assert sample(samples(registry), "gradtel_grad_norm") == pytest.approx(health.grad_norm)
+
+
+def test_no_norm_and_no_series_by_default(provider: MeterProvider, registry: CollectorRegistry) -> None:
+    assert gradtel.GradMonitor(trained(), meter_provider=provider).collect().grad_norm is None
+    assert not [name for name, _ in samples(registry) if name == "gradtel_grad_norm"]
+
+
+def test_clipping_gives_the_norm_for_free(provider: MeterProvider, registry: CollectorRegistry) -> None:
+    model = trained(1)
+    expected = torch_norm(model)
+    monitor = gradtel.GradMonitor(model, meter_provider=provider)  # grad_norm off
+    total = gradtel.clip_grad_norm_(model.parameters(), 0.5, monitor=monitor)
+    assert float(total) == pytest.approx(expected, rel=1e-6)
+    assert sample(samples(registry), "gradtel_grad_norm") == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_max_norm_clip_is_not_an_l2_norm(provider: MeterProvider, registry: CollectorRegistry) -> None:
+    model = trained(2)
+    monitor = gradtel.GradMonitor(model, meter_provider=provider)
+    gradtel.clip_grad_norm_(model.parameters(), 0.5, norm_type=math.inf, monitor=monitor)
+    assert not [name for name, _ in samples(registry) if name == "gradtel_grad_norm"]
+
+
+def test_an_unhealthy_update_has_a_nan_norm_and_the_gauge_keeps_the_last_finite_one(
+    provider: MeterProvider, registry: CollectorRegistry, capfd: pytest.CaptureFixture[str]
+) -> None:
+    model = trained(3)
+    monitor = gradtel.GradMonitor(model, meter_provider=provider, grad_norm=True, on_warning="ignore")
+    healthy = monitor.collect().grad_norm
+    model[0].weight.grad[0, 0] = float("nan")
+    health = monitor.collect()
+    assert health.nan_total == 1 and math.isnan(health.grad_norm or 0.0)
+    assert sample(samples(registry), "gradtel_grad_norm") == healthy
+    assert "not finite" not in capfd.readouterr().err  # no complaint from the SDK
+
+
+def test_bad_norm_arguments_are_refused(provider: MeterProvider) -> None:
+    model = trained(4)
+    with pytest.raises(TypeError, match="grad_norm must be True or False, got 'yes'"):
+        gradtel.GradMonitor(model, meter_provider=provider, grad_norm="yes")  # type: ignore[arg-type]
+    monitor = gradtel.GradMonitor(model, meter_provider=provider)
+    with pytest.raises(TypeError, match="total_norm must be a one-element tensor or None"):
+        monitor.collect(total_norm=torch.ones(2))
