@@ -23,9 +23,9 @@ from .layers import DEFAULT_MAX_LAYERS, assign_layers, distinct
 from .order import BackwardOrder
 from .origin import OriginCounter, install_origin_hook
 from .policy import Action, Policy
+from .ranks import process_attributes
 from .scan import Scanner, countable_values
 from .scan import total_norm as total_norm_of
-from .ranks import process_attributes
 from .telemetry import GradTelemetry, default_meter_provider
 from .watched import named_parameters, registrations, watch_registrations
 
