@@ -63,8 +63,10 @@ def main() -> None:
                 {"nan": health.nan_total, "local_nan": health.local_nan_total, "originated": health.originated_here}
             )
         origin = registry.get_sample_value("gradtel_origin_updates_total", {"kind": "nan", "rank": str(rank)})
-        print(json.dumps({"rank": rank, "flavour": flavour, "layers": monitor.layers,
-                          "updates": updates, "origin_nan": origin}), flush=True)  # fmt: skip
+        said = {"rank": rank, "flavour": flavour, "layers": monitor.layers, "updates": updates, "origin_nan": origin}
+        # One write below PIPE_BUF is atomic: the ranks share the launcher's stdout.
+        sys.stdout.write(json.dumps(said) + "\n")
+        sys.stdout.flush()
         monitor.close()
     dist.destroy_process_group()
 
