@@ -75,3 +75,12 @@ def test_bad_norm_arguments_are_refused(provider: MeterProvider) -> None:
     monitor = gradtel.GradMonitor(model, meter_provider=provider)
     with pytest.raises(TypeError, match="total_norm must be a one-element tensor or None"):
         monitor.collect(total_norm=torch.ones(2))
+
+
+def test_clipping_a_subset_does_not_pass_for_the_updates_norm(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    model = trained(5)
+    monitor = gradtel.GradMonitor(model, meter_provider=provider)
+    gradtel.clip_grad_norm_(model[0].parameters(), 0.5, monitor=monitor)
+    assert not [name for name, _ in samples(registry) if name == "gradtel_grad_norm"]

@@ -85,15 +85,15 @@ def clip_grad_norm_(
     first = norms[0].device
     stacked = torch.stack([n if n.device == first else n.to(first) for n in norms])
     total: torch.Tensor = torch.linalg.vector_norm(stacked, norm_type)
-    l2 = total if norm_type == 2.0 else None  # the gradient-norm gauge, for free
     if len(with_grad) == len(monitor.parameters) and all(
         mine is theirs for mine, theirs in zip(with_grad, monitor.parameters)
     ):
-        health = monitor.collect(norms=stacked, total_norm=l2)  # the usual call: clip what is watched
-    else:
-        health = monitor.collect(norms=dict(zip(with_grad, norms)), total_norm=l2)
-    if health.status.level > 0:  # a "skip" policy may have cleared gradients
-        kept = [i for i, p in enumerate(with_grad) if p.grad is not None]
+        # The usual call: clip what is watched. Its L2 total is the gradient-norm gauge, for free.
+        health = monitor.collect(norms=stacked, total_norm=total if norm_type == 2.0 else None)
+    else:  # a subset's total is not the update's norm
+        health = monitor.collect(norms=dict(zip(with_grad, norms)))
+    kept = [i for i, p in enumerate(with_grad) if p.grad is not None]
+    if len(kept) < len(with_grad):  # a "skip" policy cleared the gradients
         if not kept:
             return torch.tensor(0.0)
         with_grad = [with_grad[i] for i in kept]
