@@ -40,7 +40,7 @@ def test_committed_kit_equals_the_default_render() -> None:
 def test_promtool_checks_and_unit_tests_the_committed_rules() -> None:
     promtool = require_tool("promtool", "prometheus")
     checked = run(promtool, "check", "rules", "gradtel-rules.yml")
-    assert checked.returncode == 0 and "SUCCESS: 10 rules found" in checked.stdout, checked.stderr
+    assert checked.returncode == 0 and "SUCCESS: 11 rules found" in checked.stdout, checked.stderr
     tested = run(promtool, "test", "rules", "gradtel-rules.test.yml")
     assert tested.returncode == 0, tested.stdout + tested.stderr
     assert "SUCCESS" in tested.stdout
@@ -60,6 +60,10 @@ def test_rule_tests_cover_every_behaviour_the_alerts_promise() -> None:
         "GradtelNaNGradients critical resolves 10m after the last unhealthy update",
         "GradtelExporterDown fires once for a run whose ranks all died, naming them",
         "GradtelTrainingStalled fires when no update arrives for 10m while up",
+        "GradtelGradNormSpike fires on a 20x spike of the gradient norm",
+        "GradtelGradNormSpike is silent on slow growth",
+        "GradtelGradNormSpike is silent on noise within 3x",
+        "GradtelGradNormSpike is silent at job start",
     ):
         assert expected in names
 
@@ -148,7 +152,7 @@ def test_every_alert_links_an_anchor_of_the_runbook() -> None:
     alerts = [r for group in rules["groups"] for r in group["rules"] if "alert" in r]
     assert {a["alert"] for a in alerts} == {
         "GradtelNaNGradients", "GradtelInfGradients", "GradtelExporterDown", "GradtelTrainingStalled",
-        "GradtelNothingScanned", "GradtelAmpOverflowSkips",
+        "GradtelNothingScanned", "GradtelAmpOverflowSkips", "GradtelGradNormSpike",
     }  # fmt: skip
     for alert in alerts:
         assert alert["annotations"]["runbook_url"].rsplit("#", 1)[1] in anchors
@@ -163,7 +167,8 @@ def test_other_thresholds_render_a_consistent_kit_that_passes_its_own_tests(tmp_
     promtool = require_tool("promtool", "prometheus")
     assert main(
         ["render", "--out", str(tmp_path), "--warning", "2", "--critical", "10",
-         "--window", "5m", "--stall-after", "3m", "--job", "trainer", "--amp-skip-ratio", "0.25"]
+         "--window", "5m", "--stall-after", "3m", "--job", "trainer", "--amp-skip-ratio", "0.25",
+         "--spike-factor", "4", "--spike-baseline", "30m", "--spike-history", "5m"]
     ) == 0  # fmt: skip
     folder = tmp_path / "prometheus"
     tested = run(promtool, "test", "rules", "gradtel-rules.test.yml", cwd=folder)
@@ -171,6 +176,8 @@ def test_other_thresholds_render_a_consistent_kit_that_passes_its_own_tests(tmp_
     rules = (folder / "gradtel-rules.yml").read_text()
     assert "more than 10 NaN gradient values" in rules and "more than 2 and at most 10" in rules
     assert 'job="trainer"' in rules and "[5m]" in rules and "> 180" in rules and "> 0.25" in rules
+    assert "> 4 * quantile_over_time(0.5, gradtel_grad_norm{job=\"trainer\"}[30m])" in rules
+    assert "[30m] offset 5m)" in rules
     assert "| warning  | more than 2 and at most 10 |" in (folder / "runbook.md").read_text()
 
 
@@ -185,6 +192,10 @@ def test_other_thresholds_render_a_consistent_kit_that_passes_its_own_tests(tmp_
         ({"thresholds": 5}, TypeError, r"thresholds must be a gradtel.Thresholds, got 5"),
         ({"amp_skip_ratio": 1.0}, ValueError, r"amp_skip_ratio must be a number between 0 and 1 \(exclusive\), got 1.0"),
         ({"amp_skip_ratio": "half"}, ValueError, r"amp_skip_ratio must be .* got 'half'"),
+        ({"spike_factor": 1}, ValueError, r"spike_factor must be a finite number above 1, got 1"),
+        ({"spike_factor": True}, ValueError, r"spike_factor must be a finite number above 1, got True"),
+        ({"spike_baseline": "hour"}, ValueError, r"spike_baseline must be a Prometheus duration .* got 'hour'"),
+        ({"spike_history": "1h"}, ValueError, r"spike_history must be shorter than spike_baseline \('1h'\), got '1h'"),
     ],
 )
 def test_bad_kit_options(kwargs: dict, error: type, message: str) -> None:

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from torch import nn
 
 import gradtel
+from gradtel.telemetry import RollingMax
 
 from .conftest import sample, samples
 
@@ -84,3 +85,40 @@ def test_clipping_a_subset_does_not_pass_for_the_updates_norm(
     monitor = gradtel.GradMonitor(model, meter_provider=provider)
     gradtel.clip_grad_norm_(model[0].parameters(), 0.5, monitor=monitor)
     assert not [name for name, _ in samples(registry) if name == "gradtel_grad_norm"]
+
+
+def test_with_the_norm_the_counts_stay_exact(provider: MeterProvider) -> None:
+    model = trained(6)
+    monitor = gradtel.GradMonitor(model, meter_provider=provider, grad_norm=True, on_critical="ignore")
+    model[0].weight.grad.view(-1)[:7] = float("nan")
+    model[0].bias.grad[:2] = float("inf")
+    model[2].weight.grad[0, 3] = -float("inf")
+    health = monitor.collect()
+    assert health.nan_by_layer == {"0": 7}
+    assert health.inf_by_layer == {"0": 2, "2": 1}
+
+
+def test_the_peak_holds_a_spike_that_the_latest_norm_has_left(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    model = trained(7)
+    monitor = gradtel.GradMonitor(model, meter_provider=provider, grad_norm=True)
+    base = monitor.collect().grad_norm or 0.0
+    for p in model.parameters():
+        p.grad.mul_(50)
+    spike = monitor.collect().grad_norm or 0.0
+    for p in model.parameters():
+        p.grad.div_(50)
+    monitor.collect()
+    scraped = samples(registry)
+    assert spike == pytest.approx(50 * base)
+    assert sample(scraped, "gradtel_grad_norm") == pytest.approx(base)
+    assert sample(scraped, "gradtel_grad_norm_peak") == pytest.approx(spike)
+
+
+def test_the_peak_forgets_values_older_than_its_window() -> None:
+    peak = RollingMax(120)
+    assert [peak.add(v, now=t) for t, v in ((0, 5.0), (60, 1.0), (119, 2.0), (121, 1.5), (190, 1.0))] == [
+        5.0, 5.0, 5.0, 2.0, 2.0,
+    ]  # fmt: skip
+    assert peak.add(0.5, now=400) == 0.5

@@ -1,10 +1,13 @@
 """A training process instrumented with gradtel, for the end-to-end tests.
 
 Usage: trainer.py PORT [--inject UPDATE:KIND:COUNT:LAYER ...] [--on-critical ACTION]
+                  [--grad-norm] [--spike UPDATE:FACTOR]
 
 Trains a small MLP with real backward passes, one update every 0.1 s, until
 killed; ``--inject`` writes COUNT NaN or Inf values into LAYER's weight
 gradient on update UPDATE and prints ``injected UPDATE UNIX_TIME``.
+``--grad-norm`` exports the gradient norm; ``--spike`` multiplies update
+UPDATE's loss, and so its gradients, by FACTOR (and prints ``injected``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ def main() -> None:
     parser.add_argument("port", type=int)
     parser.add_argument("--inject", action="append", default=[])
     parser.add_argument("--on-critical", default="skip")
+    parser.add_argument("--grad-norm", action="store_true")
+    parser.add_argument("--spike", default="0:1")
     args = parser.parse_args()
     injections = {}
     for spec in args.inject:
@@ -31,7 +36,10 @@ def main() -> None:
 
     model = DemoNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    monitor = gradtel.GradMonitor(model, on_warning="skip", on_critical=args.on_critical)
+    spike_update, spike_factor = (float(v) for v in args.spike.split(":"))
+    monitor = gradtel.GradMonitor(
+        model, on_warning="skip", on_critical=args.on_critical, grad_norm=args.grad_norm
+    )
     gradtel.serve(port=args.port)
     print("serving", flush=True)
     inputs, targets = torch.randn(64, 16), torch.randn(64, 1)
@@ -39,7 +47,11 @@ def main() -> None:
     while True:
         update += 1
         optimizer.zero_grad()
-        torch.nn.functional.mse_loss(model(inputs), targets).backward()
+        loss = torch.nn.functional.mse_loss(model(inputs), targets)
+        if update == spike_update:
+            loss = loss * spike_factor
+            print(f"injected {update} {time.time()}", flush=True)
+        loss.backward()
         if update in injections:
             kind, count, layer = injections[update]
             grad = model.get_submodule(layer).weight.grad

@@ -113,6 +113,16 @@ def _parser() -> argparse.ArgumentParser:
         default=0.5,
         help="GradtelAmpOverflowSkips fires above this share of AMP-skipped updates (0.5)",
     )
+    render.add_argument(
+        "--spike-factor",
+        type=float,
+        default=None,
+        help="GradtelGradNormSpike fires when the gradient norm exceeds this many times its median (10)",
+    )
+    render.add_argument("--spike-baseline", default=None, help="the window of that median (1h)")
+    render.add_argument(
+        "--spike-history", default=None, help="norms a rank must have reported for before it is judged (10m)"
+    )
     return parser
 
 
@@ -170,7 +180,13 @@ def _render(args: argparse.Namespace) -> int:
     from .health import Thresholds
     from .render import DEFAULT_RUNBOOK_URL, KitOptions, write_kit
 
+    given = {
+        name: getattr(args, name)
+        for name in ("spike_factor", "spike_baseline", "spike_history")
+        if getattr(args, name) is not None
+    }  # left out: KitOptions' defaults
     options = KitOptions(
+        **given,
         thresholds=Thresholds(warning=args.warning, critical=args.critical),
         window=args.window,
         stall_after=args.stall_after,

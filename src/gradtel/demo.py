@@ -210,7 +210,7 @@ def _run(
     gradtel_logger.propagate = False
     model = DemoNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    monitor = GradMonitor(model, on_warning="skip", on_critical="skip")
+    monitor = GradMonitor(model, on_warning="skip", on_critical="skip", grad_norm=True)
     inputs = torch.randn(256, 16)
     targets = inputs @ torch.randn(16, 1) + 0.1 * torch.randn(256, 1)
     terminal.say(f"gradtel demo: serving {server.url}")

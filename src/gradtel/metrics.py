@@ -20,11 +20,13 @@ __all__ = [
     "FIRST_BAD_LAYER",
     "GRADS_TOTAL",
     "GRAD_NORM",
+    "GRAD_NORM_PEAK",
     "INF_GRADS",
     "KINDS",
     "LAST_UNHEALTHY_STEP",
     "LAST_UPDATE_TIMESTAMP",
     "METRICS",
+    "NORM_PEAK_SECONDS",
     "NAN_GRADS",
     "NONFINITE_LOSS_UPDATES",
     "ORIGIN_UPDATES",
@@ -144,6 +146,15 @@ GRAD_NORM = Metric(
     "L2 norm of all gradients of the latest scanned update whose norm was finite, when "
     "computed: with GradMonitor(grad_norm=True), or from gradtel.clip_grad_norm_ with norm_type=2.",
 )
+NORM_PEAK_SECONDS = 120
+"""How far back ``gradtel_grad_norm_peak`` looks: longer than any usual scrape interval
+(Prometheus' default is 1 minute), like Micrometer's decaying ``_max``."""
+GRAD_NORM_PEAK = Metric(
+    "gradtel_grad_norm_peak",
+    "gauge",
+    f"Largest gradtel_grad_norm of the scanned updates in the last {NORM_PEAK_SECONDS} s, so "
+    "that a spike at one step between two scrapes is still scraped (GradtelGradNormSpike).",
+)
 SKIPPED_UPDATES = Metric(
     "gradtel_skipped_updates_total",
     "counter",
@@ -191,5 +202,6 @@ METRICS = (
     ORIGIN_UPDATES,
     NONFINITE_LOSS_UPDATES,
     GRAD_NORM,
+    GRAD_NORM_PEAK,
 )
 """Every metric gradtel exports."""

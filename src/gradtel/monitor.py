@@ -24,7 +24,7 @@ from .order import BackwardOrder
 from .origin import OriginCounter, install_origin_hook
 from .policy import Action, Policy
 from .ranks import process_attributes
-from .scan import Scanner, countable_values
+from .scan import Scanner, countable_values, per_tensor_norms
 from .scan import total_norm as total_norm_of
 from .telemetry import GradTelemetry, default_meter_provider
 from .watched import named_parameters, registrations, watch_registrations
@@ -94,9 +94,9 @@ class GradMonitor:
             most once a minute per stage), counted in ``gradtel_errors_total``,
             and training goes on; ``"raise"``: the failure propagates.
         grad_norm: Also compute the L2 norm of all gradients of each scanned
-            update (``GradHealth.grad_norm``, ``gradtel_grad_norm``): one more
-            pass over gradient memory, so off by default.
-            :func:`gradtel.clip_grad_norm_` gives it for free either way.
+            update (``GradHealth.grad_norm``, ``gradtel_grad_norm``): per-gradient
+            norms replace the scan's first pass, about twice its cost on CPU, so
+            off by default. :func:`gradtel.clip_grad_norm_` gives it for free.
 
     Raises:
         TypeError: ``model`` is not a module or named parameters, or an option
@@ -458,9 +458,13 @@ class GradMonitor:
         unscanned = self._unscanned(values, skipped)
         if unscanned is not None:
             return self._health(unscanned=unscanned, skipped=skipped)
-        if total_norm is None and self.grad_norm and dense:
-            total_norm = total_norm_of(values)
         summary: torch.Tensor | list[torch.Tensor] | None = None
+        if total_norm is None and self.grad_norm and dense:
+            # A norm is not finite when its gradient holds a NaN or Inf: the L2 norms
+            # stand in for the scan's own first pass, one pass over gradient memory for both.
+            own = per_tensor_norms(values)
+            total_norm = total_norm_of(own)
+            summary = None if norms is not None else own
         if norms is not None and dense:
             if isinstance(norms, torch.Tensor):
                 everyone = present is self._everyone

@@ -418,12 +418,11 @@ def per_tensor_norms(
     return norms
 
 
-def total_norm(values: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm of all ``values`` together, as a float64 tensor on the first one's device
-    (no host read): one more pass over gradient memory."""
-    device = values[0].device
-    norms = torch.stack([n.to(device, torch.float64) for n in per_tensor_norms(values)])
-    total: torch.Tensor = torch.linalg.vector_norm(norms)
+def total_norm(norms: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of tensors whose L2 norms are ``norms``, as a float64 tensor on the
+    first one's device (no host read)."""
+    device = norms[0].device
+    total: torch.Tensor = torch.linalg.vector_norm(torch.stack([n.to(device, torch.float64) for n in norms]))
     return total
 
 

@@ -17,6 +17,7 @@ import math
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -168,6 +169,7 @@ class _Instruments:
         self.first_bad = make(m.FIRST_BAD_LAYER)
         self.last_unhealthy_step = make(m.LAST_UNHEALTHY_STEP)
         self.grad_norm = make(m.GRAD_NORM)
+        self.grad_norm_peak = make(m.GRAD_NORM_PEAK)
         self.skipped = make(m.SKIPPED_UPDATES)
         self.origin = make(m.ORIGIN_UPDATES)
         self.nonfinite_loss = make(m.NONFINITE_LOSS_UPDATES)
@@ -199,6 +201,29 @@ def count_error(stage: str, registry: CollectorRegistry | None = None) -> None:
             pending[stage] = pending.get(stage, 0) + 1
             return
     instruments_for(provider).errors.add(1, {**process_attributes(), "stage": stage})
+
+
+class RollingMax:
+    """The largest value added in the last ``seconds``, in O(1) amortized per value.
+
+    >>> peak = RollingMax(60)
+    >>> peak.add(3.0, now=0), peak.add(1.0, now=30), peak.add(2.0, now=70)
+    (3.0, 3.0, 2.0)
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._kept: deque[tuple[float, float]] = deque()  # (time, value), values decreasing
+
+    def add(self, value: float, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        kept = self._kept
+        while kept and kept[-1][1] <= value:
+            kept.pop()
+        kept.append((now, value))
+        while kept[0][0] < now - self.seconds:
+            kept.popleft()
+        return kept[0][1]
 
 
 class GradTelemetry:
@@ -233,6 +258,7 @@ class GradTelemetry:
         self._first_bad_attrs: dict[tuple[str, str], dict[str, str]] = {}
         self._kind_attrs = {kind: {**self._base, "kind": kind} for kind in KINDS}
         self._last_nonzero: dict[str, set[str]] = {"nan": set(), "inf": set()}
+        self._norm_peak = RollingMax(m.NORM_PEAK_SECONDS)
 
         self._instruments = ins = instruments_for(meter_provider)
         self.activity = activity_of(meter_provider)
@@ -291,6 +317,7 @@ class GradTelemetry:
         if health.grad_norm is not None and math.isfinite(health.grad_norm):
             # A NaN or Inf norm is the NaN/Inf alerts' business: the gauge keeps the last finite one.
             ins.grad_norm.set(health.grad_norm, self._base)
+            ins.grad_norm_peak.set(self._norm_peak.add(health.grad_norm), self._base)
         for kind, by_layer in (("nan", health.nan_by_layer), ("inf", health.inf_by_layer)):
             total, gauge = ins.totals[kind], ins.per_update[kind]
             for layer, count in by_layer.items():

@@ -20,6 +20,8 @@ from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 from ..metrics import (
     ERRORS,
+    GRAD_NORM,
+    GRAD_NORM_PEAK,
     GRADS_TOTAL,
     INF_GRADS,
     LAST_UPDATE_TIMESTAMP,
@@ -32,7 +34,7 @@ from ..metrics import (
     UPDATE_STATUS,
     UPDATES,
 )
-from .options import KitOptions, duration_seconds
+from .options import NORM_SPIKE_ALERT, KitOptions, duration_seconds
 
 __all__ = [
     "DASHBOARD_UID",
@@ -334,7 +336,37 @@ def _dashboard(o: KitOptions) -> dashboard.Dashboard:
         )
         .grid_pos(_grid(0, 40, 24, 6))
     )
-    return board
+    board = board.with_row(_row("Early warning", 46))
+    return board.with_panel(_norm_panel(o))
+
+
+def _norm_panel(o: KitOptions) -> timeseries.Panel:
+    """The gradient norm, its recent peak and the threshold ``GradtelGradNormSpike`` fires above."""
+    by_rank = "max by (rank)"
+    queries = [
+        (f"{by_rank} ({GRAD_NORM}{{{_SELECT}}})", "norm {{rank}}"),
+        (f"{by_rank} ({GRAD_NORM_PEAK}{{{_SELECT}}})", "peak {{rank}}"),
+        (
+            f"{o.spike_factor:g} * {by_rank} (quantile_over_time(0.5, {GRAD_NORM}{{{_SELECT}}}[{o.spike_baseline}]))",
+            "spike threshold {{rank}}",
+        ),
+    ]
+    panel = (
+        timeseries.Panel()
+        .datasource(_DATASOURCE)
+        .title("Gradient norm and spike threshold")
+        .description(
+            f"L2 norm of all gradients, its peak over the last couple of minutes, and "
+            f"{o.spike_factor:g} times its median over {o.spike_baseline}: {NORM_SPIKE_ALERT} "
+            "fires when the peak crosses the threshold. Exported when the loop clips with "
+            "gradtel.clip_grad_norm_ or the monitor has grad_norm=True."
+        )
+        .unit("none")
+        .grid_pos(_grid(0, 47, 24, 8))
+    )
+    for ref, (expr, legend) in zip("ABC", queries):
+        panel = panel.with_target(_query(expr, legend).ref_id(ref))
+    return panel
 
 
 def dashboard_json(o: KitOptions) -> str:

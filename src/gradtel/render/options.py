@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ __all__ = [
     "DOWN_ALERT",
     "EVALUATION_INTERVAL",
     "KINDS",
+    "NORM_SPIKE_ALERT",
     "NOTHING_SCANNED_ALERT",
     "RESEND_DELAY",
     "STALLED_ALERT",
@@ -37,6 +39,7 @@ DOWN_ALERT = "GradtelExporterDown"
 STALLED_ALERT = "GradtelTrainingStalled"
 NOTHING_SCANNED_ALERT = "GradtelNothingScanned"
 AMP_SKIPS_ALERT = "GradtelAmpOverflowSkips"
+NORM_SPIKE_ALERT = "GradtelGradNormSpike"
 EVALUATION_INTERVAL = "5s"
 """How often the rules are evaluated: a page leaves within seconds of the scrape that saw it."""
 RESEND_DELAY = "2s"
@@ -82,6 +85,13 @@ class KitOptions:
         amp_skip_ratio: ``GradtelAmpOverflowSkips`` fires when more than this
             share of the updates in ``window`` were skipped by the AMP
             ``GradScaler`` for overflow, for ``AMP_SKIPS_FOR`` (0 < ratio < 1).
+        spike_factor: ``GradtelGradNormSpike`` fires when the gradient norm's
+            recent peak (``gradtel_grad_norm_peak``) exceeds this many times
+            its median over ``spike_baseline`` (> 1).
+        spike_baseline: The trailing window of that median.
+        spike_history: How long a rank must have reported norms before the
+            spike alert looks at it: the first minutes of a job have no
+            history, and their norms fall fast.
     """
 
     thresholds: Thresholds = field(default_factory=Thresholds)
@@ -90,6 +100,9 @@ class KitOptions:
     job: str = "gradtel"
     runbook_url: str = DEFAULT_RUNBOOK_URL
     amp_skip_ratio: float = 0.5
+    spike_factor: float = 10.0
+    spike_baseline: str = "1h"
+    spike_history: str = "10m"
 
     def __post_init__(self) -> None:
         if not isinstance(self.thresholds, Thresholds):
@@ -104,6 +117,15 @@ class KitOptions:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
             raise ValueError(
                 f"amp_skip_ratio must be a number between 0 and 1 (exclusive), got {ratio!r}"
+            )
+        factor = self.spike_factor
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1 < factor < math.inf:
+            raise ValueError(f"spike_factor must be a finite number above 1, got {factor!r}")
+        baseline = duration_seconds(self.spike_baseline, "spike_baseline")
+        if duration_seconds(self.spike_history, "spike_history") >= baseline:
+            raise ValueError(
+                f"spike_history must be shorter than spike_baseline ({self.spike_baseline!r}), "
+                f"got {self.spike_history!r}"
             )
 
     @property

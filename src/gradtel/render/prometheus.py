@@ -7,6 +7,8 @@ from typing import Any
 from ..metrics import (
     ERRORS,
     FIRST_BAD_LAYER,
+    GRAD_NORM,
+    GRAD_NORM_PEAK,
     GRADS_TOTAL,
     INF_GRADS,
     LAST_UPDATE_TIMESTAMP,
@@ -25,6 +27,7 @@ from .options import (
     DOWN_ALERT,
     EVALUATION_INTERVAL,
     KINDS,
+    NORM_SPIKE_ALERT,
     NOTHING_SCANNED_ALERT,
     RESEND_DELAY,
     STALLED_ALERT,
@@ -213,7 +216,7 @@ def rules(o: KitOptions) -> dict[str, Any]:
         }
     )
     stall = duration_seconds(o.stall_after, "stall_after")
-    alerts += [_nothing_scanned_rule(o), _amp_skips_rule(o)]
+    alerts += [_nothing_scanned_rule(o), _amp_skips_rule(o), _norm_spike_rule(o)]
     stalled = f"(time() - {LAST_UPDATE_TIMESTAMP}{{{sel}}}) > {stall}\nand on (job, instance) up{{{sel}}} == 1"
     alerts.append(
         {
@@ -292,6 +295,40 @@ def _amp_skips_rule(o: KitOptions) -> dict[str, Any]:
                 "barely training."
             ),
             "runbook_url": o.runbook(AMP_SKIPS_ALERT),
+        },
+    }
+
+
+def _norm_median(o: KitOptions, selector: str) -> str:
+    return f"quantile_over_time(0.5, {GRAD_NORM}{{{selector}}}[{o.spike_baseline}])"
+
+
+def _norm_spike_rule(o: KitOptions) -> dict[str, Any]:
+    sel, factor = o.job_selector, f"{o.spike_factor:g}"
+    # The peak gauge holds a one-step spike until a scrape sees it; the median of the
+    # per-update norm is the baseline, which one spike does not move. A rank with
+    # less than spike_history of norms has no baseline yet, and its first norms fall fast.
+    selector, args = _run_selector()
+    ratio = _query(f"max({GRAD_NORM_PEAK}{{{selector}}} / {_norm_median(o, selector)})", *args * 2)
+    peak = _query(f"max({GRAD_NORM_PEAK}{{{selector}}})", *args)
+    return {
+        "alert": NORM_SPIKE_ALERT,
+        "expr": (
+            f"count by ({INCIDENT}) (\n  {GRAD_NORM_PEAK}{{{sel}}}\n  > {factor} * {_norm_median(o, sel)}\n"
+            f"  and\n  present_over_time({GRAD_NORM}{{{sel}}}[{o.spike_baseline}] offset {o.spike_history})\n)"
+        ),
+        "labels": {"severity": "warning"},
+        "annotations": {
+            "summary": "The gradient norm spiked",
+            "description": (
+                f"{_where()}: the gradient norm rose to {{{{ with {peak} }}}}{{{{ . | first | value | humanize }}}}"
+                f"{{{{ end }}}}, {{{{ with {ratio} }}}}{{{{ . | first | value | printf \"%.0f\" }}}}{{{{ end }}}} "
+                f"times its median over the last {o.spike_baseline} (the alert fires above "
+                f"{factor} times); affected ranks: {{{{ $value }}}}. A spike in the gradient norm often comes "
+                "before a loss spike or NaN gradients: check the data batch, the learning-rate "
+                "schedule, the loss scale, and whether one rank alone is off."
+            ),
+            "runbook_url": o.runbook(NORM_SPIKE_ALERT),
         },
     }
 

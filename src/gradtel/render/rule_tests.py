@@ -11,7 +11,10 @@ from typing import Any
 
 from ..metrics import (
     FIRST_BAD_LAYER,
+    GRAD_NORM,
+    GRAD_NORM_PEAK,
     GRADS_TOTAL,
+    NORM_PEAK_SECONDS,
     LAST_UPDATE_TIMESTAMP,
     NAN_GRADS,
     NONFINITE_LOSS_UPDATES,
@@ -28,6 +31,7 @@ from .options import (
     AMP_SKIPS_FOR,
     DOWN_ALERT,
     KINDS,
+    NORM_SPIKE_ALERT,
     NOTHING_SCANNED_ALERT,
     STALLED_ALERT,
     KitOptions,
@@ -376,6 +380,7 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
         [_check(fires_at, STALLED_ALERT)],
     )
     _coverage_cases(o, case, span)
+    _norm_spike_cases(o, case)
     return {"rule_files": ["gradtel-rules.yml"], "evaluation_interval": "1m", "tests": cases}
 
 
@@ -463,4 +468,80 @@ def _coverage_cases(o: KitOptions, case: Any, span: int) -> None:
             _series(UPDATES, _labels(o), f"0+60x{span}"),
         ],
         [_check(t, AMP_SKIPS_ALERT) for t in (1, hold + 1, window, span)],
+    )
+
+
+def _norm_series(o: KitOptions, norms: list[float], labels: str | None = None) -> list[dict[str, str]]:
+    """``gradtel_grad_norm`` with one update a minute, and the peak gauge that holds each
+    value for ``NORM_PEAK_SECONDS``, as gradtel exports them."""
+    held = _minutes(NORM_PEAK_SECONDS)
+    peaks = [max(norms[max(0, i - held + 1) : i + 1]) for i in range(len(norms))]
+    labels = _labels(o) if labels is None else labels
+    return [
+        _series(GRAD_NORM, labels, " ".join(f"{v:g}" for v in norms)),
+        _series(GRAD_NORM_PEAK, labels, " ".join(f"{v:g}" for v in peaks)),
+    ]
+
+
+def _norm_spike_cases(o: KitOptions, case: Any) -> None:
+    """Cases of the gradient-norm spike alert: a real spike, and what is not one."""
+    history = _minutes(duration_seconds(o.spike_history, "spike_history"))
+    baseline = _minutes(duration_seconds(o.spike_baseline, "spike_baseline"))
+    factor = o.spike_factor
+    spike = 2 * factor  # the spike the alert is for: twice the factor
+    at = history + 5
+    steady = [1.0] * (at + 10)
+
+    def alert(peak: float, ranks: int = 1) -> dict[str, Any]:
+        return {
+            "exp_labels": {"job": o.job, "severity": "warning"},
+            "exp_annotations": {
+                "summary": "The gradient norm spiked",
+                "description": (
+                    f"{o.job}: the gradient norm rose to {peak:g}, {peak:.0f} times its median over "
+                    f"the last {o.spike_baseline} (the alert fires above {factor:g} times); affected "
+                    f"ranks: {ranks}. A spike in the gradient norm often comes before a loss spike "
+                    "or NaN gradients: check the data batch, the learning-rate schedule, the loss "
+                    "scale, and whether one rank alone is off."
+                ),
+                "runbook_url": o.runbook(NORM_SPIKE_ALERT),
+            },
+        }
+
+    spiked = steady[:at] + [spike] + steady[at + 1 :]
+    case(
+        f"{NORM_SPIKE_ALERT} fires on a {spike:g}x spike of the gradient norm",
+        _norm_series(o, spiked),
+        [
+            _check(at - 1, NORM_SPIKE_ALERT),
+            _check(at, NORM_SPIKE_ALERT, alert(spike)),
+            _check(at + _minutes(NORM_PEAK_SECONDS) + 1, NORM_SPIKE_ALERT),
+        ],
+    )
+    four = [_labels(o, rank=str(r)).replace(INSTANCE, f"trainer-{r}:9464") for r in range(4)]
+    case(
+        f"{NORM_SPIKE_ALERT} fires once for a run of 4 ranks",
+        [s for r in four for s in _norm_series(o, spiked, r)],
+        [_check(at, NORM_SPIKE_ALERT, alert(spike, ranks=4))],
+    )
+    # Growth by the factor over the whole baseline window is a trend, not a spike.
+    growth = [factor ** (i / baseline) for i in range(baseline + history)]
+    case(
+        f"{NORM_SPIKE_ALERT} is silent on slow growth",
+        _norm_series(o, growth),
+        [_check(t, NORM_SPIKE_ALERT) for t in (history, baseline // 2, baseline, baseline + history - 1)],
+    )
+    noise = [(1.0, 3.0, 1.5, 2.0)[i % 4] for i in range(at + 10)]
+    case(
+        f"{NORM_SPIKE_ALERT} is silent on noise within 3x",
+        _norm_series(o, noise),
+        [_check(t, NORM_SPIKE_ALERT) for t in range(history, at + 10, 3)],
+    )
+    # A job starts with large norms that fall fast, and has no history to tell a spike by.
+    start = [4.0, 2.0] + [1.0] * (history + 5)
+    start[history // 2] = spike
+    case(
+        f"{NORM_SPIKE_ALERT} is silent at job start",
+        _norm_series(o, start),
+        [_check(t, NORM_SPIKE_ALERT) for t in range(0, history + 5)],
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from ..metrics import (
     ERRORS,
+    GRAD_NORM,
+    GRAD_NORM_PEAK,
     LAST_UPDATE_TIMESTAMP,
     SKIPPED_UPDATES,
     UNHEALTHY_UPDATES,
@@ -19,6 +21,7 @@ from .options import (
     AMP_SKIPS_ALERT,
     AMP_SKIPS_FOR,
     DOWN_ALERT,
+    NORM_SPIKE_ALERT,
     NOTHING_SCANNED_ALERT,
     STALLED_ALERT,
     KitOptions,
@@ -156,7 +159,8 @@ reports status `unknown` (`{UPDATE_STATUS} == -1`) and is not in
 `monitor.attach(optimizer)`), or fix what the scan error names.
 """,
     )
-    sections.append(
+    sections.extend(
+        (
         f"""## {AMP_SKIPS_ALERT}
 
 **Meaning.** More than {o.amp_skip_ratio:.0%} of the updates in the last
@@ -174,5 +178,31 @@ learning rate, and the layers named by the overflowing updates (the
 **Do** lower the learning rate, clip gradients, move unstable ops (softmax,
 norms, losses) to fp32 or bf16, or restart from the last healthy checkpoint.
 """,
+        f"""## {NORM_SPIKE_ALERT}
+
+**Meaning.** The L2 norm of the gradients (`{GRAD_NORM}`) rose above
+{o.spike_factor:g} times its median over the last {o.spike_baseline}. The alert
+reads `{GRAD_NORM_PEAK}`, the largest norm of the last couple of minutes, so a
+spike at one step between two scrapes is not missed. A rank needs
+{o.spike_history} of norms before it is judged: the first minutes of a job have
+no baseline, and their norms fall fast. Slow growth and noise are not spikes.
+Norm spikes often come before loss spikes, divergence and NaN gradients: this
+is the warning before the page. The norm is exported when the training loop
+clips with `gradtel.clip_grad_norm_` or the monitor has `grad_norm=True`.
+
+**Look first at**
+- the data batch of that step: a corrupt, duplicated or extreme sample (log the
+  batch indices around the spike);
+- the learning-rate schedule: the end of warm-up, a restart, a jump;
+- the loss scale with fp16 (`scaler.get_scale()`): a scale that just grew;
+- one rank alone: `topk(3, {GRAD_NORM_PEAK}{{job="{o.job}"}})` by rank; under FSDP
+  each rank has its own shard's norm.
+
+**Do** nothing if it stays one spike and the loss recovers. If spikes repeat,
+clip gradients (or lower the clip threshold), lower the learning rate, or skip
+the offending batches. Keep the last checkpoint from before the spike out of
+rotation: if NaN gradients follow, it is the one to resume from.
+""",
+        )
     )
     return "\n".join(sections)
