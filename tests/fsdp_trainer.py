@@ -7,7 +7,10 @@ rank trains one healthy update and then one in which BAD_RANK alone has a NaN in
 its input batch, watched as users write it, ``GradMonitor(fsdp_model)``. Each
 rank prints one JSON line per flavour: its layers and, per update, its own
 (pre-reduction) NaN count, the NaN count of its shard after the
-reduction, and whether the NaN originated on it.
+reduction, and whether the NaN originated on it. Then, with ``fully_shard``,
+BAD_RANK alone finds a NaN in its shard after the reduction, and every rank
+asks whether it may save a checkpoint (``all_ranks=True``): one more line per
+rank with its own health and the answer.
 """
 
 from __future__ import annotations
@@ -68,7 +71,21 @@ def main() -> None:
         sys.stdout.write(json.dumps(said) + "\n")
         sys.stdout.flush()
         monitor.close()
+    checkpoint_agreement(rank, bad_rank)
     dist.destroy_process_group()
+
+
+def checkpoint_agreement(rank: int, bad_rank: int) -> None:
+    model = fully_sharded()
+    monitor = gradtel.GradMonitor(model, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()))
+    model(torch.randn(4, 4)).sum().backward()
+    if rank == bad_rank:
+        model[0].weight.grad.to_local().view(-1)[0] = float("nan")
+    monitor.collect()
+    said = {"rank": rank, "healthy": monitor.healthy, "allowed": monitor.allow_checkpoint(all_ranks=True)}
+    sys.stdout.write(json.dumps(said) + "\n")
+    sys.stdout.flush()
+    monitor.close()
 
 
 if __name__ == "__main__":

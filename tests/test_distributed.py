@@ -198,7 +198,7 @@ def test_fsdp_counts_each_rank_before_the_reduce_scatter_in_both_flavours() -> N
     assert run.returncode == 0, run.stderr[-3000:]
     said = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     for flavour in ("fully_shard", "FullyShardedDataParallel"):
-        ranks = sorted((r for r in said if r["flavour"] == flavour), key=lambda r: r["rank"])
+        ranks = sorted((r for r in said if r.get("flavour") == flavour), key=lambda r: r["rank"])
         assert [r["rank"] for r in ranks] == [0, 1], said
         assert all(r["layers"] == ["0", "2"] for r in ranks), ranks  # no _fsdp_wrapped_module
         healthy, bad = zip(*(r["updates"] for r in ranks))
@@ -207,6 +207,9 @@ def test_fsdp_counts_each_rank_before_the_reduce_scatter_in_both_flavours() -> N
         assert bad[0]["local_nan"] == 0 and bad[1]["local_nan"] > 0, ranks
         assert sum(u["nan"] for u in bad) > 0, ranks  # the reduced shards carry it
         assert [r["origin_nan"] for r in ranks] == [0, 1], ranks
+    # Only rank 1's shard is bad, and no rank saves: a sharded save is a collective.
+    agreed = sorted((r for r in said if "allowed" in r), key=lambda r: r["rank"])
+    assert [(r["healthy"], r["allowed"]) for r in agreed] == [(True, False), (False, False)], said
 
 
 @pytest.fixture

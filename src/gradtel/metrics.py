@@ -31,6 +31,7 @@ __all__ = [
     "NONFINITE_LOSS_UPDATES",
     "ORIGIN_UPDATES",
     "PROCESS_LABELS",
+    "REFUSED_CHECKPOINTS",
     "SCAN_DURATION",
     "SEVERITIES",
     "SKIPPED_UPDATES",
@@ -175,6 +176,13 @@ NONFINITE_LOSS_UPDATES = Metric(
     "Updates whose loss, given to collect(loss=...), was already NaN or ±Inf: the values "
     "entered in the forward pass.",
 )
+REFUSED_CHECKPOINTS = Metric(
+    "gradtel_refused_checkpoints_total",
+    "counter",
+    "Checkpoint saves refused because the weights took an unhealthy update "
+    "(monitor.allow_checkpoint(), the callbacks' protect_checkpoints=True); the series "
+    "appears, at 0, with the first guarded save.",
+)
 ERRORS = Metric(
     "gradtel_errors_total", "counter", "Failures inside gradtel, by stage; training went on.", ("stage",)
 )
@@ -203,5 +211,6 @@ METRICS = (
     NONFINITE_LOSS_UPDATES,
     GRAD_NORM,
     GRAD_NORM_PEAK,
+    REFUSED_CHECKPOINTS,
 )
 """Every metric gradtel exports."""

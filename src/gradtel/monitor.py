@@ -16,6 +16,7 @@ from opentelemetry.metrics import MeterProvider
 from torch.distributed.tensor import DTensor
 
 from . import _checks
+from .checkpoints import WeightsHealth
 from ._ratelimit import RateLimitedLog
 from .health import GradHealth, Thresholds
 from .hooks import Attachment, attach
@@ -23,7 +24,7 @@ from .layers import DEFAULT_MAX_LAYERS, assign_layers, distinct
 from .order import BackwardOrder
 from .origin import OriginCounter, install_origin_hook
 from .policy import Action, Policy
-from .ranks import process_attributes
+from .ranks import every_rank, process_attributes
 from .scan import Scanner, countable_values, per_tensor_norms
 from .scan import total_norm as total_norm_of
 from .telemetry import GradTelemetry, default_meter_provider
@@ -174,6 +175,7 @@ class GradMonitor:
         self._error_log = RateLimitedLog(logger)
         self._order: BackwardOrder | None = None
         self._order_finalizer: weakref.finalize[Any, Any] | None = None
+        self._weights = WeightsHealth()
         self.origin = OriginCounter()
         """This rank's own gradients before the cross-rank reduction, fed by a DDP hook."""
         watch_registrations()
@@ -326,8 +328,7 @@ class GradMonitor:
         """
         if total_norm is not None and not (isinstance(total_norm, torch.Tensor) and total_norm.numel() == 1):
             raise TypeError(f"total_norm must be a one-element tensor or None, got {total_norm!r}")
-        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-            raise TypeError(f"step must be an int >= 0 or None, got {step!r} ({type(step).__name__})")
+        _check_step(step)
         with self._lock:
             started = time.perf_counter()
             self._telemetry.note_collect()
@@ -354,12 +355,71 @@ class GradMonitor:
                 "record",
                 lambda: self._telemetry.record(health, duration=duration, timestamp=time.time()),
             )
-            if health.unscanned is not None or health.amp_overflow:
+            if health.unscanned is not None:
                 return health
-            if self._policy.action(health) == "skip":
+            action = None if health.amp_overflow else self._policy.action(health)
+            self._weights.note(health, action)
+            if health.amp_overflow:
+                return health
+            if action == "skip":
                 self._guarded("record", lambda: self._telemetry.record_skip("policy"))
             self._policy.apply(health, self._params)
             return health
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the weights are free of unhealthy updates, so a checkpoint saved now is
+        not poisoned: True until an unhealthy update reaches the weights (one the
+        optimizer takes; not one the AMP ``GradScaler`` or the ``"skip"`` policy skips,
+        nor one ``"raise"`` stops), and again after :meth:`reset_health`."""
+        return self._weights.healthy
+
+    @property
+    def last_healthy_step(self) -> int | None:
+        """The step of the latest scanned update after which the weights were still
+        healthy: resume from a checkpoint saved at or before it. None before the first."""
+        return self._weights.last_healthy_step
+
+    def allow_checkpoint(self, step: int | None = None, *, all_ranks: bool = False) -> bool:
+        """Whether to save a checkpoint now: ``False`` while not :attr:`healthy`, with a
+        log line (at most once a minute) and a count in ``gradtel_refused_checkpoints_total``.
+
+        Args:
+            step: The training step the checkpoint is of, for the log line.
+            all_ranks: Refuse unless every rank is healthy (a collective: call it
+                on every rank, as sharded checkpoints are saved). Needed when the
+                ranks' gradients differ (FSDP shards); under DDP every rank holds
+                the same reduced gradients and decides alike.
+
+        Raises:
+            TypeError: ``step`` or ``all_ranks`` is of the wrong type.
+
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1)
+        >>> monitor = GradMonitor(model, on_warning="ignore")
+        >>> model(torch.ones(1, 2)).sum().backward()
+        >>> model.weight.grad[0, 0] = float("nan")
+        >>> _ = monitor.collect()
+        >>> monitor.healthy, monitor.last_healthy_step, monitor.allow_checkpoint(step=1)
+        (False, None, False)
+        >>> monitor.close()
+        """
+        _check_step(step)
+        if not isinstance(all_ranks, bool):
+            raise TypeError(f"all_ranks must be True or False, got {all_ranks!r}")
+        allowed = self._weights.healthy
+        if all_ranks:
+            agreed = self._guarded("record", lambda: every_rank(allowed))
+            allowed = allowed if agreed is None else agreed
+        if not allowed:
+            self._weights.refuse(step)
+        self._guarded("record", lambda: self._telemetry.record_checkpoint(refused=not allowed))
+        return allowed
+
+    def reset_health(self) -> None:
+        """Call after restoring the weights from a healthy checkpoint in this process:
+        :attr:`healthy` is True again."""
+        self._weights.reset()
 
     def _check_norms(self, norms: object) -> None:
         if norms is None:
@@ -550,6 +610,11 @@ class GradMonitor:
         self._error_log.log(
             stage, logging.ERROR, "gradtel %s failed, training continues: %r", stage, exc
         )
+
+
+def _check_step(step: object) -> None:
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        raise TypeError(f"step must be an int >= 0 or None, got {step!r} ({type(step).__name__})")
 
 
 def _loss_bad(loss: torch.Tensor | None) -> torch.Tensor | None:

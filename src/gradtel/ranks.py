@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 
-__all__ = ["launcher_world_size", "local_rank", "process_attributes", "run_id"]
+__all__ = ["every_rank", "launcher_world_size", "local_rank", "process_attributes", "run_id"]
 
 
 def launcher_world_size() -> int:
@@ -96,3 +96,18 @@ class _RankPrefix(logging.Filter):
 
 
 logging.getLogger("gradtel").addFilter(_RankPrefix())
+
+
+def every_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank of the default process group: a collective that
+    every rank must call; ``flag`` itself outside a distributed run."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    on_gpu = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    falsified = torch.tensor([0 if flag else 1], device=device)
+    dist.all_reduce(falsified, op=dist.ReduceOp.MAX)
+    return not falsified.item()

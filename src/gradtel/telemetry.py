@@ -173,6 +173,7 @@ class _Instruments:
         self.skipped = make(m.SKIPPED_UPDATES)
         self.origin = make(m.ORIGIN_UPDATES)
         self.nonfinite_loss = make(m.NONFINITE_LOSS_UPDATES)
+        self.refused_checkpoints = make(m.REFUSED_CHECKPOINTS)
         self.errors = make(m.ERRORS)
 
 
@@ -351,6 +352,10 @@ class GradTelemetry:
     def touch(self, timestamp: float) -> None:
         """Note an update that was not due for a scan (``sample_every``): liveness only."""
         self._instruments.last_update.set(timestamp, self._base)
+
+    def record_checkpoint(self, *, refused: bool) -> None:
+        """Count a refused checkpoint save (an allowed one makes the series, at 0)."""
+        self._instruments.refused_checkpoints.add(int(refused), self._base)
 
     def record_skip(self, reason: str) -> None:
         """Count one update whose optimizer step is skipped (``reason`` from :data:`SKIP_REASONS`)."""

@@ -26,11 +26,24 @@ class Session:
         addr: Bind address (default ``$GRADTEL_ADDR`` or ``127.0.0.1``).
         serve_metrics: Start the endpoint (``False`` when you serve it yourself).
         monitor_options: Passed to :class:`~gradtel.GradMonitor`.
+        protect_checkpoints: Refuse to save checkpoints once the weights have
+            taken an unhealthy update (see :meth:`GradMonitor.allow_checkpoint`).
+
+    Raises:
+        TypeError: ``protect_checkpoints`` is not a bool.
     """
 
     def __init__(
-        self, port: int | None, addr: str | None, serve_metrics: bool, monitor_options: dict[str, Any]
+        self,
+        port: int | None,
+        addr: str | None,
+        serve_metrics: bool,
+        monitor_options: dict[str, Any],
+        protect_checkpoints: bool = False,
     ) -> None:
+        if not isinstance(protect_checkpoints, bool):
+            raise TypeError(f"protect_checkpoints must be True or False, got {protect_checkpoints!r}")
+        self.protect_checkpoints = protect_checkpoints
         self._port, self._addr, self._serve = port, addr, serve_metrics
         self._options = monitor_options
         self.monitor: GradMonitor | None = None
@@ -47,6 +60,13 @@ class Session:
     def collect(self, loss: torch.Tensor | None = None, step: int | None = None) -> None:
         if self.monitor is not None:
             self.monitor.collect(loss=loss, step=step)
+
+    def allow_checkpoint(self, step: int) -> bool:
+        """Whether every rank may save the checkpoint of ``step`` (a collective in a
+        distributed run: the frameworks save on every rank); always with no protection."""
+        if not self.protect_checkpoints or self.monitor is None:
+            return True
+        return self.monitor.allow_checkpoint(step, all_ranks=True)
 
     def stop(self) -> None:
         """Stop watching, and close the endpoint (after its last scrape of an unhealthy

@@ -30,14 +30,24 @@ __all__ = ["GradtelTrainerCallback"]
 class GradtelTrainerCallback(TrainerCallback):
     """Watch the model's gradients and serve ``/metrics`` while the Trainer trains.
 
-    Takes ``port``, ``addr`` and ``serve_metrics`` (see :class:`gradtel.integrations.Session`);
-    other keyword arguments go to :class:`~gradtel.GradMonitor`.
+    Takes ``port``, ``addr``, ``serve_metrics`` and ``protect_checkpoints`` (see
+    :class:`gradtel.integrations.Session`); other keyword arguments go to
+    :class:`~gradtel.GradMonitor`. With ``protect_checkpoints=True`` the Trainer
+    saves no checkpoint once the weights have taken an unhealthy update (its save,
+    and the rotation of old checkpoints, do not happen); an explicit
+    ``trainer.save_model()`` is yours to guard with ``monitor.allow_checkpoint()``.
     """
 
     def __init__(
-        self, *, port: int | None = None, addr: str | None = None, serve_metrics: bool = True, **monitor_options: Any
+        self,
+        *,
+        port: int | None = None,
+        addr: str | None = None,
+        serve_metrics: bool = True,
+        protect_checkpoints: bool = False,
+        **monitor_options: Any,
     ) -> None:
-        self.session = Session(port, addr, serve_metrics, monitor_options)
+        self.session = Session(port, addr, serve_metrics, monitor_options, protect_checkpoints)
         self._hooks: Attachment | None = None
         self._loss_hook: RemovableHandle | None = None
         self._loss: torch.Tensor | None = None
@@ -81,6 +91,21 @@ class GradtelTrainerCallback(TrainerCallback):
     ) -> None:
         if not self._collected:
             self._collect()
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._guard_save(state, control)
+
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._guard_save(state, control)
+
+    def _guard_save(self, state: TrainerState, control: TrainerControl) -> None:
+        # The Trainer's own flow callback asks for a save just before; the save follows.
+        if control.should_save and not self.session.allow_checkpoint(state.global_step):
+            control.should_save = False
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

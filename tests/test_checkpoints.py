@@ -1,0 +1,216 @@
+"""Checkpoints that are not poisoned: ``monitor.healthy``, ``last_healthy_step``,
+``allow_checkpoint()``, and ``protect_checkpoints=True`` in the real Lightning
+``ModelCheckpoint`` and Hugging Face ``Trainer`` save paths, with rotation on."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from opentelemetry.sdk.metrics import MeterProvider
+from prometheus_client import CollectorRegistry
+from torch import nn
+
+from gradtel import GradMonitor, NonFiniteGradientError, prometheus_meter_provider
+
+from .conftest import absent, sample, samples
+
+NAN = float("nan")
+
+
+def net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+
+def update(model: nn.Module, monitor: GradMonitor, *, nan: bool = False, **collect: Any) -> None:
+    model.zero_grad()
+    model(torch.randn(2, 4)).sum().backward()
+    if nan:
+        model[0].weight.grad[0, 0] = NAN
+    monitor.collect(**collect)
+
+
+def test_an_unhealthy_update_the_weights_take_stops_checkpoints(
+    provider: MeterProvider, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = net()
+    monitor = GradMonitor(model, meter_provider=provider, on_warning="warn")
+    assert monitor.healthy and monitor.last_healthy_step is None
+    absent(samples(registry), "gradtel_refused_checkpoints_total")  # no series until a guarded save
+    for step in (1, 2):
+        update(model, monitor, step=step)
+    assert monitor.allow_checkpoint(step=2)
+    assert sample(samples(registry), "gradtel_refused_checkpoints_total") == 0
+    update(model, monitor, step=3, nan=True)
+    update(model, monitor, step=4)  # healthy gradients, poisoned weights all the same
+    assert not monitor.healthy and monitor.last_healthy_step == 2
+    with caplog.at_level(logging.WARNING, logger="gradtel"):
+        assert not monitor.allow_checkpoint(step=4)
+        assert not monitor.allow_checkpoint(step=5)  # counted, not logged again within the minute
+    assert sample(samples(registry), "gradtel_refused_checkpoints_total") == 2
+    refusals = [r.getMessage() for r in caplog.records if "not saving a checkpoint" in r.getMessage()]
+    assert refusals == [
+        "gradtel: not saving a checkpoint at step 4: the weights took the warning update of step 3 "
+        "(1 NaN, 0 Inf); the last healthy step was 2. Resume from a checkpoint saved before the "
+        "unhealthy update (counted in gradtel_refused_checkpoints_total)"
+    ]
+    monitor.reset_health()  # the weights were restored from the checkpoint of step 2
+    update(model, monitor, step=3)
+    assert monitor.healthy and monitor.last_healthy_step == 3 and monitor.allow_checkpoint()
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_an_update_kept_from_the_weights_leaves_them_healthy(provider: MeterProvider, policy: str) -> None:
+    model = net()
+    monitor = GradMonitor(model, meter_provider=provider, on_warning=policy)
+    update(model, monitor, step=1)
+    try:
+        update(model, monitor, step=2, nan=True)
+    except NonFiniteGradientError:
+        assert policy == "raise"
+    assert monitor.healthy and monitor.allow_checkpoint()
+    assert monitor.last_healthy_step == (2 if policy == "skip" else 1)  # "raise": no step 2 was taken
+
+
+def test_an_amp_overflow_the_scaler_skips_leaves_the_weights_healthy(provider: MeterProvider) -> None:
+    model = net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-100)
+    monitor = GradMonitor(model, meter_provider=provider, on_critical="warn")
+    monitor.attach(optimizer, scaler=scaler)
+    for scale in (1e3, 1.0):  # the first overflows
+        optimizer.zero_grad()
+        scaler.scale(scale * model(torch.randn(2, 4)).pow(2).mean()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    # The skipped step is not counted by the optimizer: both updates make step 1.
+    assert monitor.healthy and monitor.last_healthy_step == 1
+
+
+def test_updates_not_looked_at_are_not_taken_for_healthy(provider: MeterProvider) -> None:
+    model = net()
+    monitor = GradMonitor(model, meter_provider=provider, sample_every=2)
+    update(model, monitor, step=1)
+    update(model, monitor, step=2)  # sampled out
+    model.zero_grad(set_to_none=True)
+    monitor.collect(step=3)  # no gradients: not scanned
+    assert monitor.last_healthy_step == 1 and monitor.healthy
+
+
+def test_bad_checkpoint_arguments_are_refused(provider: MeterProvider) -> None:
+    monitor = GradMonitor(net(), meter_provider=provider)
+    with pytest.raises(TypeError, match=r"step must be an int >= 0 or None, got 'last'"):
+        monitor.allow_checkpoint(step="last")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="all_ranks must be True or False, got 1"):
+        monitor.allow_checkpoint(all_ranks=1)  # type: ignore[arg-type]
+    from gradtel.integrations import Session
+
+    with pytest.raises(TypeError, match="protect_checkpoints must be True or False, got 'yes'"):
+        Session(None, None, False, {}, protect_checkpoints="yes")  # type: ignore[arg-type]
+
+
+def own_provider() -> MeterProvider:
+    """Counts of this test's own, not in the registry other tests of the process read."""
+    return prometheus_meter_provider(CollectorRegistry())
+
+
+def finite(state: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("protect", [True, False])
+def test_lightning_model_checkpoint_keeps_the_last_healthy_checkpoint(
+    tmp_path: Path, protect: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from gradtel.integrations.lightning import GradtelCallback
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder, self.head = nn.Linear(8, 16), nn.Linear(16, 1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.mse_loss(self.head(torch.relu(self.encoder(x))), y)
+
+        def on_after_backward(self) -> None:
+            if self.global_step == 2:  # the update that makes step 3
+                self.encoder.weight.grad.view(-1)[:3] = NAN
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    # Keep only the latest checkpoint: the rotation that deletes the healthy ones.
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=1)
+    gradtel_callback = GradtelCallback(serve_metrics=False, protect_checkpoints=protect, meter_provider=own_provider())
+    trainer = pl.Trainer(
+        max_steps=5, accelerator="cpu", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[gradtel_callback, checkpoints],
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="gradtel"):
+        trainer.fit(Tiny(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randn(64, 1)), batch_size=8))
+    on_disk = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    saved = torch.load(tmp_path / "ckpt" / on_disk[-1], weights_only=False)
+    if protect:
+        assert on_disk == ["epoch=0-step=2.ckpt"]
+        assert finite(saved["state_dict"])
+        assert (
+            "gradtel: not saving a checkpoint at step 3: the weights took the warning update of step 3 "
+            "(3 NaN, 0 Inf); the last healthy step was 2." in caplog.text
+        )
+    else:  # what protection prevents: the healthy checkpoint rotated out, a poisoned one in its place
+        assert on_disk == ["epoch=0-step=5.ckpt"]
+        assert not finite(saved["state_dict"])
+    assert "save_checkpoint" not in vars(trainer) and "on_train_batch_end" not in vars(checkpoints)  # undone
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("protect", [True, False])
+def test_hugging_face_trainer_keeps_the_last_healthy_checkpoint(tmp_path: Path, protect: bool) -> None:
+    from safetensors.torch import load_file
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+
+    from gradtel.integrations.transformers import GradtelTrainerCallback
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2))
+    state_step = [0]
+
+    class Observe(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            state_step[0] = state.global_step
+
+    def poison(param: torch.Tensor) -> None:
+        if state_step[0] == 2:  # the update that makes step 3
+            param.grad.view(-1)[:3] = NAN
+
+    model.transformer.h[1].mlp.c_fc.weight.register_post_accumulate_grad_hook(poison)
+    gradtel_callback = GradtelTrainerCallback(
+        serve_metrics=False, protect_checkpoints=protect, meter_provider=own_provider()
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=2, report_to=[],
+        save_strategy="steps", save_steps=1, save_total_limit=1, logging_strategy="no",
+        use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 64, (16, 12))]
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[Observe(), gradtel_callback]).train()
+    on_disk = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-"))
+    weights = load_file(tmp_path / on_disk[-1] / "model.safetensors")
+    if protect:
+        assert on_disk == ["checkpoint-2"] and finite(weights)
+    else:
+        assert on_disk == ["checkpoint-5"] and not finite(weights)
