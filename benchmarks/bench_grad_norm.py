@@ -1,5 +1,5 @@
-"""What the gradient-norm gauge costs when gradtel computes it (``GradMonitor(grad_norm=True)``)
-against a healthy ``collect()`` without it, in one run.
+"""What the gradient norms cost when gradtel computes them (``GradMonitor(grad_norm=True)``,
+``GradMonitor(layer_norms=True)``) against a healthy ``collect()`` without them, in one run.
 
 Run from a checkout (after `bash scripts/setup.sh`):
 
@@ -48,17 +48,19 @@ def main() -> int:
         "6 x Conv2d(64), channels_last": convolutions(),
     }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats}, interleaved")
-    print("| workload | `collect()` (ms) | with `grad_norm=True` (ms) | extra (ms) | ratio |")
-    print("|---|---:|---:|---:|---:|")
+    print("| workload | `collect()` (ms) | `grad_norm=True` (ms) | ratio | `layer_norms=True` (ms) | ratio |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, model in workloads.items():
         with_gradients(model)
-        plain = gradtel.GradMonitor(model, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()))
-        normed = gradtel.GradMonitor(
-            model, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()), grad_norm=True
-        )
-        timing = measure_all({"plain": plain.collect, "norm": normed.collect}, args.repeats)
-        a, b = timing["plain"].median * 1e3, timing["norm"].median * 1e3
-        print(f"| {name} | {a:.2f} | {b:.2f} | {b - a:.2f} | {b / a:.2f}x |")
+
+        def monitor(**options: bool) -> gradtel.GradMonitor:
+            provider = gradtel.prometheus_meter_provider(CollectorRegistry())
+            return gradtel.GradMonitor(model, meter_provider=provider, **options)
+
+        monitors = {"plain": monitor(), "norm": monitor(grad_norm=True), "layers": monitor(layer_norms=True)}
+        timing = measure_all({key: m.collect for key, m in monitors.items()}, args.repeats)
+        plain, norm, layers = (timing[key].median * 1e3 for key in monitors)
+        print(f"| {name} | {plain:.2f} | {norm:.2f} | {norm / plain:.2f}x | {layers:.2f} | {layers / plain:.2f}x |")
     return 0
 
 

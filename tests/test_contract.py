@@ -30,7 +30,8 @@ def served(registry: CollectorRegistry) -> str:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     monitor = gradtel.GradMonitor(
-        model, meter_provider=gradtel.prometheus_meter_provider(registry), on_critical="ignore", grad_norm=True
+        model, meter_provider=gradtel.prometheus_meter_provider(registry), on_critical="ignore", grad_norm=True,
+        layer_norms=True,
     )
     model(torch.randn(4, 4)).sum().backward()
     monitor.collect()  # a healthy update: the norm gauge has a finite value

@@ -73,6 +73,8 @@ def test_bad_norm_arguments_are_refused(provider: MeterProvider) -> None:
     model = trained(4)
     with pytest.raises(TypeError, match="grad_norm must be True or False, got 'yes'"):
         gradtel.GradMonitor(model, meter_provider=provider, grad_norm="yes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="layer_norms must be True or False, got 1"):
+        gradtel.GradMonitor(model, meter_provider=provider, layer_norms=1)  # type: ignore[arg-type]
     monitor = gradtel.GradMonitor(model, meter_provider=provider)
     with pytest.raises(TypeError, match="total_norm must be a one-element tensor or None"):
         monitor.collect(total_norm=torch.ones(2))
@@ -122,3 +124,57 @@ def test_the_peak_forgets_values_older_than_its_window() -> None:
         5.0, 5.0, 5.0, 2.0, 2.0,
     ]  # fmt: skip
     assert peak.add(0.5, now=400) == 0.5
+
+
+def layer_norms_by_hand(model: nn.Sequential) -> dict[str, float]:
+    return {
+        name: float(torch.nn.utils.get_total_norm([p.grad for p in module.parameters()]))
+        for name, module in model.named_children()
+        if any(True for _ in module.parameters())
+    }
+
+
+def test_layer_norms_on_request_without_the_nan_and_inf_series(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    model = trained(8)
+    expected = layer_norms_by_hand(model)
+    health = gradtel.GradMonitor(model, meter_provider=provider, layer_norms=True).collect()
+    assert health.layer_grad_norms == pytest.approx(expected, rel=1e-6)
+    assert health.grad_norm is None  # the total is its own option
+    scraped = samples(registry)
+    for layer, norm in expected.items():
+        assert sample(scraped, "gradtel_layer_grad_norm", layer=layer) == pytest.approx(norm, rel=1e-6)
+    assert not [key for key in scraped if key[0] == "gradtel_nan_grads_total"]  # still on demand
+
+
+def test_layer_norms_reuse_the_norms_of_clipping(provider: MeterProvider, registry: CollectorRegistry) -> None:
+    model = trained(9)
+    expected = layer_norms_by_hand(model)
+    monitor = gradtel.GradMonitor(model, meter_provider=provider, layer_norms=True)
+    gradtel.clip_grad_norm_(model.parameters(), 0.5, monitor=monitor)
+    assert sample(samples(registry), "gradtel_layer_grad_norm", layer="2") == pytest.approx(expected["2"], rel=1e-6)
+
+
+def test_a_layer_with_nan_keeps_its_last_finite_norm(provider: MeterProvider, registry: CollectorRegistry) -> None:
+    model = trained(10)
+    monitor = gradtel.GradMonitor(model, meter_provider=provider, layer_norms=True, on_warning="ignore")
+    before = monitor.collect().layer_grad_norms or {}
+    for p in model[2].parameters():
+        p.grad.mul_(2)
+    model[0].weight.grad[0, 0] = float("nan")
+    after = monitor.collect().layer_grad_norms or {}
+    assert math.isnan(after["0"]) and after["2"] == pytest.approx(2 * before["2"])
+    scraped = samples(registry)
+    assert sample(scraped, "gradtel_layer_grad_norm", layer="0") == pytest.approx(before["0"])
+    assert sample(scraped, "gradtel_layer_grad_norm", layer="2") == pytest.approx(after["2"])
+
+
+def test_only_rank_0_computes_layer_norms(
+    provider: MeterProvider, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    health = gradtel.GradMonitor(trained(11), meter_provider=provider, layer_norms=True).collect()
+    assert health.layer_grad_norms is None
+    assert not [key for key in samples(registry) if key[0] == "gradtel_layer_grad_norm"]

@@ -121,6 +121,8 @@ class GradHealth:
     grad_norm: float | None = None
     """The L2 norm of all gradients of this update, when computed: with
     ``GradMonitor(grad_norm=True)``, or from :func:`gradtel.clip_grad_norm_` (``norm_type=2``)."""
+    layer_grad_norms: Mapping[str, float] | None = None
+    """The L2 norm of each layer's gradients in this update, with ``GradMonitor(layer_norms=True)``."""
     first_bad_layer: str | None = None
     """Of the layers with NaN or Inf, the first whose gradient backward produced."""
     first_nan_layer: str | None = None

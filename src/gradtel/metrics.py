@@ -25,6 +25,7 @@ __all__ = [
     "KINDS",
     "LAST_UNHEALTHY_STEP",
     "LAST_UPDATE_TIMESTAMP",
+    "LAYER_GRAD_NORM",
     "METRICS",
     "NORM_PEAK_SECONDS",
     "NAN_GRADS",
@@ -147,6 +148,13 @@ GRAD_NORM = Metric(
     "L2 norm of all gradients of the latest scanned update whose norm was finite, when "
     "computed: with GradMonitor(grad_norm=True), or from gradtel.clip_grad_norm_ with norm_type=2.",
 )
+LAYER_GRAD_NORM = Metric(
+    "gradtel_layer_grad_norm",
+    "gauge",
+    "L2 norm of the layer's gradients in the latest scanned update whose norm was finite, "
+    "with GradMonitor(layer_norms=True); exported by rank 0 alone in a distributed run.",
+    ("layer",),
+)
 NORM_PEAK_SECONDS = 120
 """How far back ``gradtel_grad_norm_peak`` looks: longer than any usual scrape interval
 (Prometheus' default is 1 minute), like Micrometer's decaying ``_max``."""
@@ -211,6 +219,7 @@ METRICS = (
     NONFINITE_LOSS_UPDATES,
     GRAD_NORM,
     GRAD_NORM_PEAK,
+    LAYER_GRAD_NORM,
     REFUSED_CHECKPOINTS,
 )
 """Every metric gradtel exports."""

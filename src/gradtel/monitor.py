@@ -25,7 +25,7 @@ from .order import BackwardOrder
 from .origin import OriginCounter, install_origin_hook
 from .policy import Action, Policy
 from .ranks import every_rank, process_attributes
-from .scan import Scanner, countable_values, per_tensor_norms
+from .scan import Scanner, countable_values, per_tensor_norms, stacked
 from .scan import total_norm as total_norm_of
 from .telemetry import GradTelemetry, default_meter_provider
 from .watched import named_parameters, registrations, watch_registrations
@@ -98,6 +98,12 @@ class GradMonitor:
             update (``GradHealth.grad_norm``, ``gradtel_grad_norm``): per-gradient
             norms replace the scan's first pass, about twice its cost on CPU, so
             off by default. :func:`gradtel.clip_grad_norm_` gives it for free.
+        layer_norms: Also compute the L2 norm of each layer's gradients
+            (``GradHealth.layer_grad_norms``, ``gradtel_layer_grad_norm{layer}``),
+            at about the cost of ``grad_norm``. One series per layer, so in a
+            distributed run only rank 0 computes and exports them: under DDP
+            every rank holds the same reduced gradients (under FSDP they are
+            rank 0's shards).
 
     Raises:
         TypeError: ``model`` is not a module or named parameters, or an option
@@ -130,6 +136,7 @@ class GradMonitor:
         sample_every: int = 1,
         on_error: Literal["warn", "raise"] = "warn",
         grad_norm: bool = False,
+        layer_norms: bool = False,
     ) -> None:
         if not isinstance(thresholds, Thresholds):
             raise TypeError(
@@ -148,8 +155,9 @@ class GradMonitor:
             raise ValueError(f"layer_series must be 'on_demand' or 'all', got {layer_series!r}")
         if isinstance(sample_every, bool) or not isinstance(sample_every, int) or sample_every < 1:
             raise ValueError(f"sample_every must be an int >= 1, got {sample_every!r}")
-        if not isinstance(grad_norm, bool):
-            raise TypeError(f"grad_norm must be True or False, got {grad_norm!r} ({type(grad_norm).__name__})")
+        for name, flag in (("grad_norm", grad_norm), ("layer_norms", layer_norms)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r} ({type(flag).__name__})")
         if meter_provider is not None and not hasattr(meter_provider, "get_meter"):
             raise TypeError(
                 "meter_provider must be an OpenTelemetry MeterProvider, "
@@ -168,6 +176,9 @@ class GradMonitor:
         self.layer_series = layer_series
         self.sample_every = sample_every
         self.grad_norm = grad_norm
+        self.layer_norms = layer_norms
+        # One series per layer per rank would not fit the series budget of many ranks.
+        self._layer_norms = layer_norms and process_attributes().get("rank", "0") == "0"
         self._on_error = on_error
         self._step = 0
         self._training_step = 0
@@ -235,6 +246,7 @@ class GradMonitor:
         self._plain = [p.dtype in _PLAIN_DTYPES and not isinstance(p, DTensor) for p in self._params]
         self._all_plain = all(self._plain)
         self._everyone = tuple(range(len(self._params)))
+        self._layer_sums: tuple[tuple[int, ...], torch.Tensor, tuple[str, ...]] | None = None
 
     def refresh(self) -> bool:
         """Pick up parameters added to (or removed from) the model since it was watched.
@@ -519,12 +531,6 @@ class GradMonitor:
         if unscanned is not None:
             return self._health(unscanned=unscanned, skipped=skipped)
         summary: torch.Tensor | list[torch.Tensor] | None = None
-        if total_norm is None and self.grad_norm and dense:
-            # A norm is not finite when its gradient holds a NaN or Inf: the L2 norms
-            # stand in for the scan's own first pass, one pass over gradient memory for both.
-            own = per_tensor_norms(values)
-            total_norm = total_norm_of(own)
-            summary = None if norms is not None else own
         if norms is not None and dense:
             if isinstance(norms, torch.Tensor):
                 everyone = present is self._everyone
@@ -534,10 +540,20 @@ class GradMonitor:
                 for i, v in zip(present, values):
                     norm = norms.get(self._params[i])
                     summary.append(torch.linalg.vector_norm(v) if norm is None else norm)
+        # Clipping passes its total only with L2 norms, which are then reused.
+        l2 = summary if summary is not None and total_norm is not None else None
+        if dense and l2 is None and (self._layer_norms or (self.grad_norm and total_norm is None)):
+            # A norm is not finite when its gradient holds a NaN or Inf: the L2 norms
+            # stand in for the scan's own first pass, one pass over gradient memory for both.
+            l2 = per_tensor_norms(values)
+            summary = l2 if summary is None else summary
+        if total_norm is None and self.grad_norm and l2 is not None:
+            total_norm = total_norm_of(l2)
         # Sparse gradients change size every update: plan them anew each time.
         slots = present if dense else None
         norm_bits = None if total_norm is None else total_norm.detach().double().reshape(1).view(torch.int64)
-        extra = _joined([t for t in (origin, loss_bad, norm_bits) if t is not None])
+        layers, layer_bits = self._layer_norms_of(l2, present) if self._layer_norms else ((), None)
+        extra = _joined([t for t in (origin, loss_bad, norm_bits, layer_bits) if t is not None])
         counts = self._guarded("scan", lambda: self._scanner.count(values, slots, summary, extra))
         if counts is None:  # the scan failed: nothing was counted, say so
             return self._health(unscanned="scan_error", skipped=len(self._params))
@@ -546,8 +562,11 @@ class GradMonitor:
         if self.origin.installed:
             nan, inf = read[:2] if origin is not None else (0, 0)
             local = {"local_nan_total": nan, "local_inf_total": inf}
+        if layer_bits is not None:
+            local["layer_grad_norms"] = dict(zip(layers, map(_as_float, read[-len(layers) :])))
+            del read[-len(layers) :]
         if norm_bits is not None:
-            local["grad_norm"] = struct.unpack("<d", struct.pack("<q", read.pop()))[0]
+            local["grad_norm"] = _as_float(read.pop())
         if loss is not None:
             local["loss_finite"] = not read[-1]
         nan_by_layer: dict[str, int] = {}
@@ -568,6 +587,24 @@ class GradMonitor:
             first_inf_layer=self._first_in_backward([present[i] for i, c in counts.items() if c[1]]),
             **local,
         )
+
+    def _layer_norms_of(
+        self, l2: torch.Tensor | list[torch.Tensor] | None, present: tuple[int, ...]
+    ) -> tuple[tuple[str, ...], torch.Tensor | None]:
+        """The layers of the ``present`` gradients, and their L2 norms as int64 bits, for
+        the update's read-out: the root of the sum of their gradients' squared norms."""
+        if l2 is None:
+            return (), None
+        cached = self._layer_sums
+        if cached is None or cached[0] is not present:
+            names: dict[str, int] = {}
+            slots = [names.setdefault(self._labels[i], len(names)) for i in present]
+            cached = self._layer_sums = (present, torch.tensor(slots), tuple(names))
+        _, slots_tensor, layers = cached
+        squares = stacked(l2).square_()
+        device = squares.device
+        sums = torch.zeros(len(layers), dtype=torch.float64, device=device)
+        return layers, sums.index_add_(0, slots_tensor.to(device), squares).sqrt_().view(torch.int64)
 
     def _health(self, **fields: Any) -> GradHealth:
         return GradHealth(thresholds=self.thresholds, step=self._training_step, **fields)
@@ -610,6 +647,12 @@ class GradMonitor:
         self._error_log.log(
             stage, logging.ERROR, "gradtel %s failed, training continues: %r", stage, exc
         )
+
+
+def _as_float(bits: int) -> float:
+    """The float64 whose bits were read out as an int64."""
+    value: float = struct.unpack("<d", struct.pack("<q", bits))[0]
+    return value
 
 
 def _check_step(step: object) -> None:

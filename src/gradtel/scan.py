@@ -42,7 +42,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-__all__ = ["CHUNK", "Scanner", "count_nonfinite", "countable_values", "memory_order"]
+__all__ = ["CHUNK", "Scanner", "count_nonfinite", "countable_values", "memory_order", "per_tensor_norms", "stacked", "total_norm"]
 
 CHUNK = 1 << 16
 """Elements per chunk of a large tensor; tensors smaller than this are flagged whole."""
@@ -418,11 +418,20 @@ def per_tensor_norms(
     return norms
 
 
-def total_norm(norms: Sequence[torch.Tensor]) -> torch.Tensor:
+def stacked(norms: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor norms as one float64 tensor on the first one's device (no host read)."""
+    if isinstance(norms, torch.Tensor):
+        return norms.double()
+    device = norms[0].device
+    if any(n.device != device for n in norms):
+        norms = [n.to(device) for n in norms]
+    return torch.stack(list(norms)).double()
+
+
+def total_norm(norms: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     """The L2 norm of tensors whose L2 norms are ``norms``, as a float64 tensor on the
     first one's device (no host read)."""
-    device = norms[0].device
-    total: torch.Tensor = torch.linalg.vector_norm(torch.stack([n.to(device, torch.float64) for n in norms]))
+    total: torch.Tensor = torch.linalg.vector_norm(stacked(norms))
     return total
 
 

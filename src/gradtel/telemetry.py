@@ -18,11 +18,11 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from opentelemetry.metrics import MeterProvider
+from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
 from prometheus_client import REGISTRY, CollectorRegistry
 
@@ -170,11 +170,24 @@ class _Instruments:
         self.last_unhealthy_step = make(m.LAST_UNHEALTHY_STEP)
         self.grad_norm = make(m.GRAD_NORM)
         self.grad_norm_peak = make(m.GRAD_NORM_PEAK)
+        # Read when scraped, not set per update: hundreds of layers would cost the
+        # SDK tens of microseconds each, every update.
+        # Kept like the other series, after their monitor is gone.
+        self.layer_norm_sources: set[GradTelemetry] = set()
+        meter.create_observable_gauge(
+            m.LAYER_GRAD_NORM.instrument, [self._observe_layer_norms], description=m.LAYER_GRAD_NORM.help
+        )
         self.skipped = make(m.SKIPPED_UPDATES)
         self.origin = make(m.ORIGIN_UPDATES)
         self.nonfinite_loss = make(m.NONFINITE_LOSS_UPDATES)
         self.refused_checkpoints = make(m.REFUSED_CHECKPOINTS)
         self.errors = make(m.ERRORS)
+
+
+    def _observe_layer_norms(self, options: CallbackOptions) -> Iterable[Observation]:
+        for source in list(self.layer_norm_sources):
+            for attrs, norm in source.layer_norms.values():
+                yield Observation(norm, attrs)
 
 
 _instruments: weakref.WeakKeyDictionary[MeterProvider, _Instruments] = weakref.WeakKeyDictionary()
@@ -260,6 +273,8 @@ class GradTelemetry:
         self._kind_attrs = {kind: {**self._base, "kind": kind} for kind in KINDS}
         self._last_nonzero: dict[str, set[str]] = {"nan": set(), "inf": set()}
         self._norm_peak = RollingMax(m.NORM_PEAK_SECONDS)
+        self.layer_norms: dict[str, tuple[dict[str, str], float]] = {}
+        """The latest finite norm of each layer, and its labels (no NaN/Inf series come with them)."""
 
         self._instruments = ins = instruments_for(meter_provider)
         self.activity = activity_of(meter_provider)
@@ -319,6 +334,8 @@ class GradTelemetry:
             # A NaN or Inf norm is the NaN/Inf alerts' business: the gauge keeps the last finite one.
             ins.grad_norm.set(health.grad_norm, self._base)
             ins.grad_norm_peak.set(self._norm_peak.add(health.grad_norm), self._base)
+        if health.layer_grad_norms:
+            self._keep_layer_norms(health.layer_grad_norms)
         for kind, by_layer in (("nan", health.nan_by_layer), ("inf", health.inf_by_layer)):
             total, gauge = ins.totals[kind], ins.per_update[kind]
             for layer, count in by_layer.items():
@@ -338,6 +355,15 @@ class GradTelemetry:
             if first is not None:
                 ins.first_bad.set(health.step, self._first_bad_series(kind, first))
         ins.status.set(health.status.level, self._base)
+
+    def _keep_layer_norms(self, norms: Mapping[str, float]) -> None:
+        kept = dict(self.layer_norms)  # swapped whole: a scrape may be reading the old one
+        for layer, norm in norms.items():
+            if math.isfinite(norm):
+                attrs = kept[layer][0] if layer in kept else {**self._base, "layer": layer}
+                kept[layer] = (attrs, norm)
+        self.layer_norms = kept
+        self._instruments.layer_norm_sources.add(self)
 
     def _first_bad_series(self, kind: str, layer: str) -> dict[str, str]:
         attrs = self._first_bad_attrs.get((kind, layer))
