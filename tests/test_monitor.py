@@ -300,7 +300,7 @@ def test_a_failing_scan_is_logged_once_counted_and_never_raised(
 
     model = TwoLayer()
     monitor = GradMonitor(model, meter_provider=provider)
-    monkeypatch.setattr("gradtel.scan.Scanner.count", broken)
+    monkeypatch.setattr("gradtel.scan.Scanner.launch", broken)
     backward(model)
     with caplog.at_level(logging.ERROR, logger="gradtel"):
         first, second = monitor.collect(), monitor.collect()

@@ -165,6 +165,7 @@ class MetricsServer:
         with self._lock:
             if self._running is None:
                 return
+            self._recorded.publish(wait=True)  # what a deferred read-out still holds
             self._wait_for_scrape(grace)
             running, self._running = self._running, None
         _open_servers.discard(self)

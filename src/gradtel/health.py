@@ -118,6 +118,9 @@ class GradHealth:
     sampled: bool = True
     """False when ``sample_every`` left this update unscanned: its counts are
     zero because nothing was looked at, not because the gradients are healthy."""
+    pending: bool = False
+    """True when ``collect()`` with ``readout="deferred"`` had no finished update to
+    return yet: nothing is known so far."""
     grad_norm: float | None = None
     """The L2 norm of all gradients of this update, when computed: with
     ``GradMonitor(grad_norm=True)``, or from :func:`gradtel.clip_grad_norm_` (``norm_type=2``)."""
@@ -171,7 +174,7 @@ class GradHealth:
     @property
     def status(self) -> Status:
         """Worse of the NaN and Inf statuses; UNKNOWN when the update was not looked at."""
-        if not self.sampled or self.unscanned is not None:
+        if not self.sampled or self.pending or self.unscanned is not None:
             return Status.UNKNOWN
         return _worst(self.nan_status, self.inf_status)
 
@@ -190,6 +193,8 @@ class GradHealth:
         """
         if self.status is Status.UNKNOWN:
             why = "sampled out" if not self.sampled else (self.unscanned or "").replace("_", " ")
+            if self.pending:
+                return f"gradtel: step {self.step} is unknown: its read-out has not finished yet"
             return f"gradtel: step {self.step} is unknown: not scanned ({why})"
         line = (
             f"gradtel: step {self.step} is {self.status.value}: "

@@ -184,6 +184,7 @@ def _app(
                 _failed(server, logging.WARNING, "gradtel: refused a /metrics request with Accept: %r", accept)
                 start_response("406 Not Acceptable", [("Content-Type", "text/plain")])
                 return [b"gradtel cannot serve this Accept header; ask for text/plain or OpenMetrics\n"]
+            recorded.publish()  # deferred read-outs that have finished, first
             with collecting:
                 began = time.monotonic()
                 body: Iterable[bytes] = metrics(environ, start_response)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import struct
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -25,7 +28,8 @@ from .order import BackwardOrder
 from .origin import OriginCounter, install_origin_hook
 from .policy import Action, Policy
 from .ranks import every_rank, process_attributes
-from .scan import Scanner, countable_values, per_tensor_norms, stacked
+from .readout import HostCopy, Readout, check_readout
+from .scan import Launched, Scanner, countable_values, per_tensor_norms, stacked
 from .scan import total_norm as total_norm_of
 from .telemetry import GradTelemetry, default_meter_provider
 from .watched import named_parameters, registrations, watch_registrations
@@ -104,6 +108,15 @@ class GradMonitor:
             distributed run only rank 0 computes and exports them: under DDP
             every rank holds the same reduced gradients (under FSDP they are
             rank 0's shards).
+        readout: ``"sync"`` (default): ``collect()`` reads the update's result
+            to the host and returns its health. ``"deferred"``: a healthy
+            ``collect()`` makes no blocking device-to-host read; the update is
+            published (recorded, logged, returned) when its result is ready:
+            by the next ``collect()``, a scrape of the endpoint, :meth:`flush`,
+            :meth:`close` or exit. ``collect()`` then returns the latest
+            published update's health (its ``step`` says which). The
+            ``"raise"`` and ``"skip"`` actions need the answer before
+            ``optimizer.step()``, so they are refused with it.
 
     Raises:
         TypeError: ``model`` is not a module or named parameters, or an option
@@ -137,6 +150,7 @@ class GradMonitor:
         on_error: Literal["warn", "raise"] = "warn",
         grad_norm: bool = False,
         layer_norms: bool = False,
+        readout: Readout = "sync",
     ) -> None:
         if not isinstance(thresholds, Thresholds):
             raise TypeError(
@@ -144,6 +158,7 @@ class GradMonitor:
                 f"({type(thresholds).__name__})"
             )
         self._policy = Policy(on_warning, on_critical)
+        self.readout = check_readout(readout, on_warning, on_critical)
         _checks.on_error(on_error)
         if isinstance(max_layers, int) and not isinstance(max_layers, bool):
             if max_layers > MAX_LAYERS_LIMIT:
@@ -200,6 +215,13 @@ class GradMonitor:
         )
         if self._module is not None:
             install_origin_hook(self._module, self)
+        self._pending: deque[tuple[_Update | GradHealth, bool, float, float]] = deque()
+        """Updates whose deferred read-out is not published yet: the update, whether an
+        AMP overflow is possible, collect()'s own time, and its Unix time."""
+        self._latest: GradHealth | None = None
+        if self.readout == "deferred":
+            self._telemetry.activity.deferred.add(self)  # a scrape publishes, the exit wait flushes
+            _flush_at_exit_too(self)
 
     def _claim(self, provider: MeterProvider) -> None:
         mine = {id(p) for p in self._params}
@@ -221,6 +243,7 @@ class GradMonitor:
         """Stop watching: remove gradtel's gradient hooks and free the parameters for
         another monitor on the same meter provider. The series stay as they are."""
         with self._lock:
+            self._publish(wait=True)
             if self._order is not None:
                 self._order.remove()
             with _claims_lock:
@@ -357,26 +380,54 @@ class GradMonitor:
             overflow_possible = _check_scaler(scaler)
             if loss is not None and not isinstance(loss, torch.Tensor):
                 raise TypeError(f"loss must be a tensor or None, got {loss!r} ({type(loss).__name__})")
-            health = self._scan(norms, loss, total_norm)
-            if overflow_possible and health.nan_total + health.inf_total:
-                health = dataclasses.replace(health, amp_overflow=True)
-                logger.debug("%s", health.describe())
+            launched = self._launch(norms, loss, total_norm)
+            if self.readout == "deferred":
+                self._publish(wait=False)  # the updates before this one, in order, if ready
+                if isinstance(launched, _Update):
+                    launched.start_readout()
+                self._pending.append((launched, overflow_possible, time.perf_counter() - started, time.time()))
+                return self._latest or self._health(self._training_step, pending=True)
+            health = launched if isinstance(launched, GradHealth) else self._read_out(launched)
             duration = time.perf_counter() - started - self._scanner.waited
-            # Record before acting: a "raise" policy must not hide the update from Prometheus.
-            self._guarded(
-                "record",
-                lambda: self._telemetry.record(health, duration=duration, timestamp=time.time()),
-            )
-            if health.unscanned is not None:
-                return health
-            action = None if health.amp_overflow else self._policy.action(health)
-            self._weights.note(health, action)
-            if health.amp_overflow:
-                return health
-            if action == "skip":
-                self._guarded("record", lambda: self._telemetry.record_skip("policy"))
-            self._policy.apply(health, self._params)
+            return self._conclude(health, overflow_possible, duration, time.time())
+
+    def _conclude(self, health: GradHealth, overflow_possible: bool, duration: float, timestamp: float) -> GradHealth:
+        """Record an update whose counts are known, and act on it."""
+        if overflow_possible and health.nan_total + health.inf_total:
+            health = dataclasses.replace(health, amp_overflow=True)
+            logger.debug("%s", health.describe())
+        # Record before acting: a "raise" policy must not hide the update from Prometheus.
+        self._guarded("record", lambda: self._telemetry.record(health, duration=duration, timestamp=timestamp))
+        if health.unscanned is not None:
             return health
+        action = None if health.amp_overflow else self._policy.action(health)
+        self._weights.note(health, action)
+        if health.amp_overflow:
+            return health
+        if action == "skip":
+            self._guarded("record", lambda: self._telemetry.record_skip("policy"))
+        self._policy.apply(health, self._params)
+        return health
+
+    def flush(self, wait: bool = True) -> None:
+        """Publish the updates whose deferred read-out is pending (``readout="deferred"``):
+        record them, log them, and make the latest the one ``collect()`` returns.
+
+        Args:
+            wait: Wait for every pending read-out (default); ``False`` publishes
+                only those already finished, as a scrape of the endpoint does.
+        """
+        with self._lock:
+            self._publish(wait)
+
+    def _publish(self, wait: bool) -> None:
+        while self._pending:
+            launched, overflow_possible, duration, timestamp = self._pending[0]
+            if isinstance(launched, _Update) and not (wait or launched.ready()):
+                return
+            self._pending.popleft()
+            health = launched if isinstance(launched, GradHealth) else self._read_out(launched)
+            self._latest = self._conclude(health, overflow_possible, duration, timestamp)
 
     @property
     def healthy(self) -> bool:
@@ -419,6 +470,7 @@ class GradMonitor:
         _check_step(step)
         if not isinstance(all_ranks, bool):
             raise TypeError(f"all_ranks must be True or False, got {all_ranks!r}")
+        self.flush()  # a deferred read-out must not let a poisoned update through
         allowed = self._weights.healthy
         if all_ranks:
             agreed = self._guarded("record", lambda: every_rank(allowed))
@@ -517,19 +569,22 @@ class GradMonitor:
         return values, tuple(present), skipped, dense
 
     @torch.no_grad()
-    def _scan(
+    def _launch(
         self,
         norms: torch.Tensor | Mapping[torch.Tensor, torch.Tensor] | None,
         loss: torch.Tensor | None,
         total_norm: torch.Tensor | None,
-    ) -> GradHealth:
+    ) -> _Update | GradHealth:
+        """Queue this update's scan on the device: an :class:`_Update` to read out, or the
+        health of an update in which nothing could be scanned."""
+        step = self._training_step
         values, present, skipped, dense = self._gather()
         # Read with the update's own read-out: this rank's counts before the
         # reduction, whether the loss was already non-finite, the gradient norm.
         origin, loss_bad = self.origin.take(), _loss_bad(loss)
         unscanned = self._unscanned(values, skipped)
         if unscanned is not None:
-            return self._health(unscanned=unscanned, skipped=skipped)
+            return self._health(step, unscanned=unscanned, skipped=skipped)
         summary: torch.Tensor | list[torch.Tensor] | None = None
         if norms is not None and dense:
             if isinstance(norms, torch.Tensor):
@@ -554,37 +609,78 @@ class GradMonitor:
         norm_bits = None if total_norm is None else total_norm.detach().double().reshape(1).view(torch.int64)
         layers, layer_bits = self._layer_norms_of(l2, present) if self._layer_norms else ((), None)
         extra = _joined([t for t in (origin, loss_bad, norm_bits, layer_bits) if t is not None])
-        counts = self._guarded("scan", lambda: self._scanner.count(values, slots, summary, extra))
-        if counts is None:  # the scan failed: nothing was counted, say so
-            return self._health(unscanned="scan_error", skipped=len(self._params))
-        read = list(self._scanner.also_read)
+        launched = self._guarded("scan", lambda: self._scanner.launch(values, slots, summary, extra))
+        if launched is None:  # the scan failed: nothing was counted, say so
+            return self._health(step, unscanned="scan_error", skipped=len(self._params))
+        return _Update(
+            step=step,
+            values=values,
+            present=present,
+            skipped=skipped,
+            labels=self._labels,
+            order=self._order,
+            launched=launched,
+            local=self.origin.installed,
+            origin=origin is not None,
+            loss=loss is not None,
+            norm=norm_bits is not None,
+            layers=layers,
+        )
+
+    @torch.no_grad()
+    def _read_out(self, update: _Update) -> GradHealth:
+        """The health of a launched update: its read-out, then exact counts of what it flags."""
+        read = self._guarded("scan", update.read if update.copy is not None else lambda: self._scanner.read(update.launched))
+        counts = None if read is None else self._guarded(
+            "scan", lambda: self._scanner.finish(update.values or [], update.launched, read)
+        )
+        if read is None or counts is None:  # the scan failed: nothing was counted, say so
+            return self._health(update.step, unscanned="scan_error", skipped=len(update.labels))
+        if counts == {} and update.changed_since_flagged(read):
+            # Flagged, then rewritten in place before the counts were read (a deferred read-out
+            # after zero_grad(set_to_none=False), say): not known healthy.
+            self._failed("scan", RuntimeError(
+                f"step {update.step}: the gradients were flagged non-finite but changed in place "
+                "before the deferred read-out could count them; collect() before anything "
+                "rewrites gradients, or use readout='sync'"
+            ))
+            return self._health(update.step, unscanned="scan_error", skipped=len(update.labels))
+        also = list(self._scanner.also_read)
         local: dict[str, Any] = {}
-        if self.origin.installed:
-            nan, inf = read[:2] if origin is not None else (0, 0)
+        if update.local:
+            nan, inf = also[:2] if update.origin else (0, 0)
             local = {"local_nan_total": nan, "local_inf_total": inf}
-        if layer_bits is not None:
-            local["layer_grad_norms"] = dict(zip(layers, map(_as_float, read[-len(layers) :])))
-            del read[-len(layers) :]
-        if norm_bits is not None:
-            local["grad_norm"] = _as_float(read.pop())
-        if loss is not None:
-            local["loss_finite"] = not read[-1]
+        if update.layers:
+            local["layer_grad_norms"] = dict(zip(update.layers, map(_as_float, also[-len(update.layers) :])))
+            del also[-len(update.layers) :]
+        if update.norm:
+            local["grad_norm"] = _as_float(also.pop())
+        if update.loss:
+            local["loss_finite"] = not also[-1]
         nan_by_layer: dict[str, int] = {}
         inf_by_layer: dict[str, int] = {}
+        labels, present = update.labels, update.present
         for i, (nan, inf) in counts.items():
-            layer = self._labels[present[i]]
+            layer = labels[present[i]]
             if nan:
                 nan_by_layer[layer] = nan_by_layer.get(layer, 0) + nan
             if inf:
                 inf_by_layer[layer] = inf_by_layer.get(layer, 0) + inf
+
+        def first(indices: list[int]) -> str | None:
+            """The label of the parameter, among ``indices``, whose gradient backward made first."""
+            found = update.order.first(indices) if update.order is not None else None
+            return None if found is None else labels[found]
+
         return self._health(
+            update.step,
             nan_by_layer=nan_by_layer,
             inf_by_layer=inf_by_layer,
-            scanned=len(values),
-            skipped=skipped,
-            first_bad_layer=self._first_in_backward([present[i] for i in counts]),
-            first_nan_layer=self._first_in_backward([present[i] for i, c in counts.items() if c[0]]),
-            first_inf_layer=self._first_in_backward([present[i] for i, c in counts.items() if c[1]]),
+            scanned=len(present),
+            skipped=update.skipped,
+            first_bad_layer=first([present[i] for i in counts]),
+            first_nan_layer=first([present[i] for i, c in counts.items() if c[0]]),
+            first_inf_layer=first([present[i] for i, c in counts.items() if c[1]]),
             **local,
         )
 
@@ -606,8 +702,8 @@ class GradMonitor:
         sums = torch.zeros(len(layers), dtype=torch.float64, device=device)
         return layers, sums.index_add_(0, slots_tensor.to(device), squares).sqrt_().view(torch.int64)
 
-    def _health(self, **fields: Any) -> GradHealth:
-        return GradHealth(thresholds=self.thresholds, step=self._training_step, **fields)
+    def _health(self, step: int, **fields: Any) -> GradHealth:
+        return GradHealth(thresholds=self.thresholds, step=step, **fields)
 
     def _unscanned(self, values: list[torch.Tensor], skipped: int) -> str | None:
         """Why nothing can be scanned in this update, or None; logs what to check."""
@@ -628,11 +724,6 @@ class GradMonitor:
         )
         return "no_gradients"
 
-    def _first_in_backward(self, indices: list[int]) -> str | None:
-        """The label of the parameter, among ``indices``, whose gradient backward made first."""
-        first = self._order.first(indices) if self._order is not None else None
-        return None if first is None else self._labels[first]
-
     def _guarded(self, stage: str, work: Callable[[], T]) -> T | None:
         try:
             return work()
@@ -649,10 +740,77 @@ class GradMonitor:
         )
 
 
+@dataclass
+class _Update:
+    """One scanned update, from its scan queued on the device to its read-out."""
+
+    step: int
+    values: list[torch.Tensor] | None
+    """The gradients counted, kept until the flags say there is nothing to count."""
+    present: tuple[int, ...]
+    skipped: int
+    labels: list[str]
+    order: BackwardOrder | None
+    launched: Launched
+    local: bool
+    """This rank's counts before the reduction are reported (a hook feeds them)."""
+    origin: bool
+    """They ride along in this read-out (the first two values)."""
+    loss: bool
+    norm: bool
+    layers: tuple[str, ...]
+    copy: HostCopy | None = None
+    versions: tuple[int, ...] = ()
+    _read: list[Any] | None = None
+
+    def start_readout(self) -> None:
+        """Copy the result to the host without blocking (the deferred read-out)."""
+        self.copy = HostCopy(self.launched.result)
+        self.versions = tuple(v._version for v in self.values or ())
+        self.ready()
+
+    def ready(self) -> bool:
+        """Whether the read-out is done; once it is, gradients with nothing flagged are let go."""
+        if self._read is None and self.copy is not None and self.copy.ready():
+            self._read = self.copy.read()
+            if not any(self._read[: len(self._read) - self.launched.also]):
+                self.values = None
+        return self._read is not None
+
+    def read(self) -> list[Any]:
+        if self._read is None and self.copy is not None:
+            self._read = self.copy.read()
+        assert self._read is not None
+        return self._read
+
+    def changed_since_flagged(self, read: list[Any]) -> bool:
+        """Something was flagged, and a gradient changed in place since the scan was queued."""
+        flagged = any(read[: len(read) - self.launched.also])
+        return flagged and bool(self.versions) and tuple(v._version for v in self.values or ()) != self.versions
+
+
 def _as_float(bits: int) -> float:
     """The float64 whose bits were read out as an int64."""
     value: float = struct.unpack("<d", struct.pack("<q", bits))[0]
     return value
+
+
+_flush_at_exit: weakref.WeakSet[GradMonitor] = weakref.WeakSet()
+"""Monitors with a deferred read-out: published before the interpreter exits."""
+
+
+def _flush_all() -> None:
+    for monitor in list(_flush_at_exit):
+        monitor.flush()
+
+
+def _flush_at_exit_too(monitor: GradMonitor) -> None:
+    # Registered with the first such monitor, not at import: exit handlers run last-in
+    # first-out, so this runs before the shutdown hook of a MeterProvider made earlier.
+    if not _flush_at_exit:
+        atexit.unregister(_flush_all)
+        atexit.register(_flush_all)
+    _flush_at_exit.add(monitor)
 
 
 def _check_step(step: object) -> None:

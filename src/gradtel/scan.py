@@ -233,11 +233,11 @@ def _exact_piece(values: Sequence[torch.Tensor], piece: _Piece) -> list[tuple[in
     return [(piece.index, _exact(_flatten(tensor, piece)[piece.start : piece.stop]))]
 
 
-def _to_host(parts: list[torch.Tensor]) -> list[Any]:
-    """Gather per-device results onto one device and read them to the host in one transfer."""
+def _on_one_device(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Per-device results as one int64 tensor on the first one's device, for one read-out."""
     target = parts[0].device
     gathered = [p if p.device == target else p.to(target, non_blocking=True) for p in parts]
-    return (gathered[0] if len(gathered) == 1 else torch.cat(gathered)).tolist()
+    return (gathered[0] if len(gathered) == 1 else torch.cat(gathered)).long()
 
 
 class _Plan:
@@ -304,13 +304,11 @@ class Scanner:
             self._plans[key] = plan
         return plan
 
-    def _flag_pieces(
-        self, values: Sequence[torch.Tensor], slots: Sequence[Hashable] | None, also: list[torch.Tensor]
-    ) -> list[_Piece]:
-        """Phase 1: the pieces whose cheap reduction is not finite."""
+    def _flag_parts(self, values: Sequence[torch.Tensor], slots: Sequence[Hashable] | None) -> tuple[_Plan, list[torch.Tensor]]:
+        """Phase 1 on the device: the plan, and its flags per group."""
         plan = self._plan(values, slots)
         try:
-            flags = self._read_flags(values, plan, also)
+            return plan, [_flags(values, group) for group in plan.groups]
         except RuntimeError:
             if slots is None:
                 raise
@@ -319,30 +317,66 @@ class Scanner:
                 self._entries.pop(slot, None)
             self._plans.pop(tuple(slots), None)
             plan = self._plan(values, slots)
-            flags = self._read_flags(values, plan, also)
-        return [piece for piece, bad in zip(plan.pieces, flags) if bad]
+            return plan, [_flags(values, group) for group in plan.groups]
 
-    def _read_flags(self, values: Sequence[torch.Tensor], plan: _Plan, also: list[torch.Tensor]) -> list[Any]:
-        if values[0].device.type != "cuda":
-            return self._split(_to_host([_flags(values, group) for group in plan.groups] + also), also)
-        # The read-out waits for everything queued before it, the backward pass
-        # included; time gradtel's own kernels with events to tell the two apart.
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        parts = [_flags(values, group) for group in plan.groups]
-        end.record()
+    @torch.no_grad()
+    def launch(
+        self,
+        values: Sequence[torch.Tensor],
+        slots: Sequence[Hashable] | None = None,
+        norms: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        also: torch.Tensor | None = None,
+    ) -> Launched:
+        """Phase 1, queued on the device with no host read: see :meth:`count` for the
+        arguments. Read :attr:`Launched.result` to the host, then call :meth:`finish`."""
+        extra = [] if also is None else [also.reshape(-1)]
+        timed = values[0].device.type == "cuda"
+        if timed:  # gradtel's own kernels, apart from the work queued before them
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        if norms is None:
+            plan, parts = self._flag_parts(values, slots)
+            pieces = plan.pieces
+        else:
+            parts, pieces = [_flags_by_norms(norms)], [_Piece(i) for i in range(len(values))]
+        result = _on_one_device(parts + extra)
+        if timed:
+            end.record()
+        return Launched(pieces, result, sum(e.numel() for e in extra), (start, end) if timed else None)
+
+    def read(self, launched: Launched) -> list[Any]:
+        """The blocking read-out of ``launched``. It waits for everything queued before
+        it, the backward pass included: :attr:`waited` says how long, apart from gradtel's own kernels."""
         began = time.perf_counter()
-        flags = _to_host(parts + also)
-        own = start.elapsed_time(end) / 1000
-        self.waited = max(0.0, time.perf_counter() - began - own)
-        return self._split(flags, also)
+        read = launched.result.tolist()
+        if launched.events is not None:
+            start, end = launched.events
+            self.waited = max(0.0, time.perf_counter() - began - start.elapsed_time(end) / 1000)
+        return read
 
-    def _split(self, read: list[Any], also: list[torch.Tensor]) -> list[Any]:
-        """Keep the ``also`` values that rode along with a read-out; return the rest."""
-        if not also:
-            return read
-        self.also_read = [int(v) for v in read[len(read) - also[0].numel() :]]
-        return read[: len(read) - also[0].numel()]
+    @torch.no_grad()
+    def finish(self, values: Sequence[torch.Tensor], launched: Launched, read: Sequence[Any]) -> dict[int, tuple[int, int]]:
+        """Phase 2: exact counts of the pieces that ``read`` (the host copy of
+        ``launched.result``) flags; the ``also`` values land in :attr:`also_read`."""
+        flags = read[: len(read) - launched.also]
+        self.also_read = [int(v) for v in read[len(flags) :]]
+        flagged = [piece for piece, bad in zip(launched.pieces, flags) if bad]
+        if not flagged:
+            return {}
+        # Exact counts of the flagged pieces, grouped by device, one read-out.
+        on_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+        for piece in flagged:
+            on_device[values[piece.index].device] += _exact_piece(values, piece)
+        ordered = [index for members in on_device.values() for index, _ in members]
+        counts = _on_one_device(
+            [torch.stack([count for _, count in members]) for members in on_device.values()]
+        ).tolist()
+        result: dict[int, tuple[int, int]] = {}
+        for index, (nan, inf) in zip(ordered, counts):
+            if nan or inf:
+                old_nan, old_inf = result.get(index, (0, 0))
+                result[index] = (old_nan + nan, old_inf + inf)
+        return result
 
     @torch.no_grad()
     def count(
@@ -367,40 +401,32 @@ class Scanner:
                 :attr:`also_read`.
         """
         self.waited = 0.0
-        extra = [] if also is None else [also.reshape(-1)]
         self.also_read = []
         if not values:
             if also is not None:
                 self.also_read = [int(v) for v in also.tolist()]
             return {}
-        if norms is None:
-            flagged = self._flag_pieces(values, slots, extra)
-        else:
-            flagged = [_Piece(i) for i, bad in enumerate(self._split(_flags_by_norms(norms, extra), extra)) if bad]
-        if not flagged:
-            return {}
-        # Phase 2: exact counts of the flagged pieces, grouped by device, one read-out.
-        on_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = defaultdict(list)
-        for piece in flagged:
-            on_device[values[piece.index].device] += _exact_piece(values, piece)
-        ordered = [index for members in on_device.values() for index, _ in members]
-        counts = _to_host(
-            [torch.stack([count for _, count in members]) for members in on_device.values()]
-        )
-        result: dict[int, tuple[int, int]] = {}
-        for index, (nan, inf) in zip(ordered, counts):
-            if nan or inf:
-                old_nan, old_inf = result.get(index, (0, 0))
-                result[index] = (old_nan + nan, old_inf + inf)
-        return result
+        launched = self.launch(values, slots, norms, also)
+        return self.finish(values, launched, self.read(launched))
 
 
-def _flags_by_norms(norms: torch.Tensor | Sequence[torch.Tensor], also: list[torch.Tensor]) -> list[Any]:
-    """Phase 1 from per-tensor norms: per tensor, whether its norm is not finite, in one read-out."""
-    stacked = norms if isinstance(norms, torch.Tensor) else torch.stack(
-        [n.to(norms[0].device) for n in norms]
-    )
-    return _to_host([torch.isfinite(stacked).logical_not_(), *also])
+@dataclass(frozen=True)
+class Launched:
+    """Phase 1 of one count, queued on the device."""
+
+    pieces: list[_Piece]
+    """What each flag stands for."""
+    result: torch.Tensor
+    """The flags, then the ``also`` values, in one int64 tensor on one device."""
+    also: int
+    """How many values at the end of :attr:`result` are ``also``."""
+    events: tuple[Any, Any] | None = None
+    """CUDA events around gradtel's own kernels."""
+
+
+def _flags_by_norms(norms: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """Phase 1 from per-tensor norms: per tensor, whether its norm is not finite."""
+    return torch.isfinite(stacked(norms)).logical_not_()
 
 
 def per_tensor_norms(

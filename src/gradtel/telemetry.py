@@ -66,6 +66,14 @@ class Activity:
         self.pending_errors: dict[str, int] = {}
         """Failures of an endpoint counted before any gradtel meter provider recorded into
         its registry; the first one made for it counts them."""
+        self.deferred: weakref.WeakSet[Any] = weakref.WeakSet()
+        """Monitors with a deferred read-out (``readout="deferred"``)."""
+
+    def publish(self, wait: bool = False) -> None:
+        """Publish the deferred monitors' finished updates (all of them with ``wait``):
+        before a scrape, and before the exit wait."""
+        for monitor in list(self.deferred):
+            monitor.flush(wait)
 
 
 _activities: weakref.WeakKeyDictionary[CollectorRegistry, Activity] = weakref.WeakKeyDictionary()

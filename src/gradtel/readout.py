@@ -1,0 +1,66 @@
+"""How an update's flags reach the host: at once (``readout="sync"``), or when they are
+ready (``readout="deferred"``), so that a healthy update never blocks the training thread.
+
+With the deferred read-out, ``collect()`` queues the scan on the device and copies
+its small result into pinned host memory without blocking (an event marks the copy
+done on CUDA). The update is published (recorded, logged, returned by the next
+``collect()``) at the first of: the next ``collect()``, a Prometheus scrape of the
+endpoint, ``monitor.flush()``, ``monitor.close()`` or the interpreter's exit. Until
+its flags are read, the update keeps its gradient tensors alive: the exact counts of
+an unhealthy update are read from them when it is published.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, get_args
+
+import torch
+
+__all__ = ["READOUTS", "HostCopy", "Readout", "check_readout"]
+
+Readout = Literal["sync", "deferred"]
+READOUTS: tuple[str, ...] = get_args(Readout)
+
+
+def check_readout(readout: object, on_warning: str, on_critical: str) -> Readout:
+    """Validate ``readout`` against the actions it must be able to serve."""
+    if not isinstance(readout, str) or readout not in READOUTS:
+        raise ValueError(f"readout must be 'sync' or 'deferred', got {readout!r}")
+    if readout == "deferred":
+        for name, action in (("on_warning", on_warning), ("on_critical", on_critical)):
+            if action in ("raise", "skip"):
+                raise ValueError(
+                    f"{name}={action!r} must act on an update before optimizer.step(), but "
+                    "readout='deferred' learns an update's health after collect() returns: use "
+                    f"readout='sync' with {name}={action!r}, or {name}='warn' (or 'ignore') "
+                    "with readout='deferred'"
+                )
+    return readout  # type: ignore[return-value]
+
+
+class HostCopy:
+    """A small device tensor on its way to the host without blocking the caller.
+
+    On CUDA: a non-blocking copy into pinned memory, and an event recorded after it.
+    Elsewhere the work is done once it is queued, so the tensor itself is the copy.
+    """
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._event: Any = None
+        if tensor.device.type == "cuda":
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tensor
+
+    def ready(self) -> bool:
+        """Whether :meth:`read` would return at once."""
+        return self._event is None or bool(self._event.query())
+
+    def read(self) -> list[Any]:
+        """The values, waiting for the copy if it is not done yet."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()

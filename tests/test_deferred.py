@@ -1,0 +1,161 @@
+"""The deferred read-out (``readout="deferred"``) on the CPU: ``collect()`` never waits on
+its own update's result, an update's NaN shows up by the next ``collect()``, a scrape or
+``flush()``, and nothing is lost at exit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+from typing import Any
+
+import pytest
+import torch
+from opentelemetry.sdk.metrics import MeterProvider
+from prometheus_client import CollectorRegistry
+from torch import nn
+
+import gradtel
+from gradtel import GradMonitor, Status
+from gradtel.readout import HostCopy
+
+from .conftest import sample, samples, scrape
+
+NAN = float("nan")
+
+
+def net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+
+def backward(model: nn.Module, nan: bool = False) -> None:
+    model.zero_grad()
+    model(torch.randn(2, 4)).sum().backward()
+    if nan:
+        model[2].weight.grad[0, :3] = NAN
+
+
+def unhealthy(registry: CollectorRegistry) -> float:
+    return sample(samples(registry), "gradtel_unhealthy_updates_total", kind="nan", severity="warning")
+
+
+def test_collect_returns_the_latest_finished_update(provider: MeterProvider, registry: CollectorRegistry) -> None:
+    model = net()
+    monitor = GradMonitor(model, meter_provider=provider, readout="deferred")
+    backward(model)
+    first = monitor.collect()
+    assert first.pending and first.status is Status.UNKNOWN and "has not finished yet" in first.describe()
+    backward(model, nan=True)
+    assert monitor.collect().step == 1  # update 1, healthy, published by this call
+    assert unhealthy(registry) == 0  # update 2 is not published yet
+    backward(model)
+    said = monitor.collect()
+    assert (said.step, said.nan_by_layer, said.first_nan_layer) == (2, {"2": 3}, "2")
+    assert unhealthy(registry) == 1
+    monitor.flush()
+    assert sample(samples(registry), "gradtel_updates_total") == 3
+    assert sample(samples(registry), "gradtel_update_status") == 0  # update 3
+
+
+def test_collect_never_waits_on_its_own_update(
+    provider: MeterProvider, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A copy still in flight, as on a GPU: ready() is False until flush() waits for it.
+    waits: list[str] = []
+    monkeypatch.setattr(HostCopy, "ready", lambda self: False)
+    original = HostCopy.read
+
+    def read(self: HostCopy) -> list[Any]:
+        waits.append(threading.current_thread().name)
+        return original(self)
+
+    monkeypatch.setattr(HostCopy, "read", read)
+    monkeypatch.setattr("gradtel.scan.Scanner.read", lambda *args: pytest.fail("a blocking read-out"))
+    model = net()
+    monitor = GradMonitor(model, meter_provider=provider, readout="deferred")
+    for nan in (False, True, False):
+        backward(model, nan)
+        assert monitor.collect().pending
+    assert waits == [] and unhealthy(registry) == 0
+    monitor.flush()
+    assert len(waits) == 3 and unhealthy(registry) == 1
+    assert monitor.collect().step == 3
+
+
+def test_a_scrape_publishes_what_has_finished(provider: MeterProvider, registry: CollectorRegistry) -> None:
+    model = net()
+    monitor = GradMonitor(model, meter_provider=provider, readout="deferred")
+    backward(model, nan=True)
+    monitor.collect()
+    server = gradtel.serve(port=0, registry=registry, exit_grace=0)
+    try:
+        assert server.url is not None
+        assert 'gradtel_unhealthy_updates_total{kind="nan",severity="warning"} 1.0' in scrape(server.url)
+    finally:
+        server.close()
+        monitor.close()
+
+
+def test_a_checkpoint_decision_waits_for_the_pending_updates(provider: MeterProvider) -> None:
+    model = net()
+    monitor = GradMonitor(model, meter_provider=provider, readout="deferred")
+    backward(model, nan=True)
+    monitor.collect()
+    assert not monitor.allow_checkpoint(step=1)
+
+
+def test_gradients_rewritten_before_the_count_are_not_taken_for_healthy(
+    provider: MeterProvider, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = net()
+    monitor = GradMonitor(model, meter_provider=provider, readout="deferred")
+    backward(model, nan=True)
+    monitor.collect()
+    model.zero_grad(set_to_none=False)  # zeroed in place before the read-out counted
+    monitor.flush()
+    assert sample(samples(registry), "gradtel_unscanned_updates_total", reason="scan_error") == 1
+    assert sample(samples(registry), "gradtel_update_status") == -1
+    assert "changed in place before the deferred read-out" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"readout": "async"}, "readout must be 'sync' or 'deferred', got 'async'"),
+        (
+            {"readout": "deferred", "on_critical": "skip"},
+            "on_critical='skip' must act on an update before optimizer.step.., but readout='deferred'",
+        ),
+        ({"readout": "deferred", "on_warning": "raise"}, "use readout='sync' with on_warning='raise'"),
+    ],
+)
+def test_readouts_that_cannot_work_are_refused(provider: MeterProvider, kwargs: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GradMonitor(net(), meter_provider=provider, **kwargs)  # type: ignore[arg-type]
+
+
+def test_nothing_is_lost_at_exit() -> None:
+    script = textwrap.dedent(
+        """
+        import atexit, torch
+        from prometheus_client import CollectorRegistry
+        import gradtel
+
+        registry = CollectorRegistry()
+        # Registered first, so it runs after gradtel's own exit handlers (last in, first out).
+        atexit.register(lambda: print(registry.get_sample_value(
+            "gradtel_unhealthy_updates_total", {"kind": "inf", "severity": "warning"})))
+        model = torch.nn.Linear(4, 1)
+        monitor = gradtel.GradMonitor(
+            model, meter_provider=gradtel.prometheus_meter_provider(registry), readout="deferred"
+        )
+        model(torch.ones(1, 4)).sum().backward()
+        model.weight.grad[0, 0] = float("inf")
+        monitor.collect()  # the run ends here, its last update unpublished
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert float(run.stdout.strip()) == 1
