@@ -380,14 +380,15 @@ class GradMonitor:
             overflow_possible = _check_scaler(scaler)
             if loss is not None and not isinstance(loss, torch.Tensor):
                 raise TypeError(f"loss must be a tensor or None, got {loss!r} ({type(loss).__name__})")
-            launched = self._launch(norms, loss, total_norm)
-            if self.readout == "deferred":
-                self._publish(wait=False)  # the updates before this one, in order, if ready
-                if isinstance(launched, _Update):
-                    launched.start_readout()
-                self._pending.append((launched, overflow_possible, time.perf_counter() - started, time.time()))
-                return self._latest or self._health(self._training_step, pending=True)
-            health = launched if isinstance(launched, GradHealth) else self._read_out(launched)
+            with torch.no_grad():
+                launched = self._launch(norms, loss, total_norm)
+                if self.readout == "deferred":
+                    self._publish(wait=False)  # the updates before this one, in order, if ready
+                    if isinstance(launched, _Update):
+                        launched.start_readout()
+                    self._pending.append((launched, overflow_possible, time.perf_counter() - started, time.time()))
+                    return self._latest or self._health(self._training_step, pending=True)
+                health = launched if isinstance(launched, GradHealth) else self._read_out(launched)
             duration = time.perf_counter() - started - self._scanner.waited
             return self._conclude(health, overflow_possible, duration, time.time())
 
@@ -420,6 +421,7 @@ class GradMonitor:
         with self._lock:
             self._publish(wait)
 
+    @torch.no_grad()
     def _publish(self, wait: bool) -> None:
         while self._pending:
             launched, overflow_possible, duration, timestamp = self._pending[0]
@@ -568,7 +570,6 @@ class GradMonitor:
             present.append(index)
         return values, tuple(present), skipped, dense
 
-    @torch.no_grad()
     def _launch(
         self,
         norms: torch.Tensor | Mapping[torch.Tensor, torch.Tensor] | None,
@@ -627,7 +628,6 @@ class GradMonitor:
             layers=layers,
         )
 
-    @torch.no_grad()
     def _read_out(self, update: _Update) -> GradHealth:
         """The health of a launched update: its read-out, then exact counts of what it flags."""
         read = self._guarded("scan", update.read if update.copy is not None else lambda: self._scanner.read(update.launched))

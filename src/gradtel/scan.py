@@ -3,20 +3,25 @@
 The scan runs in two phases so that the common, healthy update costs about
 one read of gradient memory and one host read-out:
 
-1. *Flag.* A sum, whose result is non-finite whenever its input holds a NaN
-   or an Inf: one per small tensor, one per chunk of ``CHUNK`` elements of
-   each large tensor (as fast as one sum over the tensor, and it tells where
-   the bad values are), and one for all tiny 1-D tensors (biases, norm
-   weights) of a device and dtype together, since a call per tensor would
-   cost more than the arithmetic. Sums, not norms: squaring makes subnormal
-   gradients, common deep in a network, several times slower on CPUs. The
-   results are checked on the device and read to the host in one transfer,
-   grouped by device and dtype. A healthy update stops here.
-2. *Count.* Only flagged pieces (a small tensor, one chunk of a large one,
-   or the tiny tensors of a flagged group) are counted exactly, into int64
-   (a 38M-element embedding is counted right), and read out in one more
-   transfer. A flag can be a false alarm (finite values whose sum
-   overflows): the exact count is then zero, so results are always exact.
+1. *Flag.* Small tensors (below ``CHUNK`` elements: biases, norm weights,
+   most weights of small models) are flagged ``BATCH`` at a time by torch's
+   own fused non-finite check, the one ``GradScaler`` runs
+   (``_amp_foreach_non_finite_check_and_unscale_`` with a scale of 1, which
+   writes every value back unchanged): one call per batch, a multi-tensor
+   kernel on CUDA, where a call per tensor would cost more than the
+   arithmetic. Large tensors are flagged by a sum per chunk of ``CHUNK``
+   elements, which is non-finite whenever the chunk holds a NaN or an Inf:
+   as fast as one sum over the tensor, writes nothing, and tells where the
+   bad values are. Sums, not norms: squaring makes subnormal gradients,
+   common deep in a network, several times slower on CPUs. Gradients that
+   must not be written (complex, overlapping, or part of an autograd graph)
+   are summed whole. The flags are checked on the device and read to the
+   host in one transfer. A healthy update stops here.
+2. *Count.* Only flagged pieces (a batch of small tensors, a chunk of a
+   large one) are counted exactly, into int64 (a 38M-element embedding is
+   counted right), and read out in one more transfer. A sum's flag can be a
+   false alarm (finite values whose sum overflows): the exact count is then
+   zero, so results are always exact.
 
 Tensors are read in memory order (a channels-last or transposed gradient is
 viewed, never copied), and nothing in either phase reads a value to the host
@@ -47,8 +52,11 @@ __all__ = ["CHUNK", "Scanner", "count_nonfinite", "countable_values", "memory_or
 CHUNK = 1 << 16
 """Elements per chunk of a large tensor; tensors smaller than this are flagged whole."""
 
-TINY = 4096
-"""1-D tensors up to this size are flagged together, one sum per device and dtype."""
+BATCH = 64
+"""Small tensors flagged by one call of the fused check: one flag per batch. A flagged
+batch is checked again tensor by tensor, and only its flagged tensors are counted."""
+
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 VERIFY_EVERY = 64
 """Uses of a plan between two checks that every tensor still has its planned size."""
@@ -113,7 +121,7 @@ class _Entry:
     device: torch.device
     dtype: torch.dtype
     numel: int
-    tiny: bool
+    fused: bool  # small, and the fused check may write it back
     chunks: int  # full chunks of a large tensor (0: flagged whole)
     rest: int
     order: tuple[int, ...] | None  # memory order of a non-contiguous large tensor
@@ -122,17 +130,18 @@ class _Entry:
 
 def _entry(tensor: torch.Tensor) -> _Entry:
     numel = tensor.numel()
-    tiny = tensor.dim() == 1 and 0 < numel <= TINY and not tensor.is_complex()
     chunks, rest = divmod(numel, CHUNK) if numel >= CHUNK else (0, 0)
+    dense = tensor.is_contiguous() or memory_order(tensor) is not None
+    fused = not chunks and dense and tensor.dtype in _FUSED_DTYPES
     order = memory_order(tensor) if chunks else None
     copy = bool(chunks) and order is None and not tensor.is_contiguous()
-    return _Entry(tensor.device, tensor.dtype, numel, tiny, chunks, rest, order, copy)
+    return _Entry(tensor.device, tensor.dtype, numel, fused, chunks, rest, order, copy)
 
 
 @dataclass(frozen=True)
 class _Piece:
     """What one flag stands for: tensor ``index`` whole, elements ``start:stop`` of it in
-    memory order (``stop`` None: to the end), or, for a tiny group, the tensors ``members``."""
+    memory order (``stop`` None: to the end), or, for a batch, the tensors ``members``."""
 
     index: int
     start: int = 0
@@ -146,8 +155,8 @@ class _Piece:
 class _Group:
     """Tensors of one device and dtype, and the order their flags come in."""
 
-    tiny: tuple[int, ...]  # flagged together, one piece
-    small: tuple[int, ...]  # flagged whole
+    batches: tuple[tuple[int, ...], ...]  # flagged by the fused check, one flag per batch
+    small: tuple[int, ...]  # flagged whole, by a sum
     large: tuple[tuple[int, _Entry], ...]
     pieces: tuple[_Piece, ...]
 
@@ -159,10 +168,11 @@ def _assemble(entries: Sequence[_Entry]) -> list[_Group]:
         by_kind[(e.device, e.dtype)].append(i)
     groups = []
     for members in by_kind.values():
-        tiny = tuple(i for i in members if entries[i].tiny)
-        small = tuple(i for i in members if not entries[i].tiny and not entries[i].chunks)
+        fused = [i for i in members if entries[i].fused]
+        batches = tuple(tuple(fused[b : b + BATCH]) for b in range(0, len(fused), BATCH))
+        small = tuple(i for i in members if not entries[i].fused and not entries[i].chunks)
         large = tuple((i, entries[i]) for i in members if entries[i].chunks)
-        pieces = [_Piece(tiny[0], members=tiny)] if tiny else []
+        pieces = [_Piece(batch[0], members=batch) for batch in batches]
         pieces += [_Piece(i) for i in small]
         for i, e in large:
             pieces += [
@@ -170,7 +180,7 @@ def _assemble(entries: Sequence[_Entry]) -> list[_Group]:
             ]
             if e.rest:
                 pieces.append(_Piece(i, e.chunks * CHUNK, None, e.order, e.copy))
-        groups.append(_Group(tiny, small, large, tuple(pieces)))
+        groups.append(_Group(batches, small, large, tuple(pieces)))
     return groups
 
 
@@ -183,21 +193,55 @@ def _flags(values: Sequence[torch.Tensor], group: _Group) -> torch.Tensor:
     # Sums keep the input dtype: asking torch for a wider one is 25x slower on CPU
     # for half types. An fp16 sum can overflow on healthy values: a false alarm
     # that phase 2 resolves by counting, never a wrong count.
-    parts = []
-    if group.tiny:
-        parts.append(torch.cat([values[i] for i in group.tiny]).sum().reshape(1))
+    sums = []
     if group.small:
         # A whole-tensor sum reads any layout in place, without a copy.
-        parts.append(torch.stack([values[i].sum() for i in group.small]))
+        sums.append(torch.stack([values[i].sum() for i in group.small]))
     for i, e in group.large:
         flat = _flatten(values[i], e)
         if not e.rest:  # view() raises if the size changed since planning
-            parts.append(flat.view(e.chunks, CHUNK).sum(1))
+            sums.append(flat.view(e.chunks, CHUNK).sum(1))
             continue
-        parts.append(flat[: e.chunks * CHUNK].view(e.chunks, CHUNK).sum(1))
-        parts.append(flat[e.chunks * CHUNK :].sum().reshape(1))  # whatever the tail's size now
-    summary = parts[0] if len(parts) == 1 else torch.cat(parts)
-    return torch.isfinite(summary).logical_not_()
+        sums.append(flat[: e.chunks * CHUNK].view(e.chunks, CHUNK).sum(1))
+        sums.append(flat[e.chunks * CHUNK :].sum().reshape(1))  # whatever the tail's size now
+    flags = [_fused_flags(values, group.batches)] if group.batches else []
+    if sums:
+        flags.append(_not_finite(sums[0] if len(sums) == 1 else torch.cat(sums)))
+    return flags[0] if len(flags) == 1 else torch.cat(flags)
+
+
+def _not_finite(sums: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(sums).logical_not_()
+
+
+_ONES: dict[torch.device, torch.Tensor] = {}
+
+
+def _fused_flags(values: Sequence[torch.Tensor], batches: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """Per batch, whether it holds a non-finite value: torch's fused check with a scale of 1."""
+    device = values[batches[0][0]].device
+    found = torch.zeros(len(batches), device=device)
+    one = _ONES.get(device)
+    if one is None:
+        one = _ONES[device] = torch.ones(1, device=device)
+    for b, batch in enumerate(batches):
+        tensors = [values[i] for i in batch]
+        if any(t.requires_grad for t in tensors):  # in an autograd graph: read, never write
+            found[b] = _not_finite(torch.stack([t.sum() for t in tensors])).any()
+        else:
+            torch._amp_foreach_non_finite_check_and_unscale_(tensors, found[b : b + 1], one)
+    return found != 0
+
+
+def _flagged_members(values: Sequence[torch.Tensor], batches: list[_Piece]) -> list[_Piece]:
+    """The tensors of flagged batches that hold a non-finite value: the fused check once
+    per tensor, read out together (cheaper than counting every tensor of a batch)."""
+    by_device: dict[torch.device, list[int]] = defaultdict(list)
+    for piece in batches:
+        by_device[values[piece.index].device] += piece.members
+    members = [i for found in by_device.values() for i in found]
+    flags = _on_one_device([_fused_flags(values, tuple((i,) for i in found)) for found in by_device.values()])
+    return [_Piece(i) for i, bad in zip(members, flags.tolist()) if bad]
 
 
 def _exact(part: torch.Tensor) -> torch.Tensor:
@@ -208,25 +252,9 @@ def _exact(part: torch.Tensor) -> torch.Tensor:
     return torch.stack((nan, nonfinite - nan))
 
 
-def _exact_tiny(values: Sequence[torch.Tensor], members: tuple[int, ...]) -> torch.Tensor:
-    """``[[nan, inf], ...]`` of each tiny tensor of a group, in a constant number of operations."""
-    joined = torch.cat([values[i] for i in members])
-    device = joined.device
-    lengths = torch.tensor([values[i].numel() for i in members], device=device)
-    # output_size keeps repeat_interleave from reading the total back to the host.
-    segment = torch.repeat_interleave(
-        torch.arange(len(members), device=device), lengths, output_size=joined.numel()
-    )
-    counts = torch.zeros(2, len(members), dtype=torch.int64, device=device)
-    counts[0].index_add_(0, segment, torch.isnan(joined).long())
-    counts[1].index_add_(0, segment, torch.isfinite(joined).logical_not_().long())
-    counts[1] -= counts[0]
-    return counts.t()
-
-
 def _exact_piece(values: Sequence[torch.Tensor], piece: _Piece) -> list[tuple[int, torch.Tensor]]:
     if piece.members:
-        return list(zip(piece.members, _exact_tiny(values, piece.members).unbind(0)))
+        return [(i, _exact(values[i])) for i in piece.members]
     tensor = values[piece.index]
     if piece.start == 0 and piece.stop is None and not piece.order and not piece.copy:
         return [(piece.index, _exact(tensor))]
@@ -319,7 +347,6 @@ class Scanner:
             plan = self._plan(values, slots)
             return plan, [_flags(values, group) for group in plan.groups]
 
-    @torch.no_grad()
     def launch(
         self,
         values: Sequence[torch.Tensor],
@@ -328,7 +355,8 @@ class Scanner:
         also: torch.Tensor | None = None,
     ) -> Launched:
         """Phase 1, queued on the device with no host read: see :meth:`count` for the
-        arguments. Read :attr:`Launched.result` to the host, then call :meth:`finish`."""
+        arguments. Read :attr:`Launched.result` to the host, then call :meth:`finish`
+        (both under ``torch.no_grad()``, as :meth:`count` runs them)."""
         extra = [] if also is None else [also.reshape(-1)]
         timed = values[0].device.type == "cuda"
         if timed:  # gradtel's own kernels, apart from the work queued before them
@@ -354,7 +382,6 @@ class Scanner:
             self.waited = max(0.0, time.perf_counter() - began - start.elapsed_time(end) / 1000)
         return read
 
-    @torch.no_grad()
     def finish(self, values: Sequence[torch.Tensor], launched: Launched, read: Sequence[Any]) -> dict[int, tuple[int, int]]:
         """Phase 2: exact counts of the pieces that ``read`` (the host copy of
         ``launched.result``) flags; the ``also`` values land in :attr:`also_read`."""
@@ -363,6 +390,11 @@ class Scanner:
         flagged = [piece for piece, bad in zip(launched.pieces, flags) if bad]
         if not flagged:
             return {}
+        batches = [piece for piece in flagged if piece.members]
+        if batches:
+            flagged = [piece for piece in flagged if not piece.members] + _flagged_members(values, batches)
+            if not flagged:
+                return {}
         # Exact counts of the flagged pieces, grouped by device, one read-out.
         on_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = defaultdict(list)
         for piece in flagged:
@@ -426,7 +458,7 @@ class Launched:
 
 def _flags_by_norms(norms: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     """Phase 1 from per-tensor norms: per tensor, whether its norm is not finite."""
-    return torch.isfinite(stacked(norms)).logical_not_()
+    return _not_finite(stacked(norms))
 
 
 def per_tensor_norms(
