@@ -534,6 +534,20 @@ def test_a_healthy_collect_reads_nothing_to_the_host_but_its_flags(provider: Met
     assert "aten::_local_scalar_dense" not in ops and "aten::item" not in ops
 
 
+def test_a_healthy_clip_that_must_raise_on_nonfinite_reads_the_host_once(provider: MeterProvider) -> None:
+    model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(4)])
+    monitor = GradMonitor(model, meter_provider=provider)
+    model(torch.randn(4, 32)).sum().backward()
+
+    def clip() -> None:
+        gradtel.clip_grad_norm_(model.parameters(), 1.0, error_if_nonfinite=True, monitor=monitor)
+
+    clip()
+    ops = profiled_ops(clip)
+    # The total norm rides along with the flags: no second host read to decide whether to raise.
+    assert "aten::_local_scalar_dense" not in ops and "aten::item" not in ops
+
+
 @pytest.mark.parametrize("layout", ["transposed", "channels_last"])
 def test_non_contiguous_gradients_are_counted_without_copies(provider: MeterProvider, layout: str) -> None:
     if layout == "transposed":

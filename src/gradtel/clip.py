@@ -7,6 +7,7 @@ counts exactly only the gradients whose norm is not finite.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -85,21 +86,23 @@ def clip_grad_norm_(
     first = norms[0].device
     stacked = torch.stack([n if n.device == first else n.to(first) for n in norms])
     total: torch.Tensor = torch.linalg.vector_norm(stacked, norm_type)
+    known: float | None = None  # the total, when read with the update's own read-out
     if len(with_grad) == len(monitor.parameters) and all(
         mine is theirs for mine, theirs in zip(with_grad, monitor.parameters)
     ):
         # The usual call: clip what is watched. Its L2 total is the gradient-norm gauge, for free.
         health = monitor.collect(norms=stacked, total_norm=total if norm_type == 2.0 else None)
+        known = health.grad_norm if norm_type == 2.0 and monitor.readout == "sync" else None
     else:  # a subset's total is not the update's norm
-        health = monitor.collect(norms=dict(zip(with_grad, norms)))
+        monitor.collect(norms=dict(zip(with_grad, norms)))
     kept = [i for i, p in enumerate(with_grad) if p.grad is not None]
     if len(kept) < len(with_grad):  # a "skip" policy cleared the gradients
         if not kept:
             return torch.tensor(0.0)
         with_grad = [with_grad[i] for i in kept]
         stacked = stacked[torch.tensor(kept, device=first)]
-        total = torch.linalg.vector_norm(stacked, norm_type)
-    if error_if_nonfinite and bool(torch.logical_or(total.isnan(), total.isinf())):
+        total, known = torch.linalg.vector_norm(stacked, norm_type), None
+    if error_if_nonfinite and _not_finite(total, known):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
             "so it cannot be clipped. gradtel has counted the non-finite values per layer; "
@@ -107,3 +110,10 @@ def clip_grad_norm_(
         )
     torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total, foreach)
     return total
+
+
+def _not_finite(total: torch.Tensor, known: float | None) -> bool:
+    """Whether the total norm is not finite, without another host read when it is known."""
+    if known is not None:
+        return not math.isfinite(known)
+    return bool(torch.logical_or(total.isnan(), total.isinf()))

@@ -646,6 +646,8 @@ class GradMonitor:
             ))
             return self._health(update.step, unscanned="scan_error", skipped=len(update.labels))
         also = list(self._scanner.also_read)
+        if not counts and not also and not update.local:  # the usual update: healthy, nothing else read
+            return self._health(update.step, scanned=len(update.present), skipped=update.skipped)
         local: dict[str, Any] = {}
         if update.local:
             nan, inf = also[:2] if update.origin else (0, 0)

@@ -52,7 +52,7 @@ __all__ = ["CHUNK", "Scanner", "count_nonfinite", "countable_values", "memory_or
 CHUNK = 1 << 16
 """Elements per chunk of a large tensor; tensors smaller than this are flagged whole."""
 
-BATCH = 64
+BATCH = 16
 """Small tensors flagged by one call of the fused check: one flag per batch. A flagged
 batch is checked again tensor by tensor, and only its flagged tensors are counted."""
 
@@ -230,7 +230,7 @@ def _fused_flags(values: Sequence[torch.Tensor], batches: tuple[tuple[int, ...],
             found[b] = _not_finite(torch.stack([t.sum() for t in tensors])).any()
         else:
             torch._amp_foreach_non_finite_check_and_unscale_(tensors, found[b : b + 1], one)
-    return found != 0
+    return found  # 0 or 1 per batch
 
 
 def _flagged_members(values: Sequence[torch.Tensor], batches: list[_Piece]) -> list[_Piece]:
@@ -262,10 +262,10 @@ def _exact_piece(values: Sequence[torch.Tensor], piece: _Piece) -> list[tuple[in
 
 
 def _on_one_device(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Per-device results as one int64 tensor on the first one's device, for one read-out."""
+    """Per-device results as one tensor on the first one's device, for one read-out."""
     target = parts[0].device
     gathered = [p if p.device == target else p.to(target, non_blocking=True) for p in parts]
-    return (gathered[0] if len(gathered) == 1 else torch.cat(gathered)).long()
+    return gathered[0] if len(gathered) == 1 else torch.cat(gathered)
 
 
 class _Plan:
@@ -366,8 +366,9 @@ class Scanner:
             plan, parts = self._flag_parts(values, slots)
             pieces = plan.pieces
         else:
-            parts, pieces = [_flags_by_norms(norms)], [_Piece(i) for i in range(len(values))]
-        result = _on_one_device(parts + extra)
+            parts, pieces = [_flags_by_norms(norms)], None  # one per tensor, made when flagged
+        flags = _on_one_device(parts)
+        result = _on_one_device([flags.long(), *extra]) if extra else flags
         if timed:
             end.record()
         return Launched(pieces, result, sum(e.numel() for e in extra), (start, end) if timed else None)
@@ -387,7 +388,8 @@ class Scanner:
         ``launched.result``) flags; the ``also`` values land in :attr:`also_read`."""
         flags = read[: len(read) - launched.also]
         self.also_read = [int(v) for v in read[len(flags) :]]
-        flagged = [piece for piece, bad in zip(launched.pieces, flags) if bad]
+        pieces = launched.pieces
+        flagged = [pieces[k] if pieces is not None else _Piece(k) for k, bad in enumerate(flags) if bad]
         if not flagged:
             return {}
         batches = [piece for piece in flagged if piece.members]
@@ -446,10 +448,11 @@ class Scanner:
 class Launched:
     """Phase 1 of one count, queued on the device."""
 
-    pieces: list[_Piece]
-    """What each flag stands for."""
+    pieces: list[_Piece] | None
+    """What each flag stands for; None: flag ``k`` stands for tensor ``k``."""
     result: torch.Tensor
-    """The flags, then the ``also`` values, in one int64 tensor on one device."""
+    """The flags (non-zero: flagged), then the ``also`` values, in one tensor on one
+    device (int64 when there are ``also`` values)."""
     also: int
     """How many values at the end of :attr:`result` are ``also``."""
     events: tuple[Any, Any] | None = None

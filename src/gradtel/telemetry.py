@@ -168,10 +168,22 @@ class _Instruments:
 
         self.totals = {kind: make(m.GRADS_TOTAL[kind]) for kind in KINDS}
         self.per_update = {kind: make(m.UPDATE_GRADS[kind]) for kind in KINDS}
-        self.updates = make(m.UPDATES)
         self.unhealthy = make(m.UNHEALTHY_UPDATES)
-        self.status = make(m.UPDATE_STATUS)
-        self.last_update = make(m.LAST_UPDATE_TIMESTAMP)
+        # What every update changes is read when scraped, from each monitor's plain
+        # fields: a healthy update then costs the SDK one histogram record, not four calls.
+        self.update_sources: set[GradTelemetry] = set()
+        meter.create_observable_counter(
+            m.UPDATES.instrument, [self._observe_updates], unit=m.UPDATES.unit, description=m.UPDATES.help
+        )
+        meter.create_observable_gauge(
+            m.UPDATE_STATUS.instrument, [self._observe_status], unit=m.UPDATE_STATUS.unit, description=m.UPDATE_STATUS.help
+        )
+        meter.create_observable_gauge(
+            m.LAST_UPDATE_TIMESTAMP.instrument,
+            [self._observe_last_update],
+            unit=m.LAST_UPDATE_TIMESTAMP.unit,
+            description=m.LAST_UPDATE_TIMESTAMP.help,
+        )
         self.unscanned = make(m.UNSCANNED_UPDATES)
         self.duration = make(m.SCAN_DURATION)
         self.first_bad = make(m.FIRST_BAD_LAYER)
@@ -191,6 +203,26 @@ class _Instruments:
         self.refused_checkpoints = make(m.REFUSED_CHECKPOINTS)
         self.errors = make(m.ERRORS)
 
+
+    def _by_labels(self) -> dict[frozenset[tuple[str, str]], list[GradTelemetry]]:
+        """The monitors by their labels: two monitors of one process share their series."""
+        found: dict[frozenset[tuple[str, str]], list[GradTelemetry]] = {}
+        for source in list(self.update_sources):
+            found.setdefault(frozenset(source.labels.items()), []).append(source)
+        return found
+
+    def _observe_updates(self, options: CallbackOptions) -> Iterable[Observation]:
+        for sources in self._by_labels().values():
+            yield Observation(sum(s.updates for s in sources), sources[0].labels)
+
+    def _observe_status(self, options: CallbackOptions) -> Iterable[Observation]:
+        for sources in self._by_labels().values():
+            latest = max(sources, key=lambda s: s.last_update)
+            yield Observation(latest.status, latest.labels)
+
+    def _observe_last_update(self, options: CallbackOptions) -> Iterable[Observation]:
+        for sources in self._by_labels().values():
+            yield Observation(max(s.last_update for s in sources), sources[0].labels)
 
     def _observe_layer_norms(self, options: CallbackOptions) -> Iterable[Observation]:
         for source in list(self.layer_norm_sources):
@@ -298,9 +330,12 @@ class GradTelemetry:
         for attrs in self._kind_attrs.values():
             ins.origin.add(0, attrs)
         ins.nonfinite_loss.add(0, self._base)
-        ins.updates.add(0, self._base)
-        ins.status.set(Status.UNKNOWN.level, self._base)  # no update looked at yet
-        ins.last_update.set(start_time, self._base)
+        self.labels = self._base
+        self.updates = 0
+        """Updates scanned, for ``gradtel_updates_total``."""
+        self.status = Status.UNKNOWN.level  # no update looked at yet
+        self.last_update = start_time
+        ins.update_sources.add(self)
 
     def add_layers(self, layers: Sequence[str]) -> None:
         """Make the series of layers not seen before, at 0."""
@@ -321,12 +356,12 @@ class GradTelemetry:
     def record(self, health: GradHealth, *, duration: float, timestamp: float) -> None:
         """Record one due update: scanned, unscanned, or an AMP overflow the scaler skips."""
         ins = self._instruments
-        ins.last_update.set(timestamp, self._base)
+        self.last_update = timestamp
         if health.unscanned is not None:
             ins.unscanned.add(1, self._unscanned_attrs[health.unscanned])
-            ins.status.set(Status.UNKNOWN.level, self._base)
+            self.status = Status.UNKNOWN.level
             return
-        ins.updates.add(1, self._base)
+        self.updates += 1
         ins.duration.record(duration, self._base)
         for kind, local in (("nan", health.local_nan_total), ("inf", health.local_inf_total)):
             if local:
@@ -362,7 +397,7 @@ class GradTelemetry:
         for kind, first in (("nan", health.first_nan_layer), ("inf", health.first_inf_layer)):
             if first is not None:
                 ins.first_bad.set(health.step, self._first_bad_series(kind, first))
-        ins.status.set(health.status.level, self._base)
+        self.status = health.status.level
 
     def _keep_layer_norms(self, norms: Mapping[str, float]) -> None:
         kept = dict(self.layer_norms)  # swapped whole: a scrape may be reading the old one
@@ -385,7 +420,7 @@ class GradTelemetry:
 
     def touch(self, timestamp: float) -> None:
         """Note an update that was not due for a scan (``sample_every``): liveness only."""
-        self._instruments.last_update.set(timestamp, self._base)
+        self.last_update = timestamp
 
     def record_checkpoint(self, *, refused: bool) -> None:
         """Count a refused checkpoint save (an allowed one makes the series, at 0)."""

@@ -1,0 +1,205 @@
+"""What an always-on gradient check costs per training step, gradtel next to what users run
+today, in one process, methods interleaved, medians over repeated runs.
+
+Run from a checkout (the peers are in the ``bench`` extra):
+
+    bash scripts/setup.sh bench && .venv/bin/python benchmarks/bench_peers.py [--quick]
+
+Three workloads, each with real gradients of its shape: 300 x Linear(128) (600
+small tensors), a GPT-2-small-shaped transformer in fp32, and 6 x Conv2d(64) in
+channels_last. Checks that read the gradients after backward are timed on those
+gradients; checks that hook into the step (``wandb.watch``, ``detect_anomaly``)
+are timed as a forward and backward pass with the check minus one without.
+Prints the cost table, a capability table and one PASS/FAIL line per target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from prometheus_client import CollectorRegistry
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gradtel  # noqa: E402
+from bench_scan import measure_all, original_per_layer  # noqa: E402
+from models import GPT2Small, many_linears  # noqa: E402
+
+COLUMNS = {
+    "gradtel": "gradtel `collect()`",
+    "gradtel deferred": "gradtel `collect()`, `readout=\"deferred\"`",
+    "scaler": "GradScaler's fused non-finite check (a yes/no flag)",
+    "floor": "one `.sum()` over all gradient memory",
+    "clip": "torch `clip_grad_norm_(error_if_nonfinite=True)`",
+    "gradtel clip": "`gradtel.clip_grad_norm_`",
+    "lightning": "Lightning `grad_norm`",
+    "seed": "per-layer `.item()` (gradtel's seed)",
+    "wandb": "`wandb.watch(log=\"gradients\")`, offline",
+    "tensorboard": "TensorBoard histograms every step",
+    "anomaly": "`detect_anomaly`",
+}
+CAPABILITIES = [
+    # tool, NaN counted, Inf apart, per layer, per rank, exported for alerts
+    ("gradtel", "yes", "yes", "yes", "yes, and the rank it started on", "Prometheus, OTLP"),
+    ("GradScaler check", "no (one flag)", "no", "no", "no", "no"),
+    ("torch clipping, `error_if_nonfinite`", "no (raises)", "no", "no", "no", "no"),
+    ("Lightning `grad_norm`", "no (NaN norm)", "no", "per parameter norm", "no", "logger"),
+    ("`wandb.watch`", "no (histograms)", "no", "per parameter", "per run", "W&B"),
+    ("TensorBoard histograms", "no", "no", "per parameter", "no", "event files"),
+    ("`detect_anomaly`", "no (raises at the op)", "no", "the op", "no", "no"),
+]
+
+
+def conv_net() -> nn.Module:
+    return nn.Sequential(*[nn.Conv2d(64, 64, 3, padding=1) for _ in range(6)]).to(memory_format=torch.channels_last)
+
+
+def workloads(quick: bool) -> dict[str, tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]]:
+    tokens = 16 if quick else 64
+    return {
+        "300 x Linear(128)": (many_linears(), lambda m: m(torch.randn(32, 128)).square().mean()),
+        "GPT-2-small shape, fp32": (
+            GPT2Small(),
+            lambda m: m(torch.randint(0, 50257, (1, tokens))).float().square().mean(),
+        ),
+        "6 x Conv2d(64), channels_last": (
+            conv_net(),
+            lambda m: m(torch.randn(4, 64, 16, 16).to(memory_format=torch.channels_last)).square().mean(),
+        ),
+    }
+
+
+def provider() -> object:
+    return gradtel.prometheus_meter_provider(CollectorRegistry())
+
+
+def gradient_checks(model: nn.Module) -> dict[str, Callable[[], object]]:
+    """Checks that read the gradients already there, after backward."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    grads = [p.grad for p in params]
+    numel = sum(g.numel() for g in grads)
+    buffer = torch.randn(numel)
+    found_inf, inv_scale = torch.zeros(1), torch.ones(1)
+    sync = gradtel.GradMonitor(model, meter_provider=provider())
+    deferred = gradtel.GradMonitor(model, meter_provider=provider(), readout="deferred")
+    clipping = gradtel.GradMonitor(model, meter_provider=provider())
+
+    def scaler() -> bool:
+        # GradScaler.unscale_'s check, then the flag its step reads.
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+        return bool(found_inf.item())
+
+    def lightning() -> object:
+        from lightning.pytorch.utilities import grad_norm
+
+        return {k: float(v) for k, v in grad_norm(model, norm_type=2).items()}  # as logged
+
+    return {
+        "gradtel": sync.collect,
+        "gradtel deferred": deferred.collect,
+        "scaler": scaler,
+        "floor": buffer.sum,
+        "clip": lambda: nn.utils.clip_grad_norm_(params, 1e9, error_if_nonfinite=True),
+        "gradtel clip": lambda: gradtel.clip_grad_norm_(params, 1e9, error_if_nonfinite=True, monitor=clipping),
+        "lightning": lightning,
+        "seed": original_per_layer(model),
+    }
+
+
+def step_checks(model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor], logdir: str) -> dict[str, Callable[[], object]]:
+    """A forward and backward pass without a check, and with each check that hooks into it."""
+    import wandb
+    from torch.utils.tensorboard import SummaryWriter
+
+    def step(m: nn.Module) -> torch.Tensor:
+        m.zero_grad(set_to_none=True)
+        loss = loss_of(m)
+        loss.backward()
+        return loss.detach()
+
+    watched = copy.deepcopy(model)
+    run = wandb.init(mode="offline", dir=logdir, project="gradtel-bench", reinit="finish_previous")
+    run.watch(watched, log="gradients", log_freq=1)
+    writer = SummaryWriter(logdir)
+    tb_step = [0]
+
+    def with_wandb() -> None:
+        run.log({"loss": step(watched).item()})
+
+    def with_tensorboard() -> None:
+        loss = step(model)
+        tb_step[0] += 1
+        for name, p in model.named_parameters():
+            writer.add_histogram(name, p.grad, tb_step[0])
+        writer.add_scalar("loss", loss.item(), tb_step[0])
+
+    def with_anomaly() -> None:
+        with torch.autograd.detect_anomaly():
+            step(model).item()
+
+    def plain() -> None:
+        step(model).item()
+
+    return {"step": plain, "wandb": with_wandb, "tensorboard": with_tensorboard, "anomaly": with_anomaly}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few repetitions: a smoke run, not a measurement")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    warnings.filterwarnings("ignore", "Anomaly Detection has been enabled")
+    repeats, step_repeats = (3, 2) if args.quick else (25, 7)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; extra ms per training step, "
+          f"median of {repeats} (hooked checks: {step_repeats}) interleaved runs\n")
+    rows: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as logdir:
+        for name, (model, loss_of) in workloads(args.quick).items():
+            torch.manual_seed(0)
+            loss_of(model).backward()
+            timing = measure_all(gradient_checks(model), repeats)
+            hooked = measure_all(step_checks(model, loss_of, logdir), step_repeats, warmup=1)
+            base = hooked.pop("step").median
+            rows[name] = {k: v.median * 1e3 for k, v in timing.items()}
+            rows[name].update({k: max(0.0, v.median - base) * 1e3 for k, v in hooked.items()})
+            print(f"measured {name}", file=sys.stderr)
+    print("| workload | " + " | ".join(COLUMNS.values()) + " |")
+    print("|---|" + "---:|" * len(COLUMNS))
+    for name, row in rows.items():
+        print(f"| {name} | " + " | ".join(f"{row[k]:.3g}" for k in COLUMNS) + " |")
+    print("\n| tool | NaN counted | Inf apart | per layer | per rank | exported |")
+    print("|---|---|---|---|---|---|")
+    for line in CAPABILITIES:
+        print("| " + " | ".join(line) + " |")
+    print()
+    failed = 0
+    for name, row in rows.items():
+        for what, value, limit in (
+            ("healthy collect() / GradScaler check", row["gradtel"] / row["scaler"], 1.0),
+            ("gradtel.clip_grad_norm_ / torch clip_grad_norm_", row["gradtel clip"] / row["clip"], 1.1),
+        ):
+            ok = value <= limit
+            failed += not ok
+            print(f"{'PASS' if ok else 'FAIL'}  {name}: {what} = {value:.2f} (target <= {limit})")
+    if args.quick:
+        print("(--quick: few repetitions; the targets mean something only in a full run)")
+    return 0
+
+
+if __name__ == "__main__":
+    started = time.perf_counter()
+    code = main()
+    print(f"({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    sys.exit(code)
