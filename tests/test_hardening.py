@@ -76,7 +76,7 @@ def test_a_failing_record_is_logged_once_counted_and_training_goes_on(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("exporter exploded")
 
-    monkeypatch.setattr(instruments.updates, "add", broken)
+    monkeypatch.setattr(instruments.duration, "record", broken)
     model(torch.ones(1, 2)).sum().backward()
     with caplog.at_level(logging.ERROR, logger="gradtel"):
         for _ in range(5):
