@@ -204,3 +204,28 @@ def test_a_plan_is_made_anew_when_the_tensors_change_dtype(monkeypatch: pytest.M
     moved[1][5] = INF
     assert scanner.count(moved, slots=(0, 1)) == {1: (0, 1)}
     assert plans == [2, 2]  # made anew: a plan's groups belong to one device and dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_fused_check_writes_every_value_back_unchanged(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    small = [torch.randn(n).to(dtype) for n in (3, 100, 4096)]
+    info = torch.finfo(dtype)
+    small[0].copy_(torch.tensor([-0.0, info.tiny / 4, -info.max], dtype=dtype))  # signed zero, subnormal, extreme
+    small.append(torch.randn(8, 8).to(dtype).t())  # non-contiguous
+    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[small[0].element_size()]
+    bits = [t.view(as_int).clone() for t in small]
+    assert count_nonfinite(small) == {}
+    small[2][7] = NAN
+    assert count_nonfinite(small) == {2: (1, 0)}
+    small[2][7] = bits[2].view(dtype)[7]
+    for tensor, before in zip(small, bits):
+        assert torch.equal(tensor.view(before.dtype), before)  # bit for bit
+
+
+def test_gradients_in_an_autograd_graph_are_only_read() -> None:
+    tensors = [torch.randn(50, requires_grad=True) * 1 for _ in range(3)]  # non-leaf, in a graph
+    tensors[1].data[4] = INF
+    versions = [t._version for t in tensors]
+    assert count_nonfinite(tensors) == {1: (0, 1)}
+    assert [t._version for t in tensors] == versions  # never written: a later backward still works
