@@ -693,16 +693,16 @@ class GradMonitor:
         the update's read-out: the root of the sum of their gradients' squared norms."""
         if l2 is None:
             return (), None
+        squares = stacked(l2).square_()
         cached = self._layer_sums
-        if cached is None or cached[0] is not present:
+        if cached is None or cached[0] is not present or cached[1].device != squares.device:
             names: dict[str, int] = {}
             slots = [names.setdefault(self._labels[i], len(names)) for i in present]
-            cached = self._layer_sums = (present, torch.tensor(slots), tuple(names))
+            # Kept on the device: no host-to-device copy per update.
+            cached = self._layer_sums = (present, torch.tensor(slots, device=squares.device), tuple(names))
         _, slots_tensor, layers = cached
-        squares = stacked(l2).square_()
-        device = squares.device
-        sums = torch.zeros(len(layers), dtype=torch.float64, device=device)
-        return layers, sums.index_add_(0, slots_tensor.to(device), squares).sqrt_().view(torch.int64)
+        sums = torch.zeros(len(layers), dtype=torch.float64, device=squares.device)
+        return layers, sums.index_add_(0, slots_tensor, squares).sqrt_().view(torch.int64)
 
     def _health(self, step: int, **fields: Any) -> GradHealth:
         return GradHealth(thresholds=self.thresholds, step=step, **fields)
