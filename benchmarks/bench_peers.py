@@ -3,7 +3,7 @@ today, in one process, methods interleaved, medians over repeated runs.
 
 Run from a checkout (the peers are in the ``bench`` extra):
 
-    bash scripts/setup.sh bench && .venv/bin/python benchmarks/bench_peers.py [--quick]
+    bash scripts/setup.sh bench && .venv/bin/python benchmarks/bench_peers.py [--quick] [--device cuda]
 
 Three workloads, each with real gradients of its shape: 300 x Linear(128) (600
 small tensors), a GPT-2-small-shaped transformer in fp32, and 6 x Conv2d(64) in
@@ -65,19 +65,38 @@ def conv_net() -> nn.Module:
     return nn.Sequential(*[nn.Conv2d(64, 64, 3, padding=1) for _ in range(6)]).to(memory_format=torch.channels_last)
 
 
-def workloads(quick: bool) -> dict[str, tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]]:
+def workloads(quick: bool, device: torch.device) -> dict[str, tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]]:
     tokens = 16 if quick else 64
     return {
-        "300 x Linear(128)": (many_linears(), lambda m: m(torch.randn(32, 128)).square().mean()),
+        "300 x Linear(128)": (
+            many_linears().to(device),
+            lambda m: m(torch.randn(32, 128, device=device)).square().mean(),
+        ),
         "GPT-2-small shape, fp32": (
-            GPT2Small(),
-            lambda m: m(torch.randint(0, 50257, (1, tokens))).float().square().mean(),
+            GPT2Small().to(device),
+            lambda m: m(torch.randint(0, 50257, (1, tokens), device=device)).float().square().mean(),
         ),
         "6 x Conv2d(64), channels_last": (
-            conv_net(),
-            lambda m: m(torch.randn(4, 64, 16, 16).to(memory_format=torch.channels_last)).square().mean(),
+            conv_net().to(device),
+            lambda m: m(torch.randn(4, 64, 16, 16, device=device).to(memory_format=torch.channels_last)).square().mean(),
         ),
     }
+
+
+def synced(methods: dict[str, Callable[[], object]], device: torch.device) -> dict[str, Callable[[], object]]:
+    """On a GPU, time each method until its device work is done, not only its launch."""
+    if device.type != "cuda":
+        return methods
+
+    def wait_for(work: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            result = work()
+            torch.cuda.synchronize()
+            return result
+
+        return run
+
+    return {name: wait_for(work) for name, work in methods.items()}
 
 
 def provider() -> object:
@@ -89,8 +108,9 @@ def gradient_checks(model: nn.Module) -> dict[str, Callable[[], object]]:
     params = [p for p in model.parameters() if p.grad is not None]
     grads = [p.grad for p in params]
     numel = sum(g.numel() for g in grads)
-    buffer = torch.randn(numel)
-    found_inf, inv_scale = torch.zeros(1), torch.ones(1)
+    device = grads[0].device
+    buffer = torch.randn(numel, device=device)
+    found_inf, inv_scale = torch.zeros(1, device=device), torch.ones(1, device=device)
     sync = gradtel.GradMonitor(model, meter_provider=provider())
     deferred = gradtel.GradMonitor(model, meter_provider=provider(), readout="deferred")
     clipping = gradtel.GradMonitor(model, meter_provider=provider())
@@ -157,20 +177,23 @@ def step_checks(model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor], 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repetitions: a smoke run, not a measurement")
+    parser.add_argument("--device", default="cpu", help="where the models train: cpu (default) or cuda")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(2)
     os.environ.setdefault("WANDB_SILENT", "true")
     warnings.filterwarnings("ignore", "Anomaly Detection has been enabled")
     repeats, step_repeats = (3, 2) if args.quick else (25, 7)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; extra ms per training step, "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}; extra ms per training step, "
           f"median of {repeats} (hooked checks: {step_repeats}) interleaved runs\n")
     rows: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as logdir:
-        for name, (model, loss_of) in workloads(args.quick).items():
+        for name, (model, loss_of) in workloads(args.quick, device).items():
             torch.manual_seed(0)
             loss_of(model).backward()
-            timing = measure_all(gradient_checks(model), repeats)
-            hooked = measure_all(step_checks(model, loss_of, logdir), step_repeats, warmup=1)
+            timing = measure_all(synced(gradient_checks(model), device), repeats)
+            hooked = measure_all(synced(step_checks(model, loss_of, logdir), device), step_repeats, warmup=1)
             base = hooked.pop("step").median
             rows[name] = {k: v.median * 1e3 for k, v in timing.items()}
             rows[name].update({k: max(0.0, v.median - base) * 1e3 for k, v in hooked.items()})

@@ -1,0 +1,138 @@
+"""What a healthy update costs on a GPU, against one read of gradient memory, with the
+kernel launches and host syncs it makes, for sync and deferred read-out.
+
+Run on a CUDA machine, with torch built for CUDA:
+
+    .venv/bin/python benchmarks/bench_gpu.py            # GPT-2-small and a 1B-parameter shape
+    .venv/bin/python benchmarks/bench_gpu.py --device cpu --quick   # a smoke run anywhere
+
+then ``benchmarks/bench_peers.py --device cuda`` for the peer table. Gradients are
+random, of the models' shapes and dtypes (the scan's cost does not depend on how
+they were made). "One read" is the gradient bytes over the bandwidth of a copy of
+as many bytes measured in the same run (a copy moves each byte twice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from prometheus_client import CollectorRegistry
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gradtel  # noqa: E402
+from models import GPT2Small  # noqa: E402
+
+
+def shapes(quick: bool) -> dict[str, Callable[[], nn.Module]]:
+    if quick:
+        return {"GPT-2-small shape, 2 blocks": lambda: GPT2Small(layers=2)}
+    return {
+        "GPT-2-small shape (124M)": GPT2Small,
+        "1B-parameter shape (d 2048, 20 blocks)": lambda: GPT2Small(d=2048, layers=20),
+    }
+
+
+def wait(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(work: Callable[[], object], device: torch.device, repeats: int, *, until_done: bool = True) -> float:
+    """Median wall time of ``work``; with ``until_done``, until its device work is done."""
+    for _ in range(3):
+        work()
+    wait(device)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        work()
+        if until_done:
+            wait(device)
+        times.append(time.perf_counter() - started)
+        wait(device)
+    return statistics.median(times) * 1e3
+
+
+def kernels(work: Callable[[], object], device: torch.device) -> int:
+    """Device kernels one call launches (on a CPU: the aten operators it runs)."""
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        work()
+        wait(device)
+    if device.type == "cuda":
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+
+
+def host_syncs(work: Callable[[], object], device: torch.device) -> str:
+    """Whether one call blocks on the device: CUDA's sync debug mode set to raise."""
+    if device.type != "cuda":
+        return "n/a (CPU)"
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        work()
+        return "none"
+    except RuntimeError as exc:
+        return f"at least one ({str(exc).splitlines()[0][:60]})"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="a small model and few repetitions")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    repeats = 5 if args.quick else 30
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"torch {torch.__version__} on {name}; medians of {repeats}\n")
+    print("| model | dtype | gradient bytes | one read (ms) | sync `collect()` (ms) | deferred, until done (ms) "
+          "| deferred, on the calling thread (ms) | kernels, sync / deferred | host syncs in a deferred healthy update |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    for label, build in shapes(args.quick).items():
+        for dtype in (torch.float32, torch.bfloat16):
+            model = build().to(device=device, dtype=dtype)
+            for p in model.parameters():
+                p.grad = torch.randn_like(p) * 1e-3
+            size = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+            source = torch.empty(size, dtype=torch.uint8, device=device)
+            target = torch.empty_like(source)
+            copy = median_ms(lambda: target.copy_(source), device, repeats)
+            one_read = copy / 2  # a copy reads and writes every byte
+            del source, target
+            sync = gradtel.GradMonitor(model, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()))
+            deferred = gradtel.GradMonitor(
+                model, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()), readout="deferred"
+            )
+            row = [
+                label,
+                str(dtype).removeprefix("torch."),
+                f"{size / 1e9:.2f} GB",
+                f"{one_read:.2f}",
+                f"{median_ms(sync.collect, device, repeats):.2f}",
+                f"{median_ms(deferred.collect, device, repeats):.2f}",
+                f"{median_ms(deferred.collect, device, repeats, until_done=False):.3f}",
+                f"{kernels(sync.collect, device)} / {kernels(deferred.collect, device)}",
+                host_syncs(deferred.collect, device),
+            ]
+            print("| " + " | ".join(row) + " |")
+            deferred.close()
+            sync.close()
+            del model, sync, deferred
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
