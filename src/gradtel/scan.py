@@ -17,11 +17,12 @@ one read of gradient memory and one host read-out:
    must not be written (complex, overlapping, or part of an autograd graph)
    are summed whole. The flags are checked on the device and read to the
    host in one transfer. A healthy update stops here.
-2. *Count.* Only flagged pieces (a batch of small tensors, a chunk of a
-   large one) are counted exactly, into int64 (a 38M-element embedding is
-   counted right), and read out in one more transfer. A sum's flag can be a
-   false alarm (finite values whose sum overflows): the exact count is then
-   zero, so results are always exact.
+2. *Count.* Only flagged pieces are counted exactly, into int64 (a
+   38M-element embedding is counted right), and read out in one more
+   transfer: a chunk of a large tensor, or the tensors of a flagged batch
+   that the fused check, run once per tensor in one more read-out, flags
+   again. A sum's flag can be a false alarm (finite values whose sum
+   overflows): the exact count is then zero, so results are always exact.
 
 Tensors are read in memory order (a channels-last or transposed gradient is
 viewed, never copied), and nothing in either phase reads a value to the host
@@ -47,7 +48,17 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-__all__ = ["CHUNK", "Scanner", "count_nonfinite", "countable_values", "memory_order", "per_tensor_norms", "stacked", "total_norm"]
+__all__ = [
+    "CHUNK",
+    "Launched",
+    "Scanner",
+    "count_nonfinite",
+    "countable_values",
+    "memory_order",
+    "per_tensor_norms",
+    "stacked",
+    "total_norm",
+]
 
 CHUNK = 1 << 16
 """Elements per chunk of a large tensor; tensors smaller than this are flagged whole."""
@@ -253,8 +264,6 @@ def _exact(part: torch.Tensor) -> torch.Tensor:
 
 
 def _exact_piece(values: Sequence[torch.Tensor], piece: _Piece) -> list[tuple[int, torch.Tensor]]:
-    if piece.members:
-        return [(i, _exact(values[i])) for i in piece.members]
     tensor = values[piece.index]
     if piece.start == 0 and piece.stop is None and not piece.order and not piece.copy:
         return [(piece.index, _exact(tensor))]
