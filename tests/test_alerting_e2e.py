@@ -6,7 +6,10 @@ Five training processes run side by side, each scraped as its own instance:
 - ``warning``: 3 NaN in ``body.0`` on update 30, then healthy;
 - ``healthy``: never unhealthy;
 - ``crash``: 7 NaN in ``body.2`` on update 30 with ``on_critical="raise"``: the run dies there;
-- ``both``: 3 NaN then 7 NaN on updates 30 and 31: the critical page inhibits the warning.
+- ``both``: 3 NaN then 7 NaN on updates 30 and 31: the critical page inhibits the warning;
+- ``deferred``: 7 Inf in ``head`` on update 30, with the deferred read-out: the update
+  is published by the next collect() or the scrape, and pages like ``critical`` (nothing
+  skips it, so the NaN that follows in the weights pages too).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ SCENARIOS = {
     "healthy": [],
     "crash": ["--inject", "30:nan:7:body.2", "--on-critical", "raise"],
     "both": ["--inject", "30:nan:3:body.0", "--inject", "31:nan:7:body.0"],
+    "deferred": ["--inject", "30:inf:7:head", "--readout", "deferred"],
 }
 
 
@@ -87,12 +91,12 @@ def run() -> Iterator[tuple[dict[str, Trainer], Stack]]:
         stack.stop()
 
 
-def wait_for_page(stack: Stack, receiver: str, run: str, since: float) -> Page:
+def wait_for_page(stack: Stack, receiver: str, run: str, since: float, alertname: str | None = None) -> Page:
     assert stack.receiver is not None
     deadline = since + PAGE_DEADLINE + 5
     while time.time() < deadline:
         for page in stack.receiver.firing(receiver):
-            if page.labels.get("run") == run:
+            if page.labels.get("run") == run and alertname in (None, page.alertname):
                 return page
         time.sleep(0.1)
     pytest.fail(
@@ -105,7 +109,7 @@ def test_pages_arrive_on_the_right_receiver_naming_the_layer(
     run: tuple[dict[str, Trainer], Stack], capsys: pytest.CaptureFixture[str]
 ) -> None:
     trainers, stack = run
-    injected = {name: trainers[name].injected_at() for name in ("critical", "warning", "crash", "both")}
+    injected = {name: trainers[name].injected_at() for name in ("critical", "warning", "crash", "both", "deferred")}
 
     critical = wait_for_page(stack, "pager", trainers["critical"].run, injected["critical"])
     assert (critical.alertname, critical.severity) == ("GradtelInfGradients", "critical")
@@ -129,6 +133,13 @@ def test_pages_arrive_on_the_right_receiver_naming_the_layer(
     both = wait_for_page(stack, "pager", trainers["both"].run, injected["both"])
     assert (both.alertname, both.severity) == ("GradtelNaNGradients", "critical")
 
+    # Nothing skips there, so the Inf update reached the weights and NaN followed: its own page too.
+    deferred = wait_for_page(stack, "pager", trainers["deferred"].run, injected["deferred"], "GradtelInfGradients")
+    assert deferred.severity == "critical"
+    assert deferred.description.endswith(
+        "Layers with Inf values in that window: head (7). First bad layer in backward order: head, at step 30."
+    )
+
     time.sleep(6)  # longer than group_wait: a page the inhibition or routing let through would be here
     assert stack.receiver is not None
     by_instance = {
@@ -151,6 +162,7 @@ def test_pages_arrive_on_the_right_receiver_naming_the_layer(
         "critical": critical.received - injected["critical"],
         "warning": warning.received - injected["warning"],
         "crash": crash.received - injected["crash"],
+        "deferred": deferred.received - injected["deferred"],
     }
     assert all(0 < seconds < PAGE_DEADLINE for seconds in latencies.values()), latencies
     with capsys.disabled():

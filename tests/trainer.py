@@ -1,13 +1,14 @@
 """A training process instrumented with gradtel, for the end-to-end tests.
 
 Usage: trainer.py PORT [--inject UPDATE:KIND:COUNT:LAYER ...] [--on-critical ACTION]
-                  [--grad-norm] [--spike UPDATE:FACTOR]
+                  [--grad-norm] [--spike UPDATE:FACTOR] [--readout deferred]
 
 Trains a small MLP with real backward passes, one update every 0.1 s, until
 killed; ``--inject`` writes COUNT NaN or Inf values into LAYER's weight
 gradient on update UPDATE and prints ``injected UPDATE UNIX_TIME``.
 ``--grad-norm`` exports the gradient norm; ``--spike`` multiplies update
-UPDATE's loss, and so its gradients, by FACTOR (and prints ``injected``).
+UPDATE's loss, and so its gradients, by FACTOR (and prints ``injected``);
+``--readout deferred`` reads each update out without blocking (its actions: warn).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--on-critical", default="skip")
     parser.add_argument("--grad-norm", action="store_true")
     parser.add_argument("--spike", default="0:1")
+    parser.add_argument("--readout", default="sync")
     args = parser.parse_args()
     injections = {}
     for spec in args.inject:
@@ -37,8 +39,13 @@ def main() -> None:
     model = DemoNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     spike_update, spike_factor = (float(v) for v in args.spike.split(":"))
+    deferred = args.readout == "deferred"  # it cannot skip: the answer comes after the step
     monitor = gradtel.GradMonitor(
-        model, on_warning="skip", on_critical=args.on_critical, grad_norm=args.grad_norm
+        model,
+        on_warning="warn" if deferred else "skip",
+        on_critical="warn" if deferred else args.on_critical,
+        grad_norm=args.grad_norm,
+        readout=args.readout,
     )
     gradtel.serve(port=args.port)
     print("serving", flush=True)
