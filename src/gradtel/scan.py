@@ -240,7 +240,8 @@ def _fused_flags(values: Sequence[torch.Tensor], batches: tuple[tuple[int, ...],
         if any(t.requires_grad for t in tensors):  # in an autograd graph: read, never write
             found[b] = _not_finite(torch.stack([t.sum() for t in tensors])).any()
         else:
-            torch._amp_foreach_non_finite_check_and_unscale_(tensors, found[b : b + 1], one)
+            flag = found if len(batches) == 1 else found[b : b + 1]  # a view costs a microsecond
+            torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, one)
     return found  # 0 or 1 per batch
 
 

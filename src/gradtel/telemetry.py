@@ -379,6 +379,10 @@ class GradTelemetry:
             ins.grad_norm_peak.set(self._norm_peak.add(health.grad_norm), self._base)
         if health.layer_grad_norms:
             self._keep_layer_norms(health.layer_grad_norms)
+        last = self._last_nonzero
+        if not (health.nan_by_layer or health.inf_by_layer or last["nan"] or last["inf"]):
+            self.status = Status.HEALTHY.level  # the usual update: no per-layer series move
+            return
         for kind, by_layer in (("nan", health.nan_by_layer), ("inf", health.inf_by_layer)):
             total, gauge = ins.totals[kind], ins.per_update[kind]
             for layer, count in by_layer.items():
