@@ -28,8 +28,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import gradtel  # noqa: E402
 from models import GPT2Small  # noqa: E402
+
+import gradtel  # noqa: E402
 
 
 def shapes(quick: bool) -> dict[str, Callable[[], nn.Module]]:
@@ -60,6 +61,13 @@ def median_ms(work: Callable[[], object], device: torch.device, repeats: int, *,
         times.append(time.perf_counter() - started)
         wait(device)
     return statistics.median(times) * 1e3
+
+
+def copy_ms(size: int, device: torch.device, repeats: int) -> float:
+    """Median time of copying ``size`` bytes on ``device``."""
+    source = torch.empty(size, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    return median_ms(lambda: target.copy_(source), device, repeats)
 
 
 def kernels(work: Callable[[], object], device: torch.device) -> int:
@@ -105,11 +113,7 @@ def main() -> int:
             for p in model.parameters():
                 p.grad = torch.randn_like(p) * 1e-3
             size = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
-            source = torch.empty(size, dtype=torch.uint8, device=device)
-            target = torch.empty_like(source)
-            copy = median_ms(lambda: target.copy_(source), device, repeats)
-            one_read = copy / 2  # a copy reads and writes every byte
-            del source, target
+            one_read = copy_ms(size, device, repeats) / 2  # a copy reads and writes every byte
             sync = gradtel.GradMonitor(model, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()))
             deferred = gradtel.GradMonitor(
                 model, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()), readout="deferred"

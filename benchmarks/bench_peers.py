@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -32,9 +31,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import gradtel  # noqa: E402
 from bench_scan import measure_all, original_per_layer  # noqa: E402
 from models import GPT2Small, many_linears  # noqa: E402
+
+import gradtel  # noqa: E402
 
 COLUMNS = {
     "gradtel": "gradtel `collect()`",

@@ -181,7 +181,13 @@ def test_lightning_model_checkpoint_keeps_the_last_healthy_checkpoint(
 @pytest.mark.parametrize("protect", [True, False])
 def test_hugging_face_trainer_keeps_the_last_healthy_checkpoint(tmp_path: Path, protect: bool) -> None:
     from safetensors.torch import load_file
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from gradtel.integrations.transformers import GradtelTrainerCallback
 

@@ -19,8 +19,8 @@ from opentelemetry.metrics import MeterProvider
 from torch.distributed.tensor import DTensor
 
 from . import _checks
-from .checkpoints import WeightsHealth
 from ._ratelimit import RateLimitedLog
+from .checkpoints import WeightsHealth
 from .health import GradHealth, Thresholds
 from .hooks import Attachment, attach
 from .layers import DEFAULT_MAX_LAYERS, assign_layers, distinct

@@ -14,10 +14,10 @@ from ..metrics import (
     GRAD_NORM,
     GRAD_NORM_PEAK,
     GRADS_TOTAL,
-    NORM_PEAK_SECONDS,
     LAST_UPDATE_TIMESTAMP,
     NAN_GRADS,
     NONFINITE_LOSS_UPDATES,
+    NORM_PEAK_SECONDS,
     ORIGIN_UPDATES,
     SKIPPED_UPDATES,
     UNHEALTHY_UPDATES,
@@ -543,5 +543,5 @@ def _norm_spike_cases(o: KitOptions, case: Any) -> None:
     case(
         f"{NORM_SPIKE_ALERT} is silent at job start",
         _norm_series(o, start),
-        [_check(t, NORM_SPIKE_ALERT) for t in range(0, history + 5)],
+        [_check(t, NORM_SPIKE_ALERT) for t in range(history + 5)],
     )
