@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 import threading
 from typing import Any
 
@@ -159,3 +160,29 @@ def test_nothing_is_lost_at_exit() -> None:
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert float(run.stdout.strip()) == 1
+
+
+def test_the_exit_wait_publishes_a_pending_update_and_waits_for_its_scrape(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    model = net()
+    monitor = GradMonitor(model, meter_provider=provider, readout="deferred")
+    server = gradtel.serve(port=0, registry=registry, exit_grace=10)
+    assert server.url is not None
+    scrape(server.url)  # Prometheus has scraped this endpoint before
+    backward(model, nan=True)
+    monitor.collect()  # the run's last update: its read-out still pending
+    scraped: list[str] = []
+
+    def prometheus() -> None:
+        time.sleep(0.5)
+        scraped.append(scrape(server.url or ""))
+
+    later = threading.Thread(target=prometheus)
+    later.start()
+    started = time.monotonic()
+    server.close()
+    later.join()
+    assert time.monotonic() - started >= 0.4  # it waited for that scrape
+    assert 'gradtel_unhealthy_updates_total{kind="nan",severity="warning"} 1.0' in scraped[0]
+    monitor.close()
