@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 
 from .monitor import GradMonitor
-from .scan import per_tensor_norms
+from .scan import per_tensor_norms, stacked
 
 __all__ = ["clip_grad_norm_"]
 
@@ -83,15 +83,14 @@ def clip_grad_norm_(
         )
         return clipped
     norms = per_tensor_norms(grads, norm_type, foreach)  # type: ignore[arg-type]
-    first = norms[0].device
-    stacked = torch.stack([n if n.device == first else n.to(first) for n in norms])
-    total: torch.Tensor = torch.linalg.vector_norm(stacked, norm_type)
+    every = stacked(norms)
+    total: torch.Tensor = torch.linalg.vector_norm(every, norm_type)
     known: float | None = None  # the total, when read with the update's own read-out
     if len(with_grad) == len(monitor.parameters) and all(
         mine is theirs for mine, theirs in zip(with_grad, monitor.parameters)
     ):
         # The usual call: clip what is watched. Its L2 total is the gradient-norm gauge, for free.
-        health = monitor.collect(norms=stacked, total_norm=total if norm_type == 2.0 else None)
+        health = monitor.collect(norms=every, total_norm=total if norm_type == 2.0 else None)
         known = health.grad_norm if norm_type == 2.0 and monitor.readout == "sync" else None
     else:  # a subset's total is not the update's norm
         monitor.collect(norms=dict(zip(with_grad, norms)))
@@ -100,8 +99,8 @@ def clip_grad_norm_(
         if not kept:
             return torch.tensor(0.0)
         with_grad = [with_grad[i] for i in kept]
-        stacked = stacked[torch.tensor(kept, device=first)]
-        total, known = torch.linalg.vector_norm(stacked, norm_type), None
+        every = every[torch.tensor(kept, device=every.device)]
+        total, known = torch.linalg.vector_norm(every, norm_type), None
     if error_if_nonfinite and _not_finite(total, known):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "

@@ -12,6 +12,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -630,7 +631,9 @@ class GradMonitor:
 
     def _read_out(self, update: _Update) -> GradHealth:
         """The health of a launched update: its read-out, then exact counts of what it flags."""
-        read = self._guarded("scan", update.read if update.copy is not None else lambda: self._scanner.read(update.launched))
+        # The deferred read-out's host copy, or the blocking read-out now.
+        read_out = update.read if update.copy is not None else partial(self._scanner.read, update.launched)
+        read = self._guarded("scan", read_out)
         counts = None if read is None else self._guarded(
             "scan", lambda: self._scanner.finish(update.values or [], update.launched, read)
         )
@@ -693,7 +696,7 @@ class GradMonitor:
         the update's read-out: the root of the sum of their gradients' squared norms."""
         if l2 is None:
             return (), None
-        squares = stacked(l2).square_()
+        squares = stacked(l2).double().square_()
         cached = self._layer_sums
         if cached is None or cached[0] is not present or cached[1].device != squares.device:
             names: dict[str, int] = {}

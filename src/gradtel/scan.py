@@ -490,19 +490,17 @@ def per_tensor_norms(
 
 
 def stacked(norms: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per-tensor norms as one float64 tensor on the first one's device (no host read)."""
+    """Per-tensor norms as one tensor on the first one's device (no host read)."""
     if isinstance(norms, torch.Tensor):
-        return norms.double()
+        return norms
     device = norms[0].device
-    if any(n.device != device for n in norms):
-        norms = [n.to(device) for n in norms]
-    return torch.stack(list(norms)).double()
+    return torch.stack([n if n.device == device else n.to(device) for n in norms])
 
 
 def total_norm(norms: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     """The L2 norm of tensors whose L2 norms are ``norms``, as a float64 tensor on the
     first one's device (no host read)."""
-    total: torch.Tensor = torch.linalg.vector_norm(stacked(norms))
+    total: torch.Tensor = torch.linalg.vector_norm(stacked(norms).double())
     return total
 
 
