@@ -189,6 +189,27 @@ def test_one_read_out_per_phase_whatever_the_number_of_tensors(
     assert read_outs.calls == ["tolist"] * (1 if bad_tensors == 0 else 3 if small_ones_bad else 2)
 
 
+@pytest.mark.parametrize("bad", [[], [0], [299], [5, 6], [17, 250, 251, 299]])
+def test_one_flag_for_all_small_tensors_is_narrowed_down_level_by_level(
+    monkeypatch: pytest.MonkeyPatch, bad: list[int]
+) -> None:
+    import gradtel.scan
+
+    # On CUDA one fused check flags every small tensor of a device and dtype: the same
+    # plan, here on the CPU.
+    monkeypatch.setattr(gradtel.scan, "_batch_size", lambda device, small: small)
+    tensors = [torch.randn(64) for _ in range(300)]
+    expected = {}
+    for k, i in enumerate(bad):
+        tensors[i][k] = NAN if k % 2 else INF
+        expected[i] = (k % 2, 1 - k % 2)
+    assert Scanner().launch(tensors).result.numel() == 1
+    read_outs = ReadOuts(monkeypatch)
+    assert count_nonfinite(tensors) == expected
+    # Healthy: one read-out. Unhealthy: batches of 16, then tensors, then the counts.
+    assert read_outs.calls == ["tolist"] * (4 if bad else 1)
+
+
 def test_a_plan_is_made_anew_when_the_tensors_change_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
     import gradtel.scan
 

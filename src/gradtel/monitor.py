@@ -5,7 +5,6 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import logging
-import struct
 import threading
 import time
 import weakref
@@ -608,9 +607,9 @@ class GradMonitor:
             total_norm = total_norm_of(l2)
         # Sparse gradients change size every update: plan them anew each time.
         slots = present if dense else None
-        norm_bits = None if total_norm is None else total_norm.detach().double().reshape(1).view(torch.int64)
-        layers, layer_bits = self._layer_norms_of(l2, present) if self._layer_norms else ((), None)
-        extra = _joined([t for t in (origin, loss_bad, norm_bits, layer_bits) if t is not None])
+        norm = None if total_norm is None else total_norm.detach().reshape(1)
+        layers, layer_norms = self._layer_norms_of(l2, present) if self._layer_norms else ((), None)
+        extra = _joined([t for t in (origin, loss_bad, norm, layer_norms) if t is not None])
         launched = self._guarded("scan", lambda: self._scanner.launch(values, slots, summary, extra))
         if launched is None:  # the scan failed: nothing was counted, say so
             return self._health(step, unscanned="scan_error", skipped=len(self._params))
@@ -625,7 +624,7 @@ class GradMonitor:
             local=self.origin.installed,
             origin=origin is not None,
             loss=loss is not None,
-            norm=norm_bits is not None,
+            norm=norm is not None,
             layers=layers,
         )
 
@@ -654,12 +653,12 @@ class GradMonitor:
         local: dict[str, Any] = {}
         if update.local:
             nan, inf = also[:2] if update.origin else (0, 0)
-            local = {"local_nan_total": nan, "local_inf_total": inf}
+            local = {"local_nan_total": int(nan), "local_inf_total": int(inf)}
         if update.layers:
-            local["layer_grad_norms"] = dict(zip(update.layers, map(_as_float, also[-len(update.layers) :])))
+            local["layer_grad_norms"] = dict(zip(update.layers, also[-len(update.layers) :]))
             del also[-len(update.layers) :]
         if update.norm:
-            local["grad_norm"] = _as_float(also.pop())
+            local["grad_norm"] = also.pop()
         if update.loss:
             local["loss_finite"] = not also[-1]
         nan_by_layer: dict[str, int] = {}
@@ -692,8 +691,8 @@ class GradMonitor:
     def _layer_norms_of(
         self, l2: torch.Tensor | list[torch.Tensor] | None, present: tuple[int, ...]
     ) -> tuple[tuple[str, ...], torch.Tensor | None]:
-        """The layers of the ``present`` gradients, and their L2 norms as int64 bits, for
-        the update's read-out: the root of the sum of their gradients' squared norms."""
+        """The layers of the ``present`` gradients, and their L2 norms (float64) for the
+        update's read-out: the root of the sum of their gradients' squared norms."""
         if l2 is None:
             return (), None
         squares = stacked(l2).double().square_()
@@ -705,7 +704,7 @@ class GradMonitor:
             cached = self._layer_sums = (present, torch.tensor(slots, device=squares.device), tuple(names))
         _, slots_tensor, layers = cached
         sums = torch.zeros(len(layers), dtype=torch.float64, device=squares.device)
-        return layers, sums.index_add_(0, slots_tensor, squares).sqrt_().view(torch.int64)
+        return layers, sums.index_add_(0, slots_tensor, squares).sqrt_()
 
     def _health(self, step: int, **fields: Any) -> GradHealth:
         return GradHealth(thresholds=self.thresholds, step=step, **fields)
@@ -778,7 +777,7 @@ class _Update:
         """Whether the read-out is done; once it is, gradients with nothing flagged are let go."""
         if self._read is None and self.copy is not None and self.copy.ready():
             self._read = self.copy.read()
-            if not any(self._read[: len(self._read) - self.launched.also]):
+            if not self.launched.flagged(self._read):
                 self.values = None
         return self._read is not None
 
@@ -790,14 +789,8 @@ class _Update:
 
     def changed_since_flagged(self, read: list[Any]) -> bool:
         """Something was flagged, and a gradient changed in place since the scan was queued."""
-        flagged = any(read[: len(read) - self.launched.also])
+        flagged = bool(self.launched.flagged(read))
         return flagged and bool(self.versions) and tuple(v._version for v in self.values or ()) != self.versions
-
-
-def _as_float(bits: int) -> float:
-    """The float64 whose bits were read out as an int64."""
-    value: float = struct.unpack("<d", struct.pack("<q", bits))[0]
-    return value
 
 
 _flush_at_exit: weakref.WeakSet[GradMonitor] = weakref.WeakSet()
@@ -824,18 +817,19 @@ def _check_step(step: object) -> None:
 
 
 def _loss_bad(loss: torch.Tensor | None) -> torch.Tensor | None:
-    """A 1-element int64 tensor, 1 when ``loss`` holds a NaN or Inf (no host read)."""
+    """A 1-element tensor, 1 when ``loss`` holds a NaN or Inf (no host read)."""
     if loss is None:
         return None
-    return torch.isfinite(loss.detach()).all().logical_not().long().reshape(1)
+    return torch.isfinite(loss.detach()).all().logical_not().reshape(1)
 
 
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor | None:
-    """Small int64 tensors as one, on the first one's device, for one read-out."""
+    """Small tensors as one float64 tensor (exact for counts below 2**53), on the first
+    one's device, for one read-out."""
     if not parts:
         return None
     device = parts[0].device
-    return torch.cat([p.to(device, non_blocking=True) for p in parts])
+    return torch.cat([p.to(device, torch.float64, non_blocking=True) for p in parts])
 
 
 def _check_scaler(scaler: object) -> bool:

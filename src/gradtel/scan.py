@@ -4,25 +4,25 @@ The scan runs in two phases so that the common, healthy update costs about
 one read of gradient memory and one host read-out:
 
 1. *Flag.* Small tensors (below ``CHUNK`` elements: biases, norm weights,
-   most weights of small models) are flagged ``BATCH`` at a time by torch's
-   own fused non-finite check, the one ``GradScaler`` runs
-   (``_amp_foreach_non_finite_check_and_unscale_`` with a scale of 1, which
-   writes every value back unchanged): one call per batch, a multi-tensor
-   kernel on CUDA, where a call per tensor would cost more than the
-   arithmetic. Large tensors are flagged by a sum per chunk of ``CHUNK``
-   elements, which is non-finite whenever the chunk holds a NaN or an Inf:
-   as fast as one sum over the tensor, writes nothing, and tells where the
-   bad values are. Sums, not norms: squaring makes subnormal gradients,
-   common deep in a network, several times slower on CPUs. Gradients that
-   must not be written (complex, overlapping, or part of an autograd graph)
-   are summed whole. The flags are checked on the device and read to the
-   host in one transfer. A healthy update stops here.
+   most weights of small models) are flagged by torch's own fused non-finite
+   check, the one ``GradScaler`` runs (``_amp_foreach_non_finite_check_and_unscale_``
+   with a scale of 1, which writes every value back unchanged): on CUDA one
+   multi-tensor launch for all of them, on the CPU one call per ``BATCH``
+   tensors, where a call per tensor would cost more than the arithmetic.
+   Large tensors are flagged by a sum per chunk of ``CHUNK`` elements, which
+   is non-finite whenever the chunk holds a NaN or an Inf: as fast as one sum
+   over the tensor, writes nothing, and tells where the bad values are. Sums,
+   not norms: squaring makes subnormal gradients, common deep in a network,
+   several times slower on CPUs. Gradients that must not be written (complex,
+   overlapping, or part of an autograd graph) are summed whole. The flags are
+   read to the host in one transfer. A healthy update stops here.
 2. *Count.* Only flagged pieces are counted exactly, into int64 (a
    38M-element embedding is counted right), and read out in one more
    transfer: a chunk of a large tensor, or the tensors of a flagged batch
-   that the fused check, run once per tensor in one more read-out, flags
-   again. A sum's flag can be a false alarm (finite values whose sum
-   overflows): the exact count is then zero, so results are always exact.
+   that the fused check flags again, run on smaller batches, then per
+   tensor, one read-out per level. A sum's flag can be a false alarm (finite
+   values whose sum overflows): the exact count is then zero, so results are
+   always exact.
 
 Tensors are read in memory order (a channels-last or transposed gradient is
 viewed, never copied), and nothing in either phase reads a value to the host
@@ -38,6 +38,7 @@ and is made anew; it is never silently partial.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from collections.abc import Hashable, Sequence
@@ -64,8 +65,11 @@ CHUNK = 1 << 16
 """Elements per chunk of a large tensor; tensors smaller than this are flagged whole."""
 
 BATCH = 16
-"""Small tensors flagged by one call of the fused check: one flag per batch. A flagged
-batch is checked again tensor by tensor, and only its flagged tensors are counted."""
+"""Small tensors flagged by one call of the fused check on the CPU: one flag per batch.
+A flagged batch is checked again tensor by tensor, and only its flagged tensors are
+counted. On CUDA, where a launch costs more than reading a batch, all small tensors of
+a device and dtype share one call and one flag; a flagged group is split into batches
+of ``BATCH``, then into tensors, one read-out per level."""
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -180,7 +184,8 @@ def _assemble(entries: Sequence[_Entry]) -> list[_Group]:
     groups = []
     for members in by_kind.values():
         fused = [i for i in members if entries[i].fused]
-        batches = tuple(tuple(fused[b : b + BATCH]) for b in range(0, len(fused), BATCH))
+        size = _batch_size(entries[members[0]].device, len(fused))
+        batches = tuple(tuple(fused[b : b + size]) for b in range(0, len(fused), size))
         small = tuple(i for i in members if not entries[i].fused and not entries[i].chunks)
         large = tuple((i, entries[i]) for i in members if entries[i].chunks)
         pieces = [_Piece(batch[0], members=batch) for batch in batches]
@@ -193,6 +198,11 @@ def _assemble(entries: Sequence[_Entry]) -> list[_Group]:
                 pieces.append(_Piece(i, e.chunks * CHUNK, None, e.order, e.copy))
         groups.append(_Group(batches, small, large, tuple(pieces)))
     return groups
+
+
+def _batch_size(device: torch.device, small: int) -> int:
+    """Small tensors per call of the fused check: all of them on CUDA, ``BATCH`` elsewhere."""
+    return max(1, small) if device.type == "cuda" else BATCH
 
 
 def _flatten(tensor: torch.Tensor, piece: _Piece | _Entry) -> torch.Tensor:
@@ -246,14 +256,22 @@ def _fused_flags(values: Sequence[torch.Tensor], batches: tuple[tuple[int, ...],
 
 
 def _flagged_members(values: Sequence[torch.Tensor], batches: list[_Piece]) -> list[_Piece]:
-    """The tensors of flagged batches that hold a non-finite value: the fused check once
-    per tensor, read out together (cheaper than counting every tensor of a batch)."""
-    by_device: dict[torch.device, list[int]] = defaultdict(list)
-    for piece in batches:
-        by_device[values[piece.index].device] += piece.members
-    members = [i for found in by_device.values() for i in found]
-    flags = _on_one_device([_fused_flags(values, tuple((i,) for i in found)) for found in by_device.values()])
-    return [_Piece(i) for i, bad in zip(members, flags.tolist()) if bad]
+    """The tensors of flagged batches that hold a non-finite value: the fused check again,
+    on batches of at most ``BATCH`` tensors, then per tensor, one read-out per level
+    (cheaper than counting every tensor of a batch)."""
+    found: list[_Piece] = []
+    while batches:
+        by_device: dict[torch.device, list[tuple[int, ...]]] = defaultdict(list)
+        for piece in batches:
+            members = piece.members
+            size = BATCH if len(members) > BATCH else 1
+            by_device[values[piece.index].device] += [members[k : k + size] for k in range(0, len(members), size)]
+        split = [part for parts in by_device.values() for part in parts]
+        flags = _on_one_device([_fused_flags(values, tuple(parts)) for parts in by_device.values()])
+        flagged = [part for part, bad in zip(split, flags.tolist()) if bad]
+        found += [_Piece(part[0]) for part in flagged if len(part) == 1]
+        batches = [_Piece(part[0], members=part) for part in flagged if len(part) > 1]
+    return found
 
 
 def _exact(part: torch.Tensor) -> torch.Tensor:
@@ -314,7 +332,7 @@ class Scanner:
         self.waited = 0.0
         """Seconds the latest count spent waiting for device work queued before it
         (an asynchronous backward pass), which is not gradtel's own cost."""
-        self.also_read: list[int] = []
+        self.also_read: list[float] = []
         """The values of the latest count's ``also`` tensor, read with its first read-out."""
 
     def forget(self) -> None:
@@ -367,7 +385,6 @@ class Scanner:
         """Phase 1, queued on the device with no host read: see :meth:`count` for the
         arguments. Read :attr:`Launched.result` to the host, then call :meth:`finish`
         (both under ``torch.no_grad()``, as :meth:`count` runs them)."""
-        extra = [] if also is None else [also.reshape(-1)]
         timed = values[0].device.type == "cuda"
         if timed:  # gradtel's own kernels, apart from the work queued before them
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -375,13 +392,14 @@ class Scanner:
         if norms is None:
             plan, parts = self._flag_parts(values, slots)
             pieces = plan.pieces
-        else:
-            parts, pieces = [_flags_by_norms(norms)], None  # one per tensor, made when flagged
-        flags = _on_one_device(parts)
-        result = _on_one_device([flags.long(), *extra]) if extra else flags
+            flags = _on_one_device(parts)
+        else:  # the norms themselves: one per tensor, not finite where it holds a NaN or Inf
+            flags, pieces = stacked(norms), None
+        # cat() promotes to float64, in which counts and norms are read exactly.
+        result = flags if also is None else _on_one_device([flags, also.reshape(-1).double()])
         if timed:
             end.record()
-        return Launched(pieces, result, sum(e.numel() for e in extra), (start, end) if timed else None)
+        return Launched(pieces, result, 0 if also is None else also.numel(), (start, end) if timed else None)
 
     def read(self, launched: Launched) -> list[Any]:
         """The blocking read-out of ``launched``. It waits for everything queued before
@@ -396,10 +414,9 @@ class Scanner:
     def finish(self, values: Sequence[torch.Tensor], launched: Launched, read: Sequence[Any]) -> dict[int, tuple[int, int]]:
         """Phase 2: exact counts of the pieces that ``read`` (the host copy of
         ``launched.result``) flags; the ``also`` values land in :attr:`also_read`."""
-        flags = read[: len(read) - launched.also]
-        self.also_read = [int(v) for v in read[len(flags) :]]
+        self.also_read = read[len(read) - launched.also :]
         pieces = launched.pieces
-        flagged = [pieces[k] if pieces is not None else _Piece(k) for k, bad in enumerate(flags) if bad]
+        flagged = [pieces[k] if pieces is not None else _Piece(k) for k in launched.flagged(read)]
         if not flagged:
             return {}
         batches = [piece for piece in flagged if piece.members]
@@ -440,15 +457,14 @@ class Scanner:
             norms: One norm per tensor already computed elsewhere (gradient
                 clipping computes them), as a list or stacked in a 1-D tensor:
                 phase 1 then reads no gradient memory.
-            also: A 1-D integer tensor to read to the host with the first
-                read-out (no read-out of its own): its values land in
-                :attr:`also_read`.
+            also: A 1-D tensor to read to the host with the first read-out (no
+                read-out of its own), as float64: its values land in :attr:`also_read`.
         """
         self.waited = 0.0
         self.also_read = []
         if not values:
             if also is not None:
-                self.also_read = [int(v) for v in also.tolist()]
+                self.also_read = also.double().tolist()
             return {}
         launched = self.launch(values, slots, norms, also)
         return self.finish(values, launched, self.read(launched))
@@ -459,19 +475,21 @@ class Launched:
     """Phase 1 of one count, queued on the device."""
 
     pieces: list[_Piece] | None
-    """What each flag stands for; None: flag ``k`` stands for tensor ``k``."""
+    """What each flag stands for; None: the flags are norms, one per tensor."""
     result: torch.Tensor
-    """The flags (non-zero: flagged), then the ``also`` values, in one tensor on one
-    device (int64 when there are ``also`` values)."""
+    """The flags (non-zero: flagged) or norms (not finite: flagged), then the ``also``
+    values, in one tensor on one device (float64 when there are ``also`` values)."""
     also: int
     """How many values at the end of :attr:`result` are ``also``."""
     events: tuple[Any, Any] | None = None
     """CUDA events around gradtel's own kernels."""
 
-
-def _flags_by_norms(norms: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-    """Phase 1 from per-tensor norms: per tensor, whether its norm is not finite."""
-    return _not_finite(stacked(norms))
+    def flagged(self, read: Sequence[Any]) -> list[int]:
+        """The positions of the flags that ``read`` (the host copy of :attr:`result`) raises."""
+        flags = read[: len(read) - self.also]
+        if self.pieces is None:  # a sum of finite norms can overflow: then look at each
+            return [] if math.isfinite(sum(flags)) else [k for k, n in enumerate(flags) if not math.isfinite(n)]
+        return [k for k, flag in enumerate(flags) if flag] if any(flags) else []
 
 
 def per_tensor_norms(

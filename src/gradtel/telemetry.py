@@ -169,8 +169,9 @@ class _Instruments:
         self.totals = {kind: make(m.GRADS_TOTAL[kind]) for kind in KINDS}
         self.per_update = {kind: make(m.UPDATE_GRADS[kind]) for kind in KINDS}
         self.unhealthy = make(m.UNHEALTHY_UPDATES)
-        # What every update changes is read when scraped, from each monitor's plain
-        # fields: a healthy update then costs the SDK one histogram record, not four calls.
+        # What every update changes (the count, status and time of the latest update, the
+        # gradient norm and its peak) is read when scraped, from each monitor's plain
+        # fields: a healthy update then costs the SDK one histogram record, not six calls.
         self.update_sources: set[GradTelemetry] = set()
         meter.create_observable_counter(
             m.UPDATES.instrument, [self._observe_updates], unit=m.UPDATES.unit, description=m.UPDATES.help
@@ -188,8 +189,8 @@ class _Instruments:
         self.duration = make(m.SCAN_DURATION)
         self.first_bad = make(m.FIRST_BAD_LAYER)
         self.last_unhealthy_step = make(m.LAST_UNHEALTHY_STEP)
-        self.grad_norm = make(m.GRAD_NORM)
-        self.grad_norm_peak = make(m.GRAD_NORM_PEAK)
+        for metric, observe in ((m.GRAD_NORM, self._observe_norm), (m.GRAD_NORM_PEAK, self._observe_norm_peak)):
+            meter.create_observable_gauge(metric.instrument, [observe], unit=metric.unit, description=metric.help)
         # Read when scraped, not set per update: hundreds of layers would cost the
         # SDK tens of microseconds each, every update.
         # Kept like the other series, after their monitor is gone.
@@ -223,6 +224,21 @@ class _Instruments:
     def _observe_last_update(self, options: CallbackOptions) -> Iterable[Observation]:
         for sources in self._by_labels().values():
             yield Observation(max(s.last_update for s in sources), sources[0].labels)
+
+    def _observe_norm(self, options: CallbackOptions) -> Iterable[Observation]:
+        for source in self._latest_norms():
+            yield Observation(source.grad_norm, source.labels)
+
+    def _observe_norm_peak(self, options: CallbackOptions) -> Iterable[Observation]:
+        for source in self._latest_norms():
+            yield Observation(source.grad_norm_peak, source.labels)
+
+    def _latest_norms(self) -> Iterable[GradTelemetry]:
+        """Per set of labels, the monitor that recorded a norm last (none: no series yet)."""
+        for sources in self._by_labels().values():
+            normed = [s for s in sources if s.grad_norm is not None]
+            if normed:
+                yield max(normed, key=lambda s: s.last_norm)
 
     def _observe_layer_norms(self, options: CallbackOptions) -> Iterable[Observation]:
         for source in list(self.layer_norm_sources):
@@ -335,6 +351,10 @@ class GradTelemetry:
         """Updates scanned, for ``gradtel_updates_total``."""
         self.status = Status.UNKNOWN.level  # no update looked at yet
         self.last_update = start_time
+        self.grad_norm: float | None = None
+        """The latest finite gradient norm, for ``gradtel_grad_norm`` (None: none yet)."""
+        self.grad_norm_peak = 0.0
+        self.last_norm = 0.0  # monotonic time of the latest norm
         ins.update_sources.add(self)
 
     def add_layers(self, layers: Sequence[str]) -> None:
@@ -375,8 +395,9 @@ class GradTelemetry:
             return
         if health.grad_norm is not None and math.isfinite(health.grad_norm):
             # A NaN or Inf norm is the NaN/Inf alerts' business: the gauge keeps the last finite one.
-            ins.grad_norm.set(health.grad_norm, self._base)
-            ins.grad_norm_peak.set(self._norm_peak.add(health.grad_norm), self._base)
+            self.last_norm = time.monotonic()
+            self.grad_norm_peak = self._norm_peak.add(health.grad_norm, self.last_norm)
+            self.grad_norm = health.grad_norm
         if health.layer_grad_norms:
             self._keep_layer_norms(health.layer_grad_norms)
         last = self._last_nonzero
