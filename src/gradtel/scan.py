@@ -414,7 +414,7 @@ class Scanner:
     def finish(self, values: Sequence[torch.Tensor], launched: Launched, read: Sequence[Any]) -> dict[int, tuple[int, int]]:
         """Phase 2: exact counts of the pieces that ``read`` (the host copy of
         ``launched.result``) flags; the ``also`` values land in :attr:`also_read`."""
-        self.also_read = read[len(read) - launched.also :]
+        self.also_read = list(read[len(read) - launched.also :])
         pieces = launched.pieces
         flagged = [pieces[k] if pieces is not None else _Piece(k) for k in launched.flagged(read)]
         if not flagged:

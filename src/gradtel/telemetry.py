@@ -226,19 +226,19 @@ class _Instruments:
             yield Observation(max(s.last_update for s in sources), sources[0].labels)
 
     def _observe_norm(self, options: CallbackOptions) -> Iterable[Observation]:
-        for source in self._latest_norms():
-            yield Observation(source.grad_norm, source.labels)
+        for source, norm in self._latest_norms():
+            yield Observation(norm, source.labels)
 
     def _observe_norm_peak(self, options: CallbackOptions) -> Iterable[Observation]:
-        for source in self._latest_norms():
+        for source, _ in self._latest_norms():
             yield Observation(source.grad_norm_peak, source.labels)
 
-    def _latest_norms(self) -> Iterable[GradTelemetry]:
-        """Per set of labels, the monitor that recorded a norm last (none: no series yet)."""
+    def _latest_norms(self) -> Iterable[tuple[GradTelemetry, float]]:
+        """Per set of labels, the monitor that recorded a norm last, and its norm (none: no series yet)."""
         for sources in self._by_labels().values():
-            normed = [s for s in sources if s.grad_norm is not None]
+            normed = [(s, s.grad_norm) for s in sources if s.grad_norm is not None]
             if normed:
-                yield max(normed, key=lambda s: s.last_norm)
+                yield max(normed, key=lambda pair: pair[0].last_norm)
 
     def _observe_layer_norms(self, options: CallbackOptions) -> Iterable[Observation]:
         for source in list(self.layer_norm_sources):
