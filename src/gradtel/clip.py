@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 import torch
 
+from .health import GradHealth, Status
 from .monitor import GradMonitor
 from .scan import per_tensor_norms, stacked
 
@@ -71,10 +72,11 @@ def clip_grad_norm_(
             f"monitor must be a gradtel.GradMonitor, got {monitor!r} ({type(monitor).__name__})"
         )
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    with_grad = [p for p in params if p.grad is not None]
-    grads = [p.grad for p in with_grad]
+    all_grads = [p.grad for p in params]
+    with_grad = [p for p, g in zip(params, all_grads) if g is not None]
+    grads = [g for g in all_grads if g is not None]
     norm_type = float(norm_type)
-    if not with_grad or norm_type <= 0 or not all(g.layout is torch.strided for g in grads):  # type: ignore[union-attr]
+    if not with_grad or norm_type <= 0 or not all(g.layout is torch.strided for g in grads):
         # Nothing to clip (the monitor says why), a norm that can hide NaN or Inf,
         # or sparse gradients (no multi-tensor norm): scan first, then torch clips.
         monitor.collect()
@@ -82,7 +84,7 @@ def clip_grad_norm_(
             params, max_norm, norm_type, error_if_nonfinite, foreach
         )
         return clipped
-    norms = per_tensor_norms(grads, norm_type, foreach)  # type: ignore[arg-type]
+    norms = per_tensor_norms(grads, norm_type, foreach)
     every = stacked(norms)
     total: torch.Tensor = torch.linalg.vector_norm(every, norm_type)
     known: float | None = None  # the total, when read with the update's own read-out
@@ -93,9 +95,9 @@ def clip_grad_norm_(
         health = monitor.collect(norms=every, total_norm=total if norm_type == 2.0 else None)
         known = health.grad_norm if norm_type == 2.0 and monitor.readout == "sync" else None
     else:  # a subset's total is not the update's norm
-        monitor.collect(norms=dict(zip(with_grad, norms)))
-    kept = [i for i, p in enumerate(with_grad) if p.grad is not None]
-    if len(kept) < len(with_grad):  # a "skip" policy cleared the gradients
+        health = monitor.collect(norms=dict(zip(with_grad, norms)))
+    kept = [i for i, p in enumerate(with_grad) if p.grad is not None] if _unhealthy(health) else None
+    if kept is not None and len(kept) < len(with_grad):  # a "skip" policy cleared the gradients
         if not kept:
             return torch.tensor(0.0)
         with_grad = [with_grad[i] for i in kept]
@@ -109,6 +111,10 @@ def clip_grad_norm_(
         )
     torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total, foreach)
     return total
+
+
+def _unhealthy(health: GradHealth) -> bool:
+    return health.status is Status.WARNING or health.status is Status.CRITICAL
 
 
 def _not_finite(total: torch.Tensor, known: float | None) -> bool:

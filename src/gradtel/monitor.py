@@ -609,7 +609,9 @@ class GradMonitor:
         slots = present if dense else None
         norm = None if total_norm is None else total_norm.detach().reshape(1)
         layers, layer_norms = self._layer_norms_of(l2, present) if self._layer_norms else ((), None)
-        extra = _joined([t for t in (origin, loss_bad, norm, layer_norms) if t is not None])
+        # Counts as float64, exact in the read-out that promotes everything to one dtype.
+        counts = None if origin is None else origin.double()
+        extra = [t for t in (counts, loss_bad, norm, layer_norms) if t is not None]
         launched = self._guarded("scan", lambda: self._scanner.launch(values, slots, summary, extra))
         if launched is None:  # the scan failed: nothing was counted, say so
             return self._health(step, unscanned="scan_error", skipped=len(self._params))
@@ -648,8 +650,6 @@ class GradMonitor:
             ))
             return self._health(update.step, unscanned="scan_error", skipped=len(update.labels))
         also = list(self._scanner.also_read)
-        if not counts and not also and not update.local:  # the usual update: healthy, nothing else read
-            return self._health(update.step, scanned=len(update.present), skipped=update.skipped)
         local: dict[str, Any] = {}
         if update.local:
             nan, inf = also[:2] if update.origin else (0, 0)
@@ -661,6 +661,8 @@ class GradMonitor:
             local["grad_norm"] = also.pop()
         if update.loss:
             local["loss_finite"] = not also[-1]
+        if not counts:  # the usual update: healthy
+            return self._health(update.step, scanned=len(update.present), skipped=update.skipped, **local)
         nan_by_layer: dict[str, int] = {}
         inf_by_layer: dict[str, int] = {}
         labels, present = update.labels, update.present
@@ -821,15 +823,6 @@ def _loss_bad(loss: torch.Tensor | None) -> torch.Tensor | None:
     if loss is None:
         return None
     return torch.isfinite(loss.detach()).all().logical_not().reshape(1)
-
-
-def _joined(parts: list[torch.Tensor]) -> torch.Tensor | None:
-    """Small tensors as one float64 tensor (exact for counts below 2**53), on the first
-    one's device, for one read-out."""
-    if not parts:
-        return None
-    device = parts[0].device
-    return torch.cat([p.to(device, torch.float64, non_blocking=True) for p in parts])
 
 
 def _check_scaler(scaler: object) -> bool:

@@ -333,7 +333,7 @@ class Scanner:
         """Seconds the latest count spent waiting for device work queued before it
         (an asynchronous backward pass), which is not gradtel's own cost."""
         self.also_read: list[float] = []
-        """The values of the latest count's ``also`` tensor, read with its first read-out."""
+        """The values of the latest count's ``also`` tensors, read with its first read-out."""
 
     def forget(self) -> None:
         """Drop every plan: the next count plans each tensor anew."""
@@ -380,7 +380,7 @@ class Scanner:
         values: Sequence[torch.Tensor],
         slots: Sequence[Hashable] | None = None,
         norms: torch.Tensor | Sequence[torch.Tensor] | None = None,
-        also: torch.Tensor | None = None,
+        also: Sequence[torch.Tensor] = (),
     ) -> Launched:
         """Phase 1, queued on the device with no host read: see :meth:`count` for the
         arguments. Read :attr:`Launched.result` to the host, then call :meth:`finish`
@@ -395,11 +395,10 @@ class Scanner:
             flags = _on_one_device(parts)
         else:  # the norms themselves: one per tensor, not finite where it holds a NaN or Inf
             flags, pieces = stacked(norms), None
-        # cat() promotes to float64, in which counts and norms are read exactly.
-        result = flags if also is None else _on_one_device([flags, also.reshape(-1).double()])
+        result = _on_one_device([flags, *also]) if also else flags  # cat() promotes the dtypes
         if timed:
             end.record()
-        return Launched(pieces, result, 0 if also is None else also.numel(), (start, end) if timed else None)
+        return Launched(pieces, result, sum(t.numel() for t in also), (start, end) if timed else None)
 
     def read(self, launched: Launched) -> list[Any]:
         """The blocking read-out of ``launched``. It waits for everything queued before
@@ -445,7 +444,7 @@ class Scanner:
         values: Sequence[torch.Tensor],
         slots: Sequence[Hashable] | None = None,
         norms: torch.Tensor | Sequence[torch.Tensor] | None = None,
-        also: torch.Tensor | None = None,
+        also: Sequence[torch.Tensor] = (),
     ) -> dict[int, tuple[int, int]]:
         """``{position: (nan, inf)}`` for each tensor holding a non-finite element.
 
@@ -457,14 +456,16 @@ class Scanner:
             norms: One norm per tensor already computed elsewhere (gradient
                 clipping computes them), as a list or stacked in a 1-D tensor:
                 phase 1 then reads no gradient memory.
-            also: A 1-D tensor to read to the host with the first read-out (no
-                read-out of its own), as float64: its values land in :attr:`also_read`.
+            also: 1-D tensors to read to the host with the first read-out (no
+                read-out of its own): their values land in :attr:`also_read`, in
+                the dtype that they and the flags promote to (float32 at least:
+                give counts as float64 to read them exactly).
         """
         self.waited = 0.0
         self.also_read = []
         if not values:
-            if also is not None:
-                self.also_read = also.double().tolist()
+            if also:
+                self.also_read = _on_one_device(list(also)).tolist()
             return {}
         launched = self.launch(values, slots, norms, also)
         return self.finish(values, launched, self.read(launched))
@@ -478,7 +479,7 @@ class Launched:
     """What each flag stands for; None: the flags are norms, one per tensor."""
     result: torch.Tensor
     """The flags (non-zero: flagged) or norms (not finite: flagged), then the ``also``
-    values, in one tensor on one device (float64 when there are ``also`` values)."""
+    values, in one tensor on one device."""
     also: int
     """How many values at the end of :attr:`result` are ``also``."""
     events: tuple[Any, Any] | None = None
