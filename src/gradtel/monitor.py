@@ -640,7 +640,7 @@ class GradMonitor:
         )
         if read is None or counts is None:  # the scan failed: nothing was counted, say so
             return self._health(update.step, unscanned="scan_error", skipped=len(update.labels))
-        if counts == {} and update.changed_since_flagged(read):
+        if update.copy is not None and counts == {} and update.changed_since_flagged(read):
             # Flagged, then rewritten in place before the counts were read (a deferred read-out
             # after zero_grad(set_to_none=False), say): not known healthy.
             self._failed("scan", RuntimeError(
