@@ -52,13 +52,17 @@ def measure(work: Callable[[], object], repeats: int, warmup: int = 3) -> Timing
 
 def measure_all(methods: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, Timing]:
     """Time each method ``repeats`` times, round-robin, so that a slow spell of a
-    noisy machine hits every method alike and their ratios stay fair."""
+    noisy machine hits every method alike and their ratios stay fair. Each round
+    starts one method later, so that no method always runs after the same one (and
+    finds the caches as that one left them)."""
     for work in methods.values():
         for _ in range(warmup):
             work()
     times: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(repeats):
-        for name, work in methods.items():
+    order = list(methods.items())
+    for round_ in range(repeats):
+        shift = round_ % len(order)
+        for name, work in order[shift:] + order[:shift]:
             started = time.perf_counter()
             work()
             times[name].append(time.perf_counter() - started)

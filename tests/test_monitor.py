@@ -448,3 +448,18 @@ def test_first_bad_layer_is_unknown_without_a_backward_pass(provider: MeterProvi
         p.grad = torch.zeros_like(p)  # set by hand: no backward order known
     model.fc2.weight.grad[0, 0] = NAN
     assert monitor.collect().first_bad_layer is None
+
+
+def test_counts_read_with_the_update_stay_exact_beyond_float32(provider: MeterProvider) -> None:
+    # This rank's own counts ride in the update's one read-out beside float32 flags and
+    # a float32 norm: 2**24 + 1 has no float32, so they must be read as float64.
+    model = TwoLayer()
+    monitor = GradMonitor(model, meter_provider=provider)
+    monitor.origin.installed = True
+    monitor.origin.add(torch.full((2**24 + 1,), NAN))
+    backward(model)
+    total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    health = monitor.collect(total_norm=total)
+    assert (health.local_nan_total, health.local_inf_total) == (2**24 + 1, 0)
+    assert health.grad_norm == pytest.approx(float(total))
+    monitor.close()
