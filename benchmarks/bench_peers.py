@@ -40,6 +40,7 @@ COLUMNS = {
     "gradtel": "gradtel `collect()`",
     "gradtel deferred": "gradtel `collect()`, `readout=\"deferred\"`",
     "scaler": "GradScaler's fused non-finite check (a yes/no flag)",
+    "scaler step": "GradScaler as a step runs it (`unscale_`, its flag read, `update`)",
     "floor": "one `.sum()` over all gradient memory",
     "clip": "torch `clip_grad_norm_(error_if_nonfinite=True)`",
     "gradtel clip": "`gradtel.clip_grad_norm_`",
@@ -52,7 +53,7 @@ COLUMNS = {
 CAPABILITIES = [
     # tool, NaN counted, Inf apart, per layer, per rank, exported for alerts
     ("gradtel", "yes", "yes", "yes", "yes, and the rank it started on", "Prometheus, OTLP"),
-    ("GradScaler check", "no (one flag)", "no", "no", "no", "no"),
+    ("GradScaler check, alone or as a step runs it", "no (one flag)", "no", "no", "no", "no"),
     ("torch clipping, `error_if_nonfinite`", "no (raises)", "no", "no", "no", "no"),
     ("Lightning `grad_norm`", "no (NaN norm)", "no", "per parameter norm", "no", "logger"),
     ("`wandb.watch`", "no (histograms)", "no", "per parameter", "per run", "W&B"),
@@ -120,6 +121,18 @@ def gradient_checks(model: nn.Module) -> dict[str, Callable[[], object]]:
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
         return bool(found_inf.item())
 
+    optimizer = torch.optim.SGD(params, lr=0.0)  # never stepped: only the scaler's check is timed
+    grad_scaler = torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**30)
+    grad_scaler.scale(torch.ones((), device=device))  # as a step scales its loss first
+
+    def scaler_step() -> bool:
+        # What scaler.unscale_(optimizer) and scaler.step(optimizer) do about non-finite
+        # values, without the optimizer's own step.
+        grad_scaler.unscale_(optimizer)
+        found = sum(v.item() for v in grad_scaler._found_inf_per_device(optimizer).values())
+        grad_scaler.update()
+        return bool(found)
+
     def bare() -> bool:
         # The least any check after backward costs: find the gradients, run GradScaler's
         # kernel on them, read its flag. Not a column: the floor under the first target.
@@ -135,6 +148,7 @@ def gradient_checks(model: nn.Module) -> dict[str, Callable[[], object]]:
         "gradtel": sync.collect,
         "gradtel deferred": deferred.collect,
         "scaler": scaler,
+        "scaler step": scaler_step,
         "bare": bare,
         "floor": buffer.sum,
         "clip": lambda: nn.utils.clip_grad_norm_(params, 1e9, error_if_nonfinite=True),
@@ -224,7 +238,8 @@ def main() -> int:
             failed += not ok
             print(f"{'PASS' if ok else 'FAIL'}  {name}: {what} = {value:.2f} (target <= {limit})")
         print(f"      {name}: the least a check can cost, finding the gradients + GradScaler's "
-              f"check + reading its flag = {row['bare'] / row['scaler']:.2f} x the check")
+              f"check + reading its flag = {row['bare'] / row['scaler']:.2f} x the check; "
+              f"healthy collect() / GradScaler as a step runs it = {row['gradtel'] / row['scaler step']:.2f}")
     if args.quick:
         print("(--quick: few repetitions; the targets mean something only in a full run)")
     return 0
