@@ -11,7 +11,6 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -612,8 +611,10 @@ class GradMonitor:
         # Counts as float64, exact in the read-out that promotes everything to one dtype.
         counts = None if origin is None else origin.double()
         extra = [t for t in (counts, loss_bad, norm, layer_norms) if t is not None]
-        launched = self._guarded("scan", lambda: self._scanner.launch(values, slots, summary, extra))
-        if launched is None:  # the scan failed: nothing was counted, say so
+        try:
+            launched = self._scanner.launch(values, slots, summary, extra)
+        except Exception as exc:  # the scan failed: nothing was counted, say so
+            self._failed("scan", exc)
             return self._health(step, unscanned="scan_error", skipped=len(self._params))
         return _Update(
             step=step,
@@ -632,13 +633,12 @@ class GradMonitor:
 
     def _read_out(self, update: _Update) -> GradHealth:
         """The health of a launched update: its read-out, then exact counts of what it flags."""
-        # The deferred read-out's host copy, or the blocking read-out now.
-        read_out = update.read if update.copy is not None else partial(self._scanner.read, update.launched)
-        read = self._guarded("scan", read_out)
-        counts = None if read is None else self._guarded(
-            "scan", lambda: self._scanner.finish(update.values or [], update.launched, read)
-        )
-        if read is None or counts is None:  # the scan failed: nothing was counted, say so
+        try:
+            # The deferred read-out's host copy, or the blocking read-out now.
+            read = update.read() if update.copy is not None else self._scanner.read(update.launched)
+            counts = self._scanner.finish(update.values or [], update.launched, read)
+        except Exception as exc:  # the scan failed: nothing was counted, say so
+            self._failed("scan", exc)
             return self._health(update.step, unscanned="scan_error", skipped=len(update.labels))
         if update.copy is not None and counts == {} and update.changed_since_flagged(read):
             # Flagged, then rewritten in place before the counts were read (a deferred read-out
