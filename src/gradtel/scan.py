@@ -19,8 +19,8 @@ one read of gradient memory and one host read-out:
 2. *Count.* Only flagged pieces are counted exactly, into int64 (a
    38M-element embedding is counted right), and read out in one more
    transfer: a chunk of a large tensor, or the tensors of a flagged batch
-   that the fused check flags again, run on smaller batches, then per
-   tensor, one read-out per level. A sum's flag can be a false alarm (finite
+   that the fused check flags again, run per tensor (on CUDA first on
+   batches of ``BATCH``), one read-out per level. A sum's flag can be a false alarm (finite
    values whose sum overflows): the exact count is then zero, so results are
    always exact.
 
