@@ -12,7 +12,6 @@ from collections.abc import Iterable
 
 import torch
 
-from .health import GradHealth, Status
 from .monitor import GradMonitor
 from .scan import per_tensor_norms, stacked
 
@@ -96,7 +95,8 @@ def clip_grad_norm_(
         known = health.grad_norm if norm_type == 2.0 and monitor.readout == "sync" else None
     else:  # a subset's total is not the update's norm
         health = monitor.collect(norms=dict(zip(with_grad, norms)))
-    kept = [i for i, p in enumerate(with_grad) if p.grad is not None] if _unhealthy(health) else None
+    # Only an unhealthy update can have had its gradients cleared by a "skip" policy.
+    kept = [i for i, p in enumerate(with_grad) if p.grad is not None] if health.status.level > 0 else None
     if kept is not None and len(kept) < len(with_grad):  # a "skip" policy cleared the gradients
         if not kept:
             return torch.tensor(0.0)
@@ -111,10 +111,6 @@ def clip_grad_norm_(
         )
     torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total, foreach)
     return total
-
-
-def _unhealthy(health: GradHealth) -> bool:
-    return health.status is Status.WARNING or health.status is Status.CRITICAL
 
 
 def _not_finite(total: torch.Tensor, known: float | None) -> bool:
