@@ -250,3 +250,14 @@ def test_gradients_in_an_autograd_graph_are_only_read() -> None:
     versions = [t._version for t in tensors]
     assert count_nonfinite(tensors) == {1: (0, 1)}
     assert [t._version for t in tensors] == versions  # never written: a later backward still works
+
+
+def test_results_of_several_devices_are_gathered_on_the_accelerator() -> None:
+    from gradtel.scan import _on_one_device
+
+    # A copy to the CPU that does not block can be read before it lands (a CUDA flag
+    # would read as healthy): results meet on the accelerator, whichever comes first.
+    # "meta" stands in for a CUDA device, which this test cannot assume.
+    gathered = _on_one_device([torch.zeros(2), torch.zeros(3, device="meta"), torch.zeros(1)])
+    assert gathered.device.type == "meta"
+    assert gathered.shape == (6,)

@@ -51,7 +51,9 @@ class HostCopy:
             self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             self._host.copy_(tensor, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            # On the stream the copy runs on, that of the tensor's device (not the current
+            # device's: an event there could say "done" before the copy is).
+            self._event.record(torch.cuda.current_stream(tensor.device))
         else:
             self._host = tensor
 

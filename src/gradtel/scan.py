@@ -289,9 +289,16 @@ def _exact_piece(values: Sequence[torch.Tensor], piece: _Piece) -> list[tuple[in
     return [(piece.index, _exact(_flatten(tensor, piece)[piece.start : piece.stop]))]
 
 
+def _meeting_device(tensors: Sequence[torch.Tensor]) -> torch.device:
+    """Where results of several devices meet: the first accelerator among them, else the CPU.
+    Never the CPU when an accelerator is there: a copy to the CPU that does not block
+    could be read before it lands, and one that blocks is a host sync."""
+    return next((t.device for t in tensors if t.device.type != "cpu"), tensors[0].device)
+
+
 def _on_one_device(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Per-device results as one tensor on the first one's device, for one read-out."""
-    target = parts[0].device
+    """Per-device results as one tensor on one device (see :func:`_meeting_device`), for one read-out."""
+    target = _meeting_device(parts)
     gathered = [p if p.device == target else p.to(target, non_blocking=True) for p in parts]
     return gathered[0] if len(gathered) == 1 else torch.cat(gathered)
 
@@ -387,8 +394,9 @@ class Scanner:
         (both under ``torch.no_grad()``, as :meth:`count` runs them)."""
         timed = values[0].device.type == "cuda"
         if timed:  # gradtel's own kernels, apart from the work queued before them
+            stream = torch.cuda.current_stream(values[0].device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(stream)
         if norms is None:
             plan, parts = self._flag_parts(values, slots)
             pieces = plan.pieces
@@ -397,7 +405,7 @@ class Scanner:
             flags, pieces = stacked(norms), None
         result = _on_one_device([flags, *also]) if also else flags  # cat() promotes the dtypes
         if timed:
-            end.record()
+            end.record(stream)
         return Launched(pieces, result, sum(t.numel() for t in also), (start, end) if timed else None)
 
     def read(self, launched: Launched) -> list[Any]:
@@ -509,16 +517,16 @@ def per_tensor_norms(
 
 
 def stacked(norms: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per-tensor norms as one tensor on the first one's device (no host read)."""
+    """Per-tensor norms as one tensor on one device (see :func:`_meeting_device`; no host read)."""
     if isinstance(norms, torch.Tensor):
         return norms
-    device = norms[0].device
+    device = _meeting_device(norms)
     return torch.stack([n if n.device == device else n.to(device) for n in norms])
 
 
 def total_norm(norms: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     """The L2 norm of tensors whose L2 norms are ``norms``, as a float64 tensor on the
-    first one's device (no host read)."""
+    device :func:`stacked` puts them on (no host read)."""
     total: torch.Tensor = torch.linalg.vector_norm(stacked(norms).double())
     return total
 
