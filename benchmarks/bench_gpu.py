@@ -31,6 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import GPT2Small  # noqa: E402
 
 import gradtel  # noqa: E402
+from gradtel.scan import CHUNK  # noqa: E402
+
+NAN, INF = float("nan"), float("inf")
 
 
 def shapes(quick: bool) -> dict[str, Callable[[], nn.Module]]:
@@ -95,6 +98,27 @@ def host_syncs(work: Callable[[], object], device: torch.device) -> str:
         torch.cuda.set_sync_debug_mode("default")
 
 
+def counts_exact(model: nn.Module, monitors: list[gradtel.GradMonitor]) -> str:
+    """Whether each monitor counts an unhealthy update exactly: NaN and Inf planted in the
+    smallest, a middle and the largest gradient (past its first chunk), against torch's count."""
+    grads = sorted((p.grad for p in model.parameters()), key=lambda g: g.numel())
+    for grad, index, value in ((grads[0], 0, NAN), (grads[len(grads) // 2], -1, INF),
+                               (grads[-1], CHUNK + 5, NAN), (grads[-1], -1, -INF)):
+        grad.view(-1)[index] = value
+    expected = (sum(int(torch.isnan(g).sum()) for g in grads), sum(int(torch.isinf(g).sum()) for g in grads))
+    said = []
+    for monitor in monitors:
+        health = monitor.collect()
+        if monitor.readout == "deferred":  # published by the next collect()
+            monitor.flush()
+            health = monitor.collect()
+        said.append("yes" if (health.nan_total, health.inf_total) == expected else f"NO: {health.describe()}")
+        monitor.flush()  # before the gradients are cleaned in place
+    for grad in grads:
+        grad.nan_to_num_(0.0, 0.0, 0.0)
+    return " / ".join(said)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -105,8 +129,9 @@ def main() -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__} on {name}; medians of {repeats}\n")
     print("| model | dtype | gradient bytes | one read (ms) | sync `collect()` (ms) | deferred, until done (ms) "
-          "| deferred, on the calling thread (ms) | kernels, sync / deferred | host syncs in a deferred healthy update |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+          "| deferred, on the calling thread (ms) | kernels, sync / deferred | host syncs in a deferred healthy update "
+          "| unhealthy counts exact, sync / deferred |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|---|")
     for label, build in shapes(args.quick).items():
         for dtype in (torch.float32, torch.bfloat16):
             model = build().to(device=device, dtype=dtype)
@@ -128,6 +153,7 @@ def main() -> int:
                 f"{median_ms(deferred.collect, device, repeats, until_done=False):.3f}",
                 f"{kernels(sync.collect, device)} / {kernels(deferred.collect, device)}",
                 host_syncs(deferred.collect, device),
+                counts_exact(model, [sync, deferred]),
             ]
             print("| " + " | ".join(row) + " |")
             deferred.close()
