@@ -117,6 +117,31 @@ def test_gauges_reset_on_a_healthy_update_while_counters_keep_counting(
     assert sample(found, "gradtel_scan_duration_seconds_count") == 2
 
 
+def test_a_healthy_update_records_its_duration_when_scraped_not_on_the_training_thread(
+    provider: MeterProvider, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gradtel import telemetry
+
+    model = TwoLayer()
+    monitor = GradMonitor(model, meter_provider=provider)
+    duration = telemetry.instruments_for(provider).duration
+    recorded: list[str] = []
+    original = duration.record
+    monkeypatch.setattr(duration, "record", lambda *a, **k: recorded.append("x") or original(*a, **k))
+    for _ in range(3):
+        backward(model)
+        monitor.collect()
+    assert recorded == []  # an SDK record is a sixth of a small model's update
+    assert sample(samples(registry), "gradtel_scan_duration_seconds_count") == 3
+    assert len(recorded) == 3
+    assert sample(samples(registry), "gradtel_scan_duration_seconds_count") == 3  # drained once
+    # Never scraped: the training thread records them itself, a batch at a time.
+    for _ in range(telemetry.DURATIONS_KEPT):
+        backward(model)
+        monitor.collect()
+    assert len(recorded) == 3 + telemetry.DURATIONS_KEPT
+
+
 def test_tied_parameters_are_counted_once(provider: MeterProvider) -> None:
     class Tied(nn.Module):
         def __init__(self) -> None:

@@ -48,6 +48,10 @@ SCAN_DURATION_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 
+DURATIONS_KEPT = 256
+"""Update durations that wait for the next collection of the metrics; when that many
+wait, the training thread records them itself."""
+
 _SEVERITIES = {Status.WARNING: "warning", Status.CRITICAL: "critical"}
 
 _default_provider: SdkMeterProvider | None = None
@@ -171,7 +175,8 @@ class _Instruments:
         self.unhealthy = make(m.UNHEALTHY_UPDATES)
         # What every update changes (the count, status and time of the latest update, the
         # gradient norm and its peak) is read when scraped, from each monitor's plain
-        # fields: a healthy update then costs the SDK one histogram record, not six calls.
+        # fields (the scan's duration too, drained when collected): a healthy update
+        # makes no SDK call at all.
         self.update_sources: set[GradTelemetry] = set()
         meter.create_observable_counter(
             m.UPDATES.instrument, [self._observe_updates], unit=m.UPDATES.unit, description=m.UPDATES.help
@@ -213,6 +218,10 @@ class _Instruments:
         return found
 
     def _observe_updates(self, options: CallbackOptions) -> Iterable[Observation]:
+        # The SDK runs these callbacks before it collects the synchronous instruments:
+        # the durations that wait are recorded in time for this collection.
+        for source in list(self.update_sources):
+            source.record_durations()
         for sources in self._by_labels().values():
             yield Observation(sum(s.updates for s in sources), sources[0].labels)
 
@@ -329,6 +338,7 @@ class GradTelemetry:
         self._kind_attrs = {kind: {**self._base, "kind": kind} for kind in KINDS}
         self._last_nonzero: dict[str, set[str]] = {"nan": set(), "inf": set()}
         self._norm_peak = RollingMax(m.NORM_PEAK_SECONDS)
+        self._durations: deque[float] = deque()  # appends and pops are thread-safe
         self.layer_norms: dict[str, tuple[dict[str, str], float]] = {}
         """The latest finite norm of each layer, and its labels (no NaN/Inf series come with them)."""
 
@@ -382,7 +392,11 @@ class GradTelemetry:
             self.status = Status.UNKNOWN.level
             return
         self.updates += 1
-        ins.duration.record(duration, self._base)
+        # An SDK record is a sixth of a small model's update (its code is cold after
+        # a training step): the duration waits for the next collection instead.
+        self._durations.append(duration)
+        if len(self._durations) >= DURATIONS_KEPT:
+            self.record_durations()
         for kind, local in (("nan", health.local_nan_total), ("inf", health.local_inf_total)):
             if local:
                 ins.origin.add(1, self._kind_attrs[kind])
@@ -423,6 +437,16 @@ class GradTelemetry:
             if first is not None:
                 ins.first_bad.set(health.step, self._first_bad_series(kind, first))
         self.status = health.status.level
+
+    def record_durations(self) -> None:
+        """Record the durations of the updates made since the last collection."""
+        record, durations = self._instruments.duration.record, self._durations
+        while True:
+            try:
+                duration = durations.popleft()
+            except IndexError:  # none left, or another thread took the last one
+                return
+            record(duration, self._base)
 
     def _keep_layer_norms(self, norms: Mapping[str, float]) -> None:
         kept = dict(self.layer_norms)  # swapped whole: a scrape may be reading the old one
