@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import random
 import resource
 import statistics
 import sys
@@ -53,16 +54,18 @@ def measure(work: Callable[[], object], repeats: int, warmup: int = 3) -> Timing
 def measure_all(methods: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, Timing]:
     """Time each method ``repeats`` times, round-robin, so that a slow spell of a
     noisy machine hits every method alike and their ratios stay fair. Each round
-    starts one method later, so that no method always runs after the same one (and
-    finds the caches as that one left them)."""
+    runs them in a new order (seeded), so that no method always runs after the same
+    one and finds the caches as that one left them: a method that follows itself
+    (or one running the same code) can look twice as fast."""
     for work in methods.values():
         for _ in range(warmup):
             work()
     times: dict[str, list[float]] = {name: [] for name in methods}
     order = list(methods.items())
-    for round_ in range(repeats):
-        shift = round_ % len(order)
-        for name, work in order[shift:] + order[:shift]:
+    shuffle = random.Random(0).shuffle
+    for _ in range(repeats):
+        shuffle(order)
+        for name, work in order:
             started = time.perf_counter()
             work()
             times[name].append(time.perf_counter() - started)
