@@ -253,7 +253,7 @@ def test_gradients_in_an_autograd_graph_are_only_read() -> None:
 
 
 def test_results_of_several_devices_are_gathered_on_the_accelerator() -> None:
-    from gradtel.scan import _on_one_device
+    from gradtel.scan import _on_one_device, stacked
 
     # A copy to the CPU that does not block can be read before it lands (a CUDA flag
     # would read as healthy): results meet on the accelerator, whichever comes first.
@@ -261,3 +261,5 @@ def test_results_of_several_devices_are_gathered_on_the_accelerator() -> None:
     gathered = _on_one_device([torch.zeros(2), torch.zeros(3, device="meta"), torch.zeros(1)])
     assert gathered.device.type == "meta"
     assert gathered.shape == (6,)
+    norms = stacked([torch.ones(()), torch.ones((), device="meta")])  # clipping's per-tensor norms
+    assert norms.device.type == "meta" and norms.shape == (2,)

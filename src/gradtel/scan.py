@@ -507,9 +507,12 @@ def per_tensor_norms(
     """One norm per tensor, in order, with a multi-tensor norm per device and dtype."""
     if foreach is False:
         return [torch.linalg.vector_norm(g, norm_type) for g in grads]
-    norms: list[torch.Tensor] = [torch.empty(0)] * len(grads)
     # The grouping torch.nn.utils.clip_grad_norm_ itself uses (C++, no Python loop).
     groups = _group_tensors_by_device_and_dtype([list(grads)], with_indices=True)
+    if len(groups) == 1:  # one device and dtype, the usual case: the norms come in order
+        [([tensors], _)] = groups.values()
+        return list(torch._foreach_norm(tensors, norm_type))  # type: ignore[arg-type]
+    norms: list[torch.Tensor] = [torch.empty(0)] * len(grads)
     for ([tensors], indices) in groups.values():
         for i, norm in zip(indices, torch._foreach_norm(tensors, norm_type)):  # type: ignore[arg-type]
             norms[i] = norm
@@ -520,8 +523,11 @@ def stacked(norms: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     """Per-tensor norms as one tensor on one device (see :func:`_meeting_device`; no host read)."""
     if isinstance(norms, torch.Tensor):
         return norms
-    device = _meeting_device(norms)
-    return torch.stack([n if n.device == device else n.to(device) for n in norms])
+    try:
+        return torch.stack(list(norms))  # all on one device, the usual case: no look at each
+    except RuntimeError:  # on several devices
+        device = _meeting_device(norms)
+        return torch.stack([n if n.device == device else n.to(device) for n in norms])
 
 
 def total_norm(norms: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
