@@ -78,13 +78,19 @@ def test_a_failing_record_is_logged_once_counted_and_training_goes_on(
 
     monkeypatch.setattr(instruments.duration, "record", broken)
     model(torch.ones(1, 2)).sum().backward()
+    message = "gradtel record failed, training continues: RuntimeError('exporter exploded')"
     with caplog.at_level(logging.ERROR, logger="gradtel"):
         for _ in range(5):
             assert monitor.collect().status is gradtel.Status.HEALTHY
-    assert [r.getMessage() for r in caplog.records] == [
-        "gradtel record failed, training continues: RuntimeError('exporter exploded')"
-    ]
-    assert sample(samples(registry), "gradtel_errors_total", stage="record") == 5
+        assert caplog.records == []  # durations are recorded when scraped
+        found = samples(registry)
+        assert sample(found, "gradtel_errors_total", stage="record") == 1
+        assert sample(found, "gradtel_updates_total") == 5  # the scrape lost nothing else
+        # Never scraped: the training thread records them, and fails, every DURATIONS_KEPT updates.
+        for _ in range(gradtel.telemetry.DURATIONS_KEPT):
+            assert monitor.collect().status is gradtel.Status.HEALTHY
+    assert [r.getMessage() for r in caplog.records] == [message]  # once a minute at most
+    assert sample(samples(registry), "gradtel_errors_total", stage="record") == 2
 
 
 def test_collect_from_two_threads(provider: MeterProvider, registry: CollectorRegistry) -> None:

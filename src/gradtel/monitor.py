@@ -211,6 +211,7 @@ class GradMonitor:
             meter_provider=provider,
             attributes=process_attributes(),
             start_time=time.time(),
+            error_log=self._error_log,
         )
         if self._module is not None:
             install_origin_hook(self._module, self)
@@ -740,10 +741,7 @@ class GradMonitor:
     def _failed(self, stage: str, exc: Exception) -> None:
         if self._on_error == "raise":
             raise exc
-        self._telemetry.record_error(stage)
-        self._error_log.log(
-            stage, logging.ERROR, "gradtel %s failed, training continues: %r", stage, exc
-        )
+        self._telemetry.failed(stage, exc)
 
 
 @dataclass

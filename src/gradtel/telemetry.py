@@ -13,6 +13,7 @@ non-zero are reset, counters only move where a count is above 0).
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -27,6 +28,7 @@ from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from . import metrics as m
+from ._ratelimit import RateLimitedLog
 from .health import GradHealth, Status
 from .metrics import ERROR_STAGES, KINDS, SKIP_REASONS, UNSCANNED_REASONS, Metric
 from .ranks import process_attributes
@@ -221,7 +223,10 @@ class _Instruments:
         # The SDK runs these callbacks before it collects the synchronous instruments:
         # the durations that wait are recorded in time for this collection.
         for source in list(self.update_sources):
-            source.record_durations()
+            try:
+                source.record_durations()
+            except Exception as exc:  # the scrape still gets every other series
+                source.failed("record", exc)
         for sources in self._by_labels().values():
             yield Observation(sum(s.updates for s in sources), sources[0].labels)
 
@@ -314,6 +319,8 @@ class GradTelemetry:
         attributes: Labels put on every series (``rank`` in distributed runs).
         start_time: Unix time the ``last_update_timestamp`` gauge starts at,
             so that a stall alert counts from start until the first update.
+        error_log: Where failures are logged, once a minute per stage at most
+            (the monitor's, shared with its other stages).
     """
 
     def __init__(
@@ -323,7 +330,9 @@ class GradTelemetry:
         meter_provider: MeterProvider,
         attributes: Mapping[str, str],
         start_time: float,
+        error_log: RateLimitedLog | None = None,
     ) -> None:
+        self.error_log = error_log or RateLimitedLog(logging.getLogger("gradtel"))
         self._base = dict(attributes)
         self._layer_attrs: dict[str, dict[str, str]] = {}
         self._band_attrs = {
@@ -439,14 +448,21 @@ class GradTelemetry:
         self.status = health.status.level
 
     def record_durations(self) -> None:
-        """Record the durations of the updates made since the last collection."""
+        """Record the durations of the updates made since the last collection. One that
+        the SDK fails to record is lost; the first failure is raised after the others."""
         record, durations = self._instruments.duration.record, self._durations
+        failure: Exception | None = None
         while True:
             try:
                 duration = durations.popleft()
             except IndexError:  # none left, or another thread took the last one
-                return
-            record(duration, self._base)
+                break
+            try:
+                record(duration, self._base)
+            except Exception as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     def _keep_layer_norms(self, norms: Mapping[str, float]) -> None:
         kept = dict(self.layer_norms)  # swapped whole: a scrape may be reading the old one
@@ -482,3 +498,8 @@ class GradTelemetry:
     def record_error(self, stage: str) -> None:
         """Count one failure inside gradtel (``stage`` from :data:`ERROR_STAGES`)."""
         self._instruments.errors.add(1, self._error_attrs[stage])
+
+    def failed(self, stage: str, exc: Exception) -> None:
+        """Count a failure inside gradtel and log it (once a minute per stage at most)."""
+        self.record_error(stage)
+        self.error_log.log(stage, logging.ERROR, "gradtel %s failed, training continues: %r", stage, exc)
