@@ -53,6 +53,30 @@ def test_clipping_matches_torch(provider: MeterProvider, norm_type: float) -> No
         torch.testing.assert_close(mine.grad, reference.grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_clipping_is_bit_for_bit_torch_s_and_skips_a_multiply_by_one(provider: MeterProvider, dtype: torch.dtype) -> None:
+    reference = model_with_grads().to(dtype)
+    for p in reference.parameters():
+        p.grad = p.grad.to(dtype)
+    total = nn.utils.get_total_norm([p.grad for p in reference.parameters()]).item()
+    # Around the edge where torch's coefficient reaches 1, in the dtype's own rounding.
+    for max_norm in (0.5 * total, total, total * (1 + 1e-7), total + 1e-6, total * 1.004, total * 1.05, 2 * total, INF):
+        ours, theirs = copy.deepcopy(reference), copy.deepcopy(reference)
+        for model in (ours, theirs):
+            for p, q in zip(model.parameters(), reference.parameters()):
+                p.grad = q.grad.clone()
+        versions = [p.grad._version for p in ours.parameters()]
+        monitor = GradMonitor(ours, meter_provider=provider)
+        got = gradtel.clip_grad_norm_(ours.parameters(), max_norm, monitor=monitor)
+        expected = nn.utils.clip_grad_norm_(theirs.parameters(), max_norm)
+        assert torch.equal(got, expected)
+        for mine, torchs in zip(ours.parameters(), theirs.parameters()):
+            assert torch.equal(mine.grad, torchs.grad), max_norm
+        if max_norm >= 1.05 * total:  # clearly under max_norm: not multiplied at all
+            assert [p.grad._version for p in ours.parameters()] == versions
+        monitor.close()
+
+
 def test_counts_are_taken_before_clipping_spreads_nan(
     provider: MeterProvider, registry: CollectorRegistry
 ) -> None:

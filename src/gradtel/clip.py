@@ -39,6 +39,10 @@ def clip_grad_norm_(
     (0 counts non-zeros, negative ones are minima) do not see every NaN or
     Inf, so the monitor scans the gradients itself.
 
+    When the total norm is read on the host anyway (an L2 norm, ``readout="sync"``)
+    and is under ``max_norm``, the gradients are left as they are: torch would
+    multiply each by exactly 1, a pass over gradient memory for nothing.
+
     Args:
         parameters: Parameters (or one tensor) whose gradients are clipped.
         max_norm: Largest allowed total norm.
@@ -109,8 +113,16 @@ def clip_grad_norm_(
             "so it cannot be clipped. gradtel has counted the non-finite values per layer; "
             "set error_if_nonfinite=False to clip anyway."
         )
+    if known is not None and _scales_by_one(known, float(max_norm), total.dtype):
+        return total  # torch would multiply every gradient by exactly 1: a pass saved
     torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total, foreach)
     return total
+
+
+def _scales_by_one(total: float, max_norm: float, dtype: torch.dtype) -> bool:
+    """Whether torch's coefficient, ``min(1, max_norm / (total + 1e-6))`` computed in
+    ``dtype``, is exactly 1: true with a margin of its few rounding errors."""
+    return math.isfinite(total) and max_norm >= (total + 1e-6) * (1 + 4 * torch.finfo(dtype).eps)
 
 
 def _not_finite(total: torch.Tensor, known: float | None) -> bool:
