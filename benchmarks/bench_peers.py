@@ -42,8 +42,10 @@ COLUMNS = {
     "scaler": "GradScaler's fused non-finite check (a yes/no flag)",
     "scaler step": "GradScaler as a step runs it (`unscale_`, its flag read, `update`)",
     "floor": "one `.sum()` over all gradient memory",
-    "clip": "torch `clip_grad_norm_(error_if_nonfinite=True)`",
-    "gradtel clip": "`gradtel.clip_grad_norm_`",
+    "clip": "torch `clip_grad_norm_(error_if_nonfinite=True)`, norm under `max_norm`",
+    "gradtel clip": "`gradtel.clip_grad_norm_`, norm under `max_norm`",
+    "clip active": "torch `clip_grad_norm_(error_if_nonfinite=True)`, norm above `max_norm`",
+    "gradtel clip active": "`gradtel.clip_grad_norm_`, norm above `max_norm`",
     "lightning": "Lightning `grad_norm`",
     "seed": "per-layer `.item()` (gradtel's seed)",
     "wandb": "`wandb.watch(log=\"gradients\")`, offline",
@@ -115,6 +117,8 @@ def gradient_checks(model: nn.Module) -> dict[str, Callable[[], object]]:
     sync = gradtel.GradMonitor(model, meter_provider=provider())
     deferred = gradtel.GradMonitor(model, meter_provider=provider(), readout="deferred")
     clipping = gradtel.GradMonitor(model, meter_provider=provider())
+    # Half the norm: every call multiplies the gradients (after the first they stay at that norm).
+    below = 0.5 * nn.utils.get_total_norm(grads).item()
 
     def scaler() -> bool:
         # GradScaler.unscale_'s check, then the flag its step reads.
@@ -153,6 +157,8 @@ def gradient_checks(model: nn.Module) -> dict[str, Callable[[], object]]:
         "floor": buffer.sum,
         "clip": lambda: nn.utils.clip_grad_norm_(params, 1e9, error_if_nonfinite=True),
         "gradtel clip": lambda: gradtel.clip_grad_norm_(params, 1e9, error_if_nonfinite=True, monitor=clipping),
+        "clip active": lambda: nn.utils.clip_grad_norm_(params, below, error_if_nonfinite=True),
+        "gradtel clip active": lambda: gradtel.clip_grad_norm_(params, below, error_if_nonfinite=True, monitor=clipping),
         "lightning": lightning,
         "seed": original_per_layer(model),
     }
@@ -232,7 +238,9 @@ def main() -> int:
     for name, row in rows.items():
         for what, value, limit in (
             ("healthy collect() / GradScaler check", row["gradtel"] / row["scaler"], 1.0),
-            ("gradtel.clip_grad_norm_ / torch clip_grad_norm_", row["gradtel clip"] / row["clip"], 1.1),
+            ("gradtel.clip_grad_norm_ / torch clip_grad_norm_, norm under max_norm", row["gradtel clip"] / row["clip"], 1.1),
+            ("gradtel.clip_grad_norm_ / torch clip_grad_norm_, norm above max_norm",
+             row["gradtel clip active"] / row["clip active"], 1.1),
         ):
             ok = value <= limit
             failed += not ok
