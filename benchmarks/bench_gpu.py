@@ -128,10 +128,13 @@ def main() -> int:
     repeats = 5 if args.quick else 30
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__} on {name}; medians of {repeats}\n")
-    print("| model | dtype | gradient bytes | one read (ms) | sync `collect()` (ms) | deferred, until done (ms) "
+    # Two one-launch flaggers for every gradient, for the choice of kernels on this device:
+    # torch's multi-tensor L1 norm (reads only, one value per tensor) and GradScaler's check.
+    print("| model | dtype | gradient bytes | one read (ms) | multi-tensor L1 norm, all (ms) "
+          "| GradScaler's check, all (ms) | sync `collect()` (ms) | deferred, until done (ms) "
           "| deferred, on the calling thread (ms) | kernels, sync / deferred | host syncs in a deferred healthy update "
           "| unhealthy counts exact, sync / deferred |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|---|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for label, build in shapes(args.quick).items():
         for dtype in (torch.float32, torch.bfloat16):
             model = build().to(device=device, dtype=dtype)
@@ -139,6 +142,8 @@ def main() -> int:
                 p.grad = torch.randn_like(p) * 1e-3
             size = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
             one_read = copy_ms(size, device, repeats) / 2  # a copy reads and writes every byte
+            grads = [p.grad for p in model.parameters()]
+            found, one = torch.zeros(1, device=device), torch.ones(1, device=device)
             sync = gradtel.GradMonitor(model, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()))
             deferred = gradtel.GradMonitor(
                 model, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()), readout="deferred"
@@ -148,6 +153,8 @@ def main() -> int:
                 str(dtype).removeprefix("torch."),
                 f"{size / 1e9:.2f} GB",
                 f"{one_read:.2f}",
+                f"{median_ms(lambda: torch._foreach_norm(grads, 1), device, repeats):.2f}",
+                f"{median_ms(lambda: torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one), device, repeats):.2f}",
                 f"{median_ms(sync.collect, device, repeats):.2f}",
                 f"{median_ms(deferred.collect, device, repeats):.2f}",
                 f"{median_ms(deferred.collect, device, repeats, until_done=False):.3f}",
@@ -158,7 +165,7 @@ def main() -> int:
             print("| " + " | ".join(row) + " |")
             deferred.close()
             sync.close()
-            del model, sync, deferred
+            del model, sync, deferred, grads
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return 0
