@@ -98,6 +98,17 @@ def host_syncs(work: Callable[[], object], device: torch.device) -> str:
         torch.cuda.set_sync_debug_mode("default")
 
 
+def one_launch_flaggers(model: nn.Module, device: torch.device, repeats: int) -> tuple[float, float]:
+    """Milliseconds of torch's multi-tensor L1 norm (reads only, one value per tensor) and of
+    GradScaler's check, each over every gradient in one launch."""
+    grads = [p.grad for p in model.parameters()]
+    found, one = torch.zeros(1, device=device), torch.ones(1, device=device)
+    return (
+        median_ms(lambda: torch._foreach_norm(grads, 1), device, repeats),
+        median_ms(lambda: torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one), device, repeats),
+    )
+
+
 def counts_exact(model: nn.Module, monitors: list[gradtel.GradMonitor]) -> str:
     """Whether each monitor counts an unhealthy update exactly: NaN and Inf planted in the
     smallest, a middle and the largest gradient (past its first chunk), against torch's count."""
@@ -128,8 +139,7 @@ def main() -> int:
     repeats = 5 if args.quick else 30
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__} on {name}; medians of {repeats}\n")
-    # Two one-launch flaggers for every gradient, for the choice of kernels on this device:
-    # torch's multi-tensor L1 norm (reads only, one value per tensor) and GradScaler's check.
+    # Two one-launch flaggers of every gradient, to choose the kernels on this device.
     print("| model | dtype | gradient bytes | one read (ms) | multi-tensor L1 norm, all (ms) "
           "| GradScaler's check, all (ms) | sync `collect()` (ms) | deferred, until done (ms) "
           "| deferred, on the calling thread (ms) | kernels, sync / deferred | host syncs in a deferred healthy update "
@@ -142,8 +152,6 @@ def main() -> int:
                 p.grad = torch.randn_like(p) * 1e-3
             size = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
             one_read = copy_ms(size, device, repeats) / 2  # a copy reads and writes every byte
-            grads = [p.grad for p in model.parameters()]
-            found, one = torch.zeros(1, device=device), torch.ones(1, device=device)
             sync = gradtel.GradMonitor(model, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()))
             deferred = gradtel.GradMonitor(
                 model, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()), readout="deferred"
@@ -153,8 +161,7 @@ def main() -> int:
                 str(dtype).removeprefix("torch."),
                 f"{size / 1e9:.2f} GB",
                 f"{one_read:.2f}",
-                f"{median_ms(lambda: torch._foreach_norm(grads, 1), device, repeats):.2f}",
-                f"{median_ms(lambda: torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one), device, repeats):.2f}",
+                *(f"{ms:.2f}" for ms in one_launch_flaggers(model, device, repeats)),
                 f"{median_ms(sync.collect, device, repeats):.2f}",
                 f"{median_ms(deferred.collect, device, repeats):.2f}",
                 f"{median_ms(deferred.collect, device, repeats, until_done=False):.3f}",
@@ -165,7 +172,7 @@ def main() -> int:
             print("| " + " | ".join(row) + " |")
             deferred.close()
             sync.close()
-            del model, sync, deferred, grads
+            del model, sync, deferred
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return 0
