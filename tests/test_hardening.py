@@ -86,11 +86,16 @@ def test_a_failing_record_is_logged_once_counted_and_training_goes_on(
         found = samples(registry)
         assert sample(found, "gradtel_errors_total", stage="record") == 1
         assert sample(found, "gradtel_updates_total") == 5  # the scrape lost nothing else
-        # Never scraped: the training thread records them, and fails, every DURATIONS_KEPT updates.
-        for _ in range(gradtel.telemetry.DURATIONS_KEPT):
+        # Never scraped: the training thread records them, and fails, every DURATIONS_KEPT
+        # updates, after the update's own series.
+        for _ in range(gradtel.telemetry.DURATIONS_KEPT - 1):
             assert monitor.collect().status is gradtel.Status.HEALTHY
+        model.weight.grad[0, 0] = float("nan")
+        assert monitor.collect().nan_total == 1
     assert [r.getMessage() for r in caplog.records] == [message]  # once a minute at most
-    assert sample(samples(registry), "gradtel_errors_total", stage="record") == 2
+    found = samples(registry)
+    assert sample(found, "gradtel_errors_total", stage="record") == 2
+    assert sample(found, "gradtel_update_nan_grads", layer=monitor.layers[0]) == 1
 
 
 def test_collect_from_two_threads(provider: MeterProvider, registry: CollectorRegistry) -> None:

@@ -394,18 +394,23 @@ class GradTelemetry:
 
     def record(self, health: GradHealth, *, duration: float, timestamp: float) -> None:
         """Record one due update: scanned, unscanned, or an AMP overflow the scaler skips."""
-        ins = self._instruments
         self.last_update = timestamp
+        if health.unscanned is None:
+            self.updates += 1
+            # An SDK record is a sixth of a small model's update (its code is cold after
+            # a training step): the duration waits for the next collection instead.
+            self._durations.append(duration)
+        self._record_series(health)
+        if len(self._durations) >= DURATIONS_KEPT:  # nothing collects them: record them now
+            self.record_durations()
+
+    def _record_series(self, health: GradHealth) -> None:
+        """The update's own series, its duration apart."""
+        ins = self._instruments
         if health.unscanned is not None:
             ins.unscanned.add(1, self._unscanned_attrs[health.unscanned])
             self.status = Status.UNKNOWN.level
             return
-        self.updates += 1
-        # An SDK record is a sixth of a small model's update (its code is cold after
-        # a training step): the duration waits for the next collection instead.
-        self._durations.append(duration)
-        if len(self._durations) >= DURATIONS_KEPT:
-            self.record_durations()
         for kind, local in (("nan", health.local_nan_total), ("inf", health.local_inf_total)):
             if local:
                 ins.origin.add(1, self._kind_attrs[kind])
