@@ -333,18 +333,19 @@ class GradTelemetry:
         error_log: RateLimitedLog | None = None,
     ) -> None:
         self.error_log = error_log or RateLimitedLog(logging.getLogger("gradtel"))
-        self._base = dict(attributes)
+        self.labels = dict(attributes)
+        """The labels on every series of this monitor."""
         self._layer_attrs: dict[str, dict[str, str]] = {}
         self._band_attrs = {
-            (kind, status): {**self._base, "kind": kind, "severity": severity}
+            (kind, status): {**self.labels, "kind": kind, "severity": severity}
             for kind in KINDS
             for status, severity in _SEVERITIES.items()
         }
-        self._error_attrs = {stage: {**self._base, "stage": stage} for stage in ERROR_STAGES}
-        self._skip_attrs = {reason: {**self._base, "reason": reason} for reason in SKIP_REASONS}
-        self._unscanned_attrs = {r: {**self._base, "reason": r} for r in UNSCANNED_REASONS}
+        self._error_attrs = {stage: {**self.labels, "stage": stage} for stage in ERROR_STAGES}
+        self._skip_attrs = {reason: {**self.labels, "reason": reason} for reason in SKIP_REASONS}
+        self._unscanned_attrs = {r: {**self.labels, "reason": r} for r in UNSCANNED_REASONS}
         self._first_bad_attrs: dict[tuple[str, str], dict[str, str]] = {}
-        self._kind_attrs = {kind: {**self._base, "kind": kind} for kind in KINDS}
+        self._kind_attrs = {kind: {**self.labels, "kind": kind} for kind in KINDS}
         self._last_nonzero: dict[str, set[str]] = {"nan": set(), "inf": set()}
         self._norm_peak = RollingMax(m.NORM_PEAK_SECONDS)
         self._durations: deque[float] = deque()  # appends and pops are thread-safe
@@ -364,8 +365,7 @@ class GradTelemetry:
             ins.unscanned.add(0, attrs)
         for attrs in self._kind_attrs.values():
             ins.origin.add(0, attrs)
-        ins.nonfinite_loss.add(0, self._base)
-        self.labels = self._base
+        ins.nonfinite_loss.add(0, self.labels)
         self.updates = 0
         """Updates scanned, for ``gradtel_updates_total``."""
         self.status = Status.UNKNOWN.level  # no update looked at yet
@@ -386,7 +386,7 @@ class GradTelemetry:
         the monitor was made gets its series when it first has a gradient counted)."""
         attrs = self._layer_attrs.get(layer)
         if attrs is None:
-            attrs = self._layer_attrs[layer] = {**self._base, "layer": layer}
+            attrs = self._layer_attrs[layer] = {**self.labels, "layer": layer}
             for kind in KINDS:
                 self._instruments.totals[kind].add(0, attrs)
                 self._instruments.per_update[kind].set(0, attrs)
@@ -415,7 +415,7 @@ class GradTelemetry:
             if local:
                 ins.origin.add(1, self._kind_attrs[kind])
         if health.loss_finite is False:
-            ins.nonfinite_loss.add(1, self._base)
+            ins.nonfinite_loss.add(1, self.labels)
         if health.amp_overflow:
             # Handled by the scaler: not an unhealthy update, and the per-layer
             # series keep describing the updates that reached the optimizer.
@@ -463,7 +463,7 @@ class GradTelemetry:
             except IndexError:  # none left, or another thread took the last one
                 break
             try:
-                record(duration, self._base)
+                record(duration, self.labels)
             except Exception as exc:
                 failure = failure or exc
         if failure is not None:
@@ -473,7 +473,7 @@ class GradTelemetry:
         kept = dict(self.layer_norms)  # swapped whole: a scrape may be reading the old one
         for layer, norm in norms.items():
             if math.isfinite(norm):
-                attrs = kept[layer][0] if layer in kept else {**self._base, "layer": layer}
+                attrs = kept[layer][0] if layer in kept else {**self.labels, "layer": layer}
                 kept[layer] = (attrs, norm)
         self.layer_norms = kept
         self._instruments.layer_norm_sources.add(self)
@@ -494,7 +494,7 @@ class GradTelemetry:
 
     def record_checkpoint(self, *, refused: bool) -> None:
         """Count a refused checkpoint save (an allowed one makes the series, at 0)."""
-        self._instruments.refused_checkpoints.add(int(refused), self._base)
+        self._instruments.refused_checkpoints.add(int(refused), self.labels)
 
     def record_skip(self, reason: str) -> None:
         """Count one update whose optimizer step is skipped (``reason`` from :data:`SKIP_REASONS`)."""
