@@ -776,12 +776,12 @@ class _Update:
     def ready(self) -> bool:
         """Whether the read-out is done; once it is, gradients with nothing flagged are let go."""
         if self._read is None and self.copy is not None and self.copy.ready():
-            self._read = self.copy.read()
-            if not self.launched.flagged(self._read):
+            if not self.launched.flagged(self.read()):
                 self.values = None
         return self._read is not None
 
     def read(self) -> list[Any]:
+        """The host copy of the result, waiting for it if it is not there yet."""
         if self._read is None and self.copy is not None:
             self._read = self.copy.read()
         assert self._read is not None
