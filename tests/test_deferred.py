@@ -186,3 +186,17 @@ def test_the_exit_wait_publishes_a_pending_update_and_waits_for_its_scrape(
     assert time.monotonic() - started >= 0.4  # it waited for that scrape
     assert 'gradtel_unhealthy_updates_total{kind="nan",severity="warning"} 1.0' in scraped[0]
     monitor.close()
+
+
+def test_norms_reused_by_the_caller_before_the_read_out_do_not_pass_for_healthy(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    model = net()
+    monitor = GradMonitor(model, meter_provider=provider, readout="deferred")
+    backward(model, nan=True)
+    norms = torch.stack([torch.linalg.vector_norm(p.grad) for p in monitor.parameters])
+    monitor.collect(norms=norms)
+    norms.fill_(1.0)  # a buffer the loop reuses, rewritten before the update is published
+    monitor.flush()
+    assert unhealthy(registry) == 1
+    assert monitor.collect().nan_by_layer == {"2": 3}
