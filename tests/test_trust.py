@@ -390,12 +390,35 @@ def test_first_bad_layer_per_kind(provider: MeterProvider, registry: CollectorRe
     assert (health.first_nan_layer, health.first_inf_layer) == ("body.0", "head")
     assert health.first_bad_layer == "head"  # backward reaches the head first
     backward(model)
+    monitor.collect()  # healthy: the next NaN starts a new run of NaN updates
+    backward(model)
     model.body[2].weight.grad[0, 0] = NAN  # a later NaN update elsewhere
     monitor.collect()
     found = samples(registry)
     assert sample(found, "gradtel_first_bad_layer", kind="nan", layer="body.0") == 1
     assert sample(found, "gradtel_first_bad_layer", kind="inf", layer="head") == 1
-    assert sample(found, "gradtel_first_bad_layer", kind="nan", layer="body.2") == 2
+    assert sample(found, "gradtel_first_bad_layer", kind="nan", layer="body.2") == 3
+
+
+def test_first_bad_layer_names_where_the_values_started_not_where_they_spread(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    # Nothing skips the Inf update: the next update's Inf is met first in body.2. A page
+    # sent after it must still say that the Inf started in head, at update 1.
+    model = Net()
+    monitor = GradMonitor(model, meter_provider=provider, on_warning="ignore", on_critical="ignore")
+    backward(model)
+    model.head.weight.grad[0, :7] = INF
+    monitor.collect()
+    backward(model)
+    model.body[2].weight.grad[0, :14] = INF
+    model.body[0].weight.grad[0, :2] = NAN  # the first NaN update: a run of its own kind
+    health = monitor.collect()
+    assert health.first_inf_layer == "body.2"  # the update's own answer is unchanged
+    found = samples(registry)
+    assert sample(found, "gradtel_first_bad_layer", kind="inf", layer="head") == 1
+    assert not [key for key in found if key[0] == "gradtel_first_bad_layer" and ("layer", "body.2") in key[1]]
+    assert sample(found, "gradtel_first_bad_layer", kind="nan", layer="body.0") == 2
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")

@@ -130,8 +130,8 @@ SCAN_DURATION = Metric(
 FIRST_BAD_LAYER = Metric(
     "gradtel_first_bad_layer",
     "gauge",
-    "Step of the latest unhealthy update in which this layer was the first, in backward "
-    "order, with values of that kind; series appear when it first happens.",
+    "Step of the latest update that started a run of updates with values of that kind, "
+    "in which this layer was the first in backward order; series appear when it first happens.",
     ("kind", "layer"),
 )
 LAST_UNHEALTHY_STEP = Metric(

@@ -432,6 +432,11 @@ class GradTelemetry:
         if not (health.nan_by_layer or health.inf_by_layer or last["nan"] or last["inf"]):
             self.status = Status.HEALTHY.level  # the usual update: no per-layer series move
             return
+        for kind, first in (("nan", health.first_nan_layer), ("inf", health.first_inf_layer)):
+            # Only on an update that starts a run of updates with values of that kind:
+            # in those that follow, the first bad layer is where the values spread to.
+            if first is not None and not last[kind]:
+                ins.first_bad.set(health.step, self._first_bad_series(kind, first))
         for kind, by_layer in (("nan", health.nan_by_layer), ("inf", health.inf_by_layer)):
             total, gauge = ins.totals[kind], ins.per_update[kind]
             for layer, count in by_layer.items():
@@ -447,9 +452,6 @@ class GradTelemetry:
                 ins.last_unhealthy_step.set(health.step, self._kind_attrs[kind])
         if health.status is not Status.HEALTHY:
             self.activity.last_unhealthy = time.monotonic()
-        for kind, first in (("nan", health.first_nan_layer), ("inf", health.first_inf_layer)):
-            if first is not None:
-                ins.first_bad.set(health.step, self._first_bad_series(kind, first))
         self.status = health.status.level
 
     def record_durations(self) -> None:
