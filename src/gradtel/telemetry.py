@@ -433,8 +433,9 @@ class GradTelemetry:
             self.status = Status.HEALTHY.level  # the usual update: no per-layer series move
             return
         for kind, first in (("nan", health.first_nan_layer), ("inf", health.first_inf_layer)):
-            # Only on an update that starts a run of updates with values of that kind:
-            # in those that follow, the first bad layer is where the values spread to.
+            # Only on an update that starts a run of updates with values of that kind (``last``
+            # is still the previous update's): in those that follow, the first bad layer is
+            # where the values spread to.
             if first is not None and not last[kind]:
                 ins.first_bad.set(health.step, self._first_bad_series(kind, first))
         for kind, by_layer in (("nan", health.nan_by_layer), ("inf", health.inf_by_layer)):
@@ -502,11 +503,8 @@ class GradTelemetry:
         """Count one update whose optimizer step is skipped (``reason`` from :data:`SKIP_REASONS`)."""
         self._instruments.skipped.add(1, self._skip_attrs[reason])
 
-    def record_error(self, stage: str) -> None:
-        """Count one failure inside gradtel (``stage`` from :data:`ERROR_STAGES`)."""
-        self._instruments.errors.add(1, self._error_attrs[stage])
-
     def failed(self, stage: str, exc: Exception) -> None:
-        """Count a failure inside gradtel and log it (once a minute per stage at most)."""
-        self.record_error(stage)
+        """Count a failure inside gradtel (``stage`` from :data:`ERROR_STAGES`) and log it
+        (once a minute per stage at most)."""
+        self._instruments.errors.add(1, self._error_attrs[stage])
         self.error_log.log(stage, logging.ERROR, "gradtel %s failed, training continues: %r", stage, exc)
