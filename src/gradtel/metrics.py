@@ -37,6 +37,7 @@ __all__ = [
     "SEVERITIES",
     "SKIPPED_UPDATES",
     "SKIP_REASONS",
+    "START_TIME",
     "UNHEALTHY_UPDATES",
     "UNSCANNED_REASONS",
     "UNSCANNED_UPDATES",
@@ -115,6 +116,13 @@ LAST_UPDATE_TIMESTAMP = Metric(
     "gradtel_last_update_timestamp_seconds",
     "gauge",
     "Unix time of the most recent update (collect() call), scanned or not.",
+    unit="s",
+)
+START_TIME = Metric(
+    "gradtel_start_time_seconds",
+    "gauge",
+    "Unix time this process started recording gradient health (its first GradMonitor): "
+    "the rules tell a new process's first scrape from an old one's after a gap.",
     unit="s",
 )
 UNSCANNED_UPDATES = Metric(
@@ -212,6 +220,7 @@ METRICS = (
     UPDATES,
     UPDATE_STATUS,
     LAST_UPDATE_TIMESTAMP,
+    START_TIME,
     SCAN_DURATION,
     FIRST_BAD_LAYER,
     LAST_UNHEALTHY_STEP,

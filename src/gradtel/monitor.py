@@ -213,8 +213,10 @@ class GradMonitor:
             start_time=time.time(),
             error_log=self._error_log,
         )
-        if self._module is not None:
-            install_origin_hook(self._module, self)
+        # What close() must undo of the origin hooks, so that a new monitor counts again.
+        self._uninstall_origin = (
+            install_origin_hook(self._module, self) if self._module is not None else None
+        )
         self._pending: deque[tuple[_Update | GradHealth, bool, float, float]] = deque()
         """Updates whose deferred read-out is not published yet: the update, whether an
         AMP overflow is possible, collect()'s own time, and its Unix time."""
@@ -246,6 +248,9 @@ class GradMonitor:
             self._publish(wait=True)
             if self._order is not None:
                 self._order.remove()
+            if self._uninstall_origin is not None:
+                self._uninstall_origin()
+                self._uninstall_origin = None
             with _claims_lock:
                 _claims.get(self._provider, weakref.WeakSet()).discard(self)
 

@@ -86,9 +86,10 @@ def ddp_comm_hook(monitor: Any, inner: Optional[CommHook] = None) -> CommHook:
     return gradtel_origin_hook
 
 
-def install_origin_hook(model: torch.nn.Module, monitor: Any) -> None:
+def install_origin_hook(model: torch.nn.Module, monitor: Any) -> Optional[Callable[[], None]]:
     """Count ``model``'s own gradients before their reduction, if it is a DDP or FSDP model;
-    logs why not when torch's hook is taken or unavailable."""
+    logs why not when torch's hook is taken or unavailable. Returns what undoes it (None:
+    nothing was installed)."""
     try:
         if isinstance(model, DistributedDataParallel):
             _install_ddp(model, monitor)
@@ -96,6 +97,7 @@ def install_origin_hook(model: torch.nn.Module, monitor: Any) -> None:
             _install_fsdp_wrapper(model, monitor)
         elif any(isinstance(m, FSDPModule) for m in model.modules()):
             _install_fully_shard(model, monitor)
+        return None
     except Exception as exc:  # noqa: BLE001 (telemetry never breaks training)
         logger.warning(
             "gradtel: cannot count each rank's own gradients before the reduction "
@@ -103,6 +105,7 @@ def install_origin_hook(model: torch.nn.Module, monitor: Any) -> None:
             type(exc).__name__,
             exc,
         )
+        return None
 
 
 def _install_ddp(ddp: DistributedDataParallel, monitor: Any) -> None:

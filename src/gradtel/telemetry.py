@@ -192,6 +192,9 @@ class _Instruments:
             unit=m.LAST_UPDATE_TIMESTAMP.unit,
             description=m.LAST_UPDATE_TIMESTAMP.help,
         )
+        meter.create_observable_gauge(
+            m.START_TIME.instrument, [self._observe_start], unit=m.START_TIME.unit, description=m.START_TIME.help
+        )
         self.unscanned = make(m.UNSCANNED_UPDATES)
         self.duration = make(m.SCAN_DURATION)
         self.first_bad = make(m.FIRST_BAD_LAYER)
@@ -238,6 +241,10 @@ class _Instruments:
     def _observe_last_update(self, options: CallbackOptions) -> Iterable[Observation]:
         for sources in self._by_labels().values():
             yield Observation(max(s.last_update for s in sources), sources[0].labels)
+
+    def _observe_start(self, options: CallbackOptions) -> Iterable[Observation]:
+        for sources in self._by_labels().values():
+            yield Observation(min(s.start_time for s in sources), sources[0].labels)
 
     def _observe_norm(self, options: CallbackOptions) -> Iterable[Observation]:
         for source, norm in self._latest_norms():
@@ -317,8 +324,9 @@ class GradTelemetry:
         layers: The ``layer`` labels whose series exist from the start, at 0.
         meter_provider: Where the instruments live.
         attributes: Labels put on every series (``rank`` in distributed runs).
-        start_time: Unix time the ``last_update_timestamp`` gauge starts at,
-            so that a stall alert counts from start until the first update.
+        start_time: Unix time the monitor started (``gradtel_start_time_seconds``), and
+            that the ``last_update_timestamp`` gauge starts at, so that a stall alert
+            counts from start until the first update.
         error_log: Where failures are logged, once a minute per stage at most
             (the monitor's, shared with its other stages).
     """
@@ -369,6 +377,7 @@ class GradTelemetry:
         self.updates = 0
         """Updates scanned, for ``gradtel_updates_total``."""
         self.status = Status.UNKNOWN.level  # no update looked at yet
+        self.start_time = start_time
         self.last_update = start_time
         self.grad_norm: float | None = None
         """The latest finite gradient norm, for ``gradtel_grad_norm`` (None: none yet)."""
