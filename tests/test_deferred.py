@@ -63,8 +63,10 @@ def test_collect_returns_the_latest_finished_update(provider: MeterProvider, reg
 def test_collect_never_waits_on_its_own_update(
     provider: MeterProvider, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A copy still in flight, as on a GPU: ready() is False until flush() waits for it.
+    # A device whose work is queued, as a GPU's is, and a copy still in flight: ready() is
+    # False until flush() waits for it.
     waits: list[str] = []
+    monkeypatch.setattr("gradtel.monitor.completes_when_queued", lambda tensor: False)
     monkeypatch.setattr(HostCopy, "ready", lambda self: False)
     original = HostCopy.read
 
@@ -107,18 +109,76 @@ def test_a_checkpoint_decision_waits_for_the_pending_updates(provider: MeterProv
     assert not monitor.allow_checkpoint(step=1)
 
 
-def test_gradients_rewritten_before_the_count_are_not_taken_for_healthy(
-    provider: MeterProvider, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+def reference(model: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
+    """NaN and Inf per layer, counted plainly by the test."""
+    nan: dict[str, int] = {}
+    inf: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        layer = name.rpartition(".")[0]
+        assert p.grad is not None
+        for found, kind in ((nan, torch.isnan(p.grad)), (inf, torch.isinf(p.grad))):
+            if kind.any():
+                found[layer] = found.get(layer, 0) + int(kind.sum())
+    return nan, inf
+
+
+REWRITES = {
+    "torch's clip_grad_norm_": lambda model, monitor: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0),
+    "gradtel.clip_grad_norm_": lambda model, monitor: None,  # it collects, then clips
+    "grad.data.zero_()": lambda model, monitor: [p.grad.data.zero_() for p in model.parameters()],
+    "zero_grad(set_to_none=False)": lambda model, monitor: model.zero_grad(set_to_none=False),
+}
+
+
+@pytest.fixture(params=["cpu", "queued"])
+def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The CPU, where work is done when queued; or, on the CPU, the read-out of a device
+    whose work is queued (a GPU's): exact counts launched at collect()."""
+    if request.param == "queued":
+        monkeypatch.setattr("gradtel.monitor.completes_when_queued", lambda tensor: False)
+    return str(request.param)
+
+
+@pytest.mark.parametrize("rewrite", REWRITES)
+def test_gradients_rewritten_after_collect_are_published_as_collect_saw_them(
+    provider: MeterProvider, registry: CollectorRegistry, device: str, rewrite: str
 ) -> None:
     model = net()
     monitor = GradMonitor(model, meter_provider=provider, readout="deferred")
-    backward(model, nan=True)
-    monitor.collect()
-    model.zero_grad(set_to_none=False)  # zeroed in place before the read-out counted
+    backward(model)
+    model[0].weight.grad[1, 2] = NAN
+    model[2].bias.grad[0] = float("inf")
+    expected = reference(model)
+    if rewrite == "gradtel.clip_grad_norm_":
+        gradtel.clip_grad_norm_(model.parameters(), 1.0, monitor=monitor)
+    else:
+        monitor.collect()
+        REWRITES[rewrite](model, monitor)
+    assert reference(model) != expected  # the gradients really were rewritten
     monitor.flush()
-    assert sample(samples(registry), "gradtel_unscanned_updates_total", reason="scan_error") == 1
-    assert sample(samples(registry), "gradtel_update_status") == -1
-    assert "changed in place before the deferred read-out" in caplog.text
+    health = monitor.collect()  # no new gradients: returns the published update
+    assert (health.step, dict(health.nan_by_layer), dict(health.inf_by_layer)) == (1, *expected)
+    assert (health.first_nan_layer, health.first_inf_layer) == ("0", "2")
+    found = samples(registry)
+    assert sample(found, "gradtel_nan_grads_total", layer="0") == 1
+    assert sample(found, "gradtel_inf_grads_total", layer="2") == 1
+    assert sample(found, "gradtel_nan_grads_total", layer="2") == 0  # not a NaN after all
+    assert unhealthy(registry) == 1
+    monitor.close()
+
+
+def test_an_unhealthy_update_is_published_by_sampled_out_collects(
+    provider: MeterProvider, registry: CollectorRegistry, device: str
+) -> None:
+    model = net()
+    monitor = GradMonitor(model, meter_provider=provider, readout="deferred", sample_every=3)
+    backward(model, nan=True)
+    monitor.collect()  # scanned
+    backward(model)
+    assert not monitor.collect().sampled  # left out, yet it publishes the update before it
+    assert unhealthy(registry) == 1
+    assert not monitor.healthy
+    monitor.close()
 
 
 @pytest.mark.parametrize(

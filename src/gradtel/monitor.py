@@ -27,7 +27,7 @@ from .order import BackwardOrder
 from .origin import OriginCounter, install_origin_hook
 from .policy import Action, Policy
 from .ranks import every_rank, process_attributes
-from .readout import HostCopy, Readout, check_readout
+from .readout import HostCopy, Readout, check_readout, completes_when_queued
 from .scan import Launched, Scanner, countable_values, per_tensor_norms, stacked
 from .scan import total_norm as total_norm_of
 from .telemetry import GradTelemetry, default_meter_provider
@@ -379,6 +379,9 @@ class GradMonitor:
             ):
                 self._guarded("scan", self.refresh)
             if (self._step - 1) % self.sample_every:
+                self.origin.take()  # this rank's counts belong to the update left out, not the next
+                if self.readout == "deferred":
+                    self._publish(wait=False)
                 self._guarded("record", lambda: self._telemetry.touch(time.time()))
                 return GradHealth(thresholds=self.thresholds, step=self._training_step, sampled=False)
             self._check_norms(norms)
@@ -390,7 +393,10 @@ class GradMonitor:
                 if self.readout == "deferred":
                     self._publish(wait=False)  # the updates before this one, in order, if ready
                     if isinstance(launched, _Update):
-                        launched.start_readout()
+                        if launched.launched.exact is None:  # done when queued: read it now, for free
+                            launched = self._read_out(launched)
+                        else:
+                            launched.start_readout()
                     self._pending.append((launched, overflow_possible, time.perf_counter() - started, time.time()))
                     return self._latest or self._health(self._training_step, pending=True)
                 health = launched if isinstance(launched, GradHealth) else self._read_out(launched)
@@ -441,13 +447,16 @@ class GradMonitor:
         """Whether the weights are free of unhealthy updates, so a checkpoint saved now is
         not poisoned: True until an unhealthy update reaches the weights (one the
         optimizer takes; not one the AMP ``GradScaler`` or the ``"skip"`` policy skips,
-        nor one ``"raise"`` stops), and again after :meth:`reset_health`."""
+        nor one ``"raise"`` stops), and again after :meth:`reset_health`. With
+        ``readout="deferred"`` it waits for the pending updates' read-outs first."""
+        self.flush()
         return self._weights.healthy
 
     @property
     def last_healthy_step(self) -> int | None:
         """The step of the latest scanned update after which the weights were still
         healthy: resume from a checkpoint saved at or before it. None before the first."""
+        self.flush()
         return self._weights.last_healthy_step
 
     def allow_checkpoint(self, step: int | None = None, *, all_ranks: bool = False) -> bool:
@@ -618,7 +627,11 @@ class GradMonitor:
         counts = None if origin is None else origin.double()
         extra = [t for t in (counts, loss_bad, norm, layer_norms) if t is not None]
         try:
-            launched = self._scanner.launch(values, slots, summary, extra)
+            if self.readout == "deferred" and not all(map(completes_when_queued, values)):
+                # Counted exactly now: the gradients may be clipped or zeroed before the read-out.
+                launched = self._scanner.launch_exact(values, extra)
+            else:
+                launched = self._scanner.launch(values, slots, summary, extra)
         except Exception as exc:  # the scan failed: nothing was counted, say so
             self._failed("scan", exc)
             return self._health(step, unscanned="scan_error", skipped=len(self._params))
@@ -645,15 +658,6 @@ class GradMonitor:
             counts = self._scanner.finish(update.values or [], update.launched, read)
         except Exception as exc:  # the scan failed: nothing was counted, say so
             self._failed("scan", exc)
-            return self._health(update.step, unscanned="scan_error", skipped=len(update.labels))
-        if update.copy is not None and counts == {} and update.changed_since_flagged(read):
-            # Flagged, then rewritten in place before the counts were read (a deferred read-out
-            # after zero_grad(set_to_none=False), say): not known healthy.
-            self._failed("scan", RuntimeError(
-                f"step {update.step}: the gradients were flagged non-finite but changed in place "
-                "before the deferred read-out could count them; collect() before anything "
-                "rewrites gradients, or use readout='sync'"
-            ))
             return self._health(update.step, unscanned="scan_error", skipped=len(update.labels))
         also = list(self._scanner.also_read)
         local: dict[str, Any] = {}
@@ -769,20 +773,18 @@ class _Update:
     norm: bool
     layers: tuple[str, ...]
     copy: HostCopy | None = None
-    versions: tuple[int, ...] = ()
     _read: list[Any] | None = None
 
     def start_readout(self) -> None:
-        """Copy the result to the host without blocking (the deferred read-out)."""
+        """Copy the exact counts to the host without blocking (the deferred read-out); the
+        gradients are let go, their counts are taken."""
         self.copy = HostCopy(self.launched.result)
-        self.versions = tuple(v._version for v in self.values or ())
-        self.ready()
+        self.values = None
 
     def ready(self) -> bool:
-        """Whether the read-out is done; once it is, gradients with nothing flagged are let go."""
+        """Whether the read-out is done."""
         if self._read is None and self.copy is not None and self.copy.ready():
-            if not self.launched.flagged(self.read()):
-                self.values = None
+            self.read()
         return self._read is not None
 
     def read(self) -> list[Any]:
@@ -791,11 +793,6 @@ class _Update:
             self._read = self.copy.read()
         assert self._read is not None
         return self._read
-
-    def changed_since_flagged(self, read: list[Any]) -> bool:
-        """Something was flagged, and a gradient changed in place since the scan was queued."""
-        flagged = bool(self.launched.flagged(read))
-        return flagged and bool(self.versions) and tuple(v._version for v in self.values or ()) != self.versions
 
 
 _flush_at_exit: weakref.WeakSet[GradMonitor] = weakref.WeakSet()

@@ -1,13 +1,18 @@
-"""How an update's flags reach the host: at once (``readout="sync"``), or when they are
+"""How an update's counts reach the host: at once (``readout="sync"``), or when they are
 ready (``readout="deferred"``), so that a healthy update never blocks the training thread.
 
-With the deferred read-out, ``collect()`` queues the scan on the device and copies
-its small result into pinned host memory without blocking (an event marks the copy
-done on CUDA). The update is published (recorded, logged, returned by the next
-``collect()``) at the first of: the next ``collect()``, a Prometheus scrape of the
-endpoint, ``monitor.flush()``, ``monitor.close()`` or the interpreter's exit. Until
-its flags are read, the update keeps its gradient tensors alive: the exact counts of
-an unhealthy update are read from them when it is published.
+With the deferred read-out on an accelerator, ``collect()`` queues an exact count of
+every gradient's NaN and ±Inf values on the device (about three passes over gradient
+memory instead of the sync scan's one) and copies the small result into pinned host
+memory without blocking (an event marks the copy done on CUDA). The counts are taken
+as backward left the gradients: clipping or zeroing them after ``collect()`` changes
+nothing, and no gradient is kept alive for the read-out. On the CPU the work is done
+when it is queued, so the update is scanned and read at once, as with ``"sync"``.
+
+Either way the update is *published* (recorded, logged, returned by ``collect()``)
+at the first of: the next ``collect()`` (sampled out or not), a Prometheus scrape
+of the endpoint, ``monitor.flush()``, :attr:`GradMonitor.healthy`,
+``allow_checkpoint()``, ``monitor.close()`` or the interpreter's exit.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-__all__ = ["READOUTS", "HostCopy", "Readout", "check_readout"]
+__all__ = ["READOUTS", "HostCopy", "Readout", "check_readout", "completes_when_queued"]
 
 Readout = Literal["sync", "deferred"]
 READOUTS: tuple[str, ...] = get_args(Readout)
@@ -36,6 +41,12 @@ def check_readout(readout: object, on_warning: str, on_critical: str) -> Readout
                     "with readout='deferred'"
                 )
     return readout  # type: ignore[return-value]
+
+
+def completes_when_queued(tensor: torch.Tensor) -> bool:
+    """Whether work on ``tensor``'s device is done by the time it is queued (the CPU): its
+    read-out costs no wait, so a deferred update is counted and read at once."""
+    return tensor.device.type == "cpu"
 
 
 class HostCopy:

@@ -336,6 +336,7 @@ class Scanner:
         self._entries: dict[Hashable, _Entry] = {}
         self._plans: dict[tuple[Hashable, ...], _Plan] = {}
         self._cache_size = cache_size
+        self._kept_lengths: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
         self.waited = 0.0
         """Seconds the latest count spent waiting for device work queued before it
         (an asynchronous backward pass), which is not gradtel's own cost."""
@@ -408,6 +409,48 @@ class Scanner:
             end.record(stream)
         return Launched(pieces, result, sum(t.numel() for t in also), (start, end) if timed else None)
 
+    def launch_exact(self, values: Sequence[torch.Tensor], also: Sequence[torch.Tensor] = ()) -> Launched:
+        """Exact counts of every tensor, queued on the device with no host read: for a
+        read-out that comes later, when the gradients may have been rewritten (clipped,
+        zeroed) since. About three passes over gradient memory instead of one."""
+        counts, positions = self._exact_counts(values)
+        result = _on_one_device([counts.double().reshape(-1), *also])
+        return Launched(None, result, sum(t.numel() for t in also), exact=positions)
+
+    def _exact_counts(self, values: Sequence[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """``(nan, inf)`` rows for ``values`` and the position of each row's tensor: small
+        tensors of one device and dtype share a few launches (one copy, then segment sums),
+        large ones are counted one by one, with no copy."""
+        parts: list[torch.Tensor] = []
+        positions: list[int] = []
+        groups = _group_tensors_by_device_and_dtype([list(values)], with_indices=True)
+        for [group], indices in groups.values():
+            tensors = [t for t in group if t is not None]  # gradients: none is None
+            small = [(i, t) for i, t in zip(indices, tensors) if t.numel() < CHUNK]
+            for i, t in zip(indices, tensors):
+                if t.numel() >= CHUNK:
+                    parts.append(_exact(t).reshape(1, 2))
+                    positions.append(i)
+            if small:
+                flat = torch.cat([t.reshape(-1) for _, t in small])
+                lengths = self._lengths(tuple(t.numel() for _, t in small), flat.device)
+                # Exact in float32: a segment holds fewer than CHUNK elements.
+                pair = torch.stack((torch.isnan(flat), torch.isfinite(flat).logical_not_()), 1).float()
+                sums = torch.segment_reduce(pair, "sum", lengths=lengths)
+                parts.append(sums - torch.nn.functional.pad(sums[:, :1], (1, 0)))  # Inf: non-finite - NaN
+                positions += [i for i, _ in small]
+        return _on_one_device(parts), tuple(positions)
+
+    def _lengths(self, numels: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """``numels`` as a tensor on ``device``, kept: no host-to-device copy per update."""
+        key = (numels, device)
+        found = self._kept_lengths.get(key)
+        if found is None:
+            if len(self._kept_lengths) >= max(1, self._cache_size):
+                self._kept_lengths.pop(next(iter(self._kept_lengths)))
+            found = self._kept_lengths[key] = torch.tensor(numels, device=device)
+        return found
+
     def read(self, launched: Launched) -> list[Any]:
         """The blocking read-out of ``launched``. It waits for everything queued before
         it, the backward pass included: :attr:`waited` says how long, apart from gradtel's own kernels."""
@@ -422,6 +465,13 @@ class Scanner:
         """Phase 2: exact counts of the pieces that ``read`` (the host copy of
         ``launched.result``) flags; the ``also`` values land in :attr:`also_read`."""
         self.also_read = list(read[len(read) - launched.also :])
+        if launched.exact is not None:
+            pairs = read[: 2 * len(launched.exact)]
+            return {
+                i: (int(pairs[2 * k]), int(pairs[2 * k + 1]))
+                for k, i in enumerate(launched.exact)
+                if pairs[2 * k] or pairs[2 * k + 1]
+            }
         pieces = launched.pieces
         flagged = [pieces[k] if pieces is not None else _Piece(k) for k in launched.flagged(read)]
         if not flagged:
@@ -492,9 +542,15 @@ class Launched:
     """How many values at the end of :attr:`result` are ``also``."""
     events: tuple[Any, Any] | None = None
     """CUDA events around gradtel's own kernels."""
+    exact: tuple[int, ...] | None = None
+    """When :attr:`result` holds exact ``(nan, inf)`` counts instead of flags: the position
+    of the tensor of each pair (see :meth:`Scanner.launch_exact`)."""
 
     def flagged(self, read: Sequence[Any]) -> list[int]:
         """The positions of the flags that ``read`` (the host copy of :attr:`result`) raises."""
+        if self.exact is not None:
+            pairs = read[: 2 * len(self.exact)]
+            return [k for k in range(len(self.exact)) if pairs[2 * k] or pairs[2 * k + 1]]
         flags = read[: len(read) - self.also]
         if self.pieces is None:  # a sum of finite norms can overflow: then look at each
             return [] if math.isfinite(sum(flags)) else [k for k, n in enumerate(flags) if not math.isfinite(n)]
