@@ -67,3 +67,33 @@ def test_attached_updates_carry_the_optimizer_step(provider: MeterProvider, regi
             model[2].weight.grad.fill_(NAN)  # 8 NaN: critical
         optimizer.step()
     assert sample(samples(registry), "gradtel_last_unhealthy_step", kind="nan") == 3
+
+
+@pytest.mark.parametrize("order", ["resumed, then attached", "attached, then resumed"])
+def test_attached_to_a_resumed_optimizer_the_steps_go_on_from_its_count(
+    provider: MeterProvider, registry: CollectorRegistry, order: str
+) -> None:
+    model = net()
+    optimizer = torch.optim.Adam(model.parameters())
+    for _ in range(3):  # a few real steps; the saved state then says 1000, as a long run
+        optimizer.zero_grad()
+        model(torch.randn(2, 4)).sum().backward()
+        optimizer.step()
+    saved = optimizer.state_dict()
+    for state in saved["state"].values():
+        state["step"] = torch.tensor(1000.0)
+    resumed = torch.optim.Adam(model.parameters())
+    monitor = gradtel.GradMonitor(model, meter_provider=provider)
+    if order == "resumed, then attached":
+        resumed.load_state_dict(saved)
+        monitor.attach(resumed)
+    else:
+        monitor.attach(resumed)
+        resumed.load_state_dict(saved)
+    resumed.zero_grad()
+    model(torch.randn(2, 4)).sum().backward()
+    model[0].weight.grad[0, 0] = NAN
+    resumed.step()
+    assert sample(samples(registry), "gradtel_last_unhealthy_step", kind="nan") == 1001
+    assert monitor.last_healthy_step is None
+    assert gradtel.hooks.steps_taken(resumed) == 1001

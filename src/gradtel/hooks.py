@@ -22,7 +22,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-__all__ = ["Attachment", "Collector", "at_end_of_backward", "attach"]
+__all__ = ["Attachment", "Collector", "at_end_of_backward", "attach", "steps_taken"]
 
 
 class Collector(Protocol):
@@ -79,13 +79,18 @@ def attach(
     monitors.add(monitor)
     attachment = Attachment()
     attachment._undo.append(lambda: monitors.discard(monitor))
-    # The step an update makes: optimizer steps taken since attach(), plus this one.
-    taken = [0]
+    # The step an update makes: the optimizer's steps taken so far (a resumed optimizer
+    # carries its count in its state), plus this one.
+    taken = [steps_taken(optimizer)]
 
     def count_step(*args: Any) -> None:
         taken[0] += 1
 
+    def resumed(opt: torch.optim.Optimizer) -> None:
+        taken[0] = steps_taken(opt)
+
     attachment._undo.append(optimizer.register_step_post_hook(count_step).remove)
+    attachment._undo.append(optimizer.register_load_state_dict_post_hook(resumed).remove)
     collect = _Stepped(monitor, taken)
     if scan == "backward":
         attachment._undo.append(at_end_of_backward(monitor.parameters, collect).remove)
@@ -98,6 +103,14 @@ def attach(
 
         attachment._undo.append(optimizer.register_step_pre_hook(before_step).remove)
     return attachment
+
+
+def steps_taken(optimizer: torch.optim.Optimizer) -> int:
+    """The steps ``optimizer`` has taken, as its state counts them (Adam's ``step``, for
+    one): 0 for an optimizer that keeps no count (plain SGD). Read once, when attached or
+    resumed (on a GPU a capturable count is a host read)."""
+    counts = [state["step"] for state in optimizer.state.values() if "step" in state]
+    return max((int(c) for c in counts), default=0)
 
 
 class _Stepped:
