@@ -118,6 +118,27 @@ def test_the_peak_holds_a_spike_that_the_latest_norm_has_left(
     assert sample(scraped, "gradtel_grad_norm_peak") == pytest.approx(spike)
 
 
+def test_the_peak_covers_its_window_of_wall_time_when_no_norm_comes(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    now = [1000.0]
+    model = trained(7)
+    monitor = gradtel.GradMonitor(model, meter_provider=provider, grad_norm=True)
+    monitor._telemetry.clock = lambda: now[0]
+    for p in model.parameters():
+        p.grad.mul_(50)
+    spike = monitor.collect().grad_norm
+    now[0] += 60
+    for p in model.parameters():
+        p.grad.fill_(float("nan"))  # then only non-finite norms: a run of NaN updates
+    monitor.collect()
+    assert sample(samples(registry), "gradtel_grad_norm_peak") == pytest.approx(spike)
+    now[0] += 61  # 121 s after the spike, no finite norm since
+    scraped = samples(registry)
+    assert ("gradtel_grad_norm_peak", frozenset()) not in scraped
+    assert sample(scraped, "gradtel_grad_norm") == pytest.approx(spike)  # the latest finite one
+
+
 def test_the_peak_forgets_values_older_than_its_window() -> None:
     peak = RollingMax(120)
     assert [peak.add(v, now=t) for t, v in ((0, 5.0), (60, 1.0), (119, 2.0), (121, 1.5), (190, 1.0))] == [

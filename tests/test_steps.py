@@ -97,3 +97,24 @@ def test_attached_to_a_resumed_optimizer_the_steps_go_on_from_its_count(
     assert sample(samples(registry), "gradtel_last_unhealthy_step", kind="nan") == 1001
     assert monitor.last_healthy_step is None
     assert gradtel.hooks.steps_taken(resumed) == 1001
+
+
+def test_after_a_rollback_the_first_bad_layer_is_the_new_incidents(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    model = net()
+    monitor = gradtel.GradMonitor(model, meter_provider=provider, on_warning="ignore")
+    for step, layer in ((500, 2), (501, 0)):  # one incident, in layer 2, spreading to 0
+        model.zero_grad()
+        model(torch.randn(2, 4)).sum().backward()
+        model[layer].weight.grad[0, 0] = NAN
+        monitor.collect(step=step)
+    assert sample(samples(registry), "gradtel_first_bad_layer", kind="nan", layer="2") == 500
+    monitor.reset_health()  # the recovery recipe: roll back to a healthy checkpoint
+    model.zero_grad()
+    model(torch.randn(2, 4)).sum().backward()
+    model[0].weight.grad[0, 0] = NAN
+    monitor.collect(step=450)  # a new incident, at an earlier step, in layer 0
+    found = samples(registry)
+    assert sample(found, "gradtel_first_bad_layer", kind="nan", layer="0") == 450
+    assert sample(found, "gradtel_first_bad_layer", kind="nan", layer="2") == 0

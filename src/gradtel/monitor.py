@@ -498,8 +498,11 @@ class GradMonitor:
 
     def reset_health(self) -> None:
         """Call after restoring the weights from a healthy checkpoint in this process:
-        :attr:`healthy` is True again."""
+        :attr:`healthy` is True again, and the next unhealthy update is a new incident (its
+        own first bad layer and step on ``gradtel_first_bad_layer``; the older incidents'
+        series are set to 0)."""
         self._weights.reset()
+        self._guarded("record", self._telemetry.forget_incidents)
 
     def _check_norms(self, norms: object) -> None:
         if norms is None:

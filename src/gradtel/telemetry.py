@@ -19,7 +19,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -252,7 +252,9 @@ class _Instruments:
 
     def _observe_norm_peak(self, options: CallbackOptions) -> Iterable[Observation]:
         for source, _ in self._latest_norms():
-            yield Observation(source.grad_norm_peak, source.labels)
+            peak = source.norm_peak()
+            if peak is not None:  # none in the window: no peak, rather than an old one
+                yield Observation(peak, source.labels)
 
     def _latest_norms(self) -> Iterable[tuple[GradTelemetry, float]]:
         """Per set of labels, the monitor that recorded a norm last, and its norm (none: no series yet)."""
@@ -312,9 +314,20 @@ class RollingMax:
         while kept and kept[-1][1] <= value:
             kept.pop()
         kept.append((now, value))
-        while kept[0][0] < now - self.seconds:
+        return self.peak(now)  # type: ignore[return-value]
+
+    def peak(self, now: float | None = None) -> float | None:
+        """The largest value added in the last ``seconds`` before ``now``; None if none was.
+
+        >>> peak = RollingMax(60)
+        >>> peak.add(3.0, now=0), peak.peak(now=59), peak.peak(now=61)
+        (3.0, 3.0, None)
+        """
+        now = time.monotonic() if now is None else now
+        kept = self._kept
+        while kept and kept[0][0] < now - self.seconds:
             kept.popleft()
-        return kept[0][1]
+        return kept[0][1] if kept else None
 
 
 class GradTelemetry:
@@ -329,6 +342,7 @@ class GradTelemetry:
             counts from start until the first update.
         error_log: Where failures are logged, once a minute per stage at most
             (the monitor's, shared with its other stages).
+        clock: Monotonic seconds, for the rolling peak of the gradient norm.
     """
 
     def __init__(
@@ -339,8 +353,10 @@ class GradTelemetry:
         attributes: Mapping[str, str],
         start_time: float,
         error_log: RateLimitedLog | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.error_log = error_log or RateLimitedLog(logging.getLogger("gradtel"))
+        self.clock = clock
         self.labels = dict(attributes)
         """The labels on every series of this monitor."""
         self._layer_attrs: dict[str, dict[str, str]] = {}
@@ -355,6 +371,9 @@ class GradTelemetry:
         self._first_bad_attrs: dict[tuple[str, str], dict[str, str]] = {}
         self._kind_attrs = {kind: {**self.labels, "kind": kind} for kind in KINDS}
         self._last_nonzero: dict[str, set[str]] = {"nan": set(), "inf": set()}
+        self._ongoing: set[str] = set()
+        """The kinds whose run of unhealthy updates goes on: the previous update had values
+        of that kind, and no rollback (:meth:`forget_incidents`) came since."""
         self._norm_peak = RollingMax(m.NORM_PEAK_SECONDS)
         self._durations: deque[float] = deque()  # appends and pops are thread-safe
         self.layer_norms: dict[str, tuple[dict[str, str], float]] = {}
@@ -381,9 +400,19 @@ class GradTelemetry:
         self.last_update = start_time
         self.grad_norm: float | None = None
         """The latest finite gradient norm, for ``gradtel_grad_norm`` (None: none yet)."""
-        self.grad_norm_peak = 0.0
         self.last_norm = 0.0  # monotonic time of the latest norm
         ins.update_sources.add(self)
+
+    def forget_incidents(self) -> None:
+        """The weights were rolled back: set every first-bad-layer series to 0, so that the
+        next unhealthy update starts a new incident and the page names its layer and step."""
+        for attrs in self._first_bad_attrs.values():
+            self._instruments.first_bad.set(0, attrs)
+        self._ongoing = set()
+
+    def norm_peak(self) -> float | None:
+        """The largest gradient norm of the last ``NORM_PEAK_SECONDS``, as of now."""
+        return self._norm_peak.peak(self.clock())
 
     def add_layers(self, layers: Sequence[str]) -> None:
         """Make the series of layers not seen before, at 0."""
@@ -432,8 +461,8 @@ class GradTelemetry:
             return
         if health.grad_norm is not None and math.isfinite(health.grad_norm):
             # A NaN or Inf norm is the NaN/Inf alerts' business: the gauge keeps the last finite one.
-            self.last_norm = time.monotonic()
-            self.grad_norm_peak = self._norm_peak.add(health.grad_norm, self.last_norm)
+            self.last_norm = self.clock()
+            self._norm_peak.add(health.grad_norm, self.last_norm)
             self.grad_norm = health.grad_norm
         if health.layer_grad_norms:
             self._keep_layer_norms(health.layer_grad_norms)
@@ -445,7 +474,7 @@ class GradTelemetry:
             # Only on an update that starts a run of updates with values of that kind (``last``
             # is still the previous update's): in those that follow, the first bad layer is
             # where the values spread to.
-            if first is not None and not last[kind]:
+            if first is not None and kind not in self._ongoing:
                 ins.first_bad.set(health.step, self._first_bad_series(kind, first))
         for kind, by_layer in (("nan", health.nan_by_layer), ("inf", health.inf_by_layer)):
             total, gauge = ins.totals[kind], ins.per_update[kind]
@@ -456,6 +485,7 @@ class GradTelemetry:
             for layer in self._last_nonzero[kind].difference(by_layer):
                 gauge.set(0, self._layer_attrs[layer])
             self._last_nonzero[kind] = set(by_layer)
+        self._ongoing = {kind for kind, layers in self._last_nonzero.items() if layers}
         for kind, status in (("nan", health.nan_status), ("inf", health.inf_status)):
             if status is not Status.HEALTHY:
                 ins.unhealthy.add(1, self._band_attrs[(kind, status)])
