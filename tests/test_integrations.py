@@ -153,3 +153,99 @@ def test_transformers_trainer_callback_reads_the_models_own_loss(tmp_path: Path)
     data = [{"input_ids": row, "labels": row} for row in ids]
     Trainer(model=model, args=args, train_dataset=data, callbacks=[gradtel_callback]).train()
     assert shared("gradtel_nonfinite_loss_updates_total") - losses_before == 1
+
+
+def overflow_counts() -> dict[str, float]:
+    return {
+        "amp": shared("gradtel_skipped_updates_total", reason="amp_overflow"),
+        "unhealthy": sum(
+            shared("gradtel_unhealthy_updates_total", kind=k, severity=s)
+            for k in ("nan", "inf")
+            for s in ("warning", "critical")
+        ),
+        "refused": shared("gradtel_refused_checkpoints_total"),
+    }
+
+
+def test_lightning_16_mixed_overflows_are_skips_not_unhealthy_and_checkpoints_go_on(tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from gradtel.integrations.lightning import GradtelCallback
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lit_encoder = nn.Linear(8, 16)
+            self.lit_head = nn.Linear(16, 1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            loss = nn.functional.mse_loss(self.lit_head(torch.relu(self.lit_encoder(x))), y)
+            return loss * NAN if self.global_step == 4 else loss  # a loss gone NaN: not an overflow
+
+        def on_after_backward(self) -> None:
+            if self.global_step in (1, 2):  # the scaled gradients overflow, as fp16 ones do
+                self.lit_encoder.weight.grad[0, 0] = float("inf")
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    before = overflow_counts()
+    losses_before = shared("gradtel_nonfinite_loss_updates_total")
+    gradtel_callback = GradtelCallback(serve_metrics=False, protect_checkpoints=True)
+    checkpoints = tmp_path / "checkpoints"
+    data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randn(64, 1))
+    trainer = pl.Trainer(
+        max_steps=6, accelerator="cpu", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+        # On the CPU "16-mixed" means bf16 without a scaler; a real fp16 GradScaler here:
+        plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))],
+        callbacks=[
+            gradtel_callback,
+            pl.callbacks.ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=1, save_top_k=-1),
+        ],
+    )  # fmt: skip
+    trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=8))
+    after = overflow_counts()
+    assert after["amp"] - before["amp"] == 2  # the overflows of steps 2 and 3
+    # The update whose loss was NaN is unhealthy, though the scaler skips it as well...
+    assert after["unhealthy"] - before["unhealthy"] == 1
+    assert shared("gradtel_nonfinite_loss_updates_total") - losses_before == 1
+    # ...and no update reached the weights: every checkpoint is saved.
+    assert after["refused"] - before["refused"] == 0
+    assert sorted(p.name for p in checkpoints.iterdir()) == [f"epoch=0-step={s}.ckpt" for s in range(1, 7)]
+
+
+def test_transformers_callback_counts_the_scalers_overflows_as_skips(tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    from gradtel.integrations.transformers import GradtelTrainerCallback
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2))
+    backwards = [0]
+
+    def overflow(param: torch.Tensor) -> None:
+        backwards[0] += 1
+        if backwards[0] in (3, 4):  # the scaled gradients of update 2 overflow
+            param.grad.view(-1)[0] = float("inf")
+
+    model.transformer.h[0].mlp.c_fc.weight.register_post_accumulate_grad_hook(overflow)
+    before = overflow_counts()
+    gradtel_callback = GradtelTrainerCallback(serve_metrics=False)
+    ids = torch.randint(0, 64, (16, 12))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
+        gradient_accumulation_steps=2, max_grad_norm=1.0, report_to=[], save_strategy="no",
+        logging_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[gradtel_callback])
+    # accelerate gives its optimizer wrapper a GradScaler under fp16 on an accelerator, never
+    # on the CPU: give it one, so that the Trainer scales, unscales and skips as it does there.
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
+    trainer.train()
+    after = overflow_counts()
+    assert after["amp"] - before["amp"] == 1
+    assert after["unhealthy"] - before["unhealthy"] == 0

@@ -405,7 +405,9 @@ class GradMonitor:
 
     def _conclude(self, health: GradHealth, overflow_possible: bool, duration: float, timestamp: float) -> GradHealth:
         """Record an update whose counts are known, and act on it."""
-        if overflow_possible and health.nan_total + health.inf_total:
+        scaler_skips = overflow_possible and bool(health.nan_total + health.inf_total)
+        # A loss that was already non-finite is no overflow the scaler handles: it only hides it.
+        if scaler_skips and health.loss_finite is not False:
             health = dataclasses.replace(health, amp_overflow=True)
             logger.debug("%s", health.describe())
         # Record before acting: a "raise" policy must not hide the update from Prometheus.
@@ -413,7 +415,7 @@ class GradMonitor:
         if health.unscanned is not None:
             return health
         action = None if health.amp_overflow else self._policy.action(health)
-        self._weights.note(health, action)
+        self._weights.note(health, "skip" if scaler_skips else action)  # what reaches the weights
         if health.amp_overflow:
             return health
         if action == "skip":

@@ -57,9 +57,14 @@ class Session:
                 self.server = serve(self._port, self._addr)
         return self.monitor
 
-    def collect(self, loss: torch.Tensor | None = None, step: int | None = None) -> None:
+    def collect(
+        self, loss: torch.Tensor | None = None, step: int | None = None, scaler: object = None
+    ) -> None:
+        """Collect one update. ``scaler``: the framework's AMP ``GradScaler``, if it uses an
+        enabled one: the overflows it skips are counted as skipped, never as unhealthy."""
         if self.monitor is not None:
-            self.monitor.collect(loss=loss, step=step)
+            amp = scaler if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled() else None
+            self.monitor.collect(loss=loss, step=step, scaler=amp)
 
     def allow_checkpoint(self, step: int) -> bool:
         """Whether every rank may save the checkpoint of ``step`` (a collective in a

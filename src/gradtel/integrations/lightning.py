@@ -2,7 +2,10 @@
 
 Lightning calls ``on_before_optimizer_step`` once per optimizer update, after
 gradient accumulation and after AMP unscaling, and before gradient clipping:
-exactly where gradtel should count. The monitor is made at ``on_fit_start``,
+exactly where gradtel should count. With ``precision="16-mixed"`` the precision
+plugin's ``GradScaler`` skips the updates that overflow: the callback hands it to
+the monitor, so they are counted as ``amp_overflow`` skips, never as unhealthy,
+and never block a checkpoint. The monitor is made at ``on_fit_start``,
 after ``configure_model()`` has built the layers.
 
 With ``protect_checkpoints=True`` a checkpoint callback (``ModelCheckpoint``)
@@ -97,8 +100,10 @@ class GradtelCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer
     ) -> None:
-        # The step this update makes: Lightning's global step once it is taken.
-        self.session.collect(loss=self._loss, step=trainer.global_step + 1)
+        # The step this update makes: Lightning's global step once it is taken. Under
+        # "16-mixed" the precision plugin's scaler has just unscaled, and skips overflows.
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self.session.collect(loss=self._loss, step=trainer.global_step + 1, scaler=scaler)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":

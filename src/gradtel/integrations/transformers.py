@@ -10,6 +10,12 @@ The Trainer shows callbacks no loss, so the callback keeps the ``loss`` of the
 model's own output (Hugging Face models compute it when given labels): the
 update's last micro-batch's, as Lightning's callback does. A loss computed
 outside the model (a custom ``compute_loss``) is not seen.
+
+With fp16 on an accelerator, accelerate's optimizer wrapper holds a ``GradScaler``:
+the callback hands it to the monitor, so the overflows it skips are counted as
+``amp_overflow`` skips, not as unhealthy updates. (The gradients it counts are
+still scaled then; scaling keeps finite values finite.) On the CPU accelerate uses
+no scaler.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ class GradtelTrainerCallback(TrainerCallback):
         self._step: int | None = None
         self._collected = False
         self._accumulation = 1
+        self._scaler: object = None
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -62,6 +69,9 @@ class GradtelTrainerCallback(TrainerCallback):
         model = kwargs["model"]
         monitor = self.session.start(model)
         self._accumulation = max(1, int(args.gradient_accumulation_steps))
+        # Under fp16 on an accelerator, accelerate wraps the optimizer with its GradScaler:
+        # the overflows it skips are counted as skipped, never as unhealthy.
+        self._scaler = getattr(kwargs.get("optimizer"), "scaler", None)
         self._hooks = at_end_of_backward(monitor.parameters, self._end_of_backward)
         if isinstance(model, torch.nn.Module):
             self._loss_hook = model.register_forward_hook(self._keep_loss)
@@ -77,7 +87,7 @@ class GradtelTrainerCallback(TrainerCallback):
             self._collect()
 
     def _collect(self) -> None:
-        self.session.collect(loss=self._loss, step=self._step)
+        self.session.collect(loss=self._loss, step=self._step, scaler=self._scaler)
         self._collected, self._loss = True, None
 
     def on_step_begin(
