@@ -178,3 +178,26 @@ def test_clipping_with_a_parameter_frozen_after_the_monitor_was_made(provider: M
     found = record_collects(monitor)
     gradtel.clip_grad_norm_(model.parameters(), 1.0, monitor=monitor)
     assert [(dict(h.nan_by_layer), h.skipped) for h in found] == [({"3": 1}, 1)]
+
+
+def test_clipping_passes_the_scaler_the_loss_and_the_step_to_collect(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu")
+    monitor = gradtel.GradMonitor(model, meter_provider=provider)
+    for step, bad in ((76, "overflow"), (77, "loss")):
+        optimizer.zero_grad()
+        loss = model(torch.randn(2, 4)).sum() * (float("nan") if bad == "loss" else 1.0)
+        scaler.scale(loss).backward()
+        model[0].weight.grad[0, 0] = float("inf")  # the scaled gradients overflow
+        scaler.unscale_(optimizer)
+        gradtel.clip_grad_norm_(model.parameters(), 1.0, monitor=monitor, scaler=scaler, loss=loss, step=step)
+        scaler.step(optimizer)
+        scaler.update()
+    found = samples(registry)
+    assert sample(found, "gradtel_skipped_updates_total", reason="amp_overflow") == 1  # step 76
+    assert sample(found, "gradtel_nonfinite_loss_updates_total") == 1  # step 77: not an overflow
+    assert sample(found, "gradtel_last_unhealthy_step", kind="nan") == 77

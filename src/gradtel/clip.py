@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -27,10 +28,14 @@ def clip_grad_norm_(
     foreach: bool | None = None,
     *,
     monitor: GradMonitor,
+    scaler: torch.amp.GradScaler | None = None,
+    loss: torch.Tensor | None = None,
+    step: int | None = None,
 ) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` that also runs ``monitor.collect()`` on the way.
 
-    Takes torch's arguments in torch's order, plus ``monitor``. Health is
+    Takes torch's arguments in torch's order, plus ``monitor`` (and what
+    ``collect()`` takes: ``scaler``, ``loss``, ``step``). Health is
     collected *before* the gradients are rescaled: clipping with a non-finite
     total norm rewrites every gradient (one NaN makes them all NaN). The
     monitor's policy runs first too, so ``on_critical="skip"`` clears the
@@ -52,6 +57,13 @@ def clip_grad_norm_(
         foreach: As in torch: ``None`` uses multi-tensor kernels where the
             device supports them, ``False`` one norm per gradient.
         monitor: The :class:`~gradtel.GradMonitor` to collect into.
+        scaler: The enabled AMP ``GradScaler`` that steps this update, when you clip
+            between ``scaler.unscale_(optimizer)`` and ``scaler.step(optimizer)``:
+            its overflows are counted as skipped, not as unhealthy (see
+            :meth:`GradMonitor.collect`).
+        loss: This update's loss, for :meth:`GradMonitor.collect`.
+        step: The training step this update makes, as your logs number it, for
+            :meth:`GradMonitor.collect`.
 
     Returns:
         The total norm of the gradients before clipping, as a tensor
@@ -74,6 +86,7 @@ def clip_grad_norm_(
         raise TypeError(
             f"monitor must be a gradtel.GradMonitor, got {monitor!r} ({type(monitor).__name__})"
         )
+    collect: dict[str, Any] = {"scaler": scaler, "loss": loss, "step": step}
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     all_grads = [p.grad for p in params]
     with_grad = [p for p, g in zip(params, all_grads) if g is not None]
@@ -82,7 +95,7 @@ def clip_grad_norm_(
     if not with_grad or norm_type <= 0 or not all(g.layout is torch.strided for g in grads):
         # Nothing to clip (the monitor says why), a norm that can hide NaN or Inf,
         # or sparse gradients (no multi-tensor norm): scan first, then torch clips.
-        monitor.collect()
+        monitor.collect(**collect)
         clipped: torch.Tensor = torch.nn.utils.clip_grad_norm_(
             params, max_norm, norm_type, error_if_nonfinite, foreach
         )
@@ -95,10 +108,10 @@ def clip_grad_norm_(
         mine is theirs for mine, theirs in zip(with_grad, monitor.parameters)
     ):
         # The usual call: clip what is watched. Its L2 total is the gradient-norm gauge, for free.
-        health = monitor.collect(norms=every, total_norm=total if norm_type == 2.0 else None)
+        health = monitor.collect(norms=every, total_norm=total if norm_type == 2.0 else None, **collect)
         known = health.grad_norm if norm_type == 2.0 and monitor.readout == "sync" else None
     else:  # a subset's total is not the update's norm
-        health = monitor.collect(norms=dict(zip(with_grad, norms)))
+        health = monitor.collect(norms=dict(zip(with_grad, norms)), **collect)
     # Only an unhealthy update can have had its gradients cleared by a "skip" policy.
     kept = [i for i, p in enumerate(with_grad) if p.grad is not None] if health.status.level > 0 else None
     if kept is not None and len(kept) < len(with_grad):  # a "skip" policy cleared the gradients

@@ -1,0 +1,232 @@
+"""Every combination of the options users mix, against a plain count made by the test.
+
+Each case trains a tiny model for a few updates with one combination of: read-out
+(sync, deferred on the CPU, deferred as on an accelerator), clipping (none, torch's
+after ``collect()``, ``gradtel.clip_grad_norm_``), ``sample_every`` (1, 3), an enabled
+``GradScaler`` (none, or one whose scaled gradients overflow), the way gradtel is
+called (``collect()``, ``attach()``), ``zero_grad(set_to_none=...)`` and gradient
+accumulation (1 or 2 micro-batches). NaN and Inf are injected at random places and
+updates (seeded). Every health ``collect()`` returns and every exported series is
+checked against what the test itself counted in the gradients at the collection
+point. A failure prints the combination and the seed to rerun it alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+import pytest
+import torch
+from opentelemetry.sdk.metrics import MeterProvider
+from prometheus_client import CollectorRegistry
+from torch import nn
+
+import gradtel
+from gradtel import GradHealth, Status, Thresholds
+
+from .conftest import Samples, samples
+
+LAYERS = ("0", "2", "4")  # in model order; backward produces them in reverse
+UPDATES = 7
+
+
+@dataclass(frozen=True)
+class Case:
+    readout: str  # "sync", "deferred" (the CPU), "queued" (deferred, as on an accelerator)
+    clip: str  # "none", "torch" (after collect), "gradtel"
+    sample_every: int
+    scaler: bool
+    path: str  # "collect", "attach"
+    set_to_none: bool
+    accumulation: int
+
+    def __str__(self) -> str:
+        return (
+            f"readout={self.readout} clip={self.clip} sample_every={self.sample_every} "
+            f"scaler={self.scaler} path={self.path} set_to_none={self.set_to_none} "
+            f"accumulation={self.accumulation}"
+        )
+
+
+def cases() -> list[Case]:
+    found = []
+    for combo in itertools.product(
+        ("sync", "deferred", "queued"), ("none", "torch", "gradtel"), (1, 3), (False, True),
+        ("collect", "attach"), (True, False), (1, 2),
+    ):  # fmt: skip
+        case = Case(*combo)
+        # attach() collects by itself: clipping with gradtel would collect twice.
+        if case.path == "attach" and case.clip != "none":
+            continue
+        found.append(case)
+    return found
+
+
+CASES = cases()
+
+
+def reference(model: nn.Module) -> tuple[Counter[str], Counter[str]]:
+    """NaN and Inf per layer in the gradients as they are now, counted plainly."""
+    nan: Counter[str] = Counter()
+    inf: Counter[str] = Counter()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            layer = name.rpartition(".")[0]
+            nan[layer] += int(torch.isnan(p.grad).sum())
+            inf[layer] += int(torch.isinf(p.grad).sum())
+    return +nan, +inf
+
+
+def inject(model: nn.Module, rng: random.Random) -> None:
+    """A few NaN or ±Inf values (sometimes past the critical threshold) in random gradients."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    for _ in range(rng.choice((1, 1, 2, 7))):
+        grad = rng.choice(params).grad
+        assert grad is not None
+        grad.view(-1)[rng.randrange(grad.numel())] = rng.choice((float("nan"), float("inf"), -float("inf")))
+
+
+@dataclass
+class Expected:
+    """The series the test expects, summed from its own counts."""
+
+    grads: Counter[tuple[str, str]]
+    unhealthy: Counter[tuple[str, str]]
+    updates: int = 0
+    amp_skips: int = 0
+
+
+def expect(expected: Expected, nan: Counter[str], inf: Counter[str], overflow: bool) -> None:
+    """Add one scanned update to ``expected``: an overflow the scaler skips, or its counts."""
+    expected.updates += 1
+    if overflow:
+        expected.amp_skips += 1
+        return
+    for kind, counts in (("nan", nan), ("inf", inf)):
+        for layer, n in counts.items():
+            expected.grads[(kind, layer)] += n
+        band = Thresholds().classify(sum(counts.values()))
+        if band is not Status.HEALTHY:
+            expected.unhealthy[(kind, band.value)] += 1
+
+
+def check_health(health: GradHealth, nan: Counter[str], inf: Counter[str], overflow: bool) -> None:
+    got = (dict(health.nan_by_layer), dict(health.inf_by_layer))
+    assert got == (dict(nan), dict(inf)), f"step {health.step}: counted {got}, expected {(dict(nan), dict(inf))}"
+    assert health.amp_overflow == overflow, f"step {health.step}: amp_overflow={health.amp_overflow}"
+    # Backward produces the layers last to first: the first bad one is the last in model order.
+    for kind, counts, first in (("NaN", nan, health.first_nan_layer), ("Inf", inf, health.first_inf_layer)):
+        want = max(counts, key=LAYERS.index) if counts else None
+        assert first == want, f"step {health.step}: first {kind} layer {first}, expected {want}"
+
+
+def check_series(found: Samples, expected: Expected) -> None:
+    def value(name: str, **labels: str) -> float:
+        return found.get((name, frozenset(labels.items())), 0.0)
+
+    for kind in ("nan", "inf"):
+        for layer in LAYERS:
+            got = value(f"gradtel_{kind}_grads_total", layer=layer)
+            assert got == expected.grads[(kind, layer)], f"{kind} in {layer}: {got}, expected {expected.grads[(kind, layer)]}"
+        for severity in ("warning", "critical"):
+            got = value("gradtel_unhealthy_updates_total", kind=kind, severity=severity)
+            want = expected.unhealthy[(kind, severity)]
+            assert got == want, f"{kind} {severity} updates: {got}, expected {want}"
+    assert value("gradtel_updates_total") == expected.updates, "updates_total"
+    got = value("gradtel_skipped_updates_total", reason="amp_overflow")
+    assert got == expected.amp_skips, f"amp_overflow skips: {got}, expected {expected.amp_skips}"
+
+
+def run(case: Case, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    if case.readout == "queued":
+        monkeypatch.setattr("gradtel.monitor.completes_when_queued", lambda tensor: False)
+    registry = CollectorRegistry()
+    provider = gradtel.prometheus_meter_provider(registry)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0) if case.scaler else None
+    monitor = gradtel.GradMonitor(
+        model,
+        meter_provider=provider,
+        readout="sync" if case.readout == "sync" else "deferred",
+        sample_every=case.sample_every,
+        on_warning="ignore",
+        on_critical="ignore",
+    )
+    seen: dict[int, tuple[Counter[str], Counter[str], bool]] = {}  # by step, as collect() saw it
+    at_collection: list[tuple[Counter[str], Counter[str]]] = []
+    if case.path == "attach":
+        monitor.attach(optimizer, scaler=scaler)
+        # What attach() collects: the gradients as they are when it collects.
+        monitor.collect = _spy(monitor.collect, model, at_collection)  # type: ignore[method-assign]
+    expected = Expected(Counter(), Counter())
+    healths: list[GradHealth] = []
+    try:
+        for update in range(1, UPDATES + 1):
+            optimizer.zero_grad(set_to_none=case.set_to_none)
+            for _ in range(case.accumulation):
+                loss = model(torch.randn(3, 4)).pow(2).mean()
+                (loss if scaler is None else scaler.scale(loss)).backward()
+                if rng.random() < 0.4:
+                    inject(model, rng)
+            if case.path == "attach":
+                step(optimizer, scaler)
+                nan, inf = at_collection[-1]
+            else:
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                nan, inf = reference(model)
+                if case.clip == "gradtel":
+                    gradtel.clip_grad_norm_(model.parameters(), 1.0, monitor=monitor, scaler=scaler, step=update)
+                else:
+                    healths.append(monitor.collect(scaler=scaler, step=update))
+                    if case.clip == "torch":
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                step(optimizer, scaler)
+            if scaler is not None:
+                scaler.update()
+            overflow = scaler is not None and bool(nan or inf)
+            if (update - 1) % case.sample_every == 0:
+                seen[update] = (nan, inf, overflow)
+                expect(expected, nan, inf, overflow)
+        monitor.flush()
+        for health in healths:
+            if health.step in seen and not health.pending:
+                check_health(health, *seen[health.step])
+            elif health.step not in seen:
+                assert health.status is Status.UNKNOWN and not health.sampled, f"step {health.step} sampled out"
+        check_series(samples(registry), expected)
+    finally:
+        monitor.close()
+        provider.shutdown()
+
+
+def step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+
+
+def _spy(collect, model, at_collection):  # type: ignore[no-untyped-def]
+    def spied(*args, **kwargs):  # type: ignore[no-untyped-def]
+        at_collection.append(reference(model))
+        return collect(*args, **kwargs)
+
+    return spied
+
+
+def test_every_combination_publishes_what_a_plain_count_finds(monkeypatch: pytest.MonkeyPatch) -> None:
+    failures = []
+    for index, case in enumerate(CASES):
+        with monkeypatch.context() as patch:
+            try:
+                run(case, seed=index, monkeypatch=patch)
+            except AssertionError as exc:
+                failures.append(f"seed={index} {case}: {str(exc).splitlines()[0]}")
+    assert not failures, f"{len(failures)} of {len(CASES)} combinations failed:\n" + "\n".join(failures[:20])
