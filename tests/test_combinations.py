@@ -123,12 +123,12 @@ def check_health(health: GradHealth, nan: Counter[str], inf: Counter[str], overf
         assert first == want, f"step {health.step}: first {kind} layer {first}, expected {want}"
 
 
-def check_series(found: Samples, expected: Expected) -> None:
+def check_series(found: Samples, expected: Expected, layers: tuple[str, ...] = LAYERS) -> None:
     def value(name: str, **labels: str) -> float:
         return found.get((name, frozenset(labels.items())), 0.0)
 
     for kind in ("nan", "inf"):
-        for layer in LAYERS:
+        for layer in layers:
             got = value(f"gradtel_{kind}_grads_total", layer=layer)
             assert got == expected.grads[(kind, layer)], f"{kind} in {layer}: {got}, expected {expected.grads[(kind, layer)]}"
         for severity in ("warning", "critical"):
@@ -230,3 +230,95 @@ def test_every_combination_publishes_what_a_plain_count_finds(monkeypatch: pytes
             except AssertionError as exc:
                 failures.append(f"seed={index} {case}: {str(exc).splitlines()[0]}")
     assert not failures, f"{len(failures)} of {len(CASES)} combinations failed:\n" + "\n".join(failures[:20])
+
+
+@dataclass(frozen=True)
+class FrameworkCase:
+    readout: str
+    scaler: bool
+    accumulation: int
+    sample_every: int
+
+    def __str__(self) -> str:
+        return (
+            f"Lightning readout={self.readout} scaler={self.scaler} "
+            f"accumulate_grad_batches={self.accumulation} sample_every={self.sample_every} clip=1.0"
+        )
+
+
+FRAMEWORK_CASES = [
+    FrameworkCase(*combo) for combo in itertools.product(("sync", "queued"), (False, True), (1, 2), (1, 3))
+]
+
+
+def run_lightning(case: FrameworkCase, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning.pytorch as pl
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from gradtel.integrations.lightning import GradtelCallback
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    if case.readout == "queued":
+        monkeypatch.setattr("gradtel.monitor.completes_when_queued", lambda tensor: False)
+    registry = CollectorRegistry()
+    provider = gradtel.prometheus_meter_provider(registry)
+    expected = Expected(Counter(), Counter())
+    collected = [0]
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            return self.net(batch[0]).pow(2).mean()
+
+        def on_after_backward(self) -> None:
+            if rng.random() < 0.4:
+                inject(self.net, rng)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    class Reference(pl.Callback):
+        """Counts what gradtel's callback is about to count (it runs first)."""
+
+        def on_before_optimizer_step(self, trainer: pl.Trainer, module: pl.LightningModule, optimizer: object) -> None:
+            collected[0] += 1
+            if (collected[0] - 1) % case.sample_every == 0:
+                nan, inf = reference(module)
+                expect(expected, nan, inf, overflow=case.scaler and bool(nan or inf))
+
+    callback = GradtelCallback(
+        serve_metrics=False, meter_provider=provider, sample_every=case.sample_every,
+        readout="sync" if case.readout == "sync" else "deferred", on_warning="ignore", on_critical="ignore",
+    )  # fmt: skip
+    plugins = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=4.0))] if case.scaler else []
+    trainer = pl.Trainer(
+        max_steps=UPDATES, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+        accumulate_grad_batches=case.accumulation, plugins=plugins, callbacks=[Reference(), callback],
+    )  # fmt: skip
+    data = torch.utils.data.TensorDataset(torch.randn(3 * UPDATES * case.accumulation, 4))
+    try:
+        trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=3))
+        check_series(samples(registry), expected, layers=tuple(f"net.{layer}" for layer in LAYERS))
+    finally:
+        provider.shutdown()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_the_lightning_callback_in_combination_publishes_what_a_plain_count_finds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    failures = []
+    for index, case in enumerate(FRAMEWORK_CASES):
+        with monkeypatch.context() as patch:
+            try:
+                run_lightning(case, seed=index, monkeypatch=patch)
+            except AssertionError as exc:
+                failures.append(f"seed={index} {case}: {str(exc).splitlines()[0]}")
+    assert not failures, f"{len(failures)} of {len(FRAMEWORK_CASES)} combinations failed:\n" + "\n".join(failures)
