@@ -36,7 +36,7 @@ UPDATES = 7
 @dataclass(frozen=True)
 class Case:
     readout: str  # "sync", "deferred" (the CPU), "queued" (deferred, as on an accelerator)
-    clip: str  # "none", "torch" (after collect), "gradtel"
+    clip: str  # "none", "torch" (after collect(), or before step() when attached), "gradtel"
     sample_every: int
     scaler: bool
     path: str  # "collect", "attach"
@@ -59,7 +59,7 @@ def cases() -> list[Case]:
     ):  # fmt: skip
         case = Case(*combo)
         # attach() collects by itself: clipping with gradtel would collect twice.
-        if case.path == "attach" and case.clip != "none":
+        if case.path == "attach" and case.clip == "gradtel":
             continue
         found.append(case)
     return found
@@ -80,13 +80,30 @@ def reference(model: nn.Module) -> tuple[Counter[str], Counter[str]]:
     return +nan, +inf
 
 
-def inject(model: nn.Module, rng: random.Random) -> None:
-    """A few NaN or ±Inf values (sometimes past the critical threshold) in random gradients."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    for _ in range(rng.choice((1, 1, 2, 7))):
-        grad = rng.choice(params).grad
-        assert grad is not None
-        grad.view(-1)[rng.randrange(grad.numel())] = rng.choice((float("nan"), float("inf"), -float("inf")))
+class Injector:
+    """Puts a few NaN or ±Inf values (sometimes past the critical threshold) into random
+    gradients during the backward passes it is armed for, as backward itself would."""
+
+    def __init__(self, model: nn.Module, rng: random.Random) -> None:
+        self.rng, self.plan = rng, {}
+        params = list(model.parameters())
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._hook)
+        self.params = params
+
+    def arm(self) -> None:
+        """Plan the values for the next backward pass, or nothing (60% of passes)."""
+        self.plan = {}
+        if self.rng.random() < 0.4:
+            for _ in range(self.rng.choice((1, 1, 2, 7))):
+                p = self.rng.choice(self.params)
+                value = self.rng.choice((float("nan"), float("inf"), -float("inf")))
+                self.plan.setdefault(id(p), []).append((self.rng.randrange(p.numel()), value))
+
+    def _hook(self, param: torch.Tensor) -> None:
+        assert param.grad is not None
+        for index, value in self.plan.pop(id(param), []):
+            param.grad.view(-1)[index] = value
 
 
 @dataclass
@@ -162,19 +179,27 @@ def run(case: Case, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     at_collection: list[tuple[Counter[str], Counter[str]]] = []
     if case.path == "attach":
         monitor.attach(optimizer, scaler=scaler)
-        # What attach() collects: the gradients as they are when it collects.
+        # With a scaler, attach() collects when it unscales: the gradients as they are then.
         monitor.collect = _spy(monitor.collect, model, at_collection)  # type: ignore[method-assign]
     expected = Expected(Counter(), Counter())
+    injector = Injector(model, rng)
     healths: list[GradHealth] = []
     try:
         for update in range(1, UPDATES + 1):
             optimizer.zero_grad(set_to_none=case.set_to_none)
             for _ in range(case.accumulation):
                 loss = model(torch.randn(3, 4)).pow(2).mean()
+                injector.arm()
                 (loss if scaler is None else scaler.scale(loss)).backward()
-                if rng.random() < 0.4:
-                    inject(model, rng)
-            if case.path == "attach":
+            if case.path == "attach" and scaler is None:
+                nan, inf = reference(model)  # attach() counts the gradients as backward left them
+                if case.clip == "torch":  # the usual loop: clip between backward and step
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                step(optimizer, scaler)
+            elif case.path == "attach":
+                if case.clip == "torch":  # clipping under AMP unscales first: gradtel collects there
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 step(optimizer, scaler)
                 nan, inf = at_collection[-1]
             else:
@@ -274,9 +299,8 @@ def run_lightning(case: FrameworkCase, seed: int, monkeypatch: pytest.MonkeyPatc
         def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
             return self.net(batch[0]).pow(2).mean()
 
-        def on_after_backward(self) -> None:
-            if rng.random() < 0.4:
-                inject(self.net, rng)
+        def on_before_backward(self, loss: torch.Tensor) -> None:
+            injector.arm()
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=1e-3)
@@ -294,6 +318,8 @@ def run_lightning(case: FrameworkCase, seed: int, monkeypatch: pytest.MonkeyPatc
         serve_metrics=False, meter_provider=provider, sample_every=case.sample_every,
         readout="sync" if case.readout == "sync" else "deferred", on_warning="ignore", on_critical="ignore",
     )  # fmt: skip
+    module = Tiny()
+    injector = Injector(module.net, rng)
     plugins = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=4.0))] if case.scaler else []
     trainer = pl.Trainer(
         max_steps=UPDATES, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -302,7 +328,7 @@ def run_lightning(case: FrameworkCase, seed: int, monkeypatch: pytest.MonkeyPatc
     )  # fmt: skip
     data = torch.utils.data.TensorDataset(torch.randn(3 * UPDATES * case.accumulation, 4))
     try:
-        trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=3))
+        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=3))
         check_series(samples(registry), expected, layers=tuple(f"net.{layer}" for layer in LAYERS))
     finally:
         provider.shutdown()

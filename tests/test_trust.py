@@ -495,7 +495,10 @@ def test_clip_takes_torchs_signature() -> None:
     assert [(p.name, p.kind, p.default) for p in ours[: len(theirs)]] == [
         (p.name, p.kind, p.default) for p in theirs
     ]
-    assert ours[-1].name == "monitor" and ours[-1].kind is inspect.Parameter.KEYWORD_ONLY
+    # Then gradtel's own, keyword-only: the monitor, and what collect() takes.
+    assert [(p.name, p.kind) for p in ours[len(theirs) :]] == [
+        (name, inspect.Parameter.KEYWORD_ONLY) for name in ("monitor", "scaler", "loss", "step")
+    ]
 
 
 def test_clip_positional_error_if_nonfinite_and_no_gradients(provider: MeterProvider) -> None:

@@ -1,8 +1,13 @@
 """Collect without editing the training loop: hooks on the optimizer, the AMP scaler or backward.
 
 ``scan="step"`` (default) collects once per optimizer update, after the last
-micro-batch of gradient accumulation: just before ``optimizer.step()``, or,
-with a ``GradScaler``, right after it unscales the gradients. The scaler case
+micro-batch of gradient accumulation. Without a ``GradScaler`` it counts the
+gradients at the end of every backward pass, as backward left them, and
+publishes the last count just before ``optimizer.step()``: clipping or other code
+between backward and the step cannot change what is counted (torch's clipping
+with a non-finite total norm turns every gradient into NaN). With gradient
+accumulation that is one scan per micro-batch. With a ``GradScaler`` it
+collects right after the scaler unscales the gradients. The scaler case
 matters: when gradients overflow, ``scaler.step()`` skips ``optimizer.step()``,
 so a step pre-hook alone would never see the very updates that went bad.
 Fused optimizers (``AdamW(fused=True)``) unscale inside their own step and the
@@ -32,6 +37,9 @@ class Collector(Protocol):
     def parameters(self) -> Sequence[torch.nn.Parameter]: ...
 
     def collect(self, *, scaler: torch.amp.GradScaler | None = None, step: int | None = None) -> object: ...
+
+    def _look(self) -> None:
+        """Scan the gradients as backward left them, for the next ``collect()``."""
 
 
 class Attachment:
@@ -97,6 +105,9 @@ def attach(
     elif scaler is not None and scaler.is_enabled():
         _around_scaler(collect, scaler, optimizer, attachment)
     else:
+        # Counted as backward left them, published before the step: code in between
+        # (clipping with a non-finite norm turns every gradient into NaN) changes nothing.
+        attachment._undo.append(at_end_of_backward(monitor.parameters, monitor._look).remove)
 
         def before_step(*args: Any) -> None:
             collect()

@@ -221,6 +221,9 @@ class GradMonitor:
         """Updates whose deferred read-out is not published yet: the update, whether an
         AMP overflow is possible, collect()'s own time, and its Unix time."""
         self._latest: GradHealth | None = None
+        self._looked: _Update | GradHealth | None = None
+        """What :meth:`_look` saw at the end of the latest backward pass, not collected yet."""
+        self._looked_origin: torch.Tensor | None = None
         if self.readout == "deferred":
             self._telemetry.activity.deferred.add(self)  # a scrape publishes, the exit wait flushes
             _flush_at_exit_too(self)
@@ -371,6 +374,7 @@ class GradMonitor:
         _check_step(step)
         with self._lock:
             started = time.perf_counter()
+            looked, self._looked, self._looked_origin = self._looked, None, None
             self._telemetry.note_collect()
             self._step += 1
             self._training_step = self._step if step is None else step
@@ -389,7 +393,10 @@ class GradMonitor:
             if loss is not None and not isinstance(loss, torch.Tensor):
                 raise TypeError(f"loss must be a tensor or None, got {loss!r} ({type(loss).__name__})")
             with torch.no_grad():
-                launched = self._launch(norms, loss, total_norm)
+                if looked is None:
+                    launched = self._launch(norms, loss, total_norm, self.origin.take())
+                else:  # attach() looked at the gradients as backward left them
+                    launched = _restepped(looked, self._training_step)
                 if self.readout == "deferred":
                     self._publish(wait=False)  # the updates before this one, in order, if ready
                     if isinstance(launched, _Update):
@@ -589,19 +596,44 @@ class GradMonitor:
             present.append(index)
         return values, tuple(present), skipped, dense
 
+    def _look(self) -> None:
+        """Scan the gradients as backward left them, for the next :meth:`collect` to publish:
+        ``attach()`` calls it at the end of every backward pass, so that code running
+        between backward and ``optimizer.step()`` (clipping) cannot change what is counted.
+        With gradient accumulation each backward pass looks again; the last look counts."""
+        with self._lock, torch.no_grad():
+            if self._step % self.sample_every:  # the coming update is left out: no need to look
+                return
+            try:
+                taken = self.origin.take()  # a look replaced later keeps its micro-batch's counts
+                if taken is not None and self._looked_origin is not None:
+                    taken = taken + self._looked_origin.to(taken.device)
+                self._looked_origin = taken if taken is not None else self._looked_origin
+                looked = self._launch(None, None, None, self._looked_origin, exact=True)
+                if isinstance(looked, _Update) and looked.launched.exact is None:
+                    looked = self._read_out(looked)  # done when queued: read it now, for free
+                self._looked = looked
+            except Exception as exc:  # the next collect() scans as it always did
+                self._looked = None
+                self._failed("scan", exc)
+
     def _launch(
         self,
         norms: torch.Tensor | Mapping[torch.Tensor, torch.Tensor] | None,
         loss: torch.Tensor | None,
         total_norm: torch.Tensor | None,
+        origin: torch.Tensor | None,
+        exact: bool = False,
     ) -> _Update | GradHealth:
         """Queue this update's scan on the device: an :class:`_Update` to read out, or the
-        health of an update in which nothing could be scanned."""
+        health of an update in which nothing could be scanned. ``origin``: this rank's own
+        counts before the reduction, to read with it. ``exact``: on a device whose work is
+        queued, count every gradient exactly now (they may be rewritten before the read-out)."""
         step = self._training_step
         values, present, skipped, dense = self._gather()
         # Read with the update's own read-out: this rank's counts before the
         # reduction, whether the loss was already non-finite, the gradient norm.
-        origin, loss_bad = self.origin.take(), _loss_bad(loss)
+        loss_bad = _loss_bad(loss)
         unscanned = self._unscanned(values, skipped)
         if unscanned is not None:
             return self._health(step, unscanned=unscanned, skipped=skipped)
@@ -632,7 +664,7 @@ class GradMonitor:
         counts = None if origin is None else origin.double()
         extra = [t for t in (counts, loss_bad, norm, layer_norms) if t is not None]
         try:
-            if self.readout == "deferred" and not all(map(completes_when_queued, values)):
+            if (exact or self.readout == "deferred") and not all(map(completes_when_queued, values)):
                 # Counted exactly now: the gradients may be clipped or zeroed before the read-out.
                 launched = self._scanner.launch_exact(values, extra)
             else:
@@ -816,6 +848,14 @@ def _flush_at_exit_too(monitor: GradMonitor) -> None:
         atexit.unregister(_flush_all)
         atexit.register(_flush_all)
     _flush_at_exit.add(monitor)
+
+
+def _restepped(looked: _Update | GradHealth, step: int) -> _Update | GradHealth:
+    """A look taken before its update's step was known, with that step."""
+    if isinstance(looked, GradHealth):
+        return dataclasses.replace(looked, step=step)
+    looked.step = step
+    return looked
 
 
 def _check_step(step: object) -> None:
