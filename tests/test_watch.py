@@ -14,7 +14,7 @@ import pytest
 
 from gradtel import Thresholds
 from gradtel.stack import free_port
-from gradtel.watch import Snapshot, frame
+from gradtel.watch import Snapshot, fit, frame
 
 pytestmark = pytest.mark.slow
 
@@ -116,3 +116,16 @@ def test_frame_shows_nothing_for_counts_when_healthy() -> None:
     assert lines[2] == "  updates 20 (10.0/s), last update 0.1s ago"
     assert lines[3].startswith("  unhealthy updates since the last refresh: 1;")
     assert lines[4] == "  top layers, latest update: a (7), b (1); since start: none"
+
+
+@pytest.mark.parametrize("width", [120, 80, 50])
+def test_lines_fit_the_terminal_and_break_between_fields_never_inside_a_word(width: int) -> None:
+    sick = Snapshot(taken=101.0, updates=20, last_update=100.9, status=2.0)
+    sick.bands = {(kind, severity): 12345.0 for kind in ("nan", "inf") for severity in ("warning", "critical")}
+    sick.latest = {"nan": {"transformer.h.11.attn.c_attn": 6.0, "transformer.h.0.mlp.c_proj": 1.0}, "inf": {}}
+    sick.totals = {"nan": {"transformer.h.11.attn.c_attn": 600.0, "lm_head": 3.0}, "inf": {"wte": 2.0}}
+    lines = frame("http://127.0.0.1:9464/metrics", sick, None, Thresholds(), color=False)
+    fitted = [piece for line in lines for piece in fit(line, width)]
+    assert all(len(piece) <= width for piece in fitted), fitted
+    assert " ".join(" ".join(lines).split()) == " ".join(" ".join(fitted).split())  # every word whole
+    assert any("inf critical 12345" in piece for piece in fitted)  # a field stays on one line

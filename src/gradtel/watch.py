@@ -10,7 +10,10 @@ retried at the next refresh.
 
 from __future__ import annotations
 
+import re
+import shutil
 import sys
+import textwrap
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -22,7 +25,7 @@ from . import metrics as m
 from .banner import styled_count
 from .health import Status, Thresholds
 
-__all__ = ["DEFAULT_URL", "Snapshot", "frame", "scrape", "watch"]
+__all__ = ["DEFAULT_URL", "Snapshot", "fit", "frame", "scrape", "watch"]
 
 DEFAULT_URL = "http://127.0.0.1:9464/metrics"
 _BANDS = [(kind, severity) for kind in m.KINDS for severity in m.SEVERITIES]
@@ -132,6 +135,36 @@ def frame(
     ]
 
 
+_STYLE = re.compile(r"\033\[[0-9;]*m")
+_FIELD_END = re.compile(r"(?<=[;,]) ")
+
+
+def fit(line: str, width: int, indent: str = "    ") -> list[str]:
+    """``line`` broken into lines of at most ``width`` visible characters: between
+    fields (after "; " or ", ") where it can, else between words, never inside one.
+
+    >>> fit("  updates 5; since start: nan warning 0, nan critical 1", 34)
+    ['  updates 5;', '    since start: nan warning 0,', '    nan critical 1']
+    """
+    if len(_STYLE.sub("", line)) <= width:
+        return [line]
+    lines: list[str] = []
+    for field in _FIELD_END.split(line):
+        joined = f"{lines[-1]} {field}" if lines else field
+        if lines and len(_STYLE.sub("", joined)) <= width:
+            lines[-1] = joined
+        else:
+            lines.append(field if not lines else indent + field)
+    return [
+        piece
+        for part in lines
+        for piece in textwrap.wrap(
+            part, width, initial_indent="", subsequent_indent=indent,
+            break_long_words=False, break_on_hyphens=False, drop_whitespace=False,
+        ) or [part]
+    ]  # fmt: skip
+
+
 def watch(
     urls: list[str],
     *,
@@ -161,6 +194,8 @@ def watch(
                 lines += frame(url, snap, previous.get(url), thresholds, color=color, error=error)
                 if snap is not None:
                     previous[url] = snap
+            width = shutil.get_terminal_size().columns
+            lines = [piece for line in lines for piece in fit(line, width)]
             out.write(("\033[H\033[2J" if live else "") + "\n".join(lines) + "\n")
             out.flush()
             if once:
