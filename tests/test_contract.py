@@ -26,7 +26,7 @@ CLOSED_SETS = {
 
 def served(registry: CollectorRegistry) -> str:
     """A scrape after updates that make every series exist: NaN and Inf, a NaN loss, the norm,
-    a refused checkpoint."""
+    a refused checkpoint, an uncaught exception."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     monitor = gradtel.GradMonitor(
@@ -43,6 +43,7 @@ def served(registry: CollectorRegistry) -> str:
     model[2].bias.grad[0] = float("inf")
     monitor.collect(loss=loss)
     monitor.allow_checkpoint()
+    gradtel.telemetry.count_exception(RuntimeError)  # what the chained sys.excepthook does
     server = gradtel.serve(port=0, registry=registry, exit_grace=0)
     try:
         assert server.url is not None

@@ -7,7 +7,10 @@ A NaN often ends a run, and an unhealthy update recorded just before the
 process exits must still reach Prometheus. So closing the endpoint, the
 interpreter exiting with it open, or a SIGTERM (what Kubernetes, Slurm and
 torchrun send) waits until a Prometheus scrape has collected the latest
-unhealthy update, for at most ``exit_grace`` seconds. It waits only when a
+unhealthy update, for at most ``exit_grace`` seconds. A process that dies from an
+uncaught exception while gradtel serves counts it first
+(``gradtel_training_exceptions_total{type}``, by a chained ``sys.excepthook`` that
+passes the exception on unchanged) and waits for that scrape too. It waits only when a
 Prometheus has scraped this endpoint before (nobody else would come), and
 only a Prometheus scrape ends the wait: ``curl`` or ``gradtel watch`` do not.
 The first Ctrl-C during the wait ends it.
@@ -21,11 +24,12 @@ import logging
 import os
 import re
 import signal
+import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from types import FrameType
-from typing import Literal
+from collections.abc import Callable, Iterable, Iterator
+from types import FrameType, TracebackType
+from typing import Any, Literal
 
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.metrics_core import Metric
@@ -33,7 +37,7 @@ from prometheus_client.metrics_core import Metric
 from . import _checks
 from .httpd import Running, TLSConfig, start
 from .ranks import local_rank
-from .telemetry import Activity, activity, count_error
+from .telemetry import Activity, activity, count_error, count_exception
 
 __all__ = [
     "DEFAULT_ADDR",
@@ -404,6 +408,7 @@ def _close_at_exit() -> None:
     _exit_hooks_installed = True
     atexit.register(_close_open_servers)
     os.register_at_fork(after_in_child=_forget_in_child)
+    sys.excepthook = _recording_crashes(sys.excepthook)
     # SIGTERM gets the same grace, unless the application handles SIGTERM itself
     # (then its handler decides; gradtel never replaces it).
     if (
@@ -414,3 +419,18 @@ def _close_at_exit() -> None:
 
 
 _exit_hooks_installed = False
+
+
+def _recording_crashes(previous: Callable[..., Any]) -> Callable[..., Any]:
+    """``sys.excepthook`` that counts the uncaught exception ending training, then hands it
+    to ``previous`` unchanged; the exit wait then holds the endpoint for its scrape."""
+
+    def excepthook(kind: type[BaseException], value: BaseException, traceback: TracebackType | None) -> None:
+        if not issubclass(kind, KeyboardInterrupt):
+            try:
+                count_exception(kind)
+            except Exception as exc:  # noqa: BLE001 (the user's traceback comes first)
+                logger.error("gradtel could not count the uncaught exception: %r", exc)
+        previous(kind, value, traceback)
+
+    return excepthook

@@ -38,6 +38,7 @@ __all__ = [
     "SKIPPED_UPDATES",
     "SKIP_REASONS",
     "START_TIME",
+    "TRAINING_EXCEPTIONS",
     "UNHEALTHY_UPDATES",
     "UNSCANNED_REASONS",
     "UNSCANNED_UPDATES",
@@ -199,6 +200,14 @@ REFUSED_CHECKPOINTS = Metric(
     "(monitor.allow_checkpoint(), the callbacks' protect_checkpoints=True); the series "
     "appears, at 0, with the first guarded save.",
 )
+TRAINING_EXCEPTIONS = Metric(
+    "gradtel_training_exceptions_total",
+    "counter",
+    "Uncaught exceptions that ended the training process while gradtel served its metrics, "
+    "by exception type; the series appears with the first one (the endpoint then waits for "
+    "a last scrape).",
+    ("type",),
+)
 ERRORS = Metric(
     "gradtel_errors_total", "counter", "Failures inside gradtel, by stage; training went on.", ("stage",)
 )
@@ -230,5 +239,6 @@ METRICS = (
     GRAD_NORM_PEAK,
     LAYER_GRAD_NORM,
     REFUSED_CHECKPOINTS,
+    TRAINING_EXCEPTIONS,
 )
 """Every metric gradtel exports."""

@@ -39,6 +39,7 @@ __all__ = [
     "activity",
     "activity_of",
     "count_error",
+    "count_exception",
     "default_meter_provider",
     "prometheus_meter_provider",
 ]
@@ -68,7 +69,8 @@ class Activity:
         self.last_collect: float | None = None
         """``time.monotonic()`` of the latest ``collect()`` call, scanned or not, or None."""
         self.last_unhealthy: float | None = None
-        """``time.monotonic()`` of the latest unhealthy update recorded, or None."""
+        """``time.monotonic()`` of the latest unhealthy update recorded, or of the uncaught
+        exception that ends the process: what the exit wait waits to see scraped. None: none."""
         self.pending_errors: dict[str, int] = {}
         """Failures of an endpoint counted before any gradtel meter provider recorded into
         its registry; the first one made for it counts them."""
@@ -213,6 +215,7 @@ class _Instruments:
         self.nonfinite_loss = make(m.NONFINITE_LOSS_UPDATES)
         self.refused_checkpoints = make(m.REFUSED_CHECKPOINTS)
         self.errors = make(m.ERRORS)
+        self.exceptions = make(m.TRAINING_EXCEPTIONS)
 
 
     def _by_labels(self) -> dict[frozenset[tuple[str, str]], list[GradTelemetry]]:
@@ -294,6 +297,18 @@ def count_error(stage: str, registry: CollectorRegistry | None = None) -> None:
             pending[stage] = pending.get(stage, 0) + 1
             return
     instruments_for(provider).errors.add(1, {**process_attributes(), "stage": stage})
+
+
+def count_exception(exc_type: type[BaseException]) -> None:
+    """Count an uncaught exception that ends the process in ``gradtel_training_exceptions_total``,
+    on every meter provider gradtel records into, and have the endpoints wait for its scrape."""
+    with _default_lock:
+        providers = list(_instruments.items())
+        registries = [_registry_of.get(provider) for provider, _ in providers]
+    attributes = {**process_attributes(), "type": exc_type.__name__}
+    for (_, instruments), registry in zip(providers, registries):
+        instruments.exceptions.add(1, attributes)
+        activity(registry).last_unhealthy = time.monotonic()
 
 
 class RollingMax:
