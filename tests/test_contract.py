@@ -26,7 +26,7 @@ CLOSED_SETS = {
 
 def served(registry: CollectorRegistry) -> str:
     """A scrape after updates that make every series exist: NaN and Inf, a NaN loss, the norm,
-    a refused checkpoint, an uncaught exception."""
+    an AMP scaler, a refused checkpoint, an uncaught exception."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     monitor = gradtel.GradMonitor(
@@ -42,6 +42,10 @@ def served(registry: CollectorRegistry) -> str:
     loss.backward()
     model[2].bias.grad[0] = float("inf")
     monitor.collect(loss=loss)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(model(torch.randn(4, 4)).sum()).backward()
+    scaler.unscale_(torch.optim.SGD(model.parameters()))
+    monitor.collect(scaler=scaler)  # the loss scale gauge
     monitor.allow_checkpoint()
     gradtel.telemetry.count_exception(RuntimeError)  # what the chained sys.excepthook does
     server = gradtel.serve(port=0, registry=registry, exit_grace=0)

@@ -134,3 +134,21 @@ def test_bad_attach_arguments(provider: MeterProvider, args: tuple, kwargs: dict
     model, optimizer, monitor = make(provider)
     with pytest.raises(error, match=message):
         monitor.attach(*(args or (optimizer,)), **kwargs)
+
+
+def test_the_loss_scale_is_exported_from_the_updates_own_read_out(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    model, optimizer, monitor = make(provider)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    monitor.attach(optimizer, scaler=scaler)
+    scales = []
+    for step in range(3):
+        optimizer.zero_grad()
+        scaler.scale(model(torch.randn(4, 8)).pow(2).mean()).backward()
+        if step == 1:
+            model[0].weight.grad[0, 0] = float("inf")  # an overflow: the scale halves after it
+        scaler.step(optimizer)
+        scales.append(sample(samples(registry), "gradtel_amp_loss_scale"))
+        scaler.update()
+    assert scales == [1024.0, 1024.0, 512.0]

@@ -144,6 +144,9 @@ class GradHealth:
     local_inf_total: int | None = None
     """±Inf values in this rank's own gradients before the cross-rank reduction."""
 
+    loss_scale: float | None = None
+    """The AMP ``GradScaler``'s loss scale at this update, when ``collect(scaler=...)`` had one."""
+
     loss_finite: bool | None = None
     """Whether the loss passed to ``collect(loss=...)`` was finite; False means the
     NaN or Inf was already there in the forward pass. None when no loss was given."""

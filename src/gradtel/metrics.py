@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 __all__ = [
+    "AMP_LOSS_SCALE",
     "ERRORS",
     "ERROR_STAGES",
     "FIRST_BAD_LAYER",
@@ -173,6 +174,13 @@ GRAD_NORM_PEAK = Metric(
     f"Largest gradtel_grad_norm of the scanned updates in the last {NORM_PEAK_SECONDS} s, so "
     "that a spike at one step between two scrapes is still scraped (GradtelGradNormSpike).",
 )
+AMP_LOSS_SCALE = Metric(
+    "gradtel_amp_loss_scale",
+    "gauge",
+    "Loss scale of the AMP GradScaler at the latest scanned update that had one (collect(scaler=...), "
+    "attach(scaler=...), the framework callbacks): a scale that keeps falling means overflows on "
+    "every step, and training has stopped learning.",
+)
 SKIPPED_UPDATES = Metric(
     "gradtel_skipped_updates_total",
     "counter",
@@ -225,6 +233,7 @@ METRICS = (
     UNHEALTHY_UPDATES,
     ERRORS,
     SKIPPED_UPDATES,
+    AMP_LOSS_SCALE,
     UNSCANNED_UPDATES,
     UPDATES,
     UPDATE_STATUS,

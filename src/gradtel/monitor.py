@@ -394,7 +394,8 @@ class GradMonitor:
                 raise TypeError(f"loss must be a tensor or None, got {loss!r} ({type(loss).__name__})")
             with torch.no_grad():
                 if looked is None:
-                    launched = self._launch(norms, loss, total_norm, self.origin.take())
+                    scale = _scale_of(scaler) if overflow_possible else None
+                    launched = self._launch(norms, loss, total_norm, self.origin.take(), scale=scale)
                 else:  # attach() looked at the gradients as backward left them
                     launched = _restepped(looked, self._training_step)
                 if self.readout == "deferred":
@@ -624,6 +625,7 @@ class GradMonitor:
         total_norm: torch.Tensor | None,
         origin: torch.Tensor | None,
         exact: bool = False,
+        scale: torch.Tensor | None = None,
     ) -> _Update | GradHealth:
         """Queue this update's scan on the device: an :class:`_Update` to read out, or the
         health of an update in which nothing could be scanned. ``origin``: this rank's own
@@ -662,7 +664,8 @@ class GradMonitor:
         layers, layer_norms = self._layer_norms_of(l2, present) if self._layer_norms else ((), None)
         # Counts as float64, exact in the read-out that promotes everything to one dtype.
         counts = None if origin is None else origin.double()
-        extra = [t for t in (counts, loss_bad, norm, layer_norms) if t is not None]
+        scale = None if scale is None else scale.detach().double().reshape(1)
+        extra = [t for t in (counts, loss_bad, norm, layer_norms, scale) if t is not None]
         try:
             if (exact or self.readout == "deferred") and not all(map(completes_when_queued, values)):
                 # Counted exactly now: the gradients may be clipped or zeroed before the read-out.
@@ -685,6 +688,7 @@ class GradMonitor:
             loss=loss is not None,
             norm=norm is not None,
             layers=layers,
+            scale=scale is not None,
         )
 
     def _read_out(self, update: _Update) -> GradHealth:
@@ -701,6 +705,8 @@ class GradMonitor:
         if update.local:
             nan, inf = also[:2] if update.origin else (0, 0)
             local = {"local_nan_total": int(nan), "local_inf_total": int(inf)}
+        if update.scale:
+            local["loss_scale"] = also.pop()
         if update.layers:
             local["layer_grad_norms"] = dict(zip(update.layers, also[-len(update.layers) :]))
             del also[-len(update.layers) :]
@@ -809,6 +815,8 @@ class _Update:
     loss: bool
     norm: bool
     layers: tuple[str, ...]
+    scale: bool = False
+    """The AMP scaler's loss scale rides along, last."""
     copy: HostCopy | None = None
     _read: list[Any] | None = None
 
@@ -856,6 +864,13 @@ def _restepped(looked: _Update | GradHealth, step: int) -> _Update | GradHealth:
         return dataclasses.replace(looked, step=step)
     looked.step = step
     return looked
+
+
+def _scale_of(scaler: torch.amp.GradScaler | None) -> torch.Tensor | None:
+    """An enabled scaler's current loss scale, as the tensor it keeps (``get_scale()`` would
+    read it to the host: it is read with the update's own read-out instead)."""
+    scale = getattr(scaler, "_scale", None)
+    return scale if isinstance(scale, torch.Tensor) else None
 
 
 def _check_step(step: object) -> None:

@@ -201,7 +201,11 @@ class _Instruments:
         self.duration = make(m.SCAN_DURATION)
         self.first_bad = make(m.FIRST_BAD_LAYER)
         self.last_unhealthy_step = make(m.LAST_UNHEALTHY_STEP)
-        for metric, observe in ((m.GRAD_NORM, self._observe_norm), (m.GRAD_NORM_PEAK, self._observe_norm_peak)):
+        for metric, observe in (
+            (m.GRAD_NORM, self._observe_norm),
+            (m.GRAD_NORM_PEAK, self._observe_norm_peak),
+            (m.AMP_LOSS_SCALE, self._observe_loss_scale),
+        ):
             meter.create_observable_gauge(metric.instrument, [observe], unit=metric.unit, description=metric.help)
         # Read when scraped, not set per update: hundreds of layers would cost the
         # SDK tens of microseconds each, every update.
@@ -248,6 +252,13 @@ class _Instruments:
     def _observe_start(self, options: CallbackOptions) -> Iterable[Observation]:
         for sources in self._by_labels().values():
             yield Observation(min(s.start_time for s in sources), sources[0].labels)
+
+    def _observe_loss_scale(self, options: CallbackOptions) -> Iterable[Observation]:
+        for sources in self._by_labels().values():
+            scaled = [s for s in sources if s.loss_scale is not None]
+            if scaled:
+                latest = max(scaled, key=lambda s: s.last_update)
+                yield Observation(latest.loss_scale, latest.labels)  # type: ignore[arg-type]
 
     def _observe_norm(self, options: CallbackOptions) -> Iterable[Observation]:
         for source, norm in self._latest_norms():
@@ -416,6 +427,8 @@ class GradTelemetry:
         self.grad_norm: float | None = None
         """The latest finite gradient norm, for ``gradtel_grad_norm`` (None: none yet)."""
         self.last_norm = 0.0  # monotonic time of the latest norm
+        self.loss_scale: float | None = None
+        """The AMP scaler's latest loss scale, for ``gradtel_amp_loss_scale`` (None: none seen)."""
         ins.update_sources.add(self)
 
     def forget_incidents(self) -> None:
@@ -464,6 +477,8 @@ class GradTelemetry:
             ins.unscanned.add(1, self._unscanned_attrs[health.unscanned])
             self.status = Status.UNKNOWN.level
             return
+        if health.loss_scale is not None:
+            self.loss_scale = health.loss_scale
         for kind, local in (("nan", health.local_nan_total), ("inf", health.local_inf_total)):
             if local:
                 ins.origin.add(1, self._kind_attrs[kind])
