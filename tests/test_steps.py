@@ -120,3 +120,33 @@ def test_after_a_rollback_the_first_bad_layer_is_the_new_incidents(
     found = samples(registry)
     assert sample(found, "gradtel_first_bad_layer", kind="nan", layer="0") == 450
     assert sample(found, "gradtel_first_bad_layer", kind="nan", layer="2") == 0
+
+
+def test_attach_takes_the_users_own_step_and_loss(provider: MeterProvider, registry: CollectorRegistry) -> None:
+    model = net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = gradtel.GradMonitor(model, meter_provider=provider, on_warning="skip", on_critical="skip")
+    iter_num = 0
+    loss = torch.tensor(0.0)
+    monitor.attach(optimizer, step=lambda: iter_num, loss=lambda: loss)
+    for iter_num in range(3761, 3764):
+        optimizer.zero_grad()
+        x = torch.randn(2, 4)
+        if iter_num == 3762:
+            x[0, 0] = NAN  # the NaN enters in the forward pass
+        loss = model(x).sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    found = samples(registry)
+    assert sample(found, "gradtel_last_unhealthy_step", kind="nan") == 3762
+    assert sample(found, "gradtel_nonfinite_loss_updates_total") == 1
+    assert monitor.last_healthy_step == 3763  # the bad update never reached the weights
+
+
+@pytest.mark.parametrize("argument", ["step", "loss"])
+def test_attach_refuses_a_step_or_loss_that_is_not_a_function(provider: MeterProvider, argument: str) -> None:
+    model = net()
+    monitor = gradtel.GradMonitor(model, meter_provider=provider)
+    with pytest.raises(TypeError, match=rf"{argument} must be a function that returns this update's {argument}"):
+        monitor.attach(torch.optim.SGD(model.parameters()), **{argument: 5})  # type: ignore[arg-type]

@@ -36,9 +36,15 @@ class Collector(Protocol):
     @property
     def parameters(self) -> Sequence[torch.nn.Parameter]: ...
 
-    def collect(self, *, scaler: torch.amp.GradScaler | None = None, step: int | None = None) -> object: ...
+    def collect(
+        self,
+        *,
+        scaler: torch.amp.GradScaler | None = None,
+        step: int | None = None,
+        loss: torch.Tensor | None = None,
+    ) -> object: ...
 
-    def _look(self) -> None:
+    def _look(self, loss: torch.Tensor | None = None) -> None:
         """Scan the gradients as backward left them, for the next ``collect()``."""
 
 
@@ -67,8 +73,17 @@ def attach(
     *,
     scaler: torch.amp.GradScaler | None = None,
     scan: Literal["step", "backward"] = "step",
+    step: Callable[[], int] | None = None,
+    loss: Callable[[], torch.Tensor | None] | None = None,
 ) -> Attachment:
     """Make ``monitor.collect()`` run by itself; see :meth:`GradMonitor.attach`."""
+    for name, given in (("step", step), ("loss", loss)):
+        if given is not None and not callable(given):
+            raise TypeError(
+                f"{name} must be a function that returns this update's {name} "
+                f"(for example {name}=lambda: {'iter_num' if name == 'step' else 'loss'}) or None, "
+                f"got {given!r} ({type(given).__name__})"
+            )
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
             f"optimizer must be a torch.optim.Optimizer, got {optimizer!r} ({type(optimizer).__name__})"
@@ -99,7 +114,7 @@ def attach(
 
     attachment._undo.append(optimizer.register_step_post_hook(count_step).remove)
     attachment._undo.append(optimizer.register_load_state_dict_post_hook(resumed).remove)
-    collect = _Stepped(monitor, taken)
+    collect = _Stepped(monitor, taken, step, loss)
     if scan == "backward":
         attachment._undo.append(at_end_of_backward(monitor.parameters, collect).remove)
     elif scaler is not None and scaler.is_enabled():
@@ -107,7 +122,8 @@ def attach(
     else:
         # Counted as backward left them, published before the step: code in between
         # (clipping with a non-finite norm turns every gradient into NaN) changes nothing.
-        attachment._undo.append(at_end_of_backward(monitor.parameters, monitor._look).remove)
+        look = monitor._look if loss is None else lambda: monitor._look(loss())
+        attachment._undo.append(at_end_of_backward(monitor.parameters, look).remove)
 
         def before_step(*args: Any) -> None:
             collect()
@@ -125,13 +141,22 @@ def steps_taken(optimizer: torch.optim.Optimizer) -> int:
 
 
 class _Stepped:
-    """``monitor.collect()`` with the step an update makes: one past the steps taken."""
+    """``monitor.collect()`` with the step an update makes (the user's, or one past the
+    optimizer's steps taken) and the user's loss, if given."""
 
-    def __init__(self, monitor: Collector, taken: list[int]) -> None:
-        self.monitor, self.taken = monitor, taken
+    def __init__(
+        self,
+        monitor: Collector,
+        taken: list[int],
+        step: Callable[[], int] | None,
+        loss: Callable[[], torch.Tensor | None] | None,
+    ) -> None:
+        self.monitor, self.taken, self.step, self.loss = monitor, taken, step, loss
 
     def __call__(self, scaler: torch.amp.GradScaler | None = None) -> object:
-        return self.monitor.collect(scaler=scaler, step=self.taken[0] + 1)
+        step = self.taken[0] + 1 if self.step is None else self.step()
+        loss = None if self.loss is None else self.loss()
+        return self.monitor.collect(scaler=scaler, step=step, loss=loss)
 
 
 class _UnscaleTap:

@@ -191,8 +191,9 @@ SKIPPED_UPDATES = Metric(
 ORIGIN_UPDATES = Metric(
     "gradtel_origin_updates_total",
     "counter",
-    "Updates in which this rank's own gradients, before the cross-rank reduction, held NaN "
-    "(kind=nan) or ±Inf (kind=inf): the rank where it started.",
+    "Distributed runs (DDP, FSDP): updates in which this rank's own gradients, before the "
+    "cross-rank reduction, held NaN (kind=nan) or ±Inf (kind=inf): the rank where it started. "
+    "Stays 0 in a single process.",
     ("kind",),
 )
 NONFINITE_LOSS_UPDATES = Metric(

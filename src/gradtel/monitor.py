@@ -374,7 +374,10 @@ class GradMonitor:
         _check_step(step)
         with self._lock:
             started = time.perf_counter()
-            looked, self._looked, self._looked_origin = self._looked, None, None
+            looked, looked_origin = self._looked, self._looked_origin
+            self._looked = self._looked_origin = None
+            if loss is not None and looked is not None and not _has_loss(looked):
+                looked = None  # a loss the look did not see: scan now, with it
             self._telemetry.note_collect()
             self._step += 1
             self._training_step = self._step if step is None else step
@@ -395,7 +398,8 @@ class GradMonitor:
             with torch.no_grad():
                 if looked is None:
                     scale = _scale_of(scaler) if overflow_possible else None
-                    launched = self._launch(norms, loss, total_norm, self.origin.take(), scale=scale)
+                    origin = _added(looked_origin, self.origin.take())
+                    launched = self._launch(norms, loss, total_norm, origin, scale=scale)
                 else:  # attach() looked at the gradients as backward left them
                     launched = _restepped(looked, self._training_step)
                 if self.readout == "deferred":
@@ -535,6 +539,8 @@ class GradMonitor:
         *,
         scaler: torch.amp.GradScaler | None = None,
         scan: Literal["step", "backward"] = "step",
+        step: Callable[[], int] | None = None,
+        loss: Callable[[], torch.Tensor | None] | None = None,
     ) -> Attachment:
         """Collect by itself, with no ``collect()`` in the training loop.
 
@@ -549,16 +555,22 @@ class GradMonitor:
             scan: ``"step"`` (default): once per optimizer update, i.e. after
                 the last micro-batch of gradient accumulation. ``"backward"``:
                 after every backward pass, counting the gradients accumulated so far.
+            step: Returns the training step each update makes, as your logs and
+                checkpoints number it (``step=lambda: iter_num``); called once
+                per collected update. Default: the optimizer's own step count.
+            loss: Returns this update's loss tensor (``loss=lambda: loss``), read
+                with the update's own read-out as in :meth:`collect`.
 
         Returns:
             An :class:`~gradtel.hooks.Attachment`; ``remove()`` undoes it.
 
         Raises:
-            TypeError: ``optimizer`` or ``scaler`` is of the wrong type.
+            TypeError: ``optimizer`` or ``scaler`` is of the wrong type, or
+                ``step`` or ``loss`` is not callable.
             ValueError: unknown ``scan``, or this monitor is already attached
                 to ``optimizer``.
         """
-        return attach(self, optimizer, scaler=scaler, scan=scan)
+        return attach(self, optimizer, scaler=scaler, scan=scan, step=step, loss=loss)
 
     def _gather(self) -> tuple[list[torch.Tensor], tuple[int, ...], int, bool]:
         """Countable gradients, their parameters' positions, how many were skipped, all dense."""
@@ -597,7 +609,7 @@ class GradMonitor:
             present.append(index)
         return values, tuple(present), skipped, dense
 
-    def _look(self) -> None:
+    def _look(self, loss: torch.Tensor | None = None) -> None:
         """Scan the gradients as backward left them, for the next :meth:`collect` to publish:
         ``attach()`` calls it at the end of every backward pass, so that code running
         between backward and ``optimizer.step()`` (clipping) cannot change what is counted.
@@ -606,11 +618,9 @@ class GradMonitor:
             if self._step % self.sample_every:  # the coming update is left out: no need to look
                 return
             try:
-                taken = self.origin.take()  # a look replaced later keeps its micro-batch's counts
-                if taken is not None and self._looked_origin is not None:
-                    taken = taken + self._looked_origin.to(taken.device)
-                self._looked_origin = taken if taken is not None else self._looked_origin
-                looked = self._launch(None, None, None, self._looked_origin, exact=True)
+                # A look replaced later keeps its micro-batch's counts for the next one.
+                self._looked_origin = _added(self._looked_origin, self.origin.take())
+                looked = self._launch(None, loss, None, self._looked_origin, exact=True)
                 if isinstance(looked, _Update) and looked.launched.exact is None:
                     looked = self._read_out(looked)  # done when queued: read it now, for free
                 self._looked = looked
@@ -856,6 +866,17 @@ def _flush_at_exit_too(monitor: GradMonitor) -> None:
         atexit.unregister(_flush_all)
         atexit.register(_flush_all)
     _flush_at_exit.add(monitor)
+
+
+def _added(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """The sum of two optional count tensors (on the device, no host read)."""
+    if a is None or b is None:
+        return a if b is None else b
+    return a + b.to(a.device)
+
+
+def _has_loss(looked: _Update | GradHealth) -> bool:
+    return looked.loss if isinstance(looked, _Update) else looked.loss_finite is not None
 
 
 def _restepped(looked: _Update | GradHealth, step: int) -> _Update | GradHealth:
