@@ -436,7 +436,8 @@ class Scanner:
                 lengths = self._lengths(tuple(t.numel() for _, t in small), flat.device)
                 # Exact in float32: a segment holds fewer than CHUNK elements.
                 pair = torch.stack((torch.isnan(flat), torch.isfinite(flat).logical_not_()), 1).float()
-                sums = torch.segment_reduce(pair, "sum", lengths=lengths)
+                # unsafe: no check of the lengths, which would read them to the host (a sync).
+                sums = torch.segment_reduce(pair, "sum", lengths=lengths, unsafe=True)
                 parts.append(sums - torch.nn.functional.pad(sums[:, :1], (1, 0)))  # Inf: non-finite - NaN
                 positions += [i for i, _ in small]
         return _on_one_device(parts), tuple(positions)
