@@ -263,3 +263,26 @@ def test_results_of_several_devices_are_gathered_on_the_accelerator() -> None:
     assert gathered.shape == (6,)
     norms = stacked([torch.ones(()), torch.ones((), device="meta")])  # clipping's per-tensor norms
     assert norms.device.type == "meta" and norms.shape == (2,)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_exact_counts_launched_at_once_equal_the_two_phase_count(data: st.DataObject) -> None:
+    shapes = [(3, 5), (CHUNK + 7,), (0,), (4, 4, 4), (1,), (2 * CHUNK,)]
+    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.complex64]
+    values = []
+    for _ in range(data.draw(st.integers(1, 6))):
+        tensor = torch.randn(data.draw(st.sampled_from(shapes))).to(data.draw(st.sampled_from(dtypes)))
+        if tensor.dim() == 2 and data.draw(st.booleans()):
+            tensor = tensor.t()  # not contiguous
+        flat = tensor.view(-1) if tensor.is_contiguous() else tensor.t().view(-1)
+        for _ in range(data.draw(st.integers(0, 4)) if tensor.numel() else 0):
+            flat[data.draw(st.integers(0, tensor.numel() - 1))] = data.draw(
+                st.sampled_from([float("nan"), float("inf"), -float("inf")])
+            )
+        values.append(tensor)
+    scanner = Scanner()
+    launched = scanner.launch_exact(values, [torch.tensor([3.0])])
+    read = launched.result.tolist()
+    assert scanner.finish(values, launched, read) == count_nonfinite(values)
+    assert scanner.also_read == [3.0]
