@@ -64,8 +64,33 @@ def test_rule_tests_cover_every_behaviour_the_alerts_promise() -> None:
         "GradtelGradNormSpike is silent on slow growth",
         "GradtelGradNormSpike is silent on noise within 3x",
         "GradtelGradNormSpike is silent at job start",
+        "GradtelNaNGradients critical does not fire when scrapes fail for 3m, 20m after an incident",
+        "GradtelInfGradients warning does not fire when Prometheus has a gap of 8m after an incident",
+        "GradtelNaNGradients fires when a new incident follows a failed scrape, naming its own origin rank, loss and counts",
+        "GradtelNaNGradients critical fires when a restarted process's first update is unhealthy, its count equal to the old one's last",
+        "GradtelNaNGradients critical fires when the process crashes right after the update, naming its first bad layer",
+        "GradtelNaNGradients critical names the new incident's first bad layer after a rollback to an earlier step",
+        "GradtelNaNGradients critical fires once every rank's scrape of the update is in, counting them all",
+        "GradtelGradNormSpike does not fire in a new process's first 10m on the same labels",
+        "GradtelTrainingStalled fires once for a stall, through a failed scrape",
+        "GradtelExporterDown does not fire when Prometheus restarts, with a gap of 8m",
     ):
         assert expected in names
+    # Every alert goes through the histories of a deployment.
+    for alert in ("GradtelNaNGradients", "GradtelInfGradients", "GradtelNothingScanned", "GradtelAmpOverflowSkips",
+                  "GradtelGradNormSpike", "GradtelTrainingStalled", "GradtelExporterDown"):  # fmt: skip
+        assert any(n.startswith(f"{alert} ") and ("scrape" in n and "fail" in n) for n in names), alert
+        assert any(n.startswith(f"{alert} ") and "gap" in n for n in names), alert
+        assert any(n.startswith(f"{alert} ") and ("restart" in n or "joins late" in n) for n in names), alert
+
+
+def test_unhealthy_alerts_wait_one_scrape_and_one_evaluation_interval() -> None:
+    kit = render_kit(KitOptions(scrape_interval="15s", evaluation_interval="1m"))
+    config = yaml.safe_load(kit["prometheus/prometheus.yml"])
+    assert config["global"]["evaluation_interval"] == "1m"
+    assert config["scrape_configs"][0]["scrape_interval"] == "15s"
+    alerts = [r for g in yaml.safe_load(kit["prometheus/gradtel-rules.yml"])["groups"] for r in g["rules"]]
+    assert {r["for"] for r in alerts if r.get("alert", "").endswith("Gradients")} == {"1m15s"}
 
 
 def test_a_broken_rule_fails_the_rule_tests(tmp_path: Path) -> None:
@@ -101,10 +126,12 @@ def test_scale_out_configs_are_valid_and_their_commands_are_the_tested_ones() ->
     assert agent["scrape_configs"][0]["file_sd_configs"][0]["files"] == ["../prometheus/targets/*.json"]
     assert agent["remote_write"][0]["queue_config"]["batch_send_deadline"] == "1s"
     readme = (scale_out / "README.md").read_text()
-    for flag in ("--enable-feature=agent", "--web.enable-remote-write-receiver",
-                 "--rules.alert.resend-delay=2s", "-search.latencyOffset=12s", "-rule.resendDelay=2s",
+    for flag in ("--enable-feature=agent", "--web.enable-remote-write-receiver", "-search.latencyOffset=12s",
                  "-evaluationInterval=5s", "-remoteWrite.url=http://victoria-metrics:8428"):  # fmt: skip
         assert flag in readme, flag
+    # The page is complete with the default resend delays, which the kit keeps.
+    assert "--rules.alert.resend-delay" not in readme and "-rule.resendDelay" not in readme
+    assert "resend" not in (DEPLOY / "compose.yaml").read_text()
     vmalert = require_tool("vmalert", "victoria-metrics")
     checked = run(vmalert, "-rule=gradtel-rules.yml", "-dryRun")
     assert checked.returncode == 0, checked.stdout + checked.stderr
@@ -160,7 +187,8 @@ def test_every_alert_links_an_anchor_of_the_runbook() -> None:
         assert "{{" not in alert["annotations"]["summary"]  # static summary
         assert alert["labels"]["severity"] in ("warning", "critical")
         if alert["alert"].endswith("Gradients"):
-            assert "for" not in alert and "increase(gradtel_unhealthy_updates_total" in alert["expr"]
+            # One scrape and one evaluation interval: every rank's scrape of the update is in.
+            assert alert["for"] == "10s" and "increase(gradtel_unhealthy_updates_total" in alert["expr"]
 
 
 def test_other_thresholds_render_a_consistent_kit_that_passes_its_own_tests(tmp_path: Path) -> None:
@@ -177,7 +205,7 @@ def test_other_thresholds_render_a_consistent_kit_that_passes_its_own_tests(tmp_
     assert "more than 10 NaN gradient values" in rules and "more than 2 and at most 10" in rules
     assert 'job="trainer"' in rules and "[5m]" in rules and "> 180" in rules and "> 0.25" in rules
     assert "> 4 * quantile_over_time(0.5, gradtel_grad_norm{job=\"trainer\"}[30m])" in rules
-    assert "[30m] offset 5m)" in rules
+    assert "[30m] offset 5m)" in rules and "< time() - 300" in rules
     assert "| warning  | more than 2 and at most 10 |" in (folder / "runbook.md").read_text()
 
 
@@ -196,6 +224,8 @@ def test_other_thresholds_render_a_consistent_kit_that_passes_its_own_tests(tmp_
         ({"spike_factor": True}, ValueError, r"spike_factor must be a finite number above 1, got True"),
         ({"spike_baseline": "hour"}, ValueError, r"spike_baseline must be a Prometheus duration .* got 'hour'"),
         ({"spike_history": "1h"}, ValueError, r"spike_history must be shorter than spike_baseline \('1h'\), got '1h'"),
+        ({"scrape_interval": "often"}, ValueError, r"scrape_interval must be a Prometheus duration .* got 'often'"),
+        ({"evaluation_interval": "0s"}, ValueError, r"evaluation_interval must be longer than 0, got '0s'"),
     ],
 )
 def test_bad_kit_options(kwargs: dict, error: type, message: str) -> None:

@@ -8,6 +8,7 @@ temporary directory, and stopped by their PIDs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import socket
@@ -26,7 +27,6 @@ from typing import Any, Literal
 import yaml
 
 from .render import KitOptions, render_kit, scale_out
-from .render.options import EVALUATION_INTERVAL, RESEND_DELAY
 
 __all__ = ["Page", "Stack", "StackTimings", "ToolMissingError", "WebhookReceiver", "find_tool"]
 
@@ -133,15 +133,18 @@ class WebhookReceiver:
         self._server.server_close()
 
 
+_KIT = KitOptions()
+
+
 @dataclass(frozen=True)
 class StackTimings:
-    """Intervals of the stack; the defaults are the shipped kit's."""
+    """Intervals of the stack; the defaults are the shipped kit's. Prometheus and vmalert
+    run with their own default resend delays, as a user's do."""
 
-    scrape_interval: str = "5s"
-    evaluation_interval: str = EVALUATION_INTERVAL
+    scrape_interval: str = _KIT.scrape_interval
+    evaluation_interval: str = _KIT.evaluation_interval
     group_wait: str = "10s"
     group_interval: str = "1m"
-    resend_delay: str = RESEND_DELAY
 
 
 Store = Literal["prometheus", "victoriametrics"]
@@ -154,7 +157,8 @@ class Stack:
 
     Args:
         targets: ``host:port`` of gradtel endpoints to scrape.
-        options: Kit options the configs are rendered from.
+        options: Kit options the configs are rendered from, with the scrape and
+            evaluation intervals of ``timings``.
         timings: Scrape, evaluation and grouping intervals.
         on_page: Called with each alert the webhook receiver gets.
         keep_data: Keep the config and data folders here instead of a
@@ -216,7 +220,12 @@ class Stack:
         """Write the configs, start the receiver, Alertmanager, the store and the agent,
         and wait until they are ready."""
         self.receiver = WebhookReceiver(self.on_page)
-        kit = render_kit(self.options)
+        t = self.timings
+        kit = render_kit(
+            dataclasses.replace(
+                self.options, scrape_interval=t.scrape_interval, evaluation_interval=t.evaluation_interval
+            )
+        )
         config = self.root / "config"
         config.mkdir(parents=True, exist_ok=True)
         (config / "gradtel-rules.yml").write_text(kit["prometheus/gradtel-rules.yml"])
@@ -258,12 +267,11 @@ class Stack:
         return self
 
     def _start_prometheus(self, kit: dict[str, str], config: Path) -> None:
-        resend = f"--rules.alert.resend-delay={self.timings.resend_delay}"
         if self.agent:  # the central Prometheus: the agent's samples arrive by remote write
             rendered = kit["scale-out/central-prometheus.yml"]
-            flags = scale_out.central_prometheus_flags(self.timings.resend_delay)
+            flags = scale_out.central_prometheus_flags()
         else:
-            rendered, flags = kit["prometheus/prometheus.yml"], [resend]
+            rendered, flags = kit["prometheus/prometheus.yml"], []
         (config / "prometheus.yml").write_text(self._prometheus_config(rendered))
         self._spawn(
             "prometheus",
@@ -294,10 +302,7 @@ class Stack:
                 f"-rule={config / 'gradtel-rules.yml'}",
                 f"-httpListenAddr=127.0.0.1:{self._vmalert_port}",
                 *scale_out.vmalert_flags(
-                    self.prometheus_url,
-                    self.alertmanager_url,
-                    self.timings.evaluation_interval,
-                    self.timings.resend_delay,
+                    self.prometheus_url, self.alertmanager_url, self.timings.evaluation_interval
                 ),
             ],
         )
@@ -314,7 +319,6 @@ class Stack:
 
     def _prometheus_config(self, rendered: str) -> str:
         config = yaml.safe_load(rendered)
-        config["global"]["evaluation_interval"] = self.timings.evaluation_interval
         config["rule_files"] = ["gradtel-rules.yml"]
         config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] = [
             f"127.0.0.1:{self.alertmanager_port}"
@@ -332,7 +336,6 @@ class Stack:
 
     def _scrape_targets(self, config: dict[str, Any]) -> None:
         job = config["scrape_configs"][0]
-        job["scrape_interval"] = self.timings.scrape_interval
         job["static_configs"] = [{"targets": list(self.targets)}]
         job.pop("file_sd_configs", None)
         job.update(self.scrape)

@@ -17,14 +17,13 @@ __all__ = [
     "AMP_SKIPS_FOR",
     "DEFAULT_RUNBOOK_URL",
     "DOWN_ALERT",
-    "EVALUATION_INTERVAL",
     "KINDS",
     "NORM_SPIKE_ALERT",
     "NOTHING_SCANNED_ALERT",
-    "RESEND_DELAY",
     "STALLED_ALERT",
     "KitOptions",
     "duration_seconds",
+    "duration_text",
     "dump_yaml",
     "header",
 ]
@@ -40,12 +39,6 @@ STALLED_ALERT = "GradtelTrainingStalled"
 NOTHING_SCANNED_ALERT = "GradtelNothingScanned"
 AMP_SKIPS_ALERT = "GradtelAmpOverflowSkips"
 NORM_SPIKE_ALERT = "GradtelGradNormSpike"
-EVALUATION_INTERVAL = "5s"
-"""How often the rules are evaluated: a page leaves within seconds of the scrape that saw it."""
-RESEND_DELAY = "2s"
-"""How often a firing alert is re-sent to Alertmanager (Prometheus' default: 1m): below
-``group_wait``, so that the page carries its annotations as they stand when it leaves
-(the count of ranks, the origin rank), not as they stood at the first evaluation."""
 AMP_SKIPS_FOR = "5m"
 """How long the AMP skip ratio must stay high: the first-steps overflows of
 every fp16 run last seconds, a collapsing loss scale does not stop."""
@@ -69,6 +62,18 @@ def duration_seconds(text: str, argument: str = "duration") -> int:
     return total
 
 
+def duration_text(seconds: int) -> str:
+    """A Prometheus duration for whole seconds.
+
+    >>> duration_text(90), duration_text(600)
+    ('1m30s', '10m')
+    """
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{hours}h" * bool(hours) + f"{minutes}m" * bool(minutes) + f"{secs}s" * bool(secs)
+    return text or "0s"
+
+
 @dataclass(frozen=True)
 class KitOptions:
     """What the rendered kit is made of.
@@ -89,9 +94,13 @@ class KitOptions:
             recent peak (``gradtel_grad_norm_peak``) exceeds this many times
             its median over ``spike_baseline`` (> 1).
         spike_baseline: The trailing window of that median.
-        spike_history: How long a rank must have reported norms before the
-            spike alert looks at it: the first minutes of a job have no
-            history, and their norms fall fast.
+        spike_history: How long a process must have run, and reported norms,
+            before the spike alert looks at it: the first minutes of a job
+            have no history, and their norms fall fast.
+        scrape_interval: How often Prometheus scrapes the ranks.
+        evaluation_interval: How often it evaluates the rules. With the scrape
+            interval, it sets how long an unhealthy update waits before it
+            pages (:attr:`settle`).
     """
 
     thresholds: Thresholds = field(default_factory=Thresholds)
@@ -103,6 +112,8 @@ class KitOptions:
     spike_factor: float = 10.0
     spike_baseline: str = "1h"
     spike_history: str = "10m"
+    scrape_interval: str = "5s"
+    evaluation_interval: str = "5s"
 
     def __post_init__(self) -> None:
         if not isinstance(self.thresholds, Thresholds):
@@ -127,10 +138,20 @@ class KitOptions:
                 f"spike_history must be shorter than spike_baseline ({self.spike_baseline!r}), "
                 f"got {self.spike_history!r}"
             )
+        duration_seconds(self.scrape_interval, "scrape_interval")
+        duration_seconds(self.evaluation_interval, "evaluation_interval")
 
     @property
     def job_selector(self) -> str:
         return f'job="{self.job}"'
+
+    @property
+    def settle(self) -> str:
+        """The ``for:`` of the unhealthy-update alerts: one scrape interval and one
+        evaluation interval, after which every rank's scrape of an update is in."""
+        return duration_text(
+            duration_seconds(self.scrape_interval) + duration_seconds(self.evaluation_interval)
+        )
 
     def runbook(self, alert: str) -> str:
         return f"{self.runbook_url}#{alert.lower()}"

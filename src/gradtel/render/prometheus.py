@@ -14,8 +14,10 @@ from ..metrics import (
     LAST_UPDATE_TIMESTAMP,
     NAN_GRADS,
     NONFINITE_LOSS_UPDATES,
+    NORM_PEAK_SECONDS,
     ORIGIN_UPDATES,
     SKIPPED_UPDATES,
+    START_TIME,
     UNHEALTHY_UPDATES,
     UNSCANNED_UPDATES,
     UPDATES,
@@ -25,14 +27,13 @@ from .options import (
     AMP_SKIPS_ALERT,
     AMP_SKIPS_FOR,
     DOWN_ALERT,
-    EVALUATION_INTERVAL,
     KINDS,
     NORM_SPIKE_ALERT,
     NOTHING_SCANNED_ALERT,
-    RESEND_DELAY,
     STALLED_ALERT,
     KitOptions,
     duration_seconds,
+    duration_text,
 )
 
 __all__ = ["alertmanager_config", "band_text", "compose_file", "rules", "scrape_config"]
@@ -49,31 +50,56 @@ INCIDENT = "job, run"
 """The labels of one training run: every alert is one per run, whatever its number of
 ranks (``run`` is set by gradtel from ``GRADTEL_RUN`` or torchrun's run id, if any)."""
 
+PROCESS = "job, instance, rank, run"
+"""The labels of one training process, as the rules join its series on them."""
+
 
 def _query(template: str, *args: str) -> str:
-    """A Go-template ``query`` call: ``template`` with ``%q`` for each of ``args``."""
+    """A Go-template ``query`` call: ``template`` with a printf verb for each of ``args``
+    (``%[i]q`` for the i-th, where a query uses one several times)."""
     return f'query (printf "{template}" {" ".join(args)})'
 
 
 _RUN = '(or $labels.run "")'
 """The alert's ``run`` label as a string: vmalert gives ``nil`` for a missing label, and
 ``printf "%q"`` would print that as ``%!q(<nil>)``; Prometheus gives ``""``."""
+RUN_SCOPE = "job=%[1]q,run=%[2]q"
+"""The selector of the alert's run, in a template query; its arguments are :data:`RUN_ARGS`,
+and ``%[3]q`` is the alert's ``kind`` where the query passes it."""
+RUN_ARGS = ("$labels.job", _RUN)
+KIND_ARGS = (*RUN_ARGS, "$labels.kind")
 
 
-def _run_selector(extra: str = "") -> tuple[str, list[str]]:
-    """The selector of the alert's run, and its printf arguments."""
-    return "job=%q,run=%q" + extra, ["$labels.job", _RUN]
+def _started(o: KitOptions, scope: str) -> str:
+    """When each process started, through failed scrapes and gaps shorter than the window."""
+    return f"last_over_time({START_TIME}{{{scope}}}[{o.window}])"
 
 
-def _born_or_increased(series: str, window: str) -> str:
-    """Series that moved in the window, those born above 0 within it included."""
-    return f"(increase({series}[{window}]) > 0 or {_born(series, window)})"
+def _counted(o: KitOptions, series: str, scope: str, *, on_demand: bool = False, exact: bool = False) -> list[str]:
+    """The branches of :func:`_new_or_increased`."""
+    w = o.window
+    held = f"last_over_time({series}[{w}]) > 0"
+    # A process younger than the window holds counts of the window alone; its first
+    # scrape may already be above 0, which increase() cannot see, and so may a restart
+    # whose first value equals the last one of the process it replaced. Its start time
+    # tells it from an old process seen again after a failed scrape or a gap.
+    young = f"{held} and on ({PROCESS}) {_started(o, scope)} > time() - {duration_seconds(w)}"
+    branches = [young]
+    if on_demand:
+        # Born in an old process (a layer's first NaN): no sample in the window before.
+        # A gap longer than the window hides that sample, and the series reads as new.
+        branches.append(f"{held} unless last_over_time({series}[{w}] offset {w})")
+    # max - min is exact where increase() would extrapolate; a restart is a young process.
+    moved = f"max_over_time({series}[{w}]) - min_over_time({series}[{w}])" if exact else f"increase({series}[{w}])"
+    return branches + [f"{moved} > 0"]
 
 
-def _born(series: str, window: str) -> str:
-    """Series born within the window, above 0: ``increase()`` cannot see their first value.
-    ``last_over_time`` keeps a process that died since (its series went stale)."""
-    return f"(last_over_time({series}[{window}]) > 0 unless {series} offset {window})"
+def _new_or_increased(o: KitOptions, series: str, scope: str, **how: bool) -> str:
+    """Series of a counter that counted in the window, valued by how much: whatever scrapes
+    failed or gaps Prometheus had, only an update counted in the window makes one.
+    ``scope`` selects the processes of ``series``; ``on_demand`` for a per-layer counter
+    born with its first count, ``exact`` for counts rather than extrapolated increases."""
+    return "(" + " or ".join(f"({b})" for b in _counted(o, series, scope, **how)) + ")"
 
 
 def _where() -> str:
@@ -82,9 +108,8 @@ def _where() -> str:
 
 def _origin_template(o: KitOptions) -> str:
     """"It originated on rank 2." when a rank's own gradients were bad before the reduction."""
-    selector, args = _run_selector(",kind=%q")
-    series = f"{ORIGIN_UPDATES}{{{selector}}}"
-    query = _query(_born_or_increased(series, o.window), *(args + ["$labels.kind"]) * 3)
+    series = f"{ORIGIN_UPDATES}{{{RUN_SCOPE},kind=%[3]q}}"
+    query = _query(_new_or_increased(o, series, RUN_SCOPE), *KIND_ARGS)
     return (
         f"{{{{ with {query} }}}} It originated on rank{{{{ if gt (len .) 1 }}}}s{{{{ end }}}} "
         '{{ range $i, $s := sortByLabel "rank" . }}{{ if $i }}, {{ end }}{{ $s.Labels.rank }}{{ end }}.{{ end }}'
@@ -93,25 +118,17 @@ def _origin_template(o: KitOptions) -> str:
 
 def _loss_template(o: KitOptions) -> str:
     """Says so when a rank's loss was already non-finite: the values entered in the forward pass."""
-    selector, args = _run_selector()
-    series = f"{NONFINITE_LOSS_UPDATES}{{{selector}}}"
-    query = _query(_born_or_increased(series, o.window), *args * 3)
+    series = f"{NONFINITE_LOSS_UPDATES}{{{RUN_SCOPE}}}"
+    query = _query(_new_or_increased(o, series, RUN_SCOPE), *RUN_ARGS)
     return f"{{{{ with {query} }}}} The loss was already non-finite: it entered in the forward pass.{{{{ end }}}}"
 
 
 def _top_layers_template(o: KitOptions, kind: str) -> str:
-    # A series younger than the window counts from 0 at start: its value is the
-    # count. Otherwise max - min over the window, exact for a counter without a
-    # restart where increase() would extrapolate. Ranks hold the same reduced
-    # gradients: the largest count of a layer over the ranks, not their sum.
-    selector, args = _run_selector()
-    current = f"{GRADS_TOTAL[kind]}{{{selector}}}"
-    window = f"{current}[{o.window}]"
-    query = _query(
-        f"sort_desc(topk(3, max by (layer) ({_born(current, o.window)} "
-        f"or (max_over_time({window}) - min_over_time({window}) > 0))))",
-        *args * 4,
-    )
+    # Ranks hold the same reduced gradients: the largest count of a layer over the
+    # ranks, not their sum.
+    series = f"{GRADS_TOTAL[kind]}{{{RUN_SCOPE}}}"
+    counted = _new_or_increased(o, series, RUN_SCOPE, on_demand=True, exact=True)
+    query = _query(f"sort_desc(topk(3, max by (layer) {counted}))", *RUN_ARGS)
     return (
         f" Layers with {KINDS[kind]} values in that window: "
         f"{{{{ range $i, $s := {query} }}}}"
@@ -121,13 +138,14 @@ def _top_layers_template(o: KitOptions, kind: str) -> str:
 
 
 def _first_bad_template(o: KitOptions) -> str:
-    """The first bad layer of the alert's kind and the update number, when known."""
-    selector, args = _run_selector(",kind=%q")
-    query = _query(
-        f"topk(1, max by (layer) (max_over_time({FIRST_BAD_LAYER}{{{selector}}}[{o.window}])))",
-        *args,
-        "$labels.kind",
-    )
+    """The first bad layer of the alert's kind and its step: of the newest incident."""
+    series = f"{FIRST_BAD_LAYER}{{{RUN_SCOPE},kind=%[3]q}}"
+    # The series as they stand: reset_health() set an older incident's to 0, and a step
+    # after a rollback may be lower than the older one's. Once the processes are gone
+    # (a crash), their last values.
+    now = f"({series} > 0)"
+    latest = f"(last_over_time({series}[{o.window}]) > 0 unless on () {now})"
+    query = _query(f"topk(1, max by (layer) ({now} or {latest}))", *KIND_ARGS)
     return (
         f"{{{{ with {query} }}}}{{{{ with index . 0 }}}} First bad layer in backward order: "
         "{{ .Labels.layer }}, at step {{ .Value }}.{{ end }}{{ end }}"
@@ -135,20 +153,20 @@ def _first_bad_template(o: KitOptions) -> str:
 
 
 def _unhealthy_rule(o: KitOptions, kind: str, severity: str) -> dict[str, Any]:
-    series = (
-        f'{UNHEALTHY_UPDATES}{{{o.job_selector},kind="{kind}",severity="{severity}"}}'
-    )
+    series = f'{UNHEALTHY_UPDATES}{{{o.job_selector},kind="{kind}",severity="{severity}"}}'
     label = KINDS[kind]
+    counted = "\n  or\n  ".join(_counted(o, series, o.job_selector))
     return {
         "alert": ALERT_NAMES[kind],
-        # One alert per run, its value the number of ranks affected. increase()
-        # sees any unhealthy update between two scrapes, and a restart whose first
-        # scraped value is already > 0; the second branch a series first scraped
-        # above 0 (the very first update was unhealthy).
-        "expr": (
-            f"count by ({INCIDENT}, kind) (\n  increase({series}[{o.window}]) > 0\n  or\n"
-            f"  {_born(series, o.window)}\n)"
-        ),
+        # One alert per run, its value the number of ranks affected.
+        "expr": f"count by ({INCIDENT}, kind) (\n  {counted}\n)",
+        # An unhealthy update is a discrete failure, fired on at once but for this: the
+        # ranks' scrapes of one update are spread over a scrape interval, and Prometheus
+        # sends a firing alert's later annotations only after its resend delay (1m by
+        # default). Firing once every rank's scrape is in, the page counts them all and
+        # names the origin rank. A crashed process's series keep it true: ranges read
+        # past its staleness markers.
+        "for": o.settle,
         "labels": {"severity": severity},
         "annotations": {
             "summary": f"Training produced {label} gradients ({severity})",
@@ -215,23 +233,18 @@ def rules(o: KitOptions) -> dict[str, Any]:
             },
         }
     )
-    stall = duration_seconds(o.stall_after, "stall_after")
     alerts += [_nothing_scanned_rule(o), _amp_skips_rule(o), _norm_spike_rule(o)]
-    stalled = f"(time() - {LAST_UPDATE_TIMESTAMP}{{{sel}}}) > {stall}\nand on (job, instance) up{{{sel}}} == 1"
     alerts.append(
         {
             "alert": STALLED_ALERT,
-            "expr": f"count by ({INCIDENT}) (\n  {stalled}\n)",
+            "expr": f"count by ({INCIDENT}) (\n  {_stalled(o, sel)}\n)",
             "labels": {"severity": "warning"},
             "annotations": {
                 "summary": "Training is up but gradtel sees no update",
                 "description": (
                     f"{_where()}: {{{{ $value }}}} targets are up but have had no update (no "
                     f"collect() call) for more than {o.stall_after}: "
-                    + _targets_template(
-                        f"(time() - {LAST_UPDATE_TIMESTAMP}{{job=%q,run=%q}}) > {stall}",
-                        *_run_selector()[1],
-                    )
+                    + _targets_template(_stalled(o, RUN_SCOPE), *RUN_ARGS)
                     + ". Training hangs, waits on data or on another rank, or collect() is no "
                     "longer called."
                 ),
@@ -245,6 +258,16 @@ def rules(o: KitOptions) -> dict[str, Any]:
             {"name": "gradtel.alerts", "rules": alerts},
         ]
     }
+
+
+def _stalled(o: KitOptions, selector: str) -> str:
+    """Processes with no update for ``stall_after``. Their last update time is read through
+    failed scrapes and gaps up to half of it; a process scraped last longer ago is down
+    (GradtelExporterDown), and the last scrape of one that crashed, just after its last
+    update, never reads as a stall."""
+    stall = duration_seconds(o.stall_after, "stall_after")
+    held = duration_text(stall // 2)
+    return f"time() - last_over_time({LAST_UPDATE_TIMESTAMP}{{{selector}}}[{held}]) > {stall}"
 
 
 def _nothing_scanned_rule(o: KitOptions) -> dict[str, Any]:
@@ -303,19 +326,26 @@ def _norm_median(o: KitOptions, selector: str) -> str:
     return f"quantile_over_time(0.5, {GRAD_NORM}{{{selector}}}[{o.spike_baseline}])"
 
 
+def _norm_peak(selector: str) -> str:
+    """The norm's recent peak, through failed scrapes and gaps shorter than it is held."""
+    return f"last_over_time({GRAD_NORM_PEAK}{{{selector}}}[{duration_text(NORM_PEAK_SECONDS)}])"
+
+
 def _norm_spike_rule(o: KitOptions) -> dict[str, Any]:
     sel, factor = o.job_selector, f"{o.spike_factor:g}"
+    history = duration_seconds(o.spike_history, "spike_history")
     # The peak gauge holds a one-step spike until a scrape sees it; the median of the
-    # per-update norm is the baseline, which one spike does not move. A rank with
-    # less than spike_history of norms has no baseline yet, and its first norms fall fast.
-    selector, args = _run_selector()
-    ratio = _query(f"max({GRAD_NORM_PEAK}{{{selector}}} / {_norm_median(o, selector)})", *args * 2)
-    peak = _query(f"max({GRAD_NORM_PEAK}{{{selector}}})", *args)
+    # per-update norm is the baseline, which one spike does not move. A process younger
+    # than spike_history, or with less of norms, has no baseline yet, and its first norms
+    # fall fast; its start time tells it from an older process on the same labels.
+    ratio = _query(f"max({_norm_peak(RUN_SCOPE)} / {_norm_median(o, RUN_SCOPE)})", *RUN_ARGS)
+    peak = _query(f"max({_norm_peak(RUN_SCOPE)})", *RUN_ARGS)
     return {
         "alert": NORM_SPIKE_ALERT,
         "expr": (
-            f"count by ({INCIDENT}) (\n  {GRAD_NORM_PEAK}{{{sel}}}\n  > {factor} * {_norm_median(o, sel)}\n"
-            f"  and\n  present_over_time({GRAD_NORM}{{{sel}}}[{o.spike_baseline}] offset {o.spike_history})\n)"
+            f"count by ({INCIDENT}) (\n  {_norm_peak(sel)}\n  > {factor} * {_norm_median(o, sel)}\n"
+            f"  and\n  present_over_time({GRAD_NORM}{{{sel}}}[{o.spike_baseline}] offset {o.spike_history})\n"
+            f"  and on ({PROCESS})\n  {_started(o, sel)} < time() - {history}\n)"
         ),
         "labels": {"severity": "warning"},
         "annotations": {
@@ -370,7 +400,7 @@ def alertmanager_config(o: KitOptions) -> dict[str, Any]:
 
 def scrape_config(o: KitOptions, *, ranks: bool = False, compose: bool = False) -> dict[str, Any]:
     """Prometheus config: one local process, several ranks, or inside deploy/compose.yaml."""
-    job: dict[str, Any] = {"job_name": o.job, "scrape_interval": "5s"}
+    job: dict[str, Any] = {"job_name": o.job, "scrape_interval": o.scrape_interval}
     alertmanager = "127.0.0.1:9093"
     if ranks:
         # Rank r of a node serves on 9464 + local rank r.
@@ -385,7 +415,7 @@ def scrape_config(o: KitOptions, *, ranks: bool = False, compose: bool = False) 
     else:
         job["static_configs"] = [{"targets": ["127.0.0.1:9464"]}]
     return {
-        "global": {"scrape_interval": "15s", "evaluation_interval": EVALUATION_INTERVAL},
+        "global": {"scrape_interval": "15s", "evaluation_interval": o.evaluation_interval},
         "rule_files": ["gradtel-rules.yml"],
         "alerting": {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]},
         "scrape_configs": [job],
@@ -402,7 +432,6 @@ def compose_file() -> dict[str, Any]:
                 "command": [
                     "--config.file=/etc/prometheus/prometheus-compose.yml",
                     "--storage.tsdb.path=/prometheus",
-                    f"--rules.alert.resend-delay={RESEND_DELAY}",
                 ],
                 "volumes": ["./prometheus:/etc/prometheus:ro"],
                 "ports": ["9090:9090"],

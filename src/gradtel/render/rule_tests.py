@@ -1,13 +1,20 @@
 """``promtool test rules`` cases for the rendered rules, one case per behaviour.
 
-Time runs in steps of one minute from 0; the window, the stall time and the
-annotation texts all come from the same :class:`KitOptions` as the rules.
+Time runs from 0, with one scrape and one evaluation a minute (a case with the scrapes of
+several ranks has one at each scrape interval); the window, the stall time and the
+annotation texts all come from the same :class:`KitOptions` as the rules. Besides the
+behaviours, every alert goes through the histories of a real deployment: failed
+scrapes (staleness markers), Prometheus gaps (no samples), restarts of processes and
+ranks, rollbacks and ranks joining late. It fires once for each new incident, never
+for an old one.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Union
 
 from ..metrics import (
     FIRST_BAD_LAYER,
@@ -19,7 +26,9 @@ from ..metrics import (
     NONFINITE_LOSS_UPDATES,
     NORM_PEAK_SECONDS,
     ORIGIN_UPDATES,
+    SEVERITIES,
     SKIPPED_UPDATES,
+    START_TIME,
     UNHEALTHY_UPDATES,
     UNSCANNED_UPDATES,
     UPDATES,
@@ -36,6 +45,7 @@ from .options import (
     STALLED_ALERT,
     KitOptions,
     duration_seconds,
+    duration_text,
 )
 from .prometheus import band_text
 
@@ -82,15 +92,16 @@ def _unhealthy_alert(
     ranks: int = 1,
     origin: str = "",
     forward: bool = False,
+    run: str = "",
 ) -> dict[str, Any]:
     """The one alert of a run; ``origin`` is the expected "It originated on ..." sentence."""
     label = KINDS[kind]
     return {
-        "exp_labels": {"job": o.job, "kind": kind, "severity": severity},
+        "exp_labels": {"job": o.job, "kind": kind, "severity": severity, **({"run": run} if run else {})},
         "exp_annotations": {
             "summary": f"Training produced {label} gradients ({severity})",
             "description": (
-                f"{o.job}: an update in the last {o.window} had {band_text(o, severity)} {label} "
+                f"{o.job}{f' run {run}' if run else ''}: an update in the last {o.window} had {band_text(o, severity)} {label} "
                 f"gradient values; affected ranks: {ranks}."
                 + (f" {origin}" if origin else "")
                 + (" The loss was already non-finite: it entered in the forward pass." if forward else "")
@@ -110,13 +121,122 @@ def _check(at: int, alert: str, *expected: dict[str, Any]) -> dict[str, Any]:
     return {"eval_time": f"{at}m", "alertname": alert, "exp_alerts": list(expected)}
 
 
-def _humanize_duration(seconds: int) -> str:
-    """Prometheus' humanizeDuration for whole seconds of at least a minute."""
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    parts = [f"{days}d"] * bool(days) + [f"{hours}h"] * bool(days or hours) + [f"{minutes}m", f"{secs}s"]
-    return " ".join(parts)
+def _fired(o: KitOptions, minute: int) -> int:
+    """When an unhealthy-update alert first seen at ``minute`` fires: at the first evaluation
+    its ``for`` later."""
+    return minute + _minutes(duration_seconds(o.settle))
+
+
+Value = Union[float, str, None, Callable[[int], Union[float, str, None]]]
+"""A sample by minute: a number, ``"stale"`` (a staleness marker) or None (no sample)."""
+
+
+def _life(value: Value, first: int = 0, gone: int | None = None) -> Callable[[int], float | str | None]:
+    """A series of one process: ``value`` (or ``value(minute)``) from its first scrape; a
+    staleness marker at ``gone``, the first scrape after it ended; nothing else."""
+
+    def at(minute: int) -> float | str | None:
+        if minute < first or (gone is not None and minute > gone):
+            return None
+        if minute == gone:
+            return "stale"
+        return value(minute) if callable(value) else value
+
+    return at
+
+
+def _lives(*lives: Callable[[int], float | str | None]) -> Callable[[int], float | str | None]:
+    """One series across restarts of processes with the same labels."""
+    return lambda minute: next((v for v in (life(minute) for life in lives) if v is not None), None)
+
+
+def _count(*updates: int, by: int = 1) -> Callable[[int], int]:
+    """A counter that counts ``by`` at each of ``updates`` (minutes)."""
+    return lambda minute: by * sum(minute >= u for u in updates)
+
+
+def _scrapes(minutes: int, value: Value, *, failed: Sequence[int] = (), gaps: Sequence[int] = ()) -> str:
+    """promtool's notation of a series scraped once a minute: a staleness marker at a failed
+    scrape, no sample in a gap (Prometheus down)."""
+    samples = []
+    for minute in range(minutes):
+        sample = value(minute) if callable(value) else value
+        if minute in gaps or sample is None:
+            sample = "_"
+        elif minute in failed:
+            sample = "stale"
+        samples.append(sample)
+    return _notation(samples)
+
+
+def _notation(samples: list[float | str]) -> str:
+    words = []
+    for sample, run in itertools.groupby(samples):
+        n = len(list(run))
+        if sample == "stale":
+            words += ["stale"] * n
+        elif sample == "_":
+            words.append(f"_x{n}")
+        else:
+            words.append(f"{sample:g}" + f"x{n - 1}" * (n > 1))
+    return " ".join(words)
+
+
+def _rank(o: KitOptions, rank: int, **extra: str) -> str:
+    """The labels of rank ``rank``'s target."""
+    return _labels(o, rank=str(rank), **extra).replace(INSTANCE, f"trainer-{rank}:9464")
+
+
+def _more(labels: str, **extra: str) -> str:
+    """``labels`` with ``extra``."""
+    return labels[:-1] + "".join(f',{k}="{v}"' for k, v in extra.items()) + "}"
+
+
+def _stalled_alert(o: KitOptions) -> dict[str, Any]:
+    return {
+        "exp_labels": {"job": o.job, "severity": "warning"},
+        "exp_annotations": {
+            "summary": "Training is up but gradtel sees no update",
+            "description": (
+                f"{o.job}: 1 targets are up but have had no update (no collect() call) "
+                f"for more than {o.stall_after}: {INSTANCE}. Training hangs, waits on "
+                "data or on another rank, or collect() is no longer called."
+            ),
+            "runbook_url": o.runbook(STALLED_ALERT),
+        },
+    }
+
+
+def _nothing_scanned_alert(o: KitOptions) -> dict[str, Any]:
+    return {
+        "exp_labels": {"job": o.job, "severity": "warning"},
+        "exp_annotations": {
+            "summary": "gradtel cannot see the gradients: no update is scanned",
+            "description": (
+                f"{o.job}: on 1 ranks, updates in the last {o.window} were due but "
+                "none was scanned: NaN/Inf gradients would not be seen. collect() runs "
+                "where no gradient exists (before backward() or after zero_grad()), or "
+                'the scan fails (gradtel_errors_total{stage="scan"}).'
+            ),
+            "runbook_url": o.runbook(NOTHING_SCANNED_ALERT),
+        },
+    }
+
+
+def _amp_skips_alert(o: KitOptions) -> dict[str, Any]:
+    return {
+        "exp_labels": {"job": o.job, "severity": "warning"},
+        "exp_annotations": {
+            "summary": "The AMP GradScaler keeps skipping updates for overflow",
+            "description": (
+                f"{o.job}: on 1 ranks, more than {o.amp_skip_ratio:.0%} of the updates "
+                f"in the last {o.window} had non-finite gradients and were skipped by "
+                f"the GradScaler, for {AMP_SKIPS_FOR}: the loss scale is collapsing and "
+                "the model is barely training."
+            ),
+            "runbook_url": o.runbook(AMP_SKIPS_ALERT),
+        },
+    }
 
 
 def rule_tests(o: KitOptions) -> dict[str, Any]:
@@ -126,8 +246,8 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
     nan, inf = ALERT_NAMES["nan"], ALERT_NAMES["inf"]
     cases: list[dict[str, Any]] = []
 
-    def case(name: str, series: list[dict[str, str]], checks: list[dict[str, Any]]) -> None:
-        cases.append({"name": name, "interval": "1m", "input_series": series, "alert_rule_test": checks})
+    def case(name: str, series: list[dict[str, str]], checks: list[dict[str, Any]], interval: str = "1m") -> None:
+        cases.append({"name": name, "interval": interval, "input_series": series, "alert_rule_test": checks})
 
     for kind in KINDS:
         alert = ALERT_NAMES[kind]
@@ -141,7 +261,8 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
             ],
             [
                 _check(2, alert),
-                _check(3, alert, _unhealthy_alert(o, kind, "warning", "encoder.0 (3)")),
+                _check(3, alert),  # until every rank's scrape of the update is in
+                _check(_fired(o, 3), alert, _unhealthy_alert(o, kind, "warning", "encoder.0 (3)")),
             ],
         )
         case(
@@ -152,7 +273,7 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
                 _layer(o, kind, "encoder.0", _steps(3, 2, span)),
                 _layer(o, kind, "head", _steps(3, 7, span)),
             ],
-            [_check(3, alert, _unhealthy_alert(o, kind, "critical", "head (7), encoder.0 (2)"))],
+            [_check(_fired(o, 3), alert, _unhealthy_alert(o, kind, "critical", "head (7), encoder.0 (2)"))],
         )
 
     case(
@@ -165,7 +286,7 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
         ],
         [
             _check(
-                3,
+                _fired(o, 3),
                 nan,
                 _unhealthy_alert(o, "nan", "critical", "encoder.0 (9), encoder.1 (8)", ("encoder.1", 3)),
             )
@@ -186,7 +307,7 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
             _check(6, inf, _unhealthy_alert(o, "inf", "critical", "head (7)", ("head", 5))),
         ],
     )
-    four = [_labels(o, rank=str(r)).replace(INSTANCE, f"trainer-{r}:9464") for r in range(4)]
+    four = [_rank(o, r) for r in range(4)]
     case(
         f"{nan} fires once for a run of 4 ranks, saying which rank it originated on",
         [_series(UNHEALTHY_UPDATES, r[:-1] + ',kind="nan",severity="critical"}', _steps(3, 1, span)) for r in four]
@@ -198,7 +319,7 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
         + [_series(FIRST_BAD_LAYER, r[:-1] + ',kind="nan",layer="head"}', f"_x2 30x{span}") for r in four],
         [
             _check(
-                3,
+                _fired(o, 3),
                 nan,
                 _unhealthy_alert(
                     o, "nan", "critical", "head (9)", ("head", 30), ranks=4, origin="It originated on rank 2."
@@ -212,7 +333,7 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
             _band(o, "nan", "critical", _steps(3, 1, span)),
             _series(NONFINITE_LOSS_UPDATES, _labels(o), _steps(3, 1, span)),
         ],
-        [_check(3, nan, _unhealthy_alert(o, "nan", "critical", "none in the counters yet", forward=True))],
+        [_check(_fired(o, 3), nan, _unhealthy_alert(o, "nan", "critical", "none in the counters yet", forward=True))],
     )
     case(
         f"{nan} names every rank it originated on",
@@ -223,7 +344,7 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
         ],
         [
             _check(
-                3,
+                _fired(o, 3),
                 nan,
                 _unhealthy_alert(
                     o, "nan", "critical", "none in the counters yet", ranks=4,
@@ -269,12 +390,11 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
                 _labels(o, kind="inf", severity="critical"),
                 f"_x2 1x{span}",
             ),
+            _series(START_TIME, _labels(o), f"_x2 120x{span}"),
             _layer(o, "inf", "head", f"_x2 7x{span}"),
         ],
         [
-            _check(
-                2, inf, _unhealthy_alert(o, "inf", "critical", "head (7)")
-            ),
+            _check(_fired(o, 2), inf, _unhealthy_alert(o, "inf", "critical", "head (7)")),
             _check(2 + window + 1, inf),
         ],
     )
@@ -291,7 +411,7 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
     )
 
     up_labels = _labels(o)
-    ranks = [_labels(o, rank=str(r)).replace(INSTANCE, f"trainer-{r}:9464") for r in range(4)]
+    ranks = [_rank(o, r) for r in range(4)]
     case(
         f"{DOWN_ALERT} fires once for a run whose ranks all died, naming them",
         [_series("up", r.replace(f',rank="{i}"', ""), f"1x3 0x{span}") for i, r in enumerate(ranks)]
@@ -353,22 +473,7 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
         ],
         [
             _check(fires_at - 1, STALLED_ALERT),
-            _check(
-                fires_at,
-                STALLED_ALERT,
-                {
-                    "exp_labels": {"job": o.job, "severity": "warning"},
-                    "exp_annotations": {
-                        "summary": "Training is up but gradtel sees no update",
-                        "description": (
-                            f"{o.job}: 1 targets are up but have had no update (no collect() call) "
-                            f"for more than {o.stall_after}: {INSTANCE}. Training hangs, waits on "
-                            "data or on another rank, or collect() is no longer called."
-                        ),
-                        "runbook_url": o.runbook(STALLED_ALERT),
-                    },
-                },
-            ),
+            _check(fires_at, STALLED_ALERT, _stalled_alert(o)),
         ],
     )
     case(
@@ -381,6 +486,12 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
     )
     _coverage_cases(o, case, span)
     _norm_spike_cases(o, case)
+    _unhealthy_histories(o, case)
+    _first_bad_histories(o, case)
+    _norm_spike_histories(o, case)
+    _stall_histories(o, case)
+    _down_histories(o, case)
+    _coverage_histories(o, case)
     return {"rule_files": ["gradtel-rules.yml"], "evaluation_interval": "1m", "tests": cases}
 
 
@@ -395,23 +506,7 @@ def _coverage_cases(o: KitOptions, case: Any, span: int) -> None:
         f"{NOTHING_SCANNED_ALERT} fires when updates arrive but none is scanned",
         [*unscanned, _series(UPDATES, _labels(o), f"0x{span}")],
         [
-            _check(
-                window,
-                NOTHING_SCANNED_ALERT,
-                {
-                    "exp_labels": {"job": o.job, "severity": "warning"},
-                    "exp_annotations": {
-                        "summary": "gradtel cannot see the gradients: no update is scanned",
-                        "description": (
-                            f"{o.job}: on 1 ranks, updates in the last {o.window} were due but "
-                            "none was scanned: NaN/Inf gradients would not be seen. collect() runs "
-                            "where no gradient exists (before backward() or after zero_grad()), or "
-                            'the scan fails (gradtel_errors_total{stage="scan"}).'
-                        ),
-                        "runbook_url": o.runbook(NOTHING_SCANNED_ALERT),
-                    },
-                },
-            )
+            _check(window, NOTHING_SCANNED_ALERT, _nothing_scanned_alert(o))
         ],
     )
     case(
@@ -442,23 +537,7 @@ def _coverage_cases(o: KitOptions, case: Any, span: int) -> None:
         ],
         [
             _check(5 + 1, AMP_SKIPS_ALERT),
-            _check(
-                5 + window + hold,
-                AMP_SKIPS_ALERT,
-                {
-                    "exp_labels": {"job": o.job, "severity": "warning"},
-                    "exp_annotations": {
-                        "summary": "The AMP GradScaler keeps skipping updates for overflow",
-                        "description": (
-                            f"{o.job}: on 1 ranks, more than {o.amp_skip_ratio:.0%} of the updates "
-                            f"in the last {o.window} had non-finite gradients and were skipped by "
-                            f"the GradScaler, for {AMP_SKIPS_FOR}: the loss scale is collapsing and "
-                            "the model is barely training."
-                        ),
-                        "runbook_url": o.runbook(AMP_SKIPS_ALERT),
-                    },
-                },
-            ),
+            _check(5 + window + hold, AMP_SKIPS_ALERT, _amp_skips_alert(o)),
         ],
     )
     case(
@@ -471,16 +550,38 @@ def _coverage_cases(o: KitOptions, case: Any, span: int) -> None:
     )
 
 
+def _peaks(norms: list[float]) -> list[float]:
+    """``gradtel_grad_norm_peak`` of one update a minute: each norm held ``NORM_PEAK_SECONDS``."""
+    held = _minutes(NORM_PEAK_SECONDS)
+    return [max(norms[max(0, i - held + 1) : i + 1]) for i in range(len(norms))]
+
+
 def _norm_series(o: KitOptions, norms: list[float], labels: str | None = None) -> list[dict[str, str]]:
     """``gradtel_grad_norm`` with one update a minute, and the peak gauge that holds each
-    value for ``NORM_PEAK_SECONDS``, as gradtel exports them."""
-    held = _minutes(NORM_PEAK_SECONDS)
-    peaks = [max(norms[max(0, i - held + 1) : i + 1]) for i in range(len(norms))]
+    value for ``NORM_PEAK_SECONDS``, as gradtel exports them, of a process started at 0."""
     labels = _labels(o) if labels is None else labels
     return [
         _series(GRAD_NORM, labels, " ".join(f"{v:g}" for v in norms)),
-        _series(GRAD_NORM_PEAK, labels, " ".join(f"{v:g}" for v in peaks)),
+        _series(GRAD_NORM_PEAK, labels, " ".join(f"{v:g}" for v in _peaks(norms))),
+        _series(START_TIME, labels, f"0x{len(norms) - 1}"),
     ]
+
+
+def _spike_alert(o: KitOptions, peak: float, ranks: int = 1) -> dict[str, Any]:
+    return {
+        "exp_labels": {"job": o.job, "severity": "warning"},
+        "exp_annotations": {
+            "summary": "The gradient norm spiked",
+            "description": (
+                f"{o.job}: the gradient norm rose to {peak:g}, {peak:.0f} times its median over "
+                f"the last {o.spike_baseline} (the alert fires above {o.spike_factor:g} times); affected "
+                f"ranks: {ranks}. A spike in the gradient norm often comes before a loss spike "
+                "or NaN gradients: check the data batch, the learning-rate schedule, the loss "
+                "scale, and whether one rank alone is off."
+            ),
+            "runbook_url": o.runbook(NORM_SPIKE_ALERT),
+        },
+    }
 
 
 def _norm_spike_cases(o: KitOptions, case: Any) -> None:
@@ -492,37 +593,21 @@ def _norm_spike_cases(o: KitOptions, case: Any) -> None:
     at = history + 5
     steady = [1.0] * (at + 10)
 
-    def alert(peak: float, ranks: int = 1) -> dict[str, Any]:
-        return {
-            "exp_labels": {"job": o.job, "severity": "warning"},
-            "exp_annotations": {
-                "summary": "The gradient norm spiked",
-                "description": (
-                    f"{o.job}: the gradient norm rose to {peak:g}, {peak:.0f} times its median over "
-                    f"the last {o.spike_baseline} (the alert fires above {factor:g} times); affected "
-                    f"ranks: {ranks}. A spike in the gradient norm often comes before a loss spike "
-                    "or NaN gradients: check the data batch, the learning-rate schedule, the loss "
-                    "scale, and whether one rank alone is off."
-                ),
-                "runbook_url": o.runbook(NORM_SPIKE_ALERT),
-            },
-        }
-
     spiked = steady[:at] + [spike] + steady[at + 1 :]
     case(
         f"{NORM_SPIKE_ALERT} fires on a {spike:g}x spike of the gradient norm",
         _norm_series(o, spiked),
         [
             _check(at - 1, NORM_SPIKE_ALERT),
-            _check(at, NORM_SPIKE_ALERT, alert(spike)),
+            _check(at, NORM_SPIKE_ALERT, _spike_alert(o, spike)),
             _check(at + _minutes(NORM_PEAK_SECONDS) + 1, NORM_SPIKE_ALERT),
         ],
     )
-    four = [_labels(o, rank=str(r)).replace(INSTANCE, f"trainer-{r}:9464") for r in range(4)]
+    four = [_rank(o, r) for r in range(4)]
     case(
         f"{NORM_SPIKE_ALERT} fires once for a run of 4 ranks",
         [s for r in four for s in _norm_series(o, spiked, r)],
-        [_check(at, NORM_SPIKE_ALERT, alert(spike, ranks=4))],
+        [_check(at, NORM_SPIKE_ALERT, _spike_alert(o, spike, ranks=4))],
     )
     # Growth by the factor over the whole baseline window is a trend, not a spike.
     growth = [factor ** (i / baseline) for i in range(baseline + history)]
@@ -545,3 +630,478 @@ def _norm_spike_cases(o: KitOptions, case: Any) -> None:
         _norm_series(o, start),
         [_check(t, NORM_SPIKE_ALERT) for t in range(history + 5)],
     )
+
+
+Case = Callable[..., None]
+LOOKBACK = 5
+"""Prometheus' default lookback (minutes): an instant lookup finds no sample older than that."""
+GAP = LOOKBACK + 3
+"""A Prometheus gap (a restart, an outage) in which instant lookups find nothing for minutes."""
+OUTAGE = 3
+"""Minutes of failed scrapes: a staleness marker, then no sample until a scrape succeeds."""
+
+
+def _incident(
+    o: KitOptions,
+    kind: str,
+    severity: str,
+    minutes: int,
+    update: int,
+    *,
+    failed: Sequence[int] = (),
+    gaps: Sequence[int] = (),
+    labels: str | None = None,
+) -> list[dict[str, str]]:
+    """A process scraped from minute 0 with one unhealthy update, at ``update``; its layer
+    ``head`` (7 values) gets its series with it, as per-layer series are born on demand."""
+    labels = _labels(o) if labels is None else labels
+    scrape = lambda value: _scrapes(minutes, value, failed=failed, gaps=gaps)  # noqa: E731
+    return [
+        _series(UNHEALTHY_UPDATES, _more(labels, kind=kind, severity=severity), scrape(_count(update))),
+        _series(START_TIME, labels, scrape(0)),
+        _series(GRADS_TOTAL[kind], _more(labels, layer="head"), scrape(_life(7, first=update))),
+    ]
+
+
+def _unhealthy_histories(o: KitOptions, case: Case) -> None:
+    """The unhealthy-update alerts through failed scrapes, gaps, restarts and late ranks."""
+    w = _minutes(duration_seconds(o.window, "window"))
+    old = w + 5  # an incident in a process older than the window
+    nan, inf = ALERT_NAMES["nan"], ALERT_NAMES["inf"]
+
+    for kind in KINDS:
+        alert = ALERT_NAMES[kind]
+        for severity in SEVERITIES:
+            paged = _unhealthy_alert(o, kind, severity, "head (7)")
+            failed = range(old + 2 * w, old + 2 * w + OUTAGE)
+            case(
+                f"{alert} {severity} does not fire when scrapes fail for {OUTAGE}m, "
+                f"{duration_text(2 * w * 60)} after an incident",
+                _incident(o, kind, severity, failed.stop + w + 1, old, failed=failed[:1], gaps=failed[1:]),
+                [
+                    _check(_fired(o, old), alert, paged),
+                    *(_check(at, alert) for at in (old + w + 1, failed.start, *range(failed.start + w, failed.stop + w + 1))),
+                ],
+            )
+            down = range(old + w + 2, old + w + 2 + GAP)
+            case(
+                f"{alert} {severity} does not fire when Prometheus has a gap of {GAP}m after an incident",
+                _incident(o, kind, severity, down.stop + w + 2, old, gaps=down),
+                [
+                    _check(_fired(o, old), alert, paged),
+                    *(_check(at, alert) for at in (down.start, down.stop, *range(down.stop - 3 + w, down.stop + w + 1))),
+                ],
+            )
+
+    blip = old + 4 * w
+    case(
+        f"{nan} critical does not fire when one scrape fails {duration_text(4 * w * 60)} after an incident",
+        _incident(o, "nan", "critical", blip + w + 2, old, failed=(blip,)),
+        [_check(at, nan) for at in (old + w + 1, blip, blip + w, blip + w + 1)],
+    )
+    down = range(old, old + min(GAP, w - 2))  # increase() sees it once the window spans the gap
+    case(
+        f"{nan} critical fires when the unhealthy update came during a Prometheus gap",
+        _incident(o, "nan", "critical", down.stop + w, down.start + len(down) // 2, gaps=down),
+        [
+            _check(down.stop - 1, nan),
+            _check(_fired(o, down.stop), nan, _unhealthy_alert(o, "nan", "critical", "head (7)")),
+            _check(old + w, nan),
+        ],
+    )
+
+    # A new incident on two ranks, failed scrapes one window before it: the old incident's
+    # origin rank, non-finite loss and layer counts are not the new one's.
+    failed = range(old + w + 2, old + w + 2 + OUTAGE)
+    again = failed.start + w - _fired(o, 0)  # paged when the offset lookup meets the failed scrapes
+    series = []
+    for rank in (0, 1):
+        labels = _rank(o, rank)
+        scrape = lambda value: _scrapes(again + 3, value, failed=failed[:1], gaps=failed[1:])  # noqa: E731
+        series += [
+            _series(UNHEALTHY_UPDATES, _more(labels, kind="nan", severity="critical"), scrape(_count(old, again))),
+            _series(START_TIME, labels, scrape(0)),
+            _series(ORIGIN_UPDATES, _more(labels, kind="nan"), scrape(_count(old if rank else again))),
+            _series(NONFINITE_LOSS_UPDATES, labels, scrape(_count(old) if rank else 0)),
+            _series(NAN_GRADS, _more(labels, layer="head"), scrape(_life(_count(old, again, by=7), first=old))),
+            _series(
+                FIRST_BAD_LAYER,
+                _more(labels, kind="nan", layer="head"),
+                scrape(_life(lambda minute: 100 * (again if minute >= again else old), first=old)),
+            ),
+        ]
+    case(
+        f"{nan} fires when a new incident follows a failed scrape, naming its own origin rank, loss and counts",
+        series,
+        [
+            _check(
+                _fired(o, old),
+                nan,
+                _unhealthy_alert(
+                    o, "nan", "critical", "head (7)", ("head", 100 * old), ranks=2,
+                    origin="It originated on rank 1.", forward=True,
+                ),
+            ),
+            _check(again - 1, nan),
+            _check(
+                _fired(o, again),
+                nan,
+                _unhealthy_alert(
+                    o, "nan", "critical", "head (7)", ("head", 100 * again), ranks=2, origin="It originated on rank 0."
+                ),
+            ),
+        ],
+    )
+
+    # Restarts: the new process has the labels of the old one (no run label).
+    gone = old + 2 * w
+    first = gone + 2
+    labels = _labels(o)
+
+    def restart(new_count: int, failed: Sequence[int] = ()) -> list[dict[str, str]]:
+        scrape = lambda old_value, new_value: _scrapes(  # noqa: E731
+            first + w + 3, _lives(_life(old_value, gone=gone), _life(new_value, first)), failed=failed
+        )
+        return [
+            _series(UNHEALTHY_UPDATES, _more(labels, kind="nan", severity="critical"), scrape(_count(old), new_count)),
+            _series(START_TIME, labels, scrape(0, first * 60)),
+            _series(NAN_GRADS, _more(labels, layer="head"), scrape(_life(7, old), 7 if new_count else None)),
+        ]
+
+    case(
+        f"{nan} critical fires when a restarted process's first update is unhealthy, its count equal to the old one's last",
+        restart(1),
+        [
+            _check(_fired(o, old), nan, _unhealthy_alert(o, "nan", "critical", "head (7)")),
+            _check(first - 1, nan),
+            _check(_fired(o, first), nan, _unhealthy_alert(o, "nan", "critical", "head (7)")),
+            _check(first + w + 1, nan),
+        ],
+    )
+    case(
+        f"{nan} critical does not fire when a process restarts with the same labels",
+        restart(0, failed=(first + 1,)),
+        [_check(at, nan) for at in (gone, _fired(o, first), first + 1, _fired(o, first + 1 + w), first + w + 2)],
+    )
+    runs = {run: _labels(o, run=run) for run in ("a", "b")}
+    case(
+        f"{nan} critical fires when a new run starts with an unhealthy update, for that run alone",
+        [
+            *_incident(o, "nan", "critical", first + w, old, labels=runs["a"]),
+            _series(
+                UNHEALTHY_UPDATES, _more(runs["b"], kind="nan", severity="critical"), _scrapes(first + w, _life(1, first))
+            ),
+            _series(START_TIME, runs["b"], _scrapes(first + w, _life(first * 60, first))),
+        ],
+        [
+            _check(_fired(o, old), nan, _unhealthy_alert(o, "nan", "critical", "head (7)", run="a")),
+            _check(
+                _fired(o, first), nan, _unhealthy_alert(o, "nan", "critical", "none in the counters yet", run="b")
+            ),
+        ],
+    )
+    two = [_rank(o, rank) for rank in (0, 1)]
+    case(
+        f"{nan} critical does not fire when a rank restarts",
+        _incident(o, "nan", "critical", first + w + 2, old, labels=two[0])
+        + [
+            _series(
+                UNHEALTHY_UPDATES,
+                _more(two[1], kind="nan", severity="critical"),
+                _scrapes(first + w + 2, _lives(_life(_count(old), gone=gone), _life(0, first))),
+            ),
+            _series(START_TIME, two[1], _scrapes(first + w + 2, _lives(_life(0, gone=gone), _life(first * 60, first)))),
+        ],
+        [
+            _check(_fired(o, old), nan, _unhealthy_alert(o, "nan", "critical", "head (7)", ranks=2)),
+            *(_check(at, nan) for at in (gone, first, _fired(o, first), first + w)),
+        ],
+    )
+
+    # Ranks that join a job late: their first scrape is young, healthy or not.
+    late = [_rank(o, rank) for rank in range(3)]
+    joins = old + 2 * w
+    minutes = joins + w + 4
+    joined = lambda rank, value: [  # noqa: E731
+        _series(UNHEALTHY_UPDATES, _more(late[rank], kind="inf", severity="warning"), _scrapes(minutes, _life(value, joins))),
+        _series(START_TIME, late[rank], _scrapes(minutes, _life(joins * 60, joins))),
+    ]
+    case(
+        f"{inf} warning does not fire when a rank joins late",
+        _incident(o, "inf", "warning", minutes, old, labels=late[0]) + joined(1, 0),
+        [_check(at, inf) for at in (joins, _fired(o, joins), joins + w)],
+    )
+    case(
+        f"{inf} warning fires when a rank that joins late starts with an unhealthy update",
+        _incident(o, "inf", "warning", minutes, old, labels=late[0]) + joined(1, 0) + joined(2, 1),
+        [
+            _check(joins - 1, inf),
+            _check(_fired(o, joins), inf, _unhealthy_alert(o, "inf", "warning", "none in the counters yet")),
+            _check(joins + w + 1, inf),
+        ],
+    )
+
+    # The ranks' scrapes of one update are spread over a scrape interval: the alert waits
+    # for the last, here rank 3's, where the NaN originated.
+    step = duration_seconds(o.scrape_interval)
+    update = 3 * 60 // step
+    scrapes = (3 + w + 1) * 60 // step
+    four = [_rank(o, rank) for rank in range(4)]
+    spread = lambda rank, value: f"0x{update - 1 + (rank == 3)} {value}x{scrapes - update - (rank == 3)}"  # noqa: E731
+    case(
+        f"{nan} critical fires once every rank's scrape of the update is in, counting them all",
+        [_series(UNHEALTHY_UPDATES, _more(r, kind="nan", severity="critical"), spread(i, 1)) for i, r in enumerate(four)]
+        + [_series(ORIGIN_UPDATES, _more(r, kind="nan"), spread(i, int(i == 3))) for i, r in enumerate(four)],
+        [
+            _check(3, nan),
+            _check(
+                _fired(o, 3),
+                nan,
+                _unhealthy_alert(o, "nan", "critical", "none in the counters yet", ranks=4, origin="It originated on rank 3."),
+            ),
+        ],
+        interval=o.scrape_interval,
+    )
+
+    # A process that crashes right after the update, before the alert's `for` ends: one
+    # scrape has it, and a staleness marker follows, as Prometheus writes it.
+    at = old * 60 // step
+    crashes = (
+        (f"{nan} critical fires when the process crashes right after the update, naming its first bad layer", "nan", 0),
+        (f"{inf} critical fires when a process's first and only scrape shows the update, before a crash", "inf", at),
+    )
+    for name, kind, first in crashes:
+        alert = ALERT_NAMES[kind]
+        paged = _unhealthy_alert(o, kind, "critical", "head (7)", ("head", 100 * old))
+        healthy = at - first  # scrapes of the process before the update's
+        since = f"_x{first} " * bool(first)
+        case(
+            name,
+            [
+                _series(
+                    UNHEALTHY_UPDATES,
+                    _labels(o, kind=kind, severity="critical"),
+                    since + f"0x{healthy - 1} " * bool(healthy) + "1 stale",
+                ),
+                _series(START_TIME, _labels(o), since + f"{first * step}x{healthy} stale"),
+                _series(GRADS_TOTAL[kind], _labels(o, layer="head"), f"_x{at} 7 stale"),
+                _series(FIRST_BAD_LAYER, _labels(o, kind=kind, layer="head"), f"_x{at} {100 * old} stale"),
+            ],
+            [_check(_fired(o, old), alert, paged), _check(old + w - 1, alert, paged), _check(old + w + 1, alert)],
+            interval=o.scrape_interval,
+        )
+
+
+def _first_bad_histories(o: KitOptions, case: Case) -> None:
+    """The first bad layer a page names is the newest incident's."""
+    w = _minutes(duration_seconds(o.window, "window"))
+    nan = ALERT_NAMES["nan"]
+    old = w + 5
+    rollback = _fired(o, old) + 1  # reset_health() after restoring a checkpoint
+    again = rollback + 1
+    minutes = again + w + 2
+    scrape = lambda value: _scrapes(minutes, value)  # noqa: E731
+    labels = _labels(o)
+    case(
+        f"{nan} critical names the new incident's first bad layer after a rollback to an earlier step",
+        [
+            _series(UNHEALTHY_UPDATES, _more(labels, kind="nan", severity="critical"), scrape(_count(old, again))),
+            _series(START_TIME, labels, scrape(0)),
+            _series(NAN_GRADS, _more(labels, layer="body.3"), scrape(_life(7, old))),
+            _series(NAN_GRADS, _more(labels, layer="body.1"), scrape(_life(9, again))),
+            _series(
+                FIRST_BAD_LAYER,
+                _more(labels, kind="nan", layer="body.3"),
+                scrape(_life(lambda minute: 0 if minute >= rollback else 500, old)),
+            ),
+            _series(FIRST_BAD_LAYER, _more(labels, kind="nan", layer="body.1"), scrape(_life(450, again))),
+        ],
+        [
+            _check(_fired(o, old), nan, _unhealthy_alert(o, "nan", "critical", "body.3 (7)", ("body.3", 500))),
+            _check(
+                _fired(o, again),
+                nan,
+                _unhealthy_alert(o, "nan", "critical", "body.1 (9), body.3 (7)", ("body.1", 450)),
+            ),
+            _check(again + w + 1, nan),
+        ],
+    )
+
+
+def _norm_spike_histories(o: KitOptions, case: Case) -> None:
+    """The spike alert through failed scrapes, gaps, restarts and late ranks."""
+    history = _minutes(duration_seconds(o.spike_history, "spike_history"))
+    spike = 2 * o.spike_factor
+    at = history + 5
+    held = _minutes(NORM_PEAK_SECONDS)
+    alert = _spike_alert(o, spike)
+
+    def life(norms: list[float], first: int = 0, gone: int | None = None) -> dict[Metric, Value]:
+        """A process's norm series from its first scrape, one update a minute."""
+        of = lambda series: _life(lambda m: series[min(m - first, len(series) - 1)], first, gone)  # noqa: E731
+        return {GRAD_NORM: of(norms), GRAD_NORM_PEAK: of(_peaks(norms)), START_TIME: _life(first * 60, first, gone)}
+
+    def scraped(labels: str, *lives: dict[Metric, Value], minutes: int, **how: Any) -> list[dict[str, str]]:
+        return [
+            _series(metric, labels, _scrapes(minutes, _lives(*(lf[metric] for lf in lives)), **how))  # type: ignore[arg-type]
+            for metric in lives[0]
+        ]
+
+    spiked = [1.0] * at + [spike] + [1.0] * 10
+    case(
+        f"{NORM_SPIKE_ALERT} fires once for a spike, through a failed scrape",
+        scraped(_labels(o), life(spiked), minutes=len(spiked), failed=(at + 1,)),
+        [_check(at, NORM_SPIKE_ALERT, alert), _check(at + 1, NORM_SPIKE_ALERT, alert), _check(at + held, NORM_SPIKE_ALERT)],
+    )
+    down = range(at + 1, at + 1 + GAP)
+    case(
+        f"{NORM_SPIKE_ALERT} does not fire when Prometheus has a gap of {GAP}m after a spike",
+        scraped(_labels(o), life(spiked), minutes=down.stop + 3, gaps=down),
+        [_check(at, NORM_SPIKE_ALERT, alert), *(_check(m, NORM_SPIKE_ALERT) for m in (at + held + 1, down.stop, down.stop + 1))],
+    )
+
+    # A new process's first norms are large and fall fast, and it has no history: its start
+    # time tells it from the old process on the same labels. Past spike_history, it is judged.
+    gone = at + 10
+    first = gone + 1
+    young = [4.0, 2.0] + [1.0] * (history + 10)
+    young[history // 2] = young[history + 5] = spike
+    minutes = first + len(young)
+    case(
+        f"{NORM_SPIKE_ALERT} does not fire in a new process's first {o.spike_history} on the same labels",
+        scraped(_labels(o), life([1.0] * gone, 0, gone), life(young, first), minutes=minutes),
+        [_check(m, NORM_SPIKE_ALERT) for m in range(first, first + history)]
+        + [_check(first + history + 5, NORM_SPIKE_ALERT, alert)],
+    )
+    case(
+        f"{NORM_SPIKE_ALERT} does not fire when a rank joins late",
+        scraped(_rank(o, 0), life([1.0] * minutes), minutes=minutes)
+        + scraped(_rank(o, 1), life(young, first), minutes=first + history),
+        [_check(m, NORM_SPIKE_ALERT) for m in range(first, first + history)],
+    )
+
+
+def _stall_histories(o: KitOptions, case: Case) -> None:
+    """The stall alert through failed scrapes, gaps, crashes and restarts."""
+    stall = _minutes(duration_seconds(o.stall_after, "stall_after"))
+    stalled = 5  # updates every minute until then, then none
+    fires = stalled + stall + 1
+    labels = _labels(o)
+
+    def target(minutes: int, value: Value, failed: Sequence[int] = (), gaps: Sequence[int] = ()) -> list[dict[str, str]]:
+        """A target's last update time, and ``up``: 0 at a failed scrape and while no process serves."""
+        sample = value if callable(value) else lambda m: value  # noqa: E731
+        up = lambda m: int(isinstance(sample(m), (int, float)) and m not in failed)  # noqa: E731
+        return [
+            _series(LAST_UPDATE_TIMESTAMP, labels, _scrapes(minutes, value, failed=failed, gaps=gaps)),
+            _series("up", labels, _scrapes(minutes, up, gaps=gaps)),
+        ]
+
+    updates = lambda m: 60 * min(m, stalled)  # noqa: E731
+    case(
+        f"{STALLED_ALERT} fires once for a stall, through a failed scrape",
+        target(fires + 5, updates, failed=(fires + 2,)),
+        [_check(fires - 1, STALLED_ALERT), *(_check(m, STALLED_ALERT, _stalled_alert(o)) for m in (fires, fires + 2, fires + 3))],
+    )
+    bridged = stall // 2 - 1
+    down = range(fires + 1, fires + 1 + bridged)
+    case(
+        f"{STALLED_ALERT} fires once for a stall, through a Prometheus gap of {bridged}m",
+        target(down.stop + 3, updates, gaps=down),
+        [_check(m, STALLED_ALERT, _stalled_alert(o)) for m in (fires, down.start, down.stop - 1, down.stop)],
+    )
+    training = lambda m: 60 * m - 30  # noqa: E731  (an update half a minute before each scrape)
+    case(
+        f"{STALLED_ALERT} does not fire when the process crashes",
+        target(fires + 5, _life(training, gone=stalled + 1)),
+        [_check(m, STALLED_ALERT) for m in range(stalled, fires + 5)],
+    )
+    down = range(stalled, stalled + stall + 2)
+    case(
+        f"{STALLED_ALERT} does not fire when Prometheus has a gap of {len(down)}m while training goes on",
+        target(down.stop + 5, training, gaps=down),
+        [_check(m, STALLED_ALERT) for m in range(stalled, down.stop + 5)],
+    )
+    # A restarted process reports its start as its last update until its first one.
+    gone, first = stalled + 3, stalled + 5
+    case(
+        f"{STALLED_ALERT} fires when a restarted process stalls, not for the restart",
+        target(first + stall + 3, _lives(_life(training, gone=gone), _life(first * 60, first))),
+        [_check(m, STALLED_ALERT) for m in range(gone, first + stall + 1)]
+        + [_check(first + stall + 1, STALLED_ALERT, _stalled_alert(o))],
+    )
+
+
+def _down_histories(o: KitOptions, case: Case) -> None:
+    """The exporter-down alert through failed scrapes, Prometheus restarts and restarts of ranks."""
+    minutes = 30
+    up = lambda *down, gaps=(): _scrapes(minutes, lambda m: int(m not in down), gaps=gaps)  # noqa: E731
+    late = _labels(o).replace(INSTANCE, "trainer-1:9464")
+    histories = {
+        "a scrape fails": [_series("up", _labels(o), up(10))],
+        f"Prometheus restarts, with a gap of {GAP}m": [_series("up", _labels(o), up(gaps=range(10, 10 + GAP)))],
+        "a process restarts": [_series("up", _labels(o), up(10, 11))],
+        "a rank joins late": [_series("up", _labels(o), up()), _series("up", late, up(0, 1, 2, 3))],
+    }
+    for history, series in histories.items():
+        case(f"{DOWN_ALERT} does not fire when {history}", series, [_check(m, DOWN_ALERT) for m in range(0, minutes, 2)])
+
+
+def _coverage_histories(o: KitOptions, case: Case) -> None:
+    """The coverage alerts through failed scrapes, gaps and restarts."""
+    w = _minutes(duration_seconds(o.window, "window"))
+    minutes = 3 * w
+    labels = _labels(o)
+    failed = w + 2
+    case(
+        f"{NOTHING_SCANNED_ALERT} fires once while nothing is scanned, through a failed scrape",
+        [
+            _series(UNSCANNED_UPDATES, _more(labels, reason="no_gradients"), _scrapes(minutes, lambda m: 60 * m, failed=(failed,))),
+            _series(UPDATES, labels, _scrapes(minutes, 0, failed=(failed,))),
+        ],
+        [_check(m, NOTHING_SCANNED_ALERT, _nothing_scanned_alert(o)) for m in (w, failed, failed + 1)],
+    )
+    gone, first = w + 2, w + 4
+    scanning: dict[str, tuple[Value, Sequence[int]]] = {
+        f"Prometheus has a gap of {GAP}m": (lambda m: 60 * m, range(w, w + GAP)),
+        "a process restarts": (_lives(_life(lambda m: 60 * m, gone=gone), _life(lambda m: 60 * (m - first), first)), ()),
+    }
+    for history, (value, gaps) in scanning.items():
+        case(
+            f"{NOTHING_SCANNED_ALERT} does not fire when {history}",
+            [
+                _series(UNSCANNED_UPDATES, _more(labels, reason="no_gradients"), _scrapes(minutes, 0, gaps=gaps)),
+                _series(UPDATES, labels, _scrapes(minutes, value, gaps=gaps)),
+            ],
+            [_check(m, NOTHING_SCANNED_ALERT) for m in range(0, minutes, 2)],
+        )
+
+    hold = _minutes(duration_seconds(AMP_SKIPS_FOR, "for"))
+    fires = 5 + w + hold
+    case(
+        f"{AMP_SKIPS_ALERT} fires once while the scaler keeps skipping, through a failed scrape",
+        [
+            _series(SKIPPED_UPDATES, _more(labels, reason="amp_overflow"), _scrapes(fires + 5, lambda m: 60 * max(0, m - 5), failed=(fires + 1,))),
+            _series(UPDATES, labels, _scrapes(fires + 5, lambda m: 60 * m, failed=(fires + 1,))),
+        ],
+        [_check(m, AMP_SKIPS_ALERT, _amp_skips_alert(o)) for m in (fires, fires + 1, fires + 2)],
+    )
+    # Every fp16 process overflows a few times at its start, a restarted one too.
+    first_steps = lambda start: lambda m: 12 if m > start else 0  # noqa: E731
+    skipping = {
+        f"Prometheus has a gap of {GAP}m": (first_steps(0), lambda m: 60 * m, range(w, w + GAP)),
+        "a process restarts": (
+            _lives(_life(first_steps(0), gone=gone), _life(first_steps(first), first)),
+            _lives(_life(lambda m: 60 * m, gone=gone), _life(lambda m: 60 * (m - first), first)),
+            (),
+        ),
+    }
+    for history, (skipped, updates, gaps) in skipping.items():
+        case(
+            f"{AMP_SKIPS_ALERT} does not fire when {history}",
+            [
+                _series(SKIPPED_UPDATES, _more(labels, reason="amp_overflow"), _scrapes(minutes, skipped, gaps=gaps)),
+                _series(UPDATES, labels, _scrapes(minutes, updates, gaps=gaps)),
+            ],
+            [_check(m, AMP_SKIPS_ALERT) for m in range(0, minutes, 2)],
+        )

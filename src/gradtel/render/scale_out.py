@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .options import EVALUATION_INTERVAL, RESEND_DELAY, KitOptions
+from .options import KitOptions
 from .prometheus import scrape_config
 
 __all__ = [
@@ -43,29 +43,21 @@ def agent_flags() -> list[str]:
     return ["--enable-feature=agent"]
 
 
-def central_prometheus_flags(resend_delay: str = RESEND_DELAY) -> list[str]:
-    # Send changed annotations (more ranks, the origin rank) to Alertmanager before its
-    # group_wait ends, not a minute later (Prometheus' default resend delay).
-    return ["--web.enable-remote-write-receiver", f"--rules.alert.resend-delay={resend_delay}"]
+def central_prometheus_flags() -> list[str]:
+    return ["--web.enable-remote-write-receiver"]
 
 
 def victoriametrics_flags() -> list[str]:
     return [f"-search.latencyOffset={VM_LATENCY_OFFSET}"]
 
 
-def vmalert_flags(
-    store: str,
-    alertmanager: str,
-    evaluation_interval: str = EVALUATION_INTERVAL,
-    resend_delay: str = RESEND_DELAY,
-) -> list[str]:
+def vmalert_flags(store: str, alertmanager: str, evaluation_interval: str) -> list[str]:
     """vmalert reads from and writes its recording rules' results to ``store`` (a URL)."""
     return [
         f"-datasource.url={store}",
         f"-remoteWrite.url={store}",
         f"-notifier.url={alertmanager}",
         f"-evaluationInterval={evaluation_interval}",
-        f"-rule.resendDelay={resend_delay}",
     ]
 
 
@@ -85,7 +77,7 @@ def agent_config(o: KitOptions, write_url: str = CENTRAL_PROMETHEUS_WRITE_URL) -
 def central_prometheus_config(o: KitOptions) -> dict[str, Any]:
     """The central Prometheus: no scraping of its own, gradtel's rules over what agents write."""
     return {
-        "global": {"evaluation_interval": EVALUATION_INTERVAL},
+        "global": {"evaluation_interval": o.evaluation_interval},
         "rule_files": ["../prometheus/gradtel-rules.yml"],
         "alerting": {"alertmanagers": [{"static_configs": [{"targets": ["alertmanager:9093"]}]}]},
     }
@@ -109,7 +101,7 @@ def scale_out_readme(o: KitOptions) -> str:
         "vmalert",
         [
             "-rule=../prometheus/gradtel-rules.yml",
-            *vmalert_flags("http://victoria-metrics:8428", "http://alertmanager:9093"),
+            *vmalert_flags("http://victoria-metrics:8428", "http://alertmanager:9093", o.evaluation_interval),
         ],
     )
     return f"""# Many ranks: agents, and one central store that evaluates the rules
@@ -151,9 +143,9 @@ never fill a batch, and the default deadline (5 s) would add 5 s to every page.
 ```
 
 `central-prometheus.yml` scrapes nothing itself; it evaluates the rules every
-{EVALUATION_INTERVAL} and sends to Alertmanager. `--rules.alert.resend-delay={RESEND_DELAY}` (the
-default is 1m) lets the page's text follow the count of ranks as their samples arrive,
-before Alertmanager's `group_wait` ends.
+{o.evaluation_interval} and sends to Alertmanager. Its default resend delay (1m) is fine: an
+unhealthy-update alert fires {o.settle} after it is first seen, once every rank's scrape
+(and the agents' {AGENT_BATCH_DEADLINE} batch) is in, so its first notification is complete.
 
 ### VictoriaMetrics and vmalert
 
@@ -171,9 +163,8 @@ Point the agents' `remote_write` at `{VICTORIAMETRICS_WRITE_URL}`, then:
   hour's series: gradtel's per-layer series are born with the NaN update, and a
   query that cannot see them yet gives a page that names no layer ("none in the
   counters yet"). The default, 30 s, would add 30 s to every page.
-- `-rule.resendDelay={RESEND_DELAY}`: as `--rules.alert.resend-delay` above.
 - `-remoteWrite.url`: where vmalert writes the results of gradtel's recording rules.
-- `-evaluationInterval={EVALUATION_INTERVAL}`: as the rules' own interval (vmalert's default is 1m).
+- `-evaluationInterval={o.evaluation_interval}`: as the rules' own interval (vmalert's default is 1m).
 
 ## Kubernetes
 

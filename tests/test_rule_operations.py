@@ -1,0 +1,100 @@
+"""The rule tests catch what they were written for: rules rendered with a known defect fail
+exactly the histories that show it (a failed scrape, a Prometheus gap, a restart, a rollback,
+the ranks' scrapes of one update spread over a scrape interval)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from gradtel.metrics import FIRST_BAD_LAYER
+from gradtel.render import KitOptions, prometheus, write_kit
+
+from .conftest import require_tool
+
+
+COUNTED = prometheus._counted
+
+
+def _born_where_the_offset_finds_nothing(o: KitOptions, series: str, scope: str, **how: bool) -> list[str]:
+    """The "series born non-zero" condition that a staleness marker or a gap satisfies."""
+    moved = COUNTED(o, series, scope, **how)[-1]
+    return [f"last_over_time({series}[{o.window}]) > 0 unless {series} offset {o.window}", moved]
+
+
+def _highest_first_bad_step(o: KitOptions) -> str:
+    """The first bad layer with the highest step in the window: an older incident's after a rollback."""
+    query = prometheus._query(
+        f"topk(1, max by (layer) (max_over_time({FIRST_BAD_LAYER}{{{prometheus.RUN_SCOPE},kind=%[3]q}}[{o.window}])))",
+        *prometheus.KIND_ARGS,
+    )
+    return (
+        f"{{{{ with {query} }}}}{{{{ with index . 0 }}}} First bad layer in backward order: "
+        "{{ .Labels.layer }}, at step {{ .Value }}.{{ end }}{{ end }}"
+    )
+
+
+def _no_start_gate_on_spikes(rules: str) -> str:
+    return re.sub(r"\n\s*and on \([^)]*\)\n\s*last_over_time\(gradtel_start_time_seconds[^\n]*< time\(\) - \d+", "", rules)
+
+
+def _no_for_on_unhealthy_updates(rules: str) -> str:
+    return rules.replace("\n    for: 10s", "")
+
+
+NAN, INF = "GradtelNaNGradients", "GradtelInfGradients"
+DEFECTS: dict[str, tuple[dict[str, Callable[..., str | list[str]]], Callable[[str], str], set[str]]] = {
+    "born where the offset lookup finds nothing": (
+        {"_counted": _born_where_the_offset_finds_nothing},
+        str,
+        {
+            *(f"{alert} {severity} does not fire when scrapes fail for 3m, 20m after an incident"
+              for alert in (NAN, INF) for severity in ("warning", "critical")),
+            *(f"{alert} {severity} does not fire when Prometheus has a gap of 8m after an incident"
+              for alert in (NAN, INF) for severity in ("warning", "critical")),
+            f"{NAN} fires when a new incident follows a failed scrape, naming its own origin rank, loss and counts",
+            f"{NAN} critical fires when a restarted process's first update is unhealthy, its count equal to the old one's last",
+        },  # fmt: skip
+    ),
+    "the first bad layer of the highest step": (
+        {"_first_bad_template": _highest_first_bad_step},
+        str,
+        {f"{NAN} critical names the new incident's first bad layer after a rollback to an earlier step"},
+    ),
+    "spikes judged by the history of an older process": (
+        {},
+        _no_start_gate_on_spikes,
+        {"GradtelGradNormSpike does not fire in a new process's first 10m on the same labels"},
+    ),
+    "pages before every rank's scrape is in": (
+        {},
+        _no_for_on_unhealthy_updates,
+        {
+            f"{NAN} critical fires once every rank's scrape of the update is in, counting them all",
+            *(f"{alert} warning fires on a single warning-band update" for alert in (NAN, INF)),
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("defect", DEFECTS)
+def test_rules_with_a_known_defect_fail_the_histories_that_show_it(
+    defect: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    promtool = require_tool("promtool", "prometheus")
+    helpers, edit, expected = DEFECTS[defect]
+    for name, helper in helpers.items():
+        monkeypatch.setattr(prometheus, name, helper)
+    write_kit(tmp_path)
+    folder = tmp_path / "prometheus"
+    rules = folder / "gradtel-rules.yml"
+    rules.write_text(edit(rules.read_text()))
+    tested = subprocess.run(
+        [promtool, "test", "rules", "gradtel-rules.test.yml"], cwd=folder, capture_output=True, text=True, timeout=300
+    )
+    failed = set(re.findall(r"^\s+name: (.*),$", tested.stdout + tested.stderr, re.MULTILINE))
+    assert failed == expected, tested.stdout + tested.stderr
