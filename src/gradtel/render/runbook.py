@@ -50,8 +50,12 @@ judges each kind apart:
 | critical | {band_text(o, "critical")} | training integrity compromised |
 
 Warning alerts go to chat, critical ones page; a critical alert inhibits the
-warning alert of the same job, instance, rank and kind. An unhealthy-update
-alert keeps firing for {o.window} after the last unhealthy update, then resolves.
+warning alert of the same job, run and kind. An unhealthy-update
+alert fires {o.settle} after Prometheus first sees the update (one scrape and one
+evaluation interval: every rank's scrape of it is in, and the page counts them all),
+keeps firing for {o.window} after the last unhealthy update, then resolves. Failed
+scrapes, Prometheus restarts and restarts of the training never page again for an
+old update.
 
 Useful queries (Prometheus or Grafana Explore):
 
@@ -125,7 +129,8 @@ ended targets from discovery.
 
 **Meaning.** The endpoint is up but `collect()` has not been called (no
 update, scanned or not) for more than {o.stall_after}:
-`time() - {LAST_UPDATE_TIMESTAMP}` is too large.
+`time() - {LAST_UPDATE_TIMESTAMP}` is too large. A target not scraped for
+half that time is down ({DOWN_ALERT}), not stalled.
 
 **Look first at** whether the process still uses CPU/GPU (a hang in a collective
 operation waiting for another rank, a data loader stuck on I/O), whether another
@@ -183,9 +188,9 @@ norms, losses) to fp32 or bf16, or restart from the last healthy checkpoint.
 **Meaning.** The L2 norm of the gradients (`{GRAD_NORM}`) rose above
 {o.spike_factor:g} times its median over the last {o.spike_baseline}. The alert
 reads `{GRAD_NORM_PEAK}`, the largest norm of the last couple of minutes, so a
-spike at one step between two scrapes is not missed. A rank needs
-{o.spike_history} of norms before it is judged: the first minutes of a job have
-no baseline, and their norms fall fast. Slow growth and noise are not spikes.
+spike at one step between two scrapes is not missed. A process must have run
+for {o.spike_history}, with norms as long, before it is judged: the first minutes of
+a job (or of a restarted rank) have no baseline, and their norms fall fast. Slow growth and noise are not spikes.
 Norm spikes often come before loss spikes, divergence and NaN gradients: this
 is the warning before the page. The norm is exported when the training loop
 clips with `gradtel.clip_grad_norm_` or the monitor has `grad_norm=True`.
