@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -157,13 +158,30 @@ def check_series(found: Samples, expected: Expected, layers: tuple[str, ...] = L
     assert got == expected.amp_skips, f"amp_overflow skips: {got}, expected {expected.amp_skips}"
 
 
-def run(case: Case, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    rng = random.Random(seed)
+def start(readout: str, seed: int, monkeypatch: pytest.MonkeyPatch) -> tuple[random.Random, CollectorRegistry, MeterProvider]:
+    """The seeded random source, and a fresh registry and provider; ``"queued"`` makes the
+    monitor read out as on a device whose work is queued (a GPU's)."""
     torch.manual_seed(seed)
-    if case.readout == "queued":
+    if readout == "queued":
         monkeypatch.setattr("gradtel.monitor.completes_when_queued", lambda tensor: False)
     registry = CollectorRegistry()
-    provider = gradtel.prometheus_meter_provider(registry)
+    return random.Random(seed), registry, gradtel.prometheus_meter_provider(registry)
+
+
+def run_all(cases: list[Case] | list[FrameworkCase], run: Callable[..., None], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run every case, each with its own seed; fail with the failing cases, one a line."""
+    failures = []
+    for index, case in enumerate(cases):
+        with monkeypatch.context() as patch:
+            try:
+                run(case, seed=index, monkeypatch=patch)
+            except AssertionError as exc:
+                failures.append(f"seed={index} {case}: {str(exc).splitlines()[0]}")
+    assert not failures, f"{len(failures)} of {len(cases)} combinations failed:\n" + "\n".join(failures[:20])
+
+
+def run(case: Case, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng, registry, provider = start(case.readout, seed, monkeypatch)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", init_scale=4.0) if case.scaler else None
@@ -247,14 +265,7 @@ def _spy(collect, model, at_collection):  # type: ignore[no-untyped-def]
 
 
 def test_every_combination_publishes_what_a_plain_count_finds(monkeypatch: pytest.MonkeyPatch) -> None:
-    failures = []
-    for index, case in enumerate(CASES):
-        with monkeypatch.context() as patch:
-            try:
-                run(case, seed=index, monkeypatch=patch)
-            except AssertionError as exc:
-                failures.append(f"seed={index} {case}: {str(exc).splitlines()[0]}")
-    assert not failures, f"{len(failures)} of {len(CASES)} combinations failed:\n" + "\n".join(failures[:20])
+    run_all(CASES, run, monkeypatch)
 
 
 @dataclass(frozen=True)
@@ -282,12 +293,7 @@ def run_lightning(case: FrameworkCase, seed: int, monkeypatch: pytest.MonkeyPatc
 
     from gradtel.integrations.lightning import GradtelCallback
 
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    if case.readout == "queued":
-        monkeypatch.setattr("gradtel.monitor.completes_when_queued", lambda tensor: False)
-    registry = CollectorRegistry()
-    provider = gradtel.prometheus_meter_provider(registry)
+    rng, registry, provider = start(case.readout, seed, monkeypatch)
     expected = Expected(Counter(), Counter())
     collected = [0]
 
@@ -340,11 +346,4 @@ def run_lightning(case: FrameworkCase, seed: int, monkeypatch: pytest.MonkeyPatc
 def test_the_lightning_callback_in_combination_publishes_what_a_plain_count_finds(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    failures = []
-    for index, case in enumerate(FRAMEWORK_CASES):
-        with monkeypatch.context() as patch:
-            try:
-                run_lightning(case, seed=index, monkeypatch=patch)
-            except AssertionError as exc:
-                failures.append(f"seed={index} {case}: {str(exc).splitlines()[0]}")
-    assert not failures, f"{len(failures)} of {len(FRAMEWORK_CASES)} combinations failed:\n" + "\n".join(failures)
+    run_all(FRAMEWORK_CASES, run_lightning, monkeypatch)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,10 @@ def shared(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def test_lightning_callback(tmp_path: Path) -> None:
+def tiny_lightning_module(after_backward: Callable[[Any], None], nan_loss_at: int | None = None) -> Any:
+    """An encoder and a head; ``after_backward(module)`` may write its gradients, and the
+    loss of global step ``nan_loss_at`` is NaN."""
     import lightning.pytorch as pl
-
-    from gradtel.integrations.lightning import GradtelCallback
 
     class Tiny(pl.LightningModule):
         def __init__(self) -> None:
@@ -43,14 +44,26 @@ def test_lightning_callback(tmp_path: Path) -> None:
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch
-            return nn.functional.mse_loss(self.lit_head(torch.relu(self.lit_encoder(x))), y)
+            loss = nn.functional.mse_loss(self.lit_head(torch.relu(self.lit_encoder(x))), y)
+            return loss * NAN if self.global_step == nan_loss_at else loss
 
         def on_after_backward(self) -> None:
-            if self.global_step == 2:
-                self.lit_encoder.weight.grad.view(-1)[:3] = NAN
+            after_backward(self)
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    return Tiny()
+
+
+def test_lightning_callback(tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+
+    from gradtel.integrations.lightning import GradtelCallback
+
+    def three_nan_at_step_2(module: Any) -> None:
+        if module.global_step == 2:
+            module.lit_encoder.weight.grad.view(-1)[:3] = NAN
 
     scraped: list[str] = []
 
@@ -67,7 +80,7 @@ def test_lightning_callback(tmp_path: Path) -> None:
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
         callbacks=[gradtel_callback, Scrape()],
     )  # fmt: skip
-    trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=8))
+    trainer.fit(tiny_lightning_module(three_nan_at_step_2), torch.utils.data.DataLoader(data, batch_size=8))
     found = parse(scraped[0])
     assert sample(found, "gradtel_updates_total") - updates_before == 5
     assert sample(found, "gradtel_nan_grads_total", layer="lit_encoder") == 3
@@ -173,23 +186,9 @@ def test_lightning_16_mixed_overflows_are_skips_not_unhealthy_and_checkpoints_go
 
     from gradtel.integrations.lightning import GradtelCallback
 
-    class Tiny(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lit_encoder = nn.Linear(8, 16)
-            self.lit_head = nn.Linear(16, 1)
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            x, y = batch
-            loss = nn.functional.mse_loss(self.lit_head(torch.relu(self.lit_encoder(x))), y)
-            return loss * NAN if self.global_step == 4 else loss  # a loss gone NaN: not an overflow
-
-        def on_after_backward(self) -> None:
-            if self.global_step in (1, 2):  # the scaled gradients overflow, as fp16 ones do
-                self.lit_encoder.weight.grad[0, 0] = float("inf")
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.01)
+    def overflow_at_steps_1_and_2(module: Any) -> None:
+        if module.global_step in (1, 2):  # the scaled gradients overflow, as fp16 ones do
+            module.lit_encoder.weight.grad[0, 0] = float("inf")
 
     before = overflow_counts()
     losses_before = shared("gradtel_nonfinite_loss_updates_total")
@@ -206,7 +205,9 @@ def test_lightning_16_mixed_overflows_are_skips_not_unhealthy_and_checkpoints_go
             pl.callbacks.ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=1, save_top_k=-1),
         ],
     )  # fmt: skip
-    trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=8))
+    # Then, at step 4, the loss itself is NaN: the scaler skips that step too, but it is no overflow.
+    module = tiny_lightning_module(overflow_at_steps_1_and_2, nan_loss_at=4)
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
     after = overflow_counts()
     assert after["amp"] - before["amp"] == 2  # the overflows of steps 2 and 3
     # The update whose loss was NaN is unhealthy, though the scaler skips it as well...
