@@ -109,6 +109,8 @@ def test_pages_arrive_on_the_right_receiver_naming_the_layer(
     run: tuple[dict[str, Trainer], Stack], capsys: pytest.CaptureFixture[str]
 ) -> None:
     trainers, stack = run
+    # Prometheus as users run it: its default resend delay, the page complete all the same.
+    assert not [flag for flag in stack.processes["prometheus"].args if "resend-delay" in str(flag)]
     injected = {name: trainers[name].injected_at() for name in ("critical", "warning", "crash", "both", "deferred")}
 
     critical = wait_for_page(stack, "pager", trainers["critical"].run, injected["critical"])
@@ -169,6 +171,6 @@ def test_pages_arrive_on_the_right_receiver_naming_the_layer(
     assert all(0 < seconds < PAGE_DEADLINE for seconds in latencies.values()), latencies
     with capsys.disabled():
         print(
-            "\ninjection -> webhook latency (scrape 1s, evaluation 1s, group_wait 5s): "
+            "\ninjection -> webhook latency (scrape 1s, evaluation 1s, for 2s, group_wait 5s): "
             + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in latencies.items())
         )
