@@ -99,13 +99,14 @@ def test_queries_follow_the_conventions() -> None:
                 assert f'{label}=~"${label}"' in expr, (panel["title"], label)
         for match in counter.finditer(expr):
             before, after = expr[: match.start()], expr[match.end() :]
+            # The one exception: a series born within the window (no sample in the window
+            # before) counts from 0, `(increase(X[w]) or (X unless last_over_time(X[w] offset w)))`.
             if match.group(2) is None:
-                # The one exception: a series born within the window counts from 0,
-                # `(increase(X[w]) or (X unless X offset w))`, as the rules do.
-                assert re.match(r" unless | offset \$__(rate_interval|range)\)", after), (panel["title"], match.group(0))
-                assert re.search(r"increase\(" + re.escape(match.group(0)) + r"\[\$__\w+\]\) or \($", before) or (
-                    before.endswith(" unless ")
-                ), (panel["title"], match.group(0))
+                assert after.startswith(" unless last_over_time("), (panel["title"], match.group(0))
+                assert re.search(r"increase\(" + re.escape(match.group(0)) + r"\[\$__\w+\]\) or \($", before)
+                continue
+            if before.endswith(" unless last_over_time("):
+                assert re.match(r" offset \$__(rate_interval|range)\)", after), (panel["title"], match.group(0))
                 continue
             assert re.search(r"(rate|increase)\($", before), (panel["title"], match.group(1))
             assert match.group(2) in ("[$__rate_interval]", "[$__range]"), (panel["title"], match.group(0))

@@ -168,8 +168,9 @@ def _status_panels(o: KitOptions) -> list[Any]:
 
 def _moved(series: str, window: str) -> str:
     """How much a counter moved in ``window``, counting a series born within it from 0:
-    per-layer series appear with their first bad update (``layer_series="on_demand"``)."""
-    return f"(increase({series}[{window}]) or ({series} unless {series} offset {window}))"
+    per-layer series appear with their first bad update (``layer_series="on_demand"``).
+    Born means no sample in the window before, which a failed scrape does not fake."""
+    return f"(increase({series}[{window}]) or ({series} unless last_over_time({series}[{window}] offset {window})))"
 
 
 def _row(title: str, y: int) -> dashboard.Row:
