@@ -260,3 +260,18 @@ def test_norms_reused_by_the_caller_before_the_read_out_do_not_pass_for_healthy(
     monitor.flush()
     assert unhealthy(registry) == 1
     assert monitor.collect().nan_by_layer == {"2": 3}
+
+
+def test_a_rollback_while_the_bad_update_is_pending_leaves_the_monitor_healthy(
+    provider: MeterProvider, registry: CollectorRegistry, device: str
+) -> None:
+    model = net()
+    monitor = GradMonitor(model, meter_provider=provider, readout="deferred")
+    backward(model, nan=True)
+    monitor.collect()  # the loop sees the NaN loss itself, restores the weights, skips the step
+    monitor.reset_health()
+    backward(model)
+    monitor.collect()
+    assert monitor.healthy and monitor.allow_checkpoint(step=2)
+    assert sample(samples(registry), "gradtel_first_bad_layer", kind="nan", layer="2") == 0
+    monitor.close()

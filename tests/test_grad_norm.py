@@ -199,3 +199,26 @@ def test_only_rank_0_computes_layer_norms(
     health = gradtel.GradMonitor(trained(11), meter_provider=provider, layer_norms=True).collect()
     assert health.layer_grad_norms is None
     assert not [key for key in samples(registry) if key[0] == "gradtel_layer_grad_norm"]
+
+
+def test_the_peak_is_the_largest_of_the_monitors_that_share_the_labels(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    generator, discriminator = trained(1), trained(2)  # a GAN's two models, one process
+    for p in generator.parameters():
+        p.grad.mul_(1000)
+    spiking = gradtel.GradMonitor(generator, meter_provider=provider, grad_norm=True)
+    calm = gradtel.GradMonitor(discriminator, meter_provider=provider, grad_norm=True)
+    spike = spiking.collect().grad_norm
+    calm.collect()  # later, in the same second
+    assert sample(samples(registry), "gradtel_grad_norm_peak") == pytest.approx(spike)
+
+
+def test_a_norm_asked_for_but_not_computed_for_sparse_gradients_is_said(
+    provider: MeterProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 1))
+    monitor = gradtel.GradMonitor(model, meter_provider=provider, grad_norm=True)
+    model(torch.tensor([1, 2])).sum().backward()
+    assert monitor.collect().grad_norm is None
+    assert "sparse gradients: grad_norm and layer_norms are not computed" in caplog.text

@@ -250,3 +250,30 @@ def test_transformers_callback_counts_the_scalers_overflows_as_skips(tmp_path: P
     after = overflow_counts()
     assert after["amp"] - before["amp"] == 1
     assert after["unhealthy"] - before["unhealthy"] == 0
+
+
+def test_lightning_a_nan_loss_in_any_micro_batch_is_no_overflow(tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from gradtel.integrations.lightning import GradtelCallback
+
+    before = overflow_counts()
+    losses_before = shared("gradtel_nonfinite_loss_updates_total")
+    data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randn(64, 1))
+    trainer = pl.Trainer(
+        max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+        enable_model_summary=False, default_root_dir=tmp_path, accumulate_grad_batches=2,
+        plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))],
+        callbacks=[GradtelCallback(serve_metrics=False)],
+    )  # fmt: skip
+    # Global step 2 is made of micro-batches 4 and 5: the first of them has the NaN loss.
+    module = tiny_lightning_module(lambda module: None)
+    module.training_step = lambda batch, batch_idx: nn.functional.mse_loss(  # type: ignore[method-assign]
+        module.lit_head(torch.relu(module.lit_encoder(batch[0]))), batch[1]
+    ) * (NAN if batch_idx == 4 else 1.0)
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    after = overflow_counts()
+    assert shared("gradtel_nonfinite_loss_updates_total") - losses_before == 1
+    assert after["unhealthy"] - before["unhealthy"] == 1
+    assert after["amp"] - before["amp"] == 0

@@ -21,13 +21,20 @@ micro-batch), counting the gradients accumulated so far.
 
 from __future__ import annotations
 
+import logging
+import operator
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
 
 import torch
 
-__all__ = ["Attachment", "Collector", "at_end_of_backward", "attach", "steps_taken"]
+from ._ratelimit import RateLimitedLog
+from .watched import registrations
+
+__all__ = ["Attachment", "Collector", "at_end_of_backward", "attach", "steps_taken", "summed_loss"]
+
+_log = RateLimitedLog(logging.getLogger("gradtel"))
 
 
 class Collector(Protocol):
@@ -114,22 +121,140 @@ def attach(
 
     attachment._undo.append(optimizer.register_step_post_hook(count_step).remove)
     attachment._undo.append(optimizer.register_load_state_dict_post_hook(resumed).remove)
-    collect = _Stepped(monitor, taken, step, loss)
     if scan == "backward":
+        collect = _Stepped(monitor, taken, step, None, None)
         attachment._undo.append(at_end_of_backward(monitor.parameters, collect).remove)
-    elif scaler is not None and scaler.is_enabled():
-        _around_scaler(collect, scaler, optimizer, attachment)
-    else:
-        # Counted as backward left them, published before the step: code in between
-        # (clipping with a non-finite norm turns every gradient into NaN) changes nothing.
-        look = monitor._look if loss is None else lambda: monitor._look(loss())
-        attachment._undo.append(at_end_of_backward(monitor.parameters, look).remove)
+        return attachment
+    looks = scaler is None or not scaler.is_enabled()
+    passes = _Passes.of(monitor, attachment, looks, loss)
+    collect = _Stepped(monitor, taken, step, passes, optimizer)
+    if not looks:
+        _around_scaler(collect, scaler, optimizer, attachment)  # type: ignore[arg-type]
+        return attachment
 
-        def before_step(*args: Any) -> None:
+    def before_step(opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # With a closure (LBFGS), backward runs inside step(): collect after its first call.
+        # (``args`` starts with the optimizer itself.)
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
             collect()
+            return None
+        called = [False]
 
-        attachment._undo.append(optimizer.register_step_pre_hook(before_step).remove)
+        def collecting_closure() -> Any:
+            result = closure()
+            if not called[0]:
+                called[0] = True
+                collect()
+            return result
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": collecting_closure}
+        return (args[0], collecting_closure, *args[2:]), kwargs
+
+    attachment._undo.append(optimizer.register_step_pre_hook(before_step).remove)
     return attachment
+
+
+class _Passes:
+    """The backward passes through one monitor's parameters, shared by its attachments:
+    without an enabled scaler each pass ends with a look at the gradients as backward left
+    them (``monitor._look``); the losses of an update's micro-batches are summed (a NaN in
+    any of them stays NaN); and an update is collected once, by the first optimizer to step
+    after a pass, however many optimizers share the model."""
+
+    _of: weakref.WeakKeyDictionary[Any, _Passes] = weakref.WeakKeyDictionary()
+
+    def __init__(self, monitor: Collector) -> None:
+        self.monitor = monitor
+        self.count = 0
+        self.collected: tuple[int, int] | None = None
+        """The optimizer (its id) that collected last, and the pass it collected."""
+        self.looks = False
+        self.loss_fn: Callable[[], torch.Tensor | None] | None = None
+        self.loss: torch.Tensor | None = None
+        self.users = 0
+        self._registrations = registrations()
+        self._armed = Attachment()
+        self._armed_for: tuple[torch.Tensor, ...] = ()
+        self._watching = Attachment()
+
+    @classmethod
+    def of(
+        cls, monitor: Collector, attachment: Attachment, looks: bool, loss: Callable[[], torch.Tensor | None] | None
+    ) -> _Passes:
+        passes = cls._of.get(monitor)
+        if passes is None:
+            passes = cls._of[monitor] = cls(monitor)
+        passes.users += 1
+        passes.looks = passes.looks or looks
+        passes.loss_fn = loss or passes.loss_fn
+        refresh = getattr(monitor, "refresh", None)
+        if refresh is not None:
+            refresh()  # a layer replaced since the last update is watched, and armed, now
+        passes.arm()
+        module = getattr(monitor, "_module", None)
+        if isinstance(module, torch.nn.Module) and not passes._watching._undo:
+            # A layer replaced between two updates gets its hook before the next backward.
+            passes._watching._undo.append(module.register_forward_pre_hook(passes.rearm).remove)
+        attachment._undo.append(passes.release)
+        return passes
+
+    def arm(self) -> None:
+        params = tuple(self.monitor.parameters)
+        same = len(params) == len(self._armed_for) and all(a is b for a, b in zip(params, self._armed_for))
+        if not same or not self._armed._undo:
+            self._armed.remove()
+            self._armed = at_end_of_backward(params, self._ended)
+            self._armed_for = params
+
+    def rearm(self, *args: Any) -> None:
+        if self._registrations == registrations():  # the usual forward: nothing was replaced
+            return
+        self._registrations = registrations()
+        refresh = getattr(self.monitor, "refresh", None)
+        if refresh is not None and refresh():
+            self.arm()
+
+    def _ended(self) -> None:
+        self.count += 1
+        if self.loss_fn is not None:
+            try:
+                self.loss = summed_loss(self.loss, self.loss_fn())
+            except Exception as exc:  # noqa: BLE001 (telemetry never breaks training)
+                _log.log("loss", logging.ERROR, "gradtel: attach(loss=...) failed, the loss is not read: %r", exc)
+        if self.looks:
+            self.monitor._look(self.loss)
+
+    def due(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether ``optimizer`` collects now: not when another optimizer already collected
+        the gradients of the latest pass (two optimizers over one model)."""
+        if self.collected is not None and self.collected[1] == self.count and self.collected[0] != id(optimizer):
+            return False
+        self.collected = (id(optimizer), self.count)
+        return True
+
+    def take_loss(self) -> torch.Tensor | None:
+        loss, self.loss = self.loss, None
+        return loss
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            self._armed.remove()
+            self._watching.remove()
+            self._of.pop(self.monitor, None)
+
+
+def summed_loss(total: torch.Tensor | None, loss: object) -> torch.Tensor | None:
+    """The losses of an update's micro-batches so far, summed on the device (no host read):
+    the sum is non-finite when any of them was."""
+    if not isinstance(loss, torch.Tensor):
+        loss = None if loss is None else torch.as_tensor(loss, dtype=torch.float64)
+    if loss is None:
+        return total
+    loss = loss.detach().double().sum()
+    return loss if total is None else total + loss.to(total.device)
 
 
 def steps_taken(optimizer: torch.optim.Optimizer) -> int:
@@ -149,13 +274,28 @@ class _Stepped:
         monitor: Collector,
         taken: list[int],
         step: Callable[[], int] | None,
-        loss: Callable[[], torch.Tensor | None] | None,
+        passes: _Passes | None,
+        optimizer: torch.optim.Optimizer | None,
     ) -> None:
-        self.monitor, self.taken, self.step, self.loss = monitor, taken, step, loss
+        self.monitor, self.taken, self.step = monitor, taken, step
+        self.passes, self.optimizer = passes, optimizer
 
     def __call__(self, scaler: torch.amp.GradScaler | None = None) -> object:
-        step = self.taken[0] + 1 if self.step is None else self.step()
-        loss = None if self.loss is None else self.loss()
+        loss = None
+        if self.passes is not None and self.optimizer is not None:
+            if not self.passes.due(self.optimizer):
+                return None
+            loss = self.passes.take_loss()
+        step = self.taken[0] + 1
+        if self.step is not None:
+            try:
+                step = operator.index(self.step())  # an int, a NumPy integer, an integer tensor
+            except Exception as exc:  # noqa: BLE001 (telemetry never breaks training)
+                _log.log(
+                    "step", logging.ERROR,
+                    "gradtel: attach(step=...) gave no whole number (%r); numbering by the "
+                    "optimizer's steps instead", exc,
+                )  # fmt: skip
         return self.monitor.collect(scaler=scaler, step=step, loss=loss)
 
 

@@ -9,7 +9,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -224,6 +224,7 @@ class GradMonitor:
         self._looked: _Update | GradHealth | None = None
         """What :meth:`_look` saw at the end of the latest backward pass, not collected yet."""
         self._looked_origin: torch.Tensor | None = None
+        self._looked_grads: tuple[torch.Tensor | None, ...] = ()
         if self.readout == "deferred":
             self._telemetry.activity.deferred.add(self)  # a scrape publishes, the exit wait flushes
             _flush_at_exit_too(self)
@@ -376,8 +377,13 @@ class GradMonitor:
             started = time.perf_counter()
             looked, looked_origin = self._looked, self._looked_origin
             self._looked = self._looked_origin = None
-            if loss is not None and looked is not None and not _has_loss(looked):
-                looked = None  # a loss the look did not see: scan now, with it
+            if looked is not None and not (
+                _same(self._looked_grads, [p.grad for p in self._params])
+                and (loss is None or _has_loss(looked))
+            ):
+                # Gradients replaced since backward (not rewritten in place), or a loss the look
+                # did not see: scan now.
+                looked = None
             self._telemetry.note_collect()
             self._step += 1
             self._training_step = self._step if step is None else step
@@ -515,6 +521,7 @@ class GradMonitor:
         :attr:`healthy` is True again, and the next unhealthy update is a new incident (its
         own first bad layer and step on ``gradtel_first_bad_layer``; the older incidents'
         series are set to 0)."""
+        self.flush()  # a pending unhealthy update belongs to the weights rolled back
         self._weights.reset()
         self._guarded("record", self._telemetry.forget_incidents)
 
@@ -624,6 +631,7 @@ class GradMonitor:
                 if isinstance(looked, _Update) and looked.launched.exact is None:
                     looked = self._read_out(looked)  # done when queued: read it now, for free
                 self._looked = looked
+                self._looked_grads = tuple(p.grad for p in self._params)
             except Exception as exc:  # the next collect() scans as it always did
                 self._looked = None
                 self._failed("scan", exc)
@@ -668,6 +676,12 @@ class GradMonitor:
             summary = l2 if summary is None else summary
         if total_norm is None and self.grad_norm and l2 is not None:
             total_norm = total_norm_of(l2)
+        if not dense and (self._layer_norms or (self.grad_norm and total_norm is None)):
+            self._error_log.log(
+                "sparse_norms", logging.WARNING,
+                "gradtel: step %d has sparse gradients: grad_norm and layer_norms are not "
+                "computed for it (the NaN/Inf counts are)", step,
+            )  # fmt: skip
         # Sparse gradients change size every update: plan them anew each time.
         slots = present if dense else None
         norm = None if total_norm is None else total_norm.detach().reshape(1)
@@ -873,6 +887,11 @@ def _added(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | Non
     if a is None or b is None:
         return a if b is None else b
     return a + b.to(a.device)
+
+
+def _same(a: Sequence[object], b: Sequence[object]) -> bool:
+    """The same objects, one by one (identity: ``==`` on tensors compares their elements)."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def _has_loss(looked: _Update | GradHealth) -> bool:

@@ -265,10 +265,12 @@ class _Instruments:
             yield Observation(norm, source.labels)
 
     def _observe_norm_peak(self, options: CallbackOptions) -> Iterable[Observation]:
-        for source, _ in self._latest_norms():
-            peak = source.norm_peak()
-            if peak is not None:  # none in the window: no peak, rather than an old one
-                yield Observation(peak, source.labels)
+        for sources in self._by_labels().values():
+            # The largest of the monitors sharing these labels (a GAN's two, say); none in
+            # the window: no peak, rather than an old one.
+            peak = max((p for p in (s.norm_peak() for s in sources) if p is not None), default=None)
+            if peak is not None:
+                yield Observation(peak, sources[0].labels)
 
     def _latest_norms(self) -> Iterable[tuple[GradTelemetry, float]]:
         """Per set of labels, the monitor that recorded a norm last, and its norm (none: no series yet)."""

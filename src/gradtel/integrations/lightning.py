@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..hooks import summed_loss
 from . import Session
 
 __all__ = ["GradtelCallback"]
@@ -95,7 +96,8 @@ class GradtelCallback(Callback):
         return guarded
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
-        self._loss = loss.detach()  # said in the page when the NaN was already in the loss
+        # Said in the page when the NaN was already in the loss, of any micro-batch of the update.
+        self._loss = summed_loss(self._loss, loss)
 
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer
@@ -104,6 +106,7 @@ class GradtelCallback(Callback):
         # "16-mixed" the precision plugin's scaler has just unscaled, and skips overflows.
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self.session.collect(loss=self._loss, step=trainer.global_step + 1, scaler=scaler)
+        self._loss = None
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":

@@ -7,8 +7,9 @@ clipping. A cycle cut short at the end of an epoch is counted at
 ``on_pre_optimizer_step`` instead (after clipping, when clipping is on).
 
 The Trainer shows callbacks no loss, so the callback keeps the ``loss`` of the
-model's own output (Hugging Face models compute it when given labels): the
-update's last micro-batch's, as Lightning's callback does. A loss computed
+model's own output (Hugging Face models compute it when given labels), summed
+over the update's micro-batches, as Lightning's callback does: a NaN loss in any
+of them is said. A loss computed
 outside the model (a custom ``compute_loss``) is not seen.
 
 With fp16 on an accelerator, accelerate's optimizer wrapper holds a ``GradScaler``:
@@ -27,7 +28,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..hooks import Attachment, at_end_of_backward
+from ..hooks import Attachment, at_end_of_backward, summed_loss
 from . import Session
 
 __all__ = ["GradtelTrainerCallback"]
@@ -79,7 +80,8 @@ class GradtelTrainerCallback(TrainerCallback):
     def _keep_loss(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         loss = output.get("loss") if isinstance(output, Mapping) else None
         if isinstance(loss, torch.Tensor) and module.training:
-            self._loss = loss.detach()  # said in the page when the NaN was already in the loss
+            # Said in the page when the NaN was already in the loss, of any micro-batch.
+            self._loss = summed_loss(self._loss, loss)
 
     def _end_of_backward(self) -> None:
         self._backwards += 1
