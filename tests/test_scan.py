@@ -35,7 +35,9 @@ def gradients(draw: st.DrawFn) -> torch.Tensor:
     numel = math.prod(shape)
     tensor = torch.randn(shape, dtype=dtype)
     flat = tensor.view(-1)
-    specials = st.sampled_from([NAN, INF, -INF, 1e38])  # 1e38 sums past fp32's range
+    # A huge finite value sums past its dtype's range (fp32's, or fp16's largest).
+    huge = min(1e38, torch.finfo(tensor.real.dtype if dtype in COMPLEX else dtype).max)
+    specials = st.sampled_from([NAN, INF, -INF, huge])
     for index in draw(st.lists(st.integers(0, max(numel - 1, 0)), max_size=8)) if numel else []:
         value = draw(specials)
         if dtype in COMPLEX:

@@ -9,6 +9,7 @@ import inspect
 import json
 import logging
 import math
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -441,7 +442,10 @@ def test_labels_are_the_users_module_paths_whatever_the_wrapper(provider: MeterP
         gc.collect()
     assert gradtel.layer_name("layers.0._fsdp_wrapped_module.attn.weight") == "layers.0.attn"
 
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    with socket.socket() as probe:  # a free port for the one-rank group's store
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         ddp = nn.parallel.DistributedDataParallel(Net())
         assert GradMonitor(ddp, meter_provider=provider).layers == expected
