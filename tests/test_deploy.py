@@ -13,6 +13,7 @@ from gradtel.cli import main
 from gradtel.render import KitOptions, render_kit, write_kit
 
 from .conftest import require_tool
+from .prometheus_versions import prometheus_bin  # noqa: F401 (a fixture)
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"
@@ -37,8 +38,8 @@ def test_committed_kit_equals_the_default_render() -> None:
     )
 
 
-def test_promtool_checks_and_unit_tests_the_committed_rules() -> None:
-    promtool = require_tool("promtool", "prometheus")
+def test_promtool_checks_and_unit_tests_the_committed_rules(prometheus_bin: Path) -> None:  # noqa: F811
+    promtool = str(prometheus_bin / "promtool")
     checked = run(promtool, "check", "rules", "gradtel-rules.yml")
     assert checked.returncode == 0 and "SUCCESS: 11 rules found" in checked.stdout, checked.stderr
     tested = run(promtool, "test", "rules", "gradtel-rules.test.yml")
@@ -116,8 +117,8 @@ def test_scrape_configs_are_valid_and_wire_the_rules() -> None:
     assert ranks["file_sd_configs"][0]["files"] == ["targets/*.json"]
 
 
-def test_scale_out_configs_are_valid_and_their_commands_are_the_tested_ones() -> None:
-    promtool = require_tool("promtool", "prometheus")
+def test_scale_out_configs_are_valid_and_their_commands_are_the_tested_ones(prometheus_bin: Path) -> None:  # noqa: F811
+    promtool = str(prometheus_bin / "promtool")
     scale_out = DEPLOY / "scale-out"
     for config, flags in (("prometheus-agent.yml", ["--agent"]), ("central-prometheus.yml", [])):
         checked = run(promtool, "check", "config", *flags, config, cwd=scale_out)
@@ -126,7 +127,7 @@ def test_scale_out_configs_are_valid_and_their_commands_are_the_tested_ones() ->
     assert agent["scrape_configs"][0]["file_sd_configs"][0]["files"] == ["../prometheus/targets/*.json"]
     assert agent["remote_write"][0]["queue_config"]["batch_send_deadline"] == "1s"
     readme = (scale_out / "README.md").read_text()
-    for flag in ("--enable-feature=agent", "--web.enable-remote-write-receiver", "-search.latencyOffset=12s",
+    for flag in ("--agent \\", "--enable-feature=agent", "--web.enable-remote-write-receiver", "-search.latencyOffset=12s",
                  "-evaluationInterval=5s", "-remoteWrite.url=http://victoria-metrics:8428"):  # fmt: skip
         assert flag in readme, flag
     # The page is complete with the default resend delays, which the kit keeps.
@@ -191,8 +192,10 @@ def test_every_alert_links_an_anchor_of_the_runbook() -> None:
             assert alert["for"] == "10s" and "increase(gradtel_unhealthy_updates_total" in alert["expr"]
 
 
-def test_other_thresholds_render_a_consistent_kit_that_passes_its_own_tests(tmp_path: Path) -> None:
-    promtool = require_tool("promtool", "prometheus")
+def test_other_thresholds_render_a_consistent_kit_that_passes_its_own_tests(
+    tmp_path: Path, prometheus_bin: Path  # noqa: F811
+) -> None:
+    promtool = str(prometheus_bin / "promtool")
     assert main(
         ["render", "--out", str(tmp_path), "--warning", "2", "--critical", "10",
          "--window", "5m", "--stall-after", "3m", "--job", "trainer", "--amp-skip-ratio", "0.25",

@@ -1,6 +1,6 @@
 """The rule tests catch what they were written for: rules rendered with a known defect fail
 exactly the histories that show it (a failed scrape, a Prometheus gap, a restart, a rollback,
-the ranks' scrapes of one update spread over a scrape interval)."""
+the ranks' scrapes of one update spread over a scrape interval), on Prometheus 2.x and 3.x alike."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from gradtel.metrics import FIRST_BAD_LAYER
 from gradtel.render import KitOptions, prometheus, write_kit
 
-from .conftest import require_tool
+from .prometheus_versions import prometheus_bin  # noqa: F401 (a fixture)
 
 
 COUNTED = prometheus._counted
@@ -83,9 +83,9 @@ DEFECTS: dict[str, tuple[dict[str, Callable[..., str | list[str]]], Callable[[st
 
 @pytest.mark.parametrize("defect", DEFECTS)
 def test_rules_with_a_known_defect_fail_the_histories_that_show_it(
-    defect: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    defect: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prometheus_bin: Path  # noqa: F811
 ) -> None:
-    promtool = require_tool("promtool", "prometheus")
+    promtool = prometheus_bin / "promtool"
     helpers, edit, expected = DEFECTS[defect]
     for name, helper in helpers.items():
         monkeypatch.setattr(prometheus, name, helper)

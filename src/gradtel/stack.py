@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -28,7 +29,7 @@ import yaml
 
 from .render import KitOptions, render_kit, scale_out
 
-__all__ = ["Page", "Stack", "StackTimings", "ToolMissingError", "WebhookReceiver", "find_tool"]
+__all__ = ["Page", "Stack", "StackTimings", "ToolMissingError", "WebhookReceiver", "find_tool", "prometheus_version"]
 
 INSTALL_HINT = "apt-get install -y --no-install-recommends prometheus prometheus-alertmanager"
 VICTORIAMETRICS_HINT = "apt-get install -y --no-install-recommends victoria-metrics"
@@ -45,6 +46,16 @@ def find_tool(*names: str, hint: str = INSTALL_HINT) -> str:
         if found:
             return found
     raise ToolMissingError(f"{' or '.join(names)} not found on PATH; on Debian/Ubuntu: `sudo {hint}`")
+
+
+def prometheus_version(binary: str) -> tuple[int, ...]:
+    """The version of a Prometheus binary, from ``binary --version``: flags differ between
+    2.x and 3.x (the agent mode)."""
+    said = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30)
+    found = re.search(r"version (\d+)\.(\d+)\.(\d+)", said.stdout + said.stderr)
+    if found is None:
+        raise RuntimeError(f"cannot tell the version of {binary}: {said.stdout + said.stderr!r}")
+    return tuple(int(part) for part in found.groups())
 
 
 def free_port() -> int:
@@ -171,6 +182,8 @@ class Stack:
             remote-writes to the store (the kit's ``scale-out/`` set-up).
         also_write: More remote-write URLs for the agent (another stack's
             :attr:`write_url`), so that one agent feeds several stores.
+        prometheus: The Prometheus binary (2.x or 3.x) of the store and the agent;
+            ``prometheus`` on ``PATH`` when not given.
     """
 
     targets: Sequence[str]
@@ -182,6 +195,7 @@ class Stack:
     store: Store = "prometheus"
     agent: bool = False
     also_write: Sequence[str] = ()
+    prometheus: str | None = None
 
     def __post_init__(self) -> None:
         if self.store not in ("prometheus", "victoriametrics"):
@@ -191,7 +205,7 @@ class Stack:
         if self.also_write and not self.agent:
             raise ValueError("also_write is where the agent writes too: pass agent=True")
         if self.store == "prometheus" or self.agent:
-            self.prometheus_bin = find_tool("prometheus")
+            self.prometheus_bin = self.prometheus or find_tool("prometheus")
         if self.store == "victoriametrics":
             self.victoriametrics_bin = find_tool("victoria-metrics", hint=VICTORIAMETRICS_HINT)
             self.vmalert_bin = find_tool("vmalert", hint=VICTORIAMETRICS_HINT)
@@ -218,7 +232,16 @@ class Stack:
 
     def start(self, timeout: float = 60) -> Stack:
         """Write the configs, start the receiver, Alertmanager, the store and the agent,
-        and wait until they are ready."""
+        and wait until they are ready. When a part fails to start, everything started is
+        stopped before the error is raised: no process is left behind."""
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, timeout: float) -> None:
         self.receiver = WebhookReceiver(self.on_page)
         t = self.timings
         kit = render_kit(
@@ -256,7 +279,7 @@ class Stack:
                 [
                     self.prometheus_bin,
                     f"--config.file={config / 'agent.yml'}",
-                    *scale_out.agent_flags(),
+                    *scale_out.agent_flags(prometheus_version(self.prometheus_bin)),
                     f"--storage.agent.path={self.root / 'agent-data'}",
                     f"--web.listen-address=127.0.0.1:{agent_port}",
                 ],
@@ -264,7 +287,6 @@ class Stack:
             ready["agent"] = f"http://127.0.0.1:{agent_port}/-/ready"
         for name, url in ready.items():
             self._wait_ready(name, url, timeout)
-        return self
 
     def _start_prometheus(self, kit: dict[str, str], config: Path) -> None:
         if self.agent:  # the central Prometheus: the agent's samples arrive by remote write
@@ -371,7 +393,8 @@ class Stack:
             return result
 
     def stop(self) -> None:
-        """Stop every process by its PID and remove the temporary folder."""
+        """Stop every process by its PID and remove the temporary folder; safe to call
+        again, and after a failed :meth:`start`."""
         # Last started first: an agent stops before the store it writes to, which it would
         # otherwise keep retrying until its flush deadline.
         for process in reversed(list(self.processes.values())):
@@ -388,11 +411,7 @@ class Stack:
             shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> Stack:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
+        return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()

@@ -15,6 +15,7 @@ from .prometheus import scrape_config
 
 __all__ = [
     "AGENT_BATCH_DEADLINE",
+    "AGENT_FLAGS",
     "VM_LATENCY_OFFSET",
     "agent_config",
     "agent_flags",
@@ -39,8 +40,14 @@ CENTRAL_PROMETHEUS_WRITE_URL = "http://central-prometheus:9090/api/v1/write"
 VICTORIAMETRICS_WRITE_URL = "http://victoria-metrics:8428/api/v1/write"
 
 
-def agent_flags() -> list[str]:
-    return ["--enable-feature=agent"]
+AGENT_FLAGS = {2: "--enable-feature=agent", 3: "--agent"}
+"""Prometheus' agent mode, by major version: 3.0 replaced the feature flag by ``--agent``,
+which 2.x refuses."""
+
+
+def agent_flags(version: tuple[int, ...] = (3,)) -> list[str]:
+    """The flags of a Prometheus agent of ``version`` (``prometheus --version``)."""
+    return [AGENT_FLAGS[2] if version[0] < 3 else AGENT_FLAGS[3]]
 
 
 def central_prometheus_flags() -> list[str]:
@@ -130,6 +137,9 @@ each agent its share of the targets.
 ```
 {agent}
 ```
+
+`{AGENT_FLAGS[3]}` is Prometheus 3.x's agent mode; Prometheus 2.x (Debian 12's 2.42) takes
+`{AGENT_FLAGS[2]}` instead, which 3.0 removed.
 
 `batch_send_deadline: {AGENT_BATCH_DEADLINE}` in its `remote_write`: a rank's few dozen series
 never fill a batch, and the default deadline (5 s) would add 5 s to every page.
