@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The collector's tests on the other torch releases gradtel supports: the oldest that
+# pyproject.toml declares and the newest this machine installs. Each gets a virtual
+# environment of its own (.venv-torch-VERSION, kept between runs). On Linux x86-64 PyPI
+# has only CUDA builds of torch: about 3 GB to fetch for the oldest, which runs on the
+# CPU all the same; the newest comes from this machine's local wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+oldest=$(sed -n 's/.*"torch>=\([0-9.]*\)".*/\1/p' pyproject.toml)
+case "$oldest" in *.*.*) ;; *) oldest="$oldest.0" ;; esac
+newest=${GRADTEL_NEWEST_TORCH:-2.14.1}
+# The collector, its telemetry and its endpoint; not the framework callbacks (their
+# libraries pin torch versions of their own) nor the deploy kit's real servers.
+core=(
+  tests/test_scan.py tests/test_monitor.py tests/test_health.py tests/test_hooks.py
+  tests/test_steps.py tests/test_deferred.py tests/test_clip_and_sampling.py
+  tests/test_grad_norm.py tests/test_checkpoints.py tests/test_loops.py tests/test_layers.py
+  tests/test_combinations.py tests/test_trust.py tests/test_crash.py tests/test_contract.py
+  tests/test_exporter.py
+)
+for version in "$oldest" "$newest"; do
+  venv=.venv-torch-$version
+  [ -x "$venv/bin/python" ] || "${PYTHON:-python3}" -m venv "$venv"
+  if ! "$venv/bin/python" -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$version')" 2>/dev/null; then
+    echo "other-torch: installing torch==$version into $venv" >&2
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "torch==$version"
+  fi
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[deploy]' pytest hypothesis
+  echo "other-torch: the collector's tests on torch $version" >&2
+  "$venv/bin/python" -m pytest -p no:cacheprovider -q "${core[@]}" \
+    -k "not lightning and not hugging_face and not transformers"
+done
