@@ -4,7 +4,8 @@ origin counter moves, torchrun's SIGTERM to the other ranks loses nothing, and a
 Prometheus and Alertmanager with the rendered kit deliver exactly one page for the incident:
 scraping the ranks directly, or through the kit's scale-out set-up (a Prometheus agent
 remote-writing to a central Prometheus and to VictoriaMetrics with vmalert). FSDP's
-flavours find the origin rank too."""
+flavours find the origin rank too, and every flavour keeps finding it with gradient
+accumulation, a reduce-scatter of the application's own and a monitor created again."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -212,6 +214,108 @@ def test_fsdp_counts_each_rank_before_the_reduce_scatter_in_both_flavours() -> N
     assert [(r["healthy"], r["allowed"]) for r in agreed] == [(True, False), (False, False)], said
 
 
+def torchrun(script: str, *args: str, ranks: int = 2) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+         str(Path(__file__).with_name(script)), *args],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def origins() -> dict[str, list[dict[str, Any]]]:
+    """``origin_trainer.py``'s scenarios, each rank's line in rank order."""
+    run = torchrun("origin_trainer.py")
+    assert run.returncode == 0, run.stderr[-3000:]
+    said: dict[str, list[dict[str, Any]]] = {}
+    for line in run.stdout.splitlines():
+        if line.startswith("{"):
+            one = json.loads(line)
+            said.setdefault(one["scenario"], []).append(one)
+    return {scenario: sorted(ranks, key=lambda r: r["rank"]) for scenario, ranks in said.items()}
+
+
+FLAVOURS = [
+    "DistributedDataParallel",
+    "FullyShardedDataParallel",
+    "FullyShardedDataParallel/NO_SHARD",
+    "fully_shard",
+]
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_backward_passes_accumulated_without_no_sync_count_the_origin_on_its_own_rank(
+    origins: dict[str, list[dict[str, Any]]], flavour: str
+) -> None:
+    """Every backward pass is reduced, and the next adds onto the reduced gradients: the NaN
+    rank 1 had in the first is in every rank's second, yet it is rank 1's alone."""
+    ranks = origins[f"accumulation/{flavour}"]
+    assert [r["rank"] for r in ranks] == [0, 1], ranks
+    (healthy, bad, after), (healthy_1, bad_1, after_1) = (r["updates"] for r in ranks)
+    assert [u["local"] for u in (healthy, after, healthy_1, after_1)] == [[0, 0]] * 4, ranks
+    assert bad["local"] == [0, 0] and bad_1["local"][0] > 0 and bad_1["local"][1] == 0, ranks
+    assert bad["nan"] + bad_1["nan"] > 0, ranks  # the reduced gradients carry it
+    assert [r["origins"] for r in ranks] == [[0, 0], [1, 0]], ranks
+
+
+def test_accumulated_backward_passes_collected_by_attach_count_the_origin_on_its_own_rank(
+    origins: dict[str, list[dict[str, Any]]],
+) -> None:
+    """``monitor.attach(optimizer)`` counts at the end of every backward pass of the update."""
+    assert [r["origins"] for r in origins["attached"]] == [[0, 0], [1, 0]], origins["attached"]
+
+
+def test_a_later_backward_pass_leaves_out_only_the_buckets_a_reduction_made_non_finite(
+    origins: dict[str, list[dict[str, Any]]],
+) -> None:
+    """DDP, one bucket per parameter: rank 1's own NaN in ``2.weight`` in the first backward
+    pass, rank 0's own Inf in ``0.weight`` in the second; each rank counts its own only."""
+    ranks = origins["buckets"]
+    assert [[u["local"] for u in r["updates"]] for r in ranks] == [
+        [[0, 0], [0, 32], [0, 0]],  # 0.weight: 8 x 4 Inf
+        [[0, 0], [8, 0], [0, 0]],  # 2.weight: 1 x 8 NaN
+    ], ranks
+    assert [r["origins"] for r in ranks] == [[0, 1], [1, 0]], ranks
+
+
+@pytest.mark.parametrize("flavour", [f for f in FLAVOURS if "NO_SHARD" not in f])
+def test_a_monitor_created_again_on_the_same_model_finds_the_origin(
+    origins: dict[str, list[dict[str, Any]]], flavour: str
+) -> None:
+    """``monitor.close(); monitor = GradMonitor(model)``: torch keeps gradtel's hook, which now
+    feeds the new monitor, and no longer the closed one."""
+    ranks = origins[f"again/{flavour}"]
+    assert [r["log"] for r in ranks] == ["", ""], ranks  # no "already has a communication hook"
+    (healthy, bad), (healthy_1, bad_1) = (r["updates"] for r in ranks)
+    assert [healthy["local"], bad["local"], healthy_1["local"]] == [[0, 0]] * 3, ranks
+    assert bad_1["local"][0] > 0 and bad_1["local"][1] == 0, ranks
+    assert [r["origins"] for r in ranks] == [[0, 0], [1, 0]], ranks
+    assert [r["closed_fed"] for r in ranks] == [False, False], ranks
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_fully_shard_counts_around_the_applications_own_reduce_scatter(
+    origins: dict[str, list[dict[str, Any]]], when: str
+) -> None:
+    """``set_custom_reduce_scatter`` before or after ``GradMonitor(model)``: the application's
+    reduce-scatter does the reduction, gradtel counts what goes into it."""
+    ranks = origins[f"custom_reduce_scatter/{when}"]
+    assert [r["calls"] for r in ranks] == [4, 4], ranks  # 2 sharded modules, 2 updates
+    assert [r["updates"][1]["local"][0] > 0 for r in ranks] == [False, True], ranks
+    assert [r["origins"] for r in ranks] == [[0, 0], [1, 0]], ranks
+
+
+def test_a_nan_in_a_sampled_out_update_is_no_origin_of_the_next(
+    origins: dict[str, list[dict[str, Any]]],
+) -> None:
+    """``sample_every=2`` scans updates 1, 3 and 5; rank 1's NaN in update 2 is not counted in
+    update 3, its NaN in update 5 is."""
+    ranks = origins["sampled"]
+    assert [r["origins"] for r in ranks] == [[0, 0, 0, 0, 0], [0, 0, 0, 0, 1]], ranks
+    assert [[u["local"] for u in r["updates"]][2] for r in ranks] == [[0, 0], [0, 0]], ranks
+
+
 @pytest.fixture
 def one_rank_group() -> Iterator[None]:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
@@ -275,3 +379,75 @@ def test_a_loss_that_is_not_a_tensor_is_refused() -> None:
     monitor = gradtel.GradMonitor(model, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()))
     with pytest.raises(TypeError, match=r"loss must be a tensor or None, got 1.5 \(float\)"):
         monitor.collect(loss=1.5)  # type: ignore[arg-type]
+
+
+def test_a_new_monitor_counts_through_the_ddp_comm_hook_the_application_registered(
+    one_rank_group: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    ddp = nn.parallel.DistributedDataParallel(net())
+    provider = gradtel.prometheus_meter_provider(CollectorRegistry())
+    first = gradtel.GradMonitor(ddp.module, meter_provider=provider)
+    hook = gradtel.ddp_comm_hook(first, inner=default_hooks.fp16_compress_hook)
+    ddp.register_comm_hook(None, hook)
+    first.close()
+    with caplog.at_level(logging.WARNING, logger="gradtel"):
+        second = gradtel.GradMonitor(
+            ddp, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()), on_critical="ignore"
+        )
+    assert caplog.text == ""
+    x = torch.randn(4, 4)
+    x[0, 0] = float("nan")
+    ddp(x).sum().backward()
+    health = second.collect()
+    assert health.local_nan_total == health.nan_total > 0
+
+
+def test_fully_shard_on_a_torch_without_custom_reduce_scatters_says_once_that_the_origin_is_unknown(
+    one_rank_group: None, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    monkeypatch.delattr(FSDPModule, "set_custom_reduce_scatter")  # torch before 2.9
+    monkeypatch.setattr(gradtel.origin, "_said", set(), raising=False)
+    with caplog.at_level(logging.WARNING, logger="gradtel"):
+        for _ in range(2):
+            model = net()
+            fully_shard(model)
+            monitor = gradtel.GradMonitor(model, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()))
+            model(torch.randn(4, 4)).sum().backward()
+            assert monitor.collect().local_nan_total is None
+            monitor.close()
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "needs torch >= 2.9" in said[0], said
+
+
+def test_gradtel_imports_on_a_torch_without_fully_shards_reduce_scatter_classes() -> None:
+    """torch before 2.9 has neither ``ReduceScatter`` nor ``DefaultReduceScatter``."""
+    code = (
+        "from torch.distributed.fsdp._fully_shard import _fsdp_api, _fsdp_collectives\n"
+        "del _fsdp_api.ReduceScatter, _fsdp_collectives.DefaultReduceScatter\n"
+        "import gradtel\n"
+        "print('imported')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (run.returncode, run.stdout) == (0, "imported\n"), run.stderr[-3000:]
+
+
+def test_a_nan_reduced_in_one_backward_pass_is_counted_once_in_the_update(one_rank_group: None) -> None:
+    ddp = nn.parallel.DistributedDataParallel(net())
+    monitor = gradtel.GradMonitor(
+        ddp, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()), on_critical="ignore"
+    )
+
+    def update(passes: int, bad: bool = True) -> int | None:
+        """This rank's own NaN count in one update of ``passes`` backward passes, a NaN in the first."""
+        torch.manual_seed(1)
+        ddp.zero_grad()
+        for index in range(passes):
+            x = torch.randn(4, 4)
+            x[1, 2] = float("nan") if bad and index == 0 else x[1, 2]
+            ddp(x).sum().backward()  # the second pass adds onto the reduced NaN of the first
+        return monitor.collect().local_nan_total
+
+    once = update(1)
+    assert once and update(2) == once and update(2, bad=False) == 0 and update(3) == once

@@ -11,13 +11,27 @@ with the update's own read-out.
 - FSDP, the older wrapper (``FullyShardedDataParallel``): its communication
   hook, registered on the root before the first forward; not offered by torch
   for the hybrid sharding strategies.
-- FSDP, ``fully_shard``: a custom reduce-scatter (``set_custom_reduce_scatter``)
-  on each sharded module; it is not called in a one-rank group.
+- FSDP, ``fully_shard``: a counting wrapper around each sharded module's
+  reduce-scatter, kept around whatever reduce-scatter the application sets
+  later; it is not called in a one-rank group.
+
+Gradient accumulation without ``no_sync()``: DDP (and the FSDP wrapper without
+sharding) reduce every micro-batch, and the next micro-batch's gradients add
+onto the reduced values, so a NaN that one rank reduced in micro-batch 1 is in
+every rank's bucket in micro-batch 2. The hook keeps, per bucket, a device flag
+"the reduction left it non-finite", and a later micro-batch of the same update
+does not count that bucket again. The sharded flavours reduce only the current
+backward's own gradients.
+
+DDP and FSDP keep a communication hook for good: gradtel's hook stays on the
+model and feeds the counters of the monitors that watch it now. ``close()``
+detaches a monitor (the hook then only reduces), and a new monitor on the same
+model attaches to the same hook.
 """
 
 # No `from __future__ import annotations`: DDP checks a hook's annotations as objects.
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Optional
 
 import torch
@@ -26,15 +40,27 @@ from torch._C._distributed_c10d import GradBucket
 from torch.distributed.algorithms._comm_hooks import default_hooks as fsdp_hooks
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
-from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
 from torch.nn.parallel import DistributedDataParallel
+
+from ._ratelimit import RateLimitedLog
 
 __all__ = ["CommHook", "OriginCounter", "ddp_comm_hook", "install_origin_hook"]
 
 logger = logging.getLogger("gradtel")
+_errors = RateLimitedLog(logger)
 
 CommHook = Callable[[Any, GradBucket], torch.futures.Future[torch.Tensor]]
+Undo = Callable[[], None]
+
+_FEED = "_gradtel_origin"
+"""The attribute that marks a model or hook carrying gradtel's hook: the hook's :class:`_Feed`."""
+
+# Methods by which torch or the application replace a sharded module's reduce-scatter.
+_REDUCE_SCATTER_SETTERS = (
+    "set_custom_reduce_scatter",
+    "set_allocate_memory_from_process_group_for_comm",
+    "set_symm_mem_for_comm",
+)
 
 
 class OriginCounter:
@@ -42,21 +68,92 @@ class OriginCounter:
 
     def __init__(self) -> None:
         self._counts: Optional[torch.Tensor] = None
+        self._spread: dict[Hashable, torch.Tensor] = {}
+        """Per bucket key: whether a reduction earlier in this update left it non-finite."""
         self.installed = False
         """Whether a hook feeds this counter (otherwise there are no local counts to report)."""
 
     @torch.no_grad()
-    def add(self, grads: torch.Tensor) -> None:
-        """Count the non-finite values of one bucket (no host sync)."""
+    def add(self, grads: torch.Tensor, keys: Sequence[Hashable] = ()) -> None:
+        """Count the non-finite values of one bucket (no host sync); ``keys`` name the
+        gradients it holds, for :meth:`reduced`."""
         nan = torch.isnan(grads).sum()
         nonfinite = grads.numel() - torch.isfinite(grads).sum()
         pair = torch.stack((nan, nonfinite - nan))
+        spread = self._spread_over(keys)
+        if spread is not None:  # accumulated onto reduced values that held another rank's NaN
+            pair = pair.masked_fill(spread, 0)
         self._counts = pair if self._counts is None else self._counts + pair.to(self._counts.device)
 
-    def take(self) -> Optional[torch.Tensor]:
-        """The counts since the last take, as a 2-element int64 tensor, or None when none came."""
+    def reduced(self, keys: Sequence[Hashable], nonfinite: torch.Tensor) -> None:
+        """Whether the reduction of ``keys``' gradients left them non-finite (a device flag):
+        later micro-batches of this update accumulate onto those reduced values."""
+        for key in keys:
+            self._spread[key] = nonfinite
+
+    def _spread_over(self, keys: Sequence[Hashable]) -> Optional[torch.Tensor]:
+        flags = {id(f): f for f in map(self._spread.get, keys) if f is not None}
+        if len(flags) <= 1:
+            return next(iter(flags.values()), None)
+        return torch.stack(list(flags.values())).any()  # DDP regrouped its buckets since
+
+    def take(self, update_ends: bool = True) -> Optional[torch.Tensor]:
+        """The counts since the last take, as a 2-element int64 tensor, or None when none came.
+
+        Args:
+            update_ends: Whether the update ends here (its gradients are not accumulated
+                onto any more); False between the backward passes of one update.
+        """
         counts, self._counts = self._counts, None
+        if update_ends:
+            self._spread = {}
         return counts
+
+
+class _Feed:
+    """What gradtel's hook on one model feeds: the counters of the monitors watching it now."""
+
+    def __init__(self) -> None:
+        self.counters: list[OriginCounter] = []
+
+    def attach(self, counter: OriginCounter) -> Undo:
+        self.counters = [*self.counters, counter]
+        counter.installed = True
+
+        def detach() -> None:
+            self.counters = [c for c in self.counters if c is not counter]
+
+        return detach
+
+    def count(
+        self, counters: list[OriginCounter], grads: torch.Tensor, keys: Sequence[Hashable] = ()
+    ) -> None:
+        try:
+            for counter in counters:
+                counter.add(grads, keys)
+        except Exception as exc:  # noqa: BLE001 (telemetry never breaks training)
+            _failed(exc)
+
+    def reduced(self, counters: list[OriginCounter], keys: Sequence[Hashable], result: Any) -> None:
+        if not (counters and keys):
+            return
+        try:
+            reduced = result[0] if isinstance(result, (list, tuple)) else result
+            nonfinite = ~torch.isfinite(torch.linalg.vector_norm(reduced, ord=float("inf")))
+            for counter in counters:
+                counter.reduced(keys, nonfinite)
+        except Exception as exc:  # noqa: BLE001
+            _failed(exc)
+
+
+def _failed(exc: Exception) -> None:
+    _errors.log(
+        "origin",
+        logging.WARNING,
+        "gradtel: cannot count this rank's own gradients before the reduction: %s: %s",
+        type(exc).__name__,
+        exc,
+    )
 
 
 def ddp_comm_hook(monitor: Any, inner: Optional[CommHook] = None) -> CommHook:
@@ -65,6 +162,9 @@ def ddp_comm_hook(monitor: Any, inner: Optional[CommHook] = None) -> CommHook:
     Register it instead of your own hook to keep origin-rank counting::
 
         ddp.register_comm_hook(process_group, gradtel.ddp_comm_hook(monitor, inner=fp16_compress_hook))
+
+    A :class:`~gradtel.GradMonitor` created later on the DDP model itself counts
+    through this hook too, as no second hook can be registered.
 
     Args:
         monitor: The :class:`~gradtel.GradMonitor` whose updates the counts join.
@@ -75,28 +175,43 @@ def ddp_comm_hook(monitor: Any, inner: Optional[CommHook] = None) -> CommHook:
         A hook for ``DistributedDataParallel.register_comm_hook``; the state
         registered with it is passed on to ``inner``.
     """
-    counter: OriginCounter = monitor.origin
-    counter.installed = True
-    reduce = allreduce_hook if inner is None else inner
+    feed = _Feed()
+    feed.attach(monitor.origin)
+    return _ddp_hook(feed, allreduce_hook if inner is None else inner)
 
+
+def _ddp_hook(feed: _Feed, reduce: CommHook) -> CommHook:
     def gradtel_origin_hook(state: Any, bucket: GradBucket) -> torch.futures.Future[torch.Tensor]:
-        counter.add(bucket.buffer())  # before the reduction mixes every rank's values
-        return reduce(state, bucket)
+        counters = feed.counters
+        if not counters:
+            return reduce(state, bucket)
+        keys = [id(p) for p in bucket.parameters()]
+        # Before the reduction mixes every rank's values.
+        feed.count(counters, bucket.buffer(), keys)
 
+        def note(done: torch.futures.Future[Any]) -> Any:
+            reduced = done.value()
+            feed.reduced(counters, keys, reduced)
+            return reduced
+
+        return reduce(state, bucket).then(note)
+
+    setattr(gradtel_origin_hook, _FEED, feed)
     return gradtel_origin_hook
 
 
-def install_origin_hook(model: torch.nn.Module, monitor: Any) -> Optional[Callable[[], None]]:
+def install_origin_hook(model: torch.nn.Module, monitor: Any) -> Optional[Undo]:
     """Count ``model``'s own gradients before their reduction, if it is a DDP or FSDP model;
-    logs why not when torch's hook is taken or unavailable. Returns what undoes it (None:
-    nothing was installed)."""
+    logs why not when torch's hook is taken or unavailable. Returns what detaches
+    ``monitor`` again (None: nothing was attached)."""
+    counter: OriginCounter = monitor.origin
     try:
         if isinstance(model, DistributedDataParallel):
-            _install_ddp(model, monitor)
-        elif isinstance(model, FullyShardedDataParallel):
-            _install_fsdp_wrapper(model, monitor)
-        elif any(isinstance(m, FSDPModule) for m in model.modules()):
-            _install_fully_shard(model, monitor)
+            return _install_ddp(model, counter)
+        if isinstance(model, FullyShardedDataParallel):
+            return _install_fsdp_wrapper(model, counter)
+        if any(isinstance(m, FSDPModule) for m in model.modules()):
+            return _install_fully_shard(model, counter)
         return None
     except Exception as exc:  # noqa: BLE001 (telemetry never breaks training)
         logger.warning(
@@ -108,91 +223,158 @@ def install_origin_hook(model: torch.nn.Module, monitor: Any) -> Optional[Callab
         return None
 
 
-def _install_ddp(ddp: DistributedDataParallel, monitor: Any) -> None:
-    """Register gradtel's hook on ``ddp``; a hook the application registers later becomes
-    the reduction behind gradtel's count (DDP itself accepts only one hook)."""
-    if ddp._comm_hooks:
+def _install_ddp(ddp: DistributedDataParallel, counter: OriginCounter) -> Optional[Undo]:
+    """Register gradtel's hook on ``ddp`` (or attach to the one it has); a hook the application
+    registers later becomes the reduction behind gradtel's count (DDP accepts only one hook)."""
+    hooks = [hook for hook, _ in getattr(ddp, "_comm_hooks", [])]
+    ours = [getattr(ddp, _FEED, None)] + [getattr(hook, _FEED, None) for hook in hooks]
+    feed = next((each for each in ours if each is not None), None)
+    if feed is None and hooks:
         logger.warning(
             "gradtel: this DDP model already has a communication hook, so gradtel cannot count "
             "each rank's own gradients; register gradtel.ddp_comm_hook(monitor, inner=your_hook) "
             "instead of your hook"
         )
-        return
-    reduction: list[Any] = [None, allreduce_hook]  # the state and hook that reduce
+        return None
+    if feed is None:
+        feed = _Feed()
+        reduction: list[Any] = [None, allreduce_hook]  # the state and hook that reduce
 
-    def reduce(state: Any, bucket: GradBucket) -> torch.futures.Future[torch.Tensor]:
-        return reduction[1](reduction[0], bucket)  # type: ignore[no-any-return]
+        def reduce(state: Any, bucket: GradBucket) -> torch.futures.Future[torch.Tensor]:
+            return reduction[1](reduction[0], bucket)  # type: ignore[no-any-return]
 
-    ddp.register_comm_hook(None, ddp_comm_hook(monitor, inner=reduce))
+        ddp.register_comm_hook(None, _ddp_hook(feed, reduce))
 
-    def register_comm_hook(state: object, hook: CommHook) -> None:
-        reduction[:] = [state, hook]
+        def register_comm_hook(state: object, hook: CommHook) -> None:
+            reduction[:] = [state, hook]
 
-    ddp.register_comm_hook = register_comm_hook  # type: ignore[method-assign]
+        ddp.register_comm_hook = register_comm_hook  # type: ignore[method-assign]
+        setattr(ddp, _FEED, feed)
+    return feed.attach(counter)
 
 
-def _install_fsdp_wrapper(fsdp: FullyShardedDataParallel, monitor: Any) -> None:
+def _install_fsdp_wrapper(fsdp: FullyShardedDataParallel, counter: OriginCounter) -> Undo:
     """The older FSDP wrapper: one communication hook on the root serves every unit. Like
     DDP's, a hook the application registers later becomes the reduction behind the count."""
-    counter: OriginCounter = monitor.origin
+    feed: Optional[_Feed] = getattr(fsdp, _FEED, None)
+    if feed is None:
+        feed = _fsdp_wrapper_hook(fsdp)
+    return feed.attach(counter)
+
+
+def _fsdp_wrapper_hook(fsdp: FullyShardedDataParallel) -> _Feed:
+    feed = _Feed()
     group = fsdp.process_group or dist.group.WORLD
     reduction: list[Any] = [fsdp_hooks.DefaultState(group), None]  # type: ignore[arg-type]
 
     def gradtel_origin_hook(state: Any, grad: torch.Tensor, output: Optional[torch.Tensor] = None) -> Any:
-        counter.add(grad)  # this rank's flat, unsharded gradient of one unit
+        counters = feed.counters
+        # Without sharding, .grad is all-reduced in place and the next backward adds onto it;
+        # the sharded strategies reduce this backward's own unsharded gradient.
+        keys = (grad.data_ptr(),) if output is None else ()
+        feed.count(counters, grad, keys)  # this rank's flat, unsharded gradient of one unit
         inner_state, inner = reduction
         if inner is not None:
-            return inner(inner_state, grad) if output is None else inner(inner_state, grad, output)
-        if output is None:  # NO_SHARD: an all-reduce
-            return fsdp_hooks.allreduce_hook(inner_state, grad)
-        return fsdp_hooks.reduce_scatter_hook(inner_state, grad, output)
+            result = inner(inner_state, grad) if output is None else inner(inner_state, grad, output)
+        elif output is None:  # NO_SHARD: an all-reduce
+            result = fsdp_hooks.allreduce_hook(inner_state, grad)
+        else:
+            result = fsdp_hooks.reduce_scatter_hook(inner_state, grad, output)
+        feed.reduced(counters, keys, grad)  # FSDP's hooks reduce before they return
+        return result
 
     fsdp.register_comm_hook(None, gradtel_origin_hook)
-    counter.installed = True
 
     def register_comm_hook(state: object, hook: Callable[..., Any]) -> None:
         reduction[:] = [state, hook]
 
     fsdp.register_comm_hook = register_comm_hook  # type: ignore[method-assign]
+    setattr(fsdp, _FEED, feed)
+    return feed
 
 
-class _CountingReduceScatter(DefaultReduceScatter):
-    """``fully_shard``'s reduce-scatter, counting this rank's gradients on the way in."""
+class _CountingReduceScatter:
+    """A ``fully_shard`` reduce-scatter that counts this rank's gradients, then runs ``inner``."""
 
-    def __init__(self, counter: OriginCounter) -> None:
-        super().__init__()
-        self.counter = counter
+    def __init__(self, feed: _Feed, inner: Any) -> None:
+        self.feed = feed
+        self.inner = inner
+
+    def allocate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.inner.allocate(*args, **kwargs)  # type: ignore[no-any-return]
 
     def __call__(
-        self,
-        output_tensor: torch.Tensor,
-        input_tensor: torch.Tensor,
-        group: dist.ProcessGroup,
-        op: Any,
-        async_op: bool = False,
-    ) -> dist.Work:
-        self.counter.add(input_tensor)  # every rank's padded, unsharded gradients of one group
-        return super().__call__(output_tensor, input_tensor, group, op, async_op)
+        self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> Any:
+        # Every rank's padded, unsharded gradients of one group, this backward's own.
+        self.feed.count(self.feed.counters, input_tensor)
+        return self.inner(output_tensor, input_tensor, *args, **kwargs)
 
 
-def _install_fully_shard(model: torch.nn.Module, monitor: Any) -> None:
-    """``fully_shard``: one counting reduce-scatter on each sharded module, unless the
-    application set its own (torch has no way to wrap it)."""
-    counter: OriginCounter = monitor.origin
-    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    groups = [m._get_fsdp_state()._fsdp_param_group for m in sharded]
-    ours = (DefaultReduceScatter, _CountingReduceScatter)
-    custom = [g for g in groups if g is not None and type(g._reduce_scatter_comm) not in ours]
-    if custom:
-        logger.warning(
-            "gradtel: %d sharded modules already have a custom reduce-scatter (%s), so gradtel "
-            "cannot count each rank's own gradients before the reduction",
-            len(custom),
-            type(custom[0]._reduce_scatter_comm).__name__,
-        )
-        return
-    comm: ReduceScatter = _CountingReduceScatter(counter)
-    for module in sharded:
-        module.set_custom_reduce_scatter(comm)
+_said: set[str] = set()
+
+
+def _install_fully_shard(model: torch.nn.Module, counter: OriginCounter) -> Optional[Undo]:
+    """``fully_shard``: a counting wrapper around each sharded module's reduce-scatter."""
+    if not hasattr(FSDPModule, "set_custom_reduce_scatter"):
+        if "fully_shard" not in _said:
+            _said.add("fully_shard")
+            logger.warning(
+                "gradtel: counting each rank's own gradients before fully_shard's reduce-scatter "
+                "needs torch >= 2.9 (this is %s); the origin rank will not be known",
+                torch.__version__,
+            )
+        return None
+    new, feeds, groups = _Feed(), {}, []
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            _keep_counting(module)
+            for group in _param_groups(module):
+                comm = group._reduce_scatter_comm
+                if not isinstance(comm, _CountingReduceScatter):
+                    comm = group._reduce_scatter_comm = _CountingReduceScatter(new, comm)
+                feeds[id(comm.feed)] = comm.feed
+                groups.append(group)
+    detach = [feed.attach(counter) for feed in feeds.values()]
     # One rank reduces nothing: torch then skips the reduce-scatter, and there is no origin to find.
-    counter.installed = any(g is not None and getattr(g.mesh_info, "shard_mesh_size", 1) > 1 for g in groups)
+    counter.installed = any(getattr(g.mesh_info, "shard_mesh_size", 1) > 1 for g in groups)
+
+    def undo() -> None:
+        for each in detach:
+            each()
+
+    return undo
+
+
+def _param_groups(module: FSDPModule) -> list[Any]:
+    state = module._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:  # torch without per-parameter meshes: at most one
+        groups = [state._fsdp_param_group]
+    return [g for g in groups if g is not None]
+
+
+def _keep_counting(module: FSDPModule) -> None:
+    """Count around whatever reduce-scatter the application or torch sets on ``module`` later:
+    torch's setters see (and check) the reduce-scatter as it is, then get gradtel's wrapper back."""
+    for name in _REDUCE_SCATTER_SETTERS:
+        setter = getattr(module, name, None)
+        if setter is None or hasattr(setter, _FEED):
+            continue
+
+        def rewrapped(*args: Any, _setter: Callable[..., Any] = setter, **kwargs: Any) -> Any:
+            groups = _param_groups(module)
+            comms = [g._reduce_scatter_comm for g in groups]
+            for group, comm in zip(groups, comms):
+                if isinstance(comm, _CountingReduceScatter):
+                    group._reduce_scatter_comm = comm.inner
+            try:
+                return _setter(*args, **kwargs)
+            finally:
+                for group, comm in zip(groups, comms):
+                    if isinstance(comm, _CountingReduceScatter):
+                        now = group._reduce_scatter_comm
+                        group._reduce_scatter_comm = _CountingReduceScatter(comm.feed, now)
+
+        setattr(rewrapped, _FEED, True)
+        setattr(module, name, rewrapped)
