@@ -5,7 +5,8 @@ Prometheus and Alertmanager with the rendered kit deliver exactly one page for t
 scraping the ranks directly, or through the kit's scale-out set-up (a Prometheus agent
 remote-writing to a central Prometheus and to VictoriaMetrics with vmalert). FSDP's
 flavours find the origin rank too, and every flavour keeps finding it with gradient
-accumulation, a reduce-scatter of the application's own and a monitor created again."""
+accumulation, a reduce-scatter of the application's own and a monitor created again; a
+job that ends on gradtel's checkpoint agreement exits 0."""
 
 from __future__ import annotations
 
@@ -314,6 +315,17 @@ def test_a_nan_in_a_sampled_out_update_is_no_origin_of_the_next(
     ranks = origins["sampled"]
     assert [r["origins"] for r in ranks] == [[0, 0, 0, 0, 0], [0, 0, 0, 0, 1]], ranks
     assert [[u["local"] for u in r["updates"]][2] for r in ranks] == [[0, 0], [0, 0]], ranks
+
+
+def test_a_job_that_ends_on_a_checkpoint_agreement_exits_0() -> None:
+    """gloo's worker thread lets go of a collective's tensor only once it holds the GIL; if
+    the process finalizes first, it aborts (``terminate called without an active exception``).
+    gradtel's agreement returns only after gloo has let go of its tensor."""
+    run = torchrun("exit_trainer.py", "60")
+    said = sorted((json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")),
+                  key=lambda r: r["rank"])  # fmt: skip
+    assert [(r["held"], r["agreements"]) for r in said] == [(0, 59)] * 2, said
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 @pytest.fixture
