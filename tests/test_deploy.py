@@ -229,11 +229,53 @@ def test_other_thresholds_render_a_consistent_kit_that_passes_its_own_tests(
         ({"spike_history": "1h"}, ValueError, r"spike_history must be shorter than spike_baseline \('1h'\), got '1h'"),
         ({"scrape_interval": "often"}, ValueError, r"scrape_interval must be a Prometheus duration .* got 'often'"),
         ({"evaluation_interval": "0s"}, ValueError, r"evaluation_interval must be longer than 0, got '0s'"),
+        ({"targets": "node-1:9464"}, ValueError, r"targets must be a list of 'host:port' strings .* got 'node-1:9464'"),
+        ({"targets": []}, ValueError, r"targets must be a list of 'host:port' strings"),
+        ({"targets": ["node-1"]}, ValueError, r"targets must be 'host:port' with a port from 1 to 65535, .* got 'node-1'"),
+        ({"targets": ["http://node-1:9464/metrics"]}, ValueError, r"\(no scheme, no path\), got 'http://node-1:9464/metrics'"),
+        ({"targets": ["node-1:65536"]}, ValueError, r"got 'node-1:65536'"),
+        ({"alertmanager": "am"}, ValueError, r"alertmanager must be 'host:port' .* got 'am'"),
+        ({"pager_url": "pagerduty"}, ValueError, r"pager_url must be an http\(s\) webhook URL .* got 'pagerduty'"),
+        ({"chat_url": "ftp://chat/hook"}, ValueError, r"chat_url must be an http\(s\) webhook URL .* got 'ftp://chat/hook'"),
     ],
 )
 def test_bad_kit_options(kwargs: dict, error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         KitOptions(**kwargs)
+
+
+def test_render_command_renders_a_kit_for_your_own_job(tmp_path: Path) -> None:
+    assert main(
+        ["render", "--out", str(tmp_path), "--targets", "node-1:9464,node-1:9465,[fd00::2]:9464",
+         "--alertmanager", "alerts.example:9093", "--pager-url", "https://pager.example/hook",
+         "--chat-url", "https://chat.example/hook", "--scrape-interval", "15s", "--evaluation-interval", "30s"]
+    ) == 0  # fmt: skip
+    folder = tmp_path / "prometheus"
+    config = yaml.safe_load((folder / "prometheus.yml").read_text())
+    assert config["scrape_configs"][0]["static_configs"] == [
+        {"targets": ["node-1:9464", "node-1:9465", "[fd00::2]:9464"]}
+    ]
+    assert config["scrape_configs"][0]["scrape_interval"] == "15s"
+    assert config["global"]["evaluation_interval"] == "30s"
+    assert config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["alerts.example:9093"]
+    routing = yaml.safe_load((folder / "alertmanager.yml").read_text())
+    assert {r["name"]: r["webhook_configs"][0]["url"] for r in routing["receivers"]} == {
+        "pager": "https://pager.example/hook", "chat": "https://chat.example/hook",
+    }  # fmt: skip
+    rules = (folder / "gradtel-rules.yml").read_text()
+    assert "for: 45s" in rules
+    for rendered in ("prometheus.yml", "alertmanager.yml", "gradtel-rules.yml"):
+        assert "Do not edit by hand:\n# re-render with `gradtel render" in (folder / rendered).read_text()
+
+
+def test_render_command_reports_bad_targets_and_urls(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["render", "--out", str(tmp_path), "--targets", "node-1:9464,node-2"]) == 1
+    assert "gradtel render: targets must be 'host:port'" in capsys.readouterr().err
+    assert main(["render", "--out", str(tmp_path), "--pager-url", "pager"]) == 1
+    assert "gradtel render: pager_url must be an http(s) webhook URL" in capsys.readouterr().err
+    assert main(["render", "--out", str(tmp_path), "--scrape-interval", "often"]) == 1
+    assert "gradtel render: scrape_interval must be a Prometheus duration" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_render_command_reports_bad_thresholds(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

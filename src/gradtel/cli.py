@@ -123,6 +123,22 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument(
         "--spike-history", default=None, help="norms a rank must have reported for before it is judged (10m)"
     )
+    render.add_argument(
+        "--targets",
+        type=lambda text: text.split(","),
+        default=None,
+        metavar="HOST:PORT[,...]",
+        help="the gradtel endpoints of your training processes that prometheus.yml scrapes (127.0.0.1:9464)",
+    )
+    render.add_argument(
+        "--alertmanager", default=None, metavar="HOST:PORT", help="where Prometheus sends alerts (127.0.0.1:9093)"
+    )
+    render.add_argument("--pager-url", default=None, metavar="URL", help="webhook of the critical alerts")
+    render.add_argument("--chat-url", default=None, metavar="URL", help="webhook of the warning alerts")
+    render.add_argument("--scrape-interval", default=None, help="how often Prometheus scrapes the targets (5s)")
+    render.add_argument(
+        "--evaluation-interval", default=None, help="how often Prometheus evaluates the rules (5s)"
+    )
     return parser
 
 
@@ -182,7 +198,10 @@ def _render(args: argparse.Namespace) -> int:
 
     given = {
         name: getattr(args, name)
-        for name in ("spike_factor", "spike_baseline", "spike_history")
+        for name in (
+            "spike_factor", "spike_baseline", "spike_history", "targets", "alertmanager", "pager_url", "chat_url",
+            "scrape_interval", "evaluation_interval",
+        )  # fmt: skip
         if getattr(args, name) is not None
     }  # left out: KitOptions' defaults
     options = KitOptions(

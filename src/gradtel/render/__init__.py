@@ -45,11 +45,12 @@ def render_kit(options: KitOptions | None = None) -> dict[str, str]:
         ),
         "prometheus/alertmanager.yml": dump_yaml(
             header(o, "Alertmanager routing: critical pages, warning goes to chat.")
-            + "# Replace the two webhook URLs with your pager and chat integrations.\n",
+            + "# Your receivers: render with --pager-url URL --chat-url URL.\n",
             alertmanager_config(o),
         ),
         "prometheus/prometheus.yml": dump_yaml(
-            header(o, "Prometheus scrape config for one training process on this host."),
+            header(o, f"Prometheus scrape config for the training processes at {', '.join(o.targets)}.")
+            + "# Your own: render with --targets HOST:PORT[,HOST:PORT...] --alertmanager HOST:PORT.\n",
             scrape_config(o, ranks=False),
         ),
         "prometheus/prometheus-ranks.yml": dump_yaml(

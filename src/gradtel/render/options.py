@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,9 @@ __all__ = [
 DEFAULT_RUNBOOK_URL = "https://github.com/gradtel/gradtel/blob/main/deploy/prometheus/runbook.md"
 
 _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+_TARGET = re.compile(r"^(?:[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]+\]):(\d{1,5})$")
+"""``host:port``, ``[ipv6]:port``: a scrape target as Prometheus takes it."""
+_URL = re.compile(r"^https?://[^\s/]+\S*$")
 KINDS = {"nan": "NaN", "inf": "Inf"}
 """``kind`` label values and how texts name them."""
 ALERT_NAMES = {"nan": "GradtelNaNGradients", "inf": "GradtelInfGradients"}
@@ -101,6 +105,11 @@ class KitOptions:
         evaluation_interval: How often it evaluates the rules. With the scrape
             interval, it sets how long an unhealthy update waits before it
             pages (:attr:`settle`).
+        targets: ``host:port`` of the training processes' gradtel endpoints
+            that ``prometheus/prometheus.yml`` scrapes.
+        alertmanager: ``host:port`` of the Alertmanager that Prometheus sends to.
+        pager_url: Webhook that critical alerts go to (``alertmanager.yml``).
+        chat_url: Webhook that warning alerts go to.
     """
 
     thresholds: Thresholds = field(default_factory=Thresholds)
@@ -114,6 +123,10 @@ class KitOptions:
     spike_history: str = "10m"
     scrape_interval: str = "5s"
     evaluation_interval: str = "5s"
+    targets: Sequence[str] = ("127.0.0.1:9464",)
+    alertmanager: str = "127.0.0.1:9093"
+    pager_url: str = "http://127.0.0.1:9095/pager"
+    chat_url: str = "http://127.0.0.1:9095/chat"
 
     def __post_init__(self) -> None:
         if not isinstance(self.thresholds, Thresholds):
@@ -140,6 +153,20 @@ class KitOptions:
             )
         duration_seconds(self.scrape_interval, "scrape_interval")
         duration_seconds(self.evaluation_interval, "evaluation_interval")
+        if isinstance(self.targets, str) or not isinstance(self.targets, Sequence) or not self.targets:
+            raise ValueError(f"targets must be a list of 'host:port' strings such as ['node-1:9464'], got {self.targets!r}")
+        for name, target in (*(("targets", t) for t in self.targets), ("alertmanager", self.alertmanager)):
+            found = _TARGET.match(target) if isinstance(target, str) else None
+            if found is None or not 0 < int(found.group(1)) < 65536:
+                raise ValueError(
+                    f"{name} must be 'host:port' with a port from 1 to 65535, such as 'node-1:9464' "
+                    f"(no scheme, no path), got {target!r}"
+                )
+        object.__setattr__(self, "targets", tuple(self.targets))
+        for name in ("pager_url", "chat_url"):
+            url = getattr(self, name)
+            if not isinstance(url, str) or not _URL.match(url):
+                raise ValueError(f"{name} must be an http(s) webhook URL such as 'https://pager.example/hook', got {url!r}")
 
     @property
     def job_selector(self) -> str:

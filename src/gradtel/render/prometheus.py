@@ -386,22 +386,17 @@ def alertmanager_config(o: KitOptions) -> dict[str, Any]:
             }
         ],
         "receivers": [
-            {
-                "name": "pager",
-                "webhook_configs": [{"url": "http://127.0.0.1:9095/pager", "send_resolved": True}],
-            },
-            {
-                "name": "chat",
-                "webhook_configs": [{"url": "http://127.0.0.1:9095/chat", "send_resolved": True}],
-            },
+            {"name": "pager", "webhook_configs": [{"url": o.pager_url, "send_resolved": True}]},
+            {"name": "chat", "webhook_configs": [{"url": o.chat_url, "send_resolved": True}]},
         ],
     }
 
 
 def scrape_config(o: KitOptions, *, ranks: bool = False, compose: bool = False) -> dict[str, Any]:
-    """Prometheus config: one local process, several ranks, or inside deploy/compose.yaml."""
+    """Prometheus config: the processes at ``o.targets``, several ranks (an example of
+    static and file-based discovery), or inside deploy/compose.yaml."""
     job: dict[str, Any] = {"job_name": o.job, "scrape_interval": o.scrape_interval}
-    alertmanager = "127.0.0.1:9093"
+    alertmanager = o.alertmanager
     if ranks:
         # Rank r of a node serves on 9464 + local rank r.
         job["static_configs"] = [
@@ -413,7 +408,7 @@ def scrape_config(o: KitOptions, *, ranks: bool = False, compose: bool = False) 
         job["static_configs"] = [{"targets": ["host.docker.internal:9464"]}]
         alertmanager = "alertmanager:9093"
     else:
-        job["static_configs"] = [{"targets": ["127.0.0.1:9464"]}]
+        job["static_configs"] = [{"targets": list(o.targets)}]
     return {
         "global": {"scrape_interval": "15s", "evaluation_interval": o.evaluation_interval},
         "rule_files": ["gradtel-rules.yml"],
