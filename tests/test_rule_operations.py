@@ -38,6 +38,13 @@ def _highest_first_bad_step(o: KitOptions) -> str:
     )
 
 
+def _any_non_finite_loss_in_the_window(o: KitOptions) -> str:
+    """The loss clause when any update in the window had a non-finite loss, the first or a later one."""
+    series = f"gradtel_nonfinite_loss_updates_total{{{prometheus.RUN_SCOPE}}}"
+    query = prometheus._query(prometheus._new_or_increased(o, series, prometheus.RUN_SCOPE), *prometheus.RUN_ARGS)
+    return f"{{{{ with {query} }}}} The loss was already non-finite: it entered in the forward pass.{{{{ end }}}}"
+
+
 def _no_start_gate_on_spikes(rules: str) -> str:
     return re.sub(r"\n\s*and on \([^)]*\)\n\s*last_over_time\(gradtel_start_time_seconds[^\n]*< time\(\) - \d+", "", rules)
 
@@ -64,6 +71,15 @@ DEFECTS: dict[str, tuple[dict[str, Callable[..., str | list[str]]], Callable[[st
         {"_first_bad_template": _highest_first_bad_step},
         str,
         {f"{NAN} critical names the new incident's first bad layer after a rollback to an earlier step"},
+    ),
+    "the loss clause of any update in the window": (
+        {"_loss_template": _any_non_finite_loss_in_the_window},
+        str,
+        {
+            f"{NAN} does not say the loss was non-finite when the incident's first update had a finite loss, {when}"
+            for when in ("in the same scrape as the non-finite losses that followed",
+                         "and the non-finite losses came in later scrapes")
+        } | {f"{INF} does not say the loss was non-finite when an Inf update with a finite loss came before the NaN losses"},
     ),
     "spikes judged by the history of an older process": (
         {},

@@ -117,9 +117,15 @@ def _origin_template(o: KitOptions) -> str:
 
 
 def _loss_template(o: KitOptions) -> str:
-    """Says so when a rank's loss was already non-finite: the values entered in the forward pass."""
-    series = f"{NONFINITE_LOSS_UPDATES}{{{RUN_SCOPE}}}"
-    query = _query(_new_or_increased(o, series, RUN_SCOPE), *RUN_ARGS)
+    """Says the values entered in the forward pass when the incident's first unhealthy update
+    already had a non-finite loss. Once NaN is in the weights, every later loss is NaN too:
+    a non-finite loss somewhere in the window says nothing of where the incident started.
+    On a rank where every unhealthy update in the window had a non-finite loss, the first
+    did. Every update whose loss was non-finite is unhealthy, and one unhealthy with both
+    NaN and Inf counts in both kinds: the clause is left out then rather than said wrongly."""
+    loss = _new_or_increased(o, f"{NONFINITE_LOSS_UPDATES}{{{RUN_SCOPE}}}", RUN_SCOPE, exact=True)
+    unhealthy = _new_or_increased(o, f"{UNHEALTHY_UPDATES}{{{RUN_SCOPE}}}", RUN_SCOPE, exact=True)
+    query = _query(f"{loss} >= on ({PROCESS}) sum by ({PROCESS}) {unhealthy}", *RUN_ARGS)
     return f"{{{{ with {query} }}}} The loss was already non-finite: it entered in the forward pass.{{{{ end }}}}"
 
 

@@ -335,6 +335,41 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
         ],
         [_check(_fired(o, 3), nan, _unhealthy_alert(o, "nan", "critical", "none in the counters yet", forward=True))],
     )
+    # Once NaN is in the weights, every later loss is NaN: the page describes where the
+    # incident started, its first unhealthy update, whatever the updates after it.
+    case(
+        f"{nan} says the loss was already non-finite when every unhealthy update of the incident had a non-finite loss",
+        [
+            _band(o, "nan", "critical", f"0x2 1 3x{span}"),
+            _series(NONFINITE_LOSS_UPDATES, _labels(o), f"0x2 1 3x{span}"),
+        ],
+        [_check(t, nan, _unhealthy_alert(o, "nan", "critical", "none in the counters yet", forward=True)) for t in (4, 5)],
+    )
+    poisoned = {
+        "in the same scrape as the non-finite losses that followed": ("0x2 5", "0x2 4"),
+        "and the non-finite losses came in later scrapes": ("0x2 1 6", "0x2 0 5"),
+    }
+    for when, (unhealthy, losses) in poisoned.items():
+        case(
+            f"{nan} does not say the loss was non-finite when the incident's first update had a finite loss, {when}",
+            [
+                _band(o, "nan", "critical", f"{unhealthy}x{span}"),
+                _series(NONFINITE_LOSS_UPDATES, _labels(o), f"{losses}x{span}"),
+            ],
+            [_check(t, nan, _unhealthy_alert(o, "nan", "critical", "none in the counters yet")) for t in (4, 5)],
+        )
+    case(
+        f"{inf} does not say the loss was non-finite when an Inf update with a finite loss came before the NaN losses",
+        [
+            _band(o, "inf", "critical", f"0x2 1x{span}"),
+            _band(o, "nan", "critical", f"0x2 4x{span}"),
+            _series(NONFINITE_LOSS_UPDATES, _labels(o), f"0x2 4x{span}"),
+        ],
+        [
+            _check(4, inf, _unhealthy_alert(o, "inf", "critical", "none in the counters yet")),
+            _check(4, nan, _unhealthy_alert(o, "nan", "critical", "none in the counters yet")),
+        ],
+    )
     case(
         f"{nan} names every rank it originated on",
         [_series(UNHEALTHY_UPDATES, r[:-1] + ',kind="nan",severity="critical"}', _steps(3, 1, span)) for r in four]
