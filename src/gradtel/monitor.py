@@ -626,7 +626,7 @@ class GradMonitor:
                 return
             try:
                 # A look replaced later keeps its micro-batch's counts for the next one.
-                self._looked_origin = _added(self._looked_origin, self.origin.take())
+                self._looked_origin = _added(self._looked_origin, self.origin.take(update_ends=False))
                 looked = self._launch(None, loss, None, self._looked_origin, exact=True)
                 if isinstance(looked, _Update) and looked.launched.exact is None:
                     looked = self._read_out(looked)  # done when queued: read it now, for free

@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["every_rank", "launcher_world_size", "local_rank", "process_attributes", "run_id"]
 
@@ -110,4 +115,15 @@ def every_rank(flag: bool) -> bool:
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     falsified = torch.tensor([0 if flag else 1], device=device)
     dist.all_reduce(falsified, op=dist.ReduceOp.MAX)
+    if not on_gpu:
+        _released(falsified)
     return not falsified.item()
+
+
+def _released(tensor: torch.Tensor, timeout: float = 1.0) -> None:
+    """Wait until gloo's worker thread has let go of ``tensor``, which it does only once it
+    holds the GIL: a process that exits first aborts there ("terminate called without an
+    active exception") instead of exiting 0."""
+    deadline = time.monotonic() + timeout
+    while tensor._use_count() > 1 and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.0001)  # lets that thread take the GIL
