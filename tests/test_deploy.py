@@ -41,7 +41,7 @@ def test_committed_kit_equals_the_default_render() -> None:
 def test_promtool_checks_and_unit_tests_the_committed_rules(prometheus_bin: Path) -> None:  # noqa: F811
     promtool = str(prometheus_bin / "promtool")
     checked = run(promtool, "check", "rules", "gradtel-rules.yml")
-    assert checked.returncode == 0 and "SUCCESS: 11 rules found" in checked.stdout, checked.stderr
+    assert checked.returncode == 0 and "SUCCESS: 12 rules found" in checked.stdout, checked.stderr
     tested = run(promtool, "test", "rules", "gradtel-rules.test.yml")
     assert tested.returncode == 0, tested.stdout + tested.stderr
     assert "SUCCESS" in tested.stdout
@@ -75,11 +75,17 @@ def test_rule_tests_cover_every_behaviour_the_alerts_promise() -> None:
         "GradtelGradNormSpike does not fire in a new process's first 10m on the same labels",
         "GradtelTrainingStalled fires once for a stall, through a failed scrape",
         "GradtelExporterDown does not fire when Prometheus restarts, with a gap of 8m",
+        "GradtelAmpLossScaleCollapsed fires when the loss scale collapses to 0",
+        "GradtelAmpLossScaleCollapsed fires when the loss scale keeps falling",
+        "GradtelAmpLossScaleCollapsed does not fire while the loss scale settles in an fp16 run's first steps",
+        "GradtelNaNGradients does not say the loss was non-finite when the incident's first update had a finite loss, "
+        "in the same scrape as the non-finite losses that followed",
     ):
         assert expected in names
     # Every alert goes through the histories of a deployment.
     for alert in ("GradtelNaNGradients", "GradtelInfGradients", "GradtelNothingScanned", "GradtelAmpOverflowSkips",
-                  "GradtelGradNormSpike", "GradtelTrainingStalled", "GradtelExporterDown"):  # fmt: skip
+                  "GradtelAmpLossScaleCollapsed", "GradtelGradNormSpike", "GradtelTrainingStalled",
+                  "GradtelExporterDown"):  # fmt: skip
         assert any(n.startswith(f"{alert} ") and ("scrape" in n and "fail" in n) for n in names), alert
         assert any(n.startswith(f"{alert} ") and "gap" in n for n in names), alert
         assert any(n.startswith(f"{alert} ") and ("restart" in n or "joins late" in n) for n in names), alert
@@ -180,7 +186,7 @@ def test_every_alert_links_an_anchor_of_the_runbook() -> None:
     alerts = [r for group in rules["groups"] for r in group["rules"] if "alert" in r]
     assert {a["alert"] for a in alerts} == {
         "GradtelNaNGradients", "GradtelInfGradients", "GradtelExporterDown", "GradtelTrainingStalled",
-        "GradtelNothingScanned", "GradtelAmpOverflowSkips", "GradtelGradNormSpike",
+        "GradtelNothingScanned", "GradtelAmpOverflowSkips", "GradtelAmpLossScaleCollapsed", "GradtelGradNormSpike",
     }  # fmt: skip
     for alert in alerts:
         assert alert["annotations"]["runbook_url"].rsplit("#", 1)[1] in anchors
@@ -199,7 +205,7 @@ def test_other_thresholds_render_a_consistent_kit_that_passes_its_own_tests(
     assert main(
         ["render", "--out", str(tmp_path), "--warning", "2", "--critical", "10",
          "--window", "5m", "--stall-after", "3m", "--job", "trainer", "--amp-skip-ratio", "0.25",
-         "--spike-factor", "4", "--spike-baseline", "30m", "--spike-history", "5m"]
+         "--spike-factor", "4", "--spike-baseline", "30m", "--spike-history", "5m", "--amp-scale-floor", "0.5"]
     ) == 0  # fmt: skip
     folder = tmp_path / "prometheus"
     tested = run(promtool, "test", "rules", "gradtel-rules.test.yml", cwd=folder)
@@ -209,6 +215,7 @@ def test_other_thresholds_render_a_consistent_kit_that_passes_its_own_tests(
     assert 'job="trainer"' in rules and "[5m]" in rules and "> 180" in rules and "> 0.25" in rules
     assert "> 4 * quantile_over_time(0.5, gradtel_grad_norm{job=\"trainer\"}[30m])" in rules
     assert "[30m] offset 5m)" in rules and "< time() - 300" in rules
+    assert "last_over_time(gradtel_amp_loss_scale{job=\"trainer\"}[5m]) < 0.5" in rules
     assert "| warning  | more than 2 and at most 10 |" in (folder / "runbook.md").read_text()
 
 
@@ -223,6 +230,8 @@ def test_other_thresholds_render_a_consistent_kit_that_passes_its_own_tests(
         ({"thresholds": 5}, TypeError, r"thresholds must be a gradtel.Thresholds, got 5"),
         ({"amp_skip_ratio": 1.0}, ValueError, r"amp_skip_ratio must be a number between 0 and 1 \(exclusive\), got 1.0"),
         ({"amp_skip_ratio": "half"}, ValueError, r"amp_skip_ratio must be .* got 'half'"),
+        ({"amp_scale_floor": 0}, ValueError, r"amp_scale_floor must be a finite number above 0, got 0"),
+        ({"amp_scale_floor": "1"}, ValueError, r"amp_scale_floor must be a finite number above 0, got '1'"),
         ({"spike_factor": 1}, ValueError, r"spike_factor must be a finite number above 1, got 1"),
         ({"spike_factor": True}, ValueError, r"spike_factor must be a finite number above 1, got True"),
         ({"spike_baseline": "hour"}, ValueError, r"spike_baseline must be a Prometheus duration .* got 'hour'"),

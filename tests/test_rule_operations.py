@@ -45,6 +45,11 @@ def _any_non_finite_loss_in_the_window(o: KitOptions) -> str:
     return f"{{{{ with {query} }}}} The loss was already non-finite: it entered in the forward pass.{{{{ end }}}}"
 
 
+def _lowest_scale_in_the_window(o: KitOptions, selector: str) -> str:
+    """A collapse as a state: the lowest loss scale of the window below the floor."""
+    return f"min_over_time(gradtel_amp_loss_scale{{{selector}}}[{o.window}]) < {o.amp_scale_floor:g}"
+
+
 def _no_start_gate_on_spikes(rules: str) -> str:
     return re.sub(r"\n\s*and on \([^)]*\)\n\s*last_over_time\(gradtel_start_time_seconds[^\n]*< time\(\) - \d+", "", rules)
 
@@ -53,7 +58,7 @@ def _no_for_on_unhealthy_updates(rules: str) -> str:
     return rules.replace("\n    for: 10s", "")
 
 
-NAN, INF = "GradtelNaNGradients", "GradtelInfGradients"
+NAN, INF, AMP = "GradtelNaNGradients", "GradtelInfGradients", "GradtelAmpLossScaleCollapsed"
 DEFECTS: dict[str, tuple[dict[str, Callable[..., str | list[str]]], Callable[[str], str], set[str]]] = {
     "born where the offset lookup finds nothing": (
         {"_counted": _born_where_the_offset_finds_nothing},
@@ -80,6 +85,17 @@ DEFECTS: dict[str, tuple[dict[str, Callable[..., str | list[str]]], Callable[[st
             for when in ("in the same scrape as the non-finite losses that followed",
                          "and the non-finite losses came in later scrapes")
         } | {f"{INF} does not say the loss was non-finite when an Inf update with a finite loss came before the NaN losses"},
+    ),
+    "a loss-scale collapse as a state": (
+        {"_collapsed": _lowest_scale_in_the_window},
+        str,
+        {
+            f"{AMP} fires when the loss scale collapses to 0",
+            f"{AMP} fires once for a collapse, through failed scrapes",
+            f"{AMP} does not fire again when Prometheus has a gap of 8m after a collapse",
+            f"{AMP} does not fire again when the process restarts after a collapse",
+            f"{AMP} fires when a restarted process's first scrape shows a collapsed scale",
+        },
     ),
     "spikes judged by the history of an older process": (
         {},

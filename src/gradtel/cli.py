@@ -114,6 +114,12 @@ def _parser() -> argparse.ArgumentParser:
         help="GradtelAmpOverflowSkips fires above this share of AMP-skipped updates (0.5)",
     )
     render.add_argument(
+        "--amp-scale-floor",
+        type=float,
+        default=None,
+        help="GradtelAmpLossScaleCollapsed pages when the AMP loss scale falls below this (1)",
+    )
+    render.add_argument(
         "--spike-factor",
         type=float,
         default=None,
@@ -199,8 +205,8 @@ def _render(args: argparse.Namespace) -> int:
     given = {
         name: getattr(args, name)
         for name in (
-            "spike_factor", "spike_baseline", "spike_history", "targets", "alertmanager", "pager_url", "chat_url",
-            "scrape_interval", "evaluation_interval",
+            "amp_scale_floor", "spike_factor", "spike_baseline", "spike_history", "targets",
+            "alertmanager", "pager_url", "chat_url", "scrape_interval", "evaluation_interval",
         )  # fmt: skip
         if getattr(args, name) is not None
     }  # left out: KitOptions' defaults

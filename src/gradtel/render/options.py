@@ -14,6 +14,7 @@ from ..health import Thresholds
 
 __all__ = [
     "ALERT_NAMES",
+    "AMP_COLLAPSE_ALERT",
     "AMP_SKIPS_ALERT",
     "AMP_SKIPS_FOR",
     "DEFAULT_RUNBOOK_URL",
@@ -42,6 +43,7 @@ DOWN_ALERT = "GradtelExporterDown"
 STALLED_ALERT = "GradtelTrainingStalled"
 NOTHING_SCANNED_ALERT = "GradtelNothingScanned"
 AMP_SKIPS_ALERT = "GradtelAmpOverflowSkips"
+AMP_COLLAPSE_ALERT = "GradtelAmpLossScaleCollapsed"
 NORM_SPIKE_ALERT = "GradtelGradNormSpike"
 AMP_SKIPS_FOR = "5m"
 """How long the AMP skip ratio must stay high: the first-steps overflows of
@@ -94,6 +96,12 @@ class KitOptions:
         amp_skip_ratio: ``GradtelAmpOverflowSkips`` fires when more than this
             share of the updates in ``window`` were skipped by the AMP
             ``GradScaler`` for overflow, for ``AMP_SKIPS_FOR`` (0 < ratio < 1).
+        amp_scale_floor: ``GradtelAmpLossScaleCollapsed`` pages when the AMP
+            ``GradScaler``'s loss scale (``gradtel_amp_loss_scale``) falls below
+            this (> 0). The default, 1, is the floor of DeepSpeed's and
+            Megatron-LM's dynamic loss scalers; a healthy fp16 run settles far
+            above it (``GradScaler`` starts at 65,536), a diverged one, whose
+            every update overflows, halves it at each update down to 0.
         spike_factor: ``GradtelGradNormSpike`` fires when the gradient norm's
             recent peak (``gradtel_grad_norm_peak``) exceeds this many times
             its median over ``spike_baseline`` (> 1).
@@ -118,6 +126,7 @@ class KitOptions:
     job: str = "gradtel"
     runbook_url: str = DEFAULT_RUNBOOK_URL
     amp_skip_ratio: float = 0.5
+    amp_scale_floor: float = 1.0
     spike_factor: float = 10.0
     spike_baseline: str = "1h"
     spike_history: str = "10m"
@@ -142,6 +151,9 @@ class KitOptions:
             raise ValueError(
                 f"amp_skip_ratio must be a number between 0 and 1 (exclusive), got {ratio!r}"
             )
+        floor = self.amp_scale_floor
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 < floor < math.inf:
+            raise ValueError(f"amp_scale_floor must be a finite number above 0, got {floor!r}")
         factor = self.spike_factor
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1 < factor < math.inf:
             raise ValueError(f"spike_factor must be a finite number above 1, got {factor!r}")

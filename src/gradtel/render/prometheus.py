@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..metrics import (
+    AMP_LOSS_SCALE,
     ERRORS,
     FIRST_BAD_LAYER,
     GRAD_NORM,
@@ -24,6 +25,7 @@ from ..metrics import (
 )
 from .options import (
     ALERT_NAMES,
+    AMP_COLLAPSE_ALERT,
     AMP_SKIPS_ALERT,
     AMP_SKIPS_FOR,
     DOWN_ALERT,
@@ -239,7 +241,7 @@ def rules(o: KitOptions) -> dict[str, Any]:
             },
         }
     )
-    alerts += [_nothing_scanned_rule(o), _amp_skips_rule(o), _norm_spike_rule(o)]
+    alerts += [_nothing_scanned_rule(o), _amp_skips_rule(o), _amp_collapse_rule(o), _norm_spike_rule(o)]
     alerts.append(
         {
             "alert": STALLED_ALERT,
@@ -324,6 +326,41 @@ def _amp_skips_rule(o: KitOptions) -> dict[str, Any]:
                 "barely training."
             ),
             "runbook_url": o.runbook(AMP_SKIPS_ALERT),
+        },
+    }
+
+
+def _collapsed(o: KitOptions, selector: str) -> str:
+    """Processes whose loss scale fell below the floor in the window and stays there: a
+    sample at or above it in the window before the latest one below, or a process younger
+    than the window. Failed scrapes and gaps are read through; an old collapse, seen again
+    after a gap, or left behind by a restart with a healthy scale, pages no more."""
+    scale, floor = f"{AMP_LOSS_SCALE}{{{selector}}}", f"{o.amp_scale_floor:g}"
+    return (
+        f"last_over_time({scale}[{o.window}]) < {floor} and on ({PROCESS}) (max_over_time({scale}[{o.window}]) >= {floor}"
+        f" or on ({PROCESS}) {_started(o, selector)} > time() - {duration_seconds(o.window)})"
+    )
+
+
+def _amp_collapse_rule(o: KitOptions) -> dict[str, Any]:
+    # The scaler halves its scale at every update that overflows and doubles it after a
+    # run of good ones: the few halvings of an fp16 run's first steps stay far above the
+    # floor, an update that overflows every time drives it to 0.
+    lowest = _query(f"min(min_over_time({AMP_LOSS_SCALE}{{{RUN_SCOPE}}}[{o.window}]))", *RUN_ARGS)
+    return {
+        "alert": AMP_COLLAPSE_ALERT,
+        "expr": f"count by ({INCIDENT}) (\n  {_collapsed(o, o.job_selector)}\n)",
+        "labels": {"severity": "critical"},
+        "annotations": {
+            "summary": "The AMP loss scale collapsed: training has stopped learning",
+            "description": (
+                f"{_where()}: the AMP GradScaler's loss scale fell below {o.amp_scale_floor:g} in the last "
+                f"{o.window}, to {{{{ with {lowest} }}}}{{{{ . | first | value | printf \"%.3g\" }}}}{{{{ end }}}}, on "
+                + _targets_template(_collapsed(o, RUN_SCOPE), *RUN_ARGS)
+                + ". The scaler halves it at every update whose gradients overflow: nearly every "
+                "update overflows and is skipped, and training has stopped learning."
+            ),
+            "runbook_url": o.runbook(AMP_COLLAPSE_ALERT),
         },
     }
 

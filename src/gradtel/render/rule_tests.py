@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Union
 
 from ..metrics import (
+    AMP_LOSS_SCALE,
     FIRST_BAD_LAYER,
     GRAD_NORM,
     GRAD_NORM_PEAK,
@@ -36,6 +37,7 @@ from ..metrics import (
 )
 from .options import (
     ALERT_NAMES,
+    AMP_COLLAPSE_ALERT,
     AMP_SKIPS_ALERT,
     AMP_SKIPS_FOR,
     DOWN_ALERT,
@@ -529,6 +531,7 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
     _stall_histories(o, case)
     _down_histories(o, case)
     _coverage_histories(o, case)
+    _amp_collapse_cases(o, case)
     return {"rule_files": ["gradtel-rules.yml"], "evaluation_interval": "1m", "tests": cases}
 
 
@@ -1144,3 +1147,93 @@ def _coverage_histories(o: KitOptions, case: Case) -> None:
             ],
             [_check(m, AMP_SKIPS_ALERT) for m in range(0, minutes, 2)],
         )
+
+
+def _amp_collapse_alert(o: KitOptions, lowest: float) -> dict[str, Any]:
+    return {
+        "exp_labels": {"job": o.job, "severity": "critical"},
+        "exp_annotations": {
+            "summary": "The AMP loss scale collapsed: training has stopped learning",
+            "description": (
+                f"{o.job}: the AMP GradScaler's loss scale fell below {o.amp_scale_floor:g} in the last "
+                f"{o.window}, to {lowest:.3g}, on {INSTANCE}. The scaler halves it at every update whose "
+                "gradients overflow: nearly every update overflows and is skipped, and training has "
+                "stopped learning."
+            ),
+            "runbook_url": o.runbook(AMP_COLLAPSE_ALERT),
+        },
+    }
+
+
+def _amp_collapse_cases(o: KitOptions, case: Case) -> None:
+    """The loss-scale collapse: a scale that falls to 0, or keeps falling, pages, for a window;
+    the halvings of an fp16 run's first steps do not; failed scrapes, gaps and restarts page
+    no more for an old collapse."""
+    w = _minutes(duration_seconds(o.window, "window"))
+    alert, labels = AMP_COLLAPSE_ALERT, _labels(o)
+    start = 65536.0  # GradScaler's initial scale
+    below = next(m for m in range(200) if start / 2**m < o.amp_scale_floor)  # halvings to fall below the floor
+    collapse = 5
+    # Firing while the window holds the sample before the fall: not at collapse + w - 1,
+    # where Prometheus 2.x's ranges still hold it and 3.x's (left-open) do not.
+    firing = range(collapse, collapse + w - 1)
+    minutes = collapse + 2 * w + GAP + 5
+    paged = _amp_collapse_alert(o, 0)
+
+    def scale(minute: int) -> float:
+        """Steady until ``collapse``, then every update overflows: 0 within a minute."""
+        return start if minute < collapse else 0.0
+
+    def scraped(value: Value, **how: Any) -> list[dict[str, str]]:
+        return [_series(AMP_LOSS_SCALE, labels, _scrapes(minutes, value, **how)), _series(START_TIME, labels, _scrapes(minutes, 0, **how))]
+
+    case(
+        f"{alert} fires when the loss scale collapses to 0",
+        scraped(scale),
+        [_check(collapse - 1, alert), _check(collapse, alert, paged), _check(collapse + w, alert)],
+    )
+    case(
+        f"{alert} fires when the loss scale keeps falling",
+        [_series(AMP_LOSS_SCALE, labels, _scrapes(below + 3, lambda m: start / 2**m))],
+        [_check(below - 1, alert), _check(below, alert, _amp_collapse_alert(o, start / 2**below))],
+    )
+    # GradScaler's first steps: a few halvings from 65,536, then a doubling after each run
+    # of good updates.
+    settling = [start, start / 8, start / 32, start / 64] + [start / 64 * 2 ** (m // 5) for m in range(3 * w)]
+    case(
+        f"{alert} does not fire while the loss scale settles in an fp16 run's first steps",
+        [_series(AMP_LOSS_SCALE, labels, " ".join(f"{v:g}" for v in settling))],
+        [_check(m, alert) for m in range(0, len(settling), 2)],
+    )
+    failed = (collapse + 1, collapse + 3, collapse + w + 2)
+    case(
+        f"{alert} fires once for a collapse, through failed scrapes",
+        scraped(scale, failed=failed),
+        [_check(m, alert, paged) for m in firing] + [_check(m, alert) for m in range(collapse + w, minutes)],
+    )
+    down = range(collapse + w + 1, collapse + w + 1 + GAP)
+    case(
+        f"{alert} does not fire again when Prometheus has a gap of {GAP}m after a collapse",
+        scraped(scale, gaps=down),
+        [_check(collapse, alert, paged)] + [_check(m, alert) for m in range(collapse + w, minutes)],
+    )
+    # The collapsed run is stopped and resumed from a checkpoint: a new process, the same labels.
+    gone, first = collapse + 3, collapse + 5
+
+    def restarted(new_scale: float, first: int) -> list[dict[str, str]]:
+        return [
+            _series(AMP_LOSS_SCALE, labels, _scrapes(minutes, _lives(_life(scale, gone=gone), _life(new_scale, first)))),
+            _series(START_TIME, labels, _scrapes(minutes, _lives(_life(0, gone=gone), _life(first * 60, first)))),
+        ]
+
+    case(
+        f"{alert} does not fire again when the process restarts after a collapse",
+        restarted(start, first),
+        [_check(m, alert, paged) for m in (collapse, gone)] + [_check(m, alert) for m in range(first, minutes)],
+    )
+    late = collapse + w + 2  # after the first collapse's alert resolved
+    case(
+        f"{alert} fires when a restarted process's first scrape shows a collapsed scale",
+        restarted(0.0, late),
+        [_check(collapse, alert, paged), _check(late - 1, alert), _check(late, alert, paged)],
+    )

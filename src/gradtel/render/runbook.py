@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..metrics import (
+    AMP_LOSS_SCALE,
     ERRORS,
     GRAD_NORM,
     GRAD_NORM_PEAK,
@@ -18,6 +19,7 @@ from ..metrics import (
 )
 from .options import (
     ALERT_NAMES,
+    AMP_COLLAPSE_ALERT,
     AMP_SKIPS_ALERT,
     AMP_SKIPS_FOR,
     DOWN_ALERT,
@@ -182,6 +184,30 @@ learning rate, and the layers named by the overflowing updates (the
 
 **Do** lower the learning rate, clip gradients, move unstable ops (softmax,
 norms, losses) to fp32 or bf16, or restart from the last healthy checkpoint.
+""",
+        f"""## {AMP_COLLAPSE_ALERT}
+
+**Meaning.** The AMP `GradScaler`'s loss scale (`{AMP_LOSS_SCALE}`) fell below
+{o.amp_scale_floor:g} in the last {o.window}. The scaler halves its scale at every update whose
+gradients overflow and skips that update's step; it doubles it after a run of
+good updates. A healthy fp16 run halves it a few times in its first steps and
+settles far above {o.amp_scale_floor:g} (it starts at 65,536). Below it, nearly every update
+overflows: the weights have diverged (a NaN loss makes every update overflow,
+down to a scale of 0) and training has stopped learning, even though each
+overflow is "handled". DeepSpeed and Megatron-LM stop a run at a scale of 1.
+It keeps firing for {o.window} after the lowest scale, then resolves; a restart
+with a healthy scale does not page again.
+
+**Look first at** the loss (NaN or Inf since when?), `{AMP_LOSS_SCALE}` over
+time (a sudden fall is a divergence, a slow slide is overflow outpacing the
+scaler's growth), `{SKIPPED_UPDATES}{{reason="amp_overflow"}}`, and the
+learning rate and data around the step where the scale began to fall.
+
+**Do** stop the run: every step is skipped, and checkpoints saved now hold no
+progress (or NaN). Resume from the last checkpoint before the fall with a lower
+learning rate, gradient clipping, or the unstable ops (softmax, norms, losses)
+in fp32 or bf16. This critical alert inhibits the warnings of the same run
+that carry no `kind`, {AMP_SKIPS_ALERT} among them.
 """,
         f"""## {NORM_SPIKE_ALERT}
 
