@@ -5,7 +5,8 @@ Five training processes run side by side, each scraped as its own instance:
 - ``critical``: 7 Inf in ``head`` on update 30, then healthy;
 - ``warning``: 3 NaN in ``body.0`` on update 30, then healthy;
 - ``healthy``: never unhealthy;
-- ``crash``: 7 NaN in ``body.2`` on update 30 with ``on_critical="raise"``: the run dies there;
+- ``crash``: 7 NaN in ``body.2`` on update 30 with ``on_critical="raise"``: the run dies there,
+  and pages twice: the NaN, and the crash that followed it;
 - ``both``: 3 NaN then 7 NaN on updates 30 and 31: the critical page inhibits the warning;
 - ``deferred``: 7 Inf in ``head`` on update 30, with the deferred read-out: the update
   is published by the next collect() or the scrape, and pages like ``critical`` (nothing
@@ -124,10 +125,16 @@ def test_pages_arrive_on_the_right_receiver_naming_the_layer(
     assert (warning.alertname, warning.severity) == ("GradtelNaNGradients", "warning")
     assert "body.0 (3)" in warning.description
 
-    # The crashed run's endpoint stayed up until Prometheus scraped its last update.
-    crash = wait_for_page(stack, "pager", trainers["crash"].run, injected["crash"])
-    assert (crash.alertname, crash.severity) == ("GradtelNaNGradients", "critical")
+    # The crashed run's endpoint stayed up until Prometheus scraped its last update, and the crash.
+    crash = wait_for_page(stack, "pager", trainers["crash"].run, injected["crash"], "GradtelNaNGradients")
+    assert crash.severity == "critical"
     assert "body.2 (7)" in crash.description
+    crashed = wait_for_page(stack, "pager", trainers["crash"].run, injected["crash"], "GradtelTrainingCrashed")
+    assert (crashed.severity, crashed.labels["type"]) == ("critical", "NonFiniteGradientError")
+    assert crashed.description.startswith(
+        "gradtel run crash: training crashed after NaN gradients at step 30: an uncaught "
+        "NonFiniteGradientError ended 127.0.0.1:"
+    ), crashed.description
     assert trainers["crash"].process.wait(timeout=30) == 1
     assert trainers["crash"].process.stderr is not None
     assert "NonFiniteGradientError" in trainers["crash"].process.stderr.read()
@@ -166,6 +173,7 @@ def test_pages_arrive_on_the_right_receiver_naming_the_layer(
         "critical": critical.received - injected["critical"],
         "warning": warning.received - injected["warning"],
         "crash": crash.received - injected["crash"],
+        "crashed": crashed.received - injected["crash"],
         "deferred": deferred.received - injected["deferred"],
     }
     assert all(0 < seconds < PAGE_DEADLINE for seconds in latencies.values()), latencies

@@ -41,7 +41,7 @@ def test_committed_kit_equals_the_default_render() -> None:
 def test_promtool_checks_and_unit_tests_the_committed_rules(prometheus_bin: Path) -> None:  # noqa: F811
     promtool = str(prometheus_bin / "promtool")
     checked = run(promtool, "check", "rules", "gradtel-rules.yml")
-    assert checked.returncode == 0 and "SUCCESS: 12 rules found" in checked.stdout, checked.stderr
+    assert checked.returncode == 0 and "SUCCESS: 14 rules found" in checked.stdout, checked.stderr
     tested = run(promtool, "test", "rules", "gradtel-rules.test.yml")
     assert tested.returncode == 0, tested.stdout + tested.stderr
     assert "SUCCESS" in tested.stdout
@@ -76,6 +76,10 @@ def test_rule_tests_cover_every_behaviour_the_alerts_promise() -> None:
         "GradtelTrainingStalled fires once for a stall, through a failed scrape",
         "GradtelExporterDown does not fire when Prometheus restarts, with a gap of 8m",
         "GradtelAmpLossScaleCollapsed fires when the loss scale collapses to 0",
+        "GradtelTrainingCrashed critical fires when training crashes after NaN gradients, naming the step, "
+        "the exception and the rank",
+        "GradtelTrainingCrashed warning fires when training crashes after a healthy update",
+        "GradtelTrainingCrashed critical fires when a restarted process crashes again, 15m after the last crash",
         "GradtelAmpLossScaleCollapsed fires when the loss scale keeps falling",
         "GradtelAmpLossScaleCollapsed does not fire while the loss scale settles in an fp16 run's first steps",
         "GradtelNaNGradients does not say the loss was non-finite when the incident's first update had a finite loss, "
@@ -85,7 +89,7 @@ def test_rule_tests_cover_every_behaviour_the_alerts_promise() -> None:
     # Every alert goes through the histories of a deployment.
     for alert in ("GradtelNaNGradients", "GradtelInfGradients", "GradtelNothingScanned", "GradtelAmpOverflowSkips",
                   "GradtelAmpLossScaleCollapsed", "GradtelGradNormSpike", "GradtelTrainingStalled",
-                  "GradtelExporterDown"):  # fmt: skip
+                  "GradtelExporterDown", "GradtelTrainingCrashed"):  # fmt: skip
         assert any(n.startswith(f"{alert} ") and ("scrape" in n and "fail" in n) for n in names), alert
         assert any(n.startswith(f"{alert} ") and "gap" in n for n in names), alert
         assert any(n.startswith(f"{alert} ") and ("restart" in n or "joins late" in n) for n in names), alert
@@ -187,15 +191,18 @@ def test_every_alert_links_an_anchor_of_the_runbook() -> None:
     assert {a["alert"] for a in alerts} == {
         "GradtelNaNGradients", "GradtelInfGradients", "GradtelExporterDown", "GradtelTrainingStalled",
         "GradtelNothingScanned", "GradtelAmpOverflowSkips", "GradtelAmpLossScaleCollapsed", "GradtelGradNormSpike",
+        "GradtelTrainingCrashed",
     }  # fmt: skip
     for alert in alerts:
         assert alert["annotations"]["runbook_url"].rsplit("#", 1)[1] in anchors
         assert set(alert["annotations"]) == {"summary", "description", "runbook_url"}
         assert "{{" not in alert["annotations"]["summary"]  # static summary
         assert alert["labels"]["severity"] in ("warning", "critical")
+        if alert["alert"] in ("GradtelNaNGradients", "GradtelInfGradients", "GradtelTrainingCrashed"):
+            # One scrape and one evaluation interval: every rank's scrape of the update (or its last) is in.
+            assert alert["for"] == "10s"
         if alert["alert"].endswith("Gradients"):
-            # One scrape and one evaluation interval: every rank's scrape of the update is in.
-            assert alert["for"] == "10s" and "increase(gradtel_unhealthy_updates_total" in alert["expr"]
+            assert "increase(gradtel_unhealthy_updates_total" in alert["expr"]
 
 
 def test_other_thresholds_render_a_consistent_kit_that_passes_its_own_tests(

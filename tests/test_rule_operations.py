@@ -50,15 +50,28 @@ def _lowest_scale_in_the_window(o: KitOptions, selector: str) -> str:
     return f"min_over_time(gradtel_amp_loss_scale{{{selector}}}[{o.window}]) < {o.amp_scale_floor:g}"
 
 
+def _crash_of_any_process_before(o: KitOptions, scope: str, type_: str = "") -> str:
+    """A crash as a per-layer series: new only with no sample in the window before, whichever
+    process it came from."""
+    series = f"gradtel_training_exceptions_total{{{scope}{type_}}}"
+    return prometheus._new_or_increased(o, series, scope, on_demand=True)
+
+
+def _unhealthy_in_the_window(o: KitOptions, scope: str) -> str:
+    """A crash's severity by the unhealthy updates still in the window, which leave it before the crash does."""
+    return f"increase(gradtel_unhealthy_updates_total{{{scope}}}[{o.window}]) > 0"
+
+
 def _no_start_gate_on_spikes(rules: str) -> str:
     return re.sub(r"\n\s*and on \([^)]*\)\n\s*last_over_time\(gradtel_start_time_seconds[^\n]*< time\(\) - \d+", "", rules)
 
 
 def _no_for_on_unhealthy_updates(rules: str) -> str:
-    return rules.replace("\n    for: 10s", "")
+    return re.sub(r"(alert: Gradtel(?:NaN|Inf)Gradients\n    expr: .*?)\n    for: 10s", r"\1", rules, flags=re.DOTALL)
 
 
 NAN, INF, AMP = "GradtelNaNGradients", "GradtelInfGradients", "GradtelAmpLossScaleCollapsed"
+CRASHED = "GradtelTrainingCrashed"
 DEFECTS: dict[str, tuple[dict[str, Callable[..., str | list[str]]], Callable[[str], str], set[str]]] = {
     "born where the offset lookup finds nothing": (
         {"_counted": _born_where_the_offset_finds_nothing},
@@ -96,6 +109,16 @@ DEFECTS: dict[str, tuple[dict[str, Callable[..., str | list[str]]], Callable[[st
             f"{AMP} does not fire again when the process restarts after a collapse",
             f"{AMP} fires when a restarted process's first scrape shows a collapsed scale",
         },
+    ),
+    "a restarted process's crash hidden by the last one": (
+        {"_crashed": _crash_of_any_process_before},
+        str,
+        {f"{CRASHED} critical fires when a restarted process crashes again, 15m after the last crash"},
+    ),
+    "a crash's severity by the updates still in the window": (
+        {"_died_unhealthy": _unhealthy_in_the_window},
+        str,
+        {f"{CRASHED} critical fires once for a crash, through a failed scrape"},
     ),
     "spikes judged by the history of an older process": (
         {},

@@ -17,6 +17,7 @@ __all__ = [
     "AMP_COLLAPSE_ALERT",
     "AMP_SKIPS_ALERT",
     "AMP_SKIPS_FOR",
+    "CRASH_ALERT",
     "DEFAULT_RUNBOOK_URL",
     "DOWN_ALERT",
     "KINDS",
@@ -44,6 +45,7 @@ STALLED_ALERT = "GradtelTrainingStalled"
 NOTHING_SCANNED_ALERT = "GradtelNothingScanned"
 AMP_SKIPS_ALERT = "GradtelAmpOverflowSkips"
 AMP_COLLAPSE_ALERT = "GradtelAmpLossScaleCollapsed"
+CRASH_ALERT = "GradtelTrainingCrashed"
 NORM_SPIKE_ALERT = "GradtelGradNormSpike"
 AMP_SKIPS_FOR = "5m"
 """How long the AMP skip ratio must stay high: the first-steps overflows of

@@ -12,6 +12,7 @@ from ..metrics import (
     GRAD_NORM_PEAK,
     GRADS_TOTAL,
     INF_GRADS,
+    LAST_UNHEALTHY_STEP,
     LAST_UPDATE_TIMESTAMP,
     NAN_GRADS,
     NONFINITE_LOSS_UPDATES,
@@ -19,8 +20,10 @@ from ..metrics import (
     ORIGIN_UPDATES,
     SKIPPED_UPDATES,
     START_TIME,
+    TRAINING_EXCEPTIONS,
     UNHEALTHY_UPDATES,
     UNSCANNED_UPDATES,
+    UPDATE_STATUS,
     UPDATES,
 )
 from .options import (
@@ -28,6 +31,7 @@ from .options import (
     AMP_COLLAPSE_ALERT,
     AMP_SKIPS_ALERT,
     AMP_SKIPS_FOR,
+    CRASH_ALERT,
     DOWN_ALERT,
     KINDS,
     NORM_SPIKE_ALERT,
@@ -77,7 +81,9 @@ def _started(o: KitOptions, scope: str) -> str:
     return f"last_over_time({START_TIME}{{{scope}}}[{o.window}])"
 
 
-def _counted(o: KitOptions, series: str, scope: str, *, on_demand: bool = False, exact: bool = False) -> list[str]:
+def _counted(
+    o: KitOptions, series: str, scope: str, *, on_demand: bool = False, per_process: bool = False, exact: bool = False
+) -> list[str]:
     """The branches of :func:`_new_or_increased`."""
     w = o.window
     held = f"last_over_time({series}[{w}]) > 0"
@@ -90,7 +96,13 @@ def _counted(o: KitOptions, series: str, scope: str, *, on_demand: bool = False,
     if on_demand:
         # Born in an old process (a layer's first NaN): no sample in the window before.
         # A gap longer than the window hides that sample, and the series reads as new.
-        branches.append(f"{held} unless last_over_time({series}[{w}] offset {w})")
+        before = f"last_over_time({series}[{w}] offset {w})"
+        if per_process:
+            # Born as its process ends (a crash): a sample in the window before is this
+            # one only if it came from the process of now, and a process replaced since
+            # (a restart) crashed anew, however old it is.
+            before += f" and on ({PROCESS}) min_over_time({START_TIME}{{{scope}}}[{w}] offset {w}) == on ({PROCESS}) {_started(o, scope)}"
+        branches.append(f"{held} unless ({before})")
     # max - min is exact where increase() would extrapolate; a restart is a young process.
     moved = f"max_over_time({series}[{w}]) - min_over_time({series}[{w}])" if exact else f"increase({series}[{w}])"
     return branches + [f"{moved} > 0"]
@@ -100,7 +112,8 @@ def _new_or_increased(o: KitOptions, series: str, scope: str, **how: bool) -> st
     """Series of a counter that counted in the window, valued by how much: whatever scrapes
     failed or gaps Prometheus had, only an update counted in the window makes one.
     ``scope`` selects the processes of ``series``; ``on_demand`` for a per-layer counter
-    born with its first count, ``exact`` for counts rather than extrapolated increases."""
+    born with its first count, ``per_process`` for one born as its process ends, ``exact``
+    for counts rather than extrapolated increases."""
     return "(" + " or ".join(f"({b})" for b in _counted(o, series, scope, **how)) + ")"
 
 
@@ -191,6 +204,65 @@ def _unhealthy_rule(o: KitOptions, kind: str, severity: str) -> dict[str, Any]:
     }
 
 
+def _crashed(o: KitOptions, scope: str, type_: str = "") -> str:
+    """Processes that an uncaught exception ended in the window, one series per type: the
+    series is born as its process ends, and once per process."""
+    series = f"{TRAINING_EXCEPTIONS}{{{scope}{type_}}}"
+    return _new_or_increased(o, series, scope, on_demand=True, per_process=True)
+
+
+def _died_unhealthy(o: KitOptions, scope: str) -> str:
+    """Processes whose last update was unhealthy: as a process that died last left it, the
+    same for as long as its crash is in the window."""
+    return f"last_over_time({UPDATE_STATUS}{{{scope}}}[{o.window}]) > 0"
+
+
+def _crash_rule(o: KitOptions, severity: str) -> dict[str, Any]:
+    """A training process died from an uncaught exception: critical when its last update had
+    NaN or Inf gradients (the crash is likely their consequence, the weights hold them),
+    else warning."""
+    sel, critical = o.job_selector, severity == "critical"
+    join = "and" if critical else "unless"
+    crashed = f"{_crashed(o, RUN_SCOPE, ',type=%[3]q')} {join} on ({PROCESS}) {_died_unhealthy(o, RUN_SCOPE)}"
+    args = (*RUN_ARGS, "$labels.type")
+    # The latest unhealthy step of each kind, of the processes that crashed.
+    steps = _query(
+        f"max by (kind) (last_over_time({LAST_UNHEALTHY_STEP}{{{RUN_SCOPE}}}[{o.window}]) and on ({PROCESS}) {crashed})",
+        *args,
+    )
+    after = (
+        f'training crashed after {{{{ range $i, $s := sortByLabel "kind" ({steps}) }}}}{{{{ if $i }}}} and {{{{ end }}}}'
+        '{{ if eq $s.Labels.kind "nan" }}NaN{{ else }}Inf{{ end }} gradients at step '
+        '{{ $s.Value | printf "%.0f" }}{{ else }}NaN or Inf gradients{{ end }}'
+    )
+    return {
+        "alert": CRASH_ALERT,
+        "expr": (
+            f"count by ({INCIDENT}, type) (\n  {_crashed(o, sel)}\n  {join} on ({PROCESS})\n"
+            f"  {_died_unhealthy(o, sel)}\n)"
+        ),
+        # The last scrapes of the ranks that died are in: the page names them all.
+        "for": o.settle,
+        "labels": {"severity": severity},
+        "annotations": {
+            "summary": f"Training crashed with an uncaught exception ({severity})",
+            "description": (
+                f"{_where()}: "
+                + (after if critical else "training crashed")
+                + ": an uncaught {{ $labels.type }} ended "
+                + _targets_template(crashed, *args)
+                + (
+                    ", whose last update had NaN or Inf gradients: resume from the last healthy "
+                    "checkpoint, not the latest."
+                    if critical
+                    else ", after a healthy last update."
+                )
+            ),
+            "runbook_url": o.runbook(CRASH_ALERT),
+        },
+    }
+
+
 def _targets_template(query: str, *args: str) -> str:
     """A comma-separated list of the instances (and ranks) a query returns, at most 10."""
     return (
@@ -218,6 +290,7 @@ def rules(o: KitOptions) -> dict[str, Any]:
     alerts = [
         _unhealthy_rule(o, kind, severity) for kind in KINDS for severity in ("critical", "warning")
     ]
+    alerts += [_crash_rule(o, severity) for severity in ("critical", "warning")]
     # The endpoints of a run that died: the gradtel series, still in Prometheus for
     # a while, tell which rank each dead target was.
     down = f"(up{{job=%q}} == 0) * on (job, instance) group_left (rank) max by (job, instance, rank) (last_over_time({UPDATES}{{job=%q}}[1h])) or on (job, instance) (up{{job=%q}} == 0)"

@@ -22,6 +22,7 @@ from ..metrics import (
     GRAD_NORM,
     GRAD_NORM_PEAK,
     GRADS_TOTAL,
+    LAST_UNHEALTHY_STEP,
     LAST_UPDATE_TIMESTAMP,
     NAN_GRADS,
     NONFINITE_LOSS_UPDATES,
@@ -30,8 +31,10 @@ from ..metrics import (
     SEVERITIES,
     SKIPPED_UPDATES,
     START_TIME,
+    TRAINING_EXCEPTIONS,
     UNHEALTHY_UPDATES,
     UNSCANNED_UPDATES,
+    UPDATE_STATUS,
     UPDATES,
     Metric,
 )
@@ -40,6 +43,7 @@ from .options import (
     AMP_COLLAPSE_ALERT,
     AMP_SKIPS_ALERT,
     AMP_SKIPS_FOR,
+    CRASH_ALERT,
     DOWN_ALERT,
     KINDS,
     NORM_SPIKE_ALERT,
@@ -532,6 +536,7 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
     _down_histories(o, case)
     _coverage_histories(o, case)
     _amp_collapse_cases(o, case)
+    _crash_cases(o, case)
     return {"rule_files": ["gradtel-rules.yml"], "evaluation_interval": "1m", "tests": cases}
 
 
@@ -1236,4 +1241,115 @@ def _amp_collapse_cases(o: KitOptions, case: Case) -> None:
         f"{alert} fires when a restarted process's first scrape shows a collapsed scale",
         restarted(0.0, late),
         [_check(collapse, alert, paged), _check(late - 1, alert), _check(late, alert, paged)],
+    )
+
+
+def _crash_alert(o: KitOptions, severity: str, after: str = "", targets: str = INSTANCE) -> dict[str, Any]:
+    """The page of a crash by ``ValueError``; ``after``: "NaN gradients at step 41"."""
+    return {
+        "exp_labels": {"job": o.job, "severity": severity, "type": "ValueError"},
+        "exp_annotations": {
+            "summary": f"Training crashed with an uncaught exception ({severity})",
+            "description": (
+                f"{o.job}: training crashed after {after}: an uncaught ValueError ended {targets}, whose last "
+                "update had NaN or Inf gradients: resume from the last healthy checkpoint, not the latest."
+                if severity == "critical"
+                else f"{o.job}: training crashed: an uncaught ValueError ended {targets}, after a healthy last update."
+            ),
+            "runbook_url": o.runbook(CRASH_ALERT),
+        },
+    }
+
+
+def _crash_cases(o: KitOptions, case: Case) -> None:
+    """A training process that an uncaught exception ended: its series is born in its last
+    scrape (the endpoint waits for it), and the process is gone after. One page per crash,
+    critical when its last update was unhealthy; none again for an old crash, through failed
+    scrapes, gaps and restarts."""
+    w = _minutes(duration_seconds(o.window, "window"))
+    alert, labels = CRASH_ALERT, _labels(o)
+    bad, at = 3, 6  # an unhealthy update, then the crash
+    minutes = at + 2 * w + GAP + 5
+    Lives = dict[tuple[Metric, tuple[tuple[str, str], ...]], Value]
+
+    def process(
+        first: int = 0, crash: int = at, steps: dict[str, tuple[int, int]] | None = None, held: int = 1
+    ) -> Lives:
+        """One process from ``first``: its unhealthy updates (``steps``: kind -> (minute, step)),
+        unhealthy to the end, and its crash, in the ``held`` scrapes of the exit wait; gone after."""
+        gone = crash + held
+        bad_from = min((minute for minute, _ in (steps or {}).values()), default=gone)
+        lives: Lives = {
+            (START_TIME, ()): _life(first * 60, first, gone),
+            (UPDATE_STATUS, ()): _life(lambda m: 2 if m >= bad_from else 0, first, gone),
+            (TRAINING_EXCEPTIONS, (("type", "ValueError"),)): _life(1, crash, gone),
+        }
+        for kind, severity in itertools.product(KINDS, SEVERITIES):
+            minute = (steps or {}).get(kind, (None,))[0] if severity == "critical" else None
+            counted = _count(minute) if minute is not None else 0
+            lives[(UNHEALTHY_UPDATES, (("kind", kind), ("severity", severity)))] = _life(counted, first, gone)
+        for kind, (minute, step) in (steps or {}).items():
+            lives[(LAST_UNHEALTHY_STEP, (("kind", kind),))] = _life(step, minute, gone)
+        return lives
+
+    def scraped(labels: str, *lives: Lives, **how: Any) -> list[dict[str, str]]:
+        """The series of processes that follow one another on ``labels``."""
+        return [
+            _series(metric, _more(labels, **dict(extra)), _scrapes(minutes, _lives(*(life[(metric, extra)] for life in lives if (metric, extra) in life)), **how))  # type: ignore[arg-type]
+            for metric, extra in dict.fromkeys(key for life in lives for key in life)
+        ]
+
+    nan41 = {"nan": (bad, 41)}
+    case(
+        f"{alert} critical fires when training crashes after NaN gradients, naming the step, the exception and the rank",
+        scraped(_rank(o, 0), process(steps=nan41)),
+        [
+            _check(at, alert),
+            _check(_fired(o, at), alert, _crash_alert(o, "critical", "NaN gradients at step 41", "trainer-0:9464 (rank 0)")),
+            _check(at + w + 1, alert),
+        ],
+    )
+    case(
+        f"{alert} critical names the last unhealthy step of each kind",
+        scraped(labels, process(steps={"nan": (bad, 41), "inf": (bad - 1, 40)})),
+        [_check(_fired(o, at), alert, _crash_alert(o, "critical", "Inf gradients at step 40 and NaN gradients at step 41"))],
+    )
+    case(
+        f"{alert} warning fires when training crashes after a healthy update",
+        scraped(labels, process()),
+        [_check(_fired(o, at), alert, _crash_alert(o, "warning"))],
+    )
+    case(
+        f"{alert} does not fire when a training process ends without an exception",
+        [_series(START_TIME, labels, _scrapes(minutes, _life(0, gone=at)))],
+        [_check(m, alert) for m in range(0, minutes, 2)],
+    )
+    # The exit wait holds the endpoint for more than one scrape, one of which fails.
+    paged = _crash_alert(o, "critical", "NaN gradients at step 41")
+    case(
+        f"{alert} critical fires once for a crash, through a failed scrape",
+        scraped(labels, process(steps=nan41, held=3), failed=(at + 1,)),
+        [_check(m, alert, paged) for m in range(_fired(o, at), at + w)] + [_check(m, alert) for m in range(at + w, minutes)],
+    )
+    down = range(at + 1, at + 1 + GAP)
+    case(
+        f"{alert} critical does not fire again when Prometheus has a gap of {GAP}m after a crash",
+        scraped(labels, process(steps=nan41), gaps=down),
+        [_check(_fired(o, at), alert, paged)] + [_check(m, alert) for m in range(at + w + 1, minutes)],
+    )
+    first = at + 2  # restarted: a new process, the same labels
+    case(
+        f"{alert} critical does not fire again when the process restarts after a crash",
+        scraped(labels, process(steps=nan41), process(first, crash=minutes)),  # training goes on
+        [_check(_fired(o, at), alert, paged)] + [_check(m, alert) for m in range(at + w + 1, minutes)],
+    )
+    again = at + w + 5  # the restarted process is older than the window when it crashes
+    case(
+        f"{alert} critical fires when a restarted process crashes again, {again - at}m after the last crash",
+        scraped(labels, process(), process(first, again, {"nan": (again - 2, 900)})),
+        [
+            _check(_fired(o, at), alert, _crash_alert(o, "warning")),
+            _check(again, alert),
+            _check(_fired(o, again), alert, _crash_alert(o, "critical", "NaN gradients at step 900")),
+        ],
     )

@@ -5,10 +5,12 @@ from __future__ import annotations
 from ..metrics import (
     AMP_LOSS_SCALE,
     ERRORS,
+    LAST_UNHEALTHY_STEP,
     GRAD_NORM,
     GRAD_NORM_PEAK,
     LAST_UPDATE_TIMESTAMP,
     SKIPPED_UPDATES,
+    TRAINING_EXCEPTIONS,
     UNHEALTHY_UPDATES,
     UNSCANNED_UPDATES,
     UPDATES,
@@ -22,6 +24,7 @@ from .options import (
     AMP_COLLAPSE_ALERT,
     AMP_SKIPS_ALERT,
     AMP_SKIPS_FOR,
+    CRASH_ALERT,
     DOWN_ALERT,
     NORM_SPIKE_ALERT,
     NOTHING_SCANNED_ALERT,
@@ -108,6 +111,32 @@ gradients: `severity="warning"` for {band_text(o, "warning")} values in one upda
   `log` or `sqrt` of a non-positive value, a division by zero) and resume.
 """,
         )
+    sections.append(
+        f"""## {CRASH_ALERT}
+
+**Meaning.** An uncaught exception ended a training process while gradtel served
+its metrics: gradtel counted it by type (`{TRAINING_EXCEPTIONS}{{type=...}}`)
+and kept the endpoint up until Prometheus scraped it. The description names the
+exception, the targets (and ranks) it ended, and, when the process's last update
+was unhealthy, the latest step with NaN or Inf gradients of each kind
+(`{LAST_UNHEALTHY_STEP}`). `severity="critical"`: the process died right
+after NaN or Inf gradients: the weights likely hold them, and the exception is
+their consequence (a policy that samples from NaN logits, a loss that checks its
+input, `on_critical="raise"`). `severity="warning"`: its last update was
+healthy, so the crash has another cause. One page per crash: a crash stays in
+the window for {o.window}, failed scrapes and gaps do not page it again, and a
+restarted process that crashes again pages anew.
+
+**Look first at** the process's traceback in its log (gradtel passes the
+exception on unchanged), the step named in the page against your own logs, and
+whether other ranks died with it ({DOWN_ALERT} follows for their endpoints).
+
+**Do**, when critical: resume from the last checkpoint *before* the step named,
+not the latest, and treat the NaN first ({ALERT_NAMES["nan"]}, {ALERT_NAMES["inf"]}).
+When warning: fix what the traceback says (data, out of memory, a bug) and
+resume from the latest checkpoint.
+""",
+    )
     sections.append(
         f"""## {DOWN_ALERT}
 
