@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -80,6 +82,7 @@ def test_one_page_says_the_nan_originated_on_rank_2_and_nothing_is_lost_at_exit(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its workers hold the pipes: they are stopped with it
     )  # fmt: skip
     urls = [f"http://127.0.0.1:{base + rank}/metrics" for rank in range(RANKS)]
     stores = scale_out_stacks([f"127.0.0.1:{base + rank}" for rank in range(RANKS)])
@@ -117,7 +120,7 @@ def test_one_page_says_the_nan_originated_on_rank_2_and_nothing_is_lost_at_exit(
             assert_one_page(stack, float(injected), int(bad_update))
     finally:
         if run.poll() is None:
-            run.kill()
+            os.killpg(run.pid, signal.SIGKILL)  # torchrun and the workers that hold its pipes
             run.communicate()
         for stack in stores:
             stack.stop()
@@ -157,9 +160,17 @@ def assert_every_rank_scraped(stack: Stack) -> None:
 
 def assert_one_page(stack: Stack, injected: float, bad_update: int) -> None:
     assert stack.receiver is not None
-    pages = stack.receiver.firing("pager")
-    assert len(pages) == 1, (where(stack), [str(p) for p in pages], stack.log("vmalert"))
+    pager = stack.receiver.firing("pager")
+    pages = [p for p in pager if p.alertname == "GradtelNaNGradients"]
+    assert len(pages) == 1, (where(stack), [str(p) for p in pager], stack.log("vmalert"))
     page = pages[0]
+    # Rank 2 raised on its NaN (on_critical="raise"), the ranks whose all-reduce lost it
+    # raised too: one crash page for the run, after NaN, naming rank 2's exception.
+    crashes = [p for p in pager if p.alertname == "GradtelTrainingCrashed"]
+    assert len(crashes) == 1, (where(stack), [p.description for p in crashes])
+    assert f"after NaN gradients at step {bad_update}" in crashes[0].description, crashes[0].description
+    assert "(rank 2): NonFiniteGradientError" in crashes[0].description, crashes[0].description
+    assert len(pager) == 2, (where(stack), [str(p) for p in pager])
     assert (page.alertname, page.severity) == ("GradtelNaNGradients", "critical")
     assert "affected ranks: 4." in page.description, (where(stack), page.description)
     assert "originated on rank 2." in page.description, (where(stack), page.description)

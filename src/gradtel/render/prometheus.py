@@ -204,10 +204,10 @@ def _unhealthy_rule(o: KitOptions, kind: str, severity: str) -> dict[str, Any]:
     }
 
 
-def _crashed(o: KitOptions, scope: str, type_: str = "") -> str:
+def _crashed(o: KitOptions, scope: str) -> str:
     """Processes that an uncaught exception ended in the window, one series per type: the
     series is born as its process ends, and once per process."""
-    series = f"{TRAINING_EXCEPTIONS}{{{scope}{type_}}}"
+    series = f"{TRAINING_EXCEPTIONS}{{{scope}}}"
     return _new_or_increased(o, series, scope, on_demand=True, per_process=True)
 
 
@@ -220,15 +220,15 @@ def _died_unhealthy(o: KitOptions, scope: str) -> str:
 def _crash_rule(o: KitOptions, severity: str) -> dict[str, Any]:
     """A training process died from an uncaught exception: critical when its last update had
     NaN or Inf gradients (the crash is likely their consequence, the weights hold them),
-    else warning."""
+    else warning. One alert per run, whatever the exceptions: when one rank dies the others
+    die of their own (a collective that lost its peer), and that is one incident."""
     sel, critical = o.job_selector, severity == "critical"
     join = "and" if critical else "unless"
-    crashed = f"{_crashed(o, RUN_SCOPE, ',type=%[3]q')} {join} on ({PROCESS}) {_died_unhealthy(o, RUN_SCOPE)}"
-    args = (*RUN_ARGS, "$labels.type")
+    crashed = f"{_crashed(o, RUN_SCOPE)} {join} on ({PROCESS}) {_died_unhealthy(o, RUN_SCOPE)}"
     # The latest unhealthy step of each kind, of the processes that crashed.
     steps = _query(
         f"max by (kind) (last_over_time({LAST_UNHEALTHY_STEP}{{{RUN_SCOPE}}}[{o.window}]) and on ({PROCESS}) {crashed})",
-        *args,
+        *RUN_ARGS,
     )
     after = (
         f'training crashed after {{{{ range $i, $s := sortByLabel "kind" ({steps}) }}}}{{{{ if $i }}}} and {{{{ end }}}}'
@@ -238,7 +238,7 @@ def _crash_rule(o: KitOptions, severity: str) -> dict[str, Any]:
     return {
         "alert": CRASH_ALERT,
         "expr": (
-            f"count by ({INCIDENT}, type) (\n  {_crashed(o, sel)}\n  {join} on ({PROCESS})\n"
+            f"count by ({INCIDENT}) (\n  {_crashed(o, sel)}\n  {join} on ({PROCESS})\n"
             f"  {_died_unhealthy(o, sel)}\n)"
         ),
         # The last scrapes of the ranks that died are in: the page names them all.
@@ -249,11 +249,11 @@ def _crash_rule(o: KitOptions, severity: str) -> dict[str, Any]:
             "description": (
                 f"{_where()}: "
                 + (after if critical else "training crashed")
-                + ": an uncaught {{ $labels.type }} ended "
-                + _targets_template(crashed, *args)
+                + ": uncaught exceptions ended "
+                + _targets_template(crashed, *RUN_ARGS, then="{{ with $s.Labels.type }}: {{ . }}{{ end }}")
                 + (
-                    ", whose last update had NaN or Inf gradients: resume from the last healthy "
-                    "checkpoint, not the latest."
+                    "; the last update of each had NaN or Inf gradients: resume from the last "
+                    "healthy checkpoint, not the latest."
                     if critical
                     else ", after a healthy last update."
                 )
@@ -263,12 +263,13 @@ def _crash_rule(o: KitOptions, severity: str) -> dict[str, Any]:
     }
 
 
-def _targets_template(query: str, *args: str) -> str:
-    """A comma-separated list of the instances (and ranks) a query returns, at most 10."""
+def _targets_template(query: str, *args: str, then: str = "") -> str:
+    """A comma-separated list of the instances (and ranks) a query returns, at most 10;
+    ``then``: what follows each, from its series ``$s``."""
     return (
         f"{{{{ range $i, $s := sortByLabel \"instance\" ({_query(f'topk(10, {query})', *args)}) }}}}"
         "{{ if $i }}, {{ end }}"
-        "{{ $s.Labels.instance }}{{ with $s.Labels.rank }} (rank {{ . }}){{ end }}{{ end }}"
+        "{{ $s.Labels.instance }}{{ with $s.Labels.rank }} (rank {{ . }}){{ end }}" + then + "{{ end }}"
     )
 
 

@@ -1244,17 +1244,19 @@ def _amp_collapse_cases(o: KitOptions, case: Case) -> None:
     )
 
 
-def _crash_alert(o: KitOptions, severity: str, after: str = "", targets: str = INSTANCE) -> dict[str, Any]:
-    """The page of a crash by ``ValueError``; ``after``: "NaN gradients at step 41"."""
+def _crash_alert(
+    o: KitOptions, severity: str, after: str = "", targets: str = f"{INSTANCE}: ValueError"
+) -> dict[str, Any]:
+    """The page of a crash (by default one target's ``ValueError``); ``after``: "NaN gradients at step 41"."""
     return {
-        "exp_labels": {"job": o.job, "severity": severity, "type": "ValueError"},
+        "exp_labels": {"job": o.job, "severity": severity},
         "exp_annotations": {
             "summary": f"Training crashed with an uncaught exception ({severity})",
             "description": (
-                f"{o.job}: training crashed after {after}: an uncaught ValueError ended {targets}, whose last "
-                "update had NaN or Inf gradients: resume from the last healthy checkpoint, not the latest."
+                f"{o.job}: training crashed after {after}: uncaught exceptions ended {targets}; the "
+                "last update of each had NaN or Inf gradients: resume from the last healthy checkpoint, not the latest."
                 if severity == "critical"
-                else f"{o.job}: training crashed: an uncaught ValueError ended {targets}, after a healthy last update."
+                else f"{o.job}: training crashed: uncaught exceptions ended {targets}, after a healthy last update."
             ),
             "runbook_url": o.runbook(CRASH_ALERT),
         },
@@ -1273,7 +1275,11 @@ def _crash_cases(o: KitOptions, case: Case) -> None:
     Lives = dict[tuple[Metric, tuple[tuple[str, str], ...]], Value]
 
     def process(
-        first: int = 0, crash: int = at, steps: dict[str, tuple[int, int]] | None = None, held: int = 1
+        first: int = 0,
+        crash: int = at,
+        steps: dict[str, tuple[int, int]] | None = None,
+        held: int = 1,
+        error: str = "ValueError",
     ) -> Lives:
         """One process from ``first``: its unhealthy updates (``steps``: kind -> (minute, step)),
         unhealthy to the end, and its crash, in the ``held`` scrapes of the exit wait; gone after."""
@@ -1282,7 +1288,7 @@ def _crash_cases(o: KitOptions, case: Case) -> None:
         lives: Lives = {
             (START_TIME, ()): _life(first * 60, first, gone),
             (UPDATE_STATUS, ()): _life(lambda m: 2 if m >= bad_from else 0, first, gone),
-            (TRAINING_EXCEPTIONS, (("type", "ValueError"),)): _life(1, crash, gone),
+            (TRAINING_EXCEPTIONS, (("type", error),)): _life(1, crash, gone),
         }
         for kind, severity in itertools.product(KINDS, SEVERITIES):
             minute = (steps or {}).get(kind, (None,))[0] if severity == "critical" else None
@@ -1305,10 +1311,24 @@ def _crash_cases(o: KitOptions, case: Case) -> None:
         scraped(_rank(o, 0), process(steps=nan41)),
         [
             _check(at, alert),
-            _check(_fired(o, at), alert, _crash_alert(o, "critical", "NaN gradients at step 41", "trainer-0:9464 (rank 0)")),
+            _check(_fired(o, at), alert, _crash_alert(o, "critical", "NaN gradients at step 41", "trainer-0:9464 (rank 0): ValueError")),
             _check(at + w + 1, alert),
         ],
     )
+    # Rank 0 raises on its NaN; rank 1's collective then loses its peer and raises too.
+    case(
+        f"{alert} critical fires once for a run whose ranks die of different exceptions",
+        scraped(_rank(o, 0), process(steps=nan41)) + scraped(_rank(o, 1), process(steps=nan41, error="RuntimeError")),
+        [
+            _check(
+                _fired(o, at), alert,
+                _crash_alert(
+                    o, "critical", "NaN gradients at step 41",
+                    "trainer-0:9464 (rank 0): ValueError, trainer-1:9464 (rank 1): RuntimeError",
+                ),
+            ),
+        ],
+    )  # fmt: skip
     case(
         f"{alert} critical names the last unhealthy step of each kind",
         scraped(labels, process(steps={"nan": (bad, 41), "inf": (bad - 1, 40)})),
