@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import urllib.request
 from collections.abc import Iterator
 
@@ -92,3 +93,10 @@ def absent(found: Samples, name: str, **labels: str) -> None:
     """No such series: a per-layer series appears only with its layer's first NaN or Inf."""
     key = (name, frozenset(labels.items()))
     assert key not in found, f"unexpected sample {name}{labels} = {found[key]}"
+
+
+def default_ctrl_c() -> None:
+    """``preexec_fn`` for a child that a test stops with SIGINT: Python installs its Ctrl-C
+    handler only when SIGINT is not ignored at start, and a shell ignores it in the jobs it
+    runs in the background (a CI runner's, say)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

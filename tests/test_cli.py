@@ -15,7 +15,7 @@ import pytest
 
 from gradtel.cli import main
 
-from .conftest import Samples, absent, fetch, parse, sample, scrape
+from .conftest import Samples, absent, default_ctrl_c, fetch, parse, sample, scrape
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +28,7 @@ def start_demo(*args: str) -> tuple[subprocess.Popen[str], str]:
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=default_ctrl_c,  # the tests stop it with Ctrl-C
     )
     assert process.stdout is not None
     first = process.stdout.readline()

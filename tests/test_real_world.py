@@ -29,7 +29,7 @@ import gradtel
 from gradtel import GradMonitor, serve
 from gradtel.stack import free_port
 
-from .conftest import fetch, parse, require_tool, sample, samples, scrape
+from .conftest import default_ctrl_c, fetch, parse, require_tool, sample, samples, scrape
 from .test_cli import start_demo
 
 NAN = float("nan")
@@ -67,6 +67,7 @@ class Trainer:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=default_ctrl_c,  # some tests stop it with Ctrl-C
         )
         assert self.process.stdin and self.process.stdout
         self.url = self.process.stdout.readline().strip()
