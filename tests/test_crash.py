@@ -9,6 +9,8 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from .conftest import parse, sample, scrape
 
 SCRIPT = textwrap.dedent(
@@ -16,43 +18,82 @@ SCRIPT = textwrap.dedent(
     import sys, torch, gradtel
 
     model = torch.nn.Linear(4, 1)
-    monitor = gradtel.GradMonitor(model)
+    monitor = gradtel.GradMonitor(model, readout=sys.argv[1], on_warning=sys.argv[2], on_critical=sys.argv[2])
     server = gradtel.serve(port=0, exit_grace=30)
     print(server.url, flush=True)
     sys.stdin.readline()  # Prometheus has scraped once
-    model(torch.ones(1, 4)).sum().backward()
-    model.weight.grad[0, 0] = float("nan")
-    monitor.collect(step=41)
+    for step, bad in enumerate(sys.argv[3].split(",") if sys.argv[3] else [], start=40):
+        if bad == "reset":
+            monitor.reset_health()  # rolled back to a healthy checkpoint
+            continue
+        model.zero_grad()
+        model(torch.ones(1, 4)).sum().backward()
+        if bad == "nan":
+            model.weight.grad[0, 0] = float("nan")
+        monitor.collect(step=step)
     # As a policy sampling from NaN weights does: torch.distributions raises.
     torch.distributions.Categorical(logits=torch.tensor([float("nan"), 0.0]))
     """
 )
 
 
-def test_a_crash_is_counted_scraped_and_passed_on_unchanged() -> None:
+def crash(*args: str) -> tuple[dict, str, int]:
+    """Run the script with ``args`` to its crash: the last scrape, stderr and exit status."""
     process = subprocess.Popen(
-        [sys.executable, "-c", SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        [sys.executable, "-c", SCRIPT, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert process.stdout is not None and process.stdin is not None
         url = process.stdout.readline().strip()
+        assert url.startswith("http"), process.communicate(timeout=60)[1]
         scrape(url)
         process.stdin.write("go\n")
         process.stdin.flush()
         deadline, found = time.monotonic() + 60, {}
         while time.monotonic() < deadline:  # the exit wait keeps the endpoint up for this scrape
             found = parse(scrape(url))
-            if ("gradtel_training_exceptions_total", frozenset({("type", "ValueError")})) in found:
+            if any(name == "gradtel_training_exceptions_total" for name, _ in found):
                 break
             time.sleep(0.1)
-        assert sample(found, "gradtel_training_exceptions_total", type="ValueError") == 1
-        assert sample(found, "gradtel_last_unhealthy_step", kind="nan") == 41
         _, stderr = process.communicate(timeout=60)
     finally:
         process.kill()
-    assert process.returncode == 1
+    return found, stderr, process.returncode
+
+
+def test_a_crash_is_counted_scraped_and_passed_on_unchanged() -> None:
+    found, stderr, status = crash("sync", "warn", "ok,nan")
+    assert sample(found, "gradtel_training_exceptions_total", type="ValueError", gradients="unhealthy") == 1
+    assert sample(found, "gradtel_last_unhealthy_step", kind="nan") == 41
+    assert status == 1
     lines = stderr.splitlines()
     traceback = lines.index("Traceback (most recent call last):")
     error = next(i for i, line in enumerate(lines) if line.startswith("ValueError: Expected parameter logits"))
     assert traceback < error  # Python's own report, whole
+
+
+@pytest.mark.parametrize(
+    ("readout", "policy", "updates", "exception", "gradients"),
+    [
+        # NaN in the weights, however many updates since.
+        ("sync", "warn", "nan,nan,nan", "ValueError", "unhealthy"),
+        ("deferred", "warn", "ok,nan", "ValueError", "unhealthy"),
+        # The update was stopped before the weights took it: NaN gradients still came first.
+        ("sync", "raise", "ok,nan", "NonFiniteGradientError", "unhealthy"),
+        ("sync", "warn", "ok,ok", "ValueError", "healthy"),
+        ("sync", "warn", "nan,reset,ok", "ValueError", "healthy"),
+        ("sync", "skip", "nan,ok", "ValueError", "healthy"),
+        ("sync", "warn", "", "ValueError", "unknown"),
+    ],
+    ids=["poisoned", "deferred", "raised", "healthy", "rolled-back", "skipped-then-healthy", "before-any-update"],
+)
+def test_a_crash_says_whether_nan_or_inf_gradients_came_before_it(
+    readout: str, policy: str, updates: str, exception: str, gradients: str
+) -> None:
+    """The crash's own series holds it: a process restarted on the same labels, reporting
+    healthy updates, does not make an old crash look healthy."""
+    found, _, status = crash(readout, policy, updates)
+    assert status == 1
+    crashes = {labels: value for (name, labels), value in found.items() if name == "gradtel_training_exceptions_total"}
+    assert crashes == {frozenset({("type", exception), ("gradients", gradients)}): 1}

@@ -50,16 +50,42 @@ def _lowest_scale_in_the_window(o: KitOptions, selector: str) -> str:
     return f"min_over_time(gradtel_amp_loss_scale{{{selector}}}[{o.window}]) < {o.amp_scale_floor:g}"
 
 
-def _crash_of_any_process_before(o: KitOptions, scope: str, type_: str = "") -> str:
+def _loss_by_the_share_of_unhealthy_updates(o: KitOptions) -> str:
+    """The loss clause when every unhealthy update in the window had a non-finite loss."""
+    scope = prometheus.RUN_SCOPE
+    loss = prometheus._new_or_increased(o, f"gradtel_nonfinite_loss_updates_total{{{scope}}}", scope, exact=True)
+    unhealthy = prometheus._new_or_increased(o, f"gradtel_unhealthy_updates_total{{{scope}}}", scope, exact=True)
+    query = prometheus._query(f"{loss} >= on ({prometheus.PROCESS}) sum by ({prometheus.PROCESS}) {unhealthy}", *prometheus.RUN_ARGS)
+    return f"{{{{ with {query} }}}} The loss was already non-finite: it entered in the forward pass.{{{{ end }}}}"
+
+
+def _crash_of_any_process_before(o: KitOptions, scope: str, gradients: str) -> str:
     """A crash as a per-layer series: new only with no sample in the window before, whichever
     process it came from."""
-    series = f"gradtel_training_exceptions_total{{{scope}{type_}}}"
+    series = f"gradtel_training_exceptions_total{{{scope},{gradients}}}"
     return prometheus._new_or_increased(o, series, scope, on_demand=True)
 
 
+def _crash_severity_by(condition: Callable[[KitOptions, str], str]) -> Callable[[KitOptions, str, str], str]:
+    """Crashes of any `gradients` label, critical where ``condition`` holds for the process, else warning."""
+
+    def crashed(o: KitOptions, scope: str, gradients: str) -> str:
+        series = f"gradtel_training_exceptions_total{{{scope}}}"
+        join = "unless" if gradients.startswith("gradients!=") else "and"
+        any_crash = prometheus._new_or_increased(o, series, scope, on_demand=True, per_process=True)
+        return f"({any_crash} {join} on ({prometheus.PROCESS}) {condition(o, scope)})"
+
+    return crashed
+
+
 def _unhealthy_in_the_window(o: KitOptions, scope: str) -> str:
-    """A crash's severity by the unhealthy updates still in the window, which leave it before the crash does."""
+    """Unhealthy updates still in the window, which leave it before the crash does."""
     return f"increase(gradtel_unhealthy_updates_total{{{scope}}}[{o.window}]) > 0"
+
+
+def _last_status_in_the_window(o: KitOptions, scope: str) -> str:
+    """The last update status on the labels, which a process restarted on them reports anew."""
+    return f"last_over_time(gradtel_update_status{{{scope}}}[{o.window}]) > 0"
 
 
 def _no_start_gate_on_spikes(rules: str) -> str:
@@ -97,7 +123,18 @@ DEFECTS: dict[str, tuple[dict[str, Callable[..., str | list[str]]], Callable[[st
             f"{NAN} does not say the loss was non-finite when the incident's first update had a finite loss, {when}"
             for when in ("in the same scrape as the non-finite losses that followed",
                          "and the non-finite losses came in later scrapes")
-        } | {f"{INF} does not say the loss was non-finite when an Inf update with a finite loss came before the NaN losses"},
+        } | {
+            f"{INF} does not say the loss was non-finite when an Inf update with a finite loss came before the NaN losses",
+            f"{NAN} does not say the loss was non-finite once the incident's first update has left the window",
+        },
+    ),
+    "the loss clause by the share of unhealthy updates in the window": (
+        {"_loss_template": _loss_by_the_share_of_unhealthy_updates},
+        str,
+        {
+            f"{NAN} and {INF} say the loss was already non-finite when one update with an Inf loss had both",
+            f"{NAN} does not say the loss was non-finite once the incident's first update has left the window",
+        },
     ),
     "a loss-scale collapse as a state": (
         {"_collapsed": _lowest_scale_in_the_window},
@@ -116,9 +153,17 @@ DEFECTS: dict[str, tuple[dict[str, Callable[..., str | list[str]]], Callable[[st
         {f"{CRASHED} critical fires when a restarted process crashes again, 15m after the last crash"},
     ),
     "a crash's severity by the updates still in the window": (
-        {"_died_unhealthy": _unhealthy_in_the_window},
+        {"_crashed": _crash_severity_by(_unhealthy_in_the_window)},
         str,
-        {f"{CRASHED} critical fires once for a crash, through a failed scrape"},
+        {
+            f"{CRASHED} critical fires once for a crash, through a failed scrape",
+            f"{CRASHED} critical stays critical for its window when the process restarts healthy on the same labels",
+        },
+    ),
+    "a crash's severity by the last update status on its labels": (
+        {"_crashed": _crash_severity_by(_last_status_in_the_window)},
+        str,
+        {f"{CRASHED} critical stays critical for its window when the process restarts healthy on the same labels"},
     ),
     "spikes judged by the history of an older process": (
         {},

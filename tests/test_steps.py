@@ -150,3 +150,41 @@ def test_attach_refuses_a_step_or_loss_that_is_not_a_function(provider: MeterPro
     monitor = gradtel.GradMonitor(model, meter_provider=provider)
     with pytest.raises(TypeError, match=rf"{argument} must be a function that returns this update's {argument}"):
         monitor.attach(torch.optim.SGD(model.parameters()), **{argument: 5})  # type: ignore[arg-type]
+
+
+def test_a_non_finite_loss_counts_for_the_incident_whose_first_update_had_it(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    """An incident counts in gradtel_nonfinite_loss_incidents_total when its first unhealthy
+    update already had a NaN/Inf loss: not for the NaN losses that poisoned weights make
+    later, and once for an update with both NaN and Inf."""
+    model = net()
+    monitor = gradtel.GradMonitor(model, meter_provider=provider, on_warning="ignore", on_critical="ignore")
+
+    def update(step: int, x: torch.Tensor, bad_grad: float | None = None) -> gradtel.GradHealth:
+        model.zero_grad()
+        loss = model(x).sum()
+        loss.backward()
+        if bad_grad is not None:
+            model[2].weight.grad[0, 0] = bad_grad  # backward made it, the loss was finite
+        return monitor.collect(step=step, loss=loss)
+
+    nan_input = torch.full((2, 4), NAN)
+    update(1, torch.randn(2, 4), bad_grad=NAN)  # the incident starts in backward
+    for step in range(2, 6):  # then the weights are poisoned: every loss is NaN
+        assert update(step, nan_input).loss_finite is False
+    found = samples(registry)
+    assert sample(found, "gradtel_nonfinite_loss_updates_total") == 4
+    assert sample(found, "gradtel_nonfinite_loss_incidents_total") == 0
+
+    monitor.reset_health()  # rolled back: the next unhealthy update is a new incident
+    inf_input = torch.randn(2, 4)
+    inf_input[0, 0] = float("inf")
+    health = update(6, inf_input)  # an Inf loss makes NaN and Inf gradients at once
+    assert health.nan_total and health.inf_total and health.loss_finite is False
+    update(7, nan_input)  # the same incident goes on
+    update(8, torch.randn(2, 4))  # healthy again
+    update(9, nan_input)  # a new incident, its first loss already NaN
+    found = samples(registry)
+    assert sample(found, "gradtel_nonfinite_loss_updates_total") == 7
+    assert sample(found, "gradtel_nonfinite_loss_incidents_total") == 2

@@ -29,6 +29,7 @@ __all__ = [
     "LAYER_GRAD_NORM",
     "METRICS",
     "NAN_GRADS",
+    "NONFINITE_LOSS_INCIDENTS",
     "NONFINITE_LOSS_UPDATES",
     "NORM_PEAK_SECONDS",
     "ORIGIN_UPDATES",
@@ -202,6 +203,13 @@ NONFINITE_LOSS_UPDATES = Metric(
     "Updates whose loss, given to collect(loss=...), was already NaN or ±Inf: the values "
     "entered in the forward pass.",
 )
+NONFINITE_LOSS_INCIDENTS = Metric(
+    "gradtel_nonfinite_loss_incidents_total",
+    "counter",
+    "Incidents (runs of updates with NaN or ±Inf gradients, of either kind, since a healthy "
+    "update or reset_health()) whose first update already had a NaN or ±Inf loss, given to "
+    "gradtel: the values entered in the forward pass, not in backward.",
+)
 REFUSED_CHECKPOINTS = Metric(
     "gradtel_refused_checkpoints_total",
     "counter",
@@ -213,9 +221,12 @@ TRAINING_EXCEPTIONS = Metric(
     "gradtel_training_exceptions_total",
     "counter",
     "Uncaught exceptions that ended the training process while gradtel served its metrics, "
-    "by exception type; the series appears with the first one (the endpoint then waits for "
-    "a last scrape).",
-    ("type",),
+    "by exception type, and by whether NaN or Inf gradients came before it: gradients=unhealthy "
+    "when the weights had taken an unhealthy update (GradMonitor.healthy is False) or the "
+    "latest update was unhealthy (stopped by on_critical=raise, or skipped), healthy when the "
+    "scanned updates were not, unknown before the first scanned update. The series appears "
+    "with the first one (the endpoint then waits for a last scrape).",
+    ("type", "gradients"),
 )
 ERRORS = Metric(
     "gradtel_errors_total", "counter", "Failures inside gradtel, by stage; training went on.", ("stage",)
@@ -245,6 +256,7 @@ METRICS = (
     LAST_UNHEALTHY_STEP,
     ORIGIN_UPDATES,
     NONFINITE_LOSS_UPDATES,
+    NONFINITE_LOSS_INCIDENTS,
     GRAD_NORM,
     GRAD_NORM_PEAK,
     LAYER_GRAD_NORM,

@@ -212,6 +212,7 @@ class GradMonitor:
             attributes=process_attributes(),
             start_time=time.time(),
             error_log=self._error_log,
+            weights=self._weights,
         )
         # What close() must undo of the origin hooks, so that a new monitor counts again.
         self._uninstall_origin = (

@@ -29,6 +29,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from . import metrics as m
 from ._ratelimit import RateLimitedLog
+from .checkpoints import WeightsHealth
 from .health import GradHealth, Status
 from .metrics import ERROR_STAGES, KINDS, SKIP_REASONS, UNSCANNED_REASONS, Metric
 from .ranks import process_attributes
@@ -217,6 +218,7 @@ class _Instruments:
         self.skipped = make(m.SKIPPED_UPDATES)
         self.origin = make(m.ORIGIN_UPDATES)
         self.nonfinite_loss = make(m.NONFINITE_LOSS_UPDATES)
+        self.nonfinite_loss_incidents = make(m.NONFINITE_LOSS_INCIDENTS)
         self.refused_checkpoints = make(m.REFUSED_CHECKPOINTS)
         self.errors = make(m.ERRORS)
         self.exceptions = make(m.TRAINING_EXCEPTIONS)
@@ -320,8 +322,17 @@ def count_exception(exc_type: type[BaseException]) -> None:
         registries = [_registry_of.get(provider) for provider, _ in providers]
     attributes = {**process_attributes(), "type": exc_type.__name__}
     for (_, instruments), registry in zip(providers, registries):
-        instruments.exceptions.add(1, attributes)
-        activity(registry).last_unhealthy = time.monotonic()
+        recorded = activity(registry)
+        try:
+            recorded.publish(wait=True)  # the updates a deferred read-out still holds
+        except Exception as exc:  # noqa: BLE001 (the crash is counted all the same)
+            logging.getLogger("gradtel").warning("gradtel: could not publish the pending updates: %r", exc)
+            count_error("record", registry)
+        seen = {source.gradients_state() for source in list(instruments.update_sources)}
+        # One monitor that saw NaN or Inf gradients before the crash is enough.
+        state = next((s for s in ("unhealthy", "healthy") if s in seen), "unknown")
+        instruments.exceptions.add(1, {**attributes, "gradients": state})
+        recorded.last_unhealthy = time.monotonic()
 
 
 class RollingMax:
@@ -371,6 +382,8 @@ class GradTelemetry:
         error_log: Where failures are logged, once a minute per stage at most
             (the monitor's, shared with its other stages).
         clock: Monotonic seconds, for the rolling peak of the gradient norm.
+        weights: What the monitor's updates left in its weights, for the ``gradients``
+            label of a crash.
     """
 
     def __init__(
@@ -382,9 +395,11 @@ class GradTelemetry:
         start_time: float,
         error_log: RateLimitedLog | None = None,
         clock: Callable[[], float] = time.monotonic,
+        weights: WeightsHealth | None = None,
     ) -> None:
         self.error_log = error_log or RateLimitedLog(logging.getLogger("gradtel"))
         self.clock = clock
+        self.weights = weights
         self.labels = dict(attributes)
         """The labels on every series of this monitor."""
         self._layer_attrs: dict[str, dict[str, str]] = {}
@@ -421,6 +436,7 @@ class GradTelemetry:
         for attrs in self._kind_attrs.values():
             ins.origin.add(0, attrs)
         ins.nonfinite_loss.add(0, self.labels)
+        ins.nonfinite_loss_incidents.add(0, self.labels)
         self.updates = 0
         """Updates scanned, for ``gradtel_updates_total``."""
         self.status = Status.UNKNOWN.level  # no update looked at yet
@@ -439,6 +455,16 @@ class GradTelemetry:
         for attrs in self._first_bad_attrs.values():
             self._instruments.first_bad.set(0, attrs)
         self._ongoing = set()
+
+    def gradients_state(self) -> str:
+        """The ``gradients`` label of a crash: ``unhealthy`` when NaN or Inf gradients came
+        before it (the weights took an unhealthy update, or the latest update was unhealthy
+        and stopped or skipped), ``healthy`` when the scanned updates were, ``unknown``
+        before the first scanned update."""
+        poisoned = self.weights is not None and not self.weights.healthy
+        if poisoned or self.status > Status.HEALTHY.level:
+            return "unhealthy"
+        return "healthy" if self.updates else "unknown"
 
     def norm_peak(self) -> float | None:
         """The largest gradient norm of the last ``NORM_PEAK_SECONDS``, as of now."""
@@ -502,6 +528,9 @@ class GradTelemetry:
         if not (health.nan_by_layer or health.inf_by_layer or last["nan"] or last["inf"]):
             self.status = Status.HEALTHY.level  # the usual update: no per-layer series move
             return
+        if not self._ongoing and health.loss_finite is False and (health.nan_by_layer or health.inf_by_layer):
+            # The incident's first update: once the weights hold NaN, every later loss does.
+            ins.nonfinite_loss_incidents.add(1, self.labels)
         for kind, first in (("nan", health.first_nan_layer), ("inf", health.first_inf_layer)):
             # Only on an update that starts a run of updates with values of that kind (``last``
             # is still the previous update's): in those that follow, the first bad layer is

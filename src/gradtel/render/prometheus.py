@@ -15,7 +15,7 @@ from ..metrics import (
     LAST_UNHEALTHY_STEP,
     LAST_UPDATE_TIMESTAMP,
     NAN_GRADS,
-    NONFINITE_LOSS_UPDATES,
+    NONFINITE_LOSS_INCIDENTS,
     NORM_PEAK_SECONDS,
     ORIGIN_UPDATES,
     SKIPPED_UPDATES,
@@ -23,7 +23,6 @@ from ..metrics import (
     TRAINING_EXCEPTIONS,
     UNHEALTHY_UPDATES,
     UNSCANNED_UPDATES,
-    UPDATE_STATUS,
     UPDATES,
 )
 from .options import (
@@ -133,14 +132,11 @@ def _origin_template(o: KitOptions) -> str:
 
 def _loss_template(o: KitOptions) -> str:
     """Says the values entered in the forward pass when the incident's first unhealthy update
-    already had a non-finite loss. Once NaN is in the weights, every later loss is NaN too:
-    a non-finite loss somewhere in the window says nothing of where the incident started.
-    On a rank where every unhealthy update in the window had a non-finite loss, the first
-    did. Every update whose loss was non-finite is unhealthy, and one unhealthy with both
-    NaN and Inf counts in both kinds: the clause is left out then rather than said wrongly."""
-    loss = _new_or_increased(o, f"{NONFINITE_LOSS_UPDATES}{{{RUN_SCOPE}}}", RUN_SCOPE, exact=True)
-    unhealthy = _new_or_increased(o, f"{UNHEALTHY_UPDATES}{{{RUN_SCOPE}}}", RUN_SCOPE, exact=True)
-    query = _query(f"{loss} >= on ({PROCESS}) sum by ({PROCESS}) {unhealthy}", *RUN_ARGS)
+    already had a non-finite loss. Once NaN is in the weights every later loss is NaN too, so
+    a non-finite loss somewhere in the window says nothing of where the incident started:
+    the process counts the incidents whose first update had one."""
+    series = f"{NONFINITE_LOSS_INCIDENTS}{{{RUN_SCOPE}}}"
+    query = _query(_new_or_increased(o, series, RUN_SCOPE), *RUN_ARGS)
     return f"{{{{ with {query} }}}} The loss was already non-finite: it entered in the forward pass.{{{{ end }}}}"
 
 
@@ -204,31 +200,29 @@ def _unhealthy_rule(o: KitOptions, kind: str, severity: str) -> dict[str, Any]:
     }
 
 
-def _crashed(o: KitOptions, scope: str) -> str:
+def _crashed(o: KitOptions, scope: str, gradients: str) -> str:
     """Processes that an uncaught exception ended in the window, one series per type: the
-    series is born as its process ends, and once per process."""
-    series = f"{TRAINING_EXCEPTIONS}{{{scope}}}"
+    series is born as its process ends, and once per process. ``gradients``: the matcher of
+    its ``gradients`` label, whether NaN or Inf gradients came before the crash."""
+    series = f"{TRAINING_EXCEPTIONS}{{{scope},{gradients}}}"
     return _new_or_increased(o, series, scope, on_demand=True, per_process=True)
 
 
-def _died_unhealthy(o: KitOptions, scope: str) -> str:
-    """Processes whose last update was unhealthy: as a process that died last left it, the
-    same for as long as its crash is in the window."""
-    return f"last_over_time({UPDATE_STATUS}{{{scope}}}[{o.window}]) > 0"
-
-
 def _crash_rule(o: KitOptions, severity: str) -> dict[str, Any]:
-    """A training process died from an uncaught exception: critical when its last update had
-    NaN or Inf gradients (the crash is likely their consequence, the weights hold them),
-    else warning. One alert per run, whatever the exceptions: when one rank dies the others
-    die of their own (a collective that lost its peer), and that is one incident."""
-    sel, critical = o.job_selector, severity == "critical"
-    join = "and" if critical else "unless"
-    crashed = f"{_crashed(o, RUN_SCOPE)} {join} on ({PROCESS}) {_died_unhealthy(o, RUN_SCOPE)}"
+    """A training process died from an uncaught exception: critical when NaN or Inf gradients
+    came before (the crash is likely their consequence), else warning. The crash's own
+    series says which, as the process saw it when it died: a process restarted on the same
+    labels does not change it. One alert per run, whatever the exceptions: when one rank
+    dies the others die of their own (a collective that lost its peer), and that is one
+    incident."""
+    critical = severity == "critical"
+    op = "=" if critical else "!="
+    # In a template, the value is the query's third argument: a quote would end its string.
+    crashed, args = _crashed(o, RUN_SCOPE, f"gradients{op}%[3]q"), (*RUN_ARGS, '"unhealthy"')
     # The latest unhealthy step of each kind, of the processes that crashed.
     steps = _query(
         f"max by (kind) (last_over_time({LAST_UNHEALTHY_STEP}{{{RUN_SCOPE}}}[{o.window}]) and on ({PROCESS}) {crashed})",
-        *RUN_ARGS,
+        *args,
     )
     after = (
         f'training crashed after {{{{ range $i, $s := sortByLabel "kind" ({steps}) }}}}{{{{ if $i }}}} and {{{{ end }}}}'
@@ -237,10 +231,7 @@ def _crash_rule(o: KitOptions, severity: str) -> dict[str, Any]:
     )
     return {
         "alert": CRASH_ALERT,
-        "expr": (
-            f"count by ({INCIDENT}) (\n  {_crashed(o, sel)}\n  {join} on ({PROCESS})\n"
-            f"  {_died_unhealthy(o, sel)}\n)"
-        ),
+        "expr": f"count by ({INCIDENT}) (\n  {_crashed(o, o.job_selector, f'gradients{op}{args[-1]}')}\n)",
         # The last scrapes of the ranks that died are in: the page names them all.
         "for": o.settle,
         "labels": {"severity": severity},
@@ -250,12 +241,12 @@ def _crash_rule(o: KitOptions, severity: str) -> dict[str, Any]:
                 f"{_where()}: "
                 + (after if critical else "training crashed")
                 + ": uncaught exceptions ended "
-                + _targets_template(crashed, *RUN_ARGS, then="{{ with $s.Labels.type }}: {{ . }}{{ end }}")
+                + _targets_template(crashed, *args, then="{{ with $s.Labels.type }}: {{ . }}{{ end }}")
                 + (
-                    "; the last update of each had NaN or Inf gradients: resume from the last "
-                    "healthy checkpoint, not the latest."
+                    "; NaN or Inf gradients came before each: resume from the last healthy "
+                    "checkpoint, not the latest."
                     if critical
-                    else ", after a healthy last update."
+                    else "; gradtel saw no NaN or Inf gradients before."
                 )
             ),
             "runbook_url": o.runbook(CRASH_ALERT),

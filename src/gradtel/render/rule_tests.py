@@ -25,6 +25,7 @@ from ..metrics import (
     LAST_UNHEALTHY_STEP,
     LAST_UPDATE_TIMESTAMP,
     NAN_GRADS,
+    NONFINITE_LOSS_INCIDENTS,
     NONFINITE_LOSS_UPDATES,
     NORM_PEAK_SECONDS,
     ORIGIN_UPDATES,
@@ -333,43 +334,61 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
             )
         ],
     )
+    def losses(updates: str, incidents: str) -> list[dict[str, str]]:
+        """The updates whose loss was non-finite, and the incidents whose first update's was."""
+        return [
+            _series(NONFINITE_LOSS_UPDATES, _labels(o), updates),
+            _series(NONFINITE_LOSS_INCIDENTS, _labels(o), incidents),
+        ]
+
     case(
         f"{nan} says when the loss was already non-finite (the forward pass)",
+        [_band(o, "nan", "critical", _steps(3, 1, span)), *losses(_steps(3, 1, span), _steps(3, 1, span))],
+        [_check(_fired(o, 3), nan, _unhealthy_alert(o, "nan", "critical", "none in the counters yet", forward=True))],
+    )
+    # An Inf loss makes NaN and Inf gradients in one update: both pages say where it entered.
+    case(
+        f"{nan} and {inf} say the loss was already non-finite when one update with an Inf loss had both",
         [
             _band(o, "nan", "critical", _steps(3, 1, span)),
-            _series(NONFINITE_LOSS_UPDATES, _labels(o), _steps(3, 1, span)),
+            _band(o, "inf", "critical", _steps(3, 1, span)),
+            *losses(_steps(3, 1, span), _steps(3, 1, span)),
         ],
-        [_check(_fired(o, 3), nan, _unhealthy_alert(o, "nan", "critical", "none in the counters yet", forward=True))],
+        [
+            _check(_fired(o, 3), alert, _unhealthy_alert(o, kind, "critical", "none in the counters yet", forward=True))
+            for kind, alert in (("nan", nan), ("inf", inf))
+        ],
     )
     # Once NaN is in the weights, every later loss is NaN: the page describes where the
     # incident started, its first unhealthy update, whatever the updates after it.
     case(
-        f"{nan} says the loss was already non-finite when every unhealthy update of the incident had a non-finite loss",
-        [
-            _band(o, "nan", "critical", f"0x2 1 3x{span}"),
-            _series(NONFINITE_LOSS_UPDATES, _labels(o), f"0x2 1 3x{span}"),
-        ],
+        f"{nan} says the loss was already non-finite when the incident's first update had a non-finite loss",
+        [_band(o, "nan", "critical", f"0x2 1 3x{span}"), *losses(f"0x2 1 3x{span}", f"0x2 1x{span}")],
         [_check(t, nan, _unhealthy_alert(o, "nan", "critical", "none in the counters yet", forward=True)) for t in (4, 5)],
     )
     poisoned = {
         "in the same scrape as the non-finite losses that followed": ("0x2 5", "0x2 4"),
         "and the non-finite losses came in later scrapes": ("0x2 1 6", "0x2 0 5"),
     }
-    for when, (unhealthy, losses) in poisoned.items():
+    for when, (unhealthy, nonfinite) in poisoned.items():
         case(
             f"{nan} does not say the loss was non-finite when the incident's first update had a finite loss, {when}",
-            [
-                _band(o, "nan", "critical", f"{unhealthy}x{span}"),
-                _series(NONFINITE_LOSS_UPDATES, _labels(o), f"{losses}x{span}"),
-            ],
+            [_band(o, "nan", "critical", f"{unhealthy}x{span}"), *losses(f"{nonfinite}x{span}", f"0x{span + 2}")],
             [_check(t, nan, _unhealthy_alert(o, "nan", "critical", "none in the counters yet")) for t in (4, 5)],
         )
+    # One NaN update a minute, each with a NaN loss but the first: once the first has left
+    # the window, every update in it had a non-finite loss, and the incident is the same.
+    case(
+        f"{nan} does not say the loss was non-finite once the incident's first update has left the window",
+        [_band(o, "nan", "critical", f"0x2 1+1x{span}"), *losses(f"0x3 1+1x{span}", f"0x{span + 3}")],
+        [_check(t, nan, _unhealthy_alert(o, "nan", "critical", "none in the counters yet")) for t in (4, window + 5)],
+    )
     case(
         f"{inf} does not say the loss was non-finite when an Inf update with a finite loss came before the NaN losses",
         [
             _band(o, "inf", "critical", f"0x2 1x{span}"),
             _band(o, "nan", "critical", f"0x2 4x{span}"),
-            _series(NONFINITE_LOSS_UPDATES, _labels(o), f"0x2 4x{span}"),
+            *losses(f"0x2 4x{span}", f"0x{span + 2}"),
         ],
         [
             _check(4, inf, _unhealthy_alert(o, "inf", "critical", "none in the counters yet")),
@@ -770,6 +789,7 @@ def _unhealthy_histories(o: KitOptions, case: Case) -> None:
             _series(START_TIME, labels, scrape(0)),
             _series(ORIGIN_UPDATES, _more(labels, kind="nan"), scrape(_count(old if rank else again))),
             _series(NONFINITE_LOSS_UPDATES, labels, scrape(_count(old) if rank else 0)),
+            _series(NONFINITE_LOSS_INCIDENTS, labels, scrape(_count(old) if rank else 0)),
             _series(NAN_GRADS, _more(labels, layer="head"), scrape(_life(_count(old, again, by=7), first=old))),
             _series(
                 FIRST_BAD_LAYER,
@@ -1253,10 +1273,11 @@ def _crash_alert(
         "exp_annotations": {
             "summary": f"Training crashed with an uncaught exception ({severity})",
             "description": (
-                f"{o.job}: training crashed after {after}: uncaught exceptions ended {targets}; the "
-                "last update of each had NaN or Inf gradients: resume from the last healthy checkpoint, not the latest."
+                f"{o.job}: training crashed after {after}: uncaught exceptions ended {targets}; NaN or Inf "
+                "gradients came before each: resume from the last healthy checkpoint, not the latest."
                 if severity == "critical"
-                else f"{o.job}: training crashed: uncaught exceptions ended {targets}, after a healthy last update."
+                else f"{o.job}: training crashed: uncaught exceptions ended {targets}; gradtel saw no NaN or Inf "
+                "gradients before."
             ),
             "runbook_url": o.runbook(CRASH_ALERT),
         },
@@ -1266,7 +1287,7 @@ def _crash_alert(
 def _crash_cases(o: KitOptions, case: Case) -> None:
     """A training process that an uncaught exception ended: its series is born in its last
     scrape (the endpoint waits for it), and the process is gone after. One page per crash,
-    critical when its last update was unhealthy; none again for an old crash, through failed
+    critical when NaN or Inf gradients came before it; none again for an old crash, through failed
     scrapes, gaps and restarts."""
     w = _minutes(duration_seconds(o.window, "window"))
     alert, labels = CRASH_ALERT, _labels(o)
@@ -1288,7 +1309,7 @@ def _crash_cases(o: KitOptions, case: Case) -> None:
         lives: Lives = {
             (START_TIME, ()): _life(first * 60, first, gone),
             (UPDATE_STATUS, ()): _life(lambda m: 2 if m >= bad_from else 0, first, gone),
-            (TRAINING_EXCEPTIONS, (("type", error),)): _life(1, crash, gone),
+            (TRAINING_EXCEPTIONS, (("type", error), ("gradients", "unhealthy" if steps else "healthy"))): _life(1, crash, gone),
         }
         for kind, severity in itertools.product(KINDS, SEVERITIES):
             minute = (steps or {}).get(kind, (None,))[0] if severity == "critical" else None
@@ -1363,12 +1384,18 @@ def _crash_cases(o: KitOptions, case: Case) -> None:
         scraped(labels, process(steps=nan41), process(first, crash=minutes)),  # training goes on
         [_check(_fired(o, at), alert, paged)] + [_check(m, alert) for m in range(at + w + 1, minutes)],
     )
+    # The restarted process reports healthy updates: the crash stays what it was.
+    case(
+        f"{alert} critical stays critical for its window when the process restarts healthy on the same labels",
+        scraped(labels, process(steps=nan41), process(first, crash=minutes)),
+        [_check(m, alert, paged) for m in range(_fired(o, at), at + w)],
+    )
     again = at + w + 5  # the restarted process is older than the window when it crashes
     case(
         f"{alert} critical fires when a restarted process crashes again, {again - at}m after the last crash",
-        scraped(labels, process(), process(first, again, {"nan": (again - 2, 900)})),
+        scraped(labels, process(steps=nan41), process(first, again, {"nan": (again - 2, 900)})),
         [
-            _check(_fired(o, at), alert, _crash_alert(o, "warning")),
+            _check(_fired(o, at), alert, paged),
             _check(again, alert),
             _check(_fired(o, again), alert, _crash_alert(o, "critical", "NaN gradients at step 900")),
         ],

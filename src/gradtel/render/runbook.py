@@ -115,15 +115,18 @@ gradients: `severity="warning"` for {band_text(o, "warning")} values in one upda
         f"""## {CRASH_ALERT}
 
 **Meaning.** An uncaught exception ended a training process while gradtel served
-its metrics: gradtel counted it by type (`{TRAINING_EXCEPTIONS}{{type=...}}`)
-and kept the endpoint up until Prometheus scraped it. The description names the
-exception, the targets (and ranks) it ended, and, when the process's last update
-was unhealthy, the latest step with NaN or Inf gradients of each kind
-(`{LAST_UNHEALTHY_STEP}`). `severity="critical"`: the process died right
-after NaN or Inf gradients: the weights likely hold them, and the exception is
-their consequence (a policy that samples from NaN logits, a loss that checks its
-input, `on_critical="raise"`). `severity="warning"`: its last update was
-healthy, so the crash has another cause. One page per crash: a crash stays in
+its metrics: gradtel counted it by type and by whether NaN or Inf gradients came
+before it (`{TRAINING_EXCEPTIONS}{{type=...,gradients=...}}`), and kept the
+endpoint up until Prometheus scraped it. The description names the exception,
+the targets (and ranks) it ended, and, when NaN or Inf gradients came before, the
+latest step with them of each kind (`{LAST_UNHEALTHY_STEP}`).
+`severity="critical"` (`gradients="unhealthy"`): the weights had taken an
+unhealthy update, or the process's last update was unhealthy: the exception is
+likely their consequence (a policy that samples from NaN logits, a loss that
+checks its input, `on_critical="raise"`). `severity="warning"`: gradtel saw only
+healthy updates (or none yet), so the crash has another cause. The crash's own
+series holds this as the process saw it when it died: a process restarted on the
+same labels does not change the page. One page per crash: a crash stays in
 the window for {o.window}, failed scrapes and gaps do not page it again, and a
 restarted process that crashes again pages anew.
 
