@@ -38,6 +38,18 @@ def _highest_first_bad_step(o: KitOptions) -> str:
     )
 
 
+def _last_values_of_any_process(o: KitOptions) -> str:
+    """The first bad layer as the series stand, else the last values of every process in the window."""
+    series = f"{FIRST_BAD_LAYER}{{{prometheus.RUN_SCOPE},kind=%[3]q}}"
+    now = f"({series} > 0)"
+    latest = f"(last_over_time({series}[{o.window}]) > 0 unless on () {now})"
+    query = prometheus._query(f"topk(1, max by (layer) ({now} or {latest}))", *prometheus.KIND_ARGS)
+    return (
+        f"{{{{ with {query} }}}}{{{{ with index . 0 }}}} First bad layer in backward order: "
+        "{{ .Labels.layer }}, at step {{ .Value }}.{{ end }}{{ end }}"
+    )
+
+
 def _any_non_finite_loss_in_the_window(o: KitOptions) -> str:
     """The loss clause when any update in the window had a non-finite loss, the first or a later one."""
     series = f"gradtel_nonfinite_loss_updates_total{{{prometheus.RUN_SCOPE}}}"
@@ -114,7 +126,15 @@ DEFECTS: dict[str, tuple[dict[str, Callable[..., str | list[str]]], Callable[[st
     "the first bad layer of the highest step": (
         {"_first_bad_template": _highest_first_bad_step},
         str,
-        {f"{NAN} critical names the new incident's first bad layer after a rollback to an earlier step"},
+        {
+            f"{NAN} critical names the new incident's first bad layer after a rollback to an earlier step",
+            f"{NAN} critical names the restarted process's first bad layer through a failed scrape as it fires",
+        },
+    ),
+    "the first bad layer of any process's last values": (
+        {"_first_bad_template": _last_values_of_any_process},
+        str,
+        {f"{NAN} critical names the restarted process's first bad layer through a failed scrape as it fires"},
     ),
     "the loss clause of any update in the window": (
         {"_loss_template": _any_non_finite_loss_in_the_window},

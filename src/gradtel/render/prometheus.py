@@ -158,10 +158,13 @@ def _first_bad_template(o: KitOptions) -> str:
     """The first bad layer of the alert's kind and its step: of the newest incident."""
     series = f"{FIRST_BAD_LAYER}{{{RUN_SCOPE},kind=%[3]q}}"
     # The series as they stand: reset_health() set an older incident's to 0, and a step
-    # after a rollback may be lower than the older one's. Once the processes are gone
-    # (a crash), their last values.
+    # after a rollback may be lower than the older one's. Once the processes are gone (a
+    # crash) or their scrape failed, their last values: of each process's labels the
+    # series sampled last, as a dead process's stay in the window after its restart.
     now = f"({series} > 0)"
-    latest = f"(last_over_time({series}[{o.window}]) > 0 unless on () {now})"
+    sampled = f"max_over_time(timestamp({series})[{o.window}:])"
+    newest = f"{sampled} == on ({PROCESS}) group_left () max by ({PROCESS}) ({sampled})"
+    latest = f"(last_over_time({series}[{o.window}]) > 0 and ({newest}) unless on () {now})"
     query = _query(f"topk(1, max by (layer) ({now} or {latest}))", *KIND_ARGS)
     return (
         f"{{{{ with {query} }}}}{{{{ with index . 0 }}}} First bad layer in backward order: "

@@ -993,6 +993,26 @@ def _first_bad_histories(o: KitOptions, case: Case) -> None:
             _check(again + w + 1, nan),
         ],
     )
+    # A rollback by restarting the process on the same labels, and the scrape of the
+    # evaluation that fires fails: the dead process's first bad layer, with a higher step,
+    # is still in the window; the page names the new process's.
+    gone, bad = 14, 17
+    fires = _fired(o, bad)
+    scrape = lambda value: _scrapes(fires + 6, value, failed=(fires,))  # noqa: E731
+    case(
+        f"{nan} critical names the restarted process's first bad layer through a failed scrape as it fires",
+        [
+            _series(START_TIME, labels, scrape(_lives(_life(0, 0, gone), _life(60 * (gone + 1), gone + 1)))),
+            _series(
+                UNHEALTHY_UPDATES,
+                _more(labels, kind="nan", severity="critical"),
+                scrape(_lives(_life(_count(2), 0, gone), _life(_count(bad), gone + 1))),
+            ),
+            _series(FIRST_BAD_LAYER, _more(labels, kind="nan", layer="body.3"), scrape(_life(500, 2, gone))),
+            _series(FIRST_BAD_LAYER, _more(labels, kind="nan", layer="body.1"), scrape(_life(400, bad))),
+        ],
+        [_check(fires, nan, _unhealthy_alert(o, "nan", "critical", "none in the counters yet", ("body.1", 400)))],
+    )
 
 
 def _norm_spike_histories(o: KitOptions, case: Case) -> None:
