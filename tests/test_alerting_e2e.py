@@ -135,7 +135,7 @@ def test_pages_arrive_on_the_right_receiver_naming_the_layer(
         "gradtel run crash: training crashed after NaN gradients at step 30: uncaught exceptions "
         "ended 127.0.0.1:"
     ), crashed.description
-    assert ": NonFiniteGradientError; NaN or Inf gradients came before each" in crashed.description
+    assert ": NonFiniteGradientError; NaN or Inf gradients came before: resume" in crashed.description
     assert trainers["crash"].process.wait(timeout=30) == 1
     assert trainers["crash"].process.stderr is not None
     assert "NonFiniteGradientError" in trainers["crash"].process.stderr.read()

@@ -26,6 +26,11 @@ SCRIPT = textwrap.dedent(
         if bad == "reset":
             monitor.reset_health()  # rolled back to a healthy checkpoint
             continue
+        if bad in ("close", "reload"):  # closed on the way out, or replaced after a reload
+            monitor.close()
+            if bad == "reload":
+                monitor = gradtel.GradMonitor(model, readout=sys.argv[1], on_warning=sys.argv[2], on_critical=sys.argv[2])
+            continue
         model.zero_grad()
         model(torch.ones(1, 4)).sum().backward()
         if bad == "nan":
@@ -83,10 +88,16 @@ def test_a_crash_is_counted_scraped_and_passed_on_unchanged() -> None:
         ("sync", "raise", "ok,nan", "NonFiniteGradientError", "unhealthy"),
         ("sync", "warn", "ok,ok", "ValueError", "healthy"),
         ("sync", "warn", "nan,reset,ok", "ValueError", "healthy"),
+        ("sync", "warn", "ok,nan,reset", "ValueError", "healthy"),
+        ("sync", "warn", "nan,reload,ok,ok", "ValueError", "healthy"),
+        ("sync", "warn", "ok,nan,close", "ValueError", "unhealthy"),
         ("sync", "skip", "nan,ok", "ValueError", "healthy"),
         ("sync", "warn", "", "ValueError", "unknown"),
     ],
-    ids=["poisoned", "deferred", "raised", "healthy", "rolled-back", "skipped-then-healthy", "before-any-update"],
+    ids=[
+        "poisoned", "deferred", "raised", "healthy", "rolled-back", "crash-right-after-rollback",
+        "reloaded-then-healthy", "closed-on-the-way-out", "skipped-then-healthy", "before-any-update",
+    ],
 )
 def test_a_crash_says_whether_nan_or_inf_gradients_came_before_it(
     readout: str, policy: str, updates: str, exception: str, gradients: str

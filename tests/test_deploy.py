@@ -82,8 +82,10 @@ def test_rule_tests_cover_every_behaviour_the_alerts_promise() -> None:
         "GradtelTrainingCrashed critical fires when a restarted process crashes again, 15m after the last crash",
         "GradtelAmpLossScaleCollapsed fires when the loss scale keeps falling",
         "GradtelAmpLossScaleCollapsed does not fire while the loss scale settles in an fp16 run's first steps",
-        "GradtelNaNGradients does not say the loss was non-finite when the incident's first update had a finite loss, "
-        "in the same scrape as the non-finite losses that followed",
+        "GradtelNaNGradients does not say the loss was non-finite when the incident's first update had a finite loss",
+        "GradtelNaNGradients does not say the loss was non-finite when an older NaN incident in the window began with one",
+        "GradtelTrainingCrashed critical stays critical for its window when the process restarts healthy on the same labels",
+        "GradtelTrainingCrashed critical fires once for a run whose ranks saw different gradients, naming them all",
     ):
         assert expected in names
     # Every alert goes through the histories of a deployment.

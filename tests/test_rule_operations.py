@@ -71,21 +71,42 @@ def _loss_by_the_share_of_unhealthy_updates(o: KitOptions) -> str:
     return f"{{{{ with {query} }}}} The loss was already non-finite: it entered in the forward pass.{{{{ end }}}}"
 
 
-def _crash_of_any_process_before(o: KitOptions, scope: str, gradients: str) -> str:
+def _last_values_only_when_no_process_is_scraped(o: KitOptions, series: str) -> str:
+    """The last values of every process only when no process has a series above 0 now."""
+    sampled = f"max_over_time(timestamp({series})[{o.window}:{o.scrape_interval}])"
+    newest = f"{sampled} == on ({prometheus.PROCESS}) group_left () max by ({prometheus.PROCESS}) ({sampled})"
+    now = f"({series} > 0)"
+    return f"({now} or (last_over_time({series}[{o.window}]) > 0 and ({newest}) unless on () {now}))"
+
+
+def _sampled_at_the_evaluation_interval(o: KitOptions, series: str) -> str:
+    """The series sampled last, seen by a subquery that steps by the evaluation interval."""
+    sampled = f"max_over_time(timestamp({series})[{o.window}:])"
+    newest = f"{sampled} == on ({prometheus.PROCESS}) group_left () max by ({prometheus.PROCESS}) ({sampled})"
+    return f"(({series} > 0) or (last_over_time({series}[{o.window}]) > 0 and ({newest}) unless on ({prometheus.PROCESS}) {series}))"
+
+
+def _any_incident_that_began_with_one(o: KitOptions) -> str:
+    """The loss clause when any incident of the alert's kind began with a non-finite loss, not the one it names."""
+    series = prometheus._as_it_stands(o, f"gradtel_nonfinite_loss_incident_step{{{prometheus.RUN_SCOPE},kind=%[3]q}}")
+    query = prometheus._query(f"max({series}) > 0", *prometheus.KIND_ARGS)
+    return f"{{{{ with {query} }}}} The loss was already non-finite: it entered in the forward pass.{{{{ end }}}}"
+
+
+def _crash_of_any_process_before(o: KitOptions, scope: str, unhealthy: str = "") -> str:
     """A crash as a per-layer series: new only with no sample in the window before, whichever
     process it came from."""
-    series = f"gradtel_training_exceptions_total{{{scope},{gradients}}}"
+    series = f"gradtel_training_exceptions_total{{{scope}{f',gradients={unhealthy}' if unhealthy else ''}}}"
     return prometheus._new_or_increased(o, series, scope, on_demand=True)
 
 
-def _crash_severity_by(condition: Callable[[KitOptions, str], str]) -> Callable[[KitOptions, str, str], str]:
-    """Crashes of any `gradients` label, critical where ``condition`` holds for the process, else warning."""
+def _crash_severity_by(condition: Callable[[KitOptions, str], str]) -> Callable[..., str]:
+    """Crashes of any ``gradients`` label, critical where ``condition`` holds for the process."""
 
-    def crashed(o: KitOptions, scope: str, gradients: str) -> str:
+    def crashed(o: KitOptions, scope: str, unhealthy: str = "") -> str:
         series = f"gradtel_training_exceptions_total{{{scope}}}"
-        join = "unless" if gradients.startswith("gradients!=") else "and"
         any_crash = prometheus._new_or_increased(o, series, scope, on_demand=True, per_process=True)
-        return f"({any_crash} {join} on ({prometheus.PROCESS}) {condition(o, scope)})"
+        return f"({any_crash} and on ({prometheus.PROCESS}) {condition(o, scope)})" if unhealthy else any_crash
 
     return crashed
 
@@ -136,24 +157,43 @@ DEFECTS: dict[str, tuple[dict[str, Callable[..., str | list[str]]], Callable[[st
         str,
         {f"{NAN} critical names the restarted process's first bad layer through a failed scrape as it fires"},
     ),
+    "the last values of a process only when no process is scraped": (
+        {"_as_it_stands": _last_values_only_when_no_process_is_scraped},
+        str,
+        {f"{NAN} says the loss was already non-finite when the rank whose loss was has its scrape fail as the page fires"},
+    ),
+    "the series sampled last at the evaluation interval": (
+        {"_as_it_stands": _sampled_at_the_evaluation_interval},
+        str,
+        {
+            f"{NAN} critical fires when the process crashes right after the update, naming its first bad layer",
+            f"{INF} critical fires when a process's first and only scrape shows the update, before a crash",
+        },
+    ),
     "the loss clause of any update in the window": (
         {"_loss_template": _any_non_finite_loss_in_the_window},
         str,
         {
-            f"{NAN} does not say the loss was non-finite when the incident's first update had a finite loss, {when}"
-            for when in ("in the same scrape as the non-finite losses that followed",
-                         "and the non-finite losses came in later scrapes")
-        } | {
+            f"{NAN} does not say the loss was non-finite when the incident's first update had a finite loss",
             f"{INF} does not say the loss was non-finite when an Inf update with a finite loss came before the NaN losses",
-            f"{NAN} does not say the loss was non-finite once the incident's first update has left the window",
-        },
+            *(f"{alert} does not say the loss was non-finite when an older NaN incident in the window began with one"
+              for alert in (NAN, INF)),
+        },  # fmt: skip
     ),
     "the loss clause by the share of unhealthy updates in the window": (
         {"_loss_template": _loss_by_the_share_of_unhealthy_updates},
         str,
         {
             f"{NAN} and {INF} say the loss was already non-finite when one update with an Inf loss had both",
-            f"{NAN} does not say the loss was non-finite once the incident's first update has left the window",
+            f"{NAN} does not say the loss was non-finite when the incident's first update had a finite loss",
+        },
+    ),
+    "the loss clause of any incident that began with one": (
+        {"_loss_template": _any_incident_that_began_with_one},
+        str,
+        {
+            f"{NAN} does not say the loss was non-finite when an older NaN incident in the window began with one",
+            f"{NAN} fires when a new incident follows a failed scrape, naming its own origin rank, loss and counts",
         },
     ),
     "a loss-scale collapse as a state": (

@@ -152,12 +152,12 @@ def test_attach_refuses_a_step_or_loss_that_is_not_a_function(provider: MeterPro
         monitor.attach(torch.optim.SGD(model.parameters()), **{argument: 5})  # type: ignore[arg-type]
 
 
-def test_a_non_finite_loss_counts_for_the_incident_whose_first_update_had_it(
+def test_the_step_of_the_newest_incident_whose_first_update_had_a_non_finite_loss(
     provider: MeterProvider, registry: CollectorRegistry
 ) -> None:
-    """An incident counts in gradtel_nonfinite_loss_incidents_total when its first unhealthy
-    update already had a NaN/Inf loss: not for the NaN losses that poisoned weights make
-    later, and once for an update with both NaN and Inf."""
+    """gradtel_nonfinite_loss_incident_step holds the step of the newest incident whose first
+    unhealthy update already had a NaN/Inf loss, for each kind it had: not the NaN losses that
+    poisoned weights make later, nor an older incident's once a newer one began in backward."""
     model = net()
     monitor = gradtel.GradMonitor(model, meter_provider=provider, on_warning="ignore", on_critical="ignore")
 
@@ -169,22 +169,50 @@ def test_a_non_finite_loss_counts_for_the_incident_whose_first_update_had_it(
             model[2].weight.grad[0, 0] = bad_grad  # backward made it, the loss was finite
         return monitor.collect(step=step, loss=loss)
 
-    nan_input = torch.full((2, 4), NAN)
+    def steps() -> tuple[float, float]:
+        found = samples(registry)
+        return tuple(sample(found, "gradtel_nonfinite_loss_incident_step", kind=kind) for kind in ("nan", "inf"))
+
+    nan_input, inf_input = torch.full((2, 4), NAN), torch.randn(2, 4)
+    inf_input[0, 0] = float("inf")
     update(1, torch.randn(2, 4), bad_grad=NAN)  # the incident starts in backward
     for step in range(2, 6):  # then the weights are poisoned: every loss is NaN
         assert update(step, nan_input).loss_finite is False
-    found = samples(registry)
-    assert sample(found, "gradtel_nonfinite_loss_updates_total") == 4
-    assert sample(found, "gradtel_nonfinite_loss_incidents_total") == 0
+    assert steps() == (0, 0)
+    assert sample(samples(registry), "gradtel_nonfinite_loss_updates_total") == 4
 
     monitor.reset_health()  # rolled back: the next unhealthy update is a new incident
-    inf_input = torch.randn(2, 4)
-    inf_input[0, 0] = float("inf")
     health = update(6, inf_input)  # an Inf loss makes NaN and Inf gradients at once
     assert health.nan_total and health.inf_total and health.loss_finite is False
     update(7, nan_input)  # the same incident goes on
+    assert steps() == (6, 6)
     update(8, torch.randn(2, 4))  # healthy again
     update(9, nan_input)  # a new incident, its first loss already NaN
+    assert steps() == (9, 6)
+    update(10, torch.randn(2, 4))
+    update(11, torch.randn(2, 4), bad_grad=float("inf"))  # an Inf incident from backward
+    assert steps() == (9, 6)  # the page compares with the first bad layer's step, 11
+    monitor.reset_health()
+    assert steps() == (0, 0)
+
+
+def test_an_incident_after_unscanned_updates_is_never_said_to_come_from_the_loss(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    """A NaN written into a gradient in an update left out by ``sample_every`` poisons the
+    weights; the next scanned update's NaN loss does not make it a forward-pass incident."""
+    model = net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = gradtel.GradMonitor(model, meter_provider=provider, sample_every=2, on_warning="ignore", on_critical="ignore")
+    for step in range(1, 4):  # step 2 is left out
+        optimizer.zero_grad()
+        loss = model(torch.randn(2, 4)).sum()
+        loss.backward()
+        if step == 2:  # not scanned: backward's NaN reaches the weights unseen
+            model[2].weight.grad[0, 0] = NAN
+        health = monitor.collect(step=step, loss=loss)
+        optimizer.step()
+    assert health.sampled and health.loss_finite is False and health.nan_total
     found = samples(registry)
-    assert sample(found, "gradtel_nonfinite_loss_updates_total") == 7
-    assert sample(found, "gradtel_nonfinite_loss_incidents_total") == 2
+    assert sample(found, "gradtel_first_bad_layer", kind="nan", layer="0") == 3  # where backward met it
+    assert sample(found, "gradtel_nonfinite_loss_incident_step", kind="nan") == 0

@@ -184,50 +184,42 @@ def _run(
 
     server = serve(port=port, addr=addr, on_error="raise")
     local: Stack | None = None
-    if stack is not None:
-        from .stack import Stack  # the deploy extra: only --stack needs it
+    handler = _SayHandler(terminal)
+    gradtel_logger = logging.getLogger("gradtel")
+    unhealthy = 0
+    finished = False
+    # One try from here on: a SIGTERM or Ctrl-C at any point stops what was started.
+    try:
+        if stack is not None:
+            from .stack import Stack  # the deploy extra: only --stack needs it
 
-        if stack not in STACKS:
-            raise ValueError(f"stack must be one of {', '.join(STACKS)} or None, got {stack!r}")
-        try:
+            if stack not in STACKS:
+                raise ValueError(f"stack must be one of {', '.join(STACKS)} or None, got {stack!r}")
             local = Stack(
                 [f"127.0.0.1:{server.port}"],
                 on_page=lambda page: terminal.say(f"PAGE {page}"),
                 keep_data=keep_data,
                 **STACKS[stack],  # type: ignore[arg-type]
             ).__enter__()
-        except _Stopped as stopped:
-            server.close(grace=0)
-            terminal.say(f"stopped by {stopped}")
-            return 0
-        except BaseException:
-            server.close(grace=0)
-            raise
-    # Added once nothing can fail before the finally that removes it.
-    handler = _SayHandler(terminal)
-    gradtel_logger = logging.getLogger("gradtel")
-    gradtel_logger.addHandler(handler)
-    gradtel_logger.propagate = False
-    model = DemoNet()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    monitor = GradMonitor(model, on_warning="skip", on_critical="skip", grad_norm=True)
-    inputs = torch.randn(256, 16)
-    targets = inputs @ torch.randn(16, 1) + 0.1 * torch.randn(256, 1)
-    terminal.say(f"gradtel demo: serving {server.url}")
-    if local is not None:
-        store = "Prometheus {}/alerts" if local.store == "prometheus" else "VictoriaMetrics {}"
-        via = " behind a Prometheus agent" if local.agent else ""
+        gradtel_logger.addHandler(handler)
+        gradtel_logger.propagate = False
+        model = DemoNet()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        monitor = GradMonitor(model, on_warning="skip", on_critical="skip", grad_norm=True)
+        inputs = torch.randn(256, 16)
+        targets = inputs @ torch.randn(16, 1) + 0.1 * torch.randn(256, 1)
+        terminal.say(f"gradtel demo: serving {server.url}")
+        if local is not None:
+            store = "Prometheus {}/alerts" if local.store == "prometheus" else "VictoriaMetrics {}"
+            via = " behind a Prometheus agent" if local.agent else ""
+            terminal.say(
+                f"{store.format(local.prometheus_url)}{via} and Alertmanager {local.alertmanager_url} "
+                f"run with the shipped rules and routing; pages print here (data in {local.root})"
+            )
         terminal.say(
-            f"{store.format(local.prometheus_url)}{via} and Alertmanager {local.alertmanager_url} "
-            f"run with the shipped rules and routing; pages print here (data in {local.root})"
+            f"training {steps} updates, one every {interval:g}s; NaN/Inf injected on updates "
+            f"10 and 20 of every {SCHEDULE_PERIOD} (Ctrl-C stops)"
         )
-    terminal.say(
-        f"training {steps} updates, one every {interval:g}s; NaN/Inf injected on updates "
-        f"10 and 20 of every {SCHEDULE_PERIOD} (Ctrl-C stops)"
-    )
-    unhealthy = 0
-    interrupted = False
-    try:
         for update in range(1, steps + 1):
             batch = torch.randint(0, len(inputs), (32,))
             optimizer.zero_grad()
@@ -251,15 +243,14 @@ def _run(
         terminal.say(
             f"done: {steps} updates, {unhealthy} unhealthy, each kept from the optimizer by gradtel"
         )
+        finished = True
     except _Stopped as stopped:
-        interrupted = True
         terminal.say(f"stopped by {stopped}")
     except KeyboardInterrupt:
-        interrupted = True
         terminal.say("stopped by Ctrl-C")
     finally:
         # A normal end waits for Prometheus to scrape the last unhealthy update.
-        server.close(grace=0 if interrupted else None)
+        server.close(grace=None if finished else 0)
         if local is not None:
             local.stop()
         gradtel_logger.removeHandler(handler)

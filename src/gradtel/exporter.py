@@ -9,7 +9,7 @@ interpreter exiting with it open, or a SIGTERM (what Kubernetes, Slurm and
 torchrun send) waits until a Prometheus scrape has collected the latest
 unhealthy update, for at most ``exit_grace`` seconds. A process that dies from an
 uncaught exception while gradtel serves counts it first
-(``gradtel_training_exceptions_total{type}``, by a chained ``sys.excepthook`` that
+(``gradtel_training_exceptions_total{type,gradients}``, by a chained ``sys.excepthook`` that
 passes the exception on unchanged) and waits for that scrape too. It waits only when a
 Prometheus has scraped this endpoint before (nobody else would come), and
 only a Prometheus scrape ends the wait: ``curl`` or ``gradtel watch`` do not.

@@ -29,7 +29,7 @@ __all__ = [
     "LAYER_GRAD_NORM",
     "METRICS",
     "NAN_GRADS",
-    "NONFINITE_LOSS_INCIDENTS",
+    "NONFINITE_LOSS_INCIDENT_STEP",
     "NONFINITE_LOSS_UPDATES",
     "NORM_PEAK_SECONDS",
     "ORIGIN_UPDATES",
@@ -203,12 +203,16 @@ NONFINITE_LOSS_UPDATES = Metric(
     "Updates whose loss, given to collect(loss=...), was already NaN or ±Inf: the values "
     "entered in the forward pass.",
 )
-NONFINITE_LOSS_INCIDENTS = Metric(
-    "gradtel_nonfinite_loss_incidents_total",
-    "counter",
-    "Incidents (runs of updates with NaN or ±Inf gradients, of either kind, since a healthy "
-    "update or reset_health()) whose first update already had a NaN or ±Inf loss, given to "
-    "gradtel: the values entered in the forward pass, not in backward.",
+NONFINITE_LOSS_INCIDENT_STEP = Metric(
+    "gradtel_nonfinite_loss_incident_step",
+    "gauge",
+    "Step of the newest incident (a run of updates with NaN or ±Inf gradients, of either kind, "
+    "after a healthy scanned update) whose first update already had a NaN or ±Inf loss, for "
+    "each kind it had: the values entered in the forward pass. Compare with "
+    "gradtel_first_bad_layer's step. 0 until one, and again after reset_health(); never set "
+    "with sample_every above 1, nor after an unscanned update: updates not looked at could "
+    "have poisoned the weights.",
+    ("kind",),
 )
 REFUSED_CHECKPOINTS = Metric(
     "gradtel_refused_checkpoints_total",
@@ -221,11 +225,12 @@ TRAINING_EXCEPTIONS = Metric(
     "gradtel_training_exceptions_total",
     "counter",
     "Uncaught exceptions that ended the training process while gradtel served its metrics, "
-    "by exception type, and by whether NaN or Inf gradients came before it: gradients=unhealthy "
-    "when the weights had taken an unhealthy update (GradMonitor.healthy is False) or the "
-    "latest update was unhealthy (stopped by on_critical=raise, or skipped), healthy when the "
-    "scanned updates were not, unknown before the first scanned update. The series appears "
-    "with the first one (the endpoint then waits for a last scrape).",
+    "by exception type, and by whether NaN or Inf gradients came before it, as the open "
+    "monitors saw it: gradients=unhealthy when the weights had taken an unhealthy update "
+    "(GradMonitor.healthy is False) or the latest scanned update was unhealthy (a warn, skip "
+    "or raise policy) with no reset_health() since; healthy otherwise (AMP overflows the "
+    "GradScaler skipped are not unhealthy); unknown before the first scanned update. The "
+    "series appears with the first one (the endpoint then waits for a last scrape).",
     ("type", "gradients"),
 )
 ERRORS = Metric(
@@ -256,7 +261,7 @@ METRICS = (
     LAST_UNHEALTHY_STEP,
     ORIGIN_UPDATES,
     NONFINITE_LOSS_UPDATES,
-    NONFINITE_LOSS_INCIDENTS,
+    NONFINITE_LOSS_INCIDENT_STEP,
     GRAD_NORM,
     GRAD_NORM_PEAK,
     LAYER_GRAD_NORM,

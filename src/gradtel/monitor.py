@@ -214,6 +214,7 @@ class GradMonitor:
             error_log=self._error_log,
             weights=self._weights,
         )
+        self._telemetry.sampled = sample_every > 1
         # What close() must undo of the origin hooks, so that a new monitor counts again.
         self._uninstall_origin = (
             install_origin_hook(self._module, self) if self._module is not None else None
@@ -258,6 +259,7 @@ class GradMonitor:
                 self._uninstall_origin = None
             with _claims_lock:
                 _claims.get(self._provider, weakref.WeakSet()).discard(self)
+            self._telemetry.closed = True
 
     def _watch(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
         """Take ``named`` as the watched parameters (at creation and at each refresh)."""

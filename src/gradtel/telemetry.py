@@ -218,7 +218,7 @@ class _Instruments:
         self.skipped = make(m.SKIPPED_UPDATES)
         self.origin = make(m.ORIGIN_UPDATES)
         self.nonfinite_loss = make(m.NONFINITE_LOSS_UPDATES)
-        self.nonfinite_loss_incidents = make(m.NONFINITE_LOSS_INCIDENTS)
+        self.nonfinite_loss_incident_step = make(m.NONFINITE_LOSS_INCIDENT_STEP)
         self.refused_checkpoints = make(m.REFUSED_CHECKPOINTS)
         self.errors = make(m.ERRORS)
         self.exceptions = make(m.TRAINING_EXCEPTIONS)
@@ -328,8 +328,11 @@ def count_exception(exc_type: type[BaseException]) -> None:
         except Exception as exc:  # noqa: BLE001 (the crash is counted all the same)
             logging.getLogger("gradtel").warning("gradtel: could not publish the pending updates: %r", exc)
             count_error("record", registry)
-        seen = {source.gradients_state() for source in list(instruments.update_sources)}
-        # One monitor that saw NaN or Inf gradients before the crash is enough.
+        sources = list(instruments.update_sources)
+        # The open monitors describe the training that crashed (a monitor closed and
+        # replaced described weights since reloaded); with none open, the closed ones do
+        # (a monitor closed on the way out). One that saw NaN or Inf is enough.
+        seen = {s.gradients_state() for s in sources if not s.closed} or {s.gradients_state() for s in sources}
         state = next((s for s in ("unhealthy", "healthy") if s in seen), "unknown")
         instruments.exceptions.add(1, {**attributes, "gradients": state})
         recorded.last_unhealthy = time.monotonic()
@@ -400,6 +403,13 @@ class GradTelemetry:
         self.error_log = error_log or RateLimitedLog(logging.getLogger("gradtel"))
         self.clock = clock
         self.weights = weights
+        self.closed = False
+        """The monitor is closed: a crash is described by the open monitors, if any."""
+        self.sampled = False
+        """The monitor scans one update in several (``sample_every``): an incident's first
+        scanned update may follow unscanned ones that poisoned the weights."""
+        self._latest_unhealthy = False  # the latest scanned update was, and no rollback since
+        self._unscanned_before = False  # the update before the latest recorded one was not scanned
         self.labels = dict(attributes)
         """The labels on every series of this monitor."""
         self._layer_attrs: dict[str, dict[str, str]] = {}
@@ -435,8 +445,8 @@ class GradTelemetry:
             ins.unscanned.add(0, attrs)
         for attrs in self._kind_attrs.values():
             ins.origin.add(0, attrs)
+            ins.nonfinite_loss_incident_step.set(0, attrs)
         ins.nonfinite_loss.add(0, self.labels)
-        ins.nonfinite_loss_incidents.add(0, self.labels)
         self.updates = 0
         """Updates scanned, for ``gradtel_updates_total``."""
         self.status = Status.UNKNOWN.level  # no update looked at yet
@@ -454,15 +464,17 @@ class GradTelemetry:
         next unhealthy update starts a new incident and the page names its layer and step."""
         for attrs in self._first_bad_attrs.values():
             self._instruments.first_bad.set(0, attrs)
+        for attrs in self._kind_attrs.values():
+            self._instruments.nonfinite_loss_incident_step.set(0, attrs)
         self._ongoing = set()
+        self._latest_unhealthy = False
 
     def gradients_state(self) -> str:
         """The ``gradients`` label of a crash: ``unhealthy`` when NaN or Inf gradients came
-        before it (the weights took an unhealthy update, or the latest update was unhealthy
-        and stopped or skipped), ``healthy`` when the scanned updates were, ``unknown``
-        before the first scanned update."""
-        poisoned = self.weights is not None and not self.weights.healthy
-        if poisoned or self.status > Status.HEALTHY.level:
+        before it (the weights took an unhealthy update, or the latest scanned update was
+        unhealthy, stopped or skipped, and no rollback came since), ``healthy`` when not,
+        ``unknown`` before the first scanned update."""
+        if (self.weights is not None and not self.weights.healthy) or self._latest_unhealthy:
             return "unhealthy"
         return "healthy" if self.updates else "unknown"
 
@@ -495,6 +507,9 @@ class GradTelemetry:
             # a training step): the duration waits for the next collection instead.
             self._durations.append(duration)
         self._record_series(health)
+        self._unscanned_before = health.unscanned is not None
+        if health.unscanned is None:
+            self._latest_unhealthy = not health.amp_overflow and health.status.level > Status.HEALTHY.level
         if len(self._durations) >= DURATIONS_KEPT:  # nothing collects them: record them now
             self.record_durations()
 
@@ -528,9 +543,12 @@ class GradTelemetry:
         if not (health.nan_by_layer or health.inf_by_layer or last["nan"] or last["inf"]):
             self.status = Status.HEALTHY.level  # the usual update: no per-layer series move
             return
-        if not self._ongoing and health.loss_finite is False and (health.nan_by_layer or health.inf_by_layer):
-            # The incident's first update: once the weights hold NaN, every later loss does.
-            ins.nonfinite_loss_incidents.add(1, self.labels)
+        if not (self._ongoing or self._unscanned_before or self.sampled) and health.loss_finite is False:
+            # The incident's first update (once the weights hold NaN every later loss does),
+            # with nothing unscanned before it that could have poisoned the weights.
+            for kind, first in (("nan", health.first_nan_layer), ("inf", health.first_inf_layer)):
+                if first is not None:
+                    ins.nonfinite_loss_incident_step.set(health.step, self._kind_attrs[kind])
         for kind, first in (("nan", health.first_nan_layer), ("inf", health.first_inf_layer)):
             # Only on an update that starts a run of updates with values of that kind (``last``
             # is still the previous update's): in those that follow, the first bad layer is

@@ -15,7 +15,7 @@ from ..metrics import (
     LAST_UNHEALTHY_STEP,
     LAST_UPDATE_TIMESTAMP,
     NAN_GRADS,
-    NONFINITE_LOSS_INCIDENTS,
+    NONFINITE_LOSS_INCIDENT_STEP,
     NORM_PEAK_SECONDS,
     ORIGIN_UPDATES,
     SKIPPED_UPDATES,
@@ -134,9 +134,11 @@ def _loss_template(o: KitOptions) -> str:
     """Says the values entered in the forward pass when the incident's first unhealthy update
     already had a non-finite loss. Once NaN is in the weights every later loss is NaN too, so
     a non-finite loss somewhere in the window says nothing of where the incident started:
-    the process counts the incidents whose first update had one."""
-    series = f"{NONFINITE_LOSS_INCIDENTS}{{{RUN_SCOPE}}}"
-    query = _query(_new_or_increased(o, series, RUN_SCOPE), *RUN_ARGS)
+    the process records the step of the newest incident that began with one, and the page
+    says so when that is the step of the incident it names (its first bad layer's)."""
+    loss = _as_it_stands(o, f"{NONFINITE_LOSS_INCIDENT_STEP}{{{RUN_SCOPE},kind=%[3]q}}")
+    first_bad = _as_it_stands(o, f"{FIRST_BAD_LAYER}{{{RUN_SCOPE},kind=%[3]q}}")
+    query = _query(f"max({loss}) == max({first_bad})", *KIND_ARGS)
     return f"{{{{ with {query} }}}} The loss was already non-finite: it entered in the forward pass.{{{{ end }}}}"
 
 
@@ -154,18 +156,22 @@ def _top_layers_template(o: KitOptions, kind: str) -> str:
     )
 
 
+def _as_it_stands(o: KitOptions, series: str) -> str:
+    """The newest incident's series of a gauge of incident steps, above 0. Of a process
+    scraped now, the series as they stand: reset_health() set an older incident's to 0, and
+    a step after a rollback may be lower than the older one's. Of a process not scraped now
+    (gone, or its scrape failed), its last values: of its labels the series sampled last, as
+    a dead process's stay in the window after a restart on the same labels. (The subquery
+    steps by the scrape interval so as to see a series that lived for one scrape.)"""
+    sampled = f"max_over_time(timestamp({series})[{o.window}:{o.scrape_interval}])"
+    newest = f"{sampled} == on ({PROCESS}) group_left () max by ({PROCESS}) ({sampled})"
+    return f"(({series} > 0) or (last_over_time({series}[{o.window}]) > 0 and ({newest}) unless on ({PROCESS}) {series}))"
+
+
 def _first_bad_template(o: KitOptions) -> str:
     """The first bad layer of the alert's kind and its step: of the newest incident."""
-    series = f"{FIRST_BAD_LAYER}{{{RUN_SCOPE},kind=%[3]q}}"
-    # The series as they stand: reset_health() set an older incident's to 0, and a step
-    # after a rollback may be lower than the older one's. Once the processes are gone (a
-    # crash) or their scrape failed, their last values: of each process's labels the
-    # series sampled last, as a dead process's stay in the window after its restart.
-    now = f"({series} > 0)"
-    sampled = f"max_over_time(timestamp({series})[{o.window}:])"
-    newest = f"{sampled} == on ({PROCESS}) group_left () max by ({PROCESS}) ({sampled})"
-    latest = f"(last_over_time({series}[{o.window}]) > 0 and ({newest}) unless on () {now})"
-    query = _query(f"topk(1, max by (layer) ({now} or {latest}))", *KIND_ARGS)
+    series = _as_it_stands(o, f"{FIRST_BAD_LAYER}{{{RUN_SCOPE},kind=%[3]q}}")
+    query = _query(f"topk(1, max by (layer) {series})", *KIND_ARGS)
     return (
         f"{{{{ with {query} }}}}{{{{ with index . 0 }}}} First bad layer in backward order: "
         "{{ .Labels.layer }}, at step {{ .Value }}.{{ end }}{{ end }}"
@@ -203,11 +209,11 @@ def _unhealthy_rule(o: KitOptions, kind: str, severity: str) -> dict[str, Any]:
     }
 
 
-def _crashed(o: KitOptions, scope: str, gradients: str) -> str:
+def _crashed(o: KitOptions, scope: str, unhealthy: str = "") -> str:
     """Processes that an uncaught exception ended in the window, one series per type: the
-    series is born as its process ends, and once per process. ``gradients``: the matcher of
-    its ``gradients`` label, whether NaN or Inf gradients came before the crash."""
-    series = f"{TRAINING_EXCEPTIONS}{{{scope},{gradients}}}"
+    series is born as its process ends, and once per process. ``unhealthy``: the label
+    value that selects those after which NaN or Inf gradients came first (its ``gradients``)."""
+    series = f"{TRAINING_EXCEPTIONS}{{{scope}{f',gradients={unhealthy}' if unhealthy else ''}}}"
     return _new_or_increased(o, series, scope, on_demand=True, per_process=True)
 
 
@@ -217,24 +223,26 @@ def _crash_rule(o: KitOptions, severity: str) -> dict[str, Any]:
     series says which, as the process saw it when it died: a process restarted on the same
     labels does not change it. One alert per run, whatever the exceptions: when one rank
     dies the others die of their own (a collective that lost its peer), and that is one
-    incident."""
-    critical = severity == "critical"
-    op = "=" if critical else "!="
-    # In a template, the value is the query's third argument: a quote would end its string.
-    crashed, args = _crashed(o, RUN_SCOPE, f"gradients{op}%[3]q"), (*RUN_ARGS, '"unhealthy"')
-    # The latest unhealthy step of each kind, of the processes that crashed.
+    incident, critical when any of its ranks had NaN or Inf gradients."""
+    unhealthy = '"unhealthy"'
+    critical = f"count by ({INCIDENT}) ({_crashed(o, o.job_selector, unhealthy)})"
+    crashed = f"count by ({INCIDENT}) ({_crashed(o, o.job_selector)})"
+    # In a template the value is the query's third argument: a quote would end its string.
     steps = _query(
-        f"max by (kind) (last_over_time({LAST_UNHEALTHY_STEP}{{{RUN_SCOPE}}}[{o.window}]) and on ({PROCESS}) {crashed})",
-        *args,
+        f"max by (kind) (last_over_time({LAST_UNHEALTHY_STEP}{{{RUN_SCOPE}}}[{o.window}]) "
+        f"and on ({PROCESS}) {_crashed(o, RUN_SCOPE, '%[3]q')})",
+        *RUN_ARGS,
+        unhealthy,
     )
     after = (
         f'training crashed after {{{{ range $i, $s := sortByLabel "kind" ({steps}) }}}}{{{{ if $i }}}} and {{{{ end }}}}'
         '{{ if eq $s.Labels.kind "nan" }}NaN{{ else }}Inf{{ end }} gradients at step '
         '{{ $s.Value | printf "%.0f" }}{{ else }}NaN or Inf gradients{{ end }}'
     )
+    is_critical = severity == "critical"
     return {
         "alert": CRASH_ALERT,
-        "expr": f"count by ({INCIDENT}) (\n  {_crashed(o, o.job_selector, f'gradients{op}{args[-1]}')}\n)",
+        "expr": critical if is_critical else f"{crashed}\nunless on ({INCIDENT})\n{critical}",
         # The last scrapes of the ranks that died are in: the page names them all.
         "for": o.settle,
         "labels": {"severity": severity},
@@ -242,14 +250,14 @@ def _crash_rule(o: KitOptions, severity: str) -> dict[str, Any]:
             "summary": f"Training crashed with an uncaught exception ({severity})",
             "description": (
                 f"{_where()}: "
-                + (after if critical else "training crashed")
+                + (after if is_critical else "training crashed")
                 + ": uncaught exceptions ended "
-                + _targets_template(crashed, *args, then="{{ with $s.Labels.type }}: {{ . }}{{ end }}")
+                + _targets_template(_crashed(o, RUN_SCOPE), *RUN_ARGS, then="{{ with $s.Labels.type }}: {{ . }}{{ end }}")
                 + (
-                    "; NaN or Inf gradients came before each: resume from the last healthy "
-                    "checkpoint, not the latest."
-                    if critical
-                    else "; gradtel saw no NaN or Inf gradients before."
+                    "; NaN or Inf gradients came before: resume from the last healthy checkpoint, "
+                    "not the latest."
+                    if is_critical
+                    else "; gradtel saw no unhealthy update before."
                 )
             ),
             "runbook_url": o.runbook(CRASH_ALERT),

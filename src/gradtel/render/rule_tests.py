@@ -25,7 +25,7 @@ from ..metrics import (
     LAST_UNHEALTHY_STEP,
     LAST_UPDATE_TIMESTAMP,
     NAN_GRADS,
-    NONFINITE_LOSS_INCIDENTS,
+    NONFINITE_LOSS_INCIDENT_STEP,
     NONFINITE_LOSS_UPDATES,
     NORM_PEAK_SECONDS,
     ORIGIN_UPDATES,
@@ -334,17 +334,29 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
             )
         ],
     )
-    def losses(updates: str, incidents: str) -> list[dict[str, str]]:
-        """The updates whose loss was non-finite, and the incidents whose first update's was."""
+    def incident(kind: str, first_bad: str, loss_step: str, layer: str = "head") -> list[dict[str, str]]:
+        """An incident's first bad layer (its step), and the step of the newest incident whose
+        first update had a non-finite loss."""
         return [
-            _series(NONFINITE_LOSS_UPDATES, _labels(o), updates),
-            _series(NONFINITE_LOSS_INCIDENTS, _labels(o), incidents),
+            _series(FIRST_BAD_LAYER, _labels(o, kind=kind, layer=layer), first_bad),
+            _series(NONFINITE_LOSS_INCIDENT_STEP, _labels(o, kind=kind), loss_step),
         ]
+
+    def losses(values: str) -> dict[str, str]:
+        """The updates whose loss was non-finite (what the rules once read)."""
+        return _series(NONFINITE_LOSS_UPDATES, _labels(o), values)
+
+    def page(kind: str, first_bad: tuple[str, int] = ("head", 30), **how: Any) -> dict[str, Any]:
+        return _unhealthy_alert(o, kind, "critical", "none in the counters yet", first_bad, **how)
 
     case(
         f"{nan} says when the loss was already non-finite (the forward pass)",
-        [_band(o, "nan", "critical", _steps(3, 1, span)), *losses(_steps(3, 1, span), _steps(3, 1, span))],
-        [_check(_fired(o, 3), nan, _unhealthy_alert(o, "nan", "critical", "none in the counters yet", forward=True))],
+        [
+            _band(o, "nan", "critical", _steps(3, 1, span)),
+            losses(_steps(3, 1, span)),
+            *incident("nan", f"_x2 30x{span}", f"0x2 30x{span}"),
+        ],
+        [_check(_fired(o, 3), nan, page("nan", forward=True))],
     )
     # An Inf loss makes NaN and Inf gradients in one update: both pages say where it entered.
     case(
@@ -352,48 +364,66 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
         [
             _band(o, "nan", "critical", _steps(3, 1, span)),
             _band(o, "inf", "critical", _steps(3, 1, span)),
-            *losses(_steps(3, 1, span), _steps(3, 1, span)),
+            losses(_steps(3, 1, span)),
+            *incident("nan", f"_x2 30x{span}", f"0x2 30x{span}"),
+            *incident("inf", f"_x2 30x{span}", f"0x2 30x{span}"),
         ],
-        [
-            _check(_fired(o, 3), alert, _unhealthy_alert(o, kind, "critical", "none in the counters yet", forward=True))
-            for kind, alert in (("nan", nan), ("inf", inf))
-        ],
+        [_check(_fired(o, 3), ALERT_NAMES[kind], page(kind, forward=True)) for kind in KINDS],
     )
-    # Once NaN is in the weights, every later loss is NaN: the page describes where the
-    # incident started, its first unhealthy update, whatever the updates after it.
+    # Once NaN is in the weights every later loss is NaN: the page describes where the
+    # incident started, its first unhealthy update, however long it lasts.
     case(
         f"{nan} says the loss was already non-finite when the incident's first update had a non-finite loss",
-        [_band(o, "nan", "critical", f"0x2 1 3x{span}"), *losses(f"0x2 1 3x{span}", f"0x2 1x{span}")],
-        [_check(t, nan, _unhealthy_alert(o, "nan", "critical", "none in the counters yet", forward=True)) for t in (4, 5)],
+        [
+            _band(o, "nan", "critical", f"0x2 1+1x{span}"),
+            losses(f"0x2 1+1x{span}"),
+            *incident("nan", f"_x2 30x{span}", f"0x2 30x{span}"),
+        ],
+        [_check(t, nan, page("nan", forward=True)) for t in (4, window + 5)],
     )
-    poisoned = {
-        "in the same scrape as the non-finite losses that followed": ("0x2 5", "0x2 4"),
-        "and the non-finite losses came in later scrapes": ("0x2 1 6", "0x2 0 5"),
-    }
-    for when, (unhealthy, nonfinite) in poisoned.items():
-        case(
-            f"{nan} does not say the loss was non-finite when the incident's first update had a finite loss, {when}",
-            [_band(o, "nan", "critical", f"{unhealthy}x{span}"), *losses(f"{nonfinite}x{span}", f"0x{span + 2}")],
-            [_check(t, nan, _unhealthy_alert(o, "nan", "critical", "none in the counters yet")) for t in (4, 5)],
-        )
-    # One NaN update a minute, each with a NaN loss but the first: once the first has left
-    # the window, every update in it had a non-finite loss, and the incident is the same.
     case(
-        f"{nan} does not say the loss was non-finite once the incident's first update has left the window",
-        [_band(o, "nan", "critical", f"0x2 1+1x{span}"), *losses(f"0x3 1+1x{span}", f"0x{span + 3}")],
-        [_check(t, nan, _unhealthy_alert(o, "nan", "critical", "none in the counters yet")) for t in (4, window + 5)],
+        f"{nan} does not say the loss was non-finite when the incident's first update had a finite loss",
+        [
+            _band(o, "nan", "critical", f"0x2 1+1x{span}"),
+            losses(f"0x3 1+1x{span}"),
+            *incident("nan", f"_x2 30x{span}", f"0x{span + 2}"),
+        ],
+        [_check(t, nan, page("nan")) for t in (4, window + 5)],
     )
+    # An Inf update with a finite loss, then NaN losses: the NaN incident began in the Inf one.
     case(
         f"{inf} does not say the loss was non-finite when an Inf update with a finite loss came before the NaN losses",
         [
             _band(o, "inf", "critical", f"0x2 1x{span}"),
-            _band(o, "nan", "critical", f"0x2 4x{span}"),
-            *losses(f"0x2 4x{span}", f"0x{span + 2}"),
+            _band(o, "nan", "critical", f"0x3 1+1x{span}"),
+            losses(f"0x3 1+1x{span}"),
+            *incident("inf", f"_x2 30x{span}", f"0x{span + 2}"),
+            *incident("nan", f"_x3 31x{span}", f"0x{span + 3}"),
         ],
+        [_check(5, inf, page("inf")), _check(5, nan, page("nan", ("head", 31)))],
+    )
+    # An older incident began with a non-finite loss; the newer one, in backward.
+    newer = 6
+    case(
+        f"{inf} does not say the loss was non-finite when an older NaN incident in the window began with one",
         [
-            _check(4, inf, _unhealthy_alert(o, "inf", "critical", "none in the counters yet")),
-            _check(4, nan, _unhealthy_alert(o, "nan", "critical", "none in the counters yet")),
+            _band(o, "inf", "critical", f"0x{newer - 1} 1x{span}"),
+            _band(o, "nan", "critical", f"0x2 1x{span}"),
+            losses(f"0x2 1x{span}"),
+            *incident("nan", f"_x2 100x{span}", f"0x2 100x{span}"),
+            *incident("inf", f"_x{newer - 1} 160x{span}", f"0x{span + newer}", layer="2"),
         ],
+        [_check(newer + 1, inf, page("inf", ("2", 160)))],
+    )
+    case(
+        f"{nan} does not say the loss was non-finite when an older NaN incident in the window began with one",
+        [
+            _band(o, "nan", "critical", f"0x2 1x{newer - 3} 2x{span}"),
+            losses(f"0x2 1x{span}"),
+            *incident("nan", f"_x2 100x{span}", f"0x2 100x{span}"),
+            _series(FIRST_BAD_LAYER, _labels(o, kind="nan", layer="2"), f"_x{newer - 1} 160x{span}"),
+        ],
+        [_check(newer + 1, nan, page("nan", ("2", 160)))],
     )
     case(
         f"{nan} names every rank it originated on",
@@ -789,7 +819,7 @@ def _unhealthy_histories(o: KitOptions, case: Case) -> None:
             _series(START_TIME, labels, scrape(0)),
             _series(ORIGIN_UPDATES, _more(labels, kind="nan"), scrape(_count(old if rank else again))),
             _series(NONFINITE_LOSS_UPDATES, labels, scrape(_count(old) if rank else 0)),
-            _series(NONFINITE_LOSS_INCIDENTS, labels, scrape(_count(old) if rank else 0)),
+            _series(NONFINITE_LOSS_INCIDENT_STEP, _more(labels, kind="nan"), scrape(lambda m: 100 * old if rank and m >= old else 0)),
             _series(NAN_GRADS, _more(labels, layer="head"), scrape(_life(_count(old, again, by=7), first=old))),
             _series(
                 FIRST_BAD_LAYER,
@@ -931,8 +961,9 @@ def _unhealthy_histories(o: KitOptions, case: Case) -> None:
     )
 
     # A process that crashes right after the update, before the alert's `for` ends: one
-    # scrape has it, and a staleness marker follows, as Prometheus writes it.
-    at = old * 60 // step
+    # scrape has it, between two evaluations, and a staleness marker follows, as
+    # Prometheus writes it.
+    at = old * 60 // step + 1
     crashes = (
         (f"{nan} critical fires when the process crashes right after the update, naming its first bad layer", "nan", 0),
         (f"{inf} critical fires when a process's first and only scrape shows the update, before a crash", "inf", at),
@@ -954,7 +985,7 @@ def _unhealthy_histories(o: KitOptions, case: Case) -> None:
                 _series(GRADS_TOTAL[kind], _labels(o, layer="head"), f"_x{at} 7 stale"),
                 _series(FIRST_BAD_LAYER, _labels(o, kind=kind, layer="head"), f"_x{at} {100 * old} stale"),
             ],
-            [_check(_fired(o, old), alert, paged), _check(old + w - 1, alert, paged), _check(old + w + 1, alert)],
+            [_check(_fired(o, old + 1), alert, paged), _check(old + w - 1, alert, paged), _check(old + w + 1, alert)],
             interval=o.scrape_interval,
         )
 
@@ -993,6 +1024,35 @@ def _first_bad_histories(o: KitOptions, case: Case) -> None:
             _check(again + w + 1, nan),
         ],
     )
+    # Two ranks of one DDP run: rank 0 took an older incident that began with a NaN loss
+    # (its policy skipped it), the new one began with a NaN loss on rank 1 only, whose
+    # scrape fails as the page fires.
+    fires = _fired(o, old)
+    two: list[dict[str, str]] = []
+    for rank in (0, 1):
+        scrape = lambda value: _scrapes(fires + 3, value, failed=(fires,) if rank else ())  # noqa: E731
+        labels_of = _rank(o, rank)
+        two += [
+            _series(START_TIME, labels_of, scrape(0)),
+            _series(UNHEALTHY_UPDATES, _more(labels_of, kind="nan", severity="critical"), scrape(_count(old))),
+            _series(NONFINITE_LOSS_UPDATES, labels_of, scrape(_count(old) if rank else 1)),
+            _series(FIRST_BAD_LAYER, _more(labels_of, kind="nan", layer="head"), scrape(lambda m: 300 if m >= old else 50)),
+            _series(
+                NONFINITE_LOSS_INCIDENT_STEP,
+                _more(labels_of, kind="nan"),
+                scrape((lambda m: 300 if m >= old else 0) if rank else 50),
+            ),
+        ]
+    case(
+        f"{nan} says the loss was already non-finite when the rank whose loss was has its scrape fail as the page fires",
+        two,
+        [
+            _check(
+                fires, nan,
+                _unhealthy_alert(o, "nan", "critical", "none in the counters yet", ("head", 300), ranks=2, forward=True),
+            )
+        ],
+    )  # fmt: skip
     # A rollback by restarting the process on the same labels, and the scrape of the
     # evaluation that fires fails: the dead process's first bad layer, with a higher step,
     # is still in the window; the page names the new process's.
@@ -1294,10 +1354,10 @@ def _crash_alert(
             "summary": f"Training crashed with an uncaught exception ({severity})",
             "description": (
                 f"{o.job}: training crashed after {after}: uncaught exceptions ended {targets}; NaN or Inf "
-                "gradients came before each: resume from the last healthy checkpoint, not the latest."
+                "gradients came before: resume from the last healthy checkpoint, not the latest."
                 if severity == "critical"
-                else f"{o.job}: training crashed: uncaught exceptions ended {targets}; gradtel saw no NaN or Inf "
-                "gradients before."
+                else f"{o.job}: training crashed: uncaught exceptions ended {targets}; gradtel saw no unhealthy "
+                "update before."
             ),
             "runbook_url": o.runbook(CRASH_ALERT),
         },
@@ -1366,6 +1426,22 @@ def _crash_cases(o: KitOptions, case: Case) -> None:
                 _crash_alert(
                     o, "critical", "NaN gradients at step 41",
                     "trainer-0:9464 (rank 0): ValueError, trainer-1:9464 (rank 1): RuntimeError",
+                ),
+            ),
+        ],
+    )  # fmt: skip
+    # Sharded gradients (FSDP): rank 0's shard held the NaN and raised; rank 1's was finite,
+    # and it died of the collective that lost its peer.
+    case(
+        f"{alert} critical fires once for a run whose ranks saw different gradients, naming them all",
+        scraped(_rank(o, 0), process(steps=nan41, error="NonFiniteGradientError"))
+        + scraped(_rank(o, 1), process(error="DistBackendError")),
+        [
+            _check(
+                _fired(o, at), alert,
+                _crash_alert(
+                    o, "critical", "NaN gradients at step 41",
+                    "trainer-0:9464 (rank 0): NonFiniteGradientError, trainer-1:9464 (rank 1): DistBackendError",
                 ),
             ),
         ],

@@ -120,15 +120,20 @@ before it (`{TRAINING_EXCEPTIONS}{{type=...,gradients=...}}`), and kept the
 endpoint up until Prometheus scraped it. The description names the exception,
 the targets (and ranks) it ended, and, when NaN or Inf gradients came before, the
 latest step with them of each kind (`{LAST_UNHEALTHY_STEP}`).
-`severity="critical"` (`gradients="unhealthy"`): the weights had taken an
-unhealthy update, or the process's last update was unhealthy: the exception is
-likely their consequence (a policy that samples from NaN logits, a loss that
-checks its input, `on_critical="raise"`). `severity="warning"`: gradtel saw only
-healthy updates (or none yet), so the crash has another cause. The crash's own
-series holds this as the process saw it when it died: a process restarted on the
-same labels does not change the page. One page per crash: a crash stays in
-the window for {o.window}, failed scrapes and gaps do not page it again, and a
-restarted process that crashes again pages anew.
+`severity="critical"` (`gradients="unhealthy"` on any target of the run): the
+weights had taken an unhealthy update, or the process's latest scanned update
+was unhealthy: the exception is likely their consequence (a policy that samples
+from NaN logits, a loss that checks its input, `on_critical="raise"`).
+`severity="warning"`: gradtel saw no unhealthy update (AMP overflows the
+`GradScaler` skipped are not; the loss scale alert covers those), or none yet,
+so the crash has another cause. The crash's own series holds this as the
+process saw it when it died: a process restarted on the same labels does not
+change the severity (the step named is the latest unhealthy one on those labels
+in the window, which can be the new process's). One page per crash: a crash stays in
+the window for {o.window}, and failed scrapes and gaps do not page it again. The
+alert is one per run: a restarted process that crashes again while it still
+fires (a crash loop) joins it without a new page; after it resolves, a new crash
+pages anew.
 
 **Look first at** the process's traceback in its log (gradtel passes the
 exception on unchanged), the step named in the page against your own logs, and
