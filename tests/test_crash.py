@@ -91,12 +91,14 @@ def test_a_crash_is_counted_scraped_and_passed_on_unchanged() -> None:
         ("sync", "warn", "ok,nan,reset", "ValueError", "healthy"),
         ("sync", "warn", "nan,reload,ok,ok", "ValueError", "healthy"),
         ("sync", "warn", "ok,nan,close", "ValueError", "unhealthy"),
+        ("sync", "warn", "nan,reload,ok,close", "ValueError", "healthy"),
         ("sync", "skip", "nan,ok", "ValueError", "healthy"),
         ("sync", "warn", "", "ValueError", "unknown"),
     ],
     ids=[
         "poisoned", "deferred", "raised", "healthy", "rolled-back", "crash-right-after-rollback",
-        "reloaded-then-healthy", "closed-on-the-way-out", "skipped-then-healthy", "before-any-update",
+        "reloaded-then-healthy", "closed-on-the-way-out",
+        "reloaded-then-closed-on-the-way-out", "skipped-then-healthy", "before-any-update",
     ],
 )
 def test_a_crash_says_whether_nan_or_inf_gradients_came_before_it(

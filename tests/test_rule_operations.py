@@ -18,6 +18,7 @@ from .prometheus_versions import prometheus_bin  # noqa: F401 (a fixture)
 
 
 COUNTED = prometheus._counted
+AS_IT_STANDS = prometheus._as_it_stands
 
 
 def _born_where_the_offset_finds_nothing(o: KitOptions, series: str, scope: str, **how: bool) -> list[str]:
@@ -71,24 +72,24 @@ def _loss_by_the_share_of_unhealthy_updates(o: KitOptions) -> str:
     return f"{{{{ with {query} }}}} The loss was already non-finite: it entered in the forward pass.{{{{ end }}}}"
 
 
-def _last_values_only_when_no_process_is_scraped(o: KitOptions, series: str) -> str:
-    """The last values of every process only when no process has a series above 0 now."""
-    sampled = f"max_over_time(timestamp({series})[{o.window}:{o.scrape_interval}])"
-    newest = f"{sampled} == on ({prometheus.PROCESS}) group_left () max by ({prometheus.PROCESS}) ({sampled})"
-    now = f"({series} > 0)"
-    return f"({now} or (last_over_time({series}[{o.window}]) > 0 and ({newest}) unless on () {now}))"
+def _last_values_only_when_no_process_is_scraped(o: KitOptions, series: str, **_: bool) -> str:
+    """The last values of every process only when no process has a series above 0 now, for the loss too."""
+    return AS_IT_STANDS(o, series)
 
 
-def _sampled_at_the_evaluation_interval(o: KitOptions, series: str) -> str:
+def _last_values_of_each_process_not_scraped(o: KitOptions, series: str, **_: bool) -> str:
+    """The last values of each process not scraped now, for the first bad layer too: a dead pod's."""
+    return AS_IT_STANDS(o, series, per_process=True)
+
+
+def _sampled_at_the_evaluation_interval(o: KitOptions, series: str, per_process: bool = False) -> str:
     """The series sampled last, seen by a subquery that steps by the evaluation interval."""
-    sampled = f"max_over_time(timestamp({series})[{o.window}:])"
-    newest = f"{sampled} == on ({prometheus.PROCESS}) group_left () max by ({prometheus.PROCESS}) ({sampled})"
-    return f"(({series} > 0) or (last_over_time({series}[{o.window}]) > 0 and ({newest}) unless on ({prometheus.PROCESS}) {series}))"
+    return AS_IT_STANDS(o, series, per_process=per_process).replace(f"[{o.window}:{o.scrape_interval}]", f"[{o.window}:]")
 
 
 def _any_incident_that_began_with_one(o: KitOptions) -> str:
     """The loss clause when any incident of the alert's kind began with a non-finite loss, not the one it names."""
-    series = prometheus._as_it_stands(o, f"gradtel_nonfinite_loss_incident_step{{{prometheus.RUN_SCOPE},kind=%[3]q}}")
+    series = AS_IT_STANDS(o, f"gradtel_nonfinite_loss_incident_step{{{prometheus.RUN_SCOPE},kind=%[3]q}}")
     query = prometheus._query(f"max({series}) > 0", *prometheus.KIND_ARGS)
     return f"{{{{ with {query} }}}} The loss was already non-finite: it entered in the forward pass.{{{{ end }}}}"
 
@@ -150,6 +151,7 @@ DEFECTS: dict[str, tuple[dict[str, Callable[..., str | list[str]]], Callable[[st
         {
             f"{NAN} critical names the new incident's first bad layer after a rollback to an earlier step",
             f"{NAN} critical names the restarted process's first bad layer through a failed scrape as it fires",
+            f"{NAN} critical names the new pod's incident, at an earlier step and with a finite loss, not the crashed pod's",
         },
     ),
     "the first bad layer of any process's last values": (
@@ -161,6 +163,11 @@ DEFECTS: dict[str, tuple[dict[str, Callable[..., str | list[str]]], Callable[[st
         {"_as_it_stands": _last_values_only_when_no_process_is_scraped},
         str,
         {f"{NAN} says the loss was already non-finite when the rank whose loss was has its scrape fail as the page fires"},
+    ),
+    "the last values of each process not scraped, for the first bad layer too": (
+        {"_as_it_stands": _last_values_of_each_process_not_scraped},
+        str,
+        {f"{NAN} critical names the new pod's incident, at an earlier step and with a finite loss, not the crashed pod's"},
     ),
     "the series sampled last at the evaluation interval": (
         {"_as_it_stands": _sampled_at_the_evaluation_interval},
@@ -176,6 +183,7 @@ DEFECTS: dict[str, tuple[dict[str, Callable[..., str | list[str]]], Callable[[st
         {
             f"{NAN} does not say the loss was non-finite when the incident's first update had a finite loss",
             f"{INF} does not say the loss was non-finite when an Inf update with a finite loss came before the NaN losses",
+            f"{NAN} critical names the new pod's incident, at an earlier step and with a finite loss, not the crashed pod's",
             *(f"{alert} does not say the loss was non-finite when an older NaN incident in the window began with one"
               for alert in (NAN, INF)),
         },  # fmt: skip
@@ -186,6 +194,7 @@ DEFECTS: dict[str, tuple[dict[str, Callable[..., str | list[str]]], Callable[[st
         {
             f"{NAN} and {INF} say the loss was already non-finite when one update with an Inf loss had both",
             f"{NAN} does not say the loss was non-finite when the incident's first update had a finite loss",
+            f"{NAN} critical names the new pod's incident, at an earlier step and with a finite loss, not the crashed pod's",
         },
     ),
     "the loss clause of any incident that began with one": (
@@ -193,6 +202,7 @@ DEFECTS: dict[str, tuple[dict[str, Callable[..., str | list[str]]], Callable[[st
         str,
         {
             f"{NAN} does not say the loss was non-finite when an older NaN incident in the window began with one",
+            f"{NAN} critical names the new pod's incident, at an earlier step and with a finite loss, not the crashed pod's",
             f"{NAN} fires when a new incident follows a failed scrape, naming its own origin rank, loss and counts",
         },
     ),

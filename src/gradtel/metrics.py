@@ -209,7 +209,7 @@ NONFINITE_LOSS_INCIDENT_STEP = Metric(
     "Step of the newest incident (a run of updates with NaN or ±Inf gradients, of either kind, "
     "after a healthy scanned update) whose first update already had a NaN or ±Inf loss, for "
     "each kind it had: the values entered in the forward pass. Compare with "
-    "gradtel_first_bad_layer's step. 0 until one, and again after reset_health(); never set "
+    "gradtel_first_bad_layer's step. No series until one; 0 after reset_health(). Never set "
     "with sample_every above 1, nor after an unscanned update: updates not looked at could "
     "have poisoned the weights.",
     ("kind",),
@@ -226,7 +226,7 @@ TRAINING_EXCEPTIONS = Metric(
     "counter",
     "Uncaught exceptions that ended the training process while gradtel served its metrics, "
     "by exception type, and by whether NaN or Inf gradients came before it, as the open "
-    "monitors saw it: gradients=unhealthy when the weights had taken an unhealthy update "
+    "monitors (with none open, the one closed last) saw it: gradients=unhealthy when the weights had taken an unhealthy update "
     "(GradMonitor.healthy is False) or the latest scanned update was unhealthy (a warn, skip "
     "or raise policy) with no reset_health() since; healthy otherwise (AMP overflows the "
     "GradScaler skipped are not unhealthy); unknown before the first scanned update. The "

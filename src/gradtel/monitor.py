@@ -259,7 +259,7 @@ class GradMonitor:
                 self._uninstall_origin = None
             with _claims_lock:
                 _claims.get(self._provider, weakref.WeakSet()).discard(self)
-            self._telemetry.closed = True
+            self._telemetry.closed = time.monotonic()
 
     def _watch(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
         """Take ``named`` as the watched parameters (at creation and at each refresh)."""

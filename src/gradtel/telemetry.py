@@ -330,9 +330,10 @@ def count_exception(exc_type: type[BaseException]) -> None:
             count_error("record", registry)
         sources = list(instruments.update_sources)
         # The open monitors describe the training that crashed (a monitor closed and
-        # replaced described weights since reloaded); with none open, the closed ones do
-        # (a monitor closed on the way out). One that saw NaN or Inf is enough.
-        seen = {s.gradients_state() for s in sources if not s.closed} or {s.gradients_state() for s in sources}
+        # replaced described weights since reloaded); with none open, the one closed last
+        # does (closed on the way out). One that saw NaN or Inf is enough.
+        watching = [s for s in sources if s.closed is None] or sorted(sources, key=lambda s: s.closed or 0)[-1:]
+        seen = {s.gradients_state() for s in watching}
         state = next((s for s in ("unhealthy", "healthy") if s in seen), "unknown")
         instruments.exceptions.add(1, {**attributes, "gradients": state})
         recorded.last_unhealthy = time.monotonic()
@@ -403,13 +404,17 @@ class GradTelemetry:
         self.error_log = error_log or RateLimitedLog(logging.getLogger("gradtel"))
         self.clock = clock
         self.weights = weights
-        self.closed = False
-        """The monitor is closed: a crash is described by the open monitors, if any."""
+        self.closed: float | None = None
+        """When the monitor was closed (monotonic), or None: a crash is described by the
+        open monitors, else by the one closed last."""
         self.sampled = False
         """The monitor scans one update in several (``sample_every``): an incident's first
         scanned update may follow unscanned ones that poisoned the weights."""
         self._latest_unhealthy = False  # the latest scanned update was, and no rollback since
-        self._unscanned_before = False  # the update before the latest recorded one was not scanned
+        self._unscanned_before = False  # the latest recorded update was not scanned
+        # Born with its first value: a process restarted on the same labels must not hide,
+        # with a 0, the step the process before it recorded.
+        self._loss_step_kinds: set[str] = set()
         self.labels = dict(attributes)
         """The labels on every series of this monitor."""
         self._layer_attrs: dict[str, dict[str, str]] = {}
@@ -445,7 +450,6 @@ class GradTelemetry:
             ins.unscanned.add(0, attrs)
         for attrs in self._kind_attrs.values():
             ins.origin.add(0, attrs)
-            ins.nonfinite_loss_incident_step.set(0, attrs)
         ins.nonfinite_loss.add(0, self.labels)
         self.updates = 0
         """Updates scanned, for ``gradtel_updates_total``."""
@@ -464,8 +468,8 @@ class GradTelemetry:
         next unhealthy update starts a new incident and the page names its layer and step."""
         for attrs in self._first_bad_attrs.values():
             self._instruments.first_bad.set(0, attrs)
-        for attrs in self._kind_attrs.values():
-            self._instruments.nonfinite_loss_incident_step.set(0, attrs)
+        for kind in self._loss_step_kinds:
+            self._instruments.nonfinite_loss_incident_step.set(0, self._kind_attrs[kind])
         self._ongoing = set()
         self._latest_unhealthy = False
 
@@ -549,6 +553,7 @@ class GradTelemetry:
             for kind, first in (("nan", health.first_nan_layer), ("inf", health.first_inf_layer)):
                 if first is not None:
                     ins.nonfinite_loss_incident_step.set(health.step, self._kind_attrs[kind])
+                    self._loss_step_kinds.add(kind)
         for kind, first in (("nan", health.first_nan_layer), ("inf", health.first_inf_layer)):
             # Only on an update that starts a run of updates with values of that kind (``last``
             # is still the previous update's): in those that follow, the first bad layer is

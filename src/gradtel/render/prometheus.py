@@ -134,11 +134,12 @@ def _loss_template(o: KitOptions) -> str:
     """Says the values entered in the forward pass when the incident's first unhealthy update
     already had a non-finite loss. Once NaN is in the weights every later loss is NaN too, so
     a non-finite loss somewhere in the window says nothing of where the incident started:
-    the process records the step of the newest incident that began with one, and the page
-    says so when that is the step of the incident it names (its first bad layer's)."""
-    loss = _as_it_stands(o, f"{NONFINITE_LOSS_INCIDENT_STEP}{{{RUN_SCOPE},kind=%[3]q}}")
+    each process records the step of its newest incident that began with one, and the page
+    says so when one is the step of the incident it names (its first bad layer's)."""
+    # Each rank records its own loss: a rank whose scrape failed still counts.
+    loss = _as_it_stands(o, f"{NONFINITE_LOSS_INCIDENT_STEP}{{{RUN_SCOPE},kind=%[3]q}}", per_process=True)
     first_bad = _as_it_stands(o, f"{FIRST_BAD_LAYER}{{{RUN_SCOPE},kind=%[3]q}}")
-    query = _query(f"max({loss}) == max({first_bad})", *KIND_ARGS)
+    query = _query(f"{loss} == on () group_left () max({first_bad})", *KIND_ARGS)
     return f"{{{{ with {query} }}}} The loss was already non-finite: it entered in the forward pass.{{{{ end }}}}"
 
 
@@ -156,16 +157,18 @@ def _top_layers_template(o: KitOptions, kind: str) -> str:
     )
 
 
-def _as_it_stands(o: KitOptions, series: str) -> str:
-    """The newest incident's series of a gauge of incident steps, above 0. Of a process
-    scraped now, the series as they stand: reset_health() set an older incident's to 0, and
-    a step after a rollback may be lower than the older one's. Of a process not scraped now
-    (gone, or its scrape failed), its last values: of its labels the series sampled last, as
-    a dead process's stay in the window after a restart on the same labels. (The subquery
-    steps by the scrape interval so as to see a series that lived for one scrape.)"""
+def _as_it_stands(o: KitOptions, series: str, *, per_process: bool = False) -> str:
+    """A gauge of incident steps as its series stand, above 0: reset_health() set an older
+    incident's to 0, and a step after a rollback may be lower than the older one's. Where
+    none is scraped now (the processes are gone, or their scrape failed), their last values:
+    of each process's labels the series sampled last, as a dead process's stay in the window
+    after a restart on the same labels. ``per_process``: the last values of each process not
+    scraped now, even while others are (a gauge whose ranks differ). The subquery steps by
+    the scrape interval, so as to see a series that lived for one scrape."""
     sampled = f"max_over_time(timestamp({series})[{o.window}:{o.scrape_interval}])"
     newest = f"{sampled} == on ({PROCESS}) group_left () max by ({PROCESS}) ({sampled})"
-    return f"(({series} > 0) or (last_over_time({series}[{o.window}]) > 0 and ({newest}) unless on ({PROCESS}) {series}))"
+    scraped = f"on ({PROCESS}) {series}" if per_process else f"on () ({series} > 0)"
+    return f"(({series} > 0) or (last_over_time({series}[{o.window}]) > 0 and ({newest}) unless {scraped}))"
 
 
 def _first_bad_template(o: KitOptions) -> str:

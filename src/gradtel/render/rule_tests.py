@@ -1053,6 +1053,38 @@ def _first_bad_histories(o: KitOptions, case: Case) -> None:
             )
         ],
     )  # fmt: skip
+    # A process crashes after an incident that began with a NaN loss; the job restarts it
+    # from a checkpoint, under a new pod (new instance label) or on the same labels.
+    pod_a, pod_b = _labels(o), _labels(o).replace(INSTANCE, "trainer-0b:9464")
+    crashed_a = [
+        _series(FIRST_BAD_LAYER, _more(pod_a, kind="nan", layer="head"), "_ _ 100 stale"),
+        _series(NONFINITE_LOSS_INCIDENT_STEP, _more(pod_a, kind="nan"), "_ _ 100 stale"),
+    ]
+    case(
+        f"{nan} critical names the new pod's incident, at an earlier step and with a finite loss, not the crashed pod's",
+        crashed_a
+        + [
+            _series(START_TIME, pod_a, "0x2 stale"),
+            _series(UNHEALTHY_UPDATES, _more(pod_a, kind="nan", severity="critical"), "0 0 1 stale"),
+            _series(NONFINITE_LOSS_UPDATES, pod_a, "0 0 1 stale"),
+            _series(START_TIME, pod_b, "_x3 180x5"),
+            _series(UNHEALTHY_UPDATES, _more(pod_b, kind="nan", severity="critical"), "_x3 0 1x4"),
+            _series(FIRST_BAD_LAYER, _more(pod_b, kind="nan", layer="2"), "_x4 60x4"),
+            _series(NONFINITE_LOSS_UPDATES, pod_b, "_x3 0x5"),
+        ],
+        [_check(_fired(o, 4), nan, _unhealthy_alert(o, "nan", "critical", "none in the counters yet", ("2", 60), ranks=2))],
+    )
+    # The restarted process exports no step of its own yet: the crashed one's stands.
+    case(
+        f"{nan} critical still says the crashed process's incident began with a non-finite loss once it restarts on the same labels",
+        crashed_a
+        + [
+            _series(START_TIME, pod_a, "0x2 stale 240x4"),
+            _series(UNHEALTHY_UPDATES, _more(pod_a, kind="nan", severity="critical"), "0 0 1 stale 0x4"),
+            _series(NONFINITE_LOSS_UPDATES, pod_a, "0 0 1 stale 0x4"),
+        ],
+        [_check(t, nan, _unhealthy_alert(o, "nan", "critical", "none in the counters yet", ("head", 100), forward=True)) for t in (3, 5)],
+    )
     # A rollback by restarting the process on the same labels, and the scrape of the
     # evaluation that fires fails: the dead process's first bad layer, with a higher step,
     # is still in the window; the page names the new process's.
