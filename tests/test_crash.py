@@ -18,7 +18,8 @@ SCRIPT = textwrap.dedent(
     import sys, torch, gradtel
 
     model = torch.nn.Linear(4, 1)
-    monitor = gradtel.GradMonitor(model, readout=sys.argv[1], on_warning=sys.argv[2], on_critical=sys.argv[2])
+    options = dict(readout=sys.argv[1], on_warning=sys.argv[2], on_critical=sys.argv[2], sample_every=int(sys.argv[4]))
+    monitor = gradtel.GradMonitor(model, **options)
     server = gradtel.serve(port=0, exit_grace=30)
     print(server.url, flush=True)
     sys.stdin.readline()  # Prometheus has scraped once
@@ -29,9 +30,12 @@ SCRIPT = textwrap.dedent(
         if bad in ("close", "reload"):  # closed on the way out, or replaced after a reload
             monitor.close()
             if bad == "reload":
-                monitor = gradtel.GradMonitor(model, readout=sys.argv[1], on_warning=sys.argv[2], on_critical=sys.argv[2])
+                monitor = gradtel.GradMonitor(model, **options)
             continue
         model.zero_grad()
+        if bad == "none":  # an update with no gradients: nothing to scan
+            monitor.collect(step=step)
+            continue
         model(torch.ones(1, 4)).sum().backward()
         if bad == "nan":
             model.weight.grad[0, 0] = float("nan")
@@ -42,10 +46,10 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def crash(*args: str) -> tuple[dict, str, int]:
-    """Run the script with ``args`` to its crash: the last scrape, stderr and exit status."""
+def crash(readout: str, policy: str, updates: str, sample_every: int = 1) -> tuple[dict, str, int]:
+    """Run the script to its crash: the last scrape, stderr and exit status."""
     process = subprocess.Popen(
-        [sys.executable, "-c", SCRIPT, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        [sys.executable, "-c", SCRIPT, readout, policy, updates, str(sample_every)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -110,3 +114,23 @@ def test_a_crash_says_whether_nan_or_inf_gradients_came_before_it(
     assert status == 1
     crashes = {labels: value for (name, labels), value in found.items() if name == "gradtel_training_exceptions_total"}
     assert crashes == {frozenset({("type", exception), ("gradients", gradients)}): 1}
+
+
+@pytest.mark.parametrize(
+    ("readout", "updates", "sample_every", "gradients"),
+    [
+        ("sync", "ok,ok", 2, "unknown"),  # the latest update was sampled out
+        ("deferred", "ok,ok", 2, "unknown"),  # ... published after it, at the crash
+        ("sync", "ok,none", 1, "unknown"),  # the latest update had no gradients to scan
+        ("sync", "ok,ok,ok", 2, "healthy"),  # the latest update was scanned
+    ],
+    ids=["sampled-out", "sampled-out-deferred", "no-gradients", "sampled-and-scanned"],
+)
+def test_a_crash_after_an_update_gradtel_did_not_scan_is_never_called_healthy(
+    readout: str, updates: str, sample_every: int, gradients: str
+) -> None:
+    """NaN in an update gradtel did not look at could be what crashed the process."""
+    found, _, status = crash(readout, "warn", updates, sample_every)
+    assert status == 1
+    crashes = {labels: value for (name, labels), value in found.items() if name == "gradtel_training_exceptions_total"}
+    assert crashes == {frozenset({("type", "ValueError"), ("gradients", gradients)}): 1}

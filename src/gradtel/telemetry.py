@@ -411,6 +411,9 @@ class GradTelemetry:
         """The monitor scans one update in several (``sample_every``): an incident's first
         scanned update may follow unscanned ones that poisoned the weights."""
         self._latest_unhealthy = False  # the latest scanned update was, and no rollback since
+        # When (``collect()``'s wall clock) the latest scanned update and the latest one left
+        # unscanned were made: a deferred read-out records an update after later sampled-out ones.
+        self._scanned_at = self._unscanned_at = -math.inf
         self._unscanned_before = False  # the latest recorded update was not scanned
         # Born with its first value: a process restarted on the same labels must not hide,
         # with a 0, the step the process before it recorded.
@@ -476,11 +479,12 @@ class GradTelemetry:
     def gradients_state(self) -> str:
         """The ``gradients`` label of a crash: ``unhealthy`` when NaN or Inf gradients came
         before it (the weights took an unhealthy update, or the latest scanned update was
-        unhealthy, stopped or skipped, and no rollback came since), ``healthy`` when not,
-        ``unknown`` before the first scanned update."""
+        unhealthy, stopped or skipped, and no rollback came since); else ``unknown`` when the
+        latest update was not scanned (sampled out, no gradients, a failed scan) or none was
+        yet; ``healthy`` when it was, and was."""
         if (self.weights is not None and not self.weights.healthy) or self._latest_unhealthy:
             return "unhealthy"
-        return "healthy" if self.updates else "unknown"
+        return "healthy" if self.updates and self._scanned_at > self._unscanned_at else "unknown"
 
     def norm_peak(self) -> float | None:
         """The largest gradient norm of the last ``NORM_PEAK_SECONDS``, as of now."""
@@ -514,6 +518,9 @@ class GradTelemetry:
         self._unscanned_before = health.unscanned is not None
         if health.unscanned is None:
             self._latest_unhealthy = not health.amp_overflow and health.status.level > Status.HEALTHY.level
+            self._scanned_at = max(self._scanned_at, timestamp)
+        else:
+            self._unscanned_at = max(self._unscanned_at, timestamp)
         if len(self._durations) >= DURATIONS_KEPT:  # nothing collects them: record them now
             self.record_durations()
 
@@ -617,6 +624,7 @@ class GradTelemetry:
     def touch(self, timestamp: float) -> None:
         """Note an update that was not due for a scan (``sample_every``): liveness only."""
         self.last_update = timestamp
+        self._unscanned_at = max(self._unscanned_at, timestamp)
 
     def record_checkpoint(self, *, refused: bool) -> None:
         """Count a refused checkpoint save (an allowed one makes the series, at 0)."""
