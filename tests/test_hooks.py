@@ -63,6 +63,17 @@ def test_remove_detaches(provider: MeterProvider, registry: CollectorRegistry) -
     assert sample(samples(registry), "gradtel_updates_total") == 2
 
 
+def amp_update(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """One bf16 update through ``scaler``: the gradients of 1e3 times a first scale of
+    2**127 overflow fp32, and the back-off brings the scale to a sane one."""
+    optimizer.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = 1e3 * model(torch.randn(4, 8)).float().pow(2).mean()
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def test_amp_overflow_is_counted_although_the_scaler_skips_the_step(
     provider: MeterProvider, registry: CollectorRegistry
 ) -> None:
@@ -81,13 +92,7 @@ def test_amp_overflow_is_counted_although_the_scaler_skips_the_step(
     monitor.collect = collect_and_keep  # type: ignore[method-assign]
     weights = [p.detach().clone() for p in model.parameters()]
     for _ in range(2):
-        optimizer.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            # Gradients of 1e3 times the first scale overflow fp32.
-            loss = 1e3 * model(torch.randn(4, 8)).float().pow(2).mean()
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        amp_update(model, optimizer, scaler)
         if len(found) == 1:
             assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights)), "step not skipped"
     assert found[0].nan_total + found[0].inf_total > 0 and found[0].status is Status.CRITICAL
@@ -97,6 +102,24 @@ def test_amp_overflow_is_counted_although_the_scaler_skips_the_step(
     found_samples = samples(registry)
     assert sample(found_samples, "gradtel_skipped_updates_total", reason="amp_overflow") == 1
     assert sample(found_samples, "gradtel_updates_total") == 2
+
+
+def test_scan_every_backward_with_a_scaler_counts_its_overflow_as_a_skip(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    """``scan="backward"`` sees the scaled gradients: an overflow the scaler skips is no
+    unhealthy update there either."""
+    model, optimizer, monitor = make(provider)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-100)
+    monitor.attach(optimizer, scaler=scaler, scan="backward")
+    found = record_collects(monitor)
+    for _ in range(2):
+        amp_update(model, optimizer, scaler)
+    assert [h.amp_overflow for h in found] == [True, False]
+    assert found[1].status is Status.HEALTHY
+    found_samples = samples(registry)
+    assert sample(found_samples, "gradtel_skipped_updates_total", reason="amp_overflow") == 1
+    assert not any(v for (name, _), v in found_samples.items() if name == "gradtel_unhealthy_updates_total")
 
 
 def test_bf16_autocast_without_a_scaler(provider: MeterProvider, registry: CollectorRegistry) -> None:

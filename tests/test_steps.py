@@ -218,3 +218,49 @@ def test_an_incident_after_unscanned_updates_is_never_said_to_come_from_the_loss
     found = samples(registry)
     assert sample(found, "gradtel_first_bad_layer", kind="nan", layer="0") == 3  # where backward met it
     assert ("gradtel_nonfinite_loss_incident_step", frozenset({("kind", "nan")})) not in found
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+@pytest.mark.parametrize("readout", ["sync", "deferred"])
+@pytest.mark.parametrize("collected_by", ["collect", "attach", "attach-backward"])
+@pytest.mark.parametrize("enters", ["forward", "backward"])
+def test_the_incident_step_of_a_non_finite_loss_in_every_way_of_collecting(
+    provider: MeterProvider, registry: CollectorRegistry, enters: str, collected_by: str, readout: str, accumulate: int
+) -> None:
+    """A NaN that enters with the last micro-batch's input at step 3 is a forward-pass
+    incident at step 3, however the update is collected; one made in backward is not."""
+    model = net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    clean = [p.detach().clone() for p in model.parameters()]
+    monitor = gradtel.GradMonitor(
+        model, meter_provider=provider, readout=readout, on_warning="ignore", on_critical="ignore"
+    )
+    training: dict[str, object] = {"step": 0, "loss": None, "nan_in_backward": False}
+    model[2].weight.register_hook(lambda grad: grad * NAN if training["nan_in_backward"] else grad)
+    if collected_by != "collect":
+        scan = "backward" if collected_by == "attach-backward" else "step"
+        monitor.attach(optimizer, scan=scan, step=lambda: training["step"], loss=lambda: training["loss"])
+    for step in range(1, 6):
+        training["step"] = step
+        optimizer.zero_grad()
+        for micro in range(accumulate):
+            x = torch.randn(2, 4)
+            bad = step == 3 and micro == accumulate - 1
+            if bad and enters == "forward":
+                x[0, 0] = NAN
+            training["nan_in_backward"] = bad and enters == "backward"
+            loss = training["loss"] = model(x).sum()
+            loss.backward()
+        if collected_by == "collect":
+            monitor.collect(step=step, loss=loss)
+        optimizer.step()
+        with torch.no_grad():  # the weights stay clean: one incident, one update long
+            for param, kept in zip(model.parameters(), clean):
+                param.copy_(kept)
+    monitor.flush()
+    found = samples(registry)
+    first_bad = {labels: value for (name, labels), value in found.items() if name == "gradtel_first_bad_layer"}
+    assert set(first_bad.values()) == {3}
+    incident = found.get(("gradtel_nonfinite_loss_incident_step", frozenset({("kind", "nan")})))
+    assert incident == (3 if enters == "forward" else None)
+    assert sample(found, "gradtel_nonfinite_loss_updates_total") == (enters == "forward")

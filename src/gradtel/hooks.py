@@ -122,8 +122,8 @@ def attach(
     attachment._undo.append(optimizer.register_step_post_hook(count_step).remove)
     attachment._undo.append(optimizer.register_load_state_dict_post_hook(resumed).remove)
     if scan == "backward":
-        collect = _Stepped(monitor, taken, step, None, None)
-        attachment._undo.append(at_end_of_backward(monitor.parameters, collect).remove)
+        collect = _Stepped(monitor, taken, step, None, None, loss)
+        attachment._undo.append(at_end_of_backward(monitor.parameters, lambda: collect(scaler=scaler)).remove)
         return attachment
     looks = scaler is None or not scaler.is_enabled()
     passes = _Passes.of(monitor, attachment, looks, loss)
@@ -219,10 +219,7 @@ class _Passes:
     def _ended(self) -> None:
         self.count += 1
         if self.loss_fn is not None:
-            try:
-                self.loss = summed_loss(self.loss, self.loss_fn())
-            except Exception as exc:  # noqa: BLE001 (telemetry never breaks training)
-                _log.log("loss", logging.ERROR, "gradtel: attach(loss=...) failed, the loss is not read: %r", exc)
+            self.loss = _with_loss(self.loss, self.loss_fn)
         if self.looks:
             self.monitor._look(self.loss)
 
@@ -257,6 +254,15 @@ def summed_loss(total: torch.Tensor | None, loss: object) -> torch.Tensor | None
     return loss if total is None else total + loss.to(total.device)
 
 
+def _with_loss(total: torch.Tensor | None, loss: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
+    """``total`` plus the loss the user's ``attach(loss=...)`` returns now; ``total`` when it fails."""
+    try:
+        return summed_loss(total, loss())
+    except Exception as exc:  # noqa: BLE001 (telemetry never breaks training)
+        _log.log("loss", logging.ERROR, "gradtel: attach(loss=...) failed, the loss is not read: %r", exc)
+        return total
+
+
 def steps_taken(optimizer: torch.optim.Optimizer) -> int:
     """The steps ``optimizer`` has taken, as its state counts them (Adam's ``step``, for
     one): 0 for an optimizer that keeps no count (plain SGD). Read once, when attached or
@@ -267,7 +273,8 @@ def steps_taken(optimizer: torch.optim.Optimizer) -> int:
 
 class _Stepped:
     """``monitor.collect()`` with the step an update makes (the user's, or one past the
-    optimizer's steps taken) and the user's loss, if given."""
+    optimizer's steps taken) and the user's loss, if given: the one its backward passes
+    summed, or, collected at the end of each backward pass (no ``passes``), this one's."""
 
     def __init__(
         self,
@@ -276,9 +283,10 @@ class _Stepped:
         step: Callable[[], int] | None,
         passes: _Passes | None,
         optimizer: torch.optim.Optimizer | None,
+        loss: Callable[[], torch.Tensor | None] | None = None,
     ) -> None:
         self.monitor, self.taken, self.step = monitor, taken, step
-        self.passes, self.optimizer = passes, optimizer
+        self.passes, self.optimizer, self.loss = passes, optimizer, loss
 
     def __call__(self, scaler: torch.amp.GradScaler | None = None) -> object:
         loss = None
@@ -286,6 +294,8 @@ class _Stepped:
             if not self.passes.due(self.optimizer):
                 return None
             loss = self.passes.take_loss()
+        elif self.loss is not None:
+            loss = _with_loss(None, self.loss)
         step = self.taken[0] + 1
         if self.step is not None:
             try:

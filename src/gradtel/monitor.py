@@ -564,7 +564,8 @@ class GradMonitor:
                 not as unhealthy.
             scan: ``"step"`` (default): once per optimizer update, i.e. after
                 the last micro-batch of gradient accumulation. ``"backward"``:
-                after every backward pass, counting the gradients accumulated so far.
+                after every backward pass, counting the gradients accumulated so far
+                (still scaled, with ``scaler``: an overflow is a skipped update).
             step: Returns the training step each update makes, as your logs and
                 checkpoints number it (``step=lambda: iter_num``); called once
                 per collected update. Default: the optimizer's own step count.
