@@ -26,7 +26,7 @@ from .layers import DEFAULT_MAX_LAYERS, assign_layers, distinct
 from .order import BackwardOrder
 from .origin import OriginCounter, install_origin_hook
 from .policy import Action, Policy
-from .ranks import every_rank, process_attributes
+from .ranks import every_rank, free_collectives_at_exit, process_attributes
 from .readout import HostCopy, Readout, check_readout, completes_when_queued
 from .scan import Launched, Scanner, countable_values, per_tensor_norms, stacked
 from .scan import total_norm as total_norm_of
@@ -204,6 +204,7 @@ class GradMonitor:
         self.origin = OriginCounter()
         """This rank's own gradients before the cross-rank reduction, fed by a DDP hook."""
         watch_registrations()
+        free_collectives_at_exit()
         self._watch(named)
         self._claim(provider)
         self._telemetry = GradTelemetry(
