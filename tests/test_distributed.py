@@ -374,6 +374,48 @@ def test_a_distributed_model_dropped_before_the_exit_is_freed_while_gloo_can_sti
     assert "alive when the interpreter finalizes: False" in run.stdout, run.stdout
 
 
+CYCLE_HELD_MONITORS = """
+import atexit, sys, torch, torch.distributed as dist, gradtel
+from prometheus_client import REGISTRY
+
+atexit.register(lambda: print("NaN updates at the exit:", REGISTRY.get_sample_value(
+    "gradtel_unhealthy_updates_total", {"kind": "nan", "severity": "warning"})))
+dist.init_process_group("gloo", init_method=sys.argv[1], rank=0, world_size=1)
+
+class Trainer:  # a model hook on a bound method: only a reference cycle holds the monitors
+    def __init__(self):
+        self.model, self.ema = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+        self.monitor = gradtel.GradMonitor(self.model, readout="deferred")
+        self.ema_monitor = gradtel.GradMonitor(self.ema, readout="deferred")
+        self.model.register_forward_hook(self.hook)
+
+    def hook(self, *args):
+        pass
+
+    def fit(self):
+        for step in range(3):
+            self.model.zero_grad()
+            self.model(torch.ones(1, 4)).sum().backward()
+            if step == 2:
+                self.model.weight.grad[0, 0] = float("nan")  # the last update, still pending
+            self.monitor.collect()
+
+Trainer().fit()
+"""
+
+
+def test_the_exit_collection_comes_after_the_pending_updates_are_published() -> None:
+    """Collecting cycles at the exit frees monitors that only a cycle holds: their pending
+    deferred updates are published first, however many monitors re-registered it."""
+    run = subprocess.run(
+        [sys.executable, "-c", CYCLE_HELD_MONITORS, f"tcp://127.0.0.1:{free_port()}"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    said = next(line for line in run.stdout.splitlines() if line.startswith("NaN updates at the exit:"))
+    assert float(said.split(":")[1]) == 1, run.stdout
+
+
 @pytest.fixture
 def one_rank_group() -> Iterator[None]:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)

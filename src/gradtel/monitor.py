@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import gc
 import logging
 import threading
 import time
@@ -26,7 +27,7 @@ from .layers import DEFAULT_MAX_LAYERS, assign_layers, distinct
 from .order import BackwardOrder
 from .origin import OriginCounter, install_origin_hook
 from .policy import Action, Policy
-from .ranks import every_rank, free_collectives_at_exit, process_attributes
+from .ranks import every_rank, process_attributes
 from .readout import HostCopy, Readout, check_readout, completes_when_queued
 from .scan import Launched, Scanner, countable_values, per_tensor_norms, stacked
 from .scan import total_norm as total_norm_of
@@ -204,7 +205,7 @@ class GradMonitor:
         self.origin = OriginCounter()
         """This rank's own gradients before the cross-rank reduction, fed by a DDP hook."""
         watch_registrations()
-        free_collectives_at_exit()
+        _free_collectives_at_exit()
         self._watch(named)
         self._claim(provider)
         self._telemetry = GradTelemetry(
@@ -876,6 +877,25 @@ _flush_at_exit: weakref.WeakSet[GradMonitor] = weakref.WeakSet()
 def _flush_all() -> None:
     for monitor in list(_flush_at_exit):
         monitor.flush()
+
+
+def _free_collectives_at_exit() -> None:
+    """In a distributed run, collect reference cycles when the interpreter begins to exit.
+
+    A gloo work item holds Python objects (the thread-local state it was queued with); its
+    worker thread drops them once it holds the GIL. One still held when the interpreter
+    finalizes aborts the process (``terminate called without an active exception``), with
+    or without gradtel; the cycles of a DDP or FSDP model keep such items alive until then.
+    Collected in an exit handler, they are freed while the worker threads can still run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        atexit.unregister(_publish_then_collect)  # once, however many monitors
+        atexit.register(_publish_then_collect)
+
+
+def _publish_then_collect() -> None:
+    # Publish first: a deferred monitor that only a cycle holds is freed by the collection.
+    _flush_all()
+    gc.collect()
 
 
 def _flush_at_exit_too(monitor: GradMonitor) -> None:

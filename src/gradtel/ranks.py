@@ -5,8 +5,6 @@ from ``torch.distributed`` when it is initialised, else from the variables that 
 
 from __future__ import annotations
 
-import atexit
-import gc
 import logging
 import os
 import time
@@ -120,25 +118,6 @@ def every_rank(flag: bool) -> bool:
     if not on_gpu:
         _released(falsified)
     return not falsified.item()
-
-
-def free_collectives_at_exit() -> None:
-    """In a distributed run, collect reference cycles when the interpreter begins to exit.
-
-    A gloo work item holds Python objects (the thread-local state it was queued with); its
-    worker thread drops them once it holds the GIL. One still held when the interpreter
-    finalizes aborts the process (``terminate called without an active exception``), with
-    or without gradtel; the cycles of a DDP or FSDP model keep such items alive until then.
-    Collected in an exit handler, they are freed while the worker threads can still run."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        atexit.unregister(_collect_cycles)  # once, however many monitors
-        atexit.register(_collect_cycles)
-
-
-def _collect_cycles() -> None:
-    gc.collect()
 
 
 def _released(tensor: torch.Tensor, timeout: float = 1.0) -> None:
