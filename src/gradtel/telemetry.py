@@ -334,7 +334,8 @@ def count_exception(exc_type: type[BaseException]) -> None:
         # does (closed on the way out). One that saw NaN or Inf is enough.
         watching = [s for s in sources if s.closed is None] or sorted(sources, key=lambda s: s.closed or 0)[-1:]
         seen = {s.gradients_state() for s in watching}
-        state = next((s for s in ("unhealthy", "healthy") if s in seen), "unknown")
+        # An open monitor that did not look at its latest update makes the others' "healthy" unknown.
+        state = "unhealthy" if "unhealthy" in seen else "healthy" if seen == {"healthy"} else "unknown"
         instruments.exceptions.add(1, {**attributes, "gradients": state})
         recorded.last_unhealthy = time.monotonic()
 
