@@ -49,7 +49,10 @@ PROMETHEUS = {"User-Agent": "Prometheus/2.45.3", "X-Prometheus-Scrape-Timeout-Se
 class Trainer:
     def __init__(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-c", TRAINER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", TRAINER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert self.process.stdin and self.process.stdout
         self.url = self.process.stdout.readline().strip()
@@ -70,7 +73,9 @@ class Trainer:
 
 def scrape(url: str) -> float:
     started = time.monotonic()
-    with urllib.request.urlopen(urllib.request.Request(url, headers=PROMETHEUS), timeout=30) as response:
+    with urllib.request.urlopen(
+        urllib.request.Request(url, headers=PROMETHEUS), timeout=30
+    ) as response:
         response.read()
     return time.monotonic() - started
 
@@ -87,7 +92,9 @@ def idle_connections(count: int) -> None:
     time.sleep(1.0)
     threads, rss = trainer.status()
     latency = scrape(trainer.url)
-    print(f"with {count} idle connections: {threads} threads, {rss:.1f} MiB resident, scrape {latency * 1e3:.1f} ms")
+    print(
+        f"with {count} idle connections: {threads} threads, {rss:.1f} MiB resident, scrape {latency * 1e3:.1f} ms"
+    )
     for conn in held:
         conn.close()
     trainer.process.kill()

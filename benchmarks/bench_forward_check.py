@@ -25,9 +25,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import gradtel  # noqa: E402
-from bench_scan import measure_all  # noqa: E402
-from models import GPT2Small, many_linears  # noqa: E402
+from bench_scan import measure_all
+from models import GPT2Small, many_linears
+
+import gradtel
 
 
 class ForwardCheck:
@@ -55,7 +56,9 @@ class ForwardCheck:
 
 
 def steps(model: nn.Module, batch: torch.Tensor) -> dict[str, Callable[[], object]]:
-    monitor = gradtel.GradMonitor(model, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()))
+    monitor = gradtel.GradMonitor(
+        model, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry())
+    )
 
     def train() -> None:
         model.zero_grad()
@@ -71,7 +74,11 @@ def steps(model: nn.Module, batch: torch.Tensor) -> dict[str, Callable[[], objec
         check.read()
         check.remove()
 
-    return {"step": train, "step + collect()": with_collect, "step + forward check": with_forward_check}
+    return {
+        "step": train,
+        "step + collect()": with_collect,
+        "step + forward check": with_forward_check,
+    }
 
 
 def main() -> int:
@@ -83,15 +90,21 @@ def main() -> int:
         "300 x Linear(128), batch 64": (many_linears(), torch.randn(64, 128)),
         "GPT-2-small shape, batch 2 x 128 tokens": (GPT2Small(), torch.randint(0, 50257, (2, 128))),
     }
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats}, interleaved")
-    print("| workload | step (ms) | collect(): extra ms | forward check: extra ms | forward check / collect() |")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats}, interleaved"
+    )
+    print(
+        "| workload | step (ms) | collect(): extra ms | forward check: extra ms | forward check / collect() |"
+    )
     print("|---|---:|---:|---:|---:|")
     for name, (model, batch) in workloads.items():
         timing = measure_all(steps(model, batch), args.repeats)
         base = timing["step"].median
         collect = timing["step + collect()"].median - base
         forward = timing["step + forward check"].median - base
-        print(f"| {name} | {base * 1e3:.1f} | {collect * 1e3:.1f} | {forward * 1e3:.1f} | {forward / collect:.1f}x |")
+        print(
+            f"| {name} | {base * 1e3:.1f} | {collect * 1e3:.1f} | {forward * 1e3:.1f} | {forward / collect:.1f}x |"
+        )
     return 0
 
 

@@ -28,10 +28,10 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from models import GPT2Small  # noqa: E402
+from models import GPT2Small
 
-import gradtel  # noqa: E402
-from gradtel.scan import CHUNK  # noqa: E402
+import gradtel
+from gradtel.scan import CHUNK
 
 NAN, INF = float("nan"), float("inf")
 
@@ -50,7 +50,9 @@ def wait(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(work: Callable[[], object], device: torch.device, repeats: int, *, until_done: bool = True) -> float:
+def median_ms(
+    work: Callable[[], object], device: torch.device, repeats: int, *, until_done: bool = True
+) -> float:
     """Median wall time of ``work``; with ``until_done``, until its device work is done."""
     for _ in range(3):
         work()
@@ -98,14 +100,20 @@ def host_syncs(work: Callable[[], object], device: torch.device) -> str:
         torch.cuda.set_sync_debug_mode("default")
 
 
-def one_launch_flaggers(model: nn.Module, device: torch.device, repeats: int) -> tuple[float, float]:
+def one_launch_flaggers(
+    model: nn.Module, device: torch.device, repeats: int
+) -> tuple[float, float]:
     """Milliseconds of torch's multi-tensor L1 norm (reads only, one value per tensor) and of
     GradScaler's check, each over every gradient in one launch."""
     grads = [p.grad for p in model.parameters()]
     found, one = torch.zeros(1, device=device), torch.ones(1, device=device)
     return (
         median_ms(lambda: torch._foreach_norm(grads, 1), device, repeats),
-        median_ms(lambda: torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one), device, repeats),
+        median_ms(
+            lambda: torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one),
+            device,
+            repeats,
+        ),
     )
 
 
@@ -113,17 +121,28 @@ def counts_exact(model: nn.Module, monitors: list[gradtel.GradMonitor]) -> str:
     """Whether each monitor counts an unhealthy update exactly: NaN and Inf planted in the
     smallest, a middle and the largest gradient (past its first chunk), against torch's count."""
     grads = sorted((p.grad for p in model.parameters()), key=lambda g: g.numel())
-    for grad, index, value in ((grads[0], 0, NAN), (grads[len(grads) // 2], -1, INF),
-                               (grads[-1], CHUNK + 5, NAN), (grads[-1], -1, -INF)):
+    for grad, index, value in (
+        (grads[0], 0, NAN),
+        (grads[len(grads) // 2], -1, INF),
+        (grads[-1], CHUNK + 5, NAN),
+        (grads[-1], -1, -INF),
+    ):
         grad.view(-1)[index] = value
-    expected = (sum(int(torch.isnan(g).sum()) for g in grads), sum(int(torch.isinf(g).sum()) for g in grads))
+    expected = (
+        sum(int(torch.isnan(g).sum()) for g in grads),
+        sum(int(torch.isinf(g).sum()) for g in grads),
+    )
     said = []
     for monitor in monitors:
         health = monitor.collect()
         if monitor.readout == "deferred":  # published by the next collect()
             monitor.flush()
             health = monitor.collect()
-        said.append("yes" if (health.nan_total, health.inf_total) == expected else f"NO: {health.describe()}")
+        said.append(
+            "yes"
+            if (health.nan_total, health.inf_total) == expected
+            else f"NO: {health.describe()}"
+        )
         monitor.flush()  # before the gradients are cleaned in place
     for grad in grads:
         grad.nan_to_num_(0.0, 0.0, 0.0)
@@ -140,10 +159,12 @@ def main() -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__} on {name}; medians of {repeats}\n")
     # Two one-launch flaggers of every gradient, to choose the kernels on this device.
-    print("| model | dtype | gradient bytes | one read (ms) | multi-tensor L1 norm, all (ms) "
-          "| GradScaler's check, all (ms) | sync `collect()` (ms) | deferred, until done (ms) "
-          "| deferred, on the calling thread (ms) | kernels, sync / deferred | host syncs in a deferred healthy update "
-          "| unhealthy counts exact, sync / deferred |")
+    print(
+        "| model | dtype | gradient bytes | one read (ms) | multi-tensor L1 norm, all (ms) "
+        "| GradScaler's check, all (ms) | sync `collect()` (ms) | deferred, until done (ms) "
+        "| deferred, on the calling thread (ms) | kernels, sync / deferred | host syncs in a deferred healthy update "
+        "| unhealthy counts exact, sync / deferred |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for label, build in shapes(args.quick).items():
         for dtype in (torch.float32, torch.bfloat16):
@@ -153,9 +174,13 @@ def main() -> int:
                 p.grad = torch.randn_like(p) * 1e-3
             size = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
             one_read = copy_ms(size, device, repeats) / 2  # a copy reads and writes every byte
-            sync = gradtel.GradMonitor(model, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()))
+            sync = gradtel.GradMonitor(
+                model, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry())
+            )
             deferred = gradtel.GradMonitor(
-                model, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()), readout="deferred"
+                model,
+                meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()),
+                readout="deferred",
             )
             row = [
                 label,

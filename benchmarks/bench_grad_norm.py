@@ -21,9 +21,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import gradtel  # noqa: E402
-from bench_scan import measure_all  # noqa: E402
-from models import GPT2Small, many_linears  # noqa: E402
+from bench_scan import measure_all
+from models import GPT2Small, many_linears
+
+import gradtel
 
 
 def with_gradients(model: nn.Module) -> nn.Module:
@@ -34,7 +35,9 @@ def with_gradients(model: nn.Module) -> nn.Module:
 
 
 def convolutions() -> nn.Module:
-    return nn.Sequential(*[nn.Conv2d(64, 64, 3, padding=1) for _ in range(6)]).to(memory_format=torch.channels_last)
+    return nn.Sequential(*[nn.Conv2d(64, 64, 3, padding=1) for _ in range(6)]).to(
+        memory_format=torch.channels_last
+    )
 
 
 def main() -> int:
@@ -47,20 +50,30 @@ def main() -> int:
         "GPT-2-small shape, fp32": GPT2Small(),
         "6 x Conv2d(64), channels_last": convolutions(),
     }
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats}, interleaved")
-    print("| workload | `collect()` (ms) | `grad_norm=True` (ms) | ratio | `layer_norms=True` (ms) | ratio |")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats}, interleaved"
+    )
+    print(
+        "| workload | `collect()` (ms) | `grad_norm=True` (ms) | ratio | `layer_norms=True` (ms) | ratio |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for name, model in workloads.items():
         with_gradients(model)
 
-        def monitor(**options: bool) -> gradtel.GradMonitor:
+        def monitor(model: torch.nn.Module = model, **options: bool) -> gradtel.GradMonitor:
             provider = gradtel.prometheus_meter_provider(CollectorRegistry())
             return gradtel.GradMonitor(model, meter_provider=provider, **options)
 
-        monitors = {"plain": monitor(), "norm": monitor(grad_norm=True), "layers": monitor(layer_norms=True)}
+        monitors = {
+            "plain": monitor(),
+            "norm": monitor(grad_norm=True),
+            "layers": monitor(layer_norms=True),
+        }
         timing = measure_all({key: m.collect for key, m in monitors.items()}, args.repeats)
         plain, norm, layers = (timing[key].median * 1e3 for key in monitors)
-        print(f"| {name} | {plain:.2f} | {norm:.2f} | {norm / plain:.2f}x | {layers:.2f} | {layers / plain:.2f}x |")
+        print(
+            f"| {name} | {plain:.2f} | {norm:.2f} | {norm / plain:.2f}x | {layers:.2f} | {layers / plain:.2f}x |"
+        )
     return 0
 
 

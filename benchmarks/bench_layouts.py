@@ -30,16 +30,19 @@ from torch.profiler import profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import gradtel  # noqa: E402
-from bench_scan import measure_all  # noqa: E402
-from models import many_linears  # noqa: E402
+from bench_scan import measure_all
+from models import many_linears
+
+import gradtel
 
 NAN = float("nan")
 
 
 def monitor(model: nn.Module | list[tuple[str, nn.Parameter]]) -> gradtel.GradMonitor:
     provider = gradtel.prometheus_meter_provider(CollectorRegistry())
-    return gradtel.GradMonitor(model, meter_provider=provider, on_warning="ignore", on_critical="ignore")
+    return gradtel.GradMonitor(
+        model, meter_provider=provider, on_warning="ignore", on_critical="ignore"
+    )
 
 
 def convs(channels: int, channels_last: bool) -> gradtel.GradMonitor:
@@ -117,25 +120,47 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(2)
     repeats = 5 if args.quick else 40
-    print(f"gradtel {gradtel.__version__} from {Path(gradtel.__file__).parent}, torch {torch.__version__}")
+    print(
+        f"gradtel {gradtel.__version__} from {Path(gradtel.__file__).parent}, torch {torch.__version__}"
+    )
     rows: list[tuple[str, float]] = []
     for channels in (64, 128):
         t = measure_all(
-            {"contiguous": convs(channels, False).collect, "channels_last": convs(channels, True).collect},
+            {
+                "contiguous": convs(channels, False).collect,
+                "channels_last": convs(channels, True).collect,
+            },
             repeats,
         )
-        rows.append((f"6 x Conv2d({channels}) healthy: channels_last / contiguous", t["channels_last"].median / t["contiguous"].median))
-    t = measure_all({"contiguous": all_nan(False).collect, "transposed": all_nan(True).collect}, max(3, repeats // 4))
-    rows.append(("all-NaN 2048x2048: transposed / contiguous", t["transposed"].median / t["contiguous"].median))
+        rows.append(
+            (
+                f"6 x Conv2d({channels}) healthy: channels_last / contiguous",
+                t["channels_last"].median / t["contiguous"].median,
+            )
+        )
+    t = measure_all(
+        {"contiguous": all_nan(False).collect, "transposed": all_nan(True).collect},
+        max(3, repeats // 4),
+    )
+    rows.append(
+        (
+            "all-NaN 2048x2048: transposed / contiguous",
+            t["transposed"].median / t["contiguous"].median,
+        )
+    )
     t = measure_all({"fixed": experts(False), "changing": experts(True)}, repeats)
-    rows.append((
-        f"{EXPERTS} experts, {ACTIVE} with gradients: changing set / fixed set",
-        t["changing"].median / t["fixed"].median,
-    ))
+    rows.append(
+        (
+            f"{EXPERTS} experts, {ACTIVE} with gradients: changing set / fixed set",
+            t["changing"].median / t["fixed"].median,
+        )
+    )
     first, later = planning(16384)
     rows.append(("16,384 tensors: first collect() (plans), ms", first * 1e3))
     rows.append(("16,384 tensors: later collect(), ms", later * 1e3))
-    rows.append(("host reads (aten::_local_scalar_dense) in a healthy collect()", float(host_reads())))
+    rows.append(
+        ("host reads (aten::_local_scalar_dense) in a healthy collect()", float(host_reads()))
+    )
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value:10.3f}")

@@ -64,7 +64,9 @@ def soak(clients: int, seconds: float, updates: int) -> dict[str, Any]:
     provider = gradtel.prometheus_meter_provider(registry)
     model = DemoNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001)
-    monitor = gradtel.GradMonitor(model, meter_provider=provider, on_warning="skip", on_critical="skip")
+    monitor = gradtel.GradMonitor(
+        model, meter_provider=provider, on_warning="skip", on_critical="skip"
+    )
     server = gradtel.serve(port=0, registry=registry, exit_grace=0)
     inputs, targets = torch.randn(64, 16), torch.randn(64, 1)
     done = 0
@@ -88,7 +90,11 @@ def soak(clients: int, seconds: float, updates: int) -> dict[str, Any]:
         rss_start = rss_mib()
         quiet = train(5000)
         processes = [
-            subprocess.Popen([sys.executable, "-c", CLIENT, server.url or "", str(seconds)], stdout=subprocess.PIPE, text=True)
+            subprocess.Popen(
+                [sys.executable, "-c", CLIENT, server.url or "", str(seconds)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             for _ in range(clients)
         ]
         loaded_steps: list[float] = []
@@ -120,20 +126,32 @@ def soak(clients: int, seconds: float, updates: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--updates", type=int, default=100_000)
-    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "load.json")
+    parser.add_argument(
+        "--json", type=Path, default=Path(__file__).parent / "results" / "load.json"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)  # leave a core to the scrapers, as on a node that trains and serves
     result = soak(args.clients, args.seconds, args.updates)
     s = result["scrape_ms"]
-    print(f"{result['clients']} clients for {result['seconds']:g}s: {result['scrapes']} scrapes, {result['failed_scrapes']} failed")
-    print(f"scrape latency ms: p50 {s['p50']:.1f}  p90 {s['p90']:.1f}  p99 {s['p99']:.1f}  max {s['max']:.1f}")
+    print(
+        f"{result['clients']} clients for {result['seconds']:g}s: {result['scrapes']} scrapes, {result['failed_scrapes']} failed"
+    )
+    print(
+        f"scrape latency ms: p50 {s['p50']:.1f}  p90 {s['p90']:.1f}  p99 {s['p99']:.1f}  max {s['max']:.1f}"
+    )
     ratio = result["step_ms_scraped"] / result["step_ms_quiet"]
-    print(f"training step ms: {result['step_ms_quiet']:.3f} quiet, {result['step_ms_scraped']:.3f} while scraped ({ratio:.2f}x)")
-    print(f"resident memory MiB over {result['updates']} updates: {result['rss_mib_start']:.1f} -> {result['rss_mib_end']:.1f}")
+    print(
+        f"training step ms: {result['step_ms_quiet']:.3f} quiet, {result['step_ms_scraped']:.3f} while scraped ({ratio:.2f}x)"
+    )
+    print(
+        f"resident memory MiB over {result['updates']} updates: {result['rss_mib_start']:.1f} -> {result['rss_mib_end']:.1f}"
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
 

@@ -31,14 +31,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_scan import measure_all, original_per_layer  # noqa: E402
-from models import GPT2Small, many_linears  # noqa: E402
+from bench_scan import measure_all, original_per_layer
+from models import GPT2Small, many_linears
 
-import gradtel  # noqa: E402
+import gradtel
 
 COLUMNS = {
     "gradtel": "gradtel `collect()`",
-    "gradtel deferred": "gradtel `collect()`, `readout=\"deferred\"`",
+    "gradtel deferred": 'gradtel `collect()`, `readout="deferred"`',
     "scaler": "GradScaler's fused non-finite check (a yes/no flag)",
     "scaler step": "GradScaler as a step runs it (`unscale_`, its flag read, `update`)",
     "floor": "one `.sum()` over all gradient memory",
@@ -48,7 +48,7 @@ COLUMNS = {
     "gradtel clip active": "`gradtel.clip_grad_norm_`, norm above `max_norm`",
     "lightning": "Lightning `grad_norm`",
     "seed": "per-layer `.item()` (gradtel's seed)",
-    "wandb": "`wandb.watch(log=\"gradients\")`, offline",
+    "wandb": '`wandb.watch(log="gradients")`, offline',
     "tensorboard": "TensorBoard histograms every step",
     "anomaly": "`detect_anomaly`",
 }
@@ -65,10 +65,14 @@ CAPABILITIES = [
 
 
 def conv_net() -> nn.Module:
-    return nn.Sequential(*[nn.Conv2d(64, 64, 3, padding=1) for _ in range(6)]).to(memory_format=torch.channels_last)
+    return nn.Sequential(*[nn.Conv2d(64, 64, 3, padding=1) for _ in range(6)]).to(
+        memory_format=torch.channels_last
+    )
 
 
-def workloads(quick: bool, device: torch.device) -> dict[str, tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]]:
+def workloads(
+    quick: bool, device: torch.device
+) -> dict[str, tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]]:
     tokens = 16 if quick else 64
     return {
         "300 x Linear(128)": (
@@ -77,16 +81,24 @@ def workloads(quick: bool, device: torch.device) -> dict[str, tuple[nn.Module, C
         ),
         "GPT-2-small shape, fp32": (
             GPT2Small().to(device),
-            lambda m: m(torch.randint(0, 50257, (1, tokens), device=device)).float().square().mean(),
+            lambda m: (
+                m(torch.randint(0, 50257, (1, tokens), device=device)).float().square().mean()
+            ),
         ),
         "6 x Conv2d(64), channels_last": (
             conv_net().to(device),
-            lambda m: m(torch.randn(4, 64, 16, 16, device=device).to(memory_format=torch.channels_last)).square().mean(),
+            lambda m: (
+                m(torch.randn(4, 64, 16, 16, device=device).to(memory_format=torch.channels_last))
+                .square()
+                .mean()
+            ),
         ),
     }
 
 
-def synced(methods: dict[str, Callable[[], object]], device: torch.device) -> dict[str, Callable[[], object]]:
+def synced(
+    methods: dict[str, Callable[[], object]], device: torch.device
+) -> dict[str, Callable[[], object]]:
     """On a GPU, time each method until its device work is done, not only its launch."""
     if device.type != "cuda":
         return methods
@@ -140,7 +152,9 @@ def gradient_checks(model: nn.Module) -> dict[str, Callable[[], object]]:
     def bare() -> bool:
         # The least any check after backward costs: find the gradients, run GradScaler's
         # kernel on them, read its flag. Not a column: the floor under the first target.
-        torch._amp_foreach_non_finite_check_and_unscale_([p.grad for p in params], found_inf, inv_scale)
+        torch._amp_foreach_non_finite_check_and_unscale_(
+            [p.grad for p in params], found_inf, inv_scale
+        )
         return bool(found_inf.item())
 
     def lightning() -> object:
@@ -156,15 +170,21 @@ def gradient_checks(model: nn.Module) -> dict[str, Callable[[], object]]:
         "bare": bare,
         "floor": buffer.sum,
         "clip": lambda: nn.utils.clip_grad_norm_(params, 1e9, error_if_nonfinite=True),
-        "gradtel clip": lambda: gradtel.clip_grad_norm_(params, 1e9, error_if_nonfinite=True, monitor=clipping),
+        "gradtel clip": lambda: gradtel.clip_grad_norm_(
+            params, 1e9, error_if_nonfinite=True, monitor=clipping
+        ),
         "clip active": lambda: nn.utils.clip_grad_norm_(params, below, error_if_nonfinite=True),
-        "gradtel clip active": lambda: gradtel.clip_grad_norm_(params, below, error_if_nonfinite=True, monitor=clipping),
+        "gradtel clip active": lambda: gradtel.clip_grad_norm_(
+            params, below, error_if_nonfinite=True, monitor=clipping
+        ),
         "lightning": lightning,
         "seed": original_per_layer(model),
     }
 
 
-def step_checks(model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor], logdir: str) -> dict[str, Callable[[], object]]:
+def step_checks(
+    model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor], logdir: str
+) -> dict[str, Callable[[], object]]:
     """A forward and backward pass without a check, and with each check that hooks into it."""
     import wandb
     from torch.utils.tensorboard import SummaryWriter
@@ -198,29 +218,46 @@ def step_checks(model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor], 
     def plain() -> None:
         step(model).item()
 
-    return {"step": plain, "wandb": with_wandb, "tensorboard": with_tensorboard, "anomaly": with_anomaly}
+    return {
+        "step": plain,
+        "wandb": with_wandb,
+        "tensorboard": with_tensorboard,
+        "anomaly": with_anomaly,
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few repetitions: a smoke run, not a measurement")
-    parser.add_argument("--device", default="cpu", help="where the models train: cpu (default) or cuda")
+    parser.add_argument(
+        "--quick", action="store_true", help="few repetitions: a smoke run, not a measurement"
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="where the models train: cpu (default) or cuda"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(2)
     os.environ.setdefault("WANDB_SILENT", "true")
     warnings.filterwarnings("ignore", "Anomaly Detection has been enabled")
     repeats, step_repeats = (3, 2) if args.quick else (25, 7)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}; extra ms per training step, "
-          f"median of {repeats} (hooked checks: {step_repeats}) interleaved runs\n")
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{torch.get_num_threads()} threads"
+    )
+    print(
+        f"torch {torch.__version__}, {where}; extra ms per training step, "
+        f"median of {repeats} (hooked checks: {step_repeats}) interleaved runs\n"
+    )
     rows: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as logdir:
         for name, (model, loss_of) in workloads(args.quick, device).items():
             torch.manual_seed(0)
             loss_of(model).backward()
             timing = measure_all(synced(gradient_checks(model), device), repeats)
-            hooked = measure_all(synced(step_checks(model, loss_of, logdir), device), step_repeats, warmup=1)
+            hooked = measure_all(
+                synced(step_checks(model, loss_of, logdir), device), step_repeats, warmup=1
+            )
             base = hooked.pop("step").median
             rows[name] = {k: v.median * 1e3 for k, v in timing.items()}
             rows[name].update({k: max(0.0, v.median - base) * 1e3 for k, v in hooked.items()})
@@ -237,15 +274,24 @@ def main() -> int:
     for name, row in rows.items():
         for what, value, limit in (
             ("healthy collect() / GradScaler check", row["gradtel"] / row["scaler"], 1.0),
-            ("gradtel.clip_grad_norm_ / torch clip_grad_norm_, norm under max_norm", row["gradtel clip"] / row["clip"], 1.1),
-            ("gradtel.clip_grad_norm_ / torch clip_grad_norm_, norm above max_norm",
-             row["gradtel clip active"] / row["clip active"], 1.1),
+            (
+                "gradtel.clip_grad_norm_ / torch clip_grad_norm_, norm under max_norm",
+                row["gradtel clip"] / row["clip"],
+                1.1,
+            ),
+            (
+                "gradtel.clip_grad_norm_ / torch clip_grad_norm_, norm above max_norm",
+                row["gradtel clip active"] / row["clip active"],
+                1.1,
+            ),
         ):
             ok = value <= limit
             print(f"{'PASS' if ok else 'FAIL'}  {name}: {what} = {value:.2f} (target <= {limit})")
-        print(f"      {name}: the least a check can cost, finding the gradients + GradScaler's "
-              f"check + reading its flag = {row['bare'] / row['scaler']:.2f} x the check; "
-              f"healthy collect() / GradScaler as a step runs it = {row['gradtel'] / row['scaler step']:.2f}")
+        print(
+            f"      {name}: the least a check can cost, finding the gradients + GradScaler's "
+            f"check + reading its flag = {row['bare'] / row['scaler']:.2f} x the check; "
+            f"healthy collect() / GradScaler as a step runs it = {row['gradtel'] / row['scaler step']:.2f}"
+        )
     if args.quick:
         print("(--quick: few repetitions; the targets mean something only in a full run)")
     return 0

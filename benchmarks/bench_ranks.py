@@ -33,9 +33,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 
-import gradtel  # noqa: E402
-from bench_series import llama  # noqa: E402
-from gradtel.stack import Stack, StackTimings  # noqa: E402
+from bench_series import llama
+
+import gradtel
+from gradtel.stack import Stack, StackTimings
 
 
 def bodies() -> tuple[str, str, str]:
@@ -54,12 +55,16 @@ def bodies() -> tuple[str, str, str]:
     model.norm.weight.grad.fill_(float("nan"))  # 6 NaN: critical
     monitor.collect()
     bad = generate_latest(registry).decode()
-    origin = bad.replace('gradtel_origin_updates_total{kind="nan"} 0.0', 'gradtel_origin_updates_total{kind="nan"} 1.0')
+    origin = bad.replace(
+        'gradtel_origin_updates_total{kind="nan"} 0.0',
+        'gradtel_origin_updates_total{kind="nan"} 1.0',
+    )
     return healthy, bad, origin
 
 
 def with_rank(body: str, rank: int) -> str:
     """The body as rank ``rank`` would serve it: ``rank`` on every gradtel series."""
+
     def label(match: re.Match[str]) -> str:
         name, labels = match.group(1), match.group(2)
         inner = f'rank="{rank}"' + (f",{labels[1:-1]}" if labels else "")
@@ -79,7 +84,7 @@ class Ranks:
         ranks = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_GET(self) -> None:
                 rank = int(self.path.split("/")[2])
                 body = (ranks.bad if ranks.injected else ranks.healthy)[rank]
                 self.send_response(200)
@@ -114,9 +119,15 @@ def evaluation_seconds(stack: Stack) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=1024)
-    parser.add_argument("--baseline", type=int, default=10, help="healthy evaluations measured first")
-    parser.add_argument("--settle", type=int, default=10, help="seconds watched for more pages after the first")
-    parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    parser.add_argument(
+        "--baseline", type=int, default=10, help="healthy evaluations measured first"
+    )
+    parser.add_argument(
+        "--settle", type=int, default=10, help="seconds watched for more pages after the first"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="also print the results as one JSON line"
+    )
     args = parser.parse_args()
     ranks = Ranks(args.ranks)
     port = ranks.server.server_port
@@ -127,7 +138,10 @@ def main() -> int:
             "static_configs": [
                 {
                     "targets": [f"127.0.0.1:{port}"],
-                    "labels": {"__metrics_path__": f"/rank/{r}/metrics", "instance": f"node-{r // 8}:{9464 + r % 8}"},
+                    "labels": {
+                        "__metrics_path__": f"/rank/{r}/metrics",
+                        "instance": f"node-{r // 8}:{9464 + r % 8}",
+                    },
                 }
                 for r in range(args.ranks)
             ]
@@ -161,7 +175,9 @@ def main() -> int:
               "during the incident")  # fmt: skip
         print(f"pager notifications: {len(pages)}; chat: {len(stack.receiver.firing('chat'))}")
         for page in pages + stack.receiver.firing("chat"):
-            print(f"injection -> {page.receiver} {page.received - ranks.injected:.1f} s: {page.alertname}: {page.description}")
+            print(
+                f"injection -> {page.receiver} {page.received - ranks.injected:.1f} s: {page.alertname}: {page.description}"
+            )
         if args.json:
             print(json.dumps({
                 "ranks": args.ranks,

@@ -30,10 +30,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import gradtel  # noqa: E402
-from gradtel.health import GradHealth  # noqa: E402
-from gradtel.telemetry import GradTelemetry  # noqa: E402
-from models import GPT2Small, many_linears  # noqa: E402
+from models import GPT2Small, many_linears
+
+import gradtel
+from gradtel.health import GradHealth
+from gradtel.telemetry import GradTelemetry
 
 NAN, INF = float("nan"), float("inf")
 
@@ -51,7 +52,9 @@ def measure(work: Callable[[], object], repeats: int, warmup: int = 3) -> Timing
     return measure_all({"work": work}, repeats, warmup)["work"]
 
 
-def measure_all(methods: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, Timing]:
+def measure_all(
+    methods: dict[str, Callable[[], object]], repeats: int, warmup: int = 3
+) -> dict[str, Timing]:
     """Time each method ``repeats`` times, round-robin, so that a slow spell of a
     noisy machine hits every method alike and their ratios stay fair. Each round
     runs them in a new order (seeded), so that no method always runs after the same
@@ -74,7 +77,9 @@ def measure_all(methods: dict[str, Callable[[], object]], repeats: int, warmup: 
 
 def original_per_layer(model: nn.Module) -> Callable[[], object]:
     """The original design: per layer, isnan/isinf sums read to the host one by one."""
-    layers = [m for m in model.modules() if any(p.grad is not None for p in m.parameters(recurse=False))]
+    layers = [
+        m for m in model.modules() if any(p.grad is not None for p in m.parameters(recurse=False))
+    ]
 
     def scan() -> tuple[int, int]:
         nan = inf = 0
@@ -101,7 +106,9 @@ def poison(model: nn.Module, layers: list[str]) -> dict[str, tuple[int, int]]:
     return plan
 
 
-def bench_workload(name: str, model: nn.Module, step: Callable[[], None], bad_layers: list[str], quick: bool) -> dict[str, object]:
+def bench_workload(
+    name: str, model: nn.Module, step: Callable[[], None], bad_layers: list[str], quick: bool
+) -> dict[str, object]:
     repeats = 5 if quick else 25
     model.zero_grad(set_to_none=False)
     step()
@@ -149,7 +156,10 @@ def bench_workload(name: str, model: nn.Module, step: Callable[[], None], bad_la
     saved = [g.clone() for g in grads]
     expected = poison(model, bad_layers)
     health = monitor.collect()
-    got = {layer: (health.nan_by_layer.get(layer, 0), health.inf_by_layer.get(layer, 0)) for layer in expected}
+    got = {
+        layer: (health.nan_by_layer.get(layer, 0), health.inf_by_layer.get(layer, 0))
+        for layer in expected
+    }
     exact = got == expected and health.nan_total == 6 and health.inf_total == 4
     poisoned = [g.clone() for g in grads]
 
@@ -162,17 +172,28 @@ def bench_workload(name: str, model: nn.Module, step: Callable[[], None], bad_la
             started = time.perf_counter()
             monitor.collect()
             times[case].append(time.perf_counter() - started)
-    rows["collect(), healthy (paired)"] = Timing(statistics.median(times["healthy"]), min(times["healthy"]))
-    rows["collect(), unhealthy"] = Timing(statistics.median(times["unhealthy"]), min(times["unhealthy"]))
+    rows["collect(), healthy (paired)"] = Timing(
+        statistics.median(times["healthy"]), min(times["healthy"])
+    )
+    rows["collect(), unhealthy"] = Timing(
+        statistics.median(times["unhealthy"]), min(times["unhealthy"])
+    )
     for grad, clean in zip(grads, saved):
         grad.copy_(clean)
 
-    print(f"\n== workload {name}: {len(grads)} gradient tensors, {numel / 1e6:.1f}M elements, {grads[0].dtype}")
+    print(
+        f"\n== workload {name}: {len(grads)} gradient tensors, {numel / 1e6:.1f}M elements, {grads[0].dtype}"
+    )
     print(f"{'method':32} {'median ms':>9} {'min ms':>9}")
     for method, timing in rows.items():
         print(f"{method:32} {timing}")
     print(f"unhealthy counts exact per layer: {exact} ({got})")
-    return {"rows": {k: vars(v) for k, v in rows.items()}, "exact": exact, "tensors": len(grads), "elements": numel}
+    return {
+        "rows": {k: vars(v) for k, v in rows.items()},
+        "exact": exact,
+        "tensors": len(grads),
+        "elements": numel,
+    }
 
 
 def gpt2_step(model: nn.Module, dtype: torch.dtype, batch: int, tokens: int) -> Callable[[], None]:
@@ -181,7 +202,9 @@ def gpt2_step(model: nn.Module, dtype: torch.dtype, batch: int, tokens: int) -> 
     def step() -> None:
         model.zero_grad(set_to_none=False)
         logits = model(ids)
-        nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), ids.view(-1)).backward()
+        nn.functional.cross_entropy(
+            logits.float().view(-1, logits.shape[-1]), ids.view(-1)
+        ).backward()
 
     return step
 
@@ -248,35 +271,53 @@ def bench_memory(calls: int) -> dict[str, float]:
             bad[0, 0] = 0.0
     gc.collect()
     end = rss_mib()
-    print(f"\n== {calls} collect() calls: resident memory {start:.1f} MiB after {warmup} (warm-up), {end:.1f} MiB at the end ({end - start:+.2f} MiB)")
+    print(
+        f"\n== {calls} collect() calls: resident memory {start:.1f} MiB after {warmup} (warm-up), {end:.1f} MiB at the end ({end - start:+.2f} MiB)"
+    )
     return {"start_mib": start, "end_mib": end}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions, smaller step (a smoke run)")
-    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "scan.json")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer repetitions, smaller step (a smoke run)"
+    )
+    parser.add_argument(
+        "--json", type=Path, default=Path(__file__).parent / "results" / "scan.json"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, gradtel {gradtel.__version__}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, gradtel {gradtel.__version__}"
+    )
 
     results: dict[str, object] = {}
     a = many_linears()
-    results["A"] = bench_workload("A (300 x Linear(128,128))", a, linears_step(a), ["0", "150", "299"], args.quick)
+    results["A"] = bench_workload(
+        "A (300 x Linear(128,128))", a, linears_step(a), ["0", "150", "299"], args.quick
+    )
     batch, tokens = (1, 64) if args.quick else (4, 512)
     print(f"\nB: GPT-2-small shape, forward+backward on {batch} x {tokens} tokens")
     b = GPT2Small()
     bad_b = ["wte", "h.5.mlp.c_fc", "h.11.ln_2"]
-    results["B fp32"] = bench_workload("B fp32", b, gpt2_step(b, torch.float32, batch, tokens), bad_b, args.quick)
+    results["B fp32"] = bench_workload(
+        "B fp32", b, gpt2_step(b, torch.float32, batch, tokens), bad_b, args.quick
+    )
     b = b.to(torch.bfloat16)
-    results["B bf16"] = bench_workload("B bf16", b, gpt2_step(b, torch.bfloat16, batch, tokens), bad_b, args.quick)
+    results["B bf16"] = bench_workload(
+        "B bf16", b, gpt2_step(b, torch.bfloat16, batch, tokens), bad_b, args.quick
+    )
     del b
     gc.collect()
     results["1000 layers"] = bench_telemetry(1000, args.quick)
     results["memory"] = bench_memory(10_000 if args.quick else 100_000)
     if args.quick:
-        print("\n(--quick: few repetitions and a tiny step; the targets below mean something only in a full run)")
+        print(
+            "\n(--quick: few repetitions and a tiny step; the targets below mean something only in a full run)"
+        )
     results["targets"] = check_targets(results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))
@@ -297,24 +338,55 @@ def check_targets(results: dict[str, object]) -> list[dict[str, object]]:
         c = med(b, "collect()")
         check(f"{b} healthy: collect() / memory floor", c / med(b, "memory floor (one sum)"), 1.2)
         check(f"{b} healthy: collect() / get_total_norm", c / med(b, "get_total_norm"), 1.0)
-        check(f"{b} healthy: collect() / forward+backward step", c / med(b, "forward+backward step"), 0.01)
-        check(f"{b}: clip+health / clip alone", med(b, "clip_grad_norm_ + health") / med(b, "clip_grad_norm_ (torch)"), 1.1)
+        check(
+            f"{b} healthy: collect() / forward+backward step",
+            c / med(b, "forward+backward step"),
+            0.01,
+        )
+        check(
+            f"{b}: clip+health / clip alone",
+            med(b, "clip_grad_norm_ + health") / med(b, "clip_grad_norm_ (torch)"),
+            1.1,
+        )
     a = "A"
-    check("A healthy: original per-layer / collect()", med(a, "original per-layer") / med(a, "collect()"), 8.0, at_least=True)
-    check("A healthy: collect() / get_total_norm", med(a, "collect()") / med(a, "get_total_norm"), 1.0)
-    check("A: clip+health / clip alone", med(a, "clip_grad_norm_ + health") / med(a, "clip_grad_norm_ (torch)"), 1.1)
+    check(
+        "A healthy: original per-layer / collect()",
+        med(a, "original per-layer") / med(a, "collect()"),
+        8.0,
+        at_least=True,
+    )
+    check(
+        "A healthy: collect() / get_total_norm", med(a, "collect()") / med(a, "get_total_norm"), 1.0
+    )
+    check(
+        "A: clip+health / clip alone",
+        med(a, "clip_grad_norm_ + health") / med(a, "clip_grad_norm_ (torch)"),
+        1.1,
+    )
     for w in ("A", "B fp32", "B bf16"):
-        check(f"{w} unhealthy / healthy collect()", med(w, "collect(), unhealthy") / med(w, "collect(), healthy (paired)"), 1.5)
-        check(f"{w} unhealthy counts exact per layer", float(results[w]["exact"]), 1.0, at_least=True)  # type: ignore[index]
+        check(
+            f"{w} unhealthy / healthy collect()",
+            med(w, "collect(), unhealthy") / med(w, "collect(), healthy (paired)"),
+            1.5,
+        )
+        check(
+            f"{w} unhealthy counts exact per layer", float(results[w]["exact"]), 1.0, at_least=True
+        )  # type: ignore[index]
     layers = results["1000 layers"]
     check("1000 layers: telemetry record, healthy (ms)", layers["record_ms"], 0.2)  # type: ignore[index]
     check("1000 layers: /metrics scrape median (ms)", layers["scrape_ms"], 50.0)  # type: ignore[index]
     memory = results["memory"]
-    check("collect() x N: resident memory growth after warm-up (MiB)", memory["end_mib"] - memory["start_mib"], 1.0)  # type: ignore[index]
+    check(
+        "collect() x N: resident memory growth after warm-up (MiB)",
+        memory["end_mib"] - memory["start_mib"],
+        1.0,
+    )  # type: ignore[index]
 
     print("\n== targets")
     for c in checks:
-        print(f"{'PASS' if c['ok'] else 'FAIL'}  {c['target']:58} {c['value']:>10} (limit {c['limit']})")
+        print(
+            f"{'PASS' if c['ok'] else 'FAIL'}  {c['target']:58} {c['value']:>10} (limit {c['limit']})"
+        )
     return checks
 
 

@@ -35,7 +35,14 @@ def gpt2_small() -> nn.Module:
         {"ln_1": norm(), "attn": nn.ModuleDict({"c_attn": tiny(), "c_proj": tiny()}), "ln_2": norm(),
          "mlp": nn.ModuleDict({"c_fc": tiny(), "c_proj": tiny()})}
     )  # fmt: skip
-    return nn.ModuleDict({"wte": tiny(), "wpe": tiny(), "h": nn.ModuleList([block() for _ in range(12)]), "ln_f": norm()})
+    return nn.ModuleDict(
+        {
+            "wte": tiny(),
+            "wpe": tiny(),
+            "h": nn.ModuleList([block() for _ in range(12)]),
+            "ln_f": norm(),
+        }
+    )
 
 
 def llama(layers: int, experts: int = 0) -> nn.Module:
@@ -95,7 +102,9 @@ def main() -> int:
             f"{name:<14} {layers:>6} {lean:>17} {lean_bytes:>7} {full:>11} {full_bytes:>8} "
             f"{lean * 1024:>12,} {lean * 10_000:>13,}"
         )
-    print("(the last two columns: series of healthy ranks under the default; with \"all\" multiply the 'series all' column)")
+    print(
+        "(the last two columns: series of healthy ranks under the default; with \"all\" multiply the 'series all' column)"
+    )
     return 0
 
 

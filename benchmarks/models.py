@@ -33,7 +33,9 @@ class Block(nn.Module):
 class GPT2Small(nn.Module):
     """Workload B: 12 blocks, d_model 768, MLP 3072, vocabulary 50257, tied output head."""
 
-    def __init__(self, vocab: int = 50257, context: int = 1024, d: int = 768, layers: int = 12) -> None:
+    def __init__(
+        self, vocab: int = 50257, context: int = 1024, d: int = 768, layers: int = 12
+    ) -> None:
         super().__init__()
         self.wte = nn.Embedding(vocab, d)
         self.wpe = nn.Embedding(context, d)

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The test suite: set up on a fresh machine (as root this installs Prometheus and
-# Alertmanager from Debian), type-check src/, run every test and doctest, then the
-# collector's tests on the oldest and the newest torch gradtel supports.
+# Alertmanager from Debian), type-check src/, lint and format-check the code with ruff,
+# run every test and doctest, then the collector's tests on the oldest and the newest
+# torch gradtel supports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test debian
 .venv/bin/python -m mypy
+# Lint and format check: the formatter's output is the house style.
+.venv/bin/ruff check --quiet src tests benchmarks scripts
+.venv/bin/ruff format --check --quiet src tests benchmarks scripts
 .venv/bin/python -m pytest "$@"
 # The whole suite, not a selection: the collector's tests again on the oldest and newest torch.
 [ $# -gt 0 ] || bash scripts/other-torch.sh

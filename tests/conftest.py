@@ -9,9 +9,9 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
+from opentelemetry.sdk.metrics import MeterProvider
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from opentelemetry.sdk.metrics import MeterProvider
 
 import gradtel
 import gradtel.httpd
@@ -53,7 +53,9 @@ def samples(registry: CollectorRegistry) -> Samples:
 
 def sample(found: Samples, name: str, **labels: str) -> float:
     key = (name, frozenset(labels.items()))
-    assert key in found, f"no sample {name}{labels}; have {sorted(k for k in found if k[0] == name)}"
+    assert key in found, (
+        f"no sample {name}{labels}; have {sorted(k for k in found if k[0] == name)}"
+    )
     return found[key]
 
 
@@ -79,7 +81,10 @@ def require_tool(name: str, package: str) -> str:
     return path
 
 
-PROMETHEUS_HEADERS = {"User-Agent": "Prometheus/2.45.3", "X-Prometheus-Scrape-Timeout-Seconds": "10"}
+PROMETHEUS_HEADERS = {
+    "User-Agent": "Prometheus/2.45.3",
+    "X-Prometheus-Scrape-Timeout-Seconds": "10",
+}
 
 
 def scrape(url: str) -> str:

@@ -44,14 +44,21 @@ def main() -> None:
     group = dist.group.WORLD  # kept, as a DDP or FSDP model keeps it
     dist.all_reduce = all_reduce
     model = nn.Linear(4, 1)
-    monitor = gradtel.GradMonitor(model, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()))
+    monitor = gradtel.GradMonitor(
+        model, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry())
+    )
     model(torch.randn(4, 4)).sum().backward()
     monitor.collect()
     held = 0
     for _ in range(agreements - 1):
         monitor.allow_checkpoint(all_ranks=True)
         held += reduced.pop()._use_count() > 1  # type: ignore[attr-defined]  # one is its Python object's
-    said = {"rank": dist.get_rank(), "ranks": dist.get_world_size(group), "held": held, "agreements": agreements - 1}
+    said = {
+        "rank": dist.get_rank(),
+        "ranks": dist.get_world_size(group),
+        "held": held,
+        "agreements": agreements - 1,
+    }
     sys.stdout.write(json.dumps(said) + "\n")
     sys.stdout.flush()
     monitor.allow_checkpoint(all_ranks=True)  # the last thing before the exit

@@ -63,10 +63,22 @@ def main() -> None:
             model(x).sum().backward()
             health = monitor.collect()
             updates.append(
-                {"nan": health.nan_total, "local_nan": health.local_nan_total, "originated": health.originated_here}
+                {
+                    "nan": health.nan_total,
+                    "local_nan": health.local_nan_total,
+                    "originated": health.originated_here,
+                }
             )
-        origin = registry.get_sample_value("gradtel_origin_updates_total", {"kind": "nan", "rank": str(rank)})
-        said = {"rank": rank, "flavour": flavour, "layers": monitor.layers, "updates": updates, "origin_nan": origin}
+        origin = registry.get_sample_value(
+            "gradtel_origin_updates_total", {"kind": "nan", "rank": str(rank)}
+        )
+        said = {
+            "rank": rank,
+            "flavour": flavour,
+            "layers": monitor.layers,
+            "updates": updates,
+            "origin_nan": origin,
+        }
         # One write below PIPE_BUF is atomic: the ranks share the launcher's stdout.
         sys.stdout.write(json.dumps(said) + "\n")
         sys.stdout.flush()
@@ -77,12 +89,18 @@ def main() -> None:
 
 def checkpoint_agreement(rank: int, bad_rank: int) -> None:
     model = fully_sharded()
-    monitor = gradtel.GradMonitor(model, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()))
+    monitor = gradtel.GradMonitor(
+        model, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry())
+    )
     model(torch.randn(4, 4)).sum().backward()
     if rank == bad_rank:
         model[0].weight.grad.to_local().view(-1)[0] = float("nan")
     monitor.collect()
-    said = {"rank": rank, "healthy": monitor.healthy, "allowed": monitor.allow_checkpoint(all_ranks=True)}
+    said = {
+        "rank": rank,
+        "healthy": monitor.healthy,
+        "allowed": monitor.allow_checkpoint(all_ranks=True),
+    }
     sys.stdout.write(json.dumps(said) + "\n")
     sys.stdout.flush()
     monitor.close()

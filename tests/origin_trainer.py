@@ -35,7 +35,12 @@ import torch
 import torch.distributed as dist
 from prometheus_client import CollectorRegistry
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel, ShardingStrategy, fully_shard
+from torch.distributed.fsdp import (
+    FSDPModule,
+    FullyShardedDataParallel,
+    ShardingStrategy,
+    fully_shard,
+)
 from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
 from torch.nn.parallel import DistributedDataParallel
 
@@ -64,7 +69,10 @@ FLAVOURS: dict[str, Callable[[], nn.Module]] = {
         net(), use_orig_params=True, device_id=torch.device("cpu")
     ),
     "FullyShardedDataParallel/NO_SHARD": lambda: FullyShardedDataParallel(
-        net(), use_orig_params=True, device_id=torch.device("cpu"), sharding_strategy=ShardingStrategy.NO_SHARD
+        net(),
+        use_orig_params=True,
+        device_id=torch.device("cpu"),
+        sharding_strategy=ShardingStrategy.NO_SHARD,
     ),
     "fully_shard": fully_sharded,
 }
@@ -83,12 +91,16 @@ class Watched:
 
     def collect(self) -> None:
         health = self.monitor.collect()
-        self.updates.append({"local": [health.local_nan_total, health.local_inf_total], "nan": health.nan_total})
+        self.updates.append(
+            {"local": [health.local_nan_total, health.local_inf_total], "nan": health.nan_total}
+        )
 
     def origins(self) -> list[float | None]:
         rank = str(dist.get_rank())
         return [
-            self.registry.get_sample_value("gradtel_origin_updates_total", {"kind": kind, "rank": rank})
+            self.registry.get_sample_value(
+                "gradtel_origin_updates_total", {"kind": kind, "rank": rank}
+            )
             for kind in ("nan", "inf")
         ]
 
@@ -203,7 +215,12 @@ def custom_reduce_scatter(when: str) -> None:
     for bad in ((), (0,)):
         update(model, bad)
         watched.collect()
-    say(f"custom_reduce_scatter/{when}", updates=watched.updates, origins=watched.origins(), calls=comm.calls)
+    say(
+        f"custom_reduce_scatter/{when}",
+        updates=watched.updates,
+        origins=watched.origins(),
+        calls=comm.calls,
+    )
     watched.monitor.close()
 
 

@@ -30,7 +30,9 @@ def bin_folder(version: str) -> Path:
                 pytest.fail(message)
             pytest.skip(message)
     major = prometheus_version(str(folder / "prometheus"))[0]
-    assert f"{major}.x" == version, f"{folder / 'prometheus'} is Prometheus {major}.x, not {version}"
+    assert f"{major}.x" == version, (
+        f"{folder / 'prometheus'} is Prometheus {major}.x, not {version}"
+    )
     return folder
 
 

@@ -92,7 +92,9 @@ def run() -> Iterator[tuple[dict[str, Trainer], Stack]]:
         stack.stop()
 
 
-def wait_for_page(stack: Stack, receiver: str, run: str, since: float, alertname: str | None = None) -> Page:
+def wait_for_page(
+    stack: Stack, receiver: str, run: str, since: float, alertname: str | None = None
+) -> Page:
     assert stack.receiver is not None
     deadline = since + PAGE_DEADLINE + 5
     while time.time() < deadline:
@@ -112,7 +114,10 @@ def test_pages_arrive_on_the_right_receiver_naming_the_layer(
     trainers, stack = run
     # Prometheus as users run it: its default resend delay, the page complete all the same.
     assert not [flag for flag in stack.processes["prometheus"].args if "resend-delay" in str(flag)]
-    injected = {name: trainers[name].injected_at() for name in ("critical", "warning", "crash", "both", "deferred")}
+    injected = {
+        name: trainers[name].injected_at()
+        for name in ("critical", "warning", "crash", "both", "deferred")
+    }
 
     critical = wait_for_page(stack, "pager", trainers["critical"].run, injected["critical"])
     assert (critical.alertname, critical.severity) == ("GradtelInfGradients", "critical")
@@ -126,16 +131,22 @@ def test_pages_arrive_on_the_right_receiver_naming_the_layer(
     assert "body.0 (3)" in warning.description
 
     # The crashed run's endpoint stayed up until Prometheus scraped its last update, and the crash.
-    crash = wait_for_page(stack, "pager", trainers["crash"].run, injected["crash"], "GradtelNaNGradients")
+    crash = wait_for_page(
+        stack, "pager", trainers["crash"].run, injected["crash"], "GradtelNaNGradients"
+    )
     assert crash.severity == "critical"
     assert "body.2 (7)" in crash.description
-    crashed = wait_for_page(stack, "pager", trainers["crash"].run, injected["crash"], "GradtelTrainingCrashed")
+    crashed = wait_for_page(
+        stack, "pager", trainers["crash"].run, injected["crash"], "GradtelTrainingCrashed"
+    )
     assert crashed.severity == "critical"
     assert crashed.description.startswith(
         "gradtel run crash: training crashed after NaN gradients at step 30: uncaught exceptions "
         "ended 127.0.0.1:"
     ), crashed.description
-    assert ": NonFiniteGradientError; NaN or Inf gradients came before: resume" in crashed.description
+    assert (
+        ": NonFiniteGradientError; NaN or Inf gradients came before: resume" in crashed.description
+    )
     assert trainers["crash"].process.wait(timeout=30) == 1
     assert trainers["crash"].process.stderr is not None
     assert "NonFiniteGradientError" in trainers["crash"].process.stderr.read()
@@ -144,7 +155,9 @@ def test_pages_arrive_on_the_right_receiver_naming_the_layer(
     assert (both.alertname, both.severity) == ("GradtelNaNGradients", "critical")
 
     # Nothing skips there, so the Inf update reached the weights and NaN followed: its own page too.
-    deferred = wait_for_page(stack, "pager", trainers["deferred"].run, injected["deferred"], "GradtelInfGradients")
+    deferred = wait_for_page(
+        stack, "pager", trainers["deferred"].run, injected["deferred"], "GradtelInfGradients"
+    )
     assert deferred.severity == "critical"
     # The Inf spreads to other layers in the updates that follow; whenever the page is
     # sent, it names where the Inf started.
@@ -152,10 +165,16 @@ def test_pages_arrive_on_the_right_receiver_naming_the_layer(
     assert "head (" in deferred.description.split("Layers with Inf values in that window: ")[1]
     assert deferred.description.endswith("First bad layer in backward order: head, at step 30.")
 
-    time.sleep(6)  # longer than group_wait: a page the inhibition or routing let through would be here
+    time.sleep(
+        6
+    )  # longer than group_wait: a page the inhibition or routing let through would be here
     assert stack.receiver is not None
     by_instance = {
-        name: [(p.receiver, p.alertname, p.severity) for p in stack.receiver.firing() if p.labels.get("run") == t.run]
+        name: [
+            (p.receiver, p.alertname, p.severity)
+            for p in stack.receiver.firing()
+            if p.labels.get("run") == t.run
+        ]
         for name, t in trainers.items()
     }
     assert by_instance["healthy"] == []
@@ -165,9 +184,7 @@ def test_pages_arrive_on_the_right_receiver_naming_the_layer(
         "the critical alert must inhibit the warning of the same run and kind"
     )
     # The warning alert of "both" did fire in Prometheus; Alertmanager muted it.
-    both_alerts = stack.query(
-        f'ALERTS{{alertstate="firing",run="{trainers["both"].run}"}}'
-    )
+    both_alerts = stack.query(f'ALERTS{{alertstate="firing",run="{trainers["both"].run}"}}')
     assert {a["metric"]["severity"] for a in both_alerts} == {"critical", "warning"}
 
     latencies = {

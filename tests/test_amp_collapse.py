@@ -19,7 +19,9 @@ from .conftest import require_tool
 pytestmark = pytest.mark.slow
 
 TRAINER = Path(__file__).with_name("amp_trainer.py")
-TIMINGS = StackTimings(scrape_interval="1s", evaluation_interval="1s", group_wait="2s", group_interval="5s")
+TIMINGS = StackTimings(
+    scrape_interval="1s", evaluation_interval="1s", group_wait="2s", group_interval="5s"
+)
 RUNS = {"diverged": ["--diverge", "60"], "steady": []}
 ALERT = "GradtelAmpLossScaleCollapsed"
 
@@ -45,12 +47,19 @@ def test_a_collapsing_loss_scale_pages_critical_and_a_settling_one_does_not() ->
 
             assert stack.receiver is not None
             deadline = at + 30
-            while not (pages := [p for p in stack.receiver.firing("pager") if p.alertname == ALERT]):
-                assert time.time() < deadline, f"no page within 30 s: {[str(p) for p in stack.receiver.pages]}"
+            while not (
+                pages := [p for p in stack.receiver.firing("pager") if p.alertname == ALERT]
+            ):
+                assert time.time() < deadline, (
+                    f"no page within 30 s: {[str(p) for p in stack.receiver.pages]}"
+                )
                 time.sleep(0.1)
             [page] = pages
             assert page.severity == "critical" and page.labels["run"] == "diverged"
-            assert "diverged: the AMP GradScaler's loss scale fell below 1 in the last 10m, to " in page.description
+            assert (
+                "diverged: the AMP GradScaler's loss scale fell below 1 in the last 10m, to "
+                in page.description
+            )
             assert f"127.0.0.1:{ports['diverged']}. The scaler halves it" in page.description
 
             # The steady run's scale settled (GradScaler halves it in the first steps), well above the floor.

@@ -52,7 +52,9 @@ def test_an_unhealthy_update_the_weights_take_stops_checkpoints(
         assert not monitor.allow_checkpoint(step=4)
         assert not monitor.allow_checkpoint(step=5)  # counted, not logged again within the minute
     assert sample(samples(registry), "gradtel_refused_checkpoints_total") == 2
-    refusals = [r.getMessage() for r in caplog.records if "not saving a checkpoint" in r.getMessage()]
+    refusals = [
+        r.getMessage() for r in caplog.records if "not saving a checkpoint" in r.getMessage()
+    ]
     assert refusals == [
         "gradtel: not saving a checkpoint at step 4: the weights took the warning update of step 3 "
         "(1 NaN, 0 Inf); the last healthy step was 2. Resume from a checkpoint saved before the "
@@ -64,7 +66,9 @@ def test_an_unhealthy_update_the_weights_take_stops_checkpoints(
 
 
 @pytest.mark.parametrize("policy", ["skip", "raise"])
-def test_an_update_kept_from_the_weights_leaves_them_healthy(provider: MeterProvider, policy: str) -> None:
+def test_an_update_kept_from_the_weights_leaves_them_healthy(
+    provider: MeterProvider, policy: str
+) -> None:
     model = net()
     monitor = GradMonitor(model, meter_provider=provider, on_warning=policy)
     update(model, monitor, step=1)
@@ -73,10 +77,14 @@ def test_an_update_kept_from_the_weights_leaves_them_healthy(provider: MeterProv
     except NonFiniteGradientError:
         assert policy == "raise"
     assert monitor.healthy and monitor.allow_checkpoint()
-    assert monitor.last_healthy_step == (2 if policy == "skip" else 1)  # "raise": no step 2 was taken
+    assert monitor.last_healthy_step == (
+        2 if policy == "skip" else 1
+    )  # "raise": no step 2 was taken
 
 
-def test_an_amp_overflow_the_scaler_skips_leaves_the_weights_healthy(provider: MeterProvider) -> None:
+def test_an_amp_overflow_the_scaler_skips_leaves_the_weights_healthy(
+    provider: MeterProvider,
+) -> None:
     model = net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-100)
@@ -153,13 +161,20 @@ def test_lightning_model_checkpoint_keeps_the_last_healthy_checkpoint(
 
     # Keep only the latest checkpoint: the rotation that deletes the healthy ones.
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=1)
-    gradtel_callback = GradtelCallback(serve_metrics=False, protect_checkpoints=protect, meter_provider=own_provider())
+    gradtel_callback = GradtelCallback(
+        serve_metrics=False, protect_checkpoints=protect, meter_provider=own_provider()
+    )
     trainer = pl.Trainer(
         max_steps=5, accelerator="cpu", logger=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[gradtel_callback, checkpoints],
     )  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="gradtel"):
-        trainer.fit(Tiny(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randn(64, 1)), batch_size=8))
+        trainer.fit(
+            Tiny(),
+            torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randn(64, 1)), batch_size=8
+            ),
+        )
     on_disk = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     saved = torch.load(tmp_path / "ckpt" / on_disk[-1], weights_only=False)
     if protect:
@@ -172,14 +187,18 @@ def test_lightning_model_checkpoint_keeps_the_last_healthy_checkpoint(
     else:  # what protection prevents: the healthy checkpoint rotated out, a poisoned one in its place
         assert on_disk == ["epoch=0-step=5.ckpt"]
         assert not finite(saved["state_dict"])
-    assert "save_checkpoint" not in vars(trainer) and "on_train_batch_end" not in vars(checkpoints)  # undone
+    assert "save_checkpoint" not in vars(trainer) and "on_train_batch_end" not in vars(
+        checkpoints
+    )  # undone
 
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.mark.parametrize("protect", [True, False])
-def test_hugging_face_trainer_keeps_the_last_healthy_checkpoint(tmp_path: Path, protect: bool) -> None:
+def test_hugging_face_trainer_keeps_the_last_healthy_checkpoint(
+    tmp_path: Path, protect: bool
+) -> None:
     from safetensors.torch import load_file
     from transformers import (
         GPT2Config,
@@ -192,7 +211,9 @@ def test_hugging_face_trainer_keeps_the_last_healthy_checkpoint(tmp_path: Path, 
     from gradtel.integrations.transformers import GradtelTrainerCallback
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2))
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    )
     state_step = [0]
 
     class Observe(TrainerCallback):
@@ -213,7 +234,9 @@ def test_hugging_face_trainer_keeps_the_last_healthy_checkpoint(tmp_path: Path, 
         use_cpu=True, disable_tqdm=True,
     )  # fmt: skip
     data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 64, (16, 12))]
-    Trainer(model=model, args=args, train_dataset=data, callbacks=[Observe(), gradtel_callback]).train()
+    Trainer(
+        model=model, args=args, train_dataset=data, callbacks=[Observe(), gradtel_callback]
+    ).train()
     on_disk = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-"))
     weights = load_file(tmp_path / on_disk[-1] / "model.safetensors")
     if protect:

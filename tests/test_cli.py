@@ -66,9 +66,7 @@ def test_demo_serves_the_contract_while_it_trains(stop: list[subprocess.Popen[st
     assert sample(before, "gradtel_unhealthy_updates_total", kind="nan", severity="warning") == 0
     absent(before, "gradtel_nan_grads_total", layer="body.0")  # no series before its first NaN
 
-    found = scrape_until(
-        url, lambda s: (s.get(("gradtel_updates_total", frozenset())) or 0) >= 50
-    )
+    found = scrape_until(url, lambda s: (s.get(("gradtel_updates_total", frozenset())) or 0) >= 50)
     updates = sample(found, "gradtel_updates_total")
     assert 50 <= updates <= 400
     # The documented schedule: 3 NaN in body.0 on updates 10, 35, ...; 7 Inf in head on 20, 45, ...
@@ -78,7 +76,10 @@ def test_demo_serves_the_contract_while_it_trains(stop: list[subprocess.Popen[st
         warnings,
         warnings + 1,  # the scrape may fall between two updates' records
     )
-    assert sample(found, "gradtel_unhealthy_updates_total", kind="inf", severity="critical") >= criticals
+    assert (
+        sample(found, "gradtel_unhealthy_updates_total", kind="inf", severity="critical")
+        >= criticals
+    )
     assert sample(found, "gradtel_unhealthy_updates_total", kind="nan", severity="critical") == 0
     assert sample(found, "gradtel_unhealthy_updates_total", kind="inf", severity="warning") == 0
     assert sample(found, "gradtel_nan_grads_total", layer="body.0") >= 3 * warnings
@@ -154,7 +155,9 @@ def test_bad_command_line_arguments(
 
 def test_out_of_range_port_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--port", "70000", "--steps", "1"]) == 1
-    assert "port must be from 0 to 65535 (0 picks a free port), got 70000" in capsys.readouterr().err
+    assert (
+        "port must be from 0 to 65535 (0 picks a free port), got 70000" in capsys.readouterr().err
+    )
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -176,7 +179,10 @@ def test_demo_stack_prints_a_page_within_a_minute_and_cleans_up(
     stop.append(process)
     assert process.stdout is not None
     stack_line = process.stdout.readline()
-    found = re.search(r"Prometheus (http://\S+)/alerts and Alertmanager (http://\S+) .*data in (\S+)\)", stack_line)
+    found = re.search(
+        r"Prometheus (http://\S+)/alerts and Alertmanager (http://\S+) .*data in (\S+)\)",
+        stack_line,
+    )
     assert found, stack_line
     prometheus, alertmanager, data = found.groups()
     assert os.path.isdir(data)
@@ -211,7 +217,10 @@ def test_demo_stack_names_the_packages_when_prometheus_is_missing(tmp_path: obje
     )
     assert result.returncode == 1
     assert "prometheus not found on PATH" in result.stderr
-    assert "apt-get install -y --no-install-recommends prometheus prometheus-alertmanager" in result.stderr
+    assert (
+        "apt-get install -y --no-install-recommends prometheus prometheus-alertmanager"
+        in result.stderr
+    )
 
 
 def test_demo_stack_victoriametrics_names_its_package_when_missing(tmp_path: Path) -> None:
@@ -221,7 +230,18 @@ def test_demo_stack_victoriametrics_names_its_package_when_missing(tmp_path: Pat
     for tool in ("prometheus", "prometheus-alertmanager"):
         (tmp_path / tool).symlink_to(require_tool(tool, tool))
     result = subprocess.run(
-        [sys.executable, "-m", "gradtel.cli", "demo", "--stack", "victoriametrics", "--port", "0", "--steps", "1"],
+        [
+            sys.executable,
+            "-m",
+            "gradtel.cli",
+            "demo",
+            "--stack",
+            "victoriametrics",
+            "--port",
+            "0",
+            "--steps",
+            "1",
+        ],
         capture_output=True,
         text=True,
         timeout=60,

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-from prometheus_client import CollectorRegistry
 from opentelemetry.sdk.metrics import MeterProvider
+from prometheus_client import CollectorRegistry
 from torch import nn
 
 import gradtel
@@ -54,13 +54,24 @@ def test_clipping_matches_torch(provider: MeterProvider, norm_type: float) -> No
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_clipping_is_bit_for_bit_torch_s_and_skips_a_multiply_by_one(provider: MeterProvider, dtype: torch.dtype) -> None:
+def test_clipping_is_bit_for_bit_torch_s_and_skips_a_multiply_by_one(
+    provider: MeterProvider, dtype: torch.dtype
+) -> None:
     reference = model_with_grads().to(dtype)
     for p in reference.parameters():
         p.grad = p.grad.to(dtype)
     total = nn.utils.get_total_norm([p.grad for p in reference.parameters()]).item()
     # Around the edge where torch's coefficient reaches 1, in the dtype's own rounding.
-    for max_norm in (0.5 * total, total, total * (1 + 1e-7), total + 1e-6, total * 1.004, total * 1.05, 2 * total, INF):
+    for max_norm in (
+        0.5 * total,
+        total,
+        total * (1 + 1e-7),
+        total + 1e-6,
+        total * 1.004,
+        total * 1.05,
+        2 * total,
+        INF,
+    ):
         ours, theirs = copy.deepcopy(reference), copy.deepcopy(reference)
         for model in (ours, theirs):
             for p, q in zip(model.parameters(), reference.parameters()):
@@ -130,7 +141,9 @@ def test_healthy_clipping_adds_one_read_out_and_no_pass_over_gradients(
     monitor = GradMonitor(model, meter_provider=provider)
     sums: list[str] = []
     original_sum = torch.Tensor.sum
-    monkeypatch.setattr(torch.Tensor, "sum", lambda t, *a, **k: sums.append("sum") or original_sum(t, *a, **k))
+    monkeypatch.setattr(
+        torch.Tensor, "sum", lambda t, *a, **k: sums.append("sum") or original_sum(t, *a, **k)
+    )
     read_outs = ReadOuts(monkeypatch)
     gradtel.clip_grad_norm_(model.parameters(), 1.0, monitor=monitor)
     assert read_outs.calls == ["tolist"]
@@ -153,14 +166,18 @@ def test_sparse_gradients_are_collected_before_torch_clips_them_or_refuses_to(
         refused = NotImplementedError
     if refused is None:
         gradtel.clip_grad_norm_(embed.parameters(), 1.0, monitor=monitor)
-        assert torch.equal(embed.weight.grad.to_dense().isnan(), theirs.weight.grad.to_dense().isnan())
+        assert torch.equal(
+            embed.weight.grad.to_dense().isnan(), theirs.weight.grad.to_dense().isnan()
+        )
     else:
         with pytest.raises(refused):
             gradtel.clip_grad_norm_(embed.parameters(), 1.0, monitor=monitor)
     assert sample(samples(registry), "gradtel_nan_grads_total", layer=gradtel.ROOT_LAYER) == 1
 
 
-def test_sample_every_scans_one_update_in_n(provider: MeterProvider, registry: CollectorRegistry) -> None:
+def test_sample_every_scans_one_update_in_n(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
     model = model_with_grads()
     monitor = GradMonitor(model, meter_provider=provider, sample_every=3, on_warning="ignore")
     model[2].bias.grad[0] = NAN
@@ -181,7 +198,9 @@ def test_bad_sample_every(value: object) -> None:
         GradMonitor(nn.Linear(2, 2), sample_every=value)  # type: ignore[arg-type]
 
 
-def test_clipping_with_a_parameter_frozen_after_the_monitor_was_made(provider: MeterProvider) -> None:
+def test_clipping_with_a_parameter_frozen_after_the_monitor_was_made(
+    provider: MeterProvider,
+) -> None:
     model = model_with_grads()
     monitor = GradMonitor(model, meter_provider=provider, on_warning="ignore")
     model[0].bias.requires_grad_(False)  # keeps its gradient, but is no longer trained
@@ -205,7 +224,9 @@ def test_clipping_passes_the_scaler_the_loss_and_the_step_to_collect(
         scaler.scale(loss).backward()
         model[0].weight.grad[0, 0] = float("inf")  # the scaled gradients overflow
         scaler.unscale_(optimizer)
-        gradtel.clip_grad_norm_(model.parameters(), 1.0, monitor=monitor, scaler=scaler, loss=loss, step=step)
+        gradtel.clip_grad_norm_(
+            model.parameters(), 1.0, monitor=monitor, scaler=scaler, loss=loss, step=step
+        )
         scaler.step(optimizer)
         scaler.update()
     found = samples(registry)

@@ -133,10 +133,17 @@ def expect(expected: Expected, nan: Counter[str], inf: Counter[str], overflow: b
 
 def check_health(health: GradHealth, nan: Counter[str], inf: Counter[str], overflow: bool) -> None:
     got = (dict(health.nan_by_layer), dict(health.inf_by_layer))
-    assert got == (dict(nan), dict(inf)), f"step {health.step}: counted {got}, expected {(dict(nan), dict(inf))}"
-    assert health.amp_overflow == overflow, f"step {health.step}: amp_overflow={health.amp_overflow}"
+    assert got == (dict(nan), dict(inf)), (
+        f"step {health.step}: counted {got}, expected {(dict(nan), dict(inf))}"
+    )
+    assert health.amp_overflow == overflow, (
+        f"step {health.step}: amp_overflow={health.amp_overflow}"
+    )
     # Backward produces the layers last to first: the first bad one is the last in model order.
-    for kind, counts, first in (("NaN", nan, health.first_nan_layer), ("Inf", inf, health.first_inf_layer)):
+    for kind, counts, first in (
+        ("NaN", nan, health.first_nan_layer),
+        ("Inf", inf, health.first_inf_layer),
+    ):
         want = max(counts, key=LAYERS.index) if counts else None
         assert first == want, f"step {health.step}: first {kind} layer {first}, expected {want}"
 
@@ -148,7 +155,9 @@ def check_series(found: Samples, expected: Expected, layers: tuple[str, ...] = L
     for kind in ("nan", "inf"):
         for layer in layers:
             got = value(f"gradtel_{kind}_grads_total", layer=layer)
-            assert got == expected.grads[(kind, layer)], f"{kind} in {layer}: {got}, expected {expected.grads[(kind, layer)]}"
+            assert got == expected.grads[(kind, layer)], (
+                f"{kind} in {layer}: {got}, expected {expected.grads[(kind, layer)]}"
+            )
         for severity in ("warning", "critical"):
             got = value("gradtel_unhealthy_updates_total", kind=kind, severity=severity)
             want = expected.unhealthy[(kind, severity)]
@@ -158,7 +167,9 @@ def check_series(found: Samples, expected: Expected, layers: tuple[str, ...] = L
     assert got == expected.amp_skips, f"amp_overflow skips: {got}, expected {expected.amp_skips}"
 
 
-def start(readout: str, seed: int, monkeypatch: pytest.MonkeyPatch) -> tuple[random.Random, CollectorRegistry, MeterProvider]:
+def start(
+    readout: str, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[random.Random, CollectorRegistry, MeterProvider]:
     """The seeded random source, and a fresh registry and provider; ``"queued"`` makes the
     monitor read out as on a device whose work is queued (a GPU's)."""
     torch.manual_seed(seed)
@@ -168,7 +179,11 @@ def start(readout: str, seed: int, monkeypatch: pytest.MonkeyPatch) -> tuple[ran
     return random.Random(seed), registry, gradtel.prometheus_meter_provider(registry)
 
 
-def run_all(cases: list[Case] | list[FrameworkCase], run: Callable[..., None], monkeypatch: pytest.MonkeyPatch) -> None:
+def run_all(
+    cases: list[Case] | list[FrameworkCase],
+    run: Callable[..., None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Run every case, each with its own seed; fail with the failing cases, one a line."""
     failures = []
     for index, case in enumerate(cases):
@@ -177,7 +192,9 @@ def run_all(cases: list[Case] | list[FrameworkCase], run: Callable[..., None], m
                 run(case, seed=index, monkeypatch=patch)
             except AssertionError as exc:
                 failures.append(f"seed={index} {case}: {str(exc).splitlines()[0]}")
-    assert not failures, f"{len(failures)} of {len(cases)} combinations failed:\n" + "\n".join(failures[:20])
+    assert not failures, f"{len(failures)} of {len(cases)} combinations failed:\n" + "\n".join(
+        failures[:20]
+    )
 
 
 def run(case: Case, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -215,7 +232,9 @@ def run(case: Case, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 step(optimizer, scaler)
             elif case.path == "attach":
-                if case.clip == "torch":  # clipping under AMP unscales first: gradtel collects there
+                if (
+                    case.clip == "torch"
+                ):  # clipping under AMP unscales first: gradtel collects there
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 step(optimizer, scaler)
@@ -225,7 +244,9 @@ def run(case: Case, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
                     scaler.unscale_(optimizer)
                 nan, inf = reference(model)
                 if case.clip == "gradtel":
-                    gradtel.clip_grad_norm_(model.parameters(), 1.0, monitor=monitor, scaler=scaler, step=update)
+                    gradtel.clip_grad_norm_(
+                        model.parameters(), 1.0, monitor=monitor, scaler=scaler, step=update
+                    )
                 else:
                     healths.append(monitor.collect(scaler=scaler, step=update))
                     if case.clip == "torch":
@@ -242,7 +263,9 @@ def run(case: Case, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
             if health.step in seen and not health.pending:
                 check_health(health, *seen[health.step])
             elif health.step not in seen:
-                assert health.status is Status.UNKNOWN and not health.sampled, f"step {health.step} sampled out"
+                assert health.status is Status.UNKNOWN and not health.sampled, (
+                    f"step {health.step} sampled out"
+                )
         check_series(samples(registry), expected)
     finally:
         monitor.close()
@@ -264,7 +287,9 @@ def _spy(collect, model, at_collection):  # type: ignore[no-untyped-def]
     return spied
 
 
-def test_every_combination_publishes_what_a_plain_count_finds(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_combination_publishes_what_a_plain_count_finds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     run_all(CASES, run, monkeypatch)
 
 
@@ -283,7 +308,8 @@ class FrameworkCase:
 
 
 FRAMEWORK_CASES = [
-    FrameworkCase(*combo) for combo in itertools.product(("sync", "queued"), (False, True), (1, 2), (1, 3))
+    FrameworkCase(*combo)
+    for combo in itertools.product(("sync", "queued"), (False, True), (1, 2), (1, 3))
 ]
 
 
@@ -300,7 +326,9 @@ def run_lightning(case: FrameworkCase, seed: int, monkeypatch: pytest.MonkeyPatc
     class Tiny(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+            self.net = nn.Sequential(
+                nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)
+            )
 
         def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
             return self.net(batch[0]).pow(2).mean()
@@ -314,7 +342,9 @@ def run_lightning(case: FrameworkCase, seed: int, monkeypatch: pytest.MonkeyPatc
     class Reference(pl.Callback):
         """Counts what gradtel's callback is about to count (it runs first)."""
 
-        def on_before_optimizer_step(self, trainer: pl.Trainer, module: pl.LightningModule, optimizer: object) -> None:
+        def on_before_optimizer_step(
+            self, trainer: pl.Trainer, module: pl.LightningModule, optimizer: object
+        ) -> None:
             collected[0] += 1
             if (collected[0] - 1) % case.sample_every == 0:
                 nan, inf = reference(module)
@@ -326,7 +356,11 @@ def run_lightning(case: FrameworkCase, seed: int, monkeypatch: pytest.MonkeyPatc
     )  # fmt: skip
     module = Tiny()
     injector = Injector(module.net, rng)
-    plugins = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=4.0))] if case.scaler else []
+    plugins = (
+        [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=4.0))]
+        if case.scaler
+        else []
+    )
     trainer = pl.Trainer(
         max_steps=UPDATES, accelerator="cpu", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,

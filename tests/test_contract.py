@@ -30,7 +30,10 @@ def served(registry: CollectorRegistry) -> str:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     monitor = gradtel.GradMonitor(
-        model, meter_provider=gradtel.prometheus_meter_provider(registry), on_critical="ignore", grad_norm=True,
+        model,
+        meter_provider=gradtel.prometheus_meter_provider(registry),
+        on_critical="ignore",
+        grad_norm=True,
         layer_norms=True,
     )
     model(torch.randn(4, 4)).sum().backward()
@@ -57,16 +60,22 @@ def served(registry: CollectorRegistry) -> str:
         monitor.close()
 
 
-def test_every_metric_of_the_contract_is_served_as_the_table_says(registry: CollectorRegistry) -> None:
+def test_every_metric_of_the_contract_is_served_as_the_table_says(
+    registry: CollectorRegistry,
+) -> None:
     families = {
-        f.name: f for f in text_string_to_metric_families(served(registry)) if f.name.startswith("gradtel_")
+        f.name: f
+        for f in text_string_to_metric_families(served(registry))
+        if f.name.startswith("gradtel_")
     }
     for metric in metrics.METRICS:
         # The parser names a counter's family without its ``_total``.
         family = families.pop(metric.name.removesuffix("_total"), None)
         assert family is not None, f"{metric.name} is not served"
         assert (family.type, family.documentation) == (metric.type, metric.help), metric.name
-        labels = {k for s in family.samples for k in s.labels} - set(metrics.PROCESS_LABELS) - {"le"}
+        labels = (
+            {k for s in family.samples for k in s.labels} - set(metrics.PROCESS_LABELS) - {"le"}
+        )
         assert labels == set(metric.labels), metric.name
         if metric in CLOSED_SETS:
             label, values = CLOSED_SETS[metric]

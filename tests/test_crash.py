@@ -73,12 +73,19 @@ def crash(readout: str, policy: str, updates: str, sample_every: int = 1) -> tup
 
 def test_a_crash_is_counted_scraped_and_passed_on_unchanged() -> None:
     found, stderr, status = crash("sync", "warn", "ok,nan")
-    assert sample(found, "gradtel_training_exceptions_total", type="ValueError", gradients="unhealthy") == 1
+    assert (
+        sample(found, "gradtel_training_exceptions_total", type="ValueError", gradients="unhealthy")
+        == 1
+    )
     assert sample(found, "gradtel_last_unhealthy_step", kind="nan") == 41
     assert status == 1
     lines = stderr.splitlines()
     traceback = lines.index("Traceback (most recent call last):")
-    error = next(i for i, line in enumerate(lines) if line.startswith("ValueError: Expected parameter logits"))
+    error = next(
+        i
+        for i, line in enumerate(lines)
+        if line.startswith("ValueError: Expected parameter logits")
+    )
     assert traceback < error  # Python's own report, whole
 
 
@@ -100,9 +107,17 @@ def test_a_crash_is_counted_scraped_and_passed_on_unchanged() -> None:
         ("sync", "warn", "", "ValueError", "unknown"),
     ],
     ids=[
-        "poisoned", "deferred", "raised", "healthy", "rolled-back", "crash-right-after-rollback",
-        "reloaded-then-healthy", "closed-on-the-way-out",
-        "reloaded-then-closed-on-the-way-out", "skipped-then-healthy", "before-any-update",
+        "poisoned",
+        "deferred",
+        "raised",
+        "healthy",
+        "rolled-back",
+        "crash-right-after-rollback",
+        "reloaded-then-healthy",
+        "closed-on-the-way-out",
+        "reloaded-then-closed-on-the-way-out",
+        "skipped-then-healthy",
+        "before-any-update",
     ],
 )
 def test_a_crash_says_whether_nan_or_inf_gradients_came_before_it(
@@ -112,7 +127,11 @@ def test_a_crash_says_whether_nan_or_inf_gradients_came_before_it(
     healthy updates, does not make an old crash look healthy."""
     found, _, status = crash(readout, policy, updates)
     assert status == 1
-    crashes = {labels: value for (name, labels), value in found.items() if name == "gradtel_training_exceptions_total"}
+    crashes = {
+        labels: value
+        for (name, labels), value in found.items()
+        if name == "gradtel_training_exceptions_total"
+    }
     assert crashes == {frozenset({("type", exception), ("gradients", gradients)}): 1}
 
 
@@ -132,5 +151,9 @@ def test_a_crash_after_an_update_gradtel_did_not_scan_is_never_called_healthy(
     """NaN in an update gradtel did not look at could be what crashed the process."""
     found, _, status = crash(readout, "warn", updates, sample_every)
     assert status == 1
-    crashes = {labels: value for (name, labels), value in found.items() if name == "gradtel_training_exceptions_total"}
+    crashes = {
+        labels: value
+        for (name, labels), value in found.items()
+        if name == "gradtel_training_exceptions_total"
+    }
     assert crashes == {frozenset({("type", "ValueError"), ("gradients", gradients)}): 1}

@@ -55,7 +55,9 @@ def test_panel_ids_are_unique_and_the_grid_does_not_overlap() -> None:
     for panel in BOARD["panels"]:
         g = panel["gridPos"]
         assert 0 <= g["x"] and g["x"] + g["w"] <= 24, panel["title"]
-        area = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        area = {
+            (x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])
+        }
         assert not area & cells, f"{panel['title']} overlaps another panel"
         cells |= area
 
@@ -74,7 +76,10 @@ def test_every_variable_used_is_defined() -> None:
         for name in re.findall(r"\$\{?(\w+)", target["expr"]):
             assert name in VARIABLES or name in BUILTINS, (panel["title"], name)
     for variable in VARIABLES.values():
-        for name in re.findall(r"\$\{?(\w+)", variable.get("query", "") if isinstance(variable.get("query"), str) else ""):
+        for name in re.findall(
+            r"\$\{?(\w+)",
+            variable.get("query", "") if isinstance(variable.get("query"), str) else "",
+        ):
             assert name in VARIABLES, (variable["name"], name)
 
 
@@ -103,13 +108,21 @@ def test_queries_follow_the_conventions() -> None:
             # before) counts from 0, `(increase(X[w]) or (X unless last_over_time(X[w] offset w)))`.
             if match.group(2) is None:
                 assert after.startswith(" unless last_over_time("), (panel["title"], match.group(0))
-                assert re.search(r"increase\(" + re.escape(match.group(0)) + r"\[\$__\w+\]\) or \($", before)
+                assert re.search(
+                    r"increase\(" + re.escape(match.group(0)) + r"\[\$__\w+\]\) or \($", before
+                )
                 continue
             if before.endswith(" unless last_over_time("):
-                assert re.match(r" offset \$__(rate_interval|range)\)", after), (panel["title"], match.group(0))
+                assert re.match(r" offset \$__(rate_interval|range)\)", after), (
+                    panel["title"],
+                    match.group(0),
+                )
                 continue
             assert re.search(r"(rate|increase)\($", before), (panel["title"], match.group(1))
-            assert match.group(2) in ("[$__rate_interval]", "[$__range]"), (panel["title"], match.group(0))
+            assert match.group(2) in ("[$__rate_interval]", "[$__range]"), (
+                panel["title"],
+                match.group(0),
+            )
 
 
 def test_provisioning_and_compose_are_consistent() -> None:
@@ -136,7 +149,9 @@ def test_provisioning_and_compose_are_consistent() -> None:
     def port(service: str) -> int:
         return int(services[service]["ports"][0].split(":")[1])
 
-    datasource = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/gradtel.yml").read_text())
+    datasource = yaml.safe_load(
+        (DEPLOY / "grafana/provisioning/datasources/gradtel.yml").read_text()
+    )
     source = datasource["datasources"][0]
     assert source["uid"] == DATASOURCE_UID and source["type"] == "prometheus"
     assert source["url"] == f"http://prometheus:{port('prometheus')}"
@@ -156,7 +171,18 @@ def live() -> Iterator[tuple[Stack, str]]:
     require_tool("prometheus-alertmanager", "prometheus-alertmanager")
     port = free_port()
     demo = subprocess.Popen(
-        [sys.executable, "-m", "gradtel.cli", "demo", "--port", str(port), "--interval", "0.05", "--steps", "100000"],
+        [
+            sys.executable,
+            "-m",
+            "gradtel.cli",
+            "demo",
+            "--port",
+            str(port),
+            "--interval",
+            "0.05",
+            "--steps",
+            "100000",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -169,8 +195,14 @@ def live() -> Iterator[tuple[Stack, str]]:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             firing = {a["metric"]["alertname"] for a in stack.query('ALERTS{alertstate="firing"}')}
-            scrapes = stack.query(f'count_over_time(gradtel_updates_total{{instance="{instance}"}}[1m])')
-            if {"GradtelNaNGradients", "GradtelInfGradients"} <= firing and scrapes and float(scrapes[0]["value"][1]) >= 5:
+            scrapes = stack.query(
+                f'count_over_time(gradtel_updates_total{{instance="{instance}"}}[1m])'
+            )
+            if (
+                {"GradtelNaNGradients", "GradtelInfGradients"} <= firing
+                and scrapes
+                and float(scrapes[0]["value"][1]) >= 5
+            ):
                 break
             time.sleep(0.5)
         yield stack, instance
@@ -210,7 +242,9 @@ def test_every_panel_query_returns_data_from_a_live_prometheus(live: tuple[Stack
         if target.get("instant"):
             data = api(stack, "query", query=expr, time=str(now))
         else:
-            data = api(stack, "query_range", query=expr, start=str(now - 60), end=str(now), step="1")
+            data = api(
+                stack, "query_range", query=expr, start=str(now - 60), end=str(now), step="1"
+            )
         if not data["result"]:
             empty.append((panel["title"], expr))
     assert not empty, f"panels without data: {empty}"

@@ -7,8 +7,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import time
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -39,15 +39,23 @@ def backward(model: nn.Module, nan: bool = False) -> None:
 
 
 def unhealthy(registry: CollectorRegistry) -> float:
-    return sample(samples(registry), "gradtel_unhealthy_updates_total", kind="nan", severity="warning")
+    return sample(
+        samples(registry), "gradtel_unhealthy_updates_total", kind="nan", severity="warning"
+    )
 
 
-def test_collect_returns_the_latest_finished_update(provider: MeterProvider, registry: CollectorRegistry) -> None:
+def test_collect_returns_the_latest_finished_update(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
     model = net()
     monitor = GradMonitor(model, meter_provider=provider, readout="deferred")
     backward(model)
     first = monitor.collect()
-    assert first.pending and first.status is Status.UNKNOWN and "has not finished yet" in first.describe()
+    assert (
+        first.pending
+        and first.status is Status.UNKNOWN
+        and "has not finished yet" in first.describe()
+    )
     backward(model, nan=True)
     assert monitor.collect().step == 1  # update 1, healthy, published by this call
     assert unhealthy(registry) == 0  # update 2 is not published yet
@@ -75,7 +83,9 @@ def test_collect_never_waits_on_its_own_update(
         return original(self)
 
     monkeypatch.setattr(HostCopy, "read", read)
-    monkeypatch.setattr("gradtel.scan.Scanner.read", lambda *args: pytest.fail("a blocking read-out"))
+    monkeypatch.setattr(
+        "gradtel.scan.Scanner.read", lambda *args: pytest.fail("a blocking read-out")
+    )
     model = net()
     monitor = GradMonitor(model, meter_provider=provider, readout="deferred")
     for nan in (False, True, False):
@@ -87,7 +97,9 @@ def test_collect_never_waits_on_its_own_update(
     assert monitor.collect().step == 3
 
 
-def test_a_scrape_publishes_what_has_finished(provider: MeterProvider, registry: CollectorRegistry) -> None:
+def test_a_scrape_publishes_what_has_finished(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
     model = net()
     monitor = GradMonitor(model, meter_provider=provider, readout="deferred")
     backward(model, nan=True)
@@ -95,7 +107,9 @@ def test_a_scrape_publishes_what_has_finished(provider: MeterProvider, registry:
     server = gradtel.serve(port=0, registry=registry, exit_grace=0)
     try:
         assert server.url is not None
-        assert 'gradtel_unhealthy_updates_total{kind="nan",severity="warning"} 1.0' in scrape(server.url)
+        assert 'gradtel_unhealthy_updates_total{kind="nan",severity="warning"} 1.0' in scrape(
+            server.url
+        )
     finally:
         server.close()
         monitor.close()
@@ -123,7 +137,9 @@ def reference(model: nn.Module) -> tuple[dict[str, int], dict[str, int]]:
 
 
 REWRITES = {
-    "torch's clip_grad_norm_": lambda model, monitor: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0),
+    "torch's clip_grad_norm_": lambda model, monitor: torch.nn.utils.clip_grad_norm_(
+        model.parameters(), 1.0
+    ),
     "gradtel.clip_grad_norm_": lambda model, monitor: None,  # it collects, then clips
     "grad.data.zero_()": lambda model, monitor: [p.grad.data.zero_() for p in model.parameters()],
     "zero_grad(set_to_none=False)": lambda model, monitor: model.zero_grad(set_to_none=False),
@@ -189,10 +205,15 @@ def test_an_unhealthy_update_is_published_by_sampled_out_collects(
             {"readout": "deferred", "on_critical": "skip"},
             "on_critical='skip' must act on an update before optimizer.step.., but readout='deferred'",
         ),
-        ({"readout": "deferred", "on_warning": "raise"}, "use readout='sync' with on_warning='raise'"),
+        (
+            {"readout": "deferred", "on_warning": "raise"},
+            "use readout='sync' with on_warning='raise'",
+        ),
     ],
 )
-def test_readouts_that_cannot_work_are_refused(provider: MeterProvider, kwargs: dict[str, str], message: str) -> None:
+def test_readouts_that_cannot_work_are_refused(
+    provider: MeterProvider, kwargs: dict[str, str], message: str
+) -> None:
     with pytest.raises(ValueError, match=message):
         GradMonitor(net(), meter_provider=provider, **kwargs)  # type: ignore[arg-type]
 
@@ -217,7 +238,9 @@ def test_nothing_is_lost_at_exit() -> None:
         monitor.collect()  # the run ends here, its last update unpublished
         """
     )
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0, run.stderr
     assert float(run.stdout.strip()) == 1
 

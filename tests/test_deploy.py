@@ -92,9 +92,13 @@ def test_rule_tests_cover_every_behaviour_the_alerts_promise() -> None:
     for alert in ("GradtelNaNGradients", "GradtelInfGradients", "GradtelNothingScanned", "GradtelAmpOverflowSkips",
                   "GradtelAmpLossScaleCollapsed", "GradtelGradNormSpike", "GradtelTrainingStalled",
                   "GradtelExporterDown", "GradtelTrainingCrashed"):  # fmt: skip
-        assert any(n.startswith(f"{alert} ") and ("scrape" in n and "fail" in n) for n in names), alert
+        assert any(n.startswith(f"{alert} ") and ("scrape" in n and "fail" in n) for n in names), (
+            alert
+        )
         assert any(n.startswith(f"{alert} ") and "gap" in n for n in names), alert
-        assert any(n.startswith(f"{alert} ") and ("restart" in n or "joins late" in n) for n in names), alert
+        assert any(
+            n.startswith(f"{alert} ") and ("restart" in n or "joins late" in n) for n in names
+        ), alert
 
 
 def test_unhealthy_alerts_wait_one_scrape_and_one_evaluation_interval() -> None:
@@ -102,7 +106,9 @@ def test_unhealthy_alerts_wait_one_scrape_and_one_evaluation_interval() -> None:
     config = yaml.safe_load(kit["prometheus/prometheus.yml"])
     assert config["global"]["evaluation_interval"] == "1m"
     assert config["scrape_configs"][0]["scrape_interval"] == "15s"
-    alerts = [r for g in yaml.safe_load(kit["prometheus/gradtel-rules.yml"])["groups"] for r in g["rules"]]
+    alerts = [
+        r for g in yaml.safe_load(kit["prometheus/gradtel-rules.yml"])["groups"] for r in g["rules"]
+    ]
     assert {r["for"] for r in alerts if r.get("alert", "").endswith("Gradients")} == {"1m15s"}
 
 
@@ -129,14 +135,18 @@ def test_scrape_configs_are_valid_and_wire_the_rules() -> None:
     assert ranks["file_sd_configs"][0]["files"] == ["targets/*.json"]
 
 
-def test_scale_out_configs_are_valid_and_their_commands_are_the_tested_ones(prometheus_bin: Path) -> None:  # noqa: F811
+def test_scale_out_configs_are_valid_and_their_commands_are_the_tested_ones(
+    prometheus_bin: Path,  # noqa: F811 (the fixture)
+) -> None:
     promtool = str(prometheus_bin / "promtool")
     scale_out = DEPLOY / "scale-out"
     for config, flags in (("prometheus-agent.yml", ["--agent"]), ("central-prometheus.yml", [])):
         checked = run(promtool, "check", "config", *flags, config, cwd=scale_out)
         assert checked.returncode == 0, checked.stdout + checked.stderr
     agent = yaml.safe_load((scale_out / "prometheus-agent.yml").read_text())
-    assert agent["scrape_configs"][0]["file_sd_configs"][0]["files"] == ["../prometheus/targets/*.json"]
+    assert agent["scrape_configs"][0]["file_sd_configs"][0]["files"] == [
+        "../prometheus/targets/*.json"
+    ]
     assert agent["remote_write"][0]["queue_config"]["batch_send_deadline"] == "1s"
     readme = (scale_out / "README.md").read_text()
     for flag in ("--agent \\", "--enable-feature=agent", "--web.enable-remote-write-receiver", "-search.latencyOffset=12s",
@@ -200,7 +210,11 @@ def test_every_alert_links_an_anchor_of_the_runbook() -> None:
         assert set(alert["annotations"]) == {"summary", "description", "runbook_url"}
         assert "{{" not in alert["annotations"]["summary"]  # static summary
         assert alert["labels"]["severity"] in ("warning", "critical")
-        if alert["alert"] in ("GradtelNaNGradients", "GradtelInfGradients", "GradtelTrainingCrashed"):
+        if alert["alert"] in (
+            "GradtelNaNGradients",
+            "GradtelInfGradients",
+            "GradtelTrainingCrashed",
+        ):
             # One scrape and one evaluation interval: every rank's scrape of the update (or its last) is in.
             assert alert["for"] == "10s"
         if alert["alert"].endswith("Gradients"):
@@ -208,7 +222,8 @@ def test_every_alert_links_an_anchor_of_the_runbook() -> None:
 
 
 def test_other_thresholds_render_a_consistent_kit_that_passes_its_own_tests(
-    tmp_path: Path, prometheus_bin: Path  # noqa: F811
+    tmp_path: Path,
+    prometheus_bin: Path,  # noqa: F811
 ) -> None:
     promtool = str(prometheus_bin / "promtool")
     assert main(
@@ -222,39 +237,99 @@ def test_other_thresholds_render_a_consistent_kit_that_passes_its_own_tests(
     rules = (folder / "gradtel-rules.yml").read_text()
     assert "more than 10 NaN gradient values" in rules and "more than 2 and at most 10" in rules
     assert 'job="trainer"' in rules and "[5m]" in rules and "> 180" in rules and "> 0.25" in rules
-    assert "> 4 * quantile_over_time(0.5, gradtel_grad_norm{job=\"trainer\"}[30m])" in rules
+    assert '> 4 * quantile_over_time(0.5, gradtel_grad_norm{job="trainer"}[30m])' in rules
     assert "[30m] offset 5m)" in rules and "< time() - 300" in rules
-    assert "last_over_time(gradtel_amp_loss_scale{job=\"trainer\"}[5m]) < 0.5" in rules
+    assert 'last_over_time(gradtel_amp_loss_scale{job="trainer"}[5m]) < 0.5' in rules
     assert "| warning  | more than 2 and at most 10 |" in (folder / "runbook.md").read_text()
 
 
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"window": "ten minutes"}, ValueError, r"window must be a Prometheus duration .* got 'ten minutes'"),
+        (
+            {"window": "ten minutes"},
+            ValueError,
+            r"window must be a Prometheus duration .* got 'ten minutes'",
+        ),
         ({"window": "0m"}, ValueError, r"window must be longer than 0, got '0m'"),
         ({"stall_after": ""}, ValueError, r"stall_after must be a Prometheus duration"),
         ({"job": "my job"}, ValueError, r"job must be a plain Prometheus job name .* got 'my job'"),
-        ({"runbook_url": "runbook.md"}, ValueError, r"runbook_url must be an http\(s\) URL, got 'runbook.md'"),
+        (
+            {"runbook_url": "runbook.md"},
+            ValueError,
+            r"runbook_url must be an http\(s\) URL, got 'runbook.md'",
+        ),
         ({"thresholds": 5}, TypeError, r"thresholds must be a gradtel.Thresholds, got 5"),
-        ({"amp_skip_ratio": 1.0}, ValueError, r"amp_skip_ratio must be a number between 0 and 1 \(exclusive\), got 1.0"),
+        (
+            {"amp_skip_ratio": 1.0},
+            ValueError,
+            r"amp_skip_ratio must be a number between 0 and 1 \(exclusive\), got 1.0",
+        ),
         ({"amp_skip_ratio": "half"}, ValueError, r"amp_skip_ratio must be .* got 'half'"),
-        ({"amp_scale_floor": 0}, ValueError, r"amp_scale_floor must be a finite number above 0, got 0"),
-        ({"amp_scale_floor": "1"}, ValueError, r"amp_scale_floor must be a finite number above 0, got '1'"),
+        (
+            {"amp_scale_floor": 0},
+            ValueError,
+            r"amp_scale_floor must be a finite number above 0, got 0",
+        ),
+        (
+            {"amp_scale_floor": "1"},
+            ValueError,
+            r"amp_scale_floor must be a finite number above 0, got '1'",
+        ),
         ({"spike_factor": 1}, ValueError, r"spike_factor must be a finite number above 1, got 1"),
-        ({"spike_factor": True}, ValueError, r"spike_factor must be a finite number above 1, got True"),
-        ({"spike_baseline": "hour"}, ValueError, r"spike_baseline must be a Prometheus duration .* got 'hour'"),
-        ({"spike_history": "1h"}, ValueError, r"spike_history must be shorter than spike_baseline \('1h'\), got '1h'"),
-        ({"scrape_interval": "often"}, ValueError, r"scrape_interval must be a Prometheus duration .* got 'often'"),
-        ({"evaluation_interval": "0s"}, ValueError, r"evaluation_interval must be longer than 0, got '0s'"),
-        ({"targets": "node-1:9464"}, ValueError, r"targets must be a list of 'host:port' strings .* got 'node-1:9464'"),
+        (
+            {"spike_factor": True},
+            ValueError,
+            r"spike_factor must be a finite number above 1, got True",
+        ),
+        (
+            {"spike_baseline": "hour"},
+            ValueError,
+            r"spike_baseline must be a Prometheus duration .* got 'hour'",
+        ),
+        (
+            {"spike_history": "1h"},
+            ValueError,
+            r"spike_history must be shorter than spike_baseline \('1h'\), got '1h'",
+        ),
+        (
+            {"scrape_interval": "often"},
+            ValueError,
+            r"scrape_interval must be a Prometheus duration .* got 'often'",
+        ),
+        (
+            {"evaluation_interval": "0s"},
+            ValueError,
+            r"evaluation_interval must be longer than 0, got '0s'",
+        ),
+        (
+            {"targets": "node-1:9464"},
+            ValueError,
+            r"targets must be a list of 'host:port' strings .* got 'node-1:9464'",
+        ),
         ({"targets": []}, ValueError, r"targets must be a list of 'host:port' strings"),
-        ({"targets": ["node-1"]}, ValueError, r"targets must be 'host:port' with a port from 1 to 65535, .* got 'node-1'"),
-        ({"targets": ["http://node-1:9464/metrics"]}, ValueError, r"\(no scheme, no path\), got 'http://node-1:9464/metrics'"),
+        (
+            {"targets": ["node-1"]},
+            ValueError,
+            r"targets must be 'host:port' with a port from 1 to 65535, .* got 'node-1'",
+        ),
+        (
+            {"targets": ["http://node-1:9464/metrics"]},
+            ValueError,
+            r"\(no scheme, no path\), got 'http://node-1:9464/metrics'",
+        ),
         ({"targets": ["node-1:65536"]}, ValueError, r"got 'node-1:65536'"),
         ({"alertmanager": "am"}, ValueError, r"alertmanager must be 'host:port' .* got 'am'"),
-        ({"pager_url": "pagerduty"}, ValueError, r"pager_url must be an http\(s\) webhook URL .* got 'pagerduty'"),
-        ({"chat_url": "ftp://chat/hook"}, ValueError, r"chat_url must be an http\(s\) webhook URL .* got 'ftp://chat/hook'"),
+        (
+            {"pager_url": "pagerduty"},
+            ValueError,
+            r"pager_url must be an http\(s\) webhook URL .* got 'pagerduty'",
+        ),
+        (
+            {"chat_url": "ftp://chat/hook"},
+            ValueError,
+            r"chat_url must be an http\(s\) webhook URL .* got 'ftp://chat/hook'",
+        ),
     ],
 )
 def test_bad_kit_options(kwargs: dict, error: type, message: str) -> None:
@@ -275,7 +350,9 @@ def test_render_command_renders_a_kit_for_your_own_job(tmp_path: Path) -> None:
     ]
     assert config["scrape_configs"][0]["scrape_interval"] == "15s"
     assert config["global"]["evaluation_interval"] == "30s"
-    assert config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["alerts.example:9093"]
+    assert config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == [
+        "alerts.example:9093"
+    ]
     routing = yaml.safe_load((folder / "alertmanager.yml").read_text())
     assert {r["name"]: r["webhook_configs"][0]["url"] for r in routing["receivers"]} == {
         "pager": "https://pager.example/hook", "chat": "https://chat.example/hook",
@@ -283,20 +360,29 @@ def test_render_command_renders_a_kit_for_your_own_job(tmp_path: Path) -> None:
     rules = (folder / "gradtel-rules.yml").read_text()
     assert "for: 45s" in rules
     for rendered in ("prometheus.yml", "alertmanager.yml", "gradtel-rules.yml"):
-        assert "Do not edit by hand:\n# re-render with `gradtel render" in (folder / rendered).read_text()
+        assert (
+            "Do not edit by hand:\n# re-render with `gradtel render"
+            in (folder / rendered).read_text()
+        )
 
 
-def test_render_command_reports_bad_targets_and_urls(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_render_command_reports_bad_targets_and_urls(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     assert main(["render", "--out", str(tmp_path), "--targets", "node-1:9464,node-2"]) == 1
     assert "gradtel render: targets must be 'host:port'" in capsys.readouterr().err
     assert main(["render", "--out", str(tmp_path), "--pager-url", "pager"]) == 1
     assert "gradtel render: pager_url must be an http(s) webhook URL" in capsys.readouterr().err
     assert main(["render", "--out", str(tmp_path), "--scrape-interval", "often"]) == 1
-    assert "gradtel render: scrape_interval must be a Prometheus duration" in capsys.readouterr().err
+    assert (
+        "gradtel render: scrape_interval must be a Prometheus duration" in capsys.readouterr().err
+    )
     assert not list(tmp_path.iterdir())
 
 
-def test_render_command_reports_bad_thresholds(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_render_command_reports_bad_thresholds(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     assert main(["render", "--out", str(tmp_path), "--warning", "6", "--critical", "5"]) == 1
     assert "Thresholds.warning (6) must be <= Thresholds.critical (5)" in capsys.readouterr().err
     assert Thresholds().critical == 5
@@ -317,7 +403,9 @@ def test_kubernetes_example_is_consistent() -> None:
     assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     assert endpoint["port"] in {p["name"] for p in container["ports"]}
     assert endpoint["path"] == "/metrics"
-    assert endpoint["relabelings"] == [{"targetLabel": "job", "replacement": "gradtel", "action": "replace"}]
+    assert endpoint["relabelings"] == [
+        {"targetLabel": "job", "replacement": "gradtel", "action": "replace"}
+    ]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["GRADTEL_ADDR"] == "0.0.0.0"
     assert int(env["GRADTEL_PORT"]) == container["ports"][0]["containerPort"]

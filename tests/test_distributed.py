@@ -70,7 +70,9 @@ def scale_out_stacks(targets: list[str]) -> list[Stack]:
     return [Stack(targets, timings=timings, agent=True, also_write=[victoria.write_url]), victoria]
 
 
-def test_one_page_says_the_nan_originated_on_rank_2_and_nothing_is_lost_at_exit(tmp_path: Path) -> None:
+def test_one_page_says_the_nan_originated_on_rank_2_and_nothing_is_lost_at_exit(
+    tmp_path: Path,
+) -> None:
     require_tool("prometheus", "prometheus")
     require_tool("prometheus-alertmanager", "prometheus-alertmanager")
     base = free_ports(RANKS)
@@ -134,14 +136,19 @@ def where(stack: Stack) -> str:
     return f"{stack.store}{' behind an agent' if stack.agent else ''}"
 
 
-def last_values(stack: Stack, series: str, expected: list[tuple[str, str]]) -> list[tuple[str, str]]:
+def last_values(
+    stack: Stack, series: str, expected: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
     """Each rank's last value of ``series``, polled until it is ``expected`` or 30 s have
     passed: a store behind an agent holds the newest samples back for a while
     (VictoriaMetrics: ``-search.latencyOffset``)."""
     deadline = time.monotonic() + 30
     while True:
         # The targets are gone: their series are stale now, read their last values.
-        found = sorted((a["metric"]["rank"], a["value"][1]) for a in stack.query(f"last_over_time({series}[5m])"))
+        found = sorted(
+            (a["metric"]["rank"], a["value"][1])
+            for a in stack.query(f"last_over_time({series}[5m])")
+        )
         if found == expected or time.monotonic() > deadline:
             return found
         time.sleep(0.5)
@@ -168,7 +175,9 @@ def assert_one_page(stack: Stack, injected: float, bad_update: int) -> None:
     # raised too: one crash page for the run, after NaN, naming rank 2's exception.
     crashes = [p for p in pager if p.alertname == "GradtelTrainingCrashed"]
     assert len(crashes) == 1, (where(stack), [p.description for p in crashes])
-    assert f"after NaN gradients at step {bad_update}" in crashes[0].description, crashes[0].description
+    assert f"after NaN gradients at step {bad_update}" in crashes[0].description, crashes[
+        0
+    ].description
     assert "(rank 2): NonFiniteGradientError" in crashes[0].description, crashes[0].description
     assert len(pager) == 2, (where(stack), [str(p) for p in pager])
     assert (page.alertname, page.severity) == ("GradtelNaNGradients", "critical")
@@ -176,9 +185,14 @@ def assert_one_page(stack: Stack, injected: float, bad_update: int) -> None:
     assert "originated on rank 2." in page.description, (where(stack), page.description)
     assert "The loss was already non-finite: it entered in the forward pass." in page.description
     assert f"at step {bad_update}." in page.description, (where(stack), page.description)
-    assert "Layers with NaN values in that window: body." in page.description, (where(stack), page.description)
+    assert "Layers with NaN values in that window: body." in page.description, (
+        where(stack),
+        page.description,
+    )
     assert [p for p in stack.receiver.firing("chat") if p.alertname != "GradtelExporterDown"] == []
-    print(f"\n{where(stack)}: injection -> page: {page.received - injected:.1f}s; page: {page.description}")
+    print(
+        f"\n{where(stack)}: injection -> page: {page.received - injected:.1f}s; page: {page.description}"
+    )
 
 
 def test_a_replay_of_1024_ranks_pages_once_naming_every_rank_and_the_origin() -> None:
@@ -216,7 +230,10 @@ def test_fsdp_counts_each_rank_before_the_reduce_scatter_in_both_flavours() -> N
         assert [r["rank"] for r in ranks] == [0, 1], said
         assert all(r["layers"] == ["0", "2"] for r in ranks), ranks  # no _fsdp_wrapped_module
         healthy, bad = zip(*(r["updates"] for r in ranks))
-        assert [u["local_nan"] for u in healthy] == [0, 0] and [u["nan"] for u in healthy] == [0, 0], ranks
+        assert [u["local_nan"] for u in healthy] == [0, 0] and [u["nan"] for u in healthy] == [
+            0,
+            0,
+        ], ranks
         assert [u["originated"] for u in bad] == [False, True], ranks
         assert bad[0]["local_nan"] == 0 and bad[1]["local_nan"] > 0, ranks
         assert sum(u["nan"] for u in bad) > 0, ranks  # the reduced shards carry it
@@ -412,13 +429,17 @@ def test_the_exit_collection_comes_after_the_pending_updates_are_published() -> 
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    said = next(line for line in run.stdout.splitlines() if line.startswith("NaN updates at the exit:"))
+    said = next(
+        line for line in run.stdout.splitlines() if line.startswith("NaN updates at the exit:")
+    )
     assert float(said.split(":")[1]) == 1, run.stdout
 
 
 @pytest.fixture
 def one_rank_group() -> Iterator[None]:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
     yield
     dist.destroy_process_group()
 
@@ -431,7 +452,9 @@ def net() -> nn.Module:
 def test_own_gradients_are_counted_before_the_reduction_with_any_hook(one_rank_group: None) -> None:
     ddp = nn.parallel.DistributedDataParallel(net())
     monitor = gradtel.GradMonitor(
-        ddp, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()), on_critical="ignore"
+        ddp,
+        meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()),
+        on_critical="ignore",
     )
     assert monitor.layers == ("0", "2")  # no "module."
 
@@ -447,7 +470,11 @@ def test_own_gradients_are_counted_before_the_reduction_with_any_hook(one_rank_g
     healthy = update(False)
     assert (healthy.local_nan_total, healthy.local_inf_total, healthy.loss_finite) == (0, 0, True)
     bad = update(True)
-    assert bad.local_nan_total == bad.nan_total > 0 and bad.originated_here and bad.loss_finite is False
+    assert (
+        bad.local_nan_total == bad.nan_total > 0
+        and bad.originated_here
+        and bad.loss_finite is False
+    )
     # A hook registered later becomes the reduction behind gradtel's count.
     ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
     assert update(True).local_nan_total == bad.nan_total
@@ -460,13 +487,19 @@ def test_a_model_with_a_hook_of_its_own_uses_ddp_comm_hook(
     ddp = nn.parallel.DistributedDataParallel(net())
     ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
     with caplog.at_level(logging.WARNING, logger="gradtel"):
-        gradtel.GradMonitor(ddp, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()))
+        gradtel.GradMonitor(
+            ddp, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry())
+        )
     assert "register gradtel.ddp_comm_hook(monitor, inner=your_hook)" in caplog.text
     other = nn.parallel.DistributedDataParallel(net())
     monitor = gradtel.GradMonitor(
-        other.module, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()), on_critical="ignore"
+        other.module,
+        meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()),
+        on_critical="ignore",
     )
-    other.register_comm_hook(None, gradtel.ddp_comm_hook(monitor, inner=default_hooks.fp16_compress_hook))
+    other.register_comm_hook(
+        None, gradtel.ddp_comm_hook(monitor, inner=default_hooks.fp16_compress_hook)
+    )
     x = torch.randn(4, 4)
     x[0, 0] = float("inf")
     other(x).sum().backward()
@@ -476,7 +509,9 @@ def test_a_model_with_a_hook_of_its_own_uses_ddp_comm_hook(
 
 def test_a_loss_that_is_not_a_tensor_is_refused() -> None:
     model = net()
-    monitor = gradtel.GradMonitor(model, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()))
+    monitor = gradtel.GradMonitor(
+        model, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry())
+    )
     with pytest.raises(TypeError, match=r"loss must be a tensor or None, got 1.5 \(float\)"):
         monitor.collect(loss=1.5)  # type: ignore[arg-type]
 
@@ -492,7 +527,9 @@ def test_a_new_monitor_counts_through_the_ddp_comm_hook_the_application_register
     first.close()
     with caplog.at_level(logging.WARNING, logger="gradtel"):
         second = gradtel.GradMonitor(
-            ddp, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()), on_critical="ignore"
+            ddp,
+            meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()),
+            on_critical="ignore",
         )
     assert caplog.text == ""
     x = torch.randn(4, 4)
@@ -513,7 +550,9 @@ def test_fully_shard_on_a_torch_without_custom_reduce_scatters_says_once_that_th
         for _ in range(2):
             model = net()
             fully_shard(model)
-            monitor = gradtel.GradMonitor(model, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()))
+            monitor = gradtel.GradMonitor(
+                model, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry())
+            )
             model(torch.randn(4, 4)).sum().backward()
             assert monitor.collect().local_nan_total is None
             monitor.close()
@@ -533,10 +572,14 @@ def test_gradtel_imports_on_a_torch_without_fully_shards_reduce_scatter_classes(
     assert (run.returncode, run.stdout) == (0, "imported\n"), run.stderr[-3000:]
 
 
-def test_a_nan_reduced_in_one_backward_pass_is_counted_once_in_the_update(one_rank_group: None) -> None:
+def test_a_nan_reduced_in_one_backward_pass_is_counted_once_in_the_update(
+    one_rank_group: None,
+) -> None:
     ddp = nn.parallel.DistributedDataParallel(net())
     monitor = gradtel.GradMonitor(
-        ddp, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()), on_critical="ignore"
+        ddp,
+        meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry()),
+        on_critical="ignore",
     )
 
     def update(passes: int, bad: bool = True) -> int | None:

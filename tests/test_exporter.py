@@ -14,10 +14,10 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from prometheus_client import REGISTRY, CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families as parse_text
-from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from opentelemetry.sdk.metrics import MeterProvider
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families as parse_text
 from torch import nn
 
 import gradtel
@@ -164,7 +164,9 @@ def test_port_in_use_is_logged_and_counted_by_default(
     assert serve_errors(REGISTRY) == global_before
 
 
-def test_an_endpoint_error_before_any_monitor_is_counted_when_one_records(server: MetricsServer) -> None:
+def test_an_endpoint_error_before_any_monitor_is_counted_when_one_records(
+    server: MetricsServer,
+) -> None:
     registry = CollectorRegistry()
     serve(port=server.port, registry=registry).close()  # nothing records into it yet
     assert registry.get_sample_value("gradtel_errors_total", {"stage": "serve"}) is None
@@ -183,15 +185,40 @@ def test_port_in_use_raises_when_asked(server: MetricsServer, registry: Collecto
 @pytest.mark.parametrize(
     ("kwargs", "env", "error", "message"),
     [
-        ({"port": 70000}, {}, ValueError, r"port must be from 0 to 65535 \(0 picks a free port\), got 70000"),
+        (
+            {"port": 70000},
+            {},
+            ValueError,
+            r"port must be from 0 to 65535 \(0 picks a free port\), got 70000",
+        ),
         ({"port": -1}, {}, ValueError, r"port must be from 0 to 65535 .* got -1"),
-        ({"port": "9464"}, {}, TypeError, r"port must be an int from 0 to 65535, got '9464' \(str\)"),
+        (
+            {"port": "9464"},
+            {},
+            TypeError,
+            r"port must be an int from 0 to 65535, got '9464' \(str\)",
+        ),
         ({"port": 9464.0}, {}, TypeError, r"port must be an int .* got 9464.0 \(float\)"),
         ({"addr": ""}, {}, ValueError, r"addr must be a non-empty host address .* got ''"),
-        ({}, {"GRADTEL_PORT": "abc"}, ValueError, r"GRADTEL_PORT must be an integer from 0 to 65535, got 'abc'"),
-        ({}, {"GRADTEL_PORT": "99999"}, ValueError, r"GRADTEL_PORT must be from 0 to 65535 .* got 99999"),
+        (
+            {},
+            {"GRADTEL_PORT": "abc"},
+            ValueError,
+            r"GRADTEL_PORT must be an integer from 0 to 65535, got 'abc'",
+        ),
+        (
+            {},
+            {"GRADTEL_PORT": "99999"},
+            ValueError,
+            r"GRADTEL_PORT must be from 0 to 65535 .* got 99999",
+        ),
         ({}, {"GRADTEL_ADDR": " "}, ValueError, r"GRADTEL_ADDR must be a non-empty host address"),
-        ({"on_error": "ignore"}, {}, ValueError, r"on_error must be 'warn' or 'raise', got 'ignore'"),
+        (
+            {"on_error": "ignore"},
+            {},
+            ValueError,
+            r"on_error must be 'warn' or 'raise', got 'ignore'",
+        ),
     ],
 )
 def test_bad_endpoint_arguments(
@@ -230,7 +257,12 @@ def test_close_waits_until_the_last_unhealthy_update_is_scraped(
     server.close()
     waited = time.monotonic() - started
     assert scraped, "close() returned before the final scrape"
-    assert sample(parse(scraped[0]), "gradtel_unhealthy_updates_total", kind="inf", severity="critical") == 1
+    assert (
+        sample(
+            parse(scraped[0]), "gradtel_unhealthy_updates_total", kind="inf", severity="critical"
+        )
+        == 1
+    )
     assert 0.9 < waited < 5
 
 
@@ -292,14 +324,18 @@ def test_a_run_that_crashes_right_after_an_unhealthy_update_still_gets_scraped()
         assert process.stdin and process.stdout
         url = process.stdout.readline().strip()
         before = parse(scrape(url))
-        assert sample(before, "gradtel_unhealthy_updates_total", kind="nan", severity="critical") == 0
+        assert (
+            sample(before, "gradtel_unhealthy_updates_total", kind="nan", severity="critical") == 0
+        )
         process.stdin.write("go\n")
         process.stdin.flush()
         assert process.stdout.readline().strip() == "poisoned"
         time.sleep(1.0)  # the exception has ended the training loop by now
         assert process.poll() is None, "the endpoint did not outlive the crash"
         after = parse(scrape(url))
-        assert sample(after, "gradtel_unhealthy_updates_total", kind="nan", severity="critical") == 1
+        assert (
+            sample(after, "gradtel_unhealthy_updates_total", kind="nan", severity="critical") == 1
+        )
         _, err = process.communicate(timeout=10)
         assert process.returncode == 1
         assert "NonFiniteGradientError: gradtel: step 1 is critical: NaN=7" in err

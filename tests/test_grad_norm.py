@@ -28,19 +28,25 @@ def torch_norm(model: nn.Module) -> float:
     return float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
 
 
-def test_the_norm_is_torchs_total_norm_when_asked_for(provider: MeterProvider, registry: CollectorRegistry) -> None:
+def test_the_norm_is_torchs_total_norm_when_asked_for(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
     model = trained()
     health = gradtel.GradMonitor(model, meter_provider=provider, grad_norm=True).collect()
     assert health.grad_norm == pytest.approx(torch_norm(model), rel=1e-6)
     assert sample(samples(registry), "gradtel_grad_norm") == pytest.approx(health.grad_norm)
 
 
-def test_no_norm_and_no_series_by_default(provider: MeterProvider, registry: CollectorRegistry) -> None:
+def test_no_norm_and_no_series_by_default(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
     assert gradtel.GradMonitor(trained(), meter_provider=provider).collect().grad_norm is None
     assert not [name for name, _ in samples(registry) if name == "gradtel_grad_norm"]
 
 
-def test_clipping_gives_the_norm_for_free(provider: MeterProvider, registry: CollectorRegistry) -> None:
+def test_clipping_gives_the_norm_for_free(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
     model = trained(1)
     expected = torch_norm(model)
     monitor = gradtel.GradMonitor(model, meter_provider=provider)  # grad_norm off
@@ -49,7 +55,9 @@ def test_clipping_gives_the_norm_for_free(provider: MeterProvider, registry: Col
     assert sample(samples(registry), "gradtel_grad_norm") == pytest.approx(expected, rel=1e-6)
 
 
-def test_a_max_norm_clip_is_not_an_l2_norm(provider: MeterProvider, registry: CollectorRegistry) -> None:
+def test_a_max_norm_clip_is_not_an_l2_norm(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
     model = trained(2)
     monitor = gradtel.GradMonitor(model, meter_provider=provider)
     gradtel.clip_grad_norm_(model.parameters(), 0.5, norm_type=math.inf, monitor=monitor)
@@ -60,7 +68,9 @@ def test_an_unhealthy_update_has_a_nan_norm_and_the_gauge_keeps_the_last_finite_
     provider: MeterProvider, registry: CollectorRegistry, capfd: pytest.CaptureFixture[str]
 ) -> None:
     model = trained(3)
-    monitor = gradtel.GradMonitor(model, meter_provider=provider, grad_norm=True, on_warning="ignore")
+    monitor = gradtel.GradMonitor(
+        model, meter_provider=provider, grad_norm=True, on_warning="ignore"
+    )
     healthy = monitor.collect().grad_norm
     model[0].weight.grad[0, 0] = float("nan")
     health = monitor.collect()
@@ -91,7 +101,9 @@ def test_clipping_a_subset_does_not_pass_for_the_updates_norm(
 
 def test_with_the_norm_the_counts_stay_exact(provider: MeterProvider) -> None:
     model = trained(6)
-    monitor = gradtel.GradMonitor(model, meter_provider=provider, grad_norm=True, on_critical="ignore")
+    monitor = gradtel.GradMonitor(
+        model, meter_provider=provider, grad_norm=True, on_critical="ignore"
+    )
     model[0].weight.grad.view(-1)[:7] = float("nan")
     model[0].bias.grad[:2] = float("inf")
     model[2].weight.grad[0, 3] = -float("inf")
@@ -165,21 +177,31 @@ def test_layer_norms_on_request_without_the_nan_and_inf_series(
     assert health.grad_norm is None  # the total is its own option
     scraped = samples(registry)
     for layer, norm in expected.items():
-        assert sample(scraped, "gradtel_layer_grad_norm", layer=layer) == pytest.approx(norm, rel=1e-6)
+        assert sample(scraped, "gradtel_layer_grad_norm", layer=layer) == pytest.approx(
+            norm, rel=1e-6
+        )
     assert not [key for key in scraped if key[0] == "gradtel_nan_grads_total"]  # still on demand
 
 
-def test_layer_norms_reuse_the_norms_of_clipping(provider: MeterProvider, registry: CollectorRegistry) -> None:
+def test_layer_norms_reuse_the_norms_of_clipping(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
     model = trained(9)
     expected = layer_norms_by_hand(model)
     monitor = gradtel.GradMonitor(model, meter_provider=provider, layer_norms=True)
     gradtel.clip_grad_norm_(model.parameters(), 0.5, monitor=monitor)
-    assert sample(samples(registry), "gradtel_layer_grad_norm", layer="2") == pytest.approx(expected["2"], rel=1e-6)
+    assert sample(samples(registry), "gradtel_layer_grad_norm", layer="2") == pytest.approx(
+        expected["2"], rel=1e-6
+    )
 
 
-def test_a_layer_with_nan_keeps_its_last_finite_norm(provider: MeterProvider, registry: CollectorRegistry) -> None:
+def test_a_layer_with_nan_keeps_its_last_finite_norm(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
     model = trained(10)
-    monitor = gradtel.GradMonitor(model, meter_provider=provider, layer_norms=True, on_warning="ignore")
+    monitor = gradtel.GradMonitor(
+        model, meter_provider=provider, layer_norms=True, on_warning="ignore"
+    )
     before = monitor.collect().layer_grad_norms or {}
     for p in model[2].parameters():
         p.grad.mul_(2)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from prometheus_client import CollectorRegistry
 from opentelemetry.sdk.metrics import MeterProvider
+from prometheus_client import CollectorRegistry
 from torch import nn
 
 import gradtel
@@ -34,7 +34,9 @@ def get(url: str, context: ssl.SSLContext | None = None) -> tuple[int, str]:
         return error.code, error.read().decode()
 
 
-def test_healthz_reports_stale_when_no_update_arrives(provider: MeterProvider, registry: CollectorRegistry) -> None:
+def test_healthz_reports_stale_when_no_update_arrives(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
     model = nn.Linear(2, 2)
     monitor = GradMonitor(model, meter_provider=provider)
     with serve(port=0, registry=registry, stale_after=0.5, exit_grace=0) as server:
@@ -51,7 +53,9 @@ def test_healthz_reports_stale_when_no_update_arrives(provider: MeterProvider, r
         assert get(health.replace("/healthz", "/nothing"))[0] == 404
 
 
-def test_a_scraper_hanging_up_mid_request_harms_nothing(provider: MeterProvider, registry: CollectorRegistry) -> None:
+def test_a_scraper_hanging_up_mid_request_harms_nothing(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
     model = nn.Linear(2, 2)
     monitor = GradMonitor(model, meter_provider=provider)
     with serve(port=0, registry=registry, exit_grace=0) as server:
@@ -59,7 +63,9 @@ def test_a_scraper_hanging_up_mid_request_harms_nothing(provider: MeterProvider,
         for _ in range(20):
             with socket.create_connection(("127.0.0.1", server.port)) as rude:
                 rude.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-                rude.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                rude.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                )
             model(torch.ones(1, 2)).sum().backward()
             monitor.collect()  # training goes on
         status, body = get(server.url or "")
@@ -67,7 +73,10 @@ def test_a_scraper_hanging_up_mid_request_harms_nothing(provider: MeterProvider,
 
 
 def test_a_failing_record_is_logged_once_counted_and_training_goes_on(
-    provider: MeterProvider, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    provider: MeterProvider,
+    registry: CollectorRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     model = nn.Linear(2, 2)
     monitor = GradMonitor(model, meter_provider=provider)
@@ -109,7 +118,7 @@ def test_collect_from_two_threads(provider: MeterProvider, registry: CollectorRe
         try:
             for _ in range(200):
                 assert monitor.collect().nan_total == 1
-        except BaseException as exc:  # noqa: BLE001 (reported below)
+        except BaseException as exc:
             failures.append(exc)
 
     threads = [threading.Thread(target=work) for _ in range(2)]
@@ -152,18 +161,64 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
     def run(*args: str) -> None:
         subprocess.run([openssl, *args], cwd=folder, check=True, capture_output=True, timeout=60)
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=gradtel test CA")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=gradtel test CA",
+    )
     (folder / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     for name, extra in (("server", ["-extfile", "server.ext"]), ("client", [])):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", *extra)
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+        )
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "2",
+            *extra,
+        )
     return folder
 
 
 def test_tls_and_mutual_tls(certificates: Path, registry: CollectorRegistry) -> None:
     pki = certificates
     trusting = ssl.create_default_context(cafile=str(pki / "ca.crt"))
-    with serve(port=0, registry=registry, tls_cert=str(pki / "server.crt"), tls_key=str(pki / "server.key"), exit_grace=0) as server:
+    with serve(
+        port=0,
+        registry=registry,
+        tls_cert=str(pki / "server.crt"),
+        tls_key=str(pki / "server.key"),
+        exit_grace=0,
+    ) as server:
         assert server.url and server.url.startswith("https://127.0.0.1:")
         assert get(server.url, trusting)[0] == 200
         with pytest.raises(OSError):  # refused in the handshake or cut off
@@ -192,8 +247,16 @@ def test_a_real_prometheus_scrapes_over_mutual_tls(certificates: Path) -> None:
         port=0, registry=registry, tls_cert=str(pki / "server.crt"), tls_key=str(pki / "server.key"),
         tls_client_ca=str(pki / "ca.crt"), exit_grace=0,
     )  # fmt: skip
-    tls = {"ca_file": str(pki / "ca.crt"), "cert_file": str(pki / "client.crt"), "key_file": str(pki / "client.key")}
-    stack = Stack([f"127.0.0.1:{server.port}"], timings=StackTimings("1s", "1s", "5s", "5s"), scrape={"scheme": "https", "tls_config": tls})
+    tls = {
+        "ca_file": str(pki / "ca.crt"),
+        "cert_file": str(pki / "client.crt"),
+        "key_file": str(pki / "client.key"),
+    }
+    stack = Stack(
+        [f"127.0.0.1:{server.port}"],
+        timings=StackTimings("1s", "1s", "5s", "5s"),
+        scrape={"scheme": "https", "tls_config": tls},
+    )
     try:
         stack.start()
         deadline = time.monotonic() + 30
@@ -216,7 +279,10 @@ def test_a_real_prometheus_scrapes_over_mutual_tls(certificates: Path) -> None:
         ({"tls_cert": "server.crt"}, r"tls_cert is set but tls_key is not; HTTPS needs both"),
         ({"tls_key": "server.key"}, r"tls_key is set but tls_cert is not"),
         ({"tls_client_ca": "ca.crt"}, r"tls_client_ca \('ca.crt'\) needs tls_cert and tls_key"),
-        ({"tls_cert": "/no/such.crt", "tls_key": "/no/such.key"}, r"tls_cert must be a readable PEM file, got '/no/such.crt'"),
+        (
+            {"tls_cert": "/no/such.crt", "tls_key": "/no/such.key"},
+            r"tls_cert must be a readable PEM file, got '/no/such.crt'",
+        ),
         ({"stale_after": 0}, r"stale_after must be a number of seconds > 0, got 0"),
     ],
 )
@@ -262,7 +328,9 @@ def test_the_serving_thread_restarts_after_a_fault(
                 raise faults.pop()
 
         with caplog.at_level(logging.ERROR, logger="gradtel"):
-            server._running.server.service_actions = failing_loop_step  # a fault inside serve_forever
+            server._running.server.service_actions = (
+                failing_loop_step  # a fault inside serve_forever
+            )
             deadline = time.monotonic() + 5
             while faults and time.monotonic() < deadline:
                 time.sleep(0.05)

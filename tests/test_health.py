@@ -31,7 +31,10 @@ def test_custom_thresholds() -> None:
 
 def test_status_values_and_levels() -> None:
     assert [(s.value, s.level) for s in Status] == [
-        ("unknown", -1), ("healthy", 0), ("warning", 1), ("critical", 2)
+        ("unknown", -1),
+        ("healthy", 0),
+        ("warning", 1),
+        ("critical", 2),
     ]
     assert Status("critical") is Status.CRITICAL
 
@@ -45,7 +48,11 @@ def test_top_layers_sum_nan_and_inf_per_layer() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"warning": 5, "critical": 2}, ValueError, r"warning \(5\) must be <= Thresholds.critical \(2\)"),
+        (
+            {"warning": 5, "critical": 2},
+            ValueError,
+            r"warning \(5\) must be <= Thresholds.critical \(2\)",
+        ),
         ({"warning": -1}, ValueError, r"warning must be >= 0, got -1"),
         ({"warning": 1.5}, TypeError, r"warning must be an int count, got 1.5 \(float\)"),
         ({"critical": "5"}, TypeError, r"critical must be an int count, got '5' \(str\)"),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from prometheus_client import CollectorRegistry
 from opentelemetry.sdk.metrics import MeterProvider
+from prometheus_client import CollectorRegistry
 from torch import nn
 
 from gradtel import GradMonitor, Status
@@ -16,15 +16,25 @@ from .test_clip_and_sampling import record_collects
 NAN = float("nan")
 
 
-def make(provider: MeterProvider, **kwargs: object) -> tuple[nn.Module, torch.optim.Optimizer, GradMonitor]:
+def make(
+    provider: MeterProvider, **kwargs: object
+) -> tuple[nn.Module, torch.optim.Optimizer, GradMonitor]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    monitor = GradMonitor(model, meter_provider=provider, on_warning="ignore", on_critical="ignore", **kwargs)  # type: ignore[arg-type]
+    monitor = GradMonitor(
+        model, meter_provider=provider, on_warning="ignore", on_critical="ignore", **kwargs
+    )  # type: ignore[arg-type]
     return model, optimizer, monitor
 
 
-def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, micro: int, nan_at: tuple[int, int] | None = None) -> None:
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    micro: int,
+    nan_at: tuple[int, int] | None = None,
+) -> None:
     for step in range(steps):
         optimizer.zero_grad()
         for m in range(micro):
@@ -43,7 +53,9 @@ def test_one_scan_per_optimizer_update_with_gradient_accumulation(
     found = record_collects(monitor)
     train(model, optimizer, steps=5, micro=4, nan_at=(2, 1))
     assert sample(samples(registry), "gradtel_updates_total") == 5
-    assert [h.status for h in found] == [Status.HEALTHY] * 2 + [Status.CRITICAL] + [Status.CRITICAL] * 2
+    assert [h.status for h in found] == [Status.HEALTHY] * 2 + [Status.CRITICAL] + [
+        Status.CRITICAL
+    ] * 2
     # After the bad step the weights are NaN, so later updates stay critical: as in real training.
 
 
@@ -63,7 +75,9 @@ def test_remove_detaches(provider: MeterProvider, registry: CollectorRegistry) -
     assert sample(samples(registry), "gradtel_updates_total") == 2
 
 
-def amp_update(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+def amp_update(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+) -> None:
     """One bf16 update through ``scaler``: the gradients of 1e3 times a first scale of
     2**127 overflow fp32, and the back-off brings the scale to a sane one."""
     optimizer.zero_grad()
@@ -94,7 +108,9 @@ def test_amp_overflow_is_counted_although_the_scaler_skips_the_step(
     for _ in range(2):
         amp_update(model, optimizer, scaler)
         if len(found) == 1:
-            assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights)), "step not skipped"
+            assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights)), (
+                "step not skipped"
+            )
     assert found[0].nan_total + found[0].inf_total > 0 and found[0].status is Status.CRITICAL
     assert found[1].status is Status.HEALTHY
     # What gradtel counted is what the optimizer saw: the unscaled gradients.
@@ -119,10 +135,14 @@ def test_scan_every_backward_with_a_scaler_counts_its_overflow_as_a_skip(
     assert found[1].status is Status.HEALTHY
     found_samples = samples(registry)
     assert sample(found_samples, "gradtel_skipped_updates_total", reason="amp_overflow") == 1
-    assert not any(v for (name, _), v in found_samples.items() if name == "gradtel_unhealthy_updates_total")
+    assert not any(
+        v for (name, _), v in found_samples.items() if name == "gradtel_unhealthy_updates_total"
+    )
 
 
-def test_bf16_autocast_without_a_scaler(provider: MeterProvider, registry: CollectorRegistry) -> None:
+def test_bf16_autocast_without_a_scaler(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
     model, optimizer, monitor = make(provider)
     monitor.attach(optimizer)
     for _ in range(3):
@@ -153,8 +173,10 @@ def test_policy_skips_are_counted(provider: MeterProvider, registry: CollectorRe
         ((), {"scaler": 1.0}, TypeError, r"scaler must be a torch.amp.GradScaler or None, got 1.0"),
     ],
 )
-def test_bad_attach_arguments(provider: MeterProvider, args: tuple, kwargs: dict, error: type, message: str) -> None:
-    model, optimizer, monitor = make(provider)
+def test_bad_attach_arguments(
+    provider: MeterProvider, args: tuple, kwargs: dict, error: type, message: str
+) -> None:
+    _, optimizer, monitor = make(provider)
     with pytest.raises(error, match=message):
         monitor.attach(*(args or (optimizer,)), **kwargs)
 

@@ -31,7 +31,9 @@ def shared(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def tiny_lightning_module(after_backward: Callable[[Any], None], nan_loss_at: int | None = None) -> Any:
+def tiny_lightning_module(
+    after_backward: Callable[[Any], None], nan_loss_at: int | None = None
+) -> Any:
     """An encoder and a head; ``after_backward(module)`` may write its gradients, and the
     loss of global step ``nan_loss_at`` is NaN."""
     import lightning.pytorch as pl
@@ -69,7 +71,9 @@ def test_lightning_callback(tmp_path: Path) -> None:
 
     class Scrape(pl.Callback):
         def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            assert gradtel_callback.session.server is not None and gradtel_callback.session.server.url
+            assert (
+                gradtel_callback.session.server is not None and gradtel_callback.session.server.url
+            )
             scraped.append(fetch(gradtel_callback.session.server.url)[0])
 
     updates_before = shared("gradtel_updates_total")
@@ -80,7 +84,9 @@ def test_lightning_callback(tmp_path: Path) -> None:
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
         callbacks=[gradtel_callback, Scrape()],
     )  # fmt: skip
-    trainer.fit(tiny_lightning_module(three_nan_at_step_2), torch.utils.data.DataLoader(data, batch_size=8))
+    trainer.fit(
+        tiny_lightning_module(three_nan_at_step_2), torch.utils.data.DataLoader(data, batch_size=8)
+    )
     found = parse(scraped[0])
     assert sample(found, "gradtel_updates_total") - updates_before == 5
     assert sample(found, "gradtel_nan_grads_total", layer="lit_encoder") == 3
@@ -91,12 +97,20 @@ def test_lightning_callback(tmp_path: Path) -> None:
 
 
 def test_transformers_trainer_callback_counts_before_clipping(tmp_path: Path) -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from gradtel.integrations.transformers import GradtelTrainerCallback
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2))
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    )
     bad = model.transformer.h[1].mlp.c_fc.weight
     poisoned: list[int] = []
 
@@ -115,7 +129,9 @@ def test_transformers_trainer_callback_counts_before_clipping(tmp_path: Path) ->
             state_step[0] = state.global_step
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            assert gradtel_callback.session.server is not None and gradtel_callback.session.server.url
+            assert (
+                gradtel_callback.session.server is not None and gradtel_callback.session.server.url
+            )
             scraped.append(fetch(gradtel_callback.session.server.url)[0])
 
     updates_before = shared("gradtel_updates_total")
@@ -128,7 +144,9 @@ def test_transformers_trainer_callback_counts_before_clipping(tmp_path: Path) ->
         gradient_accumulation_steps=2, max_grad_norm=1.0, report_to=[], save_strategy="no",
         logging_strategy="no", use_cpu=True, disable_tqdm=True,
     )  # fmt: skip
-    Trainer(model=model, args=args, train_dataset=data, callbacks=[Observe(), gradtel_callback]).train()
+    Trainer(
+        model=model, args=args, train_dataset=data, callbacks=[Observe(), gradtel_callback]
+    ).train()
     found = parse(scraped[0])
     # Once per optimizer update, not per micro-batch.
     assert sample(found, "gradtel_updates_total") - updates_before == 4
@@ -146,7 +164,9 @@ def test_transformers_trainer_callback_reads_the_models_own_loss(tmp_path: Path)
     from gradtel.integrations.transformers import GradtelTrainerCallback
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2))
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    )
     forwards = [0]
 
     def nan_input(module: nn.Module, args: Any, output: torch.Tensor) -> None:
@@ -180,7 +200,9 @@ def overflow_counts() -> dict[str, float]:
     }
 
 
-def test_lightning_16_mixed_overflows_are_skips_not_unhealthy_and_checkpoints_go_on(tmp_path: Path) -> None:
+def test_lightning_16_mixed_overflows_are_skips_not_unhealthy_and_checkpoints_go_on(
+    tmp_path: Path,
+) -> None:
     import lightning.pytorch as pl
     from lightning.pytorch.plugins import MixedPrecision
 
@@ -215,7 +237,9 @@ def test_lightning_16_mixed_overflows_are_skips_not_unhealthy_and_checkpoints_go
     assert shared("gradtel_nonfinite_loss_updates_total") - losses_before == 1
     # ...and no update reached the weights: every checkpoint is saved.
     assert after["refused"] - before["refused"] == 0
-    assert sorted(p.name for p in checkpoints.iterdir()) == [f"epoch=0-step={s}.ckpt" for s in range(1, 7)]
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        f"epoch=0-step={s}.ckpt" for s in range(1, 7)
+    ]
 
 
 def test_transformers_callback_counts_the_scalers_overflows_as_skips(tmp_path: Path) -> None:
@@ -224,7 +248,9 @@ def test_transformers_callback_counts_the_scalers_overflows_as_skips(tmp_path: P
     from gradtel.integrations.transformers import GradtelTrainerCallback
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2))
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    )
     backwards = [0]
 
     def overflow(param: torch.Tensor) -> None:
@@ -269,9 +295,12 @@ def test_lightning_a_nan_loss_in_any_micro_batch_is_no_overflow(tmp_path: Path) 
     )  # fmt: skip
     # Global step 2 is made of micro-batches 4 and 5: the first of them has the NaN loss.
     module = tiny_lightning_module(lambda module: None)
-    module.training_step = lambda batch, batch_idx: nn.functional.mse_loss(  # type: ignore[method-assign]
-        module.lit_head(torch.relu(module.lit_encoder(batch[0]))), batch[1]
-    ) * (NAN if batch_idx == 4 else 1.0)
+    module.training_step = lambda batch, batch_idx: (
+        nn.functional.mse_loss(  # type: ignore[method-assign]
+            module.lit_head(torch.relu(module.lit_encoder(batch[0]))), batch[1]
+        )
+        * (NAN if batch_idx == 4 else 1.0)
+    )
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
     after = overflow_counts()
     assert shared("gradtel_nonfinite_loss_updates_total") - losses_before == 1

@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from bench_load import soak  # noqa: E402
+from bench_load import soak
 
 pytestmark = pytest.mark.slow
 

@@ -116,11 +116,17 @@ def test_attach_counts_the_gradients_as_backward_left_them_not_as_clipping_made_
     assert (dict(nan), dict(inf)) == ({bad_layer: 3}, {bad_layer: 5})
     found = samples(registry)
     for kind, counts in (("nan", nan), ("inf", inf)):
-        for layer in ("c_attn", "c_proj", "lm_head") if isinstance(model, Block) else ("actor.0", "actor.2", "critic.0"):
+        for layer in (
+            ("c_attn", "c_proj", "lm_head")
+            if isinstance(model, Block)
+            else ("actor.0", "actor.2", "critic.0")
+        ):
             got = found.get((f"gradtel_{kind}_grads_total", frozenset({("layer", layer)})), 0.0)
             assert got == counts[layer], (kind, layer)
         assert sample(found, "gradtel_first_bad_layer", kind=kind, layer=bad_layer) == 3
-        assert sample(found, "gradtel_unhealthy_updates_total", kind=kind, severity="warning") == 1  # 3 and 5
+        assert (
+            sample(found, "gradtel_unhealthy_updates_total", kind=kind, severity="warning") == 1
+        )  # 3 and 5
 
 
 def nan_from_backward(param: torch.Tensor, when: list[bool]) -> None:
@@ -143,9 +149,13 @@ def test_attach_collects_after_the_backward_inside_a_closure(
     bad = [False]
     nan_from_backward(model[2].weight, bad)
     opt: torch.optim.Optimizer = (
-        torch.optim.SGD(model.parameters(), lr=1e-3) if optimizer.startswith("SGD") else torch.optim.LBFGS(model.parameters(), max_iter=3)
+        torch.optim.SGD(model.parameters(), lr=1e-3)
+        if optimizer.startswith("SGD")
+        else torch.optim.LBFGS(model.parameters(), max_iter=3)
     )
-    monitor = gradtel.GradMonitor(model, meter_provider=provider, on_warning="skip", on_critical="skip")
+    monitor = gradtel.GradMonitor(
+        model, meter_provider=provider, on_warning="skip", on_critical="skip"
+    )
     monitor.attach(opt, step=lambda: step)
     x = torch.randn(8, 4)
 
@@ -174,7 +184,9 @@ def test_one_update_per_iteration_with_two_optimizers_over_one_model(
     nan_from_backward(model[0].weight, bad)
     body = torch.optim.SGD(model[0].parameters(), lr=1e-3)  # as Muon takes the matrices
     head = torch.optim.AdamW(model[2].parameters(), lr=1e-3)
-    monitor = gradtel.GradMonitor(model, meter_provider=provider, grad_norm=True, on_warning="skip", on_critical="skip")
+    monitor = gradtel.GradMonitor(
+        model, meter_provider=provider, grad_norm=True, on_warning="skip", on_critical="skip"
+    )
     monitor.attach(body)
     monitor.attach(head)
     norms = []
@@ -188,7 +200,9 @@ def test_one_update_per_iteration_with_two_optimizers_over_one_model(
         body.step()
         head.step()
         if iteration != 1:
-            assert sample(samples(registry), "gradtel_grad_norm") == pytest.approx(norms[-1], rel=1e-5)
+            assert sample(samples(registry), "gradtel_grad_norm") == pytest.approx(
+                norms[-1], rel=1e-5
+            )
     found = samples(registry)
     assert sample(found, "gradtel_updates_total") == 3
     assert sample(found, "gradtel_nan_grads_total", layer="0") == 2  # before clipping, once
@@ -200,7 +214,9 @@ def test_a_replaced_head_is_counted_before_clipping(
 ) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
-    monitor = gradtel.GradMonitor(model, meter_provider=provider, grad_norm=True, on_warning="ignore")
+    monitor = gradtel.GradMonitor(
+        model, meter_provider=provider, grad_norm=True, on_warning="ignore"
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     attachment = monitor.attach(optimizer)
     model[2] = nn.Linear(8, 2)  # the fine-tune switch: a new head, a frozen body
@@ -222,7 +238,9 @@ def test_a_replaced_head_is_counted_before_clipping(
         optimizer.step()
         if step != 1:
             assert sample(samples(registry), "gradtel_grad_norm") == pytest.approx(norm, rel=1e-5)
-    assert sample(samples(registry), "gradtel_nan_grads_total", layer="2") == 2  # not the 16 of clipping
+    assert (
+        sample(samples(registry), "gradtel_nan_grads_total", layer="2") == 2
+    )  # not the 16 of clipping
 
 
 def test_gradients_replaced_after_backward_are_counted_as_the_optimizer_gets_them(

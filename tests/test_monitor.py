@@ -7,8 +7,8 @@ import time
 
 import pytest
 import torch
-from prometheus_client import CollectorRegistry
 from opentelemetry.sdk.metrics import MeterProvider
+from prometheus_client import CollectorRegistry
 from torch import nn
 
 import gradtel
@@ -89,7 +89,9 @@ def test_every_series_exists_at_zero_before_any_update(
             assert sample(found, name, layer=layer) == 0
     for kind in ("nan", "inf"):
         for severity in ("warning", "critical"):
-            assert sample(found, "gradtel_unhealthy_updates_total", kind=kind, severity=severity) == 0
+            assert (
+                sample(found, "gradtel_unhealthy_updates_total", kind=kind, severity=severity) == 0
+            )
     for stage in ("scan", "record", "serve"):
         assert sample(found, "gradtel_errors_total", stage=stage) == 0
     for reason in ("no_gradients", "scan_error"):
@@ -127,7 +129,9 @@ def test_a_healthy_update_records_its_duration_when_scraped_not_on_the_training_
     duration = telemetry.instruments_for(provider).duration
     recorded: list[str] = []
     original = duration.record
-    monkeypatch.setattr(duration, "record", lambda *a, **k: recorded.append("x") or original(*a, **k))
+    monkeypatch.setattr(
+        duration, "record", lambda *a, **k: recorded.append("x") or original(*a, **k)
+    )
     for _ in range(3):
         backward(model)
         monitor.collect()
@@ -300,7 +304,10 @@ def test_skip_makes_the_following_optimizer_step_harmless(
     monitor.collect()
     optimizer.step()  # one healthy step so optimizer state exists
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    state = {n: {k: v.clone() for k, v in optimizer.state[p].items()} for n, p in model.named_parameters()}
+    state = {
+        n: {k: v.clone() for k, v in optimizer.state[p].items()}
+        for n, p in model.named_parameters()
+    }
 
     backward(model)
     poison(model.fc1.weight.grad, nan=10)
@@ -349,8 +356,9 @@ def test_monitors_sharing_a_provider_share_series(
     provider: MeterProvider, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING):
-        a, b = GradMonitor(TwoLayer(), meter_provider=provider, layer_series="all"), GradMonitor(
-            nn.Linear(2, 2), meter_provider=provider, layer_series="all"
+        a, b = (
+            GradMonitor(TwoLayer(), meter_provider=provider, layer_series="all"),
+            GradMonitor(nn.Linear(2, 2), meter_provider=provider, layer_series="all"),
         )
     assert caplog.records == []  # no duplicate-instrument warnings from the SDK
     found = samples(registry)
@@ -390,10 +398,25 @@ def test_monitors_sharing_a_provider_share_series(
             TypeError,
             r"thresholds must be a gradtel.Thresholds, got \(0, 5\) \(tuple\)",
         ),
-        (nn.Linear(2, 2), {"max_layers": 5000}, ValueError, r"max_layers must be from 1 to 1998, got 5000"),
+        (
+            nn.Linear(2, 2),
+            {"max_layers": 5000},
+            ValueError,
+            r"max_layers must be from 1 to 1998, got 5000",
+        ),
         (nn.Linear(2, 2), {"max_layers": 0}, ValueError, r"max_layers must be >= 1, got 0"),
-        (nn.Linear(2, 2), {"on_error": "crash"}, ValueError, r"on_error must be 'warn' or 'raise', got 'crash'"),
-        (nn.Linear(2, 2), {"meter_provider": "otel"}, TypeError, r"meter_provider must be an OpenTelemetry MeterProvider, got 'otel'"),
+        (
+            nn.Linear(2, 2),
+            {"on_error": "crash"},
+            ValueError,
+            r"on_error must be 'warn' or 'raise', got 'crash'",
+        ),
+        (
+            nn.Linear(2, 2),
+            {"meter_provider": "otel"},
+            TypeError,
+            r"meter_provider must be an OpenTelemetry MeterProvider, got 'otel'",
+        ),
     ],
 )
 def test_bad_arguments_are_refused_clearly(
@@ -403,10 +426,15 @@ def test_bad_arguments_are_refused_clearly(
         GradMonitor(model, **kwargs)  # type: ignore[arg-type]
 
 
-def test_thresholds_shape_status_and_bands(provider: MeterProvider, registry: CollectorRegistry) -> None:
+def test_thresholds_shape_status_and_bands(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
     model = TwoLayer()
     monitor = GradMonitor(
-        model, meter_provider=provider, thresholds=Thresholds(warning=2, critical=10), on_warning="ignore"
+        model,
+        meter_provider=provider,
+        thresholds=Thresholds(warning=2, critical=10),
+        on_warning="ignore",
     )
     backward(model)
     poison(model.fc1.weight.grad, nan=2)
@@ -449,7 +477,7 @@ def test_the_first_bad_layer_is_where_backward_first_produced_nan(
 ) -> None:
     model = Deep()
     monitor = GradMonitor(model, meter_provider=provider)
-    for step in range(2):
+    for _ in range(2):
         model.zero_grad()
         model(torch.randn(4, 8)).sum().backward()
         with caplog.at_level(logging.WARNING, logger="gradtel"):
@@ -462,7 +490,11 @@ def test_the_first_bad_layer_is_where_backward_first_produced_nan(
     found = samples(registry)
     # The update number of the first of the two NaN updates: the run of them started there.
     assert sample(found, "gradtel_first_bad_layer", kind="nan", layer="blocks.1") == 1
-    assert not [key for key in found if key[0] == "gradtel_first_bad_layer" and ("layer", "blocks.0") in key[1]]
+    assert not [
+        key
+        for key in found
+        if key[0] == "gradtel_first_bad_layer" and ("layer", "blocks.0") in key[1]
+    ]
     # The order was recorded once, in the first backward pass: no hook is left.
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
 

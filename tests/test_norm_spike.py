@@ -21,7 +21,9 @@ from .conftest import require_tool
 pytestmark = pytest.mark.slow
 
 TRAINER = Path(__file__).with_name("trainer.py")
-TIMINGS = StackTimings(scrape_interval="1s", evaluation_interval="1s", group_wait="2s", group_interval="5s")
+TIMINGS = StackTimings(
+    scrape_interval="1s", evaluation_interval="1s", group_wait="2s", group_interval="5s"
+)
 # The shipped defaults are 10x over 1h with 10m of history; the same rule, in seconds.
 OPTIONS = KitOptions(spike_baseline="1m", spike_history="5s")
 RUNS = {"spiked": ["--spike", "80:50"], "steady": []}
@@ -32,7 +34,9 @@ def test_a_50x_norm_spike_warns_and_the_same_run_without_it_does_not() -> None:
     require_tool("prometheus-alertmanager", "prometheus-alertmanager")
     ports = {name: free_port() for name in RUNS}
     trainers: dict[str, subprocess.Popen[str]] = {}
-    with Stack([f"127.0.0.1:{port}" for port in ports.values()], options=OPTIONS, timings=TIMINGS) as stack:
+    with Stack(
+        [f"127.0.0.1:{port}" for port in ports.values()], options=OPTIONS, timings=TIMINGS
+    ) as stack:
         try:
             for name, extra in RUNS.items():
                 trainers[name] = subprocess.Popen(
@@ -47,12 +51,20 @@ def test_a_50x_norm_spike_warns_and_the_same_run_without_it_does_not() -> None:
 
             assert stack.receiver is not None
             deadline = injected + 20
-            while not (pages := [p for p in stack.receiver.firing("chat") if p.labels.get("run") == "spiked"]):
-                assert time.time() < deadline, f"no spike page within 20 s: {[str(p) for p in stack.receiver.pages]}"
+            while not (
+                pages := [
+                    p for p in stack.receiver.firing("chat") if p.labels.get("run") == "spiked"
+                ]
+            ):
+                assert time.time() < deadline, (
+                    f"no spike page within 20 s: {[str(p) for p in stack.receiver.pages]}"
+                )
                 time.sleep(0.1)
             page = pages[0]
             assert page.alertname == "GradtelGradNormSpike" and page.severity == "warning"
-            ratio = re.search(r"rose to \S+, (\d+) times its median over the last 1m", page.description)
+            ratio = re.search(
+                r"rose to \S+, (\d+) times its median over the last 1m", page.description
+            )
             assert ratio and 30 <= int(ratio.group(1)) <= 70, page.description
             assert "affected ranks: 1." in page.description
 
@@ -60,7 +72,9 @@ def test_a_50x_norm_spike_warns_and_the_same_run_without_it_does_not() -> None:
             time.sleep(3)
             alerts = stack.query('max_over_time(ALERTS{alertname="GradtelGradNormSpike"}[5m])')
             assert {a["metric"]["run"] for a in alerts} == {"spiked"}
-            assert stack.query('count(gradtel_grad_norm{run="steady"})'), "the steady run exported no norm"
+            assert stack.query('count(gradtel_grad_norm{run="steady"})'), (
+                "the steady run exported no norm"
+            )
         finally:
             for trainer in trainers.values():
                 trainer.kill()

@@ -25,7 +25,7 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 request = ExportMetricsServiceRequest()
                 request.ParseFromString(body)
@@ -51,7 +51,9 @@ class Receiver:
                     for metric in scope.metrics:
                         data = getattr(metric, metric.WhichOneof("data"))
                         for point in data.data_points:
-                            attrs = frozenset((a.key, a.value.string_value) for a in point.attributes)
+                            attrs = frozenset(
+                                (a.key, a.value.string_value) for a in point.attributes
+                            )
                             if metric.WhichOneof("data") == "histogram":
                                 value = float(point.count)
                             else:
@@ -81,9 +83,20 @@ def test_the_same_instruments_are_pushed_over_otlp(receiver: Receiver) -> None:
     assert receiver.paths[0] == "/v1/metrics"
     assert points[("gradtel_update_inf_grads", frozenset({("layer", "1")}))] == 7
     assert points[("gradtel_inf_grads", frozenset({("layer", "1")}))] == 7
-    assert ("gradtel_inf_grads", frozenset({("layer", "0")})) not in points  # on demand: no Inf there
-    assert points[("gradtel_unhealthy_updates", frozenset({("kind", "inf"), ("severity", "critical")}))] == 1
-    assert points[("gradtel_unhealthy_updates", frozenset({("kind", "nan"), ("severity", "warning")}))] == 0
+    assert (
+        "gradtel_inf_grads",
+        frozenset({("layer", "0")}),
+    ) not in points  # on demand: no Inf there
+    assert (
+        points[
+            ("gradtel_unhealthy_updates", frozenset({("kind", "inf"), ("severity", "critical")}))
+        ]
+        == 1
+    )
+    assert (
+        points[("gradtel_unhealthy_updates", frozenset({("kind", "nan"), ("severity", "warning")}))]
+        == 0
+    )
     assert points[("gradtel_updates", frozenset())] == 1
     assert points[("gradtel_update_status", frozenset())] == 2
     resource = receiver.requests[0].resource_metrics[0].resource
@@ -92,5 +105,7 @@ def test_the_same_instruments_are_pushed_over_otlp(receiver: Receiver) -> None:
 
 @pytest.mark.parametrize("interval", [0, -1, "10"])
 def test_bad_interval(interval: object) -> None:
-    with pytest.raises(ValueError, match=f"interval must be a number of seconds > 0, got {interval!r}"):
+    with pytest.raises(
+        ValueError, match=f"interval must be a number of seconds > 0, got {interval!r}"
+    ):
         otlp_meter_provider("http://127.0.0.1:1/v1/metrics", interval=interval)  # type: ignore[arg-type]

@@ -92,23 +92,34 @@ def test_the_doc_s_commands_page_for_a_real_training_process(
     ports = {**{name: free_port() for name in PORTS}, "webhook": receiver.port}
     swap = lambda block: re.sub(  # noqa: E731
         r"127\.0\.0\.1:(\d+)",
-        lambda found: f"127.0.0.1:{ports[next(n for n, p in PORTS.items() if str(p) == found.group(1))]}",
+        lambda found: (
+            f"127.0.0.1:{ports[next(n for n, p in PORTS.items() if str(p) == found.group(1))]}"
+        ),
         block,
     )
     # The doc's binary names, this version's Prometheus first; `gradtel` from this environment.
-    env = {**os.environ, "PATH": f"{prometheus_bin}:{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "PATH": f"{prometheus_bin}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     try:
         render, *servers = (swap(block) for block in commands())
-        rendered = subprocess.run(["bash", "-euc", render], cwd=tmp_path, env=env, capture_output=True, text=True)
+        rendered = subprocess.run(
+            ["bash", "-euc", render], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
         assert rendered.returncode == 0, rendered.stderr
         for name, block in zip(("alertmanager", "prometheus"), servers):
             log = tmp_path / f"{name}.log"
             with log.open("wb") as out:
                 started.append(
                     subprocess.Popen(
-                        ["bash", "-euc", block], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                        ["bash", "-euc", block],
+                        cwd=tmp_path,
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
                         start_new_session=True,
-                    )  # fmt: skip
+                    )
                 )
             wait_ready(f"http://127.0.0.1:{ports[name]}/-/ready", started[-1], log)
 
@@ -131,6 +142,8 @@ def test_the_doc_s_commands_page_for_a_real_training_process(
         assert "Layers with NaN values in that window: body.0 (7)." in page.description
         with capsys.disabled():
             version = ".".join(map(str, prometheus_version(str(prometheus_bin / "prometheus"))))
-            print(f"\nPrometheus {version}: injection -> page {page.received - injected:.1f}s with the doc's commands")
+            print(
+                f"\nPrometheus {version}: injection -> page {page.received - injected:.1f}s with the doc's commands"
+            )
     finally:
         receiver.close()

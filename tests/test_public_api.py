@@ -47,7 +47,13 @@ def test_every_module_lists_its_public_names() -> None:
             assert hasattr(module, public), f"gradtel.{name}.{public}"
 
 
-CORE = {"torch", "numpy", "opentelemetry-sdk", "opentelemetry-exporter-prometheus", "prometheus-client"}
+CORE = {
+    "torch",
+    "numpy",
+    "opentelemetry-sdk",
+    "opentelemetry-exporter-prometheus",
+    "prometheus-client",
+}
 
 
 def test_the_core_install_is_lean() -> None:
@@ -71,7 +77,9 @@ def test_neither_training_nor_the_plain_demo_imports_the_deploy_kit() -> None:
         "import gradtel, gradtel.demo, gradtel.integrations, sys; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('yaml', 'grafana_foundation_sdk')))"
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert out.stdout.strip() == "[]", out.stderr
 
 
@@ -89,7 +97,9 @@ def test_render_without_the_deploy_extra_says_how_to_install_it(tmp_path: object
         "from gradtel.cli import main\n"
         f"sys.exit(main(['render', '--out', {str(tmp_path)!r}]))\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 1, out.stderr
     assert "gradtel render: needs the deploy extra" in out.stderr
     assert "pip install 'gradtel[deploy]'" in out.stderr

@@ -102,7 +102,9 @@ def trainers() -> Iterator[list[Trainer]]:
 # 1. Exits and signals ------------------------------------------------------------------
 
 
-def test_sigterm_waits_until_prometheus_scrapes_the_last_unhealthy_update(trainers: list[Trainer]) -> None:
+def test_sigterm_waits_until_prometheus_scrapes_the_last_unhealthy_update(
+    trainers: list[Trainer],
+) -> None:
     trainer = Trainer("poison")
     trainers.append(trainer)
     trainer.process.send_signal(signal.SIGTERM)
@@ -147,7 +149,9 @@ def test_the_first_ctrl_c_ends_the_exit_wait_without_a_traceback(trainers: list[
     assert "Traceback" not in err and "exit wait ended by Ctrl-C" in err
 
 
-def test_forked_data_loader_workers_do_not_hold_the_listening_socket(registry: CollectorRegistry) -> None:
+def test_forked_data_loader_workers_do_not_hold_the_listening_socket(
+    registry: CollectorRegistry,
+) -> None:
     server = serve(port=0, registry=registry, exit_grace=0)
     port = server.port
     assert port is not None
@@ -170,7 +174,7 @@ def test_forked_data_loader_workers_do_not_hold_the_listening_socket(registry: C
 def test_demo_stack_cleans_up_on_sigterm_and_sighup(sig: signal.Signals) -> None:
     require_tool("prometheus", "prometheus")
     require_tool("prometheus-alertmanager", "prometheus-alertmanager")
-    process, url = start_demo("--stack", "--steps", "100000")
+    process, _ = start_demo("--stack", "--steps", "100000")
     try:
         assert process.stdout is not None
         found = re.search(r"data in (\S+)\)", process.stdout.readline())
@@ -266,11 +270,16 @@ def test_a_bad_accept_header_gets_406_counted_and_no_traceback(
     assert "Traceback" not in capfd.readouterr().err
 
 
-def test_name_filter_works_as_in_prometheus_client(provider: MeterProvider, registry: CollectorRegistry) -> None:
+def test_name_filter_works_as_in_prometheus_client(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
     GradMonitor(nn.Linear(2, 2), meter_provider=provider)
     with serve(port=0, registry=registry, exit_grace=0) as server:
         body, _ = fetch(f"{server.url}?name[]=gradtel_updates_total&name[]=gradtel_update_status")
-    assert set(name for name, _ in parse(body)) == {"gradtel_updates_total", "gradtel_update_status"}
+    assert set(name for name, _ in parse(body)) == {
+        "gradtel_updates_total",
+        "gradtel_update_status",
+    }
 
 
 @pytest.fixture
@@ -316,11 +325,17 @@ def test_a_stalled_tls_handshake_is_cut_off(
 @pytest.mark.parametrize(
     ("cert", "key", "message"),
     [
-        ("garbage.pem", "key.pem", r"tls_cert '.*garbage.pem' and tls_key '.*key.pem' must be a PEM"),
+        (
+            "garbage.pem",
+            "key.pem",
+            r"tls_cert '.*garbage.pem' and tls_key '.*key.pem' must be a PEM",
+        ),
         ("cert.pem", "locked.pem", r"tls_key '.*locked.pem' is protected by a passphrase"),
     ],
 )
-def test_tls_setup_errors_name_the_file_and_leave_no_socket(pem: Path, cert: str, key: str, message: str) -> None:
+def test_tls_setup_errors_name_the_file_and_leave_no_socket(
+    pem: Path, cert: str, key: str, message: str
+) -> None:
     port = free_port()
     with pytest.raises(ValueError, match=message):
         serve(port=port, tls_cert=str(pem / cert), tls_key=str(pem / key), on_error="raise")
@@ -395,7 +410,9 @@ def test_every_log_line_names_the_rank_in_a_distributed_run(
         model.weight.grad[0, 0] = NAN
         monitor.collect()
     messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 2 and all(m.startswith("rank 2: gradtel: step ") for m in messages), messages
+    assert len(messages) == 2 and all(m.startswith("rank 2: gradtel: step ") for m in messages), (
+        messages
+    )
     assert sample(samples(registry), "gradtel_updates_total", rank="2") == 1
 
 

@@ -16,12 +16,13 @@ from gradtel.render import KitOptions, prometheus, write_kit
 
 from .prometheus_versions import VERSIONS, bin_folder
 
-
 COUNTED = prometheus._counted
 AS_IT_STANDS = prometheus._as_it_stands
 
 
-def _born_where_the_offset_finds_nothing(o: KitOptions, series: str, scope: str, **how: bool) -> list[str]:
+def _born_where_the_offset_finds_nothing(
+    o: KitOptions, series: str, scope: str, **how: bool
+) -> list[str]:
     """The "series born non-zero" condition that a staleness marker or a gap satisfies."""
     moved = COUNTED(o, series, scope, **how)[-1]
     return [f"last_over_time({series}[{o.window}]) > 0 unless {series} offset {o.window}", moved]
@@ -54,21 +55,32 @@ def _last_values_of_any_process(o: KitOptions) -> str:
 def _any_non_finite_loss_in_the_window(o: KitOptions) -> str:
     """The loss clause when any update in the window had a non-finite loss, the first or a later one."""
     series = f"gradtel_nonfinite_loss_updates_total{{{prometheus.RUN_SCOPE}}}"
-    query = prometheus._query(prometheus._new_or_increased(o, series, prometheus.RUN_SCOPE), *prometheus.RUN_ARGS)
+    query = prometheus._query(
+        prometheus._new_or_increased(o, series, prometheus.RUN_SCOPE), *prometheus.RUN_ARGS
+    )
     return f"{{{{ with {query} }}}} The loss was already non-finite: it entered in the forward pass.{{{{ end }}}}"
 
 
 def _lowest_scale_in_the_window(o: KitOptions, selector: str) -> str:
     """A collapse as a state: the lowest loss scale of the window below the floor."""
-    return f"min_over_time(gradtel_amp_loss_scale{{{selector}}}[{o.window}]) < {o.amp_scale_floor:g}"
+    return (
+        f"min_over_time(gradtel_amp_loss_scale{{{selector}}}[{o.window}]) < {o.amp_scale_floor:g}"
+    )
 
 
 def _loss_by_the_share_of_unhealthy_updates(o: KitOptions) -> str:
     """The loss clause when every unhealthy update in the window had a non-finite loss."""
     scope = prometheus.RUN_SCOPE
-    loss = prometheus._new_or_increased(o, f"gradtel_nonfinite_loss_updates_total{{{scope}}}", scope, exact=True)
-    unhealthy = prometheus._new_or_increased(o, f"gradtel_unhealthy_updates_total{{{scope}}}", scope, exact=True)
-    query = prometheus._query(f"{loss} >= on ({prometheus.PROCESS}) sum by ({prometheus.PROCESS}) {unhealthy}", *prometheus.RUN_ARGS)
+    loss = prometheus._new_or_increased(
+        o, f"gradtel_nonfinite_loss_updates_total{{{scope}}}", scope, exact=True
+    )
+    unhealthy = prometheus._new_or_increased(
+        o, f"gradtel_unhealthy_updates_total{{{scope}}}", scope, exact=True
+    )
+    query = prometheus._query(
+        f"{loss} >= on ({prometheus.PROCESS}) sum by ({prometheus.PROCESS}) {unhealthy}",
+        *prometheus.RUN_ARGS,
+    )
     return f"{{{{ with {query} }}}} The loss was already non-finite: it entered in the forward pass.{{{{ end }}}}"
 
 
@@ -82,14 +94,20 @@ def _last_values_of_each_process_not_scraped(o: KitOptions, series: str, **_: bo
     return AS_IT_STANDS(o, series, per_process=True)
 
 
-def _sampled_at_the_evaluation_interval(o: KitOptions, series: str, per_process: bool = False) -> str:
+def _sampled_at_the_evaluation_interval(
+    o: KitOptions, series: str, per_process: bool = False
+) -> str:
     """The series sampled last, seen by a subquery that steps by the evaluation interval."""
-    return AS_IT_STANDS(o, series, per_process=per_process).replace(f"[{o.window}:{o.scrape_interval}]", f"[{o.window}:]")
+    return AS_IT_STANDS(o, series, per_process=per_process).replace(
+        f"[{o.window}:{o.scrape_interval}]", f"[{o.window}:]"
+    )
 
 
 def _any_incident_that_began_with_one(o: KitOptions) -> str:
     """The loss clause when any incident of the alert's kind began with a non-finite loss, not the one it names."""
-    series = AS_IT_STANDS(o, f"gradtel_nonfinite_loss_incident_step{{{prometheus.RUN_SCOPE},kind=%[3]q}}")
+    series = AS_IT_STANDS(
+        o, f"gradtel_nonfinite_loss_incident_step{{{prometheus.RUN_SCOPE},kind=%[3]q}}"
+    )
     query = prometheus._query(f"max({series}) > 0", *prometheus.KIND_ARGS)
     return f"{{{{ with {query} }}}} The loss was already non-finite: it entered in the forward pass.{{{{ end }}}}"
 
@@ -107,7 +125,11 @@ def _crash_severity_by(condition: Callable[[KitOptions, str], str]) -> Callable[
     def crashed(o: KitOptions, scope: str, unhealthy: str = "") -> str:
         series = f"gradtel_training_exceptions_total{{{scope}}}"
         any_crash = prometheus._new_or_increased(o, series, scope, on_demand=True, per_process=True)
-        return f"({any_crash} and on ({prometheus.PROCESS}) {condition(o, scope)})" if unhealthy else any_crash
+        return (
+            f"({any_crash} and on ({prometheus.PROCESS}) {condition(o, scope)})"
+            if unhealthy
+            else any_crash
+        )
 
     return crashed
 
@@ -123,27 +145,44 @@ def _last_status_in_the_window(o: KitOptions, scope: str) -> str:
 
 
 def _no_start_gate_on_spikes(rules: str) -> str:
-    return re.sub(r"\n\s*and on \([^)]*\)\n\s*last_over_time\(gradtel_start_time_seconds[^\n]*< time\(\) - \d+", "", rules)
+    return re.sub(
+        r"\n\s*and on \([^)]*\)\n\s*last_over_time\(gradtel_start_time_seconds[^\n]*< time\(\) - \d+",
+        "",
+        rules,
+    )
 
 
 def _no_for_on_unhealthy_updates(rules: str) -> str:
-    return re.sub(r"(alert: Gradtel(?:NaN|Inf)Gradients\n    expr: .*?)\n    for: 10s", r"\1", rules, flags=re.DOTALL)
+    return re.sub(
+        r"(alert: Gradtel(?:NaN|Inf)Gradients\n    expr: .*?)\n    for: 10s",
+        r"\1",
+        rules,
+        flags=re.DOTALL,
+    )
 
 
 NAN, INF, AMP = "GradtelNaNGradients", "GradtelInfGradients", "GradtelAmpLossScaleCollapsed"
 CRASHED = "GradtelTrainingCrashed"
-DEFECTS: dict[str, tuple[dict[str, Callable[..., str | list[str]]], Callable[[str], str], set[str]]] = {
+DEFECTS: dict[
+    str, tuple[dict[str, Callable[..., str | list[str]]], Callable[[str], str], set[str]]
+] = {
     "born where the offset lookup finds nothing": (
         {"_counted": _born_where_the_offset_finds_nothing},
         str,
         {
-            *(f"{alert} {severity} does not fire when scrapes fail for 3m, 20m after an incident"
-              for alert in (NAN, INF) for severity in ("warning", "critical")),
-            *(f"{alert} {severity} does not fire when Prometheus has a gap of 8m after an incident"
-              for alert in (NAN, INF) for severity in ("warning", "critical")),
+            *(
+                f"{alert} {severity} does not fire when scrapes fail for 3m, 20m after an incident"
+                for alert in (NAN, INF)
+                for severity in ("warning", "critical")
+            ),
+            *(
+                f"{alert} {severity} does not fire when Prometheus has a gap of 8m after an incident"
+                for alert in (NAN, INF)
+                for severity in ("warning", "critical")
+            ),
             f"{NAN} fires when a new incident follows a failed scrape, naming its own origin rank, loss and counts",
             f"{NAN} critical fires when a restarted process's first update is unhealthy, its count equal to the old one's last",
-        },  # fmt: skip
+        },
     ),
     "the first bad layer of the highest step": (
         {"_first_bad_template": _highest_first_bad_step},
@@ -157,17 +196,23 @@ DEFECTS: dict[str, tuple[dict[str, Callable[..., str | list[str]]], Callable[[st
     "the first bad layer of any process's last values": (
         {"_first_bad_template": _last_values_of_any_process},
         str,
-        {f"{NAN} critical names the restarted process's first bad layer through a failed scrape as it fires"},
+        {
+            f"{NAN} critical names the restarted process's first bad layer through a failed scrape as it fires"
+        },
     ),
     "the last values of a process only when no process is scraped": (
         {"_as_it_stands": _last_values_only_when_no_process_is_scraped},
         str,
-        {f"{NAN} says the loss was already non-finite when the rank whose loss was has its scrape fail as the page fires"},
+        {
+            f"{NAN} says the loss was already non-finite when the rank whose loss was has its scrape fail as the page fires"
+        },
     ),
     "the last values of each process not scraped, for the first bad layer too": (
         {"_as_it_stands": _last_values_of_each_process_not_scraped},
         str,
-        {f"{NAN} critical names the new pod's incident, at an earlier step and with a finite loss, not the crashed pod's"},
+        {
+            f"{NAN} critical names the new pod's incident, at an earlier step and with a finite loss, not the crashed pod's"
+        },
     ),
     "the series sampled last at the evaluation interval": (
         {"_as_it_stands": _sampled_at_the_evaluation_interval},
@@ -184,9 +229,11 @@ DEFECTS: dict[str, tuple[dict[str, Callable[..., str | list[str]]], Callable[[st
             f"{NAN} does not say the loss was non-finite when the incident's first update had a finite loss",
             f"{INF} does not say the loss was non-finite when an Inf update with a finite loss came before the NaN losses",
             f"{NAN} critical names the new pod's incident, at an earlier step and with a finite loss, not the crashed pod's",
-            *(f"{alert} does not say the loss was non-finite when an older NaN incident in the window began with one"
-              for alert in (NAN, INF)),
-        },  # fmt: skip
+            *(
+                f"{alert} does not say the loss was non-finite when an older NaN incident in the window began with one"
+                for alert in (NAN, INF)
+            ),
+        },
     ),
     "the loss clause by the share of unhealthy updates in the window": (
         {"_loss_template": _loss_by_the_share_of_unhealthy_updates},
@@ -220,7 +267,9 @@ DEFECTS: dict[str, tuple[dict[str, Callable[..., str | list[str]]], Callable[[st
     "a restarted process's crash hidden by the last one": (
         {"_crashed": _crash_of_any_process_before},
         str,
-        {f"{CRASHED} critical fires when a restarted process crashes again, 15m after the last crash"},
+        {
+            f"{CRASHED} critical fires when a restarted process crashes again, 15m after the last crash"
+        },
     ),
     "a crash's severity by the updates still in the window": (
         {"_crashed": _crash_severity_by(_unhealthy_in_the_window)},
@@ -233,7 +282,9 @@ DEFECTS: dict[str, tuple[dict[str, Callable[..., str | list[str]]], Callable[[st
     "a crash's severity by the last update status on its labels": (
         {"_crashed": _crash_severity_by(_last_status_in_the_window)},
         str,
-        {f"{CRASHED} critical stays critical for its window when the process restarts healthy on the same labels"},
+        {
+            f"{CRASHED} critical stays critical for its window when the process restarts healthy on the same labels"
+        },
     ),
     "spikes judged by the history of an older process": (
         {},

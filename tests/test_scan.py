@@ -66,8 +66,12 @@ def fast_reference(tensor: torch.Tensor) -> tuple[int, int]:
 @settings(max_examples=40, deadline=None)
 @given(
     numel=st.integers(CHUNK - 2, 3 * CHUNK + 7),
-    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.complex64]),
-    specials=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.sampled_from([NAN, INF, -INF])), max_size=12),
+    dtype=st.sampled_from(
+        [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.complex64]
+    ),
+    specials=st.lists(
+        st.tuples(st.floats(0, 1, exclude_max=True), st.sampled_from([NAN, INF, -INF])), max_size=12
+    ),
     nan_in_tail=st.booleans(),
     transposed=st.booleans(),
 )
@@ -86,7 +90,9 @@ def test_large_tensors_are_counted_exactly_chunk_by_chunk(
     if transposed and numel % 2 == 0:
         tensor = tensor.view(2, numel // 2).t()  # non-contiguous
     small = torch.randn(10, dtype=dtype)
-    expected = {i: fast_reference(t) for i, t in enumerate([small, tensor]) if fast_reference(t) != (0, 0)}
+    expected = {
+        i: fast_reference(t) for i, t in enumerate([small, tensor]) if fast_reference(t) != (0, 0)
+    }
     assert count_nonfinite([small, tensor]) == expected
 
 
@@ -217,7 +223,9 @@ def test_a_plan_is_made_anew_when_the_tensors_change_dtype(monkeypatch: pytest.M
 
     plans: list[int] = []
     original = gradtel.scan._assemble
-    monkeypatch.setattr(gradtel.scan, "_assemble", lambda entries: plans.append(len(entries)) or original(entries))
+    monkeypatch.setattr(
+        gradtel.scan, "_assemble", lambda entries: plans.append(len(entries)) or original(entries)
+    )
     scanner = Scanner()
     tensors = [torch.randn(3 * CHUNK), torch.randn(100)]
     assert scanner.count(tensors, slots=(0, 1)) == {}
@@ -234,7 +242,9 @@ def test_the_fused_check_writes_every_value_back_unchanged(dtype: torch.dtype) -
     torch.manual_seed(0)
     small = [torch.randn(n).to(dtype) for n in (3, 100, 4096)]
     info = torch.finfo(dtype)
-    small[0].copy_(torch.tensor([-0.0, info.tiny / 4, -info.max], dtype=dtype))  # signed zero, subnormal, extreme
+    small[0].copy_(
+        torch.tensor([-0.0, info.tiny / 4, -info.max], dtype=dtype)
+    )  # signed zero, subnormal, extreme
     small.append(torch.randn(8, 8).to(dtype).t())  # non-contiguous
     as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[small[0].element_size()]
     bits = [t.view(as_int).clone() for t in small]
@@ -274,7 +284,9 @@ def test_exact_counts_launched_at_once_equal_the_two_phase_count(data: st.DataOb
     dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.complex64]
     values = []
     for _ in range(data.draw(st.integers(1, 6))):
-        tensor = torch.randn(data.draw(st.sampled_from(shapes))).to(data.draw(st.sampled_from(dtypes)))
+        tensor = torch.randn(data.draw(st.sampled_from(shapes))).to(
+            data.draw(st.sampled_from(dtypes))
+        )
         if tensor.dim() == 2 and data.draw(st.booleans()):
             tensor = tensor.t()  # not contiguous
         flat = tensor.view(-1) if tensor.is_contiguous() else tensor.t().view(-1)

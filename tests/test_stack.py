@@ -37,10 +37,13 @@ def endpoint(provider: MeterProvider, registry: CollectorRegistry) -> Iterator[s
 
 
 def test_the_agent_remote_writes_to_the_central_prometheus_on_every_version(
-    prometheus_bin: Path, endpoint: str  # noqa: F811 (the fixture)
+    prometheus_bin: Path,  # noqa: F811 (the fixture)
+    endpoint: str,
 ) -> None:
     require_tool("prometheus-alertmanager", "prometheus-alertmanager")
-    with Stack([endpoint], timings=TIMINGS, agent=True, prometheus=str(prometheus_bin / "prometheus")) as stack:
+    with Stack(
+        [endpoint], timings=TIMINGS, agent=True, prometheus=str(prometheus_bin / "prometheus")
+    ) as stack:
         deadline = time.monotonic() + 30
         while not stack.query("gradtel_updates_total") and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -54,7 +57,9 @@ def test_a_stack_that_fails_to_start_fails_at_once_and_leaves_no_process_behind(
     require_tool("prometheus", "prometheus")
     require_tool("prometheus-alertmanager", "prometheus-alertmanager")
     # The agent flag of the other major version: that Prometheus refuses to start.
-    monkeypatch.setattr(scale_out, "agent_flags", lambda version=(3,): [scale_out.AGENT_FLAGS[5 - version[0]]])
+    monkeypatch.setattr(
+        scale_out, "agent_flags", lambda version=(3,): [scale_out.AGENT_FLAGS[5 - version[0]]]
+    )
     stack = Stack(["127.0.0.1:9"], timings=TIMINGS, agent=True)
     began = time.monotonic()
     with pytest.raises(RuntimeError, match="agent exited at start"):

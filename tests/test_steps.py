@@ -55,7 +55,9 @@ def test_a_step_that_is_not_a_count_is_refused(provider: MeterProvider, step: ob
         monitor.collect(step=step)  # type: ignore[arg-type]
 
 
-def test_attached_updates_carry_the_optimizer_step(provider: MeterProvider, registry: CollectorRegistry) -> None:
+def test_attached_updates_carry_the_optimizer_step(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
     model = net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     monitor = gradtel.GradMonitor(model, meter_provider=provider, on_critical="skip")
@@ -122,10 +124,14 @@ def test_after_a_rollback_the_first_bad_layer_is_the_new_incidents(
     assert sample(found, "gradtel_first_bad_layer", kind="nan", layer="2") == 0
 
 
-def test_attach_takes_the_users_own_step_and_loss(provider: MeterProvider, registry: CollectorRegistry) -> None:
+def test_attach_takes_the_users_own_step_and_loss(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
     model = net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    monitor = gradtel.GradMonitor(model, meter_provider=provider, on_warning="skip", on_critical="skip")
+    monitor = gradtel.GradMonitor(
+        model, meter_provider=provider, on_warning="skip", on_critical="skip"
+    )
     iter_num = 0
     loss = torch.tensor(0.0)
     monitor.attach(optimizer, step=lambda: iter_num, loss=lambda: loss)
@@ -145,10 +151,14 @@ def test_attach_takes_the_users_own_step_and_loss(provider: MeterProvider, regis
 
 
 @pytest.mark.parametrize("argument", ["step", "loss"])
-def test_attach_refuses_a_step_or_loss_that_is_not_a_function(provider: MeterProvider, argument: str) -> None:
+def test_attach_refuses_a_step_or_loss_that_is_not_a_function(
+    provider: MeterProvider, argument: str
+) -> None:
     model = net()
     monitor = gradtel.GradMonitor(model, meter_provider=provider)
-    with pytest.raises(TypeError, match=rf"{argument} must be a function that returns this update's {argument}"):
+    with pytest.raises(
+        TypeError, match=rf"{argument} must be a function that returns this update's {argument}"
+    ):
         monitor.attach(torch.optim.SGD(model.parameters()), **{argument: 5})  # type: ignore[arg-type]
 
 
@@ -159,7 +169,9 @@ def test_the_step_of_the_newest_incident_whose_first_update_had_a_non_finite_los
     unhealthy update already had a NaN/Inf loss, for each kind it had: not the NaN losses that
     poisoned weights make later, nor an older incident's once a newer one began in backward."""
     model = net()
-    monitor = gradtel.GradMonitor(model, meter_provider=provider, on_warning="ignore", on_critical="ignore")
+    monitor = gradtel.GradMonitor(
+        model, meter_provider=provider, on_warning="ignore", on_critical="ignore"
+    )
 
     def update(step: int, x: torch.Tensor, bad_grad: float | None = None) -> gradtel.GradHealth:
         model.zero_grad()
@@ -173,7 +185,10 @@ def test_the_step_of_the_newest_incident_whose_first_update_had_a_non_finite_los
         """Each kind's step, None while its series is not born (a process restarted on the
         same labels must not hide the step of the one before with a 0)."""
         found = samples(registry)
-        return tuple(found.get(("gradtel_nonfinite_loss_incident_step", frozenset({("kind", kind)}))) for kind in ("nan", "inf"))
+        return tuple(
+            found.get(("gradtel_nonfinite_loss_incident_step", frozenset({("kind", kind)})))
+            for kind in ("nan", "inf")
+        )
 
     nan_input, inf_input = torch.full((2, 4), NAN), torch.randn(2, 4)
     inf_input[0, 0] = float("inf")
@@ -205,7 +220,9 @@ def test_an_incident_after_unscanned_updates_is_never_said_to_come_from_the_loss
     weights; the next scanned update's NaN loss does not make it a forward-pass incident."""
     model = net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    monitor = gradtel.GradMonitor(model, meter_provider=provider, sample_every=2, on_warning="ignore", on_critical="ignore")
+    monitor = gradtel.GradMonitor(
+        model, meter_provider=provider, sample_every=2, on_warning="ignore", on_critical="ignore"
+    )
     for step in range(1, 4):  # step 2 is left out
         optimizer.zero_grad()
         loss = model(torch.randn(2, 4)).sum()
@@ -216,7 +233,9 @@ def test_an_incident_after_unscanned_updates_is_never_said_to_come_from_the_loss
         optimizer.step()
     assert health.sampled and health.loss_finite is False and health.nan_total
     found = samples(registry)
-    assert sample(found, "gradtel_first_bad_layer", kind="nan", layer="0") == 3  # where backward met it
+    assert (
+        sample(found, "gradtel_first_bad_layer", kind="nan", layer="0") == 3
+    )  # where backward met it
     assert ("gradtel_nonfinite_loss_incident_step", frozenset({("kind", "nan")})) not in found
 
 
@@ -225,7 +244,12 @@ def test_an_incident_after_unscanned_updates_is_never_said_to_come_from_the_loss
 @pytest.mark.parametrize("collected_by", ["collect", "attach", "attach-backward"])
 @pytest.mark.parametrize("enters", ["forward", "backward"])
 def test_the_incident_step_of_a_non_finite_loss_in_every_way_of_collecting(
-    provider: MeterProvider, registry: CollectorRegistry, enters: str, collected_by: str, readout: str, accumulate: int
+    provider: MeterProvider,
+    registry: CollectorRegistry,
+    enters: str,
+    collected_by: str,
+    readout: str,
+    accumulate: int,
 ) -> None:
     """A NaN that enters with the last micro-batch's input at step 3 is a forward-pass
     incident at step 3, however the update is collected; one made in backward is not."""
@@ -239,7 +263,9 @@ def test_the_incident_step_of_a_non_finite_loss_in_every_way_of_collecting(
     model[2].weight.register_hook(lambda grad: grad * NAN if training["nan_in_backward"] else grad)
     if collected_by != "collect":
         scan = "backward" if collected_by == "attach-backward" else "step"
-        monitor.attach(optimizer, scan=scan, step=lambda: training["step"], loss=lambda: training["loss"])
+        monitor.attach(
+            optimizer, scan=scan, step=lambda: training["step"], loss=lambda: training["loss"]
+        )
     for step in range(1, 6):
         training["step"] = step
         optimizer.zero_grad()
@@ -259,7 +285,11 @@ def test_the_incident_step_of_a_non_finite_loss_in_every_way_of_collecting(
                 param.copy_(kept)
     monitor.flush()
     found = samples(registry)
-    first_bad = {labels: value for (name, labels), value in found.items() if name == "gradtel_first_bad_layer"}
+    first_bad = {
+        labels: value
+        for (name, labels), value in found.items()
+        if name == "gradtel_first_bad_layer"
+    }
     assert set(first_bad.values()) == {3}
     incident = found.get(("gradtel_nonfinite_loss_incident_step", frozenset({("kind", "nan")})))
     assert incident == (3 if enters == "forward" else None)

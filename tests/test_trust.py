@@ -54,7 +54,10 @@ def backward(model: nn.Module) -> None:
 
 @pytest.mark.parametrize("when", ["before any backward", "after zero_grad(set_to_none=True)"])
 def test_nothing_to_scan_is_unknown_counted_and_logged(
-    provider: MeterProvider, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture, when: str
+    provider: MeterProvider,
+    registry: CollectorRegistry,
+    caplog: pytest.LogCaptureFixture,
+    when: str,
 ) -> None:
     model = Net()
     monitor = GradMonitor(model, meter_provider=provider)
@@ -121,17 +124,25 @@ def test_watch_never_says_healthy_without_an_update(registry: CollectorRegistry)
     with gradtel.serve(port=0, registry=registry, exit_grace=0) as server:
         assert server.url is not None
         empty = frame(server.url, scrape(server.url), None, thresholds, color=False)
-        assert empty[1] == f"  no gradtel metrics at {server.url}: is this a gradtel endpoint, and is a GradMonitor made?"
+        assert (
+            empty[1]
+            == f"  no gradtel metrics at {server.url}: is this a gradtel endpoint, and is a GradMonitor made?"
+        )
         provider = gradtel.prometheus_meter_provider(registry)
         model = Net()
         monitor = GradMonitor(model, meter_provider=provider)
-        assert frame(server.url, scrape(server.url), None, thresholds, color=False)[1] == "  no update yet"
+        assert (
+            frame(server.url, scrape(server.url), None, thresholds, color=False)[1]
+            == "  no update yet"
+        )
         monitor.collect()  # no gradient: not scanned
         lines = frame(server.url, scrape(server.url), None, thresholds, color=False)
         assert lines[1] == "  unknown (latest update not scanned; 1 not scanned since start)"
         backward(model)
         monitor.collect()
-        assert frame(server.url, scrape(server.url), None, thresholds, color=False)[1] == "  healthy"
+        assert (
+            frame(server.url, scrape(server.url), None, thresholds, color=False)[1] == "  healthy"
+        )
         provider.shutdown()
     # Two ranks behind one URL, one of which did not look: not "healthy" either.
     mixed = Snapshot(taken=1.0, updates=5, last_update=1.0, status=0.0, unknown=True)
@@ -171,7 +182,12 @@ def test_a_parameter_unfrozen_later_is_counted(
 
 @pytest.mark.parametrize(
     ("before", "after"),
-    [((256, 256), (600, 256)), ((300, 256), (600, 256)), ((10, 256), (600, 256)), ((600, 256), (256, 256))],
+    [
+        ((256, 256), (600, 256)),
+        ((300, 256), (600, 256)),
+        ((10, 256), (600, 256)),
+        ((600, 256), (256, 256)),
+    ],
 )
 def test_a_parameter_resized_in_place_is_counted_whole(
     provider: MeterProvider, before: tuple[int, int], after: tuple[int, int]
@@ -192,7 +208,9 @@ def test_two_monitors_on_the_same_parameters_and_provider_are_refused(
 ) -> None:
     model = Net()
     first = GradMonitor(model, meter_provider=provider)
-    with pytest.raises(ValueError, match="another GradMonitor already watches 6 of these parameters"):
+    with pytest.raises(
+        ValueError, match="another GradMonitor already watches 6 of these parameters"
+    ):
         GradMonitor(model, meter_provider=provider)
     with pytest.raises(ValueError, match="already watches 2 of these"):
         GradMonitor(model.head.named_parameters(), meter_provider=provider)
@@ -232,7 +250,12 @@ def test_backward_order_hooks_go_after_the_first_pass_even_without_collect(
 # 3. Hooks never go quiet ---------------------------------------------------------------
 
 
-def amp_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, scale: float = 1.0) -> None:
+def amp_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    scale: float = 1.0,
+) -> None:
     optimizer.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = scale * model(torch.randn(4, 8)).float().pow(2).mean()
@@ -418,7 +441,11 @@ def test_first_bad_layer_names_where_the_values_started_not_where_they_spread(
     assert health.first_inf_layer == "body.2"  # the update's own answer is unchanged
     found = samples(registry)
     assert sample(found, "gradtel_first_bad_layer", kind="inf", layer="head") == 1
-    assert not [key for key in found if key[0] == "gradtel_first_bad_layer" and ("layer", "body.2") in key[1]]
+    assert not [
+        key
+        for key in found
+        if key[0] == "gradtel_first_bad_layer" and ("layer", "body.2") in key[1]
+    ]
     assert sample(found, "gradtel_first_bad_layer", kind="nan", layer="body.0") == 2
 
 
@@ -473,12 +500,18 @@ def test_an_overflow_the_scaler_skips_is_not_an_unhealthy_update(
     assert sample(found, "gradtel_updates_total") == 2
     for kind in ("nan", "inf"):
         for severity in ("warning", "critical"):
-            assert sample(found, "gradtel_unhealthy_updates_total", kind=kind, severity=severity) == 0
-        assert sum(v for (name, _), v in found.items() if name == f"gradtel_{kind}_grads_total") == 0
+            assert (
+                sample(found, "gradtel_unhealthy_updates_total", kind=kind, severity=severity) == 0
+            )
+        assert (
+            sum(v for (name, _), v in found.items() if name == f"gradtel_{kind}_grads_total") == 0
+        )
     assert sample(found, "gradtel_update_status") == 0
 
 
-def test_collect_with_a_scaler_by_hand(provider: MeterProvider, registry: CollectorRegistry) -> None:
+def test_collect_with_a_scaler_by_hand(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
     model = Net()
     monitor = GradMonitor(model, meter_provider=provider)
     backward(model)
@@ -486,7 +519,9 @@ def test_collect_with_a_scaler_by_hand(provider: MeterProvider, registry: Collec
     health = monitor.collect(scaler=torch.amp.GradScaler("cpu"))
     assert health.amp_overflow and health.inf_total == 1
     assert not monitor.collect(scaler=torch.amp.GradScaler("cpu", enabled=False)).amp_overflow
-    with pytest.raises(TypeError, match=r"scaler must be a torch.amp.GradScaler or None, got 'yes' \(str\)"):
+    with pytest.raises(
+        TypeError, match=r"scaler must be a torch.amp.GradScaler or None, got 'yes' \(str\)"
+    ):
         monitor.collect(scaler="yes")  # type: ignore[arg-type]
 
 
@@ -518,7 +553,9 @@ def test_clip_positional_error_if_nonfinite_and_no_gradients(provider: MeterProv
 
 @pytest.mark.parametrize("norm_type", [0.0, -1.0, -INF, 0.5, 2.0, INF])
 @pytest.mark.parametrize("bad", [NAN, INF])
-def test_clip_never_misses_a_non_finite_value(provider: MeterProvider, norm_type: float, bad: float) -> None:
+def test_clip_never_misses_a_non_finite_value(
+    provider: MeterProvider, norm_type: float, bad: float
+) -> None:
     model = Net()
     monitor = GradMonitor(model, meter_provider=provider, on_warning="ignore")
     backward(model)
@@ -532,13 +569,19 @@ def test_clip_never_misses_a_non_finite_value(provider: MeterProvider, norm_type
 @pytest.mark.parametrize(
     ("norms", "error", "message"),
     [
-        (torch.ones(2), ValueError, r"norms must be a 1-D tensor with one norm per watched parameter \(6, .*got a tensor of shape \(2,\)"),
+        (
+            torch.ones(2),
+            ValueError,
+            r"norms must be a 1-D tensor with one norm per watched parameter \(6, .*got a tensor of shape \(2,\)",
+        ),
         (torch.ones(6, 1), ValueError, r"got a tensor of shape \(6, 1\)"),
         ([1.0] * 6, TypeError, r"norms must be .* got list"),
         ({"head.weight": 1.0}, TypeError, r"got dict"),
     ],
 )
-def test_bad_norms_are_refused(provider: MeterProvider, norms: object, error: type, message: str) -> None:
+def test_bad_norms_are_refused(
+    provider: MeterProvider, norms: object, error: type, message: str
+) -> None:
     model = Net()
     monitor = GradMonitor(model, meter_provider=provider)
     backward(model)
@@ -564,7 +607,9 @@ def test_a_healthy_collect_reads_nothing_to_the_host_but_its_flags(provider: Met
     assert "aten::_local_scalar_dense" not in ops and "aten::item" not in ops
 
 
-def test_a_healthy_clip_that_must_raise_on_nonfinite_reads_the_host_once(provider: MeterProvider) -> None:
+def test_a_healthy_clip_that_must_raise_on_nonfinite_reads_the_host_once(
+    provider: MeterProvider,
+) -> None:
     model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(4)])
     monitor = GradMonitor(model, meter_provider=provider)
     model(torch.randn(4, 32)).sum().backward()
@@ -579,11 +624,15 @@ def test_a_healthy_clip_that_must_raise_on_nonfinite_reads_the_host_once(provide
 
 
 @pytest.mark.parametrize("layout", ["transposed", "channels_last"])
-def test_non_contiguous_gradients_are_counted_without_copies(provider: MeterProvider, layout: str) -> None:
+def test_non_contiguous_gradients_are_counted_without_copies(
+    provider: MeterProvider, layout: str
+) -> None:
     if layout == "transposed":
         param = nn.Parameter(torch.zeros(2048, 512).t())
     else:
-        param = nn.Parameter(torch.zeros(64, 64, 3, 3).contiguous(memory_format=torch.channels_last))
+        param = nn.Parameter(
+            torch.zeros(64, 64, 3, 3).contiguous(memory_format=torch.channels_last)
+        )
     monitor = GradMonitor([("conv.weight", param)], meter_provider=provider, on_critical="ignore")
     param.grad = torch.zeros_like(param)
     assert not param.grad.is_contiguous()
@@ -595,9 +644,13 @@ def test_non_contiguous_gradients_are_counted_without_copies(provider: MeterProv
         copied = [
             math.prod(event.input_shapes[0])
             for event in prof.events()
-            if event.name in ("aten::copy_", "aten::clone", "aten::contiguous") and event.input_shapes
+            if event.name in ("aten::copy_", "aten::clone", "aten::contiguous")
+            and event.input_shapes
         ]
-        assert max(copied, default=0) < 1024, (healthy, copied)  # small results only, never the gradient
+        assert max(copied, default=0) < 1024, (
+            healthy,
+            copied,
+        )  # small results only, never the gradient
     assert monitor.collect().nan_total == param.numel()
 
 
@@ -637,10 +690,15 @@ class GradModeSeen(TorchFunctionMode):
 def test_scan_and_clip_build_no_autograd_graph(provider: MeterProvider) -> None:
     model = Net()
     monitor = GradMonitor(model, meter_provider=provider, on_warning="ignore")
-    model(torch.randn(4, 8)).pow(2).mean().backward(create_graph=True)  # gradients that require grad
+    model(torch.randn(4, 8)).pow(2).mean().backward(
+        create_graph=True
+    )  # gradients that require grad
     model.head.weight.grad.data[0, 0] = NAN
     assert model.head.weight.grad.requires_grad
-    for work in (monitor.collect, lambda: gradtel.clip_grad_norm_(model.parameters(), 1.0, monitor=monitor)):
+    for work in (
+        monitor.collect,
+        lambda: gradtel.clip_grad_norm_(model.parameters(), 1.0, monitor=monitor),
+    ):
         with GradModeSeen() as seen:
             work()
         assert seen.modes == {False}

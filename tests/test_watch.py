@@ -24,7 +24,18 @@ RED_BOLD_REVERSE = "\033[1;7;31m"
 
 def start_demo(port: int, interval: str = "0.3") -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "gradtel.cli", "demo", "--port", str(port), "--interval", interval, "--steps", "100000"],
+        [
+            sys.executable,
+            "-m",
+            "gradtel.cli",
+            "demo",
+            "--port",
+            str(port),
+            "--interval",
+            interval,
+            "--steps",
+            "100000",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -78,7 +89,9 @@ def test_watch_shows_the_banner_styled_by_the_thresholds(processes: list) -> Non
     terminal = Terminal("watch", f"http://127.0.0.1:{port}/metrics", "--interval", "0.05")
     processes.append(terminal)
     # Demo schedule: 3 NaN in body.0 (warning) and 7 Inf in head (critical).
-    assert terminal.wait_for(f"{RED_BOLD}NaN:3\033[0m warning", f"{RED_BOLD_REVERSE}Inf:7\033[0m critical"), terminal.screen[-2000:]
+    assert terminal.wait_for(
+        f"{RED_BOLD}NaN:3\033[0m warning", f"{RED_BOLD_REVERSE}Inf:7\033[0m critical"
+    ), terminal.screen[-2000:]
     assert terminal.wait_for("top layers, latest update: head (7)")
     assert "\033[H\033[2J" in terminal.screen  # refreshed in place
     assert "updates " in terminal.screen and "/s), last update" in terminal.screen
@@ -96,7 +109,14 @@ def test_watch_says_when_unreachable_and_picks_the_endpoint_up_later(processes: 
 
 def test_watch_once_exit_codes() -> None:
     dead = subprocess.run(
-        [sys.executable, "-m", "gradtel.cli", "watch", f"http://127.0.0.1:{free_port()}/metrics", "--once"],
+        [
+            sys.executable,
+            "-m",
+            "gradtel.cli",
+            "watch",
+            f"http://127.0.0.1:{free_port()}/metrics",
+            "--once",
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -109,7 +129,9 @@ def test_frame_shows_nothing_for_counts_when_healthy() -> None:
     healthy.latest = {"nan": {"a": 0.0}, "inf": {"a": 0.0}}
     lines = frame("u", healthy, None, Thresholds(), color=True)
     assert lines[1] == "  healthy" and "NaN" not in lines[1]
-    sick = Snapshot(taken=101.0, updates=20, last_update=100.9, bands={("nan", "critical"): 1}, status=2.0)
+    sick = Snapshot(
+        taken=101.0, updates=20, last_update=100.9, bands={("nan", "critical"): 1}, status=2.0
+    )
     sick.latest = {"nan": {"a": 6.0, "b": 1.0}, "inf": {"a": 1.0}}
     lines = frame("u", sick, healthy, Thresholds(), color=True)
     assert lines[1] == f"  {RED_BOLD_REVERSE}NaN:7\033[0m {RED_BOLD}Inf:1\033[0m critical"
@@ -121,11 +143,21 @@ def test_frame_shows_nothing_for_counts_when_healthy() -> None:
 @pytest.mark.parametrize("width", [120, 80, 50])
 def test_lines_fit_the_terminal_and_break_between_fields_never_inside_a_word(width: int) -> None:
     sick = Snapshot(taken=101.0, updates=20, last_update=100.9, status=2.0)
-    sick.bands = {(kind, severity): 12345.0 for kind in ("nan", "inf") for severity in ("warning", "critical")}
-    sick.latest = {"nan": {"transformer.h.11.attn.c_attn": 6.0, "transformer.h.0.mlp.c_proj": 1.0}, "inf": {}}
-    sick.totals = {"nan": {"transformer.h.11.attn.c_attn": 600.0, "lm_head": 3.0}, "inf": {"wte": 2.0}}
+    sick.bands = {
+        (kind, severity): 12345.0 for kind in ("nan", "inf") for severity in ("warning", "critical")
+    }
+    sick.latest = {
+        "nan": {"transformer.h.11.attn.c_attn": 6.0, "transformer.h.0.mlp.c_proj": 1.0},
+        "inf": {},
+    }
+    sick.totals = {
+        "nan": {"transformer.h.11.attn.c_attn": 600.0, "lm_head": 3.0},
+        "inf": {"wte": 2.0},
+    }
     lines = frame("http://127.0.0.1:9464/metrics", sick, None, Thresholds(), color=False)
     fitted = [piece for line in lines for piece in fit(line, width)]
     assert all(len(piece) <= width for piece in fitted), fitted
-    assert " ".join(" ".join(lines).split()) == " ".join(" ".join(fitted).split())  # every word whole
+    assert " ".join(" ".join(lines).split()) == " ".join(
+        " ".join(fitted).split()
+    )  # every word whole
     assert any("inf critical 12345" in piece for piece in fitted)  # a field stays on one line

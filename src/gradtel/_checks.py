@@ -21,8 +21,10 @@ def seconds(argument: str, value: object, *, zero_ok: bool = False) -> float:
     2.0
     """
     bound = ">= 0" if zero_ok else "> 0"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        value >= 0 if zero_ok else value > 0
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (value >= 0 if zero_ok else value > 0)
     ):
         raise ValueError(f"{argument} must be a number of seconds {bound}, got {value!r}")
     return float(value)

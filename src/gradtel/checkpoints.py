@@ -47,7 +47,9 @@ class WeightsHealth:
         if health.status is Status.UNKNOWN or action == "raise":  # not looked at, or no step taken
             return
         with self._lock:
-            reached = health.status is not Status.HEALTHY and not health.amp_overflow and action != "skip"
+            reached = (
+                health.status is not Status.HEALTHY and not health.amp_overflow and action != "skip"
+            )
             if reached and self.poisoned_by is None:
                 self.poisoned_by = health
             elif self.poisoned_by is None:
@@ -65,7 +67,9 @@ class WeightsHealth:
         if bad is None:
             why = "another rank's weights took an unhealthy update (see its log)"
         else:
-            since = "no healthy step seen yet" if last is None else f"the last healthy step was {last}"
+            since = (
+                "no healthy step seen yet" if last is None else f"the last healthy step was {last}"
+            )
             why = (
                 f"the weights took the {bad.status.value} update of step {bad.step} "
                 f"({bad.nan_total} NaN, {bad.inf_total} Inf); {since}"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -54,11 +54,12 @@ def _parser() -> argparse.ArgumentParser:
         "--interval", type=_non_negative_float, default=0.2, help="seconds between updates (0.2)"
     )
     demo.add_argument(
-        "--port", type=int, default=None, help="metrics port; 0 picks a free one ($GRADTEL_PORT or 9464)"
+        "--port",
+        type=int,
+        default=None,
+        help="metrics port; 0 picks a free one ($GRADTEL_PORT or 9464)",
     )
-    demo.add_argument(
-        "--addr", default=None, help="bind address ($GRADTEL_ADDR or 127.0.0.1)"
-    )
+    demo.add_argument("--addr", default=None, help="bind address ($GRADTEL_ADDR or 127.0.0.1)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (0)")
     demo.add_argument(
         "--stack",
@@ -80,11 +81,20 @@ def _parser() -> argparse.ArgumentParser:
         help="show the status of gradtel endpoints in the terminal",
         description="Scrape gradtel endpoints and show their status banner, refreshed in place.",
     )
-    watch.add_argument("urls", nargs="*", metavar="URL", help="metrics URLs (default http://127.0.0.1:9464/metrics)")
-    watch.add_argument("--interval", type=_positive_float, default=1.0, help="seconds between refreshes (1)")
+    watch.add_argument(
+        "urls",
+        nargs="*",
+        metavar="URL",
+        help="metrics URLs (default http://127.0.0.1:9464/metrics)",
+    )
+    watch.add_argument(
+        "--interval", type=_positive_float, default=1.0, help="seconds between refreshes (1)"
+    )
     watch.add_argument("--once", action="store_true", help="show one refresh and exit")
     watch.add_argument("--warning", type=int, default=0, help="warning when a count is > this (0)")
-    watch.add_argument("--critical", type=int, default=5, help="critical when a count is > this (5)")
+    watch.add_argument(
+        "--critical", type=int, default=5, help="critical when a count is > this (5)"
+    )
 
     render = commands.add_parser(
         "render",
@@ -96,7 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     render.add_argument("--out", required=True, help="output folder (e.g. deploy)")
     render.add_argument("--warning", type=int, default=0, help="warning when a count is > this (0)")
-    render.add_argument("--critical", type=int, default=5, help="critical when a count is > this (5)")
+    render.add_argument(
+        "--critical", type=int, default=5, help="critical when a count is > this (5)"
+    )
     render.add_argument(
         "--window", default="10m", help="how long an alert fires after the last bad update (10m)"
     )
@@ -127,7 +139,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     render.add_argument("--spike-baseline", default=None, help="the window of that median (1h)")
     render.add_argument(
-        "--spike-history", default=None, help="norms a rank must have reported for before it is judged (10m)"
+        "--spike-history",
+        default=None,
+        help="norms a rank must have reported for before it is judged (10m)",
     )
     render.add_argument(
         "--targets",
@@ -137,11 +151,20 @@ def _parser() -> argparse.ArgumentParser:
         help="the gradtel endpoints of your training processes that prometheus.yml scrapes (127.0.0.1:9464)",
     )
     render.add_argument(
-        "--alertmanager", default=None, metavar="HOST:PORT", help="where Prometheus sends alerts (127.0.0.1:9093)"
+        "--alertmanager",
+        default=None,
+        metavar="HOST:PORT",
+        help="where Prometheus sends alerts (127.0.0.1:9093)",
     )
-    render.add_argument("--pager-url", default=None, metavar="URL", help="webhook of the critical alerts")
-    render.add_argument("--chat-url", default=None, metavar="URL", help="webhook of the warning alerts")
-    render.add_argument("--scrape-interval", default=None, help="how often Prometheus scrapes the targets (5s)")
+    render.add_argument(
+        "--pager-url", default=None, metavar="URL", help="webhook of the critical alerts"
+    )
+    render.add_argument(
+        "--chat-url", default=None, metavar="URL", help="webhook of the warning alerts"
+    )
+    render.add_argument(
+        "--scrape-interval", default=None, help="how often Prometheus scrapes the targets (5s)"
+    )
     render.add_argument(
         "--evaluation-interval", default=None, help="how often Prometheus evaluates the rules (5s)"
     )
@@ -205,9 +228,17 @@ def _render(args: argparse.Namespace) -> int:
     given = {
         name: getattr(args, name)
         for name in (
-            "amp_scale_floor", "spike_factor", "spike_baseline", "spike_history", "targets",
-            "alertmanager", "pager_url", "chat_url", "scrape_interval", "evaluation_interval",
-        )  # fmt: skip
+            "amp_scale_floor",
+            "spike_factor",
+            "spike_baseline",
+            "spike_history",
+            "targets",
+            "alertmanager",
+            "pager_url",
+            "chat_url",
+            "scrape_interval",
+            "evaluation_interval",
+        )
         if getattr(args, name) is not None
     }  # left out: KitOptions' defaults
     options = KitOptions(

@@ -108,12 +108,18 @@ def clip_grad_norm_(
         mine is theirs for mine, theirs in zip(with_grad, monitor.parameters)
     ):
         # The usual call: clip what is watched. Its L2 total is the gradient-norm gauge, for free.
-        health = monitor.collect(norms=every, total_norm=total if norm_type == 2.0 else None, **collect)
+        health = monitor.collect(
+            norms=every, total_norm=total if norm_type == 2.0 else None, **collect
+        )
         known = health.grad_norm if norm_type == 2.0 and monitor.readout == "sync" else None
     else:  # a subset's total is not the update's norm
         health = monitor.collect(norms=dict(zip(with_grad, norms)), **collect)
     # Only an unhealthy update can have had its gradients cleared by a "skip" policy.
-    kept = [i for i, p in enumerate(with_grad) if p.grad is not None] if health.status.level > 0 else None
+    kept = (
+        [i for i, p in enumerate(with_grad) if p.grad is not None]
+        if health.status.level > 0
+        else None
+    )
     if kept is not None and len(kept) < len(with_grad):  # a "skip" policy cleared the gradients
         if not kept:
             return torch.tensor(0.0)

@@ -36,7 +36,7 @@ from .monitor import GradMonitor
 if TYPE_CHECKING:
     from .stack import Stack
 
-__all__ = ["DemoNet", "Injection", "SCHEDULE", "SCHEDULE_PERIOD", "injection_for", "run_demo"]
+__all__ = ["SCHEDULE", "SCHEDULE_PERIOD", "DemoNet", "Injection", "injection_for", "run_demo"]
 
 SCHEDULE_PERIOD = 25
 

@@ -42,8 +42,8 @@ from .telemetry import Activity, activity, count_error, count_exception
 __all__ = [
     "DEFAULT_ADDR",
     "DEFAULT_EXIT_GRACE",
-    "DEFAULT_STALE_AFTER",
     "DEFAULT_PORT",
+    "DEFAULT_STALE_AFTER",
     "MetricsServer",
     "PortInUseError",
     "serve",
@@ -94,6 +94,8 @@ class _Filtered:
 
     def restricted_registry(self, names: Iterable[str]) -> _Filtered:
         return _Filtered(self._registry, names)
+
+
 class PortInUseError(OSError):
     """The endpoint's port is taken by another process."""
 
@@ -193,7 +195,9 @@ class MetricsServer:
                 time.sleep(0.05)
         except KeyboardInterrupt:
             _interrupted.set()
-            logger.warning("gradtel: exit wait ended by Ctrl-C; the last unhealthy update may be unscraped")
+            logger.warning(
+                "gradtel: exit wait ended by Ctrl-C; the last unhealthy update may be unscraped"
+            )
 
     def __enter__(self) -> MetricsServer:
         return self
@@ -219,9 +223,7 @@ def _port_from(value: object, source: str) -> int:
             f"{source} must be an int from 0 to 65535, got {value!r} ({type(value).__name__})"
         )
     if not 0 <= value <= 65535:
-        raise ValueError(
-            f"{source} must be from 0 to 65535 (0 picks a free port), got {value}"
-        )
+        raise ValueError(f"{source} must be from 0 to 65535 (0 picks a free port), got {value}")
     return value
 
 
@@ -246,7 +248,9 @@ def _tls_from(cert: str | None, key: str | None, client_ca: str | None) -> TLSCo
         return None
     if cert is None or key is None:
         given, missing = ("tls_cert", "tls_key") if key is None else ("tls_key", "tls_cert")
-        raise ValueError(f"{given} is set but {missing} is not; HTTPS needs both (or $GRADTEL_TLS_*)")
+        raise ValueError(
+            f"{given} is set but {missing} is not; HTTPS needs both (or $GRADTEL_TLS_*)"
+        )
     for name, path in (("tls_cert", cert), ("tls_key", key), ("tls_client_ca", client_ca)):
         if path is not None and not os.path.isfile(path):
             raise ValueError(f"{name} must be a readable PEM file, got {path!r} (no such file)")
@@ -321,7 +325,9 @@ def serve(
             f"REGISTRY), got {registry!r} ({type(registry).__name__})"
         )
     if not isinstance(rank_offset, bool):
-        raise TypeError(f"rank_offset must be True or False, got {rank_offset!r} ({type(rank_offset).__name__})")
+        raise TypeError(
+            f"rank_offset must be True or False, got {rank_offset!r} ({type(rank_offset).__name__})"
+        )
     if port is None:
         env = os.environ.get("GRADTEL_PORT")
         port = DEFAULT_PORT if env is None else _port_from(env, "GRADTEL_PORT")
@@ -336,12 +342,16 @@ def serve(
     if rank_offset and port:
         port += rank_on_node
         if port > 65535:
-            raise ValueError(f"port {port} (base port + LOCAL_RANK) is above 65535; pick a lower port")
+            raise ValueError(
+                f"port {port} (base port + LOCAL_RANK) is above 65535; pick a lower port"
+            )
 
     tls = _tls_from(tls_cert, tls_key, tls_client_ca)
     stale_after = _checks.seconds("stale_after", stale_after)
     served = REGISTRY if registry is None else registry
-    server = MetricsServer(addr, None, exit_grace=exit_grace, tls=tls is not None, recorded=activity(served))
+    server = MetricsServer(
+        addr, None, exit_grace=exit_grace, tls=tls is not None, recorded=activity(served)
+    )
     try:
         running = start(
             addr,
@@ -425,11 +435,13 @@ def _recording_crashes(previous: Callable[..., Any]) -> Callable[..., Any]:
     """``sys.excepthook`` that counts the uncaught exception ending training, then hands it
     to ``previous`` unchanged; the exit wait then holds the endpoint for its scrape."""
 
-    def excepthook(kind: type[BaseException], value: BaseException, traceback: TracebackType | None) -> None:
+    def excepthook(
+        kind: type[BaseException], value: BaseException, traceback: TracebackType | None
+    ) -> None:
         if not issubclass(kind, KeyboardInterrupt):
             try:
                 count_exception(kind)
-            except Exception as exc:  # noqa: BLE001 (the user's traceback comes first)
+            except Exception as exc:
                 logger.error("gradtel could not count the uncaught exception: %r", exc)
         previous(kind, value, traceback)
 

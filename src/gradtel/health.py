@@ -179,7 +179,9 @@ class GradHealth:
         """Worse of the NaN and Inf statuses; UNKNOWN when the update was not looked at."""
         if not self.sampled or self.pending or self.unscanned is not None:
             return Status.UNKNOWN
-        if not (self.nan_by_layer or self.inf_by_layer):  # the usual update, asked several times each
+        if not (
+            self.nan_by_layer or self.inf_by_layer
+        ):  # the usual update, asked several times each
             return Status.HEALTHY
         return _worst(self.nan_status, self.inf_status)
 

@@ -123,7 +123,9 @@ def attach(
     attachment._undo.append(optimizer.register_load_state_dict_post_hook(resumed).remove)
     if scan == "backward":
         collect = _Stepped(monitor, taken, step, None, None, loss)
-        attachment._undo.append(at_end_of_backward(monitor.parameters, lambda: collect(scaler=scaler)).remove)
+        attachment._undo.append(
+            at_end_of_backward(monitor.parameters, lambda: collect(scaler=scaler)).remove
+        )
         return attachment
     looks = scaler is None or not scaler.is_enabled()
     passes = _Passes.of(monitor, attachment, looks, loss)
@@ -132,7 +134,9 @@ def attach(
         _around_scaler(collect, scaler, optimizer, attachment)  # type: ignore[arg-type]
         return attachment
 
-    def before_step(opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def before_step(
+        opt: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         # With a closure (LBFGS), backward runs inside step(): collect after its first call.
         # (``args`` starts with the optimizer itself.)
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
@@ -181,7 +185,11 @@ class _Passes:
 
     @classmethod
     def of(
-        cls, monitor: Collector, attachment: Attachment, looks: bool, loss: Callable[[], torch.Tensor | None] | None
+        cls,
+        monitor: Collector,
+        attachment: Attachment,
+        looks: bool,
+        loss: Callable[[], torch.Tensor | None] | None,
     ) -> _Passes:
         passes = cls._of.get(monitor)
         if passes is None:
@@ -202,7 +210,9 @@ class _Passes:
 
     def arm(self) -> None:
         params = tuple(self.monitor.parameters)
-        same = len(params) == len(self._armed_for) and all(a is b for a, b in zip(params, self._armed_for))
+        same = len(params) == len(self._armed_for) and all(
+            a is b for a, b in zip(params, self._armed_for)
+        )
         if not same or not self._armed._undo:
             self._armed.remove()
             self._armed = at_end_of_backward(params, self._ended)
@@ -226,7 +236,11 @@ class _Passes:
     def due(self, optimizer: torch.optim.Optimizer) -> bool:
         """Whether ``optimizer`` collects now: not when another optimizer already collected
         the gradients of the latest pass (two optimizers over one model)."""
-        if self.collected is not None and self.collected[1] == self.count and self.collected[0] != id(optimizer):
+        if (
+            self.collected is not None
+            and self.collected[1] == self.count
+            and self.collected[0] != id(optimizer)
+        ):
             return False
         self.collected = (id(optimizer), self.count)
         return True
@@ -254,12 +268,16 @@ def summed_loss(total: torch.Tensor | None, loss: object) -> torch.Tensor | None
     return loss if total is None else total + loss.to(total.device)
 
 
-def _with_loss(total: torch.Tensor | None, loss: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
+def _with_loss(
+    total: torch.Tensor | None, loss: Callable[[], torch.Tensor | None]
+) -> torch.Tensor | None:
     """``total`` plus the loss the user's ``attach(loss=...)`` returns now; ``total`` when it fails."""
     try:
         return summed_loss(total, loss())
-    except Exception as exc:  # noqa: BLE001 (telemetry never breaks training)
-        _log.log("loss", logging.ERROR, "gradtel: attach(loss=...) failed, the loss is not read: %r", exc)
+    except Exception as exc:
+        _log.log(
+            "loss", logging.ERROR, "gradtel: attach(loss=...) failed, the loss is not read: %r", exc
+        )
         return total
 
 
@@ -300,7 +318,7 @@ class _Stepped:
         if self.step is not None:
             try:
                 step = operator.index(self.step())  # an int, a NumPy integer, an integer tensor
-            except Exception as exc:  # noqa: BLE001 (telemetry never breaks training)
+            except Exception as exc:
                 _log.log(
                     "step", logging.ERROR,
                     "gradtel: attach(step=...) gave no whole number (%r); numbering by the "
@@ -362,7 +380,9 @@ def _around_scaler(
     attachment._undo.append(optimizer.register_step_pre_hook(before_step).remove)
 
 
-def at_end_of_backward(params: Sequence[torch.Tensor], callback: Callable[[], object]) -> Attachment:
+def at_end_of_backward(
+    params: Sequence[torch.Tensor], callback: Callable[[], object]
+) -> Attachment:
     """Run ``callback`` once at the end of every backward pass that reaches ``params``.
 
     A pass that raised (an out-of-memory retry) never reaches its end; the next

@@ -136,7 +136,12 @@ class _Server(WSGIServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A scraper that went away mid-response.
-        _failed(self, logging.WARNING, "gradtel: a request to the metrics endpoint from %s failed", client_address)
+        _failed(
+            self,
+            logging.WARNING,
+            "gradtel: a request to the metrics endpoint from %s failed",
+            client_address,
+        )
 
 
 def _health(recorded: Activity, stale_after: float, started: float) -> tuple[str, bytes]:
@@ -169,9 +174,11 @@ def _app(
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         try:
             return route(environ, start_response)
-        except Exception as exc:  # noqa: BLE001 (never a traceback per request on the trainer's stderr)
+        except Exception as exc:
             _failed(server, logging.ERROR, "gradtel: a /metrics request failed: %r", exc)
-            start_response("500 Internal Server Error", [("Content-Type", "text/plain")], sys.exc_info())
+            start_response(
+                "500 Internal Server Error", [("Content-Type", "text/plain")], sys.exc_info()
+            )
             return [b"gradtel failed to answer this request; see the training log\n"]
 
     def route(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -181,9 +188,16 @@ def _app(
             try:
                 choose_encoder(accept)
             except (ValueError, TypeError):  # e.g. "text/plain; version=x.y"
-                _failed(server, logging.WARNING, "gradtel: refused a /metrics request with Accept: %r", accept)
+                _failed(
+                    server,
+                    logging.WARNING,
+                    "gradtel: refused a /metrics request with Accept: %r",
+                    accept,
+                )
                 start_response("406 Not Acceptable", [("Content-Type", "text/plain")])
-                return [b"gradtel cannot serve this Accept header; ask for text/plain or OpenMetrics\n"]
+                return [
+                    b"gradtel cannot serve this Accept header; ask for text/plain or OpenMetrics\n"
+                ]
             recorded.publish()  # deferred read-outs that have finished, first
             with collecting:
                 began = time.monotonic()
@@ -265,7 +279,9 @@ class _Dispatcher:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                _failed(self.server, logging.WARNING, "gradtel: accepting a connection failed: %r", exc)
+                _failed(
+                    self.server, logging.WARNING, "gradtel: accepting a connection failed: %r", exc
+                )
                 return
             if len(self.idle) >= MAX_CONNECTIONS:
                 oldest = min(self.idle, key=self.idle.__getitem__)
@@ -302,7 +318,7 @@ class _Dispatcher:
                     request = self.tls.wrap_socket(conn, server_side=True)
                     self._track(request, instead_of=conn)
                 self.server.finish_request(request, address)
-            except Exception:  # noqa: BLE001 (counted and logged by handle_error)
+            except Exception:
                 self.server.handle_error(request, address)
             finally:
                 with self.lock:
@@ -358,8 +374,10 @@ def _serve(server: _Server, dispatcher: _Dispatcher) -> None:
         try:
             server.service_actions()
             dispatcher.step()
-        except Exception as exc:  # noqa: BLE001 (counted, logged, restarted)
-            _failed(server, logging.ERROR, "gradtel: the metrics endpoint failed (%r) and restarts", exc)
+        except Exception as exc:
+            _failed(
+                server, logging.ERROR, "gradtel: the metrics endpoint failed (%r) and restarts", exc
+            )
             time.sleep(0.1)
     dispatcher.close()
 
@@ -382,7 +400,6 @@ class Running:
         self.thread.join()
         self.dispatcher.stop_workers()
         self.server.server_close()
-
 
     def close_in_child(self) -> None:
         """In a forked child: let go of the parent's sockets (the threads did not come along)."""

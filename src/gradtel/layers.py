@@ -28,9 +28,7 @@ OVERFLOW_LAYER = "(other)"
 DEFAULT_MAX_LAYERS = 1000
 """Default bound on distinct ``layer`` labels (plus one overflow label)."""
 
-WRAPPER_COMPONENTS = frozenset(
-    {"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
-)
+WRAPPER_COMPONENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 """Path components that ``torch.compile``, FSDP and activation checkpointing insert."""
 
 DATA_PARALLEL_PREFIX = "module."

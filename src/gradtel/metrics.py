@@ -88,8 +88,12 @@ class Metric:
         return name.removesuffix("_seconds") if self.unit == "s" else name
 
 
-NAN_GRADS = Metric("gradtel_nan_grads_total", "counter", "NaN gradient values seen since start.", ("layer",))
-INF_GRADS = Metric("gradtel_inf_grads_total", "counter", "±Inf gradient values seen since start.", ("layer",))
+NAN_GRADS = Metric(
+    "gradtel_nan_grads_total", "counter", "NaN gradient values seen since start.", ("layer",)
+)
+INF_GRADS = Metric(
+    "gradtel_inf_grads_total", "counter", "±Inf gradient values seen since start.", ("layer",)
+)
 UPDATE_NAN_GRADS = Metric(
     "gradtel_update_nan_grads",
     "gauge",
@@ -136,7 +140,10 @@ UNSCANNED_UPDATES = Metric(
     ("reason",),
 )
 SCAN_DURATION = Metric(
-    "gradtel_scan_duration_seconds", "histogram", "Time gradtel spent scanning one update.", unit="s"
+    "gradtel_scan_duration_seconds",
+    "histogram",
+    "Time gradtel spent scanning one update.",
+    unit="s",
 )
 FIRST_BAD_LAYER = Metric(
     "gradtel_first_bad_layer",
@@ -234,7 +241,10 @@ TRAINING_EXCEPTIONS = Metric(
     ("type", "gradients"),
 )
 ERRORS = Metric(
-    "gradtel_errors_total", "counter", "Failures inside gradtel, by stage; training went on.", ("stage",)
+    "gradtel_errors_total",
+    "counter",
+    "Failures inside gradtel, by stage; training went on.",
+    ("stage",),
 )
 
 GRADS_TOTAL = {"nan": NAN_GRADS, "inf": INF_GRADS}

@@ -172,7 +172,9 @@ class GradMonitor:
             raise ValueError(f"sample_every must be an int >= 1, got {sample_every!r}")
         for name, flag in (("grad_norm", grad_norm), ("layer_norms", layer_norms)):
             if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be True or False, got {flag!r} ({type(flag).__name__})")
+                raise TypeError(
+                    f"{name} must be True or False, got {flag!r} ({type(flag).__name__})"
+                )
         if meter_provider is not None and not hasattr(meter_provider, "get_meter"):
             raise TypeError(
                 "meter_provider must be an OpenTelemetry MeterProvider, "
@@ -280,7 +282,9 @@ class GradMonitor:
         # A dropped monitor takes its hooks with it (one finalizer, the current order's).
         self._order_finalizer = weakref.finalize(self, self._order.remove)
         # Gradients of these dtypes are counted as they are when strided.
-        self._plain = [p.dtype in _PLAIN_DTYPES and not isinstance(p, DTensor) for p in self._params]
+        self._plain = [
+            p.dtype in _PLAIN_DTYPES and not isinstance(p, DTensor) for p in self._params
+        ]
         self._all_plain = all(self._plain)
         self._everyone = tuple(range(len(self._params)))
         self._layer_sums: tuple[tuple[int, ...], torch.Tensor, tuple[str, ...]] | None = None
@@ -375,7 +379,9 @@ class GradMonitor:
             NonFiniteGradientError: the update is unhealthy and its policy is ``"raise"``.
             TypeError, ValueError: ``norms``, ``scaler`` or ``step`` is not as described.
         """
-        if total_norm is not None and not (isinstance(total_norm, torch.Tensor) and total_norm.numel() == 1):
+        if total_norm is not None and not (
+            isinstance(total_norm, torch.Tensor) and total_norm.numel() == 1
+        ):
             raise TypeError(f"total_norm must be a one-element tensor or None, got {total_norm!r}")
         _check_step(step)
         with self._lock:
@@ -401,11 +407,15 @@ class GradMonitor:
                 if self.readout == "deferred":
                     self._publish(wait=False)
                 self._guarded("record", lambda: self._telemetry.touch(time.time()))
-                return GradHealth(thresholds=self.thresholds, step=self._training_step, sampled=False)
+                return GradHealth(
+                    thresholds=self.thresholds, step=self._training_step, sampled=False
+                )
             self._check_norms(norms)
             overflow_possible = _check_scaler(scaler)
             if loss is not None and not isinstance(loss, torch.Tensor):
-                raise TypeError(f"loss must be a tensor or None, got {loss!r} ({type(loss).__name__})")
+                raise TypeError(
+                    f"loss must be a tensor or None, got {loss!r} ({type(loss).__name__})"
+                )
             with torch.no_grad():
                 if looked is None:
                     scale = _scale_of(scaler) if overflow_possible else None
@@ -416,17 +426,23 @@ class GradMonitor:
                 if self.readout == "deferred":
                     self._publish(wait=False)  # the updates before this one, in order, if ready
                     if isinstance(launched, _Update):
-                        if launched.launched.exact is None:  # done when queued: read it now, for free
+                        if (
+                            launched.launched.exact is None
+                        ):  # done when queued: read it now, for free
                             launched = self._read_out(launched)
                         else:
                             launched.start_readout()
-                    self._pending.append((launched, overflow_possible, time.perf_counter() - started, time.time()))
+                    self._pending.append(
+                        (launched, overflow_possible, time.perf_counter() - started, time.time())
+                    )
                     return self._latest or self._health(self._training_step, pending=True)
                 health = launched if isinstance(launched, GradHealth) else self._read_out(launched)
             duration = time.perf_counter() - started - self._scanner.waited
             return self._conclude(health, overflow_possible, duration, time.time())
 
-    def _conclude(self, health: GradHealth, overflow_possible: bool, duration: float, timestamp: float) -> GradHealth:
+    def _conclude(
+        self, health: GradHealth, overflow_possible: bool, duration: float, timestamp: float
+    ) -> GradHealth:
         """Record an update whose counts are known, and act on it."""
         scaler_skips = overflow_possible and bool(health.nan_total + health.inf_total)
         # A loss that was already non-finite is no overflow the scaler handles: it only hides it.
@@ -434,7 +450,9 @@ class GradMonitor:
             health = dataclasses.replace(health, amp_overflow=True)
             logger.debug("%s", health.describe())
         # Record before acting: a "raise" policy must not hide the update from Prometheus.
-        self._guarded("record", lambda: self._telemetry.record(health, duration=duration, timestamp=timestamp))
+        self._guarded(
+            "record", lambda: self._telemetry.record(health, duration=duration, timestamp=timestamp)
+        )
         if health.unscanned is not None:
             return health
         action = None if health.amp_overflow else self._policy.action(health)
@@ -539,7 +557,9 @@ class GradMonitor:
         )
         if isinstance(norms, torch.Tensor):
             if norms.dim() != 1 or norms.numel() != len(self._params):
-                raise ValueError(f"norms must be {allowed}, got a tensor of shape {tuple(norms.shape)}")
+                raise ValueError(
+                    f"norms must be {allowed}, got a tensor of shape {tuple(norms.shape)}"
+                )
         elif not isinstance(norms, Mapping) or not all(
             isinstance(v, torch.Tensor) for v in norms.values()
         ):
@@ -632,7 +652,9 @@ class GradMonitor:
                 return
             try:
                 # A look replaced later keeps its micro-batch's counts for the next one.
-                self._looked_origin = _added(self._looked_origin, self.origin.take(update_ends=False))
+                self._looked_origin = _added(
+                    self._looked_origin, self.origin.take(update_ends=False)
+                )
                 looked = self._launch(None, loss, None, self._looked_origin, exact=True)
                 if isinstance(looked, _Update) and looked.launched.exact is None:
                     looked = self._read_out(looked)  # done when queued: read it now, for free
@@ -697,7 +719,9 @@ class GradMonitor:
         scale = None if scale is None else scale.detach().double().reshape(1)
         extra = [t for t in (counts, loss_bad, norm, layer_norms, scale) if t is not None]
         try:
-            if (exact or self.readout == "deferred") and not all(map(completes_when_queued, values)):
+            if (exact or self.readout == "deferred") and not all(
+                map(completes_when_queued, values)
+            ):
                 # Counted exactly now: the gradients may be clipped or zeroed before the read-out.
                 launched = self._scanner.launch_exact(values, extra)
             else:
@@ -745,7 +769,9 @@ class GradMonitor:
         if update.loss:
             local["loss_finite"] = not also[-1]
         if not counts:  # the usual update: healthy
-            return self._health(update.step, scanned=len(update.present), skipped=update.skipped, **local)
+            return self._health(
+                update.step, scanned=len(update.present), skipped=update.skipped, **local
+            )
         nan_by_layer: dict[str, int] = {}
         inf_by_layer: dict[str, int] = {}
         labels, present = update.labels, update.present
@@ -786,7 +812,11 @@ class GradMonitor:
             names: dict[str, int] = {}
             slots = [names.setdefault(self._labels[i], len(names)) for i in present]
             # Kept on the device: no host-to-device copy per update.
-            cached = self._layer_sums = (present, torch.tensor(slots, device=squares.device), tuple(names))
+            cached = self._layer_sums = (
+                present,
+                torch.tensor(slots, device=squares.device),
+                tuple(names),
+            )
         _, slots_tensor, layers = cached
         sums = torch.zeros(len(layers), dtype=torch.float64, device=squares.device)
         return layers, sums.index_add_(0, slots_tensor, squares).sqrt_()

@@ -32,7 +32,7 @@ model attaches to the same hook.
 # No `from __future__ import annotations`: DDP checks a hook's annotations as objects.
 import logging
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -67,7 +67,7 @@ class OriginCounter:
     """NaN and ±Inf counts of this rank's own gradients in the current update, on the device."""
 
     def __init__(self) -> None:
-        self._counts: Optional[torch.Tensor] = None
+        self._counts: torch.Tensor | None = None
         self._spread: dict[Hashable, torch.Tensor] = {}
         """Per bucket key: whether a reduction earlier in this update left it non-finite."""
         self.installed = False
@@ -91,13 +91,13 @@ class OriginCounter:
         for key in keys:
             self._spread[key] = nonfinite
 
-    def _spread_over(self, keys: Sequence[Hashable]) -> Optional[torch.Tensor]:
+    def _spread_over(self, keys: Sequence[Hashable]) -> torch.Tensor | None:
         flags = {id(f): f for f in map(self._spread.get, keys) if f is not None}
         if len(flags) <= 1:
             return next(iter(flags.values()), None)
         return torch.stack(list(flags.values())).any()  # DDP regrouped its buckets since
 
-    def take(self, update_ends: bool = True) -> Optional[torch.Tensor]:
+    def take(self, update_ends: bool = True) -> torch.Tensor | None:
         """The counts since the last take, as a 2-element int64 tensor, or None when none came.
 
         Args:
@@ -131,7 +131,7 @@ class _Feed:
         try:
             for counter in counters:
                 counter.add(grads, keys)
-        except Exception as exc:  # noqa: BLE001 (telemetry never breaks training)
+        except Exception as exc:
             _failed(exc)
 
     def reduced(self, counters: list[OriginCounter], keys: Sequence[Hashable], result: Any) -> None:
@@ -142,7 +142,7 @@ class _Feed:
             nonfinite = ~torch.isfinite(torch.linalg.vector_norm(reduced, ord=float("inf")))
             for counter in counters:
                 counter.reduced(keys, nonfinite)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             _failed(exc)
 
 
@@ -156,7 +156,7 @@ def _failed(exc: Exception) -> None:
     )
 
 
-def ddp_comm_hook(monitor: Any, inner: Optional[CommHook] = None) -> CommHook:
+def ddp_comm_hook(monitor: Any, inner: CommHook | None = None) -> CommHook:
     """A DDP communication hook that counts this rank's gradients, then reduces them.
 
     Register it instead of your own hook to keep origin-rank counting::
@@ -200,7 +200,7 @@ def _ddp_hook(feed: _Feed, reduce: CommHook) -> CommHook:
     return gradtel_origin_hook
 
 
-def install_origin_hook(model: torch.nn.Module, monitor: Any) -> Optional[Undo]:
+def install_origin_hook(model: torch.nn.Module, monitor: Any) -> Undo | None:
     """Count ``model``'s own gradients before their reduction, if it is a DDP or FSDP model;
     logs why not when torch's hook is taken or unavailable. Returns what detaches
     ``monitor`` again (None: nothing was attached)."""
@@ -213,7 +213,7 @@ def install_origin_hook(model: torch.nn.Module, monitor: Any) -> Optional[Undo]:
         if any(isinstance(m, FSDPModule) for m in model.modules()):
             return _install_fully_shard(model, counter)
         return None
-    except Exception as exc:  # noqa: BLE001 (telemetry never breaks training)
+    except Exception as exc:
         logger.warning(
             "gradtel: cannot count each rank's own gradients before the reduction "
             "(the origin rank will not be known): %s: %s",
@@ -223,7 +223,7 @@ def install_origin_hook(model: torch.nn.Module, monitor: Any) -> Optional[Undo]:
         return None
 
 
-def _install_ddp(ddp: DistributedDataParallel, counter: OriginCounter) -> Optional[Undo]:
+def _install_ddp(ddp: DistributedDataParallel, counter: OriginCounter) -> Undo | None:
     """Register gradtel's hook on ``ddp`` (or attach to the one it has); a hook the application
     registers later becomes the reduction behind gradtel's count (DDP accepts only one hook)."""
     hooks = [hook for hook, _ in getattr(ddp, "_comm_hooks", [])]
@@ -256,7 +256,7 @@ def _install_ddp(ddp: DistributedDataParallel, counter: OriginCounter) -> Option
 def _install_fsdp_wrapper(fsdp: FullyShardedDataParallel, counter: OriginCounter) -> Undo:
     """The older FSDP wrapper: one communication hook on the root serves every unit. Like
     DDP's, a hook the application registers later becomes the reduction behind the count."""
-    feed: Optional[_Feed] = getattr(fsdp, _FEED, None)
+    feed: _Feed | None = getattr(fsdp, _FEED, None)
     if feed is None:
         feed = _fsdp_wrapper_hook(fsdp)
     return feed.attach(counter)
@@ -267,7 +267,9 @@ def _fsdp_wrapper_hook(fsdp: FullyShardedDataParallel) -> _Feed:
     group = fsdp.process_group or dist.group.WORLD
     reduction: list[Any] = [fsdp_hooks.DefaultState(group), None]  # type: ignore[arg-type]
 
-    def gradtel_origin_hook(state: Any, grad: torch.Tensor, output: Optional[torch.Tensor] = None) -> Any:
+    def gradtel_origin_hook(
+        state: Any, grad: torch.Tensor, output: torch.Tensor | None = None
+    ) -> Any:
         counters = feed.counters
         # Without sharding, .grad is all-reduced in place and the next backward adds onto it;
         # the sharded strategies reduce this backward's own unsharded gradient.
@@ -275,7 +277,9 @@ def _fsdp_wrapper_hook(fsdp: FullyShardedDataParallel) -> _Feed:
         feed.count(counters, grad, keys)  # this rank's flat, unsharded gradient of one unit
         inner_state, inner = reduction
         if inner is not None:
-            result = inner(inner_state, grad) if output is None else inner(inner_state, grad, output)
+            result = (
+                inner(inner_state, grad) if output is None else inner(inner_state, grad, output)
+            )
         elif output is None:  # NO_SHARD: an all-reduce
             result = fsdp_hooks.allreduce_hook(inner_state, grad)
         else:
@@ -314,7 +318,7 @@ class _CountingReduceScatter:
 _said: set[str] = set()
 
 
-def _install_fully_shard(model: torch.nn.Module, counter: OriginCounter) -> Optional[Undo]:
+def _install_fully_shard(model: torch.nn.Module, counter: OriginCounter) -> Undo | None:
     """``fully_shard``: a counting wrapper around each sharded module's reduce-scatter."""
     if not hasattr(FSDPModule, "set_custom_reduce_scatter"):
         if "fully_shard" not in _said:

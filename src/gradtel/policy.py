@@ -93,7 +93,10 @@ class Policy:
         if action == "skip":
             for param in params:
                 param.grad = None
-            self._log(health, f"{health.describe()}; gradients cleared, the next optimizer step is skipped")
+            self._log(
+                health,
+                f"{health.describe()}; gradients cleared, the next optimizer step is skipped",
+            )
             return
         self._log(health, health.describe())
 
@@ -104,7 +107,11 @@ class Policy:
             if now - self._last_line[status] < self.interval:
                 self._unlogged[status] += 1
                 return
-            unlogged, self._unlogged[status], self._last_line[status] = self._unlogged[status], 0, now
+            unlogged, self._unlogged[status], self._last_line[status] = (
+                self._unlogged[status],
+                0,
+                now,
+            )
         if unlogged:
             line += f" ({unlogged} more {status.value} updates since the last line)"
         logger.warning("%s", line)

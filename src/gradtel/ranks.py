@@ -81,7 +81,9 @@ def _rank() -> dict[str, str]:
         if not rank:
             return {}
         if not rank.isdigit():
-            raise ValueError(f"RANK must be a non-negative integer, as torchrun sets it, got {rank!r}")
+            raise ValueError(
+                f"RANK must be a non-negative integer, as torchrun sets it, got {rank!r}"
+            )
         return {"rank": rank}
     return {}
 

@@ -238,7 +238,9 @@ def _not_finite(sums: torch.Tensor) -> torch.Tensor:
 _ONES: dict[torch.device, torch.Tensor] = {}
 
 
-def _fused_flags(values: Sequence[torch.Tensor], batches: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+def _fused_flags(
+    values: Sequence[torch.Tensor], batches: tuple[tuple[int, ...], ...]
+) -> torch.Tensor:
     """Per batch, whether it holds a non-finite value: torch's fused check with a scale of 1."""
     device = values[batches[0][0]].device
     found = torch.zeros(len(batches), device=device)
@@ -265,7 +267,9 @@ def _flagged_members(values: Sequence[torch.Tensor], batches: list[_Piece]) -> l
         for piece in batches:
             members = piece.members
             size = BATCH if len(members) > BATCH else 1
-            by_device[values[piece.index].device] += [members[k : k + size] for k in range(0, len(members), size)]
+            by_device[values[piece.index].device] += [
+                members[k : k + size] for k in range(0, len(members), size)
+            ]
         split = [part for parts in by_device.values() for part in parts]
         flags = _on_one_device([_fused_flags(values, tuple(parts)) for parts in by_device.values()])
         flagged = [part for part, bad in zip(split, flags.tolist()) if bad]
@@ -368,7 +372,9 @@ class Scanner:
             self._plans[key] = plan
         return plan
 
-    def _flag_parts(self, values: Sequence[torch.Tensor], slots: Sequence[Hashable] | None) -> tuple[_Plan, list[torch.Tensor]]:
+    def _flag_parts(
+        self, values: Sequence[torch.Tensor], slots: Sequence[Hashable] | None
+    ) -> tuple[_Plan, list[torch.Tensor]]:
         """Phase 1 on the device: the plan, and its flags per group."""
         plan = self._plan(values, slots)
         try:
@@ -407,9 +413,13 @@ class Scanner:
         result = _on_one_device([flags, *also]) if also else flags  # cat() promotes the dtypes
         if timed:
             end.record(stream)
-        return Launched(pieces, result, sum(t.numel() for t in also), (start, end) if timed else None)
+        return Launched(
+            pieces, result, sum(t.numel() for t in also), (start, end) if timed else None
+        )
 
-    def launch_exact(self, values: Sequence[torch.Tensor], also: Sequence[torch.Tensor] = ()) -> Launched:
+    def launch_exact(
+        self, values: Sequence[torch.Tensor], also: Sequence[torch.Tensor] = ()
+    ) -> Launched:
         """Exact counts of every tensor, queued on the device with no host read: for a
         read-out that comes later, when the gradients may have been rewritten (clipped,
         zeroed) since. About three passes over gradient memory instead of one."""
@@ -435,10 +445,14 @@ class Scanner:
                 flat = torch.cat([t.reshape(-1) for _, t in small])
                 lengths = self._lengths(tuple(t.numel() for _, t in small), flat.device)
                 # Exact in float32: a segment holds fewer than CHUNK elements.
-                pair = torch.stack((torch.isnan(flat), torch.isfinite(flat).logical_not_()), 1).float()
+                pair = torch.stack(
+                    (torch.isnan(flat), torch.isfinite(flat).logical_not_()), 1
+                ).float()
                 # unsafe: no check of the lengths, which would read them to the host (a sync).
                 sums = torch.segment_reduce(pair, "sum", lengths=lengths, unsafe=True)
-                parts.append(sums - torch.nn.functional.pad(sums[:, :1], (1, 0)))  # Inf: non-finite - NaN
+                parts.append(
+                    sums - torch.nn.functional.pad(sums[:, :1], (1, 0))
+                )  # Inf: non-finite - NaN
                 positions += [i for i, _ in small]
         return _on_one_device(parts), tuple(positions)
 
@@ -462,7 +476,9 @@ class Scanner:
             self.waited = max(0.0, time.perf_counter() - began - start.elapsed_time(end) / 1000)
         return read
 
-    def finish(self, values: Sequence[torch.Tensor], launched: Launched, read: Sequence[Any]) -> dict[int, tuple[int, int]]:
+    def finish(
+        self, values: Sequence[torch.Tensor], launched: Launched, read: Sequence[Any]
+    ) -> dict[int, tuple[int, int]]:
         """Phase 2: exact counts of the pieces that ``read`` (the host copy of
         ``launched.result``) flags; the ``also`` values land in :attr:`also_read`."""
         self.also_read = list(read[len(read) - launched.also :])
@@ -479,7 +495,9 @@ class Scanner:
             return {}
         batches = [piece for piece in flagged if piece.members]
         if batches:
-            flagged = [piece for piece in flagged if not piece.members] + _flagged_members(values, batches)
+            flagged = [piece for piece in flagged if not piece.members] + _flagged_members(
+                values, batches
+            )
             if not flagged:
                 return {}
         # Exact counts of the flagged pieces, grouped by device, one read-out.
@@ -554,7 +572,11 @@ class Launched:
             return [k for k in range(len(self.exact)) if pairs[2 * k] or pairs[2 * k + 1]]
         flags = read[: len(read) - self.also]
         if self.pieces is None:  # a sum of finite norms can overflow: then look at each
-            return [] if math.isfinite(sum(flags)) else [k for k, n in enumerate(flags) if not math.isfinite(n)]
+            return (
+                []
+                if math.isfinite(sum(flags))
+                else [k for k, n in enumerate(flags) if not math.isfinite(n)]
+            )
         return [k for k, flag in enumerate(flags) if flag] if any(flags) else []
 
 
@@ -570,7 +592,7 @@ def per_tensor_norms(
         [([tensors], _)] = groups.values()
         return list(torch._foreach_norm(tensors, norm_type))  # type: ignore[arg-type]
     norms: list[torch.Tensor] = [torch.empty(0)] * len(grads)
-    for ([tensors], indices) in groups.values():
+    for [tensors], indices in groups.values():
         for i, norm in zip(indices, torch._foreach_norm(tensors, norm_type)):  # type: ignore[arg-type]
             norms[i] = norm
     return norms

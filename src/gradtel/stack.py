@@ -29,7 +29,15 @@ import yaml
 
 from .render import KitOptions, render_kit, scale_out
 
-__all__ = ["Page", "Stack", "StackTimings", "ToolMissingError", "WebhookReceiver", "find_tool", "prometheus_version"]
+__all__ = [
+    "Page",
+    "Stack",
+    "StackTimings",
+    "ToolMissingError",
+    "WebhookReceiver",
+    "find_tool",
+    "prometheus_version",
+]
 
 INSTALL_HINT = "apt-get install -y --no-install-recommends prometheus prometheus-alertmanager"
 VICTORIAMETRICS_HINT = "apt-get install -y --no-install-recommends victoria-metrics"
@@ -45,7 +53,9 @@ def find_tool(*names: str, hint: str = INSTALL_HINT) -> str:
         found = shutil.which(name)
         if found:
             return found
-    raise ToolMissingError(f"{' or '.join(names)} not found on PATH; on Debian/Ubuntu: `sudo {hint}`")
+    raise ToolMissingError(
+        f"{' or '.join(names)} not found on PATH; on Debian/Ubuntu: `sudo {hint}`"
+    )
 
 
 def prometheus_version(binary: str) -> tuple[int, ...]:
@@ -80,7 +90,9 @@ class Page:
     """``time.time()`` of arrival."""
 
     def __str__(self) -> str:
-        return f"[{self.receiver}] {self.status} {self.severity} {self.alertname}: {self.description}"
+        return (
+            f"[{self.receiver}] {self.status} {self.severity} {self.alertname}: {self.description}"
+        )
 
 
 class WebhookReceiver:
@@ -92,7 +104,7 @@ class WebhookReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 now = time.time()
                 path = self.path.strip("/")
@@ -119,7 +131,9 @@ class WebhookReceiver:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self._server.server_port
         # A short poll interval: close() waits for the loop to notice.
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), daemon=True
+        )
         self._thread.start()
 
     def _add(self, page: Page, on_page: Callable[[Page], None] | None) -> None:
@@ -246,7 +260,9 @@ class Stack:
         t = self.timings
         kit = render_kit(
             dataclasses.replace(
-                self.options, scrape_interval=t.scrape_interval, evaluation_interval=t.evaluation_interval
+                self.options,
+                scrape_interval=t.scrape_interval,
+                evaluation_interval=t.evaluation_interval,
             )
         )
         config = self.root / "config"
@@ -353,7 +369,9 @@ class Stack:
         config = yaml.safe_load(kit["scale-out/prometheus-agent.yml"])
         self._scrape_targets(config)
         queue = config["remote_write"][0]["queue_config"]
-        config["remote_write"] = [{"url": url, "queue_config": queue} for url in (self.write_url, *self.also_write)]
+        config["remote_write"] = [
+            {"url": url, "queue_config": queue} for url in (self.write_url, *self.also_write)
+        ]
         return yaml.safe_dump(config, sort_keys=False)
 
     def _scrape_targets(self, config: dict[str, Any]) -> None:
@@ -363,7 +381,7 @@ class Stack:
         job.update(self.scrape)
 
     def _spawn(self, name: str, command: list[str]) -> None:
-        log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
+        log = open(self.root / f"{name}.log", "wb")
         self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         log.close()
 

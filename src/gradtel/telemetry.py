@@ -86,8 +86,12 @@ class Activity:
 
 
 _activities: weakref.WeakKeyDictionary[CollectorRegistry, Activity] = weakref.WeakKeyDictionary()
-_registry_of: weakref.WeakKeyDictionary[MeterProvider, CollectorRegistry] = weakref.WeakKeyDictionary()
-_provider_of: weakref.WeakKeyDictionary[CollectorRegistry, MeterProvider] = weakref.WeakKeyDictionary()
+_registry_of: weakref.WeakKeyDictionary[MeterProvider, CollectorRegistry] = (
+    weakref.WeakKeyDictionary()
+)
+_provider_of: weakref.WeakKeyDictionary[CollectorRegistry, MeterProvider] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def activity(registry: CollectorRegistry | None = None) -> Activity:
@@ -184,10 +188,16 @@ class _Instruments:
         # makes no SDK call at all.
         self.update_sources: set[GradTelemetry] = set()
         meter.create_observable_counter(
-            m.UPDATES.instrument, [self._observe_updates], unit=m.UPDATES.unit, description=m.UPDATES.help
+            m.UPDATES.instrument,
+            [self._observe_updates],
+            unit=m.UPDATES.unit,
+            description=m.UPDATES.help,
         )
         meter.create_observable_gauge(
-            m.UPDATE_STATUS.instrument, [self._observe_status], unit=m.UPDATE_STATUS.unit, description=m.UPDATE_STATUS.help
+            m.UPDATE_STATUS.instrument,
+            [self._observe_status],
+            unit=m.UPDATE_STATUS.unit,
+            description=m.UPDATE_STATUS.help,
         )
         meter.create_observable_gauge(
             m.LAST_UPDATE_TIMESTAMP.instrument,
@@ -196,7 +206,10 @@ class _Instruments:
             description=m.LAST_UPDATE_TIMESTAMP.help,
         )
         meter.create_observable_gauge(
-            m.START_TIME.instrument, [self._observe_start], unit=m.START_TIME.unit, description=m.START_TIME.help
+            m.START_TIME.instrument,
+            [self._observe_start],
+            unit=m.START_TIME.unit,
+            description=m.START_TIME.help,
         )
         self.unscanned = make(m.UNSCANNED_UPDATES)
         self.duration = make(m.SCAN_DURATION)
@@ -207,13 +220,17 @@ class _Instruments:
             (m.GRAD_NORM_PEAK, self._observe_norm_peak),
             (m.AMP_LOSS_SCALE, self._observe_loss_scale),
         ):
-            meter.create_observable_gauge(metric.instrument, [observe], unit=metric.unit, description=metric.help)
+            meter.create_observable_gauge(
+                metric.instrument, [observe], unit=metric.unit, description=metric.help
+            )
         # Read when scraped, not set per update: hundreds of layers would cost the
         # SDK tens of microseconds each, every update.
         # Kept like the other series, after their monitor is gone.
         self.layer_norm_sources: set[GradTelemetry] = set()
         meter.create_observable_gauge(
-            m.LAYER_GRAD_NORM.instrument, [self._observe_layer_norms], description=m.LAYER_GRAD_NORM.help
+            m.LAYER_GRAD_NORM.instrument,
+            [self._observe_layer_norms],
+            description=m.LAYER_GRAD_NORM.help,
         )
         self.skipped = make(m.SKIPPED_UPDATES)
         self.origin = make(m.ORIGIN_UPDATES)
@@ -222,7 +239,6 @@ class _Instruments:
         self.refused_checkpoints = make(m.REFUSED_CHECKPOINTS)
         self.errors = make(m.ERRORS)
         self.exceptions = make(m.TRAINING_EXCEPTIONS)
-
 
     def _by_labels(self) -> dict[frozenset[tuple[str, str]], list[GradTelemetry]]:
         """The monitors by their labels: two monitors of one process share their series."""
@@ -307,7 +323,9 @@ def count_error(stage: str, registry: CollectorRegistry | None = None) -> None:
         provider = _provider_of.get(target)
         if provider is None and target is REGISTRY:
             provider = default_meter_provider()
-        if provider is None:  # nothing records into it yet: counted by the first provider made for it
+        if (
+            provider is None
+        ):  # nothing records into it yet: counted by the first provider made for it
             pending = activity(target).pending_errors
             pending[stage] = pending.get(stage, 0) + 1
             return
@@ -325,17 +343,23 @@ def count_exception(exc_type: type[BaseException]) -> None:
         recorded = activity(registry)
         try:
             recorded.publish(wait=True)  # the updates a deferred read-out still holds
-        except Exception as exc:  # noqa: BLE001 (the crash is counted all the same)
-            logging.getLogger("gradtel").warning("gradtel: could not publish the pending updates: %r", exc)
+        except Exception as exc:
+            logging.getLogger("gradtel").warning(
+                "gradtel: could not publish the pending updates: %r", exc
+            )
             count_error("record", registry)
         sources = list(instruments.update_sources)
         # The open monitors describe the training that crashed (a monitor closed and
         # replaced described weights since reloaded); with none open, the one closed last
         # does (closed on the way out). One that saw NaN or Inf is enough.
-        watching = [s for s in sources if s.closed is None] or sorted(sources, key=lambda s: s.closed or 0)[-1:]
+        watching = [s for s in sources if s.closed is None] or sorted(
+            sources, key=lambda s: s.closed or 0
+        )[-1:]
         seen = {s.gradients_state() for s in watching}
         # An open monitor that did not look at its latest update makes the others' "healthy" unknown.
-        state = "unhealthy" if "unhealthy" in seen else "healthy" if seen == {"healthy"} else "unknown"
+        state = (
+            "unhealthy" if "unhealthy" in seen else "healthy" if seen == {"healthy"} else "unknown"
+        )
         instruments.exceptions.add(1, {**attributes, "gradients": state})
         recorded.last_unhealthy = time.monotonic()
 
@@ -518,7 +542,9 @@ class GradTelemetry:
         self._record_series(health)
         self._unscanned_before = health.unscanned is not None
         if health.unscanned is None:
-            self._latest_unhealthy = not health.amp_overflow and health.status.level > Status.HEALTHY.level
+            self._latest_unhealthy = (
+                not health.amp_overflow and health.status.level > Status.HEALTHY.level
+            )
             self._scanned_at = max(self._scanned_at, timestamp)
         else:
             self._unscanned_at = max(self._unscanned_at, timestamp)
@@ -555,7 +581,10 @@ class GradTelemetry:
         if not (health.nan_by_layer or health.inf_by_layer or last["nan"] or last["inf"]):
             self.status = Status.HEALTHY.level  # the usual update: no per-layer series move
             return
-        if not (self._ongoing or self._unscanned_before or self.sampled) and health.loss_finite is False:
+        if (
+            not (self._ongoing or self._unscanned_before or self.sampled)
+            and health.loss_finite is False
+        ):
             # The incident's first update (once the weights hold NaN every later loss does),
             # with nothing unscanned before it that could have poisoned the weights.
             for kind, first in (("nan", health.first_nan_layer), ("inf", health.first_inf_layer)):
@@ -639,4 +668,6 @@ class GradTelemetry:
         """Count a failure inside gradtel (``stage`` from :data:`ERROR_STAGES`) and log it
         (once a minute per stage at most)."""
         self._instruments.errors.add(1, self._error_attrs[stage])
-        self.error_log.log(stage, logging.ERROR, "gradtel %s failed, training continues: %r", stage, exc)
+        self.error_log.log(
+            stage, logging.ERROR, "gradtel %s failed, training continues: %r", stage, exc
+        )

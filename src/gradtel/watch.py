@@ -83,7 +83,9 @@ def _top(counts: dict[str, dict[str, float]], k: int = 3) -> str:
     for layers in counts.values():
         for layer, n in layers.items():
             merged[layer] = merged.get(layer, 0.0) + n
-    top = sorted(((n, layer) for layer, n in merged.items() if n > 0), key=lambda item: (-item[0], item[1]))
+    top = sorted(
+        ((n, layer) for layer, n in merged.items() if n > 0), key=lambda item: (-item[0], item[1])
+    )
     return ", ".join(f"{layer} ({n:g})" for n, layer in top[:k]) or "none"
 
 
@@ -100,7 +102,10 @@ def frame(
     if snap is None:
         return [f"{url}", f"  unreachable ({error}); retrying"]
     if snap.status is None:
-        return [url, f"  no gradtel metrics at {url}: is this a gradtel endpoint, and is a GradMonitor made?"]
+        return [
+            url,
+            f"  no gradtel metrics at {url}: is this a gradtel endpoint, and is a GradMonitor made?",
+        ]
     if not snap.updates and not snap.unscanned:
         return [url, "  no update yet"]
     nan = int(sum(snap.latest["nan"].values()))
@@ -125,7 +130,9 @@ def frame(
         for band in _BANDS
     }
     recent = sum(n for n in new.values() if n > 0)
-    bands = ", ".join(f"{kind} {severity} {snap.bands.get((kind, severity), 0):g}" for kind, severity in _BANDS)
+    bands = ", ".join(
+        f"{kind} {severity} {snap.bands.get((kind, severity), 0):g}" for kind, severity in _BANDS
+    )
     return [
         url,
         f"  {line}",
@@ -149,12 +156,12 @@ def fit(line: str, width: int, indent: str = "    ") -> list[str]:
     if len(_STYLE.sub("", line)) <= width:
         return [line]
     lines: list[str] = []
-    for field in _FIELD_END.split(line):
-        joined = f"{lines[-1]} {field}" if lines else field
+    for chunk in _FIELD_END.split(line):
+        joined = f"{lines[-1]} {chunk}" if lines else chunk
         if lines and len(_STYLE.sub("", joined)) <= width:
             lines[-1] = joined
         else:
-            lines.append(field if not lines else indent + field)
+            lines.append(chunk if not lines else indent + chunk)
     return [
         piece
         for part in lines

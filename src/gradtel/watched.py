@@ -14,8 +14,10 @@ __all__ = ["named_parameters", "registrations", "watch_registrations"]
 def named_parameters(model: object) -> list[tuple[str, torch.nn.Parameter]]:
     if isinstance(model, torch.nn.Module):
         return list(model.named_parameters())
-    if model is None or isinstance(model, (str, bytes, torch.Tensor)) or not isinstance(
-        model, Iterable
+    if (
+        model is None
+        or isinstance(model, (str, bytes, torch.Tensor))
+        or not isinstance(model, Iterable)
     ):
         raise TypeError(
             "model must be a torch.nn.Module or an iterable of (name, Parameter) pairs, "

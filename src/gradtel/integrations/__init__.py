@@ -42,7 +42,9 @@ class Session:
         protect_checkpoints: bool = False,
     ) -> None:
         if not isinstance(protect_checkpoints, bool):
-            raise TypeError(f"protect_checkpoints must be True or False, got {protect_checkpoints!r}")
+            raise TypeError(
+                f"protect_checkpoints must be True or False, got {protect_checkpoints!r}"
+            )
         self.protect_checkpoints = protect_checkpoints
         self._port, self._addr, self._serve = port, addr, serve_metrics
         self._options = monitor_options
@@ -63,7 +65,9 @@ class Session:
         """Collect one update. ``scaler``: the framework's AMP ``GradScaler``, if it uses an
         enabled one: the overflows it skips are counted as skipped, never as unhealthy."""
         if self.monitor is not None:
-            amp = scaler if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled() else None
+            amp = (
+                scaler if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled() else None
+            )
             self.monitor.collect(loss=loss, step=step, scaler=amp)
 
     def allow_checkpoint(self, step: int) -> bool:

@@ -30,7 +30,13 @@ from . import Session
 
 __all__ = ["GradtelCallback"]
 
-_SAVING_HOOKS = ("on_train_batch_end", "on_train_epoch_end", "on_validation_end", "on_exception", "on_train_end")
+_SAVING_HOOKS = (
+    "on_train_batch_end",
+    "on_train_epoch_end",
+    "on_validation_end",
+    "on_exception",
+    "on_train_end",
+)
 """The hooks in which Lightning's checkpoint callbacks save (and rotate) checkpoints."""
 
 
@@ -95,7 +101,9 @@ class GradtelCallback(Callback):
 
         return guarded
 
-    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
+    def on_before_backward(
+        self, trainer: Trainer, pl_module: LightningModule, loss: Tensor
+    ) -> None:
         # Said in the page when the NaN was already in the loss, of any micro-batch of the update.
         self._loss = summed_loss(self._loss, loss)
 

@@ -13,13 +13,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .options import DEFAULT_RUNBOOK_URL, KitOptions, dump_yaml, header
-from .kubernetes import pod_monitor, prometheus_rule, training_job
 from .grafana import dashboard_json, dashboard_provisioning, datasource_provisioning
+from .kubernetes import pod_monitor, prometheus_rule, training_job
+from .options import DEFAULT_RUNBOOK_URL, KitOptions, dump_yaml, header
 from .prometheus import alertmanager_config, compose_file, rules, scrape_config
 from .rule_tests import rule_tests
 from .runbook import runbook
-from .scale_out import VICTORIAMETRICS_WRITE_URL, agent_config, central_prometheus_config, scale_out_readme
+from .scale_out import (
+    VICTORIAMETRICS_WRITE_URL,
+    agent_config,
+    central_prometheus_config,
+    scale_out_readme,
+)
 
 __all__ = ["DEFAULT_RUNBOOK_URL", "KitOptions", "render_kit", "write_kit"]
 
@@ -40,7 +45,9 @@ def render_kit(options: KitOptions | None = None) -> dict[str, str]:
             header(o, "gradtel alerting and recording rules."), rules(o)
         ),
         "prometheus/gradtel-rules.test.yml": dump_yaml(
-            header(o, "Unit tests of gradtel-rules.yml: promtool test rules gradtel-rules.test.yml"),
+            header(
+                o, "Unit tests of gradtel-rules.yml: promtool test rules gradtel-rules.test.yml"
+            ),
             rule_tests(o),
         ),
         "prometheus/alertmanager.yml": dump_yaml(
@@ -49,12 +56,16 @@ def render_kit(options: KitOptions | None = None) -> dict[str, str]:
             alertmanager_config(o),
         ),
         "prometheus/prometheus.yml": dump_yaml(
-            header(o, f"Prometheus scrape config for the training processes at {', '.join(o.targets)}.")
+            header(
+                o, f"Prometheus scrape config for the training processes at {', '.join(o.targets)}."
+            )
             + "# Your own: render with --targets HOST:PORT[,HOST:PORT...] --alertmanager HOST:PORT.\n",
             scrape_config(o, ranks=False),
         ),
         "prometheus/prometheus-ranks.yml": dump_yaml(
-            header(o, "Prometheus scrape config for several ranks: static and file-based discovery.")
+            header(
+                o, "Prometheus scrape config for several ranks: static and file-based discovery."
+            )
             + "# Each rank serves on base port + local rank (9464, 9465, ...).\n",
             scrape_config(o, ranks=True),
         ),
@@ -88,10 +99,13 @@ def render_kit(options: KitOptions | None = None) -> dict[str, str]:
             dashboard_provisioning("/var/lib/grafana/dashboards"),
         ),
         "kubernetes/podmonitor.yaml": dump_yaml(
-            header(o, "Prometheus Operator PodMonitor for training pods serving gradtel."), pod_monitor(o)
+            header(o, "Prometheus Operator PodMonitor for training pods serving gradtel."),
+            pod_monitor(o),
         ),
         "kubernetes/prometheusrule.yaml": dump_yaml(
-            header(o, "Prometheus Operator PrometheusRule: the rules of prometheus/gradtel-rules.yml."),
+            header(
+                o, "Prometheus Operator PrometheusRule: the rules of prometheus/gradtel-rules.yml."
+            ),
             prometheus_rule(o),
         ),
         "kubernetes/training-job.yaml": dump_yaml(
@@ -99,7 +113,9 @@ def render_kit(options: KitOptions | None = None) -> dict[str, str]:
             training_job(),
         ),
         "compose.yaml": dump_yaml(
-            header(o, "Prometheus, Alertmanager and Grafana with gradtel's configs: docker compose up")
+            header(
+                o, "Prometheus, Alertmanager and Grafana with gradtel's configs: docker compose up"
+            )
             + "# Grafana: http://localhost:3000 (anonymous viewer), Prometheus: http://localhost:9090\n",
             compose_file(),
         ),

@@ -15,7 +15,8 @@ from typing import Any
 from grafana_foundation_sdk.builders import common as common_builders
 from grafana_foundation_sdk.builders import dashboard, prometheus, stat, table, timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
-from grafana_foundation_sdk.models import common, dashboard as model
+from grafana_foundation_sdk.models import common
+from grafana_foundation_sdk.models import dashboard as model
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 from ..metrics import (
@@ -69,7 +70,9 @@ def count_steps(o: KitOptions) -> dashboard.ThresholdsConfig:
     return _steps((None, GREEN), (t.warning + 1, ORANGE), (t.critical + 1, RED))
 
 
-def _query(expr: str, legend: str = "__auto", *, instant: bool = False, table_format: bool = False) -> prometheus.Dataquery:
+def _query(
+    expr: str, legend: str = "__auto", *, instant: bool = False, table_format: bool = False
+) -> prometheus.Dataquery:
     q = prometheus.Dataquery().expr(expr).legend_format(legend).ref_id("A").datasource(_DATASOURCE)
     if instant:
         q = q.instant()
@@ -98,7 +101,9 @@ def _variable(name: str, query: str, label: str) -> dashboard.QueryVariable:
 
 def _status_panels(o: KitOptions) -> list[Any]:
     stall = duration_seconds(o.stall_after, "stall_after")
-    health_mappings: list[model.ValueMap | model.RangeMap | model.RegexMap | model.SpecialValueMap] = [
+    health_mappings: list[
+        model.ValueMap | model.RangeMap | model.RegexMap | model.SpecialValueMap
+    ] = [
         model.ValueMap(
             {
                 "-1": model.ValueMappingResult(text="unknown", color=GREY, index=0),
@@ -128,8 +133,8 @@ def _status_panels(o: KitOptions) -> list[Any]:
     for x, (kind, label) in zip((5, 10), (("nan", "NaN"), ("inf", "Inf"))):
         panels.append(
             stat.Panel()
-        .datasource(_DATASOURCE)
-        .reduce_options(_LAST)
+            .datasource(_DATASOURCE)
+            .reduce_options(_LAST)
             .title(f"{label} in the latest update")
             .description(
                 f"{label} gradient values in the most recent update, whole model: warning above "
@@ -177,7 +182,9 @@ def _row(title: str, y: int) -> dashboard.Row:
     return dashboard.Row(title).grid_pos(_grid(0, y, 24, 1))
 
 
-def _timeseries(title: str, unit: str, expr: str, legend: str, grid: model.GridPos, description: str) -> timeseries.Panel:
+def _timeseries(
+    title: str, unit: str, expr: str, legend: str, grid: model.GridPos, description: str
+) -> timeseries.Panel:
     return (
         timeseries.Panel()
         .datasource(_DATASOURCE)
@@ -207,11 +214,19 @@ def _dashboard(o: KitOptions) -> dashboard.Dashboard:
         .refresh("10s")
         .time("now-1h", "now")
         .timezone("browser")
-        .with_variable(dashboard.DatasourceVariable("datasource").label("Data source").type("prometheus"))
-        .with_variable(_variable("job", f'label_values({UPDATES}{{job=~".*"}}, job)', "Job"))
-        .with_variable(_variable("instance", f'label_values({UPDATES}{{job=~"$job"}}, instance)', "Instance"))
         .with_variable(
-            _variable("rank", f'label_values({UPDATES}{{job=~"$job", instance=~"$instance"}}, rank)', "Rank")
+            dashboard.DatasourceVariable("datasource").label("Data source").type("prometheus")
+        )
+        .with_variable(_variable("job", f'label_values({UPDATES}{{job=~".*"}}, job)', "Job"))
+        .with_variable(
+            _variable("instance", f'label_values({UPDATES}{{job=~"$job"}}, instance)', "Instance")
+        )
+        .with_variable(
+            _variable(
+                "rank",
+                f'label_values({UPDATES}{{job=~"$job", instance=~"$instance"}}, rank)',
+                "Rank",
+            )
         )
         .with_variable(
             _variable(
@@ -252,7 +267,9 @@ def _dashboard(o: KitOptions) -> dashboard.Dashboard:
         .datasource(_DATASOURCE)
         .title("Top layers by non-finite values in the selected range")
         .unit("short")
-        .with_target(_query(f"topk(10, ({nonfinite}) > 0)", "{{layer}}", instant=True, table_format=True))
+        .with_target(
+            _query(f"topk(10, ({nonfinite}) > 0)", "{{layer}}", instant=True, table_format=True)
+        )
         .grid_pos(_grid(0, 15, 12, 8))
     )
     board = board.with_panel(

@@ -31,7 +31,9 @@ def pod_monitor(o: KitOptions) -> dict[str, Any]:
                     "path": "/metrics",
                     "interval": "5s",
                     # The rules select job="<job>": set it whatever the pod is called.
-                    "relabelings": [{"targetLabel": "job", "replacement": o.job, "action": "replace"}],
+                    "relabelings": [
+                        {"targetLabel": "job", "replacement": o.job, "action": "replace"}
+                    ],
                 }
             ],
         },
@@ -48,7 +50,11 @@ def prometheus_rule(o: KitOptions) -> dict[str, Any]:
 
 
 def training_job() -> dict[str, Any]:
-    probe = {"httpGet": {"path": "/healthz", "port": PORT_NAME}, "periodSeconds": 30, "failureThreshold": 3}
+    probe = {
+        "httpGet": {"path": "/healthz", "port": PORT_NAME},
+        "periodSeconds": 30,
+        "failureThreshold": 3,
+    }
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

@@ -25,16 +25,18 @@ __all__ = [
     "NOTHING_SCANNED_ALERT",
     "STALLED_ALERT",
     "KitOptions",
+    "dump_yaml",
     "duration_seconds",
     "duration_text",
-    "dump_yaml",
     "header",
 ]
 
 DEFAULT_RUNBOOK_URL = "https://github.com/gradtel/gradtel/blob/main/deploy/prometheus/runbook.md"
 
 _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
-_TARGET = re.compile(r"^(?:[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]+\]):(\d{1,5})$")
+_TARGET = re.compile(
+    r"^(?:[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]+\]):(\d{1,5})$"
+)
 """``host:port``, ``[ipv6]:port``: a scrape target as Prometheus takes it."""
 _URL = re.compile(r"^https?://[^\s/]+\S*$")
 KINDS = {"nan": "NaN", "inf": "Inf"}
@@ -145,7 +147,9 @@ class KitOptions:
         duration_seconds(self.window, "window")
         duration_seconds(self.stall_after, "stall_after")
         if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_:.-]*", self.job or ""):
-            raise ValueError(f"job must be a plain Prometheus job name such as 'gradtel', got {self.job!r}")
+            raise ValueError(
+                f"job must be a plain Prometheus job name such as 'gradtel', got {self.job!r}"
+            )
         if not re.match(r"^https?://\S+$", self.runbook_url or ""):
             raise ValueError(f"runbook_url must be an http(s) URL, got {self.runbook_url!r}")
         ratio = self.amp_skip_ratio
@@ -154,10 +158,18 @@ class KitOptions:
                 f"amp_skip_ratio must be a number between 0 and 1 (exclusive), got {ratio!r}"
             )
         floor = self.amp_scale_floor
-        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 < floor < math.inf:
+        if (
+            isinstance(floor, bool)
+            or not isinstance(floor, (int, float))
+            or not 0 < floor < math.inf
+        ):
             raise ValueError(f"amp_scale_floor must be a finite number above 0, got {floor!r}")
         factor = self.spike_factor
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1 < factor < math.inf:
+        if (
+            isinstance(factor, bool)
+            or not isinstance(factor, (int, float))
+            or not 1 < factor < math.inf
+        ):
             raise ValueError(f"spike_factor must be a finite number above 1, got {factor!r}")
         baseline = duration_seconds(self.spike_baseline, "spike_baseline")
         if duration_seconds(self.spike_history, "spike_history") >= baseline:
@@ -167,9 +179,18 @@ class KitOptions:
             )
         duration_seconds(self.scrape_interval, "scrape_interval")
         duration_seconds(self.evaluation_interval, "evaluation_interval")
-        if isinstance(self.targets, str) or not isinstance(self.targets, Sequence) or not self.targets:
-            raise ValueError(f"targets must be a list of 'host:port' strings such as ['node-1:9464'], got {self.targets!r}")
-        for name, target in (*(("targets", t) for t in self.targets), ("alertmanager", self.alertmanager)):
+        if (
+            isinstance(self.targets, str)
+            or not isinstance(self.targets, Sequence)
+            or not self.targets
+        ):
+            raise ValueError(
+                f"targets must be a list of 'host:port' strings such as ['node-1:9464'], got {self.targets!r}"
+            )
+        for name, target in (
+            *(("targets", t) for t in self.targets),
+            ("alertmanager", self.alertmanager),
+        ):
             found = _TARGET.match(target) if isinstance(target, str) else None
             if found is None or not 0 < int(found.group(1)) < 65536:
                 raise ValueError(
@@ -180,7 +201,9 @@ class KitOptions:
         for name in ("pager_url", "chat_url"):
             url = getattr(self, name)
             if not isinstance(url, str) or not _URL.match(url):
-                raise ValueError(f"{name} must be an http(s) webhook URL such as 'https://pager.example/hook', got {url!r}")
+                raise ValueError(
+                    f"{name} must be an http(s) webhook URL such as 'https://pager.example/hook', got {url!r}"
+                )
 
     @property
     def job_selector(self) -> str:

@@ -81,7 +81,13 @@ def _started(o: KitOptions, scope: str) -> str:
 
 
 def _counted(
-    o: KitOptions, series: str, scope: str, *, on_demand: bool = False, per_process: bool = False, exact: bool = False
+    o: KitOptions,
+    series: str,
+    scope: str,
+    *,
+    on_demand: bool = False,
+    per_process: bool = False,
+    exact: bool = False,
 ) -> list[str]:
     """The branches of :func:`_new_or_increased`."""
     w = o.window
@@ -103,7 +109,11 @@ def _counted(
             before += f" and on ({PROCESS}) min_over_time({START_TIME}{{{scope}}}[{w}] offset {w}) == on ({PROCESS}) {_started(o, scope)}"
         branches.append(f"{held} unless ({before})")
     # max - min is exact where increase() would extrapolate; a restart is a young process.
-    moved = f"max_over_time({series}[{w}]) - min_over_time({series}[{w}])" if exact else f"increase({series}[{w}])"
+    moved = (
+        f"max_over_time({series}[{w}]) - min_over_time({series}[{w}])"
+        if exact
+        else f"increase({series}[{w}])"
+    )
     return branches + [f"{moved} > 0"]
 
 
@@ -121,7 +131,7 @@ def _where() -> str:
 
 
 def _origin_template(o: KitOptions) -> str:
-    """"It originated on rank 2." when a rank's own gradients were bad before the reduction."""
+    """ "It originated on rank 2." when a rank's own gradients were bad before the reduction."""
     series = f"{ORIGIN_UPDATES}{{{RUN_SCOPE},kind=%[3]q}}"
     query = _query(_new_or_increased(o, series, RUN_SCOPE), *KIND_ARGS)
     return (
@@ -137,7 +147,9 @@ def _loss_template(o: KitOptions) -> str:
     each process records the step of its newest incident that began with one, and the page
     says so when one is the step of the incident it names (its first bad layer's)."""
     # Each rank records its own loss: a rank whose scrape failed still counts.
-    loss = _as_it_stands(o, f"{NONFINITE_LOSS_INCIDENT_STEP}{{{RUN_SCOPE},kind=%[3]q}}", per_process=True)
+    loss = _as_it_stands(
+        o, f"{NONFINITE_LOSS_INCIDENT_STEP}{{{RUN_SCOPE},kind=%[3]q}}", per_process=True
+    )
     first_bad = _as_it_stands(o, f"{FIRST_BAD_LAYER}{{{RUN_SCOPE},kind=%[3]q}}")
     query = _query(f"{loss} == on () group_left () max({first_bad})", *KIND_ARGS)
     return f"{{{{ with {query} }}}} The loss was already non-finite: it entered in the forward pass.{{{{ end }}}}"
@@ -255,7 +267,11 @@ def _crash_rule(o: KitOptions, severity: str) -> dict[str, Any]:
                 f"{_where()}: "
                 + (after if is_critical else "training crashed")
                 + ": uncaught exceptions ended "
-                + _targets_template(_crashed(o, RUN_SCOPE), *RUN_ARGS, then="{{ with $s.Labels.type }}: {{ . }}{{ end }}")
+                + _targets_template(
+                    _crashed(o, RUN_SCOPE),
+                    *RUN_ARGS,
+                    then="{{ with $s.Labels.type }}: {{ . }}{{ end }}",
+                )
                 + (
                     "; NaN or Inf gradients came before: resume from the last healthy checkpoint, "
                     "not the latest."
@@ -272,9 +288,11 @@ def _targets_template(query: str, *args: str, then: str = "") -> str:
     """A comma-separated list of the instances (and ranks) a query returns, at most 10;
     ``then``: what follows each, from its series ``$s``."""
     return (
-        f"{{{{ range $i, $s := sortByLabel \"instance\" ({_query(f'topk(10, {query})', *args)}) }}}}"
+        f'{{{{ range $i, $s := sortByLabel "instance" ({_query(f"topk(10, {query})", *args)}) }}}}'
         "{{ if $i }}, {{ end }}"
-        "{{ $s.Labels.instance }}{{ with $s.Labels.rank }} (rank {{ . }}){{ end }}" + then + "{{ end }}"
+        "{{ $s.Labels.instance }}{{ with $s.Labels.rank }} (rank {{ . }}){{ end }}"
+        + then
+        + "{{ end }}"
     )
 
 
@@ -309,7 +327,7 @@ def rules(o: KitOptions) -> dict[str, Any]:
             "annotations": {
                 "summary": "gradtel metrics endpoint cannot be scraped",
                 "description": (
-                    f'{{{{ with {_query("up{job=%q} == 0", "$labels.job")} }}}}{{{{ $labels.job }}}}: '
+                    f"{{{{ with {_query('up{job=%q} == 0', '$labels.job')} }}}}{{{{ $labels.job }}}}: "
                     "{{ len . }} targets have not been scraped for 5m (up == 0): "
                     + _targets_template(down, *["$labels.job"] * 3)
                     + f"{{{{ else }}}}No {o.job} target has been scraped for 5m{{{{ end }}}}: the "
@@ -320,7 +338,12 @@ def rules(o: KitOptions) -> dict[str, Any]:
             },
         }
     )
-    alerts += [_nothing_scanned_rule(o), _amp_skips_rule(o), _amp_collapse_rule(o), _norm_spike_rule(o)]
+    alerts += [
+        _nothing_scanned_rule(o),
+        _amp_skips_rule(o),
+        _amp_collapse_rule(o),
+        _norm_spike_rule(o),
+    ]
     alerts.append(
         {
             "alert": STALLED_ALERT,
@@ -434,7 +457,7 @@ def _amp_collapse_rule(o: KitOptions) -> dict[str, Any]:
             "summary": "The AMP loss scale collapsed: training has stopped learning",
             "description": (
                 f"{_where()}: the AMP GradScaler's loss scale fell below {o.amp_scale_floor:g} in the last "
-                f"{o.window}, to {{{{ with {lowest} }}}}{{{{ . | first | value | printf \"%.3g\" }}}}{{{{ end }}}}, on "
+                f'{o.window}, to {{{{ with {lowest} }}}}{{{{ . | first | value | printf "%.3g" }}}}{{{{ end }}}}, on '
                 + _targets_template(_collapsed(o, RUN_SCOPE), *RUN_ARGS)
                 + ". The scaler halves it at every update whose gradients overflow: nearly every "
                 "update overflows and is skipped, and training has stopped learning."
@@ -474,7 +497,7 @@ def _norm_spike_rule(o: KitOptions) -> dict[str, Any]:
             "summary": "The gradient norm spiked",
             "description": (
                 f"{_where()}: the gradient norm rose to {{{{ with {peak} }}}}{{{{ . | first | value | humanize }}}}"
-                f"{{{{ end }}}}, {{{{ with {ratio} }}}}{{{{ . | first | value | printf \"%.0f\" }}}}{{{{ end }}}} "
+                f'{{{{ end }}}}, {{{{ with {ratio} }}}}{{{{ . | first | value | printf "%.0f" }}}}{{{{ end }}}} '
                 f"times its median over the last {o.spike_baseline} (the alert fires above "
                 f"{factor} times); affected ranks: {{{{ $value }}}}. A spike in the gradient norm often comes "
                 "before a loss spike or NaN gradients: check the data batch, the learning-rate "

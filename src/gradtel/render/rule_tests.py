@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any
 
 from ..metrics import (
     AMP_LOSS_SCALE,
@@ -75,9 +75,7 @@ def _series(metric: Metric | str, labels: str, values: str) -> dict[str, str]:
 
 
 def _band(o: KitOptions, kind: str, severity: str, values: str) -> dict[str, str]:
-    return _series(
-        UNHEALTHY_UPDATES, _labels(o, kind=kind, severity=severity), values
-    )
+    return _series(UNHEALTHY_UPDATES, _labels(o, kind=kind, severity=severity), values)
 
 
 def _layer(o: KitOptions, kind: str, layer: str, values: str) -> dict[str, str]:
@@ -104,14 +102,23 @@ def _unhealthy_alert(
     """The one alert of a run; ``origin`` is the expected "It originated on ..." sentence."""
     label = KINDS[kind]
     return {
-        "exp_labels": {"job": o.job, "kind": kind, "severity": severity, **({"run": run} if run else {})},
+        "exp_labels": {
+            "job": o.job,
+            "kind": kind,
+            "severity": severity,
+            **({"run": run} if run else {}),
+        },
         "exp_annotations": {
             "summary": f"Training produced {label} gradients ({severity})",
             "description": (
                 f"{o.job}{f' run {run}' if run else ''}: an update in the last {o.window} had {band_text(o, severity)} {label} "
                 f"gradient values; affected ranks: {ranks}."
                 + (f" {origin}" if origin else "")
-                + (" The loss was already non-finite: it entered in the forward pass." if forward else "")
+                + (
+                    " The loss was already non-finite: it entered in the forward pass."
+                    if forward
+                    else ""
+                )
                 + f" Layers with {label} values in that window: {layers}."
                 + (
                     f" First bad layer in backward order: {first_bad[0]}, at step {first_bad[1]}."
@@ -134,11 +141,13 @@ def _fired(o: KitOptions, minute: int) -> int:
     return minute + _minutes(duration_seconds(o.settle))
 
 
-Value = Union[float, str, None, Callable[[int], Union[float, str, None]]]
+Value = float | str | None | Callable[[int], float | str | None]
 """A sample by minute: a number, ``"stale"`` (a staleness marker) or None (no sample)."""
 
 
-def _life(value: Value, first: int = 0, gone: int | None = None) -> Callable[[int], float | str | None]:
+def _life(
+    value: Value, first: int = 0, gone: int | None = None
+) -> Callable[[int], float | str | None]:
     """A series of one process: ``value`` (or ``value(minute)``) from its first scrape; a
     staleness marker at ``gone``, the first scrape after it ended; nothing else."""
 
@@ -162,7 +171,9 @@ def _count(*updates: int, by: int = 1) -> Callable[[int], int]:
     return lambda minute: by * sum(minute >= u for u in updates)
 
 
-def _scrapes(minutes: int, value: Value, *, failed: Sequence[int] = (), gaps: Sequence[int] = ()) -> str:
+def _scrapes(
+    minutes: int, value: Value, *, failed: Sequence[int] = (), gaps: Sequence[int] = ()
+) -> str:
     """promtool's notation of a series scraped once a minute: a staleness marker at a failed
     scrape, no sample in a gap (Prometheus down)."""
     samples = []
@@ -253,8 +264,12 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
     nan, inf = ALERT_NAMES["nan"], ALERT_NAMES["inf"]
     cases: list[dict[str, Any]] = []
 
-    def case(name: str, series: list[dict[str, str]], checks: list[dict[str, Any]], interval: str = "1m") -> None:
-        cases.append({"name": name, "interval": interval, "input_series": series, "alert_rule_test": checks})
+    def case(
+        name: str, series: list[dict[str, str]], checks: list[dict[str, Any]], interval: str = "1m"
+    ) -> None:
+        cases.append(
+            {"name": name, "interval": interval, "input_series": series, "alert_rule_test": checks}
+        )
 
     for kind in KINDS:
         alert = ALERT_NAMES[kind]
@@ -280,7 +295,13 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
                 _layer(o, kind, "encoder.0", _steps(3, 2, span)),
                 _layer(o, kind, "head", _steps(3, 7, span)),
             ],
-            [_check(_fired(o, 3), alert, _unhealthy_alert(o, kind, "critical", "head (7), encoder.0 (2)"))],
+            [
+                _check(
+                    _fired(o, 3),
+                    alert,
+                    _unhealthy_alert(o, kind, "critical", "head (7), encoder.0 (2)"),
+                )
+            ],
         )
 
     case(
@@ -295,7 +316,9 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
             _check(
                 _fired(o, 3),
                 nan,
-                _unhealthy_alert(o, "nan", "critical", "encoder.0 (9), encoder.1 (8)", ("encoder.1", 3)),
+                _unhealthy_alert(
+                    o, "nan", "critical", "encoder.0 (9), encoder.1 (8)", ("encoder.1", 3)
+                ),
             )
         ],
     )
@@ -317,24 +340,41 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
     four = [_rank(o, r) for r in range(4)]
     case(
         f"{nan} fires once for a run of 4 ranks, saying which rank it originated on",
-        [_series(UNHEALTHY_UPDATES, r[:-1] + ',kind="nan",severity="critical"}', _steps(3, 1, span)) for r in four]
+        [
+            _series(
+                UNHEALTHY_UPDATES, r[:-1] + ',kind="nan",severity="critical"}', _steps(3, 1, span)
+            )
+            for r in four
+        ]
         + [_series(NAN_GRADS, r[:-1] + ',layer="head"}', _steps(3, 9, span)) for r in four]
         + [
             _series(ORIGIN_UPDATES, r[:-1] + ',kind="nan"}', _steps(3, int(i == 2), span))
             for i, r in enumerate(four)
         ]
-        + [_series(FIRST_BAD_LAYER, r[:-1] + ',kind="nan",layer="head"}', f"_x2 30x{span}") for r in four],
+        + [
+            _series(FIRST_BAD_LAYER, r[:-1] + ',kind="nan",layer="head"}', f"_x2 30x{span}")
+            for r in four
+        ],
         [
             _check(
                 _fired(o, 3),
                 nan,
                 _unhealthy_alert(
-                    o, "nan", "critical", "head (9)", ("head", 30), ranks=4, origin="It originated on rank 2."
+                    o,
+                    "nan",
+                    "critical",
+                    "head (9)",
+                    ("head", 30),
+                    ranks=4,
+                    origin="It originated on rank 2.",
                 ),
             )
         ],
     )
-    def incident(kind: str, first_bad: str, loss_step: str, layer: str = "head") -> list[dict[str, str]]:
+
+    def incident(
+        kind: str, first_bad: str, loss_step: str, layer: str = "head"
+    ) -> list[dict[str, str]]:
         """An incident's first bad layer (its step), and the step of the newest incident whose
         first update had a non-finite loss."""
         return [
@@ -421,13 +461,20 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
             _band(o, "nan", "critical", f"0x2 1x{newer - 3} 2x{span}"),
             losses(f"0x2 1x{span}"),
             *incident("nan", f"_x2 100x{span}", f"0x2 100x{span}"),
-            _series(FIRST_BAD_LAYER, _labels(o, kind="nan", layer="2"), f"_x{newer - 1} 160x{span}"),
+            _series(
+                FIRST_BAD_LAYER, _labels(o, kind="nan", layer="2"), f"_x{newer - 1} 160x{span}"
+            ),
         ],
         [_check(newer + 1, nan, page("nan", ("2", 160)))],
     )
     case(
         f"{nan} names every rank it originated on",
-        [_series(UNHEALTHY_UPDATES, r[:-1] + ',kind="nan",severity="critical"}', _steps(3, 1, span)) for r in four]
+        [
+            _series(
+                UNHEALTHY_UPDATES, r[:-1] + ',kind="nan",severity="critical"}', _steps(3, 1, span)
+            )
+            for r in four
+        ]
         + [
             _series(ORIGIN_UPDATES, r[:-1] + ',kind="nan"}', _steps(3, int(i in (0, 3)), span))
             for i, r in enumerate(four)
@@ -437,7 +484,11 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
                 _fired(o, 3),
                 nan,
                 _unhealthy_alert(
-                    o, "nan", "critical", "none in the counters yet", ranks=4,
+                    o,
+                    "nan",
+                    "critical",
+                    "none in the counters yet",
+                    ranks=4,
                     origin="It originated on ranks 0, 3.",
                 ),
             )
@@ -460,7 +511,9 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
         ],
     )
     healthy = [
-        _band(o, kind, severity, f"0x{span}") for kind in KINDS for severity in ("warning", "critical")
+        _band(o, kind, severity, f"0x{span}")
+        for kind in KINDS
+        for severity in ("warning", "critical")
     ] + [_series(UPDATES, _labels(o), f"0+60x{span}")]
     case(
         f"{nan} and {inf} do not fire on healthy updates",
@@ -599,9 +652,7 @@ def _coverage_cases(o: KitOptions, case: Any, span: int) -> None:
     case(
         f"{NOTHING_SCANNED_ALERT} fires when updates arrive but none is scanned",
         [*unscanned, _series(UPDATES, _labels(o), f"0x{span}")],
-        [
-            _check(window, NOTHING_SCANNED_ALERT, _nothing_scanned_alert(o))
-        ],
+        [_check(window, NOTHING_SCANNED_ALERT, _nothing_scanned_alert(o))],
     )
     case(
         f"{NOTHING_SCANNED_ALERT} does not fire while updates are scanned",
@@ -650,7 +701,9 @@ def _peaks(norms: list[float]) -> list[float]:
     return [max(norms[max(0, i - held + 1) : i + 1]) for i in range(len(norms))]
 
 
-def _norm_series(o: KitOptions, norms: list[float], labels: str | None = None) -> list[dict[str, str]]:
+def _norm_series(
+    o: KitOptions, norms: list[float], labels: str | None = None
+) -> list[dict[str, str]]:
     """``gradtel_grad_norm`` with one update a minute, and the peak gauge that holds each
     value for ``NORM_PEAK_SECONDS``, as gradtel exports them, of a process started at 0."""
     labels = _labels(o) if labels is None else labels
@@ -708,7 +761,10 @@ def _norm_spike_cases(o: KitOptions, case: Any) -> None:
     case(
         f"{NORM_SPIKE_ALERT} is silent on slow growth",
         _norm_series(o, growth),
-        [_check(t, NORM_SPIKE_ALERT) for t in (history, baseline // 2, baseline, baseline + history - 1)],
+        [
+            _check(t, NORM_SPIKE_ALERT)
+            for t in (history, baseline // 2, baseline, baseline + history - 1)
+        ],
     )
     noise = [(1.0, 3.0, 1.5, 2.0)[i % 4] for i in range(at + 10)]
     case(
@@ -751,7 +807,9 @@ def _incident(
     labels = _labels(o) if labels is None else labels
     scrape = lambda value: _scrapes(minutes, value, failed=failed, gaps=gaps)  # noqa: E731
     return [
-        _series(UNHEALTHY_UPDATES, _more(labels, kind=kind, severity=severity), scrape(_count(update))),
+        _series(
+            UNHEALTHY_UPDATES, _more(labels, kind=kind, severity=severity), scrape(_count(update))
+        ),
         _series(START_TIME, labels, scrape(0)),
         _series(GRADS_TOTAL[kind], _more(labels, layer="head"), scrape(_life(7, first=update))),
     ]
@@ -771,10 +829,19 @@ def _unhealthy_histories(o: KitOptions, case: Case) -> None:
             case(
                 f"{alert} {severity} does not fire when scrapes fail for {OUTAGE}m, "
                 f"{duration_text(2 * w * 60)} after an incident",
-                _incident(o, kind, severity, failed.stop + w + 1, old, failed=failed[:1], gaps=failed[1:]),
+                _incident(
+                    o, kind, severity, failed.stop + w + 1, old, failed=failed[:1], gaps=failed[1:]
+                ),
                 [
                     _check(_fired(o, old), alert, paged),
-                    *(_check(at, alert) for at in (old + w + 1, failed.start, *range(failed.start + w, failed.stop + w + 1))),
+                    *(
+                        _check(at, alert)
+                        for at in (
+                            old + w + 1,
+                            failed.start,
+                            *range(failed.start + w, failed.stop + w + 1),
+                        )
+                    ),
                 ],
             )
             down = range(old + w + 2, old + w + 2 + GAP)
@@ -783,7 +850,14 @@ def _unhealthy_histories(o: KitOptions, case: Case) -> None:
                 _incident(o, kind, severity, down.stop + w + 2, old, gaps=down),
                 [
                     _check(_fired(o, old), alert, paged),
-                    *(_check(at, alert) for at in (down.start, down.stop, *range(down.stop - 3 + w, down.stop + w + 1))),
+                    *(
+                        _check(at, alert)
+                        for at in (
+                            down.start,
+                            down.stop,
+                            *range(down.stop - 3 + w, down.stop + w + 1),
+                        )
+                    ),
                 ],
             )
 
@@ -815,12 +889,26 @@ def _unhealthy_histories(o: KitOptions, case: Case) -> None:
         labels = _rank(o, rank)
         scrape = lambda value: _scrapes(again + 3, value, failed=failed[:1], gaps=failed[1:])  # noqa: E731
         series += [
-            _series(UNHEALTHY_UPDATES, _more(labels, kind="nan", severity="critical"), scrape(_count(old, again))),
+            _series(
+                UNHEALTHY_UPDATES,
+                _more(labels, kind="nan", severity="critical"),
+                scrape(_count(old, again)),
+            ),
             _series(START_TIME, labels, scrape(0)),
-            _series(ORIGIN_UPDATES, _more(labels, kind="nan"), scrape(_count(old if rank else again))),
+            _series(
+                ORIGIN_UPDATES, _more(labels, kind="nan"), scrape(_count(old if rank else again))
+            ),
             _series(NONFINITE_LOSS_UPDATES, labels, scrape(_count(old) if rank else 0)),
-            _series(NONFINITE_LOSS_INCIDENT_STEP, _more(labels, kind="nan"), scrape(lambda m: 100 * old if rank and m >= old else 0)),
-            _series(NAN_GRADS, _more(labels, layer="head"), scrape(_life(_count(old, again, by=7), first=old))),
+            _series(
+                NONFINITE_LOSS_INCIDENT_STEP,
+                _more(labels, kind="nan"),
+                scrape(lambda m, rank=rank: 100 * old if rank and m >= old else 0),
+            ),
+            _series(
+                NAN_GRADS,
+                _more(labels, layer="head"),
+                scrape(_life(_count(old, again, by=7), first=old)),
+            ),
             _series(
                 FIRST_BAD_LAYER,
                 _more(labels, kind="nan", layer="head"),
@@ -835,8 +923,14 @@ def _unhealthy_histories(o: KitOptions, case: Case) -> None:
                 _fired(o, old),
                 nan,
                 _unhealthy_alert(
-                    o, "nan", "critical", "head (7)", ("head", 100 * old), ranks=2,
-                    origin="It originated on rank 1.", forward=True,
+                    o,
+                    "nan",
+                    "critical",
+                    "head (7)",
+                    ("head", 100 * old),
+                    ranks=2,
+                    origin="It originated on rank 1.",
+                    forward=True,
                 ),
             ),
             _check(again - 1, nan),
@@ -844,7 +938,13 @@ def _unhealthy_histories(o: KitOptions, case: Case) -> None:
                 _fired(o, again),
                 nan,
                 _unhealthy_alert(
-                    o, "nan", "critical", "head (7)", ("head", 100 * again), ranks=2, origin="It originated on rank 0."
+                    o,
+                    "nan",
+                    "critical",
+                    "head (7)",
+                    ("head", 100 * again),
+                    ranks=2,
+                    origin="It originated on rank 0.",
                 ),
             ),
         ],
@@ -857,12 +957,22 @@ def _unhealthy_histories(o: KitOptions, case: Case) -> None:
 
     def restart(new_count: int, failed: Sequence[int] = ()) -> list[dict[str, str]]:
         scrape = lambda old_value, new_value: _scrapes(  # noqa: E731
-            first + w + 3, _lives(_life(old_value, gone=gone), _life(new_value, first)), failed=failed
+            first + w + 3,
+            _lives(_life(old_value, gone=gone), _life(new_value, first)),
+            failed=failed,
         )
         return [
-            _series(UNHEALTHY_UPDATES, _more(labels, kind="nan", severity="critical"), scrape(_count(old), new_count)),
+            _series(
+                UNHEALTHY_UPDATES,
+                _more(labels, kind="nan", severity="critical"),
+                scrape(_count(old), new_count),
+            ),
             _series(START_TIME, labels, scrape(0, first * 60)),
-            _series(NAN_GRADS, _more(labels, layer="head"), scrape(_life(7, old), 7 if new_count else None)),
+            _series(
+                NAN_GRADS,
+                _more(labels, layer="head"),
+                scrape(_life(7, old), 7 if new_count else None),
+            ),
         ]
 
     case(
@@ -878,7 +988,10 @@ def _unhealthy_histories(o: KitOptions, case: Case) -> None:
     case(
         f"{nan} critical does not fire when a process restarts with the same labels",
         restart(0, failed=(first + 1,)),
-        [_check(at, nan) for at in (gone, _fired(o, first), first + 1, _fired(o, first + 1 + w), first + w + 2)],
+        [
+            _check(at, nan)
+            for at in (gone, _fired(o, first), first + 1, _fired(o, first + 1 + w), first + w + 2)
+        ],
     )
     runs = {run: _labels(o, run=run) for run in ("a", "b")}
     case(
@@ -886,14 +999,20 @@ def _unhealthy_histories(o: KitOptions, case: Case) -> None:
         [
             *_incident(o, "nan", "critical", first + w, old, labels=runs["a"]),
             _series(
-                UNHEALTHY_UPDATES, _more(runs["b"], kind="nan", severity="critical"), _scrapes(first + w, _life(1, first))
+                UNHEALTHY_UPDATES,
+                _more(runs["b"], kind="nan", severity="critical"),
+                _scrapes(first + w, _life(1, first)),
             ),
             _series(START_TIME, runs["b"], _scrapes(first + w, _life(first * 60, first))),
         ],
         [
-            _check(_fired(o, old), nan, _unhealthy_alert(o, "nan", "critical", "head (7)", run="a")),
             _check(
-                _fired(o, first), nan, _unhealthy_alert(o, "nan", "critical", "none in the counters yet", run="b")
+                _fired(o, old), nan, _unhealthy_alert(o, "nan", "critical", "head (7)", run="a")
+            ),
+            _check(
+                _fired(o, first),
+                nan,
+                _unhealthy_alert(o, "nan", "critical", "none in the counters yet", run="b"),
             ),
         ],
     )
@@ -907,10 +1026,16 @@ def _unhealthy_histories(o: KitOptions, case: Case) -> None:
                 _more(two[1], kind="nan", severity="critical"),
                 _scrapes(first + w + 2, _lives(_life(_count(old), gone=gone), _life(0, first))),
             ),
-            _series(START_TIME, two[1], _scrapes(first + w + 2, _lives(_life(0, gone=gone), _life(first * 60, first)))),
+            _series(
+                START_TIME,
+                two[1],
+                _scrapes(first + w + 2, _lives(_life(0, gone=gone), _life(first * 60, first))),
+            ),
         ],
         [
-            _check(_fired(o, old), nan, _unhealthy_alert(o, "nan", "critical", "head (7)", ranks=2)),
+            _check(
+                _fired(o, old), nan, _unhealthy_alert(o, "nan", "critical", "head (7)", ranks=2)
+            ),
             *(_check(at, nan) for at in (gone, first, _fired(o, first), first + w)),
         ],
     )
@@ -920,7 +1045,11 @@ def _unhealthy_histories(o: KitOptions, case: Case) -> None:
     joins = old + 2 * w
     minutes = joins + w + 4
     joined = lambda rank, value: [  # noqa: E731
-        _series(UNHEALTHY_UPDATES, _more(late[rank], kind="inf", severity="warning"), _scrapes(minutes, _life(value, joins))),
+        _series(
+            UNHEALTHY_UPDATES,
+            _more(late[rank], kind="inf", severity="warning"),
+            _scrapes(minutes, _life(value, joins)),
+        ),
         _series(START_TIME, late[rank], _scrapes(minutes, _life(joins * 60, joins))),
     ]
     case(
@@ -933,7 +1062,11 @@ def _unhealthy_histories(o: KitOptions, case: Case) -> None:
         _incident(o, "inf", "warning", minutes, old, labels=late[0]) + joined(1, 0) + joined(2, 1),
         [
             _check(joins - 1, inf),
-            _check(_fired(o, joins), inf, _unhealthy_alert(o, "inf", "warning", "none in the counters yet")),
+            _check(
+                _fired(o, joins),
+                inf,
+                _unhealthy_alert(o, "inf", "warning", "none in the counters yet"),
+            ),
             _check(joins + w + 1, inf),
         ],
     )
@@ -944,17 +1077,33 @@ def _unhealthy_histories(o: KitOptions, case: Case) -> None:
     update = 3 * 60 // step
     scrapes = (3 + w + 1) * 60 // step
     four = [_rank(o, rank) for rank in range(4)]
-    spread = lambda rank, value: f"0x{update - 1 + (rank == 3)} {value}x{scrapes - update - (rank == 3)}"  # noqa: E731
+
+    def spread(rank: int, value: object) -> str:
+        return f"0x{update - 1 + (rank == 3)} {value}x{scrapes - update - (rank == 3)}"
+
     case(
         f"{nan} critical fires once every rank's scrape of the update is in, counting them all",
-        [_series(UNHEALTHY_UPDATES, _more(r, kind="nan", severity="critical"), spread(i, 1)) for i, r in enumerate(four)]
-        + [_series(ORIGIN_UPDATES, _more(r, kind="nan"), spread(i, int(i == 3))) for i, r in enumerate(four)],
+        [
+            _series(UNHEALTHY_UPDATES, _more(r, kind="nan", severity="critical"), spread(i, 1))
+            for i, r in enumerate(four)
+        ]
+        + [
+            _series(ORIGIN_UPDATES, _more(r, kind="nan"), spread(i, int(i == 3)))
+            for i, r in enumerate(four)
+        ],
         [
             _check(3, nan),
             _check(
                 _fired(o, 3),
                 nan,
-                _unhealthy_alert(o, "nan", "critical", "none in the counters yet", ranks=4, origin="It originated on rank 3."),
+                _unhealthy_alert(
+                    o,
+                    "nan",
+                    "critical",
+                    "none in the counters yet",
+                    ranks=4,
+                    origin="It originated on rank 3.",
+                ),
             ),
         ],
         interval=o.scrape_interval,
@@ -965,8 +1114,16 @@ def _unhealthy_histories(o: KitOptions, case: Case) -> None:
     # Prometheus writes it.
     at = old * 60 // step + 1
     crashes = (
-        (f"{nan} critical fires when the process crashes right after the update, naming its first bad layer", "nan", 0),
-        (f"{inf} critical fires when a process's first and only scrape shows the update, before a crash", "inf", at),
+        (
+            f"{nan} critical fires when the process crashes right after the update, naming its first bad layer",
+            "nan",
+            0,
+        ),
+        (
+            f"{inf} critical fires when a process's first and only scrape shows the update, before a crash",
+            "inf",
+            at,
+        ),
     )
     for name, kind, first in crashes:
         alert = ALERT_NAMES[kind]
@@ -983,9 +1140,17 @@ def _unhealthy_histories(o: KitOptions, case: Case) -> None:
                 ),
                 _series(START_TIME, _labels(o), since + f"{first * step}x{healthy} stale"),
                 _series(GRADS_TOTAL[kind], _labels(o, layer="head"), f"_x{at} 7 stale"),
-                _series(FIRST_BAD_LAYER, _labels(o, kind=kind, layer="head"), f"_x{at} {100 * old} stale"),
+                _series(
+                    FIRST_BAD_LAYER,
+                    _labels(o, kind=kind, layer="head"),
+                    f"_x{at} {100 * old} stale",
+                ),
             ],
-            [_check(_fired(o, old + 1), alert, paged), _check(old + w - 1, alert, paged), _check(old + w + 1, alert)],
+            [
+                _check(_fired(o, old + 1), alert, paged),
+                _check(old + w - 1, alert, paged),
+                _check(old + w + 1, alert),
+            ],
             interval=o.scrape_interval,
         )
 
@@ -1003,7 +1168,11 @@ def _first_bad_histories(o: KitOptions, case: Case) -> None:
     case(
         f"{nan} critical names the new incident's first bad layer after a rollback to an earlier step",
         [
-            _series(UNHEALTHY_UPDATES, _more(labels, kind="nan", severity="critical"), scrape(_count(old, again))),
+            _series(
+                UNHEALTHY_UPDATES,
+                _more(labels, kind="nan", severity="critical"),
+                scrape(_count(old, again)),
+            ),
             _series(START_TIME, labels, scrape(0)),
             _series(NAN_GRADS, _more(labels, layer="body.3"), scrape(_life(7, old))),
             _series(NAN_GRADS, _more(labels, layer="body.1"), scrape(_life(9, again))),
@@ -1012,10 +1181,18 @@ def _first_bad_histories(o: KitOptions, case: Case) -> None:
                 _more(labels, kind="nan", layer="body.3"),
                 scrape(_life(lambda minute: 0 if minute >= rollback else 500, old)),
             ),
-            _series(FIRST_BAD_LAYER, _more(labels, kind="nan", layer="body.1"), scrape(_life(450, again))),
+            _series(
+                FIRST_BAD_LAYER,
+                _more(labels, kind="nan", layer="body.1"),
+                scrape(_life(450, again)),
+            ),
         ],
         [
-            _check(_fired(o, old), nan, _unhealthy_alert(o, "nan", "critical", "body.3 (7)", ("body.3", 500))),
+            _check(
+                _fired(o, old),
+                nan,
+                _unhealthy_alert(o, "nan", "critical", "body.3 (7)", ("body.3", 500)),
+            ),
             _check(
                 _fired(o, again),
                 nan,
@@ -1030,13 +1207,24 @@ def _first_bad_histories(o: KitOptions, case: Case) -> None:
     fires = _fired(o, old)
     two: list[dict[str, str]] = []
     for rank in (0, 1):
-        scrape = lambda value: _scrapes(fires + 3, value, failed=(fires,) if rank else ())  # noqa: E731
+
+        def scrape(value: Value, rank: int = rank) -> str:
+            return _scrapes(fires + 3, value, failed=(fires,) if rank else ())
+
         labels_of = _rank(o, rank)
         two += [
             _series(START_TIME, labels_of, scrape(0)),
-            _series(UNHEALTHY_UPDATES, _more(labels_of, kind="nan", severity="critical"), scrape(_count(old))),
+            _series(
+                UNHEALTHY_UPDATES,
+                _more(labels_of, kind="nan", severity="critical"),
+                scrape(_count(old)),
+            ),
             _series(NONFINITE_LOSS_UPDATES, labels_of, scrape(_count(old) if rank else 1)),
-            _series(FIRST_BAD_LAYER, _more(labels_of, kind="nan", layer="head"), scrape(lambda m: 300 if m >= old else 50)),
+            _series(
+                FIRST_BAD_LAYER,
+                _more(labels_of, kind="nan", layer="head"),
+                scrape(lambda m: 300 if m >= old else 50),
+            ),
             _series(
                 NONFINITE_LOSS_INCIDENT_STEP,
                 _more(labels_of, kind="nan"),
@@ -1065,14 +1253,24 @@ def _first_bad_histories(o: KitOptions, case: Case) -> None:
         crashed_a
         + [
             _series(START_TIME, pod_a, "0x2 stale"),
-            _series(UNHEALTHY_UPDATES, _more(pod_a, kind="nan", severity="critical"), "0 0 1 stale"),
+            _series(
+                UNHEALTHY_UPDATES, _more(pod_a, kind="nan", severity="critical"), "0 0 1 stale"
+            ),
             _series(NONFINITE_LOSS_UPDATES, pod_a, "0 0 1 stale"),
             _series(START_TIME, pod_b, "_x3 180x5"),
             _series(UNHEALTHY_UPDATES, _more(pod_b, kind="nan", severity="critical"), "_x3 0 1x4"),
             _series(FIRST_BAD_LAYER, _more(pod_b, kind="nan", layer="2"), "_x4 60x4"),
             _series(NONFINITE_LOSS_UPDATES, pod_b, "_x3 0x5"),
         ],
-        [_check(_fired(o, 4), nan, _unhealthy_alert(o, "nan", "critical", "none in the counters yet", ("2", 60), ranks=2))],
+        [
+            _check(
+                _fired(o, 4),
+                nan,
+                _unhealthy_alert(
+                    o, "nan", "critical", "none in the counters yet", ("2", 60), ranks=2
+                ),
+            )
+        ],
     )
     # The restarted process exports no step of its own yet: the crashed one's stands.
     case(
@@ -1080,10 +1278,21 @@ def _first_bad_histories(o: KitOptions, case: Case) -> None:
         crashed_a
         + [
             _series(START_TIME, pod_a, "0x2 stale 240x4"),
-            _series(UNHEALTHY_UPDATES, _more(pod_a, kind="nan", severity="critical"), "0 0 1 stale 0x4"),
+            _series(
+                UNHEALTHY_UPDATES, _more(pod_a, kind="nan", severity="critical"), "0 0 1 stale 0x4"
+            ),
             _series(NONFINITE_LOSS_UPDATES, pod_a, "0 0 1 stale 0x4"),
         ],
-        [_check(t, nan, _unhealthy_alert(o, "nan", "critical", "none in the counters yet", ("head", 100), forward=True)) for t in (3, 5)],
+        [
+            _check(
+                t,
+                nan,
+                _unhealthy_alert(
+                    o, "nan", "critical", "none in the counters yet", ("head", 100), forward=True
+                ),
+            )
+            for t in (3, 5)
+        ],
     )
     # A rollback by restarting the process on the same labels, and the scrape of the
     # evaluation that fires fails: the dead process's first bad layer, with a higher step,
@@ -1094,16 +1303,32 @@ def _first_bad_histories(o: KitOptions, case: Case) -> None:
     case(
         f"{nan} critical names the restarted process's first bad layer through a failed scrape as it fires",
         [
-            _series(START_TIME, labels, scrape(_lives(_life(0, 0, gone), _life(60 * (gone + 1), gone + 1)))),
+            _series(
+                START_TIME,
+                labels,
+                scrape(_lives(_life(0, 0, gone), _life(60 * (gone + 1), gone + 1))),
+            ),
             _series(
                 UNHEALTHY_UPDATES,
                 _more(labels, kind="nan", severity="critical"),
                 scrape(_lives(_life(_count(2), 0, gone), _life(_count(bad), gone + 1))),
             ),
-            _series(FIRST_BAD_LAYER, _more(labels, kind="nan", layer="body.3"), scrape(_life(500, 2, gone))),
-            _series(FIRST_BAD_LAYER, _more(labels, kind="nan", layer="body.1"), scrape(_life(400, bad))),
+            _series(
+                FIRST_BAD_LAYER,
+                _more(labels, kind="nan", layer="body.3"),
+                scrape(_life(500, 2, gone)),
+            ),
+            _series(
+                FIRST_BAD_LAYER, _more(labels, kind="nan", layer="body.1"), scrape(_life(400, bad))
+            ),
         ],
-        [_check(fires, nan, _unhealthy_alert(o, "nan", "critical", "none in the counters yet", ("body.1", 400)))],
+        [
+            _check(
+                fires,
+                nan,
+                _unhealthy_alert(o, "nan", "critical", "none in the counters yet", ("body.1", 400)),
+            )
+        ],
     )
 
 
@@ -1118,9 +1343,15 @@ def _norm_spike_histories(o: KitOptions, case: Case) -> None:
     def life(norms: list[float], first: int = 0, gone: int | None = None) -> dict[Metric, Value]:
         """A process's norm series from its first scrape, one update a minute."""
         of = lambda series: _life(lambda m: series[min(m - first, len(series) - 1)], first, gone)  # noqa: E731
-        return {GRAD_NORM: of(norms), GRAD_NORM_PEAK: of(_peaks(norms)), START_TIME: _life(first * 60, first, gone)}
+        return {
+            GRAD_NORM: of(norms),
+            GRAD_NORM_PEAK: of(_peaks(norms)),
+            START_TIME: _life(first * 60, first, gone),
+        }
 
-    def scraped(labels: str, *lives: dict[Metric, Value], minutes: int, **how: Any) -> list[dict[str, str]]:
+    def scraped(
+        labels: str, *lives: dict[Metric, Value], minutes: int, **how: Any
+    ) -> list[dict[str, str]]:
         return [
             _series(metric, labels, _scrapes(minutes, _lives(*(lf[metric] for lf in lives)), **how))  # type: ignore[arg-type]
             for metric in lives[0]
@@ -1130,13 +1361,20 @@ def _norm_spike_histories(o: KitOptions, case: Case) -> None:
     case(
         f"{NORM_SPIKE_ALERT} fires once for a spike, through a failed scrape",
         scraped(_labels(o), life(spiked), minutes=len(spiked), failed=(at + 1,)),
-        [_check(at, NORM_SPIKE_ALERT, alert), _check(at + 1, NORM_SPIKE_ALERT, alert), _check(at + held, NORM_SPIKE_ALERT)],
+        [
+            _check(at, NORM_SPIKE_ALERT, alert),
+            _check(at + 1, NORM_SPIKE_ALERT, alert),
+            _check(at + held, NORM_SPIKE_ALERT),
+        ],
     )
     down = range(at + 1, at + 1 + GAP)
     case(
         f"{NORM_SPIKE_ALERT} does not fire when Prometheus has a gap of {GAP}m after a spike",
         scraped(_labels(o), life(spiked), minutes=down.stop + 3, gaps=down),
-        [_check(at, NORM_SPIKE_ALERT, alert), *(_check(m, NORM_SPIKE_ALERT) for m in (at + held + 1, down.stop, down.stop + 1))],
+        [
+            _check(at, NORM_SPIKE_ALERT, alert),
+            *(_check(m, NORM_SPIKE_ALERT) for m in (at + held + 1, down.stop, down.stop + 1)),
+        ],
     )
 
     # A new process's first norms are large and fall fast, and it has no history: its start
@@ -1167,12 +1405,16 @@ def _stall_histories(o: KitOptions, case: Case) -> None:
     fires = stalled + stall + 1
     labels = _labels(o)
 
-    def target(minutes: int, value: Value, failed: Sequence[int] = (), gaps: Sequence[int] = ()) -> list[dict[str, str]]:
+    def target(
+        minutes: int, value: Value, failed: Sequence[int] = (), gaps: Sequence[int] = ()
+    ) -> list[dict[str, str]]:
         """A target's last update time, and ``up``: 0 at a failed scrape and while no process serves."""
-        sample = value if callable(value) else lambda m: value  # noqa: E731
+        sample = value if callable(value) else lambda m: value
         up = lambda m: int(isinstance(sample(m), (int, float)) and m not in failed)  # noqa: E731
         return [
-            _series(LAST_UPDATE_TIMESTAMP, labels, _scrapes(minutes, value, failed=failed, gaps=gaps)),
+            _series(
+                LAST_UPDATE_TIMESTAMP, labels, _scrapes(minutes, value, failed=failed, gaps=gaps)
+            ),
             _series("up", labels, _scrapes(minutes, up, gaps=gaps)),
         ]
 
@@ -1180,14 +1422,20 @@ def _stall_histories(o: KitOptions, case: Case) -> None:
     case(
         f"{STALLED_ALERT} fires once for a stall, through a failed scrape",
         target(fires + 5, updates, failed=(fires + 2,)),
-        [_check(fires - 1, STALLED_ALERT), *(_check(m, STALLED_ALERT, _stalled_alert(o)) for m in (fires, fires + 2, fires + 3))],
+        [
+            _check(fires - 1, STALLED_ALERT),
+            *(_check(m, STALLED_ALERT, _stalled_alert(o)) for m in (fires, fires + 2, fires + 3)),
+        ],
     )
     bridged = stall // 2 - 1
     down = range(fires + 1, fires + 1 + bridged)
     case(
         f"{STALLED_ALERT} fires once for a stall, through a Prometheus gap of {bridged}m",
         target(down.stop + 3, updates, gaps=down),
-        [_check(m, STALLED_ALERT, _stalled_alert(o)) for m in (fires, down.start, down.stop - 1, down.stop)],
+        [
+            _check(m, STALLED_ALERT, _stalled_alert(o))
+            for m in (fires, down.start, down.stop - 1, down.stop)
+        ],
     )
     training = lambda m: 60 * m - 30  # noqa: E731  (an update half a minute before each scrape)
     case(
@@ -1218,12 +1466,18 @@ def _down_histories(o: KitOptions, case: Case) -> None:
     late = _labels(o).replace(INSTANCE, "trainer-1:9464")
     histories = {
         "a scrape fails": [_series("up", _labels(o), up(10))],
-        f"Prometheus restarts, with a gap of {GAP}m": [_series("up", _labels(o), up(gaps=range(10, 10 + GAP)))],
+        f"Prometheus restarts, with a gap of {GAP}m": [
+            _series("up", _labels(o), up(gaps=range(10, 10 + GAP)))
+        ],
         "a process restarts": [_series("up", _labels(o), up(10, 11))],
         "a rank joins late": [_series("up", _labels(o), up()), _series("up", late, up(0, 1, 2, 3))],
     }
     for history, series in histories.items():
-        case(f"{DOWN_ALERT} does not fire when {history}", series, [_check(m, DOWN_ALERT) for m in range(0, minutes, 2)])
+        case(
+            f"{DOWN_ALERT} does not fire when {history}",
+            series,
+            [_check(m, DOWN_ALERT) for m in range(0, minutes, 2)],
+        )
 
 
 def _coverage_histories(o: KitOptions, case: Case) -> None:
@@ -1235,21 +1489,35 @@ def _coverage_histories(o: KitOptions, case: Case) -> None:
     case(
         f"{NOTHING_SCANNED_ALERT} fires once while nothing is scanned, through a failed scrape",
         [
-            _series(UNSCANNED_UPDATES, _more(labels, reason="no_gradients"), _scrapes(minutes, lambda m: 60 * m, failed=(failed,))),
+            _series(
+                UNSCANNED_UPDATES,
+                _more(labels, reason="no_gradients"),
+                _scrapes(minutes, lambda m: 60 * m, failed=(failed,)),
+            ),
             _series(UPDATES, labels, _scrapes(minutes, 0, failed=(failed,))),
         ],
-        [_check(m, NOTHING_SCANNED_ALERT, _nothing_scanned_alert(o)) for m in (w, failed, failed + 1)],
+        [
+            _check(m, NOTHING_SCANNED_ALERT, _nothing_scanned_alert(o))
+            for m in (w, failed, failed + 1)
+        ],
     )
     gone, first = w + 2, w + 4
     scanning: dict[str, tuple[Value, Sequence[int]]] = {
         f"Prometheus has a gap of {GAP}m": (lambda m: 60 * m, range(w, w + GAP)),
-        "a process restarts": (_lives(_life(lambda m: 60 * m, gone=gone), _life(lambda m: 60 * (m - first), first)), ()),
+        "a process restarts": (
+            _lives(_life(lambda m: 60 * m, gone=gone), _life(lambda m: 60 * (m - first), first)),
+            (),
+        ),
     }
     for history, (value, gaps) in scanning.items():
         case(
             f"{NOTHING_SCANNED_ALERT} does not fire when {history}",
             [
-                _series(UNSCANNED_UPDATES, _more(labels, reason="no_gradients"), _scrapes(minutes, 0, gaps=gaps)),
+                _series(
+                    UNSCANNED_UPDATES,
+                    _more(labels, reason="no_gradients"),
+                    _scrapes(minutes, 0, gaps=gaps),
+                ),
                 _series(UPDATES, labels, _scrapes(minutes, value, gaps=gaps)),
             ],
             [_check(m, NOTHING_SCANNED_ALERT) for m in range(0, minutes, 2)],
@@ -1260,7 +1528,11 @@ def _coverage_histories(o: KitOptions, case: Case) -> None:
     case(
         f"{AMP_SKIPS_ALERT} fires once while the scaler keeps skipping, through a failed scrape",
         [
-            _series(SKIPPED_UPDATES, _more(labels, reason="amp_overflow"), _scrapes(fires + 5, lambda m: 60 * max(0, m - 5), failed=(fires + 1,))),
+            _series(
+                SKIPPED_UPDATES,
+                _more(labels, reason="amp_overflow"),
+                _scrapes(fires + 5, lambda m: 60 * max(0, m - 5), failed=(fires + 1,)),
+            ),
             _series(UPDATES, labels, _scrapes(fires + 5, lambda m: 60 * m, failed=(fires + 1,))),
         ],
         [_check(m, AMP_SKIPS_ALERT, _amp_skips_alert(o)) for m in (fires, fires + 1, fires + 2)],
@@ -1279,7 +1551,11 @@ def _coverage_histories(o: KitOptions, case: Case) -> None:
         case(
             f"{AMP_SKIPS_ALERT} does not fire when {history}",
             [
-                _series(SKIPPED_UPDATES, _more(labels, reason="amp_overflow"), _scrapes(minutes, skipped, gaps=gaps)),
+                _series(
+                    SKIPPED_UPDATES,
+                    _more(labels, reason="amp_overflow"),
+                    _scrapes(minutes, skipped, gaps=gaps),
+                ),
                 _series(UPDATES, labels, _scrapes(minutes, updates, gaps=gaps)),
             ],
             [_check(m, AMP_SKIPS_ALERT) for m in range(0, minutes, 2)],
@@ -1309,7 +1585,9 @@ def _amp_collapse_cases(o: KitOptions, case: Case) -> None:
     w = _minutes(duration_seconds(o.window, "window"))
     alert, labels = AMP_COLLAPSE_ALERT, _labels(o)
     start = 65536.0  # GradScaler's initial scale
-    below = next(m for m in range(200) if start / 2**m < o.amp_scale_floor)  # halvings to fall below the floor
+    below = next(
+        m for m in range(200) if start / 2**m < o.amp_scale_floor
+    )  # halvings to fall below the floor
     collapse = 5
     # Firing while the window holds the sample before the fall: not at collapse + w - 1,
     # where Prometheus 2.x's ranges still hold it and 3.x's (left-open) do not.
@@ -1322,7 +1600,10 @@ def _amp_collapse_cases(o: KitOptions, case: Case) -> None:
         return start if minute < collapse else 0.0
 
     def scraped(value: Value, **how: Any) -> list[dict[str, str]]:
-        return [_series(AMP_LOSS_SCALE, labels, _scrapes(minutes, value, **how)), _series(START_TIME, labels, _scrapes(minutes, 0, **how))]
+        return [
+            _series(AMP_LOSS_SCALE, labels, _scrapes(minutes, value, **how)),
+            _series(START_TIME, labels, _scrapes(minutes, 0, **how)),
+        ]
 
     case(
         f"{alert} fires when the loss scale collapses to 0",
@@ -1336,7 +1617,9 @@ def _amp_collapse_cases(o: KitOptions, case: Case) -> None:
     )
     # GradScaler's first steps: a few halvings from 65,536, then a doubling after each run
     # of good updates.
-    settling = [start, start / 8, start / 32, start / 64] + [start / 64 * 2 ** (m // 5) for m in range(3 * w)]
+    settling = [start, start / 8, start / 32, start / 64] + [
+        start / 64 * 2 ** (m // 5) for m in range(3 * w)
+    ]
     case(
         f"{alert} does not fire while the loss scale settles in an fp16 run's first steps",
         [_series(AMP_LOSS_SCALE, labels, " ".join(f"{v:g}" for v in settling))],
@@ -1346,7 +1629,8 @@ def _amp_collapse_cases(o: KitOptions, case: Case) -> None:
     case(
         f"{alert} fires once for a collapse, through failed scrapes",
         scraped(scale, failed=failed),
-        [_check(m, alert, paged) for m in firing] + [_check(m, alert) for m in range(collapse + w, minutes)],
+        [_check(m, alert, paged) for m in firing]
+        + [_check(m, alert) for m in range(collapse + w, minutes)],
     )
     down = range(collapse + w + 1, collapse + w + 1 + GAP)
     case(
@@ -1359,14 +1643,23 @@ def _amp_collapse_cases(o: KitOptions, case: Case) -> None:
 
     def restarted(new_scale: float, first: int) -> list[dict[str, str]]:
         return [
-            _series(AMP_LOSS_SCALE, labels, _scrapes(minutes, _lives(_life(scale, gone=gone), _life(new_scale, first)))),
-            _series(START_TIME, labels, _scrapes(minutes, _lives(_life(0, gone=gone), _life(first * 60, first)))),
+            _series(
+                AMP_LOSS_SCALE,
+                labels,
+                _scrapes(minutes, _lives(_life(scale, gone=gone), _life(new_scale, first))),
+            ),
+            _series(
+                START_TIME,
+                labels,
+                _scrapes(minutes, _lives(_life(0, gone=gone), _life(first * 60, first))),
+            ),
         ]
 
     case(
         f"{alert} does not fire again when the process restarts after a collapse",
         restarted(start, first),
-        [_check(m, alert, paged) for m in (collapse, gone)] + [_check(m, alert) for m in range(first, minutes)],
+        [_check(m, alert, paged) for m in (collapse, gone)]
+        + [_check(m, alert) for m in range(first, minutes)],
     )
     late = collapse + w + 2  # after the first collapse's alert resolved
     case(
@@ -1421,12 +1714,17 @@ def _crash_cases(o: KitOptions, case: Case) -> None:
         lives: Lives = {
             (START_TIME, ()): _life(first * 60, first, gone),
             (UPDATE_STATUS, ()): _life(lambda m: 2 if m >= bad_from else 0, first, gone),
-            (TRAINING_EXCEPTIONS, (("type", error), ("gradients", "unhealthy" if steps else "healthy"))): _life(1, crash, gone),
+            (
+                TRAINING_EXCEPTIONS,
+                (("type", error), ("gradients", "unhealthy" if steps else "healthy")),
+            ): _life(1, crash, gone),
         }
         for kind, severity in itertools.product(KINDS, SEVERITIES):
             minute = (steps or {}).get(kind, (None,))[0] if severity == "critical" else None
             counted = _count(minute) if minute is not None else 0
-            lives[(UNHEALTHY_UPDATES, (("kind", kind), ("severity", severity)))] = _life(counted, first, gone)
+            lives[(UNHEALTHY_UPDATES, (("kind", kind), ("severity", severity)))] = _life(
+                counted, first, gone
+            )
         for kind, (minute, step) in (steps or {}).items():
             lives[(LAST_UNHEALTHY_STEP, (("kind", kind),))] = _life(step, minute, gone)
         return lives
@@ -1434,7 +1732,15 @@ def _crash_cases(o: KitOptions, case: Case) -> None:
     def scraped(labels: str, *lives: Lives, **how: Any) -> list[dict[str, str]]:
         """The series of processes that follow one another on ``labels``."""
         return [
-            _series(metric, _more(labels, **dict(extra)), _scrapes(minutes, _lives(*(life[(metric, extra)] for life in lives if (metric, extra) in life)), **how))  # type: ignore[arg-type]
+            _series(
+                metric,
+                _more(labels, **dict(extra)),
+                _scrapes(
+                    minutes,
+                    _lives(*(life[(metric, extra)] for life in lives if (metric, extra) in life)),  # type: ignore[arg-type]
+                    **how,
+                ),
+            )
             for metric, extra in dict.fromkeys(key for life in lives for key in life)
         ]
 
@@ -1444,7 +1750,13 @@ def _crash_cases(o: KitOptions, case: Case) -> None:
         scraped(_rank(o, 0), process(steps=nan41)),
         [
             _check(at, alert),
-            _check(_fired(o, at), alert, _crash_alert(o, "critical", "NaN gradients at step 41", "trainer-0:9464 (rank 0): ValueError")),
+            _check(
+                _fired(o, at),
+                alert,
+                _crash_alert(
+                    o, "critical", "NaN gradients at step 41", "trainer-0:9464 (rank 0): ValueError"
+                ),
+            ),
             _check(at + w + 1, alert),
         ],
     )
@@ -1481,7 +1793,15 @@ def _crash_cases(o: KitOptions, case: Case) -> None:
     case(
         f"{alert} critical names the last unhealthy step of each kind",
         scraped(labels, process(steps={"nan": (bad, 41), "inf": (bad - 1, 40)})),
-        [_check(_fired(o, at), alert, _crash_alert(o, "critical", "Inf gradients at step 40 and NaN gradients at step 41"))],
+        [
+            _check(
+                _fired(o, at),
+                alert,
+                _crash_alert(
+                    o, "critical", "Inf gradients at step 40 and NaN gradients at step 41"
+                ),
+            )
+        ],
     )
     case(
         f"{alert} warning fires when training crashes after a healthy update",
@@ -1498,19 +1818,22 @@ def _crash_cases(o: KitOptions, case: Case) -> None:
     case(
         f"{alert} critical fires once for a crash, through a failed scrape",
         scraped(labels, process(steps=nan41, held=3), failed=(at + 1,)),
-        [_check(m, alert, paged) for m in range(_fired(o, at), at + w)] + [_check(m, alert) for m in range(at + w, minutes)],
+        [_check(m, alert, paged) for m in range(_fired(o, at), at + w)]
+        + [_check(m, alert) for m in range(at + w, minutes)],
     )
     down = range(at + 1, at + 1 + GAP)
     case(
         f"{alert} critical does not fire again when Prometheus has a gap of {GAP}m after a crash",
         scraped(labels, process(steps=nan41), gaps=down),
-        [_check(_fired(o, at), alert, paged)] + [_check(m, alert) for m in range(at + w + 1, minutes)],
+        [_check(_fired(o, at), alert, paged)]
+        + [_check(m, alert) for m in range(at + w + 1, minutes)],
     )
     first = at + 2  # restarted: a new process, the same labels
     case(
         f"{alert} critical does not fire again when the process restarts after a crash",
         scraped(labels, process(steps=nan41), process(first, crash=minutes)),  # training goes on
-        [_check(_fired(o, at), alert, paged)] + [_check(m, alert) for m in range(at + w + 1, minutes)],
+        [_check(_fired(o, at), alert, paged)]
+        + [_check(m, alert) for m in range(at + w + 1, minutes)],
     )
     # The restarted process reports healthy updates: the crash stays what it was.
     case(
@@ -1525,6 +1848,8 @@ def _crash_cases(o: KitOptions, case: Case) -> None:
         [
             _check(_fired(o, at), alert, paged),
             _check(again, alert),
-            _check(_fired(o, again), alert, _crash_alert(o, "critical", "NaN gradients at step 900")),
+            _check(
+                _fired(o, again), alert, _crash_alert(o, "critical", "NaN gradients at step 900")
+            ),
         ],
     )

@@ -5,19 +5,19 @@ from __future__ import annotations
 from ..metrics import (
     AMP_LOSS_SCALE,
     ERRORS,
-    LAST_UNHEALTHY_STEP,
     GRAD_NORM,
     GRAD_NORM_PEAK,
+    LAST_UNHEALTHY_STEP,
     LAST_UPDATE_TIMESTAMP,
     SKIPPED_UPDATES,
     TRAINING_EXCEPTIONS,
     UNHEALTHY_UPDATES,
     UNSCANNED_UPDATES,
-    UPDATES,
     UPDATE_GRADS,
     UPDATE_INF_GRADS,
     UPDATE_NAN_GRADS,
     UPDATE_STATUS,
+    UPDATES,
 )
 from .options import (
     ALERT_NAMES,
@@ -205,7 +205,7 @@ reports status `unknown` (`{UPDATE_STATUS} == -1`) and is not in
     )
     sections.extend(
         (
-        f"""## {AMP_SKIPS_ALERT}
+            f"""## {AMP_SKIPS_ALERT}
 
 **Meaning.** More than {o.amp_skip_ratio:.0%} of the updates in the last
 {o.window} overflowed and the AMP `GradScaler` skipped their optimizer step, and
@@ -222,7 +222,7 @@ learning rate, and the layers named by the overflowing updates (the
 **Do** lower the learning rate, clip gradients, move unstable ops (softmax,
 norms, losses) to fp32 or bf16, or restart from the last healthy checkpoint.
 """,
-        f"""## {AMP_COLLAPSE_ALERT}
+            f"""## {AMP_COLLAPSE_ALERT}
 
 **Meaning.** The AMP `GradScaler`'s loss scale (`{AMP_LOSS_SCALE}`) fell below
 {o.amp_scale_floor:g} in the last {o.window}. The scaler halves its scale at every update whose
@@ -246,7 +246,7 @@ learning rate, gradient clipping, or the unstable ops (softmax, norms, losses)
 in fp32 or bf16. This critical alert inhibits the warnings of the same run
 that carry no `kind`, {AMP_SKIPS_ALERT} among them.
 """,
-        f"""## {NORM_SPIKE_ALERT}
+            f"""## {NORM_SPIKE_ALERT}
 
 **Meaning.** The L2 norm of the gradients (`{GRAD_NORM}`) rose above
 {o.spike_factor:g} times its median over the last {o.spike_baseline}. The alert

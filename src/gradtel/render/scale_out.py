@@ -77,7 +77,9 @@ def agent_config(o: KitOptions, write_url: str = CENTRAL_PROMETHEUS_WRITE_URL) -
     return {
         "global": {"scrape_interval": ranks["global"]["scrape_interval"]},
         "scrape_configs": ranks["scrape_configs"],
-        "remote_write": [{"url": write_url, "queue_config": {"batch_send_deadline": AGENT_BATCH_DEADLINE}}],
+        "remote_write": [
+            {"url": write_url, "queue_config": {"batch_send_deadline": AGENT_BATCH_DEADLINE}}
+        ],
     }
 
 
@@ -101,14 +103,20 @@ def scale_out_readme(o: KitOptions) -> str:
     )
     central = _command(
         "prometheus",
-        ["--config.file=central-prometheus.yml", *central_prometheus_flags(), "--storage.tsdb.path=data"],
+        [
+            "--config.file=central-prometheus.yml",
+            *central_prometheus_flags(),
+            "--storage.tsdb.path=data",
+        ],
     )
     victoria = _command("victoria-metrics", ["-storageDataPath=vm-data", *victoriametrics_flags()])
     vmalert = _command(
         "vmalert",
         [
             "-rule=../prometheus/gradtel-rules.yml",
-            *vmalert_flags("http://victoria-metrics:8428", "http://alertmanager:9093", o.evaluation_interval),
+            *vmalert_flags(
+                "http://victoria-metrics:8428", "http://alertmanager:9093", o.evaluation_interval
+            ),
         ],
     )
     return f"""# Many ranks: agents, and one central store that evaluates the rules
