@@ -192,9 +192,18 @@ def test_sample_every_scans_one_update_in_n(
     assert sample(found, "gradtel_unhealthy_updates_total", kind="nan", severity="warning") == 3
 
 
-@pytest.mark.parametrize("value", [0, -2, 1.5, True, "2"])
-def test_bad_sample_every(value: object) -> None:
-    with pytest.raises(ValueError, match=f"sample_every must be an int >= 1, got {value!r}"):
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        (0, ValueError, "sample_every must be >= 1, got 0"),
+        (-2, ValueError, "sample_every must be >= 1, got -2"),
+        (1.5, TypeError, r"sample_every must be a positive int, got 1.5 \(float\)"),
+        (True, TypeError, r"sample_every must be a positive int, got True \(bool\)"),
+        ("2", TypeError, r"sample_every must be a positive int, got '2' \(str\)"),
+    ],
+)
+def test_bad_sample_every(value: object, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
         GradMonitor(nn.Linear(2, 2), sample_every=value)  # type: ignore[arg-type]
 
 

@@ -74,7 +74,7 @@ def test_collect_never_waits_on_its_own_update(
     # A device whose work is queued, as a GPU's is, and a copy still in flight: ready() is
     # False until flush() waits for it.
     waits: list[str] = []
-    monkeypatch.setattr("gradtel.monitor.completes_when_queued", lambda tensor: False)
+    monkeypatch.setattr("gradtel.update.completes_when_queued", lambda tensor: False)
     monkeypatch.setattr(HostCopy, "ready", lambda self: False)
     original = HostCopy.read
 
@@ -151,7 +151,7 @@ def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     """The CPU, where work is done when queued; or, on the CPU, the read-out of a device
     whose work is queued (a GPU's): exact counts launched at collect()."""
     if request.param == "queued":
-        monkeypatch.setattr("gradtel.monitor.completes_when_queued", lambda tensor: False)
+        monkeypatch.setattr("gradtel.update.completes_when_queued", lambda tensor: False)
     return str(request.param)
 
 

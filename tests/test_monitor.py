@@ -389,8 +389,8 @@ def test_monitors_sharing_a_provider_share_series(
         (
             nn.Linear(2, 2),
             {"on_warning": None},
-            ValueError,
-            r"on_warning must be one of .* got None",
+            TypeError,
+            r"on_warning must be one of .* got None \(NoneType\)",
         ),
         (
             nn.Linear(2, 2),

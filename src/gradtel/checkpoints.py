@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from ._ratelimit import RateLimitedLog
 from .health import GradHealth, Status
@@ -54,6 +55,26 @@ class WeightsHealth:
                 self.poisoned_by = health
             elif self.poisoned_by is None:
                 self.last_healthy_step = health.step
+
+    def allow(
+        self,
+        step: int | None,
+        *,
+        all_ranks: bool,
+        agree: Callable[[bool], bool | None],
+        record: Callable[[bool], object],
+    ) -> bool:
+        """Whether a checkpoint may be saved now: while the weights are healthy (on every
+        rank with ``all_ranks``: ``agree`` asks them, a collective; None when it could not).
+        A refusal is logged; ``record`` counts the decision (``refused``)."""
+        allowed = self.healthy
+        if all_ranks:
+            agreed = agree(allowed)
+            allowed = allowed if agreed is None else agreed
+        if not allowed:
+            self.refuse(step)
+        record(not allowed)
+        return allowed
 
     def reset(self) -> None:
         with self._lock:

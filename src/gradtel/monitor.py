@@ -1,45 +1,37 @@
-"""``GradMonitor``: ties naming, scan, health, telemetry and policy together."""
+"""``GradMonitor``: the public class, which runs one update through the pipeline: the
+watched parameters' gradients, the scan (:mod:`gradtel.update`), the read-out
+(:mod:`gradtel.readout`), telemetry, the weights' health and the policy."""
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
-import gc
 import logging
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import torch
 from opentelemetry.metrics import MeterProvider
-from torch.distributed.tensor import DTensor
 
 from . import _checks
 from ._ratelimit import RateLimitedLog
 from .checkpoints import WeightsHealth
 from .health import GradHealth, Thresholds
 from .hooks import Attachment, attach
-from .layers import DEFAULT_MAX_LAYERS, assign_layers, distinct
-from .order import BackwardOrder
+from .layers import DEFAULT_MAX_LAYERS
+from .options import MAX_LAYERS_LIMIT, LayerSeries, MonitorOptions
 from .origin import OriginCounter, install_origin_hook
 from .policy import Action, Policy
 from .ranks import every_rank, process_attributes
-from .readout import HostCopy, Readout, check_readout, completes_when_queued
-from .scan import Launched, Scanner, countable_values, per_tensor_norms, stacked
-from .scan import total_norm as total_norm_of
+from .readout import Pending, Readout, flush_at_exit, free_collectives_at_exit
+from .scan import Scanner
 from .telemetry import GradTelemetry, default_meter_provider
-from .watched import named_parameters, registrations, watch_registrations
+from .update import Norms, ReadAlong, State, Update, launch
+from .watched import Gradients, Watched, named_parameters, registrations, watch_registrations
 
 __all__ = ["MAX_LAYERS_LIMIT", "REFRESH_EVERY", "GradMonitor"]
-
-MAX_LAYERS_LIMIT = 1998
-"""Upper bound of ``max_layers``: each metric keeps one series per layer plus
-the overflow layer below the OpenTelemetry SDK's per-metric limit of 2000,
-past which the SDK would silently relabel series."""
 
 REFRESH_EVERY = 50
 """Updates between two automatic checks for parameters added to or removed from the model."""
@@ -47,10 +39,6 @@ REFRESH_EVERY = 50
 logger = logging.getLogger("gradtel")
 
 T = TypeVar("T")
-
-_PLAIN_DTYPES = {
-    torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128
-}  # fmt: skip
 
 
 # Monitors by the meter provider they record into: two live monitors watching the
@@ -145,42 +133,32 @@ class GradMonitor:
         max_layers: int = DEFAULT_MAX_LAYERS,
         layer_depth: int | None = None,
         meter_provider: MeterProvider | None = None,
-        layer_series: Literal["on_demand", "all"] = "on_demand",
+        layer_series: LayerSeries = "on_demand",
         sample_every: int = 1,
         on_error: Literal["warn", "raise"] = "warn",
         grad_norm: bool = False,
         layer_norms: bool = False,
         readout: Readout = "sync",
     ) -> None:
-        if not isinstance(thresholds, Thresholds):
-            raise TypeError(
-                f"thresholds must be a gradtel.Thresholds, got {thresholds!r} "
-                f"({type(thresholds).__name__})"
-            )
-        self._policy = Policy(on_warning, on_critical)
-        self.readout = check_readout(readout, on_warning, on_critical)
-        _checks.on_error(on_error)
-        if isinstance(max_layers, int) and not isinstance(max_layers, bool):
-            if max_layers > MAX_LAYERS_LIMIT:
-                raise ValueError(
-                    f"max_layers must be from 1 to {MAX_LAYERS_LIMIT}, got {max_layers}; "
-                    "use layer_depth= to group layers instead"
-                )
-        if layer_series not in ("on_demand", "all"):
-            raise ValueError(f"layer_series must be 'on_demand' or 'all', got {layer_series!r}")
-        if isinstance(sample_every, bool) or not isinstance(sample_every, int) or sample_every < 1:
-            raise ValueError(f"sample_every must be an int >= 1, got {sample_every!r}")
-        for name, flag in (("grad_norm", grad_norm), ("layer_norms", layer_norms)):
-            if not isinstance(flag, bool):
-                raise TypeError(
-                    f"{name} must be True or False, got {flag!r} ({type(flag).__name__})"
-                )
+        self.options = MonitorOptions(
+            thresholds=thresholds,
+            on_warning=on_warning,
+            on_critical=on_critical,
+            max_layers=max_layers,
+            layer_depth=layer_depth,
+            layer_series=layer_series,
+            sample_every=sample_every,
+            on_error=on_error,
+            grad_norm=grad_norm,
+            layer_norms=layer_norms,
+            readout=readout,
+        )
+        """The options this monitor was made with (read-only)."""
         if meter_provider is not None and not hasattr(meter_provider, "get_meter"):
             raise TypeError(
                 "meter_provider must be an OpenTelemetry MeterProvider, "
                 f"got {meter_provider!r} ({type(meter_provider).__name__})"
             )
-
         named = named_parameters(model)
         if not any(p.requires_grad for _, p in named):
             raise ValueError(
@@ -188,26 +166,19 @@ class GradMonitor:
             )
         provider = default_meter_provider() if meter_provider is None else meter_provider
         self._module = model if isinstance(model, torch.nn.Module) else None
-        self._naming = {"max_layers": max_layers, "depth": layer_depth}
-        self.thresholds = thresholds
-        self.layer_series = layer_series
-        self.sample_every = sample_every
-        self.grad_norm = grad_norm
-        self.layer_norms = layer_norms
+        self._policy = Policy(on_warning, on_critical)
         # One series per layer per rank would not fit the series budget of many ranks.
         self._layer_norms = layer_norms and process_attributes().get("rank", "0") == "0"
-        self._on_error = on_error
         self._step = 0
         self._training_step = 0
         self._lock = threading.RLock()
         self._error_log = RateLimitedLog(logger)
-        self._order: BackwardOrder | None = None
         self._order_finalizer: weakref.finalize[Any, Any] | None = None
         self._weights = WeightsHealth()
         self.origin = OriginCounter()
         """This rank's own gradients before the cross-rank reduction, fed by a DDP hook."""
         watch_registrations()
-        _free_collectives_at_exit()
+        free_collectives_at_exit()
         self._watch(named)
         self._claim(provider)
         self._telemetry = GradTelemetry(
@@ -218,29 +189,38 @@ class GradMonitor:
             error_log=self._error_log,
             weights=self._weights,
         )
-        self._telemetry.sampled = sample_every > 1
+        self._telemetry.sampled = self.options.sampled
         # What close() must undo of the origin hooks, so that a new monitor counts again.
         self._uninstall_origin = (
             install_origin_hook(self._module, self) if self._module is not None else None
         )
-        self._pending: deque[tuple[_Update | GradHealth, bool, float, float]] = deque()
-        """Updates whose deferred read-out is not published yet: the update, whether an
-        AMP overflow is possible, collect()'s own time, and its Unix time."""
+        self._pending: Pending[Update] = Pending()
+        """Updates whose deferred read-out is not published yet."""
         self._latest: GradHealth | None = None
-        self._looked: _Update | GradHealth | None = None
+        """The latest published update's health (``readout="deferred"``)."""
+        self._looked: Update | None = None
         """What :meth:`_look` saw at the end of the latest backward pass, not collected yet."""
         self._looked_origin: torch.Tensor | None = None
         self._looked_grads: tuple[torch.Tensor | None, ...] = ()
         if self.readout == "deferred":
             self._telemetry.activity.deferred.add(self)  # a scrape publishes, the exit wait flushes
-            _flush_at_exit_too(self)
+            flush_at_exit(self)
+
+    thresholds = property(
+        lambda self: self.options.thresholds, doc="The warning and critical bands."
+    )
+    layer_series = property(lambda self: self.options.layer_series)
+    sample_every = property(lambda self: self.options.sample_every)
+    grad_norm = property(lambda self: self.options.grad_norm)
+    layer_norms = property(lambda self: self.options.layer_norms)
+    readout = property(lambda self: self.options.readout)
 
     def _claim(self, provider: MeterProvider) -> None:
-        mine = {id(p) for p in self._params}
+        mine = {id(p) for p in self.parameters}
         with _claims_lock:
             others = _claims.setdefault(provider, weakref.WeakSet())
             for other in others:
-                shared = [p for p in other._params if id(p) in mine]
+                shared = [p for p in other.parameters if id(p) in mine]
                 if shared:
                     raise ValueError(
                         f"another GradMonitor already watches {len(shared)} of these parameters "
@@ -256,8 +236,7 @@ class GradMonitor:
         another monitor on the same meter provider. The series stay as they are."""
         with self._lock:
             self._publish(wait=True)
-            if self._order is not None:
-                self._order.remove()
+            self._watched.order.remove()
             if self._uninstall_origin is not None:
                 self._uninstall_origin()
                 self._uninstall_origin = None
@@ -267,27 +246,16 @@ class GradMonitor:
 
     def _watch(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
         """Take ``named`` as the watched parameters (at creation and at each refresh)."""
-        labels = assign_layers((n for n, _ in named), **self._naming)  # type: ignore[arg-type]
-        self._params = [p for _, p in named]
-        self._watched = tuple(self._params)
-        self._labels = labels
-        self._layer_names = tuple(distinct(labels))
-        self._scanner = Scanner()
-        self._registrations = registrations()
-        if self._order is not None:
-            self._order.remove()
+        old: Watched | None = getattr(self, "_watched", None)
+        if old is not None:
+            old.order.remove()
         if self._order_finalizer is not None:
             self._order_finalizer.detach()
-        self._order = BackwardOrder(self._params)
+        self._watched = Watched(named, self.options.max_layers, self.options.layer_depth)
+        self._scanner = Scanner()
+        self._registrations = registrations()
         # A dropped monitor takes its hooks with it (one finalizer, the current order's).
-        self._order_finalizer = weakref.finalize(self, self._order.remove)
-        # Gradients of these dtypes are counted as they are when strided.
-        self._plain = [
-            p.dtype in _PLAIN_DTYPES and not isinstance(p, DTensor) for p in self._params
-        ]
-        self._all_plain = all(self._plain)
-        self._everyone = tuple(range(len(self._params)))
-        self._layer_sums: tuple[tuple[int, ...], torch.Tensor, tuple[str, ...]] | None = None
+        self._order_finalizer = weakref.finalize(self, self._watched.order.remove)
 
     def refresh(self) -> bool:
         """Pick up parameters added to (or removed from) the model since it was watched.
@@ -305,10 +273,7 @@ class GradMonitor:
                 return False
             self._registrations = registrations()
             named = named_parameters(self._module)
-            same = len(named) == len(self._params) and all(
-                mine is theirs for (_, mine), theirs in zip(named, self._params)
-            )  # identity: == on tensors compares elements
-            if not named or same:
+            if not named or self._watched.same(named):
                 return False
             self._watch(named)
             self._telemetry.add_layers(self._trainable_layers())
@@ -318,24 +283,22 @@ class GradMonitor:
         """The layers whose series exist from the start: none on demand; with
         ``layer_series="all"`` those that train now (a frozen base model, as in a
         LoRA fine-tune, does not export hundreds of zero series)."""
-        if self.layer_series == "on_demand":
-            return []
-        return distinct([label for label, p in zip(self._labels, self._params) if p.requires_grad])
+        return [] if self.layer_series == "on_demand" else self._watched.trainable_layers()
 
     @property
     def parameters(self) -> tuple[torch.nn.Parameter, ...]:
         """The watched parameters, in the order ``collect(norms=...)`` takes a tensor of norms."""
-        return self._watched
+        return self._watched.params
 
     @property
     def layers(self) -> tuple[str, ...]:
         """Every ``layer`` label this monitor reports, in model order."""
-        return self._layer_names
+        return self._watched.layers
 
     def collect(
         self,
         *,
-        norms: torch.Tensor | Mapping[torch.Tensor, torch.Tensor] | None = None,
+        norms: Norms | None = None,
         scaler: torch.amp.GradScaler | None = None,
         loss: torch.Tensor | None = None,
         step: int | None = None,
@@ -379,22 +342,18 @@ class GradMonitor:
             NonFiniteGradientError: the update is unhealthy and its policy is ``"raise"``.
             TypeError, ValueError: ``norms``, ``scaler`` or ``step`` is not as described.
         """
+        _check_step(step)
+        self._check_norms(norms)
+        overflow_possible = _check_scaler(scaler)
+        if loss is not None and not isinstance(loss, torch.Tensor):
+            raise TypeError(f"loss must be a tensor or None, got {loss!r} ({type(loss).__name__})")
         if total_norm is not None and not (
             isinstance(total_norm, torch.Tensor) and total_norm.numel() == 1
         ):
             raise TypeError(f"total_norm must be a one-element tensor or None, got {total_norm!r}")
-        _check_step(step)
-        with self._lock:
+        with self._lock, torch.no_grad():
             started = time.perf_counter()
-            looked, looked_origin = self._looked, self._looked_origin
-            self._looked = self._looked_origin = None
-            if looked is not None and not (
-                _same(self._looked_grads, [p.grad for p in self._params])
-                and (loss is None or _has_loss(looked))
-            ):
-                # Gradients replaced since backward (not rewritten in place), or a loss the look
-                # did not see: scan now.
-                looked = None
+            looked, looked_origin = self._take_look(loss)
             self._telemetry.note_collect()
             self._step += 1
             self._training_step = self._step if step is None else step
@@ -403,55 +362,67 @@ class GradMonitor:
             ):
                 self._guarded("scan", self.refresh)
             if (self._step - 1) % self.sample_every:
-                self.origin.take()  # this rank's counts belong to the update left out, not the next
-                if self.readout == "deferred":
-                    self._publish(wait=False)
-                self._guarded("record", lambda: self._telemetry.touch(time.time()))
-                return GradHealth(
-                    thresholds=self.thresholds, step=self._training_step, sampled=False
+                return self._sampled_out()
+            if looked is None:
+                scale = _scale_of(scaler) if overflow_possible else None
+                origin = _added(looked_origin, self.origin.take())
+                update = self._launch(norms, loss, total_norm, origin, scale=scale)
+            else:  # attach() looked at the gradients as backward left them
+                update = looked
+                update.restep(self._training_step)
+            update.overflow_possible = overflow_possible
+            if self.readout == "deferred":
+                self._publish(wait=False)  # the updates before this one, in order, if ready
+                if update.pending:
+                    if update.launched is not None and update.launched.exact is None:
+                        self._read_out(update)  # done when queued: read it now, for free
+                    else:
+                        update.start_readout()
+                update.duration, update.timestamp = time.perf_counter() - started, time.time()
+                self._pending.append(update)
+                return self._latest or GradHealth(
+                    thresholds=self.thresholds, step=self._training_step, pending=True
                 )
-            self._check_norms(norms)
-            overflow_possible = _check_scaler(scaler)
-            if loss is not None and not isinstance(loss, torch.Tensor):
-                raise TypeError(
-                    f"loss must be a tensor or None, got {loss!r} ({type(loss).__name__})"
-                )
-            with torch.no_grad():
-                if looked is None:
-                    scale = _scale_of(scaler) if overflow_possible else None
-                    origin = _added(looked_origin, self.origin.take())
-                    launched = self._launch(norms, loss, total_norm, origin, scale=scale)
-                else:  # attach() looked at the gradients as backward left them
-                    launched = _restepped(looked, self._training_step)
-                if self.readout == "deferred":
-                    self._publish(wait=False)  # the updates before this one, in order, if ready
-                    if isinstance(launched, _Update):
-                        if (
-                            launched.launched.exact is None
-                        ):  # done when queued: read it now, for free
-                            launched = self._read_out(launched)
-                        else:
-                            launched.start_readout()
-                    self._pending.append(
-                        (launched, overflow_possible, time.perf_counter() - started, time.time())
-                    )
-                    return self._latest or self._health(self._training_step, pending=True)
-                health = launched if isinstance(launched, GradHealth) else self._read_out(launched)
-            duration = time.perf_counter() - started - self._scanner.waited
-            return self._conclude(health, overflow_possible, duration, time.time())
+            health = self._read_out(update)
+            update.duration = time.perf_counter() - started - update.waited
+            update.timestamp = time.time()
+            return self._conclude(update, health)
 
-    def _conclude(
-        self, health: GradHealth, overflow_possible: bool, duration: float, timestamp: float
-    ) -> GradHealth:
+    def _take_look(self, loss: torch.Tensor | None) -> tuple[Update | None, torch.Tensor | None]:
+        """What attach() saw at the end of backward, if it still stands for this update, and
+        this rank's counts before the reduction that the looks took."""
+        looked, origin = self._looked, self._looked_origin
+        self._looked = self._looked_origin = None
+        if looked is not None and not (
+            _same(self._looked_grads, [p.grad for p in self._watched.params])
+            and (loss is None or looked.read_along.loss_bad is not None)
+        ):
+            # Gradients replaced since backward (not rewritten in place), or a loss the look
+            # did not see: scan now.
+            looked = None
+        return looked, origin
+
+    def _sampled_out(self) -> GradHealth:
+        """An update ``sample_every`` leaves out: nothing is looked at, and it says so."""
+        self.origin.take()  # this rank's counts belong to the update left out, not the next
+        if self.readout == "deferred":
+            self._publish(wait=False)
+        self._guarded("record", lambda: self._telemetry.touch(time.time()))
+        return GradHealth(thresholds=self.thresholds, step=self._training_step, sampled=False)
+
+    def _conclude(self, update: Update, health: GradHealth) -> GradHealth:
         """Record an update whose counts are known, and act on it."""
-        scaler_skips = overflow_possible and bool(health.nan_total + health.inf_total)
+        scaler_skips = update.overflow_possible and bool(health.nan_total + health.inf_total)
         # A loss that was already non-finite is no overflow the scaler handles: it only hides it.
         if scaler_skips and health.loss_finite is not False:
             health = dataclasses.replace(health, amp_overflow=True)
             logger.debug("%s", health.describe())
         # Record before acting: a "raise" policy must not hide the update from Prometheus.
         self._guarded(
-            "record", lambda: self._telemetry.record(health, duration=duration, timestamp=timestamp)
+            "record",
+            lambda: self._telemetry.record(
+                health, duration=update.duration, timestamp=update.timestamp
+            ),
         )
         if health.unscanned is not None:
             return health
@@ -461,7 +432,7 @@ class GradMonitor:
             return health
         if action == "skip":
             self._guarded("record", lambda: self._telemetry.record_skip("policy"))
-        self._policy.apply(health, self._params)
+        self._policy.apply(health, self._watched.params)
         return health
 
     def flush(self, wait: bool = True) -> None:
@@ -477,13 +448,8 @@ class GradMonitor:
 
     @torch.no_grad()
     def _publish(self, wait: bool) -> None:
-        while self._pending:
-            launched, overflow_possible, duration, timestamp = self._pending[0]
-            if isinstance(launched, _Update) and not (wait or launched.ready()):
-                return
-            self._pending.popleft()
-            health = launched if isinstance(launched, GradHealth) else self._read_out(launched)
-            self._latest = self._conclude(health, overflow_possible, duration, timestamp)
+        for update in self._pending.take(wait):
+            self._latest = self._conclude(update, self._read_out(update))
 
     @property
     def healthy(self) -> bool:
@@ -527,17 +493,16 @@ class GradMonitor:
         >>> monitor.close()
         """
         _check_step(step)
-        if not isinstance(all_ranks, bool):
-            raise TypeError(f"all_ranks must be True or False, got {all_ranks!r}")
+        _checks.flag("all_ranks", all_ranks)
         self.flush()  # a deferred read-out must not let a poisoned update through
-        allowed = self._weights.healthy
-        if all_ranks:
-            agreed = self._guarded("record", lambda: every_rank(allowed))
-            allowed = allowed if agreed is None else agreed
-        if not allowed:
-            self._weights.refuse(step)
-        self._guarded("record", lambda: self._telemetry.record_checkpoint(refused=not allowed))
-        return allowed
+        return self._weights.allow(
+            step,
+            all_ranks=all_ranks,
+            agree=lambda allowed: self._guarded("record", lambda: every_rank(allowed)),
+            record=lambda refused: self._guarded(
+                "record", lambda: self._telemetry.record_checkpoint(refused=refused)
+            ),
+        )
 
     def reset_health(self) -> None:
         """Call after restoring the weights from a healthy checkpoint in this process:
@@ -552,11 +517,11 @@ class GradMonitor:
         if norms is None:
             return
         allowed = (
-            f"a 1-D tensor with one norm per watched parameter ({len(self._params)}, in the "
+            f"a 1-D tensor with one norm per watched parameter ({len(self._watched.params)}, in the "
             "order of monitor.parameters) or a mapping from parameter to norm tensor"
         )
         if isinstance(norms, torch.Tensor):
-            if norms.dim() != 1 or norms.numel() != len(self._params):
+            if norms.dim() != 1 or norms.numel() != len(self._watched.params):
                 raise ValueError(
                     f"norms must be {allowed}, got a tensor of shape {tuple(norms.shape)}"
                 )
@@ -605,43 +570,6 @@ class GradMonitor:
         """
         return attach(self, optimizer, scaler=scaler, scan=scan, step=step, loss=loss)
 
-    def _gather(self) -> tuple[list[torch.Tensor], tuple[int, ...], int, bool]:
-        """Countable gradients, their parameters' positions, how many were skipped, all dense."""
-        grads = [p.grad for p in self._params]
-        strided = torch.strided
-        # The usual update: every watched parameter has a plain dense gradient.
-        # (Never `None in grads`: it compares each tensor with None elementwise.)
-        if self._all_plain and all(
-            g is not None and g.layout is strided and p.requires_grad
-            for g, p in zip(grads, self._params)
-        ):
-            return grads, self._everyone, 0, True  # type: ignore[return-value]
-        values: list[torch.Tensor] = []
-        present: list[int] = []
-        skipped = 0
-        dense = True
-        for index, (param, grad) in enumerate(zip(self._params, grads)):
-            if grad is None or not param.requires_grad:
-                skipped += 1
-                continue
-            if self._plain[index] and grad.layout is torch.strided:
-                countable: torch.Tensor | None = grad
-            else:
-                dense = dense and grad.layout is torch.strided
-                countable = countable_values(grad)
-            if countable is None:
-                skipped += 1
-                self._failed(
-                    "scan",
-                    TypeError(
-                        f"cannot count a {grad.layout} {grad.dtype} gradient in {self._labels[index]}"
-                    ),
-                )
-                continue
-            values.append(countable)
-            present.append(index)
-        return values, tuple(present), skipped, dense
-
     def _look(self, loss: torch.Tensor | None = None) -> None:
         """Scan the gradients as backward left them, for the next :meth:`collect` to publish:
         ``attach()`` calls it at the end of every backward pass, so that code running
@@ -656,180 +584,88 @@ class GradMonitor:
                     self._looked_origin, self.origin.take(update_ends=False)
                 )
                 looked = self._launch(None, loss, None, self._looked_origin, exact=True)
-                if isinstance(looked, _Update) and looked.launched.exact is None:
-                    looked = self._read_out(looked)  # done when queued: read it now, for free
+                if looked.pending and looked.launched is not None and looked.launched.exact is None:
+                    self._read_out(looked)  # done when queued: read it now, for free
                 self._looked = looked
-                self._looked_grads = tuple(p.grad for p in self._params)
+                self._looked_grads = tuple(p.grad for p in self._watched.params)
             except Exception as exc:  # the next collect() scans as it always did
                 self._looked = None
                 self._failed("scan", exc)
 
     def _launch(
         self,
-        norms: torch.Tensor | Mapping[torch.Tensor, torch.Tensor] | None,
+        norms: Norms | None,
         loss: torch.Tensor | None,
         total_norm: torch.Tensor | None,
         origin: torch.Tensor | None,
         exact: bool = False,
         scale: torch.Tensor | None = None,
-    ) -> _Update | GradHealth:
-        """Queue this update's scan on the device: an :class:`_Update` to read out, or the
-        health of an update in which nothing could be scanned. ``origin``: this rank's own
-        counts before the reduction, to read with it. ``exact``: on a device whose work is
-        queued, count every gradient exactly now (they may be rewritten before the read-out)."""
-        step = self._training_step
-        values, present, skipped, dense = self._gather()
-        # Read with the update's own read-out: this rank's counts before the
-        # reduction, whether the loss was already non-finite, the gradient norm.
-        loss_bad = _loss_bad(loss)
-        unscanned = self._unscanned(values, skipped)
-        if unscanned is not None:
-            return self._health(step, unscanned=unscanned, skipped=skipped)
-        summary: torch.Tensor | list[torch.Tensor] | None = None
-        if norms is not None and dense:
-            if isinstance(norms, torch.Tensor):
-                everyone = present is self._everyone
-                summary = norms if everyone else norms[torch.tensor(present, device=norms.device)]
-            else:
-                summary = []
-                for i, v in zip(present, values):
-                    norm = norms.get(self._params[i])
-                    summary.append(torch.linalg.vector_norm(v) if norm is None else norm)
-        # Clipping passes its total only with L2 norms, which are then reused.
-        l2 = summary if summary is not None and total_norm is not None else None
-        if dense and l2 is None and (self._layer_norms or (self.grad_norm and total_norm is None)):
-            # A norm is not finite when its gradient holds a NaN or Inf: the L2 norms
-            # stand in for the scan's own first pass, one pass over gradient memory for both.
-            l2 = per_tensor_norms(values)
-            summary = l2 if summary is None else summary
-        if total_norm is None and self.grad_norm and l2 is not None:
-            total_norm = total_norm_of(l2)
-        if not dense and (self._layer_norms or (self.grad_norm and total_norm is None)):
-            self._error_log.log(
-                "sparse_norms", logging.WARNING,
-                "gradtel: step %d has sparse gradients: grad_norm and layer_norms are not "
-                "computed for it (the NaN/Inf counts are)", step,
-            )  # fmt: skip
-        # Sparse gradients change size every update: plan them anew each time.
-        slots = present if dense else None
-        norm = None if total_norm is None else total_norm.detach().reshape(1)
-        layers, layer_norms = self._layer_norms_of(l2, present) if self._layer_norms else ((), None)
-        # Counts as float64, exact in the read-out that promotes everything to one dtype.
-        counts = None if origin is None else origin.double()
-        scale = None if scale is None else scale.detach().double().reshape(1)
-        extra = [t for t in (counts, loss_bad, norm, layer_norms, scale) if t is not None]
-        try:
-            if (exact or self.readout == "deferred") and not all(
-                map(completes_when_queued, values)
-            ):
-                # Counted exactly now: the gradients may be clipped or zeroed before the read-out.
-                launched = self._scanner.launch_exact(values, extra)
-            else:
-                launched = self._scanner.launch(values, slots, summary, extra)
-        except Exception as exc:  # the scan failed: nothing was counted, say so
-            self._failed("scan", exc)
-            return self._health(step, unscanned="scan_error", skipped=len(self._params))
-        return _Update(
-            step=step,
-            values=values,
-            present=present,
-            skipped=skipped,
-            labels=self._labels,
-            order=self._order,
-            launched=launched,
+    ) -> Update:
+        """This update with its scan queued on the device, or unscanned (and why).
+        ``origin``: this rank's own counts before the reduction, to read with it. ``exact``:
+        on a device whose work is queued, count every gradient exactly now (they may be
+        rewritten before the read-out)."""
+        step, thresholds = self._training_step, self.thresholds
+        grads = self._watched.gather(lambda exc: self._failed("scan", exc))
+        reason = self._unscanned(grads)
+        if reason is not None:
+            return Update.not_scanned(step, thresholds, reason, grads.skipped)
+        update = Update(step, thresholds, State.LAUNCHED, skipped=grads.skipped)
+        along = ReadAlong(
+            # Counts as float64, exact in the read-out that promotes everything to one dtype.
+            origin=None if origin is None else origin.double(),
+            scale=None if scale is None else scale.detach().double().reshape(1),
             local=self.origin.installed,
-            origin=origin is not None,
-            loss=loss is not None,
-            norm=norm is not None,
-            layers=layers,
-            scale=scale is not None,
         )
-
-    def _read_out(self, update: _Update) -> GradHealth:
-        """The health of a launched update: its read-out, then exact counts of what it flags."""
         try:
-            # The deferred read-out's host copy, or the blocking read-out now.
-            read = update.read() if update.copy is not None else self._scanner.read(update.launched)
-            counts = self._scanner.finish(update.values or [], update.launched, read)
+            launch(
+                self._watched,
+                grads,
+                self._scanner,
+                update,
+                norms=norms,
+                loss=loss,
+                total_norm=total_norm,
+                along=along,
+                grad_norm=self.grad_norm,
+                layer_norms=self._layer_norms,
+                exact=exact or self.readout == "deferred",
+                no_norms=self._no_sparse_norms,
+            )
         except Exception as exc:  # the scan failed: nothing was counted, say so
             self._failed("scan", exc)
-            return self._health(update.step, unscanned="scan_error", skipped=len(update.labels))
-        also = list(self._scanner.also_read)
-        local: dict[str, Any] = {}
-        if update.local:
-            nan, inf = also[:2] if update.origin else (0, 0)
-            local = {"local_nan_total": int(nan), "local_inf_total": int(inf)}
-        if update.scale:
-            local["loss_scale"] = also.pop()
-        if update.layers:
-            local["layer_grad_norms"] = dict(zip(update.layers, also[-len(update.layers) :]))
-            del also[-len(update.layers) :]
-        if update.norm:
-            local["grad_norm"] = also.pop()
-        if update.loss:
-            local["loss_finite"] = not also[-1]
-        if not counts:  # the usual update: healthy
-            return self._health(
-                update.step, scanned=len(update.present), skipped=update.skipped, **local
-            )
-        nan_by_layer: dict[str, int] = {}
-        inf_by_layer: dict[str, int] = {}
-        labels, present = update.labels, update.present
-        for i, (nan, inf) in counts.items():
-            layer = labels[present[i]]
-            if nan:
-                nan_by_layer[layer] = nan_by_layer.get(layer, 0) + nan
-            if inf:
-                inf_by_layer[layer] = inf_by_layer.get(layer, 0) + inf
+            return Update.not_scanned(step, thresholds, "scan_error", len(self._watched.params))
+        return update
 
-        def first(indices: list[int]) -> str | None:
-            """The label of the parameter, among ``indices``, whose gradient backward made first."""
-            found = update.order.first(indices) if update.order is not None else None
-            return None if found is None else labels[found]
-
-        return self._health(
-            update.step,
-            nan_by_layer=nan_by_layer,
-            inf_by_layer=inf_by_layer,
-            scanned=len(present),
-            skipped=update.skipped,
-            first_bad_layer=first([present[i] for i in counts]),
-            first_nan_layer=first([present[i] for i, c in counts.items() if c[0]]),
-            first_inf_layer=first([present[i] for i, c in counts.items() if c[1]]),
-            **local,
+    def _no_sparse_norms(self) -> None:
+        self._error_log.log(
+            "sparse_norms",
+            logging.WARNING,
+            "gradtel: step %d has sparse gradients: grad_norm and layer_norms are not "
+            "computed for it (the NaN/Inf counts are)",
+            self._training_step,
         )
 
-    def _layer_norms_of(
-        self, l2: torch.Tensor | list[torch.Tensor] | None, present: tuple[int, ...]
-    ) -> tuple[tuple[str, ...], torch.Tensor | None]:
-        """The layers of the ``present`` gradients, and their L2 norms (float64) for the
-        update's read-out: the root of the sum of their gradients' squared norms."""
-        if l2 is None:
-            return (), None
-        squares = stacked(l2).double().square_()
-        cached = self._layer_sums
-        if cached is None or cached[0] is not present or cached[1].device != squares.device:
-            names: dict[str, int] = {}
-            slots = [names.setdefault(self._labels[i], len(names)) for i in present]
-            # Kept on the device: no host-to-device copy per update.
-            cached = self._layer_sums = (
-                present,
-                torch.tensor(slots, device=squares.device),
-                tuple(names),
+    def _read_out(self, update: Update) -> GradHealth:
+        """The health of an update: its read-out, then exact counts of what it flags."""
+        try:
+            return update.read_out(self._scanner)
+        except Exception as exc:  # the scan failed: nothing was counted, say so
+            self._failed("scan", exc)
+            failed = Update.not_scanned(
+                update.step, self.thresholds, "scan_error", len(update.labels)
             )
-        _, slots_tensor, layers = cached
-        sums = torch.zeros(len(layers), dtype=torch.float64, device=squares.device)
-        return layers, sums.index_add_(0, slots_tensor, squares).sqrt_()
+            assert failed.health is not None
+            update.state, update.health = State.UNSCANNED, failed.health
+            return failed.health
 
-    def _health(self, step: int, **fields: Any) -> GradHealth:
-        return GradHealth(thresholds=self.thresholds, step=step, **fields)
-
-    def _unscanned(self, values: list[torch.Tensor], skipped: int) -> str | None:
+    def _unscanned(self, grads: Gradients) -> str | None:
         """Why nothing can be scanned in this update, or None; logs what to check."""
-        if values:
+        if grads.values:
             return None
-        trainable = sum(p.requires_grad for p in self._params)
-        without = sum(p.requires_grad and p.grad is None for p in self._params)
+        params = self._watched.params
+        trainable = sum(p.requires_grad for p in params)
+        without = sum(p.requires_grad and p.grad is None for p in params)
         if without < trainable:  # gradients were there, gradtel could not count them
             return "scan_error"
         self._error_log.log(
@@ -851,90 +687,9 @@ class GradMonitor:
             return None
 
     def _failed(self, stage: str, exc: Exception) -> None:
-        if self._on_error == "raise":
+        if self.options.on_error == "raise":
             raise exc
         self._telemetry.failed(stage, exc)
-
-
-@dataclass
-class _Update:
-    """One scanned update, from its scan queued on the device to its read-out."""
-
-    step: int
-    values: list[torch.Tensor] | None
-    """The gradients counted, kept until the flags say there is nothing to count."""
-    present: tuple[int, ...]
-    skipped: int
-    labels: list[str]
-    order: BackwardOrder | None
-    launched: Launched
-    local: bool
-    """This rank's counts before the reduction are reported (a hook feeds them)."""
-    origin: bool
-    """They ride along in this read-out (the first two values)."""
-    loss: bool
-    norm: bool
-    layers: tuple[str, ...]
-    scale: bool = False
-    """The AMP scaler's loss scale rides along, last."""
-    copy: HostCopy | None = None
-    _read: list[Any] | None = None
-
-    def start_readout(self) -> None:
-        """Copy the exact counts to the host without blocking (the deferred read-out); the
-        gradients are let go, their counts are taken."""
-        self.copy = HostCopy(self.launched.result)
-        self.values = None
-
-    def ready(self) -> bool:
-        """Whether the read-out is done."""
-        if self._read is None and self.copy is not None and self.copy.ready():
-            self.read()
-        return self._read is not None
-
-    def read(self) -> list[Any]:
-        """The host copy of the result, waiting for it if it is not there yet."""
-        if self._read is None and self.copy is not None:
-            self._read = self.copy.read()
-        assert self._read is not None
-        return self._read
-
-
-_flush_at_exit: weakref.WeakSet[GradMonitor] = weakref.WeakSet()
-"""Monitors with a deferred read-out: published before the interpreter exits."""
-
-
-def _flush_all() -> None:
-    for monitor in list(_flush_at_exit):
-        monitor.flush()
-
-
-def _free_collectives_at_exit() -> None:
-    """In a distributed run, collect reference cycles when the interpreter begins to exit.
-
-    A gloo work item holds Python objects (the thread-local state it was queued with); its
-    worker thread drops them once it holds the GIL. One still held when the interpreter
-    finalizes aborts the process (``terminate called without an active exception``), with
-    or without gradtel; the cycles of a DDP or FSDP model keep such items alive until then.
-    Collected in an exit handler, they are freed while the worker threads can still run."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        atexit.unregister(_publish_then_collect)  # once, however many monitors
-        atexit.register(_publish_then_collect)
-
-
-def _publish_then_collect() -> None:
-    # Publish first: a deferred monitor that only a cycle holds is freed by the collection.
-    _flush_all()
-    gc.collect()
-
-
-def _flush_at_exit_too(monitor: GradMonitor) -> None:
-    # Registered with the first such monitor, not at import: exit handlers run last-in
-    # first-out, so this runs before the shutdown hook of a MeterProvider made earlier.
-    if not _flush_at_exit:
-        atexit.unregister(_flush_all)
-        atexit.register(_flush_all)
-    _flush_at_exit.add(monitor)
 
 
 def _added(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -949,18 +704,6 @@ def _same(a: Sequence[object], b: Sequence[object]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
-def _has_loss(looked: _Update | GradHealth) -> bool:
-    return looked.loss if isinstance(looked, _Update) else looked.loss_finite is not None
-
-
-def _restepped(looked: _Update | GradHealth, step: int) -> _Update | GradHealth:
-    """A look taken before its update's step was known, with that step."""
-    if isinstance(looked, GradHealth):
-        return dataclasses.replace(looked, step=step)
-    looked.step = step
-    return looked
-
-
 def _scale_of(scaler: torch.amp.GradScaler | None) -> torch.Tensor | None:
     """An enabled scaler's current loss scale, as the tensor it keeps (``get_scale()`` would
     read it to the host: it is read with the update's own read-out instead)."""
@@ -971,13 +714,6 @@ def _scale_of(scaler: torch.amp.GradScaler | None) -> torch.Tensor | None:
 def _check_step(step: object) -> None:
     if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
         raise TypeError(f"step must be an int >= 0 or None, got {step!r} ({type(step).__name__})")
-
-
-def _loss_bad(loss: torch.Tensor | None) -> torch.Tensor | None:
-    """A 1-element tensor, 1 when ``loss`` holds a NaN or Inf (no host read)."""
-    if loss is None:
-        return None
-    return torch.isfinite(loss.detach()).all().logical_not().reshape(1)
 
 
 def _check_scaler(scaler: object) -> bool:

@@ -19,7 +19,7 @@ class BackwardOrder:
     hold this object, not the monitor, so a dropped monitor is freed.
     """
 
-    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+    def __init__(self, params: Sequence[torch.nn.Parameter]) -> None:
         self.rank: list[int] | None = None
         self._count = len(params)
         self._seen: list[int] = []

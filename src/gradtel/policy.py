@@ -19,6 +19,7 @@ from typing import Literal, get_args
 
 import torch
 
+from . import _checks
 from .health import GradHealth, Status
 
 __all__ = ["WARN_INTERVAL", "Action", "NonFiniteGradientError", "Policy", "check_action"]
@@ -48,10 +49,7 @@ class NonFiniteGradientError(RuntimeError):
 
 def check_action(argument: str, value: object) -> Action:
     """Validate a policy option and return it."""
-    if not isinstance(value, str) or value not in ACTIONS:
-        allowed = ", ".join(repr(a) for a in ACTIONS)
-        raise ValueError(f"{argument} must be one of {allowed}, got {value!r}")
-    return value  # type: ignore[return-value]
+    return _checks.choice(argument, value, ACTIONS)  # type: ignore[arg-type]
 
 
 class Policy:

@@ -17,30 +17,27 @@ of the endpoint, ``monitor.flush()``, :attr:`GradMonitor.healthy`,
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+import atexit
+import gc
+import weakref
+from collections import deque
+from collections.abc import Iterator
+from typing import Any, Literal, Protocol, TypeVar, get_args
 
 import torch
 
-__all__ = ["READOUTS", "HostCopy", "Readout", "check_readout", "completes_when_queued"]
+__all__ = [
+    "READOUTS",
+    "HostCopy",
+    "Pending",
+    "Readout",
+    "completes_when_queued",
+    "flush_at_exit",
+    "free_collectives_at_exit",
+]
 
 Readout = Literal["sync", "deferred"]
 READOUTS: tuple[str, ...] = get_args(Readout)
-
-
-def check_readout(readout: object, on_warning: str, on_critical: str) -> Readout:
-    """Validate ``readout`` against the actions it must be able to serve."""
-    if not isinstance(readout, str) or readout not in READOUTS:
-        raise ValueError(f"readout must be 'sync' or 'deferred', got {readout!r}")
-    if readout == "deferred":
-        for name, action in (("on_warning", on_warning), ("on_critical", on_critical)):
-            if action in ("raise", "skip"):
-                raise ValueError(
-                    f"{name}={action!r} must act on an update before optimizer.step(), but "
-                    "readout='deferred' learns an update's health after collect() returns: use "
-                    f"readout='sync' with {name}={action!r}, or {name}='warn' (or 'ignore') "
-                    "with readout='deferred'"
-                )
-    return readout  # type: ignore[return-value]
 
 
 def completes_when_queued(tensor: torch.Tensor) -> bool:
@@ -77,3 +74,62 @@ class HostCopy:
         if self._event is not None:
             self._event.synchronize()
         return self._host.tolist()
+
+
+class _Readable(Protocol):
+    def ready(self) -> bool: ...
+
+
+R = TypeVar("R", bound=_Readable)
+
+
+class Pending(deque[R]):
+    """Updates whose deferred read-out is not published yet, oldest first."""
+
+    def take(self, wait: bool) -> Iterator[R]:
+        """Take the updates to publish, in order: all of them with ``wait``, else those
+        whose read-out is done, up to the first that is not (order is kept)."""
+        while self and (wait or self[0].ready()):
+            yield self.popleft()
+
+
+class _Flushable(Protocol):
+    def flush(self) -> None: ...
+
+
+_flush_at_exit: weakref.WeakSet[Any] = weakref.WeakSet()
+"""Monitors with a deferred read-out: published before the interpreter exits."""
+
+
+def _flush_all() -> None:
+    for monitor in list(_flush_at_exit):
+        monitor.flush()
+
+
+def flush_at_exit(monitor: _Flushable) -> None:
+    """Publish ``monitor``'s pending updates when the interpreter exits."""
+    # Registered with the first such monitor, not at import: exit handlers run last-in
+    # first-out, so this runs before the shutdown hook of a MeterProvider made earlier.
+    if not _flush_at_exit:
+        atexit.unregister(_flush_all)
+        atexit.register(_flush_all)
+    _flush_at_exit.add(monitor)
+
+
+def free_collectives_at_exit() -> None:
+    """In a distributed run, collect reference cycles when the interpreter begins to exit.
+
+    A gloo work item holds Python objects (the thread-local state it was queued with); its
+    worker thread drops them once it holds the GIL. One still held when the interpreter
+    finalizes aborts the process (``terminate called without an active exception``), with
+    or without gradtel; the cycles of a DDP or FSDP model keep such items alive until then.
+    Collected in an exit handler, they are freed while the worker threads can still run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        atexit.unregister(_publish_then_collect)  # once, however many monitors
+        atexit.register(_publish_then_collect)
+
+
+def _publish_then_collect() -> None:
+    # Publish first: a deferred monitor that only a cycle holds is freed by the collection.
+    _flush_all()
+    gc.collect()

@@ -1,14 +1,114 @@
-"""Which parameters a monitor watches: a model's named parameters, and torch's module and
-parameter registration hooks, which tell a monitor that its model changed."""
+"""Which parameters a monitor watches: a model's named parameters, their layer labels and
+gradients, and torch's module and parameter registration hooks, which tell a monitor
+that its model changed."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
-__all__ = ["named_parameters", "registrations", "watch_registrations"]
+from .layers import assign_layers, distinct
+from .order import BackwardOrder
+from .scan import countable_values
+
+__all__ = ["Gradients", "Watched", "named_parameters", "registrations", "watch_registrations"]
+
+_PLAIN_DTYPES = {
+    torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Gradients:
+    """The countable gradients of one update."""
+
+    values: list[torch.Tensor]
+    present: tuple[int, ...]
+    """The watched parameters' positions of ``values``."""
+    skipped: int
+    """Watched parameters left out: frozen, or no gradient."""
+    dense: bool
+    """All strided (sparse gradients change size every update)."""
+
+
+class Watched:
+    """The watched parameters: their layer labels, the order backward makes their
+    gradients in, and their gradients as the scan counts them."""
+
+    def __init__(
+        self, named: list[tuple[str, torch.nn.Parameter]], max_layers: int, depth: int | None
+    ) -> None:
+        self.params = tuple(p for _, p in named)
+        self.labels = assign_layers((n for n, _ in named), max_layers=max_layers, depth=depth)
+        self.layers = tuple(distinct(self.labels))
+        self.order = BackwardOrder(self.params)
+        # Gradients of these dtypes are counted as they are when strided.
+        self._plain = [p.dtype in _PLAIN_DTYPES and not isinstance(p, DTensor) for p in self.params]
+        self._all_plain = all(self._plain)
+        self.everyone = tuple(range(len(self.params)))
+        self._layer_slots: tuple[tuple[int, ...], torch.Tensor, tuple[str, ...]] | None = None
+
+    def same(self, named: list[tuple[str, torch.nn.Parameter]]) -> bool:
+        """Whether ``named`` holds exactly these parameters (identity: ``==`` on tensors
+        compares their elements)."""
+        return len(named) == len(self.params) and all(
+            mine is theirs for (_, mine), theirs in zip(named, self.params)
+        )
+
+    def trainable_layers(self) -> list[str]:
+        return distinct([label for label, p in zip(self.labels, self.params) if p.requires_grad])
+
+    def gather(self, cannot_count: Callable[[Exception], None]) -> Gradients:
+        """This update's countable gradients; ``cannot_count`` hears of each one that is not."""
+        params = self.params
+        grads = [p.grad for p in params]
+        strided = torch.strided
+        # The usual update: every watched parameter has a plain dense gradient.
+        # (Never `None in grads`: it compares each tensor with None elementwise.)
+        if self._all_plain and all(
+            g is not None and g.layout is strided and p.requires_grad for g, p in zip(grads, params)
+        ):
+            return Gradients(grads, self.everyone, 0, True)  # type: ignore[arg-type]
+        values: list[torch.Tensor] = []
+        present: list[int] = []
+        skipped = 0
+        dense = True
+        for index, (param, grad) in enumerate(zip(params, grads)):
+            if grad is None or not param.requires_grad:
+                skipped += 1
+                continue
+            if self._plain[index] and grad.layout is strided:
+                countable: torch.Tensor | None = grad
+            else:
+                dense = dense and grad.layout is strided
+                countable = countable_values(grad)
+            if countable is None:
+                skipped += 1
+                cannot_count(
+                    TypeError(
+                        f"cannot count a {grad.layout} {grad.dtype} gradient in {self.labels[index]}"
+                    )
+                )
+                continue
+            values.append(countable)
+            present.append(index)
+        return Gradients(values, tuple(present), skipped, dense)
+
+    def layer_slots(
+        self, present: tuple[int, ...], device: torch.device
+    ) -> tuple[torch.Tensor, tuple[str, ...]]:
+        """The layer of each ``present`` gradient as an index tensor on ``device``, and the
+        layers: kept from update to update, so no host-to-device copy per update."""
+        kept = self._layer_slots
+        if kept is None or kept[0] is not present or kept[1].device != device:
+            names: dict[str, int] = {}
+            slots = [names.setdefault(self.labels[i], len(names)) for i in present]
+            kept = self._layer_slots = (present, torch.tensor(slots, device=device), tuple(names))
+        return kept[1], kept[2]
 
 
 def named_parameters(model: object) -> list[tuple[str, torch.nn.Parameter]]:

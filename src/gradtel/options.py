@@ -1,0 +1,82 @@
+"""``GradMonitor``'s options, checked once when the monitor is made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from . import _checks
+from .health import Thresholds
+from .layers import DEFAULT_MAX_LAYERS
+from .policy import Action, check_action
+from .readout import READOUTS, Readout
+
+__all__ = ["MAX_LAYERS_LIMIT", "MonitorOptions"]
+
+MAX_LAYERS_LIMIT = 1998
+"""Upper bound of ``max_layers``: each metric keeps one series per layer plus
+the overflow layer below the OpenTelemetry SDK's per-metric limit of 2000,
+past which the SDK would silently relabel series."""
+
+LayerSeries = Literal["on_demand", "all"]
+
+
+@dataclass(frozen=True)
+class MonitorOptions:
+    """What a :class:`~gradtel.GradMonitor` was asked to do (its keyword arguments).
+
+    A wrong type raises ``TypeError``, a value out of range ``ValueError``.
+
+    >>> MonitorOptions(sample_every=0)
+    Traceback (most recent call last):
+    ValueError: sample_every must be >= 1, got 0
+    """
+
+    thresholds: Thresholds = Thresholds()
+    on_warning: Action = "warn"
+    on_critical: Action = "warn"
+    max_layers: int = DEFAULT_MAX_LAYERS
+    layer_depth: int | None = None
+    layer_series: LayerSeries = "on_demand"
+    sample_every: int = 1
+    on_error: Literal["warn", "raise"] = "warn"
+    grad_norm: bool = False
+    layer_norms: bool = False
+    readout: Readout = "sync"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.thresholds, Thresholds):
+            raise TypeError(
+                f"thresholds must be a gradtel.Thresholds, got {self.thresholds!r} "
+                f"({type(self.thresholds).__name__})"
+            )
+        check_action("on_warning", self.on_warning)
+        check_action("on_critical", self.on_critical)
+        _checks.positive_int("max_layers", self.max_layers)
+        if self.max_layers > MAX_LAYERS_LIMIT:
+            raise ValueError(
+                f"max_layers must be from 1 to {MAX_LAYERS_LIMIT}, got {self.max_layers}; "
+                "use layer_depth= to group layers instead"
+            )
+        _checks.positive_int("layer_depth", self.layer_depth, allow_none=True)
+        _checks.choice("layer_series", self.layer_series, ("on_demand", "all"))
+        _checks.positive_int("sample_every", self.sample_every)
+        _checks.on_error(self.on_error)
+        _checks.flag("grad_norm", self.grad_norm)
+        _checks.flag("layer_norms", self.layer_norms)
+        _checks.choice("readout", self.readout, READOUTS)
+        if self.readout == "deferred":
+            for name in ("on_warning", "on_critical"):
+                action = getattr(self, name)
+                if action in ("raise", "skip"):
+                    raise ValueError(
+                        f"{name}={action!r} must act on an update before optimizer.step(), but "
+                        "readout='deferred' learns an update's health after collect() returns: "
+                        f"use readout='sync' with {name}={action!r}, or {name}='warn' (or "
+                        "'ignore') with readout='deferred'"
+                    )
+
+    @property
+    def sampled(self) -> bool:
+        """Whether updates are left out (``sample_every > 1``)."""
+        return self.sample_every > 1
