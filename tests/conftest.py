@@ -15,7 +15,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import gradtel
 import gradtel.httpd
-from gradtel._ratelimit import RateLimitedLog
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -23,12 +22,6 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 @pytest.fixture
 def registry() -> CollectorRegistry:
     return CollectorRegistry()
-
-
-@pytest.fixture(autouse=True)
-def fresh_endpoint_log(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The endpoint logs a failure once a minute: each test starts with its own minute."""
-    monkeypatch.setattr(gradtel.httpd, "_error_log", RateLimitedLog(gradtel.httpd.logger))
 
 
 @pytest.fixture

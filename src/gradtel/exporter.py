@@ -35,9 +35,10 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
 from . import _checks
+from .context import Context, context, contexts
 from .httpd import Running, TLSConfig, start
 from .ranks import local_rank
-from .telemetry import Activity, activity, count_error, count_exception
+from .telemetry import count_error, count_exception
 
 __all__ = [
     "DEFAULT_ADDR",
@@ -66,9 +67,6 @@ between SIGTERM and SIGKILL."""
 _FLUSH_MARGIN = 0.25
 
 logger = logging.getLogger("gradtel")
-# Strong references: `gradtel.serve()` is often called without keeping the result,
-# and such an endpoint must still wait for its last scrape at exit.
-_open_servers: set[MetricsServer] = set()
 _interrupted = threading.Event()
 """Set by a Ctrl-C during an exit wait: no later wait in this process starts."""
 
@@ -116,7 +114,7 @@ class MetricsServer:
         *,
         exit_grace: float = DEFAULT_EXIT_GRACE,
         tls: bool = False,
-        recorded: Activity | None = None,
+        recorded: Context | None = None,
     ) -> None:
         self.addr = addr
         self.port = port
@@ -124,7 +122,7 @@ class MetricsServer:
         self.exit_grace = exit_grace
         self._running: Running | None = None
         self._scraped = False
-        self._recorded = activity() if recorded is None else recorded
+        self._recorded = context() if recorded is None else recorded
         """What the monitors recording into the served registry did: the exit wait's subject."""
         self._covered_until = float("-inf")
         """``time.monotonic()`` at which the latest completed Prometheus scrape started."""
@@ -174,7 +172,7 @@ class MetricsServer:
             self._recorded.publish(wait=True)  # what a deferred read-out still holds
             self._wait_for_scrape(grace)
             running, self._running = self._running, None
-        _open_servers.discard(self)
+        self._recorded.servers.discard(self)
         running.shutdown()
 
     def _wait_for_scrape(self, grace: float) -> None:
@@ -350,7 +348,7 @@ def serve(
     stale_after = _checks.seconds("stale_after", stale_after)
     served = REGISTRY if registry is None else registry
     server = MetricsServer(
-        addr, None, exit_grace=exit_grace, tls=tls is not None, recorded=activity(served)
+        addr, None, exit_grace=exit_grace, tls=tls is not None, recorded=context(served)
     )
     try:
         running = start(
@@ -378,14 +376,18 @@ def serve(
         return server
     server.port = running.port
     server._running = running
-    _open_servers.add(server)
+    server._recorded.servers.add(server)
     _close_at_exit()
     return server
 
 
+def _open_servers() -> list[MetricsServer]:
+    return [server for served in contexts() for server in list(served.servers)]
+
+
 def _close_open_servers() -> None:
     # Runs while the serving threads are still alive, so a last scrape can come in.
-    for server in list(_open_servers):
+    for server in _open_servers():
         server.close()
 
 
@@ -402,10 +404,11 @@ def _forget_in_child() -> None:
     # A forked child (a DataLoader worker) must not hold the listening sockets: after
     # close() they would still accept connections that nobody answers, and the port
     # could not be served again.
-    for server in list(_open_servers):
+    for server in _open_servers():
         if server._running is not None:
             server._running.close_in_child()
-    _open_servers.clear()
+    for served in contexts():
+        served.servers.clear()
 
 
 def _close_at_exit() -> None:

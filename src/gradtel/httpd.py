@@ -39,8 +39,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import choose_encoder
 
-from ._ratelimit import RateLimitedLog
-from .telemetry import Activity, activity, count_error
+from .context import Context, context
+from .telemetry import count_error
 
 __all__ = ["IDLE_TIMEOUT", "MAX_CONNECTIONS", "REQUEST_TIMEOUT", "WORKERS", "TLSConfig", "start"]
 
@@ -60,14 +60,13 @@ SCRAPER_HEADER = "HTTP_X_PROMETHEUS_SCRAPE_TIMEOUT_SECONDS"
 the OpenTelemetry Collector's Prometheus receiver), not by curl or ``gradtel watch``."""
 
 logger = logging.getLogger("gradtel")
-_error_log = RateLimitedLog(logger)
 
 
 def _failed(server: _Server, level: int, message: str, *args: object) -> None:
     """A failure in the endpoint: counted every time (in the registry it serves), logged
     once a minute."""
     count_error("serve", server.served)
-    _error_log.log("serve", level, message, *args)
+    context(server.served).error_log.log("serve", level, message, *args)
 
 
 @dataclass(frozen=True)
@@ -144,7 +143,7 @@ class _Server(WSGIServer):
         )
 
 
-def _health(recorded: Activity, stale_after: float, started: float) -> tuple[str, bytes]:
+def _health(recorded: Context, stale_after: float, started: float) -> tuple[str, bytes]:
     # Liveness of the training loop: any collect() call counts, scanned or
     # sampled out, so that sample_every never makes a healthy job look stale.
     called = recorded.last_collect
@@ -163,7 +162,7 @@ def _app(
     server: _Server, registry: Any, stale_after: float, on_scrape: Callable[[float], None]
 ) -> Callable[..., Iterable[bytes]]:
     metrics = make_wsgi_app(registry)
-    recorded = activity(server.served)
+    recorded = context(server.served)
     started = time.monotonic()
     # One collection at a time: concurrent ones contend for the instruments' locks
     # with the training thread's records (measured: 60x slower steps under 20

@@ -18,6 +18,7 @@ from opentelemetry.metrics import MeterProvider
 from . import _checks
 from ._ratelimit import RateLimitedLog
 from .checkpoints import WeightsHealth
+from .context import context_of
 from .health import GradHealth, Thresholds
 from .hooks import Attachment, attach
 from .layers import DEFAULT_MAX_LAYERS
@@ -39,14 +40,6 @@ REFRESH_EVERY = 50
 logger = logging.getLogger("gradtel")
 
 T = TypeVar("T")
-
-
-# Monitors by the meter provider they record into: two live monitors watching the
-# same parameter there would export every count twice.
-_claims: weakref.WeakKeyDictionary[MeterProvider, weakref.WeakSet[GradMonitor]] = (
-    weakref.WeakKeyDictionary()
-)
-_claims_lock = threading.Lock()
 
 
 class GradMonitor:
@@ -180,7 +173,8 @@ class GradMonitor:
         watch_registrations()
         free_collectives_at_exit()
         self._watch(named)
-        self._claim(provider)
+        self._provider = provider
+        context_of(provider).claim(self, provider)
         self._telemetry = GradTelemetry(
             self._trainable_layers(),
             meter_provider=provider,
@@ -203,7 +197,7 @@ class GradMonitor:
         self._looked_origin: torch.Tensor | None = None
         self._looked_grads: tuple[torch.Tensor | None, ...] = ()
         if self.readout == "deferred":
-            self._telemetry.activity.deferred.add(self)  # a scrape publishes, the exit wait flushes
+            self._telemetry.context.deferred.add(self)  # a scrape publishes, the exit wait flushes
             flush_at_exit(self)
 
     thresholds = property(
@@ -215,22 +209,6 @@ class GradMonitor:
     layer_norms = property(lambda self: self.options.layer_norms)
     readout = property(lambda self: self.options.readout)
 
-    def _claim(self, provider: MeterProvider) -> None:
-        mine = {id(p) for p in self.parameters}
-        with _claims_lock:
-            others = _claims.setdefault(provider, weakref.WeakSet())
-            for other in others:
-                shared = [p for p in other.parameters if id(p) in mine]
-                if shared:
-                    raise ValueError(
-                        f"another GradMonitor already watches {len(shared)} of these parameters "
-                        "and records into the same meter_provider, so every count would be "
-                        "exported twice; close() the other monitor first, or give this one its "
-                        "own meter_provider (gradtel.prometheus_meter_provider(registry))"
-                    )
-            others.add(self)
-        self._provider = provider
-
     def close(self) -> None:
         """Stop watching: remove gradtel's gradient hooks and free the parameters for
         another monitor on the same meter provider. The series stay as they are."""
@@ -240,8 +218,7 @@ class GradMonitor:
             if self._uninstall_origin is not None:
                 self._uninstall_origin()
                 self._uninstall_origin = None
-            with _claims_lock:
-                _claims.get(self._provider, weakref.WeakSet()).discard(self)
+            self._telemetry.context.release(self, self._provider)
             self._telemetry.closed = time.monotonic()
 
     def _watch(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:

@@ -17,7 +17,6 @@ import logging
 import math
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -30,15 +29,13 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from . import metrics as m
 from ._ratelimit import RateLimitedLog
 from .checkpoints import WeightsHealth
+from .context import context, context_of, contexts
 from .health import GradHealth, Status
 from .metrics import ERROR_STAGES, KINDS, SKIP_REASONS, UNSCANNED_REASONS, Metric
 from .ranks import process_attributes
 
 __all__ = [
-    "Activity",
     "GradTelemetry",
-    "activity",
-    "activity_of",
     "count_error",
     "count_exception",
     "default_meter_provider",
@@ -58,53 +55,7 @@ wait, the training thread records them itself."""
 
 _SEVERITIES = {Status.WARNING: "warning", Status.CRITICAL: "critical"}
 
-_default_provider: SdkMeterProvider | None = None
-_default_lock = threading.RLock()
-
-
-class Activity:
-    """What the monitors recording into one prometheus-client registry did lately: what the
-    endpoint serving that registry reports (``/healthz``) and waits for (the exit wait)."""
-
-    def __init__(self) -> None:
-        self.last_collect: float | None = None
-        """``time.monotonic()`` of the latest ``collect()`` call, scanned or not, or None."""
-        self.last_unhealthy: float | None = None
-        """``time.monotonic()`` of the latest unhealthy update recorded, or of the uncaught
-        exception that ends the process: what the exit wait waits to see scraped. None: none."""
-        self.pending_errors: dict[str, int] = {}
-        """Failures of an endpoint counted before any gradtel meter provider recorded into
-        its registry; the first one made for it counts them."""
-        self.deferred: weakref.WeakSet[Any] = weakref.WeakSet()
-        """Monitors with a deferred read-out (``readout="deferred"``)."""
-
-    def publish(self, wait: bool = False) -> None:
-        """Publish the deferred monitors' finished updates (all of them with ``wait``):
-        before a scrape, and before the exit wait."""
-        for monitor in list(self.deferred):
-            monitor.flush(wait)
-
-
-_activities: weakref.WeakKeyDictionary[CollectorRegistry, Activity] = weakref.WeakKeyDictionary()
-_registry_of: weakref.WeakKeyDictionary[MeterProvider, CollectorRegistry] = (
-    weakref.WeakKeyDictionary()
-)
-_provider_of: weakref.WeakKeyDictionary[CollectorRegistry, MeterProvider] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def activity(registry: CollectorRegistry | None = None) -> Activity:
-    """The :class:`Activity` of ``registry`` (default: prometheus-client's global ``REGISTRY``)."""
-    with _default_lock:
-        return _activities.setdefault(REGISTRY if registry is None else registry, Activity())
-
-
-def activity_of(meter_provider: MeterProvider) -> Activity:
-    """The :class:`Activity` of the registry ``meter_provider`` exposes on. A provider that
-    :func:`prometheus_meter_provider` did not make is taken to feed the global ``REGISTRY``,
-    where the OpenTelemetry Prometheus reader registers by default."""
-    return activity(_registry_of.get(meter_provider))
+_lock = threading.RLock()
 
 
 def prometheus_meter_provider(registry: CollectorRegistry | None = None) -> SdkMeterProvider:
@@ -138,24 +89,24 @@ def prometheus_meter_provider(registry: CollectorRegistry | None = None) -> SdkM
     # still waits for a last scrape (see gradtel.exporter). Nothing is lost
     # without it: a Prometheus reader holds no data to flush.
     provider = SdkMeterProvider(metric_readers=[reader], shutdown_on_exit=False)
-    target = REGISTRY if registry is None else registry
-    with _default_lock:
-        _registry_of[provider] = target
-        _provider_of[target] = provider
-        pending = activity(target).pending_errors
+    served = context(registry)
+    with served.lock:
+        served.providers.add(provider)
+        served.made = provider
+        pending = served.pending_errors
         for stage, count in pending.items():
             instruments_for(provider).errors.add(count, {**process_attributes(), "stage": stage})
         pending.clear()
     return provider
 
 
-def default_meter_provider() -> SdkMeterProvider:
+def default_meter_provider() -> MeterProvider:
     """gradtel's own provider, on prometheus-client's global registry (made on first use)."""
-    global _default_provider
-    with _default_lock:
-        if _default_provider is None:
-            _default_provider = prometheus_meter_provider()
-        return _default_provider
+    served = context()
+    with served.lock:
+        if served.default_provider is None:
+            served.default_provider = prometheus_meter_provider()
+        return served.default_provider
 
 
 class _Instruments:
@@ -303,31 +254,28 @@ class _Instruments:
                 yield Observation(norm, attrs)
 
 
-_instruments: weakref.WeakKeyDictionary[MeterProvider, _Instruments] = weakref.WeakKeyDictionary()
-
-
 def instruments_for(meter_provider: MeterProvider) -> _Instruments:
     """The gradtel instruments on ``meter_provider``, made on first use."""
-    with _default_lock:
-        found = _instruments.get(meter_provider)
+    kept = context_of(meter_provider).instruments
+    with _lock:
+        found: _Instruments | None = kept.get(meter_provider)
         if found is None:
-            found = _instruments[meter_provider] = _Instruments(meter_provider)
+            found = kept[meter_provider] = _Instruments(meter_provider)
         return found
 
 
 def count_error(stage: str, registry: CollectorRegistry | None = None) -> None:
     """Count one failure inside gradtel in ``gradtel_errors_total{stage=...}``, in the
     metrics of ``registry`` (default: the global ``REGISTRY``) that gradtel records into."""
-    target = REGISTRY if registry is None else registry
-    with _default_lock:
-        provider = _provider_of.get(target)
-        if provider is None and target is REGISTRY:
+    served = context(registry)
+    with served.lock:
+        provider = served.made
+        if provider is None and served.registry is REGISTRY:
             provider = default_meter_provider()
         if (
             provider is None
         ):  # nothing records into it yet: counted by the first provider made for it
-            pending = activity(target).pending_errors
-            pending[stage] = pending.get(stage, 0) + 1
+            served.pending_errors[stage] = served.pending_errors.get(stage, 0) + 1
             return
     instruments_for(provider).errors.add(1, {**process_attributes(), "stage": stage})
 
@@ -335,19 +283,15 @@ def count_error(stage: str, registry: CollectorRegistry | None = None) -> None:
 def count_exception(exc_type: type[BaseException]) -> None:
     """Count an uncaught exception that ends the process in ``gradtel_training_exceptions_total``,
     on every meter provider gradtel records into, and have the endpoints wait for its scrape."""
-    with _default_lock:
-        providers = list(_instruments.items())
-        registries = [_registry_of.get(provider) for provider, _ in providers]
     attributes = {**process_attributes(), "type": exc_type.__name__}
-    for (_, instruments), registry in zip(providers, registries):
-        recorded = activity(registry)
+    for recorded, instruments in [(c, i) for c in contexts() for i in list(c.instruments.values())]:
         try:
             recorded.publish(wait=True)  # the updates a deferred read-out still holds
         except Exception as exc:
             logging.getLogger("gradtel").warning(
                 "gradtel: could not publish the pending updates: %r", exc
             )
-            count_error("record", registry)
+            count_error("record", recorded.registry)
         sources = list(instruments.update_sources)
         # The open monitors describe the training that crashed (a monitor closed and
         # replaced described weights since reloaded); with none open, the one closed last
@@ -466,7 +410,7 @@ class GradTelemetry:
         """The latest finite norm of each layer, and its labels (no NaN/Inf series come with them)."""
 
         self._instruments = ins = instruments_for(meter_provider)
-        self.activity = activity_of(meter_provider)
+        self.context = context_of(meter_provider)
         self.add_layers(layers)
         for attrs in self._band_attrs.values():
             ins.unhealthy.add(0, attrs)
@@ -612,7 +556,7 @@ class GradTelemetry:
                 ins.unhealthy.add(1, self._band_attrs[(kind, status)])
                 ins.last_unhealthy_step.set(health.step, self._kind_attrs[kind])
         if health.status is not Status.HEALTHY:
-            self.activity.last_unhealthy = time.monotonic()
+            self.context.last_unhealthy = time.monotonic()
         self.status = health.status.level
 
     def record_durations(self) -> None:
@@ -649,7 +593,7 @@ class GradTelemetry:
 
     def note_collect(self) -> None:
         """Note a ``collect()`` call, scanned or not: the liveness ``/healthz`` reports."""
-        self.activity.last_collect = time.monotonic()
+        self.context.last_collect = time.monotonic()
 
     def touch(self, timestamp: float) -> None:
         """Note an update that was not due for a scan (``sample_every``): liveness only."""

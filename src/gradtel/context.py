@@ -1,0 +1,136 @@
+"""What gradtel keeps for one prometheus-client registry, in one object.
+
+Everything that serves one registry shares a :class:`Context`: the meter providers that
+expose on it and their instruments, what its monitors did lately (what ``/healthz``
+reports and the exit wait waits for), the monitors that claim parameters on it, the
+endpoints that serve it and their error log. It is found from the registry, the way
+prometheus-client passes ``registry=``, with one default for its global ``REGISTRY``;
+a test that makes its own ``CollectorRegistry`` gets a fresh context with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from opentelemetry.metrics import MeterProvider
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from ._ratelimit import RateLimitedLog
+
+__all__ = ["Context", "context", "context_of", "contexts"]
+
+logger = logging.getLogger("gradtel")
+
+
+class _Claimant(Protocol):
+    @property
+    def parameters(self) -> tuple[Any, ...]: ...
+
+
+class Context:
+    """gradtel's state for one prometheus-client registry.
+
+    Args:
+        registry: The registry gradtel's metrics are exposed on.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.lock = threading.RLock()
+        self.registry = registry
+        self.providers: weakref.WeakSet[MeterProvider] = weakref.WeakSet()
+        """The meter providers that expose on this registry."""
+        self.made: MeterProvider | None = None
+        """The provider :func:`gradtel.prometheus_meter_provider` made for it last: where a
+        failure counted without a monitor goes."""
+        self.default_provider: MeterProvider | None = None
+        """gradtel's own provider, made on first use for a monitor given none (on the
+        global ``REGISTRY``)."""
+        self.instruments: weakref.WeakKeyDictionary[MeterProvider, Any] = (
+            weakref.WeakKeyDictionary()
+        )
+        """gradtel's instruments on each provider, made once each."""
+        self.last_collect: float | None = None
+        """``time.monotonic()`` of the latest ``collect()`` call, scanned or not, or None."""
+        self.last_unhealthy: float | None = None
+        """``time.monotonic()`` of the latest unhealthy update recorded, or of the uncaught
+        exception that ends the process: what the exit wait waits to see scraped. None: none."""
+        self.pending_errors: dict[str, int] = {}
+        """Failures counted before any gradtel meter provider exposed on this registry; the
+        first one made for it counts them."""
+        self.deferred: weakref.WeakSet[Any] = weakref.WeakSet()
+        """Monitors with a deferred read-out (``readout="deferred"``)."""
+        self.claims: weakref.WeakKeyDictionary[MeterProvider, weakref.WeakSet[Any]] = (
+            weakref.WeakKeyDictionary()
+        )
+        """The open monitors by the provider they record into."""
+        self.servers: set[Any] = set()
+        """The running endpoints that serve this registry (strong references: an endpoint
+        whose ``serve()`` result was dropped must still wait for its last scrape at exit)."""
+        self.error_log = RateLimitedLog(logger)
+        """The endpoints' failures, logged once a minute per stage."""
+
+    def publish(self, wait: bool = False) -> None:
+        """Publish the deferred monitors' finished updates (all of them with ``wait``):
+        before a scrape, and before the exit wait."""
+        for monitor in list(self.deferred):
+            monitor.flush(wait)
+
+    def claim(self, monitor: _Claimant, provider: MeterProvider) -> None:
+        """Let ``monitor`` record its parameters into ``provider``.
+
+        Raises:
+            ValueError: another open monitor records one of them there: every count
+                would be exported twice.
+        """
+        mine = {id(p) for p in monitor.parameters}
+        with self.lock:
+            others = self.claims.setdefault(provider, weakref.WeakSet())
+            for other in others:
+                shared = [p for p in other.parameters if id(p) in mine]
+                if shared:
+                    raise ValueError(
+                        f"another GradMonitor already watches {len(shared)} of these parameters "
+                        "and records into the same meter_provider, so every count would be "
+                        "exported twice; close() the other monitor first, or give this one its "
+                        "own meter_provider (gradtel.prometheus_meter_provider(registry))"
+                    )
+            others.add(monitor)
+
+    def release(self, monitor: _Claimant, provider: MeterProvider) -> None:
+        with self.lock:
+            self.claims.get(provider, weakref.WeakSet()).discard(monitor)
+
+
+_contexts: weakref.WeakKeyDictionary[CollectorRegistry, Context] = weakref.WeakKeyDictionary()
+"""The one piece of module state: each registry's context, made on first use."""
+_lock = threading.Lock()
+
+
+def context(registry: CollectorRegistry | None = None) -> Context:
+    """The :class:`Context` of ``registry`` (default: prometheus-client's global ``REGISTRY``)."""
+    target = REGISTRY if registry is None else registry
+    with _lock:
+        found = _contexts.get(target)
+        if found is None:
+            found = _contexts[target] = Context(target)
+        return found
+
+
+def context_of(meter_provider: MeterProvider) -> Context:
+    """The context of the registry ``meter_provider`` exposes on. A provider that
+    :func:`gradtel.prometheus_meter_provider` did not make is taken to feed the global
+    ``REGISTRY``, where the OpenTelemetry Prometheus reader registers by default."""
+    for found in contexts():
+        if meter_provider in found.providers:
+            return found
+    return context()
+
+
+def contexts() -> Iterable[Context]:
+    """Every registry's context, made so far."""
+    with _lock:
+        return list(_contexts.values())
