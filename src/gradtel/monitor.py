@@ -198,7 +198,7 @@ class GradMonitor:
         self._looked_grads: tuple[torch.Tensor | None, ...] = ()
         if self.readout == "deferred":
             self._telemetry.context.deferred.add(self)  # a scrape publishes, the exit wait flushes
-            flush_at_exit(self)
+            flush_at_exit()
 
     thresholds = property(
         lambda self: self.options.thresholds, doc="The warning and critical bands."

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import atexit
 import gc
-import weakref
 from collections import deque
 from collections.abc import Iterator
 from typing import Any, Literal, Protocol, TypeVar, get_args
 
 import torch
+
+from .context import contexts
 
 __all__ = [
     "READOUTS",
@@ -93,27 +94,17 @@ class Pending(deque[R]):
             yield self.popleft()
 
 
-class _Flushable(Protocol):
-    def flush(self) -> None: ...
-
-
-_flush_at_exit: weakref.WeakSet[Any] = weakref.WeakSet()
-"""Monitors with a deferred read-out: published before the interpreter exits."""
-
-
 def _flush_all() -> None:
-    for monitor in list(_flush_at_exit):
-        monitor.flush()
+    for served in contexts():
+        served.publish(wait=True)
 
 
-def flush_at_exit(monitor: _Flushable) -> None:
-    """Publish ``monitor``'s pending updates when the interpreter exits."""
+def flush_at_exit() -> None:
+    """Publish the deferred monitors' pending updates when the interpreter exits."""
     # Registered with the first such monitor, not at import: exit handlers run last-in
     # first-out, so this runs before the shutdown hook of a MeterProvider made earlier.
-    if not _flush_at_exit:
-        atexit.unregister(_flush_all)
-        atexit.register(_flush_all)
-    _flush_at_exit.add(monitor)
+    atexit.unregister(_flush_all)  # once
+    atexit.register(_flush_all)
 
 
 def free_collectives_at_exit() -> None:

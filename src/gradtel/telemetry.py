@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -54,8 +53,6 @@ DURATIONS_KEPT = 256
 wait, the training thread records them itself."""
 
 _SEVERITIES = {Status.WARNING: "warning", Status.CRITICAL: "critical"}
-
-_lock = threading.RLock()
 
 
 def prometheus_meter_provider(registry: CollectorRegistry | None = None) -> SdkMeterProvider:
@@ -256,11 +253,11 @@ class _Instruments:
 
 def instruments_for(meter_provider: MeterProvider) -> _Instruments:
     """The gradtel instruments on ``meter_provider``, made on first use."""
-    kept = context_of(meter_provider).instruments
-    with _lock:
-        found: _Instruments | None = kept.get(meter_provider)
+    served = context_of(meter_provider)
+    with served.lock:
+        found: _Instruments | None = served.instruments.get(meter_provider)
         if found is None:
-            found = kept[meter_provider] = _Instruments(meter_provider)
+            found = served.instruments[meter_provider] = _Instruments(meter_provider)
         return found
 
 
