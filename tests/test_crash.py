@@ -10,6 +10,11 @@ import textwrap
 import time
 
 import pytest
+import torch
+from opentelemetry.metrics import MeterProvider
+
+import gradtel
+from gradtel.telemetry import gradients_before_crash
 
 from .conftest import parse, sample, scrape
 
@@ -157,3 +162,61 @@ def test_a_crash_after_an_update_gradtel_did_not_scan_is_never_called_healthy(
         if name == "gradtel_training_exceptions_total"
     }
     assert crashes == {frozenset({("type", "ValueError"), ("gradients", gradients)}): 1}
+
+
+def _healthy_update(model: torch.nn.Module, monitor: gradtel.GradMonitor) -> gradtel.GradHealth:
+    model.zero_grad()
+    model(torch.ones(1, 4)).sum().backward()
+    return monitor.collect()
+
+
+def test_a_scan_that_raises_into_training_leaves_a_crash_unknown(
+    provider: MeterProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """on_error="raise": the failed scan's update was not looked at; the error that ends
+    the process may be its NaN."""
+    model = torch.nn.Linear(4, 1)
+    monitor = gradtel.GradMonitor(model, meter_provider=provider, on_error="raise")
+    assert _healthy_update(model, monitor).status is gradtel.Status.HEALTHY
+    assert gradients_before_crash([monitor._telemetry]) == "healthy"
+
+    def broken(self: object, *args: object) -> object:
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr("gradtel.scan.Scanner.launch", broken)
+    with pytest.raises(RuntimeError, match="device lost"):
+        _healthy_update(model, monitor)
+    assert gradients_before_crash([monitor._telemetry]) == "unknown"
+
+
+def test_a_wall_clock_stepped_back_does_not_make_an_unscanned_update_healthy(
+    provider: MeterProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Updates are ordered by the collect() that made them, not by the wall clock (NTP may
+    step it back between two updates)."""
+    model = torch.nn.Linear(4, 1)
+    monitor = gradtel.GradMonitor(model, meter_provider=provider, sample_every=2)
+    assert _healthy_update(model, monitor).sampled  # update 1, scanned
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now - 3600)
+    assert not _healthy_update(model, monitor).sampled  # update 2, sampled out
+    assert gradients_before_crash([monitor._telemetry]) == "unknown"
+
+
+def test_with_two_monitors_one_that_did_not_scan_its_latest_update_makes_a_crash_unknown(
+    provider: MeterProvider,
+) -> None:
+    """A GAN's two monitors: the generator's latest update was scanned, the critic's was
+    sampled out."""
+    generator, critic = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+    watching = gradtel.GradMonitor(generator, meter_provider=provider)
+    sampling = gradtel.GradMonitor(critic, meter_provider=provider, sample_every=2)
+    _healthy_update(generator, watching)
+    _healthy_update(critic, sampling)
+    both = [watching._telemetry, sampling._telemetry]
+    assert gradients_before_crash(both) == "healthy"
+    _healthy_update(generator, watching)
+    assert not _healthy_update(critic, sampling).sampled
+    assert gradients_before_crash(both) == "unknown"
+    sampling.close()  # a closed monitor no longer describes the training
+    assert gradients_before_crash(both) == "healthy"

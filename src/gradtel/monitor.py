@@ -384,8 +384,10 @@ class GradMonitor:
         self.origin.take()  # this rank's counts belong to the update left out, not the next
         if self.readout == "deferred":
             self._publish(wait=False)
-        self._guarded("record", lambda: self._telemetry.touch(time.time()))
-        return GradHealth(thresholds=self.thresholds, step=self._training_step, sampled=False)
+        update = Update.sampled_out(self._training_step, self.thresholds, self._step)
+        self._guarded("record", lambda: self._telemetry.touch(time.time(), update.sequence))
+        assert update.health is not None
+        return update.health
 
     def _conclude(self, update: Update, health: GradHealth) -> GradHealth:
         """Record an update whose counts are known, and act on it."""
@@ -398,7 +400,10 @@ class GradMonitor:
         self._guarded(
             "record",
             lambda: self._telemetry.record(
-                health, duration=update.duration, timestamp=update.timestamp
+                health,
+                duration=update.duration,
+                timestamp=update.timestamp,
+                sequence=update.sequence,
             ),
         )
         if health.unscanned is not None:
@@ -586,8 +591,10 @@ class GradMonitor:
         grads = self._watched.gather(lambda exc: self._failed("scan", exc))
         reason = self._unscanned(grads)
         if reason is not None:
-            return Update.not_scanned(step, thresholds, reason, grads.skipped)
-        update = Update(step, thresholds, State.LAUNCHED, skipped=grads.skipped)
+            return Update.not_scanned(step, thresholds, reason, grads.skipped, self._step)
+        update = Update(
+            step, thresholds, State.LAUNCHED, skipped=grads.skipped, sequence=self._step
+        )
         along = ReadAlong(
             # Counts as float64, exact in the read-out that promotes everything to one dtype.
             origin=None if origin is None else origin.double(),
@@ -611,7 +618,9 @@ class GradMonitor:
             )
         except Exception as exc:  # the scan failed: nothing was counted, say so
             self._failed("scan", exc)
-            return Update.not_scanned(step, thresholds, "scan_error", len(self._watched.params))
+            return Update.not_scanned(
+                step, thresholds, "scan_error", len(self._watched.params), self._step
+            )
         return update
 
     def _no_sparse_norms(self) -> None:
@@ -630,7 +639,7 @@ class GradMonitor:
         except Exception as exc:  # the scan failed: nothing was counted, say so
             self._failed("scan", exc)
             failed = Update.not_scanned(
-                update.step, self.thresholds, "scan_error", len(update.labels)
+                update.step, self.thresholds, "scan_error", len(update.labels), update.sequence
             )
             assert failed.health is not None
             update.state, update.health = State.UNSCANNED, failed.health
@@ -665,6 +674,8 @@ class GradMonitor:
 
     def _failed(self, stage: str, exc: Exception) -> None:
         if self.options.on_error == "raise":
+            if stage == "scan":  # the update was not looked at: a crash now is not "healthy"
+                self._telemetry.touch(time.time(), self._step)
             raise exc
         self._telemetry.failed(stage, exc)
 

@@ -277,6 +277,20 @@ def count_error(stage: str, registry: CollectorRegistry | None = None) -> None:
     instruments_for(provider).errors.add(1, {**process_attributes(), "stage": stage})
 
 
+def gradients_before_crash(sources: Sequence[GradTelemetry]) -> str:
+    """The ``gradients`` label of a crash, from the monitors that record on one provider.
+
+    The open monitors describe the training that crashed (a monitor closed and replaced
+    described weights since reloaded); with none open, the one closed last does (closed on
+    the way out). One that saw NaN or Inf is enough; one that did not look at its latest
+    update makes the others' "healthy" unknown."""
+    watching = [s for s in sources if s.closed is None] or sorted(
+        sources, key=lambda s: s.closed or 0
+    )[-1:]
+    seen = {s.gradients_state() for s in watching}
+    return "unhealthy" if "unhealthy" in seen else "healthy" if seen == {"healthy"} else "unknown"
+
+
 def count_exception(exc_type: type[BaseException]) -> None:
     """Count an uncaught exception that ends the process in ``gradtel_training_exceptions_total``,
     on every meter provider gradtel records into, and have the endpoints wait for its scrape."""
@@ -289,18 +303,7 @@ def count_exception(exc_type: type[BaseException]) -> None:
                 "gradtel: could not publish the pending updates: %r", exc
             )
             count_error("record", recorded.registry)
-        sources = list(instruments.update_sources)
-        # The open monitors describe the training that crashed (a monitor closed and
-        # replaced described weights since reloaded); with none open, the one closed last
-        # does (closed on the way out). One that saw NaN or Inf is enough.
-        watching = [s for s in sources if s.closed is None] or sorted(
-            sources, key=lambda s: s.closed or 0
-        )[-1:]
-        seen = {s.gradients_state() for s in watching}
-        # An open monitor that did not look at its latest update makes the others' "healthy" unknown.
-        state = (
-            "unhealthy" if "unhealthy" in seen else "healthy" if seen == {"healthy"} else "unknown"
-        )
+        state = gradients_before_crash(list(instruments.update_sources))
         instruments.exceptions.add(1, {**attributes, "gradients": state})
         recorded.last_unhealthy = time.monotonic()
 
@@ -377,8 +380,9 @@ class GradTelemetry:
         """The monitor scans one update in several (``sample_every``): an incident's first
         scanned update may follow unscanned ones that poisoned the weights."""
         self._latest_unhealthy = False  # the latest scanned update was, and no rollback since
-        # When (``collect()``'s wall clock) the latest scanned update and the latest one left
-        # unscanned were made: a deferred read-out records an update after later sampled-out ones.
+        # Which collect() made the latest scanned update and the latest one left unscanned
+        # (counted, not timed: a wall clock may step back): a deferred read-out records an
+        # update after later sampled-out ones.
         self._scanned_at = self._unscanned_at = -math.inf
         self._unscanned_before = False  # the latest recorded update was not scanned
         # Born with its first value: a process restarted on the same labels must not hide,
@@ -472,8 +476,11 @@ class GradTelemetry:
                 self._instruments.per_update[kind].set(0, attrs)
         return attrs
 
-    def record(self, health: GradHealth, *, duration: float, timestamp: float) -> None:
-        """Record one due update: scanned, unscanned, or an AMP overflow the scaler skips."""
+    def record(
+        self, health: GradHealth, *, duration: float, timestamp: float, sequence: float = math.inf
+    ) -> None:
+        """Record one due update: scanned, unscanned, or an AMP overflow the scaler skips.
+        ``sequence``: which ``collect()`` made it (default: the latest)."""
         self.last_update = timestamp
         if health.unscanned is None:
             self.updates += 1
@@ -486,9 +493,9 @@ class GradTelemetry:
             self._latest_unhealthy = (
                 not health.amp_overflow and health.status.level > Status.HEALTHY.level
             )
-            self._scanned_at = max(self._scanned_at, timestamp)
+            self._scanned_at = max(self._scanned_at, sequence)
         else:
-            self._unscanned_at = max(self._unscanned_at, timestamp)
+            self._unscanned_at = max(self._unscanned_at, sequence)
         if len(self._durations) >= DURATIONS_KEPT:  # nothing collects them: record them now
             self.record_durations()
 
@@ -592,10 +599,11 @@ class GradTelemetry:
         """Note a ``collect()`` call, scanned or not: the liveness ``/healthz`` reports."""
         self.context.last_collect = time.monotonic()
 
-    def touch(self, timestamp: float) -> None:
-        """Note an update that was not due for a scan (``sample_every``): liveness only."""
+    def touch(self, timestamp: float, sequence: float = math.inf) -> None:
+        """Note an update left unscanned outside :meth:`record` (sampled out, or a scan
+        that raised): liveness, and a crash after it is not called healthy."""
         self.last_update = timestamp
-        self._unscanned_at = max(self._unscanned_at, timestamp)
+        self._unscanned_at = max(self._unscanned_at, sequence)
 
     def record_checkpoint(self, *, refused: bool) -> None:
         """Count a refused checkpoint save (an allowed one makes the series, at 0)."""

@@ -111,6 +111,9 @@ class Update:
     """``collect()``'s own time, the wait for the device left out."""
     timestamp: float = 0.0
     """Unix time of the ``collect()`` that made it."""
+    sequence: int = 0
+    """Which ``collect()`` of its monitor made it (1, 2, ...): orders updates whatever the
+    wall clock does."""
     waited: float = 0.0
     """How long the blocking read-out waited for work queued before the scan."""
     copy: HostCopy | None = None
@@ -120,15 +123,23 @@ class Update:
     _read: list[Any] | None = None
 
     @classmethod
-    def sampled_out(cls, step: int, thresholds: Thresholds) -> Update:
+    def sampled_out(cls, step: int, thresholds: Thresholds, sequence: int) -> Update:
         health = GradHealth(thresholds=thresholds, step=step, sampled=False)
-        return cls(step, thresholds, State.SAMPLED_OUT, health=health)
+        return cls(step, thresholds, State.SAMPLED_OUT, health=health, sequence=sequence)
 
     @classmethod
-    def not_scanned(cls, step: int, thresholds: Thresholds, reason: str, skipped: int) -> Update:
+    def not_scanned(
+        cls, step: int, thresholds: Thresholds, reason: str, skipped: int, sequence: int
+    ) -> Update:
         health = GradHealth(thresholds=thresholds, step=step, unscanned=reason, skipped=skipped)
         return cls(
-            step, thresholds, State.UNSCANNED, unscanned=reason, skipped=skipped, health=health
+            step,
+            thresholds,
+            State.UNSCANNED,
+            unscanned=reason,
+            skipped=skipped,
+            health=health,
+            sequence=sequence,
         )
 
     def restep(self, step: int) -> None:
