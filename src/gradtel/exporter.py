@@ -322,10 +322,7 @@ def serve(
             "registry must be a prometheus_client.CollectorRegistry or None (the global "
             f"REGISTRY), got {registry!r} ({type(registry).__name__})"
         )
-    if not isinstance(rank_offset, bool):
-        raise TypeError(
-            f"rank_offset must be True or False, got {rank_offset!r} ({type(rank_offset).__name__})"
-        )
+    _checks.flag("rank_offset", rank_offset)
     if port is None:
         env = os.environ.get("GRADTEL_PORT")
         port = DEFAULT_PORT if env is None else _port_from(env, "GRADTEL_PORT")

@@ -29,6 +29,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from . import _checks
 from ._ratelimit import RateLimitedLog
 from .watched import registrations
 
@@ -97,8 +98,7 @@ def attach(
         )
     if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
         raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {scaler!r}")
-    if scan not in ("step", "backward"):
-        raise ValueError(f"scan must be 'step' or 'backward', got {scan!r}")
+    _checks.choice("scan", scan, ("step", "backward"))
     monitors = _attached.setdefault(optimizer, weakref.WeakSet())
     if monitor in monitors:
         raise ValueError(

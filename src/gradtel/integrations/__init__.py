@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .. import _checks
 from ..exporter import MetricsServer, serve
 from ..monitor import GradMonitor
 
@@ -41,11 +42,7 @@ class Session:
         monitor_options: dict[str, Any],
         protect_checkpoints: bool = False,
     ) -> None:
-        if not isinstance(protect_checkpoints, bool):
-            raise TypeError(
-                f"protect_checkpoints must be True or False, got {protect_checkpoints!r}"
-            )
-        self.protect_checkpoints = protect_checkpoints
+        self.protect_checkpoints = _checks.flag("protect_checkpoints", protect_checkpoints)
         self._port, self._addr, self._serve = port, addr, serve_metrics
         self._options = monitor_options
         self.monitor: GradMonitor | None = None
