@@ -200,14 +200,30 @@ class GradMonitor:
             self._telemetry.context.deferred.add(self)  # a scrape publishes, the exit wait flushes
             flush_at_exit()
 
-    thresholds = property(
-        lambda self: self.options.thresholds, doc="The warning and critical bands."
-    )
-    layer_series = property(lambda self: self.options.layer_series)
-    sample_every = property(lambda self: self.options.sample_every)
-    grad_norm = property(lambda self: self.options.grad_norm)
-    layer_norms = property(lambda self: self.options.layer_norms)
-    readout = property(lambda self: self.options.readout)
+    # The options most read, as attributes of their own (read-only).
+    @property
+    def thresholds(self) -> Thresholds:
+        return self.options.thresholds
+
+    @property
+    def layer_series(self) -> LayerSeries:
+        return self.options.layer_series
+
+    @property
+    def sample_every(self) -> int:
+        return self.options.sample_every
+
+    @property
+    def grad_norm(self) -> bool:
+        return self.options.grad_norm
+
+    @property
+    def layer_norms(self) -> bool:
+        return self.options.layer_norms
+
+    @property
+    def readout(self) -> Readout:
+        return self.options.readout
 
     def close(self) -> None:
         """Stop watching: remove gradtel's gradient hooks and free the parameters for
@@ -320,7 +336,6 @@ class GradMonitor:
             TypeError, ValueError: ``norms``, ``scaler`` or ``step`` is not as described.
         """
         _check_step(step)
-        self._check_norms(norms)
         overflow_possible = _check_scaler(scaler)
         if loss is not None and not isinstance(loss, torch.Tensor):
             raise TypeError(f"loss must be a tensor or None, got {loss!r} ({type(loss).__name__})")
@@ -338,6 +353,7 @@ class GradMonitor:
                 self._registrations != registrations() or self._step % REFRESH_EVERY == 0
             ):
                 self._guarded("scan", self.refresh)
+            self._check_norms(norms)  # against the parameters watched now
             if (self._step - 1) % self.sample_every:
                 return self._sampled_out()
             if looked is None:
