@@ -1,0 +1,119 @@
+"""GradMonitor's collaborators, each tested alone: its options, the watched parameters, an
+update's record from launch to health, and the deferred queue."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gradtel
+from gradtel.options import MonitorOptions
+from gradtel.readout import Pending
+from gradtel.scan import Scanner
+from gradtel.update import ReadAlong, State, Update, launch
+from gradtel.watched import Watched
+
+
+@pytest.mark.parametrize(
+    ("option", "wrong_type", "out_of_range"),
+    [
+        ("on_warning", 3, "RAISE"),
+        ("on_critical", None, "abort"),
+        ("max_layers", 2.0, 0),
+        ("layer_depth", "2", 0),
+        ("layer_series", ["all"], "some"),
+        ("sample_every", "2", 0),
+        ("on_error", False, "ignore"),
+        ("readout", 1, "async"),
+    ],
+)
+def test_an_option_of_the_wrong_type_is_a_type_error_and_out_of_range_a_value_error(
+    option: str, wrong_type: object, out_of_range: object
+) -> None:
+    with pytest.raises(TypeError, match=rf"^{option} must be .*\({type(wrong_type).__name__}\)$"):
+        MonitorOptions(**{option: wrong_type})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=rf"^{option} must be .*got {out_of_range!r}"):
+        MonitorOptions(**{option: out_of_range})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("flag", ["grad_norm", "layer_norms"])
+def test_a_flag_takes_only_true_or_false(flag: str) -> None:
+    with pytest.raises(TypeError, match=rf"^{flag} must be True or False, got 1 \(int\)$"):
+        MonitorOptions(**{flag: 1})  # type: ignore[arg-type]
+
+
+def test_options_are_frozen_and_the_monitor_reads_them() -> None:
+    monitor = gradtel.GradMonitor(
+        nn.Linear(2, 2), meter_provider=gradtel.prometheus_meter_provider(_registry())
+    )
+    with pytest.raises(AttributeError):
+        monitor.options.sample_every = 2  # type: ignore[misc]
+    assert (monitor.sample_every, monitor.readout) == (1, "sync")
+    monitor.close()
+
+
+def _registry() -> object:
+    from prometheus_client import CollectorRegistry
+
+    return CollectorRegistry()
+
+
+def _watched(model: nn.Module) -> Watched:
+    return Watched(list(model.named_parameters()), max_layers=10, depth=None)
+
+
+def test_the_watched_gradients_leave_out_frozen_and_missing_ones() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 1))
+    model[1].requires_grad_(False)
+    model(torch.ones(1, 2)).sum().backward()
+    model[2].bias.grad = None
+    watched = _watched(model)
+    grads = watched.gather(lambda exc: pytest.fail(f"counted: {exc}"))
+    assert (grads.present, grads.skipped, grads.dense) == ((0, 1, 4), 3, True)
+    assert watched.layers == ("0", "1", "2")
+
+
+def test_an_update_reads_along_its_loss_norm_and_scale_and_names_them_again() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    watched, scanner = _watched(model), Scanner()  # before backward: it learns the order
+    loss = model(torch.ones(2, 3)).sum()
+    loss.backward()
+    model[1].weight.grad[0, 1] = float("nan")
+    update = Update(7, gradtel.Thresholds(), State.LAUNCHED)
+    along = ReadAlong(
+        origin=torch.tensor([2.0, 1.0], dtype=torch.float64),
+        scale=torch.tensor([1024.0], dtype=torch.float64),
+        local=True,
+    )
+    grads = watched.gather(lambda exc: pytest.fail(str(exc)))
+    launch(
+        watched, grads, scanner, update, loss=loss, along=along, grad_norm=True, layer_norms=True
+    )
+    assert update.pending
+    health = update.read_out(scanner)
+    assert update.state is State.READ and health is update.read_out(scanner)
+    assert (health.step, health.nan_by_layer, health.first_nan_layer) == (7, {"1": 1}, "1")
+    assert (health.local_nan_total, health.local_inf_total) == (2, 1)
+    assert health.loss_finite is True and health.loss_scale == 1024.0
+    assert health.grad_norm is not None and health.grad_norm != health.grad_norm  # NaN
+    assert set(health.layer_grad_norms or {}) == {"0", "1"}
+    expected = torch.linalg.vector_norm(
+        torch.cat([p.grad.flatten() for p in model[0].parameters()])
+    )
+    assert health.layer_grad_norms["0"] == pytest.approx(float(expected))  # type: ignore[index]
+
+
+class _Copy:
+    def __init__(self, done: bool) -> None:
+        self.done = done
+
+    def ready(self) -> bool:
+        return self.done
+
+
+def test_the_deferred_queue_publishes_in_order_up_to_the_first_unfinished() -> None:
+    queue: Pending[_Copy] = Pending([_Copy(True), _Copy(False), _Copy(True)])
+    assert len(list(queue.take(wait=False))) == 1  # the third waits for the second
+    assert len(queue) == 2
+    assert len(list(queue.take(wait=True))) == 2 and not queue
