@@ -9,9 +9,11 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
+import torch
 from opentelemetry.sdk.metrics import MeterProvider
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from torch import nn
 
 import gradtel
 import gradtel.httpd
@@ -98,3 +100,26 @@ def default_ctrl_c() -> None:
     handler only when SIGINT is not ignored at start, and a shell ignores it in the jobs it
     runs in the background (a CI runner's, say)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+class Net(nn.Module):
+    """A small model with a body and a head: three layers, in module order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16))
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(x)))
+
+
+def net_backward(model: nn.Module) -> None:
+    model.zero_grad()
+    model(torch.randn(4, 8)).pow(2).mean().backward()
+
+
+def net() -> nn.Sequential:
+    """Two linear layers, the same weights every time."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))

@@ -16,14 +16,9 @@ from torch import nn
 
 from gradtel import GradMonitor, NonFiniteGradientError, prometheus_meter_provider
 
-from .conftest import absent, sample, samples
+from .conftest import absent, net, sample, samples
 
 NAN = float("nan")
-
-
-def net() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
 
 
 def update(model: nn.Module, monitor: GradMonitor, *, nan: bool = False, **collect: Any) -> None:
@@ -107,18 +102,6 @@ def test_updates_not_looked_at_are_not_taken_for_healthy(provider: MeterProvider
     model.zero_grad(set_to_none=True)
     monitor.collect(step=3)  # no gradients: not scanned
     assert monitor.last_healthy_step == 1 and monitor.healthy
-
-
-def test_bad_checkpoint_arguments_are_refused(provider: MeterProvider) -> None:
-    monitor = GradMonitor(net(), meter_provider=provider)
-    with pytest.raises(TypeError, match=r"step must be an int >= 0 or None, got 'last'"):
-        monitor.allow_checkpoint(step="last")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="all_ranks must be True or False, got 1"):
-        monitor.allow_checkpoint(all_ranks=1)  # type: ignore[arg-type]
-    from gradtel.integrations import Session
-
-    with pytest.raises(TypeError, match="protect_checkpoints must be True or False, got 'yes'"):
-        Session(None, None, False, {}, protect_checkpoints="yes")  # type: ignore[arg-type]
 
 
 def own_provider() -> MeterProvider:

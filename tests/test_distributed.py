@@ -34,7 +34,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 import gradtel
 from gradtel.stack import Stack, StackTimings, free_port
 
-from .conftest import require_tool
+from .conftest import net, require_tool
 
 pytestmark = pytest.mark.slow
 
@@ -444,11 +444,6 @@ def one_rank_group() -> Iterator[None]:
     dist.destroy_process_group()
 
 
-def net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
-
-
 def test_own_gradients_are_counted_before_the_reduction_with_any_hook(one_rank_group: None) -> None:
     ddp = nn.parallel.DistributedDataParallel(net())
     monitor = gradtel.GradMonitor(
@@ -505,15 +500,6 @@ def test_a_model_with_a_hook_of_its_own_uses_ddp_comm_hook(
     other(x).sum().backward()
     health = monitor.collect()
     assert health.local_inf_total == health.inf_total > 0
-
-
-def test_a_loss_that_is_not_a_tensor_is_refused() -> None:
-    model = net()
-    monitor = gradtel.GradMonitor(
-        model, meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry())
-    )
-    with pytest.raises(TypeError, match=r"loss must be a tensor or None, got 1.5 \(float\)"):
-        monitor.collect(loss=1.5)  # type: ignore[arg-type]
 
 
 def test_a_new_monitor_counts_through_the_ddp_comm_hook_the_application_registered(

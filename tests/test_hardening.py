@@ -273,24 +273,6 @@ def test_a_real_prometheus_scrapes_over_mutual_tls(certificates: Path) -> None:
         provider.shutdown()
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"tls_cert": "server.crt"}, r"tls_cert is set but tls_key is not; HTTPS needs both"),
-        ({"tls_key": "server.key"}, r"tls_key is set but tls_cert is not"),
-        ({"tls_client_ca": "ca.crt"}, r"tls_client_ca \('ca.crt'\) needs tls_cert and tls_key"),
-        (
-            {"tls_cert": "/no/such.crt", "tls_key": "/no/such.key"},
-            r"tls_cert must be a readable PEM file, got '/no/such.crt'",
-        ),
-        ({"stale_after": 0}, r"stale_after must be a number of seconds > 0, got 0"),
-    ],
-)
-def test_bad_tls_and_health_options(kwargs: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        serve(port=0, **kwargs)
-
-
 def test_layers_added_and_removed_after_the_monitor_was_made(
     provider: MeterProvider, registry: CollectorRegistry
 ) -> None:

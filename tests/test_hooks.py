@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from opentelemetry.sdk.metrics import MeterProvider
 from prometheus_client import CollectorRegistry
 from torch import nn
 
+import gradtel
 from gradtel import GradMonitor, Status
 
-from .conftest import sample, samples
-from .test_clip_and_sampling import record_collects
+from .conftest import Net, sample, samples
+from .test_clip import record_collects
 
 NAN = float("nan")
 
@@ -165,22 +168,6 @@ def test_policy_skips_are_counted(provider: MeterProvider, registry: CollectorRe
     assert sample(samples(registry), "gradtel_skipped_updates_total", reason="policy") == 1
 
 
-@pytest.mark.parametrize(
-    ("args", "kwargs", "error", "message"),
-    [
-        (("sgd",), {}, TypeError, r"optimizer must be a torch.optim.Optimizer, got 'sgd' \(str\)"),
-        ((), {"scan": "epoch"}, ValueError, r"scan must be 'step' or 'backward', got 'epoch'"),
-        ((), {"scaler": 1.0}, TypeError, r"scaler must be a torch.amp.GradScaler or None, got 1.0"),
-    ],
-)
-def test_bad_attach_arguments(
-    provider: MeterProvider, args: tuple, kwargs: dict, error: type, message: str
-) -> None:
-    _, optimizer, monitor = make(provider)
-    with pytest.raises(error, match=message):
-        monitor.attach(*(args or (optimizer,)), **kwargs)
-
-
 def test_the_loss_scale_is_exported_from_the_updates_own_read_out(
     provider: MeterProvider, registry: CollectorRegistry
 ) -> None:
@@ -197,3 +184,119 @@ def test_the_loss_scale_is_exported_from_the_updates_own_read_out(
         scales.append(sample(samples(registry), "gradtel_amp_loss_scale"))
         scaler.update()
     assert scales == [1024.0, 1024.0, 512.0]
+
+
+def test_a_fused_optimizer_under_a_scaler_is_collected(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    model = Net()
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-100)
+    monitor = GradMonitor(model, meter_provider=provider, on_warning="ignore", on_critical="ignore")
+    monitor.attach(optimizer, scaler=scaler)
+    found = record_collects(monitor)
+    weights = [p.detach().clone() for p in model.parameters()]
+    amp_step(model, optimizer, scaler, scale=1e3)  # overflows: the fused step skips itself
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    for _ in range(3):
+        amp_step(model, optimizer, scaler)
+    assert [h.amp_overflow for h in found] == [True, False, False, False]
+    found_samples = samples(registry)
+    assert sample(found_samples, "gradtel_updates_total") == 4
+    assert sample(found_samples, "gradtel_skipped_updates_total", reason="amp_overflow") == 1
+
+
+def test_a_fused_optimizer_unscaled_by_hand_is_collected_once(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    model = Net()
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+    scaler = torch.amp.GradScaler("cpu")
+    GradMonitor(model, meter_provider=provider).attach(optimizer, scaler=scaler)
+    for _ in range(3):
+        optimizer.zero_grad()
+        scaler.scale(model(torch.randn(4, 8)).pow(2).mean()).backward()
+        scaler.unscale_(optimizer)  # to clip, as the AMP recipe does
+        scaler.step(optimizer)
+        scaler.update()
+    assert sample(samples(registry), "gradtel_updates_total") == 3
+
+
+def test_removing_one_of_two_monitors_on_a_scaler_keeps_the_other() -> None:
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu")
+    registries = [CollectorRegistry(), CollectorRegistry()]
+    providers = [gradtel.prometheus_meter_provider(r) for r in registries]
+    monitors = [GradMonitor(model, meter_provider=p) for p in providers]
+    attachments = [m.attach(optimizer, scaler=scaler) for m in monitors]
+    amp_step(model, optimizer, scaler)
+    attachments[0].remove()
+    amp_step(model, optimizer, scaler)
+    attachments[1].remove()
+    amp_step(model, optimizer, scaler)
+    counts = [sample(samples(r), "gradtel_updates_total") for r in registries]
+    assert counts == [1, 2]
+    assert "unscale_" not in vars(scaler)  # the scaler is as it was
+    for p in providers:
+        p.shutdown()
+
+
+def test_attaching_twice_to_one_optimizer_is_refused(provider: MeterProvider) -> None:
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = GradMonitor(model, meter_provider=provider)
+    attachment = monitor.attach(optimizer)
+    with pytest.raises(ValueError, match="already attached to this optimizer"):
+        monitor.attach(optimizer, scaler=torch.amp.GradScaler("cpu"))
+    attachment.remove()
+    monitor.attach(optimizer, scan="backward").remove()  # free again after remove()
+
+
+class FailsOnce(torch.autograd.Function):
+    failed = False
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        if not FailsOnce.failed:
+            FailsOnce.failed = True
+            raise torch.OutOfMemoryError("simulated out of memory")
+        return grad
+
+
+def test_scan_backward_resumes_after_a_backward_that_raised(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    model = Net()
+    monitor = GradMonitor(model, meter_provider=provider)
+    monitor.attach(torch.optim.SGD(model.parameters(), lr=0.01), scan="backward")
+
+    def step() -> None:
+        model.zero_grad()
+        # The head's gradient comes first; the failure comes on the way to the body.
+        hidden = FailsOnce.apply(torch.relu(model.body(torch.randn(4, 8))))
+        model.head(hidden).pow(2).mean().backward()
+
+    with pytest.raises(torch.OutOfMemoryError):
+        step()
+    for _ in range(3):
+        step()
+    assert sample(samples(registry), "gradtel_updates_total") == 3
+
+
+def amp_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    scale: float = 1.0,
+) -> None:
+    optimizer.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = scale * model(torch.randn(4, 8)).float().pow(2).mean()
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()

@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 import torch
+from opentelemetry.sdk.metrics import MeterProvider
+from prometheus_client import CollectorRegistry
 from torch import nn
 
-from .conftest import absent, fetch, parse, sample
+from .conftest import absent, fetch, parse, sample, samples
 
 pytestmark = [
     pytest.mark.slow,
@@ -306,3 +308,38 @@ def test_lightning_a_nan_loss_in_any_micro_batch_is_no_overflow(tmp_path: Path) 
     assert shared("gradtel_nonfinite_loss_updates_total") - losses_before == 1
     assert after["unhealthy"] - before["unhealthy"] == 1
     assert after["amp"] - before["amp"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_lightning_model_built_in_configure_model(
+    provider: MeterProvider, registry: CollectorRegistry, tmp_path: Any
+) -> None:
+    import lightning.pytorch as pl
+
+    from gradtel.integrations.lightning import GradtelCallback
+
+    class Late(pl.LightningModule):
+        def configure_model(self) -> None:
+            if not hasattr(self, "layer"):
+                self.layer = nn.Linear(8, 1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.mse_loss(self.layer(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    data = torch.utils.data.TensorDataset(torch.randn(32, 8), torch.randn(32, 1))
+    trainer = pl.Trainer(
+        max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[GradtelCallback(serve_metrics=False, meter_provider=provider, layer_series="all")],
+    )  # fmt: skip
+    trainer.fit(Late(), torch.utils.data.DataLoader(data, batch_size=8))
+    found = samples(registry)
+    assert sample(found, "gradtel_updates_total") == 3
+    assert sample(found, "gradtel_nan_grads_total", layer="layer") == 0

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-import pytest
+import gc
+import socket
 
+import pytest
+import torch
+from opentelemetry.sdk.metrics import MeterProvider
+from torch import nn
+
+import gradtel
+from gradtel import GradMonitor
 from gradtel.layers import OVERFLOW_LAYER, ROOT_LAYER, assign_layers, layer_name
+
+from .conftest import Net
 
 
 @pytest.mark.parametrize(
@@ -48,3 +58,34 @@ def test_depth_groups_before_the_bound_applies() -> None:
 def test_bad_options(kwargs: dict, error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         assign_layers(["a.weight"], **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_labels_are_the_users_module_paths_whatever_the_wrapper(provider: MeterProvider) -> None:
+    import torch.distributed as dist
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    expected = ("body.0", "body.2", "head")
+    wrapped = [
+        nn.DataParallel(Net()),
+        torch.compile(Net()),
+        torch.compile(nn.DataParallel(Net())),
+    ]
+    checkpointed = Net()
+    checkpointed.body = checkpoint_wrapper(checkpointed.body)
+    wrapped.append(checkpointed)
+    for model in wrapped:
+        assert GradMonitor(model, meter_provider=provider).layers == expected, model
+        assert GradMonitor(model.named_parameters(), meter_provider=provider).layers == expected
+        gc.collect()
+    assert gradtel.layer_name("layers.0._fsdp_wrapped_module.attn.weight") == "layers.0.attn"
+
+    with socket.socket() as probe:  # a free port for the one-rank group's store
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(Net())
+        assert GradMonitor(ddp, meter_provider=provider).layers == expected
+    finally:
+        dist.destroy_process_group()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
+import weakref
 
 import pytest
 import torch
@@ -14,7 +16,9 @@ from torch import nn
 import gradtel
 from gradtel import GradMonitor, NonFiniteGradientError, Status, Thresholds
 
-from .conftest import sample, samples
+from .conftest import Net, net_backward, sample, samples
+from .test_clip import model_with_grads
+from .test_hooks import amp_step
 
 NAN, INF = float("nan"), float("inf")
 
@@ -367,65 +371,6 @@ def test_monitors_sharing_a_provider_share_series(
     assert a.layers != b.layers
 
 
-@pytest.mark.parametrize(
-    ("model", "kwargs", "error", "message"),
-    [
-        (None, {}, TypeError, r"model must be a torch.nn.Module or an iterable .* got None"),
-        (42, {}, TypeError, r"model must be a torch.nn.Module .* got 42 \(int\)"),
-        ([("w", 1.0)], {}, TypeError, r"\(name, Parameter\) pairs .* got an item \('w', 1.0\)"),
-        (nn.ReLU(), {}, ValueError, r"model has no trainable parameters"),
-        (
-            nn.Linear(2, 2).requires_grad_(False),
-            {},
-            ValueError,
-            r"model has no trainable parameters \(requires_grad=True\)",
-        ),
-        (
-            nn.Linear(2, 2),
-            {"on_critical": "abort"},
-            ValueError,
-            r"on_critical must be one of 'ignore', 'warn', 'raise', 'skip', got 'abort'",
-        ),
-        (
-            nn.Linear(2, 2),
-            {"on_warning": None},
-            TypeError,
-            r"on_warning must be one of .* got None \(NoneType\)",
-        ),
-        (
-            nn.Linear(2, 2),
-            {"thresholds": (0, 5)},
-            TypeError,
-            r"thresholds must be a gradtel.Thresholds, got \(0, 5\) \(tuple\)",
-        ),
-        (
-            nn.Linear(2, 2),
-            {"max_layers": 5000},
-            ValueError,
-            r"max_layers must be from 1 to 1998, got 5000",
-        ),
-        (nn.Linear(2, 2), {"max_layers": 0}, ValueError, r"max_layers must be >= 1, got 0"),
-        (
-            nn.Linear(2, 2),
-            {"on_error": "crash"},
-            ValueError,
-            r"on_error must be 'warn' or 'raise', got 'crash'",
-        ),
-        (
-            nn.Linear(2, 2),
-            {"meter_provider": "otel"},
-            TypeError,
-            r"meter_provider must be an OpenTelemetry MeterProvider, got 'otel'",
-        ),
-    ],
-)
-def test_bad_arguments_are_refused_clearly(
-    model: object, kwargs: dict, error: type, message: str
-) -> None:
-    with pytest.raises(error, match=message):
-        GradMonitor(model, **kwargs)  # type: ignore[arg-type]
-
-
 def test_thresholds_shape_status_and_bands(
     provider: MeterProvider, registry: CollectorRegistry
 ) -> None:
@@ -521,3 +466,141 @@ def test_counts_read_with_the_update_stay_exact_beyond_float32(provider: MeterPr
     assert (health.local_nan_total, health.local_inf_total) == (2**24 + 1, 0)
     assert health.grad_norm == pytest.approx(float(total))
     monitor.close()
+
+
+@pytest.mark.parametrize("when", ["before any backward", "after zero_grad(set_to_none=True)"])
+def test_nothing_to_scan_is_unknown_counted_and_logged(
+    provider: MeterProvider,
+    registry: CollectorRegistry,
+    caplog: pytest.LogCaptureFixture,
+    when: str,
+) -> None:
+    model = Net()
+    monitor = GradMonitor(model, meter_provider=provider)
+    if when != "before any backward":
+        net_backward(model)
+        torch.optim.SGD(model.parameters(), lr=0.1).zero_grad(set_to_none=True)
+    with caplog.at_level(logging.WARNING, logger="gradtel"):
+        health = monitor.collect()
+        monitor.collect()  # the warning is rate-limited
+    assert (health.status, health.unscanned, health.scanned) == (Status.UNKNOWN, "no_gradients", 0)
+    assert [r.getMessage() for r in caplog.records] == [
+        "gradtel: step 1 not scanned: 0 of 6 watched trainable parameters had a gradient; "
+        "is collect() called after backward() and before zero_grad()? (status unknown, counted "
+        "in gradtel_unscanned_updates_total)"
+    ]
+    found = samples(registry)
+    assert sample(found, "gradtel_unscanned_updates_total", reason="no_gradients") == 2
+    assert sample(found, "gradtel_unscanned_updates_total", reason="scan_error") == 0
+    assert sample(found, "gradtel_updates_total") == 0
+    assert sample(found, "gradtel_update_status") == -1
+    net_backward(model)
+    assert monitor.collect().status is Status.HEALTHY
+    assert sample(samples(registry), "gradtel_update_status") == 0
+
+
+def test_a_scan_that_raises_is_unknown_not_healthy(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    model = nn.Linear(4, 4, device="meta")  # counts cannot be read back from the meta device
+    monitor = GradMonitor(model, meter_provider=provider)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    health = monitor.collect()
+    assert (health.status, health.unscanned) == (Status.UNKNOWN, "scan_error")
+    found = samples(registry)
+    assert sample(found, "gradtel_unscanned_updates_total", reason="scan_error") == 1
+    assert sample(found, "gradtel_updates_total") == 0
+    assert sample(found, "gradtel_errors_total", stage="scan") == 1
+
+
+def test_two_monitors_on_the_same_parameters_and_provider_are_refused(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    model = Net()
+    first = GradMonitor(model, meter_provider=provider)
+    with pytest.raises(
+        ValueError, match="another GradMonitor already watches 6 of these parameters"
+    ):
+        GradMonitor(model, meter_provider=provider)
+    with pytest.raises(ValueError, match="already watches 2 of these"):
+        GradMonitor(model.head.named_parameters(), meter_provider=provider)
+    other = gradtel.prometheus_meter_provider(CollectorRegistry())
+    GradMonitor(model, meter_provider=other)  # its own series: allowed
+    GradMonitor(nn.Linear(2, 2), meter_provider=provider)  # other parameters: allowed
+    first.close()
+    second = GradMonitor(model, meter_provider=provider)
+    net_backward(model)
+    second.collect()
+    assert sample(samples(registry), "gradtel_updates_total") == 1
+    other.shutdown()
+
+
+def test_a_dropped_monitor_is_freed_with_its_hooks(provider: MeterProvider) -> None:
+    model = Net()
+    monitor = GradMonitor(model, meter_provider=provider)
+    ref = weakref.ref(monitor)
+    del monitor
+    gc.collect()
+    assert ref() is None
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+    GradMonitor(model, meter_provider=provider)  # its parameters are free again
+
+
+def test_an_overflow_the_scaler_skips_is_not_an_unhealthy_update(
+    provider: MeterProvider, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-100)
+    monitor = GradMonitor(model, meter_provider=provider, on_critical="raise")
+    monitor.attach(optimizer, scaler=scaler)
+    with caplog.at_level(logging.WARNING, logger="gradtel"):
+        amp_step(model, optimizer, scaler, scale=1e3)  # no raise: the scaler handles it
+        amp_step(model, optimizer, scaler)
+    assert caplog.records == []
+    found = samples(registry)
+    assert sample(found, "gradtel_skipped_updates_total", reason="amp_overflow") == 1
+    assert sample(found, "gradtel_updates_total") == 2
+    for kind in ("nan", "inf"):
+        for severity in ("warning", "critical"):
+            assert (
+                sample(found, "gradtel_unhealthy_updates_total", kind=kind, severity=severity) == 0
+            )
+        assert (
+            sum(v for (name, _), v in found.items() if name == f"gradtel_{kind}_grads_total") == 0
+        )
+    assert sample(found, "gradtel_update_status") == 0
+
+
+def test_collect_with_a_scaler_by_hand(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    model = Net()
+    monitor = GradMonitor(model, meter_provider=provider)
+    net_backward(model)
+    model.head.weight.grad[0, 0] = INF
+    health = monitor.collect(scaler=torch.amp.GradScaler("cpu"))
+    assert health.amp_overflow and health.inf_total == 1
+    assert not monitor.collect(scaler=torch.amp.GradScaler("cpu", enabled=False)).amp_overflow
+    with pytest.raises(
+        TypeError, match=r"scaler must be a torch.amp.GradScaler or None, got 'yes' \(str\)"
+    ):
+        monitor.collect(scaler="yes")  # type: ignore[arg-type]
+
+
+def test_sample_every_scans_one_update_in_n(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    model = model_with_grads()
+    monitor = GradMonitor(model, meter_provider=provider, sample_every=3, on_warning="ignore")
+    model[2].bias.grad[0] = NAN
+    results = [monitor.collect() for _ in range(7)]
+    assert [h.sampled for h in results] == [True, False, False, True, False, False, True]
+    assert [h.nan_total for h in results] == [1, 0, 0, 1, 0, 0, 1]
+    assert [h.step for h in results] == list(range(1, 8))
+    unsampled = results[1]
+    assert unsampled.scanned == 0 and unsampled.status is Status.UNKNOWN  # not looked at
+    found = samples(registry)
+    assert sample(found, "gradtel_updates_total") == 3
+    assert sample(found, "gradtel_unhealthy_updates_total", kind="nan", severity="warning") == 3

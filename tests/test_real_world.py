@@ -4,7 +4,6 @@ errors that say what to do, and logs a person can read. Real processes, signals 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import resource
@@ -344,34 +343,6 @@ def test_tls_setup_errors_name_the_file_and_leave_no_socket(
 
 
 # 3. Errors that say what to do, and logs a person can read -----------------------------
-
-
-@pytest.mark.parametrize(
-    ("work", "env", "error", "message"),
-    [
-        (lambda: GradMonitor(nn.Linear(2, 2), meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry())),
-         {"WORLD_SIZE": "abc"}, ValueError, r"WORLD_SIZE must be a positive integer, as torchrun sets it, got 'abc'"),
-        (lambda: serve(port=0), {"WORLD_SIZE": "two"}, ValueError, r"WORLD_SIZE must be a positive integer"),
-        (lambda: GradMonitor(nn.Linear(2, 2), meter_provider=gradtel.prometheus_meter_provider(CollectorRegistry())),
-         {"WORLD_SIZE": "2", "RANK": "first"}, ValueError, r"RANK must be a non-negative integer, .* got 'first'"),
-        (lambda: gradtel.layer_name(None), {}, TypeError, r"param_name must be a parameter name \(str\) .* got None"),
-        (lambda: gradtel.prometheus_meter_provider("x"), {}, TypeError,
-         r"registry must be a prometheus_client.CollectorRegistry or None .* got 'x' \(str\)"),
-        (lambda: serve(port=0, registry="x"), {}, TypeError, r"registry must be a prometheus_client.CollectorRegistry"),
-        (lambda: serve(port=0, rank_offset="no"), {}, TypeError, r"rank_offset must be True or False, got 'no' \(str\)"),
-        (lambda: serve(port=0, exit_grace=0).close(grace="5"), {}, ValueError, r"grace must be a number of seconds >= 0, got '5'"),
-        (lambda: serve(port=0, exit_grace=0).close(grace=math.nan), {}, ValueError, r"grace must be a number of seconds >= 0, got nan"),
-        (lambda: serve(), {"GRADTEL_PORT": "0_0"}, ValueError, r"GRADTEL_PORT must be an integer from 0 to 65535, got '0_0'"),
-        (lambda: serve(), {"GRADTEL_PORT": "+80"}, ValueError, r"GRADTEL_PORT must be an integer from 0 to 65535, got '\+80'"),
-    ],
-)  # fmt: skip
-def test_bad_input_is_refused_clearly(
-    monkeypatch: pytest.MonkeyPatch, work: object, env: dict[str, str], error: type, message: str
-) -> None:
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    with pytest.raises(error, match=message):
-        work()  # type: ignore[operator]
 
 
 def test_warn_logs_the_first_unhealthy_update_then_one_line_a_minute(

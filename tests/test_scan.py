@@ -1,15 +1,25 @@
-"""Exact NaN/Inf counting against a straightforward element-by-element reference."""
+"""Exact NaN/Inf counting against a straightforward element-by-element reference, and a
+hot path without hidden costs: no host reads but the flags, no copies, no autograd graph."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from opentelemetry.sdk.metrics import MeterProvider
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.profiler import profile
 
+import gradtel
+from gradtel import GradMonitor
 from gradtel.scan import CHUNK, Scanner, count_nonfinite, countable_values
+
+from .conftest import Net
 
 NAN, INF = float("nan"), float("inf")
 REAL = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -300,3 +310,99 @@ def test_exact_counts_launched_at_once_equal_the_two_phase_count(data: st.DataOb
     read = launched.result.tolist()
     assert scanner.finish(values, launched, read) == count_nonfinite(values)
     assert scanner.also_read == [3.0]
+
+
+def test_a_healthy_collect_reads_nothing_to_the_host_but_its_flags(provider: MeterProvider) -> None:
+    model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(20)])  # 20 tiny bias tensors
+    monitor = GradMonitor(model, meter_provider=provider)
+    model(torch.randn(4, 32)).sum().backward()
+    monitor.collect()
+    ops = profiled_ops(monitor.collect)
+    assert "aten::_local_scalar_dense" not in ops and "aten::item" not in ops
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last"])
+def test_non_contiguous_gradients_are_counted_without_copies(
+    provider: MeterProvider, layout: str
+) -> None:
+    if layout == "transposed":
+        param = nn.Parameter(torch.zeros(2048, 512).t())
+    else:
+        param = nn.Parameter(
+            torch.zeros(64, 64, 3, 3).contiguous(memory_format=torch.channels_last)
+        )
+    monitor = GradMonitor([("conv.weight", param)], meter_provider=provider, on_critical="ignore")
+    param.grad = torch.zeros_like(param)
+    assert not param.grad.is_contiguous()
+    for healthy in (True, False):
+        if not healthy:
+            param.grad.fill_(NAN)
+        with profile(record_shapes=True) as prof:
+            monitor.collect()
+        copied = [
+            math.prod(event.input_shapes[0])
+            for event in prof.events()
+            if event.name in ("aten::copy_", "aten::clone", "aten::contiguous")
+            and event.input_shapes
+        ]
+        assert max(copied, default=0) < 1024, (
+            healthy,
+            copied,
+        )  # small results only, never the gradient
+    assert monitor.collect().nan_total == param.numel()
+
+
+def test_plans_are_made_once_per_parameter_when_the_gradient_set_changes(
+    provider: MeterProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gradtel.scan
+
+    experts = nn.ModuleList([nn.Linear(8, 8) for _ in range(8)])
+    monitor = GradMonitor(experts, meter_provider=provider, on_warning="ignore")
+    made: list[int] = []
+    original = gradtel.scan._entry
+    monkeypatch.setattr(gradtel.scan, "_entry", lambda t: made.append(1) or original(t))
+    for step in range(16):  # like a mixture of experts: two experts get gradients per step
+        experts.zero_grad(set_to_none=True)
+        chosen = [step % 8, (step * 3 + 1) % 8]
+        sum(experts[i](torch.randn(2, 8)).sum() for i in set(chosen)).backward()
+        if step == 15:
+            experts[chosen[0]].weight.grad[0, 0] = NAN
+        health = monitor.collect()
+    assert health.nan_by_layer == {str(chosen[0]): 1}
+    assert len(made) == 16  # each of the 16 parameters planned once
+
+
+class GradModeSeen(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.modes: set[bool] = set()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is not torch._C._set_grad_enabled:  # entering no_grad itself
+            self.modes.add(torch.is_grad_enabled())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
+def test_scan_and_clip_build_no_autograd_graph(provider: MeterProvider) -> None:
+    model = Net()
+    monitor = GradMonitor(model, meter_provider=provider, on_warning="ignore")
+    model(torch.randn(4, 8)).pow(2).mean().backward(
+        create_graph=True
+    )  # gradients that require grad
+    model.head.weight.grad.data[0, 0] = NAN
+    assert model.head.weight.grad.requires_grad
+    for work in (
+        monitor.collect,
+        lambda: gradtel.clip_grad_norm_(model.parameters(), 1.0, monitor=monitor),
+    ):
+        with GradModeSeen() as seen:
+            work()
+        assert seen.modes == {False}
+
+
+def profiled_ops(work: Any) -> list[str]:
+    with profile() as prof:
+        work()
+    return [event.name for event in prof.events()]

@@ -9,18 +9,12 @@ import pytest
 import torch
 from opentelemetry.sdk.metrics import MeterProvider
 from prometheus_client import CollectorRegistry
-from torch import nn
 
 import gradtel
 
-from .conftest import sample, samples
+from .conftest import net, sample, samples
 
 NAN = float("nan")
-
-
-def net() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
 
 
 def test_the_step_given_to_collect_is_on_the_health_the_log_and_the_metrics(
@@ -46,13 +40,6 @@ def test_without_a_step_the_monitor_counts_updates(provider: MeterProvider) -> N
     monitor = gradtel.GradMonitor(model, meter_provider=provider)
     model(torch.randn(2, 4)).sum().backward()
     assert [monitor.collect().step for _ in range(3)] == [1, 2, 3]
-
-
-@pytest.mark.parametrize("step", [True, -1, 1.5, "7"])
-def test_a_step_that_is_not_a_count_is_refused(provider: MeterProvider, step: object) -> None:
-    monitor = gradtel.GradMonitor(net(), meter_provider=provider)
-    with pytest.raises(TypeError, match=r"step must be an int >= 0 or None, got"):
-        monitor.collect(step=step)  # type: ignore[arg-type]
 
 
 def test_attached_updates_carry_the_optimizer_step(
@@ -148,18 +135,6 @@ def test_attach_takes_the_users_own_step_and_loss(
     assert sample(found, "gradtel_last_unhealthy_step", kind="nan") == 3762
     assert sample(found, "gradtel_nonfinite_loss_updates_total") == 1
     assert monitor.last_healthy_step == 3763  # the bad update never reached the weights
-
-
-@pytest.mark.parametrize("argument", ["step", "loss"])
-def test_attach_refuses_a_step_or_loss_that_is_not_a_function(
-    provider: MeterProvider, argument: str
-) -> None:
-    model = net()
-    monitor = gradtel.GradMonitor(model, meter_provider=provider)
-    with pytest.raises(
-        TypeError, match=rf"{argument} must be a function that returns this update's {argument}"
-    ):
-        monitor.attach(torch.optim.SGD(model.parameters()), **{argument: 5})  # type: ignore[arg-type]
 
 
 def test_the_step_of_the_newest_incident_whose_first_update_had_a_non_finite_loss(

@@ -11,10 +11,14 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client import CollectorRegistry
 
-from gradtel import Thresholds
+import gradtel
+from gradtel import GradMonitor, Thresholds
 from gradtel.stack import free_port
-from gradtel.watch import Snapshot, fit, frame
+from gradtel.watch import Snapshot, fit, frame, scrape
+
+from .conftest import Net, net_backward
 
 pytestmark = pytest.mark.slow
 
@@ -161,3 +165,33 @@ def test_lines_fit_the_terminal_and_break_between_fields_never_inside_a_word(wid
         " ".join(fitted).split()
     )  # every word whole
     assert any("inf critical 12345" in piece for piece in fitted)  # a field stays on one line
+
+
+def test_watch_never_says_healthy_without_an_update(registry: CollectorRegistry) -> None:
+    thresholds = gradtel.Thresholds()
+    with gradtel.serve(port=0, registry=registry, exit_grace=0) as server:
+        assert server.url is not None
+        empty = frame(server.url, scrape(server.url), None, thresholds, color=False)
+        assert (
+            empty[1]
+            == f"  no gradtel metrics at {server.url}: is this a gradtel endpoint, and is a GradMonitor made?"
+        )
+        provider = gradtel.prometheus_meter_provider(registry)
+        model = Net()
+        monitor = GradMonitor(model, meter_provider=provider)
+        assert (
+            frame(server.url, scrape(server.url), None, thresholds, color=False)[1]
+            == "  no update yet"
+        )
+        monitor.collect()  # no gradient: not scanned
+        lines = frame(server.url, scrape(server.url), None, thresholds, color=False)
+        assert lines[1] == "  unknown (latest update not scanned; 1 not scanned since start)"
+        net_backward(model)
+        monitor.collect()
+        assert (
+            frame(server.url, scrape(server.url), None, thresholds, color=False)[1] == "  healthy"
+        )
+        provider.shutdown()
+    # Two ranks behind one URL, one of which did not look: not "healthy" either.
+    mixed = Snapshot(taken=1.0, updates=5, last_update=1.0, status=0.0, unknown=True)
+    assert frame("u", mixed, None, thresholds, color=False)[1].startswith("  unknown")

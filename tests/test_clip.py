@@ -1,8 +1,10 @@
-"""Health from the clipping pass, and sampled scanning."""
+"""gradtel.clip_grad_norm_: torch's clipping, bit for bit, with the update's health from the
+same pass."""
 
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -13,8 +15,8 @@ from torch import nn
 import gradtel
 from gradtel import GradMonitor, Status
 
-from .conftest import absent, sample, samples
-from .test_scan import ReadOuts
+from .conftest import Net, absent, net_backward, sample, samples
+from .test_scan import ReadOuts, profiled_ops
 
 NAN, INF = float("nan"), float("inf")
 
@@ -175,38 +177,6 @@ def test_sparse_gradients_are_collected_before_torch_clips_them_or_refuses_to(
     assert sample(samples(registry), "gradtel_nan_grads_total", layer=gradtel.ROOT_LAYER) == 1
 
 
-def test_sample_every_scans_one_update_in_n(
-    provider: MeterProvider, registry: CollectorRegistry
-) -> None:
-    model = model_with_grads()
-    monitor = GradMonitor(model, meter_provider=provider, sample_every=3, on_warning="ignore")
-    model[2].bias.grad[0] = NAN
-    results = [monitor.collect() for _ in range(7)]
-    assert [h.sampled for h in results] == [True, False, False, True, False, False, True]
-    assert [h.nan_total for h in results] == [1, 0, 0, 1, 0, 0, 1]
-    assert [h.step for h in results] == list(range(1, 8))
-    unsampled = results[1]
-    assert unsampled.scanned == 0 and unsampled.status is Status.UNKNOWN  # not looked at
-    found = samples(registry)
-    assert sample(found, "gradtel_updates_total") == 3
-    assert sample(found, "gradtel_unhealthy_updates_total", kind="nan", severity="warning") == 3
-
-
-@pytest.mark.parametrize(
-    ("value", "error", "message"),
-    [
-        (0, ValueError, "sample_every must be >= 1, got 0"),
-        (-2, ValueError, "sample_every must be >= 1, got -2"),
-        (1.5, TypeError, r"sample_every must be a positive int, got 1.5 \(float\)"),
-        (True, TypeError, r"sample_every must be a positive int, got True \(bool\)"),
-        ("2", TypeError, r"sample_every must be a positive int, got '2' \(str\)"),
-    ],
-)
-def test_bad_sample_every(value: object, error: type[Exception], message: str) -> None:
-    with pytest.raises(error, match=message):
-        GradMonitor(nn.Linear(2, 2), sample_every=value)  # type: ignore[arg-type]
-
-
 def test_clipping_with_a_parameter_frozen_after_the_monitor_was_made(
     provider: MeterProvider,
 ) -> None:
@@ -242,3 +212,57 @@ def test_clipping_passes_the_scaler_the_loss_and_the_step_to_collect(
     assert sample(found, "gradtel_skipped_updates_total", reason="amp_overflow") == 1  # step 76
     assert sample(found, "gradtel_nonfinite_loss_updates_total") == 1  # step 77: not an overflow
     assert sample(found, "gradtel_last_unhealthy_step", kind="nan") == 77
+
+
+def test_clip_takes_torchs_signature() -> None:
+    ours = list(inspect.signature(gradtel.clip_grad_norm_).parameters.values())
+    theirs = list(inspect.signature(torch.nn.utils.clip_grad_norm_).parameters.values())
+    assert [(p.name, p.kind, p.default) for p in ours[: len(theirs)]] == [
+        (p.name, p.kind, p.default) for p in theirs
+    ]
+    # Then gradtel's own, keyword-only: the monitor, and what collect() takes.
+    assert [(p.name, p.kind) for p in ours[len(theirs) :]] == [
+        (name, inspect.Parameter.KEYWORD_ONLY) for name in ("monitor", "scaler", "loss", "step")
+    ]
+
+
+def test_clip_positional_error_if_nonfinite_and_no_gradients(provider: MeterProvider) -> None:
+    model = Net()
+    monitor = GradMonitor(model, meter_provider=provider, on_critical="ignore")
+    total = gradtel.clip_grad_norm_(model.parameters(), 1.0, monitor=monitor)
+    assert torch.equal(total, torch.tensor(0.0))  # no gradient yet: torch's answer, no error
+    net_backward(model)
+    model.head.weight.grad.fill_(NAN)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        gradtel.clip_grad_norm_(model.parameters(), 1.0, 2.0, True, False, monitor=monitor)
+
+
+@pytest.mark.parametrize("norm_type", [0.0, -1.0, -INF, 0.5, 2.0, INF])
+@pytest.mark.parametrize("bad", [NAN, INF])
+def test_clip_never_misses_a_non_finite_value(
+    provider: MeterProvider, norm_type: float, bad: float
+) -> None:
+    model = Net()
+    monitor = GradMonitor(model, meter_provider=provider, on_warning="ignore")
+    net_backward(model)
+    model.head.weight.grad[0, 0] = bad
+    found = record_collects(monitor)
+    gradtel.clip_grad_norm_(model.parameters(), 1.0, norm_type, monitor=monitor)
+    assert found[0].status is Status.WARNING
+    assert (found[0].nan_total, found[0].inf_total) == ((1, 0) if bad != bad else (0, 1))
+
+
+def test_a_healthy_clip_that_must_raise_on_nonfinite_reads_the_host_once(
+    provider: MeterProvider,
+) -> None:
+    model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(4)])
+    monitor = GradMonitor(model, meter_provider=provider)
+    model(torch.randn(4, 32)).sum().backward()
+
+    def clip() -> None:
+        gradtel.clip_grad_norm_(model.parameters(), 1.0, error_if_nonfinite=True, monitor=monitor)
+
+    clip()
+    ops = profiled_ops(clip)
+    # The total norm rides along with the flags: no second host read to decide whether to raise.
+    assert "aten::_local_scalar_dense" not in ops and "aten::item" not in ops
