@@ -21,14 +21,22 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from ._ratelimit import RateLimitedLog
 
-__all__ = ["Context", "context", "context_of", "contexts"]
+__all__ = ["Claimant", "Context", "Deferred", "context", "context_of", "contexts"]
 
 logger = logging.getLogger("gradtel")
 
 
-class _Claimant(Protocol):
+class Claimant(Protocol):
+    """A monitor, as its context sees it: what it watches."""
+
     @property
     def parameters(self) -> tuple[Any, ...]: ...
+
+
+class Deferred(Protocol):
+    """A monitor with a deferred read-out, as its context sees it: what it can publish."""
+
+    def flush(self, wait: bool = True) -> None: ...
 
 
 class Context:
@@ -61,9 +69,9 @@ class Context:
         self.pending_errors: dict[str, int] = {}
         """Failures counted before any gradtel meter provider exposed on this registry; the
         first one made for it counts them."""
-        self.deferred: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.deferred: weakref.WeakSet[Deferred] = weakref.WeakSet()
         """Monitors with a deferred read-out (``readout="deferred"``)."""
-        self.claims: weakref.WeakKeyDictionary[MeterProvider, weakref.WeakSet[Any]] = (
+        self.claims: weakref.WeakKeyDictionary[MeterProvider, weakref.WeakSet[Claimant]] = (
             weakref.WeakKeyDictionary()
         )
         """The open monitors by the provider they record into."""
@@ -79,7 +87,7 @@ class Context:
         for monitor in list(self.deferred):
             monitor.flush(wait)
 
-    def claim(self, monitor: _Claimant, provider: MeterProvider) -> None:
+    def claim(self, monitor: Claimant, provider: MeterProvider) -> None:
         """Let ``monitor`` record its parameters into ``provider``.
 
         Raises:
@@ -100,7 +108,7 @@ class Context:
                     )
             others.add(monitor)
 
-    def release(self, monitor: _Claimant, provider: MeterProvider) -> None:
+    def release(self, monitor: Claimant, provider: MeterProvider) -> None:
         with self.lock:
             self.claims.get(provider, weakref.WeakSet()).discard(monitor)
 
