@@ -14,12 +14,16 @@ import logging
 import threading
 import weakref
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry.metrics import MeterProvider
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from ._ratelimit import RateLimitedLog
+
+if TYPE_CHECKING:  # they import this module
+    from .exporter import MetricsServer
+    from .telemetry import Instruments
 
 __all__ = ["Claimant", "Context", "Deferred", "context", "context_of", "contexts"]
 
@@ -57,7 +61,7 @@ class Context:
         self.default_provider: MeterProvider | None = None
         """gradtel's own provider, made on first use for a monitor given none (on the
         global ``REGISTRY``)."""
-        self.instruments: weakref.WeakKeyDictionary[MeterProvider, Any] = (
+        self.instruments: weakref.WeakKeyDictionary[MeterProvider, Instruments] = (
             weakref.WeakKeyDictionary()
         )
         """gradtel's instruments on each provider, made once each."""
@@ -75,7 +79,7 @@ class Context:
             weakref.WeakKeyDictionary()
         )
         """The open monitors by the provider they record into."""
-        self.servers: set[Any] = set()
+        self.servers: set[MetricsServer] = set()
         """The running endpoints that serve this registry (strong references: an endpoint
         whose ``serve()`` result was dropped must still wait for its last scrape at exit)."""
         self.error_log = RateLimitedLog(logger)

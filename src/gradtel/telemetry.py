@@ -106,7 +106,7 @@ def default_meter_provider() -> MeterProvider:
         return served.default_provider
 
 
-class _Instruments:
+class Instruments:
     """The instruments themselves, made once per meter provider from the metric contract.
 
     Several monitors may share a provider; asking the SDK twice for the same
@@ -251,13 +251,13 @@ class _Instruments:
                 yield Observation(norm, attrs)
 
 
-def instruments_for(meter_provider: MeterProvider) -> _Instruments:
+def instruments_for(meter_provider: MeterProvider) -> Instruments:
     """The gradtel instruments on ``meter_provider``, made on first use."""
     served = context_of(meter_provider)
     with served.lock:
-        found: _Instruments | None = served.instruments.get(meter_provider)
+        found: Instruments | None = served.instruments.get(meter_provider)
         if found is None:
-            found = served.instruments[meter_provider] = _Instruments(meter_provider)
+            found = served.instruments[meter_provider] = Instruments(meter_provider)
         return found
 
 
