@@ -6,16 +6,22 @@ reports and the exit wait waits for), the monitors that claim parameters on it, 
 endpoints that serve it and their error log. It is found from the registry, the way
 prometheus-client passes ``registry=``, with one default for its global ``REGISTRY``;
 a test that makes its own ``CollectorRegistry`` gets a fresh context with it.
+
+At exit the contexts' deferred monitors publish their pending updates, before the
+endpoints' exit wait and before the reference cycles of a distributed model are collected.
 """
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import threading
 import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
+import torch
 from opentelemetry.metrics import MeterProvider
 from prometheus_client import REGISTRY, CollectorRegistry
 
@@ -25,7 +31,16 @@ if TYPE_CHECKING:  # they import this module
     from .exporter import MetricsServer
     from .telemetry import Instruments
 
-__all__ = ["Claimant", "Context", "Deferred", "context", "context_of", "contexts"]
+__all__ = [
+    "Claimant",
+    "Context",
+    "Deferred",
+    "context",
+    "context_of",
+    "contexts",
+    "flush_at_exit",
+    "free_collectives_at_exit",
+]
 
 logger = logging.getLogger("gradtel")
 
@@ -146,3 +161,38 @@ def contexts() -> Iterable[Context]:
     """Every registry's context, made so far."""
     with _lock:
         return list(_contexts.values())
+
+
+# At exit: every context's deferred monitors publish what they hold.
+
+
+def _flush_all() -> None:
+    for served in contexts():
+        served.publish(wait=True)
+
+
+def flush_at_exit() -> None:
+    """Publish the deferred monitors' pending updates when the interpreter exits."""
+    # Registered with the first such monitor, not at import: exit handlers run last-in
+    # first-out, so this runs before the shutdown hook of a MeterProvider made earlier.
+    atexit.unregister(_flush_all)  # once
+    atexit.register(_flush_all)
+
+
+def free_collectives_at_exit() -> None:
+    """In a distributed run, collect reference cycles when the interpreter begins to exit.
+
+    A gloo work item holds Python objects (the thread-local state it was queued with); its
+    worker thread drops them once it holds the GIL. One still held when the interpreter
+    finalizes aborts the process (``terminate called without an active exception``), with
+    or without gradtel; the cycles of a DDP or FSDP model keep such items alive until then.
+    Collected in an exit handler, they are freed while the worker threads can still run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        atexit.unregister(_publish_then_collect)  # once, however many monitors
+        atexit.register(_publish_then_collect)
+
+
+def _publish_then_collect() -> None:
+    # Publish first: a deferred monitor that only a cycle holds is freed by the collection.
+    _flush_all()
+    gc.collect()

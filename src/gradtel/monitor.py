@@ -18,7 +18,7 @@ from opentelemetry.metrics import MeterProvider
 from . import _checks
 from ._ratelimit import RateLimitedLog
 from .checkpoints import WeightsHealth
-from .context import context_of
+from .context import context_of, flush_at_exit, free_collectives_at_exit
 from .health import GradHealth, Thresholds
 from .hooks import Attachment, attach
 from .layers import DEFAULT_MAX_LAYERS
@@ -26,7 +26,7 @@ from .options import MAX_LAYERS_LIMIT, LayerSeries, MonitorOptions
 from .origin import OriginCounter, install_origin_hook
 from .policy import Action, Policy
 from .ranks import every_rank, process_attributes
-from .readout import Pending, Readout, flush_at_exit, free_collectives_at_exit
+from .readout import Pending, Readout
 from .scan import Scanner
 from .telemetry import GradTelemetry, default_meter_provider
 from .update import Norms, ReadAlong, State, Update, launch

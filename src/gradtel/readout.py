@@ -17,15 +17,11 @@ of the endpoint, ``monitor.flush()``, :attr:`GradMonitor.healthy`,
 
 from __future__ import annotations
 
-import atexit
-import gc
 from collections import deque
 from collections.abc import Iterator
 from typing import Any, Literal, Protocol, TypeVar, get_args
 
 import torch
-
-from .context import contexts
 
 __all__ = [
     "READOUTS",
@@ -33,8 +29,6 @@ __all__ = [
     "Pending",
     "Readout",
     "completes_when_queued",
-    "flush_at_exit",
-    "free_collectives_at_exit",
 ]
 
 Readout = Literal["sync", "deferred"]
@@ -92,35 +86,3 @@ class Pending(deque[R]):
         whose read-out is done, up to the first that is not (order is kept)."""
         while self and (wait or self[0].ready()):
             yield self.popleft()
-
-
-def _flush_all() -> None:
-    for served in contexts():
-        served.publish(wait=True)
-
-
-def flush_at_exit() -> None:
-    """Publish the deferred monitors' pending updates when the interpreter exits."""
-    # Registered with the first such monitor, not at import: exit handlers run last-in
-    # first-out, so this runs before the shutdown hook of a MeterProvider made earlier.
-    atexit.unregister(_flush_all)  # once
-    atexit.register(_flush_all)
-
-
-def free_collectives_at_exit() -> None:
-    """In a distributed run, collect reference cycles when the interpreter begins to exit.
-
-    A gloo work item holds Python objects (the thread-local state it was queued with); its
-    worker thread drops them once it holds the GIL. One still held when the interpreter
-    finalizes aborts the process (``terminate called without an active exception``), with
-    or without gradtel; the cycles of a DDP or FSDP model keep such items alive until then.
-    Collected in an exit handler, they are freed while the worker threads can still run."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        atexit.unregister(_publish_then_collect)  # once, however many monitors
-        atexit.register(_publish_then_collect)
-
-
-def _publish_then_collect() -> None:
-    # Publish first: a deferred monitor that only a cycle holds is freed by the collection.
-    _flush_all()
-    gc.collect()
