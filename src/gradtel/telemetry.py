@@ -597,7 +597,7 @@ class GradTelemetry:
 
     def note_collect(self) -> None:
         """Note a ``collect()`` call, scanned or not: the liveness ``/healthz`` reports."""
-        self.context.last_collect = time.monotonic()
+        self.context.last_collect = self.context.clock()
 
     def touch(self, timestamp: float, sequence: float = math.inf) -> None:
         """Note an update left unscanned outside :meth:`record` (sampled out, or a scan
