@@ -51,8 +51,10 @@ def test_healthz_reports_stale_when_no_update_arrives(
         assert json.loads(body)["seconds_since_update"] == 0.7
         model(torch.ones(1, 2)).sum().backward()
         monitor.collect()
+        clock.advance(0.2)
         status, body = get(health)
         assert status == 200 and json.loads(body)["updates_seen"] is True
+        assert json.loads(body)["seconds_since_update"] == 0.2  # since that collect() call
         assert get(health.replace("/healthz", "/nothing"))[0] == 404
 
 
