@@ -26,6 +26,25 @@ def registry() -> CollectorRegistry:
     return CollectorRegistry()
 
 
+class FakeClock:
+    """A clock that stands still until advanced: the time-dependent parts take it as their
+    ``clock``, so a window of minutes is crossed without waiting."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
 @pytest.fixture
 def provider(registry: CollectorRegistry) -> Iterator[MeterProvider]:
     provider = gradtel.prometheus_meter_provider(registry)

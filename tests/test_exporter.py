@@ -23,8 +23,9 @@ from torch import nn
 
 import gradtel
 from gradtel import GradMonitor, MetricsServer, PortInUseError, serve
+from gradtel.context import context
 
-from .conftest import Net, fetch, net_backward, parse, require_tool, sample, scrape
+from .conftest import FakeClock, Net, fetch, net_backward, parse, require_tool, sample, scrape
 
 CONTRACT_TYPES = {
     "gradtel_nan_grads": "counter",
@@ -330,7 +331,10 @@ def test_rank_label_comes_from_the_launcher_before_init_process_group(
     assert process_attributes() == {}
 
 
-def test_healthz_follows_collect_calls_not_scanned_updates(registry: CollectorRegistry) -> None:
+def test_healthz_follows_collect_calls_not_scanned_updates(
+    registry: CollectorRegistry, clock: FakeClock
+) -> None:
+    context(registry).clock = clock
     provider = gradtel.prometheus_meter_provider(registry)
     model = Net()
     monitor = GradMonitor(model, meter_provider=provider, sample_every=20)
@@ -341,7 +345,7 @@ def test_healthz_follows_collect_calls_not_scanned_updates(registry: CollectorRe
         health_url = server.url.replace("/metrics", "/healthz")
         for _ in range(30):  # 1.5 s of collect() calls every 50 ms: one scan in 20
             monitor.collect()
-            time.sleep(0.05)
+            clock.advance(0.05)
             try:
                 with urllib.request.urlopen(health_url, timeout=5) as response:
                     statuses.append((response.status, json.loads(response.read())["status"]))

@@ -14,7 +14,7 @@ from torch import nn
 import gradtel
 from gradtel.telemetry import RollingMax
 
-from .conftest import sample, samples
+from .conftest import FakeClock, sample, samples
 
 
 def trained(seed: int = 0) -> nn.Sequential:
@@ -120,21 +120,20 @@ def test_the_peak_holds_a_spike_that_the_latest_norm_has_left(
 
 
 def test_the_peak_covers_its_window_of_wall_time_when_no_norm_comes(
-    provider: MeterProvider, registry: CollectorRegistry
+    provider: MeterProvider, registry: CollectorRegistry, clock: FakeClock
 ) -> None:
-    now = [1000.0]
     model = trained(7)
     monitor = gradtel.GradMonitor(model, meter_provider=provider, grad_norm=True)
-    monitor._telemetry.clock = lambda: now[0]
+    monitor._telemetry.clock = clock
     for p in model.parameters():
         p.grad.mul_(50)
     spike = monitor.collect().grad_norm
-    now[0] += 60
+    clock.advance(60)
     for p in model.parameters():
         p.grad.fill_(float("nan"))  # then only non-finite norms: a run of NaN updates
     monitor.collect()
     assert sample(samples(registry), "gradtel_grad_norm_peak") == pytest.approx(spike)
-    now[0] += 61  # 121 s after the spike, no finite norm since
+    clock.advance(61)  # 121 s after the spike, no finite norm since
     scraped = samples(registry)
     assert ("gradtel_grad_norm_peak", frozenset()) not in scraped
     assert sample(scraped, "gradtel_grad_norm") == pytest.approx(spike)  # the latest finite one

@@ -21,9 +21,10 @@ from torch import nn
 
 import gradtel
 from gradtel import GradMonitor, serve
+from gradtel.context import context
 from gradtel.stack import Stack, StackTimings
 
-from .conftest import parse, require_tool, sample, samples
+from .conftest import FakeClock, parse, require_tool, sample, samples
 
 
 def get(url: str, context: ssl.SSLContext | None = None) -> tuple[int, str]:
@@ -35,21 +36,25 @@ def get(url: str, context: ssl.SSLContext | None = None) -> tuple[int, str]:
 
 
 def test_healthz_reports_stale_when_no_update_arrives(
-    provider: MeterProvider, registry: CollectorRegistry
+    provider: MeterProvider, registry: CollectorRegistry, clock: FakeClock
 ) -> None:
+    context(registry).clock = clock
     model = nn.Linear(2, 2)
     monitor = GradMonitor(model, meter_provider=provider)
     with serve(port=0, registry=registry, stale_after=0.5, exit_grace=0) as server:
         health = (server.url or "").replace("/metrics", "/healthz")
         status, body = get(health)
         assert status == 200 and json.loads(body)["status"] == "ok"
-        time.sleep(0.7)
+        clock.advance(0.7)
         status, body = get(health)
         assert status == 503 and json.loads(body)["status"] == "stale"
+        assert json.loads(body)["seconds_since_update"] == 0.7
         model(torch.ones(1, 2)).sum().backward()
         monitor.collect()
+        clock.advance(0.2)
         status, body = get(health)
         assert status == 200 and json.loads(body)["updates_seen"] is True
+        assert json.loads(body)["seconds_since_update"] == 0.2  # since that collect() call
         assert get(health.replace("/healthz", "/nothing"))[0] == 404
 
 

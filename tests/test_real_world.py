@@ -26,9 +26,19 @@ from torch import nn
 
 import gradtel
 from gradtel import GradMonitor, serve
+from gradtel._ratelimit import RateLimitedLog
 from gradtel.stack import free_port
 
-from .conftest import default_ctrl_c, fetch, parse, require_tool, sample, samples, scrape
+from .conftest import (
+    FakeClock,
+    default_ctrl_c,
+    fetch,
+    parse,
+    require_tool,
+    sample,
+    samples,
+    scrape,
+)
 from .test_cli import start_demo
 
 NAN = float("nan")
@@ -346,24 +356,43 @@ def test_tls_setup_errors_name_the_file_and_leave_no_socket(
 
 
 def test_warn_logs_the_first_unhealthy_update_then_one_line_a_minute(
-    provider: MeterProvider, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    provider: MeterProvider, caplog: pytest.LogCaptureFixture, clock: FakeClock
 ) -> None:
-    monkeypatch.setattr(gradtel.policy, "WARN_INTERVAL", 0.5)  # a minute, shortened
     model = nn.Linear(4, 4)
     monitor = GradMonitor(model, meter_provider=provider)
+    monitor._policy.clock = clock
     model(torch.randn(2, 4)).sum().backward()
     model.weight.grad[0, 0] = NAN
     with caplog.at_level(logging.WARNING, logger="gradtel"):
-        for _ in range(50):
+        for _ in range(50):  # one update a second: 49 s without a second line
             monitor.collect()
+            clock.advance(1)
         assert len(caplog.records) == 1
-        time.sleep(0.6)
+        clock.advance(10)  # a minute since the first line
         monitor.collect()
     assert [r.getMessage() for r in caplog.records] == [
         "gradtel: step 1 is warning: NaN=1 Inf=0 (warning > 0, critical > 5); top layers: (root) (1); "
         "first NaN layer in backward order: (root)",
         "gradtel: step 51 is warning: NaN=1 Inf=0 (warning > 0, critical > 5); top layers: (root) (1); "
         "first NaN layer in backward order: (root) (49 more warning updates since the last line)",
+    ]
+
+
+def test_a_failure_is_logged_once_a_minute_per_stage(
+    caplog: pytest.LogCaptureFixture, clock: FakeClock
+) -> None:
+    log = RateLimitedLog(logging.getLogger("gradtel"), clock=clock)
+    with caplog.at_level(logging.WARNING, logger="gradtel"):
+        assert log.log("scan", logging.WARNING, "scan failed %d", 1)
+        clock.advance(59.9)
+        assert not log.log("scan", logging.WARNING, "scan failed %d", 2)
+        assert log.log("record", logging.WARNING, "record failed")  # a stage has its own minute
+        clock.advance(0.1)
+        assert log.log("scan", logging.WARNING, "scan failed %d", 3)
+    assert [r.getMessage() for r in caplog.records] == [
+        "scan failed 1",
+        "record failed",
+        "scan failed 3",
     ]
 
 

@@ -17,8 +17,9 @@ import atexit
 import gc
 import logging
 import threading
+import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -80,8 +81,11 @@ class Context:
             weakref.WeakKeyDictionary()
         )
         """gradtel's instruments on each provider, made once each."""
+        self.clock: Callable[[], float] = time.monotonic
+        """Monotonic seconds that ``last_collect`` and the ``/healthz`` staleness are
+        measured on; replaced before the endpoint starts, if at all."""
         self.last_collect: float | None = None
-        """``time.monotonic()`` of the latest ``collect()`` call, scanned or not, or None."""
+        """``clock()`` at the latest ``collect()`` call, scanned or not, or None."""
         self.last_unhealthy: float | None = None
         """``time.monotonic()`` of the latest unhealthy update recorded, or of the uncaught
         exception that ends the process: what the exit wait waits to see scraped. None: none."""

@@ -147,7 +147,7 @@ def _health(recorded: Context, stale_after: float, started: float) -> tuple[str,
     # Liveness of the training loop: any collect() call counts, scanned or
     # sampled out, so that sample_every never makes a healthy job look stale.
     called = recorded.last_collect
-    since = time.monotonic() - (started if called is None else max(called, started))
+    since = recorded.clock() - (started if called is None else max(called, started))
     ok = since <= stale_after
     body = {
         "status": "ok" if ok else "stale",
@@ -163,7 +163,7 @@ def _app(
 ) -> Callable[..., Iterable[bytes]]:
     metrics = make_wsgi_app(registry)
     recorded = context(server.served)
-    started = time.monotonic()
+    started = recorded.clock()
     # One collection at a time: concurrent ones contend for the instruments' locks
     # with the training thread's records (measured: 60x slower steps under 20
     # back-to-back scrapers, 9x with this lock). Slow clients still do not wait on

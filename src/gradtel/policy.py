@@ -14,7 +14,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Literal, get_args
 
 import torch
@@ -58,17 +58,25 @@ class Policy:
     Args:
         on_warning: Action for an update in the warning band.
         on_critical: Action for a critical update.
+        clock: Monotonic seconds; the interval between two log lines is measured on it.
 
     Raises:
         ValueError: an action is not one of ``ignore``, ``warn``, ``raise``, ``skip``.
     """
 
-    def __init__(self, on_warning: object, on_critical: object) -> None:
+    def __init__(
+        self,
+        on_warning: object,
+        on_critical: object,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._actions = {
             Status.WARNING: check_action("on_warning", on_warning),
             Status.CRITICAL: check_action("on_critical", on_critical),
         }
         self.interval = WARN_INTERVAL
+        self.clock = clock
         self._last_line = {Status.WARNING: -math.inf, Status.CRITICAL: -math.inf}
         self._unlogged = {Status.WARNING: 0, Status.CRITICAL: 0}
         self._lock = threading.Lock()
@@ -100,7 +108,7 @@ class Policy:
 
     def _log(self, health: GradHealth, line: str) -> None:
         """The first warning and the first critical update at once, then one line a minute each."""
-        status, now = health.status, time.monotonic()
+        status, now = health.status, self.clock()
         with self._lock:
             if now - self._last_line[status] < self.interval:
                 self._unlogged[status] += 1

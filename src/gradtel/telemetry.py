@@ -309,7 +309,8 @@ def count_exception(exc_type: type[BaseException]) -> None:
 
 
 class RollingMax:
-    """The largest value added in the last ``seconds``, in O(1) amortized per value.
+    """The largest value added in the last ``seconds``, in O(1) amortized per value. The
+    times (``now``) come from the owner's clock: this class never reads one.
 
     >>> peak = RollingMax(60)
     >>> peak.add(3.0, now=0), peak.add(1.0, now=30), peak.add(2.0, now=70)
@@ -320,22 +321,20 @@ class RollingMax:
         self.seconds = seconds
         self._kept: deque[tuple[float, float]] = deque()  # (time, value), values decreasing
 
-    def add(self, value: float, now: float | None = None) -> float:
-        now = time.monotonic() if now is None else now
+    def add(self, value: float, now: float) -> float:
         kept = self._kept
         while kept and kept[-1][1] <= value:
             kept.pop()
         kept.append((now, value))
         return self.peak(now)  # type: ignore[return-value]
 
-    def peak(self, now: float | None = None) -> float | None:
+    def peak(self, now: float) -> float | None:
         """The largest value added in the last ``seconds`` before ``now``; None if none was.
 
         >>> peak = RollingMax(60)
         >>> peak.add(3.0, now=0), peak.peak(now=59), peak.peak(now=61)
         (3.0, 3.0, None)
         """
-        now = time.monotonic() if now is None else now
         kept = self._kept
         while kept and kept[0][0] < now - self.seconds:
             kept.popleft()
@@ -597,7 +596,7 @@ class GradTelemetry:
 
     def note_collect(self) -> None:
         """Note a ``collect()`` call, scanned or not: the liveness ``/healthz`` reports."""
-        self.context.last_collect = time.monotonic()
+        self.context.last_collect = self.context.clock()
 
     def touch(self, timestamp: float, sequence: float = math.inf) -> None:
         """Note an update left unscanned outside :meth:`record` (sampled out, or a scan
