@@ -4,16 +4,7 @@ live together, and the rule file, the rule tests and the runbook iterate over
 
 from __future__ import annotations
 
-from . import (
-    amp_collapse,
-    amp_skips,
-    crash,
-    down,
-    norm_spike,
-    nothing_scanned,
-    stalled,
-    unhealthy,
-)
+from . import amp_collapse, amp_skips, crash, down, norm_spike, nothing_scanned, stalled, unhealthy
 from .alert import Alert, Case
 
 __all__ = ["ALERTS", "Alert", "Case"]

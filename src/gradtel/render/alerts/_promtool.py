@@ -7,16 +7,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ...metrics import (
-    GRADS_TOTAL,
-    START_TIME,
-    UNHEALTHY_UPDATES,
-    Metric,
-)
-from ..options import (
-    KitOptions,
-    duration_seconds,
-)
+from ...metrics import GRADS_TOTAL, START_TIME, UNHEALTHY_UPDATES, Metric
+from ..options import KitOptions, duration_seconds
 
 INSTANCE = "trainer-0:9464"
 

@@ -4,17 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...metrics import (
-    AMP_LOSS_SCALE,
-    SKIPPED_UPDATES,
-    START_TIME,
-)
-from ..options import (
-    AMP_COLLAPSE_ALERT,
-    AMP_SKIPS_ALERT,
-    KitOptions,
-    duration_seconds,
-)
+from ...metrics import AMP_LOSS_SCALE, SKIPPED_UPDATES, START_TIME
+from ..options import AMP_COLLAPSE_ALERT, AMP_SKIPS_ALERT, KitOptions, duration_seconds
 from . import promql
 from ._promtool import (
     GAP,
@@ -29,6 +20,8 @@ from ._promtool import (
     _series,
 )
 from .alert import Alert, Case
+
+__all__ = ["ALERT"]
 
 
 def _collapsed(o: KitOptions, selector: str) -> str:
@@ -52,7 +45,7 @@ def _rule(o: KitOptions) -> dict[str, Any]:
     )
     return {
         "alert": AMP_COLLAPSE_ALERT,
-        "expr": f"count by ({promql.INCIDENT}) (\n  {_collapsed(o, o.job_selector)}\n)",
+        "expr": promql.per_run(_collapsed(o, o.job_selector)),
         "labels": {"severity": "critical"},
         "annotations": {
             "summary": "The AMP loss scale collapsed: training has stopped learning",

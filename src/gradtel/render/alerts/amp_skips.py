@@ -4,29 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...metrics import (
-    SKIPPED_UPDATES,
-    UPDATES,
-)
-from ..options import (
-    AMP_SKIPS_ALERT,
-    AMP_SKIPS_FOR,
-    KitOptions,
-    duration_seconds,
-)
+from ...metrics import SKIPPED_UPDATES, UPDATES
+from ..options import AMP_SKIPS_ALERT, AMP_SKIPS_FOR, KitOptions, duration_seconds
 from . import promql
-from ._promtool import (
-    GAP,
-    _check,
-    _labels,
-    _life,
-    _lives,
-    _minutes,
-    _more,
-    _scrapes,
-    _series,
-)
+from ._promtool import GAP, _check, _labels, _life, _lives, _minutes, _more, _scrapes, _series
 from .alert import Alert, Case
+
+__all__ = ["ALERT"]
 
 
 def _rule(o: KitOptions) -> dict[str, Any]:
@@ -36,9 +20,11 @@ def _rule(o: KitOptions) -> dict[str, Any]:
         "alert": AMP_SKIPS_ALERT,
         # The first-steps overflows of an fp16 run are the scaler doing its job; a
         # share of skipped updates that stays high is a loss scale collapsing.
-        "expr": (
-            f"count by ({promql.INCIDENT}) (\n  {skipped}\n  / ignoring (reason)\n"
-            f"  increase({UPDATES}{{{sel}}}[{w}])\n  > {o.amp_skip_ratio:g}\n)"
+        "expr": promql.per_run(
+            skipped,
+            "/ ignoring (reason)",
+            f"increase({UPDATES}{{{sel}}}[{w}])",
+            f"> {o.amp_skip_ratio:g}",
         ),
         "for": AMP_SKIPS_FOR,
         "labels": {"severity": "warning"},
@@ -72,6 +58,7 @@ def _amp_skips_alert(o: KitOptions) -> dict[str, Any]:
 
 
 def _behaviours(o: KitOptions, case: Case) -> None:
+    """One case per behaviour of the alert."""
     window = _minutes(duration_seconds(o.window, "window"))
     span = window + 10  # every case runs well past one window
     hold = _minutes(duration_seconds(AMP_SKIPS_FOR, "for"))

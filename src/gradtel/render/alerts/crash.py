@@ -14,14 +14,7 @@ from ...metrics import (
     UPDATE_STATUS,
     Metric,
 )
-from ..options import (
-    ALERT_NAMES,
-    CRASH_ALERT,
-    DOWN_ALERT,
-    KINDS,
-    KitOptions,
-    duration_seconds,
-)
+from ..options import ALERT_NAMES, CRASH_ALERT, DOWN_ALERT, KINDS, KitOptions, duration_seconds
 from . import promql
 from ._promtool import (
     GAP,
@@ -40,6 +33,8 @@ from ._promtool import (
     _series,
 )
 from .alert import Alert, Case
+
+__all__ = ["ALERT"]
 
 
 def _crashed(o: KitOptions, scope: str, unhealthy: str = "") -> str:

@@ -4,30 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...metrics import (
-    ERRORS,
-    UPDATES,
-)
-from ..options import (
-    DOWN_ALERT,
-    KitOptions,
-    duration_seconds,
-)
+from ...metrics import ERRORS, UPDATES
+from ..options import DOWN_ALERT, KitOptions, duration_seconds
 from . import promql
-from ._promtool import (
-    GAP,
-    INSTANCE,
-    _check,
-    _labels,
-    _minutes,
-    _rank,
-    _scrapes,
-    _series,
-)
+from ._promtool import GAP, INSTANCE, _check, _labels, _minutes, _rank, _scrapes, _series
 from .alert import Alert, Case
+
+__all__ = ["ALERT"]
 
 
 def _behaviours(o: KitOptions, case: Case) -> None:
+    """One case per behaviour of the alert."""
     window = _minutes(duration_seconds(o.window, "window"))
     span = window + 10  # every case runs well past one window
     ranks = [_rank(o, r) for r in range(4)]

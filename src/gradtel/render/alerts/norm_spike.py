@@ -4,19 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...metrics import (
-    GRAD_NORM,
-    GRAD_NORM_PEAK,
-    NORM_PEAK_SECONDS,
-    START_TIME,
-    Metric,
-)
-from ..options import (
-    NORM_SPIKE_ALERT,
-    KitOptions,
-    duration_seconds,
-    duration_text,
-)
+from ...metrics import GRAD_NORM, GRAD_NORM_PEAK, NORM_PEAK_SECONDS, START_TIME, Metric
+from ..options import NORM_SPIKE_ALERT, KitOptions, duration_seconds, duration_text
 from . import promql
 from ._promtool import (
     GAP,
@@ -31,6 +20,8 @@ from ._promtool import (
     _series,
 )
 from .alert import Alert, Case
+
+__all__ = ["ALERT"]
 
 
 def _norm_median(o: KitOptions, selector: str) -> str:
@@ -56,10 +47,13 @@ def _rule(o: KitOptions) -> dict[str, Any]:
     peak = promql.query(f"max({_norm_peak(promql.RUN_SCOPE)})", *promql.RUN_ARGS)
     return {
         "alert": NORM_SPIKE_ALERT,
-        "expr": (
-            f"count by ({promql.INCIDENT}) (\n  {_norm_peak(sel)}\n  > {factor} * {_norm_median(o, sel)}\n"
-            f"  and\n  present_over_time({GRAD_NORM}{{{sel}}}[{o.spike_baseline}] offset {o.spike_history})\n"
-            f"  and on ({promql.PROCESS})\n  {promql.started(o, sel)} < time() - {history}\n)"
+        "expr": promql.per_run(
+            _norm_peak(sel),
+            f"> {factor} * {_norm_median(o, sel)}",
+            "and",
+            f"present_over_time({GRAD_NORM}{{{sel}}}[{o.spike_baseline}] offset {o.spike_history})",
+            f"and on ({promql.PROCESS})",
+            f"{promql.started(o, sel)} < time() - {history}",
         ),
         "labels": {"severity": "warning"},
         "annotations": {

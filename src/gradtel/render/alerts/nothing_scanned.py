@@ -5,17 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ...metrics import (
-    ERRORS,
-    UNSCANNED_UPDATES,
-    UPDATE_STATUS,
-    UPDATES,
-)
-from ..options import (
-    NOTHING_SCANNED_ALERT,
-    KitOptions,
-    duration_seconds,
-)
+from ...metrics import ERRORS, UNSCANNED_UPDATES, UPDATE_STATUS, UPDATES
+from ..options import NOTHING_SCANNED_ALERT, KitOptions, duration_seconds
 from . import promql
 from ._promtool import (
     GAP,
@@ -31,6 +22,8 @@ from ._promtool import (
 )
 from .alert import Alert, Case
 
+__all__ = ["ALERT"]
+
 
 def _rule(o: KitOptions) -> dict[str, Any]:
     sel, w = o.job_selector, o.window
@@ -38,11 +31,10 @@ def _rule(o: KitOptions) -> dict[str, Any]:
         "alert": NOTHING_SCANNED_ALERT,
         # Due updates arrive, none is scanned: gradtel is blind and says so, rather
         # than letting a quiet dashboard look healthy.
-        "expr": (
-            f"count by ({promql.INCIDENT}) (\n"
-            f"  sum without (reason) (increase({UNSCANNED_UPDATES}{{{sel}}}[{w}])) > 0\n"
-            f"  unless on (job, instance, rank)\n"
-            f"  increase({UPDATES}{{{sel}}}[{w}]) > 0\n)"
+        "expr": promql.per_run(
+            f"sum without (reason) (increase({UNSCANNED_UPDATES}{{{sel}}}[{w}])) > 0",
+            "unless on (job, instance, rank)",
+            f"increase({UPDATES}{{{sel}}}[{w}]) > 0",
         ),
         "labels": {"severity": "warning"},
         "annotations": {
@@ -75,6 +67,7 @@ def _nothing_scanned_alert(o: KitOptions) -> dict[str, Any]:
 
 
 def _behaviours(o: KitOptions, case: Case) -> None:
+    """One case per behaviour of the alert."""
     window = _minutes(duration_seconds(o.window, "window"))
     span = window + 10  # every case runs well past one window
     unscanned = [

@@ -18,6 +18,7 @@ __all__ = [
     "counted",
     "held",
     "new_or_increased",
+    "per_run",
     "query",
     "run_series",
     "started",
@@ -41,6 +42,13 @@ RUN_SCOPE = "job=%[1]q,run=%[2]q"
 and ``%[3]q`` is the alert's ``kind`` where the query passes it."""
 RUN_ARGS = ("$labels.job", _RUN)
 KIND_ARGS = (*RUN_ARGS, "$labels.kind")
+
+
+def per_run(*lines: str, by: str = "") -> str:
+    """One series per run (and per ``by``), valued by how many series the expression of
+    ``lines`` (one a line) has there: every alert is one per run, whatever its ranks."""
+    labels = f"{INCIDENT}, {by}" if by else INCIDENT
+    return f"count by ({labels}) (\n  " + "\n  ".join(lines) + "\n)"
 
 
 def query(template: str, *args: str) -> str:

@@ -5,29 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ...metrics import (
-    LAST_UPDATE_TIMESTAMP,
-)
-from ..options import (
-    DOWN_ALERT,
-    STALLED_ALERT,
-    KitOptions,
-    duration_seconds,
-    duration_text,
-)
+from ...metrics import LAST_UPDATE_TIMESTAMP
+from ..options import DOWN_ALERT, STALLED_ALERT, KitOptions, duration_seconds, duration_text
 from . import promql
-from ._promtool import (
-    INSTANCE,
-    Value,
-    _check,
-    _labels,
-    _life,
-    _lives,
-    _minutes,
-    _scrapes,
-    _series,
-)
+from ._promtool import INSTANCE, Value, _check, _labels, _life, _lives, _minutes, _scrapes, _series
 from .alert import Alert, Case
+
+__all__ = ["ALERT"]
 
 
 def _stalled(o: KitOptions, selector: str) -> str:
@@ -56,6 +40,7 @@ def _stalled_alert(o: KitOptions) -> dict[str, Any]:
 
 
 def _behaviours(o: KitOptions, case: Case) -> None:
+    """One case per behaviour of the alert."""
     up_labels = _labels(o)
     stall = duration_seconds(o.stall_after, "stall_after")
     last_update = 5 * 60  # updates every minute until 5m, then none
@@ -148,7 +133,7 @@ def rules(o: KitOptions) -> list[dict[str, Any]]:
     return [
         {
             "alert": STALLED_ALERT,
-            "expr": f"count by ({promql.INCIDENT}) (\n  {_stalled(o, o.job_selector)}\n)",
+            "expr": promql.per_run(_stalled(o, o.job_selector)),
             "labels": {"severity": "warning"},
             "annotations": {
                 "summary": "Training is up but gradtel sees no update",

@@ -1,4 +1,5 @@
-"""The unhealthy-update alerts, one per kind (NaN, Inf) and severity: an update whose gradients held NaN or Inf values."""
+"""The unhealthy-update alerts, one per kind (NaN, Inf) and severity: an update whose
+gradients held NaN or Inf values."""
 
 from __future__ import annotations
 
@@ -18,13 +19,7 @@ from ...metrics import (
     UPDATE_GRADS,
     UPDATES,
 )
-from ..options import (
-    ALERT_NAMES,
-    KINDS,
-    KitOptions,
-    duration_seconds,
-    duration_text,
-)
+from ..options import ALERT_NAMES, KINDS, KitOptions, duration_seconds, duration_text
 from . import promql
 from ._promtool import (
     GAP,
@@ -48,6 +43,8 @@ from ._promtool import (
     _steps,
 )
 from .alert import Alert, Case
+
+__all__ = ["ALERT", "band_text"]
 
 
 def band_text(o: KitOptions, severity: str) -> str:
@@ -114,7 +111,7 @@ def _rule(o: KitOptions, kind: str, severity: str) -> dict[str, Any]:
     return {
         "alert": ALERT_NAMES[kind],
         # One alert per run, its value the number of ranks affected.
-        "expr": f"count by ({promql.INCIDENT}, kind) (\n  {counted}\n)",
+        "expr": promql.per_run(counted, by="kind"),
         # An unhealthy update is a discrete failure, fired on at once but for this: the
         # ranks' scrapes of one update are spread over a scrape interval, and Prometheus
         # sends a firing alert's later annotations only after its resend delay (1m by
