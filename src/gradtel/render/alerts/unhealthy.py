@@ -65,6 +65,11 @@ def _origin_template(o: KitOptions) -> str:
     )
 
 
+def _first_bad(o: KitOptions) -> str:
+    """The step of each first bad layer of the alert's run and kind, of its newest incident."""
+    return promql.as_it_stands(o, promql.run_series(FIRST_BAD_LAYER, kind=True))
+
+
 def _loss_template(o: KitOptions) -> str:
     """Says the values entered in the forward pass when the incident's first unhealthy update
     already had a non-finite loss. Once NaN is in the weights every later loss is NaN too, so
@@ -75,8 +80,7 @@ def _loss_template(o: KitOptions) -> str:
     loss = promql.as_it_stands(
         o, promql.run_series(NONFINITE_LOSS_INCIDENT_STEP, kind=True), per_process=True
     )
-    first_bad = promql.as_it_stands(o, promql.run_series(FIRST_BAD_LAYER, kind=True))
-    query = promql.query(f"{loss} == on () group_left () max({first_bad})", *promql.KIND_ARGS)
+    query = promql.query(f"{loss} == on () group_left () max({_first_bad(o)})", *promql.KIND_ARGS)
     return f"{{{{ with {query} }}}} The loss was already non-finite: it entered in the forward pass.{{{{ end }}}}"
 
 
@@ -96,8 +100,7 @@ def _top_layers_template(o: KitOptions, kind: str) -> str:
 
 def _first_bad_template(o: KitOptions) -> str:
     """The first bad layer of the alert's kind and its step: of the newest incident."""
-    series = promql.as_it_stands(o, promql.run_series(FIRST_BAD_LAYER, kind=True))
-    query = promql.query(f"topk(1, max by (layer) {series})", *promql.KIND_ARGS)
+    query = promql.query(f"topk(1, max by (layer) {_first_bad(o)})", *promql.KIND_ARGS)
     return (
         f"{{{{ with {query} }}}}{{{{ with index . 0 }}}} First bad layer in backward order: "
         "{{ .Labels.layer }}, at step {{ .Value }}.{{ end }}{{ end }}"
