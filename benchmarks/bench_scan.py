@@ -227,7 +227,7 @@ def bench_telemetry(layers: int, quick: bool) -> dict[str, float]:
     healthy = GradHealth(scanned=2 * layers)
 
     def record() -> None:
-        telemetry.record(healthy, duration=1e-3, timestamp=time.time())
+        telemetry.record(healthy, duration=1e-3, timestamp=time.time(), sequence=1)
 
     recording = measure(record, 2000 if not quick else 200)
     with gradtel.serve(port=0, registry=registry, exit_grace=0) as server:

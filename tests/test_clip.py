@@ -266,3 +266,29 @@ def test_a_healthy_clip_that_must_raise_on_nonfinite_reads_the_host_once(
     ops = profiled_ops(clip)
     # The total norm rides along with the flags: no second host read to decide whether to raise.
     assert "aten::_local_scalar_dense" not in ops and "aten::item" not in ops
+
+
+@pytest.mark.parametrize("sample_every", [1, 2])
+@pytest.mark.parametrize("frozen", [True, False])
+def test_clipping_goes_on_when_a_layer_is_added_in_training(
+    provider: MeterProvider, sample_every: int, frozen: bool
+) -> None:
+    """The norms clipping computed are for the parameters watched before the layer came: the
+    refresh inside collect() scans the gradients instead, and training never sees an error."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    monitor = GradMonitor(
+        model, meter_provider=provider, sample_every=sample_every, on_error="raise"
+    )
+    collected = record_collects(monitor)
+    for step in range(4):
+        if step == 1:
+            model.add_module("extra", nn.Linear(1, 1).requires_grad_(not frozen))
+        model.zero_grad()
+        model[1](model[0](torch.ones(2, 4))).sum().backward()
+        model[1].weight.grad[0, 0] = NAN
+        total = gradtel.clip_grad_norm_(model.parameters(), 1.0, monitor=monitor)
+        assert torch.isnan(total)
+    assert "extra" in monitor.layers
+    assert [h.nan_total for h in collected] == [
+        1 if step % sample_every == 0 else 0 for step in range(4)
+    ]

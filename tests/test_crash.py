@@ -220,3 +220,24 @@ def test_with_two_monitors_one_that_did_not_scan_its_latest_update_makes_a_crash
     assert gradients_before_crash(both) == "unknown"
     sampling.close()  # a closed monitor no longer describes the training
     assert gradients_before_crash(both) == "healthy"
+
+
+@pytest.mark.parametrize("between", ["sampled out", "no gradients"])
+def test_an_attached_monitor_whose_latest_update_was_scanned_calls_a_crash_healthy(
+    provider: MeterProvider, between: str
+) -> None:
+    """attach() scans at the end of backward, before collect() counts the update: the
+    update is still the one that collect() made, not the one before it."""
+    model = torch.nn.Linear(4, 1)
+    monitor = gradtel.GradMonitor(
+        model, meter_provider=provider, sample_every=2 if between == "sampled out" else 1
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor.attach(optimizer)
+    for update in range(3):
+        optimizer.zero_grad()
+        if update != 1 or between == "sampled out":
+            model(torch.ones(1, 4)).sum().backward()
+        optimizer.step()
+        state = gradients_before_crash([monitor._telemetry])
+        assert state == ("unknown" if update == 1 else "healthy"), update

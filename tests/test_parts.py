@@ -117,3 +117,28 @@ def test_the_deferred_queue_publishes_in_order_up_to_the_first_unfinished() -> N
     assert len(list(queue.take(wait=False))) == 1  # the third waits for the second
     assert len(queue) == 2
     assert len(list(queue.take(wait=True))) == 2 and not queue
+
+
+def test_a_monitor_s_options_cannot_be_replaced() -> None:
+    monitor = gradtel.GradMonitor(
+        nn.Linear(2, 2), meter_provider=gradtel.prometheus_meter_provider(_registry())
+    )
+    with pytest.raises(AttributeError):
+        monitor.options = MonitorOptions(sample_every=3)  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        monitor.sample_every = 3  # type: ignore[misc]
+    monitor.close()
+
+
+def test_a_registry_gradtel_counted_an_error_in_is_freed_with_it() -> None:
+    import gc
+    import weakref
+
+    from gradtel.telemetry import count_error
+
+    registry = _registry()
+    count_error("serve", registry)  # type: ignore[arg-type]
+    gone = weakref.ref(registry)
+    del registry
+    gc.collect()
+    assert gone() is None

@@ -29,11 +29,12 @@ EXPORTED = {
 
 
 def modules() -> list[str]:
-    """Every module of the package, found by walking it (a new module is checked too)."""
+    """Every public module of the package, found by walking it (a new module is checked
+    too); a ``_private`` module's names are the package's own."""
     return [
         info.name
         for info in pkgutil.walk_packages(gradtel.__path__, prefix="gradtel.")
-        if info.name.rsplit(".", 1)[-1] != "__main__"
+        if not info.name.rsplit(".", 1)[-1].startswith("_")
     ]
 
 

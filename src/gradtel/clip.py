@@ -15,6 +15,7 @@ import torch
 
 from .monitor import GradMonitor
 from .scan import per_tensor_norms, stacked
+from .watched import same_objects
 
 __all__ = ["clip_grad_norm_"]
 
@@ -104,9 +105,7 @@ def clip_grad_norm_(
     every = stacked(norms)
     total: torch.Tensor = torch.linalg.vector_norm(every, norm_type)
     known: float | None = None  # the total, when read with the update's own read-out
-    if len(with_grad) == len(monitor.parameters) and all(
-        mine is theirs for mine, theirs in zip(with_grad, monitor.parameters)
-    ):
+    if same_objects(with_grad, monitor.parameters):
         # The usual call: clip what is watched. Its L2 total is the gradient-norm gauge, for free.
         health = monitor.collect(
             norms=every, total_norm=total if norm_type == 2.0 else None, **collect

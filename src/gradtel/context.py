@@ -68,12 +68,10 @@ class Context:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.lock = threading.RLock()
-        self.registry = registry
+        self._registry = weakref.ref(registry)  # a strong one would keep its own key alive
         self.providers: weakref.WeakSet[MeterProvider] = weakref.WeakSet()
         """The meter providers that expose on this registry."""
-        self.made: MeterProvider | None = None
-        """The provider :func:`gradtel.prometheus_meter_provider` made for it last: where a
-        failure counted without a monitor goes."""
+        self._made: weakref.ref[MeterProvider] | None = None
         self.default_provider: MeterProvider | None = None
         """gradtel's own provider, made on first use for a monitor given none (on the
         global ``REGISTRY``)."""
@@ -103,6 +101,21 @@ class Context:
         whose ``serve()`` result was dropped must still wait for its last scrape at exit)."""
         self.error_log = RateLimitedLog(logger)
         """The endpoints' failures, logged once a minute per stage."""
+
+    @property
+    def made(self) -> MeterProvider | None:
+        """The provider :func:`gradtel.prometheus_meter_provider` made for this registry last,
+        while it lives: where a failure counted without a monitor goes."""
+        return None if self._made is None else self._made()
+
+    @made.setter
+    def made(self, provider: MeterProvider) -> None:
+        self._made = weakref.ref(provider)
+
+    @property
+    def registry(self) -> CollectorRegistry | None:
+        """The registry, while it lives."""
+        return self._registry()
 
     def publish(self, wait: bool = False) -> None:
         """Publish the deferred monitors' finished updates (all of them with ``wait``):

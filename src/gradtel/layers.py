@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from . import _checks
+
 __all__ = [
     "DEFAULT_MAX_LAYERS",
     "OVERFLOW_LAYER",
@@ -33,16 +35,6 @@ WRAPPER_COMPONENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoin
 
 DATA_PARALLEL_PREFIX = "module."
 """What DistributedDataParallel and DataParallel put before every parameter name."""
-
-
-def _check_positive_int(name: str, value: object, *, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        allowed = "a positive int or None" if allow_none else "a positive int"
-        raise TypeError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value!r}")
 
 
 def layer_name(param_name: str, depth: int | None = None) -> str:
@@ -74,7 +66,7 @@ def layer_name(param_name: str, depth: int | None = None) -> str:
             f"param_name must be a parameter name (str) such as 'encoder.fc.weight', "
             f"got {param_name!r} ({type(param_name).__name__})"
         )
-    _check_positive_int("layer_depth", depth, allow_none=True)
+    _checks.positive_int("layer_depth", depth, allow_none=True)
     module_path = _without_wrappers(param_name).rpartition(".")[0]
     if not module_path:
         return ROOT_LAYER
@@ -116,8 +108,8 @@ def assign_layers(
     >>> assign_layers(["_orig_mod.module.fc.weight", "_orig_mod.module.bias"])
     ['fc', '(root)']
     """
-    _check_positive_int("max_layers", max_layers, allow_none=False)
-    _check_positive_int("layer_depth", depth, allow_none=True)
+    _checks.positive_int("max_layers", max_layers)
+    _checks.positive_int("layer_depth", depth, allow_none=True)
     names = [_without_wrappers(name) for name in param_names]
     while names and all(n.startswith(DATA_PARALLEL_PREFIX) for n in names):
         names = [n[len(DATA_PARALLEL_PREFIX) :] for n in names]

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -30,7 +30,14 @@ from .readout import Pending, Readout
 from .scan import Scanner
 from .telemetry import GradTelemetry, default_meter_provider
 from .update import Norms, ReadAlong, State, Update, launch
-from .watched import Gradients, Watched, named_parameters, registrations, watch_registrations
+from .watched import (
+    Gradients,
+    Watched,
+    named_parameters,
+    registrations,
+    same_objects,
+    watch_registrations,
+)
 
 __all__ = ["MAX_LAYERS_LIMIT", "REFRESH_EVERY", "GradMonitor"]
 
@@ -133,7 +140,7 @@ class GradMonitor:
         layer_norms: bool = False,
         readout: Readout = "sync",
     ) -> None:
-        self.options = MonitorOptions(
+        self._options = MonitorOptions(
             thresholds=thresholds,
             on_warning=on_warning,
             on_critical=on_critical,
@@ -146,7 +153,6 @@ class GradMonitor:
             layer_norms=layer_norms,
             readout=readout,
         )
-        """The options this monitor was made with (read-only)."""
         if meter_provider is not None and not hasattr(meter_provider, "get_meter"):
             raise TypeError(
                 "meter_provider must be an OpenTelemetry MeterProvider, "
@@ -183,7 +189,7 @@ class GradMonitor:
             error_log=self._error_log,
             weights=self._weights,
         )
-        self._telemetry.sampled = self.options.sampled
+        self._telemetry.sampled = self._options.sampled
         # What close() must undo of the origin hooks, so that a new monitor counts again.
         self._uninstall_origin = (
             install_origin_hook(self._module, self) if self._module is not None else None
@@ -200,30 +206,35 @@ class GradMonitor:
             self._telemetry.context.deferred.add(self)  # a scrape publishes, the exit wait flushes
             flush_at_exit()
 
+    @property
+    def options(self) -> MonitorOptions:
+        """The options this monitor was made with (read-only)."""
+        return self._options
+
     # The options most read, as attributes of their own (read-only).
     @property
     def thresholds(self) -> Thresholds:
-        return self.options.thresholds
+        return self._options.thresholds
 
     @property
     def layer_series(self) -> LayerSeries:
-        return self.options.layer_series
+        return self._options.layer_series
 
     @property
     def sample_every(self) -> int:
-        return self.options.sample_every
+        return self._options.sample_every
 
     @property
     def grad_norm(self) -> bool:
-        return self.options.grad_norm
+        return self._options.grad_norm
 
     @property
     def layer_norms(self) -> bool:
-        return self.options.layer_norms
+        return self._options.layer_norms
 
     @property
     def readout(self) -> Readout:
-        return self.options.readout
+        return self._options.readout
 
     def close(self) -> None:
         """Stop watching: remove gradtel's gradient hooks and free the parameters for
@@ -244,7 +255,7 @@ class GradMonitor:
             old.order.remove()
         if self._order_finalizer is not None:
             self._order_finalizer.detach()
-        self._watched = Watched(named, self.options.max_layers, self.options.layer_depth)
+        self._watched = Watched(named, self._options.max_layers, self._options.layer_depth)
         self._scanner = Scanner()
         self._registrations = registrations()
         # A dropped monitor takes its hooks with it (one finalizer, the current order's).
@@ -349,11 +360,13 @@ class GradMonitor:
             self._telemetry.note_collect()
             self._step += 1
             self._training_step = self._step if step is None else step
+            self._check_norms(norms)  # against the parameters they were computed for
             if self._module is not None and (
                 self._registrations != registrations() or self._step % REFRESH_EVERY == 0
             ):
-                self._guarded("scan", self.refresh)
-            self._check_norms(norms)  # against the parameters watched now
+                refreshed = self._guarded("scan", self.refresh)
+                if refreshed and isinstance(norms, torch.Tensor):
+                    norms = None  # one per parameter watched before: the scan reads them anew
             if (self._step - 1) % self.sample_every:
                 return self._sampled_out()
             if looked is None:
@@ -362,7 +375,7 @@ class GradMonitor:
                 update = self._launch(norms, loss, total_norm, origin, scale=scale)
             else:  # attach() looked at the gradients as backward left them
                 update = looked
-                update.restep(self._training_step)
+                update.restep(self._training_step, self._step)
             update.overflow_possible = overflow_possible
             if self.readout == "deferred":
                 self._publish(wait=False)  # the updates before this one, in order, if ready
@@ -387,7 +400,7 @@ class GradMonitor:
         looked, origin = self._looked, self._looked_origin
         self._looked = self._looked_origin = None
         if looked is not None and not (
-            _same(self._looked_grads, [p.grad for p in self._watched.params])
+            same_objects(self._looked_grads, [p.grad for p in self._watched.params])
             and (loss is None or looked.read_along.loss_bad is not None)
         ):
             # Gradients replaced since backward (not rewritten in place), or a loss the look
@@ -634,9 +647,7 @@ class GradMonitor:
             )
         except Exception as exc:  # the scan failed: nothing was counted, say so
             self._failed("scan", exc)
-            return Update.not_scanned(
-                step, thresholds, "scan_error", len(self._watched.params), self._step
-            )
+            update.unscan("scan_error", len(self._watched.params))
         return update
 
     def _no_sparse_norms(self) -> None:
@@ -654,12 +665,7 @@ class GradMonitor:
             return update.read_out(self._scanner)
         except Exception as exc:  # the scan failed: nothing was counted, say so
             self._failed("scan", exc)
-            failed = Update.not_scanned(
-                update.step, self.thresholds, "scan_error", len(update.labels), update.sequence
-            )
-            assert failed.health is not None
-            update.state, update.health = State.UNSCANNED, failed.health
-            return failed.health
+            return update.unscan("scan_error", len(update.labels))
 
     def _unscanned(self, grads: Gradients) -> str | None:
         """Why nothing can be scanned in this update, or None; logs what to check."""
@@ -689,7 +695,7 @@ class GradMonitor:
             return None
 
     def _failed(self, stage: str, exc: Exception) -> None:
-        if self.options.on_error == "raise":
+        if self._options.on_error == "raise":
             if stage == "scan":  # the update was not looked at: a crash now is not "healthy"
                 self._telemetry.touch(time.time(), self._step)
             raise exc
@@ -701,11 +707,6 @@ def _added(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | Non
     if a is None or b is None:
         return a if b is None else b
     return a + b.to(a.device)
-
-
-def _same(a: Sequence[object], b: Sequence[object]) -> bool:
-    """The same objects, one by one (identity: ``==`` on tensors compares their elements)."""
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def _scale_of(scaler: torch.amp.GradScaler | None) -> torch.Tensor | None:

@@ -476,10 +476,10 @@ class GradTelemetry:
         return attrs
 
     def record(
-        self, health: GradHealth, *, duration: float, timestamp: float, sequence: float = math.inf
+        self, health: GradHealth, *, duration: float, timestamp: float, sequence: int
     ) -> None:
         """Record one due update: scanned, unscanned, or an AMP overflow the scaler skips.
-        ``sequence``: which ``collect()`` made it (default: the latest)."""
+        ``sequence``: which ``collect()`` of its monitor made it."""
         self.last_update = timestamp
         if health.unscanned is None:
             self.updates += 1
@@ -598,7 +598,7 @@ class GradTelemetry:
         """Note a ``collect()`` call, scanned or not: the liveness ``/healthz`` reports."""
         self.context.last_collect = self.context.clock()
 
-    def touch(self, timestamp: float, sequence: float = math.inf) -> None:
+    def touch(self, timestamp: float, sequence: int) -> None:
         """Note an update left unscanned outside :meth:`record` (sampled out, or a scan
         that raised): liveness, and a crash after it is not called healthy."""
         self.last_update = timestamp

@@ -94,8 +94,6 @@ class Update:
     state: State
     skipped: int = 0
     """Watched parameters left out: frozen, or no gradient."""
-    unscanned: str | None = None
-    """Why nothing was scanned, in state UNSCANNED."""
     launched: Launched | None = None
     values: list[torch.Tensor] | None = None
     """The gradients counted, kept until the flags say there is nothing to count."""
@@ -131,20 +129,23 @@ class Update:
     def not_scanned(
         cls, step: int, thresholds: Thresholds, reason: str, skipped: int, sequence: int
     ) -> Update:
-        health = GradHealth(thresholds=thresholds, step=step, unscanned=reason, skipped=skipped)
-        return cls(
-            step,
-            thresholds,
-            State.UNSCANNED,
-            unscanned=reason,
-            skipped=skipped,
-            health=health,
-            sequence=sequence,
-        )
+        update = cls(step, thresholds, State.UNSCANNED, sequence=sequence)
+        update.unscan(reason, skipped)
+        return update
 
-    def restep(self, step: int) -> None:
-        """Give an update made before its step was known (at the end of backward) its step."""
-        self.step = step
+    def unscan(self, reason: str, skipped: int) -> GradHealth:
+        """Nothing of this update could be counted: its health says why (``"no_gradients"``,
+        ``"scan_error"``), with ``skipped`` watched parameters left out."""
+        self.state, self.skipped, self.values = State.UNSCANNED, skipped, None
+        self.health = GradHealth(
+            thresholds=self.thresholds, step=self.step, unscanned=reason, skipped=skipped
+        )
+        return self.health
+
+    def restep(self, step: int, sequence: int) -> None:
+        """Give an update made before its step was known (at the end of backward) its step,
+        and the ``collect()`` that takes it."""
+        self.step, self.sequence = step, sequence
         if self.health is not None:
             self.health = dataclasses.replace(self.health, step=step)
 

@@ -4,7 +4,7 @@ that its model changed."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,11 +15,23 @@ from .layers import assign_layers, distinct
 from .order import BackwardOrder
 from .scan import countable_values
 
-__all__ = ["Gradients", "Watched", "named_parameters", "registrations", "watch_registrations"]
+__all__ = [
+    "Gradients",
+    "Watched",
+    "named_parameters",
+    "registrations",
+    "same_objects",
+    "watch_registrations",
+]
 
 _PLAIN_DTYPES = {
     torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128
 }  # fmt: skip
+
+
+def same_objects(a: Sequence[object], b: Sequence[object]) -> bool:
+    """The same objects, one by one (identity: ``==`` on tensors compares their elements)."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 @dataclass(frozen=True)
@@ -53,11 +65,8 @@ class Watched:
         self._layer_slots: tuple[tuple[int, ...], torch.Tensor, tuple[str, ...]] | None = None
 
     def same(self, named: list[tuple[str, torch.nn.Parameter]]) -> bool:
-        """Whether ``named`` holds exactly these parameters (identity: ``==`` on tensors
-        compares their elements)."""
-        return len(named) == len(self.params) and all(
-            mine is theirs for (_, mine), theirs in zip(named, self.params)
-        )
+        """Whether ``named`` holds exactly these parameters."""
+        return same_objects([p for _, p in named], self.params)
 
     def trainable_layers(self) -> list[str]:
         return distinct([label for label, p in zip(self.labels, self.params) if p.requires_grad])
