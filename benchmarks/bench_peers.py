@@ -39,6 +39,7 @@ import gradtel
 COLUMNS = {
     "gradtel": "gradtel `collect()`",
     "gradtel deferred": 'gradtel `collect()`, `readout="deferred"`',
+    "gradtel unhealthy": "gradtel `collect()`, a NaN in one layer's gradient",
     "scaler": "GradScaler's fused non-finite check (a yes/no flag)",
     "scaler step": "GradScaler as a step runs it (`unscale_`, its flag read, `update`)",
     "floor": "one `.sum()` over all gradient memory",
@@ -129,6 +130,15 @@ def gradient_checks(model: nn.Module) -> dict[str, Callable[[], object]]:
     sync = gradtel.GradMonitor(model, meter_provider=provider())
     deferred = gradtel.GradMonitor(model, meter_provider=provider(), readout="deferred")
     clipping = gradtel.GradMonitor(model, meter_provider=provider())
+    ignoring = gradtel.GradMonitor(
+        model, meter_provider=provider(), on_warning="ignore", on_critical="ignore"
+    )
+    # One NaN in the middle parameter's gradient, put back before each call and taken
+    # out after it, so that every other method times healthy gradients.
+    middle = grads[len(grads) // 2]
+    spot = middle[(0,) * middle.dim()]  # a view of one element, whatever the layout
+    kept = spot.clone()
+    nan = torch.full_like(kept, float("nan"))
     # Half the norm: every call multiplies the gradients (after the first they stay at that norm).
     below = 0.5 * nn.utils.get_total_norm(grads).item()
 
@@ -157,6 +167,12 @@ def gradient_checks(model: nn.Module) -> dict[str, Callable[[], object]]:
         )
         return bool(found_inf.item())
 
+    def unhealthy() -> object:
+        spot.copy_(nan)
+        health = ignoring.collect()
+        spot.copy_(kept)
+        return health
+
     def lightning() -> object:
         from lightning.pytorch.utilities import grad_norm
 
@@ -165,6 +181,7 @@ def gradient_checks(model: nn.Module) -> dict[str, Callable[[], object]]:
     return {
         "gradtel": sync.collect,
         "gradtel deferred": deferred.collect,
+        "gradtel unhealthy": unhealthy,
         "scaler": scaler,
         "scaler step": scaler_step,
         "bare": bare,
@@ -272,8 +289,30 @@ def main() -> int:
         print("| " + " | ".join(line) + " |")
     print()
     for name, row in rows.items():
-        for what, value, limit in (
+        targets = [
             ("healthy collect() / GradScaler check", row["gradtel"] / row["scaler"], 1.0),
+            (
+                "healthy collect() / the least a check can cost (finding the gradients + "
+                "GradScaler's check + reading its flag)",
+                row["gradtel"] / row["bare"],
+                1.0,
+            ),
+            (
+                "unhealthy collect() (a NaN in one layer) / healthy collect()",
+                row["gradtel unhealthy"] / row["gradtel"],
+                1.3,
+            ),
+        ]
+        if name.startswith("GPT-2"):  # large tensors: the cost is reading gradient memory
+            targets.append(
+                (
+                    "healthy collect() / one .sum() over gradient memory",
+                    row["gradtel"] / row["floor"],
+                    1.1,
+                )
+            )
+        for what, value, limit in (
+            *targets,
             (
                 "gradtel.clip_grad_norm_ / torch clip_grad_norm_, norm under max_norm",
                 row["gradtel clip"] / row["clip"],

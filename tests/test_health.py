@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from gradtel import GradHealth, Status, Thresholds
@@ -22,6 +24,18 @@ def test_nan_and_inf_are_judged_separately_and_worst_wins() -> None:
     assert both_warning.status is Status.WARNING
     mixed = GradHealth(nan_by_layer={"a": 1}, inf_by_layer={"b": 6})
     assert mixed.status is Status.CRITICAL
+
+
+def test_totals_and_status_worked_out_once_belong_to_their_own_update() -> None:
+    health = GradHealth(nan_by_layer={"fc1": 3}, inf_by_layer={"fc2": 6})
+    assert (health.nan_total, health.inf_total, health.status) == (3, 6, Status.CRITICAL)
+    assert health.status is health.status
+    # A copy with other counts or another look is judged anew, never from the original's answer.
+    assert dataclasses.replace(health, inf_by_layer={}).status is Status.WARNING
+    assert dataclasses.replace(health, nan_by_layer={}, inf_by_layer={}).status is Status.HEALTHY
+    assert dataclasses.replace(health, sampled=False).status is Status.UNKNOWN
+    assert dataclasses.replace(health, nan_by_layer={"fc1": 1}).nan_total == 1
+    assert health == GradHealth(nan_by_layer={"fc1": 3}, inf_by_layer={"fc2": 6})
 
 
 def test_custom_thresholds() -> None:

@@ -406,3 +406,29 @@ def profiled_ops(work: Any) -> list[str]:
     with profile() as prof:
         work()
     return [event.name for event in prof.events()]
+
+
+@pytest.mark.parametrize("complex_dtype", [False, True])
+def test_exact_counts_of_one_piece_split_nan_from_inf(complex_dtype: bool) -> None:
+    from gradtel.scan import _exact
+
+    values = torch.tensor([NAN, INF, -INF, 1.0, NAN, 0.0])
+    if complex_dtype:
+        values = torch.complex(values, torch.tensor([0.0, 0.0, NAN, 0.0, INF, INF]))
+        assert _exact(values).tolist() == [3, 2]  # a NaN part makes the element NaN
+    else:
+        assert _exact(values).tolist() == [2, 2]
+
+
+def test_several_batches_some_in_an_autograd_graph_are_flagged_each_on_its_own() -> None:
+    from gradtel.scan import BATCH, _fused_flags
+
+    tensors = [torch.randn(8) for _ in range(3 * BATCH)]
+    graph = torch.randn(8, requires_grad=True) * 2  # part of a graph: read, never written
+    tensors[BATCH] = graph
+    tensors[2 * BATCH + 1][3] = NAN
+    batches = tuple(tuple(range(b, b + BATCH)) for b in range(0, 3 * BATCH, BATCH))
+    assert _fused_flags(tensors, batches).tolist() == [0, 0, 1]
+    graph.detach()[0] = INF
+    assert _fused_flags(tensors, batches).tolist() == [0, 1, 1]
+    assert _fused_flags(tensors, batches[:1]).tolist() == [0]

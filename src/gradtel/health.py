@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 __all__ = ["GradHealth", "Status", "Thresholds"]
 
@@ -96,6 +97,8 @@ class GradHealth:
     """Non-finite gradient counts of one update, per layer and for the whole model.
 
     ``nan_by_layer`` and ``inf_by_layer`` hold only layers with a count above 0.
+    The totals and statuses are worked out once, on first use: recording and
+    acting on an unhealthy update ask for them many times.
     ``status`` is UNKNOWN when the update was not looked at (``sampled`` is
     False or ``unscanned`` says why), never HEALTHY.
 
@@ -156,25 +159,25 @@ class GradHealth:
         """This rank's own gradients held NaN or ±Inf before the cross-rank reduction."""
         return bool(self.local_nan_total or self.local_inf_total)
 
-    @property
+    @cached_property
     def nan_total(self) -> int:
         """NaN gradient values in the whole model (TELE-300 ``nan_grad_count``)."""
         return sum(self.nan_by_layer.values())
 
-    @property
+    @cached_property
     def inf_total(self) -> int:
         """±Inf gradient values in the whole model (TELE-301 ``inf_grad_count``)."""
         return sum(self.inf_by_layer.values())
 
-    @property
+    @cached_property
     def nan_status(self) -> Status:
         return self.thresholds.classify(self.nan_total)
 
-    @property
+    @cached_property
     def inf_status(self) -> Status:
         return self.thresholds.classify(self.inf_total)
 
-    @property
+    @cached_property
     def status(self) -> Status:
         """Worse of the NaN and Inf statuses; UNKNOWN when the update was not looked at."""
         if not self.sampled or self.pending or self.unscanned is not None:

@@ -43,6 +43,7 @@ import time
 from collections import defaultdict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -247,14 +248,23 @@ def _fused_flags(
     one = _ONES.get(device)
     if one is None:
         one = _ONES[device] = torch.ones(1, device=device)
-    for b, batch in enumerate(batches):
+    check = torch._amp_foreach_non_finite_check_and_unscale_
+    if len(batches) == 1:  # the usual case on CUDA, and for small models
+        tensors = [values[i] for i in batches[0]]
+        if not any(map(_in_graph, tensors)):
+            check(tensors, found, one)
+            return found
+    flags = found.split(1) if len(batches) > 1 else (found,)  # one call: views cost a microsecond
+    for batch, flag in zip(batches, flags):
         tensors = [values[i] for i in batch]
-        if any(t.requires_grad for t in tensors):  # in an autograd graph: read, never write
-            found[b] = _not_finite(torch.stack([t.sum() for t in tensors])).any()
+        if any(map(_in_graph, tensors)):  # in an autograd graph: read, never write
+            flag.copy_(_not_finite(torch.stack([t.sum() for t in tensors])).any())
         else:
-            flag = found if len(batches) == 1 else found[b : b + 1]  # a view costs a microsecond
-            torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, one)
+            check(tensors, flag, one)
     return found  # 0 or 1 per batch
+
+
+_in_graph = attrgetter("requires_grad")
 
 
 def _flagged_members(values: Sequence[torch.Tensor], batches: list[_Piece]) -> list[_Piece]:
@@ -280,8 +290,10 @@ def _flagged_members(values: Sequence[torch.Tensor], batches: list[_Piece]) -> l
 
 def _exact(part: torch.Tensor) -> torch.Tensor:
     nan = torch.isnan(part).count_nonzero()
+    if not part.is_complex():  # isinf is one kernel, isfinite several
+        return torch.stack((nan, torch.isinf(part).count_nonzero()))
     # A complex element with a NaN part counts as NaN, else as Inf if a part
-    # is infinite: non-finite minus NaN gives exactly that for every dtype.
+    # is infinite: non-finite minus NaN gives exactly that.
     nonfinite = part.numel() - torch.isfinite(part).count_nonzero()
     return torch.stack((nan, nonfinite - nan))
 
