@@ -212,6 +212,10 @@ def live() -> Iterator[tuple[Stack, str]]:
         stack.stop()
 
 
+SHARES_LIVE = pytest.mark.xdist_group("dashboard-live")
+"""On one pytest-xdist worker (``--dist loadgroup``), which starts the live stack once."""
+
+
 def substitute(expr: str, instance: str) -> str:
     values = {
         "job": "gradtel",
@@ -233,6 +237,7 @@ def api(stack: Stack, path: str, **params: str) -> Any:
 
 
 @pytest.mark.slow
+@SHARES_LIVE
 def test_every_panel_query_returns_data_from_a_live_prometheus(live: tuple[Stack, str]) -> None:
     stack, instance = live
     now = time.time()
@@ -251,6 +256,7 @@ def test_every_panel_query_returns_data_from_a_live_prometheus(live: tuple[Stack
 
 
 @pytest.mark.slow
+@SHARES_LIVE
 def test_every_variable_query_finds_the_demo(live: tuple[Stack, str]) -> None:
     stack, instance = live
 

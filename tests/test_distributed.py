@@ -265,6 +265,10 @@ def origins() -> dict[str, list[dict[str, Any]]]:
     return {scenario: sorted(ranks, key=lambda r: r["rank"]) for scenario, ranks in said.items()}
 
 
+SHARES_ORIGINS = pytest.mark.xdist_group("distributed-origins")
+"""On one pytest-xdist worker (``--dist loadgroup``), which runs ``origin_trainer.py`` once."""
+
+
 FLAVOURS = [
     "DistributedDataParallel",
     "FullyShardedDataParallel",
@@ -273,6 +277,7 @@ FLAVOURS = [
 ]
 
 
+@SHARES_ORIGINS
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_backward_passes_accumulated_without_no_sync_count_the_origin_on_its_own_rank(
     origins: dict[str, list[dict[str, Any]]], flavour: str
@@ -288,6 +293,7 @@ def test_backward_passes_accumulated_without_no_sync_count_the_origin_on_its_own
     assert [r["origins"] for r in ranks] == [[0, 0], [1, 0]], ranks
 
 
+@SHARES_ORIGINS
 def test_accumulated_backward_passes_collected_by_attach_count_the_origin_on_its_own_rank(
     origins: dict[str, list[dict[str, Any]]],
 ) -> None:
@@ -295,6 +301,7 @@ def test_accumulated_backward_passes_collected_by_attach_count_the_origin_on_its
     assert [r["origins"] for r in origins["attached"]] == [[0, 0], [1, 0]], origins["attached"]
 
 
+@SHARES_ORIGINS
 def test_a_later_backward_pass_leaves_out_only_the_buckets_a_reduction_made_non_finite(
     origins: dict[str, list[dict[str, Any]]],
 ) -> None:
@@ -308,6 +315,7 @@ def test_a_later_backward_pass_leaves_out_only_the_buckets_a_reduction_made_non_
     assert [r["origins"] for r in ranks] == [[0, 1], [1, 0]], ranks
 
 
+@SHARES_ORIGINS
 @pytest.mark.parametrize("flavour", [f for f in FLAVOURS if "NO_SHARD" not in f])
 def test_a_monitor_created_again_on_the_same_model_finds_the_origin(
     origins: dict[str, list[dict[str, Any]]], flavour: str
@@ -323,6 +331,7 @@ def test_a_monitor_created_again_on_the_same_model_finds_the_origin(
     assert [r["closed_fed"] for r in ranks] == [False, False], ranks
 
 
+@SHARES_ORIGINS
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_fully_shard_counts_around_the_applications_own_reduce_scatter(
     origins: dict[str, list[dict[str, Any]]], when: str
@@ -335,6 +344,7 @@ def test_fully_shard_counts_around_the_applications_own_reduce_scatter(
     assert [r["origins"] for r in ranks] == [[0, 0], [1, 0]], ranks
 
 
+@SHARES_ORIGINS
 def test_a_nan_in_a_sampled_out_update_is_no_origin_of_the_next(
     origins: dict[str, list[dict[str, Any]]],
 ) -> None:

@@ -214,6 +214,11 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+SHARES_CERTIFICATES = pytest.mark.xdist_group("hardening-certificates")
+"""On one pytest-xdist worker (``--dist loadgroup``), which makes the certificates once."""
+
+
+@SHARES_CERTIFICATES
 def test_tls_and_mutual_tls(certificates: Path, registry: CollectorRegistry) -> None:
     pki = certificates
     trusting = ssl.create_default_context(cafile=str(pki / "ca.crt"))
@@ -241,6 +246,7 @@ def test_tls_and_mutual_tls(certificates: Path, registry: CollectorRegistry) -> 
 
 
 @pytest.mark.slow
+@SHARES_CERTIFICATES
 def test_a_real_prometheus_scrapes_over_mutual_tls(certificates: Path) -> None:
     require_tool("prometheus", "prometheus")
     require_tool("prometheus-alertmanager", "prometheus-alertmanager")
