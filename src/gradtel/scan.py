@@ -359,11 +359,6 @@ class Scanner:
         self.also_read: list[float] = []
         """The values of the latest count's ``also`` tensors, read with its first read-out."""
 
-    def forget(self) -> None:
-        """Drop every plan: the next count plans each tensor anew."""
-        self._entries.clear()
-        self._plans.clear()
-
     def _plan(self, values: Sequence[torch.Tensor], slots: Sequence[Hashable] | None) -> _Plan:
         if slots is None:
             return _Plan(values, [_entry(v) for v in values])
