@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import GPT2Small
 
 import gradtel
-from gradtel.scan import CHUNK
+from gradtel.pipeline.scan import CHUNK
 
 NAN, INF = float("nan"), float("inf")
 

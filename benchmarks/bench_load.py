@@ -26,7 +26,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 import gradtel
-from gradtel.demo import DemoNet
+from gradtel.tools.demo import DemoNet
 
 CLIENT = textwrap.dedent(
     """

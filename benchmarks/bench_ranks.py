@@ -36,7 +36,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from bench_series import llama
 
 import gradtel
-from gradtel.stack import Stack, StackTimings
+from gradtel.tools.stack import Stack, StackTimings
 
 
 def bodies() -> tuple[str, str, str]:

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import GPT2Small, many_linears
 
 import gradtel
+from gradtel.export.telemetry import GradTelemetry
 from gradtel.health import GradHealth
-from gradtel.telemetry import GradTelemetry
 
 NAN, INF = float("nan"), float("inf")
 

@@ -28,7 +28,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from gradtel.stack import Stack, StackTimings, free_port  # noqa: E402
+from gradtel.tools.stack import Stack, StackTimings, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BOARD = json.loads((ROOT / "deploy/grafana/dashboards/gradtel.json").read_text())
@@ -102,7 +102,7 @@ def draw(stack: Stack, instance: str) -> None:
 
 def capture_watch(url: str) -> str:
     master, slave = pty.openpty()
-    process = subprocess.Popen([sys.executable, "-m", "gradtel.cli", "watch", url, "--interval", "0.1"], stdout=slave, stderr=slave)
+    process = subprocess.Popen([sys.executable, "-m", "gradtel.tools.cli", "watch", url, "--interval", "0.1"], stdout=slave, stderr=slave)
     os.close(slave)
     screen = ""
     deadline = time.monotonic() + 30
@@ -121,7 +121,7 @@ def capture_watch(url: str) -> str:
 def main() -> None:
     port = free_port()
     instance = f"127.0.0.1:{port}"
-    demo = subprocess.Popen([sys.executable, "-m", "gradtel.cli", "demo", "--port", str(port), "--interval", "0.1", "--steps", "100000"], stdout=subprocess.DEVNULL)
+    demo = subprocess.Popen([sys.executable, "-m", "gradtel.tools.cli", "demo", "--port", str(port), "--interval", "0.1", "--steps", "100000"], stdout=subprocess.DEVNULL)
     try:
         with Stack([instance], timings=StackTimings("1s", "1s", "5s", "5s")) as stack:
             time.sleep(SECONDS)

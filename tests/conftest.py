@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 import gradtel
-import gradtel.httpd
+import gradtel.export.httpd
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import gradtel
-from gradtel.demo import DemoNet
+from gradtel.tools.demo import DemoNet
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gradtel.stack import prometheus_version
+from gradtel.tools.stack import prometheus_version
 
 from .conftest import require_tool
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from gradtel.stack import Page, Stack, StackTimings, free_port
+from gradtel.tools.stack import Page, Stack, StackTimings, free_port
 
 from .conftest import require_tool
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gradtel.stack import Stack, StackTimings, free_port
+from gradtel.tools.stack import Stack, StackTimings, free_port
 
 from .conftest import require_tool
 

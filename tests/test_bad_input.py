@@ -16,7 +16,7 @@ from torch import nn
 
 import gradtel
 from gradtel import GradMonitor, serve
-from gradtel.otlp import otlp_meter_provider
+from gradtel.export.otlp import otlp_meter_provider
 from gradtel.render import KitOptions
 
 from .conftest import Net, net, net_backward

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gradtel.cli import main
+from gradtel.tools.cli import main
 
 from .conftest import Samples, absent, default_ctrl_c, fetch, parse, sample, scrape
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 def start_demo(*args: str) -> tuple[subprocess.Popen[str], str]:
     """Start ``gradtel demo`` on a free port; returns the process and its metrics URL."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "gradtel.cli", "demo", "--port", "0", *args],
+        [sys.executable, "-m", "gradtel.tools.cli", "demo", "--port", "0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -118,7 +118,7 @@ def test_demo_reports_a_taken_port_and_exits_non_zero(stop: list[subprocess.Pope
     stop.append(process)
     port = url.rsplit(":", 1)[1].split("/")[0]
     second = subprocess.run(
-        [sys.executable, "-m", "gradtel.cli", "demo", "--port", port, "--steps", "1"],
+        [sys.executable, "-m", "gradtel.tools.cli", "demo", "--port", port, "--steps", "1"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -130,7 +130,7 @@ def test_demo_reports_a_taken_port_and_exits_non_zero(stop: list[subprocess.Pope
 
 def test_banner_styles_counts_on_a_terminal() -> None:
     from gradtel import GradHealth
-    from gradtel.banner import status_line
+    from gradtel.tools.banner import status_line
 
     line = status_line(GradHealth(nan_by_layer={"a": 2}, inf_by_layer={"b": 9}), color=True)
     assert line == "\033[1;31mNaN:2\033[0m \033[1;7;31mInf:9\033[0m critical"
@@ -209,7 +209,17 @@ def test_demo_stack_prints_a_page_within_a_minute_and_cleans_up(
 def test_demo_stack_names_the_packages_when_prometheus_is_missing(tmp_path: object) -> None:
     bare_path = os.path.dirname(sys.executable)  # the venv, without /usr/bin
     result = subprocess.run(
-        [sys.executable, "-m", "gradtel.cli", "demo", "--stack", "--port", "0", "--steps", "1"],
+        [
+            sys.executable,
+            "-m",
+            "gradtel.tools.cli",
+            "demo",
+            "--stack",
+            "--port",
+            "0",
+            "--steps",
+            "1",
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -233,7 +243,7 @@ def test_demo_stack_victoriametrics_names_its_package_when_missing(tmp_path: Pat
         [
             sys.executable,
             "-m",
-            "gradtel.cli",
+            "gradtel.tools.cli",
             "demo",
             "--stack",
             "victoriametrics",
@@ -254,7 +264,7 @@ def test_demo_stack_victoriametrics_names_its_package_when_missing(tmp_path: Pat
 
 def test_demo_refuses_an_unknown_stack() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "gradtel.cli", "demo", "--stack", "thanos", "--steps", "1"],
+        [sys.executable, "-m", "gradtel.tools.cli", "demo", "--stack", "thanos", "--steps", "1"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 2

@@ -174,7 +174,7 @@ def start(
     monitor read out as on a device whose work is queued (a GPU's)."""
     torch.manual_seed(seed)
     if readout == "queued":
-        monkeypatch.setattr("gradtel.update.completes_when_queued", lambda tensor: False)
+        monkeypatch.setattr("gradtel.pipeline.update.completes_when_queued", lambda tensor: False)
     registry = CollectorRegistry()
     return random.Random(seed), registry, gradtel.prometheus_meter_provider(registry)
 

@@ -50,7 +50,7 @@ def served(registry: CollectorRegistry) -> str:
     scaler.unscale_(torch.optim.SGD(model.parameters()))
     monitor.collect(scaler=scaler)  # the loss scale gauge
     monitor.allow_checkpoint()
-    gradtel.telemetry.count_exception(RuntimeError)  # what the chained sys.excepthook does
+    gradtel.export.telemetry.count_exception(RuntimeError)  # what the chained sys.excepthook does
     server = gradtel.serve(port=0, registry=registry, exit_grace=0)
     try:
         assert server.url is not None

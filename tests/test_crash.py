@@ -14,7 +14,7 @@ import torch
 from opentelemetry.metrics import MeterProvider
 
 import gradtel
-from gradtel.telemetry import gradients_before_crash
+from gradtel.export.telemetry import gradients_before_crash
 
 from .conftest import parse, sample, scrape
 
@@ -183,7 +183,7 @@ def test_a_scan_that_raises_into_training_leaves_a_crash_unknown(
     def broken(self: object, *args: object) -> object:
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr("gradtel.scan.Scanner.launch", broken)
+    monkeypatch.setattr("gradtel.pipeline.scan.Scanner.launch", broken)
     with pytest.raises(RuntimeError, match="device lost"):
         _healthy_update(model, monitor)
     assert gradients_before_crash([monitor._telemetry]) == "unknown"

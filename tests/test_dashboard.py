@@ -19,7 +19,7 @@ import yaml
 
 from gradtel import Thresholds
 from gradtel.render.grafana import DASHBOARD_UID, DATASOURCE_UID
-from gradtel.stack import Stack, StackTimings, free_port
+from gradtel.tools.stack import Stack, StackTimings, free_port
 
 from .conftest import require_tool
 
@@ -174,7 +174,7 @@ def live() -> Iterator[tuple[Stack, str]]:
         [
             sys.executable,
             "-m",
-            "gradtel.cli",
+            "gradtel.tools.cli",
             "demo",
             "--port",
             str(port),

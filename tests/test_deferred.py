@@ -19,7 +19,7 @@ from torch import nn
 
 import gradtel
 from gradtel import GradMonitor, Status
-from gradtel.readout import HostCopy
+from gradtel.pipeline.readout import HostCopy
 
 from .conftest import net, sample, samples, scrape
 
@@ -69,7 +69,7 @@ def test_collect_never_waits_on_its_own_update(
     # A device whose work is queued, as a GPU's is, and a copy still in flight: ready() is
     # False until flush() waits for it.
     waits: list[str] = []
-    monkeypatch.setattr("gradtel.update.completes_when_queued", lambda tensor: False)
+    monkeypatch.setattr("gradtel.pipeline.update.completes_when_queued", lambda tensor: False)
     monkeypatch.setattr(HostCopy, "ready", lambda self: False)
     original = HostCopy.read
 
@@ -79,7 +79,7 @@ def test_collect_never_waits_on_its_own_update(
 
     monkeypatch.setattr(HostCopy, "read", read)
     monkeypatch.setattr(
-        "gradtel.scan.Scanner.read", lambda *args: pytest.fail("a blocking read-out")
+        "gradtel.pipeline.scan.Scanner.read", lambda *args: pytest.fail("a blocking read-out")
     )
     model = net()
     monitor = GradMonitor(model, meter_provider=provider, readout="deferred")
@@ -146,7 +146,7 @@ def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     """The CPU, where work is done when queued; or, on the CPU, the read-out of a device
     whose work is queued (a GPU's): exact counts launched at collect()."""
     if request.param == "queued":
-        monkeypatch.setattr("gradtel.update.completes_when_queued", lambda tensor: False)
+        monkeypatch.setattr("gradtel.pipeline.update.completes_when_queued", lambda tensor: False)
     return str(request.param)
 
 

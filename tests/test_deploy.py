@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from gradtel import Thresholds
-from gradtel.cli import main
 from gradtel.render import KitOptions, render_kit, write_kit
+from gradtel.tools.cli import main
 
 from .conftest import require_tool
 from .prometheus_versions import prometheus_bin  # noqa: F401 (a fixture)

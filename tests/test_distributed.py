@@ -32,7 +32,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 import gradtel
-from gradtel.stack import Stack, StackTimings, free_port
+from gradtel.tools.stack import Stack, StackTimings, free_port
 
 from .conftest import net, require_tool
 
@@ -541,7 +541,7 @@ def test_fully_shard_on_a_torch_without_custom_reduce_scatters_says_once_that_th
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     monkeypatch.delattr(FSDPModule, "set_custom_reduce_scatter")  # torch before 2.9
-    monkeypatch.setattr(gradtel.origin, "_said", set(), raising=False)
+    monkeypatch.setattr(gradtel.attach.origin, "_said", set(), raising=False)
     with caplog.at_level(logging.WARNING, logger="gradtel"):
         for _ in range(2):
             model = net()

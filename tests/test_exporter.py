@@ -23,7 +23,7 @@ from torch import nn
 
 import gradtel
 from gradtel import GradMonitor, MetricsServer, PortInUseError, serve
-from gradtel.context import context
+from gradtel.export.context import context
 
 from .conftest import FakeClock, Net, fetch, net_backward, parse, require_tool, sample, scrape
 
@@ -321,7 +321,7 @@ def test_each_rank_of_a_node_serves_on_base_port_plus_local_rank(
 def test_rank_label_comes_from_the_launcher_before_init_process_group(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from gradtel.ranks import process_attributes
+    from gradtel.export.ranks import process_attributes
 
     assert process_attributes() == {}
     monkeypatch.setenv("WORLD_SIZE", "4")

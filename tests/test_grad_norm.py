@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from torch import nn
 
 import gradtel
-from gradtel.telemetry import RollingMax
+from gradtel.export.telemetry import RollingMax
 
 from .conftest import FakeClock, sample, samples
 

@@ -21,8 +21,8 @@ from torch import nn
 
 import gradtel
 from gradtel import GradMonitor, serve
-from gradtel.context import context
-from gradtel.stack import Stack, StackTimings
+from gradtel.export.context import context
+from gradtel.tools.stack import Stack, StackTimings
 
 from .conftest import FakeClock, parse, require_tool, sample, samples
 
@@ -85,7 +85,7 @@ def test_a_failing_record_is_logged_once_counted_and_training_goes_on(
 ) -> None:
     model = nn.Linear(2, 2)
     monitor = GradMonitor(model, meter_provider=provider)
-    instruments = gradtel.telemetry.instruments_for(provider)
+    instruments = gradtel.export.telemetry.instruments_for(provider)
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("exporter exploded")
@@ -102,7 +102,7 @@ def test_a_failing_record_is_logged_once_counted_and_training_goes_on(
         assert sample(found, "gradtel_updates_total") == 5  # the scrape lost nothing else
         # Never scraped: the training thread records them, and fails, every DURATIONS_KEPT
         # updates, after the update's own series.
-        for _ in range(gradtel.telemetry.DURATIONS_KEPT - 1):
+        for _ in range(gradtel.export.telemetry.DURATIONS_KEPT - 1):
             assert monitor.collect().status is gradtel.Status.HEALTHY
         model.weight.grad[0, 0] = float("nan")
         assert monitor.collect().nan_total == 1

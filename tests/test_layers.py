@@ -12,7 +12,7 @@ from torch import nn
 
 import gradtel
 from gradtel import GradMonitor
-from gradtel.layers import OVERFLOW_LAYER, ROOT_LAYER, assign_layers, layer_name
+from gradtel.pipeline.layers import OVERFLOW_LAYER, ROOT_LAYER, assign_layers, layer_name
 
 from .conftest import Net
 

@@ -126,7 +126,7 @@ def test_gauges_reset_on_a_healthy_update_while_counters_keep_counting(
 def test_a_healthy_update_records_its_duration_when_scraped_not_on_the_training_thread(
     provider: MeterProvider, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gradtel import telemetry
+    from gradtel.export import telemetry
 
     model = TwoLayer()
     monitor = GradMonitor(model, meter_provider=provider)
@@ -336,7 +336,7 @@ def test_a_failing_scan_is_logged_once_counted_and_never_raised(
 
     model = TwoLayer()
     monitor = GradMonitor(model, meter_provider=provider)
-    monkeypatch.setattr("gradtel.scan.Scanner.launch", broken)
+    monkeypatch.setattr("gradtel.pipeline.scan.Scanner.launch", broken)
     backward(model)
     with caplog.at_level(logging.ERROR, logger="gradtel"):
         first, second = monitor.collect(), monitor.collect()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gradtel.render import KitOptions
-from gradtel.stack import Stack, StackTimings, free_port
+from gradtel.tools.stack import Stack, StackTimings, free_port
 
 from .conftest import require_tool
 

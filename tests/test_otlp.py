@@ -13,7 +13,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from torch import nn
 
 import gradtel
-from gradtel.otlp import otlp_meter_provider
+from gradtel.export.otlp import otlp_meter_provider
 
 
 class Receiver:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from gradtel.stack import WebhookReceiver, free_port, prometheus_version
+from gradtel.tools.stack import WebhookReceiver, free_port, prometheus_version
 
 from .conftest import require_tool
 from .prometheus_versions import prometheus_bin  # noqa: F401 (a fixture)

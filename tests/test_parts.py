@@ -9,10 +9,10 @@ from torch import nn
 
 import gradtel
 from gradtel.options import MonitorOptions
-from gradtel.readout import Pending
-from gradtel.scan import Scanner
-from gradtel.update import ReadAlong, State, Update, launch
-from gradtel.watched import Watched
+from gradtel.pipeline.parameters import Watched
+from gradtel.pipeline.readout import Pending
+from gradtel.pipeline.scan import Scanner
+from gradtel.pipeline.update import ReadAlong, State, Update, launch
 
 
 @pytest.mark.parametrize(
@@ -134,7 +134,7 @@ def test_a_registry_gradtel_counted_an_error_in_is_freed_with_it() -> None:
     import gc
     import weakref
 
-    from gradtel.telemetry import count_error
+    from gradtel.export.telemetry import count_error
 
     registry = _registry()
     count_error("serve", registry)  # type: ignore[arg-type]

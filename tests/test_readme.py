@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from gradtel.stack import free_port
+from gradtel.tools.stack import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

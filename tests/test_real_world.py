@@ -27,7 +27,7 @@ from torch import nn
 import gradtel
 from gradtel import GradMonitor, serve
 from gradtel._ratelimit import RateLimitedLog
-from gradtel.stack import free_port
+from gradtel.tools.stack import free_port
 
 from .conftest import (
     FakeClock,
@@ -237,8 +237,8 @@ def test_a_thousand_idle_connections_pin_no_threads(registry: CollectorRegistry)
 def test_idle_half_sent_and_http09_requests_are_closed(
     registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(gradtel.httpd, "IDLE_TIMEOUT", 0.5)
-    monkeypatch.setattr(gradtel.httpd, "REQUEST_TIMEOUT", 0.5)
+    monkeypatch.setattr(gradtel.export.httpd, "IDLE_TIMEOUT", 0.5)
+    monkeypatch.setattr(gradtel.export.httpd, "REQUEST_TIMEOUT", 0.5)
     with serve(port=0, registry=registry, exit_grace=0) as server:
         assert server.port is not None and server.url is not None
 
@@ -313,7 +313,7 @@ def test_a_stalled_tls_handshake_is_cut_off(
 ) -> None:
     import ssl
 
-    monkeypatch.setattr(gradtel.httpd, "REQUEST_TIMEOUT", 0.5)
+    monkeypatch.setattr(gradtel.export.httpd, "REQUEST_TIMEOUT", 0.5)
     with serve(port=0, registry=registry, exit_grace=0, tls_cert=str(pem / "cert.pem"),
                tls_key=str(pem / "key.pem")) as server:  # fmt: skip
         assert server.port is not None and server.url is not None

@@ -17,7 +17,7 @@ from torch.profiler import profile
 
 import gradtel
 from gradtel import GradMonitor
-from gradtel.scan import CHUNK, Scanner, count_nonfinite, countable_values
+from gradtel.pipeline.scan import CHUNK, Scanner, count_nonfinite, countable_values
 
 from .conftest import Net
 
@@ -211,11 +211,11 @@ def test_one_read_out_per_phase_whatever_the_number_of_tensors(
 def test_one_flag_for_all_small_tensors_is_narrowed_down_level_by_level(
     monkeypatch: pytest.MonkeyPatch, bad: list[int]
 ) -> None:
-    import gradtel.scan
+    import gradtel.pipeline.scan
 
     # On CUDA one fused check flags every small tensor of a device and dtype: the same
     # plan, here on the CPU.
-    monkeypatch.setattr(gradtel.scan, "_batch_size", lambda device, small: small)
+    monkeypatch.setattr(gradtel.pipeline.scan, "_batch_size", lambda device, small: small)
     tensors = [torch.randn(64) for _ in range(300)]
     expected = {}
     for k, i in enumerate(bad):
@@ -229,12 +229,14 @@ def test_one_flag_for_all_small_tensors_is_narrowed_down_level_by_level(
 
 
 def test_a_plan_is_made_anew_when_the_tensors_change_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
-    import gradtel.scan
+    import gradtel.pipeline.scan
 
     plans: list[int] = []
-    original = gradtel.scan._assemble
+    original = gradtel.pipeline.scan._assemble
     monkeypatch.setattr(
-        gradtel.scan, "_assemble", lambda entries: plans.append(len(entries)) or original(entries)
+        gradtel.pipeline.scan,
+        "_assemble",
+        lambda entries: plans.append(len(entries)) or original(entries),
     )
     scanner = Scanner()
     tensors = [torch.randn(3 * CHUNK), torch.randn(100)]
@@ -275,7 +277,7 @@ def test_gradients_in_an_autograd_graph_are_only_read() -> None:
 
 
 def test_results_of_several_devices_are_gathered_on_the_accelerator() -> None:
-    from gradtel.scan import _on_one_device, stacked
+    from gradtel.pipeline.scan import _on_one_device, stacked
 
     # A copy to the CPU that does not block can be read before it lands (a CUDA flag
     # would read as healthy): results meet on the accelerator, whichever comes first.
@@ -355,13 +357,13 @@ def test_non_contiguous_gradients_are_counted_without_copies(
 def test_plans_are_made_once_per_parameter_when_the_gradient_set_changes(
     provider: MeterProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import gradtel.scan
+    import gradtel.pipeline.scan
 
     experts = nn.ModuleList([nn.Linear(8, 8) for _ in range(8)])
     monitor = GradMonitor(experts, meter_provider=provider, on_warning="ignore")
     made: list[int] = []
-    original = gradtel.scan._entry
-    monkeypatch.setattr(gradtel.scan, "_entry", lambda t: made.append(1) or original(t))
+    original = gradtel.pipeline.scan._entry
+    monkeypatch.setattr(gradtel.pipeline.scan, "_entry", lambda t: made.append(1) or original(t))
     for step in range(16):  # like a mixture of experts: two experts get gradients per step
         experts.zero_grad(set_to_none=True)
         chosen = [step % 8, (step * 3 + 1) % 8]
@@ -410,7 +412,7 @@ def profiled_ops(work: Any) -> list[str]:
 
 @pytest.mark.parametrize("complex_dtype", [False, True])
 def test_exact_counts_of_one_piece_split_nan_from_inf(complex_dtype: bool) -> None:
-    from gradtel.scan import _exact
+    from gradtel.pipeline.scan import _exact
 
     values = torch.tensor([NAN, INF, -INF, 1.0, NAN, 0.0])
     if complex_dtype:
@@ -421,7 +423,7 @@ def test_exact_counts_of_one_piece_split_nan_from_inf(complex_dtype: bool) -> No
 
 
 def test_several_batches_some_in_an_autograd_graph_are_flagged_each_on_its_own() -> None:
-    from gradtel.scan import BATCH, _fused_flags
+    from gradtel.pipeline.scan import BATCH, _fused_flags
 
     tensors = [torch.randn(8) for _ in range(3 * BATCH)]
     graph = torch.randn(8, requires_grad=True) * 2  # part of a graph: read, never written

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 import gradtel
 from gradtel.render import scale_out
-from gradtel.stack import Stack, StackTimings
+from gradtel.tools.stack import Stack, StackTimings
 
 from .conftest import require_tool
 from .prometheus_versions import prometheus_bin  # noqa: F401 (a fixture)

@@ -87,7 +87,7 @@ def test_attached_to_a_resumed_optimizer_the_steps_go_on_from_its_count(
     resumed.step()
     assert sample(samples(registry), "gradtel_last_unhealthy_step", kind="nan") == 1001
     assert monitor.last_healthy_step is None
-    assert gradtel.hooks.steps_taken(resumed) == 1001
+    assert gradtel.attach.optimizer.steps_taken(resumed) == 1001
 
 
 def test_after_a_rollback_the_first_bad_layer_is_the_new_incidents(

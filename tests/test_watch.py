@@ -15,8 +15,8 @@ from prometheus_client import CollectorRegistry
 
 import gradtel
 from gradtel import GradMonitor, Thresholds
-from gradtel.stack import free_port
-from gradtel.watch import Snapshot, fit, frame, scrape
+from gradtel.tools.stack import free_port
+from gradtel.tools.terminal import Snapshot, fit, frame, scrape
 
 from .conftest import Net, net_backward
 
@@ -31,7 +31,7 @@ def start_demo(port: int, interval: str = "0.3") -> subprocess.Popen[bytes]:
         [
             sys.executable,
             "-m",
-            "gradtel.cli",
+            "gradtel.tools.cli",
             "demo",
             "--port",
             str(port),
@@ -51,7 +51,10 @@ class Terminal:
     def __init__(self, *args: str) -> None:
         self.master, slave = pty.openpty()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gradtel.cli", *args], stdin=slave, stdout=slave, stderr=slave
+            [sys.executable, "-m", "gradtel.tools.cli", *args],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
         )
         os.close(slave)
         self.screen = ""
@@ -116,7 +119,7 @@ def test_watch_once_exit_codes() -> None:
         [
             sys.executable,
             "-m",
-            "gradtel.cli",
+            "gradtel.tools.cli",
             "watch",
             f"http://127.0.0.1:{free_port()}/metrics",
             "--once",

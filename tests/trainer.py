@@ -19,7 +19,7 @@ import time
 import torch
 
 import gradtel
-from gradtel.demo import DemoNet
+from gradtel.tools.demo import DemoNet
 
 
 def main() -> None:

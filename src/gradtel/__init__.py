@@ -8,14 +8,14 @@
 <Status.HEALTHY: 'healthy'>
 """
 
-from .clip import clip_grad_norm_
-from .exporter import DEFAULT_ADDR, DEFAULT_PORT, MetricsServer, PortInUseError, serve
+from .attach.clip import clip_grad_norm_
+from .attach.origin import ddp_comm_hook
+from .export.endpoint import DEFAULT_ADDR, DEFAULT_PORT, MetricsServer, PortInUseError, serve
+from .export.telemetry import prometheus_meter_provider
 from .health import GradHealth, Status, Thresholds
-from .layers import OVERFLOW_LAYER, ROOT_LAYER, layer_name
 from .monitor import GradMonitor
-from .origin import ddp_comm_hook
-from .policy import NonFiniteGradientError
-from .telemetry import prometheus_meter_provider
+from .pipeline.layers import OVERFLOW_LAYER, ROOT_LAYER, layer_name
+from .pipeline.policy import NonFiniteGradientError
 
 __version__ = "0.1.0"
 

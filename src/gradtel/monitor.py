@@ -1,6 +1,6 @@
 """``GradMonitor``: the public class, which runs one update through the pipeline: the
-watched parameters' gradients, the scan (:mod:`gradtel.update`), the read-out
-(:mod:`gradtel.readout`), telemetry, the weights' health and the policy."""
+watched parameters' gradients, the scan (:mod:`gradtel.pipeline.update`), the read-out
+(:mod:`gradtel.pipeline.readout`), telemetry, the weights' health and the policy."""
 
 from __future__ import annotations
 
@@ -17,20 +17,16 @@ from opentelemetry.metrics import MeterProvider
 
 from . import _checks
 from ._ratelimit import RateLimitedLog
-from .checkpoints import WeightsHealth
-from .context import context_of, flush_at_exit, free_collectives_at_exit
+from .attach.optimizer import Attachment, attach
+from .attach.origin import OriginCounter, install_origin_hook
+from .export.context import context_of, flush_at_exit, free_collectives_at_exit
+from .export.ranks import every_rank, process_attributes
+from .export.telemetry import GradTelemetry, default_meter_provider
 from .health import GradHealth, Thresholds
-from .hooks import Attachment, attach
-from .layers import DEFAULT_MAX_LAYERS
 from .options import MAX_LAYERS_LIMIT, LayerSeries, MonitorOptions
-from .origin import OriginCounter, install_origin_hook
-from .policy import Action, Policy
-from .ranks import every_rank, process_attributes
-from .readout import Pending, Readout
-from .scan import Scanner
-from .telemetry import GradTelemetry, default_meter_provider
-from .update import Norms, ReadAlong, State, Update, launch
-from .watched import (
+from .pipeline.checkpoints import WeightsHealth
+from .pipeline.layers import DEFAULT_MAX_LAYERS
+from .pipeline.parameters import (
     Gradients,
     Watched,
     named_parameters,
@@ -38,6 +34,10 @@ from .watched import (
     same_objects,
     watch_registrations,
 )
+from .pipeline.policy import Action, Policy
+from .pipeline.readout import Pending, Readout
+from .pipeline.scan import Scanner
+from .pipeline.update import Norms, ReadAlong, State, Update, launch
 
 __all__ = ["MAX_LAYERS_LIMIT", "REFRESH_EVERY", "GradMonitor"]
 
@@ -571,7 +571,7 @@ class GradMonitor:
                 with the update's own read-out as in :meth:`collect`.
 
         Returns:
-            An :class:`~gradtel.hooks.Attachment`; ``remove()`` undoes it.
+            An :class:`~gradtel.attach.optimizer.Attachment`; ``remove()`` undoes it.
 
         Raises:
             TypeError: ``optimizer`` or ``scaler`` is of the wrong type, or

@@ -7,9 +7,9 @@ from typing import Literal
 
 from . import _checks
 from .health import Thresholds
-from .layers import DEFAULT_MAX_LAYERS
-from .policy import Action, check_action
-from .readout import READOUTS, Readout
+from .pipeline.layers import DEFAULT_MAX_LAYERS
+from .pipeline.policy import Action, check_action
+from .pipeline.readout import READOUTS, Readout
 
 __all__ = ["MAX_LAYERS_LIMIT", "MonitorOptions"]
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .. import _checks
-from ..exporter import MetricsServer, serve
+from ..export.endpoint import MetricsServer, serve
 from ..monitor import GradMonitor
 
 __all__ = ["Session"]

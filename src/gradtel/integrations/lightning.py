@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..hooks import summed_loss
+from ..attach.optimizer import summed_loss
 from . import Session
 
 __all__ = ["GradtelCallback"]

@@ -28,7 +28,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..hooks import Attachment, at_end_of_backward, summed_loss
+from ..attach.optimizer import Attachment, at_end_of_backward, summed_loss
 from . import Session
 
 __all__ = ["GradtelTrainerCallback"]

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .render import KitOptions, render_kit, scale_out
+from ..render import KitOptions, render_kit, scale_out
 
 __all__ = [
     "Page",

@@ -42,7 +42,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.nn.parallel import DistributedDataParallel
 
-from ._ratelimit import RateLimitedLog
+from .._ratelimit import RateLimitedLog
 
 __all__ = ["CommHook", "OriginCounter", "ddp_comm_hook", "install_origin_hook"]
 

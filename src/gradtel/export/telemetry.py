@@ -25,12 +25,12 @@ from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from . import metrics as m
-from ._ratelimit import RateLimitedLog
-from .checkpoints import WeightsHealth
+from .. import metrics as m
+from .._ratelimit import RateLimitedLog
+from ..health import GradHealth, Status
+from ..metrics import ERROR_STAGES, KINDS, SKIP_REASONS, UNSCANNED_REASONS, Metric
+from ..pipeline.checkpoints import WeightsHealth
 from .context import context, context_of, contexts
-from .health import GradHealth, Status
-from .metrics import ERROR_STAGES, KINDS, SKIP_REASONS, UNSCANNED_REASONS, Metric
 from .ranks import process_attributes
 
 __all__ = [
@@ -83,7 +83,7 @@ def prometheus_meter_provider(registry: CollectorRegistry | None = None) -> SdkM
         registry=REGISTRY if registry is None else registry,
     )
     # No shutdown at exit: it would unregister the metrics while the endpoint
-    # still waits for a last scrape (see gradtel.exporter). Nothing is lost
+    # still waits for a last scrape (see gradtel.export.endpoint). Nothing is lost
     # without it: a Prometheus reader holds no data to flush.
     provider = SdkMeterProvider(metric_readers=[reader], shutdown_on_exit=False)
     served = context(registry)

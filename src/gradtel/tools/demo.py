@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, TextIO
 import torch
 from torch import nn
 
+from ..export.endpoint import serve
+from ..monitor import GradMonitor
 from .banner import progress_bar, status_line
-from .exporter import serve
-from .monitor import GradMonitor
 
 if TYPE_CHECKING:
     from .stack import Stack
@@ -130,7 +130,7 @@ STACKS: dict[str, dict[str, object]] = {
     "agent": {"agent": True},
     "victoriametrics": {"agent": True, "store": "victoriametrics"},
 }
-"""The ``--stack`` set-ups: arguments of :class:`~gradtel.stack.Stack`."""
+"""The ``--stack`` set-ups: arguments of :class:`~gradtel.tools.stack.Stack`."""
 
 
 def run_demo(

@@ -29,9 +29,9 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from . import _checks
-from ._ratelimit import RateLimitedLog
-from .watched import registrations
+from .. import _checks
+from .._ratelimit import RateLimitedLog
+from ..pipeline.parameters import registrations
 
 __all__ = ["Attachment", "Collector", "at_end_of_backward", "attach", "steps_taken", "summed_loss"]
 

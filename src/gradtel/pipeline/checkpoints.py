@@ -19,8 +19,8 @@ import logging
 import threading
 from collections.abc import Callable
 
-from ._ratelimit import RateLimitedLog
-from .health import GradHealth, Status
+from .._ratelimit import RateLimitedLog
+from ..health import GradHealth, Status
 from .policy import Action
 
 __all__ = ["WeightsHealth"]

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from .monitor import GradMonitor
-from .scan import per_tensor_norms, stacked
-from .watched import same_objects
+from ..monitor import GradMonitor
+from ..pipeline.parameters import same_objects
+from ..pipeline.scan import per_tensor_norms, stacked
 
 __all__ = ["clip_grad_norm_"]
 

@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-from .health import GradHealth, Thresholds
+from ..health import GradHealth, Thresholds
 from .order import BackwardOrder
+from .parameters import Gradients, Watched
 from .readout import HostCopy, completes_when_queued
 from .scan import Launched, Scanner, per_tensor_norms, stacked
 from .scan import total_norm as total_norm_of
-from .watched import Gradients, Watched
 
 __all__ = ["Norms", "ReadAlong", "State", "Update", "launch"]
 

@@ -19,8 +19,8 @@ from typing import Literal, get_args
 
 import torch
 
-from . import _checks
-from .health import GradHealth, Status
+from .. import _checks
+from ..health import GradHealth, Status
 
 __all__ = ["WARN_INTERVAL", "Action", "NonFiniteGradientError", "Policy", "check_action"]
 

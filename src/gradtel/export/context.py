@@ -26,10 +26,10 @@ import torch
 from opentelemetry.metrics import MeterProvider
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from ._ratelimit import RateLimitedLog
+from .._ratelimit import RateLimitedLog
 
 if TYPE_CHECKING:  # they import this module
-    from .exporter import MetricsServer
+    from .endpoint import MetricsServer
     from .telemetry import Instruments
 
 __all__ = [

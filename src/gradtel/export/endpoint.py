@@ -34,7 +34,7 @@ from typing import Any, Literal
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
-from . import _checks
+from .. import _checks
 from .context import Context, context, contexts
 from .httpd import Running, TLSConfig, start
 from .ranks import local_rank

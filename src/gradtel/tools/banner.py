@@ -6,7 +6,7 @@ reverse above the critical one, exactly as TELE-300 describes the banner.
 
 from __future__ import annotations
 
-from .health import GradHealth, Status
+from ..health import GradHealth, Status
 
 __all__ = ["progress_bar", "status_line", "styled_count"]
 

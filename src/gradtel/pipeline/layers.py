@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from . import _checks
+from .. import _checks
 
 __all__ = [
     "DEFAULT_MAX_LAYERS",

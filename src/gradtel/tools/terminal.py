@@ -21,9 +21,9 @@ from typing import TextIO
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from . import metrics as m
+from .. import metrics as m
+from ..health import Status, Thresholds
 from .banner import styled_count
-from .health import Status, Thresholds
 
 __all__ = ["DEFAULT_URL", "Snapshot", "fit", "frame", "scrape", "watch"]
 

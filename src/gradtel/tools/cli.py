@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.version:
-        from . import __version__
+        from .. import __version__
 
         print(f"gradtel {__version__}")
         return 0
@@ -187,8 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "render":
             return _render(args)
         if args.command == "watch":
-            from .health import Thresholds
-            from .watch import DEFAULT_URL, watch
+            from ..health import Thresholds
+            from .terminal import DEFAULT_URL, watch
 
             return watch(
                 args.urls or [DEFAULT_URL],
@@ -222,8 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
-    from .health import Thresholds
-    from .render import DEFAULT_RUNBOOK_URL, KitOptions, write_kit
+    from ..health import Thresholds
+    from ..render import DEFAULT_RUNBOOK_URL, KitOptions, write_kit
 
     given = {
         name: getattr(args, name)

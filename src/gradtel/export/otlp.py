@@ -12,7 +12,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 
-from ._checks import seconds
+from .._checks import seconds
 
 __all__ = ["otlp_meter_provider"]
 
