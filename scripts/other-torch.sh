@@ -13,9 +13,10 @@ newest=${GRADTEL_NEWEST_TORCH:-2.14.1}
 # libraries pin torch versions of their own) nor the deploy kit's real servers.
 core=(
   tests/test_scan.py tests/test_monitor.py tests/test_health.py tests/test_hooks.py
-  tests/test_steps.py tests/test_deferred.py tests/test_clip_and_sampling.py
+  tests/test_steps.py tests/test_deferred.py tests/test_clip.py
   tests/test_grad_norm.py tests/test_checkpoints.py tests/test_loops.py tests/test_layers.py
-  tests/test_combinations.py tests/test_trust.py tests/test_crash.py tests/test_contract.py
+  tests/test_combinations.py tests/test_parameters.py tests/test_parts.py
+  tests/test_crash.py tests/test_contract.py
   tests/test_exporter.py
 )
 for version in "$oldest" "$newest"; do
