@@ -268,16 +268,25 @@ def test_a_healthy_clip_that_must_raise_on_nonfinite_reads_the_host_once(
     assert "aten::_local_scalar_dense" not in ops and "aten::item" not in ops
 
 
+@pytest.mark.parametrize("readout", ["sync", "deferred"])
 @pytest.mark.parametrize("sample_every", [1, 2])
 @pytest.mark.parametrize("frozen", [True, False])
 def test_clipping_goes_on_when_a_layer_is_added_in_training(
-    provider: MeterProvider, sample_every: int, frozen: bool
+    provider: MeterProvider,
+    registry: CollectorRegistry,
+    sample_every: int,
+    frozen: bool,
+    readout: str,
 ) -> None:
     """The norms clipping computed are for the parameters watched before the layer came: the
     refresh inside collect() scans the gradients instead, and training never sees an error."""
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
     monitor = GradMonitor(
-        model, meter_provider=provider, sample_every=sample_every, on_error="raise"
+        model,
+        meter_provider=provider,
+        sample_every=sample_every,
+        on_error="raise",
+        readout=readout,  # type: ignore[arg-type]
     )
     collected = record_collects(monitor)
     for step in range(4):
@@ -289,6 +298,11 @@ def test_clipping_goes_on_when_a_layer_is_added_in_training(
         total = gradtel.clip_grad_norm_(model.parameters(), 1.0, monitor=monitor)
         assert torch.isnan(total)
     assert "extra" in monitor.layers
-    assert [h.nan_total for h in collected] == [
-        1 if step % sample_every == 0 else 0 for step in range(4)
-    ]
+    monitor.flush()
+    scanned = [step % sample_every == 0 for step in range(4)]
+    if readout == "sync":
+        assert [h.nan_total for h in collected] == [int(s) for s in scanned]
+    # Either way, every scanned update's NaN is counted.
+    assert sample(
+        samples(registry), "gradtel_unhealthy_updates_total", kind="nan", severity="warning"
+    ) == sum(scanned)

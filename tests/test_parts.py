@@ -81,15 +81,20 @@ def test_an_update_reads_along_its_loss_norm_and_scale_and_names_them_again() ->
     loss.backward()
     model[1].weight.grad[0, 1] = float("nan")
     update = Update(7, gradtel.Thresholds(), State.LAUNCHED)
-    along = ReadAlong(
-        origin=torch.tensor([2.0, 1.0], dtype=torch.float64),
-        scale=torch.tensor([1024.0], dtype=torch.float64),
-        local=True,
-    )
     grads = watched.gather(lambda exc: pytest.fail(str(exc)))
     launch(
-        watched, grads, scanner, update, loss=loss, along=along, grad_norm=True, layer_norms=True
+        watched,
+        grads,
+        scanner,
+        update,
+        loss=loss,
+        origin=torch.tensor([2, 1]),
+        scale=torch.tensor(1024.0),
+        local=True,
+        grad_norm=True,
+        layer_norms=True,
     )
+    assert isinstance(update.read_along, ReadAlong)
     assert update.pending
     health = update.read_out(scanner)
     assert update.state is State.READ and health is update.read_out(scanner)

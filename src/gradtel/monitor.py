@@ -37,7 +37,7 @@ from .pipeline.parameters import (
 from .pipeline.policy import Action, Policy
 from .pipeline.readout import Pending, Readout
 from .pipeline.scan import Scanner
-from .pipeline.update import Norms, ReadAlong, State, Update, launch
+from .pipeline.update import Norms, State, Update, launch
 
 __all__ = ["MAX_LAYERS_LIMIT", "REFRESH_EVERY", "GradMonitor"]
 
@@ -188,8 +188,8 @@ class GradMonitor:
             start_time=time.time(),
             error_log=self._error_log,
             weights=self._weights,
+            sampled=self._options.sampled,
         )
-        self._telemetry.sampled = self._options.sampled
         # What close() must undo of the origin hooks, so that a new monitor counts again.
         self._uninstall_origin = (
             install_origin_hook(self._module, self) if self._module is not None else None
@@ -624,12 +624,6 @@ class GradMonitor:
         update = Update(
             step, thresholds, State.LAUNCHED, skipped=grads.skipped, sequence=self._step
         )
-        along = ReadAlong(
-            # Counts as float64, exact in the read-out that promotes everything to one dtype.
-            origin=None if origin is None else origin.double(),
-            scale=None if scale is None else scale.detach().double().reshape(1),
-            local=self.origin.installed,
-        )
         try:
             launch(
                 self._watched,
@@ -639,7 +633,9 @@ class GradMonitor:
                 norms=norms,
                 loss=loss,
                 total_norm=total_norm,
-                along=along,
+                origin=origin,
+                scale=scale,
+                local=self.origin.installed,
                 grad_norm=self.grad_norm,
                 layer_norms=self._layer_norms,
                 exact=exact or self.readout == "deferred",

@@ -135,42 +135,25 @@ class Instruments:
         # fields (the scan's duration too, drained when collected): a healthy update
         # makes no SDK call at all.
         self.update_sources: set[GradTelemetry] = set()
-        meter.create_observable_counter(
-            m.UPDATES.instrument,
-            [self._observe_updates],
-            unit=m.UPDATES.unit,
-            description=m.UPDATES.help,
-        )
-        meter.create_observable_gauge(
-            m.UPDATE_STATUS.instrument,
-            [self._observe_status],
-            unit=m.UPDATE_STATUS.unit,
-            description=m.UPDATE_STATUS.help,
-        )
-        meter.create_observable_gauge(
-            m.LAST_UPDATE_TIMESTAMP.instrument,
-            [self._observe_last_update],
-            unit=m.LAST_UPDATE_TIMESTAMP.unit,
-            description=m.LAST_UPDATE_TIMESTAMP.help,
-        )
-        meter.create_observable_gauge(
-            m.START_TIME.instrument,
-            [self._observe_start],
-            unit=m.START_TIME.unit,
-            description=m.START_TIME.help,
-        )
-        self.unscanned = make(m.UNSCANNED_UPDATES)
-        self.duration = make(m.SCAN_DURATION)
-        self.first_bad = make(m.FIRST_BAD_LAYER)
-        self.last_unhealthy_step = make(m.LAST_UNHEALTHY_STEP)
         for metric, observe in (
+            (m.UPDATES, self._observe_updates),
+            (m.UPDATE_STATUS, self._observe_status),
+            (m.LAST_UPDATE_TIMESTAMP, self._observe_last_update),
+            (m.START_TIME, self._observe_start),
             (m.GRAD_NORM, self._observe_norm),
             (m.GRAD_NORM_PEAK, self._observe_norm_peak),
             (m.AMP_LOSS_SCALE, self._observe_loss_scale),
         ):
-            meter.create_observable_gauge(
-                metric.instrument, [observe], unit=metric.unit, description=metric.help
+            create = (
+                meter.create_observable_counter
+                if metric.type == "counter"
+                else meter.create_observable_gauge
             )
+            create(metric.instrument, [observe], unit=metric.unit, description=metric.help)
+        self.unscanned = make(m.UNSCANNED_UPDATES)
+        self.duration = make(m.SCAN_DURATION)
+        self.first_bad = make(m.FIRST_BAD_LAYER)
+        self.last_unhealthy_step = make(m.LAST_UNHEALTHY_STEP)
         # Read when scraped, not set per update: hundreds of layers would cost the
         # SDK tens of microseconds each, every update.
         # Kept like the other series, after their monitor is gone.
@@ -356,6 +339,9 @@ class GradTelemetry:
         clock: Monotonic seconds, for the rolling peak of the gradient norm.
         weights: What the monitor's updates left in its weights, for the ``gradients``
             label of a crash.
+        sampled: The monitor scans one update in several (``sample_every``): an
+            incident's first scanned update may follow unscanned ones that poisoned the
+            weights.
     """
 
     def __init__(
@@ -368,6 +354,7 @@ class GradTelemetry:
         error_log: RateLimitedLog | None = None,
         clock: Callable[[], float] = time.monotonic,
         weights: WeightsHealth | None = None,
+        sampled: bool = False,
     ) -> None:
         self.error_log = error_log or RateLimitedLog(logging.getLogger("gradtel"))
         self.clock = clock
@@ -375,9 +362,7 @@ class GradTelemetry:
         self.closed: float | None = None
         """When the monitor was closed (monotonic), or None: a crash is described by the
         open monitors, else by the one closed last."""
-        self.sampled = False
-        """The monitor scans one update in several (``sample_every``): an incident's first
-        scanned update may follow unscanned ones that poisoned the weights."""
+        self.sampled = sampled
         self._latest_unhealthy = False  # the latest scanned update was, and no rollback since
         # Which collect() made the latest scanned update and the latest one left unscanned
         # (counted, not timed: a wall clock may step back): a deferred read-out records an

@@ -478,6 +478,7 @@ class Scanner:
         it, the backward pass included: :attr:`waited` says how long, apart from gradtel's own kernels."""
         began = time.perf_counter()
         read = launched.result.tolist()
+        self.waited = 0.0
         if launched.events is not None:
             start, end = launched.events
             self.waited = max(0.0, time.perf_counter() - began - start.elapsed_time(end) / 1000)

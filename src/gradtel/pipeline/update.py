@@ -179,7 +179,6 @@ class Update:
         if self.copy is not None:
             read = self._read if self._read is not None else self.copy.read()
         else:
-            scanner.waited = 0.0
             read = scanner.read(launched)
             self.waited = scanner.waited
         counts = scanner.finish(self.values or [], launched, read)
@@ -229,13 +228,16 @@ def launch(
     norms: Norms | None = None,
     loss: torch.Tensor | None = None,
     total_norm: torch.Tensor | None = None,
-    along: ReadAlong,
+    origin: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    local: bool = False,
     grad_norm: bool = False,
     layer_norms: bool = False,
     exact: bool = False,
     no_norms: Callable[[], None] = lambda: None,
 ) -> None:
-    """Queue ``update``'s scan of ``grads`` on the device, with what it reads along.
+    """Queue ``update``'s scan of ``grads`` on the device, with what it reads along
+    (``origin``, ``scale``, ``local``: see :class:`ReadAlong`).
 
     ``norms``: the caller's norms, which stand in for the scan's first pass. ``exact``: on
     a device whose work is queued, count every gradient exactly now (they may be rewritten
@@ -266,12 +268,15 @@ def launch(
     if not dense and wants_norms:
         no_norms()
     layers, by_layer = _layer_norms(watched, l2, present) if layer_norms else ((), None)
-    along = dataclasses.replace(
-        along,
+    along = ReadAlong(
+        # Counts as float64, exact in the read-out that promotes everything to one dtype.
+        origin=None if origin is None else origin.double(),
         loss_bad=_loss_bad(loss),
         norm=None if total_norm is None else total_norm.detach().reshape(1),
         layers=layers,
         layer_norms=by_layer,
+        scale=None if scale is None else scale.detach().double().reshape(1),
+        local=local,
     )
     extra = along.tensors()
     if exact and not all(map(completes_when_queued, values)):
