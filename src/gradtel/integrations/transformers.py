@@ -22,8 +22,9 @@ The counts reach every ``report_to`` integration (TensorBoard, W&B, MLflow...) i
 ``logs`` of ``on_log``, as ``gradtel/...`` (see :meth:`gradtel.GradHealth.scalars`):
 each log carries the sums of the updates since the previous one. The Trainer calls the
 ``callbacks=[...]`` you give it after its ``report_to`` ones, which would write each
-log before gradtel added to it: so the callback moves itself, when the Trainer is made
-and when training begins, to just after the Trainer's flow callback, ahead of them.
+log before gradtel added to it: so a small companion callback that adds them is put,
+when the Trainer is made (or at the first step, after ``trainer.add_callback()``), just
+after the Trainer's flow callback, ahead of them. The gradtel callback keeps its place.
 """
 
 from __future__ import annotations
