@@ -300,8 +300,9 @@ class HealthTally:
                 self._amp_overflows += 1
                 self._level = max(self._level, Status.HEALTHY.level)
             else:
-                self._nan.update(health.nan_by_layer)
-                self._inf.update(health.inf_by_layer)
+                if health.nan_by_layer or health.inf_by_layer:  # not the usual update
+                    self._nan.update(health.nan_by_layer)
+                    self._inf.update(health.inf_by_layer)
                 self._level = max(self._level, health.status.level)
             if health.grad_norm is not None and math.isfinite(health.grad_norm):
                 self._grad_norm = health.grad_norm

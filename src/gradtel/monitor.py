@@ -293,7 +293,10 @@ class GradMonitor:
 
     def _tell(self, health: GradHealth) -> None:
         for listener in self._listeners:
-            self._guarded("record", partial(listener, health))
+            try:
+                listener(health)
+            except Exception as exc:
+                self._failed("record", exc)
 
     def _watch(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
         """Take ``named`` as the watched parameters (at creation and at each refresh)."""
