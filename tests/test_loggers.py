@@ -15,11 +15,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from opentelemetry.sdk.metrics import MeterProvider
+from prometheus_client import CollectorRegistry
 from torch import nn
 
 from gradtel import GradHealth, GradMonitor, HealthTally, Status, Thresholds
 
-from .conftest import net
+from .conftest import net, sample, samples
 
 NAN, INF = float("nan"), float("inf")
 
@@ -197,7 +198,9 @@ def test_a_deferred_update_is_handed_over_when_it_is_concluded(provider: MeterPr
     assert [(h.step, h.nan_total) for h in seen] == [(1, 3), (2, 0)]
 
 
-def test_a_failing_listener_does_not_stop_training(provider: MeterProvider) -> None:
+def test_a_failing_listener_does_not_stop_training(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
     model = net()
     monitor = GradMonitor(model, meter_provider=provider)
     seen: list[GradHealth] = []
@@ -210,6 +213,7 @@ def test_a_failing_listener_does_not_stop_training(provider: MeterProvider) -> N
     net_backward(model)
     assert monitor.collect().status is Status.HEALTHY
     assert len(seen) == 1
+    assert sample(samples(registry), "gradtel_errors_total", stage="record") == 1
     with pytest.raises(TypeError, match=r"listener must be callable with a GradHealth, got 3"):
         monitor.subscribe(3)  # type: ignore[arg-type]
     monitor.close()
@@ -427,20 +431,29 @@ def gpt2_trainer(tmp_path: Path, callback: Any, report_to: list[str], **args: An
     return Trainer(model=model, args=arguments, train_dataset=data, callbacks=callbacks)
 
 
-@pytest.mark.parametrize(("log_to_loggers", "added"), [(True, False), (True, True), (False, False)])
+@pytest.mark.parametrize(
+    ("log_to_loggers", "added", "readout"),
+    [
+        (True, False, "sync"),
+        (True, True, "sync"),
+        (True, False, "deferred"),
+        (False, False, "sync"),
+    ],
+)
 @framework
 def test_transformers_report_to_tensorboard_gets_the_counts_at_their_steps(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, log_to_loggers: bool, added: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, log_to_loggers: bool, added: bool, readout: str
 ) -> None:
     """``added``: the callback is given with ``trainer.add_callback()`` once the Trainer
-    is made, not in ``callbacks=[...]``."""
+    is made, not in ``callbacks=[...]``. With the deferred read-out the last update is
+    concluded only when training ends, and still in the last log."""
     from transformers import TrainerCallback
 
     from gradtel.integrations.transformers import GradtelTrainerCallback
 
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
     callback = GradtelTrainerCallback(
-        serve_metrics=False, on_warning="skip", log_to_loggers=log_to_loggers
+        serve_metrics=False, on_warning="ignore", log_to_loggers=log_to_loggers, readout=readout
     )
     trainer = gpt2_trainer(
         tmp_path,
@@ -452,19 +465,29 @@ def test_transformers_report_to_tensorboard_gets_the_counts_at_their_steps(
     )
     if added:
         trainer.add_callback(callback)
-    bad = trainer.model.transformer.h[1].mlp.c_fc.weight
     making = [0]
 
     class Step(TrainerCallback):
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             making[0] = state.global_step + 1
 
-    def poison(param: torch.Tensor) -> None:
-        if making[0] == 3:  # the update that makes step 3, logged with step 4
-            param.grad.view(-1)[:3] = NAN
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            # Counted by now: the weights stay finite, so the updates after stay healthy.
+            for p in kwargs["model"].parameters():
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
 
+    def poison(step: int, n: int) -> Callable[[torch.Tensor], None]:
+        def write(param: torch.Tensor) -> None:
+            if making[0] == step:
+                param.grad.view(-1)[:n] = NAN
+
+        return write
+
+    # The updates that make steps 3 and 4, both logged with step 4.
+    blocks = trainer.model.transformer.h
+    blocks[1].mlp.c_fc.weight.register_post_accumulate_grad_hook(poison(3, 3))
+    blocks[0].mlp.c_proj.weight.register_post_accumulate_grad_hook(poison(4, 2))
     trainer.add_callback(Step())
-    bad.register_post_accumulate_grad_hook(poison)
     trainer.train()
     found = tensorboard_scalars(tmp_path / "tb")
     gradtel = {tag: steps for tag, steps in found.items() if "gradtel/" in tag}
@@ -473,10 +496,11 @@ def test_transformers_report_to_tensorboard_gets_the_counts_at_their_steps(
         return
     # TensorBoardCallback names the training logs train/...
     assert gradtel == {
-        "train/gradtel/nan_total": {2: 0.0, 4: 3.0},
+        "train/gradtel/nan_total": {2: 0.0, 4: 5.0},
         "train/gradtel/inf_total": {2: 0.0, 4: 0.0},
         "train/gradtel/status": {2: 0.0, 4: 1.0},
         "train/gradtel/nan/transformer.h.1.mlp.c_fc": {4: 3.0},
+        "train/gradtel/nan/transformer.h.0.mlp.c_proj": {4: 2.0},
     }
     assert sorted(found["train/loss"]) == [2, 4]
 
