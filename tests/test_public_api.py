@@ -14,6 +14,7 @@ EXPORTED = {
     "ROOT_LAYER",
     "GradHealth",
     "GradMonitor",
+    "HealthTally",
     "MetricsServer",
     "NonFiniteGradientError",
     "PortInUseError",

@@ -12,7 +12,7 @@ from .attach.clip import clip_grad_norm_
 from .attach.origin import ddp_comm_hook
 from .export.endpoint import DEFAULT_ADDR, DEFAULT_PORT, MetricsServer, PortInUseError, serve
 from .export.telemetry import prometheus_meter_provider
-from .health import GradHealth, Status, Thresholds
+from .health import GradHealth, HealthTally, Status, Thresholds
 from .monitor import GradMonitor
 from .pipeline.layers import OVERFLOW_LAYER, ROOT_LAYER, layer_name
 from .pipeline.policy import NonFiniteGradientError
@@ -26,6 +26,7 @@ __all__ = [
     "ROOT_LAYER",
     "GradHealth",
     "GradMonitor",
+    "HealthTally",
     "MetricsServer",
     "NonFiniteGradientError",
     "PortInUseError",

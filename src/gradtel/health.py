@@ -9,11 +9,15 @@ Every artifact gradtel renders derives its numbers from one ``Thresholds``.
 from __future__ import annotations
 
 import enum
+import math
+import re
+import threading
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
-__all__ = ["GradHealth", "Status", "Thresholds"]
+__all__ = ["GradHealth", "HealthTally", "Status", "Thresholds"]
 
 
 class Status(str, enum.Enum):
@@ -188,6 +192,25 @@ class GradHealth:
             return Status.HEALTHY
         return _worst(self.nan_status, self.inf_status)
 
+    def scalars(self, prefix: str = "gradtel/") -> dict[str, float]:
+        """This update as finite numbers for a training logger (TensorBoard, W&B, MLflow, CSV).
+
+        ``<prefix>nan_total``, ``<prefix>inf_total``, ``<prefix>status`` (the level of
+        ``gradtel_update_status``: -1 unknown, 0 healthy, 1 warning, 2 critical),
+        ``<prefix>grad_norm`` when computed and finite, and ``<prefix>nan/<layer>`` and
+        ``<prefix>inf/<layer>`` for the layers with a count. Nothing non-finite: loggers
+        drop NaN from their charts. See :class:`HealthTally` for several updates.
+
+        Raises:
+            TypeError: ``prefix`` is not a str.
+
+        >>> GradHealth(nan_by_layer={"fc1": 3}, grad_norm=float("nan")).scalars()
+        {'gradtel/nan_total': 3.0, 'gradtel/inf_total': 0.0, 'gradtel/status': 1.0, 'gradtel/nan/fc1': 3.0}
+        """
+        tally = HealthTally()
+        tally.add(self)
+        return tally.take(prefix)
+
     def top_layers(self, k: int = 3) -> list[tuple[str, int]]:
         """The ``k`` layers with the most non-finite values, most first."""
         totals: dict[str, int] = dict(self.nan_by_layer)
@@ -227,3 +250,89 @@ class GradHealth:
         if self.amp_overflow:
             line += "; an AMP overflow: the GradScaler skips this step"
         return line
+
+
+_NOT_IN_LOGGER_KEYS = re.compile(r"[^\w.\-]")
+"""Characters some loggers refuse in a key (MLflow takes no parentheses): ``(root)`` is
+logged as ``_root_``."""
+
+
+class HealthTally:
+    """The updates since a logger last wrote, summed into one set of finite numbers.
+
+    A logger writes every few steps; the updates in between are not lost: their counts
+    are summed per layer, the status is the worst of the updates looked at (-1 when none
+    was), the norm is the latest finite one. An AMP overflow the ``GradScaler`` skips adds
+    no counts (it is no unhealthy update) but ``<prefix>amp_overflows``. Updates may be
+    added from another thread (a deferred read-out is published by the endpoint's scrape).
+
+    >>> tally = HealthTally()
+    >>> tally.add(GradHealth(nan_by_layer={"fc1": 3}, step=1))
+    >>> tally.add(GradHealth(nan_by_layer={"fc1": 1}, inf_by_layer={"(root)": 9}, step=2))
+    >>> tally.take()  # doctest: +NORMALIZE_WHITESPACE
+    {'gradtel/nan_total': 4.0, 'gradtel/inf_total': 9.0, 'gradtel/status': 2.0,
+     'gradtel/nan/fc1': 4.0, 'gradtel/inf/_root_': 9.0}
+    >>> tally.take()  # nothing since
+    {}
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._clear()
+
+    def _clear(self) -> None:
+        self._updates = 0
+        self._nan: Counter[str] = Counter()
+        self._inf: Counter[str] = Counter()
+        self._level = Status.UNKNOWN.level
+        self._grad_norm: float | None = None
+        self._amp_overflows = 0
+
+    def __len__(self) -> int:
+        """Updates added since the last :meth:`take`."""
+        return self._updates
+
+    def add(self, health: GradHealth) -> None:
+        """Add one update's health (its read-out is done: no device is waited for)."""
+        with self._lock:
+            self._updates += 1
+            if health.amp_overflow:  # skipped by the scaler: nothing reached the weights
+                self._amp_overflows += 1
+                self._level = max(self._level, Status.HEALTHY.level)
+            else:
+                if health.nan_by_layer or health.inf_by_layer:  # not the usual update
+                    self._nan.update(health.nan_by_layer)
+                    self._inf.update(health.inf_by_layer)
+                self._level = max(self._level, health.status.level)
+            if health.grad_norm is not None and math.isfinite(health.grad_norm):
+                self._grad_norm = health.grad_norm
+
+    def take(self, prefix: str = "gradtel/") -> dict[str, float]:
+        """The numbers of the updates added since the last call (``{}`` when none was),
+        named as in :meth:`GradHealth.scalars`; the tally starts again from zero.
+
+        Raises:
+            TypeError: ``prefix`` is not a str.
+        """
+        if not isinstance(prefix, str):
+            raise TypeError(
+                f"prefix must be a str such as 'gradtel/', got {prefix!r} ({type(prefix).__name__})"
+            )
+        with self._lock:
+            if not self._updates:
+                return {}
+            found = {
+                f"{prefix}nan_total": float(self._nan.total()),
+                f"{prefix}inf_total": float(self._inf.total()),
+                f"{prefix}status": float(self._level),
+            }
+            if self._grad_norm is not None:
+                found[f"{prefix}grad_norm"] = self._grad_norm
+            if self._amp_overflows:
+                found[f"{prefix}amp_overflows"] = float(self._amp_overflows)
+            for kind, counts in (("nan", self._nan), ("inf", self._inf)):
+                for layer, n in counts.items():
+                    key = f"{prefix}{kind}/{_NOT_IN_LOGGER_KEYS.sub('_', layer)}"
+                    found[key] = found.get(key, 0.0) + n
+            self._clear()
+            return found

@@ -10,6 +10,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -202,6 +203,7 @@ class GradMonitor:
         """What :meth:`_look` saw at the end of the latest backward pass, not collected yet."""
         self._looked_origin: torch.Tensor | None = None
         self._looked_grads: tuple[torch.Tensor | None, ...] = ()
+        self._listeners: list[Callable[[GradHealth], None]] = []
         if self.readout == "deferred":
             self._telemetry.context.deferred.add(self)  # a scrape publishes, the exit wait flushes
             flush_at_exit()
@@ -247,6 +249,54 @@ class GradMonitor:
                 self._uninstall_origin = None
             self._telemetry.context.release(self, self._provider)
             self._telemetry.closed = time.monotonic()
+
+    def subscribe(self, listener: Callable[[GradHealth], None]) -> Callable[[], None]:
+        """Hand ``listener`` the health of every due update once it is known: in
+        ``collect()`` with ``readout="sync"``, when the update is published with
+        ``"deferred"`` (maybe in the endpoint's scrape thread); sampled-out updates too
+        (UNKNOWN). A listener that fails is handled as any failure inside gradtel
+        (``on_error``). The framework callbacks feed their loggers this way.
+
+        Args:
+            listener: Called with each :class:`~gradtel.GradHealth`, in update order.
+
+        Returns:
+            A function that unsubscribes ``listener``.
+
+        Raises:
+            TypeError: ``listener`` is not callable.
+
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1)
+        >>> monitor = GradMonitor(model)
+        >>> seen = []
+        >>> unsubscribe = monitor.subscribe(seen.append)
+        >>> model(torch.ones(1, 2)).sum().backward()
+        >>> _ = monitor.collect(step=7)
+        >>> [h.step for h in seen]
+        [7]
+        >>> monitor.close()
+        """
+        if not callable(listener):
+            raise TypeError(
+                f"listener must be callable with a GradHealth, got {listener!r} "
+                f"({type(listener).__name__})"
+            )
+        with self._lock:
+            self._listeners.append(listener)
+        return partial(self._unsubscribe, listener)
+
+    def _unsubscribe(self, listener: Callable[[GradHealth], None]) -> None:
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+    def _tell(self, health: GradHealth) -> None:
+        for listener in self._listeners:
+            try:
+                listener(health)
+            except Exception as exc:
+                self._failed("record", exc)
 
     def _watch(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
         """Take ``named`` as the watched parameters (at creation and at each refresh)."""
@@ -416,6 +466,7 @@ class GradMonitor:
         update = Update.sampled_out(self._training_step, self.thresholds, self._step)
         self._guarded("record", lambda: self._telemetry.touch(time.time(), update.sequence))
         assert update.health is not None
+        self._tell(update.health)
         return update.health
 
     def _conclude(self, update: Update, health: GradHealth) -> GradHealth:
@@ -435,6 +486,7 @@ class GradMonitor:
                 sequence=update.sequence,
             ),
         )
+        self._tell(health)
         if health.unscanned is not None:
             return health
         action = None if health.amp_overflow else self._policy.action(health)

@@ -8,6 +8,12 @@ the monitor, so they are counted as ``amp_overflow`` skips, never as unhealthy,
 and never block a checkpoint. The monitor is made at ``on_fit_start``,
 after ``configure_model()`` has built the layers.
 
+The counts reach the Trainer's loggers (TensorBoard, W&B, MLflow, CSV) through the
+module's ``log_dict``, as ``gradtel/...`` (see :meth:`gradtel.GradHealth.scalars`), at
+the loggers' own cadence (``log_every_n_steps``): each logged step carries the sums of
+the updates since the previous one, so an update between two log steps is not lost,
+and the updates after the last log step are written when training ends.
+
 With ``protect_checkpoints=True`` a checkpoint callback (``ModelCheckpoint``)
 saves nothing once the weights have taken an unhealthy update: its save is
 stopped before it writes a file or rotates an old one out, so the healthy
@@ -20,15 +26,21 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .. import _checks
 from ..attach.optimizer import summed_loss
+from ..health import HealthTally
 from . import Session
 
 __all__ = ["GradtelCallback"]
+
+_GRAD_NORM = "gradtel/grad_norm"
+"""The one number that is no count: the latest finite norm stands until a newer one."""
 
 _SAVING_HOOKS = (
     "on_train_batch_end",
@@ -52,6 +64,14 @@ class GradtelCallback(Callback):
     :class:`~gradtel.GradMonitor`. With ``protect_checkpoints=True``, every
     checkpoint callback of the Trainer and ``trainer.save_checkpoint()`` save
     nothing once the weights have taken an unhealthy update.
+
+    With ``log_to_loggers=True`` (default) and a logger on the Trainer, every step
+    Lightning logs gets ``gradtel/nan_total``, ``gradtel/inf_total``,
+    ``gradtel/status``, ``gradtel/nan/<layer>``... summed over the updates since
+    the previous logged step (:class:`gradtel.HealthTally`); ``False`` logs nothing.
+
+    Raises:
+        TypeError: ``log_to_loggers`` or ``protect_checkpoints`` is not a bool.
     """
 
     def __init__(
@@ -61,15 +81,25 @@ class GradtelCallback(Callback):
         addr: str | None = None,
         serve_metrics: bool = True,
         protect_checkpoints: bool = False,
+        log_to_loggers: bool = True,
         **monitor_options: Any,
     ) -> None:
         self.session = Session(port, addr, serve_metrics, monitor_options, protect_checkpoints)
+        self.log_to_loggers = _checks.flag("log_to_loggers", log_to_loggers)
+        self._since_log = HealthTally()
+        """The updates since Lightning last wrote to its loggers."""
+        self._stepped = False
+        self._counts: set[str] = set()
+        """The keys of the counts logged so far."""
         self._loss: Tensor | None = None
         self._undo: list[Callable[[], None]] = []
         self._in_checkpoint_hook = False
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.session.start(pl_module)
+        monitor = self.session.start(pl_module)
+        self._since_log.take()  # a tally left by an earlier fit belongs to it
+        if self.log_to_loggers and trainer.loggers:
+            monitor.subscribe(self._since_log.add)
         if self.session.protect_checkpoints and not self._undo:
             self._protect(trainer)
 
@@ -114,10 +144,50 @@ class GradtelCallback(Callback):
         # "16-mixed" the precision plugin's scaler has just unscaled, and skips overflows.
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self.session.collect(loss=self._loss, step=trainer.global_step + 1, scaler=scaler)
-        self._loss = None
+        self._loss, self._stepped = None, True
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Lightning writes this batch's metrics when it stepped the optimizer and the step is
+        # one to log (Lightning's own LearningRateMonitor asks the same connector); on any
+        # other batch the updates wait in the tally. A healthy update adds no host sync:
+        # the numbers are host tensors, which Lightning keeps on the host.
+        stepped, self._stepped = self._stepped, False
+        if stepped and trainer._logger_connector.should_update_logs:
+            found = self._numbers_since_log()
+            if found:
+                pl_module.log_dict(_on_host(found), on_step=True, on_epoch=False)
+
+    def _numbers_since_log(self) -> dict[str, float]:
+        found = self._since_log.take()
+        if found:
+            # Lightning repeats a key's last value at the later logged steps of the epoch: a
+            # count logged once is logged as 0 when there is none since.
+            self._counts |= found.keys() - {_GRAD_NORM}
+            found = {**dict.fromkeys(self._counts, 0.0), **found}
+        return found
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The updates after the last logged step (Lightning logs nothing of them), with the
+        # deferred read-outs still pending, at the step Lightning numbers the last batch.
+        if self.session.monitor is not None:
+            self.session.monitor.flush()
+        found = self._numbers_since_log()
+        if found:
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped - 1
+            for logger in trainer.loggers:
+                logger.log_metrics(found, step=step)
+                logger.save()
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             while self._undo:
                 self._undo.pop()()
             self.session.stop()
+
+
+def _on_host(found: dict[str, float]) -> dict[str, Tensor]:
+    """The numbers as host tensors: a Python number would be copied to the module's device
+    by ``log`` (a host sync on CUDA) and read back before it is written."""
+    return {name: torch.tensor(value, dtype=torch.float64) for name, value in found.items()}

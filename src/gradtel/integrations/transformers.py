@@ -17,18 +17,30 @@ the callback hands it to the monitor, so the overflows it skips are counted as
 ``amp_overflow`` skips, not as unhealthy updates. (The gradients it counts are
 still scaled then; scaling keeps finite values finite.) On the CPU accelerate uses
 no scaler.
+
+The counts reach every ``report_to`` integration (TensorBoard, W&B, MLflow...) in the
+``logs`` of ``on_log``, as ``gradtel/...`` (see :meth:`gradtel.GradHealth.scalars`):
+each log carries the sums of the updates since the previous one. The Trainer calls the
+``callbacks=[...]`` you give it after its ``report_to`` ones, which would write each
+log before gradtel added to it: so a small companion callback that adds them is put,
+when the Trainer is made (or at the first step, after ``trainer.add_callback()``), just
+after the Trainer's flow callback, ahead of them. The gradtel callback keeps its place.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
+from .. import _checks
 from ..attach.optimizer import Attachment, at_end_of_backward, summed_loss
+from ..health import HealthTally
 from . import Session
 
 __all__ = ["GradtelTrainerCallback"]
@@ -43,6 +55,14 @@ class GradtelTrainerCallback(TrainerCallback):
     saves no checkpoint once the weights have taken an unhealthy update (its save,
     and the rotation of old checkpoints, do not happen); an explicit
     ``trainer.save_model()`` is yours to guard with ``monitor.allow_checkpoint()``.
+
+    With ``log_to_loggers=True`` (default) every log of the Trainer gets
+    ``gradtel/nan_total``, ``gradtel/inf_total``, ``gradtel/status``,
+    ``gradtel/nan/<layer>``... summed over the updates since the previous log
+    (:class:`gradtel.HealthTally`); ``False`` adds nothing.
+
+    Raises:
+        TypeError: ``log_to_loggers`` or ``protect_checkpoints`` is not a bool.
     """
 
     def __init__(
@@ -52,9 +72,15 @@ class GradtelTrainerCallback(TrainerCallback):
         addr: str | None = None,
         serve_metrics: bool = True,
         protect_checkpoints: bool = False,
+        log_to_loggers: bool = True,
         **monitor_options: Any,
     ) -> None:
         self.session = Session(port, addr, serve_metrics, monitor_options, protect_checkpoints)
+        self.log_to_loggers = _checks.flag("log_to_loggers", log_to_loggers)
+        self._since_log = HealthTally()
+        """The updates since the Trainer last logged."""
+        self._logs_first = _LogsFirst(self) if self.log_to_loggers else None
+        self._logs_placed = False
         self._hooks: Attachment | None = None
         self._loss_hook: RemovableHandle | None = None
         self._loss: torch.Tensor | None = None
@@ -64,11 +90,46 @@ class GradtelTrainerCallback(TrainerCallback):
         self._accumulation = 1
         self._scaler: object = None
 
+    def on_init_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._place_logs_first()
+
+    def _place_logs_first(self) -> None:
+        """Put the companion that feeds the logs just after the Trainer's flow callback,
+        ahead of the ``report_to`` ones; once per training run. The Trainer shows callbacks
+        neither itself nor its handler: the handler is the caller of this hook."""
+        if self._logs_first is None or self._logs_placed:
+            return
+        handler = _calling_handler()
+        if handler is None:
+            return
+        self._logs_placed = True
+        callbacks = handler.callbacks
+        if self._logs_first not in callbacks:
+            flow = next(
+                (i for i, c in enumerate(callbacks) if isinstance(c, DefaultFlowCallback)), -1
+            )
+            # The handler is calling this hook over the list: the hook is called once more,
+            # which places nothing.
+            callbacks.insert(flow + 1, self._logs_first)
+
+    def _add_to_logs(self, state: TrainerState, logs: dict[str, float] | None) -> None:
+        if logs is None:
+            return
+        monitor = self.session.monitor
+        if monitor is not None and state.max_steps and state.global_step >= state.max_steps:
+            monitor.flush()  # training ends: no later log for a pending read-out
+        logs.update(self._since_log.take())
+
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         model = kwargs["model"]
         monitor = self.session.start(model)
+        self._since_log.take()  # a tally left by an earlier run belongs to it
+        if self.log_to_loggers:
+            monitor.subscribe(self._since_log.add)
         self._accumulation = max(1, int(args.gradient_accumulation_steps))
         # Under fp16 on an accelerator, accelerate wraps the optimizer with its GradScaler:
         # the overflows it skips are counted as skipped, never as unhealthy.
@@ -95,6 +156,7 @@ class GradtelTrainerCallback(TrainerCallback):
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        self._place_logs_first()  # added with trainer.add_callback() once the Trainer was made
         self._backwards, self._collected = 0, False
         self._step = state.global_step + 1  # the step this update makes, as the Trainer logs it
 
@@ -126,4 +188,36 @@ class GradtelTrainerCallback(TrainerCallback):
             self._hooks.remove()
         if self._loss_hook is not None:
             self._loss_hook.remove()
+        self._logs_placed = False
         self.session.stop()
+
+
+class _LogsFirst(TrainerCallback):
+    """Adds gradtel's numbers to the Trainer's logs, called ahead of the ``report_to``
+    callbacks; the gradtel callback itself keeps the place it was given."""
+
+    def __init__(self, owner: GradtelTrainerCallback) -> None:
+        self._owner = owner
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._owner._add_to_logs(state, logs)
+
+
+def _calling_handler() -> CallbackHandler | None:
+    """The Trainer's callback handler, found among the few callers above: it calls the hooks."""
+    frame = sys._getframe(1)
+    for _ in range(4):
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, CallbackHandler):
+            return owner
+        if frame.f_back is None:
+            break
+        frame = frame.f_back
+    return None

@@ -1,0 +1,527 @@
+"""gradtel's counts in the researcher's own loggers: finite numbers under ``gradtel/``, the
+updates between two logged steps summed, read back from the real loggers' files."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from opentelemetry.sdk.metrics import MeterProvider
+from prometheus_client import CollectorRegistry
+from torch import nn
+
+from gradtel import GradHealth, GradMonitor, HealthTally, Status, Thresholds
+
+from .conftest import net, sample, samples
+
+NAN, INF = float("nan"), float("inf")
+
+F = TypeVar("F", bound=Callable[..., None])
+
+
+def framework(test: F) -> F:
+    """A test that trains with a real framework and its loggers."""
+    marks = [
+        pytest.mark.slow,
+        # The frameworks (and MLflow) warn about CPU-only and small-data runs: not gradtel's.
+        pytest.mark.filterwarnings("ignore::UserWarning"),
+        pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+        pytest.mark.filterwarnings("ignore::FutureWarning"),
+    ]
+    for mark in marks:
+        test = mark(test)
+    return test
+
+
+# --- the numbers ---------------------------------------------------------------------------
+
+
+def test_scalars_of_an_unhealthy_update() -> None:
+    health = GradHealth(
+        nan_by_layer={"enc.fc1": 3, "(root)": 1}, inf_by_layer={"head": 7}, grad_norm=2.5
+    )
+    assert health.scalars() == {
+        "gradtel/nan_total": 4.0,
+        "gradtel/inf_total": 7.0,
+        "gradtel/status": 2.0,
+        "gradtel/grad_norm": 2.5,
+        "gradtel/nan/enc.fc1": 3.0,
+        "gradtel/nan/_root_": 1.0,  # MLflow refuses parentheses in a key
+        "gradtel/inf/head": 7.0,
+    }
+    assert health.scalars(prefix="grad/")["grad/nan_total"] == 4.0
+
+
+@pytest.mark.parametrize("norm", [NAN, INF, -INF, None])
+def test_a_non_finite_or_missing_norm_is_left_out(norm: float | None) -> None:
+    assert GradHealth(grad_norm=norm).scalars() == {
+        "gradtel/nan_total": 0.0,
+        "gradtel/inf_total": 0.0,
+        "gradtel/status": 0.0,
+    }
+
+
+@pytest.mark.parametrize(
+    "health",
+    [
+        GradHealth(sampled=False),
+        GradHealth(pending=True),
+        GradHealth(unscanned="scan_error", grad_norm=NAN),
+    ],
+    ids=["sampled_out", "pending", "unscanned"],
+)
+def test_an_update_not_looked_at_says_unknown(health: GradHealth) -> None:
+    assert health.scalars() == {
+        "gradtel/nan_total": 0.0,
+        "gradtel/inf_total": 0.0,
+        "gradtel/status": -1.0,
+    }
+
+
+def test_an_amp_overflow_is_a_skip_not_counts() -> None:
+    health = GradHealth(inf_by_layer={"fc": 9}, amp_overflow=True)
+    assert health.scalars() == {
+        "gradtel/nan_total": 0.0,
+        "gradtel/inf_total": 0.0,
+        "gradtel/status": 0.0,
+        "gradtel/amp_overflows": 1.0,
+    }
+
+
+def test_a_tally_sums_the_updates_since_it_was_taken() -> None:
+    tally = HealthTally()
+    assert tally.take() == {} and len(tally) == 0
+    tally.add(GradHealth(sampled=False))
+    tally.add(GradHealth(nan_by_layer={"fc": 2}, grad_norm=1.0))
+    tally.add(GradHealth(nan_by_layer={"fc": 1}, inf_by_layer={"out": 1}, grad_norm=NAN))
+    assert len(tally) == 3
+    # Worst status of the updates looked at (two warnings), the latest finite norm.
+    assert tally.take() == {
+        "gradtel/nan_total": 3.0,
+        "gradtel/inf_total": 1.0,
+        "gradtel/status": 1.0,
+        "gradtel/grad_norm": 1.0,
+        "gradtel/nan/fc": 3.0,
+        "gradtel/inf/out": 1.0,
+    }
+    assert tally.take() == {}
+    tally.add(GradHealth(sampled=False))
+    assert tally.take()["gradtel/status"] == -1.0
+
+
+def test_a_prefix_that_is_no_str_is_refused() -> None:
+    with pytest.raises(TypeError, match=r"prefix must be a str such as 'gradtel/', got 3 \(int\)"):
+        GradHealth().scalars(prefix=3)  # type: ignore[arg-type]
+
+
+counts = st.dictionaries(st.text(min_size=1, max_size=8), st.integers(1, 10**12), max_size=4)
+healths = st.builds(
+    GradHealth,
+    nan_by_layer=counts,
+    inf_by_layer=counts,
+    thresholds=st.just(Thresholds()),
+    sampled=st.booleans(),
+    grad_norm=st.none() | st.floats(allow_nan=True, allow_infinity=True),
+    unscanned=st.sampled_from([None, "no_gradients", "scan_error"]),
+    amp_overflow=st.booleans(),
+)
+
+
+@given(st.lists(healths, min_size=1, max_size=5))
+def test_nothing_non_finite_ever_reaches_a_logger(updates: list[GradHealth]) -> None:
+    tally = HealthTally()
+    for health in updates:
+        found = health.scalars()
+        assert all(math.isfinite(v) for v in found.values()), found
+        assert all(k.startswith("gradtel/") for k in found)
+        tally.add(health)
+    summed = tally.take()
+    assert all(math.isfinite(v) for v in summed.values()), summed
+    kept = [h for h in updates if not h.amp_overflow]
+    assert summed["gradtel/nan_total"] == sum(h.nan_total for h in kept)
+    assert summed["gradtel/status"] == max(
+        h.status.level if not h.amp_overflow else 0 for h in updates
+    )
+
+
+# --- the monitor hands every update's health to its listeners -------------------------------
+
+
+def net_backward(model: nn.Module) -> None:
+    model.zero_grad()
+    model(torch.randn(2, 4)).sum().backward()
+
+
+def test_listeners_get_every_update_once_known(provider: MeterProvider) -> None:
+    model = net()
+    monitor = GradMonitor(model, meter_provider=provider, sample_every=2, on_warning="ignore")
+    seen: list[GradHealth] = []
+    stop = monitor.subscribe(seen.append)
+    for step in (1, 2, 3):
+        net_backward(model)
+        if step == 3:
+            model[0].weight.grad[0, :2] = NAN
+        monitor.collect(step=step)
+    assert [(h.step, h.status, h.nan_total) for h in seen] == [
+        (1, Status.HEALTHY, 0),
+        (2, Status.UNKNOWN, 0),  # sampled out: said, not taken for healthy
+        (3, Status.WARNING, 2),
+    ]
+    stop()
+    net_backward(model)
+    monitor.collect(step=4)
+    assert len(seen) == 3
+    monitor.close()
+
+
+def test_a_deferred_update_is_handed_over_when_it_is_concluded(provider: MeterProvider) -> None:
+    model = net()
+    monitor = GradMonitor(model, meter_provider=provider, readout="deferred", on_warning="ignore")
+    seen: list[GradHealth] = []
+    monitor.subscribe(seen.append)
+    net_backward(model)
+    model[2].weight.grad[0, :3] = NAN
+    monitor.collect(step=1)
+    assert seen == []  # not read out yet
+    net_backward(model)
+    monitor.collect(step=2)
+    assert [(h.step, h.nan_total) for h in seen] == [(1, 3)]
+    monitor.close()  # publishes the last one
+    assert [(h.step, h.nan_total) for h in seen] == [(1, 3), (2, 0)]
+
+
+def test_a_failing_listener_does_not_stop_training(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    model = net()
+    monitor = GradMonitor(model, meter_provider=provider)
+    seen: list[GradHealth] = []
+
+    def broken(health: GradHealth) -> None:
+        raise RuntimeError("logger is down")
+
+    monitor.subscribe(broken)
+    monitor.subscribe(seen.append)
+    net_backward(model)
+    assert monitor.collect().status is Status.HEALTHY
+    assert len(seen) == 1
+    assert sample(samples(registry), "gradtel_errors_total", stage="record") == 1
+    with pytest.raises(TypeError, match=r"listener must be callable with a GradHealth, got 3"):
+        monitor.subscribe(3)  # type: ignore[arg-type]
+    monitor.close()
+
+
+# --- the frameworks' loggers ----------------------------------------------------------------
+
+
+@contextmanager
+def host_reads_counted(monkeypatch: pytest.MonkeyPatch, counted: list[str]) -> Iterator[None]:
+    """Count the Tensor methods that read a value to the host (each a device sync on an
+    accelerator), delegating to the real ones."""
+    with monkeypatch.context() as patch:
+        for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+            real = getattr(torch.Tensor, name)
+
+            def counting(self: torch.Tensor, *args: Any, _real: Any = real, _n: str = name) -> Any:
+                counted.append(_n)
+                return _real(self, *args)
+
+            patch.setattr(torch.Tensor, name, counting)
+        yield
+
+
+def counted(cls: type[Any], monkeypatch: pytest.MonkeyPatch, reads: list[str]) -> type[Any]:
+    """``cls`` with the host reads of its hooks that collect and log counted into ``reads``."""
+
+    def wrapped(hook: str) -> Callable[..., Any]:
+        def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+            with host_reads_counted(monkeypatch, reads):
+                return getattr(super(subclass, self), hook)(*args, **kwargs)
+
+        return run
+
+    hooks = ("on_before_optimizer_step", "on_train_batch_end", "on_train_end", "on_log")
+    subclass = type("Counted", (cls,), {h: wrapped(h) for h in hooks if hasattr(cls, h)})
+    return subclass
+
+
+def lightning_module(bad: dict[int, tuple[str, float, int]]) -> Any:
+    """Logs its own loss at every step; ``bad[global_step] = (layer, value, n)`` writes
+    ``n`` values into that layer's gradient after backward. The optimizer then steps on
+    finite gradients, so the updates after one stay healthy."""
+    import lightning.pytorch as pl
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.Linear(8, 16)
+            self.head = nn.Linear(16, 1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            loss = nn.functional.mse_loss(self.head(torch.relu(self.encoder(x))), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def on_after_backward(self) -> None:
+            if self.global_step in bad:
+                layer, value, n = bad[self.global_step]
+                getattr(self, layer).weight.grad.view(-1)[:n] = value
+
+        def on_before_optimizer_step(self, optimizer: Any) -> None:
+            # After gradtel's callback has counted (callbacks run before the module's hook).
+            for p in self.parameters():
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    return Tiny()
+
+
+def fit(module: Any, tmp_path: Path, loggers: list[Any], callback: Any, **trainer: Any) -> Any:
+    import lightning.pytorch as pl
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randn(64, 1))
+    run = pl.Trainer(
+        accelerator="cpu", logger=loggers, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[callback], **trainer,
+    )  # fmt: skip
+    run.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    return run
+
+
+def tensorboard_scalars(directory: Path) -> dict[str, dict[int, float]]:
+    """Every scalar of the event files under ``directory``, read back by TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found: dict[str, dict[int, float]] = {}
+    for events in sorted(directory.rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            for event in accumulator.Scalars(tag):
+                found.setdefault(tag, {})[event.step] = event.value
+    return found
+
+
+def csv_scalars(path: Path) -> dict[str, dict[int, float]]:
+    found: dict[str, dict[int, float]] = {}
+    with path.open(newline="") as file:
+        for row in csv.DictReader(file):
+            for key, value in row.items():
+                if key != "step" and value != "":
+                    found.setdefault(key, {})[int(row["step"])] = float(value)
+    return found
+
+
+# Lightning writes batch k at step k, every 2nd batch (1, 3, 5): the NaN of the update made
+# in batch 2 is summed into step 3; the ±Inf of the last batch (6), after the last logged
+# step, is written when training ends. A layer's count, once logged, is 0 when it has none.
+EXPECTED = {
+    "gradtel/nan_total": {1: 0.0, 3: 3.0, 5: 0.0, 6: 0.0},
+    "gradtel/inf_total": {1: 0.0, 3: 0.0, 5: 0.0, 6: 2.0},
+    "gradtel/status": {1: 0.0, 3: 1.0, 5: 0.0, 6: 1.0},
+    "gradtel/nan/encoder": {3: 3.0, 5: 0.0, 6: 0.0},
+    "gradtel/inf/head": {6: 2.0},
+}
+
+
+@pytest.mark.parametrize("readout", ["sync", "deferred"])
+@framework
+def test_lightning_loggers_get_the_counts_at_their_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, readout: str
+) -> None:
+    from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
+    from mlflow import MlflowClient
+
+    from gradtel.integrations.lightning import GradtelCallback
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a local file store, read back below
+    tracking = f"file:{tmp_path / 'mlruns'}"
+    loggers = [
+        TensorBoardLogger(tmp_path / "tb"),
+        CSVLogger(tmp_path / "csv"),
+        MLFlowLogger(experiment_name="gradtel", tracking_uri=tracking),
+    ]
+    callback = GradtelCallback(serve_metrics=False, on_warning="ignore", readout=readout)
+    module = lightning_module({2: ("encoder", NAN, 3), 6: ("head", INF, 2)})
+    fit(module, tmp_path, loggers, callback, max_steps=7, log_every_n_steps=2)
+
+    tensorboard = tensorboard_scalars(tmp_path / "tb")
+    table = csv_scalars(Path(loggers[1].log_dir) / "metrics.csv")
+    client = MlflowClient(tracking)
+    mlflow = {
+        key: {m.step: m.value for m in client.get_metric_history(loggers[2].run_id, key)}
+        for key in EXPECTED
+    }
+    for found in (tensorboard, table, mlflow):
+        assert {key: found.get(key) for key in EXPECTED} == EXPECTED
+    # At the steps Lightning writes its own metrics, and at the run's last one.
+    assert sorted(tensorboard["gradtel/status"]) == sorted(tensorboard["train_loss"]) + [6]
+    assert not any(key.startswith("gradtel/grad_norm") for key in tensorboard)
+
+
+@framework
+def test_lightning_logs_nothing_with_the_option_off(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gradtel.integrations.lightning import GradtelCallback
+
+    logger = CSVLogger(tmp_path / "csv")
+    callback = GradtelCallback(serve_metrics=False, on_warning="ignore", log_to_loggers=False)
+    module = lightning_module({2: ("encoder", NAN, 3)})
+    fit(module, tmp_path, [logger], callback, max_steps=4, log_every_n_steps=1)
+    found = csv_scalars(Path(logger.log_dir) / "metrics.csv")
+    assert sorted(found["train_loss"]) == [0, 1, 2, 3]
+    assert [key for key in found if key.startswith("gradtel")] == []
+    with pytest.raises(TypeError, match=r"log_to_loggers must be True or False, got 1 \(int\)"):
+        GradtelCallback(log_to_loggers=1)  # type: ignore[arg-type]
+
+
+@framework
+def test_lightning_logger_path_adds_no_host_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same healthy run with the loggers fed and not: gradtel's hooks read exactly as
+    many tensors to the host (its own read-out of each update) either way."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gradtel.integrations.lightning import GradtelCallback
+
+    reads: dict[bool, list[str]] = {True: [], False: []}
+    logged: dict[bool, dict[str, Any]] = {}
+    for feed in (True, False):
+        logger = CSVLogger(tmp_path / f"csv-{feed}")
+        callback = counted(GradtelCallback, monkeypatch, reads[feed])(
+            serve_metrics=False, log_to_loggers=feed
+        )
+        run = fit(
+            lightning_module({}), tmp_path, [logger], callback, max_steps=6, log_every_n_steps=1
+        )
+        logged[feed] = dict(run.logged_metrics)
+    assert logged[True]["gradtel/nan_total"] == 0  # the loggers were fed, every step
+    assert "gradtel/nan_total" not in logged[False]
+    assert reads[True] and reads[True] == reads[False]
+
+
+def gpt2_trainer(tmp_path: Path, callback: Any, report_to: list[str], **args: Any) -> Any:
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    )
+    ids = torch.randint(0, 64, (16, 12))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, report_to=report_to,
+        save_strategy="no", use_cpu=True, disable_tqdm=True, **args,
+    )  # fmt: skip
+    callbacks = None if callback is None else [callback]
+    return Trainer(model=model, args=arguments, train_dataset=data, callbacks=callbacks)
+
+
+@pytest.mark.parametrize(
+    ("log_to_loggers", "added", "readout"),
+    [
+        (True, False, "sync"),
+        (True, True, "sync"),
+        (True, False, "deferred"),
+        (False, False, "sync"),
+    ],
+)
+@framework
+def test_transformers_report_to_tensorboard_gets_the_counts_at_their_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, log_to_loggers: bool, added: bool, readout: str
+) -> None:
+    """``added``: the callback is given with ``trainer.add_callback()`` once the Trainer
+    is made, not in ``callbacks=[...]``. With the deferred read-out the last update is
+    concluded only when training ends, and still in the last log."""
+    from transformers import TrainerCallback
+
+    from gradtel.integrations.transformers import GradtelTrainerCallback
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    callback = GradtelTrainerCallback(
+        serve_metrics=False, on_warning="ignore", log_to_loggers=log_to_loggers, readout=readout
+    )
+    trainer = gpt2_trainer(
+        tmp_path,
+        None if added else callback,
+        ["tensorboard"],
+        max_steps=4,
+        logging_steps=2,
+        max_grad_norm=1.0,
+    )
+    if added:
+        trainer.add_callback(callback)
+    making = [0]
+
+    class Step(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            making[0] = state.global_step + 1
+
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            # Counted by now: the weights stay finite, so the updates after stay healthy.
+            for p in kwargs["model"].parameters():
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def poison(step: int, n: int) -> Callable[[torch.Tensor], None]:
+        def write(param: torch.Tensor) -> None:
+            if making[0] == step:
+                param.grad.view(-1)[:n] = NAN
+
+        return write
+
+    # The updates that make steps 3 and 4, both logged with step 4.
+    blocks = trainer.model.transformer.h
+    blocks[1].mlp.c_fc.weight.register_post_accumulate_grad_hook(poison(3, 3))
+    blocks[0].mlp.c_proj.weight.register_post_accumulate_grad_hook(poison(4, 2))
+    trainer.add_callback(Step())
+    trainer.train()
+    found = tensorboard_scalars(tmp_path / "tb")
+    gradtel = {tag: steps for tag, steps in found.items() if "gradtel/" in tag}
+    if not log_to_loggers:
+        assert gradtel == {}
+        return
+    # TensorBoardCallback names the training logs train/...
+    assert gradtel == {
+        "train/gradtel/nan_total": {2: 0.0, 4: 5.0},
+        "train/gradtel/inf_total": {2: 0.0, 4: 0.0},
+        "train/gradtel/status": {2: 0.0, 4: 1.0},
+        "train/gradtel/nan/transformer.h.1.mlp.c_fc": {4: 3.0},
+        "train/gradtel/nan/transformer.h.0.mlp.c_proj": {4: 2.0},
+    }
+    assert sorted(found["train/loss"]) == [2, 4]
+
+
+@framework
+def test_transformers_logs_get_the_counts_with_no_host_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gradtel.integrations.transformers import GradtelTrainerCallback
+
+    reads: list[str] = []
+    logs: list[dict[str, float]] = []
+
+    class Counted(GradtelTrainerCallback):
+        def _add_to_logs(self, state: Any, found: dict[str, float] | None) -> None:
+            with host_reads_counted(monkeypatch, reads):
+                super()._add_to_logs(state, found)
+            logs.append(dict(found or {}))
+
+    gpt2_trainer(tmp_path, Counted(serve_metrics=False), [], max_steps=3, logging_steps=1).train()
+    assert [log["gradtel/nan_total"] for log in logs if "loss" in log] == [0.0, 0.0, 0.0]
+    assert reads == []
+    with pytest.raises(TypeError, match=r"log_to_loggers must be True or False, got 'yes'"):
+        GradtelTrainerCallback(log_to_loggers="yes")  # type: ignore[arg-type]
