@@ -6,6 +6,9 @@ never sees; one file per rank; and the ranks' files merged into one timeline and
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +20,10 @@ from prometheus_client import CollectorRegistry
 import gradtel
 from gradtel import GradHealth, GradMonitor
 from gradtel.export.incidents import IncidentLog
+from gradtel.tools.cli import main
 
 from .conftest import net, sample, samples
+from .test_distributed import torchrun
 
 FIELDS = {
     "step", "time", "run", "rank", "host", "status", "amp_overflow", "unscanned", "nan", "inf",
@@ -277,3 +282,109 @@ def test_a_bad_environment_variable_is_refused(
     monkeypatch.setenv("GRADTEL_INCIDENT_LOG", "runs/{Rank}.jsonl")
     with pytest.raises(ValueError, match=r"GRADTEL_INCIDENT_LOG may hold no placeholder but"):
         GradMonitor(net(), meter_provider=provider)
+
+
+# gradtel incidents
+
+
+def two_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Each rank's file of a made-up job: rank 0 writes steps 2 and 7, rank 1 step 5."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, steps in (("0", (2, 7)), ("1", (5,))):
+        monkeypatch.setenv("RANK", rank)
+        log = IncidentLog(tmp_path / f"incidents.rank{rank}.jsonl", on_error=print)
+        norm = GradHealth(grad_norm=0.5 + int(rank))
+        log.write(norm, None, 0.0)  # healthy, leaves its norm
+        for step in steps:
+            health = GradHealth(
+                nan_by_layer={"body.0": step}, inf_by_layer={"head": 1}, step=step, grad_norm=None
+            )
+            log.write(health, "warn", 1.7e9 + step)
+        log.close()
+    return sorted(tmp_path.glob("incidents.rank*.jsonl"))
+
+
+def test_the_command_merges_the_ranks_in_step_order_and_skips_a_bad_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rank0, rank1 = two_ranks(tmp_path, monkeypatch)
+    with rank1.open("a") as more:
+        more.write("{not json\n[1, 2]\n")
+    assert main(["incidents", str(rank0), str(rank1)]) == 0
+    out, err = capsys.readouterr()
+    header, *rows = out.splitlines()
+    assert header.split()[:4] == ["step", "time", "(UTC)", "rank"]
+    assert [(row.split()[0], row.split()[3]) for row in rows] == [
+        ("2", "0"),
+        ("5", "1"),
+        ("7", "0"),
+    ]
+    assert "body.0=7 head=1" in rows[2]
+    assert (
+        f"{rank1}:2: skipped, not JSON" in err and f"{rank1}:3: skipped, not a JSON object" in err
+    )
+
+
+def test_plot_draws_a_picture_of_both_ranks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import matplotlib.image
+
+    files = two_ranks(tmp_path, monkeypatch)
+    picture = tmp_path / "incidents.png"
+    assert main(["incidents", *map(str, files), "--plot", str(picture)]) == 0
+    assert 10_000 < picture.stat().st_size < 150_000
+    pixels = matplotlib.image.imread(picture)
+    assert pixels.shape[0] > 300 and pixels.std() > 0.05  # not blank
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = two_ranks(tmp_path, monkeypatch)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    assert main(["incidents", *map(str, files), "--plot", str(tmp_path / "p.png")]) == 1
+    assert "pip install 'gradtel[plot]'" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_a_missing_file_is_an_error_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["incidents", str(tmp_path / "none.jsonl")]) == 1
+    assert "none.jsonl" in capsys.readouterr().err
+
+
+# A real job
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    folder = tmp_path_factory.mktemp("job")
+    with pytest.MonkeyPatch.context() as patch:  # the launcher's environment, for every rank
+        patch.setenv("GRADTEL_INCIDENT_LOG", str(folder / "incidents.jsonl"))
+        run = torchrun("incident_trainer.py")
+    assert run.returncode == 0, run.stderr[-3000:]
+    yield folder
+
+
+@pytest.mark.slow
+def test_a_torchrun_job_gives_one_timeline_naming_both_ranks_incidents(job: Path) -> None:
+    files = sorted(job.glob("*.jsonl"))
+    assert [f.name for f in files] == ["incidents.rank0.jsonl", "incidents.rank1.jsonl"]
+    run = subprocess.run(
+        [sys.executable, "-m", "gradtel.tools.cli", "incidents", *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    rows = [row.split() for row in run.stdout.splitlines()[1:]]
+    # step, rank, origin: after the all-reduce both ranks hold each NaN; origin says whose.
+    assert [(r[0], r[3], r[9], r[10]) for r in rows] == [
+        ("103", "0", "here", "NON-FINITE"),
+        ("103", "1", "elsewhere", "finite"),
+        ("105", "0", "elsewhere", "finite"),
+        ("105", "1", "here", "NON-FINITE"),
+    ], run.stdout
+    assert all(r[5] == "critical" for r in rows)
