@@ -103,8 +103,9 @@ def _known(flag: object, yes: str, no: str) -> str:
 
 
 def plot(incidents: Sequence[dict[str, Any]], target: Path) -> None:
-    """Draw the non-finite counts per layer (top) and the gradient norm (bottom) over steps,
-    one marker shape per rank, into ``target`` (a PNG).
+    """Draw the non-finite counts per layer (top, log scale) and the gradient norm (bottom)
+    over steps into ``target`` (a PNG): one colour per layer, one marker shape per rank, a
+    black edge where the incident originated on that rank.
 
     Raises:
         ModuleNotFoundError: matplotlib is not installed.
@@ -119,20 +120,23 @@ def plot(incidents: Sequence[dict[str, Any]], target: Path) -> None:
     markers = dict(zip(ranks, "os^Dv<>phX*" * (len(ranks) // 11 + 1)))
     layers = sorted({layer for r in incidents for layer in _layer_counts(r)})
     colours = {layer: f"C{i % 10}" for i, layer in enumerate(layers)}
+    steps = [r["step"] for r in incidents] or [0]
+    span = max(max(steps) - min(steps), 10)
     fig, (counts, norms) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     for index, rank in enumerate(ranks):
         mine = [r for r in incidents if r["rank"] == rank]
-        # Ranks side by side around their step: under DDP they often report the same counts.
-        nudge = 0.3 * (index - (len(ranks) - 1) / 2) / max(len(ranks), 1)
+        # Ranks side by side around their step: after an all-reduce they report alike.
+        nudge = 0.012 * span * (index - (len(ranks) - 1) / 2)
         for layer in layers:
-            points = [(r["step"] + nudge, n) for r in mine if (n := _layer_counts(r).get(layer))]
-            if points:
+            found = [(r, n) for r in mine if (n := _layer_counts(r).get(layer))]
+            if found:
                 counts.scatter(
-                    *zip(*points),
+                    [r["step"] + nudge for r, _ in found],
+                    [n for _, n in found],
                     marker=markers[rank],
                     color=colours[layer],
+                    edgecolors=["black" if r.get("origin") else "none" for r, _ in found],
                     label=f"{layer} (rank {rank})",
-                    alpha=0.8,
                 )
         for key, fill, what in (
             ("grad_norm", True, "norm"),
@@ -147,8 +151,11 @@ def plot(incidents: Sequence[dict[str, Any]], target: Path) -> None:
                     edgecolors=f"C{index % 10}",
                     label=f"rank {rank}: {what}",
                 )
+    runs = sorted({str(r.get("run")) for r in incidents if r.get("run")})
+    fig.suptitle("gradtel incidents" + (f" of {', '.join(runs)}" if runs else ""))
+    counts.set_yscale("log")
     counts.set_ylabel("NaN + Inf values")
-    counts.set_title("Non-finite gradient values per layer, per incident")
+    counts.set_title("per layer and rank; black edge: originated on that rank", fontsize=9)
     norms.set_ylabel("gradient L2 norm")
     norms.set_xlabel("training step")
     norms.xaxis.set_major_locator(MaxNLocator(integer=True))
