@@ -160,6 +160,26 @@ def test_a_non_finite_loss_and_a_critical_update_are_recorded_as_they_were(
     assert record["nan"] == sum(record["nan_by_layer"].values()) > 5
 
 
+def test_an_attached_monitor_records_the_users_step(
+    tmp_path: Path, provider: MeterProvider
+) -> None:
+    path = tmp_path / "incidents.jsonl"
+    model = net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    monitor = GradMonitor(model, meter_provider=provider, incident_log=path, on_warning="ignore")
+    iter_num = 0
+    handle = monitor.attach(optimizer, step=lambda: iter_num)
+    for iter_num in (500, 501):
+        model.zero_grad()
+        x = torch.randn(3, 4)
+        x[0, 0] = float("nan") if iter_num == 501 else x[0, 0]
+        model(x).sum().backward()
+        optimizer.step()
+    handle.remove()
+    monitor.close()
+    assert [(r["step"], r["status"]) for r in lines(path)] == [(501, "critical")]
+
+
 def test_a_sampled_out_update_is_no_incident(tmp_path: Path, provider: MeterProvider) -> None:
     path = tmp_path / "incidents.jsonl"
     model = net()
