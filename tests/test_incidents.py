@@ -345,6 +345,23 @@ def test_the_command_merges_the_ranks_in_step_order_and_skips_a_bad_line(
     )
 
 
+def test_within_a_step_the_timeline_is_in_time_then_rank_order(tmp_path: Path) -> None:
+    from gradtel.tools.incidents import read
+
+    records = [(7, 2.0, 1), (7, 2.0, 0), (7, 1.0, 3), (6, 9.0, 2)]  # step, time, rank
+    path = tmp_path / "incidents.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"step": s, "time": t, "rank": r, "status": "warning", "nan": 1, "inf": 0})
+            + "\n"
+            for s, t, r in records
+        )
+    )
+    timeline = read([path])
+    assert timeline.problems == []
+    assert [(r["step"], r["time"], r["rank"]) for r in timeline.incidents] == sorted(records)
+
+
 def test_plot_draws_a_picture_of_both_ranks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -401,7 +418,8 @@ def test_a_torchrun_job_gives_one_timeline_naming_both_ranks_incidents(job: Path
     assert run.returncode == 0 and run.stderr == "", run.stderr
     rows = [row.split() for row in run.stdout.splitlines()[1:]]
     # step, rank, origin: after the all-reduce both ranks hold each NaN; origin says whose.
-    assert [(r[0], r[3], r[9], r[10]) for r in rows] == [
+    assert [r[0] for r in rows] == ["103", "103", "105", "105"], run.stdout  # step order
+    assert sorted((r[0], r[3], r[9], r[10]) for r in rows) == [
         ("103", "0", "here", "NON-FINITE"),
         ("103", "1", "elsewhere", "finite"),
         ("105", "0", "elsewhere", "finite"),
