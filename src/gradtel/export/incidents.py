@@ -128,7 +128,8 @@ class IncidentLog:
     Args:
         path: The file, this rank's own (see :func:`rank_path`); its folder is made if
             missing. Opened on the first incident.
-        on_error: Told of a failure to write; the write itself never raises.
+        on_error: Told of a failure to write, which :meth:`write` does not raise itself
+            (the monitor's ``on_error`` decides whether training sees it).
         max_bytes: Size past which the file is rotated (see :data:`MAX_BYTES`).
     """
 

@@ -41,16 +41,16 @@ def read(paths: Iterable[Path]) -> Timeline:
             for number, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
-                problem = _problem(line)
-                if isinstance(problem, str):
-                    found.problems.append(f"{path}:{number}: skipped, {problem}")
+                parsed = _parsed(line)
+                if isinstance(parsed, str):
+                    found.problems.append(f"{path}:{number}: skipped, {parsed}")
                 else:
-                    found.incidents.append(problem)
+                    found.incidents.append(parsed)
     found.incidents.sort(key=lambda r: (r["step"], r["time"], r["rank"]))
     return found
 
 
-def _problem(line: str) -> dict[str, Any] | str:
+def _parsed(line: str) -> dict[str, Any] | str:
     """The record on ``line``, or what is wrong with it."""
     try:
         record = json.loads(line)
