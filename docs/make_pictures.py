@@ -1,12 +1,15 @@
-"""Regenerate docs/dashboard.png and docs/watch.txt from live data.
+"""Regenerate docs/dashboard.png, docs/watch.txt and docs/incidents.png from live data.
 
 Runs `gradtel demo` scraped by a real Prometheus (Debian package), executes the
 committed dashboard's own panel queries, and draws the main panels with
 matplotlib: a rendering of the dashboard's queries, not a Grafana screenshot
 (no Grafana server runs on the machines gradtel is built on). Then captures one
-`gradtel watch` screen from a pseudo-terminal.
+`gradtel watch` screen from a pseudo-terminal. Then runs docs/incident_job.py, a 2-rank
+torchrun job with `GRADTEL_INCIDENT_LOG` set, and draws its records with
+`gradtel incidents --plot`.
 
     .venv/bin/pip install matplotlib && .venv/bin/python docs/make_pictures.py
+    .venv/bin/python docs/make_pictures.py incidents    # docs/incidents.png only
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import re
 import select
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -118,7 +122,25 @@ def capture_watch(url: str) -> str:
     raise RuntimeError("no warning frame seen")
 
 
+def incidents_picture() -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        env = {**os.environ, "GRADTEL_INCIDENT_LOG": f"{folder}/incidents.jsonl", "GRADTEL_RUN": "docs-example"}
+        subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+             "--master_port", str(free_port()), str(ROOT / "docs/incident_job.py")],
+            env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        files = sorted(Path(folder).glob("incidents.rank*.jsonl"))
+        subprocess.run(
+            [sys.executable, "-m", "gradtel.tools.cli", "incidents", *map(str, files), "--plot", str(ROOT / "docs/incidents.png")],
+            check=True,
+        )
+
+
 def main() -> None:
+    if sys.argv[1:] == ["incidents"]:
+        incidents_picture()
+        return
     port = free_port()
     instance = f"127.0.0.1:{port}"
     demo = subprocess.Popen([sys.executable, "-m", "gradtel.tools.cli", "demo", "--port", str(port), "--interval", "0.1", "--steps", "100000"], stdout=subprocess.DEVNULL)
@@ -130,7 +152,8 @@ def main() -> None:
     finally:
         demo.terminate()
         demo.wait()
-    print("wrote docs/dashboard.png and docs/watch.txt")
+    incidents_picture()
+    print("wrote docs/dashboard.png, docs/watch.txt and docs/incidents.png")
 
 
 if __name__ == "__main__":

@@ -85,6 +85,18 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
         r"on_critical must be one of 'ignore', 'warn', 'raise', 'skip', got 'RAISE'",
     ),
     (
+        "incident_log as a number",
+        lambda: gradtel.GradMonitor(nn.Linear(2, 2), incident_log=7),
+        TypeError,
+        r"incident_log must be a file path \(str or os.PathLike\) or None, got 7 \(int\)",
+    ),
+    (
+        "incident_log with an unknown placeholder",
+        lambda: gradtel.GradMonitor(nn.Linear(2, 2), incident_log="runs/{host}.jsonl"),
+        ValueError,
+        r"incident_log may hold no placeholder but \{rank\}, got 'runs/\{host\}.jsonl'",
+    ),
+    (
         "negative warning",
         lambda: gradtel.Thresholds(warning=-3, critical=5),
         ValueError,

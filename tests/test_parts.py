@@ -26,6 +26,7 @@ from gradtel.pipeline.update import ReadAlong, State, Update, launch
         ("sample_every", "2", 0),
         ("on_error", False, "ignore"),
         ("readout", 1, "async"),
+        ("incident_log", 3, ""),
     ],
 )
 def test_an_option_of_the_wrong_type_is_a_type_error_and_out_of_range_a_value_error(

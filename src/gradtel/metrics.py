@@ -58,7 +58,7 @@ KINDS = ("nan", "inf")
 """Values of ``kind``."""
 SEVERITIES = ("warning", "critical")
 """Values of ``severity``."""
-ERROR_STAGES = ("scan", "record", "serve")
+ERROR_STAGES = ("scan", "record", "serve", "incident_log")
 """Values of ``stage`` in ``gradtel_errors_total``."""
 SKIP_REASONS = ("amp_overflow", "policy")
 """Values of ``reason`` in ``gradtel_skipped_updates_total``."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 import weakref
@@ -21,6 +22,7 @@ from ._ratelimit import RateLimitedLog
 from .attach.optimizer import Attachment, attach
 from .attach.origin import OriginCounter, install_origin_hook
 from .export.context import context_of, flush_at_exit, free_collectives_at_exit
+from .export.incidents import IncidentLog
 from .export.ranks import every_rank, process_attributes
 from .export.telemetry import GradTelemetry, default_meter_provider
 from .health import GradHealth, Thresholds
@@ -106,6 +108,13 @@ class GradMonitor:
             published update's health (its ``step`` says which). The
             ``"raise"`` and ``"skip"`` actions need the answer before
             ``optimizer.step()``, so they are refused with it.
+        incident_log: Write one JSON line per unhealthy, AMP-skipped or unscanned
+            update to this file (``gradtel incidents`` reads them). Each rank writes
+            its own: ``{rank}`` in the path is replaced by the rank; without it, one
+            rank of several inserts ``.rank<N>`` before the extension. The file is
+            rotated past 10 MiB (one old copy, ``PATH.1``). A failure to write is
+            logged and counted like other failures inside gradtel. ``None``
+            (default): ``$GRADTEL_INCIDENT_LOG`` if set, else off.
 
     Raises:
         TypeError: ``model`` is not a module or named parameters, or an option
@@ -140,6 +149,7 @@ class GradMonitor:
         grad_norm: bool = False,
         layer_norms: bool = False,
         readout: Readout = "sync",
+        incident_log: str | os.PathLike[str] | None = None,
     ) -> None:
         self._options = MonitorOptions(
             thresholds=thresholds,
@@ -153,6 +163,7 @@ class GradMonitor:
             grad_norm=grad_norm,
             layer_norms=layer_norms,
             readout=readout,
+            incident_log=incident_log,
         )
         if meter_provider is not None and not hasattr(meter_provider, "get_meter"):
             raise TypeError(
@@ -190,6 +201,10 @@ class GradMonitor:
             error_log=self._error_log,
             weights=self._weights,
             sampled=self._options.sampled,
+        )
+        self._incidents = IncidentLog.open(
+            None if incident_log is None else os.fspath(incident_log),
+            on_error=lambda exc: self._failed("incident_log", exc),
         )
         # What close() must undo of the origin hooks, so that a new monitor counts again.
         self._uninstall_origin = (
@@ -249,6 +264,8 @@ class GradMonitor:
                 self._uninstall_origin = None
             self._telemetry.context.release(self, self._provider)
             self._telemetry.closed = time.monotonic()
+            if self._incidents is not None:
+                self._incidents.close()
 
     def subscribe(self, listener: Callable[[GradHealth], None]) -> Callable[[], None]:
         """Hand ``listener`` the health of every due update once it is known: in
@@ -487,9 +504,11 @@ class GradMonitor:
             ),
         )
         self._tell(health)
+        action = None if health.amp_overflow else self._policy.action(health)
+        if self._incidents is not None:
+            self._incidents.write(health, action, update.timestamp)
         if health.unscanned is not None:
             return health
-        action = None if health.amp_overflow else self._policy.action(health)
         self._weights.note(health, "skip" if scaler_skips else action)  # what reaches the weights
         if health.amp_overflow:
             return health

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
 from . import _checks
+from .export.incidents import check_path
 from .health import Thresholds
 from .pipeline.layers import DEFAULT_MAX_LAYERS
 from .pipeline.policy import Action, check_action
@@ -43,6 +45,7 @@ class MonitorOptions:
     grad_norm: bool = False
     layer_norms: bool = False
     readout: Readout = "sync"
+    incident_log: str | os.PathLike[str] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.thresholds, Thresholds):
@@ -65,6 +68,7 @@ class MonitorOptions:
         _checks.flag("grad_norm", self.grad_norm)
         _checks.flag("layer_norms", self.layer_norms)
         _checks.choice("readout", self.readout, READOUTS)
+        check_path("incident_log", self.incident_log)
         if self.readout == "deferred":
             for name in ("on_warning", "on_critical"):
                 action = getattr(self, name)

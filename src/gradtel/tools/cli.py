@@ -96,6 +96,23 @@ def _parser() -> argparse.ArgumentParser:
         "--critical", type=int, default=5, help="critical when a count is > this (5)"
     )
 
+    incidents = commands.add_parser(
+        "incidents",
+        help="merge the ranks' incident records (GradMonitor(incident_log=...)) into one timeline",
+        description=(
+            "Print the incidents of every file given, one timeline in step order (then time, "
+            "then rank); a line that is not a record is reported on stderr and skipped."
+        ),
+    )
+    incidents.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="incident files")
+    incidents.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="FILE.png",
+        help="also draw the counts per layer and the gradient norm over steps (needs matplotlib)",
+    )
+
     render = commands.add_parser(
         "render",
         help="write the deploy kit (alert rules, rule tests, Alertmanager, scrape configs, runbook)",
@@ -186,6 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "render":
             return _render(args)
+        if args.command == "incidents":
+            from .incidents import run
+
+            return run(args.paths, args.plot)
         if args.command == "watch":
             from ..health import Thresholds
             from .terminal import DEFAULT_URL, watch
