@@ -107,7 +107,7 @@ class GradMonitor:
             ``"raise"`` and ``"skip"`` actions need the answer before
             ``optimizer.step()``, so they are refused with it.
         replica_check_every: In a ``DistributedDataParallel`` run, hash this rank's
-            parameters exactly every this many updates (default 100; 0 or None: never)
+            parameters exactly every this many updates (default 250; 0 or None: never)
             and export it as ``gradtel_replica_fingerprint``: replicas hold the same bits,
             and ``GradtelReplicaDrifted`` pages for a rank whose hash differs from the
             others' at the same update (silent data corruption). Off for other models.

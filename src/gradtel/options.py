@@ -13,10 +13,10 @@ from .pipeline.readout import READOUTS, Readout
 
 __all__ = ["DEFAULT_REPLICA_CHECK_EVERY", "MAX_LAYERS_LIMIT", "MonitorOptions"]
 
-DEFAULT_REPLICA_CHECK_EVERY = 100
-"""Updates between two replica checks: one hash of the parameters costs about what one
-scan of the gradients does, so one in 100 keeps the check's average cost near 1% of
-``collect()`` (``benchmarks/bench_fingerprint.py`` measures it)."""
+DEFAULT_REPLICA_CHECK_EVERY = 250
+"""Updates between two replica checks: one hash of the parameters costs 1.0 to 1.8 times a
+healthy ``collect()`` on CPU (``benchmarks/bench_fingerprint.py``), so one in 250 keeps the
+check's average cost under 1% of ``collect()`` (0.4 to 0.7%)."""
 
 MAX_LAYERS_LIMIT = 1998
 """Upper bound of ``max_layers``: each metric keeps one series per layer plus

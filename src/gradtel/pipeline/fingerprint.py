@@ -1,17 +1,20 @@
 """The replica fingerprint: an exact hash of the parameters' bits, equal on replicas that hold
 the same values and different when one element differs by as little as one ulp.
 
-Each tensor is reduced on its device to one 64-bit word: ``torch.hash_tensor`` (an xor of
-the elements' 64-bit patterns, torch 2.9 and later) or, on older torch, a wrapping int64
-sum of the elements' bit patterns. Either changes when one element's bits change. The words
-are read to the host in one copy per device and mixed with an odd weight per tensor, so
-that two tensors swapping their values change the fingerprint too.
+Each tensor is reduced on its device to one word: the wrapping sum of its elements' bit
+patterns, viewed as integers of their own width (``Tensor.view(torch.int32)`` for fp32),
+summed at that width. One element whose bits change moves the sum by less than the
+word's modulus, so the word always changes. ``torch.hash_tensor`` (an xor of the bit
+patterns, torch 2.9 and later) is as exact, but slower on CPU
+(``benchmarks/bench_fingerprint.py``), and torch 2.6 lacks it: the sum is the one path on
+every torch. The words are read to the host in one copy per device and dtype, and mixed
+with an odd weight per tensor, so that two tensors swapping their values show too.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -30,40 +33,20 @@ _GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: spreads consecutive indices
 _INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    """The elements' bit patterns, as integers of their size (no copy when contiguous)."""
-    return tensor.reshape(-1).view(_INTS[tensor.element_size()])
+def tensor_word(tensor: torch.Tensor) -> torch.Tensor:
+    """The wrapping sum of ``tensor``'s bit patterns at their own width, on its device (no
+    host read, no copy: a same-width dtype view of any strides)."""
+    ints = _INTS[tensor.element_size()]
+    return tensor.view(ints).sum(dtype=ints)
 
 
-def _summed_bits(tensor: torch.Tensor) -> torch.Tensor:
-    """The wrapping int64 sum of the elements' bit patterns (torch before 2.9)."""
-    return _bits(tensor).sum(dtype=torch.int64)
-
-
-def _hashed_bits(tensor: torch.Tensor) -> torch.Tensor:
-    """``torch.hash_tensor`` of the bit patterns (the xor of each widened to 64 bits, which
-    keeps them apart), as an int64: integers, so that every dtype is hashed alike."""
-    return torch.hash_tensor(_bits(tensor)).view(torch.int64)
-
-
-tensor_word: Callable[[torch.Tensor], torch.Tensor] = (
-    _hashed_bits if hasattr(torch, "hash_tensor") else _summed_bits
-)
-"""One tensor's 64-bit word, on its device (no host read)."""
-
-
-def fingerprint(
-    tensors: Sequence[torch.Tensor],
-    word: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> int:
+def fingerprint(tensors: Sequence[torch.Tensor]) -> int:
     """The fingerprint of ``tensors``, in their order: a ``FINGERPRINT_BITS``-bit integer.
 
-    One device-to-host copy per device the tensors are on: call it only when the
-    fingerprint is due.
+    One device-to-host copy per device and dtype: call it only when the fingerprint is due.
 
     Args:
         tensors: The tensors, the same number, shapes, dtypes and order on every replica.
-        word: How one tensor is reduced (default :data:`tensor_word`).
 
     >>> a = torch.ones(3)
     >>> fingerprint([a]) == fingerprint([a.clone()])
@@ -71,14 +54,14 @@ def fingerprint(
     >>> fingerprint([a]) == fingerprint([torch.nextafter(a, a + 1)])
     False
     """
-    reduce = word or tensor_word
-    by_device: dict[torch.device, tuple[list[int], list[torch.Tensor]]] = {}
-    for index, tensor in enumerate(tensors):
-        indices, words = by_device.setdefault(tensor.device, ([], []))
-        indices.append(index)
-        words.append(reduce(tensor.detach()))
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[int], list[torch.Tensor]]] = {}
+    with torch.no_grad():  # an integer view of a parameter may not require grad
+        for index, tensor in enumerate(tensors):
+            indices, words = groups.setdefault((tensor.device, tensor.dtype), ([], []))
+            indices.append(index)
+            words.append(tensor_word(tensor))
     mixed = 0
-    for indices, words in by_device.values():
+    for indices, words in groups.values():
         for index, value in zip(indices, torch.stack(words).tolist(), strict=True):
             # An odd weight is a bijection mod 2^64: a change of one word always shows.
             mixed += (value & _MASK64) * ((2 * index + 1) * _GOLDEN & _MASK64)

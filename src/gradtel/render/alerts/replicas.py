@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ...metrics import REPLICA_FINGERPRINT, REPLICA_FINGERPRINT_UPDATE
+from ...options import DEFAULT_REPLICA_CHECK_EVERY
 from ..options import REPLICA_ALERT, KitOptions
 from . import promql
 from ._promtool import _check, _more, _notation, _rank, _series
@@ -249,7 +250,7 @@ def runbook(o: KitOptions) -> str:
 
 **Meaning.** Under DistributedDataParallel every rank holds the same parameters,
 bit for bit, after each optimizer step. Every `replica_check_every` updates
-(default 100) each rank hashes its parameters exactly (`{REPLICA_FINGERPRINT}`,
+(default {DEFAULT_REPLICA_CHECK_EVERY}) each rank hashes its parameters exactly (`{REPLICA_FINGERPRINT}`,
 for the update in `{REPLICA_FINGERPRINT_UPDATE}`) and the rule compares the
 ranks' hashes of the same update, once every rank has hashed it. A rank whose
 hash differs from the majority's has drifted: silent data corruption on its GPU
