@@ -188,6 +188,13 @@ def cases(o: KitOptions, case: Case) -> None:
         [_check(5, REPLICA_ALERT)]
         + [_check(m, REPLICA_ALERT, _fired(o, rank3)) for m in range(2 * drift, minutes)],
     )
+    # Ranks 0 and 3 are scraped first after each check: at minute 5 the two alone have the
+    # check that rank 3 drifted at, and no majority; a page now could not name rank 3.
+    case(
+        f"{REPLICA_ALERT} waits for every rank's scrape of a check before it compares them",
+        ranks(4, r3=_history(minutes, ahead=1, drift_from=drift)),
+        [_check(2 * drift - 1, REPLICA_ALERT), _check(2 * drift, REPLICA_ALERT, _fired(o, rank3))],
+    )
     case(
         f"{REPLICA_ALERT} does not fire when ranks are scraped on either side of a check",
         ranks(4),
