@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gradtel.metrics import FIRST_BAD_LAYER, REPLICA_FINGERPRINT
+from gradtel.metrics import FIRST_BAD_LAYER, REPLICA_FINGERPRINT, REPLICA_FINGERPRINT_UPDATE
 from gradtel.render import KitOptions, write_kit
 from gradtel.render.alerts import amp_collapse, crash, promql, replicas, unhealthy
 
@@ -171,6 +171,14 @@ def _latest_fingerprints_whatever_their_update(scope: str) -> str:
     )
 
 
+def _each_slot_of_a_check(scope: str) -> str:
+    """Each rank's checks per slot: a rank scraped between the two writes of a check has it
+    in both, and counts twice."""
+    fingerprints = f"count_values without () ('fingerprint', {REPLICA_FINGERPRINT}{{{scope}}})"
+    updates = f"count_values without () ('update', {REPLICA_FINGERPRINT_UPDATE}{{{scope}}})"
+    return f"({fingerprints} * ignoring (fingerprint, update) group_left (update) {updates})"
+
+
 def _checks_before_every_rank_has_hashed(scope: str) -> str:
     """The ranks of each check, as many as have published it so far."""
     return f"count by (job, run, update) ({replicas._checks(scope)})"
@@ -319,12 +327,18 @@ DEFECTS: dict[str, tuple[Patches, Callable[[str], str], set[str]]] = {
         {(replicas, "_checks"): _latest_fingerprints_whatever_their_update},
         str,
         {
+            f"{REPLICA} counts once a rank scraped between the two writes of a check",
             f"{REPLICA} does not fire when a rank restarts",
             f"{REPLICA} does not fire when ranks are scraped on either side of a check",
             f"{REPLICA} fires once naming the rank that drifted, while checks go on",
             f"{REPLICA} names the drifted rank through another rank's failed scrape",
             f"{REPLICA} waits for every rank's scrape of a check before it compares them",
         },
+    ),
+    "a rank's check counted once per slot": (
+        {(replicas, "_checks"): _each_slot_of_a_check},
+        str,
+        {f"{REPLICA} counts once a rank scraped between the two writes of a check"},
     ),
     "replicas compared before every rank has hashed the update": (
         {(replicas, "_complete"): _checks_before_every_rank_has_hashed},

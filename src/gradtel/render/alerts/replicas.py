@@ -102,11 +102,15 @@ Check = tuple[int, int] | None
 """A rank's latest replica check at a minute: (update, fingerprint); None: not scraped."""
 
 
-def _replica_series(labels: str, history: Sequence[Check]) -> list[dict[str, str]]:
+def _replica_series(
+    labels: str, history: Sequence[Check], torn: Sequence[int] = ()
+) -> list[dict[str, str]]:
     """A rank's four replica series, scraped once a minute, from its latest check by minute
     (None: not scraped; a staleness marker at the first such minute, as after a failed
     scrape or the process's end). The previous slot holds the check before the latest one
-    of the same process, as gradtel exports them."""
+    of the same process, as gradtel exports them. ``torn``: minutes of a new check whose
+    scrape fell between its two writes, and so shows the check before in both slots."""
+    history = [history[m - 1] if m in torn else c for m, c in enumerate(history)]
     slots: dict[str, list[Check]] = {"latest": [], "previous": []}
     before: Check = None
     for minute, check in enumerate(history):
@@ -114,7 +118,7 @@ def _replica_series(labels: str, history: Sequence[Check]) -> list[dict[str, str
         if last is not None and check not in (None, last):
             before = last
         slots["latest"].append(check)
-        slots["previous"].append(before if check is not None else None)
+        slots["previous"].append(check if minute in torn else before if check else None)
     series = []
     for slot, checks in slots.items():
         for metric, part in ((REPLICA_FINGERPRINT_UPDATE, 0), (REPLICA_FINGERPRINT, 1)):
@@ -206,6 +210,16 @@ def cases(o: KitOptions, case: Case) -> None:
         f"{REPLICA_ALERT} names the drifted rank through another rank's failed scrape",
         ranks(4, r1=failed, r3=_history(minutes, drift_from=drift)),
         [_check(m, REPLICA_ALERT, _fired(o, rank3)) for m in (8, 9, 10)],
+    )
+    case(
+        f"{REPLICA_ALERT} counts once a rank scraped between the two writes of a check",
+        [
+            *_replica_series(_rank(o, 0), _history(minutes, ahead=1)),
+            *_replica_series(_rank(o, 1), _history(minutes), torn=(8,)),
+            *_replica_series(_rank(o, 2), _history(minutes)),
+            *_replica_series(_rank(o, 3), _history(minutes, drift_from=drift)),
+        ],
+        [_check(m, REPLICA_ALERT, _fired(o, rank3)) for m in (7, 8, 9)],
     )
     # Rank 3 restarts alone: it counts its updates from 1 again, with other weights.
     restarted: list[Check] = [*_history(8), None]
