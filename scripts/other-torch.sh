@@ -16,7 +16,7 @@ core=(
   tests/test_steps.py tests/test_deferred.py tests/test_clip.py
   tests/test_grad_norm.py tests/test_checkpoints.py tests/test_loops.py tests/test_layers.py
   tests/test_combinations.py tests/test_parameters.py tests/test_parts.py
-  tests/test_crash.py tests/test_contract.py
+  tests/test_crash.py tests/test_contract.py tests/test_fingerprint.py
   tests/test_exporter.py
 )
 for version in "$oldest" "$newest"; do

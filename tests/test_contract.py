@@ -21,6 +21,8 @@ CLOSED_SETS = {
     metrics.SKIPPED_UPDATES: ("reason", metrics.SKIP_REASONS),
     metrics.UNSCANNED_UPDATES: ("reason", metrics.UNSCANNED_REASONS),
     metrics.ORIGIN_UPDATES: ("kind", metrics.KINDS),
+    metrics.REPLICA_FINGERPRINT: ("slot", metrics.REPLICA_SLOTS),
+    metrics.REPLICA_FINGERPRINT_UPDATE: ("slot", metrics.REPLICA_SLOTS),
 }
 
 
@@ -51,6 +53,8 @@ def served(registry: CollectorRegistry) -> str:
     monitor.collect(scaler=scaler)  # the loss scale gauge
     monitor.allow_checkpoint()
     gradtel.export.telemetry.count_exception(RuntimeError)  # what the chained sys.excepthook does
+    for update in (1, 101):  # what two replica checks of a DDP rank record
+        monitor._telemetry.record_fingerprint(update, 2**52 - update)
     server = gradtel.serve(port=0, registry=registry, exit_grace=0)
     try:
         assert server.url is not None

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import yaml
 
-from gradtel.metrics import FIRST_BAD_LAYER
+from gradtel.metrics import FIRST_BAD_LAYER, REPLICA_FINGERPRINT, REPLICA_FINGERPRINT_UPDATE
 from gradtel.render import KitOptions, write_kit
-from gradtel.render.alerts import amp_collapse, crash, promql, unhealthy
+from gradtel.render.alerts import amp_collapse, crash, promql, replicas, unhealthy
 
 from .prometheus_versions import VERSIONS, bin_folder
 
@@ -164,8 +164,29 @@ def _no_for_on_unhealthy_updates(rules: str) -> str:
     )
 
 
+def _latest_fingerprints_whatever_their_update(scope: str) -> str:
+    """Each rank's latest fingerprint, whichever update it hashes."""
+    return (
+        f"count_values without () ('fingerprint', {REPLICA_FINGERPRINT}{{{scope},slot='latest'}})"
+    )
+
+
+def _each_slot_of_a_check(scope: str) -> str:
+    """Each rank's checks per slot: a rank scraped between the two writes of a check has it
+    in both, and counts twice."""
+    fingerprints = f"count_values without () ('fingerprint', {REPLICA_FINGERPRINT}{{{scope}}})"
+    updates = f"count_values without () ('update', {REPLICA_FINGERPRINT_UPDATE}{{{scope}}})"
+    return f"({fingerprints} * ignoring (fingerprint, update) group_left (update) {updates})"
+
+
+def _checks_before_every_rank_has_hashed(scope: str) -> str:
+    """The ranks of each check, as many as have published it so far."""
+    return f"count by (job, run, update) ({replicas._checks(scope)})"
+
+
 NAN, INF, AMP = "GradtelNaNGradients", "GradtelInfGradients", "GradtelAmpLossScaleCollapsed"
 CRASHED = "GradtelTrainingCrashed"
+REPLICA = "GradtelReplicaDrifted"
 Patches = dict[tuple[ModuleType, str], Callable[..., str | list[str]]]
 """The fragments a defect replaces: (module, name) -> the defective one."""
 DEFECTS: dict[str, tuple[Patches, Callable[[str], str], set[str]]] = {
@@ -301,6 +322,28 @@ DEFECTS: dict[str, tuple[Patches, Callable[[str], str], set[str]]] = {
             f"{NAN} critical fires once every rank's scrape of the update is in, counting them all",
             *(f"{alert} warning fires on a single warning-band update" for alert in (NAN, INF)),
         },
+    ),
+    "replicas compared by their latest fingerprints, whatever update they hash": (
+        {(replicas, "_checks"): _latest_fingerprints_whatever_their_update},
+        str,
+        {
+            f"{REPLICA} counts once a rank scraped between the two writes of a check",
+            f"{REPLICA} does not fire when a rank restarts",
+            f"{REPLICA} does not fire when ranks are scraped on either side of a check",
+            f"{REPLICA} fires once naming the rank that drifted, while checks go on",
+            f"{REPLICA} names the drifted rank through another rank's failed scrape",
+            f"{REPLICA} waits for every rank's scrape of a check before it compares them",
+        },
+    ),
+    "a rank's check counted once per slot": (
+        {(replicas, "_checks"): _each_slot_of_a_check},
+        str,
+        {f"{REPLICA} counts once a rank scraped between the two writes of a check"},
+    ),
+    "replicas compared before every rank has hashed the update": (
+        {(replicas, "_complete"): _checks_before_every_rank_has_hashed},
+        str,
+        {f"{REPLICA} waits for every rank's scrape of a check before it compares them"},
     ),
 }
 

@@ -35,6 +35,9 @@ __all__ = [
     "ORIGIN_UPDATES",
     "PROCESS_LABELS",
     "REFUSED_CHECKPOINTS",
+    "REPLICA_FINGERPRINT",
+    "REPLICA_FINGERPRINT_UPDATE",
+    "REPLICA_SLOTS",
     "SCAN_DURATION",
     "SEVERITIES",
     "SKIPPED_UPDATES",
@@ -64,6 +67,9 @@ SKIP_REASONS = ("amp_overflow", "policy")
 """Values of ``reason`` in ``gradtel_skipped_updates_total``."""
 UNSCANNED_REASONS = ("no_gradients", "scan_error")
 """Values of ``reason`` in ``gradtel_unscanned_updates_total``."""
+REPLICA_SLOTS = ("latest", "previous")
+"""Values of ``slot`` in the replica fingerprint: the latest check and the one before it, so
+that ranks scraped on either side of a check still have one check in common."""
 
 
 @dataclass(frozen=True)
@@ -240,6 +246,22 @@ TRAINING_EXCEPTIONS = Metric(
     "series appears with the first one (the endpoint then waits for a last scrape).",
     ("type", "gradients"),
 )
+REPLICA_FINGERPRINT = Metric(
+    "gradtel_replica_fingerprint",
+    "gauge",
+    "DDP runs: a 52-bit exact hash of this rank's parameters at the replica check of "
+    "gradtel_replica_fingerprint_update (slot=latest, and the check before it, slot=previous). "
+    "Replicas hold the same bits: a rank whose value differs from the others' at the same "
+    "update has drifted (GradtelReplicaDrifted). Series appear with the first check.",
+    ("slot",),
+)
+REPLICA_FINGERPRINT_UPDATE = Metric(
+    "gradtel_replica_fingerprint_update",
+    "gauge",
+    "DDP runs: the update (gradtel's count of collect() calls in this process, the same on "
+    "every replica) whose parameters gradtel_replica_fingerprint of the same slot hashes.",
+    ("slot",),
+)
 ERRORS = Metric(
     "gradtel_errors_total",
     "counter",
@@ -277,5 +299,7 @@ METRICS = (
     LAYER_GRAD_NORM,
     REFUSED_CHECKPOINTS,
     TRAINING_EXCEPTIONS,
+    REPLICA_FINGERPRINT,
+    REPLICA_FINGERPRINT_UPDATE,
 )
 """Every metric gradtel exports."""

@@ -26,8 +26,9 @@ from .export.incidents import IncidentLog
 from .export.ranks import every_rank, process_attributes
 from .export.telemetry import GradTelemetry, default_meter_provider
 from .health import GradHealth, Thresholds
-from .options import MAX_LAYERS_LIMIT, LayerSeries, MonitorOptions
+from .options import DEFAULT_REPLICA_CHECK_EVERY, MAX_LAYERS_LIMIT, LayerSeries, MonitorOptions
 from .pipeline.checkpoints import WeightsHealth
+from .pipeline.fingerprint import fingerprint, replica_check
 from .pipeline.layers import DEFAULT_MAX_LAYERS
 from .pipeline.parameters import (
     Gradients,
@@ -115,6 +116,11 @@ class GradMonitor:
             rotated past 10 MiB (one old copy, ``PATH.1``). A failure to write is
             logged and counted like other failures inside gradtel. ``None``
             (default): ``$GRADTEL_INCIDENT_LOG`` if set, else off.
+        replica_check_every: In a ``DistributedDataParallel`` run, hash this rank's
+            parameters exactly every this many updates (default 250; 0 or None: never)
+            and export it as ``gradtel_replica_fingerprint``: replicas hold the same bits,
+            and ``GradtelReplicaDrifted`` pages for a rank whose hash differs from the
+            others' at the same update (silent data corruption). Off for other models.
 
     Raises:
         TypeError: ``model`` is not a module or named parameters, or an option
@@ -150,6 +156,7 @@ class GradMonitor:
         layer_norms: bool = False,
         readout: Readout = "sync",
         incident_log: str | os.PathLike[str] | None = None,
+        replica_check_every: int | None = DEFAULT_REPLICA_CHECK_EVERY,
     ) -> None:
         self._options = MonitorOptions(
             thresholds=thresholds,
@@ -164,6 +171,7 @@ class GradMonitor:
             layer_norms=layer_norms,
             readout=readout,
             incident_log=incident_log,
+            replica_check_every=replica_check_every,
         )
         if meter_provider is not None and not hasattr(meter_provider, "get_meter"):
             raise TypeError(
@@ -210,6 +218,8 @@ class GradMonitor:
         self._uninstall_origin = (
             install_origin_hook(self._module, self) if self._module is not None else None
         )
+        self._replica_check = replica_check(self._module, self._options.replica_check)
+        """Updates between two replica checks (None: off)."""
         self._pending: Pending[Update] = Pending()
         """Updates whose deferred read-out is not published yet."""
         self._latest: GradHealth | None = None
@@ -434,6 +444,9 @@ class GradMonitor:
                 refreshed = self._guarded("scan", self.refresh)
                 if refreshed and isinstance(norms, torch.Tensor):
                     norms = None  # one per parameter watched before: the scan reads them anew
+            # Before the sampling: every replica checks the same updates, whatever it scans.
+            if self._replica_check and (self._step - 1) % self._replica_check == 0:
+                self._guarded("scan", self._check_replica)
             if (self._step - 1) % self.sample_every:
                 return self._sampled_out()
             if looked is None:
@@ -460,6 +473,11 @@ class GradMonitor:
             update.duration = time.perf_counter() - started - update.waited
             update.timestamp = time.time()
             return self._conclude(update, health)
+
+    def _check_replica(self) -> None:
+        """Hash the parameters, which the previous optimizer step left the same on every
+        replica (a host read, one update in ``replica_check_every``)."""
+        self._telemetry.record_fingerprint(self._step, fingerprint(self._watched.params))
 
     def _take_look(self, loss: torch.Tensor | None) -> tuple[Update | None, torch.Tensor | None]:
         """What attach() saw at the end of backward, if it still stands for this update, and

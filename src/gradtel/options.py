@@ -13,7 +13,12 @@ from .pipeline.layers import DEFAULT_MAX_LAYERS
 from .pipeline.policy import Action, check_action
 from .pipeline.readout import READOUTS, Readout
 
-__all__ = ["MAX_LAYERS_LIMIT", "MonitorOptions"]
+__all__ = ["DEFAULT_REPLICA_CHECK_EVERY", "MAX_LAYERS_LIMIT", "MonitorOptions"]
+
+DEFAULT_REPLICA_CHECK_EVERY = 250
+"""Updates between two replica checks: one hash of the parameters costs 1.0 to 1.8 times a
+healthy ``collect()`` on CPU (``benchmarks/bench_fingerprint.py``), so one in 250 keeps the
+check's average cost under 1% of ``collect()`` (0.4 to 0.7%)."""
 
 MAX_LAYERS_LIMIT = 1998
 """Upper bound of ``max_layers``: each metric keeps one series per layer plus
@@ -46,6 +51,7 @@ class MonitorOptions:
     layer_norms: bool = False
     readout: Readout = "sync"
     incident_log: str | os.PathLike[str] | None = None
+    replica_check_every: int | None = DEFAULT_REPLICA_CHECK_EVERY
 
     def __post_init__(self) -> None:
         if not isinstance(self.thresholds, Thresholds):
@@ -69,6 +75,16 @@ class MonitorOptions:
         _checks.flag("layer_norms", self.layer_norms)
         _checks.choice("readout", self.readout, READOUTS)
         check_path("incident_log", self.incident_log)
+        every = self.replica_check_every
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int)):
+            raise TypeError(
+                "replica_check_every must be an int >= 0 (0 or None: no replica check), "
+                f"got {every!r} ({type(every).__name__})"
+            )
+        if every is not None and every < 0:
+            raise ValueError(
+                f"replica_check_every must be >= 0 (0 or None: no replica check), got {every!r}"
+            )
         if self.readout == "deferred":
             for name in ("on_warning", "on_critical"):
                 action = getattr(self, name)
@@ -79,6 +95,11 @@ class MonitorOptions:
                         f"use readout='sync' with {name}={action!r}, or {name}='warn' (or "
                         "'ignore') with readout='deferred'"
                     )
+
+    @property
+    def replica_check(self) -> int | None:
+        """Updates between two replica checks, or None when the check is off."""
+        return self.replica_check_every or None
 
     @property
     def sampled(self) -> bool:

@@ -170,6 +170,8 @@ class Instruments:
         self.refused_checkpoints = make(m.REFUSED_CHECKPOINTS)
         self.errors = make(m.ERRORS)
         self.exceptions = make(m.TRAINING_EXCEPTIONS)
+        self.fingerprint = make(m.REPLICA_FINGERPRINT)
+        self.fingerprint_update = make(m.REPLICA_FINGERPRINT_UPDATE)
 
     def _by_labels(self) -> dict[frozenset[tuple[str, str]], list[GradTelemetry]]:
         """The monitors by their labels: two monitors of one process share their series."""
@@ -418,6 +420,8 @@ class GradTelemetry:
         self.last_norm = 0.0  # monotonic time of the latest norm
         self.loss_scale: float | None = None
         """The AMP scaler's latest loss scale, for ``gradtel_amp_loss_scale`` (None: none seen)."""
+        self._fingerprint: tuple[int, int] | None = None
+        """The latest replica check: its update and fingerprint."""
         ins.update_sources.add(self)
 
     def forget_incidents(self) -> None:
@@ -588,6 +592,19 @@ class GradTelemetry:
         that raised): liveness, and a crash after it is not called healthy."""
         self.last_update = timestamp
         self._unscanned_at = max(self._unscanned_at, sequence)
+
+    def record_fingerprint(self, update: int, fingerprint: int) -> None:
+        """Record the replica check of ``update``; the check before it moves to the
+        ``previous`` slot. Previous is written first: a scrape between the two writes sees
+        one check in both slots, never two checks mixed in one."""
+        ins = self._instruments
+        latest, previous = ({**self.labels, "slot": slot} for slot in m.REPLICA_SLOTS)
+        if self._fingerprint is not None:
+            ins.fingerprint_update.set(self._fingerprint[0], previous)
+            ins.fingerprint.set(self._fingerprint[1], previous)
+        ins.fingerprint_update.set(update, latest)
+        ins.fingerprint.set(fingerprint, latest)
+        self._fingerprint = (update, fingerprint)
 
     def record_checkpoint(self, *, refused: bool) -> None:
         """Count a refused checkpoint save (an allowed one makes the series, at 0)."""

@@ -23,6 +23,7 @@ __all__ = [
     "KINDS",
     "NORM_SPIKE_ALERT",
     "NOTHING_SCANNED_ALERT",
+    "REPLICA_ALERT",
     "STALLED_ALERT",
     "KitOptions",
     "dump_yaml",
@@ -49,6 +50,7 @@ AMP_SKIPS_ALERT = "GradtelAmpOverflowSkips"
 AMP_COLLAPSE_ALERT = "GradtelAmpLossScaleCollapsed"
 CRASH_ALERT = "GradtelTrainingCrashed"
 NORM_SPIKE_ALERT = "GradtelGradNormSpike"
+REPLICA_ALERT = "GradtelReplicaDrifted"
 AMP_SKIPS_FOR = "5m"
 """How long the AMP skip ratio must stay high: the first-steps overflows of
 every fp16 run last seconds, a collapsing loss scale does not stop."""
