@@ -17,7 +17,7 @@ from torch.profiler import profile
 
 import gradtel
 from gradtel import GradMonitor
-from gradtel.pipeline.scan import CHUNK, PART, Scanner, count_nonfinite, countable_values
+from gradtel.pipeline.scan import CHUNK, Scanner, count_nonfinite, countable_values
 
 from .conftest import Net
 
@@ -205,32 +205,6 @@ def test_one_read_out_per_phase_whatever_the_number_of_tensors(
     # and one to find the bad tensors of flagged batches of small tensors.
     small_ones_bad = any(i * 7 % 3 for i in range(bad_tensors))
     assert read_outs.calls == ["tolist"] * (1 if bad_tensors == 0 else 3 if small_ones_bad else 2)
-
-
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
-def test_on_the_cpu_only_the_flagged_parts_of_a_flagged_tensor_are_counted(
-    monkeypatch: pytest.MonkeyPatch, layout: str
-) -> None:
-    import gradtel.pipeline.scan
-
-    counted: list[int] = []
-    exact = gradtel.pipeline.scan._exact
-    monkeypatch.setattr(
-        gradtel.pipeline.scan, "_exact", lambda part: counted.append(part.numel()) or exact(part)
-    )
-    tensors = [torch.randn(64, 64, 3, 3) for _ in range(6)] + [torch.randn(3 * PART + 5)]
-    tensors += [torch.randn(100)]
-    if layout == "channels_last":
-        tensors[:6] = [t.to(memory_format=torch.channels_last) for t in tensors[:6]]
-    elif layout == "transposed":
-        tensors[:6] = [t.transpose(0, 1) for t in tensors[:6]]
-    tensors[2][5, 7, 1, 2] = NAN
-    tensors[2][63, 63, 2, 2] = INF  # last in every layout
-    tensors[2][0, 1, 0, 0] = NAN
-    tensors[6][-1] = -INF  # in the rest after the last whole part
-    tensors[7][3] = NAN  # short: counted whole
-    assert count_nonfinite(tensors) == {2: (2, 1), 6: (0, 1), 7: (1, 0)}
-    assert counted and max(counted) <= PART
 
 
 @pytest.mark.parametrize("bad", [[], [0], [299], [5, 6], [17, 250, 251, 299]])

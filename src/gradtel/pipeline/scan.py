@@ -20,11 +20,9 @@ one read of gradient memory and one host read-out:
    38M-element embedding is counted right), and read out in one more
    transfer: a chunk of a large tensor, or the tensors of a flagged batch
    that the fused check flags again, run per tensor (on CUDA first on
-   batches of ``BATCH``), one read-out per level. On the CPU that last level
-   flags each tensor's parts of ``PART`` elements by their sums, so that only
-   flagged parts are counted (counting costs several sums). A sum's flag can
-   be a false alarm (finite values whose sum overflows): the exact count is
-   then zero, so results are always exact.
+   batches of ``BATCH``), one read-out per level. A sum's flag can be a false alarm (finite
+   values whose sum overflows): the exact count is then zero, so results are
+   always exact.
 
 Tensors are read in memory order (a channels-last or transposed gradient is
 viewed, never copied), and nothing in either phase reads a value to the host
@@ -73,10 +71,6 @@ A flagged batch is checked again tensor by tensor, and only its flagged tensors 
 counted. On CUDA, where a launch costs more than reading a batch, all small tensors of
 a device and dtype share one call and one flag; a flagged group is split into batches
 of ``BATCH``, then into tensors, one read-out per level."""
-
-PART = 1024
-"""Elements per part of a flagged piece on the CPU: only parts whose sum is not finite are
-counted."""
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -276,9 +270,7 @@ _in_graph = attrgetter("requires_grad")
 def _flagged_members(values: Sequence[torch.Tensor], batches: list[_Piece]) -> list[_Piece]:
     """The tensors of flagged batches that hold a non-finite value: the fused check again,
     on batches of at most ``BATCH`` tensors, then per tensor, one read-out per level
-    (cheaper than counting every tensor of a batch). On the CPU the last level flags each
-    tensor's parts of ``PART`` elements by their sums instead, in the same read-out, so
-    that only the flagged parts are counted (counting costs several sums)."""
+    (cheaper than counting every tensor of a batch)."""
     found: list[_Piece] = []
     while batches:
         by_device: dict[torch.device, list[tuple[int, ...]]] = defaultdict(list)
@@ -288,57 +280,12 @@ def _flagged_members(values: Sequence[torch.Tensor], batches: list[_Piece]) -> l
             by_device[values[piece.index].device] += [
                 members[k : k + size] for k in range(0, len(members), size)
             ]
-        flags: list[torch.Tensor] = []
-        fused: list[tuple[int, ...]] = []
-        for device, parts in by_device.items():
-            checked = [part for part in parts if len(part) > 1 or device.type != "cpu"]
-            if checked:
-                flags.append(_fused_flags(values, tuple(checked)))
-                fused += checked
-        sums: list[torch.Tensor] = []
-        cut = [
-            (part[0], _part_sums(values[part[0]], sums))
-            for device, parts in by_device.items()
-            if device.type == "cpu"
-            for part in parts
-            if len(part) == 1
-        ]
-        if sums:
-            flags.append(_not_finite(torch.cat(sums)))
-        read = _on_one_device(flags).tolist()
-        split = [part for part, bad in zip(fused, read) if bad]
-        found += [_Piece(part[0]) for part in split if len(part) == 1]
-        batches = [_Piece(part[0], members=part) for part in split if len(part) > 1]
-        at = len(fused)
-        for index, (order, numel) in cut:
-            if numel is None:  # flagged whole
-                found += [_Piece(index)] if read[at] else []
-                at += 1
-                continue
-            for start in range(0, numel, PART):
-                if read[at]:
-                    found.append(_Piece(index, start, min(start + PART, numel), order))
-                at += 1
+        split = [part for parts in by_device.values() for part in parts]
+        flags = _on_one_device([_fused_flags(values, tuple(parts)) for parts in by_device.values()])
+        flagged = [part for part, bad in zip(split, flags.tolist()) if bad]
+        found += [_Piece(part[0]) for part in flagged if len(part) == 1]
+        batches = [_Piece(part[0], members=part) for part in flagged if len(part) > 1]
     return found
-
-
-def _part_sums(
-    tensor: torch.Tensor, sums: list[torch.Tensor]
-) -> tuple[tuple[int, ...] | None, int | None]:
-    """Append the sums of ``tensor``'s parts of ``PART`` elements in memory order to
-    ``sums`` (a sum is not finite where its part holds a NaN or an Inf); return that
-    order and the number of elements (None: a short tensor, summed whole)."""
-    order = memory_order(tensor)
-    size = tensor.numel()
-    if size < 2 * PART or (order is None and not tensor.is_contiguous()):
-        sums.append(tensor.sum().reshape(1))
-        return None, None
-    flat = _flat(tensor, order)
-    whole = size // PART * PART
-    sums.append(flat[:whole].view(-1, PART).sum(1))
-    if whole < size:
-        sums.append(flat[whole:].sum().reshape(1))
-    return order, size
 
 
 def _exact(part: torch.Tensor) -> torch.Tensor:
