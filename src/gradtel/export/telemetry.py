@@ -193,23 +193,24 @@ class Instruments:
             yield Observation(sum(s.updates for s in sources), sources[0].labels)
 
     def _observe_layer_totals(self, kind: str, options: CallbackOptions) -> Iterable[Observation]:
-        # Summed over the monitors sharing these labels, as one counter would add them.
-        totals: dict[frozenset[tuple[str, str]], tuple[int, dict[str, str]]] = {}
-        for source in list(self.update_sources):
-            for attrs, count in source.layer_totals(kind):
-                key = frozenset(attrs.items())
-                totals[key] = (totals.get(key, (0, attrs))[0] + count, attrs)
-        for count, attrs in totals.values():
-            yield Observation(count, attrs)
+        for sources in self._by_labels().values():
+            # Summed over the monitors sharing these labels, as one counter would add them.
+            totals: dict[str, tuple[dict[str, str], int]] = {}
+            for source in sources:
+                for layer, attrs, count in source.layer_totals(kind):
+                    totals[layer] = (attrs, totals.get(layer, (attrs, 0))[1] + count)
+            for attrs, count in totals.values():
+                yield Observation(count, attrs)
 
     def _observe_layer_latest(self, kind: str, options: CallbackOptions) -> Iterable[Observation]:
-        # The monitor that recorded last wins, as it would have set one gauge last.
-        latest: dict[frozenset[tuple[str, str]], tuple[float, int, dict[str, str]]] = {}
-        for source in sorted(self.update_sources, key=lambda s: s.last_update):
-            for attrs, count in source.layer_latest(kind):
-                latest[frozenset(attrs.items())] = (source.last_update, count, attrs)
-        for _, count, attrs in latest.values():
-            yield Observation(count, attrs)
+        for sources in self._by_labels().values():
+            # The monitor that recorded last wins, as it would have set one gauge last.
+            latest: dict[str, tuple[dict[str, str], int]] = {}
+            for source in sorted(sources, key=lambda s: s.last_update):
+                for layer, attrs, count in source.layer_latest(kind):
+                    latest[layer] = (attrs, count)
+            for attrs, count in latest.values():
+                yield Observation(count, attrs)
 
     def _observe_bands(self, options: CallbackOptions) -> Iterable[Observation]:
         for sources in self._by_labels().values():
@@ -494,20 +495,22 @@ class GradTelemetry:
         the monitor was made gets its series when it first has a gradient counted)."""
         attrs = self._layer_attrs.get(layer)
         if attrs is None:
+            # Labels first: a scrape reading the totals meanwhile finds the labels of each.
+            attrs = self._layer_attrs[layer] = {**self.labels, "layer": layer}
             for totals in self._totals.values():
                 totals[layer] = 0
-            attrs = self._layer_attrs[layer] = {**self.labels, "layer": layer}
         return attrs
 
-    def layer_totals(self, kind: str) -> list[tuple[dict[str, str], int]]:
-        """Each layer's labels and its count of ``kind`` values since start."""
+    def layer_totals(self, kind: str) -> list[tuple[str, dict[str, str], int]]:
+        """Each layer, its labels and its count of ``kind`` values since start."""
         attrs = self._layer_attrs
-        return [(attrs[layer], count) for layer, count in list(self._totals[kind].items())]
+        return [(layer, attrs[layer], n) for layer, n in list(self._totals[kind].items())]
 
-    def layer_latest(self, kind: str) -> list[tuple[dict[str, str], int]]:
-        """Each layer's labels and its count of ``kind`` values in the latest update."""
+    def layer_latest(self, kind: str) -> list[tuple[str, dict[str, str], int]]:
+        """Each layer, its labels and its count of ``kind`` values in the latest update."""
         latest = self._latest[kind]
-        return [(attrs, latest.get(layer, 0)) for layer, attrs in list(self._layer_attrs.items())]
+        layers = list(self._layer_attrs.items())  # a copy: the training thread may add one
+        return [(layer, attrs, latest.get(layer, 0)) for layer, attrs in layers]
 
     def record(
         self, health: GradHealth, *, duration: float, timestamp: float, sequence: int
