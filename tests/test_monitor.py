@@ -371,6 +371,37 @@ def test_monitors_sharing_a_provider_share_series(
     assert a.layers != b.layers
 
 
+def test_monitors_sharing_a_provider_add_up_in_the_series_of_a_layer_they_both_name(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    # Per-layer series and bands are read when scraped, from each monitor: two monitors
+    # whose layers share a name add up as one counter would, and the per-update gauge
+    # shows the update recorded last.
+    a, b = TwoLayer(), TwoLayer()
+    first, second = (
+        GradMonitor(model, meter_provider=provider, on_warning="ignore", on_critical="ignore")
+        for model in (a, b)
+    )
+    backward(a)
+    backward(b)
+    poison(a.fc1.weight.grad, nan=2)
+    poison(b.fc1.weight.grad, nan=3, inf=1)
+    first.collect()
+    second.collect()
+    found = samples(registry)
+    assert sample(found, "gradtel_nan_grads_total", layer="fc1") == 5
+    assert sample(found, "gradtel_inf_grads_total", layer="fc1") == 1
+    assert sample(found, "gradtel_update_nan_grads", layer="fc1") == 3
+    assert sample(found, "gradtel_unhealthy_updates_total", kind="nan", severity="warning") == 2
+    assert sample(found, "gradtel_unhealthy_updates_total", kind="inf", severity="warning") == 1
+    assert sample(found, "gradtel_last_unhealthy_step", kind="nan") == 1
+    backward(a)
+    first.collect()  # healthy: its gauge goes back to 0, and it recorded last
+    found = samples(registry)
+    assert sample(found, "gradtel_update_nan_grads", layer="fc1") == 0
+    assert sample(found, "gradtel_nan_grads_total", layer="fc1") == 5
+
+
 def test_thresholds_shape_status_and_bands(
     provider: MeterProvider, registry: CollectorRegistry
 ) -> None:

@@ -6,9 +6,9 @@ metric contract as scraped: counters gain ``_total``, a unit of seconds gains
 Prometheus' ``increase()`` cannot see the first value of a series born
 non-zero.
 
-Recording is incremental: a healthy update touches a constant number of
-series whatever the number of layers (layers whose last-update gauges were
-non-zero are reset, counters only move where a count is above 0).
+Recording costs the training thread no SDK call per layer: an update's counts land
+in each monitor's plain fields, and the per-layer series, the unhealthy-update
+bands and the per-update series are read from them when the metrics are collected.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -127,15 +128,17 @@ class Instruments:
                 )
             return create(metric.instrument, unit=metric.unit, description=metric.help)
 
-        self.totals = {kind: make(m.GRADS_TOTAL[kind]) for kind in KINDS}
-        self.per_update = {kind: make(m.UPDATE_GRADS[kind]) for kind in KINDS}
-        self.unhealthy = make(m.UNHEALTHY_UPDATES)
         # What every update changes (the count, status and time of the latest update, the
         # gradient norm and its peak) is read when scraped, from each monitor's plain
         # fields (the scan's duration too, drained when collected): a healthy update
-        # makes no SDK call at all.
+        # makes no SDK call at all. So are the per-layer counts and the unhealthy-update
+        # bands: an SDK call costs several microseconds, per layer, in the training thread.
         self.update_sources: set[GradTelemetry] = set()
-        for metric, observe in (
+        observed: tuple[tuple[Metric, Callable[[CallbackOptions], Iterable[Observation]]], ...] = (
+            *((m.GRADS_TOTAL[kind], partial(self._observe_layer_totals, kind)) for kind in KINDS),
+            *((m.UPDATE_GRADS[kind], partial(self._observe_layer_latest, kind)) for kind in KINDS),
+            (m.UNHEALTHY_UPDATES, self._observe_bands),
+            (m.LAST_UNHEALTHY_STEP, self._observe_last_unhealthy_step),
             (m.UPDATES, self._observe_updates),
             (m.UPDATE_STATUS, self._observe_status),
             (m.LAST_UPDATE_TIMESTAMP, self._observe_last_update),
@@ -143,7 +146,8 @@ class Instruments:
             (m.GRAD_NORM, self._observe_norm),
             (m.GRAD_NORM_PEAK, self._observe_norm_peak),
             (m.AMP_LOSS_SCALE, self._observe_loss_scale),
-        ):
+        )
+        for metric, observe in observed:
             create = (
                 meter.create_observable_counter
                 if metric.type == "counter"
@@ -153,7 +157,6 @@ class Instruments:
         self.unscanned = make(m.UNSCANNED_UPDATES)
         self.duration = make(m.SCAN_DURATION)
         self.first_bad = make(m.FIRST_BAD_LAYER)
-        self.last_unhealthy_step = make(m.LAST_UNHEALTHY_STEP)
         # Read when scraped, not set per update: hundreds of layers would cost the
         # SDK tens of microseconds each, every update.
         # Kept like the other series, after their monitor is gone.
@@ -190,6 +193,40 @@ class Instruments:
                 source.failed("record", exc)
         for sources in self._by_labels().values():
             yield Observation(sum(s.updates for s in sources), sources[0].labels)
+
+    def _observe_layer_totals(self, kind: str, options: CallbackOptions) -> Iterable[Observation]:
+        for sources in self._by_labels().values():
+            # Summed over the monitors sharing these labels, as one counter would add them.
+            totals: dict[str, tuple[dict[str, str], int]] = {}
+            for source in sources:
+                for layer, attrs, count in source.layer_totals(kind):
+                    totals[layer] = (attrs, totals.get(layer, (attrs, 0))[1] + count)
+            for attrs, count in totals.values():
+                yield Observation(count, attrs)
+
+    def _observe_layer_latest(self, kind: str, options: CallbackOptions) -> Iterable[Observation]:
+        for sources in self._by_labels().values():
+            # The monitor that recorded last wins, as it would have set one gauge last.
+            latest: dict[str, tuple[dict[str, str], int]] = {}
+            for source in sorted(sources, key=lambda s: s.last_update):
+                for layer, attrs, count in source.layer_latest(kind):
+                    latest[layer] = (attrs, count)
+            for attrs, count in latest.values():
+                yield Observation(count, attrs)
+
+    def _observe_bands(self, options: CallbackOptions) -> Iterable[Observation]:
+        for sources in self._by_labels().values():
+            for band, attrs in sources[0].band_attrs.items():
+                yield Observation(sum(s.bands[band] for s in sources), attrs)
+
+    def _observe_last_unhealthy_step(self, options: CallbackOptions) -> Iterable[Observation]:
+        for sources in self._by_labels().values():
+            for kind in KINDS:
+                steps = [
+                    s.last_unhealthy_steps[kind] for s in sources if kind in s.last_unhealthy_steps
+                ]
+                if steps:  # born with the first unhealthy update of that kind
+                    yield Observation(max(steps)[1], sources[0].kind_attrs[kind])
 
     def _observe_status(self, options: CallbackOptions) -> Iterable[Observation]:
         for sources in self._by_labels().values():
@@ -377,7 +414,7 @@ class GradTelemetry:
         self.labels = dict(attributes)
         """The labels on every series of this monitor."""
         self._layer_attrs: dict[str, dict[str, str]] = {}
-        self._band_attrs = {
+        self.band_attrs: dict[tuple[str, Status], dict[str, str]] = {
             (kind, status): {**self.labels, "kind": kind, "severity": severity}
             for kind in KINDS
             for status, severity in _SEVERITIES.items()
@@ -386,8 +423,14 @@ class GradTelemetry:
         self._skip_attrs = {reason: {**self.labels, "reason": reason} for reason in SKIP_REASONS}
         self._unscanned_attrs = {r: {**self.labels, "reason": r} for r in UNSCANNED_REASONS}
         self._first_bad_attrs: dict[tuple[str, str], dict[str, str]] = {}
-        self._kind_attrs = {kind: {**self.labels, "kind": kind} for kind in KINDS}
-        self._last_nonzero: dict[str, set[str]] = {"nan": set(), "inf": set()}
+        self.kind_attrs = {kind: {**self.labels, "kind": kind} for kind in KINDS}
+        self.bands = dict.fromkeys(self.band_attrs, 0)
+        """Unhealthy updates per kind and band, for ``gradtel_unhealthy_updates_total``."""
+        self.last_unhealthy_steps: dict[str, tuple[float, int]] = {}
+        """Per kind, the time and step of the latest unhealthy update with values of it."""
+        self._totals: dict[str, dict[str, int]] = {kind: {} for kind in KINDS}
+        self._latest: dict[str, dict[str, int]] = {kind: {} for kind in KINDS}
+        """Per kind, the latest update's layers with values of it (swapped whole)."""
         self._ongoing: set[str] = set()
         """The kinds whose run of unhealthy updates goes on: the previous update had values
         of that kind, and no rollback (:meth:`forget_incidents`) came since."""
@@ -399,15 +442,13 @@ class GradTelemetry:
         self._instruments = ins = instruments_for(meter_provider)
         self.context = context_of(meter_provider)
         self.add_layers(layers)
-        for attrs in self._band_attrs.values():
-            ins.unhealthy.add(0, attrs)
         for attrs in self._error_attrs.values():
             ins.errors.add(0, attrs)
         for attrs in self._skip_attrs.values():
             ins.skipped.add(0, attrs)
         for attrs in self._unscanned_attrs.values():
             ins.unscanned.add(0, attrs)
-        for attrs in self._kind_attrs.values():
+        for attrs in self.kind_attrs.values():
             ins.origin.add(0, attrs)
         ins.nonfinite_loss.add(0, self.labels)
         self.updates = 0
@@ -430,7 +471,7 @@ class GradTelemetry:
         for attrs in self._first_bad_attrs.values():
             self._instruments.first_bad.set(0, attrs)
         for kind in self._loss_step_kinds:
-            self._instruments.nonfinite_loss_incident_step.set(0, self._kind_attrs[kind])
+            self._instruments.nonfinite_loss_incident_step.set(0, self.kind_attrs[kind])
         self._ongoing = set()
         self._latest_unhealthy = False
 
@@ -458,11 +499,22 @@ class GradTelemetry:
         the monitor was made gets its series when it first has a gradient counted)."""
         attrs = self._layer_attrs.get(layer)
         if attrs is None:
+            # Labels first: a scrape reading the totals meanwhile finds the labels of each.
             attrs = self._layer_attrs[layer] = {**self.labels, "layer": layer}
-            for kind in KINDS:
-                self._instruments.totals[kind].add(0, attrs)
-                self._instruments.per_update[kind].set(0, attrs)
+            for totals in self._totals.values():
+                totals[layer] = 0
         return attrs
+
+    def layer_totals(self, kind: str) -> list[tuple[str, dict[str, str], int]]:
+        """Each layer, its labels and its count of ``kind`` values since start."""
+        attrs = self._layer_attrs
+        return [(layer, attrs[layer], n) for layer, n in list(self._totals[kind].items())]
+
+    def layer_latest(self, kind: str) -> list[tuple[str, dict[str, str], int]]:
+        """Each layer, its labels and its count of ``kind`` values in the latest update."""
+        latest = self._latest[kind]
+        layers = list(self._layer_attrs.items())  # a copy: the training thread may add one
+        return [(layer, attrs, latest.get(layer, 0)) for layer, attrs in layers]
 
     def record(
         self, health: GradHealth, *, duration: float, timestamp: float, sequence: int
@@ -498,7 +550,7 @@ class GradTelemetry:
             self.loss_scale = health.loss_scale
         for kind, local in (("nan", health.local_nan_total), ("inf", health.local_inf_total)):
             if local:
-                ins.origin.add(1, self._kind_attrs[kind])
+                ins.origin.add(1, self.kind_attrs[kind])
         if health.loss_finite is False:
             ins.nonfinite_loss.add(1, self.labels)
         if health.amp_overflow:
@@ -513,8 +565,8 @@ class GradTelemetry:
             self.grad_norm = health.grad_norm
         if health.layer_grad_norms:
             self._keep_layer_norms(health.layer_grad_norms)
-        last = self._last_nonzero
-        if not (health.nan_by_layer or health.inf_by_layer or last["nan"] or last["inf"]):
+        latest = self._latest
+        if not (health.nan_by_layer or health.inf_by_layer or latest["nan"] or latest["inf"]):
             self.status = Status.HEALTHY.level  # the usual update: no per-layer series move
             return
         if (
@@ -525,7 +577,7 @@ class GradTelemetry:
             # with nothing unscanned before it that could have poisoned the weights.
             for kind, first in (("nan", health.first_nan_layer), ("inf", health.first_inf_layer)):
                 if first is not None:
-                    ins.nonfinite_loss_incident_step.set(health.step, self._kind_attrs[kind])
+                    ins.nonfinite_loss_incident_step.set(health.step, self.kind_attrs[kind])
                     self._loss_step_kinds.add(kind)
         for kind, first in (("nan", health.first_nan_layer), ("inf", health.first_inf_layer)):
             # Only on an update that starts a run of updates with values of that kind (``last``
@@ -534,19 +586,16 @@ class GradTelemetry:
             if first is not None and kind not in self._ongoing:
                 ins.first_bad.set(health.step, self._first_bad_series(kind, first))
         for kind, by_layer in (("nan", health.nan_by_layer), ("inf", health.inf_by_layer)):
-            total, gauge = ins.totals[kind], ins.per_update[kind]
+            totals = self._totals[kind]
             for layer, count in by_layer.items():
-                attrs = self._layer(layer)
-                total.add(count, attrs)
-                gauge.set(count, attrs)
-            for layer in self._last_nonzero[kind].difference(by_layer):
-                gauge.set(0, self._layer_attrs[layer])
-            self._last_nonzero[kind] = set(by_layer)
-        self._ongoing = {kind for kind, layers in self._last_nonzero.items() if layers}
+                self._layer(layer)
+                totals[layer] += count
+            self._latest[kind] = dict(by_layer)
+        self._ongoing = {kind for kind, layers in self._latest.items() if layers}
         for kind, status in (("nan", health.nan_status), ("inf", health.inf_status)):
             if status is not Status.HEALTHY:
-                ins.unhealthy.add(1, self._band_attrs[(kind, status)])
-                ins.last_unhealthy_step.set(health.step, self._kind_attrs[kind])
+                self.bands[(kind, status)] += 1
+                self.last_unhealthy_steps[kind] = (self.last_update, health.step)
         if health.status is not Status.HEALTHY:
             self.context.last_unhealthy = time.monotonic()
         self.status = health.status.level
