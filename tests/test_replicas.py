@@ -1,7 +1,9 @@
 """A replica that drifts, end to end: a real 4-rank torchrun DDP job (gloo, CPU) whose rank 3
 has one parameter element changed by 1e-3 after an optimizer step, scraped by a real
-Prometheus with the rendered rules at 1 s settings, routed by a real Alertmanager to a
-webhook receiver: exactly one page, naming rank 3 and its instance."""
+Prometheus with the rendered rules at 1 s settings, or through the scale-out set-up into
+VictoriaMetrics, whose vmalert reads the alert's recording rules back through the store;
+routed by a real Alertmanager to a webhook receiver: exactly one page, naming rank 3 and
+its instance."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from gradtel.metrics import REPLICA_FINGERPRINT
 from gradtel.tools.stack import Stack, StackTimings, free_port
 
 from .conftest import require_tool
-from .test_distributed import free_ports
+from .test_distributed import free_ports, scale_out_stacks
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +40,13 @@ def wait_for(condition: object, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def test_one_page_names_the_rank_whose_parameters_drifted(tmp_path: Path) -> None:
+PAGE_WITHIN = {"prometheus": 60, "victoriametrics": 180}
+"""Seconds from the corruption to the page, at most: vmalert's rules read each other's
+results through the store, each at least its latency offset old."""
+
+
+@pytest.mark.parametrize("store", PAGE_WITHIN)
+def test_one_page_names_the_rank_whose_parameters_drifted(tmp_path: Path, store: str) -> None:
     require_tool("prometheus", "prometheus")
     require_tool("prometheus-alertmanager", "prometheus-alertmanager")
     base = free_ports(RANKS)
@@ -54,7 +62,11 @@ def test_one_page_names_the_rank_whose_parameters_drifted(tmp_path: Path) -> Non
         start_new_session=True,  # its workers hold the pipes: they are stopped with it
     )  # fmt: skip
     targets = [f"127.0.0.1:{base + rank}" for rank in range(RANKS)]
-    stack = Stack(targets, timings=StackTimings("1s", "1s", "1s", "5s"))
+    if store == "prometheus":
+        stacks = [Stack(targets, timings=StackTimings("1s", "1s", "1s", "5s"))]
+    else:
+        stacks = scale_out_stacks(targets)
+    stack = stacks[-1]  # the store that pages here
     try:
         assert run.stdout is not None
         said = ""
@@ -62,7 +74,8 @@ def test_one_page_names_the_rank_whose_parameters_drifted(tmp_path: Path) -> Non
             line = run.stdout.readline()
             assert line, f"torchrun ended early: {said!r}"
             said += line
-        stack.start()
+        for started in reversed(stacks):  # the store the agent also writes to first
+            started.start()
         assert stack.receiver is not None
 
         def checked_twice() -> bool:
@@ -90,7 +103,7 @@ def test_one_page_names_the_rank_whose_parameters_drifted(tmp_path: Path) -> Non
             assert stack.receiver is not None
             return any(p.alertname == ALERT for p in stack.receiver.firing("pager"))
 
-        wait_for(paged, 60, f"a {ALERT} page")
+        wait_for(paged, PAGE_WITHIN[store], f"a {ALERT} page")
         pages = [p for p in stack.receiver.firing("pager") if p.alertname == ALERT]
         page = pages[0]
         took = page.received - corrupted
@@ -102,7 +115,7 @@ def test_one_page_names_the_rank_whose_parameters_drifted(tmp_path: Path) -> Non
         assert f"the parameters of rank {BAD_RANK} ({targets[BAD_RANK]}) differ" in page.description
         others = [p for p in stack.receiver.pages if p.alertname != ALERT]
         assert others == [], [str(p) for p in others]
-        print(f"corruption -> page: {took:.1f}s; page: {page.description}")
+        print(f"{store}: corruption -> page: {took:.1f}s; page: {page.description}")
     finally:
         run.terminate()  # torchrun stops its workers (each in a session of its own), then exits
         try:
@@ -110,4 +123,5 @@ def test_one_page_names_the_rank_whose_parameters_drifted(tmp_path: Path) -> Non
         except subprocess.TimeoutExpired:
             os.killpg(run.pid, signal.SIGKILL)
             run.communicate()
-        stack.stop()
+        for started in stacks:
+            started.stop()

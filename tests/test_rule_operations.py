@@ -179,9 +179,9 @@ def _each_slot_of_a_check(scope: str) -> str:
     return f"({fingerprints} * ignoring (fingerprint, update) group_left (update) {updates})"
 
 
-def _checks_before_every_rank_has_hashed(scope: str) -> str:
+def _checks_before_every_rank_has_hashed(checks: str) -> str:
     """The ranks of each check, as many as have published it so far."""
-    return f"count by (job, run, update) ({replicas._checks(scope)})"
+    return f"count by (job, run, update) ({checks})"
 
 
 NAN, INF, AMP = "GradtelNaNGradients", "GradtelInfGradients", "GradtelAmpLossScaleCollapsed"
@@ -359,8 +359,9 @@ def _alert_rules(rules: str) -> dict[str, list[dict[str, Any]]]:
 
 def _render(folder: Path, patches: Patches, edit: Callable[[str], str], clean: str) -> Path:
     """The kit under ``folder``, its rules with a defect; its tests only those of the alerts
-    whose rules differ from ``clean``: a case reads the rules of its own alert alone, so
-    every other case passes as it does on the clean rules (which a test below checks)."""
+    whose rules differ from ``clean``: a case reads the rules of its own alert alone (with
+    the recording rules it reads), so every other case passes as it does on the clean rules
+    (which a test below checks)."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         for (module, name), patch in patches.items():
             monkeypatch.setattr(module, name, patch)
@@ -374,6 +375,10 @@ def _render(folder: Path, patches: Patches, edit: Callable[[str], str], clean: s
     changed = {
         alert for alert in clean_rules | defective if clean_rules.get(alert) != defective.get(alert)
     }
+    # A rule that reads a changed recorded series changes with it (rules in file order).
+    for name, rules in defective.items():
+        if any(record in rule["expr"] for record in set(changed) for rule in rules):
+            changed.add(name)
     tests_file = prometheus / "gradtel-rules.test.yml"
     tests = yaml.safe_load(tests_file.read_text())
     tests["tests"] = [

@@ -12,7 +12,8 @@ __all__ = ["alertmanager_config", "compose_file", "rules", "scrape_config"]
 
 
 def rules(o: KitOptions) -> dict[str, Any]:
-    """The rule file: the recording rules, and every alert's rules."""
+    """The rule file: the recording rules of the dashboards, and every alert's rules (with
+    the recording rules an alert reads)."""
     sel, w = o.job_selector, o.window
     recording = [
         {

@@ -11,6 +11,7 @@ for an old one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from .alerts import ALERTS
@@ -24,10 +25,16 @@ def rule_tests(o: KitOptions) -> dict[str, Any]:
     cases: list[dict[str, Any]] = []
 
     def case(
-        name: str, series: list[dict[str, str]], checks: list[dict[str, Any]], interval: str = "1m"
+        name: str,
+        series: list[dict[str, str]],
+        checks: list[dict[str, Any]],
+        interval: str = "1m",
+        *,
+        recorded: Sequence[dict[str, Any]] = (),
     ) -> None:
         cases.append(
             {"name": name, "interval": interval, "input_series": series, "alert_rule_test": checks}
+            | ({"promql_expr_test": list(recorded)} if recorded else {})
         )
 
     for alert in ALERTS:

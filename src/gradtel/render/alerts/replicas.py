@@ -13,11 +13,17 @@ from . import promql
 from ._promtool import _check, _more, _notation, _rank, _series
 from .alert import Alert, Case
 
-__all__ = ["ALERT"]
+__all__ = ["AGREEMENT", "ALERT", "CHECKS"]
 
 _RUN = "job, run"
 _CHECK = "job, run, update"
 """One check of one run: the ranks compared are those that hashed the same update."""
+
+CHECKS = "job_instance_rank_run_update_fingerprint:gradtel_replica_fingerprint:count_values"
+"""Recorded: one series per rank and check, labelled with its ``update`` and ``fingerprint``."""
+AGREEMENT = "job_instance_rank_run_update_fingerprint:gradtel_replica_agreeing_ranks:ratio"
+"""Recorded: per rank and check that every rank of the run has hashed, the share of the
+run's ranks that hold this rank's fingerprint (0.5 and below: no majority agrees with it)."""
 
 
 def _checks(scope: str) -> str:
@@ -27,45 +33,43 @@ def _checks(scope: str) -> str:
     fingerprints = f"count_values without () ('fingerprint', {REPLICA_FINGERPRINT}{{{scope}}})"
     updates = f"count_values without () ('update', {REPLICA_FINGERPRINT_UPDATE}{{{scope}}})"
     return (
-        f"group without (slot) ({fingerprints} "
-        f"* ignoring (fingerprint, update) group_left (update) {updates})"
+        f"group by ({promql.PROCESS}, update, fingerprint) (\n  {fingerprints}\n"
+        f"  * ignoring (fingerprint, update) group_left (update)\n  {updates}\n)"
     )
 
 
-def _complete(scope: str) -> str:
+def _complete(checks: str) -> str:
     """Checks that every rank of the run has hashed, by their number of ranks. A rank
     that has not (a late rank, a rank restarted and counting its updates anew) leaves the
     checks of the others incomplete: nothing is compared there."""
-    ranks = f"count by ({_RUN}) ({REPLICA_FINGERPRINT_UPDATE}{{{scope},slot='latest'}})"
-    return f"(count by ({_CHECK}) ({_checks(scope)}) == on ({_RUN}) group_left () {ranks})"
+    ranks = f"count by ({_RUN}) (group by ({promql.PROCESS}) ({checks}))"
+    return f"count by ({_CHECK}) ({checks})\n  == on ({_RUN}) group_left ()\n  {ranks}"
 
 
-def _majority(scope: str) -> str:
-    """The fingerprint more than half of the ranks hold, per complete check."""
+def _agreement(checks: str) -> str:
+    """Per rank and complete check, the share of the ranks that hold its fingerprint."""
     return (
-        f"(count by ({_CHECK}, fingerprint) ({_checks(scope)}) * 2 "
-        f"> on ({_CHECK}) group_left () {_complete(scope)})"
+        f"{checks}\n* on ({_CHECK}, fingerprint) group_left ()\n"
+        f"  count by ({_CHECK}, fingerprint) ({checks})\n"
+        f"/ on ({_CHECK}) group_left () (\n  {_complete(checks)}\n)"
     )
 
 
-def _drifted(scope: str) -> str:
-    """The ranks, one series per check, whose fingerprint is not the majority's."""
-    majority = _majority(scope)
-    return (
-        f"({_checks(scope)} and on ({_CHECK}) {majority} "
-        f"unless on ({_CHECK}, fingerprint) {majority})"
-    )
+def _drifted(scope: str) -> list[str]:
+    """The ranks, one series per check, whose fingerprint is not the majority's (lines)."""
+    share = f"{AGREEMENT}{{{scope}}}"
+    return [f"{share} < 0.5", f"and on ({_CHECK})", f"{share} > 0.5"]
 
 
 def _tied(scope: str) -> str:
-    """Complete checks of two ranks or more that no fingerprint holds a majority of: two
-    ranks that differ (which one drifted, a vote of two cannot tell), or a tie."""
-    return f"({_complete(scope)} > 1 unless on ({_CHECK}) {_majority(scope)})"
+    """Complete checks that no fingerprint holds a majority of: two ranks that differ
+    (which one drifted, a vote of two cannot tell), or a tie."""
+    return f"max by ({_CHECK}) ({AGREEMENT}{{{scope}}}) <= 0.5"
 
 
 def _description(o: KitOptions) -> str:
     drifted = promql.query(
-        f"group by (instance, rank) ({_drifted(promql.RUN_SCOPE)})", *promql.RUN_ARGS
+        f"group by (instance, rank) ({' '.join(_drifted(promql.RUN_SCOPE))})", *promql.RUN_ARGS
     )
     return (
         f"{promql.where()}: "
@@ -80,22 +84,32 @@ def _description(o: KitOptions) -> str:
     )
 
 
-def _rule(o: KitOptions) -> dict[str, Any]:
+def rules(o: KitOptions) -> list[dict[str, Any]]:
+    """The recorded series the alert reads, then the alert."""
     sel = o.job_selector
-    return {
-        "alert": REPLICA_ALERT,
-        # No for: two checks in a row that differ are one hard fact, like a NaN update.
-        "expr": (
-            promql.per_run(f"group by ({promql.PROCESS}) ({_drifted(sel)})")
-            + f"\nor\nmax by ({_RUN}) ({_tied(sel)})"
-        ),
-        "labels": {"severity": "critical"},
-        "annotations": {
-            "summary": "A data-parallel replica drifted from the others",
-            "description": _description(o),
-            "runbook_url": o.runbook(REPLICA_ALERT),
+    return [
+        # In the alert's group, before it: rules of a group run in order, at one time, so
+        # the alert reads what they recorded from the same scrapes.
+        {"record": CHECKS, "expr": _checks(sel)},
+        {"record": AGREEMENT, "expr": _agreement(f"{CHECKS}{{{sel}}}")},
+        {
+            "alert": REPLICA_ALERT,
+            # No for: two checks in a row that differ are one hard fact, like a NaN update.
+            "expr": (
+                promql.per_run(
+                    f"group by ({promql.PROCESS}) (", *(f"  {line}" for line in _drifted(sel)), ")"
+                )
+                + "\nor\n"
+                + promql.per_run(_tied(sel))
+            ),
+            "labels": {"severity": "critical"},
+            "annotations": {
+                "summary": "A data-parallel replica drifted from the others",
+                "description": _description(o),
+                "runbook_url": o.runbook(REPLICA_ALERT),
+            },
         },
-    }
+    ]
 
 
 Check = tuple[int, int] | None
@@ -192,6 +206,39 @@ def cases(o: KitOptions, case: Case) -> None:
         [_check(5, REPLICA_ALERT)]
         + [_check(m, REPLICA_ALERT, _fired(o, rank3)) for m in range(2 * drift, minutes)],
     )
+
+    # At minute 5 rank 0 alone has check 301; at minute 6 every rank has, rank 3 drifted.
+    def agreeing(*shares: tuple[int, int, int, float]) -> list[dict[str, Any]]:
+        return [
+            {
+                "labels": AGREEMENT + _more(_rank(o, r), update=str(u), fingerprint=str(f)),
+                "value": v,
+            }
+            for r, u, f, v in shares
+        ]
+
+    case(
+        f"{REPLICA_ALERT} records, per rank and check every rank has hashed, the share of the "
+        "ranks that hold its fingerprint",
+        ranks(4, r3=_history(minutes, drift_from=drift)),
+        [_check(6, REPLICA_ALERT, _fired(o, rank3))],
+        recorded=[
+            {
+                "expr": AGREEMENT,
+                "eval_time": "5m",
+                "exp_samples": agreeing(*((r, 201, 1002, 1.0) for r in range(4))),
+            },
+            {
+                "expr": AGREEMENT,
+                "eval_time": "6m",
+                "exp_samples": agreeing(
+                    *((r, 201, 1002, 1.0) for r in range(4)),
+                    *((r, 301, 1003, 0.75) for r in range(3)),
+                    (3, 301, 9003, 0.25),
+                ),
+            },
+        ],
+    )
     # Ranks 0 and 3 are scraped first after each check: at minute 5 the two alone have the
     # check that rank 3 drifted at, and no majority; a page now could not name rank 3.
     case(
@@ -262,23 +309,30 @@ def cases(o: KitOptions, case: Case) -> None:
     )
 
 
-def rules(o: KitOptions) -> list[dict[str, Any]]:
-    return [_rule(o)]
-
-
 def runbook(o: KitOptions) -> str:
     return f"""## {REPLICA_ALERT}
 
 **Meaning.** Under DistributedDataParallel every rank holds the same parameters,
 bit for bit, after each optimizer step. Every `replica_check_every` updates
 (default {DEFAULT_REPLICA_CHECK_EVERY}) each rank hashes its parameters exactly (`{REPLICA_FINGERPRINT}`,
-for the update in `{REPLICA_FINGERPRINT_UPDATE}`) and the rule compares the
-ranks' hashes of the same update, once every rank has hashed it. A rank whose
-hash differs from the majority's has drifted: silent data corruption on its GPU
-(a flipped bit in memory or in a kernel's result), with no NaN yet. With 2 ranks
-(or a tie) no majority tells which rank drifted: the page says so and names none.
+for the update in `{REPLICA_FINGERPRINT_UPDATE}`) and the rules compare the
+ranks' hashes of the same update, once every rank has hashed it. Two recording
+rules in the alert's group, evaluated before it, hold the steps:
+
+- `{CHECKS}`:
+  one series per rank and check, labelled with its `update` and `fingerprint`;
+- `{AGREEMENT}`:
+  for each check that every rank of the run has hashed, the share of the ranks that
+  hold this rank's fingerprint.
+
+A rank below 0.5 where another is above 0.5 has drifted: silent data corruption on
+its GPU (a flipped bit in memory or in a kernel's result), with no NaN yet. With 2
+ranks (or a tie) no rank is above 0.5 and no majority tells which rank drifted: the
+page says so and names none.
 
 **Look first at**
+- `{AGREEMENT}{{{o.job_selector}}} < 1`:
+  every rank of the checks that disagree, with its fingerprint, by update;
 - the rank and instance the page names; its GPU's ECC and Xid errors (`nvidia-smi -q -d ECC`,
   `dmesg | grep -i xid`, dcgm-exporter's `DCGM_FI_DEV_XID_ERRORS`);
 - whether it repeats on the same GPU after a restart: then the hardware is bad;
