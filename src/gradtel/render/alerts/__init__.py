@@ -4,7 +4,17 @@ live together, and the rule file, the rule tests and the runbook iterate over
 
 from __future__ import annotations
 
-from . import amp_collapse, amp_skips, crash, down, norm_spike, nothing_scanned, stalled, unhealthy
+from . import (
+    amp_collapse,
+    amp_skips,
+    crash,
+    disagree,
+    down,
+    norm_spike,
+    nothing_scanned,
+    stalled,
+    unhealthy,
+)
 from .alert import Alert, Case
 
 __all__ = ["ALERTS", "Alert", "Case"]
@@ -17,6 +27,7 @@ ALERTS: tuple[Alert, ...] = (
     amp_skips.ALERT,
     amp_collapse.ALERT,
     norm_spike.ALERT,
+    disagree.ALERT,
     stalled.ALERT,
 )
 """In the order of the rule file, the rule tests and the runbook."""

@@ -18,10 +18,13 @@ from ..options import ALERT_NAMES, CRASH_ALERT, DOWN_ALERT, KINDS, KitOptions, d
 from . import promql
 from ._promtool import (
     GAP,
+    GPU,
     INSTANCE,
+    PCI,
     Value,
     _check,
     _count,
+    _device,
     _fired,
     _labels,
     _life,
@@ -83,6 +86,7 @@ def _rule(o: KitOptions, severity: str) -> dict[str, Any]:
                 + (after if is_critical else "training crashed")
                 + ": uncaught exceptions ended "
                 + promql.targets(
+                    o,
                     _crashed(o, promql.RUN_SCOPE),
                     *promql.RUN_ARGS,
                     then="{{ with $s.Labels.type }}: {{ . }}{{ end }}",
@@ -188,6 +192,22 @@ def _cases(o: KitOptions, case: Case) -> None:
                 ),
             ),
             _check(at + w + 1, alert),
+        ],
+    )
+    case(
+        f"{alert} critical names the host and GPU of the rank that crashed",
+        scraped(_rank(o, 2), process(steps=nan41)) + [_device(o, 2, at + w + 2)],
+        [
+            _check(
+                _fired(o, at),
+                alert,
+                _crash_alert(
+                    o,
+                    "critical",
+                    "NaN gradients at step 41",
+                    f"trainer-2:9464 (rank 2) on host node-1, {GPU} (PCI {PCI}): ValueError",
+                ),
+            ),
         ],
     )
     # Rank 0 raises on its NaN; rank 1's collective then loses its peer and raises too.

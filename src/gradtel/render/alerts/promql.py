@@ -4,10 +4,11 @@ query, a process's start, a counter series born non-zero, a gauge as it stands."
 
 from __future__ import annotations
 
-from ...metrics import START_TIME, Metric
+from ...metrics import DEVICE_INFO, DEVICE_LABELS, START_TIME, Metric
 from ..options import KitOptions, duration_seconds
 
 __all__ = [
+    "DEVICE",
     "INCIDENT",
     "KIND_ARGS",
     "PROCESS",
@@ -18,6 +19,7 @@ __all__ = [
     "counted",
     "held",
     "new_or_increased",
+    "on_device",
     "per_run",
     "query",
     "run_series",
@@ -62,18 +64,42 @@ def run_series(metric: Metric | str, *, kind: bool = False) -> str:
     return f"{metric}{{{RUN_SCOPE}{',kind=%[3]q' if kind else ''}}}"
 
 
+def on_device(o: KitOptions, series: str, scope: str) -> str:
+    """``series`` with the host and GPU of each process (``gradtel_device_info``'s labels),
+    joined on the process labels; a process that exports none (an older gradtel) keeps its
+    series, without them. The info is read back over the window: a process that died still
+    names its hardware. ``topk`` keeps one per process, should it name two."""
+    info = f"topk by ({PROCESS}) (1, last_over_time({DEVICE_INFO}{{{scope}}}[{o.window}]))"
+    return (
+        f"({series} * on ({PROCESS}) group_left ({', '.join(DEVICE_LABELS)}) {info}"
+        f" or ({series} unless on ({PROCESS}) {info}))"
+    )
+
+
+DEVICE = (
+    "{{ with $s.Labels.host }} on host {{ . }}{{ end }}"
+    "{{ with $s.Labels.gpu_uuid }}, {{ . }}{{ end }}"
+    "{{ with $s.Labels.pci_bus_id }} (PCI {{ . }}){{ end }}"
+)
+"""The host and GPU of a series ``$s`` joined by :func:`on_device`, as a page names them
+(nothing for a process that exports no device info)."""
+
+
 def where() -> str:
     """The job and run an alert is about, as its description starts."""
     return "{{ $labels.job }}{{ with $labels.run }} run {{ . }}{{ end }}"
 
 
-def targets(series: str, *args: str, then: str = "") -> str:
-    """A comma-separated list of the instances (and ranks) a query returns, at most 10;
-    ``then``: what follows each, from its series ``$s``."""
+def targets(o: KitOptions, series: str, *args: str, then: str = "") -> str:
+    """A comma-separated list of the instances (and ranks) a query returns, at most 10,
+    each with its host and GPU; ``then``: what follows each, from its series ``$s``. The
+    first of ``args`` is the job."""
+    named = on_device(o, f"topk(10, {series})", "job=%[1]q")
     return (
-        f'{{{{ range $i, $s := sortByLabel "instance" ({query(f"topk(10, {series})", *args)}) }}}}'
+        f'{{{{ range $i, $s := sortByLabel "instance" ({query(named, *args)}) }}}}'
         "{{ if $i }}, {{ end }}"
         "{{ $s.Labels.instance }}{{ with $s.Labels.rank }} (rank {{ . }}){{ end }}"
+        + DEVICE
         + then
         + "{{ end }}"
     )
