@@ -130,3 +130,23 @@ def test_a_process_on_a_gpu_names_its_uuid_and_pci_address() -> None:
     assert labels["device"] == "cuda:0"
     assert labels["gpu_uuid"] == f"GPU-{props.uuid}"
     assert labels["pci_bus_id"].endswith(f":{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0")  # type: ignore[attr-defined]
+
+
+def test_a_healthy_distributed_rank_adds_two_series_whatever_the_model(
+    one_rank_group: None,  # noqa: F811
+) -> None:
+    def healthy_series(distributed: bool) -> int:
+        registry = CollectorRegistry()
+        model: nn.Module = nn.Sequential(*[nn.Linear(2, 2) for _ in range(700)])
+        if distributed:
+            model = nn.parallel.DistributedDataParallel(model)
+        monitor = gradtel.GradMonitor(
+            model, meter_provider=gradtel.prometheus_meter_provider(registry)
+        )
+        model(torch.randn(4, 2)).sum().backward()
+        assert monitor.collect().status is gradtel.Status.HEALTHY
+        return len([key for key in samples(registry) if key[0].startswith("gradtel_")])
+
+    single, rank = healthy_series(False), healthy_series(True)
+    # gradtel_device_info in both; gradtel_local_grad_norm on the rank alone.
+    assert rank == single + 1 <= 200
