@@ -4,6 +4,7 @@ gloo group; the CUDA labels' formats as nvidia-smi and dcgm-exporter print them.
 
 from __future__ import annotations
 
+import json
 import math
 import socket
 
@@ -17,7 +18,7 @@ import gradtel
 from gradtel.export.device import device_labels, gpu_uuid, pci_bus_id
 
 from .conftest import absent, net, sample, samples
-from .test_distributed import one_rank_group  # noqa: F401 (a fixture)
+from .test_distributed import one_rank_group, torchrun  # noqa: F401 (a fixture)
 
 
 def reference_norm(model: nn.Module) -> float:
@@ -150,3 +151,19 @@ def test_a_healthy_distributed_rank_adds_two_series_whatever_the_model(
     single, rank = healthy_series(False), healthy_series(True)
     # gradtel_device_info in both; gradtel_local_grad_norm on the rank alone.
     assert rank == single + 1 <= 200
+
+
+@pytest.mark.slow
+def test_in_a_3_rank_job_each_rank_exports_the_norm_of_its_own_gradients() -> None:
+    run = torchrun("local_norm_trainer.py", ranks=3)
+    assert run.returncode == 0, run.stderr[-3000:]
+    said = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert sorted((s["scenario"], s["rank"]) for s in said) == [
+        (scenario, rank) for scenario in ("no_sync", "plain") for rank in range(3)
+    ]
+    for one in said:
+        for update in one["updates"]:
+            assert update["local"] == pytest.approx(update["own"], rel=1e-5), one
+    # The ranks' own norms differ (each its own data); the reduced gradients do not.
+    firsts = {s["updates"][0]["local"] for s in said if s["scenario"] == "plain"}
+    assert len(firsts) == 3
