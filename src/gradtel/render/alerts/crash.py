@@ -205,7 +205,7 @@ def _cases(o: KitOptions, case: Case) -> None:
                     o,
                     "critical",
                     "NaN gradients at step 41",
-                    f"trainer-2:9464 (rank 2) on host node-1, {GPU} (PCI {PCI}): ValueError",
+                    f"trainer-2:9464 (rank 2): ValueError on host node-1, {GPU} (PCI {PCI})",
                 ),
             ),
         ],

@@ -175,7 +175,7 @@ def _behaviours(o: KitOptions, case: Case) -> None:
                 _page(
                     o,
                     4,
-                    f"trainer-2:9464 (rank 2) on host node-1, {GPU} (PCI {PCI}) at {bad:g} times the median",
+                    f"trainer-2:9464 (rank 2) at {bad:g} times the median on host node-1, {GPU} (PCI {PCI})",
                 ),
             ),
         ],

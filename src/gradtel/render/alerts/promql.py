@@ -91,16 +91,16 @@ def where() -> str:
 
 
 def targets(o: KitOptions, series: str, *args: str, then: str = "") -> str:
-    """A comma-separated list of the instances (and ranks) a query returns, at most 10,
-    each with its host and GPU; ``then``: what follows each, from its series ``$s``. The
-    first of ``args`` is the job."""
+    """A comma-separated list of the instances (and ranks) a query returns, at most 10;
+    ``then``: what follows each, from its series ``$s``; then its host and GPU. The first
+    of ``args`` is the job."""
     named = on_device(o, f"topk(10, {series})", "job=%[1]q")
     return (
         f'{{{{ range $i, $s := sortByLabel "instance" ({query(named, *args)}) }}}}'
         "{{ if $i }}, {{ end }}"
         "{{ $s.Labels.instance }}{{ with $s.Labels.rank }} (rank {{ . }}){{ end }}"
-        + DEVICE
         + then
+        + DEVICE
         + "{{ end }}"
     )
 
