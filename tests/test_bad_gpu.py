@@ -83,7 +83,12 @@ def test_a_rank_whose_gradients_are_bent_50x_pages_once_naming_it_and_a_steady_r
             page = pages[0]
             assert page.severity == "critical"
             assert f"(rank {BAD_RANK}) at " in page.description, page.description
-            assert f" times the median on host {socket.gethostname()}." in page.description
+            instance = re.search(r"(\S+) \(rank 2\) at ", page.description)
+            assert instance, page.description
+            assert (
+                f"Hardware: {instance.group(1)} (rank {BAD_RANK}) on host {socket.gethostname()}."
+                in page.description
+            ), page.description
             assert "median of the run's 4 ranks" in page.description, page.description
             assert page.description.count("(rank ") == 1, page.description
             ratio = re.search(r"at (\S+) times the median", page.description)

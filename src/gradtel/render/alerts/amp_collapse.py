@@ -52,9 +52,10 @@ def _rule(o: KitOptions) -> dict[str, Any]:
             "description": (
                 f"{promql.where()}: the AMP GradScaler's loss scale fell below {o.amp_scale_floor:g} in the last "
                 f'{o.window}, to {{{{ with {lowest} }}}}{{{{ . | first | value | printf "%.3g" }}}}{{{{ end }}}}, on '
-                + promql.targets(o, _collapsed(o, promql.RUN_SCOPE), *promql.RUN_ARGS)
+                + promql.targets(_collapsed(o, promql.RUN_SCOPE), *promql.RUN_ARGS)
                 + ". The scaler halves it at every update whose gradients overflow: nearly every "
                 "update overflows and is skipped, and training has stopped learning."
+                + promql.hardware(o, _collapsed(o, promql.RUN_SCOPE), *promql.RUN_ARGS)
             ),
             "runbook_url": o.runbook(AMP_COLLAPSE_ALERT),
         },

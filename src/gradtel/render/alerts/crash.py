@@ -86,7 +86,6 @@ def _rule(o: KitOptions, severity: str) -> dict[str, Any]:
                 + (after if is_critical else "training crashed")
                 + ": uncaught exceptions ended "
                 + promql.targets(
-                    o,
                     _crashed(o, promql.RUN_SCOPE),
                     *promql.RUN_ARGS,
                     then="{{ with $s.Labels.type }}: {{ . }}{{ end }}",
@@ -97,6 +96,7 @@ def _rule(o: KitOptions, severity: str) -> dict[str, Any]:
                     if is_critical
                     else "; gradtel saw no unhealthy update before."
                 )
+                + promql.hardware(o, _crashed(o, promql.RUN_SCOPE), *promql.RUN_ARGS)
             ),
             "runbook_url": o.runbook(CRASH_ALERT),
         },
@@ -104,7 +104,11 @@ def _rule(o: KitOptions, severity: str) -> dict[str, Any]:
 
 
 def _crash_alert(
-    o: KitOptions, severity: str, after: str = "", targets: str = f"{INSTANCE}: ValueError"
+    o: KitOptions,
+    severity: str,
+    after: str = "",
+    targets: str = f"{INSTANCE}: ValueError",
+    hardware: str = "",
 ) -> dict[str, Any]:
     """The page of a crash (by default one target's ``ValueError``); ``after``: "NaN gradients at step 41"."""
     return {
@@ -113,7 +117,7 @@ def _crash_alert(
             "summary": f"Training crashed with an uncaught exception ({severity})",
             "description": (
                 f"{o.job}: training crashed after {after}: uncaught exceptions ended {targets}; NaN or Inf "
-                "gradients came before: resume from the last healthy checkpoint, not the latest."
+                f"gradients came before: resume from the last healthy checkpoint, not the latest.{hardware}"
                 if severity == "critical"
                 else f"{o.job}: training crashed: uncaught exceptions ended {targets}; gradtel saw no unhealthy "
                 "update before."
@@ -205,7 +209,8 @@ def _cases(o: KitOptions, case: Case) -> None:
                     o,
                     "critical",
                     "NaN gradients at step 41",
-                    f"trainer-2:9464 (rank 2): ValueError on host node-1, {GPU} (PCI {PCI})",
+                    "trainer-2:9464 (rank 2): ValueError",
+                    f" Hardware: trainer-2:9464 (rank 2) on host node-1, {GPU} (PCI {PCI}).",
                 ),
             ),
         ],

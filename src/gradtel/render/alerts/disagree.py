@@ -74,12 +74,13 @@ def _rule(o: KitOptions) -> dict[str, Any]:
                 f"of the run's {{{{ with {ranks} }}}}{{{{ . | first | value }}}}{{{{ end }}}} "
                 f"ranks for {o.disagree_for}: "
                 + promql.targets(
-                    o,
                     " ".join(_outliers(o, promql.RUN_SCOPE)),
                     *promql.RUN_ARGS,
                     then=' at {{ $s.Value | printf "%.3g" }} times the median',
                 )
-                + ". The ranks train the same weights on different data: one that stays apart "
+                + "."
+                + promql.hardware(o, " ".join(_outliers(o, promql.RUN_SCOPE)), *promql.RUN_ARGS)
+                + " The ranks train the same weights on different data: one that stays apart "
                 "while the others agree points at its GPU (silent data corruption) or its "
                 "data shard. Check the GPU's XID, ECC and row-remap counters (runbook), and "
                 "keep the checkpoints from before it."
@@ -89,7 +90,9 @@ def _rule(o: KitOptions) -> dict[str, Any]:
     }
 
 
-def _page(o: KitOptions, ranks: int, outliers: str, run: str = "") -> dict[str, Any]:
+def _page(
+    o: KitOptions, ranks: int, outliers: str, run: str = "", hardware: str = ""
+) -> dict[str, Any]:
     """The page, naming ``outliers`` (as the description lists them)."""
     return {
         "exp_labels": {"job": o.job, "severity": "critical", **({"run": run} if run else {})},
@@ -99,7 +102,7 @@ def _page(o: KitOptions, ranks: int, outliers: str, run: str = "") -> dict[str, 
                 f"{o.job}{f' run {run}' if run else ''}: the norm of a rank's own gradients, "
                 f"before the cross-rank reduction, stood more than {o.disagree_factor:g} times "
                 f"away from the median of the run's {ranks} ranks for {o.disagree_for}: "
-                f"{outliers}. The ranks train the same weights on different data: one that "
+                f"{outliers}.{hardware} The ranks train the same weights on different data: one that "
                 "stays apart while the others agree points at its GPU (silent data corruption) "
                 "or its data shard. Check the GPU's XID, ECC and row-remap counters (runbook), "
                 "and keep the checkpoints from before it."
@@ -175,7 +178,8 @@ def _behaviours(o: KitOptions, case: Case) -> None:
                 _page(
                     o,
                     4,
-                    f"trainer-2:9464 (rank 2) at {bad:g} times the median on host node-1, {GPU} (PCI {PCI})",
+                    f"trainer-2:9464 (rank 2) at {bad:g} times the median",
+                    hardware=f" Hardware: trainer-2:9464 (rank 2) on host node-1, {GPU} (PCI {PCI}).",
                 ),
             ),
         ],

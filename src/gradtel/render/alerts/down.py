@@ -104,10 +104,10 @@ def rules(o: KitOptions) -> list[dict[str, Any]]:
                 "description": (
                     f"{{{{ with {promql.query('up{job=%q} == 0', '$labels.job')} }}}}{{{{ $labels.job }}}}: "
                     "{{ len . }} targets have not been scraped for 5m (up == 0): "
-                    + promql.targets(o, down, "$labels.job")
+                    + promql.targets(down, "$labels.job")
                     + f"{{{{ else }}}}No {o.job} target has been scraped for 5m{{{{ end }}}}: the "
                     "training process died, hangs before serving, or its endpoint is unreachable. "
-                    "Unhealthy updates would not page."
+                    "Unhealthy updates would not page." + promql.hardware(o, down, "$labels.job")
                 ),
                 "runbook_url": o.runbook(DOWN_ALERT),
             },

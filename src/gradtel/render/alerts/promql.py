@@ -8,7 +8,6 @@ from ...metrics import DEVICE_INFO, DEVICE_LABELS, START_TIME, Metric
 from ..options import KitOptions, duration_seconds
 
 __all__ = [
-    "DEVICE",
     "INCIDENT",
     "KIND_ARGS",
     "PROCESS",
@@ -17,6 +16,7 @@ __all__ = [
     "as_it_stands",
     "born_non_zero",
     "counted",
+    "hardware",
     "held",
     "new_or_increased",
     "on_device",
@@ -65,24 +65,27 @@ def run_series(metric: Metric | str, *, kind: bool = False) -> str:
 
 
 def on_device(o: KitOptions, series: str, scope: str) -> str:
-    """``series`` with the host and GPU of each process (``gradtel_device_info``'s labels),
-    joined on the process labels; a process that exports none (an older gradtel) keeps its
-    series, without them. The info is read back over the window: a process that died still
-    names its hardware. ``topk`` keeps one per process, should it name two."""
+    """``series`` of the processes that export ``gradtel_device_info``, with its labels (the
+    host and GPU), joined on the process labels. The info is read back over the window: a
+    process that died still names its hardware; ``topk`` keeps one per process."""
     info = f"topk by ({PROCESS}) (1, last_over_time({DEVICE_INFO}{{{scope}}}[{o.window}]))"
+    return f"{series} * on ({PROCESS}) group_left ({', '.join(DEVICE_LABELS)}) {info}"
+
+
+def hardware(o: KitOptions, series: str, *args: str) -> str:
+    """ " Hardware: trainer-2:9464 (rank 2) on host node-1, GPU-... (PCI ...)." for the
+    targets (at most 10) a query returns whose processes export their device info; nothing
+    for a process that does not (an older gradtel). The first of ``args`` is the job."""
+    named = query(on_device(o, f"topk(10, {series})", "job=%[1]q"), *args)
     return (
-        f"({series} * on ({PROCESS}) group_left ({', '.join(DEVICE_LABELS)}) {info}"
-        f" or ({series} unless on ({PROCESS}) {info}))"
+        f'{{{{ with {named} }}}} Hardware: {{{{ range $i, $s := sortByLabel "instance" . }}}}'
+        "{{ if $i }}, {{ end }}"
+        "{{ $s.Labels.instance }}{{ with $s.Labels.rank }} (rank {{ . }}){{ end }}"
+        "{{ with $s.Labels.host }} on host {{ . }}{{ end }}"
+        "{{ with $s.Labels.gpu_uuid }}, {{ . }}{{ end }}"
+        "{{ with $s.Labels.pci_bus_id }} (PCI {{ . }}){{ end }}"
+        "{{ end }}.{{ end }}"
     )
-
-
-DEVICE = (
-    "{{ with $s.Labels.host }} on host {{ . }}{{ end }}"
-    "{{ with $s.Labels.gpu_uuid }}, {{ . }}{{ end }}"
-    "{{ with $s.Labels.pci_bus_id }} (PCI {{ . }}){{ end }}"
-)
-"""The host and GPU of a series ``$s`` joined by :func:`on_device`, as a page names them
-(nothing for a process that exports no device info)."""
 
 
 def where() -> str:
@@ -90,17 +93,14 @@ def where() -> str:
     return "{{ $labels.job }}{{ with $labels.run }} run {{ . }}{{ end }}"
 
 
-def targets(o: KitOptions, series: str, *args: str, then: str = "") -> str:
+def targets(series: str, *args: str, then: str = "") -> str:
     """A comma-separated list of the instances (and ranks) a query returns, at most 10;
-    ``then``: what follows each, from its series ``$s``; then its host and GPU. The first
-    of ``args`` is the job."""
-    named = on_device(o, f"topk(10, {series})", "job=%[1]q")
+    ``then``: what follows each, from its series ``$s``."""
     return (
-        f'{{{{ range $i, $s := sortByLabel "instance" ({query(named, *args)}) }}}}'
+        f'{{{{ range $i, $s := sortByLabel "instance" ({query(f"topk(10, {series})", *args)}) }}}}'
         "{{ if $i }}, {{ end }}"
         "{{ $s.Labels.instance }}{{ with $s.Labels.rank }} (rank {{ . }}){{ end }}"
         + then
-        + DEVICE
         + "{{ end }}"
     )
 

@@ -140,9 +140,10 @@ def rules(o: KitOptions) -> list[dict[str, Any]]:
                 "description": (
                     f"{promql.where()}: {{{{ $value }}}} targets are up but have had no update (no "
                     f"collect() call) for more than {o.stall_after}: "
-                    + promql.targets(o, _stalled(o, promql.RUN_SCOPE), *promql.RUN_ARGS)
+                    + promql.targets(_stalled(o, promql.RUN_SCOPE), *promql.RUN_ARGS)
                     + ". Training hangs, waits on data or on another rank, or collect() is no "
                     "longer called."
+                    + promql.hardware(o, _stalled(o, promql.RUN_SCOPE), *promql.RUN_ARGS)
                 ),
                 "runbook_url": o.runbook(STALLED_ALERT),
             },

@@ -60,19 +60,14 @@ def band_text(o: KitOptions, severity: str) -> str:
 
 def _origin_template(o: KitOptions) -> str:
     """ "It originated on rank 2." when a rank's own gradients were bad before the reduction,
-    then where each such rank runs: " Rank 2: trainer-2:9464 on host node-7, GPU-... (PCI
-    ...)." (for a process that exports its device info)."""
+    then the hardware of each such rank that exports its device info."""
     series = promql.run_series(ORIGIN_UPDATES, kind=True)
     counted = promql.new_or_increased(o, series, promql.RUN_SCOPE)
     query = promql.query(counted, *promql.KIND_ARGS)
-    named = promql.query(promql.on_device(o, counted, promql.RUN_SCOPE), *promql.KIND_ARGS)
     return (
         f"{{{{ with {query} }}}} It originated on rank{{{{ if gt (len .) 1 }}}}s{{{{ end }}}} "
         '{{ range $i, $s := sortByLabel "rank" . }}{{ if $i }}, {{ end }}{{ $s.Labels.rank }}{{ end }}.{{ end }}'
-        f'{{{{ range $s := sortByLabel "rank" ({named}) }}}}{{{{ if $s.Labels.host }}}}'
-        " Rank {{ $s.Labels.rank }}: {{ $s.Labels.instance }}"
-        + promql.DEVICE
-        + ".{{ end }}{{ end }}"
+        + promql.hardware(o, counted, *promql.KIND_ARGS)
     )
 
 
@@ -302,7 +297,7 @@ def _behaviours(o: KitOptions, case: Case) -> None:
         origin_on_2 + [_device(o, r, span) for r in range(4)],
         [
             origin_page(
-                f"It originated on rank 2. Rank 2: trainer-2:9464 on host node-1, {GPU} (PCI {PCI})."
+                f"It originated on rank 2. Hardware: trainer-2:9464 (rank 2) on host node-1, {GPU} (PCI {PCI})."
             )
         ],
     )
