@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import torch
 import torch.distributed as dist
@@ -53,7 +54,9 @@ def scenario(name: str, passes: int, rank: int) -> None:
             else:
                 ddp(x).sum().backward()
         updates.append({"local": monitor.collect().local_grad_norm, "own": norm_of(copy)})
-    print(json.dumps({"scenario": name, "rank": rank, "updates": updates}), flush=True)
+    # One write below PIPE_BUF is atomic: the ranks share the launcher's stdout.
+    sys.stdout.write(json.dumps({"scenario": name, "rank": rank, "updates": updates}) + "\n")
+    sys.stdout.flush()
     monitor.close()
 
 
