@@ -327,6 +327,7 @@ DCGM_FI_DEV_XID_ERRORS
     label_replace(gradtel_device_info{{{sel}}}, "Hostname", "$1", "host", "(.+)")
 ```
 
+In Kubernetes `host` is the pod's hostname, not the node's: join on `UUID` there.
 Non-zero XID 48/63/64/79/94/95, double-bit ECC errors or a failed row remap: the GPU
 is bad. None of them, and the rank's data shard is unusual (one long sequence, a
 corrupt file): it is the data; the norms of the other ranks, which agree, are the
