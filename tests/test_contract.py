@@ -14,6 +14,7 @@ import gradtel
 from gradtel import metrics
 
 from .conftest import scrape
+from .test_distributed import one_rank_group  # noqa: F401 (a fixture)
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 CLOSED_SETS = {
@@ -28,18 +29,20 @@ CLOSED_SETS = {
 
 def served(registry: CollectorRegistry) -> str:
     """A scrape after updates that make every series exist: NaN and Inf, a NaN loss, the norm,
-    an AMP scaler, a refused checkpoint, an uncaught exception."""
+    an AMP scaler, a refused checkpoint, an uncaught exception; DDP (in a one-rank group) for
+    this rank's own norm before the reduction."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    ddp = nn.parallel.DistributedDataParallel(model)
     monitor = gradtel.GradMonitor(
-        model,
+        ddp,
         meter_provider=gradtel.prometheus_meter_provider(registry),
         on_critical="ignore",
         grad_norm=True,
         layer_norms=True,
     )
-    model(torch.randn(4, 4)).sum().backward()
-    monitor.collect()  # a healthy update: the norm gauge has a finite value
+    ddp(torch.randn(4, 4)).sum().backward()
+    monitor.collect()  # a healthy update: the norm gauges have a finite value
     model.zero_grad()
     x = torch.randn(4, 4)
     x[0, 0] = float("nan")
@@ -65,6 +68,7 @@ def served(registry: CollectorRegistry) -> str:
 
 
 def test_every_metric_of_the_contract_is_served_as_the_table_says(
+    one_rank_group: None,  # noqa: F811
     registry: CollectorRegistry,
 ) -> None:
     families = {

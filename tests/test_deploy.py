@@ -41,7 +41,7 @@ def test_committed_kit_equals_the_default_render() -> None:
 def test_promtool_checks_and_unit_tests_the_committed_rules(prometheus_bin: Path) -> None:  # noqa: F811
     promtool = str(prometheus_bin / "promtool")
     checked = run(promtool, "check", "rules", "gradtel-rules.yml")
-    assert checked.returncode == 0 and "SUCCESS: 17 rules found" in checked.stdout, checked.stderr
+    assert checked.returncode == 0 and "SUCCESS: 18 rules found" in checked.stdout, checked.stderr
     tested = run(promtool, "test", "rules", "gradtel-rules.test.yml")
     assert tested.returncode == 0, tested.stdout + tested.stderr
     assert "SUCCESS" in tested.stdout
@@ -86,12 +86,22 @@ def test_rule_tests_cover_every_behaviour_the_alerts_promise() -> None:
         "GradtelNaNGradients does not say the loss was non-finite when an older NaN incident in the window began with one",
         "GradtelTrainingCrashed critical stays critical for its window when the process restarts healthy on the same labels",
         "GradtelTrainingCrashed critical fires once for a run whose ranks saw different gradients, naming them all",
+        "GradtelTrainingCrashed critical names the host and GPU of the rank that crashed",
+        "GradtelNaNGradients names the host and GPU of the rank it originated on",
+        "GradtelRankDisagrees fires when one of 4 ranks' norm stays 50x the median, naming its rank, host and GPU",
+        "GradtelRankDisagrees fires for a rank whose norm collapses, without device info (an older gradtel)",
+        "GradtelRankDisagrees does not fire on per-rank data noise within 3x",
+        "GradtelRankDisagrees does not fire when every rank's norm moves together",
+        "GradtelRankDisagrees does not fire with 2 ranks, however far apart",
+        "GradtelRankDisagrees does not fire at job start",
+        "GradtelRankDisagrees compares the ranks of one run only, with two runs on one Prometheus",
+        "GradtelRankDisagrees does not fire when a rank restarts with norms apart at first",
     ):
         assert expected in names
     # Every alert goes through the histories of a deployment.
     for alert in ("GradtelNaNGradients", "GradtelInfGradients", "GradtelNothingScanned", "GradtelAmpOverflowSkips",
                   "GradtelAmpLossScaleCollapsed", "GradtelGradNormSpike", "GradtelTrainingStalled",
-                  "GradtelExporterDown", "GradtelTrainingCrashed"):  # fmt: skip
+                  "GradtelExporterDown", "GradtelTrainingCrashed", "GradtelRankDisagrees"):  # fmt: skip
         assert any(n.startswith(f"{alert} ") and ("scrape" in n and "fail" in n) for n in names), (
             alert
         )
@@ -203,7 +213,7 @@ def test_every_alert_links_an_anchor_of_the_runbook() -> None:
     assert {a["alert"] for a in alerts} == {
         "GradtelNaNGradients", "GradtelInfGradients", "GradtelExporterDown", "GradtelTrainingStalled",
         "GradtelNothingScanned", "GradtelAmpOverflowSkips", "GradtelAmpLossScaleCollapsed", "GradtelGradNormSpike",
-        "GradtelTrainingCrashed", "GradtelReplicaDrifted",
+        "GradtelTrainingCrashed", "GradtelReplicaDrifted", "GradtelRankDisagrees",
     }  # fmt: skip
     for alert in alerts:
         assert alert["annotations"]["runbook_url"].rsplit("#", 1)[1] in anchors
@@ -277,6 +287,16 @@ def test_other_thresholds_render_a_consistent_kit_that_passes_its_own_tests(
             r"amp_scale_floor must be a finite number above 0, got '1'",
         ),
         ({"spike_factor": 1}, ValueError, r"spike_factor must be a finite number above 1, got 1"),
+        (
+            {"disagree_factor": 0.5},
+            ValueError,
+            r"disagree_factor must be a finite number above 1, got 0.5",
+        ),
+        (
+            {"disagree_for": "soon"},
+            ValueError,
+            r"disagree_for must be a Prometheus duration .*'soon'",
+        ),
         (
             {"spike_factor": True},
             ValueError,

@@ -89,7 +89,7 @@ def test_an_update_reads_along_its_loss_norm_and_scale_and_names_them_again() ->
         scanner,
         update,
         loss=loss,
-        origin=torch.tensor([2, 1]),
+        origin=torch.tensor([2.0, 1.0, 9.0]),  # NaN and Inf counts, the sum of squares
         scale=torch.tensor(1024.0),
         local=True,
         grad_norm=True,
@@ -101,6 +101,7 @@ def test_an_update_reads_along_its_loss_norm_and_scale_and_names_them_again() ->
     assert update.state is State.READ and health is update.read_out(scanner)
     assert (health.step, health.nan_by_layer, health.first_nan_layer) == (7, {"1": 1}, "1")
     assert (health.local_nan_total, health.local_inf_total) == (2, 1)
+    assert health.local_grad_norm == 3.0
     assert health.loss_finite is True and health.loss_scale == 1024.0
     assert health.grad_norm is not None and health.grad_norm != health.grad_norm  # NaN
     assert set(health.layer_grad_norms or {}) == {"0", "1"}

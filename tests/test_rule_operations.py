@@ -155,6 +155,18 @@ def _no_start_gate_on_spikes(rules: str) -> str:
     )
 
 
+def _disagreement_of_two_ranks(rules: str) -> str:
+    """The disagreeing-rank alert without its least number of ranks."""
+    return rules.replace(">= 3)", ">= 1)")
+
+
+def _disagreement_judged_from_the_start(rules: str) -> str:
+    """The disagreeing-rank alert judging processes however young."""
+    return re.sub(
+        r"(gradtel_start_time_seconds\{[^}]*\}\[10m\]\) < time\(\)) - 120\b", r"\1 + 0", rules
+    )
+
+
 def _no_for_on_unhealthy_updates(rules: str) -> str:
     return re.sub(
         r"(alert: Gradtel(?:NaN|Inf)Gradients\n    expr: .*?)\n    for: 10s",
@@ -314,6 +326,20 @@ DEFECTS: dict[str, tuple[Patches, Callable[[str], str], set[str]]] = {
         {},
         _no_start_gate_on_spikes,
         {"GradtelGradNormSpike does not fire in a new process's first 10m on the same labels"},
+    ),
+    "a disagreeing rank judged by the median of two": (
+        {},
+        _disagreement_of_two_ranks,
+        {"GradtelRankDisagrees does not fire with 2 ranks, however far apart"},
+    ),
+    "a disagreeing rank judged in its process's first minutes": (
+        {},
+        _disagreement_judged_from_the_start,
+        {
+            "GradtelRankDisagrees does not fire at job start",
+            "GradtelRankDisagrees does not fire when a rank restarts with norms apart at first",
+            "GradtelRankDisagrees does not fire when a rank joins late with norms apart at first",
+        },
     ),
     "pages before every rank's scrape is in": (
         {},

@@ -150,6 +150,9 @@ class GradHealth:
     (DDP); None when gradtel does not see them."""
     local_inf_total: int | None = None
     """±Inf values in this rank's own gradients before the cross-rank reduction."""
+    local_grad_norm: float | None = None
+    """The L2 norm of this rank's own gradients before the cross-rank reduction (NaN
+    when they held a NaN); None when gradtel does not see them, or none were reduced."""
 
     loss_scale: float | None = None
     """The AMP ``GradScaler``'s loss scale at this update, when ``collect(scaler=...)`` had one."""

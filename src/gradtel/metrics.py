@@ -16,6 +16,8 @@ from typing import Literal
 
 __all__ = [
     "AMP_LOSS_SCALE",
+    "DEVICE_INFO",
+    "DEVICE_LABELS",
     "ERRORS",
     "ERROR_STAGES",
     "FIRST_BAD_LAYER",
@@ -27,6 +29,7 @@ __all__ = [
     "LAST_UNHEALTHY_STEP",
     "LAST_UPDATE_TIMESTAMP",
     "LAYER_GRAD_NORM",
+    "LOCAL_GRAD_NORM",
     "METRICS",
     "NAN_GRADS",
     "NONFINITE_LOSS_INCIDENT_STEP",
@@ -70,6 +73,9 @@ UNSCANNED_REASONS = ("no_gradients", "scan_error")
 REPLICA_SLOTS = ("latest", "previous")
 """Values of ``slot`` in the replica fingerprint: the latest check and the one before it, so
 that ranks scraped on either side of a check still have one check in common."""
+DEVICE_LABELS = ("host", "device", "gpu_uuid", "pci_bus_id")
+"""Labels of ``gradtel_device_info``: named as dcgm-exporter's ``Hostname``, ``UUID`` and
+``pci_bus_id`` hold them, for joins with its metrics."""
 
 
 @dataclass(frozen=True)
@@ -195,6 +201,23 @@ AMP_LOSS_SCALE = Metric(
     "attach(scaler=...), the framework callbacks): a scale that keeps falling means overflows on "
     "every step, and training has stopped learning.",
 )
+LOCAL_GRAD_NORM = Metric(
+    "gradtel_local_grad_norm",
+    "gauge",
+    "Distributed runs (DDP, FSDP): L2 norm of this rank's own gradients before the cross-rank "
+    "reduction, in the latest update whose local norm was finite (with accumulation: the root "
+    "of the sum of squares over the update's reductions). The ranks of a run see different "
+    "data but the same model: one far from the others' median points at its GPU "
+    "(GradtelRankDisagrees).",
+)
+DEVICE_INFO = Metric(
+    "gradtel_device_info",
+    "gauge",
+    "Always 1: the host and the device this process trains on (the device of the model's "
+    "parameters). gpu_uuid (GPU-...) and pci_bus_id (00000000:3B:00.0) as dcgm-exporter's "
+    "UUID and pci_bus_id labels hold them; empty on a CPU.",
+    DEVICE_LABELS,
+)
 SKIPPED_UPDATES = Metric(
     "gradtel_skipped_updates_total",
     "counter",
@@ -297,6 +320,8 @@ METRICS = (
     GRAD_NORM,
     GRAD_NORM_PEAK,
     LAYER_GRAD_NORM,
+    LOCAL_GRAD_NORM,
+    DEVICE_INFO,
     REFUSED_CHECKPOINTS,
     TRAINING_EXCEPTIONS,
     REPLICA_FINGERPRINT,

@@ -22,6 +22,7 @@ from ._ratelimit import RateLimitedLog
 from .attach.optimizer import Attachment, attach
 from .attach.origin import OriginCounter, install_origin_hook
 from .export.context import context_of, flush_at_exit, free_collectives_at_exit
+from .export.device import device_labels
 from .export.incidents import IncidentLog
 from .export.ranks import every_rank, process_attributes
 from .export.telemetry import GradTelemetry, default_meter_provider
@@ -209,6 +210,7 @@ class GradMonitor:
             error_log=self._error_log,
             weights=self._weights,
             sampled=self._options.sampled,
+            device=self._device_labels(),
         )
         self._incidents = IncidentLog.open(
             None if incident_log is None else os.fspath(incident_log),
@@ -771,6 +773,22 @@ class GradMonitor:
             trainable,
         )
         return "no_gradients"
+
+    def _device_labels(self) -> dict[str, str] | None:
+        """The labels of ``gradtel_device_info``: of the device the model's parameters live on."""
+        if not self._watched.params:
+            return None
+        try:
+            return device_labels(self._watched.params[0].device)
+        except Exception as exc:  # pages then name the rank without its host: no reason to stop
+            self._error_log.log(
+                "device",
+                logging.WARNING,
+                "gradtel: cannot tell which host and device this process trains on: %s: %s",
+                type(exc).__name__,
+                exc,
+            )
+            return None
 
     def _guarded(self, stage: str, work: Callable[[], T]) -> T | None:
         try:

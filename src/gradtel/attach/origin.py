@@ -5,7 +5,18 @@ so a NaN that entered on one rank (one bad sample in its batch) shows on all of
 them; FSDP's reduce-scatter spreads it the same way. torch's reduction hooks
 see this rank's gradients just before they are reduced: gradtel counts their
 NaN and ±Inf values there, on the device, and reads the counts to the host
-with the update's own read-out.
+with the update's own read-out. The same pass sums their squares: the L2 norm of
+this rank's own gradients (``gradtel_local_grad_norm``), which the ranks compare to
+find one whose GPU bends values without making them NaN.
+
+The local norm of an update is the root of the sum, over the update's reductions,
+of the squared norms of what this rank handed to them. With ``no_sync()`` (or one
+backward pass per update) that is exactly the norm of this rank's accumulated
+gradients. Reducing every micro-batch instead, a later micro-batch's buckets hold
+the earlier reductions' values (every rank's) plus its own: the sum then counts
+those too, alike on every rank, so the ranks stay comparable. ``fully_shard``
+hands its reduce-scatter gradients torch may have divided already by a factor
+common to every rank.
 
 - DDP: a communication hook (``register_comm_hook``).
 - FSDP, the older wrapper (``FullyShardedDataParallel``): its communication
@@ -64,10 +75,11 @@ _REDUCE_SCATTER_SETTERS = (
 
 
 class OriginCounter:
-    """NaN and ±Inf counts of this rank's own gradients in the current update, on the device."""
+    """NaN and ±Inf counts, and the squared L2 norm, of this rank's own gradients in the
+    current update, on the device."""
 
     def __init__(self) -> None:
-        self._counts: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None
         self._spread: dict[Hashable, torch.Tensor] = {}
         """Per bucket key: whether a reduction earlier in this update left it non-finite."""
         self.installed = False
@@ -75,15 +87,22 @@ class OriginCounter:
 
     @torch.no_grad()
     def add(self, grads: torch.Tensor, keys: Sequence[Hashable] = ()) -> None:
-        """Count the non-finite values of one bucket (no host sync); ``keys`` name the
-        gradients it holds, for :meth:`reduced`."""
+        """Count the non-finite values of one bucket and sum its squares (no host sync);
+        ``keys`` name the gradients it holds, for :meth:`reduced`."""
         nan = torch.isnan(grads).sum()
         nonfinite = grads.numel() - torch.isfinite(grads).sum()
-        pair = torch.stack((nan, nonfinite - nan))
+        counts = torch.stack((nan, nonfinite - nan)).double()
         spread = self._spread_over(keys)
         if spread is not None:  # accumulated onto reduced values that held another rank's NaN
-            pair = pair.masked_fill(spread, 0)
-        self._counts = pair if self._counts is None else self._counts + pair.to(self._counts.device)
+            counts = counts.masked_fill(spread, 0)
+        # At least float32, so that a bf16 bucket's norm does not lose its digits.
+        norm = torch.linalg.vector_norm(
+            grads, dtype=torch.promote_types(grads.dtype, torch.float32)
+        )
+        values = torch.cat((counts, norm.double().square().reshape(1)))
+        self._values = (
+            values if self._values is None else self._values + values.to(self._values.device)
+        )
 
     def reduced(self, keys: Sequence[Hashable], nonfinite: torch.Tensor) -> None:
         """Whether the reduction of ``keys``' gradients left them non-finite (a device flag):
@@ -98,16 +117,17 @@ class OriginCounter:
         return torch.stack(list(flags.values())).any()  # DDP regrouped its buckets since
 
     def take(self, update_ends: bool = True) -> torch.Tensor | None:
-        """The counts since the last take, as a 2-element int64 tensor, or None when none came.
+        """What came since the last take, as a float64 tensor (NaN count, Inf count, sum of
+        squares), or None when nothing came.
 
         Args:
             update_ends: Whether the update ends here (its gradients are not accumulated
                 onto any more); False between the backward passes of one update.
         """
-        counts, self._counts = self._counts, None
+        values, self._values = self._values, None
         if update_ends:
             self._spread = {}
-        return counts
+        return values
 
 
 class _Feed:

@@ -145,6 +145,7 @@ class Instruments:
             (m.START_TIME, self._observe_start),
             (m.GRAD_NORM, self._observe_norm),
             (m.GRAD_NORM_PEAK, self._observe_norm_peak),
+            (m.LOCAL_GRAD_NORM, self._observe_local_norm),
             (m.AMP_LOSS_SCALE, self._observe_loss_scale),
         )
         for metric, observe in observed:
@@ -168,6 +169,7 @@ class Instruments:
         )
         self.skipped = make(m.SKIPPED_UPDATES)
         self.origin = make(m.ORIGIN_UPDATES)
+        self.device_info = make(m.DEVICE_INFO)
         self.nonfinite_loss = make(m.NONFINITE_LOSS_UPDATES)
         self.nonfinite_loss_incident_step = make(m.NONFINITE_LOSS_INCIDENT_STEP)
         self.refused_checkpoints = make(m.REFUSED_CHECKPOINTS)
@@ -259,6 +261,13 @@ class Instruments:
             peak = max((p for p in (s.norm_peak() for s in sources) if p is not None), default=None)
             if peak is not None:
                 yield Observation(peak, sources[0].labels)
+
+    def _observe_local_norm(self, options: CallbackOptions) -> Iterable[Observation]:
+        for sources in self._by_labels().values():
+            normed = [s for s in sources if s.local_grad_norm is not None]
+            if normed:
+                latest = max(normed, key=lambda s: s.last_update)
+                yield Observation(latest.local_grad_norm, latest.labels)  # type: ignore[arg-type]
 
     def _latest_norms(self) -> Iterable[tuple[GradTelemetry, float]]:
         """Per set of labels, the monitor that recorded a norm last, and its norm (none: no series yet)."""
@@ -381,6 +390,8 @@ class GradTelemetry:
         sampled: The monitor scans one update in several (``sample_every``): an
             incident's first scanned update may follow unscanned ones that poisoned the
             weights.
+        device: The host and device labels of ``gradtel_device_info``
+            (:func:`gradtel.export.device.device_labels`); None: no such series.
     """
 
     def __init__(
@@ -394,6 +405,7 @@ class GradTelemetry:
         clock: Callable[[], float] = time.monotonic,
         weights: WeightsHealth | None = None,
         sampled: bool = False,
+        device: Mapping[str, str] | None = None,
     ) -> None:
         self.error_log = error_log or RateLimitedLog(logging.getLogger("gradtel"))
         self.clock = clock
@@ -451,6 +463,8 @@ class GradTelemetry:
         for attrs in self.kind_attrs.values():
             ins.origin.add(0, attrs)
         ins.nonfinite_loss.add(0, self.labels)
+        if device is not None:
+            ins.device_info.set(1, {**self.labels, **device})
         self.updates = 0
         """Updates scanned, for ``gradtel_updates_total``."""
         self.status = Status.UNKNOWN.level  # no update looked at yet
@@ -463,6 +477,9 @@ class GradTelemetry:
         """The AMP scaler's latest loss scale, for ``gradtel_amp_loss_scale`` (None: none seen)."""
         self._fingerprint: tuple[int, int] | None = None
         """The latest replica check: its update and fingerprint."""
+        self.local_grad_norm: float | None = None
+        """The latest finite norm of this rank's own gradients before the reduction, for
+        ``gradtel_local_grad_norm`` (None: none yet, or not a distributed run)."""
         ins.update_sources.add(self)
 
     def forget_incidents(self) -> None:
@@ -551,6 +568,9 @@ class GradTelemetry:
         for kind, local in (("nan", health.local_nan_total), ("inf", health.local_inf_total)):
             if local:
                 ins.origin.add(1, self.kind_attrs[kind])
+        local_norm = health.local_grad_norm
+        if local_norm is not None and math.isfinite(local_norm):
+            self.local_grad_norm = local_norm  # a NaN or Inf one is the origin count's business
         if health.loss_finite is False:
             ins.nonfinite_loss.add(1, self.labels)
         if health.amp_overflow:

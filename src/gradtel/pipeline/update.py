@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +49,8 @@ class ReadAlong:
     costs a read of its own. Packed by :meth:`tensors` and named again by :meth:`fields`."""
 
     origin: torch.Tensor | None = None
-    """This rank's own NaN and Inf counts before the cross-rank reduction (float64, exact)."""
+    """This rank's own NaN and Inf counts before the cross-rank reduction (float64, exact),
+    and the sum of the squares of its own gradients there."""
     loss_bad: torch.Tensor | None = None
     """1 when the loss held a NaN or Inf."""
     norm: torch.Tensor | None = None
@@ -71,9 +73,14 @@ class ReadAlong:
         """The :class:`GradHealth` fields that ``values`` (read from :meth:`tensors`) give."""
         it: Iterator[float] = iter(values)
         found: dict[str, Any] = {}
-        local = (int(next(it)), int(next(it))) if self.origin is not None else (0, 0)
+        if self.origin is not None:
+            nan, inf, squares = int(next(it)), int(next(it)), next(it)
+            local_norm: float | None = math.sqrt(squares)
+        else:
+            nan, inf, local_norm = 0, 0, None
         if self.local:
-            found["local_nan_total"], found["local_inf_total"] = local
+            found["local_nan_total"], found["local_inf_total"] = nan, inf
+            found["local_grad_norm"] = local_norm
         if self.loss_bad is not None:
             found["loss_finite"] = not next(it)
         if self.norm is not None:

@@ -19,6 +19,7 @@ __all__ = [
     "AMP_SKIPS_FOR",
     "CRASH_ALERT",
     "DEFAULT_RUNBOOK_URL",
+    "DISAGREE_ALERT",
     "DOWN_ALERT",
     "KINDS",
     "NORM_SPIKE_ALERT",
@@ -51,6 +52,7 @@ AMP_COLLAPSE_ALERT = "GradtelAmpLossScaleCollapsed"
 CRASH_ALERT = "GradtelTrainingCrashed"
 NORM_SPIKE_ALERT = "GradtelGradNormSpike"
 REPLICA_ALERT = "GradtelReplicaDrifted"
+DISAGREE_ALERT = "GradtelRankDisagrees"
 AMP_SKIPS_FOR = "5m"
 """How long the AMP skip ratio must stay high: the first-steps overflows of
 every fp16 run last seconds, a collapsing loss scale does not stop."""
@@ -115,6 +117,12 @@ class KitOptions:
         spike_history: How long a process must have run, and reported norms,
             before the spike alert looks at it: the first minutes of a job
             have no history, and their norms fall fast.
+        disagree_factor: ``GradtelRankDisagrees`` pages when one rank's own gradient
+            norm (``gradtel_local_grad_norm``) stays more than this many times above, or
+            below, the median of its run's ranks (> 1).
+        disagree_for: How long it must stay so: each rank's norm is its median over
+            this window, the alert's ``for`` is as long, and a process younger than it
+            is not judged.
         scrape_interval: How often Prometheus scrapes the ranks.
         evaluation_interval: How often it evaluates the rules. With the scrape
             interval, it sets how long an unhealthy update waits before it
@@ -136,6 +144,8 @@ class KitOptions:
     spike_factor: float = 10.0
     spike_baseline: str = "1h"
     spike_history: str = "10m"
+    disagree_factor: float = 10.0
+    disagree_for: str = "2m"
     scrape_interval: str = "5s"
     evaluation_interval: str = "5s"
     targets: Sequence[str] = ("127.0.0.1:9464",)
@@ -179,6 +189,14 @@ class KitOptions:
                 f"spike_history must be shorter than spike_baseline ({self.spike_baseline!r}), "
                 f"got {self.spike_history!r}"
             )
+        factor = self.disagree_factor
+        if (
+            isinstance(factor, bool)
+            or not isinstance(factor, (int, float))
+            or not 1 < factor < math.inf
+        ):
+            raise ValueError(f"disagree_factor must be a finite number above 1, got {factor!r}")
+        duration_seconds(self.disagree_for, "disagree_for")
         duration_seconds(self.scrape_interval, "scrape_interval")
         duration_seconds(self.evaluation_interval, "evaluation_interval")
         if (

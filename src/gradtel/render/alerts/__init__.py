@@ -8,6 +8,7 @@ from . import (
     amp_collapse,
     amp_skips,
     crash,
+    disagree,
     down,
     norm_spike,
     nothing_scanned,
@@ -28,6 +29,7 @@ ALERTS: tuple[Alert, ...] = (
     amp_collapse.ALERT,
     norm_spike.ALERT,
     replicas.ALERT,
+    disagree.ALERT,
     stalled.ALERT,
 )
 """In the order of the rule file, the rule tests and the runbook."""

@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ...metrics import GRADS_TOTAL, START_TIME, UNHEALTHY_UPDATES, Metric
+from ...metrics import DEVICE_INFO, GRADS_TOTAL, START_TIME, UNHEALTHY_UPDATES, Metric
 from ..options import KitOptions, duration_seconds
 
 INSTANCE = "trainer-0:9464"
@@ -111,6 +111,20 @@ def _notation(samples: list[float | str]) -> str:
 def _rank(o: KitOptions, rank: int, **extra: str) -> str:
     """The labels of rank ``rank``'s target."""
     return _labels(o, rank=str(rank), **extra).replace(INSTANCE, f"trainer-{rank}:9464")
+
+
+GPU = "GPU-604ac76c-d9cf-fef3-62e9-d92044ab6e52"
+"""A GPU's identity in the cases, as dcgm-exporter prints it."""
+PCI = "00000000:3B:00.0"
+
+
+def _device(o: KitOptions, rank: int, minutes: int, gpu: bool = True) -> dict[str, str]:
+    """``gradtel_device_info`` of rank ``rank``'s process, on host ``node-<rank // 2>``: on a
+    GPU (:data:`GPU` for rank 2, its own otherwise), or on the CPU."""
+    uuid = GPU if rank == 2 else GPU[:-1] + str(rank)
+    where = f'device="cuda:0",gpu_uuid="{uuid}",pci_bus_id="{PCI}"' if gpu else 'device="cpu"'
+    labels = _rank(o, rank)[:-1] + f',host="node-{rank // 2}",{where}}}'
+    return _series(DEVICE_INFO, labels, f"1x{minutes}")
 
 
 def _more(labels: str, **extra: str) -> str:

@@ -55,6 +55,7 @@ def _rule(o: KitOptions) -> dict[str, Any]:
                 + promql.targets(_collapsed(o, promql.RUN_SCOPE), *promql.RUN_ARGS)
                 + ". The scaler halves it at every update whose gradients overflow: nearly every "
                 "update overflows and is skipped, and training has stopped learning."
+                + promql.hardware(o, _collapsed(o, promql.RUN_SCOPE), *promql.RUN_ARGS)
             ),
             "runbook_url": o.runbook(AMP_COLLAPSE_ALERT),
         },

@@ -18,10 +18,13 @@ from ..options import ALERT_NAMES, CRASH_ALERT, DOWN_ALERT, KINDS, KitOptions, d
 from . import promql
 from ._promtool import (
     GAP,
+    GPU,
     INSTANCE,
+    PCI,
     Value,
     _check,
     _count,
+    _device,
     _fired,
     _labels,
     _life,
@@ -93,6 +96,7 @@ def _rule(o: KitOptions, severity: str) -> dict[str, Any]:
                     if is_critical
                     else "; gradtel saw no unhealthy update before."
                 )
+                + promql.hardware(o, _crashed(o, promql.RUN_SCOPE), *promql.RUN_ARGS)
             ),
             "runbook_url": o.runbook(CRASH_ALERT),
         },
@@ -100,7 +104,11 @@ def _rule(o: KitOptions, severity: str) -> dict[str, Any]:
 
 
 def _crash_alert(
-    o: KitOptions, severity: str, after: str = "", targets: str = f"{INSTANCE}: ValueError"
+    o: KitOptions,
+    severity: str,
+    after: str = "",
+    targets: str = f"{INSTANCE}: ValueError",
+    hardware: str = "",
 ) -> dict[str, Any]:
     """The page of a crash (by default one target's ``ValueError``); ``after``: "NaN gradients at step 41"."""
     return {
@@ -109,7 +117,7 @@ def _crash_alert(
             "summary": f"Training crashed with an uncaught exception ({severity})",
             "description": (
                 f"{o.job}: training crashed after {after}: uncaught exceptions ended {targets}; NaN or Inf "
-                "gradients came before: resume from the last healthy checkpoint, not the latest."
+                f"gradients came before: resume from the last healthy checkpoint, not the latest.{hardware}"
                 if severity == "critical"
                 else f"{o.job}: training crashed: uncaught exceptions ended {targets}; gradtel saw no unhealthy "
                 "update before."
@@ -188,6 +196,23 @@ def _cases(o: KitOptions, case: Case) -> None:
                 ),
             ),
             _check(at + w + 1, alert),
+        ],
+    )
+    case(
+        f"{alert} critical names the host and GPU of the rank that crashed",
+        scraped(_rank(o, 2), process(steps=nan41)) + [_device(o, 2, at + w + 2)],
+        [
+            _check(
+                _fired(o, at),
+                alert,
+                _crash_alert(
+                    o,
+                    "critical",
+                    "NaN gradients at step 41",
+                    "trainer-2:9464 (rank 2): ValueError",
+                    f" Hardware: trainer-2:9464 (rank 2) on host node-1, {GPU} (PCI {PCI}).",
+                ),
+            ),
         ],
     )
     # Rank 0 raises on its NaN; rank 1's collective then loses its peer and raises too.

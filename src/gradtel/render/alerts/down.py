@@ -92,7 +92,7 @@ def rules(o: KitOptions) -> list[dict[str, Any]]:
     sel = o.job_selector
     # The endpoints of a run that died: the gradtel series, still in Prometheus for
     # a while, tell which rank each dead target was.
-    down = f"(up{{job=%q}} == 0) * on (job, instance) group_left (rank) max by (job, instance, rank) (last_over_time({UPDATES}{{job=%q}}[1h])) or on (job, instance) (up{{job=%q}} == 0)"
+    down = f"(up{{job=%[1]q}} == 0) * on (job, instance) group_left (rank) max by (job, instance, rank) (last_over_time({UPDATES}{{job=%[1]q}}[1h])) or on (job, instance) (up{{job=%[1]q}} == 0)"
     return [
         {
             "alert": DOWN_ALERT,
@@ -104,10 +104,10 @@ def rules(o: KitOptions) -> list[dict[str, Any]]:
                 "description": (
                     f"{{{{ with {promql.query('up{job=%q} == 0', '$labels.job')} }}}}{{{{ $labels.job }}}}: "
                     "{{ len . }} targets have not been scraped for 5m (up == 0): "
-                    + promql.targets(down, *["$labels.job"] * 3)
+                    + promql.targets(down, "$labels.job")
                     + f"{{{{ else }}}}No {o.job} target has been scraped for 5m{{{{ end }}}}: the "
                     "training process died, hangs before serving, or its endpoint is unreachable. "
-                    "Unhealthy updates would not page."
+                    "Unhealthy updates would not page." + promql.hardware(o, down, "$labels.job")
                 ),
                 "runbook_url": o.runbook(DOWN_ALERT),
             },

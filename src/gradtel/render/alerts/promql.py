@@ -4,7 +4,7 @@ query, a process's start, a counter series born non-zero, a gauge as it stands."
 
 from __future__ import annotations
 
-from ...metrics import START_TIME, Metric
+from ...metrics import DEVICE_INFO, DEVICE_LABELS, START_TIME, Metric
 from ..options import KitOptions, duration_seconds
 
 __all__ = [
@@ -16,8 +16,10 @@ __all__ = [
     "as_it_stands",
     "born_non_zero",
     "counted",
+    "hardware",
     "held",
     "new_or_increased",
+    "on_device",
     "per_run",
     "query",
     "run_series",
@@ -60,6 +62,30 @@ def query(template: str, *args: str) -> str:
 def run_series(metric: Metric | str, *, kind: bool = False) -> str:
     """``metric`` of the alert's run (and of its ``kind``), in a template query."""
     return f"{metric}{{{RUN_SCOPE}{',kind=%[3]q' if kind else ''}}}"
+
+
+def on_device(o: KitOptions, series: str, scope: str) -> str:
+    """``series`` of the processes that export ``gradtel_device_info``, with its labels (the
+    host and GPU), joined on the process labels. The info is read back over the window: a
+    process that died still names its hardware; ``topk`` keeps one per process."""
+    info = f"topk by ({PROCESS}) (1, last_over_time({DEVICE_INFO}{{{scope}}}[{o.window}]))"
+    return f"{series} * on ({PROCESS}) group_left ({', '.join(DEVICE_LABELS)}) {info}"
+
+
+def hardware(o: KitOptions, series: str, *args: str) -> str:
+    """ " Hardware: trainer-2:9464 (rank 2) on host node-1, GPU-... (PCI ...)." for the
+    targets (at most 10) a query returns whose processes export their device info; nothing
+    for a process that does not (an older gradtel). The first of ``args`` is the job."""
+    named = query(on_device(o, f"topk(10, {series})", "job=%[1]q"), *args)
+    return (
+        f'{{{{ with {named} }}}} Hardware: {{{{ range $i, $s := sortByLabel "instance" . }}}}'
+        "{{ if $i }}, {{ end }}"
+        "{{ $s.Labels.instance }}{{ with $s.Labels.rank }} (rank {{ . }}){{ end }}"
+        "{{ with $s.Labels.host }} on host {{ . }}{{ end }}"
+        "{{ with $s.Labels.gpu_uuid }}, {{ . }}{{ end }}"
+        "{{ with $s.Labels.pci_bus_id }} (PCI {{ . }}){{ end }}"
+        "{{ end }}.{{ end }}"
+    )
 
 
 def where() -> str:

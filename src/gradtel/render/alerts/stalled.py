@@ -143,6 +143,7 @@ def rules(o: KitOptions) -> list[dict[str, Any]]:
                     + promql.targets(_stalled(o, promql.RUN_SCOPE), *promql.RUN_ARGS)
                     + ". Training hangs, waits on data or on another rank, or collect() is no "
                     "longer called."
+                    + promql.hardware(o, _stalled(o, promql.RUN_SCOPE), *promql.RUN_ARGS)
                 ),
                 "runbook_url": o.runbook(STALLED_ALERT),
             },

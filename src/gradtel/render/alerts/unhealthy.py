@@ -23,12 +23,15 @@ from ..options import ALERT_NAMES, KINDS, KitOptions, duration_seconds, duration
 from . import promql
 from ._promtool import (
     GAP,
+    GPU,
     INSTANCE,
     OUTAGE,
+    PCI,
     Value,
     _band,
     _check,
     _count,
+    _device,
     _fired,
     _incident,
     _labels,
@@ -56,12 +59,15 @@ def band_text(o: KitOptions, severity: str) -> str:
 
 
 def _origin_template(o: KitOptions) -> str:
-    """ "It originated on rank 2." when a rank's own gradients were bad before the reduction."""
+    """ "It originated on rank 2." when a rank's own gradients were bad before the reduction,
+    then the hardware of each such rank that exports its device info."""
     series = promql.run_series(ORIGIN_UPDATES, kind=True)
-    query = promql.query(promql.new_or_increased(o, series, promql.RUN_SCOPE), *promql.KIND_ARGS)
+    counted = promql.new_or_increased(o, series, promql.RUN_SCOPE)
+    query = promql.query(counted, *promql.KIND_ARGS)
     return (
         f"{{{{ with {query} }}}} It originated on rank{{{{ if gt (len .) 1 }}}}s{{{{ end }}}} "
         '{{ range $i, $s := sortByLabel "rank" . }}{{ if $i }}, {{ end }}{{ $s.Labels.rank }}{{ end }}.{{ end }}'
+        + promql.hardware(o, counted, *promql.KIND_ARGS)
     )
 
 
@@ -254,8 +260,7 @@ def _behaviours(o: KitOptions, case: Case) -> None:
         ],
     )
     four = [_rank(o, r) for r in range(4)]
-    case(
-        f"{nan} fires once for a run of 4 ranks, saying which rank it originated on",
+    origin_on_2 = (
         [
             _series(
                 UNHEALTHY_UPDATES, r[:-1] + ',kind="nan",severity="critical"}', _steps(3, 1, span)
@@ -270,20 +275,29 @@ def _behaviours(o: KitOptions, case: Case) -> None:
         + [
             _series(FIRST_BAD_LAYER, r[:-1] + ',kind="nan",layer="head"}', f"_x2 30x{span}")
             for r in four
-        ],
+        ]
+    )
+
+    def origin_page(origin: str) -> dict[str, Any]:
+        return _check(
+            _fired(o, 3),
+            nan,
+            _unhealthy_alert(
+                o, "nan", "critical", "head (9)", ("head", 30), ranks=4, origin=origin
+            ),
+        )
+
+    case(
+        f"{nan} fires once for a run of 4 ranks, saying which rank it originated on",
+        origin_on_2,
+        [origin_page("It originated on rank 2.")],
+    )
+    case(
+        f"{nan} names the host and GPU of the rank it originated on",
+        origin_on_2 + [_device(o, r, span) for r in range(4)],
         [
-            _check(
-                _fired(o, 3),
-                nan,
-                _unhealthy_alert(
-                    o,
-                    "nan",
-                    "critical",
-                    "head (9)",
-                    ("head", 30),
-                    ranks=4,
-                    origin="It originated on rank 2.",
-                ),
+            origin_page(
+                f"It originated on rank 2. Hardware: trainer-2:9464 (rank 2) on host node-1, {GPU} (PCI {PCI})."
             )
         ],
     )

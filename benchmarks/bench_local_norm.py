@@ -1,0 +1,139 @@
+"""What the local gradient norm (``gradtel_local_grad_norm``) costs in the DDP hook, against
+a healthy ``collect()`` of the same model, in one run.
+
+Run from a checkout (after `bash scripts/setup.sh`):
+
+    .venv/bin/python benchmarks/bench_local_norm.py [--repeats 25]
+
+A one-rank gloo group gives DDP's own buckets of each model (one backward pass,
+default ``bucket_cap_mb``); gradtel's origin count then runs over them as the
+communication hook runs it each update, with the norm (as shipped) and without it
+(the NaN/Inf count alone), and the norm alone. Methods interleaved round-robin;
+medians in milliseconds; the last column is the norm's cost per update as a share of
+``collect()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from prometheus_client import CollectorRegistry
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_grad_norm import convolutions, with_gradients
+from bench_scan import measure_all
+from models import GPT2Small, many_linears
+
+import gradtel
+from gradtel.attach.origin import OriginCounter
+from gradtel.tools.stack import free_port
+
+
+def ddp_buckets(model: nn.Module, inputs: torch.Tensor) -> list[torch.Tensor]:
+    """The buckets DDP hands its communication hook for ``model``, from one backward pass."""
+    buckets: list[torch.Tensor] = []
+
+    def keep(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        buckets.append(bucket.buffer().clone())
+        done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        done.set_result(bucket.buffer())
+        return done
+
+    # DDP checks a hook's annotations as objects, which this module's are not (PEP 563).
+    keep.__annotations__ = {"bucket": dist.GradBucket, "return": torch.futures.Future[torch.Tensor]}
+    ddp = nn.parallel.DistributedDataParallel(model)
+    ddp.register_comm_hook(None, keep)
+    ddp(inputs).float().sum().backward()
+    return buckets
+
+
+@torch.no_grad()
+def counts_only(counter: OriginCounter, grads: torch.Tensor) -> None:
+    """The hook's count without the norm: what it did before ``gradtel_local_grad_norm``."""
+    nan = torch.isnan(grads).sum()
+    pair = torch.stack((nan, grads.numel() - torch.isfinite(grads).sum() - nan)).double()
+    counter._values = pair if counter._values is None else counter._values + pair
+
+
+def hook(
+    add: Callable[[OriginCounter, torch.Tensor], None], buckets: list[torch.Tensor]
+) -> Callable[[], object]:
+    """One update of the communication hook's count over ``buckets``, read to the host."""
+    counter = OriginCounter()
+
+    def update() -> object:
+        for bucket in buckets:
+            add(counter, bucket)
+        values = counter.take()
+        assert values is not None
+        return values.tolist()  # the update's read-out
+
+    return update
+
+
+def norm_alone(counter: OriginCounter, grads: torch.Tensor) -> None:
+    """The norm the hook adds, alone: a steadier measure of its cost than a difference."""
+    norm = torch.linalg.vector_norm(grads, dtype=torch.promote_types(grads.dtype, torch.float32))
+    square = norm.double().square().reshape(1)
+    counter._values = square if counter._values is None else counter._values + square
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=25)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    workloads = {
+        "300 x Linear(128)": (many_linears, torch.randn(8, 128)),
+        "GPT-2-small shape, fp32": (GPT2Small, torch.randint(0, 50257, (1, 64))),
+        "6 x Conv2d(64), channels_last": (
+            convolutions,
+            torch.randn(2, 64, 32, 32).to(memory_format=torch.channels_last),
+        ),
+    }
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats}, interleaved"
+    )
+    print(
+        "| workload | buckets | `collect()` (ms) | hook, counts (ms) | hook, counts + norm (ms) "
+        "| the norm alone (ms) | norm / `collect()` |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, (make, inputs) in workloads.items():
+        buckets = ddp_buckets(make(), inputs)
+        model = with_gradients(make())
+        provider = gradtel.prometheus_meter_provider(CollectorRegistry())
+        monitor = gradtel.GradMonitor(model, meter_provider=provider)
+        timing = measure_all(
+            {
+                "collect": monitor.collect,
+                "counts": hook(counts_only, buckets),
+                "norm": hook(OriginCounter.add, buckets),
+                "alone": hook(norm_alone, buckets),
+            },
+            args.repeats,
+        )
+        collect, counts, norm, alone = (
+            timing[k].median * 1e3 for k in ("collect", "counts", "norm", "alone")
+        )
+        print(
+            f"| {name} | {len(buckets)} | {collect:.2f} | {counts:.2f} | {norm:.2f} "
+            f"| {alone:.2f} | {alone / collect:.2f}x |"
+        )
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Each rank's own gradient norm before the cross-rank reduction (``gradtel_local_grad_norm``)
+and the host and device a process trains on (``gradtel_device_info``), on a real one-rank
+gloo group; the CUDA labels' formats as nvidia-smi and dcgm-exporter print them."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+
+import pytest
+import torch
+from opentelemetry.sdk.metrics import MeterProvider
+from prometheus_client import CollectorRegistry
+from torch import nn
+
+import gradtel
+from gradtel.export.device import device_labels, gpu_uuid, pci_bus_id
+
+from .conftest import absent, net, sample, samples
+from .test_distributed import one_rank_group, torchrun  # noqa: F401 (a fixture)
+
+
+def reference_norm(model: nn.Module) -> float:
+    """The plain L2 norm of every parameter's gradient, as the test computes it."""
+    return math.sqrt(sum(float(p.grad.double().square().sum()) for p in model.parameters()))
+
+
+def test_the_local_norm_is_the_norm_of_this_ranks_own_gradients(
+    one_rank_group: None,  # noqa: F811
+    provider: MeterProvider,
+    registry: CollectorRegistry,
+) -> None:
+    # Small buckets: the norm adds up over several reductions.
+    ddp = nn.parallel.DistributedDataParallel(net(), bucket_cap_mb=1e-4)
+    monitor = gradtel.GradMonitor(ddp, meter_provider=provider, on_critical="ignore")
+    for scale in (1.0, 50.0):
+        ddp.zero_grad()
+        (scale * ddp(torch.randn(8, 4)).sum()).backward()
+        # One rank: the reduced gradients are its own.
+        expected = reference_norm(ddp)
+        health = monitor.collect()
+        assert health.local_grad_norm == pytest.approx(expected, rel=1e-6)
+        assert sample(samples(registry), "gradtel_local_grad_norm") == pytest.approx(
+            expected, rel=1e-6
+        )
+
+
+def test_with_no_sync_the_local_norm_is_of_the_accumulated_gradients(
+    one_rank_group: None,  # noqa: F811
+    provider: MeterProvider,
+) -> None:
+    ddp = nn.parallel.DistributedDataParallel(net())
+    monitor = gradtel.GradMonitor(ddp, meter_provider=provider)
+    with ddp.no_sync():
+        ddp(torch.randn(8, 4)).sum().backward()
+    ddp(torch.randn(8, 4)).sum().backward()  # the one reduction, of both micro-batches
+    expected = reference_norm(ddp)
+    assert monitor.collect().local_grad_norm == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_nan_keeps_the_last_finite_local_norm_and_counts_the_origin(
+    one_rank_group: None,  # noqa: F811
+    provider: MeterProvider,
+    registry: CollectorRegistry,
+) -> None:
+    ddp = nn.parallel.DistributedDataParallel(net())
+    monitor = gradtel.GradMonitor(ddp, meter_provider=provider, on_critical="ignore")
+    ddp(torch.randn(8, 4)).sum().backward()
+    finite = monitor.collect().local_grad_norm
+    ddp.zero_grad()
+    x = torch.randn(8, 4)
+    x[0, 0] = float("nan")
+    ddp(x).sum().backward()
+    health = monitor.collect()
+    assert health.originated_here and health.local_grad_norm is not None
+    assert math.isnan(health.local_grad_norm)
+    assert sample(samples(registry), "gradtel_local_grad_norm") == finite
+
+
+def test_a_single_process_exports_no_local_norm(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    model = net()
+    monitor = gradtel.GradMonitor(model, meter_provider=provider)
+    model(torch.randn(8, 4)).sum().backward()
+    assert monitor.collect().local_grad_norm is None
+    absent(samples(registry), "gradtel_local_grad_norm")
+
+
+def test_a_process_on_the_cpu_names_its_host_alone(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    gradtel.GradMonitor(net(), meter_provider=provider)
+    found = samples(registry)
+    info = {
+        dict(labels)["host"]: value
+        for (name, labels), value in found.items()
+        if name == "gradtel_device_info"
+    }
+    assert info == {socket.gethostname(): 1}
+    assert (
+        sample(
+            found,
+            "gradtel_device_info",
+            host=socket.gethostname(),
+            device="cpu",
+            gpu_uuid="",
+            pci_bus_id="",
+        )
+        == 1
+    )
+    assert device_labels(torch.device("cpu"))["device"] == "cpu"
+
+
+def test_gpu_labels_are_printed_as_dcgm_exporter_prints_them() -> None:
+    assert gpu_uuid("604ac76c-d9cf-fef3-62e9-d92044ab6e52") == (
+        "GPU-604ac76c-d9cf-fef3-62e9-d92044ab6e52"
+    )
+    assert gpu_uuid("GPU-604ac76c-d9cf-fef3-62e9-d92044ab6e52").count("GPU-") == 1
+    assert pci_bus_id(0, 0x3B, 0) == "00000000:3B:00.0"
+    assert pci_bus_id(1, 0xBD, 0x1F) == "00000001:BD:1F.0"
+    with pytest.raises(ValueError):
+        gpu_uuid("not a uuid")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_process_on_a_gpu_names_its_uuid_and_pci_address() -> None:
+    labels = device_labels(torch.device("cuda", 0))
+    props = torch.cuda.get_device_properties(0)
+    assert labels["device"] == "cuda:0"
+    assert labels["gpu_uuid"] == f"GPU-{props.uuid}"
+    assert labels["pci_bus_id"].endswith(f":{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0")  # type: ignore[attr-defined]
+
+
+def test_a_healthy_distributed_rank_adds_two_series_whatever_the_model(
+    one_rank_group: None,  # noqa: F811
+) -> None:
+    def healthy_series(distributed: bool) -> int:
+        registry = CollectorRegistry()
+        model: nn.Module = nn.Sequential(*[nn.Linear(2, 2) for _ in range(700)])
+        if distributed:
+            model = nn.parallel.DistributedDataParallel(model)
+        monitor = gradtel.GradMonitor(
+            model, meter_provider=gradtel.prometheus_meter_provider(registry)
+        )
+        model(torch.randn(4, 2)).sum().backward()
+        assert monitor.collect().status is gradtel.Status.HEALTHY
+        return len([key for key in samples(registry) if key[0].startswith("gradtel_")])
+
+    single, rank = healthy_series(False), healthy_series(True)
+    # gradtel_device_info in both; gradtel_local_grad_norm on the rank alone.
+    assert rank == single + 1 <= 200
+
+
+@pytest.mark.slow
+def test_in_a_3_rank_job_each_rank_exports_the_norm_of_its_own_gradients() -> None:
+    run = torchrun("local_norm_trainer.py", ranks=3)
+    assert run.returncode == 0, run.stderr[-3000:]
+    said = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert sorted((s["scenario"], s["rank"]) for s in said) == [
+        (scenario, rank) for scenario in ("no_sync", "plain") for rank in range(3)
+    ]
+    for one in said:
+        for update in one["updates"]:
+            assert update["local"] == pytest.approx(update["own"], rel=1e-5), one
+    # The ranks' own norms differ (each its own data); the reduced gradients do not.
+    firsts = {s["updates"][0]["local"] for s in said if s["scenario"] == "plain"}
+    assert len(firsts) == 3
