@@ -68,9 +68,8 @@ def _tied(scope: str) -> str:
 
 
 def _description(o: KitOptions) -> str:
-    drifted = promql.query(
-        f"group by (instance, rank) ({' '.join(_drifted(promql.RUN_SCOPE))})", *promql.RUN_ARGS
-    )
+    ranks = f"group by ({promql.PROCESS}) ({' '.join(_drifted(promql.RUN_SCOPE))})"
+    drifted = promql.query(ranks, *promql.RUN_ARGS)
     return (
         f"{promql.where()}: "
         f'{{{{ with {drifted} }}}}the parameters of {{{{ range $i, $s := sortByLabel "rank" . }}}}'
@@ -81,6 +80,7 @@ def _description(o: KitOptions) -> str:
         "after every step: a rank that differs has silent data corruption (a bad GPU or its "
         "memory) or a non-deterministic step of its own. Its NaN may come later; take that "
         "GPU out and resume from a checkpoint saved before the drift."
+        + promql.hardware(o, ranks, *promql.RUN_ARGS)
     )
 
 
