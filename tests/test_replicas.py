@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -113,6 +114,8 @@ def test_one_page_names_the_rank_whose_parameters_drifted(tmp_path: Path, store:
         assert len(pages) == 1, [str(p) for p in pages]
         assert page.severity == "critical"
         assert f"the parameters of rank {BAD_RANK} ({targets[BAD_RANK]}) differ" in page.description
+        hardware = f"Hardware: {targets[BAD_RANK]} (rank {BAD_RANK}) on host {socket.gethostname()}."
+        assert page.description.endswith(hardware), page.description
         others = [p for p in stack.receiver.pages if p.alertname != ALERT]
         assert others == [], [str(p) for p in others]
         print(f"{store}: corruption -> page: {took:.1f}s; page: {page.description}")
