@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import GPT2Small
 
 import gradtel
+from gradtel.export.device import device_labels
 from gradtel.pipeline.scan import CHUNK
 
 NAN, INF = float("nan"), float("inf")
@@ -149,6 +150,19 @@ def counts_exact(model: nn.Module, monitors: list[gradtel.GradMonitor]) -> str:
     return " / ".join(said)
 
 
+def device_labels_checked(device: torch.device) -> dict[str, str]:
+    """The device info labels of a process on ``device``, checked against torch's own
+    properties of that GPU (as dcgm-exporter prints them)."""
+    labels = device_labels(device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        assert labels["device"] == f"cuda:{device.index or 0}", labels
+        assert labels["gpu_uuid"] == f"GPU-{props.uuid}", (labels, props.uuid)
+        bus = f":{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"  # type: ignore[attr-defined]
+        assert labels["pci_bus_id"].endswith(bus), (labels, bus)
+    return labels
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -158,6 +172,7 @@ def main() -> int:
     repeats = 5 if args.quick else 30
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__} on {name}; medians of {repeats}\n")
+    print(f"gradtel_device_info labels: {device_labels_checked(device)}\n")
     # Two one-launch flaggers of every gradient, to choose the kernels on this device.
     print(
         "| model | dtype | gradient bytes | one read (ms) | multi-tensor L1 norm, all (ms) "

@@ -209,7 +209,8 @@ def test_a_replay_of_1024_ranks_pages_once_naming_every_rank_and_the_origin() ->
     result = json.loads(run.stdout.splitlines()[-1])
     assert [p["description"] for p in result["pages"]] == [
         "gradtel: an update in the last 10m had more than 5 NaN gradient values; affected ranks: 1024. "
-        "It originated on rank 2. Layers with NaN values in that window: lm_head (4), norm (2)."
+        f"It originated on rank 2. Hardware: node-0:9466 (rank 2) on host {socket.gethostname()}. "
+        "Layers with NaN values in that window: lm_head (4), norm (2)."
     ], result["pages"]
     assert result["chat"] == []
     print("\n" + "\n".join(run.stdout.splitlines()[:3]))

@@ -124,15 +124,6 @@ def test_gpu_labels_are_printed_as_dcgm_exporter_prints_them() -> None:
         gpu_uuid("not a uuid")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_a_process_on_a_gpu_names_its_uuid_and_pci_address() -> None:
-    labels = device_labels(torch.device("cuda", 0))
-    props = torch.cuda.get_device_properties(0)
-    assert labels["device"] == "cuda:0"
-    assert labels["gpu_uuid"] == f"GPU-{props.uuid}"
-    assert labels["pci_bus_id"].endswith(f":{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0")  # type: ignore[attr-defined]
-
-
 def test_a_healthy_distributed_rank_adds_two_series_whatever_the_model(
     one_rank_group: None,  # noqa: F811
 ) -> None:
