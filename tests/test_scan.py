@@ -412,14 +412,14 @@ def profiled_ops(work: Any) -> list[str]:
 
 @pytest.mark.parametrize("complex_dtype", [False, True])
 def test_exact_counts_of_one_piece_split_nan_from_inf(complex_dtype: bool) -> None:
-    from gradtel.pipeline.scan import _exact
+    from gradtel.pipeline.scan import nan_and_inf
 
     values = torch.tensor([NAN, INF, -INF, 1.0, NAN, 0.0])
     if complex_dtype:
         values = torch.complex(values, torch.tensor([0.0, 0.0, NAN, 0.0, INF, INF]))
-        assert _exact(values).tolist() == [3, 2]  # a NaN part makes the element NaN
+        assert nan_and_inf(values).tolist() == [3, 2]  # a NaN part makes the element NaN
     else:
-        assert _exact(values).tolist() == [2, 2]
+        assert nan_and_inf(values).tolist() == [2, 2]
 
 
 def test_several_batches_some_in_an_autograd_graph_are_flagged_each_on_its_own() -> None:

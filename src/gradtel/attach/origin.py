@@ -54,6 +54,7 @@ from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.nn.parallel import DistributedDataParallel
 
 from .._ratelimit import RateLimitedLog
+from ..pipeline.scan import nan_and_inf
 
 __all__ = ["CommHook", "OriginCounter", "ddp_comm_hook", "install_origin_hook"]
 
@@ -89,9 +90,7 @@ class OriginCounter:
     def add(self, grads: torch.Tensor, keys: Sequence[Hashable] = ()) -> None:
         """Count the non-finite values of one bucket and sum its squares (no host sync);
         ``keys`` name the gradients it holds, for :meth:`reduced`."""
-        nan = torch.isnan(grads).sum()
-        nonfinite = grads.numel() - torch.isfinite(grads).sum()
-        counts = torch.stack((nan, nonfinite - nan)).double()
+        counts = nan_and_inf(grads).double()
         spread = self._spread_over(keys)
         if spread is not None:  # accumulated onto reduced values that held another rank's NaN
             counts = counts.masked_fill(spread, 0)

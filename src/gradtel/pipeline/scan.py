@@ -57,6 +57,7 @@ __all__ = [
     "count_nonfinite",
     "countable_values",
     "memory_order",
+    "nan_and_inf",
     "per_tensor_norms",
     "stacked",
     "total_norm",
@@ -288,7 +289,10 @@ def _flagged_members(values: Sequence[torch.Tensor], batches: list[_Piece]) -> l
     return found
 
 
-def _exact(part: torch.Tensor) -> torch.Tensor:
+def nan_and_inf(part: torch.Tensor) -> torch.Tensor:
+    """The NaN and ±Inf counts of ``part``, on its device, as a tensor of two integers.
+    ``count_nonzero`` of one mask per kind: a mask's ``sum()`` costs several times as much
+    on the CPU."""
     nan = torch.isnan(part).count_nonzero()
     if not part.is_complex():  # isinf is one kernel, isfinite several
         return torch.stack((nan, torch.isinf(part).count_nonzero()))
@@ -301,8 +305,8 @@ def _exact(part: torch.Tensor) -> torch.Tensor:
 def _exact_piece(values: Sequence[torch.Tensor], piece: _Piece) -> list[tuple[int, torch.Tensor]]:
     tensor = values[piece.index]
     if piece.start == 0 and piece.stop is None and not piece.order and not piece.copy:
-        return [(piece.index, _exact(tensor))]
-    return [(piece.index, _exact(_flatten(tensor, piece)[piece.start : piece.stop]))]
+        return [(piece.index, nan_and_inf(tensor))]
+    return [(piece.index, nan_and_inf(_flatten(tensor, piece)[piece.start : piece.stop]))]
 
 
 def _meeting_device(tensors: Sequence[torch.Tensor]) -> torch.device:
@@ -446,7 +450,7 @@ class Scanner:
             small = [(i, t) for i, t in zip(indices, tensors) if t.numel() < CHUNK]
             for i, t in zip(indices, tensors):
                 if t.numel() >= CHUNK:
-                    parts.append(_exact(t).reshape(1, 2))
+                    parts.append(nan_and_inf(t).reshape(1, 2))
                     positions.append(i)
             if small:
                 flat = torch.cat([t.reshape(-1) for _, t in small])
