@@ -9,7 +9,12 @@ are this rank's own, never reduced. Each rank prints one JSON line per scenario 
 gradtel's local norm and the copy's norm, per update:
 
 - ``plain``: one backward pass per update;
-- ``no_sync``: two backward passes per update, the first in ``no_sync()``.
+- ``no_sync``: two backward passes per update, the first in ``no_sync()``;
+- ``each``: two backward passes per update, each reduced: the second's buckets hold every
+  rank's reduced values, so the own norm is the first pass's;
+- ``subgroup``: DDP over a group of this rank alone (as one data-parallel group among
+  model-parallel ones): the reduced gradients must stay this rank's own, and the line
+  says how far they are from the copy's.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import gradtel
+from gradtel.pipeline.fingerprint import replica_check
 
 
 def net() -> nn.Sequential:
@@ -36,8 +42,11 @@ def norm_of(model: nn.Module) -> float:
     return math.sqrt(sum(float(p.grad.double().square().sum()) for p in model.parameters()))
 
 
-def scenario(name: str, passes: int, rank: int) -> None:
-    ddp, copy = DistributedDataParallel(net(), bucket_cap_mb=1e-4), net()
+def scenario(
+    name: str, passes: int, rank: int, *, each: bool = False, group: object = None
+) -> None:
+    ddp = DistributedDataParallel(net(), bucket_cap_mb=1e-4, process_group=group)
+    copy = net()
     provider = gradtel.prometheus_meter_provider(CollectorRegistry())
     monitor = gradtel.GradMonitor(ddp, meter_provider=provider)
     torch.manual_seed(100 + rank)
@@ -45,25 +54,40 @@ def scenario(name: str, passes: int, rank: int) -> None:
     for _ in range(3):
         ddp.zero_grad()
         copy.zero_grad()
+        own = 0.0
         for i in range(passes):
             x = torch.randn(16, 4) * (rank + 1)  # the ranks' norms differ
             copy(x).sum().backward()
-            if i < passes - 1:
+            if i < passes - 1 and not each:
                 with ddp.no_sync():
                     ddp(x).sum().backward()
             else:
                 ddp(x).sum().backward()
-        updates.append({"local": monitor.collect().local_grad_norm, "own": norm_of(copy)})
+            if i == 0 or not each:
+                own = norm_of(copy)
+        apart = max(
+            float((a.grad - b.grad).abs().max())
+            for a, b in zip(ddp.parameters(), copy.parameters())
+        )
+        health = monitor.collect()
+        updates.append({"local": health.local_grad_norm, "own": own, "apart": apart})
     # One write below PIPE_BUF is atomic: the ranks share the launcher's stdout.
-    sys.stdout.write(json.dumps({"scenario": name, "rank": rank, "updates": updates}) + "\n")
+    # The replica check compares every rank of a run: off for DDP over a sub-group.
+    checks = replica_check(ddp, 250)
+    line = {"scenario": name, "rank": rank, "updates": updates, "replica_check": checks}
+    sys.stdout.write(json.dumps(line) + "\n")
     sys.stdout.flush()
     monitor.close()
 
 
 def main() -> None:
     dist.init_process_group("gloo")
+    rank = dist.get_rank()
     for name, passes in (("plain", 1), ("no_sync", 2)):
-        scenario(name, passes, dist.get_rank())
+        scenario(name, passes, rank)
+    scenario("each", 2, rank, each=True)
+    alone = [dist.new_group([r]) for r in range(dist.get_world_size())]  # every rank makes each
+    scenario("subgroup", 1, rank, group=alone[rank])
     dist.barrier()  # no rank leaves while another still reduces
     dist.destroy_process_group()
 

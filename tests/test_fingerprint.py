@@ -5,6 +5,7 @@ DistributedDataParallel monitor exports, in a real (fake-backend) process group 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 
 import pytest
@@ -215,3 +216,11 @@ def test_scalars_and_the_wrap_of_a_sum_past_its_width_are_exact() -> None:
     assert fingerprint([large.clone(), scalar.clone()]) == expected
     assert fingerprint([one_ulp_up(large, 999), scalar]) != expected
     assert fingerprint([large, torch.nextafter(scalar, torch.tensor(1.0))]) != expected
+
+
+def test_a_complex_parameter_is_hashed_by_its_parts() -> None:
+    z = torch.randn(8, dtype=torch.complex128)
+    moved = z.clone()
+    moved[3] = complex(moved[3].real.item(), math.nextafter(moved[3].imag.item(), math.inf))
+    assert fingerprint([z]) == fingerprint([z.clone()])
+    assert fingerprint([z]) != fingerprint([moved])

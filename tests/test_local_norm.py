@@ -150,11 +150,20 @@ def test_in_a_3_rank_job_each_rank_exports_the_norm_of_its_own_gradients() -> No
     assert run.returncode == 0, run.stderr[-3000:]
     said = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert sorted((s["scenario"], s["rank"]) for s in said) == [
-        (scenario, rank) for scenario in ("no_sync", "plain") for rank in range(3)
+        (scenario, rank)
+        for scenario in ("each", "no_sync", "plain", "subgroup")
+        for rank in range(3)
     ]
     for one in said:
         for update in one["updates"]:
             assert update["local"] == pytest.approx(update["own"], rel=1e-5), one
+    # DDP over a group of one rank: gradtel's hook reduces over that group, not the world.
+    for one in said:
+        if one["scenario"] == "subgroup":
+            assert all(u["apart"] < 1e-6 for u in one["updates"]), one
+            assert one["replica_check"] is None, one
+        else:
+            assert one["replica_check"] == 250, one
     # The ranks' own norms differ (each its own data); the reduced gradients do not.
     firsts = {s["updates"][0]["local"] for s in said if s["scenario"] == "plain"}
     assert len(firsts) == 3

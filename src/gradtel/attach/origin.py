@@ -12,9 +12,10 @@ find one whose GPU bends values without making them NaN.
 The local norm of an update is the root of the sum, over the update's reductions,
 of the squared norms of what this rank handed to them. With ``no_sync()`` (or one
 backward pass per update) that is exactly the norm of this rank's accumulated
-gradients. Reducing every micro-batch instead, a later micro-batch's buckets hold
-the earlier reductions' values (every rank's) plus its own: the sum then counts
-those too, alike on every rank, so the ranks stay comparable. ``fully_shard``
+gradients. Reducing every micro-batch instead, a later micro-batch's bucket holds
+the earlier reductions' values (every rank's) plus its own, which would hide one
+rank among the others: only each bucket's first reduction in the update counts, the
+norm of this rank's own first micro-batch. ``fully_shard``
 hands its reduce-scatter gradients torch may have divided already by a factor
 common to every rank.
 
@@ -92,13 +93,18 @@ class OriginCounter:
         ``keys`` name the gradients it holds, for :meth:`reduced`."""
         counts = nan_and_inf(grads).double()
         spread = self._spread_over(keys)
-        if spread is not None:  # accumulated onto reduced values that held another rank's NaN
+        if spread is None:
+            # At least float32, so that a bf16 bucket's norm does not lose its digits.
+            norm = torch.linalg.vector_norm(
+                grads, dtype=torch.promote_types(grads.dtype, torch.float32)
+            )
+            squares = norm.double().square().reshape(1)
+        else:
+            # Accumulated onto values reduced earlier in this update: every rank's values are
+            # in it, so neither its NaN (another rank's) nor its norm is this rank's own.
             counts = counts.masked_fill(spread, 0)
-        # At least float32, so that a bf16 bucket's norm does not lose its digits.
-        norm = torch.linalg.vector_norm(
-            grads, dtype=torch.promote_types(grads.dtype, torch.float32)
-        )
-        values = torch.cat((counts, norm.double().square().reshape(1)))
+            squares = counts.new_zeros(1)
+        values = torch.cat((counts, squares))
         self._values = (
             values if self._values is None else self._values + values.to(self._values.device)
         )
@@ -257,7 +263,9 @@ def _install_ddp(ddp: DistributedDataParallel, counter: OriginCounter) -> Undo |
         return None
     if feed is None:
         feed = _Feed()
-        reduction: list[Any] = [None, allreduce_hook]  # the state and hook that reduce
+        # The state and hook that reduce: DDP's own process group, which may be a sub-group
+        # (one data-parallel group among pipeline stages or tensor-parallel parts).
+        reduction: list[Any] = [ddp.process_group, allreduce_hook]
 
         def reduce(state: Any, bucket: GradBucket) -> torch.futures.Future[torch.Tensor]:
             return reduction[1](reduction[0], bucket)  # type: ignore[no-any-return]

@@ -4,7 +4,9 @@ the same values and different when one element differs by as little as one ulp.
 Each tensor is reduced on its device to one word: the wrapping sum of its elements' bit
 patterns, viewed as integers of their own width (``Tensor.view(torch.int32)`` for fp32),
 summed at that width. One element whose bits change moves the sum by less than the
-word's modulus, so the word always changes. ``torch.hash_tensor`` (an xor of the bit
+word's modulus, so the word always changes; folded to 52 bits for Prometheus, two
+different states then share a fingerprint about once in 2^52. A sum does not see two
+elements of one tensor swapping places. ``torch.hash_tensor`` (an xor of the bit
 patterns, torch 2.9 and later) is as exact, but slower on CPU
 (``benchmarks/bench_fingerprint.py``), and torch 2.6 lacks it: the sum is the one path on
 every torch. The words are read to the host in one copy per device and dtype, and mixed
@@ -36,6 +38,8 @@ _INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 def tensor_word(tensor: torch.Tensor) -> torch.Tensor:
     """The wrapping sum of ``tensor``'s bit patterns at their own width, on its device (no
     host read, no copy: a same-width dtype view of any strides)."""
+    if tensor.is_complex():  # its real and imaginary parts, each at their own width
+        tensor = torch.view_as_real(tensor)
     ints = _INTS[tensor.element_size()]
     return tensor.view(ints).sum(dtype=ints)
 
@@ -72,14 +76,25 @@ def fingerprint(tensors: Sequence[torch.Tensor]) -> int:
 def replica_check(model: torch.nn.Module | None, every: int | None) -> int | None:
     """Updates between two replica checks of ``model``, or None: the check runs where the
     replicas' parameters must hold the same bits, a ``DistributedDataParallel`` model (with
-    any communication hook) in a process group of two ranks or more. Elsewhere it is off,
+    any communication hook) that reduces over every rank of a group of two ranks or more. Elsewhere it is off,
     and says so once when the run is distributed."""
     if every is None or not dist.is_available() or not dist.is_initialized():
         return None
     if dist.get_world_size() <= 1:
         return None
     if isinstance(model, DistributedDataParallel):
-        return every
+        replicas = dist.get_world_size(model.process_group)
+        if replicas == dist.get_world_size():
+            return every
+        # The rules compare every rank of a run: ranks of other data-parallel groups (other
+        # pipeline stages or tensor-parallel parts) hold other parameters.
+        logger.info(
+            "gradtel: replica check off: this DistributedDataParallel model reduces over %d of "
+            "the %d ranks, and the rules compare every rank of the run as replicas",
+            replicas,
+            dist.get_world_size(),
+        )
+        return None
     logger.info(
         "gradtel: replica check off: it compares the parameters of DistributedDataParallel "
         "replicas, and this model is a %s (FSDP shards and model-parallel parts differ by "
