@@ -95,6 +95,12 @@ def _scrapes(
     return _notation(samples)
 
 
+def _number(value: float) -> str:
+    """A sample as promtool reads it back exactly: an integer in full (a 52-bit fingerprint
+    would lose its low digits to ``%g``), anything else in ``%g``."""
+    return str(int(value)) if value.is_integer() and abs(value) < 2**53 else f"{value:g}"
+
+
 def _notation(samples: list[float | str]) -> str:
     words = []
     for sample, run in itertools.groupby(samples):
@@ -104,7 +110,7 @@ def _notation(samples: list[float | str]) -> str:
         elif sample == "_":
             words.append(f"_x{n}")
         else:
-            words.append(f"{sample:g}" + f"x{n - 1}" * (n > 1))
+            words.append(_number(float(sample)) + f"x{n - 1}" * (n > 1))
     return " ".join(words)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from ...metrics import REPLICA_FINGERPRINT, REPLICA_FINGERPRINT_UPDATE
 from ...options import DEFAULT_REPLICA_CHECK_EVERY
+from ...pipeline.fingerprint import FINGERPRINT_BITS
 from ..options import REPLICA_ALERT, KitOptions
 from . import promql
 from ._promtool import _check, _more, _notation, _rank, _series
@@ -155,7 +156,9 @@ def _history(minutes: int, *, ahead: int = 0, drift_from: int | None = None) -> 
     for minute in range(minutes):
         k = (minute + ahead) // 2
         drifted = drift_from is not None and k >= drift_from
-        history.append((1 + 100 * k, (9_000 if drifted else 1_000) + k))
+        # 52-bit fingerprints, as gradtel exports them; a drifted one differs in the lowest bit.
+        fingerprint = (1 << FINGERPRINT_BITS) - 2 - 2 * k
+        history.append((1 + 100 * k, fingerprint | 1 if drifted else fingerprint))
     return history
 
 
@@ -208,6 +211,10 @@ def cases(o: KitOptions, case: Case) -> None:
     )
 
     # At minute 5 rank 0 alone has check 301; at minute 6 every rank has, rank 3 drifted.
+    # The fingerprints of checks 0, 1, 2... as the healthy ranks and the drifted one hash them.
+    same = [c[1] for c in _history(minutes)[::2] if c is not None]
+    drifted = [c[1] for c in _history(minutes, drift_from=drift)[::2] if c is not None]
+
     def agreeing(*shares: tuple[int, int, int, float]) -> list[dict[str, Any]]:
         return [
             {
@@ -226,15 +233,15 @@ def cases(o: KitOptions, case: Case) -> None:
             {
                 "expr": AGREEMENT,
                 "eval_time": "5m",
-                "exp_samples": agreeing(*((r, 201, 1002, 1.0) for r in range(4))),
+                "exp_samples": agreeing(*((r, 201, same[2], 1.0) for r in range(4))),
             },
             {
                 "expr": AGREEMENT,
                 "eval_time": "6m",
                 "exp_samples": agreeing(
-                    *((r, 201, 1002, 1.0) for r in range(4)),
-                    *((r, 301, 1003, 0.75) for r in range(3)),
-                    (3, 301, 9003, 0.25),
+                    *((r, 201, same[2], 1.0) for r in range(4)),
+                    *((r, 301, same[3], 0.75) for r in range(3)),
+                    (3, 301, drifted[3], 0.25),
                 ),
             },
         ],
