@@ -371,6 +371,24 @@ def test_lightning_loggers_get_the_counts_at_their_steps(
     assert not any(key.startswith("gradtel/grad_norm") for key in tensorboard)
 
 
+@pytest.mark.parametrize("readout", ["sync", "deferred"])
+@framework
+def test_lightning_logs_each_update_at_its_own_step_once(tmp_path: Path, readout: str) -> None:
+    """Every step logged: a deferred read-out is waited for at the step that logs it, and
+    the end of training writes no second row for the last step."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gradtel.integrations.lightning import GradtelCallback
+
+    logger = CSVLogger(tmp_path / "csv")
+    callback = GradtelCallback(serve_metrics=False, on_warning="ignore", readout=readout)
+    fit(lightning_module({2: ("encoder", NAN, 3)}), tmp_path, [logger], callback, max_steps=6,
+        log_every_n_steps=1)  # fmt: skip
+    with (Path(logger.log_dir) / "metrics.csv").open(newline="") as file:
+        rows = [(int(row["step"]), row["gradtel/nan_total"]) for row in csv.DictReader(file)]
+    assert rows == [(step, "3.0" if step == 2 else "0.0") for step in range(6)]
+
+
 @framework
 def test_lightning_logs_nothing_with_the_option_off(tmp_path: Path) -> None:
     from lightning.pytorch.loggers import CSVLogger
@@ -388,12 +406,14 @@ def test_lightning_logs_nothing_with_the_option_off(tmp_path: Path) -> None:
         GradtelCallback(log_to_loggers=1)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("readout", ["sync", "deferred"])
 @framework
 def test_lightning_logger_path_adds_no_host_read(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, readout: str
 ) -> None:
     """The same healthy run with the loggers fed and not: gradtel's hooks read exactly as
-    many tensors to the host (its own read-out of each update) either way."""
+    many tensors to the host (its own read-out of each update) either way; a deferred
+    read-out is waited for at a logged step, never read twice."""
     from lightning.pytorch.loggers import CSVLogger
 
     from gradtel.integrations.lightning import GradtelCallback
@@ -403,7 +423,7 @@ def test_lightning_logger_path_adds_no_host_read(
     for feed in (True, False):
         logger = CSVLogger(tmp_path / f"csv-{feed}")
         callback = counted(GradtelCallback, monkeypatch, reads[feed])(
-            serve_metrics=False, log_to_loggers=feed
+            serve_metrics=False, log_to_loggers=feed, readout=readout
         )
         run = fit(
             lightning_module({}), tmp_path, [logger], callback, max_steps=6, log_every_n_steps=1
@@ -503,6 +523,48 @@ def test_transformers_report_to_tensorboard_gets_the_counts_at_their_steps(
         "train/gradtel/nan/transformer.h.0.mlp.c_proj": {4: 2.0},
     }
     assert sorted(found["train/loss"]) == [2, 4]
+
+
+@framework
+def test_transformers_deferred_counts_are_logged_at_their_step_and_on_an_early_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every step logged, and training stopped after step 3 (as ``EarlyStoppingCallback``
+    does): each update is in the log of its own step, the last one included."""
+    from transformers import TrainerCallback
+
+    from gradtel.integrations.transformers import GradtelTrainerCallback
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    callback = GradtelTrainerCallback(serve_metrics=False, on_warning="ignore", readout="deferred")
+    trainer = gpt2_trainer(tmp_path, callback, ["tensorboard"], max_steps=8, logging_steps=1)
+    making = [0]
+
+    class StopAfterStep3(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            making[0] = state.global_step + 1
+
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            for p in kwargs["model"].parameters():
+                torch.nan_to_num_(p.grad, nan=0.0)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            control.should_training_stop = state.global_step == 3
+
+    def poison(step: int, n: int) -> Callable[[torch.Tensor], None]:
+        def write(param: torch.Tensor) -> None:
+            if making[0] == step:
+                param.grad.view(-1)[:n] = NAN
+
+        return write
+
+    blocks = trainer.model.transformer.h
+    blocks[1].mlp.c_fc.weight.register_post_accumulate_grad_hook(poison(2, 3))
+    blocks[0].mlp.c_proj.weight.register_post_accumulate_grad_hook(poison(3, 2))
+    trainer.add_callback(StopAfterStep3())
+    trainer.train()
+    found = tensorboard_scalars(tmp_path / "tb")
+    assert found["train/gradtel/nan_total"] == {1: 0.0, 2: 3.0, 3: 2.0}
 
 
 @framework

@@ -154,7 +154,11 @@ class GradtelCallback(Callback):
         # other batch the updates wait in the tally. A healthy update adds no host sync:
         # the numbers are host tensors, which Lightning keeps on the host.
         stepped, self._stepped = self._stepped, False
-        if stepped and trainer._logger_connector.should_update_logs:
+        monitor = self.session.monitor
+        if stepped and monitor is not None and trainer._logger_connector.should_update_logs:
+            # A deferred read-out of this batch's update is waited for only here, where
+            # Lightning reads its own metrics to the host anyway: it is logged at its step.
+            monitor.flush()
             found = self._numbers_since_log()
             if found:
                 pl_module.log_dict(_on_host(found), on_step=True, on_epoch=False)
