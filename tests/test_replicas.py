@@ -114,7 +114,9 @@ def test_one_page_names_the_rank_whose_parameters_drifted(tmp_path: Path, store:
         assert len(pages) == 1, [str(p) for p in pages]
         assert page.severity == "critical"
         assert f"the parameters of rank {BAD_RANK} ({targets[BAD_RANK]}) differ" in page.description
-        hardware = f"Hardware: {targets[BAD_RANK]} (rank {BAD_RANK}) on host {socket.gethostname()}."
+        hardware = (
+            f"Hardware: {targets[BAD_RANK]} (rank {BAD_RANK}) on host {socket.gethostname()}."
+        )
         assert page.description.endswith(hardware), page.description
         others = [p for p in stack.receiver.pages if p.alertname != ALERT]
         assert others == [], [str(p) for p in others]
