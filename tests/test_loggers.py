@@ -4,6 +4,7 @@ updates between two logged steps summed, read back from the real loggers' files.
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -387,6 +388,26 @@ def test_lightning_logs_each_update_at_its_own_step_once(tmp_path: Path, readout
     with (Path(logger.log_dir) / "metrics.csv").open(newline="") as file:
         rows = [(int(row["step"]), row["gradtel/nan_total"]) for row in csv.DictReader(file)]
     assert rows == [(step, "3.0" if step == 2 else "0.0") for step in range(6)]
+
+
+@framework
+def test_lightning_logger_and_incident_record_give_an_update_the_same_step(
+    tmp_path: Path,
+) -> None:
+    """The step Lightning's own loggers give the batch that made the update."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gradtel.integrations.lightning import GradtelCallback
+
+    logger = CSVLogger(tmp_path / "csv")
+    record = tmp_path / "incidents.jsonl"
+    callback = GradtelCallback(serve_metrics=False, on_warning="ignore", incident_log=record)
+    fit(lightning_module({2: ("encoder", NAN, 3)}), tmp_path, [logger], callback, max_steps=4,
+        log_every_n_steps=1)  # fmt: skip
+    found = csv_scalars(Path(logger.log_dir) / "metrics.csv")
+    assert [step for step, n in found["gradtel/nan_total"].items() if n] == [2]
+    assert sorted(found["train_loss"]) == [0, 1, 2, 3]
+    assert [json.loads(line)["step"] for line in record.read_text().splitlines()] == [2]
 
 
 @framework
