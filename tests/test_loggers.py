@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.sdk.metrics import MeterProvider
 from prometheus_client import CollectorRegistry
@@ -151,6 +151,21 @@ def test_nothing_non_finite_ever_reaches_a_logger(updates: list[GradHealth]) -> 
     assert summed["gradtel/status"] == max(
         h.status.level if not h.amp_overflow else 0 for h in updates
     )
+
+
+layer_names = st.sets(st.text(min_size=1, max_size=8), min_size=1, max_size=6)
+
+
+@settings(deadline=None)  # the first example imports MLflow
+@given(layer_names | st.just({"(root)", "_root_", "a b", "a_b", "a/b", "a:2f:b", ".", ".."}))
+def test_each_layer_gets_its_own_key_and_mlflow_takes_every_key(layers: set[str]) -> None:
+    from mlflow.utils.validation import _validate_metric_name
+
+    found = GradHealth(nan_by_layer=dict.fromkeys(layers, 1)).scalars()
+    keys = [key for key in found if key.startswith("gradtel/nan/")]
+    assert len(keys) == len(layers)  # no two layers' counts merged into one key
+    for key in found:
+        _validate_metric_name(key)  # raises for a key MLflow refuses
 
 
 # --- the monitor hands every update's health to its listeners -------------------------------
