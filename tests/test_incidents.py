@@ -207,6 +207,28 @@ def test_the_file_is_capped(tmp_path: Path) -> None:
     assert lines(path)[-1]["step"] == 199  # the newest is kept
 
 
+def test_the_command_reads_the_rotated_file_first_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "incidents.jsonl"
+    errors: list[Exception] = []
+    log = IncidentLog(path, on_error=errors.append, max_bytes=2000)
+    for step in range(1, 21):
+        log.write(GradHealth(nan_by_layer={"encoder.layers.0.attn": 3}, step=step), "warn", 1e9)
+    log.close()
+    assert errors == []
+    older = path.with_name("incidents.jsonl.1")
+    kept = len(lines(older)) + len(lines(path))
+    assert older.exists() and kept > len(lines(path))
+    for given in ([path], [older, path], [path, older]):  # given or not, each file read once
+        assert main(["incidents", *map(str, given)]) == 0
+        out, err = capsys.readouterr()
+        steps = [int(row.split()[0]) for row in out.splitlines()[1:]]
+        assert steps == list(range(21 - kept, 21))
+        said = f"also reading the older incidents of {older}"
+        assert err.count(said) == (given == [path])
+
+
 def test_an_unwritable_path_never_reaches_training_and_is_counted(
     tmp_path: Path, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:

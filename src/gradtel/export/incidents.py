@@ -36,6 +36,7 @@ __all__ = [
     "check_path",
     "incident",
     "rank_path",
+    "rotated_path",
 ]
 
 ENV_VAR = "GRADTEL_INCIDENT_LOG"
@@ -44,6 +45,11 @@ MAX_BYTES = 10 * 2**20
 """Size past which a rank's file is rotated to ``PATH.1``: at most 2 × 10 MiB per rank."""
 RANK_PLACEHOLDER = "{rank}"
 """Replaced by the process's rank (0 outside a distributed run) in ``incident_log``."""
+
+
+def rotated_path(path: Path) -> Path:
+    """Where the older incidents of ``path`` are once it was rotated: ``PATH.1``."""
+    return path.with_name(f"{path.name}.1")
 
 
 def check_path(argument: str, value: object) -> str | None:

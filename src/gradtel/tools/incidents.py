@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["Timeline", "plot", "read", "run", "table"]
+from ..export.incidents import rotated_path
+
+__all__ = ["Timeline", "plot", "read", "run", "table", "with_rotated"]
 
 _COLUMNS = ("step", "time (UTC)", "rank", "host", "status", "NaN", "Inf", "first bad layer")
 _MORE = ("origin", "loss", "norm", "action", "layers")
@@ -176,9 +178,30 @@ def _layer_counts(record: dict[str, Any]) -> dict[str, int]:
     return found
 
 
+def with_rotated(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
+    """``paths``, each preceded by the file it was rotated to (``PATH.1``, its older
+    incidents) when that exists and is not given too; and those rotated files."""
+    every: list[Path] = []
+    rotated: list[Path] = []
+    for path in paths:
+        older = rotated_path(path)
+        if older not in paths and older not in rotated and older.is_file():
+            rotated.append(older)
+            every.append(older)
+        every.append(path)
+    return every, rotated
+
+
 def run(paths: Sequence[Path], plot_to: Path | None, out: TextIO | None = None) -> int:
-    """``gradtel incidents``: print the timeline, report skipped lines on stderr, and draw
-    it with ``plot_to``. Returns the exit code (1: matplotlib missing for ``--plot``)."""
+    """``gradtel incidents``: print the timeline (with the rotated ``PATH.1`` of each
+    ``PATH``), report skipped lines on stderr, and draw it with ``plot_to``. Returns the
+    exit code (1: matplotlib missing for ``--plot``)."""
+    paths, rotated = with_rotated(paths)
+    if rotated:
+        print(
+            f"gradtel incidents: also reading the older incidents of {', '.join(map(str, rotated))}",
+            file=sys.stderr,
+        )
     timeline = read(paths)
     for problem in timeline.problems:
         print(f"gradtel incidents: {problem}", file=sys.stderr)
