@@ -426,6 +426,23 @@ def test_lightning_logger_and_incident_record_give_an_update_the_same_step(
 
 
 @framework
+def test_a_lightning_callback_fit_twice_logs_no_key_of_the_first_fit(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gradtel.integrations.lightning import GradtelCallback
+
+    callback = GradtelCallback(serve_metrics=False, on_warning="ignore")
+    for fit_number, layer in ((1, "encoder"), (2, "head")):
+        logger = CSVLogger(tmp_path / f"csv{fit_number}")
+        fit(lightning_module({2: (layer, NAN, 3)}), tmp_path, [logger], callback, max_steps=4,
+            log_every_n_steps=1)  # fmt: skip
+    found = csv_scalars(Path(logger.log_dir) / "metrics.csv")
+    assert {key: steps for key, steps in found.items() if key.startswith("gradtel/nan/")} == {
+        "gradtel/nan/head": {2: 3.0, 3: 0.0}
+    }
+
+
+@framework
 def test_lightning_logs_nothing_with_the_option_off(tmp_path: Path) -> None:
     from lightning.pytorch.loggers import CSVLogger
 

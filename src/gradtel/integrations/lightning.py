@@ -102,7 +102,10 @@ class GradtelCallback(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         monitor = self.session.start(pl_module)
-        self._since_log.take()  # a tally left by an earlier fit belongs to it
+        # A tally, keys or a step left by an earlier fit belong to it.
+        self._since_log.take()
+        self._counts.clear()
+        self._stepped, self._loss = False, None
         if self.log_to_loggers and trainer.loggers:
             monitor.subscribe(self._since_log.add)
         if self.session.protect_checkpoints and not self._undo:
