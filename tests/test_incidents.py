@@ -397,6 +397,28 @@ def test_plot_draws_a_picture_of_both_ranks(
     assert pixels.shape[0] > 300 and pixels.std() > 0.05  # not blank
 
 
+def test_plot_keeps_the_ten_layers_with_the_most_values_and_groups_the_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gradtel.tools.incidents import OTHER_LAYERS, legend_layers, read
+
+    path = tmp_path / "incidents.jsonl"
+    log = IncidentLog(path, on_error=print)
+    for step in (1, 2):  # a NaN spread to every layer, the most in the last ones
+        log.write(GradHealth(nan_by_layer={f"l{i:02}": i for i in range(1, 31)}, step=step),
+                  "warn", 1e9)  # fmt: skip
+    log.close()
+    legend = legend_layers(read([path]).incidents)
+    assert list(dict.fromkeys(legend.values())) == [f"l{i:02}" for i in range(30, 20, -1)] + [
+        OTHER_LAYERS
+    ]
+    assert len(legend) == 30
+    picture = tmp_path / "incidents.png"
+    assert main(["incidents", str(path), "--plot", str(picture)]) == 0
+    assert "tight_layout" not in capsys.readouterr().err  # the legend fits beside the axes
+    assert picture.stat().st_size > 10_000
+
+
 def test_plot_without_matplotlib_says_how_to_install_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -13,10 +13,22 @@ from typing import Any, TextIO
 
 from ..export.incidents import rotated_path
 
-__all__ = ["Timeline", "plot", "read", "run", "table", "with_rotated"]
+__all__ = [
+    "OTHER_LAYERS",
+    "Timeline",
+    "legend_layers",
+    "plot",
+    "read",
+    "run",
+    "table",
+    "with_rotated",
+]
 
 _COLUMNS = ("step", "time (UTC)", "rank", "host", "status", "NaN", "Inf", "first bad layer")
 _MORE = ("origin", "loss", "norm", "action", "layers")
+
+OTHER_LAYERS = "other layers"
+"""The plot's legend name for the layers past its top ten."""
 
 _NEEDED = ("step", "time", "rank", "status", "nan", "inf")
 """Fields a line must hold to be placed on the timeline."""
@@ -106,8 +118,9 @@ def _known(flag: object, yes: str, no: str) -> str:
 
 def plot(incidents: Sequence[dict[str, Any]], target: Path) -> None:
     """Draw the non-finite counts per layer (top, log scale) and the gradient norm (bottom)
-    over steps into ``target`` (a PNG): one colour per layer, one marker shape per rank, a
-    black edge where the incident originated on that rank.
+    over steps into ``target`` (a PNG): one colour per layer (the ten with the most
+    values, the others silver as "other layers"), one marker shape per rank, a black edge
+    where the incident originated on that rank.
 
     Raises:
         ModuleNotFoundError: matplotlib is not installed.
@@ -120,17 +133,20 @@ def plot(incidents: Sequence[dict[str, Any]], target: Path) -> None:
 
     ranks = sorted({r["rank"] for r in incidents})
     markers = dict(zip(ranks, "os^Dv<>phX*" * (len(ranks) // 11 + 1)))
-    layers = sorted({layer for r in incidents for layer in _layer_counts(r)})
-    colours = {layer: f"C{i % 10}" for i, layer in enumerate(layers)}
+    legend = legend_layers(incidents)
+    layers = list(dict.fromkeys(legend.values()))  # most values first, "other layers" last
+    palette = [f"C{i}" for i in range(10) if i != 7] + ["navy"]  # C7 is grey
+    colours = {OTHER_LAYERS: "silver", **dict(zip(layers, palette))}
     steps = [r["step"] for r in incidents] or [0]
     span = max(max(steps) - min(steps), 10)
     fig, (counts, norms) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    labelled: set[str] = set()
     for index, rank in enumerate(ranks):
         mine = [r for r in incidents if r["rank"] == rank]
         # Ranks side by side around their step: after an all-reduce they report alike.
         nudge = 0.012 * span * (index - (len(ranks) - 1) / 2)
         for layer in layers:
-            found = [(r, n) for r in mine if (n := _layer_counts(r).get(layer))]
+            found = [(r, n) for r in mine if (n := _grouped(r, legend).get(layer))]
             if found:
                 counts.scatter(
                     [r["step"] + nudge for r, _ in found],
@@ -138,8 +154,10 @@ def plot(incidents: Sequence[dict[str, Any]], target: Path) -> None:
                     marker=markers[rank],
                     color=colours[layer],
                     edgecolors=["black" if r.get("origin") else "none" for r, _ in found],
-                    label=f"{layer} (rank {rank})",
+                    # One entry per layer; the ranks' markers have their own.
+                    label=layer if layer not in labelled else "_nolegend_",
                 )
+                labelled.add(layer)
         for key, fill, what in (
             ("grad_norm", True, "norm"),
             ("last_finite_grad_norm", False, "last finite norm before"),
@@ -153,6 +171,10 @@ def plot(incidents: Sequence[dict[str, Any]], target: Path) -> None:
                     edgecolors=f"C{index % 10}",
                     label=f"rank {rank}: {what}",
                 )
+    if len(ranks) > 1:
+        for rank in ranks:  # the markers' key, apart from the layers' colours
+            counts.scatter([], [], marker=markers[rank], color="none", edgecolors="black",
+                           label=f"rank {rank}")  # fmt: skip
     runs = sorted({str(r.get("run")) for r in incidents if r.get("run")})
     fig.suptitle("gradtel incidents" + (f" of {', '.join(runs)}" if runs else ""))
     counts.set_yscale("log")
@@ -168,6 +190,27 @@ def plot(incidents: Sequence[dict[str, Any]], target: Path) -> None:
     fig.tight_layout()
     fig.savefig(target, dpi=80)
     plt.close(fig)
+
+
+def legend_layers(incidents: Sequence[dict[str, Any]], keep: int = 10) -> dict[str, str]:
+    """Each layer of ``incidents`` and the name the plot's legend gives it: the ``keep``
+    layers with the most non-finite values keep theirs, most first; the others (a NaN
+    spreads to every layer in backward) are :data:`OTHER_LAYERS`, so the legend stays
+    readable."""
+    totals: dict[str, int] = {}
+    for record in incidents:
+        for layer, n in _layer_counts(record).items():
+            totals[layer] = totals.get(layer, 0) + n
+    ranked = sorted(totals, key=lambda layer: (-totals[layer], layer))
+    return {layer: layer if i < keep else OTHER_LAYERS for i, layer in enumerate(ranked)}
+
+
+def _grouped(record: dict[str, Any], legend: dict[str, str]) -> dict[str, int]:
+    """The record's counts per legend name."""
+    found: dict[str, int] = {}
+    for layer, n in _layer_counts(record).items():
+        found[legend[layer]] = found.get(legend[layer], 0) + n
+    return found
 
 
 def _layer_counts(record: dict[str, Any]) -> dict[str, int]:
