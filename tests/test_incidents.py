@@ -6,6 +6,7 @@ never sees; one file per rank; and the ranks' files merged into one timeline and
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from .conftest import net, sample, samples
 from .test_distributed import torchrun
 
 FIELDS = {
-    "step", "time", "run", "rank", "host", "status", "amp_overflow", "unscanned", "nan", "inf",
+    "step", "update", "time", "run", "rank", "host", "status", "amp_overflow", "unscanned", "nan", "inf",
     "nan_by_layer", "inf_by_layer", "first_bad_layer", "origin", "loss_finite", "grad_norm",
     "last_finite_grad_norm", "action",
 }  # fmt: skip
@@ -95,6 +96,7 @@ def test_each_kind_of_incident_writes_one_line_and_a_healthy_update_none(
     unhealthy, amp, unknown = lines(path)
     assert all(set(record) == FIELDS for record in (unhealthy, amp, unknown))
     assert [r["step"] for r in (unhealthy, amp, unknown)] == [11, 12, 13]
+    assert [r["update"] for r in (unhealthy, amp, unknown)] == [2, 3, 4]  # the monitor's count
     assert unhealthy == {
         **unhealthy,
         "run": None,
@@ -178,6 +180,37 @@ def test_an_attached_monitor_records_the_users_step(
     handle.remove()
     monitor.close()
     assert [(r["step"], r["status"]) for r in lines(path)] == [(501, "critical")]
+
+
+def test_after_a_rollback_the_update_number_orders_the_incidents(
+    tmp_path: Path, provider: MeterProvider, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Steps 5 and 9 unhealthy, a rollback to the checkpoint of step 3, then step 6: the
+    timeline is in step order, and the update column and the milliseconds tell when."""
+    path = tmp_path / "incidents.jsonl"
+    model = net()
+    monitor = GradMonitor(model, meter_provider=provider, incident_log=path, on_warning="ignore")
+
+    def update(step: int, bad: bool) -> None:
+        backward(model)
+        if bad:
+            model[0].bias.grad[0] = float("nan")
+        monitor.collect(step=step)
+
+    for step in range(1, 11):
+        update(step, step in (5, 9))
+    monitor.reset_health()
+    for step in range(4, 8):
+        update(step, step == 6)
+    monitor.close()
+    assert [(r["step"], r["update"]) for r in lines(path)] == [(5, 5), (9, 9), (6, 13)]
+    assert main(["incidents", str(path)]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split()[11] == "update"  # in a row: after the 1-word first bad layer, [9]
+    assert [(row.split()[0], row.split()[9]) for row in rows] == [
+        ("5", "5"), ("6", "13"), ("9", "9"),
+    ]  # fmt: skip
+    assert all(re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3}", row.split()[2]) for row in rows)
 
 
 def test_a_sampled_out_update_is_no_incident(tmp_path: Path, provider: MeterProvider) -> None:
@@ -463,7 +496,7 @@ def test_a_torchrun_job_gives_one_timeline_naming_both_ranks_incidents(job: Path
     rows = [row.split() for row in run.stdout.splitlines()[1:]]
     # step, rank, origin: after the all-reduce both ranks hold each NaN; origin says whose.
     assert [r[0] for r in rows] == ["103", "103", "105", "105"], run.stdout  # step order
-    assert sorted((r[0], r[3], r[9], r[10]) for r in rows) == [
+    assert sorted((r[0], r[3], r[10], r[11]) for r in rows) == [  # r[9]: the update number
         ("103", "0", "here", "NON-FINITE"),
         ("103", "1", "elsewhere", "finite"),
         ("105", "0", "elsewhere", "finite"),

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 _COLUMNS = ("step", "time (UTC)", "rank", "host", "status", "NaN", "Inf", "first bad layer")
-_MORE = ("origin", "loss", "norm", "action", "layers")
+_MORE = ("update", "origin", "loss", "norm", "action", "layers")
 
 OTHER_LAYERS = "other layers"
 """The plot's legend name for the layers past its top ten."""
@@ -90,7 +90,8 @@ def table(incidents: Sequence[dict[str, Any]], out: TextIO) -> None:
 
 
 def _row(r: dict[str, Any]) -> list[str]:
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["time"]))
+    # To the millisecond, as recorded: the incidents of one second stay apart.
+    stamp = datetime.fromtimestamp(r["time"], UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
     status = "amp_skipped" if r.get("amp_overflow") else str(r["status"])
     if r.get("unscanned"):
         status += f" ({r['unscanned']})"
@@ -104,6 +105,7 @@ def _row(r: dict[str, Any]) -> list[str]:
         str(r["nan"]),
         str(r["inf"]),
         str(r.get("first_bad_layer") or "-"),
+        str(r.get("update") or "-"),
         _known(r.get("origin"), "here", "elsewhere"),
         _known(r.get("loss_finite"), "finite", "NON-FINITE"),
         "-" if r.get("grad_norm") is None else f"{r['grad_norm']:.4g}",
