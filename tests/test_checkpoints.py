@@ -164,8 +164,9 @@ def test_lightning_model_checkpoint_keeps_the_last_healthy_checkpoint(
         assert on_disk == ["epoch=0-step=2.ckpt"]
         assert finite(saved["state_dict"])
         assert (
-            "gradtel: not saving a checkpoint at step 3: the weights took the warning update of step 3 "
-            "(3 NaN, 0 Inf); the last healthy step was 2." in caplog.text
+            # The checkpoint's step=3 (after 3 updates); the update's step as Lightning logs it.
+            "gradtel: not saving a checkpoint at step 3: the weights took the warning update of step 2 "
+            "(3 NaN, 0 Inf); the last healthy step was 1." in caplog.text
         )
     else:  # what protection prevents: the healthy checkpoint rotated out, a poisoned one in its place
         assert on_disk == ["epoch=0-step=5.ckpt"]

@@ -6,6 +6,7 @@ never sees; one file per rank; and the ranks' files merged into one timeline and
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from .conftest import net, sample, samples
 from .test_distributed import torchrun
 
 FIELDS = {
-    "step", "time", "run", "rank", "host", "status", "amp_overflow", "unscanned", "nan", "inf",
+    "step", "update", "time", "run", "rank", "host", "status", "amp_overflow", "unscanned", "nan", "inf",
     "nan_by_layer", "inf_by_layer", "first_bad_layer", "origin", "loss_finite", "grad_norm",
     "last_finite_grad_norm", "action",
 }  # fmt: skip
@@ -95,6 +96,7 @@ def test_each_kind_of_incident_writes_one_line_and_a_healthy_update_none(
     unhealthy, amp, unknown = lines(path)
     assert all(set(record) == FIELDS for record in (unhealthy, amp, unknown))
     assert [r["step"] for r in (unhealthy, amp, unknown)] == [11, 12, 13]
+    assert [r["update"] for r in (unhealthy, amp, unknown)] == [2, 3, 4]  # the monitor's count
     assert unhealthy == {
         **unhealthy,
         "run": None,
@@ -180,6 +182,37 @@ def test_an_attached_monitor_records_the_users_step(
     assert [(r["step"], r["status"]) for r in lines(path)] == [(501, "critical")]
 
 
+def test_after_a_rollback_the_update_number_orders_the_incidents(
+    tmp_path: Path, provider: MeterProvider, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Steps 5 and 9 unhealthy, a rollback to the checkpoint of step 3, then step 6: the
+    timeline is in step order, and the update column and the milliseconds tell when."""
+    path = tmp_path / "incidents.jsonl"
+    model = net()
+    monitor = GradMonitor(model, meter_provider=provider, incident_log=path, on_warning="ignore")
+
+    def update(step: int, bad: bool) -> None:
+        backward(model)
+        if bad:
+            model[0].bias.grad[0] = float("nan")
+        monitor.collect(step=step)
+
+    for step in range(1, 11):
+        update(step, step in (5, 9))
+    monitor.reset_health()
+    for step in range(4, 8):
+        update(step, step == 6)
+    monitor.close()
+    assert [(r["step"], r["update"]) for r in lines(path)] == [(5, 5), (9, 9), (6, 13)]
+    assert main(["incidents", str(path)]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split()[11] == "update"  # in a row: after the 1-word first bad layer, [9]
+    assert [(row.split()[0], row.split()[9]) for row in rows] == [
+        ("5", "5"), ("6", "13"), ("9", "9"),
+    ]  # fmt: skip
+    assert all(re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3}", row.split()[2]) for row in rows)
+
+
 def test_a_sampled_out_update_is_no_incident(tmp_path: Path, provider: MeterProvider) -> None:
     path = tmp_path / "incidents.jsonl"
     model = net()
@@ -205,6 +238,28 @@ def test_the_file_is_capped(tmp_path: Path) -> None:
     assert path.stat().st_size <= 2000
     assert path.with_name("incidents.jsonl.1").stat().st_size <= 2000
     assert lines(path)[-1]["step"] == 199  # the newest is kept
+
+
+def test_the_command_reads_the_rotated_file_first_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "incidents.jsonl"
+    errors: list[Exception] = []
+    log = IncidentLog(path, on_error=errors.append, max_bytes=2000)
+    for step in range(1, 21):
+        log.write(GradHealth(nan_by_layer={"encoder.layers.0.attn": 3}, step=step), "warn", 1e9)
+    log.close()
+    assert errors == []
+    older = path.with_name("incidents.jsonl.1")
+    kept = len(lines(older)) + len(lines(path))
+    assert older.exists() and kept > len(lines(path))
+    for given in ([path], [older, path], [path, older]):  # given or not, each file read once
+        assert main(["incidents", *map(str, given)]) == 0
+        out, err = capsys.readouterr()
+        steps = [int(row.split()[0]) for row in out.splitlines()[1:]]
+        assert steps == list(range(21 - kept, 21))
+        said = f"also reading the older incidents of {older}"
+        assert err.count(said) == (given == [path])
 
 
 def test_an_unwritable_path_never_reaches_training_and_is_counted(
@@ -375,6 +430,28 @@ def test_plot_draws_a_picture_of_both_ranks(
     assert pixels.shape[0] > 300 and pixels.std() > 0.05  # not blank
 
 
+def test_plot_keeps_the_ten_layers_with_the_most_values_and_groups_the_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gradtel.tools.incidents import OTHER_LAYERS, legend_layers, read
+
+    path = tmp_path / "incidents.jsonl"
+    log = IncidentLog(path, on_error=print)
+    for step in (1, 2):  # a NaN spread to every layer, the most in the last ones
+        log.write(GradHealth(nan_by_layer={f"l{i:02}": i for i in range(1, 31)}, step=step),
+                  "warn", 1e9)  # fmt: skip
+    log.close()
+    legend = legend_layers(read([path]).incidents)
+    assert list(dict.fromkeys(legend.values())) == [f"l{i:02}" for i in range(30, 20, -1)] + [
+        OTHER_LAYERS
+    ]
+    assert len(legend) == 30
+    picture = tmp_path / "incidents.png"
+    assert main(["incidents", str(path), "--plot", str(picture)]) == 0
+    assert "tight_layout" not in capsys.readouterr().err  # the legend fits beside the axes
+    assert picture.stat().st_size > 10_000
+
+
 def test_plot_without_matplotlib_says_how_to_install_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -419,7 +496,7 @@ def test_a_torchrun_job_gives_one_timeline_naming_both_ranks_incidents(job: Path
     rows = [row.split() for row in run.stdout.splitlines()[1:]]
     # step, rank, origin: after the all-reduce both ranks hold each NaN; origin says whose.
     assert [r[0] for r in rows] == ["103", "103", "105", "105"], run.stdout  # step order
-    assert sorted((r[0], r[3], r[9], r[10]) for r in rows) == [
+    assert sorted((r[0], r[3], r[10], r[11]) for r in rows) == [  # r[9]: the update number
         ("103", "0", "here", "NON-FINITE"),
         ("103", "1", "elsewhere", "finite"),
         ("105", "0", "elsewhere", "finite"),

@@ -4,6 +4,7 @@ updates between two logged steps summed, read back from the real loggers' files.
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -12,7 +13,7 @@ from typing import Any, TypeVar
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.sdk.metrics import MeterProvider
 from prometheus_client import CollectorRegistry
@@ -150,6 +151,21 @@ def test_nothing_non_finite_ever_reaches_a_logger(updates: list[GradHealth]) -> 
     assert summed["gradtel/status"] == max(
         h.status.level if not h.amp_overflow else 0 for h in updates
     )
+
+
+layer_names = st.sets(st.text(min_size=1, max_size=8), min_size=1, max_size=6)
+
+
+@settings(deadline=None)  # the first example imports MLflow
+@given(layer_names | st.just({"(root)", "_root_", "a b", "a_b", "a/b", "a:2f:b", ".", ".."}))
+def test_each_layer_gets_its_own_key_and_mlflow_takes_every_key(layers: set[str]) -> None:
+    from mlflow.utils.validation import _validate_metric_name
+
+    found = GradHealth(nan_by_layer=dict.fromkeys(layers, 1)).scalars()
+    keys = [key for key in found if key.startswith("gradtel/nan/")]
+    assert len(keys) == len(layers)  # no two layers' counts merged into one key
+    for key in found:
+        _validate_metric_name(key)  # raises for a key MLflow refuses
 
 
 # --- the monitor hands every update's health to its listeners -------------------------------
@@ -371,6 +387,61 @@ def test_lightning_loggers_get_the_counts_at_their_steps(
     assert not any(key.startswith("gradtel/grad_norm") for key in tensorboard)
 
 
+@pytest.mark.parametrize("readout", ["sync", "deferred"])
+@framework
+def test_lightning_logs_each_update_at_its_own_step_once(tmp_path: Path, readout: str) -> None:
+    """Every step logged: a deferred read-out is waited for at the step that logs it, and
+    the end of training writes no second row for the last step."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gradtel.integrations.lightning import GradtelCallback
+
+    logger = CSVLogger(tmp_path / "csv")
+    callback = GradtelCallback(serve_metrics=False, on_warning="ignore", readout=readout)
+    fit(lightning_module({2: ("encoder", NAN, 3)}), tmp_path, [logger], callback, max_steps=6,
+        log_every_n_steps=1)  # fmt: skip
+    with (Path(logger.log_dir) / "metrics.csv").open(newline="") as file:
+        rows = [(int(row["step"]), row["gradtel/nan_total"]) for row in csv.DictReader(file)]
+    assert rows == [(step, "3.0" if step == 2 else "0.0") for step in range(6)]
+
+
+@framework
+def test_lightning_logger_and_incident_record_give_an_update_the_same_step(
+    tmp_path: Path,
+) -> None:
+    """The step Lightning's own loggers give the batch that made the update."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gradtel.integrations.lightning import GradtelCallback
+
+    logger = CSVLogger(tmp_path / "csv")
+    record = tmp_path / "incidents.jsonl"
+    callback = GradtelCallback(serve_metrics=False, on_warning="ignore", incident_log=record)
+    fit(lightning_module({2: ("encoder", NAN, 3)}), tmp_path, [logger], callback, max_steps=4,
+        log_every_n_steps=1)  # fmt: skip
+    found = csv_scalars(Path(logger.log_dir) / "metrics.csv")
+    assert [step for step, n in found["gradtel/nan_total"].items() if n] == [2]
+    assert sorted(found["train_loss"]) == [0, 1, 2, 3]
+    assert [json.loads(line)["step"] for line in record.read_text().splitlines()] == [2]
+
+
+@framework
+def test_a_lightning_callback_fit_twice_logs_no_key_of_the_first_fit(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gradtel.integrations.lightning import GradtelCallback
+
+    callback = GradtelCallback(serve_metrics=False, on_warning="ignore")
+    for fit_number, layer in ((1, "encoder"), (2, "head")):
+        logger = CSVLogger(tmp_path / f"csv{fit_number}")
+        fit(lightning_module({2: (layer, NAN, 3)}), tmp_path, [logger], callback, max_steps=4,
+            log_every_n_steps=1)  # fmt: skip
+    found = csv_scalars(Path(logger.log_dir) / "metrics.csv")
+    assert {key: steps for key, steps in found.items() if key.startswith("gradtel/nan/")} == {
+        "gradtel/nan/head": {2: 3.0, 3: 0.0}
+    }
+
+
 @framework
 def test_lightning_logs_nothing_with_the_option_off(tmp_path: Path) -> None:
     from lightning.pytorch.loggers import CSVLogger
@@ -388,12 +459,14 @@ def test_lightning_logs_nothing_with_the_option_off(tmp_path: Path) -> None:
         GradtelCallback(log_to_loggers=1)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("readout", ["sync", "deferred"])
 @framework
 def test_lightning_logger_path_adds_no_host_read(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, readout: str
 ) -> None:
     """The same healthy run with the loggers fed and not: gradtel's hooks read exactly as
-    many tensors to the host (its own read-out of each update) either way."""
+    many tensors to the host (its own read-out of each update) either way; a deferred
+    read-out is waited for at a logged step, never read twice."""
     from lightning.pytorch.loggers import CSVLogger
 
     from gradtel.integrations.lightning import GradtelCallback
@@ -403,7 +476,7 @@ def test_lightning_logger_path_adds_no_host_read(
     for feed in (True, False):
         logger = CSVLogger(tmp_path / f"csv-{feed}")
         callback = counted(GradtelCallback, monkeypatch, reads[feed])(
-            serve_metrics=False, log_to_loggers=feed
+            serve_metrics=False, log_to_loggers=feed, readout=readout
         )
         run = fit(
             lightning_module({}), tmp_path, [logger], callback, max_steps=6, log_every_n_steps=1
@@ -503,6 +576,48 @@ def test_transformers_report_to_tensorboard_gets_the_counts_at_their_steps(
         "train/gradtel/nan/transformer.h.0.mlp.c_proj": {4: 2.0},
     }
     assert sorted(found["train/loss"]) == [2, 4]
+
+
+@framework
+def test_transformers_deferred_counts_are_logged_at_their_step_and_on_an_early_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every step logged, and training stopped after step 3 (as ``EarlyStoppingCallback``
+    does): each update is in the log of its own step, the last one included."""
+    from transformers import TrainerCallback
+
+    from gradtel.integrations.transformers import GradtelTrainerCallback
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    callback = GradtelTrainerCallback(serve_metrics=False, on_warning="ignore", readout="deferred")
+    trainer = gpt2_trainer(tmp_path, callback, ["tensorboard"], max_steps=8, logging_steps=1)
+    making = [0]
+
+    class StopAfterStep3(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            making[0] = state.global_step + 1
+
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            for p in kwargs["model"].parameters():
+                torch.nan_to_num_(p.grad, nan=0.0)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            control.should_training_stop = state.global_step == 3
+
+    def poison(step: int, n: int) -> Callable[[torch.Tensor], None]:
+        def write(param: torch.Tensor) -> None:
+            if making[0] == step:
+                param.grad.view(-1)[:n] = NAN
+
+        return write
+
+    blocks = trainer.model.transformer.h
+    blocks[1].mlp.c_fc.weight.register_post_accumulate_grad_hook(poison(2, 3))
+    blocks[0].mlp.c_proj.weight.register_post_accumulate_grad_hook(poison(3, 2))
+    trainer.add_callback(StopAfterStep3())
+    trainer.train()
+    found = tensorboard_scalars(tmp_path / "tb")
+    assert found["train/gradtel/nan_total"] == {1: 0.0, 2: 3.0, 3: 2.0}
 
 
 @framework

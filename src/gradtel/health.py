@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from .pipeline.layers import ROOT_LAYER
+
 __all__ = ["GradHealth", "HealthTally", "Status", "Thresholds"]
 
 
@@ -255,9 +257,28 @@ class GradHealth:
         return line
 
 
-_NOT_IN_LOGGER_KEYS = re.compile(r"[^\w.\-]")
-"""Characters some loggers refuse in a key (MLflow takes no parentheses): ``(root)`` is
-logged as ``_root_``."""
+_KEPT_IN_LOGGER_KEYS = re.compile(r"[\w.\- ]")
+"""Characters a layer keeps in a logger's key: MLflow refuses parentheses, and a ``/``
+would make a layer's key a path of several parts."""
+
+
+def logger_key(layer: str) -> str:
+    """The part of a logger's key that names ``layer``, one per layer (no two layers share
+    a key) and accepted by MLflow: ``(root)`` is ``_root_``; another character than a
+    letter, digit, ``_``, ``-``, ``.`` or space, and a leading ``.``, is written as
+    ``:<hex code>:`` (so a ``:`` starts an escape only); a layer named ``_root_`` is
+    ``:5f:root_``.
+
+    >>> logger_key("(root)"), logger_key("blocks.a b"), logger_key("enc/fc:1")
+    ('_root_', 'blocks.a b', 'enc:2f:fc:3a:1')
+    """
+    if layer == ROOT_LAYER:
+        return "_root_"
+    key = "".join(
+        c if _KEPT_IN_LOGGER_KEYS.fullmatch(c) and not (i == 0 and c == ".") else f":{ord(c):x}:"
+        for i, c in enumerate(layer)
+    )
+    return ":5f:root_" if key == "_root_" else key
 
 
 class HealthTally:
@@ -335,7 +356,6 @@ class HealthTally:
                 found[f"{prefix}amp_overflows"] = float(self._amp_overflows)
             for kind, counts in (("nan", self._nan), ("inf", self._inf)):
                 for layer, n in counts.items():
-                    key = f"{prefix}{kind}/{_NOT_IN_LOGGER_KEYS.sub('_', layer)}"
-                    found[key] = found.get(key, 0.0) + n
+                    found[f"{prefix}{kind}/{logger_key(layer)}"] = float(n)
             self._clear()
             return found

@@ -526,7 +526,7 @@ class GradMonitor:
         self._tell(health)
         action = None if health.amp_overflow else self._policy.action(health)
         if self._incidents is not None:
-            self._incidents.write(health, action, update.timestamp)
+            self._incidents.write(health, action, update.timestamp, update.sequence)
         if health.unscanned is not None:
             return health
         self._weights.note(health, "skip" if scaler_skips else action)  # what reaches the weights

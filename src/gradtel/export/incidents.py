@@ -36,6 +36,7 @@ __all__ = [
     "check_path",
     "incident",
     "rank_path",
+    "rotated_path",
 ]
 
 ENV_VAR = "GRADTEL_INCIDENT_LOG"
@@ -44,6 +45,11 @@ MAX_BYTES = 10 * 2**20
 """Size past which a rank's file is rotated to ``PATH.1``: at most 2 × 10 MiB per rank."""
 RANK_PLACEHOLDER = "{rank}"
 """Replaced by the process's rank (0 outside a distributed run) in ``incident_log``."""
+
+
+def rotated_path(path: Path) -> Path:
+    """Where the older incidents of ``path`` are once it was rotated: ``PATH.1``."""
+    return path.with_name(f"{path.name}.1")
 
 
 def check_path(argument: str, value: object) -> str | None:
@@ -94,12 +100,16 @@ def incident(
     timestamp: float,
     identity: dict[str, Any],
     last_finite_norm: float | None = None,
+    update: int | None = None,
 ) -> dict[str, Any]:
     """The record of one incident, as it is written (no NaN or Infinity: JSON has none).
-    ``last_finite_norm``: the gradient norm of the latest earlier update where it was finite."""
+    ``last_finite_norm``: the gradient norm of the latest earlier update where it was finite.
+    ``update``: the monitor's own count of updates, which orders a process's incidents
+    whatever the steps do (a rollback to an earlier checkpoint numbers steps again)."""
     local_known = health.local_nan_total is not None
     return {
         "step": health.step,
+        "update": update,
         "time": round(timestamp, 3),
         **identity,
         "status": health.status.value,
@@ -166,17 +176,20 @@ class IncidentLog:
             return None
         return cls(rank_path(path, process_attributes().get("rank")), on_error=on_error)
 
-    def write(self, health: GradHealth, action: str | None, timestamp: float) -> None:
-        """Write ``health``'s line if it is an incident; ``action`` is what the policy did.
-        Every concluded update comes here: a healthy one leaves its gradient norm, the
-        last one before an incident, whose own norm is seldom finite."""
+    def write(
+        self, health: GradHealth, action: str | None, timestamp: float, update: int | None = None
+    ) -> None:
+        """Write ``health``'s line if it is an incident; ``action`` is what the policy did,
+        ``update`` the monitor's count of updates. Every concluded update comes here: a
+        healthy one leaves its gradient norm, the last one before an incident, whose own
+        norm is seldom finite."""
         last_norm = self._last_finite_norm
         if health.grad_norm is not None and math.isfinite(health.grad_norm):
             self._last_finite_norm = health.grad_norm
         if health.status is Status.HEALTHY:
             return
         try:
-            found = incident(health, action, timestamp, self._identity, last_norm)
+            found = incident(health, action, timestamp, self._identity, last_norm, update)
             line = json.dumps(found, allow_nan=False)
         except (TypeError, ValueError) as exc:  # a value JSON cannot hold: say so, write nothing
             self._on_error(exc)

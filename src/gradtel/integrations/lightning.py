@@ -8,6 +8,11 @@ the monitor, so they are counted as ``amp_overflow`` skips, never as unhealthy,
 and never block a checkpoint. The monitor is made at ``on_fit_start``,
 after ``configure_model()`` has built the layers.
 
+The training step gradtel gives an update (on logs, pages and the incident record) is
+the one Lightning's loggers give the metrics of the batch that made it: the global step
+before the update. A checkpoint Lightning names ``step=N`` holds the updates of the
+steps before N.
+
 The counts reach the Trainer's loggers (TensorBoard, W&B, MLflow, CSV) through the
 module's ``log_dict``, as ``gradtel/...`` (see :meth:`gradtel.GradHealth.scalars`), at
 the loggers' own cadence (``log_every_n_steps``): each logged step carries the sums of
@@ -97,7 +102,10 @@ class GradtelCallback(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         monitor = self.session.start(pl_module)
-        self._since_log.take()  # a tally left by an earlier fit belongs to it
+        # A tally, keys or a step left by an earlier fit belong to it.
+        self._since_log.take()
+        self._counts.clear()
+        self._stepped, self._loss = False, None
         if self.log_to_loggers and trainer.loggers:
             monitor.subscribe(self._since_log.add)
         if self.session.protect_checkpoints and not self._undo:
@@ -140,10 +148,9 @@ class GradtelCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer
     ) -> None:
-        # The step this update makes: Lightning's global step once it is taken. Under
-        # "16-mixed" the precision plugin's scaler has just unscaled, and skips overflows.
+        # Under "16-mixed" the precision plugin's scaler has just unscaled, and skips overflows.
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        self.session.collect(loss=self._loss, step=trainer.global_step + 1, scaler=scaler)
+        self.session.collect(loss=self._loss, step=_logged_step(trainer), scaler=scaler)
         self._loss, self._stepped = None, True
 
     def on_train_batch_end(
@@ -154,7 +161,11 @@ class GradtelCallback(Callback):
         # other batch the updates wait in the tally. A healthy update adds no host sync:
         # the numbers are host tensors, which Lightning keeps on the host.
         stepped, self._stepped = self._stepped, False
-        if stepped and trainer._logger_connector.should_update_logs:
+        monitor = self.session.monitor
+        if stepped and monitor is not None and trainer._logger_connector.should_update_logs:
+            # A deferred read-out of this batch's update is waited for only here, where
+            # Lightning reads its own metrics to the host anyway: it is logged at its step.
+            monitor.flush()
             found = self._numbers_since_log()
             if found:
                 pl_module.log_dict(_on_host(found), on_step=True, on_epoch=False)
@@ -175,7 +186,7 @@ class GradtelCallback(Callback):
             self.session.monitor.flush()
         found = self._numbers_since_log()
         if found:
-            step = trainer.fit_loop.epoch_loop._batches_that_stepped - 1
+            step = _logged_step(trainer) - 1  # counted on once the last batch stepped
             for logger in trainer.loggers:
                 logger.log_metrics(found, step=step)
                 logger.save()
@@ -185,6 +196,12 @@ class GradtelCallback(Callback):
             while self._undo:
                 self._undo.pop()()
             self.session.stop()
+
+
+def _logged_step(trainer: Trainer) -> int:
+    """The step Lightning's loggers give this batch's metrics (the global step before the
+    update, for one optimizer): gradtel's logs, pages and incident record use the same."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
 def _on_host(found: dict[str, float]) -> dict[str, Tensor]:

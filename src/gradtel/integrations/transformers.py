@@ -118,8 +118,11 @@ class GradtelTrainerCallback(TrainerCallback):
         if logs is None:
             return
         monitor = self.session.monitor
-        if monitor is not None and state.max_steps and state.global_step >= state.max_steps:
-            monitor.flush()  # training ends: no later log for a pending read-out
+        if monitor is not None:
+            # A deferred read-out is waited for only when the Trainer logs, which reads its
+            # loss to the host anyway: the update is in the log of its own step, and neither
+            # the last log nor an early stop leaves one pending.
+            monitor.flush()
         logs.update(self._since_log.take())
 
     def on_train_begin(

@@ -101,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
         help="merge the ranks' incident records (GradMonitor(incident_log=...)) into one timeline",
         description=(
             "Print the incidents of every file given, one timeline in step order (then time, "
-            "then rank); a line that is not a record is reported on stderr and skipped."
+            "then rank); a file's rotated PATH.1 (its older incidents) is read with it; a line "
+            "that is not a record is reported on stderr and skipped."
         ),
     )
     incidents.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="incident files")
