@@ -218,12 +218,13 @@ def test_lightning_16_mixed_overflows_are_skips_not_unhealthy_and_checkpoints_go
     losses_before = shared("gradtel_nonfinite_loss_updates_total")
     gradtel_callback = GradtelCallback(serve_metrics=False, protect_checkpoints=True)
     checkpoints = tmp_path / "checkpoints"
+    torch.manual_seed(0)  # no overflow but the two made: a loss scale the data never reaches
     data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randn(64, 1))
     trainer = pl.Trainer(
         max_steps=6, accelerator="cpu", logger=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=tmp_path,
         # On the CPU "16-mixed" means bf16 without a scaler; a real fp16 GradScaler here:
-        plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))],
+        plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=1024.0))],
         callbacks=[
             gradtel_callback,
             pl.callbacks.ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=1, save_top_k=-1),
@@ -292,7 +293,7 @@ def test_lightning_a_nan_loss_in_any_micro_batch_is_no_overflow(tmp_path: Path) 
     trainer = pl.Trainer(
         max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
         enable_model_summary=False, default_root_dir=tmp_path, accumulate_grad_batches=2,
-        plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))],
+        plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=1024.0))],
         callbacks=[GradtelCallback(serve_metrics=False)],
     )  # fmt: skip
     # Global step 2 is made of micro-batches 4 and 5: the first of them has the NaN loss.
