@@ -10,11 +10,15 @@ import socket
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.sdk.metrics import MeterProvider
 from prometheus_client import CollectorRegistry
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradtel
+from gradtel.attach.origin import OriginCounter
 from gradtel.export.device import device_labels, gpu_uuid, pci_bus_id
 
 from .conftest import absent, net, sample, samples
@@ -76,6 +80,66 @@ def test_a_nan_keeps_the_last_finite_local_norm_and_counts_the_origin(
     assert health.originated_here and health.local_grad_norm is not None
     assert math.isnan(health.local_grad_norm)
     assert sample(samples(registry), "gradtel_local_grad_norm") == finite
+
+
+class BucketReads(TorchDispatchMode):
+    """The torch operations that take ``bucket`` as an input."""
+
+    def __init__(self, bucket: torch.Tensor) -> None:
+        super().__init__()
+        self.bucket, self.ops = bucket, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if any(a is self.bucket for a in (*args, *(kwargs or {}).values())):
+            self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_healthy_cpu_bucket_is_read_once_for_its_counts_and_its_norm() -> None:
+    # The counts come from the norm's pass: a finite norm means no NaN and no Inf.
+    bucket = torch.randn(10_000)
+    counter = OriginCounter()
+    with BucketReads(bucket) as reads:
+        counter.add(bucket)
+    assert reads.ops == ["linalg_vector_norm"]
+    values = counter.take()
+    assert values is not None
+    assert values[:2].tolist() == [0.0, 0.0]
+    assert values[2].item() == pytest.approx(float(bucket.double().square().sum()), rel=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
+    size=st.integers(1, 3000),
+    spots=st.lists(
+        st.tuples(
+            st.floats(0, 1, exclude_max=True),
+            st.sampled_from(["nan", "inf", "-inf", "huge", "subnormal"]),
+        ),
+        max_size=8,
+    ),
+)
+def test_the_counts_from_the_norms_pass_are_exact(
+    dtype: torch.dtype, size: int, spots: list[tuple[float, str]]
+) -> None:
+    bucket = torch.randn(size).to(dtype)
+    for where, kind in spots:
+        big, tiny = torch.finfo(dtype).max, torch.finfo(dtype).smallest_normal / 4
+        value = {"huge": big, "subnormal": tiny}.get(kind) or float(kind)
+        bucket[int(where * size)] = value  # "huge" overflows the sum of squares: a false flag
+    counter = OriginCounter()
+    counter.add(bucket)
+    values = counter.take()
+    assert values is not None
+    nan = int(bucket.isnan().sum())
+    assert values[:2].tolist() == [nan, int(bucket.isinf().sum())]
+    if nan == 0 and not bucket.isinf().any():
+        expected = float(bucket.double().square().sum())
+        overflowed = "huge" in (kind for _, kind in spots) and values[2].item() == math.inf
+        assert overflowed or values[2].item() == pytest.approx(expected, rel=1e-2)
+    else:
+        assert not math.isfinite(values[2].item())
 
 
 def test_a_single_process_exports_no_local_norm(

@@ -3,11 +3,13 @@
 After DistributedDataParallel's all-reduce every rank holds the same gradients,
 so a NaN that entered on one rank (one bad sample in its batch) shows on all of
 them; FSDP's reduce-scatter spreads it the same way. torch's reduction hooks
-see this rank's gradients just before they are reduced: gradtel counts their
-NaN and ±Inf values there, on the device, and reads the counts to the host
-with the update's own read-out. The same pass sums their squares: the L2 norm of
-this rank's own gradients (``gradtel_local_grad_norm``), which the ranks compare to
-find one whose GPU bends values without making them NaN.
+see this rank's gradients just before they are reduced. gradtel takes their L2
+norm there, on the device (``gradtel_local_grad_norm``, which the ranks compare to
+find one whose GPU bends values without making them NaN), and reads it to the host
+with the update's own read-out. The norm is also the bucket's flag: it is finite
+only when every value is, and only a bucket it flags has its NaN and ±Inf values
+counted (on an accelerator every bucket is, as reading the flag there would wait for
+the device).
 
 The local norm of an update is the root of the sum, over the update's reductions,
 of the squared norms of what this rank handed to them. With ``no_sync()`` (or one
@@ -91,13 +93,13 @@ class OriginCounter:
     def add(self, grads: torch.Tensor, keys: Sequence[Hashable] = ()) -> None:
         """Count the non-finite values of one bucket and sum its squares (no host sync);
         ``keys`` name the gradients it holds, for :meth:`reduced`."""
-        counts = nan_and_inf(grads).double()
+        # At least float32, so that a bf16 bucket's norm does not lose its digits.
+        norm = torch.linalg.vector_norm(
+            grads, dtype=torch.promote_types(grads.dtype, torch.float32)
+        )
+        counts = _nan_and_inf_unless(norm, grads)
         spread = self._spread_over(keys)
         if spread is None:
-            # At least float32, so that a bf16 bucket's norm does not lose its digits.
-            norm = torch.linalg.vector_norm(
-                grads, dtype=torch.promote_types(grads.dtype, torch.float32)
-            )
             squares = norm.double().square().reshape(1)
         else:
             # Accumulated onto values reduced earlier in this update: every rank's values are
@@ -133,6 +135,16 @@ class OriginCounter:
         if update_ends:
             self._spread = {}
         return values
+
+
+def _nan_and_inf_unless(norm: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """``grads``' NaN and ±Inf counts (float64), not read again when ``norm``, their L2
+    norm, is finite: a sum of squares is finite only when every value is. A finite norm
+    is known on the host only without waiting for a device, so only a CPU bucket is
+    spared the second read; a norm that overflowed on finite values is counted, as zero."""
+    if grads.device.type == "cpu" and bool(torch.isfinite(norm)):
+        return torch.zeros(2, dtype=torch.float64)
+    return nan_and_inf(grads).double()
 
 
 class _Feed:
