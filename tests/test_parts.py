@@ -1,5 +1,5 @@
 """GradMonitor's collaborators, each tested alone: its options, the watched parameters, an
-update's record from launch to health, and the deferred queue."""
+update's record from launch to health, the deferred queue and the listeners."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 import gradtel
+from gradtel.health import GradHealth
 from gradtel.options import MonitorOptions
+from gradtel.pipeline.listeners import Listeners
 from gradtel.pipeline.parameters import Watched
 from gradtel.pipeline.readout import Pending
 from gradtel.pipeline.scan import Scanner
@@ -124,6 +126,28 @@ def test_the_deferred_queue_publishes_in_order_up_to_the_first_unfinished() -> N
     assert len(list(queue.take(wait=False))) == 1  # the third waits for the second
     assert len(queue) == 2
     assert len(list(queue.take(wait=True))) == 2 and not queue
+
+
+def test_a_failing_listener_is_reported_and_the_others_are_still_told() -> None:
+    errors: list[Exception] = []
+    listeners = Listeners(on_error=errors.append)
+    told: list[tuple[str, int]] = []
+
+    def failing(health: GradHealth) -> None:
+        raise RuntimeError("logger down")
+
+    listeners.add(failing)
+    listeners.add(lambda h: told.append(("a", h.step)))
+    twice = lambda h: told.append(("b", h.step))  # noqa: E731
+    listeners.add(twice)
+    unsubscribe = listeners.add(twice)
+    listeners.tell(GradHealth(step=1))
+    unsubscribe()  # once: the other subscription stays
+    listeners.tell(GradHealth(step=2))
+    assert told == [("a", 1), ("b", 1), ("b", 1), ("a", 2), ("b", 2)]
+    assert [str(e) for e in errors] == ["logger down", "logger down"]
+    with pytest.raises(TypeError, match=r"^listener must be callable with a GradHealth, got 3"):
+        listeners.add(3)  # type: ignore[arg-type]
 
 
 def test_a_monitor_s_options_cannot_be_replaced() -> None:

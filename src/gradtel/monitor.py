@@ -10,8 +10,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping
-from functools import partial
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -27,10 +26,19 @@ from .export.incidents import IncidentLog
 from .export.ranks import every_rank, process_attributes
 from .export.telemetry import GradTelemetry, default_meter_provider
 from .health import GradHealth, Thresholds
-from .options import DEFAULT_REPLICA_CHECK_EVERY, MAX_LAYERS_LIMIT, LayerSeries, MonitorOptions
+from .options import (
+    DEFAULT_REPLICA_CHECK_EVERY,
+    MAX_LAYERS_LIMIT,
+    LayerSeries,
+    MonitorOptions,
+    check_collect,
+    check_norms,
+    check_step,
+)
 from .pipeline.checkpoints import WeightsHealth
 from .pipeline.fingerprint import fingerprint, replica_check
 from .pipeline.layers import DEFAULT_MAX_LAYERS
+from .pipeline.listeners import Listeners
 from .pipeline.parameters import (
     Gradients,
     Watched,
@@ -230,7 +238,7 @@ class GradMonitor:
         """What :meth:`_look` saw at the end of the latest backward pass, not collected yet."""
         self._looked_origin: torch.Tensor | None = None
         self._looked_grads: tuple[torch.Tensor | None, ...] = ()
-        self._listeners: list[Callable[[GradHealth], None]] = []
+        self._listeners = Listeners(on_error=lambda exc: self._failed("record", exc))
         if self.readout == "deferred":
             self._telemetry.context.deferred.add(self)  # a scrape publishes, the exit wait flushes
             flush_at_exit()
@@ -306,26 +314,7 @@ class GradMonitor:
         [7]
         >>> monitor.close()
         """
-        if not callable(listener):
-            raise TypeError(
-                f"listener must be callable with a GradHealth, got {listener!r} "
-                f"({type(listener).__name__})"
-            )
-        with self._lock:
-            self._listeners.append(listener)
-        return partial(self._unsubscribe, listener)
-
-    def _unsubscribe(self, listener: Callable[[GradHealth], None]) -> None:
-        with self._lock:
-            if listener in self._listeners:
-                self._listeners.remove(listener)
-
-    def _tell(self, health: GradHealth) -> None:
-        for listener in self._listeners:
-            try:
-                listener(health)
-            except Exception as exc:
-                self._failed("record", exc)
+        return self._listeners.add(listener)
 
     def _watch(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
         """Take ``named`` as the watched parameters (at creation and at each refresh)."""
@@ -425,21 +414,14 @@ class GradMonitor:
             NonFiniteGradientError: the update is unhealthy and its policy is ``"raise"``.
             TypeError, ValueError: ``norms``, ``scaler`` or ``step`` is not as described.
         """
-        _check_step(step)
-        overflow_possible = _check_scaler(scaler)
-        if loss is not None and not isinstance(loss, torch.Tensor):
-            raise TypeError(f"loss must be a tensor or None, got {loss!r} ({type(loss).__name__})")
-        if total_norm is not None and not (
-            isinstance(total_norm, torch.Tensor) and total_norm.numel() == 1
-        ):
-            raise TypeError(f"total_norm must be a one-element tensor or None, got {total_norm!r}")
+        overflow_possible = check_collect(step, scaler, loss, total_norm)
         with self._lock, torch.no_grad():
             started = time.perf_counter()
             looked, looked_origin = self._take_look(loss)
             self._telemetry.note_collect()
             self._step += 1
             self._training_step = self._step if step is None else step
-            self._check_norms(norms)  # against the parameters they were computed for
+            check_norms(norms, len(self._watched.params))  # the parameters they were computed for
             if self._module is not None and (
                 self._registrations != registrations() or self._step % REFRESH_EVERY == 0
             ):
@@ -460,21 +442,25 @@ class GradMonitor:
                 update.restep(self._training_step, self._step)
             update.overflow_possible = overflow_possible
             if self.readout == "deferred":
-                self._publish(wait=False)  # the updates before this one, in order, if ready
-                if update.pending:
-                    if update.launched is not None and update.launched.exact is None:
-                        self._read_out(update)  # done when queued: read it now, for free
-                    else:
-                        update.start_readout()
-                update.duration, update.timestamp = time.perf_counter() - started, time.time()
-                self._pending.append(update)
-                return self._latest or GradHealth(
-                    thresholds=self.thresholds, step=self._training_step, pending=True
-                )
+                return self._defer(update, started)
             health = self._read_out(update)
             update.duration = time.perf_counter() - started - update.waited
             update.timestamp = time.time()
             return self._conclude(update, health)
+
+    def _defer(self, update: Update, started: float) -> GradHealth:
+        """Queue ``update`` for its read-out; the latest published update's health."""
+        self._publish(wait=False)  # the updates before this one, in order, if ready
+        if update.pending:
+            if update.launched is not None and update.launched.exact is None:
+                self._read_out(update)  # done when queued: read it now, for free
+            else:
+                update.start_readout()
+        update.duration, update.timestamp = time.perf_counter() - started, time.time()
+        self._pending.append(update)
+        return self._latest or GradHealth(
+            thresholds=self.thresholds, step=self._training_step, pending=True
+        )
 
     def _check_replica(self) -> None:
         """Hash the parameters, which the previous optimizer step left the same on every
@@ -503,7 +489,7 @@ class GradMonitor:
         update = Update.sampled_out(self._training_step, self.thresholds, self._step)
         self._guarded("record", lambda: self._telemetry.touch(time.time(), update.sequence))
         assert update.health is not None
-        self._tell(update.health)
+        self._listeners.tell(update.health)
         return update.health
 
     def _conclude(self, update: Update, health: GradHealth) -> GradHealth:
@@ -523,7 +509,7 @@ class GradMonitor:
                 sequence=update.sequence,
             ),
         )
-        self._tell(health)
+        self._listeners.tell(health)
         action = None if health.amp_overflow else self._policy.action(health)
         if self._incidents is not None:
             self._incidents.write(health, action, update.timestamp, update.sequence)
@@ -594,7 +580,7 @@ class GradMonitor:
         (False, None, False)
         >>> monitor.close()
         """
-        _check_step(step)
+        check_step(step)
         _checks.flag("all_ranks", all_ranks)
         self.flush()  # a deferred read-out must not let a poisoned update through
         return self._weights.allow(
@@ -614,23 +600,6 @@ class GradMonitor:
         self.flush()  # a pending unhealthy update belongs to the weights rolled back
         self._weights.reset()
         self._guarded("record", self._telemetry.forget_incidents)
-
-    def _check_norms(self, norms: object) -> None:
-        if norms is None:
-            return
-        allowed = (
-            f"a 1-D tensor with one norm per watched parameter ({len(self._watched.params)}, in the "
-            "order of monitor.parameters) or a mapping from parameter to norm tensor"
-        )
-        if isinstance(norms, torch.Tensor):
-            if norms.dim() != 1 or norms.numel() != len(self._watched.params):
-                raise ValueError(
-                    f"norms must be {allowed}, got a tensor of shape {tuple(norms.shape)}"
-                )
-        elif not isinstance(norms, Mapping) or not all(
-            isinstance(v, torch.Tensor) for v in norms.values()
-        ):
-            raise TypeError(f"norms must be {allowed}, got {type(norms).__name__}")
 
     def attach(
         self,
@@ -817,19 +786,3 @@ def _scale_of(scaler: torch.amp.GradScaler | None) -> torch.Tensor | None:
     read it to the host: it is read with the update's own read-out instead)."""
     scale = getattr(scaler, "_scale", None)
     return scale if isinstance(scale, torch.Tensor) else None
-
-
-def _check_step(step: object) -> None:
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-        raise TypeError(f"step must be an int >= 0 or None, got {step!r} ({type(step).__name__})")
-
-
-def _check_scaler(scaler: object) -> bool:
-    """Whether ``scaler`` is an enabled GradScaler (None: no scaler)."""
-    if scaler is None:
-        return False
-    if not isinstance(scaler, torch.amp.GradScaler):
-        raise TypeError(
-            f"scaler must be a torch.amp.GradScaler or None, got {scaler!r} ({type(scaler).__name__})"
-        )
-    return scaler.is_enabled()

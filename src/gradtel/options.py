@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
+
+import torch
 
 from . import _checks
 from .export.incidents import check_path
@@ -13,7 +16,14 @@ from .pipeline.layers import DEFAULT_MAX_LAYERS
 from .pipeline.policy import Action, check_action
 from .pipeline.readout import READOUTS, Readout
 
-__all__ = ["DEFAULT_REPLICA_CHECK_EVERY", "MAX_LAYERS_LIMIT", "MonitorOptions"]
+__all__ = [
+    "DEFAULT_REPLICA_CHECK_EVERY",
+    "MAX_LAYERS_LIMIT",
+    "MonitorOptions",
+    "check_collect",
+    "check_norms",
+    "check_step",
+]
 
 DEFAULT_REPLICA_CHECK_EVERY = 250
 """Updates between two replica checks: one hash of the parameters costs 1.0 to 1.8 times a
@@ -105,3 +115,45 @@ class MonitorOptions:
     def sampled(self) -> bool:
         """Whether updates are left out (``sample_every > 1``)."""
         return self.sample_every > 1
+
+
+def check_step(step: object) -> None:
+    """A training step: an int >= 0, or None."""
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        raise TypeError(f"step must be an int >= 0 or None, got {step!r} ({type(step).__name__})")
+
+
+def check_collect(step: object, scaler: object, loss: object, total_norm: object) -> bool:
+    """Check ``collect()``'s arguments; whether ``scaler`` is an enabled GradScaler, whose
+    overflow is then not an unhealthy update."""
+    check_step(step)
+    if loss is not None and not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss must be a tensor or None, got {loss!r} ({type(loss).__name__})")
+    if total_norm is not None and not (
+        isinstance(total_norm, torch.Tensor) and total_norm.numel() == 1
+    ):
+        raise TypeError(f"total_norm must be a one-element tensor or None, got {total_norm!r}")
+    if scaler is None:
+        return False
+    if not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(
+            f"scaler must be a torch.amp.GradScaler or None, got {scaler!r} ({type(scaler).__name__})"
+        )
+    return scaler.is_enabled()
+
+
+def check_norms(norms: object, watched: int) -> None:
+    """``collect(norms=...)``: one norm per watched parameter, as a tensor or a mapping."""
+    if norms is None:
+        return
+    allowed = (
+        f"a 1-D tensor with one norm per watched parameter ({watched}, in the "
+        "order of monitor.parameters) or a mapping from parameter to norm tensor"
+    )
+    if isinstance(norms, torch.Tensor):
+        if norms.dim() != 1 or norms.numel() != watched:
+            raise ValueError(f"norms must be {allowed}, got a tensor of shape {tuple(norms.shape)}")
+    elif not isinstance(norms, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in norms.values()
+    ):
+        raise TypeError(f"norms must be {allowed}, got {type(norms).__name__}")
