@@ -6,6 +6,7 @@ import gc
 import logging
 import time
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -576,6 +577,26 @@ def test_a_dropped_monitor_is_freed_with_its_hooks(provider: MeterProvider) -> N
     assert ref() is None
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
     GradMonitor(model, meter_provider=provider)  # its parameters are free again
+
+
+def test_a_dropped_monitor_is_freed_at_once_without_the_cycle_collector(
+    provider: MeterProvider, tmp_path: Path
+) -> None:
+    # A cycle through the monitor would keep its parameters claimed until a collection
+    # runs: a new monitor made right after would be refused.
+    model = Net()
+    gc.disable()
+    try:
+        monitor = GradMonitor(model, meter_provider=provider, incident_log=tmp_path / "i.jsonl")
+        monitor.subscribe(lambda health: None)
+        net_backward(model)
+        monitor.collect()
+        ref = weakref.ref(monitor)
+        del monitor
+        assert ref() is None
+        GradMonitor(model, meter_provider=provider)
+    finally:
+        gc.enable()
 
 
 def test_an_overflow_the_scaler_skips_is_not_an_unhealthy_update(

@@ -222,7 +222,7 @@ class GradMonitor:
         )
         self._incidents = IncidentLog.open(
             None if incident_log is None else os.fspath(incident_log),
-            on_error=lambda exc: self._failed("incident_log", exc),
+            on_error=self._failed_weakly("incident_log"),
         )
         # What close() must undo of the origin hooks, so that a new monitor counts again.
         self._uninstall_origin = (
@@ -238,7 +238,7 @@ class GradMonitor:
         """What :meth:`_look` saw at the end of the latest backward pass, not collected yet."""
         self._looked_origin: torch.Tensor | None = None
         self._looked_grads: tuple[torch.Tensor | None, ...] = ()
-        self._listeners = Listeners(on_error=lambda exc: self._failed("record", exc))
+        self._listeners = Listeners()
         if self.readout == "deferred":
             self._telemetry.context.deferred.add(self)  # a scrape publishes, the exit wait flushes
             flush_at_exit()
@@ -489,7 +489,7 @@ class GradMonitor:
         update = Update.sampled_out(self._training_step, self.thresholds, self._step)
         self._guarded("record", lambda: self._telemetry.touch(time.time(), update.sequence))
         assert update.health is not None
-        self._listeners.tell(update.health)
+        self._listeners.tell(update.health, self._failed_record)
         return update.health
 
     def _conclude(self, update: Update, health: GradHealth) -> GradHealth:
@@ -509,7 +509,7 @@ class GradMonitor:
                 sequence=update.sequence,
             ),
         )
-        self._listeners.tell(health)
+        self._listeners.tell(health, self._failed_record)
         action = None if health.amp_overflow else self._policy.action(health)
         if self._incidents is not None:
             self._incidents.write(health, action, update.timestamp, update.sequence)
@@ -765,6 +765,21 @@ class GradMonitor:
         except Exception as exc:
             self._failed(stage, exc)
             return None
+
+    def _failed_weakly(self, stage: str) -> Callable[[Exception], None]:
+        """:meth:`_failed` for ``stage``, for a part this monitor owns to keep: it holds the
+        monitor weakly, so that a dropped monitor is freed at once, its parameters with it."""
+        failed = weakref.WeakMethod(self._failed)
+
+        def report(exc: Exception) -> None:
+            method = failed()
+            if method is not None:
+                method(stage, exc)
+
+        return report
+
+    def _failed_record(self, exc: Exception) -> None:
+        self._failed("record", exc)
 
     def _failed(self, stage: str, exc: Exception) -> None:
         if self._options.on_error == "raise":

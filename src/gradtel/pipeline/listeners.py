@@ -14,13 +14,11 @@ Listener = Callable[[GradHealth], None]
 
 
 class Listeners:
-    """The listeners of one monitor, told in the order they subscribed. A listener that
-    fails is handed to ``on_error`` and the others are still told."""
+    """The listeners of one monitor, told in the order they subscribed."""
 
-    def __init__(self, on_error: Callable[[Exception], None]) -> None:
+    def __init__(self) -> None:
         self._listeners: list[Listener] = []
         self._lock = threading.Lock()
-        self._on_error = on_error
 
     def add(self, listener: Listener) -> Callable[[], None]:
         """Subscribe ``listener``; the function that unsubscribes it."""
@@ -40,9 +38,11 @@ class Listeners:
                 kept.remove(listener)
                 self._listeners = kept
 
-    def tell(self, health: GradHealth) -> None:
+    def tell(self, health: GradHealth, on_error: Callable[[Exception], None]) -> None:
+        """Tell every listener; one that fails is handed to ``on_error``, and the others
+        are still told. (Not kept: a monitor's own method kept here would keep it alive.)"""
         for listener in self._listeners:  # a copy: a listener may unsubscribe while told
             try:
                 listener(health)
             except Exception as exc:
-                self._on_error(exc)
+                on_error(exc)
