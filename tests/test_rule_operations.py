@@ -21,6 +21,9 @@ from gradtel.render.alerts import amp_collapse, crash, promql, replicas, unhealt
 
 from .prometheus_versions import VERSIONS, bin_folder
 
+# One worker runs every promtool of this module: the fixture that runs them all is per worker.
+pytestmark = pytest.mark.xdist_group("rule-operations")
+
 COUNTED = promql.counted
 AS_IT_STANDS = promql.as_it_stands
 
