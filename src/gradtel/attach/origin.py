@@ -6,10 +6,10 @@ them; FSDP's reduce-scatter spreads it the same way. torch's reduction hooks
 see this rank's gradients just before they are reduced. gradtel takes their L2
 norm there, on the device (``gradtel_local_grad_norm``, which the ranks compare to
 find one whose GPU bends values without making them NaN), and reads it to the host
-with the update's own read-out. The norm is also the bucket's flag: it is finite
-only when every value is, and only a bucket it flags has its NaN and ±Inf values
-counted (on an accelerator every bucket is, as reading the flag there would wait for
-the device).
+with the update's own read-out. Its square, the sum of the bucket's squares, is also
+the bucket's flag: it is finite only when every value is, and only a bucket it flags
+has its NaN and ±Inf values counted (on an accelerator every bucket is, as reading the
+flag there would wait for the device).
 
 The local norm of an update is the root of the sum, over the update's reductions,
 of the squared norms of what this rank handed to them. With ``no_sync()`` (or one
@@ -93,15 +93,12 @@ class OriginCounter:
     def add(self, grads: torch.Tensor, keys: Sequence[Hashable] = ()) -> None:
         """Count the non-finite values of one bucket and sum its squares (no host sync);
         ``keys`` name the gradients it holds, for :meth:`reduced`."""
-        # At least float32, so that a bf16 bucket's norm does not lose its digits.
-        norm = torch.linalg.vector_norm(
-            grads, dtype=torch.promote_types(grads.dtype, torch.float32)
-        )
-        counts = _nan_and_inf_unless(norm, grads)
+        if grads.element_size() == 1 and grads.is_floating_point():
+            grads = grads.float()  # float8: torch neither norms nor counts it as it is
+        squares = sum_of_squares(grads).reshape(1)
+        counts = _nan_and_inf_unless(squares, grads)
         spread = self._spread_over(keys)
-        if spread is None:
-            squares = norm.double().square().reshape(1)
-        else:
+        if spread is not None:
             # Accumulated onto values reduced earlier in this update: every rank's values are
             # in it, so neither its NaN (another rank's) nor its norm is this rank's own.
             counts = counts.masked_fill(spread, 0)
@@ -137,12 +134,29 @@ class OriginCounter:
         return values
 
 
-def _nan_and_inf_unless(norm: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-    """``grads``' NaN and ±Inf counts (float64), not read again when ``norm``, their L2
-    norm, is finite: a sum of squares is finite only when every value is. A finite norm
-    is known on the host only without waiting for a device, so only a CPU bucket is
-    spared the second read; a norm that overflowed on finite values is counted, as zero."""
-    if grads.device.type == "cpu" and bool(torch.isfinite(norm)):
+def sum_of_squares(grads: torch.Tensor) -> torch.Tensor:
+    """The sum of the squares of ``grads``' values, as a float64 scalar on their device.
+
+    ``torch.dot`` for float32 and float64: on a CPU it costs half of ``vector_norm`` and
+    stays close on large buckets, where ``vector_norm`` drifts (2.7% off on 124M float32
+    values, against 0.04%). Other dtypes accumulate in at least float32 (a bf16 bucket's
+    own precision would lose the digits)."""
+    if grads.dtype in (torch.float32, torch.float64) and grads.is_contiguous():
+        flat = grads.view(-1)
+        squares: torch.Tensor = torch.dot(flat, flat)
+        return squares.double()
+    norm: torch.Tensor = torch.linalg.vector_norm(
+        grads, dtype=torch.promote_types(grads.dtype, torch.float32)
+    )
+    return norm.double().square()
+
+
+def _nan_and_inf_unless(squares: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """``grads``' NaN and ±Inf counts (float64), not read again when ``squares``, the sum
+    of their squares, is finite: it is finite only when every value is. That is known on
+    the host only without waiting for a device, so only a CPU bucket is spared the second
+    read; a sum that overflowed on finite values is counted, as zero."""
+    if grads.device.type == "cpu" and bool(torch.isfinite(squares)):
         return torch.zeros(2, dtype=torch.float64)
     return nan_and_inf(grads).double()
 
@@ -222,9 +236,14 @@ def _ddp_hook(feed: _Feed, reduce: CommHook) -> CommHook:
         counters = feed.counters
         if not counters:
             return reduce(state, bucket)
-        keys = [id(p) for p in bucket.parameters()]
+        params = bucket.parameters()
+        keys = [id(p) for p in params]
+        buffer = bucket.buffer()
+        if params and all(p.is_complex() for p in params):
+            # DDP reduces a complex bucket as its real view: count each complex value once.
+            buffer = torch.view_as_complex(buffer.view(-1, 2))
         # Before the reduction mixes every rank's values.
-        feed.count(counters, bucket.buffer(), keys)
+        feed.count(counters, buffer, keys)
 
         def note(done: torch.futures.Future[Any]) -> Any:
             reduced = done.value()
