@@ -95,8 +95,7 @@ class OriginCounter:
         ``keys`` name the gradients it holds, for :meth:`reduced`."""
         if grads.element_size() == 1 and grads.is_floating_point():
             grads = grads.float()  # float8: torch neither norms nor counts it as it is
-        squares = sum_of_squares(grads).reshape(1)
-        counts = _nan_and_inf_unless(squares, grads)
+        squares, counts = _squares_and_counts(grads)
         spread = self._spread_over(keys)
         if spread is not None:
             # Accumulated onto values reduced earlier in this update: every rank's values are
@@ -151,14 +150,24 @@ def sum_of_squares(grads: torch.Tensor) -> torch.Tensor:
     return norm.double().square()
 
 
-def _nan_and_inf_unless(squares: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-    """``grads``' NaN and ±Inf counts (float64), not read again when ``squares``, the sum
-    of their squares, is finite: it is finite only when every value is. That is known on
-    the host only without waiting for a device, so only a CPU bucket is spared the second
-    read; a sum that overflowed on finite values is counted, as zero."""
-    if grads.device.type == "cpu" and bool(torch.isfinite(squares)):
-        return torch.zeros(2, dtype=torch.float64)
-    return nan_and_inf(grads).double()
+def _squares_and_counts(grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sum of ``grads``' squares and their NaN and ±Inf counts, as float64 tensors of
+    one and two elements. The counts do not read ``grads`` again when the sum is finite:
+    it is finite only when every value is. That is known on the host only without
+    waiting for a device, so only a CPU bucket is spared the second read; there, finite
+    values whose squares overflowed are summed again in float64 (on a GPU the sum stays
+    infinite, and ``gradtel_local_grad_norm`` keeps its last finite value)."""
+    squares = sum_of_squares(grads).reshape(1)
+    if grads.device.type != "cpu":
+        return squares, nan_and_inf(grads).double()
+    if bool(torch.isfinite(squares)):
+        return squares, torch.zeros(2, dtype=torch.float64)
+    counts = nan_and_inf(grads).double()
+    if not counts.any():
+        wide = torch.promote_types(grads.dtype, torch.float64)
+        norm: torch.Tensor = torch.linalg.vector_norm(grads, dtype=wide)
+        squares = norm.double().square().reshape(1)
+    return squares, counts
 
 
 class _Feed:
