@@ -130,7 +130,7 @@ def test_the_deferred_queue_publishes_in_order_up_to_the_first_unfinished() -> N
 
 def test_a_failing_listener_is_reported_and_the_others_are_still_told() -> None:
     errors: list[Exception] = []
-    listeners = Listeners()
+    listeners = Listeners(on_error=errors.append)
     told: list[tuple[str, int]] = []
 
     def failing(health: GradHealth) -> None:
@@ -141,9 +141,9 @@ def test_a_failing_listener_is_reported_and_the_others_are_still_told() -> None:
     twice = lambda h: told.append(("b", h.step))  # noqa: E731
     listeners.add(twice)
     unsubscribe = listeners.add(twice)
-    listeners.tell(GradHealth(step=1), errors.append)
+    listeners.tell(GradHealth(step=1))
     unsubscribe()  # once: the other subscription stays
-    listeners.tell(GradHealth(step=2), errors.append)
+    listeners.tell(GradHealth(step=2))
     assert told == [("a", 1), ("b", 1), ("b", 1), ("a", 2), ("b", 2)]
     assert [str(e) for e in errors] == ["logger down", "logger down"]
     with pytest.raises(TypeError, match=r"^listener must be callable with a GradHealth, got 3"):

@@ -238,7 +238,7 @@ class GradMonitor:
         """What :meth:`_look` saw at the end of the latest backward pass, not collected yet."""
         self._looked_origin: torch.Tensor | None = None
         self._looked_grads: tuple[torch.Tensor | None, ...] = ()
-        self._listeners = Listeners()
+        self._listeners = Listeners(on_error=self._failed_weakly("record"))
         if self.readout == "deferred":
             self._telemetry.context.deferred.add(self)  # a scrape publishes, the exit wait flushes
             flush_at_exit()
@@ -489,7 +489,7 @@ class GradMonitor:
         update = Update.sampled_out(self._training_step, self.thresholds, self._step)
         self._guarded("record", lambda: self._telemetry.touch(time.time(), update.sequence))
         assert update.health is not None
-        self._listeners.tell(update.health, self._failed_record)
+        self._listeners.tell(update.health)
         return update.health
 
     def _conclude(self, update: Update, health: GradHealth) -> GradHealth:
@@ -509,7 +509,7 @@ class GradMonitor:
                 sequence=update.sequence,
             ),
         )
-        self._listeners.tell(health, self._failed_record)
+        self._listeners.tell(health)
         action = None if health.amp_overflow else self._policy.action(health)
         if self._incidents is not None:
             self._incidents.write(health, action, update.timestamp, update.sequence)
@@ -777,9 +777,6 @@ class GradMonitor:
                 method(stage, exc)
 
         return report
-
-    def _failed_record(self, exc: Exception) -> None:
-        self._failed("record", exc)
 
     def _failed(self, stage: str, exc: Exception) -> None:
         if self._options.on_error == "raise":

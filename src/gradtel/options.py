@@ -1,4 +1,5 @@
-"""``GradMonitor``'s options, checked once when the monitor is made."""
+"""``GradMonitor``'s options, checked once when the monitor is made, and the checks of
+``collect()``'s own arguments, made at each call."""
 
 from __future__ import annotations
 

@@ -258,8 +258,9 @@ def _ddp_hook(feed: _Feed, reduce: CommHook) -> CommHook:
         params = bucket.parameters()
         keys = [id(p) for p in params]
         buffer = bucket.buffer()
-        if params and all(p.is_complex() for p in params):
-            # DDP reduces a complex bucket as its real view: count each complex value once.
+        if params and params[0].is_complex():
+            # DDP buckets hold one dtype, and reduce a complex bucket as its real view:
+            # count each complex value once.
             buffer = torch.view_as_complex(buffer.view(-1, 2))
         # Before the reduction mixes every rank's values.
         feed.count(counters, buffer, keys)

@@ -14,11 +14,13 @@ Listener = Callable[[GradHealth], None]
 
 
 class Listeners:
-    """The listeners of one monitor, told in the order they subscribed."""
+    """The listeners of one monitor, told in the order they subscribed. One that fails is
+    handed to ``on_error``, and the others are still told."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_error: Callable[[Exception], None]) -> None:
         self._listeners: list[Listener] = []
         self._lock = threading.Lock()
+        self._on_error = on_error
 
     def add(self, listener: Listener) -> Callable[[], None]:
         """Subscribe ``listener``; the function that unsubscribes it."""
@@ -38,11 +40,9 @@ class Listeners:
                 kept.remove(listener)
                 self._listeners = kept
 
-    def tell(self, health: GradHealth, on_error: Callable[[Exception], None]) -> None:
-        """Tell every listener; one that fails is handed to ``on_error``, and the others
-        are still told. (Not kept: a monitor's own method kept here would keep it alive.)"""
+    def tell(self, health: GradHealth) -> None:
         for listener in self._listeners:  # a copy: a listener may unsubscribe while told
             try:
                 listener(health)
             except Exception as exc:
-                on_error(exc)
+                self._on_error(exc)
