@@ -19,15 +19,33 @@ core=(
   tests/test_crash.py tests/test_contract.py tests/test_fingerprint.py
   tests/test_exporter.py
 )
+# torch==$2 into the virtual environment of Python $1, one package at a time and without
+# pip's cache: pip keeps every wheel it fetches until it exits, and a CUDA build's 3 GB of
+# wheels beside their 5 GB unpacked did not fit a CI machine's disk.
+install_torch() {
+  local python=$1 version=$2 report
+  report=$(mktemp)
+  "$python" -m pip install --quiet --disable-pip-version-check --dry-run --report "$report" "torch==$version"
+  "$python" -c 'import json, sys
+for package in json.load(open(sys.argv[1]))["install"]:
+    print(package["metadata"]["name"] + "==" + package["metadata"]["version"])' "$report" \
+    | while read -r package; do
+        "$python" -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps "$package"
+      done
+  rm -f "$report"
+}
+
 for version in "$oldest" "$newest"; do
   venv=.venv-torch-$version
   [ -x "$venv/bin/python" ] || "${PYTHON:-python3}" -m venv "$venv"
   if ! "$venv/bin/python" -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$version')" 2>/dev/null; then
-    echo "other-torch: installing torch==$version into $venv" >&2
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "torch==$version"
+    echo "other-torch: installing torch==$version into $venv ($(df -h --output=avail . | tail -n 1 | tr -d ' ') free on disk)" >&2
+    install_torch "$venv/bin/python" "$version"
   fi
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[deploy]' pytest hypothesis
   echo "other-torch: the collector's tests on torch $version" >&2
   "$venv/bin/python" -m pytest -p no:cacheprovider -q "${core[@]}" \
     -k "not lightning and not hugging_face and not transformers"
+  # A fresh clone in CI never runs again: give the disk back before the next release.
+  [ "${CI:-}" != true ] || rm -rf "$venv"
 done
