@@ -169,7 +169,9 @@ def test_forked_data_loader_workers_do_not_hold_the_listening_socket(
         data, batch_size=4, num_workers=2, multiprocessing_context="fork", persistent_workers=True
     )
     batches = iter(loader)
-    next(batches)  # the workers are alive, forked after serve()
+    # Batches go to the workers in turn: after two, each worker has run past its fork (and
+    # past gradtel's at-fork handler) rather than merely been forked after serve().
+    next(batches), next(batches)
     server.close()
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
