@@ -455,6 +455,17 @@ def _failed(out: str) -> set[str]:
     return set(re.findall(r"^\s+name: (.*),$", out, re.MULTILINE))
 
 
+def test_this_module_runs_on_one_worker(request: pytest.FixtureRequest) -> None:
+    """Under ``--dist loadgroup`` (scripts/test.sh) pytest-xdist sends a group to one worker
+    by tagging the node ids of its tests. Where it cannot (pytest-dev/pytest-xdist#1386,
+    hence the pytest pin in pyproject.toml), the tests are spread over the workers and this
+    module's promtool runs start again on each of them."""
+    if getattr(request.config.option, "loadgroup", False):
+        assert request.node.nodeid.endswith("@rule-operations"), (
+            f"pytest-xdist did not group {request.node.nodeid}: see the pytest pin in pyproject.toml"
+        )
+
+
 def test_the_rules_without_a_defect_pass_every_case(
     promtool_said: dict[tuple[str, str], str],
 ) -> None:
