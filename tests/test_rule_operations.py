@@ -22,8 +22,6 @@ from gradtel.render.alerts import amp_collapse, crash, promql, replicas, unhealt
 from .prometheus_versions import VERSIONS, bin_folder
 
 # One worker runs every promtool of this module: the fixture that runs them all is per worker.
-# (Per session too: a worker may run other modules' tests between this one's, which would
-# tear a module-scoped fixture down and run every promtool again.)
 pytestmark = pytest.mark.xdist_group("rule-operations")
 
 COUNTED = promql.counted
@@ -424,7 +422,7 @@ def _render(folder: Path, patches: Patches, edit: Callable[[str], str], clean: s
 CLEAN = "the rules without a defect"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def promtool_said(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], str]:
     """What ``promtool test rules`` said of each defect's rules and of the clean ones, on
     every Prometheus version: one promtool is one busy process, and the runner has two
