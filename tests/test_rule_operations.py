@@ -194,9 +194,15 @@ def _each_slot_of_a_check(scope: str) -> str:
     return f"({fingerprints} * ignoring (fingerprint, update) group_left (update) {updates})"
 
 
-def _checks_before_every_rank_has_hashed(checks: str) -> str:
+def _checks_before_every_rank_has_hashed(checks: str, scope: str) -> str:
     """The ranks of each check, as many as have published it so far."""
     return f"count by (job, run, update) ({checks})"
+
+
+def _ranks_counted_from_their_checks(checks: str, scope: str) -> str:
+    """Every rank of each check, of as many ranks as the checks read back show."""
+    ranks = f"count by (job, run) (group by (job, instance, rank, run) ({checks}))"
+    return f"count by (job, run, update) ({checks})\n== on (job, run) group_left ()\n{ranks}"
 
 
 NAN, INF, AMP = "GradtelNaNGradients", "GradtelInfGradients", "GradtelAmpLossScaleCollapsed"
@@ -372,7 +378,15 @@ DEFECTS: dict[str, tuple[Patches, Callable[[str], str], set[str]]] = {
     "replicas compared before every rank has hashed the update": (
         {(replicas, "_complete"): _checks_before_every_rank_has_hashed},
         str,
-        {f"{REPLICA} waits for every rank's scrape of a check before it compares them"},
+        {
+            f"{REPLICA} waits for every rank's scrape of a check before it compares them",
+            f"{REPLICA} counts the ranks scraped, not those whose checks the store serves yet",
+        },
+    ),
+    "replicas compared whenever every rank the checks show has hashed": (
+        {(replicas, "_complete"): _ranks_counted_from_their_checks},
+        str,
+        {f"{REPLICA} counts the ranks scraped, not those whose checks the store serves yet"},
     ),
 }
 

@@ -39,20 +39,24 @@ def _checks(scope: str) -> str:
     )
 
 
-def _complete(checks: str) -> str:
+def _complete(checks: str, scope: str) -> str:
     """Checks that every rank of the run has hashed, by their number of ranks. A rank
     that has not (a late rank, a rank restarted and counting its updates anew) leaves the
-    checks of the others incomplete: nothing is compared there."""
-    ranks = f"count by ({_RUN}) (group by ({promql.PROCESS}) ({checks}))"
+    checks of the others incomplete: nothing is compared there. The run's ranks are those
+    scraped, not those in ``checks``: a store that serves recorded series back late (vmalert
+    over VictoriaMetrics) can show some ranks with no check at all, and the others' check
+    would look complete."""
+    ranks = f"count by ({_RUN}) (group by ({promql.PROCESS}) ({REPLICA_FINGERPRINT}{{{scope}}}))"
     return f"count by ({_CHECK}) ({checks})\n  == on ({_RUN}) group_left ()\n  {ranks}"
 
 
-def _agreement(checks: str) -> str:
+def _agreement(scope: str) -> str:
     """Per rank and complete check, the share of the ranks that hold its fingerprint."""
+    checks = f"{CHECKS}{{{scope}}}"
     return (
         f"{checks}\n* on ({_CHECK}, fingerprint) group_left ()\n"
         f"  count by ({_CHECK}, fingerprint) ({checks})\n"
-        f"/ on ({_CHECK}) group_left () (\n  {_complete(checks)}\n)"
+        f"/ on ({_CHECK}) group_left () (\n  {_complete(checks, scope)}\n)"
     )
 
 
@@ -92,7 +96,7 @@ def rules(o: KitOptions) -> list[dict[str, Any]]:
         # In the alert's group, before it: rules of a group run in order, at one time, so
         # the alert reads what they recorded from the same scrapes.
         {"record": CHECKS, "expr": _checks(sel)},
-        {"record": AGREEMENT, "expr": _agreement(f"{CHECKS}{{{sel}}}")},
+        {"record": AGREEMENT, "expr": _agreement(sel)},
         {
             "alert": REPLICA_ALERT,
             # No for: two checks in a row that differ are one hard fact, like a NaN update.
@@ -274,6 +278,32 @@ def cases(o: KitOptions, case: Case) -> None:
             *_replica_series(_rank(o, 3), _history(minutes, drift_from=drift)),
         ],
         [_check(m, REPLICA_ALERT, _fired(o, rank3)) for m in (7, 8, 9)],
+    )
+    # vmalert reads the checks it recorded back through the store, which serves a new series
+    # some seconds late: at minute 3 ranks 0 and 2 show no check at all (their check of
+    # update 1 ended, that of update 101 is not served yet), ranks 1 and 3 the new one, in
+    # which rank 3 drifted. Every rank is scraped all along. (No update series: the checks
+    # below are those the rules read back, and the rules record none of their own.)
+    served = {0: 4, 1: 3, 2: 4, 3: 3}  # the minute each rank's check of update 101 shows
+    ending = "1x2 stale"  # each rank's check of update 1, until minute 3
+    case(
+        f"{REPLICA_ALERT} counts the ranks scraped, not those whose checks the store serves yet",
+        [
+            *(_series(REPLICA_FINGERPRINT, _rank(o, r), f"{same[1]}x5") for r in range(4)),
+            *(
+                _series(CHECKS, _more(_rank(o, r), update="1", fingerprint=str(same[0])), ending)
+                for r in range(4)
+            ),
+            *(
+                _series(
+                    CHECKS,
+                    _more(_rank(o, r), update="101", fingerprint=str(same[1] | (r == 3))),
+                    f"_x{minute} 1x{5 - minute}",
+                )
+                for r, minute in served.items()
+            ),
+        ],
+        [_check(3, REPLICA_ALERT), _check(4, REPLICA_ALERT, _fired(o, rank3))],
     )
     # Rank 3 restarts alone: it counts its updates from 1 again, with other weights.
     restarted: list[Check] = [*_history(8), None]
