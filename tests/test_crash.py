@@ -4,6 +4,7 @@ user's traceback and exit status are exactly Python's own."""
 
 from __future__ import annotations
 
+import http.client
 import subprocess
 import sys
 import textwrap
@@ -71,7 +72,7 @@ def crash(readout: str, policy: str, updates: str, sample_every: int = 1) -> tup
         while process.poll() is None and time.monotonic() < deadline:
             try:
                 found = parse(scrape(url))
-            except OSError:  # refused or cut off: the endpoint closed
+            except (OSError, http.client.HTTPException):  # refused or cut off: it closed
                 break
             time.sleep(0.1)
         _, stderr = process.communicate(timeout=60)
