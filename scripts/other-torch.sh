@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The collector's tests on the other torch releases gradtel supports: the oldest that
 # pyproject.toml declares and the newest this machine installs. Each gets a virtual
-# environment of its own (.venv-torch-VERSION, kept between runs). On Linux x86-64 PyPI
-# has only CUDA builds of torch: about 3 GB to fetch for the oldest, which runs on the
-# CPU all the same; the newest comes from this machine's local wheels.
+# environment of its own (.venv-torch-VERSION, kept between runs, except with CI=true).
+# On Linux x86-64 PyPI has only CUDA builds of torch: about 3 GB to fetch for each, which
+# runs on the CPU all the same (the newest comes from local wheels where a machine has them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 oldest=$(sed -n 's/.*"torch>=\([0-9.]*\)".*/\1/p' pyproject.toml)
