@@ -112,3 +112,32 @@ def test_render_without_the_deploy_extra_says_how_to_install_it(tmp_path: object
     assert out.returncode == 1, out.stderr
     assert "gradtel render: needs the deploy extra" in out.stderr
     assert "pip install 'gradtel[deploy]'" in out.stderr
+
+
+def test_importing_gradtel_leaves_dtensor_and_fsdp_to_the_application() -> None:
+    """torch.distributed.tensor and torch.distributed.fsdp cost half a second at every start:
+    gradtel finds their classes once the application has imported them, and a DTensor made
+    after gradtel was imported is counted as its local shard."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+import gradtel
+from gradtel.pipeline.scan import count_nonfinite, countable_values
+late = ("torch.distributed.tensor", "torch.distributed.fsdp")
+print(sorted(m for m in late if m in sys.modules))
+import torch, torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate, init_device_mesh
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+local = torch.tensor([1.0, float("nan"), float("inf")])
+grad = DTensor.from_local(local, mesh, [Replicate()])
+shard = countable_values(grad)
+print(type(shard) is torch.Tensor and shard.data_ptr() == local.data_ptr(), count_nonfinite([shard]))
+dist.destroy_process_group()
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert out.stdout.split("\n")[:2] == ["[]", "True {0: (1, 1)}"], out.stdout + out.stderr

@@ -46,18 +46,21 @@ model attaches to the same hook.
 # No `from __future__ import annotations`: DDP checks a hook's annotations as objects.
 import logging
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import GradBucket
 from torch.distributed.algorithms._comm_hooks import default_hooks as fsdp_hooks
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.nn.parallel import DistributedDataParallel
 
+from .._imported import imported
 from .._ratelimit import RateLimitedLog
 from ..pipeline.scan import nan_and_inf
+
+if TYPE_CHECKING:  # imported where the application uses them: see gradtel._imported
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
 __all__ = ["CommHook", "OriginCounter", "ddp_comm_hook", "install_origin_hook"]
 
@@ -284,10 +287,12 @@ def install_origin_hook(model: torch.nn.Module, monitor: Any) -> Undo | None:
     try:
         if isinstance(model, DistributedDataParallel):
             return _install_ddp(model, counter)
-        if isinstance(model, FullyShardedDataParallel):
+        fsdp = imported("torch.distributed.fsdp", "FullyShardedDataParallel") or ()
+        if isinstance(model, fsdp):
             return _install_fsdp_wrapper(model, counter)
-        if any(isinstance(m, FSDPModule) for m in model.modules()):
-            return _install_fully_shard(model, counter)
+        sharded = imported("torch.distributed.fsdp", "FSDPModule")
+        if sharded is not None and any(isinstance(m, sharded) for m in model.modules()):
+            return _install_fully_shard(model, counter, sharded)
         return None
     except Exception as exc:
         logger.warning(
@@ -331,7 +336,7 @@ def _install_ddp(ddp: DistributedDataParallel, counter: OriginCounter) -> Undo |
     return feed.attach(counter)
 
 
-def _install_fsdp_wrapper(fsdp: FullyShardedDataParallel, counter: OriginCounter) -> Undo:
+def _install_fsdp_wrapper(fsdp: "FullyShardedDataParallel", counter: OriginCounter) -> Undo:
     """The older FSDP wrapper: one communication hook on the root serves every unit. Like
     DDP's, a hook the application registers later becomes the reduction behind the count."""
     feed: _Feed | None = getattr(fsdp, _FEED, None)
@@ -340,7 +345,7 @@ def _install_fsdp_wrapper(fsdp: FullyShardedDataParallel, counter: OriginCounter
     return feed.attach(counter)
 
 
-def _fsdp_wrapper_hook(fsdp: FullyShardedDataParallel) -> _Feed:
+def _fsdp_wrapper_hook(fsdp: "FullyShardedDataParallel") -> _Feed:
     feed = _Feed()
     group = fsdp.process_group or dist.group.WORLD
     reduction: list[Any] = [fsdp_hooks.DefaultState(group), None]  # type: ignore[arg-type]
@@ -396,9 +401,11 @@ class _CountingReduceScatter:
 _said: set[str] = set()
 
 
-def _install_fully_shard(model: torch.nn.Module, counter: OriginCounter) -> Undo | None:
+def _install_fully_shard(
+    model: torch.nn.Module, counter: OriginCounter, sharded: "type[FSDPModule]"
+) -> Undo | None:
     """``fully_shard``: a counting wrapper around each sharded module's reduce-scatter."""
-    if not hasattr(FSDPModule, "set_custom_reduce_scatter"):
+    if not hasattr(sharded, "set_custom_reduce_scatter"):
         if "fully_shard" not in _said:
             _said.add("fully_shard")
             logger.warning(
@@ -409,7 +416,7 @@ def _install_fully_shard(model: torch.nn.Module, counter: OriginCounter) -> Undo
         return None
     new, feeds, groups = _Feed(), {}, []
     for module in model.modules():
-        if isinstance(module, FSDPModule):
+        if isinstance(module, sharded):
             _keep_counting(module)
             for group in _param_groups(module):
                 comm = group._reduce_scatter_comm
@@ -428,7 +435,7 @@ def _install_fully_shard(model: torch.nn.Module, counter: OriginCounter) -> Undo
     return undo
 
 
-def _param_groups(module: FSDPModule) -> list[Any]:
+def _param_groups(module: "FSDPModule") -> list[Any]:
     state = module._get_fsdp_state()
     groups = getattr(state, "_fsdp_param_groups", None)
     if groups is None:  # torch without per-parameter meshes: at most one
@@ -436,7 +443,7 @@ def _param_groups(module: FSDPModule) -> list[Any]:
     return [g for g in groups if g is not None]
 
 
-def _keep_counting(module: FSDPModule) -> None:
+def _keep_counting(module: "FSDPModule") -> None:
     """Count around whatever reduce-scatter the application or torch sets on ``module`` later:
     torch's setters see (and check) the reduce-scatter as it is, then get gradtel's wrapper back."""
     for name in _REDUCE_SCATTER_SETTERS:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 
+from .._imported import imported
 from .layers import assign_layers, distinct
 from .order import BackwardOrder
 from .scan import countable_values
@@ -59,7 +59,8 @@ class Watched:
         self.layers = tuple(distinct(self.labels))
         self.order = BackwardOrder(self.params)
         # Gradients of these dtypes are counted as they are when strided.
-        self._plain = [p.dtype in _PLAIN_DTYPES and not isinstance(p, DTensor) for p in self.params]
+        dtensor = imported("torch.distributed.tensor", "DTensor") or ()
+        self._plain = [p.dtype in _PLAIN_DTYPES and not isinstance(p, dtensor) for p in self.params]
         self._all_plain = all(self._plain)
         self.everyone = tuple(range(len(self.params)))
         self._layer_slots: tuple[tuple[int, ...], torch.Tensor, tuple[str, ...]] | None = None

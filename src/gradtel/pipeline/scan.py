@@ -47,8 +47,9 @@ from operator import attrgetter
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+from .._imported import imported
 
 __all__ = [
     "CHUNK",
@@ -89,7 +90,7 @@ def countable_values(grad: torch.Tensor) -> torch.Tensor | None:
     directly (float8, complex32) are widened. Returns None for a kind of
     tensor gradtel cannot count.
     """
-    if isinstance(grad, DTensor):
+    if isinstance(grad, imported("torch.distributed.tensor", "DTensor") or ()):
         grad = grad.to_local()
     if grad.layout is torch.strided:
         values = grad
