@@ -10,11 +10,11 @@ bash scripts/setup.sh test debian
 # Lint and format check: the formatter's output is the house style.
 .venv/bin/ruff check --quiet src tests benchmarks scripts
 .venv/bin/ruff format --check --quiet src tests benchmarks scripts
-# The whole suite on every core, as most tests wait on real servers and processes (tests
-# that share a module-scoped fixture are one xdist_group); a selection runs as given, so
-# that what it prints with -s shows.
+# The whole suite on two workers per core, as most tests wait on real servers and processes
+# (the longest start first, and tests that share a module-scoped fixture are one
+# xdist_group); a selection runs as given, so that what it prints with -s shows.
 parallel=()
-[ $# -gt 0 ] || parallel=(-n auto --dist loadgroup)
+[ $# -gt 0 ] || parallel=(-n "$((2 * $(nproc)))" --dist loadgroup)
 .venv/bin/python -m pytest "${parallel[@]}" "$@"
 # The whole suite, not a selection: the collector's tests again on the oldest and newest torch.
 [ $# -gt 0 ] || bash scripts/other-torch.sh

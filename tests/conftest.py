@@ -20,6 +20,23 @@ import gradtel.export.httpd
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
+# The tests train small models: one intra-op thread per process, in this one and in those it
+# starts. With more processes than cores (test workers, ranks, servers), a second thread per
+# process spins waiting for the first and takes a core from the others.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest tests first, by their ``waits`` mark: under pytest-xdist their waits on
+    real servers then overlap the short tests instead of trailing after them."""
+    items.sort(key=lambda item: -_waits(item))
+
+
+def _waits(item: pytest.Item) -> float:
+    mark = item.get_closest_marker("waits")
+    return float(mark.args[0]) if mark else 0.0
+
 
 @pytest.fixture
 def registry() -> CollectorRegistry:

@@ -108,6 +108,7 @@ def wait_for_page(
     )
 
 
+@pytest.mark.waits(30)
 def test_pages_arrive_on_the_right_receiver_naming_the_layer(
     run: tuple[dict[str, Trainer], Stack], capsys: pytest.CaptureFixture[str]
 ) -> None:

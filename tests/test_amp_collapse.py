@@ -26,6 +26,7 @@ RUNS = {"diverged": ["--diverge", "60"], "steady": []}
 ALERT = "GradtelAmpLossScaleCollapsed"
 
 
+@pytest.mark.waits(15)
 def test_a_collapsing_loss_scale_pages_critical_and_a_settling_one_does_not() -> None:
     require_tool("prometheus", "prometheus")
     require_tool("prometheus-alertmanager", "prometheus-alertmanager")

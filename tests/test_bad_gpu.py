@@ -50,6 +50,7 @@ def torchrun(base: int, bad_rank: int, run: str) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
+@pytest.mark.waits(45)
 def test_a_rank_whose_gradients_are_bent_50x_pages_once_naming_it_and_a_steady_run_does_not() -> (
     None
 ):

@@ -167,6 +167,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out == f"gradtel {gradtel.__version__}\n"
 
 
+@pytest.mark.waits(30)
 def test_demo_stack_prints_a_page_within_a_minute_and_cleans_up(
     stop: list[subprocess.Popen[str]],
 ) -> None:

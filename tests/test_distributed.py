@@ -70,6 +70,7 @@ def scale_out_stacks(targets: list[str]) -> list[Stack]:
     return [Stack(targets, timings=timings, agent=True, also_write=[victoria.write_url]), victoria]
 
 
+@pytest.mark.waits(50)
 def test_one_page_says_the_nan_originated_on_rank_2_and_nothing_is_lost_at_exit(
     tmp_path: Path,
 ) -> None:
@@ -195,6 +196,7 @@ def assert_one_page(stack: Stack, injected: float, bad_update: int) -> None:
     )
 
 
+@pytest.mark.waits(35)
 def test_a_replay_of_1024_ranks_pages_once_naming_every_rank_and_the_origin() -> None:
     """``benchmarks/bench_ranks.py``: 1,024 simulated ranks through a real Prometheus and
     Alertmanager with the kit's timings (scrape every 5 s, group_wait 10 s)."""

@@ -29,6 +29,7 @@ OPTIONS = KitOptions(spike_baseline="1m", spike_history="5s")
 RUNS = {"spiked": ["--spike", "80:50"], "steady": []}
 
 
+@pytest.mark.waits(15)
 def test_a_50x_norm_spike_warns_and_the_same_run_without_it_does_not() -> None:
     require_tool("prometheus", "prometheus")
     require_tool("prometheus-alertmanager", "prometheus-alertmanager")

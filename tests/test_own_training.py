@@ -81,6 +81,7 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
     pytest.fail(f"{url} not ready:\n{log.read_text()[-3000:]}")
 
 
+@pytest.mark.waits(35)
 def test_the_doc_s_commands_page_for_a_real_training_process(
     prometheus_bin: Path,  # noqa: F811 (the fixture)
     tmp_path: Path,

@@ -47,6 +47,7 @@ results through the store, each at least its latency offset old."""
 
 
 @pytest.mark.parametrize("store", PAGE_WITHIN)
+@pytest.mark.waits(80)
 def test_one_page_names_the_rank_whose_parameters_drifted(tmp_path: Path, store: str) -> None:
     require_tool("prometheus", "prometheus")
     require_tool("prometheus-alertmanager", "prometheus-alertmanager")
