@@ -431,20 +431,3 @@ def test_kubernetes_example_is_consistent() -> None:
     assert int(env["GRADTEL_PORT"]) == container["ports"][0]["containerPort"]
     probe = container["livenessProbe"]["httpGet"]
     assert probe == {"path": "/healthz", "port": endpoint["port"]}
-
-
-def test_the_kit_is_the_same_text_with_or_without_libyaml(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The kit is written with libyaml's emitter where PyYAML has it; the pure-Python one,
-    where it does not, must write the same files."""
-    from gradtel.render import options
-
-    assert issubclass(options._Dumper, yaml.CSafeDumper) == yaml.__with_libyaml__
-
-    class PurePython(yaml.SafeDumper):
-        pass
-
-    PurePython.add_representer(str, options._str)
-    odd = KitOptions(targets=("10.0.0.1:9464",), runbook_url="https://wiki.example/ünïcode")
-    kits = [render_kit(), render_kit(odd)]
-    monkeypatch.setattr(options, "_Dumper", PurePython)
-    assert [render_kit(), render_kit(odd)] == kits

@@ -241,9 +241,8 @@ class KitOptions:
         return f"{self.runbook_url}#{alert.lower()}"
 
 
-class _Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[misc]
-    """Block style for multi-line strings, so PromQL and templates stay readable. libyaml's
-    emitter where PyYAML has it: the same text, twice as fast as the pure-Python one."""
+class _Dumper(yaml.SafeDumper):
+    """Block style for multi-line strings, so PromQL and templates stay readable."""
 
 
 def _str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
