@@ -29,7 +29,8 @@ torch.set_num_threads(1)
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The longest tests first, by their ``waits`` mark: under pytest-xdist their waits on
-    real servers then overlap the short tests instead of trailing after them."""
+    real servers then overlap the short tests instead of trailing after them. (With
+    ``--dist loadgroup`` pytest-xdist still starts the xdist_groups before them.)"""
     items.sort(key=lambda item: -_waits(item))
 
 
