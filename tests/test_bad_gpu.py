@@ -45,7 +45,7 @@ def torchrun(base: int, bad_rank: int, run: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env={**os.environ, "GRADTEL_RUN": run, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "GRADTEL_RUN": run},  # one intra-op thread: see tests/conftest.py
         start_new_session=True,  # its workers are stopped with it
     )  # fmt: skip
 
