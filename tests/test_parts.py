@@ -1,19 +1,24 @@
 """GradMonitor's collaborators, each tested alone: its options, the watched parameters, an
-update's record from launch to health, the deferred queue and the listeners."""
+update's record from launch to health, the scan stage, the deferred queue and the listeners."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
 from torch import nn
 
 import gradtel
+from gradtel._ratelimit import RateLimitedLog
+from gradtel.attach.origin import OriginCounter
 from gradtel.health import GradHealth
 from gradtel.options import MonitorOptions
 from gradtel.pipeline.listeners import Listeners
 from gradtel.pipeline.parameters import Watched
 from gradtel.pipeline.readout import Pending
 from gradtel.pipeline.scan import Scanner
+from gradtel.pipeline.stage import ScanStage
 from gradtel.pipeline.update import ReadAlong, State, Update, launch
 
 
@@ -111,6 +116,37 @@ def test_an_update_reads_along_its_loss_norm_and_scale_and_names_them_again() ->
         torch.cat([p.grad.flatten() for p in model[0].parameters()])
     )
     assert health.layer_grad_norms["0"] == pytest.approx(float(expected))  # type: ignore[index]
+
+
+def test_the_scan_stage_launches_reads_out_and_keeps_a_look_only_while_it_stands() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    failures: list[Exception] = []
+    stage = ScanStage(
+        list(model.named_parameters()),
+        MonitorOptions(),
+        layer_norms=False,
+        origin=OriginCounter(),
+        failed=failures.append,
+        error_log=RateLimitedLog(logging.getLogger("gradtel.test")),
+    )
+    nothing = stage.launch(1, 1)  # before backward: no gradient to count, and it says why
+    assert nothing.state is State.UNSCANNED and nothing.health is not None
+    assert nothing.health.unscanned == "no_gradients"
+    model(torch.ones(2, 3)).sum().backward()
+    model[0].weight.grad[1, 2] = float("inf")
+    health = stage.read_out(stage.launch(5, 2))
+    assert (health.step, health.inf_by_layer, health.scanned) == (5, {"0": 1}, 4)
+    stage.look(5, 2, loss=None)  # as attach() does at the end of backward
+    looked, _ = stage.take_look(loss=None)
+    assert looked is not None and stage.read_out(looked).inf_by_layer == {"0": 1}
+    assert stage.take_look(loss=None) == (None, None)  # taken once
+    stage.look(6, 3, loss=None)
+    first = model[0]
+    assert isinstance(first, nn.Linear)
+    first.weight.grad = torch.zeros_like(first.weight)  # replaced since the look
+    assert stage.take_look(loss=None)[0] is None
+    assert stage.read_out(stage.launch(6, 3)).status.value == "healthy"
+    assert failures == []
 
 
 class _Copy:

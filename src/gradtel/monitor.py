@@ -11,7 +11,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 import torch
 from opentelemetry.metrics import MeterProvider
@@ -39,18 +39,11 @@ from .pipeline.checkpoints import WeightsHealth
 from .pipeline.fingerprint import fingerprint, replica_check
 from .pipeline.layers import DEFAULT_MAX_LAYERS
 from .pipeline.listeners import Listeners
-from .pipeline.parameters import (
-    Gradients,
-    Watched,
-    named_parameters,
-    registrations,
-    same_objects,
-    watch_registrations,
-)
+from .pipeline.parameters import named_parameters, registrations, watch_registrations
 from .pipeline.policy import Action, Policy
 from .pipeline.readout import Pending, Readout
-from .pipeline.scan import Scanner
-from .pipeline.update import Norms, State, Update, launch
+from .pipeline.stage import ScanStage, added
+from .pipeline.update import Norms, Update
 
 __all__ = ["MAX_LAYERS_LIMIT", "REFRESH_EVERY", "GradMonitor"]
 
@@ -201,13 +194,20 @@ class GradMonitor:
         self._training_step = 0
         self._lock = threading.RLock()
         self._error_log = RateLimitedLog(logger)
-        self._order_finalizer: weakref.finalize[Any, Any] | None = None
         self._weights = WeightsHealth()
         self.origin = OriginCounter()
         """This rank's own gradients before the cross-rank reduction, fed by a DDP hook."""
         watch_registrations()
         free_collectives_at_exit()
-        self._watch(named)
+        self._stage = ScanStage(
+            named,
+            self._options,
+            layer_norms=self._layer_norms,
+            origin=self.origin,
+            failed=self._failed_weakly("scan"),
+            error_log=self._error_log,
+        )
+        self._watched_now()
         self._provider = provider
         context_of(provider).claim(self, provider)
         self._telemetry = GradTelemetry(
@@ -234,10 +234,6 @@ class GradMonitor:
         """Updates whose deferred read-out is not published yet."""
         self._latest: GradHealth | None = None
         """The latest published update's health (``readout="deferred"``)."""
-        self._looked: Update | None = None
-        """What :meth:`_look` saw at the end of the latest backward pass, not collected yet."""
-        self._looked_origin: torch.Tensor | None = None
-        self._looked_grads: tuple[torch.Tensor | None, ...] = ()
         self._listeners = Listeners(on_error=self._failed_weakly("record"))
         if self.readout == "deferred":
             self._telemetry.context.deferred.add(self)  # a scrape publishes, the exit wait flushes
@@ -278,7 +274,7 @@ class GradMonitor:
         another monitor on the same meter provider. The series stay as they are."""
         with self._lock:
             self._publish(wait=True)
-            self._watched.order.remove()
+            self._order_finalizer()
             if self._uninstall_origin is not None:
                 self._uninstall_origin()
                 self._uninstall_origin = None
@@ -316,18 +312,11 @@ class GradMonitor:
         """
         return self._listeners.add(listener)
 
-    def _watch(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
-        """Take ``named`` as the watched parameters (at creation and at each refresh)."""
-        old: Watched | None = getattr(self, "_watched", None)
-        if old is not None:
-            old.order.remove()
-        if self._order_finalizer is not None:
-            self._order_finalizer.detach()
-        self._watched = Watched(named, self._options.max_layers, self._options.layer_depth)
-        self._scanner = Scanner()
+    def _watched_now(self) -> None:
+        """Note the registrations the watched parameters reflect; a dropped monitor takes
+        the backward-order hooks with it (one finalizer, the current order's)."""
         self._registrations = registrations()
-        # A dropped monitor takes its hooks with it (one finalizer, the current order's).
-        self._order_finalizer = weakref.finalize(self, self._watched.order.remove)
+        self._order_finalizer = weakref.finalize(self, self._stage.watched.order.remove)
 
     def refresh(self) -> bool:
         """Pick up parameters added to (or removed from) the model since it was watched.
@@ -345,9 +334,11 @@ class GradMonitor:
                 return False
             self._registrations = registrations()
             named = named_parameters(self._module)
-            if not named or self._watched.same(named):
+            if not named or self._stage.watched.same(named):
                 return False
-            self._watch(named)
+            self._order_finalizer()  # removes the hooks of the order watched before
+            self._stage.watch(named)
+            self._watched_now()
             self._telemetry.add_layers(self._trainable_layers())
             return True
 
@@ -355,17 +346,17 @@ class GradMonitor:
         """The layers whose series exist from the start: none on demand; with
         ``layer_series="all"`` those that train now (a frozen base model, as in a
         LoRA fine-tune, does not export hundreds of zero series)."""
-        return [] if self.layer_series == "on_demand" else self._watched.trainable_layers()
+        return [] if self.layer_series == "on_demand" else self._stage.watched.trainable_layers()
 
     @property
     def parameters(self) -> tuple[torch.nn.Parameter, ...]:
         """The watched parameters, in the order ``collect(norms=...)`` takes a tensor of norms."""
-        return self._watched.params
+        return self._stage.watched.params
 
     @property
     def layers(self) -> tuple[str, ...]:
         """Every ``layer`` label this monitor reports, in model order."""
-        return self._watched.layers
+        return self._stage.watched.layers
 
     def collect(
         self,
@@ -417,11 +408,11 @@ class GradMonitor:
         overflow_possible = check_collect(step, scaler, loss, total_norm)
         with self._lock, torch.no_grad():
             started = time.perf_counter()
-            looked, looked_origin = self._take_look(loss)
+            looked, looked_origin = self._stage.take_look(loss)
             self._telemetry.note_collect()
             self._step += 1
             self._training_step = self._step if step is None else step
-            check_norms(norms, len(self._watched.params))  # the parameters they were computed for
+            check_norms(norms, len(self.parameters))  # the parameters they were computed for
             if self._module is not None and (
                 self._registrations != registrations() or self._step % REFRESH_EVERY == 0
             ):
@@ -434,16 +425,22 @@ class GradMonitor:
             if (self._step - 1) % self.sample_every:
                 return self._sampled_out()
             if looked is None:
-                scale = _scale_of(scaler) if overflow_possible else None
-                origin = _added(looked_origin, self.origin.take())
-                update = self._launch(norms, loss, total_norm, origin, scale=scale)
+                update = self._stage.launch(
+                    self._training_step,
+                    self._step,
+                    norms=norms,
+                    loss=loss,
+                    total_norm=total_norm,
+                    origin=added(looked_origin, self.origin.take()),
+                    scale=_scale_of(scaler) if overflow_possible else None,
+                )
             else:  # attach() looked at the gradients as backward left them
                 update = looked
                 update.restep(self._training_step, self._step)
             update.overflow_possible = overflow_possible
             if self.readout == "deferred":
                 return self._defer(update, started)
-            health = self._read_out(update)
+            health = self._stage.read_out(update)
             update.duration = time.perf_counter() - started - update.waited
             update.timestamp = time.time()
             return self._conclude(update, health)
@@ -453,7 +450,7 @@ class GradMonitor:
         self._publish(wait=False)  # the updates before this one, in order, if ready
         if update.pending:
             if update.launched is not None and update.launched.exact is None:
-                self._read_out(update)  # done when queued: read it now, for free
+                self._stage.read_out(update)  # done when queued: read it now, for free
             else:
                 update.start_readout()
         update.duration, update.timestamp = time.perf_counter() - started, time.time()
@@ -465,21 +462,7 @@ class GradMonitor:
     def _check_replica(self) -> None:
         """Hash the parameters, which the previous optimizer step left the same on every
         replica (a host read, one update in ``replica_check_every``)."""
-        self._telemetry.record_fingerprint(self._step, fingerprint(self._watched.params))
-
-    def _take_look(self, loss: torch.Tensor | None) -> tuple[Update | None, torch.Tensor | None]:
-        """What attach() saw at the end of backward, if it still stands for this update, and
-        this rank's counts before the reduction that the looks took."""
-        looked, origin = self._looked, self._looked_origin
-        self._looked = self._looked_origin = None
-        if looked is not None and not (
-            same_objects(self._looked_grads, [p.grad for p in self._watched.params])
-            and (loss is None or looked.read_along.loss_bad is not None)
-        ):
-            # Gradients replaced since backward (not rewritten in place), or a loss the look
-            # did not see: scan now.
-            looked = None
-        return looked, origin
+        self._telemetry.record_fingerprint(self._step, fingerprint(self.parameters))
 
     def _sampled_out(self) -> GradHealth:
         """An update ``sample_every`` leaves out: nothing is looked at, and it says so."""
@@ -520,7 +503,7 @@ class GradMonitor:
             return health
         if action == "skip":
             self._guarded("record", lambda: self._telemetry.record_skip("policy"))
-        self._policy.apply(health, self._watched.params)
+        self._policy.apply(health, self.parameters)
         return health
 
     def flush(self, wait: bool = True) -> None:
@@ -537,7 +520,7 @@ class GradMonitor:
     @torch.no_grad()
     def _publish(self, wait: bool) -> None:
         for update in self._pending.take(wait):
-            self._latest = self._conclude(update, self._read_out(update))
+            self._latest = self._conclude(update, self._stage.read_out(update))
 
     @property
     def healthy(self) -> bool:
@@ -649,106 +632,14 @@ class GradMonitor:
         with self._lock, torch.no_grad():
             if self._step % self.sample_every:  # the coming update is left out: no need to look
                 return
-            try:
-                # A look replaced later keeps its micro-batch's counts for the next one.
-                self._looked_origin = _added(
-                    self._looked_origin, self.origin.take(update_ends=False)
-                )
-                looked = self._launch(None, loss, None, self._looked_origin, exact=True)
-                if looked.pending and looked.launched is not None and looked.launched.exact is None:
-                    self._read_out(looked)  # done when queued: read it now, for free
-                self._looked = looked
-                self._looked_grads = tuple(p.grad for p in self._watched.params)
-            except Exception as exc:  # the next collect() scans as it always did
-                self._looked = None
-                self._failed("scan", exc)
-
-    def _launch(
-        self,
-        norms: Norms | None,
-        loss: torch.Tensor | None,
-        total_norm: torch.Tensor | None,
-        origin: torch.Tensor | None,
-        exact: bool = False,
-        scale: torch.Tensor | None = None,
-    ) -> Update:
-        """This update with its scan queued on the device, or unscanned (and why).
-        ``origin``: this rank's own counts before the reduction, to read with it. ``exact``:
-        on a device whose work is queued, count every gradient exactly now (they may be
-        rewritten before the read-out)."""
-        step, thresholds = self._training_step, self.thresholds
-        grads = self._watched.gather(lambda exc: self._failed("scan", exc))
-        reason = self._unscanned(grads)
-        if reason is not None:
-            return Update.not_scanned(step, thresholds, reason, grads.skipped, self._step)
-        update = Update(
-            step, thresholds, State.LAUNCHED, skipped=grads.skipped, sequence=self._step
-        )
-        try:
-            launch(
-                self._watched,
-                grads,
-                self._scanner,
-                update,
-                norms=norms,
-                loss=loss,
-                total_norm=total_norm,
-                origin=origin,
-                scale=scale,
-                local=self.origin.installed,
-                grad_norm=self.grad_norm,
-                layer_norms=self._layer_norms,
-                exact=exact or self.readout == "deferred",
-                no_norms=self._no_sparse_norms,
-            )
-        except Exception as exc:  # the scan failed: nothing was counted, say so
-            self._failed("scan", exc)
-            update.unscan("scan_error", len(self._watched.params))
-        return update
-
-    def _no_sparse_norms(self) -> None:
-        self._error_log.log(
-            "sparse_norms",
-            logging.WARNING,
-            "gradtel: step %d has sparse gradients: grad_norm and layer_norms are not "
-            "computed for it (the NaN/Inf counts are)",
-            self._training_step,
-        )
-
-    def _read_out(self, update: Update) -> GradHealth:
-        """The health of an update: its read-out, then exact counts of what it flags."""
-        try:
-            return update.read_out(self._scanner)
-        except Exception as exc:  # the scan failed: nothing was counted, say so
-            self._failed("scan", exc)
-            return update.unscan("scan_error", len(update.labels))
-
-    def _unscanned(self, grads: Gradients) -> str | None:
-        """Why nothing can be scanned in this update, or None; logs what to check."""
-        if grads.values:
-            return None
-        params = self._watched.params
-        trainable = sum(p.requires_grad for p in params)
-        without = sum(p.requires_grad and p.grad is None for p in params)
-        if without < trainable:  # gradients were there, gradtel could not count them
-            return "scan_error"
-        self._error_log.log(
-            "no_gradients",
-            logging.WARNING,
-            "gradtel: step %d not scanned: 0 of %d watched trainable parameters had a "
-            "gradient; is collect() called after backward() and before zero_grad()? "
-            "(status unknown, counted in gradtel_unscanned_updates_total)",
-            self._training_step,
-            trainable,
-        )
-        return "no_gradients"
+            self._stage.look(self._training_step, self._step, loss)
 
     def _device_labels(self) -> dict[str, str] | None:
         """The labels of ``gradtel_device_info``: of the device the model's parameters live on."""
-        if not self._watched.params:
+        if not self.parameters:
             return None
         try:
-            return device_labels(self._watched.params[0].device)
+            return device_labels(self.parameters[0].device)
         except Exception as exc:  # pages then name the rank without its host: no reason to stop
             self._error_log.log(
                 "device",
@@ -784,13 +675,6 @@ class GradMonitor:
                 self._telemetry.touch(time.time(), self._step)
             raise exc
         self._telemetry.failed(stage, exc)
-
-
-def _added(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    """The sum of two optional count tensors (on the device, no host read)."""
-    if a is None or b is None:
-        return a if b is None else b
-    return a + b.to(a.device)
 
 
 def _scale_of(scaler: torch.amp.GradScaler | None) -> torch.Tensor | None:
