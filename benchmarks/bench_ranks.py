@@ -84,6 +84,10 @@ class Ranks:
         ranks = self
 
         class Handler(BaseHTTPRequestHandler):
+            # Keep-alive, as a gradtel endpoint answers: Prometheus reuses one connection per
+            # target instead of a connection and a thread per scrape.
+            protocol_version = "HTTP/1.1"
+
             def do_GET(self) -> None:
                 rank = int(self.path.split("/")[2])
                 body = (ranks.bad if ranks.injected else ranks.healthy)[rank]
