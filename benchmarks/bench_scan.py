@@ -139,7 +139,7 @@ def bench_workload(
     )  # fmt: skip
     methods: dict[str, Callable[[], object]] = {
         "collect()": monitor.collect,
-        "scan alone": lambda: monitor._scanner.count(values, key),
+        "scan alone": lambda: monitor._stage.scanner.count(values, key),
         "get_total_norm": lambda: nn.utils.get_total_norm(grads),
         "memory floor (one sum)": buffer.sum,
         # Clipping that clips (half the norm): under max_norm gradtel also saves torch's pass.

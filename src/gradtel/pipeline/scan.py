@@ -358,11 +358,6 @@ class Scanner:
         self._plans: dict[tuple[Hashable, ...], _Plan] = {}
         self._cache_size = cache_size
         self._kept_lengths: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
-        self.waited = 0.0
-        """Seconds the latest count spent waiting for device work queued before it
-        (an asynchronous backward pass), which is not gradtel's own cost."""
-        self.also_read: list[float] = []
-        """The values of the latest count's ``also`` tensors, read with its first read-out."""
 
     def _plan(self, values: Sequence[torch.Tensor], slots: Sequence[Hashable] | None) -> _Plan:
         if slots is None:
@@ -409,8 +404,11 @@ class Scanner:
         also: Sequence[torch.Tensor] = (),
     ) -> Launched:
         """Phase 1, queued on the device with no host read: see :meth:`count` for the
-        arguments. Read :attr:`Launched.result` to the host, then call :meth:`finish`
-        (both under ``torch.no_grad()``, as :meth:`count` runs them)."""
+        arguments. ``also``: 1-D tensors read to the host with the flags, at the end of
+        :attr:`Launched.result`, in the dtype they and the flags promote to (float32 at
+        least: give counts as float64 to read them exactly). Read the result to the host
+        (:meth:`read`), then call :meth:`finish` (both under ``torch.no_grad()``, as
+        :meth:`count` runs them)."""
         timed = values[0].device.type == "cuda"
         if timed:  # gradtel's own kernels, apart from the work queued before them
             stream = torch.cuda.current_stream(values[0].device)
@@ -478,23 +476,22 @@ class Scanner:
             found = self._kept_lengths[key] = torch.tensor(numels, device=device)
         return found
 
-    def read(self, launched: Launched) -> list[Any]:
-        """The blocking read-out of ``launched``. It waits for everything queued before
-        it, the backward pass included: :attr:`waited` says how long, apart from gradtel's own kernels."""
+    def read(self, launched: Launched) -> tuple[list[Any], float]:
+        """The blocking read-out of ``launched``, and the seconds it waited for the device
+        work queued before it (an asynchronous backward pass), which is not gradtel's own."""
         began = time.perf_counter()
         read = launched.result.tolist()
-        self.waited = 0.0
+        waited = 0.0
         if launched.events is not None:
             start, end = launched.events
-            self.waited = max(0.0, time.perf_counter() - began - start.elapsed_time(end) / 1000)
-        return read
+            waited = max(0.0, time.perf_counter() - began - start.elapsed_time(end) / 1000)
+        return read, waited
 
     def finish(
         self, values: Sequence[torch.Tensor], launched: Launched, read: Sequence[Any]
     ) -> dict[int, tuple[int, int]]:
         """Phase 2: exact counts of the pieces that ``read`` (the host copy of
-        ``launched.result``) flags; the ``also`` values land in :attr:`also_read`."""
-        self.also_read = list(read[len(read) - launched.also :])
+        ``launched.result``) flags. The ``also`` values are ``read[-launched.also:]``."""
         if launched.exact is not None:
             pairs = read[: 2 * len(launched.exact)]
             return {
@@ -534,7 +531,6 @@ class Scanner:
         values: Sequence[torch.Tensor],
         slots: Sequence[Hashable] | None = None,
         norms: torch.Tensor | Sequence[torch.Tensor] | None = None,
-        also: Sequence[torch.Tensor] = (),
     ) -> dict[int, tuple[int, int]]:
         """``{position: (nan, inf)}`` for each tensor holding a non-finite element.
 
@@ -546,19 +542,11 @@ class Scanner:
             norms: One norm per tensor already computed elsewhere (gradient
                 clipping computes them), as a list or stacked in a 1-D tensor:
                 phase 1 then reads no gradient memory.
-            also: 1-D tensors to read to the host with the first read-out (no
-                read-out of its own): their values land in :attr:`also_read`, in
-                the dtype that they and the flags promote to (float32 at least:
-                give counts as float64 to read them exactly).
         """
-        self.waited = 0.0
-        self.also_read = []
         if not values:
-            if also:
-                self.also_read = _on_one_device(list(also)).tolist()
             return {}
-        launched = self.launch(values, slots, norms, also)
-        return self.finish(values, launched, self.read(launched))
+        launched = self.launch(values, slots, norms)
+        return self.finish(values, launched, self.read(launched)[0])
 
 
 @dataclass(frozen=True)

@@ -186,8 +186,7 @@ class Update:
         if self.copy is not None:
             read = self._read if self._read is not None else self.copy.read()
         else:
-            read = scanner.read(launched)
-            self.waited = scanner.waited
+            read, self.waited = scanner.read(launched)
         counts = scanner.finish(self.values or [], launched, read)
         along = self.read_along.fields(read[len(read) - launched.also :])
         self.health = self._health(counts, along)
