@@ -64,7 +64,7 @@ class ScanStage:
     def watch(self, named: list[tuple[str, torch.nn.Parameter]]) -> Watched:
         """Take ``named`` as the watched parameters (at creation and at each refresh)."""
         self.watched = Watched(named, self._options.max_layers, self._options.layer_depth)
-        self.scanner = Scanner()  # its plans are of the tensors watched before
+        self.scanner = Scanner()  # a new one: the old one planned for the tensors watched before
         return self.watched
 
     def launch(
