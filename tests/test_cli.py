@@ -33,7 +33,10 @@ def start_demo(*args: str) -> tuple[subprocess.Popen[str], str]:
     assert process.stdout is not None
     first = process.stdout.readline()
     found = re.match(r"gradtel demo: serving (http://\S+/metrics)$", first.strip())
-    assert found, f"unexpected first line {first!r}"
+    if not found:  # stopped here: a demo left running would fail a later test instead
+        process.kill()
+        _, err = process.communicate(timeout=30)
+        pytest.fail(f"unexpected first line {first!r}; exit {process.returncode}; stderr:\n{err}")
     return process, found.group(1)
 
 
