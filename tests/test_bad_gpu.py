@@ -19,10 +19,9 @@ from pathlib import Path
 import pytest
 
 from gradtel.render import KitOptions
-from gradtel.tools.stack import Stack, StackTimings, free_port
+from gradtel.tools.stack import Stack, StackTimings, free_port, free_ports
 
 from .conftest import require_tool
-from .test_distributed import free_ports
 
 pytestmark = pytest.mark.slow
 

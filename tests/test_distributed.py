@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import re
 import signal
 import socket
@@ -32,31 +31,13 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 import gradtel
-from gradtel.tools.stack import Stack, StackTimings, free_port
+from gradtel.tools.stack import Stack, StackTimings, free_port, free_ports
 
 from .conftest import net, require_tool
 
 pytestmark = pytest.mark.slow
 
 RANKS, BAD_RANK = 4, 2
-
-
-def free_ports(count: int) -> int:
-    """A port P such that P .. P + count - 1 are all free on loopback, below the ephemeral
-    range (32768 and up on Linux), where gloo's and the stacks' own sockets land."""
-    for _ in range(50):
-        base = random.randrange(20_000, 32_000)
-        sockets = [socket.socket() for _ in range(count)]
-        try:
-            for offset, probe in enumerate(sockets):
-                probe.bind(("127.0.0.1", base + offset))
-        except OSError:
-            continue
-        finally:
-            for probe in sockets:
-                probe.close()
-        return base
-    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 def scale_out_stacks(targets: list[str]) -> list[Stack]:

@@ -302,7 +302,7 @@ def test_a_run_that_crashes_right_after_an_unhealthy_update_still_gets_scraped()
 def test_each_rank_of_a_node_serves_on_base_port_plus_local_rank(
     monkeypatch: pytest.MonkeyPatch, registry: CollectorRegistry
 ) -> None:
-    from .test_distributed import free_ports
+    from gradtel.tools.stack import free_ports
 
     base = free_ports(2)
     monkeypatch.setenv("WORLD_SIZE", "2")

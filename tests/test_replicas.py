@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from gradtel.metrics import REPLICA_FINGERPRINT
-from gradtel.tools.stack import Stack, StackTimings, free_port
+from gradtel.tools.stack import Stack, StackTimings, free_port, free_ports
 
 from .conftest import require_tool
-from .test_distributed import free_ports, scale_out_stacks
+from .test_distributed import scale_out_stacks
 
 pytestmark = pytest.mark.slow
 

@@ -1,8 +1,10 @@
 """The test stack on Prometheus 2.x and 3.x: the scale-out agent starts with the flags of its
-version, and a stack that fails to start fails at once and leaves no process behind."""
+version, a stack that fails to start fails at once and leaves no process behind, and its
+ports are picked where no other process's connection can take them first."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 import gradtel
 from gradtel.render import scale_out
-from gradtel.tools.stack import Stack, StackTimings
+from gradtel.tools.stack import Stack, StackTimings, free_port, free_ports
 
 from .conftest import require_tool
 from .prometheus_versions import prometheus_bin  # noqa: F401 (a fixture)
@@ -69,3 +71,22 @@ def test_a_stack_that_fails_to_start_fails_at_once_and_leaves_no_process_behind(
         "alertmanager": True, "prometheus": True, "agent": True,
     }  # fmt: skip
     assert not stack.root.exists()
+
+
+def test_a_stack_s_ports_are_picked_below_the_ephemeral_range() -> None:
+    """Outgoing connections (the suite's scrapes, gloo) and ``bind(0)`` take their ports from
+    the ephemeral range: a port picked there could be taken before the server binds it."""
+    ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    base = free_ports(3)
+    assert 10_000 <= base and base + 2 < ephemeral
+    for port in range(base, base + 3):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", port))  # still free: the pick held none of them
+    assert free_port() < ephemeral
+    require_tool("prometheus", "prometheus")
+    require_tool("prometheus-alertmanager", "prometheus-alertmanager")
+    stack = Stack([], timings=TIMINGS)
+    try:
+        assert stack.store_port < ephemeral and stack.alertmanager_port < ephemeral
+    finally:
+        stack.stop()  # never started: this removes its folder

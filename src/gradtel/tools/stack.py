@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import re
 import shutil
 import socket
@@ -36,6 +37,8 @@ __all__ = [
     "ToolMissingError",
     "WebhookReceiver",
     "find_tool",
+    "free_port",
+    "free_ports",
     "prometheus_version",
 ]
 
@@ -69,10 +72,40 @@ def prometheus_version(binary: str) -> tuple[int, ...]:
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    """A TCP port free on 127.0.0.1 now, for a server about to start (see :func:`free_ports`)."""
+    return free_ports(1)
+
+
+def free_ports(count: int) -> int:
+    """A port P such that P .. P + count - 1 are free on 127.0.0.1 now, picked below the
+    kernel's ephemeral range: outgoing connections and ``bind(0)`` take their ports from
+    that range, so none of them can take P between this pick and the server's own bind
+    (a port that ``bind(0)`` picked could be, on a busy machine)."""
+    below = _ephemeral_start()
+    lowest = 10_000
+    if below - count <= lowest:
+        raise RuntimeError(f"no room for {count} ports below the ephemeral range ({below} and up)")
+    for _ in range(100):
+        base = random.randrange(lowest, below - count)
+        probes = [socket.socket() for _ in range(count)]
+        try:
+            for offset, probe in enumerate(probes):
+                probe.bind(("127.0.0.1", base + offset))
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+        return base
+    raise RuntimeError(f"no {count} consecutive free ports on 127.0.0.1 below {below}")
+
+
+def _ephemeral_start() -> int:
+    """The first port of the kernel's ephemeral range (Linux's; 32768 where it cannot tell)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 @dataclass(frozen=True)
