@@ -34,8 +34,12 @@ def start_demo(*args: str) -> tuple[subprocess.Popen[str], str]:
     first = process.stdout.readline()
     found = re.match(r"gradtel demo: serving (http://\S+/metrics)$", first.strip())
     if not found:  # stopped here: a demo left running would fail a later test instead
-        process.kill()
-        _, err = process.communicate(timeout=30)
+        process.terminate()  # not kill(): a SIGTERM lets the demo stop the stack it started
+        try:
+            _, err = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, err = process.communicate()
         pytest.fail(f"unexpected first line {first!r}; exit {process.returncode}; stderr:\n{err}")
     return process, found.group(1)
 

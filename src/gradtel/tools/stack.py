@@ -9,6 +9,7 @@ temporary directory, and stopped by their PIDs.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import random
 import re
@@ -80,24 +81,31 @@ def free_ports(count: int) -> int:
     """A port P such that P .. P + count - 1 are free on 127.0.0.1 now, picked below the
     kernel's ephemeral range: outgoing connections and ``bind(0)`` take their ports from
     that range, so none of them can take P between this pick and the server's own bind
-    (a port that ``bind(0)`` picked could be, on a busy machine)."""
-    below = _ephemeral_start()
-    lowest = 10_000
-    if below - count <= lowest:
-        raise RuntimeError(f"no room for {count} ports below the ephemeral range ({below} and up)")
+    (a port that ``bind(0)`` picked could be, on a busy machine). Where the range leaves no
+    room below it, P is picked among all ports from 10000 up, as free now.
+
+    Raises:
+        OSError: no free ports found in 100 tries.
+    """
+    low, high = 10_000, _ephemeral_start()
+    if high - count <= low:  # the range starts too low: any free ports will do
+        high = 65_536
     for _ in range(100):
-        base = random.randrange(lowest, below - count)
-        probes = [socket.socket() for _ in range(count)]
+        base = random.randrange(low, high - count + 1)
+        probes: list[socket.socket] = []
         try:
-            for offset, probe in enumerate(probes):
-                probe.bind(("127.0.0.1", base + offset))
-        except OSError:
+            for offset in range(count):
+                probes.append(socket.socket())
+                probes[-1].bind(("127.0.0.1", base + offset))
+        except OSError as exc:
+            if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
+                raise  # out of file descriptors, say: no other port would do better
             continue
         finally:
             for probe in probes:
                 probe.close()
         return base
-    raise RuntimeError(f"no {count} consecutive free ports on 127.0.0.1 below {below}")
+    raise OSError(errno.EADDRINUSE, f"no {count} consecutive free ports on 127.0.0.1")
 
 
 def _ephemeral_start() -> int:
