@@ -207,7 +207,10 @@ class GradMonitor:
             failed=self._failed_weakly("scan"),
             error_log=self._error_log,
         )
-        self._watched_now()
+        self._registrations = registrations()
+        """torch's registrations the watched parameters reflect: another one means a refresh."""
+        # A dropped monitor takes its backward-order hooks with it, whatever it watches then.
+        weakref.finalize(self, self._stage.unwatch)
         self._provider = provider
         context_of(provider).claim(self, provider)
         self._telemetry = GradTelemetry(
@@ -274,7 +277,7 @@ class GradMonitor:
         another monitor on the same meter provider. The series stay as they are."""
         with self._lock:
             self._publish(wait=True)
-            self._order_finalizer()
+            self._stage.unwatch()
             if self._uninstall_origin is not None:
                 self._uninstall_origin()
                 self._uninstall_origin = None
@@ -312,12 +315,6 @@ class GradMonitor:
         """
         return self._listeners.add(listener)
 
-    def _watched_now(self) -> None:
-        """Note the registrations the watched parameters reflect; a dropped monitor takes
-        the backward-order hooks with it (one finalizer, the current order's)."""
-        self._registrations = registrations()
-        self._order_finalizer = weakref.finalize(self, self._stage.watched.order.remove)
-
     def refresh(self) -> bool:
         """Pick up parameters added to (or removed from) the model since it was watched.
 
@@ -336,9 +333,7 @@ class GradMonitor:
             named = named_parameters(self._module)
             if not named or self._stage.watched.same(named):
                 return False
-            self._order_finalizer()  # removes the hooks of the order watched before
             self._stage.watch(named)
-            self._watched_now()
             self._telemetry.add_layers(self._trainable_layers())
             return True
 

@@ -55,17 +55,23 @@ class ScanStage:
         self._origin = origin
         self._failed = failed
         self._error_log = error_log
-        self.watched = self.watch(named)
+        self.watched = Watched(named, options.max_layers, options.layer_depth)
+        self.scanner = Scanner()
         self._looked: Update | None = None
         """What :meth:`look` saw at the end of the latest backward pass, not taken yet."""
         self._looked_origin: torch.Tensor | None = None
         self._looked_grads: tuple[torch.Tensor | None, ...] = ()
 
-    def watch(self, named: list[tuple[str, torch.nn.Parameter]]) -> Watched:
-        """Take ``named`` as the watched parameters (at creation and at each refresh)."""
+    def watch(self, named: list[tuple[str, torch.nn.Parameter]]) -> None:
+        """Take ``named`` as the watched parameters instead (a refresh)."""
+        self.unwatch()
         self.watched = Watched(named, self._options.max_layers, self._options.layer_depth)
         self.scanner = Scanner()  # a new one: the old one planned for the tensors watched before
-        return self.watched
+
+    def unwatch(self) -> None:
+        """Remove the hooks that learn the backward order of the watched parameters (again:
+        a no-op)."""
+        self.watched.order.remove()
 
     def launch(
         self,
