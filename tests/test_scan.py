@@ -191,6 +191,23 @@ class ReadOuts:
         return counted
 
 
+def test_a_read_out_comes_back_as_values_and_leaves_the_scanner_as_it_was() -> None:
+    """The scanner keeps plans, never the results of a count: two updates read out in
+    either order (a deferred one after the next one's) cannot see each other's values."""
+    scanner = Scanner()
+    first = [torch.tensor([1.0, float("nan")]), torch.ones(3)]
+    second = [torch.ones(2), torch.tensor([float("inf"), 1.0, 1.0])]
+    early = scanner.launch(first, (0, 1), also=[torch.tensor([7.0])])
+    late = scanner.launch(second, (0, 1), also=[torch.tensor([9.0])])
+    kept = dict(vars(scanner))
+    read_late, waited = scanner.read(late)
+    read_early, _ = scanner.read(early)
+    assert scanner.finish(second, late, read_late) == {1: (0, 1)}
+    assert scanner.finish(first, early, read_early) == {0: (1, 0)}
+    assert (read_early[-early.also :], read_late[-late.also :], waited) == ([7.0], [9.0], 0.0)
+    assert vars(scanner) == kept
+
+
 @pytest.mark.parametrize("bad_tensors", [0, 1, 10])
 def test_one_read_out_per_phase_whatever_the_number_of_tensors(
     monkeypatch: pytest.MonkeyPatch, bad_tensors: int
