@@ -391,7 +391,7 @@ DEFECTS: dict[str, tuple[Patches, Callable[[str], str], set[str]]] = {
 
 
 def _load(text: str) -> Any:
-    return yaml.load(text, Loader=yaml.CSafeLoader)  # libyaml: 45 kits' rule tests are read
+    return yaml.load(text, Loader=yaml.CSafeLoader)  # libyaml: every defect's kit is read
 
 
 def _dump(data: Any) -> str:
