@@ -78,6 +78,92 @@ def test_remove_detaches(provider: MeterProvider, registry: CollectorRegistry) -
     assert sample(samples(registry), "gradtel_updates_total") == 2
 
 
+def test_close_removes_the_monitors_attachments(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    # A closed monitor frees its parameters for another one: its attachment must not go on
+    # collecting beside the new monitor's, or every update would be counted twice.
+    model, optimizer, old = make(provider)
+    old.attach(optimizer)
+    old.close()
+    new = GradMonitor(model, meter_provider=provider, on_warning="ignore", on_critical="ignore")
+    new.attach(optimizer)
+    train(model, optimizer, steps=1, micro=1, nan_at=(0, 0))
+    found = samples(registry)
+    assert sample(found, "gradtel_updates_total") == 1
+    reference = sum(int(torch.isnan(p.grad).sum()) for p in model.parameters())
+    assert reference > 0
+    assert sum(
+        v for (name, labels), v in found.items() if name == "gradtel_nan_grads_total"
+    ) == reference
+    new.close()
+
+
+def two_nans(grad: torch.Tensor) -> torch.Tensor:
+    grad = grad.clone()
+    grad.view(-1)[:2] = NAN
+    return grad
+
+
+@pytest.mark.parametrize("change", ["new head", "new head, refreshed by hand", "unfrozen head"])
+def test_attach_counts_before_clipping_the_parameters_that_train_only_later(
+    provider: MeterProvider, change: str
+) -> None:
+    # Transfer learning: the backbone is frozen and a head trains, one that was replaced or
+    # unfrozen after attach(). Its gradients must be counted as backward left them, before
+    # torch's clipping turns every gradient into NaN.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    if change == "unfrozen head":
+        model[1].requires_grad_(False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    monitor = GradMonitor(model, meter_provider=provider, on_warning="ignore", on_critical="ignore")
+    found = record_collects(monitor)
+    monitor.attach(optimizer)
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    model[0].requires_grad_(False)
+    if change == "unfrozen head":
+        model[1].requires_grad_(True)
+    else:
+        model[1] = nn.Linear(8, 2)
+        optimizer.add_param_group({"params": list(model[1].parameters())})
+        if change == "new head, refreshed by hand":
+            assert monitor.refresh()
+    model[1].weight.register_hook(two_nans)
+    model(torch.randn(3, 4)).sum().backward()
+    reference = sum(int(torch.isnan(p.grad).sum()) for p in model.parameters() if p.requires_grad)
+    nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # a NaN total norm: all NaN now
+    optimizer.step()
+    assert (found[-1].nan_total, found[-1].nan_by_layer) == (reference, {"1": 2})
+    assert found[-1].status is Status.WARNING
+    monitor.close()
+
+
+@pytest.mark.parametrize("change", ["new head", "unfrozen head"])
+def test_scan_backward_goes_on_collecting_when_only_later_parameters_train(
+    provider: MeterProvider, registry: CollectorRegistry, change: str
+) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    if change == "unfrozen head":
+        model[1].requires_grad_(False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    monitor = GradMonitor(model, meter_provider=provider)
+    monitor.attach(optimizer, scan="backward")
+    model(torch.randn(3, 4)).sum().backward()
+    model[0].requires_grad_(False)
+    if change == "unfrozen head":
+        model[1].requires_grad_(True)
+    else:
+        model[1] = nn.Linear(8, 2)
+    for _ in range(3):
+        model(torch.randn(3, 4)).sum().backward()
+    assert sample(samples(registry), "gradtel_updates_total") == 4
+    monitor.close()
+
+
 def amp_update(
     model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
 ) -> None:

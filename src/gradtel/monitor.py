@@ -209,6 +209,8 @@ class GradMonitor:
         )
         self._registrations = registrations()
         """torch's registrations the watched parameters reflect: another one means a refresh."""
+        self._attachments: list[Attachment] = []
+        """What :meth:`attach` installed: :meth:`close` removes it."""
         # A dropped monitor takes its backward-order hooks with it, whatever it watches then.
         weakref.finalize(self, self._stage.unwatch)
         self._provider = provider
@@ -273,11 +275,15 @@ class GradMonitor:
         return self._options.readout
 
     def close(self) -> None:
-        """Stop watching: remove gradtel's gradient hooks and free the parameters for
-        another monitor on the same meter provider. The series stay as they are."""
+        """Stop watching: remove gradtel's gradient hooks and what :meth:`attach` installed,
+        and free the parameters for another monitor on the same meter provider. The series
+        stay as they are."""
         with self._lock:
             self._publish(wait=True)
             self._stage.unwatch()
+            for attachment in self._attachments:
+                attachment.remove()
+            self._attachments = []
             if self._uninstall_origin is not None:
                 self._uninstall_origin()
                 self._uninstall_origin = None
@@ -617,7 +623,9 @@ class GradMonitor:
             ValueError: unknown ``scan``, or this monitor is already attached
                 to ``optimizer``.
         """
-        return attach(self, optimizer, scaler=scaler, scan=scan, step=step, loss=loss)
+        attachment = attach(self, optimizer, scaler=scaler, scan=scan, step=step, loss=loss)
+        self._attachments = [a for a in self._attachments if a.installed] + [attachment]
+        return attachment
 
     def _look(self, loss: torch.Tensor | None = None) -> None:
         """Scan the gradients as backward left them, for the next :meth:`collect` to publish:

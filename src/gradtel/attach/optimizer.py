@@ -31,11 +31,12 @@ import torch
 
 from .. import _checks
 from .._ratelimit import RateLimitedLog
-from ..pipeline.parameters import registrations
+from ..pipeline.parameters import registrations, same_objects
 
 __all__ = ["Attachment", "Collector", "at_end_of_backward", "attach", "steps_taken", "summed_loss"]
 
 _log = RateLimitedLog(logging.getLogger("gradtel"))
+_trainable = operator.attrgetter("requires_grad")
 
 
 class Collector(Protocol):
@@ -61,6 +62,11 @@ class Attachment:
 
     def __init__(self) -> None:
         self._undo: list[Callable[[], None]] = []
+
+    @property
+    def installed(self) -> bool:
+        """Whether anything is left to remove."""
+        return bool(self._undo)
 
     def remove(self) -> None:
         for undo in reversed(self._undo):
@@ -123,9 +129,7 @@ def attach(
     attachment._undo.append(optimizer.register_load_state_dict_post_hook(resumed).remove)
     if scan == "backward":
         collect = _Stepped(monitor, taken, step, None, None, loss)
-        attachment._undo.append(
-            at_end_of_backward(monitor.parameters, lambda: collect(scaler=scaler)).remove
-        )
+        attachment._undo.append(_EndsOfBackward(monitor, lambda: collect(scaler=scaler)).remove)
         return attachment
     looks = scaler is None or not scaler.is_enabled()
     passes = _Passes.of(monitor, attachment, looks, loss)
@@ -160,6 +164,50 @@ def attach(
     return attachment
 
 
+class _EndsOfBackward:
+    """``callback`` at the end of every backward pass through a monitor's watched parameters,
+    kept on the parameters that train: before each forward pass, a layer replaced or a
+    parameter unfrozen since the hooks were made is watched and hooked too."""
+
+    def __init__(self, monitor: Collector, callback: Callable[[], object]) -> None:
+        self.monitor, self.callback = monitor, callback
+        self._armed = Attachment()
+        self._armed_for: tuple[torch.Tensor, ...] = ()
+        self._frozen: list[torch.Tensor] = []
+        self._watching = Attachment()
+        self.renew()
+        module = getattr(monitor, "_module", None)
+        if isinstance(module, torch.nn.Module):
+            self._watching._undo.append(module.register_forward_pre_hook(self.rearm).remove)
+
+    def renew(self) -> None:
+        """Watch what the model holds now (the user may have refreshed already) and hook it."""
+        self._registrations = registrations()
+        refresh = getattr(self.monitor, "refresh", None)
+        if refresh is not None:
+            refresh()
+        params = tuple(self.monitor.parameters)
+        if self._armed.installed and same_objects(params, self._armed_for) and not self.unfrozen():
+            return
+        self._armed.remove()
+        self._armed = at_end_of_backward(params, self.callback)
+        self._armed_for = params
+        self._frozen = [p for p in params if not p.requires_grad]
+
+    def unfrozen(self) -> bool:
+        """Whether a parameter frozen when the hooks were made trains now (it has none)."""
+        return any(map(_trainable, self._frozen))
+
+    def rearm(self, *args: Any) -> None:
+        # The usual forward: nothing replaced, nothing unfrozen since the hooks were made.
+        if self._registrations != registrations() or self.unfrozen():
+            self.renew()
+
+    def remove(self) -> None:
+        self._armed.remove()
+        self._watching.remove()
+
+
 class _Passes:
     """The backward passes through one monitor's parameters, shared by its attachments:
     without an enabled scaler each pass ends with a look at the gradients as backward left
@@ -178,10 +226,7 @@ class _Passes:
         self.loss_fn: Callable[[], torch.Tensor | None] | None = None
         self.loss: torch.Tensor | None = None
         self.users = 0
-        self._registrations = registrations()
-        self._armed = Attachment()
-        self._armed_for: tuple[torch.Tensor, ...] = ()
-        self._watching = Attachment()
+        self.hooks = _EndsOfBackward(monitor, self._ended)
 
     @classmethod
     def of(
@@ -194,37 +239,13 @@ class _Passes:
         passes = cls._of.get(monitor)
         if passes is None:
             passes = cls._of[monitor] = cls(monitor)
+        else:
+            passes.hooks.renew()
         passes.users += 1
         passes.looks = passes.looks or looks
         passes.loss_fn = loss or passes.loss_fn
-        refresh = getattr(monitor, "refresh", None)
-        if refresh is not None:
-            refresh()  # a layer replaced since the last update is watched, and armed, now
-        passes.arm()
-        module = getattr(monitor, "_module", None)
-        if isinstance(module, torch.nn.Module) and not passes._watching._undo:
-            # A layer replaced between two updates gets its hook before the next backward.
-            passes._watching._undo.append(module.register_forward_pre_hook(passes.rearm).remove)
         attachment._undo.append(passes.release)
         return passes
-
-    def arm(self) -> None:
-        params = tuple(self.monitor.parameters)
-        same = len(params) == len(self._armed_for) and all(
-            a is b for a, b in zip(params, self._armed_for)
-        )
-        if not same or not self._armed._undo:
-            self._armed.remove()
-            self._armed = at_end_of_backward(params, self._ended)
-            self._armed_for = params
-
-    def rearm(self, *args: Any) -> None:
-        if self._registrations == registrations():  # the usual forward: nothing was replaced
-            return
-        self._registrations = registrations()
-        refresh = getattr(self.monitor, "refresh", None)
-        if refresh is not None and refresh():
-            self.arm()
 
     def _ended(self) -> None:
         self.count += 1
@@ -252,8 +273,7 @@ class _Passes:
     def release(self) -> None:
         self.users -= 1
         if self.users == 0:
-            self._armed.remove()
-            self._watching.remove()
+            self.hooks.remove()
             self._of.pop(self.monitor, None)
 
 
