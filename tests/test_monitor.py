@@ -372,6 +372,27 @@ def test_monitors_sharing_a_provider_share_series(
     assert a.layers != b.layers
 
 
+def test_a_closed_monitors_counts_give_way_to_the_next_monitors_update_of_the_same_layers(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    model = TwoLayer()
+    old = GradMonitor(model, meter_provider=provider, on_warning="ignore")
+    backward(model)
+    poison(model.fc2.weight.grad, nan=3)
+    old.collect()
+    old.close()
+    new = GradMonitor(model, meter_provider=provider, on_warning="ignore")
+    found = samples(registry)  # before the new monitor looked: the last update is the old one's
+    assert sample(found, "gradtel_update_nan_grads", layer="fc2") == 3
+    backward(model)
+    assert new.collect().status is Status.HEALTHY
+    found = samples(registry)
+    assert sample(found, "gradtel_update_status") == 0
+    assert sample(found, "gradtel_update_nan_grads", layer="fc2") == 0  # not the old 3
+    assert sample(found, "gradtel_nan_grads_total", layer="fc2") == 3
+    new.close()
+
+
 def test_monitors_sharing_a_provider_add_up_in_the_series_of_a_layer_they_both_name(
     provider: MeterProvider, registry: CollectorRegistry
 ) -> None:

@@ -109,13 +109,13 @@ INF_GRADS = Metric(
 UPDATE_NAN_GRADS = Metric(
     "gradtel_update_nan_grads",
     "gauge",
-    "NaN gradient values in the most recent update (TELE-300).",
+    "NaN gradient values in the most recent scanned update (TELE-300).",
     ("layer",),
 )
 UPDATE_INF_GRADS = Metric(
     "gradtel_update_inf_grads",
     "gauge",
-    "±Inf gradient values in the most recent update (TELE-301).",
+    "±Inf gradient values in the most recent scanned update (TELE-301).",
     ("layer",),
 )
 UPDATES = Metric("gradtel_updates_total", "counter", "Updates scanned.")

@@ -208,9 +208,13 @@ class Instruments:
 
     def _observe_layer_latest(self, kind: str, options: CallbackOptions) -> Iterable[Observation]:
         for sources in self._by_labels().values():
-            # The monitor that recorded last wins, as it would have set one gauge last.
+            # Per layer, the monitor that scanned last among those watching it wins, as it
+            # would have set one gauge last: a closed monitor's counts give way to the next.
             latest: dict[str, tuple[dict[str, str], int]] = {}
-            for source in sorted(sources, key=lambda s: s.last_update):
+            for source in sorted(sources, key=lambda s: s.scanned_time):
+                if source.updates:  # it scanned: its update is the latest of all it watches
+                    for layer in source.watched_layers & latest.keys():
+                        latest[layer] = (latest[layer][0], 0)
                 for layer, attrs, count in source.layer_latest(kind):
                     latest[layer] = (attrs, count)
             for attrs, count in latest.values():
@@ -392,6 +396,8 @@ class GradTelemetry:
             weights.
         device: The host and device labels of ``gradtel_device_info``
             (:func:`gradtel.export.device.device_labels`); None: no such series.
+        watched_layers: Every layer the monitor watches, with a series or not: its scanned
+            update is the latest of each, for ``gradtel_update_nan_grads`` and the like.
     """
 
     def __init__(
@@ -406,6 +412,7 @@ class GradTelemetry:
         weights: WeightsHealth | None = None,
         sampled: bool = False,
         device: Mapping[str, str] | None = None,
+        watched_layers: Iterable[str] = (),
     ) -> None:
         self.error_log = error_log or RateLimitedLog(logging.getLogger("gradtel"))
         self.clock = clock
@@ -413,6 +420,10 @@ class GradTelemetry:
         self.closed: float | None = None
         """When the monitor was closed (monotonic), or None: a crash is described by the
         open monitors, else by the one closed last."""
+        self.watched_layers = frozenset(watched_layers)
+        """The layers the monitor watches, with a series or not."""
+        self.scanned_time = -math.inf
+        """Unix time of the latest scanned update."""
         self.sampled = sampled
         self._latest_unhealthy = False  # the latest scanned update was, and no rollback since
         # Which collect() made the latest scanned update and the latest one left unscanned
@@ -541,6 +552,7 @@ class GradTelemetry:
         self.last_update = timestamp
         if health.unscanned is None:
             self.updates += 1
+            self.scanned_time = timestamp
             # An SDK record is a sixth of a small model's update (its code is cold after
             # a training step): the duration waits for the next collection instead.
             self._durations.append(duration)
