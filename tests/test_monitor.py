@@ -372,6 +372,31 @@ def test_monitors_sharing_a_provider_share_series(
     assert a.layers != b.layers
 
 
+def test_a_closed_monitor_scans_and_records_nothing(
+    provider: MeterProvider, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its parameters may be another monitor's by now: recording would count them twice.
+    model = TwoLayer()
+    monitor = GradMonitor(model, meter_provider=provider, on_warning="ignore")
+    backward(model)
+    monitor.collect()
+    monitor.close()
+    backward(model)
+    poison(model.fc1.weight.grad, nan=2)
+    with caplog.at_level(logging.WARNING, logger="gradtel"):
+        health = monitor.collect()
+    assert (health.status, health.unscanned) == (Status.UNKNOWN, "scan_error")
+    assert "closed GradMonitor" in caplog.text
+    found = samples(registry)
+    assert sample(found, "gradtel_updates_total") == 1
+    assert not [key for key in found if key[0] == "gradtel_nan_grads_total"]  # none counted
+    assert sample(found, "gradtel_errors_total", stage="scan") == 1
+    raising = GradMonitor(model, meter_provider=provider, on_error="raise")
+    raising.close()
+    with pytest.raises(RuntimeError, match="closed GradMonitor"):
+        raising.collect()
+
+
 def test_a_closed_monitors_counts_give_way_to_the_next_monitors_update_of_the_same_layers(
     provider: MeterProvider, registry: CollectorRegistry
 ) -> None:

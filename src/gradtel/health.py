@@ -188,7 +188,9 @@ class GradHealth:
 
     @cached_property
     def status(self) -> Status:
-        """Worse of the NaN and Inf statuses; UNKNOWN when the update was not looked at."""
+        """Worse of the NaN and Inf statuses; UNKNOWN when the update was not looked at.
+        An AMP overflow keeps the status of its counts: :attr:`amp_overflow` says that the
+        scaler skips it, so that gradtel records and acts on it as no unhealthy update."""
         if not self.sampled or self.pending or self.unscanned is not None:
             return Status.UNKNOWN
         if not (

@@ -129,7 +129,7 @@ UPDATE_STATUS = Metric(
     "gradtel_update_status",
     "gauge",
     "Health of the most recent due update: -1 unknown (not scanned, or none yet), "
-    "0 healthy, 1 warning, 2 critical.",
+    "0 healthy, 1 warning, 2 critical; an AMP overflow the scaler skips leaves it.",
 )
 LAST_UPDATE_TIMESTAMP = Metric(
     "gradtel_last_update_timestamp_seconds",

@@ -211,6 +211,7 @@ class GradMonitor:
         """torch's registrations the watched parameters reflect: another one means a refresh."""
         self._attachments: list[Attachment] = []
         """What :meth:`attach` installed: :meth:`close` removes it."""
+        self._closed = False
         # A dropped monitor takes its backward-order hooks with it, whatever it watches then.
         weakref.finalize(self, self._stage.unwatch)
         self._provider = provider
@@ -278,9 +279,11 @@ class GradMonitor:
     def close(self) -> None:
         """Stop watching: remove gradtel's gradient hooks and what :meth:`attach` installed,
         and free the parameters for another monitor on the same meter provider. The series
-        stay as they are."""
+        stay as they are. A :meth:`collect` afterwards scans and records nothing: it
+        returns an UNKNOWN update and counts an error (``on_error``)."""
         with self._lock:
             self._publish(wait=True)
+            self._closed = True
             self._stage.unwatch()
             for attachment in self._attachments:
                 attachment.remove()
@@ -410,6 +413,8 @@ class GradMonitor:
         """
         overflow_possible = check_collect(step, scaler, loss, total_norm)
         with self._lock, torch.no_grad():
+            if self._closed:  # its parameters may be another monitor's: never count them twice
+                return self._closed_collect(step)
             started = time.perf_counter()
             looked, looked_origin = self._stage.take_look(loss)
             self._telemetry.note_collect()
@@ -447,6 +452,17 @@ class GradMonitor:
             update.duration = time.perf_counter() - started - update.waited
             update.timestamp = time.time()
             return self._conclude(update, health)
+
+    def _closed_collect(self, step: int | None) -> GradHealth:
+        self._failed(
+            "scan",
+            RuntimeError(
+                "collect() on a closed GradMonitor scans and records nothing; "
+                "make a new GradMonitor to go on watching"
+            ),
+        )
+        step = self._training_step if step is None else step
+        return GradHealth(thresholds=self.thresholds, step=step, unscanned="scan_error")
 
     def _defer(self, update: Update, started: float) -> GradHealth:
         """Queue ``update`` for its read-out; the latest published update's health."""
