@@ -4,6 +4,7 @@ its own update's result, an update's NaN shows up by the next ``collect()``, a s
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import textwrap
@@ -192,6 +193,38 @@ def test_an_unhealthy_update_is_published_by_sampled_out_collects(
     monitor.close()
 
 
+def wait_for(condition: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("held", ["by its function", "in a reference cycle"])
+def test_a_dropped_monitor_publishes_its_last_update(
+    provider: MeterProvider, registry: CollectorRegistry, held: str
+) -> None:
+    model = net()
+
+    def train() -> None:
+        monitor = GradMonitor(
+            model, meter_provider=provider, readout="deferred", on_warning="ignore"
+        )
+        if held == "in a reference cycle":
+            monitor.itself = monitor  # type: ignore[attr-defined]
+        for nan in (False, False, True):
+            backward(model, nan=nan)
+            monitor.collect()  # the last one is left pending: no close()
+
+    train()
+    gc.collect()
+    wait_for(lambda: unhealthy(registry) == 1)
+    assert sample(samples(registry), "gradtel_updates_total") == 3
+    train()  # the same parameters are free for the next monitor at once
+    gc.collect()
+    wait_for(lambda: unhealthy(registry) == 2)
+
+
 def test_nothing_is_lost_at_exit() -> None:
     script = textwrap.dedent(
         """
@@ -217,6 +250,35 @@ def test_nothing_is_lost_at_exit() -> None:
     )
     assert run.returncode == 0, run.stderr
     assert float(run.stdout.strip()) == 1
+
+
+def test_a_forked_child_leaves_the_parents_pending_update_to_the_parent(tmp_path: Any) -> None:
+    log = tmp_path / "incidents.jsonl"
+    script = textwrap.dedent(
+        f"""
+        import os, sys, torch, warnings
+        import gradtel
+
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads running
+        model = torch.nn.Linear(4, 2)
+        monitor = gradtel.GradMonitor(
+            model, readout="deferred", on_warning="ignore", incident_log={str(log)!r}
+        )
+        model(torch.ones(2, 4)).sum().backward()
+        model.weight.grad[0, 0] = float("nan")
+        monitor.collect()  # pending when the process forks
+        child = os.fork()
+        if child == 0:
+            sys.exit(0)  # a helper process that ends normally, running the exit handlers
+        os.waitpid(child, 0)
+        monitor.close()
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert len(log.read_text().splitlines()) == 1  # written once, by the parent
 
 
 def test_the_exit_wait_publishes_a_pending_update_and_waits_for_its_scrape(

@@ -20,7 +20,12 @@ from . import _checks
 from ._ratelimit import RateLimitedLog
 from .attach.optimizer import Attachment, attach
 from .attach.origin import OriginCounter, install_origin_hook
-from .export.context import context_of, flush_at_exit, free_collectives_at_exit
+from .export.context import (
+    close_when_dropped,
+    context_of,
+    flush_at_exit,
+    free_collectives_at_exit,
+)
 from .export.device import device_labels
 from .export.incidents import IncidentLog
 from .export.ranks import every_rank, process_attributes
@@ -212,6 +217,8 @@ class GradMonitor:
         self._attachments: list[Attachment] = []
         """What :meth:`attach` installed: :meth:`close` removes it."""
         self._closed = False
+        self.dropped = False
+        """Dropped with updates still to publish: being closed (see :meth:`__del__`)."""
         # A dropped monitor takes its backward-order hooks with it, whatever it watches then.
         weakref.finalize(self, self._stage.unwatch)
         self._provider = provider
@@ -295,6 +302,14 @@ class GradMonitor:
             self._telemetry.closed = time.monotonic()
             if self._incidents is not None:
                 self._incidents.close()
+
+    def __del__(self) -> None:
+        # A dropped monitor must not take what its deferred read-out holds (a last NaN) with
+        # it: a gradtel thread closes it, which publishes that (a finalizer may run inside
+        # a lock that publishing takes).
+        if getattr(self, "_pending", None) and not self._closed:
+            self.dropped = True
+            close_when_dropped(self)
 
     def subscribe(self, listener: Callable[[GradHealth], None]) -> Callable[[], None]:
         """Hand ``listener`` the health of every due update once it is known: in

@@ -16,6 +16,8 @@ from __future__ import annotations
 import atexit
 import gc
 import logging
+import os
+import queue
 import threading
 import time
 import weakref
@@ -57,6 +59,8 @@ class Deferred(Protocol):
     """A monitor with a deferred read-out, as its context sees it: what it can publish."""
 
     def flush(self, wait: bool = True) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class Context:
@@ -119,7 +123,8 @@ class Context:
 
     def publish(self, wait: bool = False) -> None:
         """Publish the deferred monitors' finished updates (all of them with ``wait``):
-        before a scrape, and before the exit wait."""
+        before a scrape, and before the exit wait; first those of dropped monitors."""
+        close_dropped()
         for monitor in list(self.deferred):
             monitor.flush(wait)
 
@@ -134,6 +139,8 @@ class Context:
         with self.lock:
             others = self.claims.setdefault(provider, weakref.WeakSet())
             for other in others:
+                if getattr(other, "dropped", False):  # being closed: it records no new update
+                    continue
                 shared = [p for p in other.parameters if id(p) in mine]
                 if shared:
                     raise ValueError(
@@ -180,20 +187,71 @@ def contexts() -> Iterable[Context]:
         return list(_contexts.values())
 
 
+# Deferred monitors dropped with updates still to publish (a last NaN). A finalizer runs
+# wherever the last reference goes, maybe inside a lock that publishing takes, so it only
+# queues the monitor (a SimpleQueue may be fed from one); a gradtel thread closes it,
+# which publishes them. A scrape and the exit close the queued ones too.
+_dropped: queue.SimpleQueue[Deferred] = queue.SimpleQueue()
+_closer: list[threading.Thread] = []
+
+
+def close_when_dropped(monitor: Deferred) -> None:
+    """Have a dropped ``monitor`` closed soon, off its finalizer's thread."""
+    _dropped.put(monitor)
+
+
+def close_dropped() -> None:
+    """Close the dropped monitors queued so far, here."""
+    while True:
+        try:
+            monitor = _dropped.get_nowait()
+        except queue.Empty:
+            return
+        _close(monitor)
+
+
+def _close(monitor: Deferred) -> None:
+    try:
+        monitor.close()
+    except Exception as exc:  # a "raise" policy: the update is recorded before it acts
+        logger.debug("gradtel: a dropped monitor's last update: %r", exc)
+
+
+def _close_dropped_forever() -> None:
+    while True:
+        _close(_dropped.get())
+
+
 # At exit: every context's deferred monitors publish what they hold.
 
 
 def _flush_all() -> None:
     for served in contexts():
         served.publish(wait=True)
+    close_dropped()  # with no context left to publish
 
 
 def flush_at_exit() -> None:
-    """Publish the deferred monitors' pending updates when the interpreter exits."""
+    """Publish the deferred monitors' pending updates when the interpreter exits, or soon
+    after one is dropped."""
     # Registered with the first such monitor, not at import: exit handlers run last-in
     # first-out, so this runs before the shutdown hook of a MeterProvider made earlier.
     atexit.unregister(_flush_all)  # once
     atexit.register(_flush_all)
+    if not _closer:
+        os.register_at_fork(after_in_child=_forget_in_child)
+    if not (_closer and _closer[0].is_alive()):  # none yet, or this is a forked child
+        _closer[:] = [threading.Thread(target=_close_dropped_forever, name="gradtel-closer")]
+        _closer[0].daemon = True
+        _closer[0].start()
+
+
+def _forget_in_child() -> None:
+    # A forked child's copies of the parent's pending updates are the parent's to publish.
+    for served in contexts():
+        served.deferred.clear()
+    while not _dropped.empty():
+        _dropped.get_nowait()
 
 
 def free_collectives_at_exit() -> None:
