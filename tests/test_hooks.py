@@ -93,9 +93,10 @@ def test_close_removes_the_monitors_attachments(
     assert sample(found, "gradtel_updates_total") == 1
     reference = sum(int(torch.isnan(p.grad).sum()) for p in model.parameters())
     assert reference > 0
-    assert sum(
-        v for (name, labels), v in found.items() if name == "gradtel_nan_grads_total"
-    ) == reference
+    assert (
+        sum(v for (name, labels), v in found.items() if name == "gradtel_nan_grads_total")
+        == reference
+    )
     new.close()
 
 

@@ -198,6 +198,27 @@ def test_sparse_embedding_gradient(provider: MeterProvider) -> None:
     assert (health.nan_by_layer, health.inf_by_layer) == ({ROOT: 2}, {ROOT: 1})
 
 
+def test_a_sparse_embedding_counts_as_its_dense_twin_when_a_token_repeats(
+    provider: MeterProvider,
+) -> None:
+    found = []
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        embed = nn.Embedding(10, 4, sparse=sparse)
+        monitor = GradMonitor(
+            embed, meter_provider=provider, on_warning="ignore", on_critical="ignore"
+        )
+        out = embed(torch.tensor([3, 3, 3, 5]))
+        out.register_hook(lambda g: torch.where(torch.arange(4)[:, None] < 3, NAN, g))
+        out.sum().backward()
+        dense = embed.weight.grad.to_dense()
+        health = monitor.collect()
+        assert health.nan_total == int(dense.isnan().sum()) == 4  # token 3's row, once
+        found.append((health.nan_by_layer, health.status))
+        monitor.close()
+    assert found[0] == found[1] == ({ROOT: 4}, Status.WARNING)
+
+
 ROOT = gradtel.ROOT_LAYER
 
 

@@ -141,14 +141,17 @@ def test_counts_beyond_float32_precision_are_exact() -> None:
     assert count_nonfinite([grad]) == {0: (2**24 + 3, 0)}
 
 
-def test_sparse_gradients_count_stored_values() -> None:
+def test_sparse_gradients_count_the_values_of_the_gradient_they_sum_to() -> None:
     coo = torch.sparse_coo_tensor(
-        [[0, 0, 5]], [NAN, INF, 1.0], (10,), check_invariants=True
-    )  # uncoalesced on purpose
+        [[0, 0, 5, 7, 7, 7]], [INF, -INF, 1.0, NAN, 2.0, NAN], (10,), check_invariants=True
+    )  # uncoalesced, as an embedding's gradient is when a token repeats
     csr = torch.tensor([[0.0, INF], [NAN, 0.0]]).to_sparse_csr()
     values = [countable_values(coo), countable_values(csr)]
     assert all(v is not None for v in values)
-    assert count_nonfinite(values) == {0: (1, 1), 1: (1, 1)}  # type: ignore[arg-type]
+    dense = coo.to_dense()  # the gradient the optimizer applies
+    reference = (int(dense.isnan().sum()), int(dense.isinf().sum()))
+    assert reference == (2, 0)  # Inf + -Inf is one NaN; NaN, 2 and NaN at index 7 are one
+    assert count_nonfinite(values) == {0: reference, 1: (1, 1)}  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])

@@ -85,7 +85,7 @@ _SPARSE_COMPRESSED = (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torc
 def countable_values(grad: torch.Tensor) -> torch.Tensor | None:
     """Return the dense tensor whose elements are counted for ``grad``.
 
-    Sparse gradients count their stored values; a sharded ``DTensor`` (FSDP's
+    Sparse gradients count their values once coalesced; a sharded ``DTensor`` (FSDP's
     ``fully_shard``) counts this rank's shard; dtypes that torch cannot reduce
     directly (float8, complex32) are widened. Returns None for a kind of
     tensor gradtel cannot count.
@@ -95,7 +95,9 @@ def countable_values(grad: torch.Tensor) -> torch.Tensor | None:
     if grad.layout is torch.strided:
         values = grad
     elif grad.layout is torch.sparse_coo:
-        values = grad._values()
+        # The gradient is the sum of its entries at each index (a token repeated in a
+        # batch has one per occurrence): NaN + 1 is one NaN, Inf + -Inf a NaN.
+        values = (grad if grad.is_coalesced() else grad.coalesce())._values()
     elif grad.layout in _SPARSE_COMPRESSED:
         values = grad.values()
     else:
