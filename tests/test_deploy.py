@@ -239,14 +239,17 @@ def test_other_thresholds_render_a_consistent_kit_that_passes_its_own_tests(
     assert main(
         ["render", "--out", str(tmp_path), "--warning", "2", "--critical", "10",
          "--window", "5m", "--stall-after", "3m", "--job", "trainer", "--amp-skip-ratio", "0.25",
-         "--spike-factor", "4", "--spike-baseline", "30m", "--spike-history", "5m", "--amp-scale-floor", "0.5"]
+         "--spike-factor", "4", "--spike-baseline", "30m", "--spike-history", "5m", "--amp-scale-floor", "0.5",
+         "--scrape-interval", "30s", "--evaluation-interval", "29s"]
     ) == 0  # fmt: skip
+    # The window, stall time and intervals at the edges of what the rule tests are written for.
     folder = tmp_path / "prometheus"
     tested = run(promtool, "test", "rules", "gradtel-rules.test.yml", cwd=folder)
     assert tested.returncode == 0, tested.stdout + tested.stderr
     rules = (folder / "gradtel-rules.yml").read_text()
     assert "more than 10 NaN gradient values" in rules and "more than 2 and at most 10" in rules
     assert 'job="trainer"' in rules and "[5m]" in rules and "> 180" in rules and "> 0.25" in rules
+    assert "for: 59s" in rules
     assert '> 4 * quantile_over_time(0.5, gradtel_grad_norm{job="trainer"}[30m])' in rules
     assert "[30m] offset 5m)" in rules and "< time() - 300" in rules
     assert 'last_over_time(gradtel_amp_loss_scale{job="trainer"}[5m]) < 0.5' in rules
@@ -355,6 +358,41 @@ def test_other_thresholds_render_a_consistent_kit_that_passes_its_own_tests(
 def test_bad_kit_options(kwargs: dict, error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         KitOptions(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        # A stall time under 2s rendered last_over_time(...[0s]): Prometheus refuses the file.
+        ({"stall_after": "1s"}, r"stall_after must span at least 4 scrape intervals \(20s .*'1s'"),
+        ({"window": "1s"}, r"window must span at least 4 scrape intervals \(20s .*'1s'"),
+        (
+            {"scrape_interval": "20m"},
+            r"window must span at least 4 scrape intervals \(1h20m .*'10m'",
+        ),
+    ],
+)
+def test_options_whose_alerts_could_not_fire_are_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        KitOptions(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--window", "4m"], "window must be at least 5m"),
+        (["--stall-after", "210s"], "stall_after must be a whole number of minutes, at least 3m"),
+        (["--stall-after", "2m"], "stall_after must be a whole number of minutes, at least 3m"),
+        (["--spike-baseline", "3m", "--spike-history", "1m"], "spike_baseline must be at least 4m"),
+        (["--scrape-interval", "1m"], "scrape_interval must be under 1m with evaluation_interval"),
+    ],
+)
+def test_render_refuses_options_its_rule_tests_are_not_written_for(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main(["render", "--out", str(tmp_path), *argv]) == 1
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_render_command_renders_a_kit_for_your_own_job(tmp_path: Path) -> None:

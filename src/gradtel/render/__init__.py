@@ -123,7 +123,13 @@ def render_kit(options: KitOptions | None = None) -> dict[str, str]:
 
 
 def write_kit(out: Path | str, options: KitOptions | None = None) -> list[Path]:
-    """Write the rendered kit under ``out``; returns the files written."""
+    """Write the rendered kit under ``out``; returns the files written.
+
+    Raises:
+        ValueError: ``options`` the kit's rule tests are not written for
+            (:meth:`KitOptions.check_tested`): nothing is written.
+    """
+    (options or KitOptions()).check_tested()
     written = []
     for relative, content in render_kit(options).items():
         path = Path(out) / relative

@@ -197,8 +197,17 @@ class KitOptions:
         ):
             raise ValueError(f"disagree_factor must be a finite number above 1, got {factor!r}")
         duration_seconds(self.disagree_for, "disagree_for")
-        duration_seconds(self.scrape_interval, "scrape_interval")
+        scrape = duration_seconds(self.scrape_interval, "scrape_interval")
         duration_seconds(self.evaluation_interval, "evaluation_interval")
+        # increase() over the window, and the last update time read through half the stall
+        # time, must find samples across a failed scrape: else the alerts cannot fire (and
+        # a stall time under 2s renders a range of 0s, which fails the whole rules file).
+        for name in ("window", "stall_after"):
+            if duration_seconds(getattr(self, name), name) < 4 * scrape:
+                raise ValueError(
+                    f"{name} must span at least 4 scrape intervals ({duration_text(4 * scrape)} "
+                    f"with scrape_interval {self.scrape_interval!r}), got {getattr(self, name)!r}"
+                )
         if (
             isinstance(self.targets, str)
             or not isinstance(self.targets, Sequence)
@@ -223,6 +232,32 @@ class KitOptions:
             if not isinstance(url, str) or not _URL.match(url):
                 raise ValueError(
                     f"{name} must be an http(s) webhook URL such as 'https://pager.example/hook', got {url!r}"
+                )
+
+    def check_tested(self) -> None:
+        """Raise ValueError for options the rendered rule tests are not written for: their
+        cases step a minute at a time and bridge gaps of minutes (the rules themselves hold
+        for any options that :class:`KitOptions` accepts)."""
+        ranges = (
+            ("window", duration_seconds(self.window) >= 300, "at least 5m"),
+            (
+                "stall_after",
+                duration_seconds(self.stall_after) >= 180
+                and duration_seconds(self.stall_after) % 60 == 0,
+                "a whole number of minutes, at least 3m",
+            ),
+            ("spike_baseline", duration_seconds(self.spike_baseline) >= 240, "at least 4m"),
+            (
+                "scrape_interval",
+                duration_seconds(self.settle) < 60,
+                f"under 1m with evaluation_interval {self.evaluation_interval!r} added",
+            ),
+        )
+        for name, tested, allowed in ranges:
+            if not tested:
+                raise ValueError(
+                    f"{name} must be {allowed} (what the kit's rule tests are written for), "
+                    f"got {getattr(self, name)!r}"
                 )
 
     @property
