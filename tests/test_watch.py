@@ -129,6 +129,24 @@ def test_watch_once_exit_codes() -> None:
         timeout=60,
     )
     assert dead.returncode == 1 and "unreachable" in dead.stdout
+    assert "retrying" not in dead.stdout and "Ctrl-C" not in dead.stdout  # it does not
+
+
+def test_watch_tells_an_endpoint_that_is_not_prometheus_from_an_unreachable_one(
+    registry: CollectorRegistry,
+) -> None:
+    GradMonitor(Net(), meter_provider=gradtel.prometheus_meter_provider(registry))
+    server = gradtel.serve(port=0, registry=registry)
+    try:
+        url = f"http://127.0.0.1:{server.port}/healthz"  # JSON, not metrics
+        run = subprocess.run(
+            [sys.executable, "-m", "gradtel.tools.cli", "watch", url, "--once"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        server.close()
+    assert run.returncode == 1
+    assert f"no Prometheus metrics at {url} (" in run.stdout and "unreachable" not in run.stdout
 
 
 def test_frame_shows_nothing_for_counts_when_healthy() -> None:

@@ -97,10 +97,11 @@ def frame(
     *,
     color: bool,
     error: str | None = None,
+    retrying: bool = True,
 ) -> list[str]:
-    """The lines shown for one endpoint."""
+    """The lines shown for one endpoint; ``error`` says why there is no ``snap``."""
     if snap is None:
-        return [f"{url}", f"  unreachable ({error}); retrying"]
+        return [f"{url}", f"  {error}" + ("; retrying" if retrying else "")]
     if snap.status is None:
         return [
             url,
@@ -183,22 +184,32 @@ def watch(
     """Refresh the view every ``interval`` seconds until Ctrl-C (or once).
 
     Returns:
-        The exit code: 0, or 1 when ``once`` and an endpoint was unreachable.
+        The exit code: 0, or 1 when ``once`` and an endpoint was unreachable or served
+        no Prometheus metrics.
     """
     live = out.isatty()
     color = live
     previous: dict[str, Snapshot] = {}
     try:
         while True:
-            lines = [f"gradtel watch, every {interval:g}s (Ctrl-C stops)", ""]
+            lines = [
+                "gradtel watch" if once else f"gradtel watch, every {interval:g}s (Ctrl-C stops)",
+                "",
+            ]
             failed = False
             for url in urls:
+                snap: Snapshot | None = None
                 try:
-                    snap: Snapshot | None = scrape(url)
-                    error = None
-                except (OSError, ValueError) as exc:
-                    snap, error, failed = None, str(getattr(exc, "reason", exc)), True
-                lines += frame(url, snap, previous.get(url), thresholds, color=color, error=error)
+                    snap, error = scrape(url), None
+                except OSError as exc:
+                    error = f"unreachable ({getattr(exc, 'reason', exc)})"
+                except ValueError as exc:  # it answered, but not with Prometheus metrics
+                    error = f"no Prometheus metrics at {url} ({exc})"
+                failed = failed or snap is None
+                lines += frame(
+                    url, snap, previous.get(url), thresholds,
+                    color=color, error=error, retrying=not once,
+                )  # fmt: skip
                 if snap is not None:
                     previous[url] = snap
             width = shutil.get_terminal_size().columns
