@@ -200,7 +200,8 @@ class _EndsOfBackward:
 
     def rearm(self, *args: Any) -> None:
         # The usual forward: nothing replaced, nothing unfrozen since the hooks were made.
-        if self._registrations != registrations() or self.unfrozen():
+        # (One without grad, an evaluation, makes no gradients: it need not look.)
+        if torch.is_grad_enabled() and (self._registrations != registrations() or self.unfrozen()):
             self.renew()
 
     def remove(self) -> None:
