@@ -412,10 +412,20 @@ def test_a_closed_monitor_scans_and_records_nothing(
     assert sample(found, "gradtel_updates_total") == 1
     assert not [key for key in found if key[0] == "gradtel_nan_grads_total"]  # none counted
     assert sample(found, "gradtel_errors_total", stage="scan") == 1
-    raising = GradMonitor(model, meter_provider=provider, on_error="raise")
+    raising = GradMonitor(model, meter_provider=provider, on_error="raise", on_warning="ignore")
+    backward(model)
+    poison(model.fc1.weight.grad, nan=2)
+    raising.collect()  # unhealthy: the status gauge says 1
     raising.close()
+    successor = GradMonitor(model, meter_provider=provider)
+    backward(model)
+    successor.collect()
     with pytest.raises(RuntimeError, match="closed GradMonitor"):
         raising.collect()
+    assert sample(samples(registry), "gradtel_update_status") == 0  # the successor's, still
+    with pytest.raises(RuntimeError, match="closed: make a new one to attach"):
+        raising.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    successor.close()
 
 
 def test_a_closed_monitors_counts_give_way_to_the_next_monitors_update_of_the_same_layers(

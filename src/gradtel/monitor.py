@@ -469,13 +469,13 @@ class GradMonitor:
             return self._conclude(update, health)
 
     def _closed_collect(self, step: int | None) -> GradHealth:
-        self._failed(
-            "scan",
-            RuntimeError(
-                "collect() on a closed GradMonitor scans and records nothing; "
-                "make a new GradMonitor to go on watching"
-            ),
+        exc = RuntimeError(
+            "collect() on a closed GradMonitor scans and records nothing; "
+            "make a new GradMonitor to go on watching"
         )
+        if self._options.on_error == "raise":
+            raise exc  # unlike a failed scan, with no mark on the series: they are another's now
+        self._telemetry.failed("scan", exc)
         step = self._training_step if step is None else step
         return GradHealth(thresholds=self.thresholds, step=step, unscanned="scan_error")
 
@@ -655,7 +655,10 @@ class GradMonitor:
                 ``step`` or ``loss`` is not callable.
             ValueError: unknown ``scan``, or this monitor is already attached
                 to ``optimizer``.
+            RuntimeError: this monitor is closed.
         """
+        if self._closed:
+            raise RuntimeError("this GradMonitor is closed: make a new one to attach")
         attachment = attach(self, optimizer, scaler=scaler, scan=scan, step=step, loss=loss)
         self._attachments = [a for a in self._attachments if a.installed] + [attachment]
         return attachment
