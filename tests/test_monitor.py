@@ -449,6 +449,32 @@ def test_a_closed_monitors_counts_give_way_to_the_next_monitors_update_of_the_sa
     new.close()
 
 
+def test_two_live_monitors_naming_a_layer_alike_never_mix_their_updates_in_the_gauges(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    # A GAN: generator and discriminator are both Sequential, so they share layer "0".
+    generator = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    critic = nn.Sequential(nn.Linear(4, 1))
+    g, c = (
+        GradMonitor(m, meter_provider=provider, on_warning="ignore", on_critical="ignore")
+        for m in (generator, critic)
+    )
+    generator(torch.randn(2, 4)).sum().backward()
+    poison(generator[0].weight.grad, nan=3)
+    poison(generator[2].weight.grad, nan=2)
+    assert g.collect().nan_total == 5
+    critic(torch.randn(2, 4)).sum().backward()
+    assert c.collect().nan_total == 0
+    latest = {
+        dict(labels)["layer"]: value
+        for (name, labels), value in samples(registry).items()
+        if name == "gradtel_update_nan_grads"
+    }
+    assert sum(latest.values()) == 5  # the generator's update, not 2 of its 5 and the critic's 0
+    g.close()
+    c.close()
+
+
 def test_monitors_sharing_a_provider_add_up_in_the_series_of_a_layer_they_both_name(
     provider: MeterProvider, registry: CollectorRegistry
 ) -> None:

@@ -208,16 +208,18 @@ class Instruments:
 
     def _observe_layer_latest(self, kind: str, options: CallbackOptions) -> Iterable[Observation]:
         for sources in self._by_labels().values():
-            # Per layer, the monitor that scanned last among those watching it wins, as it
-            # would have set one gauge last: a closed monitor's counts give way to the next.
-            latest: dict[str, tuple[dict[str, str], int]] = {}
+            # The monitor that recorded a layer last wins, as it would have set one gauge
+            # last; a closed monitor's counts give way to a later scan of the same layers.
+            latest: dict[str, tuple[dict[str, str], int, GradTelemetry]] = {}
             for source in sorted(sources, key=lambda s: s.scanned_time):
-                if source.updates:  # it scanned: its update is the latest of all it watches
+                if source.updates:  # it scanned: a closed monitor's layers it watches are 0
                     for layer in source.watched_layers & latest.keys():
-                        latest[layer] = (latest[layer][0], 0)
+                        attrs, _, before = latest[layer]
+                        if before.closed is not None:
+                            latest[layer] = (attrs, 0, source)
                 for layer, attrs, count in source.layer_latest(kind):
-                    latest[layer] = (attrs, count)
-            for attrs, count in latest.values():
+                    latest[layer] = (attrs, count, source)
+            for attrs, count, _ in latest.values():
                 yield Observation(count, attrs)
 
     def _observe_bands(self, options: CallbackOptions) -> Iterable[Observation]:
