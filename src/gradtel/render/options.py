@@ -247,6 +247,7 @@ class KitOptions:
                 "a whole number of minutes, at least 3m",
             ),
             ("spike_baseline", duration_seconds(self.spike_baseline) >= 240, "at least 4m"),
+            ("disagree_for", duration_seconds(self.disagree_for) > 60, "longer than 1m"),
             (
                 "scrape_interval",
                 duration_seconds(self.settle) < 60,
