@@ -380,7 +380,7 @@ def test_options_whose_alerts_could_not_fire_are_refused(kwargs: dict, message: 
 def test_write_kit_refuses_a_disagreement_time_its_rule_tests_are_not_written_for(
     tmp_path: Path,
 ) -> None:
-    with pytest.raises(ValueError, match="disagree_for must be longer than 1m .* got '1m'"):
+    with pytest.raises(ValueError, match=r"disagree_for must be longer than 1m .* got '1m'"):
         write_kit(tmp_path, KitOptions(disagree_for="1m"))
     assert not list(tmp_path.iterdir())
 

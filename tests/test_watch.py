@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import pty
 import select
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -147,6 +149,38 @@ def test_watch_tells_an_endpoint_that_is_not_prometheus_from_an_unreachable_one(
         server.close()
     assert run.returncode == 1
     assert f"no Prometheus metrics at {url} (" in run.stdout and "unreachable" not in run.stdout
+
+
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (b"SSH-2.0-OpenSSH_9.2\r\n", "no Prometheus metrics at {url} (BadStatusLine"),
+        (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", "HTTP 404 Not Found from {url}"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabc",  # cut short
+            "no Prometheus metrics at {url} (IncompleteRead",
+        ),
+    ],
+)
+def test_watch_says_what_a_wrong_answer_was_without_a_traceback(answer: bytes, said: str) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/metrics"
+
+        def answer_once() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(65536)
+                connection.sendall(answer)
+
+        server = threading.Thread(target=answer_once)
+        server.start()
+        run = subprocess.run(
+            [sys.executable, "-m", "gradtel.tools.cli", "watch", url, "--once"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        server.join(timeout=10)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert said.format(url=url) in run.stdout, run.stdout
 
 
 def test_frame_shows_nothing_for_counts_when_healthy() -> None:

@@ -10,11 +10,13 @@ retried at the next refresh.
 
 from __future__ import annotations
 
+import http.client
 import re
 import shutil
 import sys
 import textwrap
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -201,10 +203,12 @@ def watch(
                 snap: Snapshot | None = None
                 try:
                     snap, error = scrape(url), None
+                except urllib.error.HTTPError as exc:  # it answered, with an error
+                    error = f"HTTP {exc.code} {exc.reason} from {url}"
                 except OSError as exc:
                     error = f"unreachable ({getattr(exc, 'reason', exc)})"
-                except ValueError as exc:  # it answered, but not with Prometheus metrics
-                    error = f"no Prometheus metrics at {url} ({exc})"
+                except (ValueError, http.client.HTTPException) as exc:  # not metrics, or not HTTP
+                    error = f"no Prometheus metrics at {url} ({type(exc).__name__}: {exc})"
                 failed = failed or snap is None
                 lines += frame(
                     url, snap, previous.get(url), thresholds,
