@@ -5,6 +5,7 @@ its own update's result, an update's NaN shows up by the next ``collect()``, a s
 from __future__ import annotations
 
 import gc
+import json
 import subprocess
 import sys
 import textwrap
@@ -266,10 +267,14 @@ def test_a_forked_child_leaves_the_parents_pending_update_to_the_parent(tmp_path
         )
         model(torch.ones(2, 4)).sum().backward()
         model.weight.grad[0, 0] = float("nan")
-        monitor.collect()  # pending when the process forks
+        monitor.collect(step=1)  # pending when the process forks
         child = os.fork()
-        if child == 0:
-            sys.exit(0)  # a helper process that ends normally, running the exit handlers
+        if child == 0:  # a worker that trains on with the monitor, then ends normally
+            model.zero_grad()
+            model(torch.ones(2, 4)).sum().backward()
+            model.weight.grad[0, 1] = float("inf")
+            monitor.collect(step=2)  # its own, pending at its exit
+            sys.exit(0)
         os.waitpid(child, 0)
         monitor.close()
         """
@@ -278,7 +283,43 @@ def test_a_forked_child_leaves_the_parents_pending_update_to_the_parent(tmp_path
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
     )
     assert run.returncode == 0, run.stderr
-    assert len(log.read_text().splitlines()) == 1  # written once, by the parent
+    steps = sorted(json.loads(line)["step"] for line in log.read_text().splitlines())
+    assert steps == [1, 2]  # the parent's update once, by the parent; the child's, by the child
+
+
+def test_the_exit_waits_for_a_dropped_monitor_being_closed(tmp_path: Any) -> None:
+    log = tmp_path / "incidents.jsonl"
+    script = textwrap.dedent(
+        f"""
+        import gc, time, torch
+        import gradtel
+
+        model = torch.nn.Linear(4, 2)
+
+        def train():
+            monitor = gradtel.GradMonitor(
+                model, readout="deferred", on_warning="ignore", incident_log={str(log)!r}
+            )
+
+            def slow_logger(health):  # a network call per update; it names the monitor
+                time.sleep(0.3)
+                assert monitor.layers
+
+            monitor.subscribe(slow_logger)
+            model(torch.ones(2, 4)).sum().backward()
+            model.weight.grad[0, 0] = float("nan")
+            monitor.collect()  # left pending: no close()
+
+        train()
+        gc.collect()  # the cycle goes: a gradtel thread closes the monitor
+        time.sleep(0.05)  # and is still at it when the script ends
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert len(log.read_text().splitlines()) == 1
 
 
 def test_the_exit_wait_publishes_a_pending_update_and_waits_for_its_scrape(

@@ -303,6 +303,10 @@ class GradMonitor:
             if self._incidents is not None:
                 self._incidents.close()
 
+    def _forget_pending(self) -> None:
+        """Drop the updates still to publish: in a forked child they are the parent's."""
+        self._pending.clear()
+
     def __del__(self) -> None:
         # A dropped monitor must not take what its deferred read-out holds (a last NaN) with
         # it: a gradtel thread closes it, which publishes that (a finalizer may run inside

@@ -62,6 +62,8 @@ class Deferred(Protocol):
 
     def close(self) -> None: ...
 
+    def _forget_pending(self) -> None: ...
+
 
 class Context:
     """gradtel's state for one prometheus-client registry.
@@ -124,7 +126,7 @@ class Context:
     def publish(self, wait: bool = False) -> None:
         """Publish the deferred monitors' finished updates (all of them with ``wait``):
         before a scrape, and before the exit wait; first those of dropped monitors."""
-        close_dropped()
+        close_dropped(wait)
         for monitor in list(self.deferred):
             monitor.flush(wait)
 
@@ -189,37 +191,44 @@ def contexts() -> Iterable[Context]:
 
 # Deferred monitors dropped with updates still to publish (a last NaN). A finalizer runs
 # wherever the last reference goes, maybe inside a lock that publishing takes, so it only
-# queues the monitor (a SimpleQueue may be fed from one); a gradtel thread closes it,
-# which publishes them. A scrape and the exit close the queued ones too.
+# queues the monitor and wakes a gradtel thread (a SimpleQueue may be fed from one), which
+# closes it: that publishes the updates. A monitor leaves the queue only under _closing,
+# so a publish that waits (an endpoint's close, the exit) also waits for one being closed.
 _dropped: queue.SimpleQueue[Deferred] = queue.SimpleQueue()
+_wakeup: queue.SimpleQueue[None] = queue.SimpleQueue()
+_closing = threading.RLock()
 _closer: list[threading.Thread] = []
 
 
 def close_when_dropped(monitor: Deferred) -> None:
     """Have a dropped ``monitor`` closed soon, off its finalizer's thread."""
     _dropped.put(monitor)
+    _wakeup.put(None)
 
 
-def close_dropped() -> None:
-    """Close the dropped monitors queued so far, here."""
-    while True:
-        try:
-            monitor = _dropped.get_nowait()
-        except queue.Empty:
-            return
-        _close(monitor)
-
-
-def _close(monitor: Deferred) -> None:
+def close_dropped(wait: bool = False) -> None:
+    """Close the dropped monitors queued so far, here; with ``wait``, also wait for those
+    the gradtel thread is closing (without, leave them to it)."""
+    if not _closing.acquire(blocking=wait):
+        return
     try:
-        monitor.close()
-    except Exception as exc:  # a "raise" policy: the update is recorded before it acts
-        logger.debug("gradtel: a dropped monitor's last update: %r", exc)
+        while True:
+            try:
+                monitor = _dropped.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                monitor.close()
+            except Exception as exc:  # a "raise" policy: the update is recorded before it acts
+                logger.debug("gradtel: a dropped monitor's last update: %r", exc)
+    finally:
+        _closing.release()
 
 
 def _close_dropped_forever() -> None:
     while True:
-        _close(_dropped.get())
+        _wakeup.get()
+        close_dropped(wait=True)
 
 
 # At exit: every context's deferred monitors publish what they hold.
@@ -228,7 +237,7 @@ def _close_dropped_forever() -> None:
 def _flush_all() -> None:
     for served in contexts():
         served.publish(wait=True)
-    close_dropped()  # with no context left to publish
+    close_dropped(wait=True)  # with no context left to publish
 
 
 def flush_at_exit() -> None:
@@ -247,9 +256,13 @@ def flush_at_exit() -> None:
 
 
 def _forget_in_child() -> None:
-    # A forked child's copies of the parent's pending updates are the parent's to publish.
+    # A forked child's copies of the parent's pending updates are the parent's to publish;
+    # the monitors go on publishing what the child makes.
+    global _closing
+    _closing = threading.RLock()  # the parent's thread that held it is not in the child
     for served in contexts():
-        served.deferred.clear()
+        for monitor in list(served.deferred):
+            monitor._forget_pending()
     while not _dropped.empty():
         _dropped.get_nowait()
 
