@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import time
+import weakref
 from typing import Any
 
 import pytest
@@ -163,6 +166,63 @@ def test_scan_backward_goes_on_collecting_when_only_later_parameters_train(
         model(torch.randn(3, 4)).sum().backward()
     assert sample(samples(registry), "gradtel_updates_total") == 4
     monitor.close()
+
+
+@pytest.mark.parametrize("scan", ["step", "backward"])
+def test_a_model_called_through_its_submodules_gets_a_new_heads_hooks_at_the_next_step(
+    provider: MeterProvider, registry: CollectorRegistry, scan: str
+) -> None:
+    # The root module is never called, so no forward pre-hook of it runs: the optimizer's
+    # step hooks the new head, and every update after the one that follows the swap is
+    # counted as backward left it.
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"body": nn.Linear(4, 8), "head": nn.Linear(8, 2)})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    monitor = GradMonitor(model, meter_provider=provider, on_warning="ignore", on_critical="ignore")
+    found = record_collects(monitor)
+    monitor.attach(optimizer, scan=scan)  # type: ignore[arg-type]
+
+    def update(nan: bool = False) -> int:
+        optimizer.zero_grad()
+        model["head"](model["body"](torch.randn(3, 4))).sum().backward()
+        reference = sum(
+            int(torch.isnan(p.grad).sum()) for p in model.parameters() if p.requires_grad
+        )
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        return reference
+
+    update()
+    model["body"].requires_grad_(False)
+    model["head"] = nn.Linear(8, 2)
+    optimizer.add_param_group({"params": list(model["head"].parameters())})
+    update()  # hooked at this step
+    model["head"].weight.register_hook(two_nans)
+    assert update() == 2
+    assert (found[-1].nan_total, found[-1].nan_by_layer) == (2, {"head": 2})
+    monitor.close()
+
+
+@pytest.mark.parametrize("scan", ["step", "backward"])
+def test_a_training_function_that_returns_frees_its_model_and_publishes_its_last_update(
+    provider: MeterProvider, registry: CollectorRegistry, scan: str
+) -> None:
+    def run() -> weakref.ref[nn.Module]:
+        model, optimizer, monitor = make(provider, readout="deferred")
+        monitor.attach(optimizer, scan=scan)  # type: ignore[arg-type]
+        train(model, optimizer, steps=2, micro=1, nan_at=(1, 0))  # the last update: NaN
+        return weakref.ref(model)  # no close()
+
+    def unhealthy() -> float:
+        found = samples(registry)
+        return sum(v for (name, _), v in found.items() if name == "gradtel_unhealthy_updates_total")
+
+    model = run()
+    deadline = time.monotonic() + 10
+    while model() is not None or unhealthy() == 0:
+        assert time.monotonic() < deadline, (model(), unhealthy())
+        gc.collect()
+        time.sleep(0.01)
 
 
 def amp_update(

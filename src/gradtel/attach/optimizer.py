@@ -129,13 +129,16 @@ def attach(
     attachment._undo.append(optimizer.register_load_state_dict_post_hook(resumed).remove)
     if scan == "backward":
         collect = _Stepped(monitor, taken, step, None, None, loss)
-        attachment._undo.append(_EndsOfBackward(monitor, lambda: collect(scaler=scaler)).remove)
+        hooks = _EndsOfBackward(monitor, lambda: collect(scaler=scaler))
+        attachment._undo.append(hooks.remove)
+        _check_at_step(hooks, optimizer, attachment)
         return attachment
     looks = scaler is None or not scaler.is_enabled()
     passes = _Passes.of(monitor, attachment, looks, loss)
     collect = _Stepped(monitor, taken, step, passes, optimizer)
     if not looks:
         _around_scaler(collect, scaler, optimizer, attachment)  # type: ignore[arg-type]
+        _check_at_step(passes.hooks, optimizer, attachment)
         return attachment
 
     def before_step(
@@ -161,7 +164,16 @@ def attach(
         return (args[0], collecting_closure, *args[2:]), kwargs
 
     attachment._undo.append(optimizer.register_step_pre_hook(before_step).remove)
+    _check_at_step(passes.hooks, optimizer, attachment)
     return attachment
+
+
+def _check_at_step(
+    hooks: _EndsOfBackward, optimizer: torch.optim.Optimizer, attachment: Attachment
+) -> None:
+    """Check ``hooks`` at every step too, after it collects: a model whose root module is
+    never called (its submodules are) gets the hooks of a new head at the next step."""
+    attachment._undo.append(optimizer.register_step_pre_hook(lambda *args: hooks.check()).remove)
 
 
 class _EndsOfBackward:
@@ -190,19 +202,30 @@ class _EndsOfBackward:
         if self._armed.installed and same_objects(params, self._armed_for) and not self.unfrozen():
             return
         self._armed.remove()
-        self._armed = at_end_of_backward(params, self.callback)
+        # The parameters hold their hooks where the cycle collector cannot follow them:
+        # through a strong reference, a dropped monitor and its model would never be freed.
+        alive = weakref.WeakMethod(self._ended)
+        self._armed = at_end_of_backward(params, lambda: (ended := alive()) and ended())
         self._armed_for = params
         self._frozen = [p for p in params if not p.requires_grad]
+
+    def _ended(self) -> object:
+        return self.callback()
 
     def unfrozen(self) -> bool:
         """Whether a parameter frozen when the hooks were made trains now (it has none)."""
         return any(map(_trainable, self._frozen))
 
-    def rearm(self, *args: Any) -> None:
-        # The usual forward: nothing replaced, nothing unfrozen since the hooks were made.
-        # (One without grad, an evaluation, makes no gradients: it need not look.)
-        if torch.is_grad_enabled() and (self._registrations != registrations() or self.unfrozen()):
+    def check(self) -> None:
+        """Hook what trains now if a layer was replaced or a parameter unfrozen since."""
+        if self._registrations != registrations() or self.unfrozen():
             self.renew()
+
+    def rearm(self, *args: Any) -> None:
+        """Before a forward pass of the model (one without grad, an evaluation, makes no
+        gradients: it need not look)."""
+        if torch.is_grad_enabled():
+            self.check()
 
     def remove(self) -> None:
         self._armed.remove()
@@ -216,7 +239,8 @@ class _Passes:
     any of them stays NaN); and an update is collected once, by the first optimizer to step
     after a pass, however many optimizers share the model."""
 
-    _of: weakref.WeakKeyDictionary[Any, _Passes] = weakref.WeakKeyDictionary()
+    # Held weakly both ways: the attachments hold the passes, and the monitor its attachments.
+    _of: weakref.WeakKeyDictionary[Any, weakref.ref[_Passes]] = weakref.WeakKeyDictionary()
 
     def __init__(self, monitor: Collector) -> None:
         self.monitor = monitor
@@ -237,9 +261,11 @@ class _Passes:
         looks: bool,
         loss: Callable[[], torch.Tensor | None] | None,
     ) -> _Passes:
-        passes = cls._of.get(monitor)
+        kept = cls._of.get(monitor)
+        passes = None if kept is None else kept()
         if passes is None:
-            passes = cls._of[monitor] = cls(monitor)
+            passes = cls(monitor)
+            cls._of[monitor] = weakref.ref(passes)
         else:
             passes.hooks.renew()
         passes.users += 1
