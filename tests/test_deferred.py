@@ -287,6 +287,36 @@ def test_a_forked_child_leaves_the_parents_pending_update_to_the_parent(tmp_path
     assert steps == [1, 2]  # the parent's update once, by the parent; the child's, by the child
 
 
+def test_a_child_forked_while_a_dropped_monitor_is_being_closed_exits() -> None:
+    script = textwrap.dedent(
+        """
+        import os, sys, time, torch, warnings
+        import gradtel
+
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads running
+        model = torch.nn.Linear(4, 2)
+
+        def train():
+            monitor = gradtel.GradMonitor(model, readout="deferred", on_warning="ignore")
+            monitor.subscribe(lambda health: time.sleep(1.0))  # a slow logger
+            model(torch.ones(2, 4)).sum().backward()
+            model.weight.grad[0, 0] = float("nan")
+            monitor.collect()  # left pending: no close()
+
+        train()
+        time.sleep(0.3)  # a gradtel thread is closing the dropped monitor, holding its lock
+        child = os.fork()
+        if child == 0:
+            sys.exit(0)  # a normal exit, running the exit handlers
+        os.waitpid(child, 0)
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )  # the child held the monitor's lock, taken by a thread it has not: it never exited
+    assert run.returncode == 0, run.stderr
+
+
 def test_the_exit_waits_for_a_dropped_monitor_being_closed(tmp_path: Any) -> None:
     log = tmp_path / "incidents.jsonl"
     script = textwrap.dedent(

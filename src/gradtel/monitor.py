@@ -303,9 +303,17 @@ class GradMonitor:
             if self._incidents is not None:
                 self._incidents.close()
 
-    def _forget_pending(self) -> None:
-        """Drop the updates still to publish: in a forked child they are the parent's."""
-        self._pending.clear()
+    def _forget_pending(self) -> bool:
+        """In a forked child: drop the updates still to publish, which are the parent's.
+        False when a thread of the parent, which the child has not, held this monitor at
+        the fork: the child's copy can never be published then."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            self._pending.clear()
+        finally:
+            self._lock.release()
+        return True
 
     def __del__(self) -> None:
         # A dropped monitor must not take what its deferred read-out holds (a last NaN) with
