@@ -459,18 +459,25 @@ def test_two_live_monitors_naming_a_layer_alike_never_mix_their_updates_in_the_g
         GradMonitor(m, meter_provider=provider, on_warning="ignore", on_critical="ignore")
         for m in (generator, critic)
     )
+    def latest() -> dict[str, float]:
+        return {
+            dict(labels)["layer"]: value
+            for (name, labels), value in samples(registry).items()
+            if name == "gradtel_update_nan_grads"
+        }
+
     generator(torch.randn(2, 4)).sum().backward()
     poison(generator[0].weight.grad, nan=3)
     poison(generator[2].weight.grad, nan=2)
     assert g.collect().nan_total == 5
-    critic(torch.randn(2, 4)).sum().backward()
-    assert c.collect().nan_total == 0
-    latest = {
-        dict(labels)["layer"]: value
-        for (name, labels), value in samples(registry).items()
-        if name == "gradtel_update_nan_grads"
-    }
-    assert sum(latest.values()) == 5  # the generator's update, not 2 of its 5 and the critic's 0
+    assert latest() == {"0": 3, "2": 2}
+    for nan in (1, 0):  # the critic's update, unhealthy or not, is the latest: no mix
+        critic.zero_grad()
+        critic(torch.randn(2, 4)).sum().backward()
+        poison(critic[0].weight.grad, nan=nan)
+        assert c.collect().nan_total == nan
+        assert latest() == {"0": nan, "2": 0}
+        assert sample(samples(registry), "gradtel_update_status") == (1 if nan else 0)
     g.close()
     c.close()
 

@@ -232,7 +232,6 @@ class GradMonitor:
             weights=self._weights,
             sampled=self._options.sampled,
             device=self._device_labels(),
-            watched_layers=self.layers,
         )
         self._incidents = IncidentLog.open(
             None if incident_log is None else os.fspath(incident_log),
@@ -372,7 +371,6 @@ class GradMonitor:
                 return False
             self._stage.watch(named)
             self._telemetry.add_layers(self._trainable_layers())
-            self._telemetry.watched_layers = frozenset(self.layers)
             return True
 
     def _trainable_layers(self) -> list[str]:

@@ -208,18 +208,18 @@ class Instruments:
 
     def _observe_layer_latest(self, kind: str, options: CallbackOptions) -> Iterable[Observation]:
         for sources in self._by_labels().values():
-            # The monitor that recorded a layer last wins, as it would have set one gauge
-            # last; a closed monitor's counts give way to a later scan of the same layers.
-            latest: dict[str, tuple[dict[str, str], int, GradTelemetry]] = {}
-            for source in sorted(sources, key=lambda s: s.scanned_time):
-                if source.updates:  # it scanned: a closed monitor's layers it watches are 0
-                    for layer in source.watched_layers & latest.keys():
-                        attrs, _, before = latest[layer]
-                        if before.closed is not None:
-                            latest[layer] = (attrs, 0, source)
+            # The most recent scanned update of these labels, as one monitor's gauges would
+            # show it: the layers of the other monitors that share them are 0, so that no
+            # sum over layers mixes two updates (a closed monitor's give way to the next).
+            newest = max(sources, key=lambda s: s.scanned_time)
+            latest: dict[str, tuple[dict[str, str], int]] = {}
+            for source in sources:
                 for layer, attrs, count in source.layer_latest(kind):
-                    latest[layer] = (attrs, count, source)
-            for attrs, count, _ in latest.values():
+                    if source is newest:
+                        latest[layer] = (attrs, count)
+                    else:
+                        latest.setdefault(layer, (attrs, 0))
+            for attrs, count in latest.values():
                 yield Observation(count, attrs)
 
     def _observe_bands(self, options: CallbackOptions) -> Iterable[Observation]:
@@ -398,8 +398,6 @@ class GradTelemetry:
             weights.
         device: The host and device labels of ``gradtel_device_info``
             (:func:`gradtel.export.device.device_labels`); None: no such series.
-        watched_layers: Every layer the monitor watches, with a series or not: its scanned
-            update is the latest of each, for ``gradtel_update_nan_grads`` and the like.
     """
 
     def __init__(
@@ -414,7 +412,6 @@ class GradTelemetry:
         weights: WeightsHealth | None = None,
         sampled: bool = False,
         device: Mapping[str, str] | None = None,
-        watched_layers: Iterable[str] = (),
     ) -> None:
         self.error_log = error_log or RateLimitedLog(logging.getLogger("gradtel"))
         self.clock = clock
@@ -422,8 +419,6 @@ class GradTelemetry:
         self.closed: float | None = None
         """When the monitor was closed (monotonic), or None: a crash is described by the
         open monitors, else by the one closed last."""
-        self.watched_layers = frozenset(watched_layers)
-        """The layers the monitor watches, with a series or not."""
         self.scanned_time = -math.inf
         """Unix time of the latest scanned update."""
         self.sampled = sampled
