@@ -20,6 +20,7 @@ from .conftest import Net, sample, samples
 from .test_clip import record_collects
 
 NAN = float("nan")
+INF = float("inf")
 
 
 def make(
@@ -203,24 +204,37 @@ def test_a_model_called_through_its_submodules_gets_a_new_heads_hooks_at_the_nex
     monitor.close()
 
 
+@pytest.mark.parametrize("amp", [False, True])
 @pytest.mark.parametrize("scan", ["step", "backward"])
-def test_a_training_function_that_returns_frees_its_model_and_publishes_its_last_update(
-    provider: MeterProvider, registry: CollectorRegistry, scan: str
+def test_a_training_function_that_returns_frees_what_it_made_and_publishes_its_last_update(
+    provider: MeterProvider, registry: CollectorRegistry, scan: str, amp: bool
 ) -> None:
-    def run() -> weakref.ref[nn.Module]:
+    def run() -> list[weakref.ref[object]]:
         model, optimizer, monitor = make(provider, readout="deferred")
-        monitor.attach(optimizer, scan=scan)  # type: ignore[arg-type]
-        train(model, optimizer, steps=2, micro=1, nan_at=(1, 0))  # the last update: NaN
-        return weakref.ref(model)  # no close()
+        scaler = (
+            torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-100)
+            if amp
+            else None
+        )
+        monitor.attach(optimizer, scan=scan, scaler=scaler)  # type: ignore[arg-type]
+        if scaler is not None:
+            for _ in range(2):
+                amp_update(model, optimizer, scaler)  # an overflow, then a healthy update
+        else:
+            train(model, optimizer, steps=2, micro=1, nan_at=(1, 0))  # the last one: NaN
+        return [weakref.ref(o) for o in (model, optimizer, monitor, scaler) if o is not None]
 
-    def unhealthy() -> float:
+    def published() -> bool:
         found = samples(registry)
-        return sum(v for (name, _), v in found.items() if name == "gradtel_unhealthy_updates_total")
+        unhealthy = sum(
+            v for (name, _), v in found.items() if name == "gradtel_unhealthy_updates_total"
+        )
+        return sample(found, "gradtel_updates_total") == 2 and (amp or unhealthy == 1)
 
-    model = run()
+    made = run()  # no close()
     deadline = time.monotonic() + 10
-    while model() is not None or unhealthy() == 0:
-        assert time.monotonic() < deadline, (model(), unhealthy())
+    while any(ref() is not None for ref in made) or not published():
+        assert time.monotonic() < deadline, ([ref() for ref in made], samples(registry))
         gc.collect()
         time.sleep(0.01)
 
@@ -236,6 +250,31 @@ def amp_update(
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
+
+
+def test_scan_backward_under_a_scaler_hooks_a_new_head_that_overflows_every_step(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    # The scaler skips every step, so no optimizer step hook runs: its unscale_ checks.
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"body": nn.Linear(8, 8), "head": nn.Linear(8, 1)})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    monitor = GradMonitor(model, meter_provider=provider)
+    monitor.attach(optimizer, scan="backward", scaler=scaler)
+    model["body"].requires_grad_(False)
+    model["head"] = nn.Linear(8, 1)
+    optimizer.add_param_group({"params": list(model["head"].parameters())})
+    model["head"].weight.register_hook(lambda grad: torch.full_like(grad, INF))
+    for _ in range(4):
+        optimizer.zero_grad()
+        scaler.scale(model["head"](model["body"](torch.randn(4, 8))).mean()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    # Hooked at the first update's unscale_: the three after it are collected, as skips.
+    found = samples(registry)
+    assert sample(found, "gradtel_skipped_updates_total", reason="amp_overflow") == 3
+    monitor.close()
 
 
 def test_amp_overflow_is_counted_although_the_scaler_skips_the_step(

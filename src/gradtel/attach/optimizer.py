@@ -131,14 +131,14 @@ def attach(
         collect = _Stepped(monitor, taken, step, None, None, loss)
         hooks = _EndsOfBackward(monitor, lambda: collect(scaler=scaler))
         attachment._undo.append(hooks.remove)
-        _check_at_step(hooks, optimizer, attachment)
+        _check_at_step(hooks, optimizer, attachment, scaler)
         return attachment
     looks = scaler is None or not scaler.is_enabled()
     passes = _Passes.of(monitor, attachment, looks, loss)
     collect = _Stepped(monitor, taken, step, passes, optimizer)
     if not looks:
         _around_scaler(collect, scaler, optimizer, attachment)  # type: ignore[arg-type]
-        _check_at_step(passes.hooks, optimizer, attachment)
+        _check_at_step(passes.hooks, optimizer, attachment, scaler)
         return attachment
 
     def before_step(
@@ -164,16 +164,22 @@ def attach(
         return (args[0], collecting_closure, *args[2:]), kwargs
 
     attachment._undo.append(optimizer.register_step_pre_hook(before_step).remove)
-    _check_at_step(passes.hooks, optimizer, attachment)
+    _check_at_step(passes.hooks, optimizer, attachment, scaler)
     return attachment
 
 
 def _check_at_step(
-    hooks: _EndsOfBackward, optimizer: torch.optim.Optimizer, attachment: Attachment
+    hooks: _EndsOfBackward,
+    optimizer: torch.optim.Optimizer,
+    attachment: Attachment,
+    scaler: torch.amp.GradScaler | None,
 ) -> None:
     """Check ``hooks`` at every step too, after it collects: a model whose root module is
-    never called (its submodules are) gets the hooks of a new head at the next step."""
+    never called (its submodules are) gets the hooks of a new head at the next step, or
+    at the scaler's ``unscale_``, which runs also when the scaler skips the step."""
     attachment._undo.append(optimizer.register_step_pre_hook(lambda *args: hooks.check()).remove)
+    if scaler is not None and scaler.is_enabled():
+        _UnscaleTap.on(scaler, lambda opt: hooks.check() if opt is optimizer else None, attachment)
 
 
 class _EndsOfBackward:
@@ -376,7 +382,8 @@ class _Stepped:
 
 class _UnscaleTap:
     """One wrapper around a scaler's ``unscale_`` that calls every attached monitor's
-    callback; each removal takes away only its own callback."""
+    callback; each removal takes away only its own callback. The scaler holds it (its
+    ``unscale_``), nothing else does: a dropped scaler goes with its model and monitor."""
 
     def __init__(self, scaler: torch.amp.GradScaler) -> None:
         self.callbacks: list[Callable[[torch.optim.Optimizer], None]] = []
@@ -387,10 +394,27 @@ class _UnscaleTap:
             for callback in list(self.callbacks):
                 callback(optimizer)
 
+        unscale_.tap = self  # type: ignore[attr-defined]
         scaler.unscale_ = unscale_  # type: ignore[method-assign]
 
+    @staticmethod
+    def on(
+        scaler: torch.amp.GradScaler,
+        callback: Callable[[torch.optim.Optimizer], None],
+        attachment: Attachment,
+    ) -> None:
+        """Call ``callback`` after every ``scaler.unscale_``, until ``attachment`` is removed."""
+        tap = getattr(scaler.unscale_, "tap", None)
+        if not isinstance(tap, _UnscaleTap):
+            tap = _UnscaleTap(scaler)
+        tap.callbacks.append(callback)
 
-_taps: weakref.WeakKeyDictionary[torch.amp.GradScaler, _UnscaleTap] = weakref.WeakKeyDictionary()
+        def untap() -> None:
+            tap.callbacks.remove(callback)
+            if not tap.callbacks:
+                del scaler.unscale_  # the class's own method again
+
+        attachment._undo.append(untap)
 
 
 def _around_scaler(
@@ -412,18 +436,7 @@ def _around_scaler(
             collect(scaler=scaler)
         unscaled[0] = False
 
-    tap = _taps.get(scaler)
-    if tap is None:
-        tap = _taps[scaler] = _UnscaleTap(scaler)
-    tap.callbacks.append(after_unscale)
-
-    def untap() -> None:
-        tap.callbacks.remove(after_unscale)
-        if not tap.callbacks:
-            del scaler.unscale_  # the class's own method again
-            _taps.pop(scaler, None)
-
-    attachment._undo.append(untap)
+    _UnscaleTap.on(scaler, after_unscale, attachment)
     attachment._undo.append(optimizer.register_step_pre_hook(before_step).remove)
 
 
