@@ -454,6 +454,21 @@ class FailsOnce(torch.autograd.Function):
         return grad
 
 
+def test_scan_backward_is_attached_once_for_all_the_optimizers_of_a_model(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    model, first, monitor = make(provider)
+    second = torch.optim.SGD(model[2].parameters(), lr=0.01)
+    attachment = monitor.attach(first, scan="backward")
+    with pytest.raises(ValueError, match="count every pass twice; one serves every optimizer"):
+        monitor.attach(second, scan="backward")
+    train(model, first, steps=2, micro=1)
+    assert sample(samples(registry), "gradtel_updates_total") == 2  # once per pass
+    attachment.remove()
+    monitor.attach(second, scan="backward")  # free again
+    monitor.close()
+
+
 def test_scan_backward_resumes_after_a_backward_that_raised(
     provider: MeterProvider, registry: CollectorRegistry
 ) -> None:

@@ -459,6 +459,7 @@ def test_two_live_monitors_naming_a_layer_alike_never_mix_their_updates_in_the_g
         GradMonitor(m, meter_provider=provider, on_warning="ignore", on_critical="ignore")
         for m in (generator, critic)
     )
+
     def latest() -> dict[str, float]:
         return {
             dict(labels)["layer"]: value

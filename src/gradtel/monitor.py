@@ -664,7 +664,7 @@ class GradMonitor:
             TypeError: ``optimizer`` or ``scaler`` is of the wrong type, or
                 ``step`` or ``loss`` is not callable.
             ValueError: unknown ``scan``, or this monitor is already attached
-                to ``optimizer``.
+                to ``optimizer``, or, with ``scan="backward"``, to any optimizer.
             RuntimeError: this monitor is closed.
         """
         if self._closed:

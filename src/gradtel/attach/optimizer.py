@@ -81,6 +81,10 @@ _attached: weakref.WeakKeyDictionary[torch.optim.Optimizer, weakref.WeakSet[Coll
 )
 
 
+# The monitors attached with scan="backward": each backward pass is theirs to collect once.
+_every_backward: weakref.WeakSet[Collector] = weakref.WeakSet()
+
+
 def attach(
     monitor: Collector,
     optimizer: torch.optim.Optimizer,
@@ -112,6 +116,12 @@ def attach(
             "count every update twice; remove() the first attachment, or attach once with both "
             "scaler= and scan= as needed"
         )
+    if scan == "backward" and monitor in _every_backward:
+        raise ValueError(
+            'this monitor already collects after every backward pass (attach(scan="backward") '
+            "to another optimizer), and a second one would count every pass twice; one "
+            "serves every optimizer of the model"
+        )
     monitors.add(monitor)
     attachment = Attachment()
     attachment._undo.append(lambda: monitors.discard(monitor))
@@ -128,6 +138,8 @@ def attach(
     attachment._undo.append(optimizer.register_step_post_hook(count_step).remove)
     attachment._undo.append(optimizer.register_load_state_dict_post_hook(resumed).remove)
     if scan == "backward":
+        _every_backward.add(monitor)
+        attachment._undo.append(lambda: _every_backward.discard(monitor))
         collect = _Stepped(monitor, taken, step, None, None, loss)
         hooks = _EndsOfBackward(monitor, lambda: collect(scaler=scaler))
         attachment._undo.append(hooks.remove)
