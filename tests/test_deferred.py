@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -253,6 +255,22 @@ def test_nothing_is_lost_at_exit() -> None:
     assert float(run.stdout.strip()) == 1
 
 
+def run_script(script: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in its own process group, which is killed if it takes over a minute
+    (a forked child that hangs would outlive a plain timeout)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f"hung: {out} {err}")
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
 def test_a_forked_child_leaves_the_parents_pending_update_to_the_parent(tmp_path: Any) -> None:
     log = tmp_path / "incidents.jsonl"
     script = textwrap.dedent(
@@ -279,9 +297,7 @@ def test_a_forked_child_leaves_the_parents_pending_update_to_the_parent(tmp_path
         monitor.close()
         """
     )
-    run = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
-    )
+    run = run_script(script)
     assert run.returncode == 0, run.stderr
     steps = sorted(json.loads(line)["step"] for line in log.read_text().splitlines())
     assert steps == [1, 2]  # the parent's update once, by the parent; the child's, by the child
@@ -311,9 +327,36 @@ def test_a_child_forked_while_a_dropped_monitor_is_being_closed_exits() -> None:
         os.waitpid(child, 0)
         """
     )
-    run = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
-    )  # the child held the monitor's lock, taken by a thread it has not: it never exited
+    run = run_script(script)  # the child held the monitor's lock, taken by a thread it has not
+    assert run.returncode == 0, run.stderr
+
+
+def test_a_child_forked_while_a_parents_thread_publishes_goes_on_collecting() -> None:
+    script = textwrap.dedent(
+        """
+        import os, threading, time, torch, warnings
+        import gradtel
+
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads running
+        model = torch.nn.Linear(4, 2)
+        monitor = gradtel.GradMonitor(model, readout="deferred", on_warning="ignore")
+        monitor.subscribe(lambda health: time.sleep(1.0))  # a slow logger
+        model(torch.ones(2, 4)).sum().backward()
+        monitor.collect()
+        publishing = threading.Thread(target=monitor.flush)  # as a scrape does
+        publishing.start()
+        time.sleep(0.3)  # it holds the monitor's lock, in the listener
+        child = os.fork()
+        if child == 0:  # a worker that trains on with the monitor
+            model.zero_grad()
+            model(torch.ones(2, 4)).sum().backward()
+            monitor.collect()
+            os._exit(0)
+        assert os.waitpid(child, 0)[1] == 0
+        publishing.join()
+        """
+    )
+    run = run_script(script)
     assert run.returncode == 0, run.stderr
 
 

@@ -460,12 +460,18 @@ def test_scan_backward_is_attached_once_for_all_the_optimizers_of_a_model(
     model, first, monitor = make(provider)
     second = torch.optim.SGD(model[2].parameters(), lr=0.01)
     attachment = monitor.attach(first, scan="backward")
-    with pytest.raises(ValueError, match="count every pass twice; one serves every optimizer"):
+    with pytest.raises(ValueError, match="serves every optimizer of the model"):
         monitor.attach(second, scan="backward")
     train(model, first, steps=2, micro=1)
     assert sample(samples(registry), "gradtel_updates_total") == 2  # once per pass
+    with pytest.raises(ValueError, match="would count those updates again"):
+        monitor.attach(second)  # scan="step" beside it: every pass counted twice as well
     attachment.remove()
-    monitor.attach(second, scan="backward")  # free again
+    stepping = monitor.attach(second)
+    with pytest.raises(ValueError, match="would count those updates again"):
+        monitor.attach(first, scan="backward")
+    stepping.remove()
+    monitor.attach(first, scan="backward")  # free again
     monitor.close()
 
 

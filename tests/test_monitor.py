@@ -472,6 +472,11 @@ def test_two_live_monitors_naming_a_layer_alike_never_mix_their_updates_in_the_g
     poison(generator[2].weight.grad, nan=2)
     assert g.collect().nan_total == 5
     assert latest() == {"0": 3, "2": 2}
+    # An overflow the critic's scaler skips never reaches the weights: the gauges stay.
+    critic(torch.randn(2, 4)).sum().backward()
+    poison(critic[0].weight.grad, inf=1)
+    assert c.collect(scaler=torch.amp.GradScaler("cpu")).amp_overflow
+    assert latest() == {"0": 3, "2": 2}
     for nan in (1, 0):  # the critic's update, unhealthy or not, is the latest: no mix
         critic.zero_grad()
         critic(torch.randn(2, 4)).sum().backward()

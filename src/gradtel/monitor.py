@@ -302,17 +302,14 @@ class GradMonitor:
             if self._incidents is not None:
                 self._incidents.close()
 
-    def _forget_pending(self) -> bool:
-        """In a forked child: drop the updates still to publish, which are the parent's.
-        False when a thread of the parent, which the child has not, held this monitor at
-        the fork: the child's copy can never be published then."""
+    def _forget_pending(self) -> None:
+        """In a forked child: drop the updates still to publish, which are the parent's."""
         if not self._lock.acquire(blocking=False):
-            return False
-        try:
-            self._pending.clear()
-        finally:
+            # Held by a thread of the parent, which the child has not: never released.
+            self._lock = threading.RLock()
+        else:
             self._lock.release()
-        return True
+        self._pending.clear()
 
     def __del__(self) -> None:
         # A dropped monitor must not take what its deferred read-out holds (a last NaN) with
@@ -664,7 +661,8 @@ class GradMonitor:
             TypeError: ``optimizer`` or ``scaler`` is of the wrong type, or
                 ``step`` or ``loss`` is not callable.
             ValueError: unknown ``scan``, or this monitor is already attached
-                to ``optimizer``, or, with ``scan="backward"``, to any optimizer.
+                to ``optimizer``; with ``scan="backward"`` to any optimizer, or
+                already attached with it.
             RuntimeError: this monitor is closed.
         """
         if self._closed:

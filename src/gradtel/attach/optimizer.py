@@ -116,11 +116,12 @@ def attach(
             "count every update twice; remove() the first attachment, or attach once with both "
             "scaler= and scan= as needed"
         )
-    if scan == "backward" and monitor in _every_backward:
+    if monitor in _every_backward or (scan == "backward" and _Passes.live(monitor)):
         raise ValueError(
-            'this monitor already collects after every backward pass (attach(scan="backward") '
-            "to another optimizer), and a second one would count every pass twice; one "
-            "serves every optimizer of the model"
+            'this monitor already collects after every backward pass (attach(scan="backward")) '
+            "or at another optimizer's step, and this attach() would count those updates "
+            'again; one attach(scan="backward") serves every optimizer of the model, or '
+            'attach each optimizer with scan="step"'
         )
     monitors.add(monitor)
     attachment = Attachment()
@@ -270,6 +271,12 @@ class _Passes:
         self.loss: torch.Tensor | None = None
         self.users = 0
         self.hooks = _EndsOfBackward(monitor, self._ended)
+
+    @classmethod
+    def live(cls, monitor: Collector) -> bool:
+        """Whether ``monitor`` has an attachment with ``scan="step"``."""
+        kept = cls._of.get(monitor)
+        return kept is not None and kept() is not None
 
     @classmethod
     def of(

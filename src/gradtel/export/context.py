@@ -62,7 +62,7 @@ class Deferred(Protocol):
 
     def close(self) -> None: ...
 
-    def _forget_pending(self) -> bool: ...
+    def _forget_pending(self) -> None: ...
 
 
 class Context:
@@ -262,8 +262,7 @@ def _forget_in_child() -> None:
     _closing = threading.RLock()  # the parent's thread that held it is not in the child
     for served in contexts():
         for monitor in list(served.deferred):
-            if not monitor._forget_pending():  # held by a parent's thread: never to publish
-                served.deferred.discard(monitor)
+            monitor._forget_pending()
     while not _dropped.empty():
         _dropped.get_nowait()
 

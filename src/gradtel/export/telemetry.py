@@ -420,7 +420,8 @@ class GradTelemetry:
         """When the monitor was closed (monotonic), or None: a crash is described by the
         open monitors, else by the one closed last."""
         self.scanned_time = -math.inf
-        """Unix time of the latest scanned update."""
+        """Unix time of the latest scanned update that the per-layer series describe (not
+        an AMP overflow the scaler skips)."""
         self.sampled = sampled
         self._latest_unhealthy = False  # the latest scanned update was, and no rollback since
         # Which collect() made the latest scanned update and the latest one left unscanned
@@ -549,7 +550,8 @@ class GradTelemetry:
         self.last_update = timestamp
         if health.unscanned is None:
             self.updates += 1
-            self.scanned_time = timestamp
+            if not health.amp_overflow:
+                self.scanned_time = timestamp
             # An SDK record is a sixth of a small model's update (its code is cold after
             # a training step): the duration waits for the next collection instead.
             self._durations.append(duration)
