@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import gc
+import pickle
 import time
 import weakref
 from typing import Any
@@ -274,6 +276,59 @@ def test_scan_backward_under_a_scaler_hooks_a_new_head_that_overflows_every_step
     # Hooked at the first update's unscale_: the three after it are collected, as skips.
     found = samples(registry)
     assert sample(found, "gradtel_skipped_updates_total", reason="amp_overflow") == 3
+    monitor.close()
+
+
+def test_another_wrapper_of_the_scalers_unscale_is_kept_around_or_inside_gradtels(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    model, optimizer, first = make(provider)
+    second = GradMonitor(nn.Linear(2, 2), meter_provider=gradtel.prometheus_meter_provider(
+        CollectorRegistry()))  # fmt: skip
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-100)
+    calls: list[str] = []
+
+    def wrap(name: str) -> None:
+        inner = scaler.unscale_
+
+        def unscale_(optimizer: torch.optim.Optimizer) -> None:  # someone else's profiler
+            calls.append(name)
+            inner(optimizer)
+
+        scaler.unscale_ = unscale_  # type: ignore[method-assign]
+
+    wrap("before")
+    one = first.attach(optimizer, scaler=scaler)
+    wrap("between")
+    other = second.attach(optimizer, scaler=scaler)  # the same tap, inside "between"
+    amp_update(model, optimizer, scaler)  # an overflow: only unscale_ sees it
+    one.remove()
+    amp_update(model, optimizer, scaler)
+    assert calls == ["between", "before"] * 2
+    found = samples(registry)
+    assert sample(found, "gradtel_skipped_updates_total", reason="amp_overflow") == 1
+    other.remove()
+    second.close()
+    first.close()
+    assert scaler.unscale_.__name__ == "unscale_" and "unscale_" in scaler.__dict__
+    amp_update(model, optimizer, scaler)
+    assert calls[-2:] == ["between", "before"]  # both wrappers still called, gradtel gone
+
+
+def test_a_tapped_scaler_pickles_and_copies_as_one_without_monitors(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    model, optimizer, monitor = make(provider)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-100)
+    monitor.attach(optimizer, scaler=scaler)
+    restored = pickle.loads(pickle.dumps(scaler))
+    twin = copy.deepcopy(scaler)
+    for other in (restored, twin):  # unscale as their class does, reporting to no monitor
+        amp_update(model, optimizer, other)
+    assert sample(samples(registry), "gradtel_updates_total") == 0
+    assert not scaler._per_optimizer_states  # the copies left the original's state alone
+    amp_update(model, optimizer, scaler)
+    assert sample(samples(registry), "gradtel_updates_total") == 1
     monitor.close()
 
 

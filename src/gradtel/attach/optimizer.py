@@ -21,6 +21,7 @@ micro-batch), counting the gradients accumulated so far.
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 import weakref
@@ -69,9 +70,9 @@ class Attachment:
         return bool(self._undo)
 
     def remove(self) -> None:
-        for undo in reversed(self._undo):
-            undo()
-        self._undo = []
+        undo, self._undo = self._undo, []  # once, even if a step fails
+        for step in reversed(undo):
+            step()
 
 
 # Which monitors are attached to which optimizer: attaching twice would count
@@ -400,21 +401,25 @@ class _Stepped:
 
 
 class _UnscaleTap:
-    """One wrapper around a scaler's ``unscale_`` that calls every attached monitor's
-    callback; each removal takes away only its own callback. The scaler holds it (its
-    ``unscale_``), nothing else does: a dropped scaler goes with its model and monitor."""
+    """``scaler.unscale_``, then every attached monitor's callback: one per scaler, kept in
+    the scaler itself (as its ``unscale_``, or inside another's wrapper of it), so a dropped
+    scaler goes with its model and monitor. A pickled or copied scaler unscales as its
+    class does, without the monitors."""
 
     def __init__(self, scaler: torch.amp.GradScaler) -> None:
+        self.scaler = scaler
+        self.original = scaler.unscale_  # the class's method, or another's wrapper of it
         self.callbacks: list[Callable[[torch.optim.Optimizer], None]] = []
-        original = scaler.unscale_
+        scaler.unscale_ = self  # type: ignore[method-assign]
+        _taps[scaler] = weakref.ref(self)
 
-        def unscale_(optimizer: torch.optim.Optimizer) -> None:
-            original(optimizer)
-            for callback in list(self.callbacks):
-                callback(optimizer)
+    def __call__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.original(optimizer)
+        for callback in list(self.callbacks):
+            callback(optimizer)
 
-        unscale_.tap = self  # type: ignore[attr-defined]
-        scaler.unscale_ = unscale_  # type: ignore[method-assign]
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (functools.partial, (type(self.scaler).unscale_, self.scaler))
 
     @staticmethod
     def on(
@@ -423,17 +428,28 @@ class _UnscaleTap:
         attachment: Attachment,
     ) -> None:
         """Call ``callback`` after every ``scaler.unscale_``, until ``attachment`` is removed."""
-        tap = getattr(scaler.unscale_, "tap", None)
-        if not isinstance(tap, _UnscaleTap):
-            tap = _UnscaleTap(scaler)
+        kept = _taps.get(scaler)
+        tap = (kept() if kept is not None else None) or _UnscaleTap(scaler)
         tap.callbacks.append(callback)
 
         def untap() -> None:
             tap.callbacks.remove(callback)
-            if not tap.callbacks:
+            if tap.callbacks or scaler.__dict__.get("unscale_") is not tap:
+                return  # still used, or inside another's wrapper: it stays, passing through
+            original = tap.original
+            if getattr(original, "__self__", None) is scaler:
                 del scaler.unscale_  # the class's own method again
+            else:
+                scaler.unscale_ = original  # type: ignore[method-assign]
+            _taps.pop(scaler, None)
 
         attachment._undo.append(untap)
+
+
+# Each scaler's tap, to share: weak both ways, as the scaler holds its tap.
+_taps: weakref.WeakKeyDictionary[torch.amp.GradScaler, weakref.ref[_UnscaleTap]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _around_scaler(
