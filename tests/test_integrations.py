@@ -138,6 +138,7 @@ def test_transformers_trainer_callback_counts_before_clipping(tmp_path: Path) ->
 
     updates_before = shared("gradtel_updates_total")
     skips_before = shared("gradtel_skipped_updates_total", reason="policy")
+    nan_before = shared("gradtel_nan_grads_total", layer="transformer.h.1.mlp.c_fc")
     gradtel_callback = GradtelTrainerCallback(port=0, on_warning="skip", on_critical="skip")
     ids = torch.randint(0, 64, (16, 12))
     data = [{"input_ids": row, "labels": row} for row in ids]
@@ -153,7 +154,8 @@ def test_transformers_trainer_callback_counts_before_clipping(tmp_path: Path) ->
     # Once per optimizer update, not per micro-batch.
     assert sample(found, "gradtel_updates_total") - updates_before == 4
     # Counted before the Trainer clipped (clipping would have made every gradient NaN).
-    assert sample(found, "gradtel_nan_grads_total", layer="transformer.h.1.mlp.c_fc") == 3
+    nan = sample(found, "gradtel_nan_grads_total", layer="transformer.h.1.mlp.c_fc") - nan_before
+    assert nan == 3  # the series is shared with earlier tests of this process
     absent(found, "gradtel_nan_grads_total", layer="transformer.h.0.mlp.c_fc")
     assert sample(found, "gradtel_skipped_updates_total", reason="policy") - skips_before == 1
     # Poisoned during global step 2: the update that makes step 3, as the Trainer logs it.

@@ -406,6 +406,69 @@ def test_lightning_logs_each_update_at_its_own_step_once(tmp_path: Path, readout
 
 
 @framework
+def test_lightning_manual_optimization_counts_before_the_users_clipping_at_the_global_step(
+    tmp_path: Path,
+) -> None:
+    """Manual optimization: Lightning calls on_before_optimizer_step inside
+    ``optimizer.step()``, after the user clipped; and writes its loggers at every batch."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gradtel.integrations.lightning import GradtelCallback
+
+    class Still(torch.optim.SGD):
+        def step(self, closure: Any = None) -> Any:  # the weights keep no NaN
+            return closure() if closure is not None else None
+
+    class Manual(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.body, self.head = nn.Linear(8, 8), nn.Linear(8, 1)
+            self.head.weight.register_hook(self.poison)
+            self.bad_batch = False
+            self.reference: dict[int, int] = {}  # global step before an update: its NaN
+
+        def poison(self, grad: torch.Tensor) -> torch.Tensor:
+            if self.bad_batch:
+                grad = grad.clone()
+                grad[0, 0] = NAN
+            return grad
+
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            x, y = batch
+            self.bad_batch = batch_idx == 5  # in the update made at batch 5: global step 2
+            loss = (self.head(torch.relu(self.body(x))) - y).pow(2).mean()
+            self.manual_backward(loss)
+            if batch_idx % 2 == 1:  # two micro-batches per update
+                optimizer = self.optimizers()
+                grads = [p.grad for p in self.parameters()]
+                self.reference[self.trainer.global_step] = sum(int(g.isnan().sum()) for g in grads)
+                self.clip_gradients(optimizer, gradient_clip_val=1.0)  # a NaN norm: all NaN
+                optimizer.step()
+                optimizer.zero_grad()
+            self.log("train_loss", loss)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return Still(self.parameters(), lr=0.0)
+
+    seen: list[GradHealth] = []
+
+    class Observed(GradtelCallback):
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            super().on_fit_start(trainer, pl_module)
+            self.session.monitor.subscribe(seen.append)
+
+    module = Manual()
+    logger = CSVLogger(tmp_path / "csv")
+    fit(module, tmp_path, [logger], Observed(serve_metrics=False, on_warning="ignore"),
+        max_epochs=1, log_every_n_steps=1, limit_train_batches=8)  # fmt: skip
+    assert {h.step: h.nan_total for h in seen} == module.reference == {0: 0, 1: 0, 2: 1, 3: 0}
+    counts = csv_scalars(Path(logger.log_dir) / "metrics.csv")["gradtel/nan_total"]
+    assert sum(counts.values()) == 1  # logged once, not repeated at the batches after it
+
+
+@framework
 def test_lightning_logger_and_incident_record_give_an_update_the_same_step(
     tmp_path: Path,
 ) -> None:

@@ -145,6 +145,16 @@ class GradtelCallback(Callback):
         # Said in the page when the NaN was already in the loss, of any micro-batch of the update.
         self._loss = summed_loss(self._loss, loss)
 
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # With manual optimization this hook runs in the user's step, where their clipping
+        # comes before optimizer.step(): count the gradients as backward left them here
+        # (each micro-batch looks again), and publish the look at the step.
+        monitor = self.session.monitor
+        if monitor is not None and not pl_module.automatic_optimization:
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            if not (isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled()):
+                monitor._look(self._loss)  # a scaler's unscale_ comes before any clipping
+
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer
     ) -> None:
@@ -162,13 +172,21 @@ class GradtelCallback(Callback):
         # the numbers are host tensors, which Lightning keeps on the host.
         stepped, self._stepped = self._stepped, False
         monitor = self.session.monitor
-        if stepped and monitor is not None and trainer._logger_connector.should_update_logs:
+        if monitor is None or not trainer._logger_connector.should_update_logs:
+            return
+        if stepped:
             # A deferred read-out of this batch's update is waited for only here, where
             # Lightning reads its own metrics to the host anyway: it is logged at its step.
             monitor.flush()
             found = self._numbers_since_log()
-            if found:
-                pl_module.log_dict(_on_host(found), on_step=True, on_epoch=False)
+        elif not pl_module.automatic_optimization:
+            # Lightning writes every batch then, stepped or not: the counts logged before
+            # are 0 in this one, or Lightning would repeat them.
+            found = dict.fromkeys(self._counts, 0.0)
+        else:
+            return
+        if found:
+            pl_module.log_dict(_on_host(found), on_step=True, on_epoch=False)
 
     def _numbers_since_log(self) -> dict[str, float]:
         found = self._since_log.take()
@@ -199,8 +217,11 @@ class GradtelCallback(Callback):
 
 
 def _logged_step(trainer: Trainer) -> int:
-    """The step Lightning's loggers give this batch's metrics (the global step before the
-    update, for one optimizer): gradtel's logs, pages and incident record use the same."""
+    """The global step before this update, which checkpoints are named by: with automatic
+    optimization also the step Lightning's loggers give this batch's metrics (for one
+    optimizer). gradtel's logs, pages and incident record use the same."""
+    if not trainer.lightning_module.automatic_optimization:
+        return trainer.global_step  # the batches that stepped count every batch then
     return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
