@@ -19,6 +19,11 @@ from ..monitor import GradMonitor
 __all__ = ["Session"]
 
 
+def enabled_scaler(scaler: object) -> torch.amp.GradScaler | None:
+    """``scaler`` when it is an enabled AMP ``GradScaler`` (a framework's may be off)."""
+    return scaler if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled() else None
+
+
 class Session:
     """What a framework callback owns while training runs: a monitor and its endpoint.
 
@@ -62,10 +67,7 @@ class Session:
         """Collect one update. ``scaler``: the framework's AMP ``GradScaler``, if it uses an
         enabled one: the overflows it skips are counted as skipped, never as unhealthy."""
         if self.monitor is not None:
-            amp = (
-                scaler if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled() else None
-            )
-            self.monitor.collect(loss=loss, step=step, scaler=amp)
+            self.monitor.collect(loss=loss, step=step, scaler=enabled_scaler(scaler))
 
     def allow_checkpoint(self, step: int) -> bool:
         """Whether every rank may save the checkpoint of ``step`` (a collective in a

@@ -40,7 +40,7 @@ from torch.optim import Optimizer
 from .. import _checks
 from ..attach.optimizer import summed_loss
 from ..health import HealthTally
-from . import Session
+from . import Session, enabled_scaler
 
 __all__ = ["GradtelCallback"]
 
@@ -149,11 +149,13 @@ class GradtelCallback(Callback):
         # With manual optimization this hook runs in the user's step, where their clipping
         # comes before optimizer.step(): count the gradients as backward left them here
         # (each micro-batch looks again), and publish the look at the step.
+        # Under an enabled GradScaler the gradients are still scaled here (their norms too):
+        # the update is counted at the step, after unscale_, as with automatic optimization.
         monitor = self.session.monitor
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
         if monitor is not None and not pl_module.automatic_optimization:
-            scaler = getattr(trainer.precision_plugin, "scaler", None)
-            if not (isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled()):
-                monitor._look(self._loss)  # a scaler's unscale_ comes before any clipping
+            if enabled_scaler(scaler) is None:
+                monitor._look(self._loss)
 
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer
