@@ -112,6 +112,29 @@ def two_nans(grad: torch.Tensor) -> torch.Tensor:
     return grad
 
 
+def backbone_and_head(change: str) -> nn.Sequential:
+    """A backbone and a head, the head frozen at first when it is to be unfrozen later."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    if change == "unfrozen head":
+        model[1].requires_grad_(False)
+    return model
+
+
+def train_the_head_alone(
+    model: nn.Sequential, change: str, optimizer: torch.optim.Optimizer | None = None
+) -> None:
+    """Transfer learning after attach(): freeze the backbone; unfreeze the head, or put a
+    new one in (into ``optimizer`` too)."""
+    model[0].requires_grad_(False)
+    if change == "unfrozen head":
+        model[1].requires_grad_(True)
+        return
+    model[1] = nn.Linear(8, 2)
+    if optimizer is not None:
+        optimizer.add_param_group({"params": list(model[1].parameters())})
+
+
 @pytest.mark.parametrize("change", ["new head", "new head, refreshed by hand", "unfrozen head"])
 def test_attach_counts_before_clipping_the_parameters_that_train_only_later(
     provider: MeterProvider, change: str
@@ -119,10 +142,7 @@ def test_attach_counts_before_clipping_the_parameters_that_train_only_later(
     # Transfer learning: the backbone is frozen and a head trains, one that was replaced or
     # unfrozen after attach(). Its gradients must be counted as backward left them, before
     # torch's clipping turns every gradient into NaN.
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
-    if change == "unfrozen head":
-        model[1].requires_grad_(False)
+    model = backbone_and_head(change)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     monitor = GradMonitor(model, meter_provider=provider, on_warning="ignore", on_critical="ignore")
     found = record_collects(monitor)
@@ -130,14 +150,9 @@ def test_attach_counts_before_clipping_the_parameters_that_train_only_later(
     model(torch.randn(3, 4)).sum().backward()
     optimizer.step()
     optimizer.zero_grad()
-    model[0].requires_grad_(False)
-    if change == "unfrozen head":
-        model[1].requires_grad_(True)
-    else:
-        model[1] = nn.Linear(8, 2)
-        optimizer.add_param_group({"params": list(model[1].parameters())})
-        if change == "new head, refreshed by hand":
-            assert monitor.refresh()
+    train_the_head_alone(model, change, optimizer)
+    if change == "new head, refreshed by hand":
+        assert monitor.refresh()
     model[1].weight.register_hook(two_nans)
     model(torch.randn(3, 4)).sum().backward()
     reference = sum(int(torch.isnan(p.grad).sum()) for p in model.parameters() if p.requires_grad)
@@ -152,19 +167,12 @@ def test_attach_counts_before_clipping_the_parameters_that_train_only_later(
 def test_scan_backward_goes_on_collecting_when_only_later_parameters_train(
     provider: MeterProvider, registry: CollectorRegistry, change: str
 ) -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
-    if change == "unfrozen head":
-        model[1].requires_grad_(False)
+    model = backbone_and_head(change)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     monitor = GradMonitor(model, meter_provider=provider)
     monitor.attach(optimizer, scan="backward")
     model(torch.randn(3, 4)).sum().backward()
-    model[0].requires_grad_(False)
-    if change == "unfrozen head":
-        model[1].requires_grad_(True)
-    else:
-        model[1] = nn.Linear(8, 2)
+    train_the_head_alone(model, change)
     for _ in range(3):
         model(torch.randn(3, 4)).sum().backward()
     assert sample(samples(registry), "gradtel_updates_total") == 4
