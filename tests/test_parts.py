@@ -209,3 +209,20 @@ def test_a_registry_gradtel_counted_an_error_in_is_freed_with_it() -> None:
     del registry
     gc.collect()
     assert gone() is None
+
+
+def test_an_attachment_is_removed_once_even_when_a_step_of_it_fails() -> None:
+    from gradtel.attach.optimizer import Attachment
+
+    undone: list[str] = []
+    attachment = Attachment()
+
+    def fails() -> None:
+        undone.append("fails")
+        raise RuntimeError("a hook that is gone already")
+
+    attachment._undo += [lambda: undone.append("first"), fails]
+    with pytest.raises(RuntimeError, match="gone already"):
+        attachment.remove()
+    attachment.remove()  # a close() after the failure: nothing left to run, nothing raised
+    assert undone == ["fails", "first"] and not attachment.installed  # the rest ran too

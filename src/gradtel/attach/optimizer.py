@@ -70,9 +70,16 @@ class Attachment:
         return bool(self._undo)
 
     def remove(self) -> None:
-        undo, self._undo = self._undo, []  # once, even if a step fails
+        """Undo every step, once: a step that fails leaves the others to run, then raises."""
+        undo, self._undo = self._undo, []
+        failed: Exception | None = None
         for step in reversed(undo):
-            step()
+            try:
+                step()
+            except Exception as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
 
 # Which monitors are attached to which optimizer: attaching twice would count
