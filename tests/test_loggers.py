@@ -405,9 +405,10 @@ def test_lightning_logs_each_update_at_its_own_step_once(tmp_path: Path, readout
     assert rows == [(step, "3.0" if step == 2 else "0.0") for step in range(6)]
 
 
+@pytest.mark.parametrize("readout", ["sync", "deferred"])
 @framework
 def test_lightning_manual_optimization_counts_before_the_users_clipping_at_the_global_step(
-    tmp_path: Path,
+    tmp_path: Path, readout: str
 ) -> None:
     """Manual optimization: Lightning calls on_before_optimizer_step inside
     ``optimizer.step()``, after the user clipped; and writes its loggers at every batch."""
@@ -461,8 +462,8 @@ def test_lightning_manual_optimization_counts_before_the_users_clipping_at_the_g
 
     module = Manual()
     logger = CSVLogger(tmp_path / "csv")
-    fit(module, tmp_path, [logger], Observed(serve_metrics=False, on_warning="ignore"),
-        max_epochs=1, log_every_n_steps=1, limit_train_batches=8)  # fmt: skip
+    fit(module, tmp_path, [logger], Observed(serve_metrics=False, on_warning="ignore",
+        readout=readout), max_epochs=1, log_every_n_steps=1, limit_train_batches=8)  # fmt: skip
     assert {h.step: h.nan_total for h in seen} == module.reference == {0: 0, 1: 0, 2: 1, 3: 0}
     counts = csv_scalars(Path(logger.log_dir) / "metrics.csv")["gradtel/nan_total"]
     assert sum(counts.values()) == 1  # logged once, not repeated at the batches after it
