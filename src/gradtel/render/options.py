@@ -238,12 +238,12 @@ class KitOptions:
         """Raise ValueError for options the rendered rule tests are not written for: their
         cases step a minute at a time and bridge gaps of minutes (the rules themselves hold
         for any options that :class:`KitOptions` accepts)."""
+        stall = duration_seconds(self.stall_after)
         ranges = (
             ("window", duration_seconds(self.window) >= 300, "at least 5m"),
             (
                 "stall_after",
-                duration_seconds(self.stall_after) >= 180
-                and duration_seconds(self.stall_after) % 60 == 0,
+                stall >= 180 and stall % 60 == 0,
                 "a whole number of minutes, at least 3m",
             ),
             ("spike_baseline", duration_seconds(self.spike_baseline) >= 240, "at least 4m"),
