@@ -10,7 +10,10 @@ NaN and Inf counts, and its ``gradtel_origin_updates_total``.
 
 - ``accumulation/<flavour>``: two backward passes per update, every one reduced (no
   ``no_sync()``); rank 1 alone has a NaN in the input of the first one.
-- ``attached``: ``accumulation`` with DDP, collected by ``monitor.attach(optimizer)``.
+- ``attached``: ``accumulation`` with DDP, collected by ``monitor.attach(optimizer)``;
+  ``attached/last`` with the NaN in the last backward pass of the update instead,
+  ``attached/backward`` that with ``scan="backward"``, ``attached/bucket_view`` with
+  ``gradient_as_bucket_view=True``.
 - ``buckets``: DDP with one bucket per parameter, two backward passes per update: rank 1
   alone puts NaN into its own gradient of ``2.weight`` in the first, rank 0 alone Inf into
   its own gradient of ``0.weight`` in the second.
@@ -105,7 +108,12 @@ class Watched:
         ]
 
 
-def update(model: nn.Module, bad: tuple[int, ...] = (), passes: int = 1) -> None:
+def update(
+    model: nn.Module,
+    bad: tuple[int, ...] = (),
+    passes: int = 1,
+    after_pass: Callable[[], object] = lambda: None,
+) -> None:
     """One update of ``passes`` backward passes; on BAD_RANK, a NaN in the input of the passes in ``bad``."""
     model.zero_grad()
     for index in range(passes):
@@ -113,6 +121,7 @@ def update(model: nn.Module, bad: tuple[int, ...] = (), passes: int = 1) -> None
         if index in bad and dist.get_rank() == BAD_RANK:
             x[1, 2] = NAN
         model(x).sum().backward()
+        after_pass()
 
 
 def say(scenario: str, **said: Any) -> None:
@@ -131,16 +140,24 @@ def accumulation(flavour: str) -> None:
     watched.monitor.close()
 
 
-def attached() -> None:
-    model = DistributedDataParallel(net())
+def attached(scenario: str, scan: str, bad_pass: int, **ddp: Any) -> None:
+    model = DistributedDataParallel(net(), **ddp)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     watched = Watched(model)
-    watched.monitor.attach(optimizer)  # counts at the end of each backward pass
-    for bad in ((), (0,)):  # the NaN update last: the step takes it into the weights
-        update(model, bad, passes=2)
+    counted: list[int] = []
+    watched.monitor.subscribe(lambda health: counted.append(health.nan_total))
+    watched.monitor.attach(optimizer, scan=scan)  # counts at the end of each backward pass
+    # The NaN in the gradients after each backward pass, on this rank, counted here.
+    reference: list[int] = []
+    for bad in ((), (bad_pass,)):  # the NaN update last: the step takes it into the weights
+        update(model, bad, passes=2, after_pass=lambda: reference.append(nan_in_gradients(model)))
         optimizer.step()
-    say("attached", origins=watched.origins())
+    say(scenario, origins=watched.origins(), counted=counted, reference=reference)
     watched.monitor.close()
+
+
+def nan_in_gradients(model: nn.Module) -> int:
+    return sum(int(torch.isnan(p.grad).sum()) for p in model.parameters() if p.grad is not None)
 
 
 def buckets() -> None:
@@ -240,7 +257,10 @@ def main() -> None:
     dist.init_process_group("gloo")
     for flavour in FLAVOURS:
         accumulation(flavour)
-    attached()
+    attached("attached", "step", bad_pass=0)
+    attached("attached/last", "step", bad_pass=1)
+    attached("attached/backward", "backward", bad_pass=1)
+    attached("attached/bucket_view", "step", bad_pass=1, gradient_as_bucket_view=True)
     buckets()
     for flavour in ("DistributedDataParallel", "FullyShardedDataParallel", "fully_shard"):
         again(flavour)

@@ -286,6 +286,23 @@ def test_accumulated_backward_passes_collected_by_attach_count_the_origin_on_its
 
 
 @SHARES_ORIGINS
+@pytest.mark.parametrize(
+    "scenario", ["attached", "attached/last", "attached/backward", "attached/bucket_view"]
+)
+def test_attach_counts_the_reduced_gradients_on_every_rank(
+    origins: dict[str, list[dict[str, Any]]], scenario: str
+) -> None:
+    """DDP: rank 1 alone has a NaN input; after the all-reduce every rank's gradients hold
+    the NaN, and ``attach()`` counts them on rank 0 too, not the rank's own gradients from
+    before the reduction (which said rank 0 was healthy and let it save a checkpoint)."""
+    ranks = origins[scenario]
+    for rank in ranks:
+        after_each_pass = rank["reference"]
+        expected = after_each_pass if scenario.endswith("backward") else after_each_pass[1::2]
+        assert expected[-1] > 0 and rank["counted"] == expected, ranks
+
+
+@SHARES_ORIGINS
 def test_a_later_backward_pass_leaves_out_only_the_buckets_a_reduction_made_non_finite(
     origins: dict[str, list[dict[str, Any]]],
 ) -> None:

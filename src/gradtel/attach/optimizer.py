@@ -489,18 +489,25 @@ def at_end_of_backward(
 
     A pass that raised (an out-of-memory retry) never reaches its end; the next
     pass is told apart by autograd's graph task id and gets its callback.
+
+    ``callback`` runs after the callbacks others queue during the pass: DDP queues, when
+    its last bucket is ready, the one that waits for the all-reduce and writes the reduced
+    gradients back, which every rank then holds and the optimizer steps with.
     """
     queued_for: list[int | None] = [None]
+    queue = torch.autograd.Variable._execution_engine.queue_callback
 
     def end_of_backward() -> None:
-        callback()
+        # Queued at the pass's first gradient, so ahead of DDP's: queue the look behind it.
+        # (Autograd runs the callbacks that callbacks queue, before backward() returns.)
+        queue(callback)
 
     def arm(param: Any) -> None:
         # The first gradient of a backward pass queues one callback for its end.
         task = torch._C._current_graph_task_id()
         if task != queued_for[0]:
             queued_for[0] = task
-            torch.autograd.Variable._execution_engine.queue_callback(end_of_backward)
+            queue(end_of_backward)
 
     attachment = Attachment()
     attachment._undo.extend(
