@@ -558,6 +558,62 @@ def test_scan_backward_resumes_after_a_backward_that_raised(
     assert sample(samples(registry), "gradtel_updates_total") == 3
 
 
+class Checkpointed(nn.Module):
+    """A block in the middle recomputed in backward by reentrant activation checkpointing
+    (Hugging Face's default): its backward is a backward pass inside a node of the outer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.mid, self.head = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(self.enc(x))
+        block = torch.utils.checkpoint.checkpoint(
+            lambda t: torch.relu(self.mid(t)), hidden, use_reentrant=True
+        )
+        return self.head(block)
+
+
+@pytest.mark.parametrize("scan", ["step", "backward"])
+@pytest.mark.parametrize("trains", ["all", "the checkpointed block only"])
+def test_reentrant_checkpointing_is_one_backward_pass_counted_at_its_end(
+    registry: CollectorRegistry, provider: MeterProvider, scan: str, trains: str
+) -> None:
+    """The block's own backward pass ended before the encoder's gradient was made: counted
+    there, a NaN in the encoder was missed (the Hugging Face callback counted that early
+    look) and ``scan="backward"`` made three updates of each pass, one of them healthy."""
+    torch.manual_seed(0)
+    model = Checkpointed()
+    if trains != "all":  # as LoRA trains adapters inside the checkpointed layers
+        for layer in (model.enc, model.head):
+            layer.requires_grad_(False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    monitor = GradMonitor(model, meter_provider=provider, on_warning="ignore", on_critical="ignore")
+    found = record_collects(monitor)
+    monitor.attach(optimizer, scan=scan)  # type: ignore[arg-type]
+    bad = model.enc if trains == "all" else model.mid
+    poison = [False]
+    bad.weight.register_hook(
+        lambda grad: grad.index_fill(1, torch.tensor([0]), NAN) if poison[0] else grad
+    )
+    reference = []  # the NaN per layer that backward left, counted here
+    for update in range(3):
+        poison[0] = update == 1
+        optimizer.zero_grad()
+        # (A reentrant checkpoint needs an input that requires grad: as Hugging Face's
+        # enable_input_require_grads() makes it for adapters.)
+        model(torch.randn(4, 4).requires_grad_(trains != "all")).sum().backward()
+        nan = {name.rsplit(".", 1)[0]: 0 for name, _ in model.named_parameters()}
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                nan[name.rsplit(".", 1)[0]] += int(p.grad.isnan().sum())
+        reference.append({layer: count for layer, count in nan.items() if count})
+        optimizer.step()  # lr 0, yet NaN * 0 is NaN: the weights take the NaN
+    assert reference[0] == {} and reference[1] == {("enc" if trains == "all" else "mid"): 8}
+    assert sample(samples(registry), "gradtel_updates_total") == 3
+    assert [dict(h.nan_by_layer) for h in found] == reference
+
+
 def amp_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,

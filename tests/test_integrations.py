@@ -162,6 +162,66 @@ def test_transformers_trainer_callback_counts_before_clipping(tmp_path: Path) ->
     assert sample(found, "gradtel_last_unhealthy_step", kind="nan") == 3
 
 
+def test_transformers_callback_counts_after_reentrant_gradient_checkpointing(
+    tmp_path: Path,
+) -> None:
+    """``gradient_checkpointing`` with reentrant checkpoints runs each block's backward as a
+    pass of its own inside the model's: the callback counted at the end of the last block's
+    and missed a NaN in the first block."""
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    from gradtel.integrations.transformers import GradtelTrainerCallback
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    )
+    step = [0]
+    reference: list[int] = []  # NaN in the first block's c_fc, as the optimizer takes it
+
+    class Poison(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            step[0] = state.global_step
+
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            grads = [p.grad for p in model.transformer.h[0].mlp.c_fc.parameters()]
+            reference.append(sum(int(g.isnan().sum()) for g in grads if g is not None))
+
+    first = model.transformer.h[0].mlp.c_fc.weight
+    first.register_hook(
+        lambda grad: grad.index_fill(1, torch.tensor([0]), NAN) if step[0] == 1 else grad
+    )
+    found: list[Any] = []
+    gradtel_callback = GradtelTrainerCallback(
+        serve_metrics=False, on_warning="ignore", on_critical="ignore"
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
+        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True},
+        max_grad_norm=0.0, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 64, (8, 12))]
+    trainer = Trainer(
+        model=model, args=args, train_dataset=data, callbacks=[Poison(), gradtel_callback]
+    )
+    original = gradtel_callback.on_train_begin
+
+    def subscribe(*args: Any, **kwargs: Any) -> None:
+        original(*args, **kwargs)
+        gradtel_callback.session.monitor.subscribe(found.append)
+
+    gradtel_callback.on_train_begin = subscribe  # type: ignore[method-assign]
+    trainer.train()
+    assert reference[1] > 0, reference
+    assert [h.nan_by_layer.get("transformer.h.0.mlp.c_fc", 0) for h in found] == reference
+
+
 def test_transformers_trainer_callback_reads_the_models_own_loss(tmp_path: Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 

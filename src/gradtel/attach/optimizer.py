@@ -493,21 +493,36 @@ def at_end_of_backward(
     ``callback`` runs after the callbacks others queue during the pass: DDP queues, when
     its last bucket is ready, the one that waits for the all-reduce and writes the reduced
     gradients back, which every rank then holds and the optimizer steps with.
+
+    A backward pass run inside a node of another (reentrant activation checkpointing
+    recomputes a block and runs its backward there) is part of the outer pass: the
+    callback runs once, at the end of the outermost.
     """
-    queued_for: list[int | None] = [None]
+    queued: set[int] = set()
+    """The graph tasks whose end is queued."""
     queue = torch.autograd.Variable._execution_engine.queue_callback
 
-    def end_of_backward() -> None:
-        # Queued at the pass's first gradient, so ahead of DDP's: queue the look behind it.
-        # (Autograd runs the callbacks that callbacks queue, before backward() returns.)
-        queue(callback)
+    def ended(task: int) -> Callable[[], None]:
+        def end_of_backward() -> None:
+            node = torch._C._current_autograd_node()
+            if node is not None:  # a pass inside another's node: the outer one goes on
+                queued.discard(task)
+                node.register_hook(arm)  # runs in the outer pass, after this node
+                return
+            queued.clear()  # and forget the passes that raised
+            # Queued at the pass's first gradient, so ahead of DDP's: queue the look
+            # behind it. (Autograd runs the callbacks that callbacks queue, before
+            # backward() returns.)
+            queue(callback)
 
-    def arm(param: Any) -> None:
+        return end_of_backward
+
+    def arm(*args: Any) -> None:
         # The first gradient of a backward pass queues one callback for its end.
         task = torch._C._current_graph_task_id()
-        if task != queued_for[0]:
-            queued_for[0] = task
-            queue(end_of_backward)
+        if task not in queued:
+            queued.add(task)
+            queue(ended(task))
 
     attachment = Attachment()
     attachment._undo.extend(
