@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -101,3 +102,47 @@ def test_the_same_instruments_are_pushed_over_otlp(receiver: Receiver) -> None:
     assert points[("gradtel_update_status", frozenset())] == 2
     resource = receiver.requests[0].resource_metrics[0].resource
     assert {a.key: a.value.string_value for a in resource.attributes}["service.name"] == "trainer"
+
+
+def deferred_updates_with_a_nan_last(provider: Any) -> gradtel.GradMonitor:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    monitor = gradtel.GradMonitor(
+        model, meter_provider=provider, readout="deferred", on_critical="ignore"
+    )
+    for step in (1, 2, 3):
+        model.zero_grad()
+        model(torch.randn(3, 4)).sum().backward()
+        if step == 3:
+            model[1].weight.grad.view(-1)[:7] = float("nan")
+        monitor.collect(step=step)
+    return monitor
+
+
+NAN_IN_LAYER_1 = ("gradtel_nan_grads", frozenset({("layer", "1")}))
+
+
+def test_shutdown_pushes_the_last_update_a_deferred_read_out_holds(receiver: Receiver) -> None:
+    """As the reference shows: ``provider.shutdown()`` at the end of training. The push
+    carried two of the three updates and not the NaN."""
+    provider = otlp_meter_provider(receiver.url, interval=3600)
+    monitor = deferred_updates_with_a_nan_last(provider)
+    provider.shutdown()
+    points = receiver.points()
+    assert points[("gradtel_updates", frozenset())] == 3
+    assert points[NAN_IN_LAYER_1] == 7
+    assert points[("gradtel_update_status", frozenset())] == 2
+    monitor.close()
+
+
+def test_a_periodic_push_carries_what_a_deferred_read_out_finished(receiver: Receiver) -> None:
+    """A run stalled after a NaN update (a hung collective) is pushed the NaN by the next
+    periodic push, as a scrape publishes it; before, no push ever carried it."""
+    provider = otlp_meter_provider(receiver.url, interval=0.1)
+    monitor = deferred_updates_with_a_nan_last(provider)
+    deadline = time.monotonic() + 10
+    while NAN_IN_LAYER_1 not in receiver.points() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the training thread calls nothing more
+    assert receiver.points().get(NAN_IN_LAYER_1) == 7
+    monitor.close()
+    provider.shutdown()

@@ -13,8 +13,24 @@ from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 
 from .._checks import seconds
+from .context import context
 
 __all__ = ["otlp_meter_provider"]
+
+
+class _PublishingReader(PeriodicExportingMetricReader):
+    """Pushes what a deferred read-out has finished, as a scrape does, and at shutdown
+    everything it still holds: a stalled or ending run's last update (a NaN) is pushed too.
+    Its monitors publish through the global registry's context, where a provider that
+    gradtel's Prometheus reader does not serve is kept."""
+
+    def collect(self, timeout_millis: float = 10_000) -> None:
+        context().publish()
+        super().collect(timeout_millis=timeout_millis)
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: object) -> None:
+        context().publish(wait=True)
+        super().shutdown(timeout_millis=timeout_millis, **kwargs)
 
 
 def otlp_meter_provider(
@@ -48,7 +64,7 @@ def otlp_meter_provider(
             "gradtel's OTLP push needs the otlp extra: pip install 'gradtel[otlp]'"
         ) from exc
     interval = seconds("interval", interval)
-    reader = PeriodicExportingMetricReader(
+    reader = _PublishingReader(
         OTLPMetricExporter(endpoint=endpoint, headers=dict(headers or {})),
         export_interval_millis=interval * 1000,
     )
