@@ -14,7 +14,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from prometheus_client import CollectorRegistry
 from torch import nn
 
-from gradtel import GradMonitor, NonFiniteGradientError, prometheus_meter_provider
+from gradtel import GradMonitor, NonFiniteGradientError, Thresholds, prometheus_meter_provider
 
 from .conftest import absent, net, sample, samples
 
@@ -227,3 +227,58 @@ def test_hugging_face_trainer_keeps_the_last_healthy_checkpoint(
         assert on_disk == ["checkpoint-2"] and finite(weights)
     else:
         assert on_disk == ["checkpoint-5"] and not finite(weights)
+
+
+def sgd_step(model: nn.Module, monitor: GradMonitor, *, nan: int = 0, step: int) -> None:
+    """One update the optimizer takes, with ``nan`` NaN in one layer's gradient."""
+    model.zero_grad()
+    model(torch.randn(2, 4)).sum().backward()
+    model[0].weight.grad.view(-1)[:nan] = NAN
+    monitor.collect(step=step)
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.1 * p.grad
+
+
+def test_nan_under_the_warning_threshold_poisons_the_weights_all_the_same(
+    provider: MeterProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``Thresholds(warning=3)``: 2 NaN is a healthy update for the alerts, yet the weights
+    take the NaN; the gate judged by the band and let a poisoned checkpoint through."""
+    model = net()
+    monitor = GradMonitor(
+        model, meter_provider=provider, thresholds=Thresholds(warning=3, critical=10)
+    )
+    sgd_step(model, monitor, step=1)
+    sgd_step(model, monitor, nan=2, step=2)
+    assert not all(p.isfinite().all() for p in model.parameters())
+    with caplog.at_level(logging.WARNING, logger="gradtel"):
+        assert not monitor.allow_checkpoint(step=2)
+    assert not monitor.healthy and monitor.last_healthy_step == 1
+    assert "the weights took an update under the warning threshold of step 2 (2 NaN, 0 Inf)" in (
+        caplog.text
+    )
+
+
+def test_the_gate_looks_at_the_weights_that_took_an_update_it_did_not_scan(
+    provider: MeterProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``sample_every=2``: the NaN came in a sampled-out update; the gate said "save", a
+    poisoned checkpoint, because no scanned update was unhealthy."""
+    model = net()
+    monitor = GradMonitor(model, meter_provider=provider, sample_every=2)
+    sgd_step(model, monitor, step=1)  # scanned
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    assert monitor.allow_checkpoint(step=1) and monitor.healthy
+    sgd_step(model, monitor, nan=1, step=2)  # sampled out
+    with caplog.at_level(logging.WARNING, logger="gradtel"):
+        assert not monitor.allow_checkpoint(step=2)
+    assert not monitor.healthy
+    nan = sum(int(p.isnan().sum()) for p in model.parameters())  # counted here
+    assert nan > 0
+    assert f"the weights hold {nan} NaN and 0 Inf values, from an update gradtel did not scan" in (
+        caplog.text
+    )
+    model.load_state_dict(kept)
+    monitor.reset_health()
+    assert monitor.allow_checkpoint(step=1) and monitor.healthy

@@ -565,11 +565,13 @@ class GradMonitor:
 
     @property
     def healthy(self) -> bool:
-        """Whether the weights are free of unhealthy updates, so a checkpoint saved now is
-        not poisoned: True until an unhealthy update reaches the weights (one the
-        optimizer takes; not one the AMP ``GradScaler`` or the ``"skip"`` policy skips,
-        nor one ``"raise"`` stops), and again after :meth:`reset_health`. With
-        ``readout="deferred"`` it waits for the pending updates' read-outs first."""
+        """Whether the weights are free of NaN and Inf, so a checkpoint saved now is not
+        poisoned: True until an update with any NaN or Inf (under the warning threshold
+        too) reaches the weights (one the optimizer takes; not one the AMP ``GradScaler``
+        or the ``"skip"`` policy skips, nor one ``"raise"`` stops), or
+        :meth:`allow_checkpoint` finds NaN or Inf in the weights themselves; True again
+        after :meth:`reset_health`. With ``readout="deferred"`` it waits for the pending
+        updates' read-outs first."""
         self.flush()
         return self._weights.healthy
 
@@ -583,6 +585,8 @@ class GradMonitor:
     def allow_checkpoint(self, step: int | None = None, *, all_ranks: bool = False) -> bool:
         """Whether to save a checkpoint now: ``False`` while not :attr:`healthy`, with a
         log line (at most once a minute) and a count in ``gradtel_refused_checkpoints_total``.
+        It counts NaN and Inf in the watched weights too (one pass over them, far less than
+        saving them): an update that was not scanned (sampled out) may have brought them.
 
         Args:
             step: The training step the checkpoint is of, for the log line.
@@ -607,6 +611,7 @@ class GradMonitor:
         check_step(step)
         _checks.flag("all_ranks", all_ranks)
         self.flush()  # a deferred read-out must not let a poisoned update through
+        self._guarded("scan", lambda: self._weights.look_at(self.parameters))
         return self._weights.allow(
             step,
             all_ranks=all_ranks,
