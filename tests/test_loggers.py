@@ -405,17 +405,12 @@ def test_lightning_logs_each_update_at_its_own_step_once(tmp_path: Path, readout
     assert rows == [(step, "3.0" if step == 2 else "0.0") for step in range(6)]
 
 
-@pytest.mark.parametrize("readout", ["sync", "deferred"])
-@framework
-def test_lightning_manual_optimization_counts_before_the_users_clipping_at_the_global_step(
-    tmp_path: Path, readout: str
-) -> None:
-    """Manual optimization: Lightning calls on_before_optimizer_step inside
-    ``optimizer.step()``, after the user clipped; and writes its loggers at every batch."""
+def manual_module(bad_batch: int) -> Any:
+    """Manual optimization, two micro-batches per update (it steps at the odd batches), a
+    NaN in the head's gradient at ``bad_batch``; logs its own loss at every batch, which
+    Lightning writes at step ``batch_idx`` (one epoch). ``reference[batch_idx]``: the NaN
+    of the update made at that batch, counted before the user's clipping."""
     import lightning.pytorch as pl
-    from lightning.pytorch.loggers import CSVLogger
-
-    from gradtel.integrations.lightning import GradtelCallback
 
     class Still(torch.optim.SGD):
         def step(self, closure: Any = None) -> Any:  # the weights keep no NaN
@@ -428,7 +423,7 @@ def test_lightning_manual_optimization_counts_before_the_users_clipping_at_the_g
             self.body, self.head = nn.Linear(8, 8), nn.Linear(8, 1)
             self.head.weight.register_hook(self.poison)
             self.bad_batch = False
-            self.reference: dict[int, int] = {}  # global step before an update: its NaN
+            self.reference: dict[int, int] = {}
 
         def poison(self, grad: torch.Tensor) -> torch.Tensor:
             if self.bad_batch:
@@ -438,13 +433,13 @@ def test_lightning_manual_optimization_counts_before_the_users_clipping_at_the_g
 
         def training_step(self, batch: Any, batch_idx: int) -> None:
             x, y = batch
-            self.bad_batch = batch_idx == 5  # in the update made at batch 5: global step 2
+            self.bad_batch = batch_idx == bad_batch
             loss = (self.head(torch.relu(self.body(x))) - y).pow(2).mean()
             self.manual_backward(loss)
             if batch_idx % 2 == 1:  # two micro-batches per update
                 optimizer = self.optimizers()
                 grads = [p.grad for p in self.parameters()]
-                self.reference[self.trainer.global_step] = sum(int(g.isnan().sum()) for g in grads)
+                self.reference[batch_idx] = sum(int(g.isnan().sum()) for g in grads)
                 self.clip_gradients(optimizer, gradient_clip_val=1.0)  # a NaN norm: all NaN
                 optimizer.step()
                 optimizer.zero_grad()
@@ -453,6 +448,27 @@ def test_lightning_manual_optimization_counts_before_the_users_clipping_at_the_g
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return Still(self.parameters(), lr=0.0)
 
+    return Manual()
+
+
+def csv_rows(path: Path, key: str) -> list[tuple[int, str]]:
+    """``(step, key's value)`` of each row the CSV logger wrote, in the order written."""
+    with path.open(newline="") as file:
+        return [(int(row["step"]), row[key]) for row in csv.DictReader(file)]
+
+
+@pytest.mark.parametrize("readout", ["sync", "deferred"])
+@framework
+def test_lightning_manual_optimization_counts_before_the_users_clipping_at_the_logged_step(
+    tmp_path: Path, readout: str
+) -> None:
+    """Manual optimization: Lightning calls on_before_optimizer_step inside
+    ``optimizer.step()``, after the user clipped; and writes its loggers at every batch,
+    numbering them by batch (the global step counts the optimizer's steps: 2 at batch 5)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gradtel.integrations.lightning import GradtelCallback
+
     seen: list[GradHealth] = []
 
     class Observed(GradtelCallback):
@@ -460,20 +476,49 @@ def test_lightning_manual_optimization_counts_before_the_users_clipping_at_the_g
             super().on_fit_start(trainer, pl_module)
             self.session.monitor.subscribe(seen.append)
 
-    module = Manual()
+    module = manual_module(bad_batch=5)
     logger = CSVLogger(tmp_path / "csv")
     fit(module, tmp_path, [logger], Observed(serve_metrics=False, on_warning="ignore",
         readout=readout), max_epochs=1, log_every_n_steps=1, limit_train_batches=8)  # fmt: skip
-    assert {h.step: h.nan_total for h in seen} == module.reference == {0: 0, 1: 0, 2: 1, 3: 0}
-    counts = csv_scalars(Path(logger.log_dir) / "metrics.csv")["gradtel/nan_total"]
+    assert {h.step: h.nan_total for h in seen} == module.reference == {1: 0, 3: 0, 5: 1, 7: 0}
+    found = csv_scalars(Path(logger.log_dir) / "metrics.csv")
+    assert sorted(found["train_loss"]) == list(range(8))  # batch k at step k
+    counts = found["gradtel/nan_total"]
     assert sum(counts.values()) == 1  # logged once, not repeated at the batches after it
 
 
+@pytest.mark.parametrize("readout", ["sync", "deferred"])
+@pytest.mark.parametrize(("bad_batch", "expected"), [(7, [0, 0, 1]), (1, [1, 0, 0])])
+@framework
+def test_lightning_manual_optimization_logs_each_update_at_the_next_logged_step_in_order(
+    tmp_path: Path, readout: str, bad_batch: int, expected: list[int]
+) -> None:
+    """Lightning writes steps 2 and 5 (every 3rd batch, stepped or not): each carries the
+    updates since the one before, and the last batch's update, after the last logged
+    step, is written when training ends at that batch's step (7), after the others."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from gradtel.integrations.lightning import GradtelCallback
+
+    logger = CSVLogger(tmp_path / "csv")
+    record = tmp_path / "incidents.jsonl"
+    callback = GradtelCallback(
+        serve_metrics=False, on_warning="ignore", readout=readout, incident_log=record
+    )
+    fit(manual_module(bad_batch), tmp_path, [logger], callback, max_epochs=1,
+        log_every_n_steps=3, limit_train_batches=8)  # fmt: skip
+    rows = csv_rows(Path(logger.log_dir) / "metrics.csv", "gradtel/nan_total")
+    assert rows == [(step, f"{float(n)}") for step, n in zip([2, 5, 7], expected, strict=True)]
+    assert [json.loads(line)["step"] for line in record.read_text().splitlines()] == [bad_batch]
+
+
+@pytest.mark.parametrize("optimization", ["automatic", "manual"])
 @framework
 def test_lightning_logger_and_incident_record_give_an_update_the_same_step(
-    tmp_path: Path,
+    tmp_path: Path, optimization: str
 ) -> None:
-    """The step Lightning's own loggers give the batch that made the update."""
+    """The step Lightning's own loggers give the batch that made the update: with manual
+    optimization the batch's (5), not the global step (2)."""
     from lightning.pytorch.loggers import CSVLogger
 
     from gradtel.integrations.lightning import GradtelCallback
@@ -481,12 +526,18 @@ def test_lightning_logger_and_incident_record_give_an_update_the_same_step(
     logger = CSVLogger(tmp_path / "csv")
     record = tmp_path / "incidents.jsonl"
     callback = GradtelCallback(serve_metrics=False, on_warning="ignore", incident_log=record)
-    fit(lightning_module({2: ("encoder", NAN, 3)}), tmp_path, [logger], callback, max_steps=4,
-        log_every_n_steps=1)  # fmt: skip
+    if optimization == "automatic":
+        fit(lightning_module({2: ("encoder", NAN, 3)}), tmp_path, [logger], callback,
+            max_steps=4, log_every_n_steps=1)  # fmt: skip
+        bad, batches = 2, 4
+    else:
+        fit(manual_module(bad_batch=5), tmp_path, [logger], callback, max_epochs=1,
+            log_every_n_steps=1, limit_train_batches=8)  # fmt: skip
+        bad, batches = 5, 8
     found = csv_scalars(Path(logger.log_dir) / "metrics.csv")
-    assert [step for step, n in found["gradtel/nan_total"].items() if n] == [2]
-    assert sorted(found["train_loss"]) == [0, 1, 2, 3]
-    assert [json.loads(line)["step"] for line in record.read_text().splitlines()] == [2]
+    assert [step for step, n in found["gradtel/nan_total"].items() if n] == [bad]
+    assert sorted(found["train_loss"]) == list(range(batches))
+    assert [json.loads(line)["step"] for line in record.read_text().splitlines()] == [bad]
 
 
 @framework

@@ -9,9 +9,10 @@ and never block a checkpoint. The monitor is made at ``on_fit_start``,
 after ``configure_model()`` has built the layers.
 
 The training step gradtel gives an update (on logs, pages and the incident record) is
-the one Lightning's loggers give the metrics of the batch that made it: the global step
-before the update. A checkpoint Lightning names ``step=N`` holds the updates of the
-steps before N.
+the one Lightning's loggers give the metrics of the batch that made it. With automatic
+optimization that is the global step before the update, and a checkpoint Lightning names
+``step=N`` holds the updates of the steps before N; with manual optimization Lightning's
+loggers count batches, the global step optimizer steps, and gradtel follows the loggers.
 
 The counts reach the Trainer's loggers (TensorBoard, W&B, MLflow, CSV) through the
 module's ``log_dict``, as ``gradtel/...`` (see :meth:`gradtel.GradHealth.scalars`), at
@@ -176,17 +177,17 @@ class GradtelCallback(Callback):
         monitor = self.session.monitor
         if monitor is None or not trainer._logger_connector.should_update_logs:
             return
-        if stepped:
-            # A deferred read-out of this batch's update is waited for only here, where
-            # Lightning reads its own metrics to the host anyway: it is logged at its step.
-            monitor.flush()
-            found = self._numbers_since_log()
-        elif not pl_module.automatic_optimization:
-            # Lightning writes every batch then, stepped or not: the counts logged before
-            # are 0 in this one, or Lightning would repeat them.
-            found = dict.fromkeys(self._counts, 0.0)
-        else:
+        if not stepped and pl_module.automatic_optimization:
             return
+        # A deferred read-out of an update is waited for only here, where Lightning reads
+        # its own metrics to the host anyway: it is logged at its step.
+        monitor.flush()
+        found = self._numbers_since_log()
+        if not stepped and not found:
+            # Manual optimization: Lightning writes every batch then, stepped or not (the
+            # updates since the last logged step go into this one): with none since, the
+            # counts logged before are 0 in it, or Lightning would repeat them.
+            found = dict.fromkeys(self._counts, 0.0)
         if found:
             pl_module.log_dict(_on_host(found), on_step=True, on_epoch=False)
 
@@ -206,7 +207,7 @@ class GradtelCallback(Callback):
             self.session.monitor.flush()
         found = self._numbers_since_log()
         if found:
-            step = _logged_step(trainer) - 1  # counted on once the last batch stepped
+            step = _logged_step(trainer) - 1  # the loop counted on past the last batch
             for logger in trainer.loggers:
                 logger.log_metrics(found, step=step)
                 logger.save()
@@ -219,11 +220,12 @@ class GradtelCallback(Callback):
 
 
 def _logged_step(trainer: Trainer) -> int:
-    """The global step before this update, which checkpoints are named by: with automatic
-    optimization also the step Lightning's loggers give this batch's metrics (for one
-    optimizer). gradtel's logs, pages and incident record use the same."""
-    if not trainer.lightning_module.automatic_optimization:
-        return trainer.global_step  # the batches that stepped count every batch then
+    """The step Lightning's loggers give the metrics of the batch being run (after the last
+    batch: its step plus one). gradtel's logs, pages and incident record use the same."""
+    # Not trainer.global_step: that counts optimizer steps, while Lightning's loggers count
+    # the batches that stepped, and with manual optimization every batch (stepped or not).
+    # The two agree only with automatic optimization; the global step would put an update
+    # (and the end-of-training row) behind the rows Lightning writes of the same batches.
     return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
