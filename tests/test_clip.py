@@ -189,6 +189,35 @@ def test_clipping_with_a_parameter_frozen_after_the_monitor_was_made(
     assert [(dict(h.nan_by_layer), h.skipped) for h in found] == [({"3": 1}, 1)]
 
 
+@pytest.mark.parametrize("readout", ["sync", "deferred"])
+@pytest.mark.parametrize("max_norm", [1e9, 0.5])
+def test_clipping_a_model_with_a_frozen_layer_gives_the_updates_norm(
+    registry: CollectorRegistry, provider: MeterProvider, readout: str, max_norm: float
+) -> None:
+    """Fine-tuning with a frozen layer (no gradient there): ``clip_grad_norm_(model.parameters())``
+    took the trained parameters for a subset, and exported no gradient norm at all."""
+    torch.manual_seed(0)
+    ours = nn.Sequential(nn.Linear(8, 300), nn.ReLU(), nn.Linear(300, 300), nn.Linear(300, 2))
+    ours[0].requires_grad_(False)
+    ours(torch.randn(16, 8)).pow(2).sum().backward()
+    theirs = copy.deepcopy(ours)
+    for mine, reference in zip(ours.parameters(), theirs.parameters()):
+        reference.grad = None if mine.grad is None else mine.grad.clone()
+    monitor = GradMonitor(ours, meter_provider=provider, readout=readout)  # type: ignore[arg-type]
+    published: list[gradtel.GradHealth] = []
+    monitor.subscribe(published.append)
+    total = gradtel.clip_grad_norm_(ours.parameters(), max_norm, monitor=monitor)
+    expected = nn.utils.clip_grad_norm_(theirs.parameters(), max_norm)
+    torch.testing.assert_close(total, expected)
+    for mine, reference in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(mine.grad, reference.grad)
+    monitor.flush()
+    assert [h.grad_norm for h in published] == [pytest.approx(float(expected), rel=1e-5)]
+    assert sample(samples(registry), "gradtel_grad_norm") == pytest.approx(
+        float(expected), rel=1e-5
+    )
+
+
 def test_clipping_passes_the_scaler_the_loss_and_the_step_to_collect(
     provider: MeterProvider, registry: CollectorRegistry
 ) -> None:

@@ -16,6 +16,7 @@ import torch
 from ..monitor import GradMonitor
 from ..pipeline.parameters import same_objects
 from ..pipeline.scan import per_tensor_norms, stacked
+from ..pipeline.update import Norms
 
 __all__ = ["clip_grad_norm_"]
 
@@ -104,15 +105,18 @@ def clip_grad_norm_(
     norms = per_tensor_norms(grads, norm_type, foreach)
     every = stacked(norms)
     total: torch.Tensor = torch.linalg.vector_norm(every, norm_type)
-    known: float | None = None  # the total, when read with the update's own read-out
-    if same_objects(with_grad, monitor.parameters):
-        # The usual call: clip what is watched. Its L2 total is the gradient-norm gauge, for free.
-        health = monitor.collect(
-            norms=every, total_norm=total if norm_type == 2.0 else None, **collect
-        )
-        known = health.grad_norm if norm_type == 2.0 and monitor.readout == "sync" else None
-    else:  # a subset's total is not the update's norm
-        health = monitor.collect(norms=dict(zip(with_grad, norms)), **collect)
+    given: Norms = every  # the usual call: clip what is watched
+    whole = same_objects(with_grad, monitor.parameters)
+    if not whole:
+        given = dict(zip(with_grad, norms))
+        # What is watched, but for the frozen parameters (they have no gradient)?
+        trains = [p for p in monitor.parameters if p.grad is not None and p.requires_grad]
+        whole = {id(p) for p in with_grad} == set(map(id, trains))
+    # The L2 total of what is watched is the gradient-norm gauge, for free; a subset's is not.
+    l2_total = total if whole and norm_type == 2.0 else None
+    health = monitor.collect(norms=given, total_norm=l2_total, **collect)
+    # The total, when read with the update's own read-out.
+    known = health.grad_norm if l2_total is not None and monitor.readout == "sync" else None
     # Only an unhealthy update can have had its gradients cleared by a "skip" policy.
     kept = (
         [i for i, p in enumerate(with_grad) if p.grad is not None]
