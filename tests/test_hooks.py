@@ -372,6 +372,38 @@ def test_amp_overflow_is_counted_although_the_scaler_skips_the_step(
     assert sample(found_samples, "gradtel_updates_total") == 2
 
 
+@pytest.mark.parametrize("scan", ["step", "backward"])
+def test_a_nan_loss_under_a_scaler_is_no_overflow_without_being_told_the_loss(
+    provider: MeterProvider, registry: CollectorRegistry, scan: str
+) -> None:
+    """The reference's fp16 recipe, ``attach(optimizer, scaler=scaler)``, gives no ``loss=``:
+    the NaN gradients of a NaN loss were an overflow the scaler handles, skipped and never
+    unhealthy. gradtel reads the loss the scaler scales."""
+    model, optimizer, monitor = make(provider)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    attachment = monitor.attach(optimizer, scaler=scaler, scan=scan)  # type: ignore[arg-type]
+    found = record_collects(monitor)
+    for bad in (False, True, False):
+        optimizer.zero_grad()
+        x = torch.randn(4, 8)
+        x[0, 0] = NAN if bad else x[0, 0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x).float().pow(2).mean()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)  # skipped: the weights keep clear of the NaN
+        scaler.update()
+    assert [(h.loss_finite, h.amp_overflow, h.status) for h in found] == [
+        (True, False, Status.HEALTHY),
+        (False, False, Status.CRITICAL),
+        (True, False, Status.HEALTHY),
+    ]
+    found_samples = samples(registry)
+    assert sample(found_samples, "gradtel_nonfinite_loss_updates_total") == 1
+    assert sample(found_samples, "gradtel_skipped_updates_total", reason="amp_overflow") == 0
+    attachment.remove()
+    assert "scale" not in vars(scaler) and "unscale_" not in vars(scaler)  # the class's own
+
+
 def test_scan_every_backward_with_a_scaler_counts_its_overflow_as_a_skip(
     provider: MeterProvider, registry: CollectorRegistry
 ) -> None:

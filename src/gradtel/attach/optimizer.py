@@ -134,6 +134,12 @@ def attach(
     monitors.add(monitor)
     attachment = Attachment()
     attachment._undo.append(lambda: monitors.discard(monitor))
+    if loss is None and scaler is not None and scaler.is_enabled():
+        # The loss the scaler scales, read with the update: a NaN loss makes NaN gradients
+        # that the scaler would skip as an overflow, and it is no overflow.
+        scaled = _ScaledLoss()
+        _ScalerTap.on(scaler, "scale", scaled.add, attachment)
+        loss = scaled
     # The step an update makes: the optimizer's steps taken so far (a resumed optimizer
     # carries its count in its state), plus this one.
     taken = [steps_taken(optimizer)]
@@ -200,7 +206,9 @@ def _check_at_step(
     at the scaler's ``unscale_``, which runs also when the scaler skips the step."""
     attachment._undo.append(optimizer.register_step_pre_hook(lambda *args: hooks.check()).remove)
     if scaler is not None and scaler.is_enabled():
-        _UnscaleTap.on(scaler, lambda opt: hooks.check() if opt is optimizer else None, attachment)
+        _ScalerTap.on(
+            scaler, "unscale_", lambda opt: hooks.check() if opt is optimizer else None, attachment
+        )
 
 
 class _EndsOfBackward:
@@ -407,56 +415,75 @@ class _Stepped:
         return self.monitor.collect(scaler=scaler, step=step, loss=loss)
 
 
-class _UnscaleTap:
-    """``scaler.unscale_``, then every attached monitor's callback: one per scaler, kept in
-    the scaler itself (as its ``unscale_``, or inside another's wrapper of it), so a dropped
-    scaler goes with its model and monitor. A pickled or copied scaler unscales as its
-    class does, without the monitors."""
+class _ScalerTap:
+    """A method of a ``GradScaler`` (``unscale_``, ``scale``), then every attached monitor's
+    callback with its argument: one per scaler and method, kept in the scaler itself (as
+    that method, or inside another's wrapper of it), so a dropped scaler goes with its
+    model and monitor. A pickled or copied scaler runs its class's method, without the
+    monitors."""
 
-    def __init__(self, scaler: torch.amp.GradScaler) -> None:
-        self.scaler = scaler
-        self.original = scaler.unscale_  # the class's method, or another's wrapper of it
-        self.callbacks: list[Callable[[torch.optim.Optimizer], None]] = []
-        scaler.unscale_ = self  # type: ignore[method-assign]
-        _taps[scaler] = weakref.ref(self)
+    def __init__(self, scaler: torch.amp.GradScaler, name: str) -> None:
+        self.scaler, self.name = scaler, name
+        self.original = getattr(scaler, name)  # the class's method, or another's wrapper of it
+        self.callbacks: list[Callable[[Any], None]] = []
+        setattr(scaler, name, self)
+        _taps.setdefault(scaler, {})[name] = weakref.ref(self)
 
-    def __call__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.original(optimizer)
+    def __call__(self, argument: Any) -> Any:
+        result = self.original(argument)
         for callback in list(self.callbacks):
-            callback(optimizer)
+            callback(argument)
+        return result
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (functools.partial, (type(self.scaler).unscale_, self.scaler))
+        return (functools.partial, (getattr(type(self.scaler), self.name), self.scaler))
 
     @staticmethod
     def on(
         scaler: torch.amp.GradScaler,
-        callback: Callable[[torch.optim.Optimizer], None],
+        name: str,
+        callback: Callable[[Any], None],
         attachment: Attachment,
     ) -> None:
-        """Call ``callback`` after every ``scaler.unscale_``, until ``attachment`` is removed."""
-        kept = _taps.get(scaler)
-        tap = (kept() if kept is not None else None) or _UnscaleTap(scaler)
+        """Call ``callback`` after every ``scaler.<name>``, until ``attachment`` is removed."""
+        kept = _taps.get(scaler, {}).get(name)
+        tap = (kept() if kept is not None else None) or _ScalerTap(scaler, name)
         tap.callbacks.append(callback)
 
         def untap() -> None:
             tap.callbacks.remove(callback)
-            if tap.callbacks or scaler.__dict__.get("unscale_") is not tap:
+            if tap.callbacks or scaler.__dict__.get(name) is not tap:
                 return  # still used, or inside another's wrapper: it stays, passing through
             original = tap.original
             if getattr(original, "__self__", None) is scaler:
-                del scaler.unscale_  # the class's own method again
+                delattr(scaler, name)  # the class's own method again
             else:
-                scaler.unscale_ = original  # type: ignore[method-assign]
-            _taps.pop(scaler, None)
+                setattr(scaler, name, original)
+            _taps.get(scaler, {}).pop(name, None)
 
         attachment._undo.append(untap)
 
 
-# Each scaler's tap, to share: weak both ways, as the scaler holds its tap.
-_taps: weakref.WeakKeyDictionary[torch.amp.GradScaler, weakref.ref[_UnscaleTap]] = (
+# Each scaler's taps by method, to share: weak both ways, as the scaler holds its taps.
+_taps: weakref.WeakKeyDictionary[torch.amp.GradScaler, dict[str, weakref.ref[_ScalerTap]]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+class _ScaledLoss:
+    """The losses a ``GradScaler`` scaled since the last read, summed: the update's loss
+    when the user gives none, so that a NaN loss is not taken for an overflow."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+
+    def add(self, outputs: object) -> None:
+        if isinstance(outputs, torch.Tensor):
+            self.total = summed_loss(self.total, outputs)
+
+    def __call__(self) -> torch.Tensor | None:
+        total, self.total = self.total, None
+        return total
 
 
 def _around_scaler(
@@ -478,7 +505,7 @@ def _around_scaler(
             collect(scaler=scaler)
         unscaled[0] = False
 
-    _UnscaleTap.on(scaler, after_unscale, attachment)
+    _ScalerTap.on(scaler, "unscale_", after_unscale, attachment)
     attachment._undo.append(optimizer.register_step_pre_hook(before_step).remove)
 
 
