@@ -58,11 +58,7 @@ def cases() -> list[Case]:
         ("sync", "deferred", "queued"), ("none", "torch", "gradtel"), (1, 3), (False, True),
         ("collect", "attach"), (True, False), (1, 2),
     ):  # fmt: skip
-        case = Case(*combo)
-        # attach() collects by itself: clipping with gradtel would collect twice.
-        if case.path == "attach" and case.clip == "gradtel":
-            continue
-        found.append(case)
+        found.append(Case(*combo))
     return found
 
 
@@ -228,15 +224,14 @@ def run(case: Case, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
                 (loss if scaler is None else scaler.scale(loss)).backward()
             if case.path == "attach" and scaler is None:
                 nan, inf = reference(model)  # attach() counts the gradients as backward left them
-                if case.clip == "torch":  # the usual loop: clip between backward and step
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                clip(
+                    case, model, monitor, scaler, update
+                )  # the usual loop: between backward and step
                 step(optimizer, scaler)
             elif case.path == "attach":
-                if (
-                    case.clip == "torch"
-                ):  # clipping under AMP unscales first: gradtel collects there
+                if case.clip != "none":  # clipping under AMP unscales first: gradtel collects there
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    clip(case, model, monitor, scaler, update)
                 step(optimizer, scaler)
                 nan, inf = at_collection[-1]
             else:
@@ -270,6 +265,23 @@ def run(case: Case, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         monitor.close()
         provider.shutdown()
+
+
+def clip(
+    case: Case,
+    model: nn.Module,
+    monitor: gradtel.GradMonitor,
+    scaler: torch.amp.GradScaler | None,
+    update: int,
+) -> None:
+    """Clipping as the case asks, beside ``attach()``: gradtel's collects the update only
+    when ``attach()`` has not (it repeats its health then)."""
+    if case.clip == "torch":
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    elif case.clip == "gradtel":
+        gradtel.clip_grad_norm_(
+            model.parameters(), 1.0, monitor=monitor, scaler=scaler, step=update
+        )
 
 
 def step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:

@@ -523,6 +523,34 @@ def test_removing_one_of_two_monitors_on_a_scaler_keeps_the_other() -> None:
         p.shutdown()
 
 
+@pytest.mark.parametrize("scaler", [False, True])
+def test_collect_by_hand_beside_attach_collects_each_update_once(
+    provider: MeterProvider, registry: CollectorRegistry, scaler: bool
+) -> None:
+    """A loop that keeps its ``collect()`` after adding ``attach()``: every update was counted
+    twice (one NaN made two unhealthy updates). The first collection after backward counts
+    it; the other repeats its health."""
+    model, optimizer, monitor = make(provider)
+    grad_scaler = torch.amp.GradScaler("cpu", enabled=scaler)
+    monitor.attach(optimizer, scaler=grad_scaler)
+    found = record_collects(monitor)
+    for bad in (False, True, False):
+        optimizer.zero_grad()
+        x = torch.randn(4, 8)
+        x[0, 0] = NAN if bad else x[0, 0]
+        grad_scaler.scale(model(x).pow(2).mean()).backward()
+        grad_scaler.unscale_(optimizer)  # attach() collects here with the scaler
+        by_hand = monitor.collect(scaler=grad_scaler if scaler else None)
+        grad_scaler.step(optimizer)  # and here without
+        grad_scaler.update()
+        assert found[-1] is by_hand
+    updates = list({id(h): h for h in found}.values())
+    assert len(updates) == 3 and updates[1].nan_total > 0
+    unhealthy = [(name, v) for (name, _), v in samples(registry).items() if "unhealthy_up" in name]
+    assert sample(samples(registry), "gradtel_updates_total") == 3
+    assert sum(v for _, v in unhealthy) == sum(h.status.level > 0 for h in updates)
+
+
 def test_attaching_twice_to_one_optimizer_is_refused(provider: MeterProvider) -> None:
     model = Net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)

@@ -247,6 +247,11 @@ class GradMonitor:
         """Updates whose deferred read-out is not published yet."""
         self._latest: GradHealth | None = None
         """The latest published update's health (``readout="deferred"``)."""
+        self._pass_collected: bool | None = None
+        """Whether ``collect()`` ran since the latest backward pass ``attach()`` saw end;
+        None while no attachment watches the passes."""
+        self._returned: GradHealth | None = None
+        """What ``collect()`` returned last: a repeated call returns it again."""
         self._listeners = Listeners(on_error=self._failed_weakly("record"))
         if self.readout == "deferred":
             self._telemetry.context.deferred.add(self)  # a scrape publishes, the exit wait flushes
@@ -437,43 +442,63 @@ class GradMonitor:
         with self._lock, torch.no_grad():
             if self._closed:  # its parameters may be another monitor's: never count them twice
                 return self._closed_collect(step)
-            started = time.perf_counter()
-            looked, looked_origin = self._stage.take_look(loss)
-            self._telemetry.note_collect()
-            self._step += 1
-            self._training_step = self._step if step is None else step
-            check_norms(norms, len(self.parameters))  # the parameters they were computed for
-            if self._module is not None and (
-                self._registrations != registrations() or self._step % REFRESH_EVERY == 0
-            ):
-                refreshed = self._guarded("scan", self.refresh)
-                if refreshed and isinstance(norms, torch.Tensor):
-                    norms = None  # one per parameter watched before: the scan reads them anew
-            # Before the sampling: every replica checks the same updates, whatever it scans.
-            if self._replica_check and (self._step - 1) % self._replica_check == 0:
-                self._guarded("scan", self._check_replica)
-            if (self._step - 1) % self.sample_every:
-                return self._sampled_out()
-            if looked is None:
-                update = self._stage.launch(
-                    self._training_step,
-                    self._step,
-                    norms=norms,
-                    loss=loss,
-                    total_norm=total_norm,
-                    origin=added(looked_origin, self.origin.take()),
-                    scale=_scale_of(scaler) if overflow_possible else None,
-                )
-            else:  # attach() looked at the gradients as backward left them
-                update = looked
-                update.restep(self._training_step, self._step)
-            update.overflow_possible = overflow_possible
-            if self.readout == "deferred":
-                return self._defer(update, started)
-            health = self._stage.read_out(update)
-            update.duration = time.perf_counter() - started - update.waited
-            update.timestamp = time.time()
-            return self._conclude(update, health)
+            # attach() and the user's collect() or gradtel.clip_grad_norm_ around the step:
+            # the first one after backward collects the update, the others repeat its health.
+            if self._pass_collected and self._returned is not None:
+                return self._returned
+            if self._pass_collected is False:
+                self._pass_collected = True
+            self._returned = None  # until this one has a health (its policy may raise)
+            self._returned = self._collect(norms, scaler, loss, step, total_norm, overflow_possible)
+            return self._returned
+
+    def _collect(
+        self,
+        norms: Norms | None,
+        scaler: torch.amp.GradScaler | None,
+        loss: torch.Tensor | None,
+        step: int | None,
+        total_norm: torch.Tensor | None,
+        overflow_possible: bool,
+    ) -> GradHealth:
+        """:meth:`collect`, under its lock."""
+        started = time.perf_counter()
+        looked, looked_origin = self._stage.take_look(loss)
+        self._telemetry.note_collect()
+        self._step += 1
+        self._training_step = self._step if step is None else step
+        check_norms(norms, len(self.parameters))  # the parameters they were computed for
+        if self._module is not None and (
+            self._registrations != registrations() or self._step % REFRESH_EVERY == 0
+        ):
+            refreshed = self._guarded("scan", self.refresh)
+            if refreshed and isinstance(norms, torch.Tensor):
+                norms = None  # one per parameter watched before: the scan reads them anew
+        # Before the sampling: every replica checks the same updates, whatever it scans.
+        if self._replica_check and (self._step - 1) % self._replica_check == 0:
+            self._guarded("scan", self._check_replica)
+        if (self._step - 1) % self.sample_every:
+            return self._sampled_out()
+        if looked is None:
+            update = self._stage.launch(
+                self._training_step,
+                self._step,
+                norms=norms,
+                loss=loss,
+                total_norm=total_norm,
+                origin=added(looked_origin, self.origin.take()),
+                scale=_scale_of(scaler) if overflow_possible else None,
+            )
+        else:  # attach() looked at the gradients as backward left them
+            update = looked
+            update.restep(self._training_step, self._step)
+        update.overflow_possible = overflow_possible
+        if self.readout == "deferred":
+            return self._defer(update, started)
+        health = self._stage.read_out(update)
+        update.duration = time.perf_counter() - started - update.waited
+        update.timestamp = time.time()
+        return self._conclude(update, health)
 
     def _closed_collect(self, step: int | None) -> GradHealth:
         exc = RuntimeError(

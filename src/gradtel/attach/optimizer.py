@@ -57,6 +57,11 @@ class Collector(Protocol):
     def _look(self, loss: torch.Tensor | None = None) -> None:
         """Scan the gradients as backward left them, for the next ``collect()``."""
 
+    _pass_collected: bool | None
+    """Whether ``collect()`` ran since the latest backward pass an attachment saw end (a
+    second call in between repeats the update's health, counting nothing); None while
+    no attachment watches the passes."""
+
 
 class Attachment:
     """What :func:`attach` installed; ``remove()`` takes it all away."""
@@ -155,14 +160,14 @@ def attach(
     if scan == "backward":
         _every_backward.add(monitor)
         attachment._undo.append(lambda: _every_backward.discard(monitor))
-        collect = _Stepped(monitor, taken, step, None, None, loss)
+        collect = _Stepped(monitor, taken, step, None, loss)
         hooks = _EndsOfBackward(monitor, lambda: collect(scaler=scaler))
         attachment._undo.append(hooks.remove)
         _check_at_step(hooks, optimizer, attachment, scaler)
         return attachment
     looks = scaler is None or not scaler.is_enabled()
     passes = _Passes.of(monitor, attachment, looks, loss)
-    collect = _Stepped(monitor, taken, step, passes, optimizer)
+    collect = _Stepped(monitor, taken, step, passes)
     if not looks:
         _around_scaler(collect, scaler, optimizer, attachment)  # type: ignore[arg-type]
         _check_at_step(passes.hooks, optimizer, attachment, scaler)
@@ -271,17 +276,15 @@ class _Passes:
     """The backward passes through one monitor's parameters, shared by its attachments:
     without an enabled scaler each pass ends with a look at the gradients as backward left
     them (``monitor._look``); the losses of an update's micro-batches are summed (a NaN in
-    any of them stays NaN); and an update is collected once, by the first optimizer to step
-    after a pass, however many optimizers share the model."""
+    any of them stays NaN); and the monitor is told when each pass ends, so that it collects
+    an update once: by the first optimizer to step after it, however many share the model,
+    or by the user's ``collect()`` or ``gradtel.clip_grad_norm_`` around the step."""
 
     # Held weakly both ways: the attachments hold the passes, and the monitor its attachments.
     _of: weakref.WeakKeyDictionary[Any, weakref.ref[_Passes]] = weakref.WeakKeyDictionary()
 
     def __init__(self, monitor: Collector) -> None:
         self.monitor = monitor
-        self.count = 0
-        self.collected: tuple[int, int] | None = None
-        """The optimizer (its id) that collected last, and the pass it collected."""
         self.looks = False
         self.loss_fn: Callable[[], torch.Tensor | None] | None = None
         self.loss: torch.Tensor | None = None
@@ -316,23 +319,11 @@ class _Passes:
         return passes
 
     def _ended(self) -> None:
-        self.count += 1
+        self.monitor._pass_collected = False
         if self.loss_fn is not None:
             self.loss = _with_loss(self.loss, self.loss_fn)
         if self.looks:
             self.monitor._look(self.loss)
-
-    def due(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Whether ``optimizer`` collects now: not when another optimizer already collected
-        the gradients of the latest pass (two optimizers over one model)."""
-        if (
-            self.collected is not None
-            and self.collected[1] == self.count
-            and self.collected[0] != id(optimizer)
-        ):
-            return False
-        self.collected = (id(optimizer), self.count)
-        return True
 
     def take_loss(self) -> torch.Tensor | None:
         loss, self.loss = self.loss, None
@@ -343,6 +334,7 @@ class _Passes:
         if self.users == 0:
             self.hooks.remove()
             self._of.pop(self.monitor, None)
+            self.monitor._pass_collected = None
 
 
 def summed_loss(total: torch.Tensor | None, loss: object) -> torch.Tensor | None:
@@ -388,18 +380,17 @@ class _Stepped:
         taken: list[int],
         step: Callable[[], int] | None,
         passes: _Passes | None,
-        optimizer: torch.optim.Optimizer | None,
         loss: Callable[[], torch.Tensor | None] | None = None,
     ) -> None:
         self.monitor, self.taken, self.step = monitor, taken, step
-        self.passes, self.optimizer, self.loss = passes, optimizer, loss
+        self.passes, self.loss = passes, loss
 
     def __call__(self, scaler: torch.amp.GradScaler | None = None) -> object:
         loss = None
-        if self.passes is not None and self.optimizer is not None:
-            if not self.passes.due(self.optimizer):
-                return None
+        if self.passes is not None:
             loss = self.passes.take_loss()
+            if self.monitor._pass_collected:  # by another optimizer, or by the user
+                return None
         elif self.loss is not None:
             loss = _with_loss(None, self.loss)
         step = self.taken[0] + 1
