@@ -220,14 +220,36 @@ def test_close_waits_until_the_last_unhealthy_update_is_scraped(
     assert 0.9 < waited < 5
 
 
-def test_close_does_not_wait_when_nobody_ever_scraped_or_nothing_is_pending(
+def test_close_waits_for_the_first_scrape_of_a_young_endpoint(
     provider: MeterProvider, registry: CollectorRegistry
 ) -> None:
-    never_scraped = serve(port=0, registry=registry, exit_grace=20)
+    """A run whose first update is NaN and which then crashes, before Prometheus ever
+    scraped it: the endpoint closed at once, and no alert ever fired."""
+    server = serve(port=0, registry=registry, exit_grace=20)
+    assert server.url is not None
+    poisoned_update(provider)
+    scraped: list[str] = []
+
+    def first_scrape() -> None:
+        time.sleep(1.0)  # Prometheus' first scrape of a new target, within its interval
+        scraped.append(scrape(server.url))  # type: ignore[arg-type]
+
+    threading.Thread(target=first_scrape).start()
+    server.close()
+    assert scraped, "close() returned before the first scrape"
+    found = parse(scraped[0])
+    assert sample(found, "gradtel_unhealthy_updates_total", kind="inf", severity="critical") == 1
+
+
+def test_close_does_not_wait_when_nobody_scraped_for_the_grace_or_nothing_is_pending(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    never_scraped = serve(port=0, registry=registry, exit_grace=0.3)
+    time.sleep(0.4)  # up longer than its grace with no scrape: no Prometheus comes
     poisoned_update(provider)
     started = time.monotonic()
     never_scraped.close()
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 0.25
 
     scraped = serve(port=0, registry=registry, exit_grace=20)
     assert scraped.url is not None

@@ -10,9 +10,11 @@ torchrun send) waits until a Prometheus scrape has collected the latest
 unhealthy update, for at most ``exit_grace`` seconds. A process that dies from an
 uncaught exception while gradtel serves counts it first
 (``gradtel_training_exceptions_total{type,gradients}``, by a chained ``sys.excepthook`` that
-passes the exception on unchanged) and waits for that scrape too. It waits only when a
-Prometheus has scraped this endpoint before (nobody else would come), and
-only a Prometheus scrape ends the wait: ``curl`` or ``gradtel watch`` do not.
+passes the exception on unchanged) and waits for that scrape too. An endpoint that no
+Prometheus has scraped yet waits only until it has been up for ``exit_grace`` (a run
+that fails at its first update still gets its first scrape; after that long unscraped,
+nobody would come). Only a Prometheus scrape ends the wait: ``curl`` or ``gradtel
+watch`` do not.
 The first Ctrl-C during the wait ends it.
 """
 
@@ -122,6 +124,7 @@ class MetricsServer:
         self.exit_grace = exit_grace
         self._running: Running | None = None
         self._scraped = False
+        self._started = time.monotonic()
         self._recorded = context() if recorded is None else recorded
         """What the monitors recording into the served registry did: the exit wait's subject."""
         self._covered_until = float("-inf")
@@ -176,10 +179,12 @@ class MetricsServer:
         running.shutdown()
 
     def _wait_for_scrape(self, grace: float) -> None:
-        if grace <= 0 or not self._scraped or not self._pending() or _interrupted.is_set():
+        if not self._scraped:  # Prometheus may not have had its first chance yet
+            grace = min(grace, self._started + self.exit_grace - time.monotonic())
+        if grace <= 0 or not self._pending() or _interrupted.is_set():
             return
         logger.warning(
-            "gradtel: keeping %s up for at most %gs until Prometheus scrapes the last "
+            "gradtel: keeping %s up for at most %.3gs until Prometheus scrapes the last "
             "unhealthy update (Ctrl-C ends the wait)",
             self.url,
             grace,
