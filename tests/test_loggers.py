@@ -84,6 +84,7 @@ def test_an_update_not_looked_at_says_unknown(health: GradHealth) -> None:
         "gradtel/nan_total": 0.0,
         "gradtel/inf_total": 0.0,
         "gradtel/status": -1.0,
+        "gradtel/unscanned": 1.0,  # its 0 NaN is "not counted", not "none"
     }
 
 
@@ -104,7 +105,8 @@ def test_a_tally_sums_the_updates_since_it_was_taken() -> None:
     tally.add(GradHealth(nan_by_layer={"fc": 2}, grad_norm=1.0))
     tally.add(GradHealth(nan_by_layer={"fc": 1}, inf_by_layer={"out": 1}, grad_norm=NAN))
     assert len(tally) == 3
-    # Worst status of the updates looked at (two warnings), the latest finite norm.
+    # Worst status of the updates looked at (two warnings), the latest finite norm, and
+    # the update not looked at: its values are in no count.
     assert tally.take() == {
         "gradtel/nan_total": 3.0,
         "gradtel/inf_total": 1.0,
@@ -112,10 +114,13 @@ def test_a_tally_sums_the_updates_since_it_was_taken() -> None:
         "gradtel/grad_norm": 1.0,
         "gradtel/nan/fc": 3.0,
         "gradtel/inf/out": 1.0,
+        "gradtel/unscanned": 1.0,
     }
     assert tally.take() == {}
     tally.add(GradHealth(sampled=False))
-    assert tally.take()["gradtel/status"] == -1.0
+    tally.add(GradHealth(unscanned="scan_error"))
+    taken = tally.take()
+    assert taken["gradtel/status"] == -1.0 and taken["gradtel/unscanned"] == 2.0
 
 
 def test_a_prefix_that_is_no_str_is_refused() -> None:

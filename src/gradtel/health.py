@@ -204,8 +204,9 @@ class GradHealth:
 
         ``<prefix>nan_total``, ``<prefix>inf_total``, ``<prefix>status`` (the level of
         ``gradtel_update_status``: -1 unknown, 0 healthy, 1 warning, 2 critical),
-        ``<prefix>grad_norm`` when computed and finite, and ``<prefix>nan/<layer>`` and
-        ``<prefix>inf/<layer>`` for the layers with a count. Nothing non-finite: loggers
+        ``<prefix>grad_norm`` when computed and finite, ``<prefix>nan/<layer>`` and
+        ``<prefix>inf/<layer>`` for the layers with a count, and ``<prefix>unscanned``
+        (1) for an update not looked at. Nothing non-finite: loggers
         drop NaN from their charts. See :class:`HealthTally` for several updates.
 
         Raises:
@@ -288,8 +289,10 @@ class HealthTally:
 
     A logger writes every few steps; the updates in between are not lost: their counts
     are summed per layer, the status is the worst of the updates looked at (-1 when none
-    was), the norm is the latest finite one. An AMP overflow the ``GradScaler`` skips adds
-    no counts (it is no unhealthy update) but ``<prefix>amp_overflows``. Updates may be
+    was), the norm is the latest finite one, and ``<prefix>unscanned`` says how many were not
+    looked at (sampled out, no gradients, a failed scan): their values are in no count. An
+    AMP overflow the ``GradScaler`` skips adds no counts (it is no unhealthy update) but
+    ``<prefix>amp_overflows``. Updates may be
     added from another thread (a deferred read-out is published by the endpoint's scrape).
 
     >>> tally = HealthTally()
@@ -313,6 +316,7 @@ class HealthTally:
         self._level = Status.UNKNOWN.level
         self._grad_norm: float | None = None
         self._amp_overflows = 0
+        self._unscanned = 0
 
     def __len__(self) -> int:
         """Updates added since the last :meth:`take`."""
@@ -330,6 +334,7 @@ class HealthTally:
                     self._nan.update(health.nan_by_layer)
                     self._inf.update(health.inf_by_layer)
                 self._level = max(self._level, health.status.level)
+                self._unscanned += health.status is Status.UNKNOWN
             if health.grad_norm is not None and math.isfinite(health.grad_norm):
                 self._grad_norm = health.grad_norm
 
@@ -356,6 +361,8 @@ class HealthTally:
                 found[f"{prefix}grad_norm"] = self._grad_norm
             if self._amp_overflows:
                 found[f"{prefix}amp_overflows"] = float(self._amp_overflows)
+            if self._unscanned:
+                found[f"{prefix}unscanned"] = float(self._unscanned)
             for kind, counts in (("nan", self._nan), ("inf", self._inf)):
                 for layer, n in counts.items():
                     found[f"{prefix}{kind}/{logger_key(layer)}"] = float(n)
