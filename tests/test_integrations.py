@@ -222,6 +222,48 @@ def test_transformers_callback_counts_after_reentrant_gradient_checkpointing(
     assert [h.nan_by_layer.get("transformer.h.0.mlp.c_fc", 0) for h in found] == reference
 
 
+def test_transformers_callback_counts_a_short_last_cycle_before_clipping(tmp_path: Path) -> None:
+    """5 micro-batches an epoch, 2 per update: the epoch's last update has 1. It was counted
+    at the optimizer step, after clipping had spread its 3 NaN to every gradient."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    from gradtel.integrations.transformers import GradtelTrainerCallback
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    )
+    bad = model.transformer.h[1].mlp.c_fc.weight
+    backwards = [0]
+
+    def poison(param: torch.Tensor) -> None:
+        backwards[0] += 1
+        if backwards[0] == 5:  # the one micro-batch of the epoch's last update
+            param.grad.view(-1)[:3] = NAN
+
+    bad.register_post_accumulate_grad_hook(poison)
+    found: list[Any] = []
+    gradtel_callback = GradtelTrainerCallback(
+        serve_metrics=False, on_warning="ignore", on_critical="ignore"
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=1, per_device_train_batch_size=2,
+        gradient_accumulation_steps=2, max_grad_norm=1.0, report_to=[], save_strategy="no",
+        logging_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 64, (10, 12))]
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[gradtel_callback])
+    original = gradtel_callback.on_train_begin
+
+    def subscribe(*args: Any, **kwargs: Any) -> None:
+        original(*args, **kwargs)
+        gradtel_callback.session.monitor.subscribe(found.append)
+
+    gradtel_callback.on_train_begin = subscribe  # type: ignore[method-assign]
+    trainer.train()
+    assert [dict(h.nan_by_layer) for h in found] == [{}, {}, {"transformer.h.1.mlp.c_fc": 3}]
+
+
 def test_transformers_trainer_callback_reads_the_models_own_loss(tmp_path: Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 

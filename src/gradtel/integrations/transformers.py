@@ -31,17 +31,25 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.utils.hooks import RemovableHandle
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
 from .. import _checks
 from ..attach.optimizer import Attachment, at_end_of_backward, summed_loss
 from ..health import HealthTally
 from . import Session
+
+T = TypeVar("T")
 
 __all__ = ["GradtelTrainerCallback"]
 
@@ -87,7 +95,7 @@ class GradtelTrainerCallback(TrainerCallback):
         self._backwards = 0
         self._step: int | None = None
         self._collected = False
-        self._accumulation = 1
+        self._accumulation = self._configured = 1
         self._scaler: object = None
 
     def on_init_end(
@@ -101,7 +109,7 @@ class GradtelTrainerCallback(TrainerCallback):
         neither itself nor its handler: the handler is the caller of this hook."""
         if self._logs_first is None or self._logs_placed:
             return
-        handler = _calling_handler()
+        handler = _caller(CallbackHandler)
         if handler is None:
             return
         self._logs_placed = True
@@ -133,7 +141,7 @@ class GradtelTrainerCallback(TrainerCallback):
         self._since_log.take()  # a tally left by an earlier run belongs to it
         if self.log_to_loggers:
             monitor.subscribe(self._since_log.add)
-        self._accumulation = max(1, int(args.gradient_accumulation_steps))
+        self._configured = self._accumulation = max(1, int(args.gradient_accumulation_steps))
         # Under fp16 on an accelerator, accelerate wraps the optimizer with its GradScaler:
         # the overflows it skips are counted as skipped, never as unhealthy.
         self._scaler = getattr(kwargs.get("optimizer"), "scaler", None)
@@ -162,6 +170,11 @@ class GradtelTrainerCallback(TrainerCallback):
         self._place_logs_first()  # added with trainer.add_callback() once the Trainer was made
         self._backwards, self._collected = 0, False
         self._step = state.global_step + 1  # the step this update makes, as the Trainer logs it
+        # The micro-batches of this cycle: the last one of an epoch may be shorter, and it
+        # must be counted at its end too, before the Trainer clips.
+        trainer = _caller(Trainer)
+        cycle = getattr(trainer, "current_gradient_accumulation_steps", None)
+        self._accumulation = cycle if isinstance(cycle, int) and cycle > 0 else self._configured
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -213,12 +226,13 @@ class _LogsFirst(TrainerCallback):
         self._owner._add_to_logs(state, logs)
 
 
-def _calling_handler() -> CallbackHandler | None:
-    """The Trainer's callback handler, found among the few callers above: it calls the hooks."""
+def _caller(kind: type[T]) -> T | None:
+    """The Trainer, or its callback handler, found among the few callers of a hook: the
+    Trainer shows callbacks neither."""
     frame = sys._getframe(1)
-    for _ in range(4):
+    for _ in range(5):
         owner = frame.f_locals.get("self")
-        if isinstance(owner, CallbackHandler):
+        if isinstance(owner, kind):
             return owner
         if frame.f_back is None:
             break
