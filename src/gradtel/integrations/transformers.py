@@ -3,8 +3,9 @@
 The Trainer clips gradients before ``on_pre_optimizer_step``, and clipping with
 a non-finite norm turns every gradient into NaN. So the callback counts at the
 end of the backward pass that completes each accumulation cycle, before
-clipping. A cycle cut short at the end of an epoch is counted at
-``on_pre_optimizer_step`` instead (after clipping, when clipping is on).
+clipping, a cycle cut short at the end of an epoch too: its length is the
+Trainer's ``current_gradient_accumulation_steps`` (with a Trainer that has none,
+the short cycle is counted at ``on_pre_optimizer_step``, after clipping).
 
 The Trainer shows callbacks no loss, so the callback keeps the ``loss`` of the
 model's own output (Hugging Face models compute it when given labels), summed
