@@ -22,6 +22,7 @@ from gradtel.render.grafana import DASHBOARD_UID, DATASOURCE_UID
 from gradtel.tools.stack import Stack, StackTimings, free_port
 
 from .conftest import require_tool
+from .prometheus_versions import VERSIONS, bin_folder
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 BOARD = json.loads((DEPLOY / "grafana" / "dashboards" / "gradtel.json").read_text())
@@ -123,6 +124,48 @@ def test_queries_follow_the_conventions() -> None:
                 panel["title"],
                 match.group(0),
             )
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_health_says_unknown_when_a_rank_could_not_look(version: str, tmp_path: Path) -> None:
+    """The health panel's query, run by promtool on the ranks' statuses: the worst one, and
+    unknown rather than healthy when a rank did not look."""
+    panel = next(p for p in PANELS if p["title"] == "Health of the latest update")
+    (target,) = panel["targets"]
+    (mapping,) = panel["fieldConfig"]["defaults"]["mappings"]
+    shown = {  # the ranks' gradtel_update_status -> what the panel shows
+        (0, -1): "unknown", (-1,): "unknown", (0, 0): "healthy", (0,): "healthy",
+        (1, -1): "warning", (-1, 2, 0): "critical", (2, 1): "critical",
+    }  # fmt: skip
+    texts = {text["text"]: int(value) for value, text in mapping["options"].items()}
+    tests = [
+        {
+            "name": f"ranks at {statuses}",
+            "interval": "1m",
+            "input_series": [
+                {
+                    "series": f'gradtel_update_status{{job="gradtel",instance="n:{9464 + r}",rank="{r}"}}',
+                    "values": f"{status}x3",
+                }
+                for r, status in enumerate(statuses)
+            ],
+            "promql_expr_test": [
+                {
+                    "expr": substitute(target["expr"], ".*"),
+                    "eval_time": "2m",
+                    "exp_samples": [{"labels": "{}", "value": texts[text]}],
+                }
+            ],
+        }
+        for statuses, text in shown.items()
+    ]
+    (tmp_path / "health.test.yml").write_text(yaml.safe_dump({"rule_files": [], "tests": tests}))
+    promtool = bin_folder(version) / "promtool"
+    tested = subprocess.run(
+        [promtool, "test", "rules", "health.test.yml"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert tested.returncode == 0, tested.stdout + tested.stderr
 
 
 def test_provisioning_and_compose_are_consistent() -> None:

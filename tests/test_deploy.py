@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -11,6 +16,7 @@ import yaml
 from gradtel import Thresholds
 from gradtel.render import KitOptions, render_kit, write_kit
 from gradtel.tools.cli import main
+from gradtel.tools.stack import free_port
 
 from .conftest import require_tool
 from .prometheus_versions import prometheus_bin  # noqa: F401 (a fixture)
@@ -59,8 +65,12 @@ def test_rule_tests_cover_every_behaviour_the_alerts_promise() -> None:
         "GradtelInfGradients critical does not fire on a counter reset alone (training restarted)",
         "GradtelInfGradients critical fires when the very first update after start is critical",
         "GradtelNaNGradients critical resolves 10m after the last unhealthy update",
-        "GradtelExporterDown fires once for a run whose ranks all died, naming them",
+        "GradtelExporterDown fires for each rank of a run whose ranks all died, naming its rank and host",
+        "GradtelExporterDown does not fire for targets down 3m each, one after the other",
+        "GradtelExporterDown fires anew for a target that dies while another one's alert fires",
         "GradtelTrainingStalled fires when no update arrives for 10m while up",
+        "GradtelTrainingStalled does not fire while updates keep arriving on a host whose clock is 11m behind",
+        "GradtelTrainingStalled fires when no update arrives for 10m on a host whose clock is 60m ahead",
         "GradtelGradNormSpike fires on a 20x spike of the gradient norm",
         "GradtelGradNormSpike is silent on slow growth",
         "GradtelGradNormSpike is silent on noise within 3x",
@@ -200,8 +210,119 @@ def test_alertmanager_config_and_routes() -> None:
         {
             "source_matchers": ['severity="critical"'],
             "target_matchers": ['severity="warning"'],
-            "equal": ["job", "run", "kind"],
-        }
+            "equal": ["alertname", "job", "run", "kind"],
+        },
+        {
+            "source_matchers": ['alertname="GradtelAmpLossScaleCollapsed"'],
+            "target_matchers": ['alertname="GradtelAmpOverflowSkips"'],
+            "equal": ["job", "run"],
+        },
+    ]
+
+
+@pytest.fixture(scope="module")
+def alertmanager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Alertmanager with the committed alertmanager.yml: its URL."""
+    binary = require_tool("prometheus-alertmanager", "prometheus-alertmanager")
+    folder, port = tmp_path_factory.mktemp("alertmanager"), free_port()
+    with open(folder / "log", "wb") as log:
+        process = subprocess.Popen(
+            [binary, f"--config.file={PROMETHEUS / 'alertmanager.yml'}",
+             f"--storage.path={folder}", f"--web.listen-address=127.0.0.1:{port}",
+             "--cluster.listen-address="],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while not _answers(url + "/-/ready"):
+            assert process.poll() is None and time.monotonic() < deadline, (
+                folder / "log"
+            ).read_text()
+            time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _post_alerts(url: str, *alerts: dict[str, str]) -> None:
+    body = json.dumps([{"labels": labels} for labels in alerts]).encode()
+    request = urllib.request.Request(
+        url + "/api/v2/alerts", body, {"Content-Type": "application/json"}
+    )
+    urllib.request.urlopen(request, timeout=10).close()
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)
+
+
+@pytest.mark.slow
+def test_a_critical_alert_inhibits_the_warning_of_its_own_alert_only(alertmanager: str) -> None:
+    """With the labels the rules give them: a critical alert without ``kind`` (or without
+    ``run``) mutes no other alert's warning of its run (or job)."""
+    job = {"job": "gradtel"}
+    run = {**job, "run": "inhibit"}
+    critical, warning = {"severity": "critical"}, {"severity": "warning"}
+    alerts = {  # the critical ones first: Alertmanager's inhibitor learns of them in order
+        "NaN critical": {"alertname": "GradtelNaNGradients", **run, "kind": "nan", **critical},
+        "drifted": {"alertname": "GradtelReplicaDrifted", **run, **critical},
+        "crashed, no run": {"alertname": "GradtelTrainingCrashed", **job, **critical},
+        "collapsed": {"alertname": "GradtelAmpLossScaleCollapsed", **run, **critical},
+        "NaN warning": {"alertname": "GradtelNaNGradients", **run, "kind": "nan", **warning},
+        "Inf warning": {"alertname": "GradtelInfGradients", **run, "kind": "inf", **warning},
+        "NaN warning, other run": {
+            "alertname": "GradtelNaNGradients", **job, "run": "other", "kind": "nan", **warning,
+        },
+        "stalled": {"alertname": "GradtelTrainingStalled", **run, **warning},
+        "blind": {"alertname": "GradtelNothingScanned", **run, **warning},
+        "spike": {"alertname": "GradtelGradNormSpike", **run, **warning},
+        "skips": {"alertname": "GradtelAmpOverflowSkips", **run, **warning},
+        "down, no run": {"alertname": "GradtelExporterDown", **job, "instance": "t:9464", **warning},
+    }  # fmt: skip
+    _post_alerts(alertmanager, *alerts.values())
+    names = {frozenset(labels.items()): name for name, labels in alerts.items()}
+
+    def states() -> dict[str, str]:
+        found = _get(alertmanager + "/api/v2/alerts?filter=job%3D%22gradtel%22")
+        return {names[frozenset(a["labels"].items())]: a["status"]["state"] for a in found}
+
+    # Once the last critical alert mutes its warning, the inhibitor knows them all.
+    deadline = time.monotonic() + 15
+    while states().get("skips") != "suppressed" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    found = states()
+    assert set(found) == set(alerts)
+    assert {name for name, state in found.items() if state == "suppressed"} == {
+        "NaN warning",
+        "skips",
+    }, found
+
+
+@pytest.mark.slow
+def test_the_targets_of_a_job_that_went_down_together_are_one_notification(
+    alertmanager: str,
+) -> None:
+    """GradtelExporterDown is one alert per target: Alertmanager groups a job's."""
+    down = [
+        {"alertname": "GradtelExporterDown", "job": "grouped", "instance": f"trainer-{r}:9464",
+         "severity": "warning"}
+        for r in range(4)
+    ]  # fmt: skip
+    _post_alerts(alertmanager, *down)
+    groups = _get(alertmanager + "/api/v2/alerts/groups?filter=job%3D%22grouped%22")
+    assert [(g["receiver"]["name"], g["labels"], len(g["alerts"])) for g in groups] == [
+        ("chat", {"alertname": "GradtelExporterDown", "job": "grouped"}, 4)
     ]
 
 
@@ -248,7 +369,8 @@ def test_other_thresholds_render_a_consistent_kit_that_passes_its_own_tests(
     assert tested.returncode == 0, tested.stdout + tested.stderr
     rules = (folder / "gradtel-rules.yml").read_text()
     assert "more than 10 NaN gradient values" in rules and "more than 2 and at most 10" in rules
-    assert 'job="trainer"' in rules and "[5m]" in rules and "> 180" in rules and "> 0.25" in rules
+    assert 'job="trainer"' in rules and "[5m]" in rules and "> 0.25" in rules
+    assert "[1m30s] offset 3m30s)" in rules  # half the stall time; the stall and a scrape
     assert "for: 59s" in rules
     assert '> 4 * quantile_over_time(0.5, gradtel_grad_norm{job="trainer"}[30m])' in rules
     assert "[30m] offset 5m)" in rules and "< time() - 300" in rules

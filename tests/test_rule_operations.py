@@ -16,7 +16,8 @@ import yaml
 
 from gradtel.metrics import FIRST_BAD_LAYER, REPLICA_FINGERPRINT, REPLICA_FINGERPRINT_UPDATE
 from gradtel.render import KitOptions, write_kit
-from gradtel.render.alerts import amp_collapse, crash, promql, replicas, unhealthy
+from gradtel.render.alerts import amp_collapse, crash, promql, replicas, stalled, unhealthy
+from gradtel.render.options import duration_seconds, duration_text
 
 from .prometheus_versions import VERSIONS, bin_folder
 
@@ -169,6 +170,20 @@ def _disagreement_judged_from_the_start(rules: str) -> str:
     )
 
 
+def _stalled_by_prometheus_clock(o: KitOptions, selector: str) -> str:
+    """A stall as Prometheus' time since the last update time the training host wrote."""
+    stall = duration_seconds(o.stall_after)
+    held = duration_text(stall // 2)
+    return f"time() - last_over_time(gradtel_last_update_timestamp_seconds{{{selector}}}[{held}]) > {stall}"
+
+
+def _targets_down_counted_by_job(rules: str) -> str:
+    """The exporter-down alert one per job, its ``for`` on the job's count of targets down."""
+    down = 'up{job="gradtel"} == 0\n'
+    assert rules.count(down) == 1
+    return rules.replace(down, f"count by (job) ({down[:-1]})\n")
+
+
 def _no_for_on_unhealthy_updates(rules: str) -> str:
     return re.sub(
         r"(alert: Gradtel(?:NaN|Inf)Gradients\n    expr: .*?)\n    for: 10s",
@@ -207,6 +222,7 @@ def _ranks_counted_from_their_checks(checks: str, scope: str) -> str:
 NAN, INF, AMP = "GradtelNaNGradients", "GradtelInfGradients", "GradtelAmpLossScaleCollapsed"
 CRASHED = "GradtelTrainingCrashed"
 REPLICA = "GradtelReplicaDrifted"
+DOWN, STALLED = "GradtelExporterDown", "GradtelTrainingStalled"
 Patches = dict[tuple[ModuleType, str], Callable[..., str | list[str]]]
 """The fragments a defect replaces: (module, name) -> the defective one."""
 DEFECTS: dict[str, tuple[Patches, Callable[[str], str], set[str]]] = {
@@ -347,6 +363,23 @@ DEFECTS: dict[str, tuple[Patches, Callable[[str], str], set[str]]] = {
             "GradtelRankDisagrees does not fire at job start",
             "GradtelRankDisagrees does not fire when a rank restarts with norms apart at first",
             "GradtelRankDisagrees does not fire when a rank joins late with norms apart at first",
+        },
+    ),
+    "a stall timed by Prometheus' clock": (
+        {(stalled, "_stalled"): _stalled_by_prometheus_clock},
+        str,
+        {
+            f"{STALLED} does not fire while updates keep arriving on a host whose clock is 11m behind",
+            f"{STALLED} fires when no update arrives for 10m on a host whose clock is 60m ahead",
+        },
+    ),
+    "targets down counted by job": (
+        {},
+        _targets_down_counted_by_job,
+        {
+            f"{DOWN} fires for each rank of a run whose ranks all died, naming its rank and host",
+            f"{DOWN} does not fire for targets down 3m each, one after the other",
+            f"{DOWN} fires anew for a target that dies while another one's alert fires",
         },
     ),
     "pages before every rank's scrape is in": (

@@ -99,6 +99,13 @@ def _variable(name: str, query: str, label: str) -> dashboard.QueryVariable:
     )
 
 
+def _worst_status(status: str) -> str:
+    """The worst of the ranks' statuses: warning or critical if any is, else unknown (-1)
+    if any rank could not look, else healthy. A plain max would say healthy beside a rank
+    that did not look."""
+    return f"max({status}) > 0 or min({status}) < 0 or max({status})"
+
+
 def _status_panels(o: KitOptions) -> list[Any]:
     stall = duration_seconds(o.stall_after, "stall_after")
     health_mappings: list[
@@ -119,11 +126,12 @@ def _status_panels(o: KitOptions) -> list[Any]:
         .reduce_options(_LAST)
         .title("Health of the latest update")
         .description(
-            "Worst of NaN and Inf in the most recent update: 0 healthy, 1 warning, 2 critical; "
-            "-1 unknown: gradtel could not scan it, or no update yet."
+            "Worst of NaN and Inf in the most recent update, worst of the ranks: 0 healthy, "
+            "1 warning, 2 critical; -1 unknown: gradtel could not scan it on a rank (and no "
+            "rank is warning or critical), or no update yet."
         )
         .unit("none")
-        .with_target(_query(f"max({UPDATE_STATUS}{{{_SELECT}}})", "health", instant=True))
+        .with_target(_query(_worst_status(f"{UPDATE_STATUS}{{{_SELECT}}}"), "health", instant=True))
         .thresholds(_steps((None, GREY), (0, GREEN), (1, ORANGE), (2, RED)))
         .mappings(health_mappings)
         .color_mode(common.BigValueColorMode.BACKGROUND)

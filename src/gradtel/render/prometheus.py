@@ -6,7 +6,7 @@ from typing import Any
 
 from ..metrics import INF_GRADS, NAN_GRADS, UNHEALTHY_UPDATES
 from .alerts import ALERTS
-from .options import KitOptions
+from .options import AMP_COLLAPSE_ALERT, AMP_SKIPS_ALERT, KitOptions
 
 __all__ = ["alertmanager_config", "compose_file", "rules", "scrape_config"]
 
@@ -51,12 +51,22 @@ def alertmanager_config(o: KitOptions) -> dict[str, Any]:
                 {"receiver": "chat", "matchers": ['severity="warning"']},
             ],
         },
+        # A critical alert mutes the warning of the same alert, job, run and kind, and no
+        # other alert's: Alertmanager takes a label missing on both sides as equal, so
+        # without `alertname` a critical without `kind` would mute every warning of its
+        # run (a critical without `run`, those of the whole job). The one other pair is
+        # named: a collapsed loss scale is why most updates overflow.
         "inhibit_rules": [
             {
                 "source_matchers": ['severity="critical"'],
                 "target_matchers": ['severity="warning"'],
-                "equal": ["job", "run", "kind"],
-            }
+                "equal": ["alertname", "job", "run", "kind"],
+            },
+            {
+                "source_matchers": [f'alertname="{AMP_COLLAPSE_ALERT}"'],
+                "target_matchers": [f'alertname="{AMP_SKIPS_ALERT}"'],
+                "equal": ["job", "run"],
+            },
         ],
         "receivers": [
             {"name": "pager", "webhook_configs": [{"url": o.pager_url, "send_resolved": True}]},

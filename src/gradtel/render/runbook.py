@@ -5,7 +5,13 @@ from __future__ import annotations
 from ..metrics import UNHEALTHY_UPDATES, UPDATE_INF_GRADS, UPDATE_NAN_GRADS, UPDATE_STATUS, UPDATES
 from .alerts import ALERTS
 from .alerts.unhealthy import band_text
-from .options import KitOptions
+from .options import (
+    AMP_COLLAPSE_ALERT,
+    AMP_SKIPS_ALERT,
+    REPLICA_ALERT,
+    STALLED_ALERT,
+    KitOptions,
+)
 
 __all__ = ["runbook"]
 
@@ -28,7 +34,9 @@ judges each kind apart:
 | critical | {band_text(o, "critical")} | training integrity compromised |
 
 Warning alerts go to chat, critical ones page; a critical alert inhibits the
-warning alert of the same job, run and kind. An unhealthy-update
+warning of the same alert, job, run and kind (never another alert's: a critical
+{REPLICA_ALERT} leaves {STALLED_ALERT} to notify), and {AMP_COLLAPSE_ALERT}
+inhibits {AMP_SKIPS_ALERT} of its run. An unhealthy-update
 alert fires {o.settle} after Prometheus first sees the update (one scrape and one
 evaluation interval: every rank's scrape of it is in, and the page counts them all),
 keeps firing for {o.window} after the last unhealthy update, then resolves. Failed

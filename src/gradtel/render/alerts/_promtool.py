@@ -124,11 +124,15 @@ GPU = "GPU-604ac76c-d9cf-fef3-62e9-d92044ab6e52"
 PCI = "00000000:3B:00.0"
 
 
+def _gpu(rank: int) -> str:
+    """The GPU of rank ``rank``'s process: :data:`GPU` for rank 2, its own otherwise."""
+    return GPU if rank == 2 else GPU[:-1] + str(rank)
+
+
 def _device(o: KitOptions, rank: int, minutes: int, gpu: bool = True) -> dict[str, str]:
-    """``gradtel_device_info`` of rank ``rank``'s process, on host ``node-<rank // 2>``: on a
-    GPU (:data:`GPU` for rank 2, its own otherwise), or on the CPU."""
-    uuid = GPU if rank == 2 else GPU[:-1] + str(rank)
-    where = f'device="cuda:0",gpu_uuid="{uuid}",pci_bus_id="{PCI}"' if gpu else 'device="cpu"'
+    """``gradtel_device_info`` of rank ``rank``'s process, on host ``node-<rank // 2>``: on
+    its GPU (:func:`_gpu`), or on the CPU."""
+    where = f'device="cuda:0",gpu_uuid="{_gpu(rank)}",pci_bus_id="{PCI}"' if gpu else 'device="cpu"'
     labels = _rank(o, rank)[:-1] + f',host="node-{rank // 2}",{where}}}'
     return _series(DEVICE_INFO, labels, f"1x{minutes}")
 

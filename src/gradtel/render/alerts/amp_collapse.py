@@ -199,8 +199,8 @@ learning rate and data around the step where the scale began to fall.
 **Do** stop the run: every step is skipped, and checkpoints saved now hold no
 progress (or NaN). Resume from the last checkpoint before the fall with a lower
 learning rate, gradient clipping, or the unstable ops (softmax, norms, losses)
-in fp32 or bf16. This critical alert inhibits the warnings of the same run
-that carry no `kind`, {AMP_SKIPS_ALERT} among them.
+in fp32 or bf16. This critical alert inhibits {AMP_SKIPS_ALERT} of the same
+run, whose overflows it explains.
 """
 
 

@@ -7,40 +7,60 @@ from typing import Any
 from ...metrics import ERRORS, UPDATES
 from ..options import DOWN_ALERT, KitOptions, duration_seconds
 from . import promql
-from ._promtool import GAP, INSTANCE, _check, _labels, _minutes, _rank, _scrapes, _series
+from ._promtool import (
+    GAP,
+    INSTANCE,
+    PCI,
+    _check,
+    _device,
+    _gpu,
+    _labels,
+    _minutes,
+    _rank,
+    _scrapes,
+    _series,
+)
 from .alert import Alert, Case
 
 __all__ = ["ALERT"]
+
+
+def _target(o: KitOptions, rank: int) -> str:
+    """The labels of rank ``rank``'s scrape target: ``up`` has no rank (nor run)."""
+    return _rank(o, rank).replace(f',rank="{rank}"', "")
+
+
+def _down_alert(o: KitOptions, rank: int, run: str = "", gpu: str = "") -> dict[str, Any]:
+    """The alert of rank ``rank``'s target, which gradtel served for ``run`` on ``gpu``."""
+    instance = f"trainer-{rank}:9464"
+    hardware = f" Hardware: {instance} (rank {rank}) on host node-{rank // 2}, {gpu} (PCI {PCI})."
+    return {
+        "exp_labels": {"job": o.job, "instance": instance, "severity": "warning"},
+        "exp_annotations": {
+            "summary": "gradtel metrics endpoint cannot be scraped",
+            "description": (
+                f"{o.job}: {instance} (rank {rank}){f' of run {run}' if run else ''} has not "
+                "been scraped for 5m (up == 0): the training process died, hangs before "
+                "serving, or its endpoint is unreachable. Unhealthy updates would not page."
+                + (hardware if gpu else "")
+            ),
+            "runbook_url": o.runbook(DOWN_ALERT),
+        },
+    }
 
 
 def _behaviours(o: KitOptions, case: Case) -> None:
     """One case per behaviour of the alert."""
     window = _minutes(duration_seconds(o.window, "window"))
     span = window + 10  # every case runs well past one window
-    ranks = [_rank(o, r) for r in range(4)]
     case(
-        f"{DOWN_ALERT} fires once for a run whose ranks all died, naming them",
-        [_series("up", r.replace(f',rank="{i}"', ""), f"1x3 0x{span}") for i, r in enumerate(ranks)]
-        + [_series(UPDATES, r, "0+60x3") for r in ranks],
+        f"{DOWN_ALERT} fires for each rank of a run whose ranks all died, naming its rank and host",
+        [_series("up", _target(o, r), f"1x3 0x{span}") for r in range(4)]
+        + [_series(UPDATES, _rank(o, r), "0+60x3") for r in range(4)]
+        + [_device(o, r, 3) for r in range(4)],
         [
             _check(7, DOWN_ALERT),
-            _check(
-                9,
-                DOWN_ALERT,
-                {
-                    "exp_labels": {"job": o.job, "severity": "warning"},
-                    "exp_annotations": {
-                        "summary": "gradtel metrics endpoint cannot be scraped",
-                        "description": (
-                            f"{o.job}: 4 targets have not been scraped for 5m (up == 0): "
-                            + ", ".join(f"trainer-{r}:9464 (rank {r})" for r in range(4))
-                            + ": the training process died, hangs before serving, or its "
-                            "endpoint is unreachable. Unhealthy updates would not page."
-                        ),
-                        "runbook_url": o.runbook(DOWN_ALERT),
-                    },
-                },
-            ),
+            _check(9, DOWN_ALERT, *(_down_alert(o, r, gpu=_gpu(r)) for r in range(4))),
         ],
     )
     case(
@@ -63,6 +83,34 @@ def _behaviours(o: KitOptions, case: Case) -> None:
                     },
                 },
             )
+        ],
+    )
+    # Each target down 3m, the next one going down before the last comes back: the job
+    # always has a target down, none of them for 5m.
+    case(
+        f"{DOWN_ALERT} does not fire for targets down 3m each, one after the other",
+        [_series("up", _target(o, r), f"1x{2 * r} 0x2 1x{span}") for r in range(3)],
+        [_check(m, DOWN_ALERT) for m in range(span)],
+    )
+    # Run A ended on purpose at minute 1, its target left in the scrape config (the runbook
+    # says: silence it); at minute 20 rank 2 of run B dies: an alert of its own, which
+    # Alertmanager notifies anew and which run A's silence does not cover.
+    died = 20
+    case(
+        f"{DOWN_ALERT} fires anew for a target that dies while another one's alert fires",
+        [
+            _series("up", _target(o, 0), f"1 0x{died + 10}"),
+            _series(UPDATES, _rank(o, 0, run="A"), "0"),
+            _series("up", _target(o, 1), f"1x{died + 10}"),
+            _series(UPDATES, _rank(o, 1, run="B"), f"0+60x{died + 10}"),
+            _series("up", _target(o, 2), f"1x{died - 1} 0x10"),
+            _series(UPDATES, _rank(o, 2, run="B"), f"0+60x{died - 1}"),
+        ],
+        [
+            _check(5, DOWN_ALERT),
+            _check(6, DOWN_ALERT, _down_alert(o, 0, "A")),
+            _check(died + 4, DOWN_ALERT, _down_alert(o, 0, "A")),
+            _check(died + 5, DOWN_ALERT, _down_alert(o, 0, "A"), _down_alert(o, 2, "B")),
         ],
     )
 
@@ -88,26 +136,43 @@ def _histories(o: KitOptions, case: Case) -> None:
         )
 
 
+def _down(selector: str) -> str:
+    """The targets Prometheus cannot scrape, one alert each: ``for`` then times each
+    target's own outage (targets down in turn never add up to one), and a target that
+    goes down while another's alert fires is an alert of its own, so notified anew.
+    Alertmanager groups them (by alertname, job and run; ``up`` has no run): the ranks of a
+    job that died together are one notification."""
+    return f"up{{{selector}}} == 0"
+
+
 def rules(o: KitOptions) -> list[dict[str, Any]]:
     sel = o.job_selector
-    # The endpoints of a run that died: the gradtel series, still in Prometheus for
-    # a while, tell which rank each dead target was.
-    down = f"(up{{job=%[1]q}} == 0) * on (job, instance) group_left (rank) max by (job, instance, rank) (last_over_time({UPDATES}{{job=%[1]q}}[1h])) or on (job, instance) (up{{job=%[1]q}} == 0)"
+    # The alert's target, with the rank, run and hardware its gradtel series, still in
+    # Prometheus for a while, tell: of a target down since then, or that never served, none.
+    scope, within = "job=%[1]q,instance=%[2]q", "1h"
+    down = (
+        f"({_down(scope)}) * on (job, instance) group_left (rank, run) max by (job, instance, rank, run) "
+        f"(last_over_time({UPDATES}{{{scope}}}[{within}])) or on (job, instance) ({_down(scope)})"
+    )
+    args = ("$labels.job", '(or $labels.instance "")')
     return [
         {
             "alert": DOWN_ALERT,
-            "expr": f"count by (job) (up{{{sel}}} == 0)\nor\nabsent(up{{{sel}}})",
+            "expr": f"{_down(sel)}\nor\nabsent(up{{{sel}}})",
             "for": "5m",
             "labels": {"severity": "warning"},
             "annotations": {
                 "summary": "gradtel metrics endpoint cannot be scraped",
                 "description": (
-                    f"{{{{ with {promql.query('up{job=%q} == 0', '$labels.job')} }}}}{{{{ $labels.job }}}}: "
-                    "{{ len . }} targets have not been scraped for 5m (up == 0): "
-                    + promql.targets(down, "$labels.job")
-                    + f"{{{{ else }}}}No {o.job} target has been scraped for 5m{{{{ end }}}}: the "
+                    "{{ if $labels.instance }}{{ $labels.job }}: "
+                    + promql.targets(
+                        down, *args, then="{{ with $s.Labels.run }} of run {{ . }}{{ end }}"
+                    )
+                    + " has not been scraped for 5m (up == 0)"
+                    f"{{{{ else }}}}No {o.job} target has been scraped for 5m{{{{ end }}}}: the "
                     "training process died, hangs before serving, or its endpoint is unreachable. "
-                    "Unhealthy updates would not page." + promql.hardware(o, down, "$labels.job")
+                    "Unhealthy updates would not page."
+                    + promql.hardware(o, down, *args, within=within)
                 ),
                 "runbook_url": o.runbook(DOWN_ALERT),
             },
@@ -123,9 +188,13 @@ def cases(o: KitOptions, case: Case) -> None:
 def runbook(o: KitOptions) -> str:
     return f"""## {DOWN_ALERT}
 
-**Meaning.** Prometheus could not scrape a gradtel endpoint for 5 minutes
-(`up == 0`), or no target of job `{o.job}` is scraped at all. While this fires,
-unhealthy updates of that process cannot page.
+**Meaning.** Prometheus could not scrape this gradtel endpoint (the alert's
+`instance`) for 5 minutes (`up == 0`), or no target of job `{o.job}` is scraped at
+all. While this fires, unhealthy updates of that process cannot page. The alert is
+one per target, named with its rank and run, each timed by its own outage:
+Alertmanager groups a job's into one notification (the ranks of a run that died
+together), and a target that goes down while another's alert fires is notified
+anew.
 
 **Look first at** the training process (did it exit, crash, or get OOM-killed?),
 its log for `gradtel cannot serve /metrics` (a port in use: see
@@ -134,8 +203,9 @@ target list in Prometheus (`/targets`).
 
 **Do** restart the run or fix the endpoint (port, bind address: gradtel binds
 `127.0.0.1` unless told `addr="0.0.0.0"`, which a Kubernetes pod needs).
-Training that ended on purpose also fires this alert: silence it, or remove
-ended targets from discovery.
+Training that ended on purpose also fires this alert: silence it (by its
+`instance`, so that it still fires for another run), or remove ended targets from
+discovery.
 """
 
 

@@ -64,19 +64,23 @@ def run_series(metric: Metric | str, *, kind: bool = False) -> str:
     return f"{metric}{{{RUN_SCOPE}{',kind=%[3]q' if kind else ''}}}"
 
 
-def on_device(o: KitOptions, series: str, scope: str) -> str:
+def on_device(o: KitOptions, series: str, scope: str, within: str = "") -> str:
     """``series`` of the processes that export ``gradtel_device_info``, with its labels (the
-    host and GPU), joined on the process labels. The info is read back over the window: a
-    process that died still names its hardware; ``topk`` keeps one per process."""
-    info = f"topk by ({PROCESS}) (1, last_over_time({DEVICE_INFO}{{{scope}}}[{o.window}]))"
+    host and GPU), joined on the process labels. The info is read back over the window (or
+    ``within``): a process that died still names its hardware; ``topk`` keeps one per
+    process."""
+    info = (
+        f"topk by ({PROCESS}) (1, last_over_time({DEVICE_INFO}{{{scope}}}[{within or o.window}]))"
+    )
     return f"{series} * on ({PROCESS}) group_left ({', '.join(DEVICE_LABELS)}) {info}"
 
 
-def hardware(o: KitOptions, series: str, *args: str) -> str:
+def hardware(o: KitOptions, series: str, *args: str, within: str = "") -> str:
     """ " Hardware: trainer-2:9464 (rank 2) on host node-1, GPU-... (PCI ...)." for the
-    targets (at most 10) a query returns whose processes export their device info; nothing
-    for a process that does not (an older gradtel). The first of ``args`` is the job."""
-    named = query(on_device(o, f"topk(10, {series})", "job=%[1]q"), *args)
+    targets (at most 10) a query returns whose processes export their device info (read
+    back over the window, or ``within``); nothing for a process that does not (an older
+    gradtel). The first of ``args`` is the job."""
+    named = query(on_device(o, f"topk(10, {series})", "job=%[1]q", within), *args)
     return (
         f'{{{{ with {named} }}}} Hardware: {{{{ range $i, $s := sortByLabel "instance" . }}}}'
         "{{ if $i }}, {{ end }}"

@@ -15,13 +15,16 @@ __all__ = ["ALERT"]
 
 
 def _stalled(o: KitOptions, selector: str) -> str:
-    """Processes with no update for ``stall_after``. Their last update time is read through
-    failed scrapes and gaps up to half of it; a process scraped last longer ago is down
+    """Processes with no update for ``stall_after``: their last update time is the one they
+    showed more than that (and a scrape interval) ago. It is compared with itself, never
+    with Prometheus' clock: the training host's clock may be off. It is read through failed
+    scrapes and gaps up to half the stall time; a process scraped last longer ago is down
     (GradtelExporterDown), and the last scrape of one that crashed, just after its last
     update, never reads as a stall."""
     stall = duration_seconds(o.stall_after, "stall_after")
-    held = duration_text(stall // 2)
-    return f"time() - last_over_time({LAST_UPDATE_TIMESTAMP}{{{selector}}}[{held}]) > {stall}"
+    last = f"last_over_time({LAST_UPDATE_TIMESTAMP}{{{selector}}}[{duration_text(stall // 2)}]"
+    before = duration_text(stall + duration_seconds(o.scrape_interval))
+    return f"{last}) == {last} offset {before})"
 
 
 def _stalled_alert(o: KitOptions) -> dict[str, Any]:
@@ -65,6 +68,33 @@ def _behaviours(o: KitOptions, case: Case) -> None:
             _series("up", up_labels, f"1x{stalled_span}"),
         ],
         [_check(fires_at, STALLED_ALERT)],
+    )
+    # The training host's clock is off: its timestamps are compared with each other only.
+    behind, ahead = stall + 60, 3600
+    case(
+        f"{STALLED_ALERT} does not fire while updates keep arriving on a host whose clock is "
+        f"{_minutes(behind)}m behind",
+        [
+            _series(LAST_UPDATE_TIMESTAMP, up_labels, f"{-behind}+60x{stalled_span}"),
+            _series("up", up_labels, f"1x{stalled_span}"),
+        ],
+        [_check(m, STALLED_ALERT) for m in range(stalled_span)],
+    )
+    case(
+        f"{STALLED_ALERT} fires when no update arrives for {o.stall_after} on a host whose "
+        f"clock is {_minutes(ahead)}m ahead",
+        [
+            _series(
+                LAST_UPDATE_TIMESTAMP,
+                up_labels,
+                f"{ahead}+60x5 {ahead + last_update}x{stalled_span}",
+            ),
+            _series("up", up_labels, f"1x{stalled_span + 5}"),
+        ],
+        [
+            _check(fires_at - 1, STALLED_ALERT),
+            _check(fires_at, STALLED_ALERT, _stalled_alert(o)),
+        ],
     )
 
 
@@ -160,9 +190,11 @@ def runbook(o: KitOptions) -> str:
     return f"""## {STALLED_ALERT}
 
 **Meaning.** The endpoint is up but `collect()` has not been called (no
-update, scanned or not) for more than {o.stall_after}:
-`time() - {LAST_UPDATE_TIMESTAMP}` is too large. A target not scraped for
-half that time is down ({DOWN_ALERT}), not stalled.
+update, scanned or not) for more than {o.stall_after}: its
+`{LAST_UPDATE_TIMESTAMP}` is the one it showed {o.stall_after} ago (compared
+with itself, not with Prometheus' clock, so a training host whose clock is off
+neither stalls nor hides a stall). A target not scraped for half that time is
+down ({DOWN_ALERT}), not stalled.
 
 **Look first at** whether the process still uses CPU/GPU (a hang in a collective
 operation waiting for another rank, a data loader stuck on I/O), whether another
