@@ -250,6 +250,8 @@ class GradMonitor:
         self._pass_collected: bool | None = None
         """Whether ``collect()`` ran since the latest backward pass ``attach()`` saw end;
         None while no attachment watches the passes."""
+        self._collected_by: int | None = None
+        """The optimizer (its id) whose attachment made the latest update; None: the user."""
         self._returned: GradHealth | None = None
         """What ``collect()`` returned last: a repeated call returns it again."""
         self._listeners = Listeners(on_error=self._failed_weakly("record"))
@@ -448,7 +450,7 @@ class GradMonitor:
                 return self._returned
             if self._pass_collected is False:
                 self._pass_collected = True
-            self._returned = None  # until this one has a health (its policy may raise)
+            self._returned, self._collected_by = None, None  # the user's, until told
             self._returned = self._collect(norms, scaler, loss, step, total_norm, overflow_possible)
             return self._returned
 

@@ -62,6 +62,9 @@ class Collector(Protocol):
     second call in between repeats the update's health, counting nothing); None while
     no attachment watches the passes."""
 
+    _collected_by: int | None
+    """The optimizer (its id) whose attachment made the latest update; None: the user."""
+
 
 class Attachment:
     """What :func:`attach` installed; ``remove()`` takes it all away."""
@@ -160,14 +163,14 @@ def attach(
     if scan == "backward":
         _every_backward.add(monitor)
         attachment._undo.append(lambda: _every_backward.discard(monitor))
-        collect = _Stepped(monitor, taken, step, None, loss)
+        collect = _Stepped(monitor, taken, step, None, loss=loss)
         hooks = _EndsOfBackward(monitor, lambda: collect(scaler=scaler))
         attachment._undo.append(hooks.remove)
         _check_at_step(hooks, optimizer, attachment, scaler)
         return attachment
     looks = scaler is None or not scaler.is_enabled()
     passes = _Passes.of(monitor, attachment, looks, loss)
-    collect = _Stepped(monitor, taken, step, passes)
+    collect = _Stepped(monitor, taken, step, passes, optimizer)
     if not looks:
         _around_scaler(collect, scaler, optimizer, attachment)  # type: ignore[arg-type]
         _check_at_step(passes.hooks, optimizer, attachment, scaler)
@@ -380,17 +383,23 @@ class _Stepped:
         taken: list[int],
         step: Callable[[], int] | None,
         passes: _Passes | None,
+        optimizer: torch.optim.Optimizer | None = None,
         loss: Callable[[], torch.Tensor | None] | None = None,
     ) -> None:
         self.monitor, self.taken, self.step = monitor, taken, step
-        self.passes, self.loss = passes, loss
+        self.passes, self.optimizer, self.loss = passes, optimizer, loss
 
     def __call__(self, scaler: torch.amp.GradScaler | None = None) -> object:
         loss = None
+        mine = id(self.optimizer)
         if self.passes is not None:
             loss = self.passes.take_loss()
-            if self.monitor._pass_collected:  # by another optimizer, or by the user
-                return None
+            monitor = self.monitor
+            if monitor._pass_collected and monitor._collected_by != mine:
+                return None  # the user, or another optimizer of the model, collected it
+            # An update of its own, even with no backward pass since this optimizer's
+            # last one (a step without gradients is an update not looked at).
+            monitor._pass_collected = False
         elif self.loss is not None:
             loss = _with_loss(None, self.loss)
         step = self.taken[0] + 1
@@ -403,7 +412,11 @@ class _Stepped:
                     "gradtel: attach(step=...) gave no whole number (%r); numbering by the "
                     "optimizer's steps instead", exc,
                 )  # fmt: skip
-        return self.monitor.collect(scaler=scaler, step=step, loss=loss)
+        try:
+            return self.monitor.collect(scaler=scaler, step=step, loss=loss)
+        finally:
+            if self.passes is not None:
+                self.monitor._collected_by = mine
 
 
 class _ScalerTap:
