@@ -282,3 +282,19 @@ def test_the_gate_looks_at_the_weights_that_took_an_update_it_did_not_scan(
     model.load_state_dict(kept)
     monitor.reset_health()
     assert monitor.allow_checkpoint(step=1) and monitor.healthy
+
+
+@pytest.mark.parametrize("on_error", ["warn", "raise"])
+def test_a_weight_with_no_values_leaves_the_look_at_the_others(
+    provider: MeterProvider, on_error: str
+) -> None:
+    """A frozen layer left on the meta device (loaded lazily): its values cannot be read,
+    which failed the whole look, so poisoned weights were let through (or, with
+    ``on_error="raise"``, every save raised)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4, device="meta"))
+    model[1].requires_grad_(False)
+    monitor = GradMonitor(model, meter_provider=provider, on_error=on_error)  # type: ignore[arg-type]
+    assert monitor.allow_checkpoint()
+    with torch.no_grad():
+        model[0].weight[0, 0] = NAN  # as an update not scanned leaves it
+    assert not monitor.allow_checkpoint()

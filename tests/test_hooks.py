@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from torch import nn
 
 import gradtel
-from gradtel import GradMonitor, Status
+from gradtel import GradMonitor, Status, prometheus_meter_provider
 
 from .conftest import Net, sample, samples
 from .test_clip import record_collects
@@ -549,6 +549,141 @@ def test_collect_by_hand_beside_attach_collects_each_update_once(
     unhealthy = [(name, v) for (name, _), v in samples(registry).items() if "unhealthy_up" in name]
     assert sample(samples(registry), "gradtel_updates_total") == 3
     assert sum(v for _, v in unhealthy) == sum(h.status.level > 0 for h in updates)
+
+
+class Overflows(nn.Module):
+    """A finite loss whose gradient overflows to Inf when asked: an overflow the scaler skips."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.w = nn.Linear(8, 1), nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor, overflow: bool) -> torch.Tensor:
+        out = self.lin(x).pow(2).mean()
+        return out + torch.sqrt(self.w - self.w.detach()) if overflow else out  # d/dw: +Inf
+
+
+def test_each_monitor_reads_its_own_models_loss_from_a_shared_scaler(
+    provider: MeterProvider,
+) -> None:
+    """torch's AMP recipe for several models with one scaler: the loss a scaler scales is
+    read by the monitor whose parameters its backward pass reaches. A NaN in A's loss made
+    B's handled overflow an unhealthy update with a non-finite loss."""
+    torch.manual_seed(0)
+    a, b = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 1)), Overflows()
+    watch_a = GradMonitor(a, meter_provider=provider, on_warning="ignore", on_critical="ignore")
+    watch_b = GradMonitor(b, meter_provider=prometheus_meter_provider(CollectorRegistry()))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.0) for m in (a, b)]
+    for monitor, optimizer in zip((watch_a, watch_b), optimizers):
+        monitor.attach(optimizer, scaler=scaler)
+    found_a, found_b = record_collects(watch_a), record_collects(watch_b)
+    for bad in (False, True):
+        x = torch.randn(4, 8)
+        scaler.scale(a(torch.where(torch.tensor(bad), NAN, x)).pow(2).mean()).backward()
+        scaler.scale(b(x, overflow=bad)).backward()
+        for optimizer in optimizers:
+            scaler.step(optimizer)
+            optimizer.zero_grad()
+        scaler.update()
+    assert [(h.loss_finite, h.amp_overflow) for h in found_a] == [(True, False), (False, False)]
+    assert [(h.loss_finite, h.amp_overflow) for h in found_b] == [(True, False), (True, True)]
+
+
+@pytest.mark.parametrize("removed", ["first", "second"])
+@pytest.mark.parametrize("scale", ["a list", "a keyword"])
+def test_the_scaled_loss_is_read_however_scale_is_called_and_attachments_removed(
+    provider: MeterProvider, removed: str, scale: str
+) -> None:
+    """Two optimizers over one model and one scaler: removing the second attachment left the
+    first reading the removed one's loss (never fed), and a NaN loss was an overflow again;
+    ``scale([loss])`` was not read, and ``scale(outputs=loss)`` raised in the loop."""
+    model, optimizer, monitor = make(provider)
+    other = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    attachments = [monitor.attach(o, scaler=scaler) for o in (optimizer, other)]
+    attachments[0 if removed == "first" else 1].remove()
+    kept = other if removed == "first" else optimizer
+    found = record_collects(monitor)
+    for bad in (False, True):
+        kept.zero_grad()
+        x = torch.randn(4, 8)
+        loss = model(torch.where(torch.tensor(bad), NAN, x)).pow(2).mean()
+        scaled = scaler.scale([loss])[0] if scale == "a list" else scaler.scale(outputs=loss)
+        scaled.backward()
+        scaler.step(kept)
+        scaler.update()
+    assert [(h.loss_finite, h.amp_overflow, h.status) for h in found] == [
+        (True, False, Status.HEALTHY),
+        (False, False, Status.CRITICAL),
+    ]
+
+
+def test_once_per_update_with_scan_backward_lbfgs_and_gradients_without_backward(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    """``scan="backward"`` beside ``gradtel.clip_grad_norm_``, and LBFGS (three closure passes
+    a step) beside ``collect()`` after the step, counted each update twice; gradients given
+    by ``torch.autograd.grad`` after one backward pass were then never counted at all."""
+    model, optimizer, monitor = make(provider)
+    monitor.attach(optimizer, scan="backward")
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(4, 8)).pow(2).mean().backward()
+        gradtel.clip_grad_norm_(model.parameters(), 1.0, monitor=monitor)
+        optimizer.step()
+    monitor.close()
+    assert sample(samples(registry), "gradtel_updates_total") == 3
+
+    registry, provider = CollectorRegistry(), None
+    provider = prometheus_meter_provider(registry)
+    model, _, monitor = make(provider)
+    lbfgs = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3)
+    monitor.attach(lbfgs)
+    x = torch.randn(4, 8)
+
+    def closure() -> torch.Tensor:
+        lbfgs.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        lbfgs.step(closure)  # type: ignore[arg-type]
+        monitor.collect()
+    monitor.close()
+    assert sample(samples(registry), "gradtel_updates_total") == 3
+
+    registry = CollectorRegistry()
+    model, optimizer, monitor = make(prometheus_meter_provider(registry))
+    monitor.attach(optimizer)
+    found = record_collects(monitor)
+    for update in range(4):
+        optimizer.zero_grad()
+        loss = model(torch.randn(4, 8)).pow(2).mean()
+        if update == 0:
+            loss.backward()
+        else:  # gradients of one's own, as a meta-learning loop gives them
+            for p, g in zip(
+                model.parameters(), torch.autograd.grad(loss, list(model.parameters()))
+            ):
+                p.grad = g.index_fill(0, torch.tensor([0]), NAN) if update == 2 else g
+        optimizer.step()
+    assert sample(samples(registry), "gradtel_updates_total") == 4
+    assert [h.nan_total > 0 for h in found] == [False, False, True, True]
+
+
+def test_attach_and_gradtel_clipping_export_the_gradient_norm(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    """The look ``attach()`` took at the end of backward has no norm: clipping's own is used."""
+    model, optimizer, monitor = make(provider)
+    monitor.attach(optimizer)
+    optimizer.zero_grad()
+    model(torch.randn(4, 8)).pow(2).mean().backward()
+    total = gradtel.clip_grad_norm_(model.parameters(), 1e9, monitor=monitor)
+    optimizer.step()
+    assert sample(samples(registry), "gradtel_grad_norm") == pytest.approx(float(total))
 
 
 def test_attaching_twice_to_one_optimizer_is_refused(provider: MeterProvider) -> None:

@@ -146,3 +146,37 @@ def test_a_periodic_push_carries_what_a_deferred_read_out_finished(receiver: Rec
     assert receiver.points().get(NAN_IN_LAYER_1) == 7
     monitor.close()
     provider.shutdown()
+
+
+def test_a_failure_published_in_the_push_thread_leaves_the_pushes_going(
+    receiver: Receiver,
+) -> None:
+    """``on_error="raise"`` with a listener that fails once, in the update the push thread
+    publishes: the exception ended OpenTelemetry's push thread, and no push came after."""
+    provider = otlp_meter_provider(receiver.url, interval=0.1)
+    calls: list[int] = []
+
+    def fails_once(health: gradtel.GradHealth) -> None:
+        calls.append(health.step)
+        if len(calls) == 3:
+            raise RuntimeError("a listener's own bug")
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    monitor = gradtel.GradMonitor(
+        model, meter_provider=provider, readout="deferred", on_error="raise"
+    )
+    monitor.subscribe(fails_once)
+    for step in (1, 2, 3):  # the third is published by a push
+        model.zero_grad()
+        model(torch.randn(3, 4)).sum().backward()
+        monitor.collect(step=step)
+    deadline = time.monotonic() + 10
+    while len(calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pushed = len(receiver.requests)
+    while len(receiver.requests) < pushed + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)  # pushes go on
+    assert len(calls) == 3 and len(receiver.requests) >= pushed + 2
+    monitor.close()
+    provider.shutdown()

@@ -446,7 +446,8 @@ class GradMonitor:
                 return self._closed_collect(step)
             # attach() and the user's collect() or gradtel.clip_grad_norm_ around the step:
             # the first one after backward collects the update, the others repeat its health.
-            if self._pass_collected and self._returned is not None:
+            repeat = self._pass_collected and self._collected_by is not None
+            if repeat and self._returned is not None:
                 return self._returned
             if self._pass_collected is False:
                 self._pass_collected = True
@@ -481,7 +482,7 @@ class GradMonitor:
             self._guarded("scan", self._check_replica)
         if (self._step - 1) % self.sample_every:
             return self._sampled_out()
-        if looked is None:
+        if looked is None or norms is not None:  # clipping's norms give the gradient norm too
             update = self._stage.launch(
                 self._training_step,
                 self._step,

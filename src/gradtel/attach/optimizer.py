@@ -154,6 +154,9 @@ def attach(
 
     def count_step(*args: Any) -> None:
         taken[0] += 1
+        if monitor._collected_by == id(optimizer) and monitor._pass_collected is False:
+            # Closure passes after the step's collection (LBFGS): still the same update.
+            monitor._pass_collected = True
 
     def resumed(opt: torch.optim.Optimizer) -> None:
         taken[0] = steps_taken(opt)
@@ -163,7 +166,8 @@ def attach(
     if scan == "backward":
         _every_backward.add(monitor)
         attachment._undo.append(lambda: _every_backward.discard(monitor))
-        collect = _Stepped(monitor, taken, step, None, loss=loss)
+        collect = _Stepped(monitor, taken, step, None, optimizer, loss)
+        attachment._undo.append(lambda: setattr(monitor, "_pass_collected", None))
         hooks = _EndsOfBackward(monitor, lambda: collect(scaler=scaler))
         attachment._undo.append(hooks.remove)
         _check_at_step(hooks, optimizer, attachment, scaler)
@@ -289,7 +293,8 @@ class _Passes:
     def __init__(self, monitor: Collector) -> None:
         self.monitor = monitor
         self.looks = False
-        self.loss_fn: Callable[[], torch.Tensor | None] | None = None
+        self.loss_fns: list[Callable[[], torch.Tensor | None]] = []
+        """The losses the attachments read, given or tapped; the latest one is read."""
         self.loss: torch.Tensor | None = None
         self.users = 0
         self.hooks = _EndsOfBackward(monitor, self._ended)
@@ -317,14 +322,16 @@ class _Passes:
             passes.hooks.renew()
         passes.users += 1
         passes.looks = passes.looks or looks
-        passes.loss_fn = loss or passes.loss_fn
+        if loss is not None:
+            passes.loss_fns.append(loss)
+            attachment._undo.append(lambda: passes.loss_fns.remove(loss))
         attachment._undo.append(passes.release)
         return passes
 
     def _ended(self) -> None:
         self.monitor._pass_collected = False
-        if self.loss_fn is not None:
-            self.loss = _with_loss(self.loss, self.loss_fn)
+        if self.loss_fns:
+            self.loss = _with_loss(self.loss, self.loss_fns[-1])
         if self.looks:
             self.monitor._look(self.loss)
 
@@ -391,17 +398,16 @@ class _Stepped:
 
     def __call__(self, scaler: torch.amp.GradScaler | None = None) -> object:
         loss = None
-        mine = id(self.optimizer)
-        if self.passes is not None:
+        monitor, mine = self.monitor, id(self.optimizer)
+        if self.passes is not None:  # at the step
             loss = self.passes.take_loss()
-            monitor = self.monitor
             if monitor._pass_collected and monitor._collected_by != mine:
                 return None  # the user, or another optimizer of the model, collected it
-            # An update of its own, even with no backward pass since this optimizer's
-            # last one (a step without gradients is an update not looked at).
-            monitor._pass_collected = False
-        elif self.loss is not None:
+        elif self.loss is not None:  # at the end of each backward pass
             loss = _with_loss(None, self.loss)
+        # An update of its own, even with no backward pass since this optimizer's last
+        # one (a step without gradients is an update not looked at).
+        monitor._pass_collected = False
         step = self.taken[0] + 1
         if self.step is not None:
             try:
@@ -413,10 +419,9 @@ class _Stepped:
                     "optimizer's steps instead", exc,
                 )  # fmt: skip
         try:
-            return self.monitor.collect(scaler=scaler, step=step, loss=loss)
+            return monitor.collect(scaler=scaler, step=step, loss=loss)
         finally:
-            if self.passes is not None:
-                self.monitor._collected_by = mine
+            monitor._collected_by = mine  # the user's collect() now repeats its health
 
 
 class _ScalerTap:
@@ -433,8 +438,9 @@ class _ScalerTap:
         setattr(scaler, name, self)
         _taps.setdefault(scaler, {})[name] = weakref.ref(self)
 
-    def __call__(self, argument: Any) -> Any:
-        result = self.original(argument)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        result = self.original(*args, **kwargs)
+        argument = args[0] if args else next(iter(kwargs.values()), None)
         for callback in list(self.callbacks):
             callback(argument)
         return result
@@ -475,19 +481,31 @@ _taps: weakref.WeakKeyDictionary[torch.amp.GradScaler, dict[str, weakref.ref[_Sc
 
 
 class _ScaledLoss:
-    """The losses a ``GradScaler`` scaled since the last read, summed: the update's loss
-    when the user gives none, so that a NaN loss is not taken for an overflow."""
+    """The loss a ``GradScaler`` scaled last, read at the end of the backward pass through
+    the monitor's parameters that follows: the update's loss when the user gives none, so
+    that a NaN loss is not taken for an overflow. A loss scaled for another model (a
+    scaler shared by a GAN's two) leads to no such pass: the next one replaces it."""
 
     def __init__(self) -> None:
-        self.total: torch.Tensor | None = None
+        self.latest: torch.Tensor | None = None
 
     def add(self, outputs: object) -> None:
-        if isinstance(outputs, torch.Tensor):
-            self.total = summed_loss(self.total, outputs)
+        self.latest = _summed(outputs)
 
     def __call__(self) -> torch.Tensor | None:
-        total, self.total = self.total, None
-        return total
+        latest, self.latest = self.latest, None
+        return latest
+
+
+def _summed(outputs: object) -> torch.Tensor | None:
+    """The tensors ``GradScaler.scale`` takes (one, or an iterable of them, nested), summed."""
+    if isinstance(outputs, torch.Tensor):
+        return summed_loss(None, outputs)
+    total = None
+    if isinstance(outputs, (list, tuple)):
+        for output in outputs:
+            total = summed_loss(total, _summed(output))
+    return total
 
 
 def _around_scaler(

@@ -6,6 +6,7 @@ Needs the ``otlp`` extra: ``pip install 'gradtel[otlp]'``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 from opentelemetry.sdk.metrics import MeterProvider
@@ -17,6 +18,8 @@ from .context import context
 
 __all__ = ["otlp_meter_provider"]
 
+logger = logging.getLogger("gradtel")
+
 
 class _PublishingReader(PeriodicExportingMetricReader):
     """Pushes what a deferred read-out has finished, as a scrape does, and at shutdown
@@ -25,12 +28,19 @@ class _PublishingReader(PeriodicExportingMetricReader):
     gradtel's Prometheus reader does not serve is kept."""
 
     def collect(self, timeout_millis: float = 10_000) -> None:
-        context().publish()
+        _publish(wait=False)
         super().collect(timeout_millis=timeout_millis)
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: object) -> None:
-        context().publish(wait=True)
+        _publish(wait=True)
         super().shutdown(timeout_millis=timeout_millis, **kwargs)
+
+
+def _publish(wait: bool) -> None:
+    try:
+        context().publish(wait)
+    except Exception as exc:  # a "raise" policy: the update is recorded before it acts
+        logger.warning("gradtel: an update published before an OTLP push raised: %r", exc)
 
 
 def otlp_meter_provider(

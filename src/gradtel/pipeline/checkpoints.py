@@ -90,7 +90,8 @@ class WeightsHealth:
         if not self.healthy:
             return
         with torch.no_grad():
-            values = [v for w in weights if (v := countable_values(w.detach())) is not None]
+            held = [w.detach() for w in weights if w.device.type != "meta"]  # meta: no values
+            values = [v for w in held if (v := countable_values(w)) is not None]
             found = count_nonfinite(values)
         if found:
             with self._lock:
