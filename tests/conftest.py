@@ -163,3 +163,13 @@ def net() -> nn.Sequential:
     """Two linear layers, the same weights every time."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+
+def tiny_gpt2() -> nn.Module:
+    """A GPT-2 built locally from a small config (no model hub), seeded."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(
+        GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    )

@@ -16,7 +16,7 @@ from torch import nn
 
 from gradtel import GradMonitor, NonFiniteGradientError, Thresholds, prometheus_meter_provider
 
-from .conftest import absent, net, sample, samples
+from .conftest import absent, net, sample, samples, tiny_gpt2
 
 NAN = float("nan")
 
@@ -185,8 +185,6 @@ def test_hugging_face_trainer_keeps_the_last_healthy_checkpoint(
 ) -> None:
     from safetensors.torch import load_file
     from transformers import (
-        GPT2Config,
-        GPT2LMHeadModel,
         Trainer,
         TrainerCallback,
         TrainingArguments,
@@ -194,10 +192,7 @@ def test_hugging_face_trainer_keeps_the_last_healthy_checkpoint(
 
     from gradtel.integrations.transformers import GradtelTrainerCallback
 
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(
-        GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)
-    )
+    model = tiny_gpt2()
     state_step = [0]
 
     class Observe(TrainerCallback):

@@ -635,9 +635,8 @@ def test_once_per_update_with_scan_backward_lbfgs_and_gradients_without_backward
     monitor.close()
     assert sample(samples(registry), "gradtel_updates_total") == 3
 
-    registry, provider = CollectorRegistry(), None
-    provider = prometheus_meter_provider(registry)
-    model, _, monitor = make(provider)
+    registry = CollectorRegistry()
+    model, _, monitor = make(prometheus_meter_provider(registry))
     lbfgs = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3)
     monitor.attach(lbfgs)
     x = torch.randn(4, 8)

@@ -13,7 +13,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from prometheus_client import CollectorRegistry
 from torch import nn
 
-from .conftest import absent, fetch, parse, sample, samples
+from .conftest import absent, fetch, parse, sample, samples, tiny_gpt2
 
 pytestmark = [
     pytest.mark.slow,
@@ -24,6 +24,19 @@ pytestmark = [
 ]
 
 NAN = float("nan")
+
+
+def published_from_training(gradtel_callback: Any) -> list[Any]:
+    """The updates the Hugging Face callback's monitor publishes, once training began."""
+    found: list[Any] = []
+    original = gradtel_callback.on_train_begin
+
+    def subscribe(*args: Any, **kwargs: Any) -> None:
+        original(*args, **kwargs)
+        gradtel_callback.session.monitor.subscribe(found.append)
+
+    gradtel_callback.on_train_begin = subscribe
+    return found
 
 
 def shared(name: str, **labels: str) -> float:
@@ -100,8 +113,6 @@ def test_lightning_callback(tmp_path: Path) -> None:
 
 def test_transformers_trainer_callback_counts_before_clipping(tmp_path: Path) -> None:
     from transformers import (
-        GPT2Config,
-        GPT2LMHeadModel,
         Trainer,
         TrainerCallback,
         TrainingArguments,
@@ -109,10 +120,7 @@ def test_transformers_trainer_callback_counts_before_clipping(tmp_path: Path) ->
 
     from gradtel.integrations.transformers import GradtelTrainerCallback
 
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(
-        GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)
-    )
+    model = tiny_gpt2()
     bad = model.transformer.h[1].mlp.c_fc.weight
     poisoned: list[int] = []
 
@@ -169,8 +177,6 @@ def test_transformers_callback_counts_after_reentrant_gradient_checkpointing(
     pass of its own inside the model's: the callback counted at the end of the last block's
     and missed a NaN in the first block."""
     from transformers import (
-        GPT2Config,
-        GPT2LMHeadModel,
         Trainer,
         TrainerCallback,
         TrainingArguments,
@@ -178,10 +184,7 @@ def test_transformers_callback_counts_after_reentrant_gradient_checkpointing(
 
     from gradtel.integrations.transformers import GradtelTrainerCallback
 
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(
-        GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)
-    )
+    model = tiny_gpt2()
     step = [0]
     reference: list[int] = []  # NaN in the first block's c_fc, as the optimizer takes it
 
@@ -197,10 +200,10 @@ def test_transformers_callback_counts_after_reentrant_gradient_checkpointing(
     first.register_hook(
         lambda grad: grad.index_fill(1, torch.tensor([0]), NAN) if step[0] == 1 else grad
     )
-    found: list[Any] = []
     gradtel_callback = GradtelTrainerCallback(
         serve_metrics=False, on_warning="ignore", on_critical="ignore"
     )
+    found = published_from_training(gradtel_callback)
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
         gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True},
@@ -210,13 +213,6 @@ def test_transformers_callback_counts_after_reentrant_gradient_checkpointing(
     trainer = Trainer(
         model=model, args=args, train_dataset=data, callbacks=[Poison(), gradtel_callback]
     )
-    original = gradtel_callback.on_train_begin
-
-    def subscribe(*args: Any, **kwargs: Any) -> None:
-        original(*args, **kwargs)
-        gradtel_callback.session.monitor.subscribe(found.append)
-
-    gradtel_callback.on_train_begin = subscribe  # type: ignore[method-assign]
     trainer.train()
     assert reference[1] > 0, reference
     assert [h.nan_by_layer.get("transformer.h.0.mlp.c_fc", 0) for h in found] == reference
@@ -225,14 +221,11 @@ def test_transformers_callback_counts_after_reentrant_gradient_checkpointing(
 def test_transformers_callback_counts_a_short_last_cycle_before_clipping(tmp_path: Path) -> None:
     """5 micro-batches an epoch, 2 per update: the epoch's last update has 1. It was counted
     at the optimizer step, after clipping had spread its 3 NaN to every gradient."""
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     from gradtel.integrations.transformers import GradtelTrainerCallback
 
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(
-        GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)
-    )
+    model = tiny_gpt2()
     bad = model.transformer.h[1].mlp.c_fc.weight
     backwards = [0]
 
@@ -242,10 +235,10 @@ def test_transformers_callback_counts_a_short_last_cycle_before_clipping(tmp_pat
             param.grad.view(-1)[:3] = NAN
 
     bad.register_post_accumulate_grad_hook(poison)
-    found: list[Any] = []
     gradtel_callback = GradtelTrainerCallback(
         serve_metrics=False, on_warning="ignore", on_critical="ignore"
     )
+    found = published_from_training(gradtel_callback)
     args = TrainingArguments(
         output_dir=str(tmp_path), num_train_epochs=1, per_device_train_batch_size=2,
         gradient_accumulation_steps=2, max_grad_norm=1.0, report_to=[], save_strategy="no",
@@ -253,26 +246,16 @@ def test_transformers_callback_counts_a_short_last_cycle_before_clipping(tmp_pat
     )  # fmt: skip
     data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 64, (10, 12))]
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[gradtel_callback])
-    original = gradtel_callback.on_train_begin
-
-    def subscribe(*args: Any, **kwargs: Any) -> None:
-        original(*args, **kwargs)
-        gradtel_callback.session.monitor.subscribe(found.append)
-
-    gradtel_callback.on_train_begin = subscribe  # type: ignore[method-assign]
     trainer.train()
     assert [dict(h.nan_by_layer) for h in found] == [{}, {}, {"transformer.h.1.mlp.c_fc": 3}]
 
 
 def test_transformers_trainer_callback_reads_the_models_own_loss(tmp_path: Path) -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     from gradtel.integrations.transformers import GradtelTrainerCallback
 
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(
-        GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)
-    )
+    model = tiny_gpt2()
     forwards = [0]
 
     def nan_input(module: nn.Module, args: Any, output: torch.Tensor) -> None:
@@ -350,14 +333,11 @@ def test_lightning_16_mixed_overflows_are_skips_not_unhealthy_and_checkpoints_go
 
 
 def test_transformers_callback_counts_the_scalers_overflows_as_skips(tmp_path: Path) -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     from gradtel.integrations.transformers import GradtelTrainerCallback
 
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(
-        GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)
-    )
+    model = tiny_gpt2()
     backwards = [0]
 
     def overflow(param: torch.Tensor) -> None:

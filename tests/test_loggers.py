@@ -21,7 +21,7 @@ from torch import nn
 
 from gradtel import GradHealth, GradMonitor, HealthTally, Status, Thresholds
 
-from .conftest import net, sample, samples
+from .conftest import net, sample, samples, tiny_gpt2
 
 NAN, INF = float("nan"), float("inf")
 
@@ -608,12 +608,9 @@ def test_lightning_logger_path_adds_no_host_read(
 
 
 def gpt2_trainer(tmp_path: Path, callback: Any, report_to: list[str], **args: Any) -> Any:
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(
-        GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)
-    )
+    model = tiny_gpt2()
     ids = torch.randint(0, 64, (16, 12))
     data = [{"input_ids": row, "labels": row} for row in ids]
     arguments = TrainingArguments(
