@@ -21,6 +21,8 @@ NaN and Inf counts, and its ``gradtel_origin_updates_total``.
   README's recipe), then a NaN on rank 1.
 - ``custom_reduce_scatter/<when>``: ``fully_shard`` with the application's own
   reduce-scatter, set before or after ``GradMonitor(model)``.
+- ``flat/kept``, ``flat/flattened``: FSDP with ``use_orig_params=True`` and ``False``, the
+  same updates (rank 1 alone has a NaN in the second).
 - ``sampled``: DDP with ``sample_every=2``; rank 1 alone has a NaN in update 2 (sampled
   out), then in update 5 (scanned).
 """
@@ -156,6 +158,21 @@ def attached(scenario: str, scan: str, bad_pass: int, **ddp: Any) -> None:
     watched.monitor.close()
 
 
+def flat(scenario: str, use_orig_params: bool) -> None:
+    """FSDP with its parameters flattened into one per unit, or kept: the same updates."""
+    model = FullyShardedDataParallel(
+        net(), use_orig_params=use_orig_params, device_id=torch.device("cpu")
+    )
+    watched = Watched(model)
+    torch.manual_seed(1 + dist.get_rank())  # the same inputs for both
+    by_layer = []
+    for bad in ((), (0,)):
+        update(model, bad)
+        by_layer.append(dict(watched.monitor.collect().nan_by_layer))
+    say(scenario, by_layer=by_layer, layers=list(watched.monitor.layers))
+    watched.monitor.close()
+
+
 def nan_in_gradients(model: nn.Module) -> int:
     return sum(int(torch.isnan(p.grad).sum()) for p in model.parameters() if p.grad is not None)
 
@@ -266,6 +283,8 @@ def main() -> None:
         again(flavour)
     for when in ("before", "after"):
         custom_reduce_scatter(when)
+    flat("flat/kept", use_orig_params=True)
+    flat("flat/flattened", use_orig_params=False)
     sampled()
     dist.destroy_process_group()
 

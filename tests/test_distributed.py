@@ -346,6 +346,19 @@ def test_fully_shard_counts_around_the_applications_own_reduce_scatter(
 
 
 @SHARES_ORIGINS
+def test_fsdp_flat_parameters_are_counted_under_the_layers_they_were_made_of(
+    origins: dict[str, list[dict[str, Any]]],
+) -> None:
+    """``FullyShardedDataParallel(use_orig_params=False)``, FSDP's default, flattens a unit's
+    parameters into one: every count went under ``(root)``. Each rank now counts its shard's
+    spans under their layers, as with the parameters kept."""
+    kept, flattened = origins["flat/kept"], origins["flat/flattened"]
+    assert [r["by_layer"] for r in flattened] == [r["by_layer"] for r in kept], origins
+    assert any(r["by_layer"][1] for r in kept), kept  # the NaN is there
+    assert all(set(r["layers"]) <= {"0", "2"} for r in flattened), flattened
+
+
+@SHARES_ORIGINS
 def test_a_nan_in_a_sampled_out_update_is_no_origin_of_the_next(
     origins: dict[str, list[dict[str, Any]]],
 ) -> None:

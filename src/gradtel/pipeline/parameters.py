@@ -49,25 +49,35 @@ class Gradients:
 
 class Watched:
     """The watched parameters: their layer labels, the order backward makes their
-    gradients in, and their gradients as the scan counts them."""
+    gradients in, and their gradients as the scan counts them.
+
+    A parameter FSDP flattened several into (``use_orig_params=False``) is watched once
+    per parameter of this rank's shard, each the span of the flat gradient it holds, so
+    that its counts go to the layers it was made of."""
 
     def __init__(
         self, named: list[tuple[str, torch.nn.Parameter]], max_layers: int, depth: int | None
     ) -> None:
-        self.params = tuple(p for _, p in named)
-        self.labels = assign_layers((n for n, _ in named), max_layers=max_layers, depth=depth)
+        self._given = tuple(p for _, p in named)
+        spread = [(name, p, span) for n, p in named for name, span in _flattened_into(n, p)]
+        self.params = tuple(p for _, p, _ in spread)
+        self._spans = tuple(span for _, _, span in spread)
+        self.labels = assign_layers((n for n, _, _ in spread), max_layers=max_layers, depth=depth)
         self.layers = tuple(distinct(self.labels))
         self.order = BackwardOrder(self.params)
         # Gradients of these dtypes are counted as they are when strided.
         dtensor = imported("torch.distributed.tensor", "DTensor") or ()
-        self._plain = [p.dtype in _PLAIN_DTYPES and not isinstance(p, dtensor) for p in self.params]
+        self._plain = [
+            p.dtype in _PLAIN_DTYPES and not isinstance(p, dtensor) and span is None
+            for p, span in zip(self.params, self._spans)
+        ]
         self._all_plain = all(self._plain)
         self.everyone = tuple(range(len(self.params)))
         self._layer_slots: tuple[tuple[int, ...], torch.Tensor, tuple[str, ...]] | None = None
 
     def same(self, named: list[tuple[str, torch.nn.Parameter]]) -> bool:
         """Whether ``named`` holds exactly these parameters."""
-        return same_objects([p for _, p in named], self.params)
+        return same_objects([p for _, p in named], self._given)
 
     def trainable_layers(self) -> list[str]:
         return distinct([label for label, p in zip(self.labels, self.params) if p.requires_grad])
@@ -96,6 +106,9 @@ class Watched:
             else:
                 dense = dense and grad.layout is strided
                 countable = countable_values(grad)
+                span = self._spans[index]
+                if countable is not None and span is not None:  # one of a flat parameter's
+                    countable = countable.reshape(-1)[span[0] : span[1]]
             if countable is None:
                 skipped += 1
                 cannot_count(
@@ -119,6 +132,25 @@ class Watched:
             slots = [names.setdefault(self.labels[i], len(names)) for i in present]
             kept = self._layer_slots = (present, torch.tensor(slots, device=device), tuple(names))
         return kept[1], kept[2]
+
+
+def _flattened_into(
+    name: str, param: torch.nn.Parameter
+) -> list[tuple[str, tuple[int, int] | None]]:
+    """``param``'s name, or, for FSDP's ``FlatParameter``, the names of the parameters of this
+    rank's shard it holds and the span of its gradient each one takes."""
+    fqns, shard = getattr(param, "_fqns", None), getattr(param, "_shard_param_infos", None)
+    if fqns is None or shard is None:
+        return [(name, None)]
+    unit = name.rpartition(".")[0]  # the FSDP unit's path: its parameters' names are under it
+    return [
+        (
+            f"{unit}.{fqn}" if unit else fqn,
+            (info.offset_in_shard, info.offset_in_shard + info.numel_in_shard),
+        )
+        for fqn, info in zip(fqns, shard)
+        if info.in_shard
+    ]
 
 
 def named_parameters(model: object) -> list[tuple[str, torch.nn.Parameter]]:
