@@ -3,13 +3,18 @@ backward order that names the first bad layer."""
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import pytest
 import torch
+import torch.distributed as dist
 from opentelemetry.sdk.metrics import MeterProvider
 from prometheus_client import CollectorRegistry
 from torch import nn
 
-from gradtel import GradMonitor, Status
+import gradtel
+from gradtel import GradHealth, GradMonitor, Status
 
 from .conftest import Net, net_backward, sample, samples
 
@@ -122,3 +127,53 @@ def test_first_bad_layer_names_where_the_values_started_not_where_they_spread(
         if key[0] == "gradtel_first_bad_layer" and ("layer", "body.2") in key[1]
     ]
     assert sample(found, "gradtel_first_bad_layer", kind="nan", layer="body.0") == 2
+
+
+@pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")
+def test_an_fsdp_flat_parameter_is_counted_and_normed_by_the_layers_it_holds(
+    provider: MeterProvider, tmp_path: Path
+) -> None:
+    """``FullyShardedDataParallel(use_orig_params=False)`` in a one-process group: against
+    the same model unwrapped, each layer's NaN count and gradient norm, clipping with
+    gradtel (whose norm per flat parameter is no layer's: it made every layer's norm the
+    flat parameter's)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1
+    )
+    try:
+        torch.manual_seed(0)
+        plain = nn.Sequential(
+            nn.Linear(4, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 1))
+        )
+        flat = FullyShardedDataParallel(copy.deepcopy(plain), device_id=torch.device("cpu"))
+        monitor = GradMonitor(flat, meter_provider=provider, layer_norms=True, on_critical="ignore")
+        published: list[GradHealth] = []
+        monitor.subscribe(published.append)
+        x = torch.randn(2, 4)
+        x[1, 2] = float("nan")
+        for model in (flat, plain):
+            model(x).sum().backward()
+        gradtel.clip_grad_norm_(flat.parameters(), 1e9, monitor=monitor)
+        nan: dict[str, int] = {}
+        for name, p in plain.named_parameters():
+            nan[name.rpartition(".")[0]] = nan.get(name.rpartition(".")[0], 0) + int(
+                p.grad.isnan().sum()
+            )
+        assert dict(published[-1].nan_by_layer) == nan and set(monitor.layers) == set(nan)
+        x[1, 2] = 1.0  # and a healthy update, for the norms
+        for model in (flat, plain):
+            model.zero_grad()
+            model(x).sum().backward()
+        gradtel.clip_grad_norm_(flat.parameters(), 1e9, monitor=monitor)
+        norms = {
+            layer: torch.linalg.vector_norm(
+                torch.cat([p.grad.flatten() for p in module.parameters()])
+            ).item()
+            for layer, module in (("0", plain[0]), ("2.0", plain[2][0]), ("2.1", plain[2][1]))
+        }
+        assert published[-1].layer_grad_norms == pytest.approx(norms, rel=1e-5)
+        monitor.close()
+    finally:
+        dist.destroy_process_group()

@@ -61,7 +61,8 @@ class Watched:
         self._given = tuple(p for _, p in named)
         spread = [(name, p, span) for n, p in named for name, span in _flattened_into(n, p)]
         self.params = tuple(p for _, p, _ in spread)
-        self._spans = tuple(span for _, _, span in spread)
+        self.spans = tuple(span for _, _, span in spread)
+        """Per watched parameter, the span of a flat parameter's gradient it is, or None."""
         self.labels = assign_layers((n for n, _, _ in spread), max_layers=max_layers, depth=depth)
         self.layers = tuple(distinct(self.labels))
         self.order = BackwardOrder(self.params)
@@ -69,7 +70,7 @@ class Watched:
         dtensor = imported("torch.distributed.tensor", "DTensor") or ()
         self._plain = [
             p.dtype in _PLAIN_DTYPES and not isinstance(p, dtensor) and span is None
-            for p, span in zip(self.params, self._spans)
+            for p, span in zip(self.params, self.spans)
         ]
         self._all_plain = all(self._plain)
         self.everyone = tuple(range(len(self.params)))
@@ -106,7 +107,7 @@ class Watched:
             else:
                 dense = dense and grad.layout is strided
                 countable = countable_values(grad)
-                span = self._spans[index]
+                span = self.spans[index]
                 if countable is not None and span is not None:  # one of a flat parameter's
                     countable = countable.reshape(-1)[span[0] : span[1]]
             if countable is None:

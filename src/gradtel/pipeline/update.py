@@ -259,7 +259,8 @@ def launch(
         else:
             summary = []
             for i, v in zip(present, values):
-                norm = norms.get(watched.params[i])
+                # A flat parameter's norm is not its spans': they get their own.
+                norm = norms.get(watched.params[i]) if watched.spans[i] is None else None
                 summary.append(torch.linalg.vector_norm(v) if norm is None else norm)
     # Clipping passes its total only with L2 norms, which are then reused.
     l2 = summary if summary is not None and total_norm is not None else None
