@@ -222,6 +222,28 @@ def test_the_peak_is_the_largest_of_the_monitors_that_share_the_labels(
     spike = spiking.collect().grad_norm
     calm.collect()  # later, in the same second
     assert sample(samples(registry), "gradtel_grad_norm_peak") == pytest.approx(spike)
+    # And so is the norm, which the spike alert holds the peak against: the calm one's,
+    # collected last, made a GAN's steady norms a spike of the peak over the median.
+    assert sample(samples(registry), "gradtel_grad_norm") == pytest.approx(spike)
+    spiking.close()  # a closed monitor's norm is no longer the largest
+    calm.collect()
+    assert sample(samples(registry), "gradtel_grad_norm") == pytest.approx(
+        torch_norm(discriminator)
+    )
+
+
+def test_a_layer_frozen_since_has_no_layer_norm(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    """It kept its norm of the last update it trained in, forever."""
+    model = trained(3)
+    monitor = gradtel.GradMonitor(model, meter_provider=provider, layer_norms=True)
+    monitor.collect()
+    model[0].requires_grad_(False)
+    model[0].weight.grad = model[0].bias.grad = None
+    assert set(monitor.collect().layer_grad_norms or ()) == {"2"}
+    exported = {labels for name, labels in samples(registry) if name == "gradtel_layer_grad_norm"}
+    assert exported == {frozenset({("layer", "2")})}
 
 
 def test_a_norm_asked_for_but_not_computed_for_sparse_gradients_is_said(

@@ -685,6 +685,86 @@ def test_attach_and_gradtel_clipping_export_the_gradient_norm(
     assert sample(samples(registry), "gradtel_grad_norm") == pytest.approx(float(total))
 
 
+def test_collect_before_and_after_the_step_beside_attach_is_one_update(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    """Two collections of the user around an attached step counted the update twice, the
+    second time after clipping; a "raise" policy's update, caught, was counted again."""
+    model, optimizer, monitor = make(provider)
+    monitor.attach(optimizer)
+    for bad in (False, True, False):
+        optimizer.zero_grad()
+        x = torch.randn(4, 8)
+        x[0, 0] = NAN if bad else x[0, 0]
+        model(x).pow(2).mean().backward()
+        before = monitor.collect()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # spreads a NaN everywhere
+        optimizer.step()
+        assert monitor.collect() is before
+    assert sample(samples(registry), "gradtel_updates_total") == 3
+    monitor.close()
+
+    registry = CollectorRegistry()
+    model, optimizer, _ = make(prometheus_meter_provider(CollectorRegistry()))
+    raising = GradMonitor(
+        model,
+        meter_provider=prometheus_meter_provider(registry),
+        on_warning="raise",
+        on_critical="raise",
+    )
+    raising.attach(optimizer)
+    x = torch.randn(4, 8)
+    x[0, 0] = NAN
+    model(x).pow(2).mean().backward()
+    with pytest.raises(gradtel.NonFiniteGradientError) as raised:
+        optimizer.step()
+    assert raising.collect() is raised.value.health  # repeated, raising no more
+    assert sample(samples(registry), "gradtel_updates_total") == 1
+
+
+def test_a_look_left_by_a_removed_attachment_is_not_counted(provider: MeterProvider) -> None:
+    """A NaN pass, the attachment removed before the step, clean gradients written into the
+    same tensors by the next pass: ``collect()`` counted the removed attachment's look."""
+    model, optimizer, monitor = make(provider)
+    attachment = monitor.attach(optimizer)
+    x = torch.randn(4, 8)
+    x[0, 0] = NAN
+    optimizer.zero_grad(set_to_none=False)
+    model(x).pow(2).mean().backward()
+    attachment.remove()
+    optimizer.zero_grad(set_to_none=False)
+    model(torch.randn(4, 8)).pow(2).mean().backward()
+    assert monitor.collect().nan_total == 0
+
+
+@pytest.mark.parametrize("how", ["fused", "scan backward"])
+def test_the_norm_of_gradients_still_scaled_is_divided_by_the_scale(
+    provider: MeterProvider, registry: CollectorRegistry, how: str
+) -> None:
+    """A fused optimizer unscales inside its step, and ``scan="backward"`` looks before the
+    scaler does: the norms exported were the loss scale (4096) times the optimizer's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    fused = how == "fused"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, fused=fused or None)
+    monitor = GradMonitor(model, meter_provider=provider, grad_norm=True, layer_norms=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4096.0)
+    monitor.attach(optimizer, scaler=scaler, scan="step" if fused else "backward")
+    found = record_collects(monitor)
+    scaler.scale(model(torch.randn(4, 8)).pow(2).mean()).backward()
+    unscaled = [p.grad / 4096.0 for p in model.parameters()]
+    scaler.step(optimizer)
+    scaler.update()
+    assert found[-1].grad_norm == pytest.approx(float(nn.utils.get_total_norm(unscaled)))
+    assert found[-1].layer_grad_norms == pytest.approx(
+        {
+            "0": float(nn.utils.get_total_norm(unscaled[:2])),
+            "2": float(nn.utils.get_total_norm(unscaled[2:])),
+        }
+    )
+    assert sample(samples(registry), "gradtel_grad_norm") == pytest.approx(found[-1].grad_norm)
+
+
 def test_attaching_twice_to_one_optimizer_is_refused(provider: MeterProvider) -> None:
     model = Net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)

@@ -52,6 +52,22 @@ def test_the_local_norm_is_the_norm_of_this_ranks_own_gradients(
         )
 
 
+def test_under_a_grad_scaler_the_local_norm_is_of_the_unscaled_gradients(
+    one_rank_group: None,  # noqa: F811
+    provider: MeterProvider,
+) -> None:
+    """The reduction runs in backward, on gradients still multiplied by the loss scale: the
+    local norm was the scale (1024) times this rank's own."""
+    ddp = nn.parallel.DistributedDataParallel(net(), bucket_cap_mb=1e-4)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.0)
+    monitor = gradtel.GradMonitor(ddp, meter_provider=provider)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(ddp(torch.randn(8, 4)).sum()).backward()
+    scaler.unscale_(optimizer)
+    expected = reference_norm(ddp)  # one rank: the reduced gradients are its own
+    assert monitor.collect(scaler=scaler).local_grad_norm == pytest.approx(expected, rel=1e-6)
+
+
 def test_with_no_sync_the_local_norm_is_of_the_accumulated_gradients(
     one_rank_group: None,  # noqa: F811
     provider: MeterProvider,

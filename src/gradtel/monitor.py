@@ -45,7 +45,7 @@ from .pipeline.fingerprint import fingerprint, replica_check
 from .pipeline.layers import DEFAULT_MAX_LAYERS
 from .pipeline.listeners import Listeners
 from .pipeline.parameters import named_parameters, registrations, watch_registrations
-from .pipeline.policy import Action, Policy
+from .pipeline.policy import Action, NonFiniteGradientError, Policy
 from .pipeline.readout import Pending, Readout
 from .pipeline.stage import ScanStage, added
 from .pipeline.update import Norms, Update
@@ -254,6 +254,11 @@ class GradMonitor:
         """The optimizer (its id) whose attachment made the latest update; None: the user."""
         self._returned: GradHealth | None = None
         """What ``collect()`` returned last: a repeated call returns it again."""
+        self._gradients_scaled = False
+        """Set by an attachment for the next ``collect()``: the gradients are still scaled."""
+        self._first_grad: torch.Tensor | None = None
+        """The first watched parameter's gradient at the latest collection: another one is
+        another update."""
         self._listeners = Listeners(on_error=self._failed_weakly("record"))
         if self.readout == "deferred":
             self._telemetry.context.deferred.add(self)  # a scrape publishes, the exit wait flushes
@@ -442,17 +447,25 @@ class GradMonitor:
         """
         overflow_possible = check_collect(step, scaler, loss, total_norm)
         with self._lock, torch.no_grad():
+            scaled, self._gradients_scaled = self._gradients_scaled, False
             if self._closed:  # its parameters may be another monitor's: never count them twice
                 return self._closed_collect(step)
             # attach() and the user's collect() or gradtel.clip_grad_norm_ around the step:
-            # the first one after backward collects the update, the others repeat its health.
-            repeat = self._pass_collected and self._collected_by is not None
-            if repeat and self._returned is not None:
+            # the first one after backward collects the update, the others repeat its health
+            # (gradients given anew without a backward pass are an update of their own).
+            first = self.parameters[0].grad if self.parameters else None
+            if self._pass_collected and self._returned is not None and first is self._first_grad:
                 return self._returned
             if self._pass_collected is False:
                 self._pass_collected = True
-            self._returned, self._collected_by = None, None  # the user's, until told
-            self._returned = self._collect(norms, scaler, loss, step, total_norm, overflow_possible)
+            self._first_grad, self._collected_by = first, None  # the user's, until told
+            try:
+                self._returned = self._collect(
+                    norms, scaler, loss, step, total_norm, overflow_possible, scaled
+                )
+            except NonFiniteGradientError as exc:  # "raise": a repeat raises no more
+                self._returned = exc.health
+                raise
             return self._returned
 
     def _collect(
@@ -463,10 +476,13 @@ class GradMonitor:
         step: int | None,
         total_norm: torch.Tensor | None,
         overflow_possible: bool,
+        scaled: bool,
     ) -> GradHealth:
         """:meth:`collect`, under its lock."""
         started = time.perf_counter()
         looked, looked_origin = self._stage.take_look(loss)
+        if self._pass_collected is None:  # the attachment that looked was removed since
+            looked = None
         self._telemetry.note_collect()
         self._step += 1
         self._training_step = self._step if step is None else step
@@ -491,6 +507,7 @@ class GradMonitor:
                 total_norm=total_norm,
                 origin=added(looked_origin, self.origin.take()),
                 scale=_scale_of(scaler) if overflow_possible else None,
+                scaled=scaled,
             )
         else:  # attach() looked at the gradients as backward left them
             update = looked

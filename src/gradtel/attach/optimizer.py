@@ -65,6 +65,12 @@ class Collector(Protocol):
     _collected_by: int | None
     """The optimizer (its id) whose attachment made the latest update; None: the user."""
 
+    _gradients_scaled: bool
+    """For the next ``collect()``: the gradients are still multiplied by the loss scale."""
+
+    _first_grad: torch.Tensor | None
+    """The first watched parameter's gradient at the latest collection."""
+
 
 class Attachment:
     """What :func:`attach` installed; ``remove()`` takes it all away."""
@@ -155,8 +161,10 @@ def attach(
     def count_step(*args: Any) -> None:
         taken[0] += 1
         if monitor._collected_by == id(optimizer) and monitor._pass_collected is False:
-            # Closure passes after the step's collection (LBFGS): still the same update.
+            # Closure passes after the step's collection (LBFGS): still the same update,
+            # whose gradients are those now.
             monitor._pass_collected = True
+            monitor._first_grad = monitor.parameters[0].grad if monitor.parameters else None
 
     def resumed(opt: torch.optim.Optimizer) -> None:
         taken[0] = steps_taken(opt)
@@ -168,7 +176,8 @@ def attach(
         attachment._undo.append(lambda: _every_backward.discard(monitor))
         collect = _Stepped(monitor, taken, step, None, optimizer, loss)
         attachment._undo.append(lambda: setattr(monitor, "_pass_collected", None))
-        hooks = _EndsOfBackward(monitor, lambda: collect(scaler=scaler))
+        scaled = scaler is not None and scaler.is_enabled()  # at the end of backward: yes
+        hooks = _EndsOfBackward(monitor, lambda: collect(scaler=scaler, scaled=scaled))
         attachment._undo.append(hooks.remove)
         _check_at_step(hooks, optimizer, attachment, scaler)
         return attachment
@@ -396,7 +405,7 @@ class _Stepped:
         self.monitor, self.taken, self.step = monitor, taken, step
         self.passes, self.optimizer, self.loss = passes, optimizer, loss
 
-    def __call__(self, scaler: torch.amp.GradScaler | None = None) -> object:
+    def __call__(self, scaler: torch.amp.GradScaler | None = None, scaled: bool = False) -> object:
         loss = None
         monitor, mine = self.monitor, id(self.optimizer)
         if self.passes is not None:  # at the step
@@ -419,6 +428,7 @@ class _Stepped:
                     "optimizer's steps instead", exc,
                 )  # fmt: skip
         try:
+            monitor._gradients_scaled = scaled
             return monitor.collect(scaler=scaler, step=step, loss=loss)
         finally:
             monitor._collected_by = mine  # the user's collect() now repeats its health
@@ -524,7 +534,7 @@ def _around_scaler(
     def before_step(*args: Any) -> None:
         # A fused optimizer's step unscales by itself: the scaler called no unscale_.
         if not unscaled[0]:
-            collect(scaler=scaler)
+            collect(scaler=scaler, scaled=True)
         unscaled[0] = False
 
     _ScalerTap.on(scaler, "unscale_", after_unscale, attachment)

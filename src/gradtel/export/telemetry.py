@@ -276,10 +276,15 @@ class Instruments:
                 yield Observation(latest.local_grad_norm, latest.labels)  # type: ignore[arg-type]
 
     def _latest_norms(self) -> Iterable[tuple[GradTelemetry, float]]:
-        """Per set of labels, the monitor that recorded a norm last, and its norm (none: no series yet)."""
+        """Per set of labels, the largest latest norm of the open monitors sharing them (a
+        GAN's two, whose peak is the largest of theirs too: the spike alert compares the
+        two), else the norm of the monitor that recorded one last (none: no series yet)."""
         for sources in self._by_labels().values():
             normed = [(s, s.grad_norm) for s in sources if s.grad_norm is not None]
-            if normed:
+            watching = [pair for pair in normed if pair[0].closed is None]
+            if watching:
+                yield max(watching, key=lambda pair: pair[1])
+            elif normed:
                 yield max(normed, key=lambda pair: pair[0].last_norm)
 
     def _observe_layer_norms(self, options: CallbackOptions) -> Iterable[Observation]:
@@ -649,7 +654,9 @@ class GradTelemetry:
             raise failure
 
     def _keep_layer_norms(self, norms: Mapping[str, float]) -> None:
-        kept = dict(self.layer_norms)  # swapped whole: a scrape may be reading the old one
+        # Swapped whole: a scrape may be reading the old one. A layer with no gradient in
+        # this update (frozen since) has no norm; a non-finite one keeps its last finite.
+        kept = {layer: value for layer, value in self.layer_norms.items() if layer in norms}
         for layer, norm in norms.items():
             if math.isfinite(norm):
                 attrs = kept[layer][0] if layer in kept else {**self.labels, "layer": layer}

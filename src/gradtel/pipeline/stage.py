@@ -83,6 +83,7 @@ class ScanStage:
         total_norm: torch.Tensor | None = None,
         origin: torch.Tensor | None = None,
         scale: torch.Tensor | None = None,
+        scaled: bool = False,
         exact: bool = False,
     ) -> Update:
         """Update ``sequence`` (training step ``step``) with its scan queued on the device,
@@ -106,6 +107,7 @@ class ScanStage:
                 total_norm=total_norm,
                 origin=origin,
                 scale=scale,
+                scaled=scaled,
                 local=self._origin.installed,
                 grad_norm=self._options.grad_norm,
                 layer_norms=self._layer_norms,

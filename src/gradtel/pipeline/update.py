@@ -60,6 +60,9 @@ class ReadAlong:
     """The L2 norm of each of ``layers``' gradients (float64)."""
     scale: torch.Tensor | None = None
     """The AMP scaler's loss scale (float64)."""
+    scaled: bool = False
+    """The gradients are still multiplied by ``scale`` (a fused optimizer unscales in its
+    step, ``scan="backward"`` looks before the scaler does): their norms are divided by it."""
     local: bool = False
     """This rank's counts before the reduction are reported (a hook feeds them); 0 when
     none came with this update."""
@@ -88,7 +91,18 @@ class ReadAlong:
         if self.layer_norms is not None:
             found["layer_grad_norms"] = {layer: next(it) for layer in self.layers}
         if self.scale is not None:
-            found["loss_scale"] = next(it)
+            found["loss_scale"] = scale = next(it)
+            # Norms of the gradients as the optimizer takes them, unscaled; this rank's own
+            # before the reduction were taken in backward, scaled, always.
+            if self.scaled and scale:
+                if "grad_norm" in found:
+                    found["grad_norm"] /= scale
+                if "layer_grad_norms" in found:
+                    found["layer_grad_norms"] = {
+                        layer: norm / scale for layer, norm in found["layer_grad_norms"].items()
+                    }
+            if found.get("local_grad_norm") is not None and scale:
+                found["local_grad_norm"] /= scale
         return found
 
 
@@ -236,6 +250,7 @@ def launch(
     total_norm: torch.Tensor | None = None,
     origin: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
+    scaled: bool = False,
     local: bool = False,
     grad_norm: bool = False,
     layer_norms: bool = False,
@@ -283,6 +298,7 @@ def launch(
         layers=layers,
         layer_norms=by_layer,
         scale=None if scale is None else scale.detach().double().reshape(1),
+        scaled=scaled,
         local=local,
     )
     extra = along.tensors()
