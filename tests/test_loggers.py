@@ -21,7 +21,7 @@ from torch import nn
 
 from gradtel import GradHealth, GradMonitor, HealthTally, Status, Thresholds
 
-from .conftest import net, sample, samples, tiny_gpt2
+from .conftest import absent, net, sample, samples, tiny_gpt2
 
 NAN, INF = float("nan"), float("inf")
 
@@ -515,6 +515,117 @@ def test_lightning_manual_optimization_logs_each_update_at_the_next_logged_step_
     rows = csv_rows(Path(logger.log_dir) / "metrics.csv", "gradtel/nan_total")
     assert rows == [(step, f"{float(n)}") for step, n in zip([2, 5, 7], expected, strict=True)]
     assert [json.loads(line)["step"] for line in record.read_text().splitlines()] == [bad_batch]
+
+
+def two_optimizer_module(bad_batch: int, passes: str) -> Any:
+    """Manual optimization, an optimizer for the body and one for the head, a NaN in the
+    body's gradient at ``bad_batch``. ``passes="one"``: one backward pass, then both
+    optimizers step; ``"each"``: a backward pass before each optimizer's step (as a GAN's
+    two). ``reference``: ``(batch_idx, NaN count)`` of all gradients right after each
+    ``manual_backward``, as backward left them."""
+    import lightning.pytorch as pl
+
+    class Still(torch.optim.SGD):
+        def step(self, closure: Any = None) -> Any:  # the weights keep no NaN
+            return closure() if closure is not None else None
+
+    class TwoOptimizers(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.body, self.head = nn.Linear(8, 8), nn.Linear(8, 1)
+            self.body.weight.register_hook(self.poison)
+            self.bad_batch = False
+            self.reference: list[tuple[int, int]] = []
+
+        def poison(self, grad: torch.Tensor) -> torch.Tensor:
+            if self.bad_batch:
+                grad = grad.clone()
+                grad[0, :2] = NAN
+            return grad
+
+        def backward_pass(self, batch: Any, batch_idx: int) -> None:
+            x, y = batch
+            loss = (self.head(torch.relu(self.body(x))) - y).pow(2).mean()
+            self.manual_backward(loss)
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            self.reference.append((batch_idx, sum(int(g.isnan().sum()) for g in grads)))
+
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            self.bad_batch = batch_idx == bad_batch
+            body, head = self.optimizers()
+            body.zero_grad()
+            head.zero_grad()
+            self.backward_pass(batch, batch_idx)
+            body.step()
+            if passes == "each":
+                body.zero_grad()
+                head.zero_grad()
+                self.backward_pass(batch, batch_idx)
+            head.step()
+
+        def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+            return [Still(self.body.parameters(), lr=0.0), Still(self.head.parameters(), lr=0.0)]
+
+    return TwoOptimizers()
+
+
+@pytest.mark.parametrize(
+    ("readout", "scaler"), [("sync", False), ("deferred", False), ("sync", True)]
+)
+@pytest.mark.parametrize("passes", ["one", "each"])
+@framework
+def test_lightning_manual_optimization_counts_a_backward_pass_once_however_many_optimizers_step(
+    tmp_path: Path,
+    provider: MeterProvider,
+    registry: CollectorRegistry,
+    readout: str,
+    scaler: bool,
+    passes: str,
+) -> None:
+    """One backward pass, then two optimizers step (each over its half of the model): one
+    update, counted as backward left the gradients, not once more at the second step (with
+    no look left, of the gradients after the first step). A backward pass per optimizer is
+    an update each. ``scaler``: under a real fp16 ``GradScaler`` (counted at the step, after
+    ``unscale_``), the same, and each NaN update is one ``amp_overflow`` skip."""
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from gradtel.integrations.lightning import GradtelCallback
+
+    seen: list[GradHealth] = []
+
+    class Observed(GradtelCallback):
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            super().on_fit_start(trainer, pl_module)
+            self.session.monitor.subscribe(seen.append)
+
+    module = two_optimizer_module(bad_batch=2, passes=passes)
+    logger = CSVLogger(tmp_path / "csv")
+    callback = Observed(
+        serve_metrics=False, on_warning="ignore", readout=readout, meter_provider=provider
+    )
+    amp = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=1024.0))
+    plugins = [amp] if scaler else []
+    fit(module, tmp_path, [logger], callback, max_epochs=1, log_every_n_steps=1,
+        limit_train_batches=4, plugins=plugins)  # fmt: skip
+    passes_made = 4 if passes == "one" else 8
+    assert len(module.reference) == passes_made
+    assert [(h.step, h.nan_total) for h in seen] == module.reference
+    assert [h.amp_overflow for h in seen] == [scaler and n > 0 for _, n in module.reference]
+    assert [n for _, n in module.reference if n] == ([2] if passes == "one" else [2, 2])
+    found = samples(registry)
+    assert sample(found, "gradtel_updates_total") == passes_made
+    skipped = sample(found, "gradtel_skipped_updates_total", reason="amp_overflow")
+    assert skipped == (passes_made // 4 if scaler else 0)
+    if scaler:  # an overflow the scaler handles is a skip, not NaN gradients
+        absent(found, "gradtel_nan_grads_total", layer="body")
+    else:  # the NaN are all the body's (the head's series is never born: it had none)
+        nan_total = sum(n for _, n in module.reference)
+        assert sample(found, "gradtel_nan_grads_total", layer="body") == nan_total
+    logged = csv_scalars(Path(logger.log_dir) / "metrics.csv")["gradtel/nan_total"]
+    bad_logged = {} if scaler else {2: float(2 * passes_made // 4)}  # a skip is no NaN count
+    assert {step: n for step, n in logged.items() if n} == bad_logged
 
 
 @pytest.mark.parametrize("optimization", ["automatic", "manual"])

@@ -108,7 +108,7 @@ def test_an_update_reads_along_its_loss_norm_and_scale_and_names_them_again() ->
     assert update.state is State.READ and health is update.read_out(scanner)
     assert (health.step, health.nan_by_layer, health.first_nan_layer) == (7, {"1": 1}, "1")
     assert (health.local_nan_total, health.local_inf_total) == (2, 1)
-    assert health.local_grad_norm == 3.0
+    assert health.local_grad_norm == 3.0 / 1024  # taken in backward, still scaled
     assert health.loss_finite is True and health.loss_scale == 1024.0
     assert health.grad_norm is not None and health.grad_norm != health.grad_norm  # NaN
     assert set(health.layer_grad_norms or {}) == {"0", "1"}

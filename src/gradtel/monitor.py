@@ -481,8 +481,6 @@ class GradMonitor:
         """:meth:`collect`, under its lock."""
         started = time.perf_counter()
         looked, looked_origin = self._stage.take_look(loss)
-        if self._pass_collected is None:  # the attachment that looked was removed since
-            looked = None
         self._telemetry.note_collect()
         self._step += 1
         self._training_step = self._step if step is None else step
@@ -720,6 +718,12 @@ class GradMonitor:
         attachment = attach(self, optimizer, scaler=scaler, scan=scan, step=step, loss=loss)
         self._attachments = [a for a in self._attachments if a.installed] + [attachment]
         return attachment
+
+    def _forget_look(self) -> None:
+        """Drop the look of the latest backward pass: the attachment that took it is gone,
+        and the next ``collect()`` counts the gradients it finds."""
+        with self._lock:
+            self._stage.take_look(None)
 
     def _look(self, loss: torch.Tensor | None = None) -> None:
         """Scan the gradients as backward left them, for the next :meth:`collect` to publish:

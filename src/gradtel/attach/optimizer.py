@@ -57,6 +57,9 @@ class Collector(Protocol):
     def _look(self, loss: torch.Tensor | None = None) -> None:
         """Scan the gradients as backward left them, for the next ``collect()``."""
 
+    def _forget_look(self) -> None:
+        """Drop that look."""
+
     _pass_collected: bool | None
     """Whether ``collect()`` ran since the latest backward pass an attachment saw end (a
     second call in between repeats the update's health, counting nothing); None while
@@ -354,6 +357,7 @@ class _Passes:
             self.hooks.remove()
             self._of.pop(self.monitor, None)
             self.monitor._pass_collected = None
+            self.monitor._forget_look()  # of a pass no step of the attachment collected
 
 
 def summed_loss(total: torch.Tensor | None, loss: object) -> torch.Tensor | None:

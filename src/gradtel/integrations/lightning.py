@@ -2,11 +2,13 @@
 
 Lightning calls ``on_before_optimizer_step`` once per optimizer update, after
 gradient accumulation and after AMP unscaling, and before gradient clipping:
-exactly where gradtel should count. With ``precision="16-mixed"`` the precision
-plugin's ``GradScaler`` skips the updates that overflow: the callback hands it to
-the monitor, so they are counted as ``amp_overflow`` skips, never as unhealthy,
-and never block a checkpoint. The monitor is made at ``on_fit_start``,
-after ``configure_model()`` has built the layers.
+exactly where gradtel should count. With manual optimization several optimizers
+may step one backward pass: the first of those steps collects it, the others
+count nothing again (one update per backward pass, as backward left it). With
+``precision="16-mixed"`` the precision plugin's ``GradScaler`` skips the updates
+that overflow: the callback hands it to the monitor, so they are counted as
+``amp_overflow`` skips, never as unhealthy, and never block a checkpoint. The
+monitor is made at ``on_fit_start``, after ``configure_model()`` has built the layers.
 
 The training step gradtel gives an update (on logs, pages and the incident record) is
 the one Lightning's loggers give the metrics of the batch that made it. With automatic
@@ -98,6 +100,10 @@ class GradtelCallback(Callback):
         self._counts: set[str] = set()
         """The keys of the counts logged so far."""
         self._loss: Tensor | None = None
+        self._collected_by: int | None = None
+        """Manual optimization: the optimizer whose step collected the latest backward pass."""
+        self._passes_seen = False
+        """Manual optimization: a backward pass has ended in ``manual_backward`` this fit."""
         self._undo: list[Callable[[], None]] = []
         self._in_checkpoint_hook = False
 
@@ -107,6 +113,7 @@ class GradtelCallback(Callback):
         self._since_log.take()
         self._counts.clear()
         self._stepped, self._loss = False, None
+        self._collected_by, self._passes_seen = None, False
         if self.log_to_loggers and trainer.loggers:
             monitor.subscribe(self._since_log.add)
         if self.session.protect_checkpoints and not self._undo:
@@ -152,19 +159,32 @@ class GradtelCallback(Callback):
         # (each micro-batch looks again), and publish the look at the step.
         # Under an enabled GradScaler the gradients are still scaled here (their norms too):
         # the update is counted at the step, after unscale_, as with automatic optimization.
+        # A new backward pass: the next optimizer step collects it (see on_before_optimizer_step).
         monitor = self.session.monitor
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if monitor is not None and not pl_module.automatic_optimization:
+            self._collected_by, self._passes_seen = None, True
             if enabled_scaler(scaler) is None:
                 monitor._look(self._loss)
 
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer
     ) -> None:
+        self._stepped = True
+        if not pl_module.automatic_optimization:
+            # One backward pass, stepped by several optimizers (each over its part of the
+            # model): the first step collects it, as backward left it; another optimizer's
+            # step before the next backward pass counts nothing again (the gradients it sees
+            # are the ones the first step left). As with attach(): the same optimizer stepping
+            # again with no backward pass in between is an update of its own.
+            mine = id(optimizer)
+            if self._passes_seen and self._collected_by not in (None, mine):
+                return
+            self._collected_by = mine
         # Under "16-mixed" the precision plugin's scaler has just unscaled, and skips overflows.
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self.session.collect(loss=self._loss, step=_logged_step(trainer), scaler=scaler)
-        self._loss, self._stepped = None, True
+        self._loss = None
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
