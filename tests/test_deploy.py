@@ -92,6 +92,12 @@ def test_rule_tests_cover_every_behaviour_the_alerts_promise() -> None:
         "GradtelTrainingCrashed critical fires when a restarted process crashes again, 15m after the last crash",
         "GradtelAmpLossScaleCollapsed fires when the loss scale keeps falling",
         "GradtelAmpLossScaleCollapsed does not fire while the loss scale settles in an fp16 run's first steps",
+        "GradtelAmpOverflowSkips does not fire while a run at one update a minute settles its loss scale in 6 halvings",
+        "GradtelAmpOverflowSkips does not fire while a run at one update a minute settles its loss scale in 16 halvings",
+        "GradtelAmpOverflowSkips fires when a run at one update a minute keeps skipping 2 of every 3 of its updates "
+        "after its loss scale settled",
+        "GradtelAmpOverflowSkips does not fire when a hung process that had skipped more than 16 updates restarts and "
+        "settles its loss scale anew, at one update a minute",
         "GradtelNaNGradients does not say the loss was non-finite when the incident's first update had a finite loss",
         "GradtelNaNGradients does not say the loss was non-finite when an older NaN incident in the window began with one",
         "GradtelTrainingCrashed critical stays critical for its window when the process restarts healthy on the same labels",

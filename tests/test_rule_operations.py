@@ -16,7 +16,15 @@ import yaml
 
 from gradtel.metrics import FIRST_BAD_LAYER, REPLICA_FINGERPRINT, REPLICA_FINGERPRINT_UPDATE
 from gradtel.render import KitOptions, write_kit
-from gradtel.render.alerts import amp_collapse, crash, promql, replicas, stalled, unhealthy
+from gradtel.render.alerts import (
+    amp_collapse,
+    amp_skips,
+    crash,
+    promql,
+    replicas,
+    stalled,
+    unhealthy,
+)
 from gradtel.render.options import duration_seconds, duration_text
 
 from .prometheus_versions import VERSIONS, bin_folder
@@ -26,6 +34,7 @@ pytestmark = pytest.mark.xdist_group("rule-operations")
 
 COUNTED = promql.counted
 AS_IT_STANDS = promql.as_it_stands
+SKIPPING = amp_skips._skipping
 
 
 def _born_where_the_offset_finds_nothing(
@@ -116,6 +125,35 @@ def _any_incident_that_began_with_one(o: KitOptions) -> str:
     )
     query = promql.query(f"max({series}) > 0", *promql.KIND_ARGS)
     return f"{{{{ with {query} }}}} The loss was already non-finite: it entered in the forward pass.{{{{ end }}}}"
+
+
+def _amp_skips_gated_by(gate: Callable[[KitOptions, str], str]) -> Callable[..., list[str]]:
+    """The AMP skips alert's share of the window's skipped updates, with the settle budget
+    of ``gate`` (none where it says nothing)."""
+
+    def skipping(o: KitOptions, selector: str) -> list[str]:
+        share = SKIPPING(o, selector)[:4]
+        budget = gate(o, f'gradtel_skipped_updates_total{{{selector},reason="amp_overflow"}}')
+        return [*share, "and ignoring (reason)", budget] if budget else share
+
+    return skipping
+
+
+def _no_settle_budget(o: KitOptions, skipped: str) -> str:
+    """A share of a window of minutes alone, as the rule was."""
+    return ""
+
+
+def _settle_budget_as_the_counter_stands(o: KitOptions, skipped: str) -> str:
+    return f"{skipped} > {amp_skips.SETTLE_SKIPS}"
+
+
+def _settle_budget_of_any_process_on_the_labels(o: KitOptions, skipped: str) -> str:
+    return f"max_over_time({skipped}[{o.window}]) > {amp_skips.SETTLE_SKIPS}"
+
+
+def _settle_budget_within_the_window(o: KitOptions, skipped: str) -> str:
+    return f"increase({skipped}[{o.window}]) > {amp_skips.SETTLE_SKIPS}"
 
 
 def _crash_of_any_process_before(o: KitOptions, scope: str, unhealthy: str = "") -> str:
@@ -220,6 +258,7 @@ def _ranks_counted_from_their_checks(checks: str, scope: str) -> str:
 
 
 NAN, INF, AMP = "GradtelNaNGradients", "GradtelInfGradients", "GradtelAmpLossScaleCollapsed"
+SKIPS = "GradtelAmpOverflowSkips"
 CRASHED = "GradtelTrainingCrashed"
 REPLICA = "GradtelReplicaDrifted"
 DOWN, STALLED = "GradtelExporterDown", "GradtelTrainingStalled"
@@ -322,6 +361,39 @@ DEFECTS: dict[str, tuple[Patches, Callable[[str], str], set[str]]] = {
             f"{AMP} does not fire again when Prometheus has a gap of 8m after a collapse",
             f"{AMP} does not fire again when the process restarts after a collapse",
             f"{AMP} fires when a restarted process's first scrape shows a collapsed scale",
+        },
+    ),
+    "AMP skips judged by the share of a window of minutes alone": (
+        {(amp_skips, "_skipping"): _amp_skips_gated_by(_no_settle_budget)},
+        str,
+        {
+            f"{SKIPS} does not fire while a run at one update a minute settles its loss scale in 6 halvings",
+            f"{SKIPS} does not fire while a run at one update a minute settles its loss scale in 16 halvings",
+            f"{SKIPS} fires when a run at one update a minute keeps skipping 2 of every 3 of its updates after its loss scale settled",
+            f"{SKIPS} does not fire when a hung process that had skipped more than 16 updates restarts and settles its loss scale anew, at one update a minute",
+        },
+    ),
+    "AMP skips past the settle as the counter stands": (
+        {(amp_skips, "_skipping"): _amp_skips_gated_by(_settle_budget_as_the_counter_stands)},
+        str,
+        {f"{SKIPS} fires once while the scaler keeps skipping, through a failed scrape"},
+    ),
+    "AMP skips past the settle of any process on the labels": (
+        {
+            (amp_skips, "_skipping"): _amp_skips_gated_by(
+                _settle_budget_of_any_process_on_the_labels
+            )
+        },
+        str,
+        {
+            f"{SKIPS} does not fire when a hung process that had skipped more than 16 updates restarts and settles its loss scale anew, at one update a minute"
+        },
+    ),
+    "AMP skips past the settle counted within the window": (
+        {(amp_skips, "_skipping"): _amp_skips_gated_by(_settle_budget_within_the_window)},
+        str,
+        {
+            f"{SKIPS} fires when a run at one update a minute keeps skipping 2 of every 3 of its updates after its loss scale settled"
         },
     ),
     "a restarted process's crash hidden by the last one": (
