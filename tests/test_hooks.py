@@ -722,6 +722,46 @@ def test_collect_before_and_after_the_step_beside_attach_is_one_update(
     assert sample(samples(registry), "gradtel_updates_total") == 1
 
 
+def test_a_collect_that_failed_leaves_the_update_to_the_next_collection(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    """A ``collect()`` given bad norms raised; the corrected call then repeated the update
+    before, and the attached step counted nothing: the NaN update was lost."""
+    model, optimizer, monitor = make(provider)
+    monitor.attach(optimizer)
+    for bad in (False, True):
+        optimizer.zero_grad()
+        x = torch.randn(4, 8)
+        x[0, 0] = NAN if bad else x[0, 0]
+        model(x).pow(2).mean().backward()
+        with pytest.raises(ValueError, match="norms must be"):
+            monitor.collect(norms=torch.ones(2))
+        assert (monitor.collect().nan_total > 0) == bad
+        optimizer.step()
+    assert sample(samples(registry), "gradtel_updates_total") == 2
+
+
+def test_gradients_given_anew_beside_attach_are_updates_of_their_own_a_first_layer_frozen(
+    provider: MeterProvider, registry: CollectorRegistry
+) -> None:
+    """Gradients assigned without a backward pass (``torch.autograd.grad``), collected by the
+    loop and stepped with ``attach()``: the first layer frozen (as in adapters), the repeat
+    check read its gradient, always None, and gave each update the health of the one before."""
+    model, optimizer, monitor = make(provider)
+    model[0].requires_grad_(False)
+    monitor.attach(optimizer)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    for update in range(3):
+        optimizer.zero_grad()
+        loss = model(torch.randn(4, 8)).pow(2).mean()
+        for p, grad in zip(trained, torch.autograd.grad(loss, trained)):
+            p.grad = grad.index_fill(0, torch.tensor([0]), NAN) if update == 1 else grad
+        reference = sum(int(p.grad.isnan().sum()) for p in trained)  # counted here
+        assert monitor.collect().nan_total == reference and (reference > 0) == (update > 0)
+        optimizer.step()  # the NaN goes into the weights: the next gradients hold NaN too
+    assert sample(samples(registry), "gradtel_updates_total") == 3
+
+
 def test_a_look_left_by_a_removed_attachment_is_not_counted(provider: MeterProvider) -> None:
     """A NaN pass, the attachment removed before the step, clean gradients written into the
     same tensors by the next pass: ``collect()`` counted the removed attachment's look."""

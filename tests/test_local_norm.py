@@ -52,6 +52,28 @@ def test_the_local_norm_is_the_norm_of_this_ranks_own_gradients(
         )
 
 
+def test_attached_the_local_norm_is_of_each_updates_own_gradients(
+    one_rank_group: None,  # noqa: F811
+    provider: MeterProvider,
+) -> None:
+    """``attach(optimizer)`` publishes the look it took at the end of backward: the update
+    was never ended for the origin counter, whose next updates' buckets then counted as
+    reduced already (a local norm of 0, and this rank's own NaN lost)."""
+    ddp = nn.parallel.DistributedDataParallel(net(), bucket_cap_mb=1e-4)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.0)
+    monitor = gradtel.GradMonitor(ddp, meter_provider=provider, on_critical="ignore")
+    monitor.attach(optimizer)
+    published: list[gradtel.GradHealth] = []
+    monitor.subscribe(published.append)
+    expected = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        ddp(torch.randn(8, 4)).sum().backward()
+        expected.append(reference_norm(ddp))  # one rank: the reduced gradients are its own
+        optimizer.step()
+    assert [h.local_grad_norm for h in published] == pytest.approx(expected, rel=1e-6)
+
+
 def test_under_a_grad_scaler_the_local_norm_is_of_the_unscaled_gradients(
     one_rank_group: None,  # noqa: F811
     provider: MeterProvider,

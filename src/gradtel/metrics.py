@@ -206,7 +206,7 @@ LOCAL_GRAD_NORM = Metric(
     "gauge",
     "Distributed runs (DDP, FSDP): L2 norm of this rank's own gradients before the cross-rank "
     "reduction, in the latest update whose local norm was finite (with accumulation: of what "
-    "it reduced, under no_sync(); of its first micro-batch, reducing each; AMP: scaled). The ranks of a run see different "
+    "it reduced, under no_sync(); of its first micro-batch, reducing each; AMP: divided by the loss scale, when the update reads it). The ranks of a run see different "
     "data but the same model: one far from the others' median points at its GPU "
     "(GradtelRankDisagrees).",
 )

@@ -453,18 +453,22 @@ class GradMonitor:
             # attach() and the user's collect() or gradtel.clip_grad_norm_ around the step:
             # the first one after backward collects the update, the others repeat its health
             # (gradients given anew without a backward pass are an update of their own).
-            first = self.parameters[0].grad if self.parameters else None
+            first = self._stage.watched.first_grad()
             if self._pass_collected and self._returned is not None and first is self._first_grad:
                 return self._returned
-            if self._pass_collected is False:
+            was = self._pass_collected
+            if was is False:
                 self._pass_collected = True
-            self._first_grad, self._collected_by = first, None  # the user's, until told
+            self._first_grad, self._collected_by, self._returned = first, None, None
             try:
                 self._returned = self._collect(
                     norms, scaler, loss, step, total_norm, overflow_possible, scaled
                 )
             except NonFiniteGradientError as exc:  # "raise": a repeat raises no more
                 self._returned = exc.health
+                raise
+            except BaseException:  # nothing was collected: the next call counts the update
+                self._pass_collected = was
                 raise
             return self._returned
 
@@ -508,8 +512,9 @@ class GradMonitor:
                 scaled=scaled,
             )
         else:  # attach() looked at the gradients as backward left them
-            update = looked
+            update = looked  # with this rank's counts before the reduction, taken then
             update.restep(self._training_step, self._step)
+            self.origin.take()  # the update ends: the next one's buckets are its own
         update.overflow_possible = overflow_possible
         if self.readout == "deferred":
             return self._defer(update, started)
@@ -718,6 +723,11 @@ class GradMonitor:
         attachment = attach(self, optimizer, scaler=scaler, scan=scan, step=step, loss=loss)
         self._attachments = [a for a in self._attachments if a.installed] + [attachment]
         return attachment
+
+    def _gradients_collected(self) -> None:
+        """The gradients as they are now belong to the update collected last (the passes of
+        an LBFGS step's closure after its collection): ``collect()`` repeats its health."""
+        self._pass_collected, self._first_grad = True, self._stage.watched.first_grad()
 
     def _forget_look(self) -> None:
         """Drop the look of the latest backward pass: the attachment that took it is gone,

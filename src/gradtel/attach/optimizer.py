@@ -71,8 +71,8 @@ class Collector(Protocol):
     _gradients_scaled: bool
     """For the next ``collect()``: the gradients are still multiplied by the loss scale."""
 
-    _first_grad: torch.Tensor | None
-    """The first watched parameter's gradient at the latest collection."""
+    def _gradients_collected(self) -> None:
+        """The gradients now are the latest collected update's."""
 
 
 class Attachment:
@@ -164,10 +164,7 @@ def attach(
     def count_step(*args: Any) -> None:
         taken[0] += 1
         if monitor._collected_by == id(optimizer) and monitor._pass_collected is False:
-            # Closure passes after the step's collection (LBFGS): still the same update,
-            # whose gradients are those now.
-            monitor._pass_collected = True
-            monitor._first_grad = monitor.parameters[0].grad if monitor.parameters else None
+            monitor._gradients_collected()  # closure passes after its collection (LBFGS)
 
     def resumed(opt: torch.optim.Optimizer) -> None:
         taken[0] = steps_taken(opt)
@@ -309,6 +306,8 @@ class _Passes:
         """The losses the attachments read, given or tapped; the latest one is read."""
         self.loss: torch.Tensor | None = None
         self.users = 0
+        if monitor._pass_collected is None:  # gradients given before any pass: an update
+            monitor._pass_collected = False
         self.hooks = _EndsOfBackward(monitor, self._ended)
 
     @classmethod

@@ -74,11 +74,21 @@ class Watched:
         ]
         self._all_plain = all(self._plain)
         self.everyone = tuple(range(len(self.params)))
+        self._first_trained: torch.Tensor | None = None
         self._layer_slots: tuple[tuple[int, ...], torch.Tensor, tuple[str, ...]] | None = None
 
     def same(self, named: list[tuple[str, torch.nn.Parameter]]) -> bool:
         """Whether ``named`` holds exactly these parameters."""
         return same_objects([p for _, p in named], self._given)
+
+    def first_grad(self) -> torch.Tensor | None:
+        """The gradient of the first watched parameter that trains (a model's first layers
+        are often frozen, with none), or of the first one."""
+        kept = self._first_trained
+        if kept is None or not kept.requires_grad:
+            trained = (p for p in self.params if p.requires_grad)
+            kept = self._first_trained = next(trained, self.params[0] if self.params else None)
+        return None if kept is None else kept.grad
 
     def trainable_layers(self) -> list[str]:
         return distinct([label for label, p in zip(self.labels, self.params) if p.requires_grad])
