@@ -176,8 +176,8 @@ def attach(
         attachment._undo.append(lambda: _every_backward.discard(monitor))
         collect = _Stepped(monitor, taken, step, None, optimizer, loss)
         attachment._undo.append(lambda: setattr(monitor, "_pass_collected", None))
-        scaled = scaler is not None and scaler.is_enabled()  # at the end of backward: yes
-        hooks = _EndsOfBackward(monitor, lambda: collect(scaler=scaler, scaled=scaled))
+        unscaled = scaler is None or not scaler.is_enabled()  # at the end of backward: scaled
+        hooks = _EndsOfBackward(monitor, lambda: collect(scaler=scaler, scaled=not unscaled))
         attachment._undo.append(hooks.remove)
         _check_at_step(hooks, optimizer, attachment, scaler)
         return attachment
@@ -562,11 +562,15 @@ def at_end_of_backward(
     """
     queued: set[int] = set()
     """The graph tasks whose end is queued."""
+
+    def look() -> None:
+        callback()
+
     queue = torch.autograd.Variable._execution_engine.queue_callback
 
     def ended(task: int) -> Callable[[], None]:
         def end_of_backward() -> None:
-            node = torch._C._current_autograd_node()
+            node: Any = torch._C._current_autograd_node()  # None outside any node
             if node is not None:  # a pass inside another's node: the outer one goes on
                 queued.discard(task)
                 node.register_hook(arm)  # runs in the outer pass, after this node
@@ -575,7 +579,7 @@ def at_end_of_backward(
             # Queued at the pass's first gradient, so ahead of DDP's: queue the look
             # behind it. (Autograd runs the callbacks that callbacks queue, before
             # backward() returns.)
-            queue(callback)
+            queue(look)
 
         return end_of_backward
 

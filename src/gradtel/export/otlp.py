@@ -27,7 +27,9 @@ class _PublishingReader(PeriodicExportingMetricReader):
     Its monitors publish through the global registry's context, where a provider that
     gradtel's Prometheus reader does not serve is kept."""
 
-    def collect(self, timeout_millis: float = 10_000) -> None:
+    # The SDK marks collect() final; this override only publishes before calling it, as
+    # the Prometheus endpoint does before its collection.
+    def collect(self, timeout_millis: float = 10_000) -> None:  # type: ignore[misc]
         _publish(wait=False)
         super().collect(timeout_millis=timeout_millis)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from typing import Any
 
 from ...metrics import SKIPPED_UPDATES, UPDATES
@@ -46,6 +47,11 @@ def _skipping(o: KitOptions, selector: str) -> list[str]:
         "and ignoring (reason)",
         f"last_over_time({skipped}[{w}]) > {SETTLE_SKIPS}",
     ]
+
+
+def _capped(limit: int) -> Callable[[int], int]:
+    """A counter that rises by one a minute up to ``limit``, as promtool's series values."""
+    return lambda minute: min(minute, limit)
 
 
 def _rule(o: KitOptions) -> dict[str, Any]:
@@ -139,9 +145,7 @@ def _slow(o: KitOptions, case: Case) -> None:
             f"{AMP_SKIPS_ALERT} does not fire while a run at one update a minute settles its "
             f"loss scale in {halvings} halvings",
             [
-                _series(
-                    SKIPPED_UPDATES, skip_labels, _scrapes(minutes, lambda m, h=halvings: min(m, h))
-                ),
+                _series(SKIPPED_UPDATES, skip_labels, _scrapes(minutes, _capped(halvings))),
                 _series(UPDATES, _labels(o), _scrapes(minutes, lambda m: m)),
             ],
             [_check(m, AMP_SKIPS_ALERT) for m in range(minutes)],
