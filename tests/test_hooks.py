@@ -762,6 +762,19 @@ def test_gradients_given_anew_beside_attach_are_updates_of_their_own_a_first_lay
     assert sample(samples(registry), "gradtel_updates_total") == 3
 
 
+def test_a_collected_gradient_is_not_kept_alive(provider: MeterProvider) -> None:
+    """The once-per-update check remembers the first trained parameter's gradient, often the
+    embedding's and the largest: held strongly, ``zero_grad()`` no longer freed it."""
+    model, optimizer, monitor = make(provider)
+    monitor.attach(optimizer)
+    model(torch.randn(4, 8)).pow(2).mean().backward()
+    optimizer.step()  # collected
+    gradient = weakref.ref(model[0].weight.grad)
+    optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    assert gradient() is None
+
+
 def test_a_look_left_by_a_removed_attachment_is_not_counted(provider: MeterProvider) -> None:
     """A NaN pass, the attachment removed before the step, clean gradients written into the
     same tensors by the next pass: ``collect()`` counted the removed attachment's look."""

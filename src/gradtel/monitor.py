@@ -256,9 +256,9 @@ class GradMonitor:
         """What ``collect()`` returned last: a repeated call returns it again."""
         self._gradients_scaled = False
         """Set by an attachment for the next ``collect()``: the gradients are still scaled."""
-        self._first_grad: torch.Tensor | None = None
-        """The first watched parameter's gradient at the latest collection: another one is
-        another update."""
+        self._first_grad: weakref.ref[torch.Tensor] | None = None
+        """The first trained parameter's gradient at the latest collection, held weakly (it
+        may be large, and zero_grad() frees it): another one is another update."""
         self._listeners = Listeners(on_error=self._failed_weakly("record"))
         if self.readout == "deferred":
             self._telemetry.context.deferred.add(self)  # a scrape publishes, the exit wait flushes
@@ -454,12 +454,15 @@ class GradMonitor:
             # the first one after backward collects the update, the others repeat its health
             # (gradients given anew without a backward pass are an update of their own).
             first = self._stage.watched.first_grad()
-            if self._pass_collected and self._returned is not None and first is self._first_grad:
+            held = self._first_grad
+            same = first is None if held is None else (first is not None and held() is first)
+            if self._pass_collected and self._returned is not None and same:
                 return self._returned
             was = self._pass_collected
             if was is False:
                 self._pass_collected = True
-            self._first_grad, self._collected_by, self._returned = first, None, None
+            self._first_grad = None if first is None else weakref.ref(first)
+            self._collected_by, self._returned = None, None
             try:
                 self._returned = self._collect(
                     norms, scaler, loss, step, total_norm, overflow_possible, scaled
@@ -727,7 +730,9 @@ class GradMonitor:
     def _gradients_collected(self) -> None:
         """The gradients as they are now belong to the update collected last (the passes of
         an LBFGS step's closure after its collection): ``collect()`` repeats its health."""
-        self._pass_collected, self._first_grad = True, self._stage.watched.first_grad()
+        first = self._stage.watched.first_grad()
+        self._pass_collected = True
+        self._first_grad = None if first is None else weakref.ref(first)
 
     def _forget_look(self) -> None:
         """Drop the look of the latest backward pass: the attachment that took it is gone,
