@@ -145,10 +145,11 @@ class ScanStage:
     def take_look(self, loss: torch.Tensor | None) -> tuple[Update | None, torch.Tensor | None]:
         """The latest look, if it still stands for this update, and this rank's counts
         before the reduction that the looks took."""
-        looked, origin = self._looked, self._looked_origin
-        self._looked = self._looked_origin = None
+        looked, origin, grads = self._looked, self._looked_origin, self._looked_grads
+        # The gradients go too: held, zero_grad() would not free them until the next look.
+        self._looked, self._looked_origin, self._looked_grads = None, None, ()
         if looked is not None and not (
-            same_objects(self._looked_grads, [p.grad for p in self.watched.params])
+            same_objects(grads, [p.grad for p in self.watched.params])
             and (loss is None or looked.read_along.loss_bad is not None)
         ):
             # Gradients replaced since backward (not rewritten in place), or a loss the look
