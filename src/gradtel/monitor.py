@@ -44,6 +44,7 @@ from .pipeline.checkpoints import WeightsHealth
 from .pipeline.fingerprint import fingerprint, replica_check
 from .pipeline.layers import DEFAULT_MAX_LAYERS
 from .pipeline.listeners import Listeners
+from .pipeline.once import OncePerUpdate
 from .pipeline.parameters import named_parameters, registrations, watch_registrations
 from .pipeline.policy import Action, NonFiniteGradientError, Policy
 from .pipeline.readout import Pending, Readout
@@ -247,18 +248,11 @@ class GradMonitor:
         """Updates whose deferred read-out is not published yet."""
         self._latest: GradHealth | None = None
         """The latest published update's health (``readout="deferred"``)."""
-        self._pass_collected: bool | None = None
-        """Whether ``collect()`` ran since the latest backward pass ``attach()`` saw end;
-        None while no attachment watches the passes."""
-        self._collected_by: int | None = None
-        """The optimizer (its id) whose attachment made the latest update; None: the user."""
-        self._returned: GradHealth | None = None
-        """What ``collect()`` returned last: a repeated call returns it again."""
+        stage = self._stage  # not the monitor: a dropped monitor is freed at once
+        self._once = OncePerUpdate(lambda: stage.watched.first_grad())
+        """Which of several collections around an attached step counts the update."""
         self._gradients_scaled = False
         """Set by an attachment for the next ``collect()``: the gradients are still scaled."""
-        self._first_grad: weakref.ref[torch.Tensor] | None = None
-        """The first trained parameter's gradient at the latest collection, held weakly (it
-        may be large, and zero_grad() frees it): another one is another update."""
         self._listeners = Listeners(on_error=self._failed_weakly("record"))
         if self.readout == "deferred":
             self._telemetry.context.deferred.add(self)  # a scrape publishes, the exit wait flushes
@@ -450,30 +444,22 @@ class GradMonitor:
             scaled, self._gradients_scaled = self._gradients_scaled, False
             if self._closed:  # its parameters may be another monitor's: never count them twice
                 return self._closed_collect(step)
-            # attach() and the user's collect() or gradtel.clip_grad_norm_ around the step:
-            # the first one after backward collects the update, the others repeat its health
-            # (gradients given anew without a backward pass are an update of their own).
-            first = self._stage.watched.first_grad()
-            held = self._first_grad
-            same = first is None if held is None else (first is not None and held() is first)
-            if self._pass_collected and self._returned is not None and same:
-                return self._returned
-            was = self._pass_collected
-            if was is False:
-                self._pass_collected = True
-            self._first_grad = None if first is None else weakref.ref(first)
-            self._collected_by, self._returned = None, None
+            repeated = self._once.repeated()  # beside attach(): collected already
+            if repeated is not None:
+                return repeated
+            was = self._once.counting()
             try:
-                self._returned = self._collect(
+                health = self._collect(
                     norms, scaler, loss, step, total_norm, overflow_possible, scaled
                 )
             except NonFiniteGradientError as exc:  # "raise": a repeat raises no more
-                self._returned = exc.health
+                self._once.counted(exc.health)
                 raise
             except BaseException:  # nothing was collected: the next call counts the update
-                self._pass_collected = was
+                self._once.failed(was)
                 raise
-            return self._returned
+            self._once.counted(health)
+            return health
 
     def _collect(
         self,
@@ -727,18 +713,22 @@ class GradMonitor:
         self._attachments = [a for a in self._attachments if a.installed] + [attachment]
         return attachment
 
-    def _gradients_collected(self) -> None:
-        """The gradients as they are now belong to the update collected last (the passes of
-        an LBFGS step's closure after its collection): ``collect()`` repeats its health."""
-        first = self._stage.watched.first_grad()
-        self._pass_collected = True
-        self._first_grad = None if first is None else weakref.ref(first)
+    def _collect_at_step(self, by: int, collect: Callable[[], T]) -> T | None:
+        """``collect`` for optimizer ``by``'s step, as ``attach()`` or a callback drives it:
+        nothing when the user or another optimizer collected since the latest pass."""
+        if not self._once.due_at_step(by):
+            return None
+        try:
+            return collect()
+        finally:
+            self._once.made_by(by)
 
-    def _forget_look(self) -> None:
-        """Drop the look of the latest backward pass: the attachment that took it is gone,
-        and the next ``collect()`` counts the gradients it finds."""
+    def _unwatch_passes(self) -> None:
+        """The last attachment that watched the backward passes is gone: drop its look of
+        the latest pass, and collections count each as they come."""
         with self._lock:
             self._stage.take_look(None)
+            self._once.unwatch()
 
     def _look(self, loss: torch.Tensor | None = None) -> None:
         """Scan the gradients as backward left them, for the next :meth:`collect` to publish:

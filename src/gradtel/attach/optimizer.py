@@ -32,6 +32,7 @@ import torch
 
 from .. import _checks
 from .._ratelimit import RateLimitedLog
+from ..pipeline.once import OncePerUpdate
 from ..pipeline.parameters import registrations, same_objects
 
 __all__ = ["Attachment", "Collector", "at_end_of_backward", "attach", "steps_taken", "summed_loss"]
@@ -57,22 +58,17 @@ class Collector(Protocol):
     def _look(self, loss: torch.Tensor | None = None) -> None:
         """Scan the gradients as backward left them, for the next ``collect()``."""
 
-    def _forget_look(self) -> None:
-        """Drop that look."""
+    def _unwatch_passes(self) -> None:
+        """No attachment watches the backward passes any more."""
 
-    _pass_collected: bool | None
-    """Whether ``collect()`` ran since the latest backward pass an attachment saw end (a
-    second call in between repeats the update's health, counting nothing); None while
-    no attachment watches the passes."""
+    def _collect_at_step(self, by: int, collect: Callable[[], object]) -> object:
+        """``collect()`` for optimizer ``by``'s step, unless collected since the latest pass."""
 
-    _collected_by: int | None
-    """The optimizer (its id) whose attachment made the latest update; None: the user."""
+    _once: OncePerUpdate
+    """Which of several collections around a step counts the update."""
 
     _gradients_scaled: bool
     """For the next ``collect()``: the gradients are still multiplied by the loss scale."""
-
-    def _gradients_collected(self) -> None:
-        """The gradients now are the latest collected update's."""
 
 
 class Attachment:
@@ -163,8 +159,7 @@ def attach(
 
     def count_step(*args: Any) -> None:
         taken[0] += 1
-        if monitor._collected_by == id(optimizer) and monitor._pass_collected is False:
-            monitor._gradients_collected()  # closure passes after its collection (LBFGS)
+        monitor._once.stepped(id(optimizer))
 
     def resumed(opt: torch.optim.Optimizer) -> None:
         taken[0] = steps_taken(opt)
@@ -175,7 +170,7 @@ def attach(
         _every_backward.add(monitor)
         attachment._undo.append(lambda: _every_backward.discard(monitor))
         collect = _Stepped(monitor, taken, step, None, optimizer, loss)
-        attachment._undo.append(lambda: setattr(monitor, "_pass_collected", None))
+        attachment._undo.append(monitor._unwatch_passes)
         unscaled = scaler is None or not scaler.is_enabled()  # at the end of backward: scaled
         hooks = _EndsOfBackward(monitor, lambda: collect(scaler=scaler, scaled=not unscaled))
         attachment._undo.append(hooks.remove)
@@ -306,8 +301,8 @@ class _Passes:
         """The losses the attachments read, given or tapped; the latest one is read."""
         self.loss: torch.Tensor | None = None
         self.users = 0
-        if monitor._pass_collected is None:  # gradients given before any pass: an update
-            monitor._pass_collected = False
+        if not monitor._once.watched:  # gradients given before any pass: an update
+            monitor._once.pass_ended()
         self.hooks = _EndsOfBackward(monitor, self._ended)
 
     @classmethod
@@ -340,7 +335,7 @@ class _Passes:
         return passes
 
     def _ended(self) -> None:
-        self.monitor._pass_collected = False
+        self.monitor._once.pass_ended()
         if self.loss_fns:
             self.loss = _with_loss(self.loss, self.loss_fns[-1])
         if self.looks:
@@ -355,8 +350,7 @@ class _Passes:
         if self.users == 0:
             self.hooks.remove()
             self._of.pop(self.monitor, None)
-            self.monitor._pass_collected = None
-            self.monitor._forget_look()  # of a pass no step of the attachment collected
+            self.monitor._unwatch_passes()  # and its look of a pass no step collected
 
 
 def summed_loss(total: torch.Tensor | None, loss: object) -> torch.Tensor | None:
@@ -409,17 +403,18 @@ class _Stepped:
         self.passes, self.optimizer, self.loss = passes, optimizer, loss
 
     def __call__(self, scaler: torch.amp.GradScaler | None = None, scaled: bool = False) -> object:
-        loss = None
-        monitor, mine = self.monitor, id(self.optimizer)
+        monitor = self.monitor
         if self.passes is not None:  # at the step
             loss = self.passes.take_loss()
-            if monitor._pass_collected and monitor._collected_by != mine:
-                return None  # the user, or another optimizer of the model, collected it
-        elif self.loss is not None:  # at the end of each backward pass
-            loss = _with_loss(None, self.loss)
-        # An update of its own, even with no backward pass since this optimizer's last
-        # one (a step without gradients is an update not looked at).
-        monitor._pass_collected = False
+        else:  # at the end of each backward pass: an update of its own
+            monitor._once.pass_ended()
+            loss = None if self.loss is None else _with_loss(None, self.loss)
+        by = id(self.optimizer)
+        return monitor._collect_at_step(by, lambda: self._collect(scaler, scaled, loss))
+
+    def _collect(
+        self, scaler: torch.amp.GradScaler | None, scaled: bool, loss: torch.Tensor | None
+    ) -> object:
         step = self.taken[0] + 1
         if self.step is not None:
             try:
@@ -430,11 +425,8 @@ class _Stepped:
                     "gradtel: attach(step=...) gave no whole number (%r); numbering by the "
                     "optimizer's steps instead", exc,
                 )  # fmt: skip
-        try:
-            monitor._gradients_scaled = scaled
-            return monitor.collect(scaler=scaler, step=step, loss=loss)
-        finally:
-            monitor._collected_by = mine  # the user's collect() now repeats its health
+        self.monitor._gradients_scaled = scaled
+        return self.monitor.collect(scaler=scaler, step=step, loss=loss)
 
 
 class _ScalerTap:

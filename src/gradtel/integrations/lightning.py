@@ -100,10 +100,6 @@ class GradtelCallback(Callback):
         self._counts: set[str] = set()
         """The keys of the counts logged so far."""
         self._loss: Tensor | None = None
-        self._collected_by: int | None = None
-        """Manual optimization: the optimizer whose step collected the latest backward pass."""
-        self._passes_seen = False
-        """Manual optimization: a backward pass has ended in ``manual_backward`` this fit."""
         self._undo: list[Callable[[], None]] = []
         self._in_checkpoint_hook = False
 
@@ -113,7 +109,6 @@ class GradtelCallback(Callback):
         self._since_log.take()
         self._counts.clear()
         self._stepped, self._loss = False, None
-        self._collected_by, self._passes_seen = None, False
         if self.log_to_loggers and trainer.loggers:
             monitor.subscribe(self._since_log.add)
         if self.session.protect_checkpoints and not self._undo:
@@ -163,7 +158,7 @@ class GradtelCallback(Callback):
         monitor = self.session.monitor
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if monitor is not None and not pl_module.automatic_optimization:
-            self._collected_by, self._passes_seen = None, True
+            monitor._once.pass_ended()
             if enabled_scaler(scaler) is None:
                 monitor._look(self._loss)
 
@@ -171,20 +166,22 @@ class GradtelCallback(Callback):
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer
     ) -> None:
         self._stepped = True
-        if not pl_module.automatic_optimization:
-            # One backward pass, stepped by several optimizers (each over its part of the
-            # model): the first step collects it, as backward left it; another optimizer's
-            # step before the next backward pass counts nothing again (the gradients it sees
-            # are the ones the first step left). As with attach(): the same optimizer stepping
-            # again with no backward pass in between is an update of its own.
-            mine = id(optimizer)
-            if self._passes_seen and self._collected_by not in (None, mine):
-                return
-            self._collected_by = mine
         # Under "16-mixed" the precision plugin's scaler has just unscaled, and skips overflows.
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        self.session.collect(loss=self._loss, step=_logged_step(trainer), scaler=scaler)
-        self._loss = None
+        loss, self._loss = self._loss, None
+
+        def collect() -> None:
+            self.session.collect(loss=loss, step=_logged_step(trainer), scaler=scaler)
+
+        monitor = self.session.monitor
+        if pl_module.automatic_optimization or monitor is None:
+            collect()
+        else:
+            # One backward pass, stepped by several optimizers (each over its part of the
+            # model): the first step collects it, as backward left it, the others count
+            # nothing again; as with attach(), the same optimizer stepping again with no
+            # backward pass in between is an update of its own.
+            monitor._collect_at_step(id(optimizer), collect)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
