@@ -410,16 +410,19 @@ def test_lightning_logs_each_update_at_its_own_step_once(tmp_path: Path, readout
     assert rows == [(step, "3.0" if step == 2 else "0.0") for step in range(6)]
 
 
+class Still(torch.optim.SGD):
+    """An optimizer that takes no step: the weights keep no NaN."""
+
+    def step(self, closure: Any = None) -> Any:
+        return closure() if closure is not None else None
+
+
 def manual_module(bad_batch: int) -> Any:
     """Manual optimization, two micro-batches per update (it steps at the odd batches), a
     NaN in the head's gradient at ``bad_batch``; logs its own loss at every batch, which
     Lightning writes at step ``batch_idx`` (one epoch). ``reference[batch_idx]``: the NaN
     of the update made at that batch, counted before the user's clipping."""
     import lightning.pytorch as pl
-
-    class Still(torch.optim.SGD):
-        def step(self, closure: Any = None) -> Any:  # the weights keep no NaN
-            return closure() if closure is not None else None
 
     class Manual(pl.LightningModule):
         def __init__(self) -> None:
@@ -524,10 +527,6 @@ def two_optimizer_module(bad_batch: int, passes: str) -> Any:
     two). ``reference``: ``(batch_idx, NaN count)`` of all gradients right after each
     ``manual_backward``, as backward left them."""
     import lightning.pytorch as pl
-
-    class Still(torch.optim.SGD):
-        def step(self, closure: Any = None) -> Any:  # the weights keep no NaN
-            return closure() if closure is not None else None
 
     class TwoOptimizers(pl.LightningModule):
         def __init__(self) -> None:
